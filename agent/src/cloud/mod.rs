@@ -1,0 +1,1 @@
+//! OpenStack instance identity (config drive first).

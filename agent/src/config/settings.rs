@@ -1,0 +1,186 @@
+//! The validated desired state: typed settings whose fields already satisfy every invariant.
+//! Only `config::load` builds these from files; everything else takes them as given.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::services::ServiceKind;
+
+/// The complete, validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// The instance user and its passphrase.
+    pub instance: InstanceSettings,
+    /// The services to set up, enabled ones only, in [`ServiceKind::ALL`] order.
+    pub services: Vec<ServiceSettings>,
+    /// Restart, crash-loop, probe and log policy shared by all services.
+    pub supervise: SupervisePolicy,
+    /// Console status and load lines.
+    pub console: ConsoleSettings,
+    /// Package-manager behaviour.
+    pub packages: PackageSettings,
+}
+
+/// `[instance]`: who the researcher logs in as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceSettings {
+    /// The login user (`exouser`).
+    pub user: String,
+    /// Create the user when missing (ignored in sandbox mode).
+    pub create_user: bool,
+}
+
+/// One enabled service and its settings.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ServiceSettings {
+    /// `[services.jupyterlab]`.
+    JupyterLab(JupyterLabSettings),
+}
+
+impl ServiceSettings {
+    /// Which service these settings are for.
+    pub fn kind(&self) -> ServiceKind {
+        match self {
+            Self::JupyterLab(_) => ServiceKind::JupyterLab,
+        }
+    }
+
+    /// The TCP port the service answers on.
+    pub fn port(&self) -> u16 {
+        match self {
+            Self::JupyterLab(s) => s.port,
+        }
+    }
+}
+
+/// How to install Python packages into a service's virtual environment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PythonInstaller {
+    /// `uv` when it can be had (on PATH, or installed from PyPI), pip otherwise.
+    Auto,
+    /// Only `uv`; fail when it cannot be had.
+    Uv,
+    /// Only pip.
+    Pip,
+}
+
+/// `[services.jupyterlab]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JupyterLabSettings {
+    /// Listening port (default 8888).
+    pub port: u16,
+    /// Listening address (default `0.0.0.0`, so the UAP can reach it).
+    pub bind: IpAddr,
+    /// URL prefix, always starting and ending with `/` (default `/`).
+    pub base_url: String,
+    /// The Python interpreter to build the venv from; `None` picks the newest suitable one.
+    pub python: Option<PathBuf>,
+    /// How packages get into the venv.
+    pub installer: PythonInstaller,
+    /// How long the server may take from launch to its first good probe.
+    pub start_timeout: Duration,
+}
+
+impl Default for JupyterLabSettings {
+    fn default() -> Self {
+        Self {
+            port: 8888,
+            bind: IpAddr::from([0, 0, 0, 0]),
+            base_url: "/".to_owned(),
+            python: None,
+            installer: PythonInstaller::Auto,
+            start_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// `[supervise]`: the restart and probe policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SupervisePolicy {
+    /// First restart delay.
+    pub backoff_initial: Duration,
+    /// Restart delays double up to this cap.
+    pub backoff_max: Duration,
+    /// Consecutive failed runs (exits before `stable_after`) that end in `failed`.
+    pub crash_loop_restarts: u32,
+    /// A run that lasts this long resets the backoff and the crash-loop counter.
+    pub stable_after: Duration,
+    /// How often readiness is probed while a service is starting.
+    pub readiness_interval: Duration,
+    /// How often liveness is probed once ready (jittered by up to 10 %).
+    pub liveness_interval: Duration,
+    /// Consecutive liveness failures that turn `ready` into `degraded`.
+    pub liveness_failures: u32,
+    /// Size cap of each service log before it is rotated (one old copy kept).
+    pub log_max_bytes: u64,
+}
+
+impl Default for SupervisePolicy {
+    fn default() -> Self {
+        Self {
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(30),
+            crash_loop_restarts: 5,
+            stable_after: Duration::from_secs(60),
+            readiness_interval: Duration::from_millis(250),
+            liveness_interval: Duration::from_secs(10),
+            liveness_failures: 3,
+            log_max_bytes: 10 * 1024 * 1024,
+        }
+    }
+}
+
+/// `[console]`: Exosphere status and load lines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsoleSettings {
+    /// Devices the lines are written to (ignored in sandbox mode, which writes to stdout).
+    pub devices: Vec<PathBuf>,
+    /// How often the latest status line is written again.
+    pub status_interval: Duration,
+    /// How often a load line is written.
+    pub load_interval: Duration,
+}
+
+impl Default for ConsoleSettings {
+    fn default() -> Self {
+        Self {
+            devices: vec!["/dev/console".into(), "/dev/kmsg".into()],
+            status_interval: Duration::from_secs(60),
+            load_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+/// `[packages]`: package-manager behaviour.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackageSettings {
+    /// How long to wait for another process holding the package lock.
+    pub lock_timeout: Duration,
+    /// Attempts for a transaction that fails transiently (network, mirror sync).
+    pub attempts: u32,
+}
+
+impl Default for PackageSettings {
+    fn default() -> Self {
+        Self {
+            lock_timeout: Duration::from_secs(600),
+            attempts: 3,
+        }
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            instance: InstanceSettings {
+                user: "exouser".to_owned(),
+                create_user: true,
+            },
+            services: Vec::new(),
+            supervise: SupervisePolicy::default(),
+            console: ConsoleSettings::default(),
+            packages: PackageSettings::default(),
+        }
+    }
+}

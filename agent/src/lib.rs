@@ -1,0 +1,14 @@
+//! exoagent: installs, configures and supervises a research instance's interactive services,
+//! and reports their readiness to the cloud, the console and the instance owner.
+#![deny(missing_docs)]
+
+pub mod api;
+pub mod cli;
+pub mod cloud;
+pub mod config;
+pub mod paths;
+pub mod platform;
+pub mod report;
+pub mod services;
+pub mod state;
+pub mod supervise;

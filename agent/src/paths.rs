@@ -1,0 +1,110 @@
+//! Where exoagent keeps things: the fixed system layout of DESIGN §4.6, or everything under
+//! one directory in sandbox mode.
+
+use std::path::{Path, PathBuf};
+
+use crate::services::ServiceKind;
+
+/// Every path the agent reads or writes. Built once, passed down; nothing else hard-codes a path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Paths {
+    /// Image defaults: `/usr/lib/exoagent/config.d/*.toml`.
+    pub vendor_config_dir: PathBuf,
+    /// The main config file: `/etc/exoagent/config.toml`.
+    pub config_file: PathBuf,
+    /// Drop-ins (cloud-init `write_files`): `/etc/exoagent/config.d/*.toml`.
+    pub config_dropin_dir: PathBuf,
+    /// Durable state: `/var/lib/exoagent`.
+    pub state_dir: PathBuf,
+    /// Runtime files and the API socket: `/run/exoagent`.
+    pub runtime_dir: PathBuf,
+    /// Service logs: `/var/log/exoagent`.
+    pub log_dir: PathBuf,
+    /// Where service payloads are installed (virtual environments): `/opt/exoagent`.
+    pub opt_dir: PathBuf,
+    /// A mounted config drive, or a directory shaped like one.
+    pub config_drive: PathBuf,
+    /// The root of the filesystem that user and package changes apply to (`/`).
+    pub system_root: PathBuf,
+}
+
+impl Paths {
+    /// The layout on a real instance.
+    pub fn system() -> Self {
+        Self {
+            vendor_config_dir: "/usr/lib/exoagent/config.d".into(),
+            config_file: "/etc/exoagent/config.toml".into(),
+            config_dropin_dir: "/etc/exoagent/config.d".into(),
+            state_dir: "/var/lib/exoagent".into(),
+            runtime_dir: "/run/exoagent".into(),
+            log_dir: "/var/log/exoagent".into(),
+            opt_dir: "/opt/exoagent".into(),
+            config_drive: "/run/exoagent/config-drive".into(),
+            system_root: "/".into(),
+        }
+    }
+
+    /// Everything under `root`, mirroring the system layout (`root/etc/exoagent/...`).
+    pub fn sandbox(root: &Path) -> Self {
+        Self {
+            vendor_config_dir: root.join("usr/lib/exoagent/config.d"),
+            config_file: root.join("etc/exoagent/config.toml"),
+            config_dropin_dir: root.join("etc/exoagent/config.d"),
+            state_dir: root.join("var/lib/exoagent"),
+            runtime_dir: root.join("run/exoagent"),
+            log_dir: root.join("var/log/exoagent"),
+            opt_dir: root.join("opt/exoagent"),
+            config_drive: root.join("config-drive"),
+            system_root: root.to_path_buf(),
+        }
+    }
+
+    /// The local status API socket.
+    pub fn api_socket(&self) -> PathBuf {
+        self.runtime_dir.join("exoagent.sock")
+    }
+
+    /// The root-only file holding the instance user's passphrase.
+    pub fn passphrase_file(&self) -> PathBuf {
+        self.state_dir.join("secrets/passphrase")
+    }
+
+    /// A service's current log file.
+    pub fn service_log(&self, service: ServiceKind) -> PathBuf {
+        self.log_dir.join(format!("{}.log", service.as_str()))
+    }
+
+    /// A service's supervision records (shim pid, exit record).
+    pub fn service_run_dir(&self, service: ServiceKind) -> PathBuf {
+        self.state_dir.join("run").join(service.as_str())
+    }
+
+    /// A service's durable state (rendered configuration, install markers).
+    pub fn service_state_dir(&self, service: ServiceKind) -> PathBuf {
+        self.state_dir.join("services").join(service.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sandbox_keeps_everything_under_root() {
+        let root = Path::new("/tmp/sb");
+        let p = Paths::sandbox(root);
+        for path in [
+            &p.vendor_config_dir,
+            &p.config_file,
+            &p.config_dropin_dir,
+            &p.state_dir,
+            &p.runtime_dir,
+            &p.log_dir,
+            &p.opt_dir,
+            &p.config_drive,
+        ] {
+            assert!(path.starts_with(root), "{path:?}");
+        }
+        assert!(p.api_socket().starts_with(root));
+    }
+}

@@ -1,0 +1,1 @@
+//! The machine: OS detection, package managers, the instance user and its passphrase.

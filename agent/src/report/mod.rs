@@ -1,0 +1,1 @@
+//! Sinks for state changes: Exosphere console lines, load lines, systemd notifications.

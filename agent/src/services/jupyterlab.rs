@@ -1,0 +1,1 @@
+//! JupyterLab: a pinned venv under /opt, configured for the UAP, probed on `GET /api`.

@@ -1,0 +1,476 @@
+//! The observable state: one explicit state machine per service, the overall setup state derived
+//! from them, and the hub that publishes snapshots to reporters without ever blocking writers.
+
+use std::collections::BTreeMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::services::ServiceKind;
+
+/// Milliseconds since the Unix epoch, the unit of every timestamp the agent reports.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Why something failed or degraded: a short stable `code` (fits a 60-character tag) and a
+/// human-readable `detail` (already free of secrets).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reason {
+    /// Short, stable, machine-matchable reason such as `crash-loop` or `start-timeout`.
+    pub code: String,
+    /// Free text for people: exit status, last stderr lines, the failing command.
+    pub detail: String,
+}
+
+impl Reason {
+    /// A reason from a stable code and a detail text.
+    pub fn new(code: &str, detail: impl Into<String>) -> Self {
+        Self {
+            code: code.to_owned(),
+            detail: detail.into(),
+        }
+    }
+}
+
+/// The lifecycle of one service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceState {
+    /// Planned, nothing done yet.
+    Pending,
+    /// Packages, runtime or files are being installed.
+    Installing,
+    /// The process is (re)starting and has not yet passed its readiness probe.
+    Starting,
+    /// Running and passing its probe.
+    Ready,
+    /// Running but its liveness probe fails; it may recover.
+    Degraded,
+    /// Given up: install failed, start timed out, or a crash loop. Carries a reason.
+    Failed,
+}
+
+impl ServiceState {
+    /// The stable lowercase name used in tags, the API and the status table.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Installing => "installing",
+            Self::Starting => "starting",
+            Self::Ready => "ready",
+            Self::Degraded => "degraded",
+            Self::Failed => "failed",
+        }
+    }
+
+    /// Whether `self → next` is an allowed transition. Staying in the same state is allowed
+    /// (a restart goes Starting → Starting).
+    pub fn may_become(self, next: ServiceState) -> bool {
+        use ServiceState::*;
+        if next == Failed || self == next {
+            return true;
+        }
+        matches!(
+            (self, next),
+            (Pending, Installing)
+                | (Pending, Starting)
+                | (Installing, Starting)
+                | (Starting, Ready)
+                | (Ready, Degraded)
+                | (Degraded, Ready)
+                | (Ready, Starting)
+                | (Degraded, Starting)
+                | (Failed, Installing)
+                | (Failed, Starting)
+        )
+    }
+}
+
+/// What the reporters know about one service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    /// Which service.
+    pub service: ServiceKind,
+    /// Current state.
+    pub state: ServiceState,
+    /// When the current state was entered (ms since the epoch).
+    pub since_ms: u64,
+    /// The TCP port the service answers on.
+    pub port: u16,
+    /// Where a person on the instance can reach it.
+    pub url: String,
+    /// How often the process was restarted since the agent started supervising it.
+    pub restarts: u32,
+    /// The service's main process, when one runs.
+    pub pid: Option<u32>,
+    /// Why it is degraded or failed, or the last error seen while starting.
+    pub reason: Option<Reason>,
+}
+
+/// The overall setup state, in Exosphere's vocabulary (`status` values of console lines).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SetupState {
+    /// The agent has started and is validating its input.
+    Starting,
+    /// Setting up: users, packages, services installing or starting.
+    Running,
+    /// Every requested service is ready.
+    Complete,
+    /// A setup step or a service failed.
+    Error,
+}
+
+impl SetupState {
+    /// The stable name Exosphere understands.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Running => "running",
+            Self::Complete => "complete",
+            Self::Error => "error",
+        }
+    }
+}
+
+/// A machine-wide setup step that is not one service's (users, packages).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SetupPhase {
+    /// Config validated, nothing changed yet.
+    Validating,
+    /// Users, packages and services are being set up.
+    Provisioning,
+    /// Provisioning is over; services are supervised.
+    Supervising,
+}
+
+/// The overall setup status with its failing step, if any.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetupStatus {
+    /// Derived overall state.
+    pub state: SetupState,
+    /// When it was entered (ms since the epoch).
+    pub since_ms: u64,
+    /// The failing step (`packages`, `user`, or a service name), when in error.
+    pub step: Option<String>,
+    /// Why, when in error.
+    pub reason: Option<Reason>,
+}
+
+/// Everything the reporters see, published as one consistent value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// exoagent's version.
+    pub agent_version: String,
+    /// The overall setup status.
+    pub setup: SetupStatus,
+    /// Every requested service, in a stable order.
+    pub services: Vec<ServiceStatus>,
+}
+
+/// The mutable truth behind the snapshots.
+#[derive(Debug)]
+struct Model {
+    phase: SetupPhase,
+    step_failure: Option<(String, Reason)>,
+    services: BTreeMap<ServiceKind, ServiceStatus>,
+    setup: SetupStatus,
+}
+
+impl Model {
+    fn derive_setup(&self) -> (SetupState, Option<String>, Option<Reason>) {
+        if let Some((step, reason)) = &self.step_failure {
+            return (SetupState::Error, Some(step.clone()), Some(reason.clone()));
+        }
+        if let Some(failed) = self
+            .services
+            .values()
+            .find(|s| s.state == ServiceState::Failed)
+        {
+            return (
+                SetupState::Error,
+                Some(failed.service.as_str().to_owned()),
+                failed.reason.clone(),
+            );
+        }
+        match self.phase {
+            SetupPhase::Validating => (SetupState::Starting, None, None),
+            SetupPhase::Provisioning => (SetupState::Running, None, None),
+            SetupPhase::Supervising => {
+                let all_up = self
+                    .services
+                    .values()
+                    .all(|s| matches!(s.state, ServiceState::Ready | ServiceState::Degraded));
+                if all_up {
+                    (SetupState::Complete, None, None)
+                } else {
+                    (SetupState::Running, None, None)
+                }
+            }
+        }
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            setup: self.setup.clone(),
+            services: self.services.values().cloned().collect(),
+        }
+    }
+}
+
+/// An attempted state change that the state machine does not allow.
+#[derive(Debug, thiserror::Error)]
+#[error("service {service}: transition {from} -> {to} is not allowed")]
+pub struct IllegalTransition {
+    /// The service.
+    pub service: &'static str,
+    /// Its state before.
+    pub from: &'static str,
+    /// The refused target state.
+    pub to: &'static str,
+}
+
+/// The single writer-side handle: services and provisioning steps update it, reporters
+/// subscribe. Publishing goes through a `watch` channel, so a slow reporter only ever sees the
+/// latest snapshot and can never block a writer.
+#[derive(Debug, Clone)]
+pub struct StateHub {
+    inner: std::sync::Arc<std::sync::Mutex<Model>>,
+    tx: watch::Sender<Snapshot>,
+}
+
+/// What a service supervisor reports alongside a transition.
+#[derive(Debug, Clone, Default)]
+pub struct ServiceUpdate {
+    /// The process id, when it changed.
+    pub pid: Option<Option<u32>>,
+    /// The restart counter, when it changed.
+    pub restarts: Option<u32>,
+    /// The reason to record (cleared when `None` and the new state is Ready).
+    pub reason: Option<Reason>,
+}
+
+impl StateHub {
+    /// A hub for the given services, all `pending`, setup `starting`.
+    pub fn new(services: impl IntoIterator<Item = (ServiceKind, u16, String)>) -> Self {
+        let now = now_ms();
+        let services = services
+            .into_iter()
+            .map(|(kind, port, url)| {
+                (
+                    kind,
+                    ServiceStatus {
+                        service: kind,
+                        state: ServiceState::Pending,
+                        since_ms: now,
+                        port,
+                        url,
+                        restarts: 0,
+                        pid: None,
+                        reason: None,
+                    },
+                )
+            })
+            .collect();
+        let mut model = Model {
+            phase: SetupPhase::Validating,
+            step_failure: None,
+            services,
+            setup: SetupStatus {
+                state: SetupState::Starting,
+                since_ms: now,
+                step: None,
+                reason: None,
+            },
+        };
+        let (state, step, reason) = model.derive_setup();
+        model.setup = SetupStatus {
+            state,
+            since_ms: now,
+            step,
+            reason,
+        };
+        let (tx, _) = watch::channel(model.snapshot());
+        Self {
+            inner: std::sync::Arc::new(std::sync::Mutex::new(model)),
+            tx,
+        }
+    }
+
+    /// A receiver that always holds the latest snapshot.
+    pub fn subscribe(&self) -> watch::Receiver<Snapshot> {
+        self.tx.subscribe()
+    }
+
+    /// The latest snapshot.
+    pub fn snapshot(&self) -> Snapshot {
+        self.tx.borrow().clone()
+    }
+
+    fn with_model(&self, change: impl FnOnce(&mut Model)) {
+        let mut model = match self.inner.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        change(&mut model);
+        let (state, step, reason) = model.derive_setup();
+        if state != model.setup.state || step != model.setup.step || reason != model.setup.reason
+        {
+            let since_ms = if state != model.setup.state {
+                now_ms()
+            } else {
+                model.setup.since_ms
+            };
+            model.setup = SetupStatus {
+                state,
+                since_ms,
+                step,
+                reason,
+            };
+        }
+        let snapshot = model.snapshot();
+        self.tx.send_if_modified(|current| {
+            if *current == snapshot {
+                false
+            } else {
+                *current = snapshot;
+                true
+            }
+        });
+    }
+
+    /// Move the machine-wide phase forward.
+    pub fn set_phase(&self, phase: SetupPhase) {
+        self.with_model(|m| m.phase = phase);
+    }
+
+    /// Record that a machine-wide step (`user`, `packages`, ...) failed.
+    pub fn fail_step(&self, step: &str, reason: Reason) {
+        self.with_model(|m| m.step_failure = Some((step.to_owned(), reason)));
+    }
+
+    /// Move a service to `next`, refusing transitions the state machine does not allow.
+    pub fn transition(
+        &self,
+        service: ServiceKind,
+        next: ServiceState,
+        update: ServiceUpdate,
+    ) -> Result<(), IllegalTransition> {
+        let mut result = Ok(());
+        self.with_model(|m| {
+            let Some(status) = m.services.get_mut(&service) else {
+                return;
+            };
+            if !status.state.may_become(next) {
+                result = Err(IllegalTransition {
+                    service: service.as_str(),
+                    from: status.state.as_str(),
+                    to: next.as_str(),
+                });
+                return;
+            }
+            if status.state != next {
+                status.since_ms = now_ms();
+                status.state = next;
+            }
+            if let Some(pid) = update.pid {
+                status.pid = pid;
+            }
+            if let Some(restarts) = update.restarts {
+                status.restarts = restarts;
+            }
+            match (update.reason, next) {
+                (Some(reason), _) => status.reason = Some(reason),
+                (None, ServiceState::Ready) => status.reason = None,
+                (None, _) => {}
+            }
+        });
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hub() -> StateHub {
+        StateHub::new([(
+            ServiceKind::JupyterLab,
+            8888,
+            "http://127.0.0.1:8888/".to_owned(),
+        )])
+    }
+
+    #[test]
+    fn happy_path_reaches_complete() {
+        let hub = hub();
+        let rx = hub.subscribe();
+        assert_eq!(rx.borrow().setup.state, SetupState::Starting);
+        hub.set_phase(SetupPhase::Provisioning);
+        assert_eq!(hub.snapshot().setup.state, SetupState::Running);
+        for next in [
+            ServiceState::Installing,
+            ServiceState::Starting,
+            ServiceState::Ready,
+        ] {
+            hub.transition(ServiceKind::JupyterLab, next, ServiceUpdate::default())
+                .unwrap();
+        }
+        // Still provisioning: not complete until the phase says so.
+        assert_eq!(hub.snapshot().setup.state, SetupState::Running);
+        hub.set_phase(SetupPhase::Supervising);
+        let snap = hub.snapshot();
+        assert_eq!(snap.setup.state, SetupState::Complete);
+        assert_eq!(snap.services[0].state, ServiceState::Ready);
+    }
+
+    #[test]
+    fn illegal_transition_is_refused_and_state_kept() {
+        let hub = hub();
+        let err = hub
+            .transition(
+                ServiceKind::JupyterLab,
+                ServiceState::Ready,
+                ServiceUpdate::default(),
+            )
+            .unwrap_err();
+        assert_eq!(err.from, "pending");
+        assert_eq!(hub.snapshot().services[0].state, ServiceState::Pending);
+    }
+
+    #[test]
+    fn failed_service_makes_setup_error_with_reason() {
+        let hub = hub();
+        hub.set_phase(SetupPhase::Supervising);
+        hub.transition(
+            ServiceKind::JupyterLab,
+            ServiceState::Failed,
+            ServiceUpdate {
+                reason: Some(Reason::new("crash-loop", "exit status 1")),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let setup = hub.snapshot().setup;
+        assert_eq!(setup.state, SetupState::Error);
+        assert_eq!(setup.step.as_deref(), Some("jupyterlab"));
+        assert_eq!(setup.reason.unwrap().code, "crash-loop");
+    }
+
+    #[test]
+    fn step_failure_wins() {
+        let hub = hub();
+        hub.set_phase(SetupPhase::Provisioning);
+        hub.fail_step("packages", Reason::new("package-install-failed", "apt-get"));
+        let setup = hub.snapshot().setup;
+        assert_eq!(setup.state, SetupState::Error);
+        assert_eq!(setup.step.as_deref(), Some("packages"));
+    }
+}
