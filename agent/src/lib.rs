@@ -2,13 +2,17 @@
 //! and reports their readiness to the cloud, the console and the instance owner.
 #![deny(missing_docs)]
 
+pub mod agent;
 pub mod api;
 pub mod cli;
 pub mod cloud;
 pub mod config;
+pub mod fsutil;
 pub mod paths;
 pub mod platform;
 pub mod report;
 pub mod services;
 pub mod state;
 pub mod supervise;
+
+pub use agent::{run, AgentOptions, Mode};

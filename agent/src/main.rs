@@ -1,1 +1,42 @@
-fn main() {}
+//! The `exoagent` binary: parse the command line, set up logging, dispatch into the library.
+
+use clap::Parser;
+use exoagent::cli::{Cli, Command};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    if !matches!(cli.command, Command::Shim) {
+        init_tracing(&cli);
+    }
+    exoagent::cli::dispatch(cli)
+}
+
+/// Logs go to stderr (stdout stays clean for `--json` and the sandbox's console lines); no
+/// timestamps under systemd, where journald adds its own.
+fn init_tracing(cli: &Cli) {
+    let quiet_by_default = matches!(
+        cli.command,
+        Command::Status(_) | Command::Logs(_) | Command::Validate(_) | Command::Down(_)
+    );
+    let default = match (cli.verbose, quiet_by_default) {
+        (0, true) => "warn",
+        (0, false) => "info",
+        (1, _) => "debug",
+        _ => "trace",
+    };
+    let filter = std::env::var("EXOAGENT_LOG")
+        .ok()
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .and_then(|spec| EnvFilter::try_new(spec).ok())
+        .unwrap_or_else(|| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(true);
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        builder.without_time().init();
+    } else {
+        builder.init();
+    }
+}

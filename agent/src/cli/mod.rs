@@ -1,1 +1,139 @@
 //! The command line: one file per subcommand, each a thin call into the library.
+
+pub mod down;
+pub mod logs;
+pub mod run;
+pub mod sandbox;
+pub mod shim;
+pub mod status;
+pub mod validate;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::paths::Paths;
+
+/// exoagent: installs, supervises and reports a research instance's services.
+#[derive(Debug, Parser)]
+#[command(name = "exoagent", version, about, long_about = None)]
+pub struct Cli {
+    /// More log output on stderr (-v debug, -vv trace); EXOAGENT_LOG or RUST_LOG override.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// Operate on the sandbox in this directory instead of the system layout.
+    #[arg(long, global = true, env = "EXOAGENT_SANDBOX", value_name = "DIR")]
+    pub sandbox_dir: Option<PathBuf>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent: validate, provision, supervise and report (the systemd unit's job).
+    Run(run::RunArgs),
+    /// Run the agent in a sandbox directory: no root, no cloud, services on loopback.
+    Sandbox(sandbox::SandboxArgs),
+    /// Check the configuration and print the plan, or every error; changes nothing.
+    Validate(validate::ValidateArgs),
+    /// Show setup and service status.
+    Status(status::StatusArgs),
+    /// Show a service's log.
+    Logs(logs::LogsArgs),
+    /// Stop every service the agent started (they otherwise outlive the agent).
+    Down(down::DownArgs),
+    /// Internal: the per-service process shim.
+    #[command(hide = true)]
+    Shim,
+}
+
+impl Cli {
+    /// The layout the command operates on.
+    pub fn paths(&self) -> Paths {
+        match &self.sandbox_dir {
+            Some(dir) => Paths::sandbox(&absolute(dir)),
+            None => Paths::system(),
+        }
+    }
+}
+
+/// `dir` made absolute against the current directory (services run elsewhere).
+pub fn absolute(dir: &std::path::Path) -> PathBuf {
+    if dir.is_absolute() {
+        dir.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map(|cwd| cwd.join(dir))
+            .unwrap_or_else(|_| dir.to_path_buf())
+    }
+}
+
+/// Dispatch a parsed command line.
+pub fn dispatch(cli: Cli) -> ExitCode {
+    if let Command::Shim = cli.command {
+        return shim::run();
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("exoagent: failed to start the async runtime: {e}");
+            return ExitCode::from(70);
+        }
+    };
+    let paths = cli.paths();
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Run(args) => run::run(args, cli.sandbox_dir.as_deref()).await,
+            Command::Sandbox(args) => sandbox::run(args).await,
+            Command::Validate(args) => validate::run(args, cli.sandbox_dir.as_deref()).await,
+            Command::Status(args) => status::run(args, &paths.api_socket()).await,
+            Command::Logs(args) => logs::run(args, &paths.api_socket()).await,
+            Command::Down(args) => down::run(args, &paths).await,
+            Command::Shim => Ok(ExitCode::SUCCESS),
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("exoagent: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn parser_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn no_flag_can_carry_a_secret() {
+        let mut names = Vec::new();
+        let cmd = Cli::command();
+        for sub in cmd.get_subcommands().chain(std::iter::once(&cmd)) {
+            for arg in sub.get_arguments() {
+                names.push(arg.get_id().to_string());
+            }
+        }
+        for name in names {
+            for secret in ["pass", "secret", "token", "key"] {
+                assert!(!name.contains(secret), "flag '{name}' looks like it carries a secret");
+            }
+        }
+    }
+}

@@ -1,12 +1,21 @@
 //! The services exoagent can manage: a closed set of kinds, each behind the same small surface
 //! (system packages, install, configure, run spec, readiness probe).
 
+pub mod command;
 pub mod jupyterlab;
 
 use std::fmt;
+use std::path::PathBuf;
 use std::str::FromStr;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use crate::config::ServiceSettings;
+use crate::paths::Paths;
+use crate::platform::os::Family;
+use crate::platform::passphrase::Passphrase;
+use crate::supervise::{Probe, RunSpec};
 
 /// Every service exoagent knows by name. Only some are implemented in this version; see
 /// [`ServiceKind::implemented`].
@@ -69,6 +78,157 @@ impl FromStr for ServiceKind {
             .into_iter()
             .find(|k| k.as_str() == s)
             .ok_or_else(|| UnknownService(s.to_owned()))
+    }
+}
+
+/// The account services run as (the instance user, or the invoking user in sandbox mode).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Account {
+    /// Login name.
+    pub name: String,
+    /// Numeric user id.
+    pub uid: u32,
+    /// Primary group id.
+    pub gid: u32,
+    /// Home directory (the services' working directory).
+    pub home: PathBuf,
+}
+
+/// What every service step needs to know about where and as whom it runs.
+#[derive(Debug, Clone)]
+pub struct ServiceContext {
+    /// The layout.
+    pub paths: Paths,
+    /// The account services run as.
+    pub account: Account,
+}
+
+/// A service step that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// Installing the service's payload failed.
+    #[error("{service}: install failed: {detail}")]
+    Install {
+        /// Which service.
+        service: ServiceKind,
+        /// The command and the tail of its output.
+        detail: String,
+    },
+    /// Writing the service's configuration failed.
+    #[error("{service}: configuration failed: {detail}")]
+    Configure {
+        /// Which service.
+        service: ServiceKind,
+        /// What went wrong.
+        detail: String,
+    },
+    /// A file or directory could not be written.
+    #[error("{service}: failed to {action} '{path}': {source}")]
+    Io {
+        /// Which service.
+        service: ServiceKind,
+        /// What was attempted.
+        action: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+impl ServiceError {
+    /// Short stable reason for reports.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Install { .. } => "service-install-failed",
+            Self::Configure { .. } | Self::Io { .. } => "service-configure-failed",
+        }
+    }
+}
+
+/// One configured service, dispatching to its implementation.
+#[derive(Debug, Clone)]
+pub enum Service {
+    /// JupyterLab.
+    JupyterLab(jupyterlab::JupyterLab),
+}
+
+impl Service {
+    /// The implementation for validated settings.
+    pub fn from_settings(settings: &ServiceSettings) -> Self {
+        match settings {
+            ServiceSettings::JupyterLab(s) => Self::JupyterLab(jupyterlab::JupyterLab::new(s.clone())),
+        }
+    }
+
+    /// Which service.
+    pub fn kind(&self) -> ServiceKind {
+        match self {
+            Self::JupyterLab(_) => ServiceKind::JupyterLab,
+        }
+    }
+
+    /// System packages to install in the one batched transaction.
+    pub fn system_packages(&self, family: Family) -> Vec<String> {
+        match self {
+            Self::JupyterLab(s) => s.system_packages(family),
+        }
+    }
+
+    /// Plan lines for `exoagent validate`.
+    pub fn plan(&self, ctx: &ServiceContext) -> Vec<String> {
+        match self {
+            Self::JupyterLab(s) => s.plan(ctx),
+        }
+    }
+
+    /// Install the service's payload (idempotent).
+    pub async fn install(&self, ctx: &ServiceContext) -> Result<(), ServiceError> {
+        match self {
+            Self::JupyterLab(s) => s.install(ctx).await,
+        }
+    }
+
+    /// Write its configuration (idempotent).
+    pub async fn configure(&self, ctx: &ServiceContext, passphrase: &Passphrase) -> Result<(), ServiceError> {
+        match self {
+            Self::JupyterLab(s) => s.configure(ctx, passphrase).await,
+        }
+    }
+
+    /// How to run it.
+    pub fn run_spec(&self, ctx: &ServiceContext) -> RunSpec {
+        match self {
+            Self::JupyterLab(s) => s.run_spec(ctx),
+        }
+    }
+
+    /// How to tell that it is ready.
+    pub fn probe(&self) -> Probe {
+        match self {
+            Self::JupyterLab(s) => s.probe(),
+        }
+    }
+
+    /// How long it may take to become ready after launch.
+    pub fn start_timeout(&self) -> Duration {
+        match self {
+            Self::JupyterLab(s) => s.start_timeout(),
+        }
+    }
+
+    /// Its port.
+    pub fn port(&self) -> u16 {
+        match self {
+            Self::JupyterLab(s) => s.port(),
+        }
+    }
+
+    /// Where a person on the instance reaches it.
+    pub fn url(&self) -> String {
+        match self {
+            Self::JupyterLab(s) => s.url(),
+        }
     }
 }
 

@@ -1,0 +1,35 @@
+//! `exoagent down`: stop every service the agent started. Services deliberately outlive the
+//! agent (so restarts and upgrades never interrupt a session); this is the explicit stop.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::paths::Paths;
+use crate::services::ServiceKind;
+use crate::supervise::stop_recorded;
+
+/// Arguments of `exoagent down`.
+#[derive(Debug, Args)]
+pub struct DownArgs {
+    /// Seconds to wait after SIGTERM before SIGKILL.
+    #[arg(long, default_value_t = 10)]
+    pub grace: u64,
+}
+
+/// Stop each recorded service; report what was stopped.
+pub async fn run(args: DownArgs, paths: &Paths) -> anyhow::Result<ExitCode> {
+    let mut failed = false;
+    for kind in ServiceKind::ALL {
+        match stop_recorded(&paths.service_run_dir(kind), Duration::from_secs(args.grace)).await {
+            Ok(true) => println!("{kind}: stopped"),
+            Ok(false) => {}
+            Err(e) => {
+                eprintln!("{kind}: {e}");
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}

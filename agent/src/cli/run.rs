@@ -1,0 +1,63 @@
+//! `exoagent run`: the agent's main job, until SIGTERM or SIGINT.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use clap::Args;
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::{self, AgentOptions, Mode};
+use crate::supervise::ShimCommand;
+
+/// Exit status when the configuration is invalid (sysexits EX_CONFIG); the systemd unit does
+/// not restart on it.
+pub const EXIT_CONFIG: u8 = 78;
+/// Exit status when system mode is started without root (EX_NOPERM).
+pub const EXIT_NOPERM: u8 = 77;
+
+/// Arguments of `exoagent run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {}
+
+/// Run until a signal; map errors to exit codes.
+pub async fn run(_args: RunArgs, sandbox_dir: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let (mode, paths) = match sandbox_dir {
+        Some(dir) => (Mode::Sandbox, crate::paths::Paths::sandbox(&super::absolute(dir))),
+        None => (Mode::System, crate::paths::Paths::system()),
+    };
+    run_agent(mode, paths).await
+}
+
+/// Run the agent with the given layout until SIGTERM/SIGINT.
+pub async fn run_agent(mode: Mode, paths: crate::paths::Paths) -> anyhow::Result<ExitCode> {
+    let shim = ShimCommand {
+        exe: std::env::current_exe()?,
+    };
+    let cancel = CancellationToken::new();
+    spawn_signal_handler(cancel.clone())?;
+    match agent::run(AgentOptions { mode, paths, shim }, cancel).await {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            eprintln!("exoagent: {e}");
+            Ok(ExitCode::from(match e.reason() {
+                "config-invalid" => EXIT_CONFIG,
+                "not-root" => EXIT_NOPERM,
+                _ => 1,
+            }))
+        }
+    }
+}
+
+fn spawn_signal_handler(cancel: CancellationToken) -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+        cancel.cancel();
+    });
+    Ok(())
+}

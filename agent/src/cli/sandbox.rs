@@ -1,0 +1,65 @@
+//! `exoagent sandbox [DIR]`: the whole agent under one directory, as the invoking user, with a
+//! config-drive-shaped identity and JupyterLab on loopback — no root, no cloud.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+
+use crate::agent::Mode;
+use crate::fsutil;
+use crate::paths::Paths;
+
+/// The sandbox's built-in configuration, written once to `DIR/etc/exoagent/config.toml`.
+pub const SANDBOX_CONFIG: &str = r#"# exoagent sandbox configuration (written once; edit freely).
+# Services bind to loopback in the sandbox.
+[services.jupyterlab]
+enabled = true
+bind = "127.0.0.1"
+port = 8888
+"#;
+
+/// The sandbox's instance identity, shaped like a config drive's `meta_data.json`.
+pub const SANDBOX_META_DATA: &str =
+    include_str!("../../../tests/fixtures/config-drive/openstack/latest/meta_data.json");
+
+/// Arguments of `exoagent sandbox`.
+#[derive(Debug, Args)]
+pub struct SandboxArgs {
+    /// The sandbox directory (created if missing).
+    #[arg(default_value = "exoagent-sandbox")]
+    pub dir: PathBuf,
+}
+
+/// Seed the sandbox directory (config, identity) without overwriting anything.
+pub fn seed(paths: &Paths) -> std::io::Result<()> {
+    if let Some(parent) = paths.config_file.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    if !paths.config_file.exists() {
+        fsutil::write_atomic(&paths.config_file, SANDBOX_CONFIG.as_bytes(), 0o644, None)?;
+    }
+    let meta = paths.config_drive.join("openstack/latest/meta_data.json");
+    if !meta.exists() {
+        if let Some(parent) = meta.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        fsutil::write_atomic(&meta, SANDBOX_META_DATA.as_bytes(), 0o644, None)?;
+    }
+    Ok(())
+}
+
+/// Seed, explain, run.
+pub async fn run(args: SandboxArgs) -> anyhow::Result<ExitCode> {
+    let root = super::absolute(&args.dir);
+    let paths = Paths::sandbox(&root);
+    seed(&paths)?;
+    let dir = root.display();
+    eprintln!("exoagent sandbox in {dir}");
+    eprintln!("  config:      {}", paths.config_file.display());
+    eprintln!("  passphrase:  {} (0600)", paths.passphrase_file().display());
+    eprintln!("  status:      exoagent --sandbox-dir {dir} status");
+    eprintln!("  logs:        exoagent --sandbox-dir {dir} logs jupyterlab");
+    eprintln!("  stop all:    exoagent --sandbox-dir {dir} down   (Ctrl-C stops only the agent)");
+    super::run::run_agent(Mode::Sandbox, paths).await
+}

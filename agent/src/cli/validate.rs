@@ -1,0 +1,40 @@
+//! `exoagent validate`: load and check everything, print the plan or every error; change nothing.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use clap::Args;
+
+use crate::agent::{self, AgentError, Mode};
+use crate::paths::Paths;
+
+/// Arguments of `exoagent validate`.
+#[derive(Debug, Args)]
+pub struct ValidateArgs {}
+
+/// Print the plan (exit 0) or every error and an example configuration (exit 1).
+pub async fn run(_args: ValidateArgs, sandbox_dir: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let (mode, paths) = match sandbox_dir {
+        Some(dir) => (Mode::Sandbox, Paths::sandbox(&super::absolute(dir))),
+        None => (Mode::System, Paths::system()),
+    };
+    match agent::plan(mode, paths) {
+        Ok(plan) => {
+            print!("{plan}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(AgentError::Config(errors)) => {
+            eprintln!("exoagent: the configuration is invalid; nothing was changed:");
+            for error in &errors.errors {
+                eprintln!("  {error}");
+            }
+            eprintln!("\nA complete example configuration with every key at its default:\n");
+            eprintln!("{}", crate::config::EXAMPLE_CONFIG);
+            Ok(ExitCode::FAILURE)
+        }
+        Err(other) => {
+            eprintln!("exoagent: {other}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}

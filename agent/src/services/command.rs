@@ -1,0 +1,73 @@
+//! Running install commands for a service: argv only, output captured, failures carrying the
+//! command and the tail of its stderr.
+
+use std::process::Stdio;
+
+use super::{ServiceError, ServiceKind};
+
+/// How many stderr lines an install failure keeps.
+const TAIL_LINES: usize = 10;
+
+/// Run `argv` to completion with stdin closed; on failure return the command, its status and
+/// the last lines of its stderr. Never used with secrets in `argv`.
+pub async fn run_logged(service: ServiceKind, argv: &[&str]) -> Result<(), ServiceError> {
+    let display = argv.join(" ");
+    let (program, args) = argv.split_first().ok_or_else(|| ServiceError::Install {
+        service,
+        detail: "empty command".into(),
+    })?;
+    tracing::info!(target: "exoagent::services", service = service.as_str(), command = %display, "running");
+    let output = tokio::process::Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|e| ServiceError::Install {
+            service,
+            detail: format!("failed to run '{display}': {e}"),
+        })?;
+    if output.status.success() {
+        return Ok(());
+    }
+    Err(ServiceError::Install {
+        service,
+        detail: format!(
+            "'{display}' failed ({}): {}",
+            output.status,
+            tail(&String::from_utf8_lossy(&output.stderr), TAIL_LINES)
+        ),
+    })
+}
+
+/// The last `n` non-empty lines of `text`, joined with " | ".
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join(" | ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn failure_carries_command_and_stderr_tail() {
+        let err = run_logged(
+            ServiceKind::JupyterLab,
+            &["sh", "-c", "echo one >&2; echo two >&2; exit 4"],
+        )
+        .await
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("exit status: 4"), "{text}");
+        assert!(text.contains("one | two"), "{text}");
+        assert_eq!(err.reason(), "service-install-failed");
+    }
+
+    #[tokio::test]
+    async fn missing_program_is_an_error_not_a_panic() {
+        let err = run_logged(ServiceKind::JupyterLab, &["/nonexistent/prog"])
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/prog"));
+    }
+}

@@ -1,0 +1,472 @@
+//! JupyterLab: a hash-pinned virtual environment under the opt directory, a JSON server config
+//! for running behind the UAP (remote access, forwarded headers, passphrase hash, no token),
+//! run as the instance user, ready when `GET {base_url}api` answers 200 with a `version`.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::json;
+
+use super::{Account, ServiceContext, ServiceError};
+use crate::config::{JupyterLabSettings, PythonInstaller};
+use crate::fsutil;
+use crate::platform::os::Family;
+use crate::platform::passphrase::{argon2_hash, Passphrase};
+use crate::services::command::run_logged;
+use crate::services::ServiceKind;
+use crate::supervise::{Probe, RunAs, RunSpec};
+
+/// The pinned, hash-locked requirements, generated from `requirements.in` with
+/// `uv pip compile --universal --python-version 3.10 --generate-hashes requirements.in -o requirements.txt`.
+pub const REQUIREMENTS: &str = include_str!("requirements.txt");
+
+/// The lowest Python the pinned JupyterLab supports.
+const MIN_PYTHON: (u32, u32) = (3, 10);
+
+/// Interpreters tried, newest first, when none is configured.
+const PYTHON_CANDIDATES: [&str; 5] = [
+    "python3.13",
+    "python3.12",
+    "python3.11",
+    "python3.10",
+    "python3",
+];
+
+/// JupyterLab as configured.
+#[derive(Debug, Clone)]
+pub struct JupyterLab {
+    settings: JupyterLabSettings,
+}
+
+impl JupyterLab {
+    /// JupyterLab with the given settings.
+    pub fn new(settings: JupyterLabSettings) -> Self {
+        Self { settings }
+    }
+
+    /// The virtual environment.
+    pub fn venv(ctx: &ServiceContext) -> PathBuf {
+        ctx.paths.opt_dir.join("jupyterlab/venv")
+    }
+
+    fn config_file(ctx: &ServiceContext) -> PathBuf {
+        ctx.paths
+            .service_state_dir(ServiceKind::JupyterLab)
+            .join("jupyter_server_config.json")
+    }
+
+    fn lock_marker(venv: &Path) -> PathBuf {
+        venv.join(".exoagent-requirements")
+    }
+
+    /// System packages the venv needs, batched with every other service's.
+    pub fn system_packages(&self, family: Family) -> Vec<String> {
+        match family {
+            Family::Debian => vec!["python3".into(), "python3-venv".into()],
+            // EL 8/9 ship 3.6/3.9 as python3; JupyterLab needs 3.10+, AppStream has 3.11.
+            Family::RedHat => vec!["python3.11".into()],
+        }
+    }
+
+    /// Human-readable plan steps for `exoagent validate`.
+    pub fn plan(&self, ctx: &ServiceContext) -> Vec<String> {
+        vec![
+            format!(
+                "create venv {} and install the hash-pinned JupyterLab lock ({} packages) with {}",
+                Self::venv(ctx).display(),
+                REQUIREMENTS
+                    .lines()
+                    .filter(|l| l.contains("==") && !l.trim_start().starts_with('#'))
+                    .count(),
+                match self.settings.installer {
+                    PythonInstaller::Auto => "uv when available, pip otherwise",
+                    PythonInstaller::Uv => "uv",
+                    PythonInstaller::Pip => "pip",
+                }
+            ),
+            format!(
+                "write {} (0600, owner {}): ip {}, port {}, base_url {}, remote access, trusted forwarded headers, passphrase hash, no token",
+                Self::config_file(ctx).display(),
+                ctx.account.name,
+                self.settings.bind,
+                self.settings.port,
+                self.settings.base_url
+            ),
+            format!(
+                "run jupyter-lab as {} under supervision; ready when GET {}api answers 200 with a version",
+                ctx.account.name, self.settings.base_url
+            ),
+        ]
+    }
+
+    /// Create the venv and install the lock. Idempotent: a venv whose marker matches the lock is
+    /// left alone; the marker is written only after a successful install.
+    pub async fn install(&self, ctx: &ServiceContext) -> Result<(), ServiceError> {
+        let venv = Self::venv(ctx);
+        let marker = Self::lock_marker(&venv);
+        let lock_id = lock_fingerprint();
+        if std::fs::read_to_string(&marker).is_ok_and(|m| m.trim() == lock_id) {
+            tracing::info!(target: "exoagent::services", service = "jupyterlab", "venv up to date");
+            return Ok(());
+        }
+        let python = self.find_python().await?;
+        let parent = venv.parent().unwrap_or(Path::new("/"));
+        fsutil::ensure_dir(parent, 0o755).map_err(|source| ServiceError::Io {
+            service: ServiceKind::JupyterLab,
+            action: "create",
+            path: parent.to_path_buf(),
+            source,
+        })?;
+        let requirements = parent.join("requirements.txt");
+        fsutil::write_atomic(&requirements, REQUIREMENTS.as_bytes(), 0o644, None).map_err(
+            |source| ServiceError::Io {
+                service: ServiceKind::JupyterLab,
+                action: "write",
+                path: requirements.clone(),
+                source,
+            },
+        )?;
+        let uv = match self.settings.installer {
+            PythonInstaller::Pip => None,
+            PythonInstaller::Uv | PythonInstaller::Auto => find_on_path("uv"),
+        };
+        if self.settings.installer == PythonInstaller::Uv && uv.is_none() {
+            return Err(ServiceError::Install {
+                service: ServiceKind::JupyterLab,
+                detail: "installer = \"uv\" but no uv executable was found on PATH".into(),
+            });
+        }
+        let venv_s = venv.to_string_lossy().into_owned();
+        let req_s = requirements.to_string_lossy().into_owned();
+        let venv_python = venv.join("bin/python").to_string_lossy().into_owned();
+        match uv {
+            Some(uv) => {
+                let uv = uv.to_string_lossy().into_owned();
+                run_logged(
+                    ServiceKind::JupyterLab,
+                    &[&python, "-m", "venv", "--without-pip", &venv_s],
+                )
+                .await?;
+                run_logged(
+                    ServiceKind::JupyterLab,
+                    &[
+                        &uv,
+                        "pip",
+                        "install",
+                        "--python",
+                        &venv_python,
+                        "--require-hashes",
+                        "-r",
+                        &req_s,
+                    ],
+                )
+                .await?;
+            }
+            None => {
+                run_logged(ServiceKind::JupyterLab, &[&python, "-m", "venv", &venv_s]).await?;
+                run_logged(
+                    ServiceKind::JupyterLab,
+                    &[
+                        &venv_python,
+                        "-m",
+                        "pip",
+                        "install",
+                        "--disable-pip-version-check",
+                        "--no-input",
+                        "--require-hashes",
+                        "-r",
+                        &req_s,
+                    ],
+                )
+                .await?;
+            }
+        }
+        fsutil::write_atomic(&marker, lock_id.as_bytes(), 0o644, None).map_err(|source| {
+            ServiceError::Io {
+                service: ServiceKind::JupyterLab,
+                action: "write",
+                path: marker.clone(),
+                source,
+            }
+        })
+    }
+
+    async fn find_python(&self) -> Result<String, ServiceError> {
+        let candidates: Vec<String> = match &self.settings.python {
+            Some(p) => vec![p.to_string_lossy().into_owned()],
+            None => PYTHON_CANDIDATES.iter().map(|s| s.to_string()).collect(),
+        };
+        let mut seen = Vec::new();
+        for candidate in &candidates {
+            let output = tokio::process::Command::new(candidate)
+                .args(["-c", "import sys, venv; print(sys.version_info[0], sys.version_info[1])"])
+                .stdin(std::process::Stdio::null())
+                .output()
+                .await;
+            let Ok(output) = output else { continue };
+            let text = String::from_utf8_lossy(&output.stdout);
+            let mut parts = text.split_whitespace().filter_map(|p| p.parse::<u32>().ok());
+            if let (true, Some(major), Some(minor)) = (output.status.success(), parts.next(), parts.next()) {
+                if (major, minor) >= MIN_PYTHON {
+                    return Ok(candidate.clone());
+                }
+                seen.push(format!("{candidate} is {major}.{minor}"));
+            } else if !output.status.success() {
+                seen.push(format!("{candidate} has no venv module"));
+            }
+        }
+        Err(ServiceError::Install {
+            service: ServiceKind::JupyterLab,
+            detail: format!(
+                "no Python >= {}.{} with the venv module found (tried {}{}{})",
+                MIN_PYTHON.0,
+                MIN_PYTHON.1,
+                candidates.join(", "),
+                if seen.is_empty() { "" } else { "; " },
+                seen.join(", ")
+            ),
+        })
+    }
+
+    /// The server configuration document (JSON, so no value can inject code).
+    pub fn server_config(&self, ctx: &ServiceContext, hashed_password: &str) -> serde_json::Value {
+        json!({
+            "ServerApp": {
+                "ip": self.settings.bind.to_string(),
+                "port": self.settings.port,
+                "port_retries": 0,
+                "open_browser": false,
+                "base_url": self.settings.base_url,
+                "allow_remote_access": true,
+                "trust_xheaders": true,
+                "root_dir": ctx.account.home.to_string_lossy(),
+                "allow_root": ctx.account.uid == 0,
+            },
+            "IdentityProvider": { "token": "" },
+            "PasswordIdentityProvider": {
+                "hashed_password": hashed_password,
+                "allow_password_change": false,
+                "password_required": true,
+            },
+        })
+    }
+
+    /// Write the server config (0600, owned by the service account). Rewritten on every start so
+    /// a changed port or base URL takes effect; the hash is new each time (fresh salt).
+    pub async fn configure(
+        &self,
+        ctx: &ServiceContext,
+        passphrase: &Passphrase,
+    ) -> Result<(), ServiceError> {
+        let hashed = argon2_hash(passphrase).map_err(|e| ServiceError::Configure {
+            service: ServiceKind::JupyterLab,
+            detail: format!("failed to hash the passphrase: {e}"),
+        })?;
+        let config = serde_json::to_vec_pretty(&self.server_config(ctx, &hashed)).map_err(|e| {
+            ServiceError::Configure {
+                service: ServiceKind::JupyterLab,
+                detail: e.to_string(),
+            }
+        })?;
+        let path = Self::config_file(ctx);
+        let dir = path.parent().unwrap_or(Path::new("/"));
+        let io_err = |action: &'static str, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| ServiceError::Io {
+                service: ServiceKind::JupyterLab,
+                action,
+                path,
+                source,
+            }
+        };
+        fsutil::ensure_dir(dir, 0o711).map_err(io_err("create", dir))?;
+        fsutil::write_atomic(
+            &path,
+            &config,
+            0o600,
+            Some((ctx.account.uid, ctx.account.gid)),
+        )
+        .map_err(io_err("write", &path))?;
+        let home = &ctx.account.home;
+        if !home.exists() {
+            fsutil::ensure_dir(home, 0o750).map_err(io_err("create", home))?;
+        }
+        Ok(())
+    }
+
+    /// How the supervisor starts it: the venv's `jupyter-lab` with our config, a clean
+    /// environment, as the instance user.
+    pub fn run_spec(&self, ctx: &ServiceContext) -> RunSpec {
+        let venv = Self::venv(ctx);
+        let account = &ctx.account;
+        let path = format!(
+            "{}:/usr/local/bin:/usr/bin:/bin",
+            venv.join("bin").to_string_lossy()
+        );
+        RunSpec {
+            argv: vec![
+                venv.join("bin/jupyter-lab").to_string_lossy().into_owned(),
+                format!("--config={}", Self::config_file(ctx).to_string_lossy()),
+            ],
+            env: vec![
+                ("HOME".into(), account.home.to_string_lossy().into_owned()),
+                ("USER".into(), account.name.clone()),
+                ("LOGNAME".into(), account.name.clone()),
+                ("SHELL".into(), "/bin/bash".into()),
+                ("PATH".into(), path),
+                ("LANG".into(), "C.UTF-8".into()),
+                ("PYTHONUNBUFFERED".into(), "1".into()),
+            ],
+            cwd: account.home.clone(),
+            run_as: ctx.run_as(),
+        }
+    }
+
+    /// `GET {base_url}api` on loopback (or the bound address) must answer 200 with a version.
+    pub fn probe(&self) -> Probe {
+        let host = match self.settings.bind {
+            IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+            other => other,
+        };
+        let addr = SocketAddr::new(host, self.settings.port);
+        Probe::Http {
+            addr,
+            path: format!("{}api", self.settings.base_url),
+            host: addr.to_string(),
+            expect_json_key: Some("version".into()),
+        }
+    }
+
+    /// How long from launch to the first good probe.
+    pub fn start_timeout(&self) -> Duration {
+        self.settings.start_timeout
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.settings.port
+    }
+
+    /// Where a person on the instance reaches it.
+    pub fn url(&self) -> String {
+        let addr = match self.probe() {
+            Probe::Http { addr, .. } | Probe::Tcp { addr } => addr,
+        };
+        format!("http://{addr}{}", self.settings.base_url)
+    }
+}
+
+/// Identifies the lock content, so a changed lock reinstalls.
+fn lock_fingerprint() -> String {
+    // FNV-1a: stable across Rust versions, unlike `DefaultHasher`.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in REQUIREMENTS.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("fnv1a64:{hash:016x}")
+}
+
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::metadata(candidate).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
+impl Account {
+    /// Whether the agent must switch to this account to run services.
+    fn needs_switch(&self) -> bool {
+        nix::unistd::geteuid().as_raw() != self.uid
+    }
+}
+
+impl ServiceContext {
+    /// The account switch the shim performs, if any.
+    pub fn run_as(&self) -> Option<RunAs> {
+        self.account.needs_switch().then_some(RunAs {
+            uid: self.account.uid,
+            gid: self.account.gid,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::paths::Paths;
+
+    fn ctx(uid: u32) -> ServiceContext {
+        ServiceContext {
+            paths: Paths::sandbox(Path::new("/sb")),
+            account: Account {
+                name: "exouser".into(),
+                uid,
+                gid: uid,
+                home: "/home/exouser".into(),
+            },
+        }
+    }
+
+    #[test]
+    fn server_config_is_what_the_uap_needs() {
+        let lab = JupyterLab::new(JupyterLabSettings::default());
+        let cfg = lab.server_config(&ctx(1000), "argon2:$argon2id$x");
+        assert_eq!(cfg["ServerApp"]["allow_remote_access"], true);
+        assert_eq!(cfg["ServerApp"]["trust_xheaders"], true);
+        assert_eq!(cfg["ServerApp"]["port"], 8888);
+        assert_eq!(cfg["ServerApp"]["port_retries"], 0);
+        assert_eq!(cfg["ServerApp"]["ip"], "0.0.0.0");
+        assert_eq!(cfg["ServerApp"]["allow_root"], false);
+        assert_eq!(cfg["IdentityProvider"]["token"], "");
+        assert_eq!(
+            cfg["PasswordIdentityProvider"]["hashed_password"],
+            "argon2:$argon2id$x"
+        );
+    }
+
+    #[test]
+    fn probe_targets_loopback_when_bound_to_all() {
+        let lab = JupyterLab::new(JupyterLabSettings::default());
+        match lab.probe() {
+            Probe::Http {
+                addr,
+                path,
+                expect_json_key,
+                ..
+            } => {
+                assert_eq!(addr.to_string(), "127.0.0.1:8888");
+                assert_eq!(path, "/api");
+                assert_eq!(expect_json_key.as_deref(), Some("version"));
+            }
+            Probe::Tcp { .. } => panic!("expected an HTTP probe"),
+        }
+        assert_eq!(lab.url(), "http://127.0.0.1:8888/");
+    }
+
+    #[test]
+    fn run_spec_has_no_secret_and_a_clean_env() {
+        let lab = JupyterLab::new(JupyterLabSettings::default());
+        let spec = lab.run_spec(&ctx(1000));
+        assert!(spec.argv[0].ends_with("venv/bin/jupyter-lab"));
+        assert!(spec.argv[1].starts_with("--config="));
+        assert!(spec.env.iter().all(|(k, _)| k != "JUPYTER_TOKEN"));
+        assert_eq!(spec.cwd, PathBuf::from("/home/exouser"));
+    }
+
+    #[test]
+    fn the_lock_pins_jupyterlab_with_hashes() {
+        assert!(REQUIREMENTS.contains("jupyterlab==4.6.6"));
+        let pinned = REQUIREMENTS
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('#') && l.contains("=="))
+            .count();
+        let hashed = REQUIREMENTS.matches("--hash=sha256:").count();
+        assert!(pinned > 50 && hashed >= pinned, "{pinned} pinned, {hashed} hashes");
+    }
+}

@@ -1,0 +1,453 @@
+//! End to end, with real components: the `exoagent` binary in sandbox mode installs a real
+//! JupyterLab from PyPI (hash-pinned lock), supervises it through the shim, reports it ready on
+//! the console and the local API; the passphrase logs in; kill -9 restarts it; an agent restart
+//! (even SIGKILL) leaves the server and its kernels running and re-adopts them; invalid
+//! configuration changes nothing.
+//!
+//! Needs python3 (>= 3.10, with venv) and network access to PyPI (or a warm uv/pip cache);
+//! `.ci/run` provides both.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::net::TcpListener;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn exe() -> &'static str {
+    env!("CARGO_BIN_EXE_exoagent")
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Sandbox {
+    dir: tempfile::TempDir,
+    port: u16,
+    agent: Option<Child>,
+    runs: u32,
+}
+
+impl Sandbox {
+    fn new(config: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("exoagent-e2e-")
+            .tempdir()
+            .unwrap();
+        let port = free_port();
+        let etc = dir.path().join("etc/exoagent");
+        fs::create_dir_all(&etc).unwrap();
+        fs::write(
+            etc.join("config.toml"),
+            config.replace("@PORT@", &port.to_string()),
+        )
+        .unwrap();
+        Self {
+            dir,
+            port,
+            agent: None,
+            runs: 0,
+        }
+    }
+
+    fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(exe())
+            .arg("--sandbox-dir")
+            .arg(self.root())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    fn start_agent(&mut self) {
+        self.runs += 1;
+        let stdout = fs::File::create(self.root().join(format!("agent-{}.stdout", self.runs))).unwrap();
+        let stderr = fs::File::create(self.root().join(format!("agent-{}.stderr", self.runs))).unwrap();
+        let child = Command::new(exe())
+            .arg("sandbox")
+            .arg(self.root())
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        self.agent = Some(child);
+    }
+
+    fn agent_output(&self) -> String {
+        let mut all = String::new();
+        for run in 1..=self.runs {
+            for stream in ["stdout", "stderr"] {
+                all += &fs::read_to_string(self.root().join(format!("agent-{run}.{stream}")))
+                    .unwrap_or_default();
+            }
+        }
+        all
+    }
+
+    fn status(&self) -> Value {
+        let out = self.cli(&["status", "--json"]);
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    }
+
+    fn wait_complete(&self, timeout_s: u64) -> Value {
+        let out = self.cli(&["status", "--wait", "--timeout", &format!("{timeout_s}s"), "--json"]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "status --wait did not report complete.\nstdout: {}\nstderr: {}\nagent:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.agent_output()
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Poll `status --json` until `pred` holds.
+    fn wait_for(&self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.status();
+            if pred(&status) {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; last status: {status}\nagent:\n{}",
+                self.agent_output()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    fn kill_agent(&mut self, signal: i32) {
+        if let Some(mut child) = self.agent.take() {
+            unsafe { libc::kill(child.id() as i32, signal) };
+            let _ = child.wait();
+        }
+    }
+
+    fn passphrase(&self) -> String {
+        let path = self.root().join("var/lib/exoagent/secrets/passphrase");
+        let meta = fs::metadata(&path).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o600, "passphrase file mode");
+        fs::read_to_string(path).unwrap().trim().to_owned()
+    }
+
+    fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.kill_agent(libc::SIGKILL);
+        let _ = self.cli(&["down", "--grace", "5"]);
+    }
+}
+
+fn service(status: &Value) -> &Value {
+    &status["services"][0]
+}
+
+fn pid_alive(pid: i64) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+/// Exosphere's console parser (`src/Helpers/ExoSetupStatus.elm`): per line, the text from the
+/// first `{` to the last `}`; needs a top-level string `status` (or `exoSetup`); last one wins.
+fn exosphere_status(log: &str) -> Option<(String, Value)> {
+    let mut last = None;
+    for line in log.lines() {
+        let (Some(start), Some(end)) = (line.find('{'), line.rfind('}')) else {
+            continue;
+        };
+        if end < start {
+            continue;
+        }
+        let Ok(value) = serde_json::from_str::<Value>(&line[start..=end]) else {
+            continue;
+        };
+        let status = value
+            .get("status")
+            .or_else(|| value.get("exoSetup"))
+            .and_then(Value::as_str);
+        if let Some(status) = status {
+            let known = ["waiting", "starting", "running", "complete", "error"];
+            let status = if known.contains(&status) { status } else { "unknown" };
+            last = Some((status.to_owned(), value.clone()));
+        }
+    }
+    last
+}
+
+struct Session {
+    client: reqwest::blocking::Client,
+    xsrf: String,
+}
+
+fn cookie_value(resp: &reqwest::blocking::Response, name: &str) -> Option<String> {
+    resp.headers()
+        .get_all(reqwest::header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|c| {
+            let first = c.split(';').next()?;
+            let (k, v) = first.split_once('=')?;
+            (k.trim() == name).then(|| v.trim().trim_matches('"').to_owned())
+        })
+}
+
+/// Log in through Jupyter's real login form.
+fn login(base: &str, password: &str) -> (reqwest::StatusCode, Session) {
+    let client = reqwest::blocking::Client::builder()
+        .cookie_store(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let page = client.get(format!("{base}/login")).send().unwrap();
+    assert_eq!(page.status(), 200, "GET /login");
+    let xsrf = cookie_value(&page, "_xsrf").expect("the login page sets an _xsrf cookie");
+    let resp = client
+        .post(format!("{base}/login"))
+        .form(&[("_xsrf", xsrf.as_str()), ("password", password)])
+        .send()
+        .unwrap();
+    (resp.status(), Session { client, xsrf })
+}
+
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut hits = Vec::new();
+    for entry in fs::read_dir("/proc").unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.chars().all(|c| c.is_ascii_digit()) {
+            continue;
+        }
+        for file in ["cmdline", "environ"] {
+            if let Ok(bytes) = fs::read(entry.path().join(file)) {
+                if String::from_utf8_lossy(&bytes).contains(needle) {
+                    hits.push(format!("/proc/{name}/{file}"));
+                }
+            }
+        }
+    }
+    hits
+}
+
+fn files_containing(root: &Path, needle: &str, skip: &Path) -> Vec<PathBuf> {
+    let mut hits = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&dir) else { continue };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(meta) = fs::symlink_metadata(&path) else { continue };
+            if meta.is_dir() {
+                // The venv is third-party code and large; nothing of ours is written there.
+                if !path.ends_with("venv") {
+                    stack.push(path);
+                }
+            } else if meta.is_file() && path != skip && meta.len() < 64 * 1024 * 1024 {
+                if let Ok(bytes) = fs::read(&path) {
+                    if String::from_utf8_lossy(&bytes).contains(needle) {
+                        hits.push(path);
+                    }
+                }
+            }
+        }
+    }
+    hits
+}
+
+fn world_readable_secrets(root: &Path) -> Vec<PathBuf> {
+    let mut bad = Vec::new();
+    for path in [
+        root.join("var/lib/exoagent/secrets/passphrase"),
+        root.join("var/lib/exoagent/services/jupyterlab/jupyter_server_config.json"),
+    ] {
+        let mode = fs::metadata(&path).unwrap().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            bad.push(path);
+        }
+    }
+    bad
+}
+
+const CONFIG: &str = r#"
+[services.jupyterlab]
+enabled = true
+bind = "127.0.0.1"
+port = @PORT@
+start_timeout_s = 300
+
+[supervise]
+backoff_initial_ms = 200
+backoff_max_ms = 2000
+
+[console]
+status_interval_s = 1
+load_interval_s = 2
+"#;
+
+#[test]
+fn sandbox_brings_up_jupyterlab_supervises_and_survives_agent_restarts() {
+    let mut sb = Sandbox::new(CONFIG);
+    sb.start_agent();
+
+    // 1. Ready on the local API.
+    let status = sb.wait_complete(600);
+    assert_eq!(status["setup"]["state"], "complete");
+    let jl = service(&status);
+    assert_eq!(jl["service"], "jupyterlab");
+    assert_eq!(jl["state"], "ready");
+    assert_eq!(jl["port"], sb.port);
+    let first_pid = jl["pid"].as_i64().expect("a pid");
+    assert!(pid_alive(first_pid));
+
+    // 2. The human table says the same.
+    let table = sb.cli(&["status"]);
+    assert_eq!(table.status.code(), Some(0));
+    let table = String::from_utf8_lossy(&table.stdout).into_owned();
+    assert!(table.contains("jupyterlab") && table.contains("ready"), "{table}");
+
+    // 3. The passphrase logs in; a wrong one does not.
+    let passphrase = sb.passphrase();
+    assert_eq!(passphrase.split(' ').count(), 11);
+    let (code, _) = login(&sb.base(), "WRONG PASS PHRASE");
+    assert_eq!(code, 401, "wrong passphrase must be refused");
+    let (code, session) = login(&sb.base(), &passphrase);
+    assert_eq!(code, 302, "login with the passphrase");
+    let api_status = session
+        .client
+        .get(format!("{}/api/status", sb.base()))
+        .send()
+        .unwrap();
+    assert_eq!(api_status.status(), 200, "/api/status with the login cookie");
+    let anonymous = reqwest::blocking::get(format!("{}/api/status", sb.base())).unwrap();
+    assert_eq!(anonymous.status(), 403, "/api/status without the cookie");
+
+    // 4. Exosphere's parser sees `complete` on the console (sandbox: stdout).
+    let (state, _) = exosphere_status(&fs::read_to_string(sb.root().join("agent-1.stdout")).unwrap())
+        .expect("a status line on the console");
+    assert_eq!(state, "complete");
+
+    // 5. kill -9 the server: restarted and ready again with a new pid.
+    unsafe { libc::kill(first_pid as i32, libc::SIGKILL) };
+    let status = sb.wait_for("a restart after kill -9", Duration::from_secs(180), |s| {
+        let jl = service(s);
+        jl["state"] == "ready" && jl["restarts"].as_u64() >= Some(1) && jl["pid"].as_i64() != Some(first_pid)
+    });
+    let second_pid = service(&status)["pid"].as_i64().unwrap();
+
+    // 6. A kernel is running; the agent is killed (SIGKILL: no chance to clean up) and restarted.
+    let (code, session) = login(&sb.base(), &passphrase);
+    assert_eq!(code, 302);
+    let kernel: Value = session
+        .client
+        .post(format!("{}/api/kernels", sb.base()))
+        .header("X-XSRFToken", &session.xsrf)
+        .json(&serde_json::json!({}))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let kernel_id = kernel["id"].as_str().expect("kernel id").to_owned();
+    sb.kill_agent(libc::SIGKILL);
+    assert!(pid_alive(second_pid), "JupyterLab must outlive the agent");
+    assert_eq!(
+        reqwest::blocking::get(format!("{}/api", sb.base())).unwrap().status(),
+        200,
+        "JupyterLab answers while the agent is down"
+    );
+    sb.start_agent();
+    let status = sb.wait_complete(300);
+    assert_eq!(
+        service(&status)["pid"].as_i64(),
+        Some(second_pid),
+        "the restarted agent adopts the running server instead of starting another"
+    );
+    let kernels: Value = session
+        .client
+        .get(format!("{}/api/kernels", sb.base()))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let ids: BTreeSet<&str> = kernels
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|k| k["id"].as_str())
+        .collect();
+    assert!(ids.contains(kernel_id.as_str()), "kernel {kernel_id} survived: {kernels}");
+
+    // 7. A graceful agent stop (SIGTERM) also leaves it running.
+    sb.kill_agent(libc::SIGTERM);
+    assert!(pid_alive(second_pid));
+    sb.start_agent();
+    let status = sb.wait_complete(300);
+    assert_eq!(service(&status)["pid"].as_i64(), Some(second_pid));
+
+    // 8. The passphrase is nowhere it must not be.
+    let status_text = sb.cli(&["status", "--json"]);
+    assert!(!String::from_utf8_lossy(&status_text.stdout).contains(&passphrase));
+    assert!(!sb.agent_output().contains(&passphrase), "agent output");
+    let secret_file = sb.root().join("var/lib/exoagent/secrets/passphrase");
+    assert_eq!(files_containing(sb.root(), &passphrase, &secret_file), Vec::<PathBuf>::new());
+    assert_eq!(processes_mentioning(&passphrase), Vec::<String>::new());
+    assert_eq!(world_readable_secrets(sb.root()), Vec::<PathBuf>::new());
+
+    // 9. `down` stops it for real.
+    let down = sb.cli(&["down", "--grace", "10"]);
+    assert_eq!(down.status.code(), Some(0));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while pid_alive(second_pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!pid_alive(second_pid), "down stops the server");
+}
+
+#[test]
+fn invalid_configuration_changes_nothing() {
+    let mut sb = Sandbox::new(
+        r#"
+[services.jupyterlab]
+enabled = true
+port = 70000
+colour = "blue"
+"#,
+    );
+    sb.start_agent();
+    let status = sb.agent.take().unwrap().wait().unwrap();
+    assert_eq!(status.code(), Some(78), "EX_CONFIG");
+    let err = fs::read_to_string(sb.root().join("agent-1.stderr")).unwrap();
+    assert!(err.contains("services.jupyterlab.port"), "{err}");
+    assert!(err.contains("colour"), "{err}");
+    assert!(err.contains("config.toml"), "{err}");
+    for created in ["var", "opt", "run", "home"] {
+        assert!(
+            !sb.root().join(created).exists(),
+            "{created}/ must not exist after a refused configuration"
+        );
+    }
+    let validate = sb.cli(&["validate"]);
+    assert_eq!(validate.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&validate.stderr);
+    assert!(text.contains("services.jupyterlab.port") && text.contains("colour"), "{text}");
+}

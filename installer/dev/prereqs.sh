@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs what building, the sandbox and the tests need on a fresh Debian 12 machine.
+# Idempotent: a second run installs nothing.
+set -euo pipefail
+
+need_apt=()
+have() { command -v "$1" >/dev/null 2>&1; }
+have cargo || { echo "prereqs: cargo (rustup) is required" >&2; exit 1; }
+have python3 || need_apt+=(python3)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+have visudo || need_apt+=(sudo)
+have useradd || need_apt+=(passwd)
+have chpasswd || need_apt+=(passwd)
+have pgrep || need_apt+=(procps)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "prereqs: please install as root: apt-get install -y ${need_apt[*]}" >&2
+    exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${need_apt[@]}"
+fi
+
+# uv makes the JupyterLab install take seconds instead of a minute; the agent falls back to pip
+# without it, so a failure here is not fatal.
+if ! have uv; then
+  python3 -m pip install --quiet --disable-pip-version-check uv \
+    || python3 -m pip install --quiet --disable-pip-version-check --user uv \
+    || echo "prereqs: uv not installed; the agent will use pip" >&2
+fi
