@@ -48,28 +48,39 @@ pub fn load(paths: &Paths) -> Result<Loaded, ConfigErrors> {
 
     let mut layers = Vec::new();
     let mut errors = Vec::new();
+    let mut order = Vec::new();
     for input in inputs {
         match input {
             Input::File(path) => match fs::read_to_string(&path) {
-                Ok(text) => layers.push((path, text)),
-                Err(e) => errors.push(ConfigError {
-                    message: format!("failed to read config file: {e}"),
-                    file: path,
-                    line: None,
-                    key: None,
-                    kind: ErrorKind::Unreadable,
-                }),
+                Ok(text) => {
+                    order.push(path.clone());
+                    layers.push((path, text));
+                }
+                Err(e) => {
+                    order.push(path.clone());
+                    errors.push(ConfigError {
+                        message: format!("failed to read config file: {e}"),
+                        file: path,
+                        line: None,
+                        key: None,
+                        kind: ErrorKind::Unreadable,
+                    });
+                }
             },
-            Input::Error(error) => errors.push(error),
+            Input::Error(error) => {
+                order.push(error.file.clone());
+                errors.push(error);
+            }
         }
     }
-    assemble(&layers, errors)
+    assemble(&layers, errors, &order)
 }
 
 /// Merge and validate in-memory layers `(path, contents)`, first to last, as [`load`] does with
 /// files. The paths are only used in messages and [`Loaded::files`].
 pub fn load_layers(layers: &[(PathBuf, String)]) -> Result<Loaded, ConfigErrors> {
-    assemble(layers, Vec::new())
+    let order: Vec<PathBuf> = layers.iter().map(|(path, _)| path.clone()).collect();
+    assemble(layers, Vec::new(), &order)
 }
 
 /// A file to read, or a directory that could not be listed.
@@ -111,11 +122,13 @@ fn list_dir(dir: &Path, inputs: &mut Vec<Input>) {
     inputs.extend(names.into_iter().map(|name| Input::File(dir.join(name))));
 }
 
-/// Parse every layer, merge them in order and validate the result; `errors` holds problems
-/// found before parsing (unreadable files).
+/// Parse every layer, merge them in order and validate the result. `errors` holds problems
+/// found before parsing (unreadable files and directories); `order` lists every path
+/// considered, readable or not, in load order, so the errors can be listed in that order.
 fn assemble(
     layers: &[(PathBuf, String)],
     mut errors: Vec<ConfigError>,
+    order: &[PathBuf],
 ) -> Result<Loaded, ConfigErrors> {
     let mut merged = fragment::Fragment::default();
     for (index, (path, text)) in layers.iter().enumerate() {
@@ -123,10 +136,10 @@ fn assemble(
         merged.merge(fragment);
         errors.extend(file_errors);
     }
+    // Unreadable files were found before any parsing: put every error at its file's place.
+    // The sort is stable, so each file's errors keep their line order.
+    errors.sort_by_key(|e| order.iter().position(|f| *f == e.file));
     let files: Vec<PathBuf> = layers.iter().map(|(path, _)| path.clone()).collect();
-    // Keep errors in load order: unreadable files were found before any parsing.
-    let position = |file: &Path| files.iter().position(|f| f == file);
-    errors.sort_by_key(|e| position(&e.file));
     let (settings, semantic) = validate::settings(&merged, &files);
     errors.extend(semantic);
     if errors.is_empty() {
@@ -618,8 +631,8 @@ attempts = 1
         );
     }
 
-    /// The ```toml blocks of a Markdown text.
-    fn toml_blocks(markdown: &str, lang: &str) -> Vec<String> {
+    /// The fenced blocks of a Markdown text marked with `lang`.
+    fn fenced_blocks(markdown: &str, lang: &str) -> Vec<String> {
         let mut blocks = Vec::new();
         let mut current: Option<String> = None;
         for line in markdown.lines() {
@@ -644,7 +657,7 @@ attempts = 1
     #[test]
     fn every_toml_block_in_the_docs_is_valid() {
         let docs = docs();
-        let blocks = toml_blocks(&docs, "toml");
+        let blocks = fenced_blocks(&docs, "toml");
         assert!(blocks.len() >= 3, "expected several toml blocks");
         for (i, block) in blocks.iter().enumerate() {
             if let Err(e) = load_layers(&[(format!("block-{i}.toml").into(), block.clone())]) {
@@ -656,7 +669,7 @@ attempts = 1
     #[test]
     fn the_cloud_init_example_in_the_docs_is_valid() {
         let docs = docs();
-        let yaml = toml_blocks(&docs, "yaml");
+        let yaml = fenced_blocks(&docs, "yaml");
         assert!(!yaml.is_empty());
         for block in yaml {
             // The file body is the indented text under `content: |`.
@@ -673,6 +686,39 @@ attempts = 1
             let loaded = load_layers(&[("write_files.toml".into(), body)]).unwrap();
             assert_eq!(loaded.settings.services.len(), 1);
         }
+    }
+
+    #[test]
+    fn the_error_examples_in_the_docs_are_real_output() {
+        let l = |p: &str, t: &str| (PathBuf::from(p), t.to_owned());
+        let errors = load_layers(&[
+            l(
+                "/etc/exoagent/config.toml",
+                "[services.rstudio]\nenabled = true\n",
+            ),
+            l(
+                "/etc/exoagent/config.d/10-x.toml",
+                "[services.jupyterlab]\nenabled = true\n\nport = 70000\nbind = \"nope\"\n\
+                 prot = 1\n\n[services.foo]\n",
+            ),
+            l(
+                "/etc/exoagent/config.d/20-y.toml",
+                "[services.jupyterlab]\n[instance\n",
+            ),
+        ])
+        .unwrap_err()
+        .to_string();
+        let docs = docs();
+        let block = fenced_blocks(&docs, "text")
+            .into_iter()
+            .find(|b| b.contains("70000"))
+            .unwrap();
+        // Everything but the unreadable file (which needs a real directory) is reproduced.
+        let documented: Vec<&str> = block
+            .lines()
+            .filter(|l| !l.contains("failed to read"))
+            .collect();
+        assert_eq!(documented, errors.lines().collect::<Vec<_>>());
     }
 
     #[test]
