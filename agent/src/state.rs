@@ -321,8 +321,7 @@ impl StateHub {
         };
         change(&mut model);
         let (state, step, reason) = model.derive_setup();
-        if state != model.setup.state || step != model.setup.step || reason != model.setup.reason
-        {
+        if state != model.setup.state || step != model.setup.step || reason != model.setup.reason {
             let since_ms = if state != model.setup.state {
                 now_ms()
             } else {

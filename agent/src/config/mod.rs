@@ -1,6 +1,732 @@
 //! The desired state: layered TOML fragments, strictly parsed, merged and validated in full
 //! before anything on the machine changes (DESIGN §4.1).
+//!
+//! Files are read in this order, later values winning key by key: every `*.toml` in
+//! [`Paths::vendor_config_dir`] (sorted by name), then [`Paths::config_file`], then every
+//! `*.toml` in [`Paths::config_dropin_dir`] (sorted by name). Missing files and directories are
+//! skipped. Every file is checked in full (unknown keys, types, ranges, values) and the merged
+//! result is checked across keys; all problems are returned together, each naming its file,
+//! line and dotted key. See `docs/configuration.md`.
 
+mod error;
+mod fragment;
 pub mod settings;
+mod validate;
 
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+pub use error::{ConfigError, ConfigErrors, ErrorKind};
 pub use settings::*;
+
+use crate::paths::Paths;
+
+/// A fully commented configuration that sets every key to its default; printed by
+/// `exoagent validate` on failure and shipped in the documentation.
+pub const EXAMPLE_CONFIG: &str = include_str!("example.toml");
+
+/// A successfully loaded configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Loaded {
+    /// The validated settings.
+    pub settings: Settings,
+    /// The files that were read, in the order they were applied.
+    pub files: Vec<PathBuf>,
+}
+
+/// Load, merge and validate the configuration files of `paths`.
+pub fn load(paths: &Paths) -> Result<Loaded, ConfigErrors> {
+    let mut inputs = Vec::new();
+    list_dir(&paths.vendor_config_dir, &mut inputs);
+    match fs::symlink_metadata(&paths.config_file) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        // Anything else, a dangling symlink included, is there and must be readable.
+        _ => inputs.push(Input::File(paths.config_file.clone())),
+    }
+    list_dir(&paths.config_dropin_dir, &mut inputs);
+
+    let mut layers = Vec::new();
+    let mut errors = Vec::new();
+    let mut order = Vec::new();
+    for input in inputs {
+        match input {
+            Input::File(path) => match fs::read_to_string(&path) {
+                Ok(text) => {
+                    order.push(path.clone());
+                    layers.push((path, text));
+                }
+                Err(e) => {
+                    order.push(path.clone());
+                    errors.push(ConfigError {
+                        message: format!("failed to read config file: {e}"),
+                        file: path,
+                        line: None,
+                        key: None,
+                        kind: ErrorKind::Unreadable,
+                    });
+                }
+            },
+            Input::Error(error) => {
+                order.push(error.file.clone());
+                errors.push(error);
+            }
+        }
+    }
+    assemble(&layers, errors, &order)
+}
+
+/// Merge and validate in-memory layers `(path, contents)`, first to last, as [`load`] does with
+/// files. The paths are only used in messages and [`Loaded::files`].
+pub fn load_layers(layers: &[(PathBuf, String)]) -> Result<Loaded, ConfigErrors> {
+    let order: Vec<PathBuf> = layers.iter().map(|(path, _)| path.clone()).collect();
+    assemble(layers, Vec::new(), &order)
+}
+
+/// A file to read, or a directory that could not be listed.
+enum Input {
+    File(PathBuf),
+    Error(ConfigError),
+}
+
+/// Append the `*.toml` entries of `dir`, sorted by name, to `inputs`. Names starting with `.`
+/// are skipped, as the shell glob `*.toml` would; a missing directory adds nothing.
+fn list_dir(dir: &Path, inputs: &mut Vec<Input>) {
+    let unreadable = |e: io::Error| {
+        Input::Error(ConfigError {
+            file: dir.to_path_buf(),
+            line: None,
+            key: None,
+            message: format!("failed to list config directory: {e}"),
+            kind: ErrorKind::Unreadable,
+        })
+    };
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+        Err(e) => return inputs.push(unreadable(e)),
+    };
+    let mut names = Vec::new();
+    for entry in entries {
+        match entry {
+            Ok(entry) => names.push(entry.file_name()),
+            Err(e) => return inputs.push(unreadable(e)),
+        }
+    }
+    names.retain(|name| {
+        let path = Path::new(name);
+        path.extension().is_some_and(|ext| ext == "toml")
+            && !name.as_encoded_bytes().starts_with(b".")
+    });
+    names.sort();
+    inputs.extend(names.into_iter().map(|name| Input::File(dir.join(name))));
+}
+
+/// Parse every layer, merge them in order and validate the result. `errors` holds problems
+/// found before parsing (unreadable files and directories); `order` lists every path
+/// considered, readable or not, in load order, so the errors can be listed in that order.
+fn assemble(
+    layers: &[(PathBuf, String)],
+    mut errors: Vec<ConfigError>,
+    order: &[PathBuf],
+) -> Result<Loaded, ConfigErrors> {
+    let mut merged = fragment::Fragment::default();
+    for (index, (path, text)) in layers.iter().enumerate() {
+        let (fragment, file_errors) = fragment::parse(index, path, text);
+        merged.merge(fragment);
+        errors.extend(file_errors);
+    }
+    // Unreadable files were found before any parsing: put every error at its file's place.
+    // The sort is stable, so each file's errors keep their line order.
+    errors.sort_by_key(|e| order.iter().position(|f| *f == e.file));
+    let files: Vec<PathBuf> = layers.iter().map(|(path, _)| path.clone()).collect();
+    let (settings, semantic) = validate::settings(&merged, &files);
+    errors.extend(semantic);
+    if errors.is_empty() {
+        Ok(Loaded { settings, files })
+    } else {
+        Err(ConfigErrors { errors })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::services::ServiceKind;
+
+    fn layers(files: &[(&str, &str)]) -> Vec<(PathBuf, String)> {
+        files
+            .iter()
+            .map(|(p, t)| (PathBuf::from(p), (*t).to_owned()))
+            .collect()
+    }
+
+    fn ok(files: &[(&str, &str)]) -> Loaded {
+        match load_layers(&layers(files)) {
+            Ok(loaded) => loaded,
+            Err(e) => panic!("unexpected errors:\n{e}"),
+        }
+    }
+
+    fn errs(files: &[(&str, &str)]) -> Vec<ConfigError> {
+        match load_layers(&layers(files)) {
+            Ok(loaded) => panic!("expected errors, got {:?}", loaded.settings),
+            Err(e) => {
+                assert_eq!(e.reason(), "config-invalid");
+                e.errors
+            }
+        }
+    }
+
+    fn jupyter(settings: &Settings) -> &JupyterLabSettings {
+        match settings.services.first() {
+            Some(ServiceSettings::JupyterLab(j)) => j,
+            None => panic!("jupyterlab not enabled: {settings:?}"),
+        }
+    }
+
+    #[test]
+    fn nothing_gives_defaults() {
+        let loaded = ok(&[]);
+        assert_eq!(loaded.settings, Settings::default());
+        assert!(loaded.files.is_empty());
+        let loaded = ok(&[("/e/empty.toml", "# nothing\n")]);
+        assert_eq!(loaded.settings, Settings::default());
+        assert_eq!(loaded.files, vec![PathBuf::from("/e/empty.toml")]);
+    }
+
+    #[test]
+    fn example_config_parses_to_the_defaults() {
+        let loaded = ok(&[("example.toml", EXAMPLE_CONFIG)]);
+        assert_eq!(loaded.settings, Settings::default());
+        // Every key of the schema appears in the example, so it documents them all.
+        for key in [
+            "user",
+            "create_user",
+            "[services.jupyterlab]",
+            "[services.rstudio]",
+            "[services.desktop]",
+            "[services.guacamole]",
+            "enabled",
+            "port",
+            "bind",
+            "base_url",
+            "python",
+            "installer",
+            "start_timeout_s",
+            "backoff_initial_ms",
+            "backoff_max_ms",
+            "crash_loop_restarts",
+            "stable_after_s",
+            "readiness_interval_ms",
+            "liveness_interval_s",
+            "liveness_failures",
+            "log_max_bytes",
+            "devices",
+            "status_interval_s",
+            "load_interval_s",
+            "lock_timeout_s",
+            "attempts",
+        ] {
+            assert!(EXAMPLE_CONFIG.contains(key), "example lacks {key}");
+        }
+    }
+
+    #[test]
+    fn enabled_jupyterlab_gets_defaults() {
+        let loaded = ok(&[("/a.toml", "[services.jupyterlab]\nenabled = true\n")]);
+        assert_eq!(jupyter(&loaded.settings), &JupyterLabSettings::default());
+        assert_eq!(loaded.settings.services.len(), 1);
+        assert_eq!(loaded.settings.services[0].kind(), ServiceKind::JupyterLab);
+    }
+
+    #[test]
+    fn disabled_services_are_left_out() {
+        let loaded = ok(&[(
+            "/a.toml",
+            "[services.jupyterlab]\nenabled = false\nport = 9999\n[services.rstudio]\nport = 1\n",
+        )]);
+        assert!(loaded.settings.services.is_empty());
+    }
+
+    #[test]
+    fn later_layers_win_key_by_key() {
+        let vendor = "[services.jupyterlab]\nenabled = true\nport = 1001\nbind = \"127.0.0.1\"\n\
+                      [supervise]\nliveness_failures = 7\n";
+        let main = "[services.jupyterlab]\nport = 1002\n[instance]\nuser = \"alice\"\n";
+        let dropin_a = "[services.jupyterlab]\nport = 1003\nbase_url = \"/a\"\n";
+        let dropin_b = "[services.jupyterlab]\nport = 1004\n";
+        let loaded = ok(&[
+            ("/usr/lib/10-vendor.toml", vendor),
+            ("/etc/config.toml", main),
+            ("/etc/config.d/10-a.toml", dropin_a),
+            ("/etc/config.d/20-b.toml", dropin_b),
+        ]);
+        let j = jupyter(&loaded.settings);
+        assert_eq!(j.port, 1004);
+        assert_eq!(j.base_url, "/a/");
+        assert_eq!(j.bind, "127.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(loaded.settings.instance.user, "alice");
+        assert_eq!(loaded.settings.supervise.liveness_failures, 7);
+        // A later layer can switch a service off again.
+        let loaded = ok(&[
+            ("/v.toml", vendor),
+            ("/d.toml", "[services.jupyterlab]\nenabled = false\n"),
+        ]);
+        assert!(loaded.settings.services.is_empty());
+    }
+
+    #[test]
+    fn load_reads_vendor_then_main_then_sorted_dropins() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::sandbox(dir.path());
+        fs::create_dir_all(&paths.vendor_config_dir).unwrap();
+        fs::create_dir_all(&paths.config_dropin_dir).unwrap();
+        let write = |path: PathBuf, port: u16| {
+            fs::write(&path, format!("[services.jupyterlab]\nport = {port}\n")).unwrap();
+            path
+        };
+        let v1 = write(paths.vendor_config_dir.join("50-b.toml"), 1);
+        let v0 = write(paths.vendor_config_dir.join("10-a.toml"), 2);
+        let main = write(paths.config_file.clone(), 3);
+        let d1 = write(paths.config_dropin_dir.join("90-late.toml"), 4);
+        let d0 = write(paths.config_dropin_dir.join("05-early.toml"), 5);
+        // Not *.toml, or hidden: ignored even though they are invalid.
+        fs::write(paths.config_dropin_dir.join("99.toml.bak"), "bad = ").unwrap();
+        fs::write(paths.config_dropin_dir.join(".99-hidden.toml"), "bad = ").unwrap();
+        fs::write(paths.config_dropin_dir.join("README"), "bad = ").unwrap();
+        fs::write(
+            paths.config_dropin_dir.join("50-on.toml"),
+            "[services.jupyterlab]\nenabled = true\n",
+        )
+        .unwrap();
+        let loaded = load(&paths).unwrap();
+        assert_eq!(
+            loaded.files,
+            vec![
+                v0,
+                v1,
+                main,
+                d0,
+                paths.config_dropin_dir.join("50-on.toml"),
+                d1
+            ]
+        );
+        assert_eq!(jupyter(&loaded.settings).port, 4);
+    }
+
+    #[test]
+    fn missing_directories_and_main_file_are_fine() {
+        let dir = tempfile::tempdir().unwrap();
+        let loaded = load(&Paths::sandbox(dir.path())).unwrap();
+        assert_eq!(loaded.settings, Settings::default());
+        assert!(loaded.files.is_empty());
+    }
+
+    #[test]
+    fn base_url_is_normalised() {
+        for (given, want) in [("/", "/"), ("/lab", "/lab/"), ("/a/b/", "/a/b/")] {
+            let text = format!("[services.jupyterlab]\nenabled = true\nbase_url = \"{given}\"\n");
+            let loaded = ok(&[("/a.toml", &text)]);
+            assert_eq!(jupyter(&loaded.settings).base_url, want);
+        }
+        for bad in ["lab", "/a/../b", "/a b", "//host/"] {
+            let text = format!("[services.jupyterlab]\nenabled = true\nbase_url = \"{bad}\"\n");
+            let e = errs(&[("/a.toml", &text)]);
+            assert_eq!(e.len(), 1, "{bad}");
+            assert_eq!(e[0].key.as_deref(), Some("services.jupyterlab.base_url"));
+            assert_eq!(e[0].kind, ErrorKind::InvalidValue);
+        }
+    }
+
+    #[test]
+    fn every_value_is_converted() {
+        let text = r#"
+[instance]
+user = "researcher"
+create_user = false
+[services.jupyterlab]
+enabled = true
+port = 9000
+bind = "::1"
+base_url = "/jl"
+python = "/opt/py/bin/python3"
+installer = "pip"
+start_timeout_s = 600
+[supervise]
+backoff_initial_ms = 500
+backoff_max_ms = 4000
+crash_loop_restarts = 2
+stable_after_s = 30
+readiness_interval_ms = 100
+liveness_interval_s = 5
+liveness_failures = 4
+log_max_bytes = 4096
+[console]
+devices = ["/dev/ttyS0"]
+status_interval_s = 30
+load_interval_s = 120
+[packages]
+lock_timeout_s = 0
+attempts = 1
+"#;
+        let s = ok(&[("/a.toml", text)]).settings;
+        assert_eq!(
+            s,
+            Settings {
+                instance: InstanceSettings {
+                    user: "researcher".into(),
+                    create_user: false
+                },
+                services: vec![ServiceSettings::JupyterLab(JupyterLabSettings {
+                    port: 9000,
+                    bind: "::1".parse().unwrap(),
+                    base_url: "/jl/".into(),
+                    python: Some("/opt/py/bin/python3".into()),
+                    installer: PythonInstaller::Pip,
+                    start_timeout: Duration::from_secs(600),
+                })],
+                supervise: SupervisePolicy {
+                    backoff_initial: Duration::from_millis(500),
+                    backoff_max: Duration::from_secs(4),
+                    crash_loop_restarts: 2,
+                    stable_after: Duration::from_secs(30),
+                    readiness_interval: Duration::from_millis(100),
+                    liveness_interval: Duration::from_secs(5),
+                    liveness_failures: 4,
+                    log_max_bytes: 4096,
+                },
+                console: ConsoleSettings {
+                    devices: vec!["/dev/ttyS0".into()],
+                    status_interval: Duration::from_secs(30),
+                    load_interval: Duration::from_secs(120),
+                },
+                packages: PackageSettings {
+                    lock_timeout: Duration::ZERO,
+                    attempts: 1
+                },
+            }
+        );
+        // An empty python resets an earlier layer's choice to "pick automatically".
+        let reset = "[services.jupyterlab]\npython = \"\"\n";
+        let s = ok(&[("/a.toml", text), ("/b.toml", reset)]).settings;
+        assert_eq!(jupyter(&s).python, None);
+    }
+
+    #[test]
+    fn inline_and_dotted_tables_are_accepted() {
+        for text in [
+            "services.jupyterlab.enabled = true\nservices.jupyterlab.port = 1234\n",
+            "services = { jupyterlab = { enabled = true, port = 1234 } }\n",
+            "[services]\njupyterlab.enabled = true\njupyterlab.port = 1234\n",
+        ] {
+            let s = ok(&[("/a.toml", text)]).settings;
+            assert_eq!(jupyter(&s).port, 1234, "{text}");
+        }
+        let e = errs(&[("/a.toml", "\nservices = { jupyterlab = { prot = 1 } }\n")]);
+        assert_eq!(e[0].key.as_deref(), Some("services.jupyterlab.prot"));
+        assert_eq!(e[0].line, Some(2));
+    }
+
+    #[test]
+    fn duplicate_ports_name_both_services() {
+        let e = errs(&[(
+            "/a.toml",
+            "[services.jupyterlab]\nenabled = true\nport = 8787\n\n[services.rstudio]\nenabled = true\n",
+        )]);
+        let conflict: Vec<_> = e.iter().filter(|e| e.kind == ErrorKind::Conflict).collect();
+        assert_eq!(conflict.len(), 1, "{e:?}");
+        let c = conflict[0];
+        assert_eq!(c.key.as_deref(), Some("services.rstudio.port"));
+        // The default port is charged to the line that enabled the service.
+        assert_eq!(c.line, Some(6));
+        assert!(c.message.contains("services.jupyterlab (/a.toml:3)"), "{c}");
+        assert!(c.message.contains("services.rstudio"), "{c}");
+        // Different ports: no conflict (only the unavailable-service error remains).
+        let e = errs(&[(
+            "/a.toml",
+            "[services.jupyterlab]\nenabled = true\n[services.rstudio]\nenabled = true\n",
+        )]);
+        assert!(e.iter().all(|e| e.kind != ErrorKind::Conflict), "{e:?}");
+    }
+
+    #[test]
+    fn backoff_max_below_initial_is_reported_where_set() {
+        let e = errs(&[
+            ("/a.toml", "[supervise]\nbackoff_initial_ms = 5000\n"),
+            ("/b.toml", "\n[supervise]\nbackoff_max_ms = 2000\n"),
+        ]);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].file, PathBuf::from("/b.toml"));
+        assert_eq!(e[0].line, Some(3));
+        assert_eq!(e[0].key.as_deref(), Some("supervise.backoff_max_ms"));
+        assert!(e[0].message.contains("/a.toml:2"), "{}", e[0]);
+        let e = errs(&[("/a.toml", "[supervise]\nbackoff_initial_ms = 60000\n")]);
+        assert_eq!(e[0].key.as_deref(), Some("supervise.backoff_initial_ms"));
+        ok(&[("/a.toml", "[supervise]\nbackoff_initial_ms = 30000\n")]);
+    }
+
+    #[test]
+    fn all_errors_are_collected_at_once() {
+        let a = "[services.jupyterlab]\nport = \"x\"\nbind = \"nope\"\ninstaller = \"conda\"\n\
+                 prot = 1\n[services.foo]\n";
+        let b = "[instance\n";
+        let c = "[services.rstudio]\nenabled = true\n[supervise]\nlog_max_bytes = 1\n\
+                 [console]\ndevices = [\"/dev/console\", 5, \"rel\"]\n";
+        let e = errs(&[("/a.toml", a), ("/b.toml", b), ("/c.toml", c)]);
+        let got: Vec<(String, Option<usize>, Option<&str>, ErrorKind)> = e
+            .iter()
+            .map(|e| {
+                (
+                    e.file.display().to_string(),
+                    e.line,
+                    e.key.as_deref(),
+                    e.kind,
+                )
+            })
+            .collect();
+        use ErrorKind::*;
+        let want: Vec<(String, Option<usize>, Option<&str>, ErrorKind)> = vec![
+            (
+                "/a.toml".into(),
+                Some(2),
+                Some("services.jupyterlab.port"),
+                WrongType,
+            ),
+            (
+                "/a.toml".into(),
+                Some(3),
+                Some("services.jupyterlab.bind"),
+                InvalidValue,
+            ),
+            (
+                "/a.toml".into(),
+                Some(4),
+                Some("services.jupyterlab.installer"),
+                InvalidValue,
+            ),
+            (
+                "/a.toml".into(),
+                Some(5),
+                Some("services.jupyterlab.prot"),
+                UnknownKey,
+            ),
+            ("/a.toml".into(), Some(6), Some("services.foo"), UnknownKey),
+            ("/b.toml".into(), Some(1), None, Syntax),
+            (
+                "/c.toml".into(),
+                Some(4),
+                Some("supervise.log_max_bytes"),
+                OutOfRange,
+            ),
+            (
+                "/c.toml".into(),
+                Some(6),
+                Some("console.devices[1]"),
+                WrongType,
+            ),
+            (
+                "/c.toml".into(),
+                Some(6),
+                Some("console.devices[2]"),
+                InvalidValue,
+            ),
+            (
+                "/c.toml".into(),
+                Some(2),
+                Some("services.rstudio.enabled"),
+                Unavailable,
+            ),
+        ];
+        assert_eq!(got, want, "\n{}", ConfigErrors { errors: e.clone() });
+        // One error per line in the display.
+        let shown = ConfigErrors { errors: e }.to_string();
+        assert_eq!(shown.lines().count(), want.len());
+        assert!(
+            shown.lines().next().unwrap().starts_with(
+                "/a.toml:2: services.jupyterlab.port: invalid type string \"x\", expected a port"
+            ),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn ranges_are_checked() {
+        for (section, key, bad, good) in [
+            ("supervise", "backoff_initial_ms", 0, 1),
+            ("supervise", "crash_loop_restarts", 0, 1),
+            ("supervise", "stable_after_s", 0, 1),
+            ("supervise", "readiness_interval_ms", 9, 10),
+            ("supervise", "liveness_interval_s", 0, 1),
+            ("supervise", "liveness_failures", 0, 1),
+            ("supervise", "log_max_bytes", 4095, 4096),
+            ("console", "status_interval_s", 0, 1),
+            ("console", "load_interval_s", 0, 1),
+            ("packages", "attempts", 0, 1),
+            ("packages", "lock_timeout_s", -1, 0),
+            ("services.jupyterlab", "start_timeout_s", 3601, 3600),
+            ("services.jupyterlab", "port", 0, 1),
+            ("services.jupyterlab", "port", 65536, 65535),
+            (
+                "supervise",
+                "stable_after_s",
+                365 * 24 * 3600 + 1,
+                365 * 24 * 3600,
+            ),
+        ] {
+            let text = |v: i64| format!("[{section}]\n{key} = {v}\n");
+            let e = errs(&[("/a.toml", &text(bad))]);
+            assert_eq!(e.len(), 1, "{key} = {bad}: {e:?}");
+            assert_eq!(e[0].kind, ErrorKind::OutOfRange, "{}", e[0]);
+            assert_eq!(e[0].key.as_deref(), Some(&*format!("{section}.{key}")));
+            assert!(
+                e[0].message.contains(&format!("invalid value {bad},")),
+                "{}",
+                e[0]
+            );
+            ok(&[("/a.toml", &text(good))]);
+        }
+    }
+
+    #[test]
+    fn user_name_is_checked() {
+        let e = errs(&[("/a.toml", "[instance]\nuser = \"Bad User\"\n")]);
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].key.as_deref(), Some("instance.user"));
+        assert_eq!(e[0].kind, ErrorKind::InvalidValue);
+    }
+
+    #[test]
+    fn tables_of_the_wrong_type_are_reported() {
+        let e = errs(&[("/a.toml", "instance = 5\n[[services]]\nx = 1\n")]);
+        let keys: Vec<_> = e.iter().map(|e| (e.key.as_deref(), e.kind)).collect();
+        assert_eq!(
+            keys,
+            vec![
+                (Some("instance"), ErrorKind::WrongType),
+                (Some("services"), ErrorKind::WrongType)
+            ]
+        );
+        assert!(e[0]
+            .message
+            .contains("invalid type integer 5, expected a table"));
+    }
+
+    #[test]
+    fn long_and_odd_values_are_escaped_and_shortened() {
+        let long = "x".repeat(500);
+        let text = format!("[services.jupyterlab]\nbind = \"{long}\\n\"\n\"we ird\" = 1\n");
+        let e = errs(&[("/a.toml", &text)]);
+        assert_eq!(e.len(), 2);
+        assert!(e[0].message.len() < 200, "{}", e[0]);
+        assert!(!e[0].to_string().contains('\n'));
+        assert_eq!(
+            e[1].key.as_deref(),
+            Some("services.jupyterlab.\"we ird\""),
+            "{}",
+            e[1]
+        );
+    }
+
+    /// The fenced blocks of a Markdown text marked with `lang`.
+    fn fenced_blocks(markdown: &str, lang: &str) -> Vec<String> {
+        let mut blocks = Vec::new();
+        let mut current: Option<String> = None;
+        for line in markdown.lines() {
+            match &mut current {
+                None if line.trim_start() == format!("```{lang}") => current = Some(String::new()),
+                None => {}
+                Some(_) if line.trim_start() == "```" => blocks.extend(current.take()),
+                Some(block) => {
+                    block.push_str(line);
+                    block.push('\n');
+                }
+            }
+        }
+        blocks
+    }
+
+    fn docs() -> String {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/configuration.md");
+        fs::read_to_string(path).unwrap()
+    }
+
+    #[test]
+    fn every_toml_block_in_the_docs_is_valid() {
+        let docs = docs();
+        let blocks = fenced_blocks(&docs, "toml");
+        assert!(blocks.len() >= 3, "expected several toml blocks");
+        for (i, block) in blocks.iter().enumerate() {
+            if let Err(e) = load_layers(&[(format!("block-{i}.toml").into(), block.clone())]) {
+                panic!("docs toml block {i} is invalid:\n{e}\n---\n{block}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_cloud_init_example_in_the_docs_is_valid() {
+        let docs = docs();
+        let yaml = fenced_blocks(&docs, "yaml");
+        assert!(!yaml.is_empty());
+        for block in yaml {
+            // The file body is the indented text under `content: |`.
+            let mut lines = block
+                .lines()
+                .skip_while(|l| !l.trim_end().ends_with("content: |"));
+            let header = lines.next().unwrap();
+            let indent = header.len() - header.trim_start().len();
+            let body: String = lines
+                .take_while(|l| l.trim().is_empty() || l.len() - l.trim_start().len() > indent)
+                .map(|l| format!("{}\n", l.trim_start()))
+                .collect();
+            assert!(body.contains("[services.jupyterlab]"), "{body}");
+            let loaded = load_layers(&[("write_files.toml".into(), body)]).unwrap();
+            assert_eq!(loaded.settings.services.len(), 1);
+        }
+    }
+
+    #[test]
+    fn the_error_examples_in_the_docs_are_real_output() {
+        let l = |p: &str, t: &str| (PathBuf::from(p), t.to_owned());
+        let errors = load_layers(&[
+            l(
+                "/etc/exoagent/config.toml",
+                "[services.rstudio]\nenabled = true\n",
+            ),
+            l(
+                "/etc/exoagent/config.d/10-x.toml",
+                "[services.jupyterlab]\nenabled = true\n\nport = 70000\nbind = \"nope\"\n\
+                 prot = 1\n\n[services.foo]\n",
+            ),
+            l(
+                "/etc/exoagent/config.d/20-y.toml",
+                "[services.jupyterlab]\n[instance\n",
+            ),
+        ])
+        .unwrap_err()
+        .to_string();
+        let docs = docs();
+        let block = fenced_blocks(&docs, "text")
+            .into_iter()
+            .find(|b| b.contains("70000"))
+            .unwrap();
+        // Everything but the unreadable file (which needs a real directory) is reproduced.
+        let documented: Vec<&str> = block
+            .lines()
+            .filter(|l| !l.contains("failed to read"))
+            .collect();
+        assert_eq!(documented, errors.lines().collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn the_docs_list_every_key_and_the_example() {
+        let docs = docs();
+        assert!(
+            docs.contains(EXAMPLE_CONFIG.trim()),
+            "docs must embed EXAMPLE_CONFIG verbatim"
+        );
+    }
+}

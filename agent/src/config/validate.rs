@@ -1,0 +1,201 @@
+//! From the merged fragment to [`Settings`]: defaults for what no file set, and the checks that
+//! involve more than one value (backoff bounds, unavailable services, shared ports), each
+//! reported at the file and line that set the winning value.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::error::{ConfigError, ErrorKind};
+use super::fragment::{Fragment, Origin, ServiceFragment};
+use super::{
+    ConsoleSettings, InstanceSettings, JupyterLabSettings, PackageSettings, ServiceSettings,
+    Settings, SupervisePolicy,
+};
+use crate::services::ServiceKind;
+
+/// The port a service listens on when its `port` key is not set (DESIGN §4.5).
+pub(crate) fn default_port(kind: ServiceKind) -> u16 {
+    match kind {
+        ServiceKind::JupyterLab => 8888,
+        ServiceKind::RStudio => 8787,
+        ServiceKind::Desktop => 5901,
+        ServiceKind::Guacamole => 49528,
+    }
+}
+
+/// Turns origins into error locations.
+struct Checker<'a> {
+    files: &'a [PathBuf],
+    errors: Vec<ConfigError>,
+}
+
+impl Checker<'_> {
+    fn file(&self, origin: Origin) -> PathBuf {
+        self.files.get(origin.file).cloned().unwrap_or_default()
+    }
+
+    fn at(&self, origin: Origin) -> String {
+        match origin.line {
+            Some(line) => format!("{}:{line}", self.file(origin).display()),
+            None => self.file(origin).display().to_string(),
+        }
+    }
+
+    fn error(&mut self, origin: Origin, key: String, kind: ErrorKind, message: String) {
+        self.errors.push(ConfigError {
+            file: self.file(origin),
+            line: origin.line,
+            key: Some(key),
+            message,
+            kind,
+        });
+    }
+}
+
+fn value<T: Clone>(v: &Option<super::fragment::Located<T>>) -> Option<T> {
+    v.as_ref().map(|l| l.value.clone())
+}
+
+/// Build the settings from the merged fragment of `files`, or report every cross-value problem.
+pub(crate) fn settings(merged: &Fragment, files: &[PathBuf]) -> (Settings, Vec<ConfigError>) {
+    let mut check = Checker {
+        files,
+        errors: Vec::new(),
+    };
+    let defaults = Settings::default();
+
+    let instance = InstanceSettings {
+        user: value(&merged.instance.user).unwrap_or(defaults.instance.user),
+        create_user: value(&merged.instance.create_user).unwrap_or(defaults.instance.create_user),
+    };
+
+    let s = &merged.supervise;
+    let d = SupervisePolicy::default();
+    let ms = |v: &Option<super::fragment::Located<u64>>, dflt: Duration| {
+        value(v).map(Duration::from_millis).unwrap_or(dflt)
+    };
+    let secs = |v: &Option<super::fragment::Located<u64>>, dflt: Duration| {
+        value(v).map(Duration::from_secs).unwrap_or(dflt)
+    };
+    let supervise = SupervisePolicy {
+        backoff_initial: ms(&s.backoff_initial_ms, d.backoff_initial),
+        backoff_max: ms(&s.backoff_max_ms, d.backoff_max),
+        crash_loop_restarts: value(&s.crash_loop_restarts).unwrap_or(d.crash_loop_restarts),
+        stable_after: secs(&s.stable_after_s, d.stable_after),
+        readiness_interval: ms(&s.readiness_interval_ms, d.readiness_interval),
+        liveness_interval: secs(&s.liveness_interval_s, d.liveness_interval),
+        liveness_failures: value(&s.liveness_failures).unwrap_or(d.liveness_failures),
+        log_max_bytes: value(&s.log_max_bytes).unwrap_or(d.log_max_bytes),
+    };
+    if supervise.backoff_max < supervise.backoff_initial {
+        let initial_ms = supervise.backoff_initial.as_millis();
+        let max_ms = supervise.backoff_max.as_millis();
+        // Report at the value a file set; prefer the maximum. Defaults alone never conflict.
+        if let Some(max) = &s.backoff_max_ms {
+            let initial_at = match &s.backoff_initial_ms {
+                Some(l) => format!(" set at {}", check.at(l.origin)),
+                None => " by default".to_owned(),
+            };
+            check.error(
+                max.origin,
+                "supervise.backoff_max_ms".to_owned(),
+                ErrorKind::InvalidValue,
+                format!(
+                    "invalid value {max_ms}, expected at least backoff_initial_ms \
+                     ({initial_ms}{initial_at})"
+                ),
+            );
+        } else if let Some(initial) = &s.backoff_initial_ms {
+            check.error(
+                initial.origin,
+                "supervise.backoff_initial_ms".to_owned(),
+                ErrorKind::InvalidValue,
+                format!(
+                    "invalid value {initial_ms}, expected at most backoff_max_ms \
+                     ({max_ms} by default)"
+                ),
+            );
+        }
+    }
+
+    let c = &merged.console;
+    let d = ConsoleSettings::default();
+    let console = ConsoleSettings {
+        devices: value(&c.devices).unwrap_or(d.devices),
+        status_interval: secs(&c.status_interval_s, d.status_interval),
+        load_interval: secs(&c.load_interval_s, d.load_interval),
+    };
+
+    let p = &merged.packages;
+    let d = PackageSettings::default();
+    let packages = PackageSettings {
+        lock_timeout: secs(&p.lock_timeout_s, d.lock_timeout),
+        attempts: value(&p.attempts).unwrap_or(d.attempts),
+    };
+
+    // Enabled services, in report order, with where they were enabled and got their port.
+    let mut enabled: Vec<(ServiceKind, u16, Origin)> = Vec::new();
+    let mut services = Vec::new();
+    for kind in ServiceKind::ALL {
+        let Some(frag) = merged.services.get(&kind) else {
+            continue;
+        };
+        let Some(on) = frag.enabled.as_ref().filter(|l| l.value) else {
+            continue;
+        };
+        let (port, port_origin) = match &frag.port {
+            Some(p) => (p.value, p.origin),
+            None => (default_port(kind), on.origin),
+        };
+        enabled.push((kind, port, port_origin));
+        if !kind.implemented() {
+            check.error(
+                on.origin,
+                format!("services.{kind}.enabled"),
+                ErrorKind::Unavailable,
+                format!("service '{kind}' is not available in this version of exoagent"),
+            );
+            continue;
+        }
+        if kind == ServiceKind::JupyterLab {
+            services.push(ServiceSettings::JupyterLab(jupyterlab(frag, port)));
+        }
+    }
+    for (i, &(kind, port, origin)) in enabled.iter().enumerate() {
+        if let Some(&(first, _, first_origin)) = enabled[..i].iter().find(|e| e.1 == port) {
+            let first_at = check.at(first_origin);
+            check.error(
+                origin,
+                format!("services.{kind}.port"),
+                ErrorKind::Conflict,
+                format!(
+                    "port {port} is used by both services.{first} ({first_at}) and \
+                     services.{kind}"
+                ),
+            );
+        }
+    }
+
+    let settings = Settings {
+        instance,
+        services,
+        supervise,
+        console,
+        packages,
+    };
+    (settings, check.errors)
+}
+
+fn jupyterlab(frag: &ServiceFragment, port: u16) -> JupyterLabSettings {
+    let d = JupyterLabSettings::default();
+    JupyterLabSettings {
+        port,
+        bind: value(&frag.bind).unwrap_or(d.bind),
+        base_url: value(&frag.base_url).unwrap_or(d.base_url),
+        python: value(&frag.python).unwrap_or(d.python),
+        installer: value(&frag.installer).unwrap_or(d.installer),
+        start_timeout: value(&frag.start_timeout_s)
+            .map(Duration::from_secs)
+            .unwrap_or(d.start_timeout),
+    }
+}
