@@ -68,7 +68,13 @@ impl Fixture {
         records::read_record(&records::run_file(&self.paths.run_dir)).unwrap()
     }
 
-    fn supervisor(&self, spec: RunSpec, probe: Probe, policy: SupervisePolicy, hub: &StateHub) -> Supervisor {
+    fn supervisor(
+        &self,
+        spec: RunSpec,
+        probe: Probe,
+        policy: SupervisePolicy,
+        hub: &StateHub,
+    ) -> Supervisor {
         Supervisor::new(
             KIND,
             spec,
@@ -92,7 +98,8 @@ impl Fixture {
 
 impl Drop for Fixture {
     fn drop(&mut self) {
-        let Ok(Some(run)) = records::read_record::<RunRecord>(&records::run_file(&self.paths.run_dir))
+        let Ok(Some(run)) =
+            records::read_record::<RunRecord>(&records::run_file(&self.paths.run_dir))
         else {
             return;
         };
@@ -127,9 +134,16 @@ fn sh(script: &str, cwd: &Path) -> RunSpec {
 
 fn http_server(port: u16, cwd: &Path) -> RunSpec {
     RunSpec {
-        argv: ["python3", "-m", "http.server", "--bind", "127.0.0.1", &port.to_string()]
-            .map(String::from)
-            .to_vec(),
+        argv: [
+            "python3",
+            "-m",
+            "http.server",
+            "--bind",
+            "127.0.0.1",
+            &port.to_string(),
+        ]
+        .map(String::from)
+        .to_vec(),
         env: env(),
         cwd: cwd.to_path_buf(),
         run_as: None,
@@ -216,7 +230,11 @@ async fn http_server_becomes_ready_and_restarts_after_kill() {
     assert_eq!(run.pgid, pid as i32);
     assert!(cmdline(pid).contains("http.server"), "{}", cmdline(pid));
     assert!(procfs::is_alive(run.shim_pid, run.shim_start_ticks));
-    assert!(cmdline(run.shim_pid).ends_with("exoagent shim "), "{}", cmdline(run.shim_pid));
+    assert!(
+        cmdline(run.shim_pid).ends_with("exoagent shim "),
+        "{}",
+        cmdline(run.shim_pid)
+    );
     // The service leads its own process group; the shim leads its own session.
     assert_eq!(procfs::read_stat(pid).unwrap().pgrp, pid as i32);
     assert_eq!(
@@ -241,7 +259,11 @@ async fn http_server_becomes_ready_and_restarts_after_kill() {
     .await;
     let reason = restarting.reason.expect("restart carries the last exit");
     assert_eq!(reason.code, "exited");
-    assert!(reason.detail.contains("killed by signal 9"), "{}", reason.detail);
+    assert!(
+        reason.detail.contains("killed by signal 9"),
+        "{}",
+        reason.detail
+    );
     let status = wait_for(&mut rx, "ready again", |s| ready(s) && s.restarts == 1).await;
     let new_pid = status.pid.unwrap();
     assert_ne!(new_pid, pid);
@@ -278,8 +300,16 @@ async fn crash_loop_fails_with_status_stderr_and_capped_backoff() {
         panic!("expected failure, got {report:?}");
     };
     assert_eq!(reason.code, "crash-loop");
-    assert!(reason.detail.contains("exited with status 3"), "{}", reason.detail);
-    assert!(reason.detail.contains("5 times in a row"), "{}", reason.detail);
+    assert!(
+        reason.detail.contains("exited with status 3"),
+        "{}",
+        reason.detail
+    );
+    assert!(
+        reason.detail.contains("5 times in a row"),
+        "{}",
+        reason.detail
+    );
     assert!(reason.detail.contains("boom"), "{}", reason.detail);
     assert_eq!(
         report.restart_delays,
@@ -320,7 +350,8 @@ async fn missing_program_is_a_crash_loop_naming_the_program() {
     };
     let report = tokio::time::timeout(
         PATIENCE,
-        fx.supervisor(spec, probe, policy, &hub).run(CancellationToken::new()),
+        fx.supervisor(spec, probe, policy, &hub)
+            .run(CancellationToken::new()),
     )
     .await
     .unwrap();
@@ -329,7 +360,9 @@ async fn missing_program_is_a_crash_loop_naming_the_program() {
     };
     assert_eq!(reason.code, "crash-loop");
     assert!(
-        reason.detail.contains("failed to spawn '/nonexistent/exoagent-test-program'"),
+        reason
+            .detail
+            .contains("failed to spawn '/nonexistent/exoagent-test-program'"),
         "{}",
         reason.detail
     );
@@ -342,7 +375,10 @@ async fn start_timeout_kills_the_group_and_counts_as_a_failed_run() {
     let hub = hub();
     let pids = fx.path().join("pids.txt");
     let spec = sh(
-        &format!("sleep 1000 & echo $! >> '{}'; exec sleep 1001", pids.display()),
+        &format!(
+            "sleep 1000 & echo $! >> '{}'; exec sleep 1001",
+            pids.display()
+        ),
         fx.path(),
     );
     let never = Probe::Tcp {
@@ -371,8 +407,16 @@ async fn start_timeout_kills_the_group_and_counts_as_a_failed_run() {
         panic!("expected failure");
     };
     assert_eq!(reason.code, "start-timeout");
-    assert!(reason.detail.contains("not ready within 300ms"), "{}", reason.detail);
-    assert!(reason.detail.contains("2 times in a row"), "{}", reason.detail);
+    assert!(
+        reason.detail.contains("not ready within 300ms"),
+        "{}",
+        reason.detail
+    );
+    assert!(
+        reason.detail.contains("2 times in a row"),
+        "{}",
+        reason.detail
+    );
     assert_eq!(report.restart_delays, [Duration::from_millis(50)]);
     // Both runs' background sleeps are gone with their groups.
     let pids = std::fs::read_to_string(&pids).unwrap();
@@ -426,7 +470,10 @@ async fn restarted_agent_adopts_the_running_service_then_restarts_it_after_a_kil
 
     // Killing the adopted service is noticed through the shim's pidfd and it is restarted.
     kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
-    let status = wait_for(&mut rx2, "ready after restart", |s| ready(s) && s.restarts == 1).await;
+    let status = wait_for(&mut rx2, "ready after restart", |s| {
+        ready(s) && s.restarts == 1
+    })
+    .await;
     assert_ne!(status.pid, Some(pid));
     let report = finish(cancel, task).await;
     assert!(report.adopted);
@@ -499,7 +546,10 @@ async fn service_that_died_while_the_agent_was_away_is_restarted() {
         policy(),
         &hub2,
     ));
-    let status = wait_for(&mut rx2, "ready after restart", |s| ready(s) && s.restarts == 1).await;
+    let status = wait_for(&mut rx2, "ready after restart", |s| {
+        ready(s) && s.restarts == 1
+    })
+    .await;
     assert_ne!(status.pid, Some(pid));
     let report = finish(cancel, task).await;
     assert!(!report.adopted);
@@ -588,10 +638,24 @@ async fn log_is_capped_and_rotated() {
         .map(|l| l.len() + 1)
         .max()
         .unwrap();
-    assert!(current.len() <= 4096 + longest, "current log {} bytes", current.len());
-    assert!(old.len() <= 4096 + longest, "rotated log {} bytes", old.len());
-    assert!(current.starts_with("[exoagent] log rotated at "), "{current}");
-    assert!(old.starts_with("[exoagent] log rotated at "), "rotated more than once");
+    assert!(
+        current.len() <= 4096 + longest,
+        "current log {} bytes",
+        current.len()
+    );
+    assert!(
+        old.len() <= 4096 + longest,
+        "rotated log {} bytes",
+        old.len()
+    );
+    assert!(
+        current.starts_with("[exoagent] log rotated at "),
+        "{current}"
+    );
+    assert!(
+        old.starts_with("[exoagent] log rotated at "),
+        "rotated more than once"
+    );
     // Lines are whole and in order across the two files.
     assert!(current.contains("line 499: a") || current.contains("GET / HTTP/1.1"));
     for line in old.lines().chain(current.lines()).skip(1) {
@@ -631,11 +695,16 @@ async fn runs_as_the_given_user_when_root() {
     let pid = wait_for(&mut rx, "ready", ready).await.pid.unwrap();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     assert!(
-        status.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().skip(1).all(|v| v == "65534")),
+        status
+            .lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().skip(1).all(|v| v == "65534")),
         "{status}"
     );
     let log = std::fs::read_to_string(&fx.paths.log_file).unwrap();
-    assert!(log.contains("ids uid=65534 gid=65534 groups=65534\n"), "{log}");
+    assert!(
+        log.contains("ids uid=65534 gid=65534 groups=65534\n"),
+        "{log}"
+    );
     finish(cancel, task).await;
     fx.stop().await;
 }

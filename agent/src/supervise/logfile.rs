@@ -92,7 +92,11 @@ impl StderrTail {
 
     fn finish_line(&mut self) {
         let text = String::from_utf8_lossy(&self.partial);
-        let line: String = text.trim_end_matches('\r').chars().take(TAIL_LINE_CHARS).collect();
+        let line: String = text
+            .trim_end_matches('\r')
+            .chars()
+            .take(TAIL_LINE_CHARS)
+            .collect();
         self.partial.clear();
         if self.lines.len() == TAIL_LINES {
             self.lines.pop_front();

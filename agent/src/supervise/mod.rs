@@ -268,13 +268,20 @@ fn signal_group(pgid: i32, signal: Signal) -> Result<(), SuperviseError> {
 
 /// SIGTERM the group, wait up to `grace` for the watched process, SIGKILL the group, wait again,
 /// and as a last resort kill the watched shim itself.
-async fn terminate(pgid: i32, handle: &mut ShimHandle, grace: Duration) -> Result<(), SuperviseError> {
+async fn terminate(
+    pgid: i32,
+    handle: &mut ShimHandle,
+    grace: Duration,
+) -> Result<(), SuperviseError> {
     signal_group(pgid, Signal::SIGTERM)?;
     if tokio::time::timeout(grace, handle.wait()).await.is_ok() {
         return Ok(());
     }
     signal_group(pgid, Signal::SIGKILL)?;
-    if tokio::time::timeout(FINAL_WAIT, handle.wait()).await.is_ok() {
+    if tokio::time::timeout(FINAL_WAIT, handle.wait())
+        .await
+        .is_ok()
+    {
         return Ok(());
     }
     handle.kill();
@@ -658,8 +665,12 @@ impl Supervisor {
             log_max_bytes: self.policy.log_max_bytes,
             spec_hash: self.spec_hash.clone(),
         };
-        let input = serde_json::to_vec(&spec)
-            .map_err(|e| Ended::spawn_failed("spawn-failed", format!("failed to encode the shim spec: {e}")))?;
+        let input = serde_json::to_vec(&spec).map_err(|e| {
+            Ended::spawn_failed(
+                "spawn-failed",
+                format!("failed to encode the shim spec: {e}"),
+            )
+        })?;
         let exe = self.shim.exe.display().to_string();
         let mut command = tokio::process::Command::new(&self.shim.exe);
         command
@@ -680,7 +691,10 @@ impl Supervisor {
             });
         }
         let mut child = command.spawn().map_err(|e| {
-            Ended::spawn_failed("spawn-failed", format!("failed to start the shim '{exe} shim': {e}"))
+            Ended::spawn_failed(
+                "spawn-failed",
+                format!("failed to start the shim '{exe} shim': {e}"),
+            )
         })?;
         let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut child, &input)).await;
         let hello = match hello {
@@ -945,7 +959,10 @@ mod tests {
         // No overflow for huge restart numbers.
         assert_eq!(backoff_delay(&p, u32::MAX), Duration::from_secs(30));
         // An initial delay above the cap is capped.
-        assert_eq!(backoff_delay(&policy(500, 100), 1), Duration::from_millis(100));
+        assert_eq!(
+            backoff_delay(&policy(500, 100), 1),
+            Duration::from_millis(100)
+        );
     }
 
     #[test]
@@ -956,7 +973,10 @@ mod tests {
             tail: "boom | bang".into(),
             lasted: Duration::ZERO,
         };
-        assert_eq!(ended.detail(), "exited with status 3; last stderr: boom | bang");
+        assert_eq!(
+            ended.detail(),
+            "exited with status 3; last stderr: boom | bang"
+        );
         let quiet = Ended::spawn_failed("spawn-failed", "failed to spawn 'x'".into());
         assert_eq!(quiet.detail(), "failed to spawn 'x'");
     }
@@ -981,7 +1001,9 @@ mod tests {
     #[tokio::test]
     async fn stop_recorded_without_records_is_false() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(!stop_recorded(dir.path(), Duration::from_secs(1)).await.unwrap());
+        assert!(!stop_recorded(dir.path(), Duration::from_secs(1))
+            .await
+            .unwrap());
         // A record of processes long gone is also "nothing running".
         let record = RunRecord {
             shim_pid: std::process::id(),
@@ -993,6 +1015,8 @@ mod tests {
             started_ms: 0,
         };
         records::write_record(&records::run_file(dir.path()), &record).unwrap();
-        assert!(!stop_recorded(dir.path(), Duration::from_secs(1)).await.unwrap());
+        assert!(!stop_recorded(dir.path(), Duration::from_secs(1))
+            .await
+            .unwrap());
     }
 }

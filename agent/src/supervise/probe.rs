@@ -154,10 +154,9 @@ impl Probe {
             path: path.clone(),
             source,
         };
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                .await
-                .map_err(http_err)?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(http_err)?;
         // The connection future ends when `sender` is dropped (end of this function) or the
         // peer closes; the task then finishes on its own.
         tokio::spawn(async move {
@@ -248,7 +247,11 @@ mod tests {
         http(addr, Some("version")).check(T).await.unwrap();
         let head = seen.recv().await.unwrap();
         assert!(head.starts_with("GET /api?x=1 HTTP/1.1\r\n"), "{head}");
-        assert!(head.to_ascii_lowercase().contains("host: svc.example:8888\r\n"), "{head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("host: svc.example:8888\r\n"),
+            "{head}"
+        );
         http(addr, None).check(T).await.unwrap();
         let err = http(addr, Some("missing")).check(T).await.unwrap_err();
         assert_eq!(err.reason(), "probe-bad-body");

@@ -101,10 +101,7 @@ mod tests {
         let ticks = start_ticks(me).unwrap();
         assert!(is_alive(me, ticks));
         assert!(!is_alive(me, ticks + 1));
-        assert_eq!(
-            read_stat(me).unwrap().pgrp,
-            nix::unistd::getpgrp().as_raw()
-        );
+        assert_eq!(read_stat(me).unwrap().pgrp, nix::unistd::getpgrp().as_raw());
     }
 
     #[test]

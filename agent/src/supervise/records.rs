@@ -102,9 +102,9 @@ pub fn spec_hash<T: Serialize>(value: &T) -> String {
 pub fn fnv1a64(bytes: &[u8]) -> u64 {
     const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0000_0100_0000_01b3;
-    bytes.iter().fold(OFFSET, |hash, b| {
-        (hash ^ u64::from(*b)).wrapping_mul(PRIME)
-    })
+    bytes
+        .iter()
+        .fold(OFFSET, |hash, b| (hash ^ u64::from(*b)).wrapping_mul(PRIME))
 }
 
 /// Write `bytes` to `path` atomically: a temporary file in the same directory (mode 0600),

@@ -64,7 +64,11 @@ pub struct ShimHello {
 /// `waitpid(-1)` and must be the only one doing so in its process.
 pub fn main_from_stdin() -> ExitCode {
     let mut input = Vec::new();
-    if let Err(e) = std::io::stdin().lock().take(1 << 20).read_to_end(&mut input) {
+    if let Err(e) = std::io::stdin()
+        .lock()
+        .take(1 << 20)
+        .read_to_end(&mut input)
+    {
         return hello_and_fail(&format!("failed to read the shim spec from stdin: {e}"));
     }
     let spec: ShimSpec = match serde_json::from_slice(&input) {
@@ -304,12 +308,8 @@ fn run(spec: &ShimSpec) -> Result<(), String> {
         libc::signal(libc::SIGHUP, libc::SIG_IGN);
         libc::signal(libc::SIGINT, libc::SIG_IGN);
     }
-    let log = RotatingLog::open(&spec.log_file, spec.log_max_bytes).map_err(|e| {
-        format!(
-            "failed to open the log '{}': {e}",
-            spec.log_file.display()
-        )
-    })?;
+    let log = RotatingLog::open(&spec.log_file, spec.log_max_bytes)
+        .map_err(|e| format!("failed to open the log '{}': {e}", spec.log_file.display()))?;
     let exit_path = records::exit_file(&spec.run_dir);
     let run_path = records::run_file(&spec.run_dir);
     let mut child = match spawn_service(&spec.run) {
