@@ -708,3 +708,42 @@ async fn runs_as_the_given_user_when_root() {
     finish(cancel, task).await;
     fx.stop().await;
 }
+
+#[tokio::test]
+async fn failing_liveness_probe_degrades_and_recovers() {
+    let fx = Fixture::new();
+    let port = free_port();
+    let hub = hub();
+    let mut rx = hub.subscribe();
+    let health = fx.path().join("health.txt");
+    std::fs::write(&health, "ok").unwrap();
+    let probe = Probe::Http {
+        addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        path: "/health.txt".into(),
+        host: format!("127.0.0.1:{port}"),
+        expect_json_key: None,
+    };
+    let (cancel, task) = start(fx.supervisor(http_server(port, fx.path()), probe, policy(), &hub));
+    let pid = wait_for(&mut rx, "ready", ready).await.pid.unwrap();
+
+    // http.server now answers 404: three failed liveness probes make it degraded.
+    std::fs::remove_file(&health).unwrap();
+    let status = wait_for(&mut rx, "degraded", |s| s.state == ServiceState::Degraded).await;
+    let reason = status.reason.unwrap();
+    assert_eq!(reason.code, "probe-failed");
+    assert!(reason.detail.contains("status 404"), "{}", reason.detail);
+    assert!(
+        reason.detail.contains("3 times in a row"),
+        "{}",
+        reason.detail
+    );
+    assert_eq!(status.pid, Some(pid), "a degraded service is not restarted");
+
+    std::fs::write(&health, "ok").unwrap();
+    let status = wait_for(&mut rx, "ready again", ready).await;
+    assert_eq!(status.pid, Some(pid));
+    assert_eq!(status.restarts, 0);
+    assert_eq!(status.reason, None);
+    finish(cancel, task).await;
+    fx.stop().await;
+}
