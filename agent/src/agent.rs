@@ -182,7 +182,11 @@ impl fmt::Display for Plan {
                 id.uuid,
                 id.name.as_deref().unwrap_or("unnamed")
             )?,
-            None => writeln!(f, "instance: no config drive at {}", self.paths.config_drive.display())?,
+            None => writeln!(
+                f,
+                "instance: no config drive at {}",
+                self.paths.config_drive.display()
+            )?,
         }
         if self.config_files.is_empty() {
             writeln!(f, "config: built-in defaults only")?;
@@ -199,7 +203,10 @@ impl fmt::Display for Plan {
             Mode::System => {
                 let user = &self.settings.instance.user;
                 if self.settings.instance.create_user {
-                    writeln!(f, "  {step}. ensure user {user} (bash, passwordless sudo, admin groups)")?;
+                    writeln!(
+                        f,
+                        "  {step}. ensure user {user} (bash, passwordless sudo, admin groups)"
+                    )?;
                 } else {
                     writeln!(f, "  {step}. require existing user {user}")?;
                 }
@@ -244,7 +251,12 @@ impl fmt::Display for Plan {
         }
         for service in &self.services {
             step += 1;
-            writeln!(f, "  {step}. {} on port {} (concurrently with other services):", service.kind(), service.port())?;
+            writeln!(
+                f,
+                "  {step}. {} on port {} (concurrently with other services):",
+                service.kind(),
+                service.port()
+            )?;
             for line in service.plan(&ctx) {
                 writeln!(f, "     - {line}")?;
             }
@@ -298,7 +310,11 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
         }
         Mode::Sandbox => ConsoleSink::Stdout,
     };
-    let reporter = ConsoleReporter::new(sink, &plan.settings.console, LoadSampler::new(&paths.system_root));
+    let reporter = ConsoleReporter::new(
+        sink,
+        &plan.settings.console,
+        LoadSampler::new(&paths.system_root),
+    );
     tasks.spawn(reporter.run(hub.subscribe(), cancel.clone()));
     let notify = SdNotify::from_env();
     if let Some(notify) = notify.clone() {
@@ -428,7 +444,9 @@ async fn provision_account(
     let passphrase = passphrase::load_or_create(&passphrase_file)
         .map_err(|e| Reason::new(e.reason(), e.to_string()))?;
     let account = match plan.mode {
-        Mode::Sandbox => sandbox_account(paths).map_err(|e| Reason::new(e.reason(), e.to_string()))?,
+        Mode::Sandbox => {
+            sandbox_account(paths).map_err(|e| Reason::new(e.reason(), e.to_string()))?
+        }
         Mode::System => {
             let users = UserManager::new(&paths.system_root);
             let name = &plan.settings.instance.user;
@@ -474,7 +492,8 @@ async fn install_packages(plan: &Plan, hub: &StateHub) -> bool {
     if plan.mode == Mode::Sandbox || plan.packages.is_empty() {
         return true;
     }
-    let installer = PackageInstaller::new(plan.os.family.package_manager(), &plan.settings.packages);
+    let installer =
+        PackageInstaller::new(plan.os.family.package_manager(), &plan.settings.packages);
     match installer.install(&plan.packages).await {
         Ok(_) => true,
         Err(e) => {
@@ -498,7 +517,10 @@ fn forget_previous_instance(plan: &Plan) -> Result<(), AgentError> {
     }
     if previous.is_some() {
         tracing::warn!(target: "exoagent::agent", "state belongs to another instance; starting fresh");
-        for stale in [plan.paths.passphrase_file(), plan.paths.state_dir.join("password-set")] {
+        for stale in [
+            plan.paths.passphrase_file(),
+            plan.paths.state_dir.join("password-set"),
+        ] {
             let _ = std::fs::remove_file(stale);
         }
     }

@@ -74,8 +74,10 @@ impl Sandbox {
 
     fn start_agent(&mut self) {
         self.runs += 1;
-        let stdout = fs::File::create(self.root().join(format!("agent-{}.stdout", self.runs))).unwrap();
-        let stderr = fs::File::create(self.root().join(format!("agent-{}.stderr", self.runs))).unwrap();
+        let stdout =
+            fs::File::create(self.root().join(format!("agent-{}.stdout", self.runs))).unwrap();
+        let stderr =
+            fs::File::create(self.root().join(format!("agent-{}.stderr", self.runs))).unwrap();
         let child = Command::new(exe())
             .arg("sandbox")
             .arg(self.root())
@@ -104,7 +106,13 @@ impl Sandbox {
     }
 
     fn wait_complete(&self, timeout_s: u64) -> Value {
-        let out = self.cli(&["status", "--wait", "--timeout", &format!("{timeout_s}s"), "--json"]);
+        let out = self.cli(&[
+            "status",
+            "--wait",
+            "--timeout",
+            &format!("{timeout_s}s"),
+            "--json",
+        ]);
         assert_eq!(
             out.status.code(),
             Some(0),
@@ -190,7 +198,11 @@ fn exosphere_status(log: &str) -> Option<(String, Value)> {
             .and_then(Value::as_str);
         if let Some(status) = status {
             let known = ["waiting", "starting", "running", "complete", "error"];
-            let status = if known.contains(&status) { status } else { "unknown" };
+            let status = if known.contains(&status) {
+                status
+            } else {
+                "unknown"
+            };
             last = Some((status.to_owned(), value.clone()));
         }
     }
@@ -254,10 +266,14 @@ fn files_containing(root: &Path, needle: &str, skip: &Path) -> Vec<PathBuf> {
     let mut hits = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        let Ok(entries) = fs::read_dir(&dir) else { continue };
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
         for entry in entries.flatten() {
             let path = entry.path();
-            let Ok(meta) = fs::symlink_metadata(&path) else { continue };
+            let Ok(meta) = fs::symlink_metadata(&path) else {
+                continue;
+            };
             if meta.is_dir() {
                 // The venv is third-party code and large; nothing of ours is written there.
                 if !path.ends_with("venv") {
@@ -324,7 +340,10 @@ fn sandbox_brings_up_jupyterlab_supervises_and_survives_agent_restarts() {
     let table = sb.cli(&["status"]);
     assert_eq!(table.status.code(), Some(0));
     let table = String::from_utf8_lossy(&table.stdout).into_owned();
-    assert!(table.contains("jupyterlab") && table.contains("ready"), "{table}");
+    assert!(
+        table.contains("jupyterlab") && table.contains("ready"),
+        "{table}"
+    );
 
     // 3. The passphrase logs in; a wrong one does not.
     let passphrase = sb.passphrase();
@@ -338,20 +357,27 @@ fn sandbox_brings_up_jupyterlab_supervises_and_survives_agent_restarts() {
         .get(format!("{}/api/status", sb.base()))
         .send()
         .unwrap();
-    assert_eq!(api_status.status(), 200, "/api/status with the login cookie");
+    assert_eq!(
+        api_status.status(),
+        200,
+        "/api/status with the login cookie"
+    );
     let anonymous = reqwest::blocking::get(format!("{}/api/status", sb.base())).unwrap();
     assert_eq!(anonymous.status(), 403, "/api/status without the cookie");
 
     // 4. Exosphere's parser sees `complete` on the console (sandbox: stdout).
-    let (state, _) = exosphere_status(&fs::read_to_string(sb.root().join("agent-1.stdout")).unwrap())
-        .expect("a status line on the console");
+    let (state, _) =
+        exosphere_status(&fs::read_to_string(sb.root().join("agent-1.stdout")).unwrap())
+            .expect("a status line on the console");
     assert_eq!(state, "complete");
 
     // 5. kill -9 the server: restarted and ready again with a new pid.
     unsafe { libc::kill(first_pid as i32, libc::SIGKILL) };
     let status = sb.wait_for("a restart after kill -9", Duration::from_secs(180), |s| {
         let jl = service(s);
-        jl["state"] == "ready" && jl["restarts"].as_u64() >= Some(1) && jl["pid"].as_i64() != Some(first_pid)
+        jl["state"] == "ready"
+            && jl["restarts"].as_u64() >= Some(1)
+            && jl["pid"].as_i64() != Some(first_pid)
     });
     let second_pid = service(&status)["pid"].as_i64().unwrap();
 
@@ -371,7 +397,9 @@ fn sandbox_brings_up_jupyterlab_supervises_and_survives_agent_restarts() {
     sb.kill_agent(libc::SIGKILL);
     assert!(pid_alive(second_pid), "JupyterLab must outlive the agent");
     assert_eq!(
-        reqwest::blocking::get(format!("{}/api", sb.base())).unwrap().status(),
+        reqwest::blocking::get(format!("{}/api", sb.base()))
+            .unwrap()
+            .status(),
         200,
         "JupyterLab answers while the agent is down"
     );
@@ -395,7 +423,10 @@ fn sandbox_brings_up_jupyterlab_supervises_and_survives_agent_restarts() {
         .iter()
         .filter_map(|k| k["id"].as_str())
         .collect();
-    assert!(ids.contains(kernel_id.as_str()), "kernel {kernel_id} survived: {kernels}");
+    assert!(
+        ids.contains(kernel_id.as_str()),
+        "kernel {kernel_id} survived: {kernels}"
+    );
 
     // 7. A graceful agent stop (SIGTERM) also leaves it running.
     sb.kill_agent(libc::SIGTERM);
@@ -409,7 +440,10 @@ fn sandbox_brings_up_jupyterlab_supervises_and_survives_agent_restarts() {
     assert!(!String::from_utf8_lossy(&status_text.stdout).contains(&passphrase));
     assert!(!sb.agent_output().contains(&passphrase), "agent output");
     let secret_file = sb.root().join("var/lib/exoagent/secrets/passphrase");
-    assert_eq!(files_containing(sb.root(), &passphrase, &secret_file), Vec::<PathBuf>::new());
+    assert_eq!(
+        files_containing(sb.root(), &passphrase, &secret_file),
+        Vec::<PathBuf>::new()
+    );
     assert_eq!(processes_mentioning(&passphrase), Vec::<String>::new());
     assert_eq!(world_readable_secrets(sb.root()), Vec::<PathBuf>::new());
 
@@ -449,5 +483,8 @@ colour = "blue"
     let validate = sb.cli(&["validate"]);
     assert_eq!(validate.status.code(), Some(1));
     let text = String::from_utf8_lossy(&validate.stderr);
-    assert!(text.contains("services.jupyterlab.port") && text.contains("colour"), "{text}");
+    assert!(
+        text.contains("services.jupyterlab.port") && text.contains("colour"),
+        "{text}"
+    );
 }

@@ -22,7 +22,12 @@ pub struct DownArgs {
 pub async fn run(args: DownArgs, paths: &Paths) -> anyhow::Result<ExitCode> {
     let mut failed = false;
     for kind in ServiceKind::ALL {
-        match stop_recorded(&paths.service_run_dir(kind), Duration::from_secs(args.grace)).await {
+        match stop_recorded(
+            &paths.service_run_dir(kind),
+            Duration::from_secs(args.grace),
+        )
+        .await
+        {
             Ok(true) => println!("{kind}: stopped"),
             Ok(false) => {}
             Err(e) => {
@@ -31,5 +36,9 @@ pub async fn run(args: DownArgs, paths: &Paths) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }

@@ -132,7 +132,10 @@ mod tests {
         }
         for name in names {
             for secret in ["pass", "secret", "token", "key"] {
-                assert!(!name.contains(secret), "flag '{name}' looks like it carries a secret");
+                assert!(
+                    !name.contains(secret),
+                    "flag '{name}' looks like it carries a secret"
+                );
             }
         }
     }

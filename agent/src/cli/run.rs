@@ -22,7 +22,10 @@ pub struct RunArgs {}
 /// Run until a signal; map errors to exit codes.
 pub async fn run(_args: RunArgs, sandbox_dir: Option<&Path>) -> anyhow::Result<ExitCode> {
     let (mode, paths) = match sandbox_dir {
-        Some(dir) => (Mode::Sandbox, crate::paths::Paths::sandbox(&super::absolute(dir))),
+        Some(dir) => (
+            Mode::Sandbox,
+            crate::paths::Paths::sandbox(&super::absolute(dir)),
+        ),
         None => (Mode::System, crate::paths::Paths::system()),
     };
     run_agent(mode, paths).await

@@ -57,7 +57,10 @@ pub async fn run(args: SandboxArgs) -> anyhow::Result<ExitCode> {
     let dir = root.display();
     eprintln!("exoagent sandbox in {dir}");
     eprintln!("  config:      {}", paths.config_file.display());
-    eprintln!("  passphrase:  {} (0600)", paths.passphrase_file().display());
+    eprintln!(
+        "  passphrase:  {} (0600)",
+        paths.passphrase_file().display()
+    );
     eprintln!("  status:      exoagent --sandbox-dir {dir} status");
     eprintln!("  logs:        exoagent --sandbox-dir {dir} logs jupyterlab");
     eprintln!("  stop all:    exoagent --sandbox-dir {dir} down   (Ctrl-C stops only the agent)");

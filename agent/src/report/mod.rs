@@ -1,1 +1,8 @@
 //! Sinks for state changes: Exosphere console lines, load lines, systemd notifications.
+//!
+//! Reporters only ever read snapshots from the state hub's `watch` channel, so a slow or stuck
+//! sink can never block a service.
+
+pub mod console;
+pub mod load;
+pub mod notify;

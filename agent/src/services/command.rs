@@ -11,12 +11,12 @@ const TAIL_LINES: usize = 10;
 /// Run `argv` to completion with stdin closed; on failure return the command, its status and
 /// the last lines of its stderr. Never used with secrets in `argv`.
 pub async fn run_logged(service: ServiceKind, argv: &[&str]) -> Result<(), ServiceError> {
-    let display = argv.join(" ");
+    let shown = argv.join(" ");
     let (program, args) = argv.split_first().ok_or_else(|| ServiceError::Install {
         service,
         detail: "empty command".into(),
     })?;
-    tracing::info!(target: "exoagent::services", service = service.as_str(), command = %display, "running");
+    tracing::info!(target: "exoagent::services", service = service.as_str(), command = %shown, "running");
     let output = tokio::process::Command::new(program)
         .args(args)
         .stdin(Stdio::null())
@@ -24,7 +24,7 @@ pub async fn run_logged(service: ServiceKind, argv: &[&str]) -> Result<(), Servi
         .await
         .map_err(|e| ServiceError::Install {
             service,
-            detail: format!("failed to run '{display}': {e}"),
+            detail: format!("failed to run '{shown}': {e}"),
         })?;
     if output.status.success() {
         return Ok(());
@@ -32,7 +32,7 @@ pub async fn run_logged(service: ServiceKind, argv: &[&str]) -> Result<(), Servi
     Err(ServiceError::Install {
         service,
         detail: format!(
-            "'{display}' failed ({}): {}",
+            "'{shown}' failed ({}): {}",
             output.status,
             tail(&String::from_utf8_lossy(&output.stderr), TAIL_LINES)
         ),

@@ -157,7 +157,9 @@ impl Service {
     /// The implementation for validated settings.
     pub fn from_settings(settings: &ServiceSettings) -> Self {
         match settings {
-            ServiceSettings::JupyterLab(s) => Self::JupyterLab(jupyterlab::JupyterLab::new(s.clone())),
+            ServiceSettings::JupyterLab(s) => {
+                Self::JupyterLab(jupyterlab::JupyterLab::new(s.clone()))
+            }
         }
     }
 
@@ -190,7 +192,11 @@ impl Service {
     }
 
     /// Write its configuration (idempotent).
-    pub async fn configure(&self, ctx: &ServiceContext, passphrase: &Passphrase) -> Result<(), ServiceError> {
+    pub async fn configure(
+        &self,
+        ctx: &ServiceContext,
+        passphrase: &Passphrase,
+    ) -> Result<(), ServiceError> {
         match self {
             Self::JupyterLab(s) => s.configure(ctx, passphrase).await,
         }

@@ -200,14 +200,21 @@ impl JupyterLab {
         let mut seen = Vec::new();
         for candidate in &candidates {
             let output = tokio::process::Command::new(candidate)
-                .args(["-c", "import sys, venv; print(sys.version_info[0], sys.version_info[1])"])
+                .args([
+                    "-c",
+                    "import sys, venv; print(sys.version_info[0], sys.version_info[1])",
+                ])
                 .stdin(std::process::Stdio::null())
                 .output()
                 .await;
             let Ok(output) = output else { continue };
             let text = String::from_utf8_lossy(&output.stdout);
-            let mut parts = text.split_whitespace().filter_map(|p| p.parse::<u32>().ok());
-            if let (true, Some(major), Some(minor)) = (output.status.success(), parts.next(), parts.next()) {
+            let mut parts = text
+                .split_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok());
+            if let (true, Some(major), Some(minor)) =
+                (output.status.success(), parts.next(), parts.next())
+            {
                 if (major, minor) >= MIN_PYTHON {
                     return Ok(candidate.clone());
                 }
@@ -375,7 +382,8 @@ fn find_on_path(name: &str) -> Option<PathBuf> {
         .map(|dir| dir.join(name))
         .find(|candidate| {
             use std::os::unix::fs::PermissionsExt;
-            std::fs::metadata(candidate).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            std::fs::metadata(candidate)
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
         })
 }
 
@@ -467,6 +475,9 @@ mod tests {
             .filter(|l| !l.trim_start().starts_with('#') && l.contains("=="))
             .count();
         let hashed = REQUIREMENTS.matches("--hash=sha256:").count();
-        assert!(pinned > 50 && hashed >= pinned, "{pinned} pinned, {hashed} hashes");
+        assert!(
+            pinned > 50 && hashed >= pinned,
+            "{pinned} pinned, {hashed} hashes"
+        );
     }
 }

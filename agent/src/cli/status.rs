@@ -1,0 +1,257 @@
+//! `exoagent status`: the setup state and every service, as a table or JSON, optionally waiting
+//! until setup has finished.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+
+use crate::api::client::{ApiClient, ClientError};
+use crate::report::console::truncate_chars;
+use crate::state::{now_ms, SetupState, Snapshot};
+
+/// Exit status: setup complete (every service ready or degraded).
+pub const EXIT_COMPLETE: u8 = 0;
+/// Exit status: setup failed (a step or a service failed).
+pub const EXIT_ERROR: u8 = 1;
+/// Exit status: usage error (clap's own).
+pub const EXIT_USAGE: u8 = 2;
+/// Exit status: setup still in progress, or `--wait` timed out.
+pub const EXIT_IN_PROGRESS: u8 = 3;
+/// Exit status: the agent cannot be reached (not running, or permission denied).
+pub const EXIT_UNREACHABLE: u8 = 4;
+
+/// How often `--wait` asks.
+const POLL_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Arguments of `exoagent status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Print the status snapshot as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    /// Wait until setup is complete or has failed (also while the agent is still starting).
+    #[arg(long)]
+    pub wait: bool,
+    /// With --wait: give up after this long ("90", "90s", "5m", "1h").
+    #[arg(long, value_parser = parse_duration, requires = "wait")]
+    pub timeout: Option<Duration>,
+}
+
+/// Parse "120", "120s", "5m" or "2h".
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("'{text}' is not a duration such as 90s, 5m or 1h"))?;
+    let seconds = match unit {
+        "s" => value,
+        "m" => value.saturating_mul(60),
+        "h" => value.saturating_mul(3600),
+        _ => return Err(format!("'{text}': the unit must be s, m or h")),
+    };
+    Ok(Duration::from_secs(seconds))
+}
+
+/// The exit status a snapshot stands for.
+pub fn exit_status(snapshot: &Snapshot) -> u8 {
+    match snapshot.setup.state {
+        SetupState::Complete => EXIT_COMPLETE,
+        SetupState::Error => EXIT_ERROR,
+        SetupState::Starting | SetupState::Running => EXIT_IN_PROGRESS,
+    }
+}
+
+/// Ask once, or poll with `--wait`; print; exit with a stable status.
+pub async fn run(args: StatusArgs, socket: &Path) -> anyhow::Result<ExitCode> {
+    let client = ApiClient::new(socket);
+    let deadline = args.timeout.map(|t| Instant::now() + t);
+    loop {
+        let answer = client.status().await;
+        let timed_out = deadline.is_some_and(|d| Instant::now() >= d);
+        match answer {
+            Ok(snapshot) => {
+                let code = exit_status(&snapshot);
+                if !args.wait || code != EXIT_IN_PROGRESS || timed_out {
+                    print_snapshot(&snapshot, args.json)?;
+                    if timed_out && code == EXIT_IN_PROGRESS {
+                        eprintln!("exoagent: setup still in progress after the timeout");
+                    }
+                    return Ok(ExitCode::from(code));
+                }
+            }
+            Err(e @ ClientError::Unreachable { .. }) => {
+                if !args.wait || timed_out {
+                    eprintln!("exoagent: {e}");
+                    return Ok(ExitCode::from(EXIT_UNREACHABLE));
+                }
+            }
+            Err(e) => {
+                eprintln!("exoagent: {e}");
+                return Ok(ExitCode::from(EXIT_ERROR));
+            }
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+fn print_snapshot(snapshot: &Snapshot, json: bool) -> anyhow::Result<()> {
+    let text = if json {
+        let mut text = serde_json::to_string(snapshot)?;
+        text.push('\n');
+        text
+    } else {
+        render_table(snapshot, now_ms())
+    };
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()?;
+    Ok(())
+}
+
+/// "12s ago", "3m ago", "2h ago", "4d ago".
+pub fn relative(since_ms: u64, now_ms: u64) -> String {
+    let secs = now_ms.saturating_sub(since_ms) / 1000;
+    match secs {
+        0..=59 => format!("{secs}s ago"),
+        60..=3599 => format!("{}m ago", secs / 60),
+        3600..=86_399 => format!("{}h ago", secs / 3600),
+        _ => format!("{}d ago", secs / 86_400),
+    }
+}
+
+/// The human-readable table.
+pub fn render_table(snapshot: &Snapshot, now: u64) -> String {
+    let setup = &snapshot.setup;
+    let mut out = format!(
+        "setup: {} (since {})\n",
+        setup.state.as_str(),
+        relative(setup.since_ms, now)
+    );
+    if setup.state == SetupState::Error {
+        let step = setup.step.as_deref().unwrap_or("?");
+        match &setup.reason {
+            Some(reason) => out.push_str(&format!(
+                "failed step: {step}: {}: {}\n",
+                reason.code,
+                truncate_chars(&reason.detail, 200).replace('\n', " | ")
+            )),
+            None => out.push_str(&format!("failed step: {step}\n")),
+        }
+    }
+    let header = [
+        "SERVICE",
+        "STATE",
+        "SINCE",
+        "RESTARTS",
+        "PID",
+        "URL",
+        "LAST ERROR",
+    ];
+    let rows: Vec<[String; 7]> = snapshot
+        .services
+        .iter()
+        .map(|s| {
+            [
+                s.service.as_str().to_owned(),
+                s.state.as_str().to_owned(),
+                relative(s.since_ms, now),
+                s.restarts.to_string(),
+                s.pid.map_or_else(|| "-".to_owned(), |p| p.to_string()),
+                s.url.clone(),
+                s.reason.as_ref().map_or_else(
+                    || "-".to_owned(),
+                    |r| truncate_chars(&format!("{}: {}", r.code, r.detail), 60).replace('\n', " "),
+                ),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut line = |cells: Vec<&str>| {
+        let mut text = String::new();
+        for (i, (cell, width)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == cells.len() {
+                text.push_str(cell);
+            } else {
+                text.push_str(&format!("{cell:<width$}  "));
+            }
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
+    };
+    line(header.to_vec());
+    for row in &rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::services::ServiceKind;
+    use crate::state::{Reason, ServiceState, ServiceStatus, SetupStatus};
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("-3s").is_err());
+    }
+
+    #[test]
+    fn the_table_shows_state_and_the_failure() {
+        let snapshot = Snapshot {
+            agent_version: "0".into(),
+            setup: SetupStatus {
+                state: SetupState::Error,
+                since_ms: 10_000,
+                step: Some("jupyterlab".into()),
+                reason: Some(Reason::new("crash-loop", "exit status 1\nboom")),
+            },
+            services: vec![ServiceStatus {
+                service: ServiceKind::JupyterLab,
+                state: ServiceState::Failed,
+                since_ms: 10_000,
+                port: 8888,
+                url: "http://127.0.0.1:8888/".into(),
+                restarts: 5,
+                pid: None,
+                reason: Some(Reason::new("crash-loop", "exit status 1\nboom")),
+            }],
+        };
+        let table = render_table(&snapshot, 75_000);
+        assert!(
+            table.starts_with("setup: error (since 1m ago)\n"),
+            "{table}"
+        );
+        assert!(table.contains("failed step: jupyterlab: crash-loop: exit status 1 | boom"));
+        let row = table.lines().nth(3).unwrap();
+        assert!(row.starts_with("jupyterlab  failed  1m ago"), "{row}");
+        assert!(row.ends_with("crash-loop: exit status 1 boom"), "{row}");
+        assert_eq!(exit_status(&snapshot), EXIT_ERROR);
+    }
+
+    #[test]
+    fn relative_times_pick_a_unit() {
+        assert_eq!(relative(0, 5_000), "5s ago");
+        assert_eq!(relative(0, 125_000), "2m ago");
+        assert_eq!(relative(0, 7_300_000), "2h ago");
+        assert_eq!(relative(10, 0), "0s ago");
+    }
+}

@@ -1,0 +1,328 @@
+//! Exosphere-compatible console lines: setup status lines (re-emitted periodically) and load
+//! lines, written to the console devices (or stdout in the sandbox) without ever blocking.
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, SyncSender, TrySendError};
+use std::time::Duration;
+
+use serde_json::{json, Map, Value};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::settings::ConsoleSettings;
+use crate::report::load::{LoadSample, LoadSampler};
+use crate::state::{SetupState, SetupStatus, Snapshot};
+
+/// Longest `detail` put on an error line, in characters; the console is not a log.
+pub const MAX_DETAIL_CHARS: usize = 300;
+
+/// Lines waiting for the writer thread; beyond this, new lines are dropped (a stuck console).
+const QUEUE_DEPTH: usize = 32;
+
+/// Where console lines go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsoleSink {
+    /// Character devices such as `/dev/console` and `/dev/kmsg` (files work too).
+    Devices(Vec<PathBuf>),
+    /// Standard output (the sandbox).
+    Stdout,
+}
+
+/// The status line for `setup`: `{"status":..,"epoch":<ms>}`, plus `step`, `reason` and
+/// `detail` on `error`. `epoch` is when the state was entered, so re-emitted lines keep
+/// Exosphere's "setup time" right. Always one line: serde_json escapes every control character.
+pub fn status_line(setup: &SetupStatus, epoch_ms: u64) -> String {
+    let mut line = Map::new();
+    line.insert("status".into(), Value::from(setup.state.as_str()));
+    line.insert("epoch".into(), Value::from(epoch_ms));
+    if setup.state == SetupState::Error {
+        if let Some(step) = &setup.step {
+            line.insert("step".into(), Value::from(step.as_str()));
+        }
+        if let Some(reason) = &setup.reason {
+            line.insert("reason".into(), Value::from(reason.code.as_str()));
+            line.insert(
+                "detail".into(),
+                Value::from(truncate_chars(&reason.detail, MAX_DETAIL_CHARS)),
+            );
+        }
+    }
+    Value::Object(line).to_string()
+}
+
+/// The load line: integers only, epoch in seconds, `gpuPctUsed` a list or null, no `status`.
+pub fn load_line(sample: &LoadSample) -> String {
+    json!({
+        "epoch": sample.epoch_s,
+        "cpuPctUsed": sample.cpu_pct,
+        "memPctUsed": sample.mem_pct,
+        "rootfsPctUsed": sample.rootfs_pct,
+        "gpuPctUsed": sample.gpu_pct,
+    })
+    .to_string()
+}
+
+/// At most `max` characters of `text`, cut on a character boundary, marked with `…` when cut.
+pub fn truncate_chars(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        None => text.to_owned(),
+        Some((cut, _)) => {
+            let mut short = text[..cut].to_owned();
+            short.pop();
+            short.push('…');
+            short
+        }
+    }
+}
+
+/// Turn on unlimited `/dev/kmsg` writes for user space (best effort): the default rate limit
+/// would drop status lines.
+pub fn enable_devkmsg(root: &Path) {
+    let knob = root.join("proc/sys/kernel/printk_devkmsg");
+    if let Err(e) = std::fs::write(&knob, b"on\n") {
+        tracing::debug!(target: "exoagent::report", path = %knob.display(), error = %e, "could not enable printk_devkmsg");
+    }
+}
+
+/// Writes status and load lines for as long as the agent runs.
+#[derive(Debug)]
+pub struct ConsoleReporter {
+    sink: ConsoleSink,
+    status_interval: Duration,
+    load_interval: Duration,
+    sampler: LoadSampler,
+}
+
+/// What makes a new status line worth writing at once (the epoch alone does not).
+#[derive(Debug, PartialEq, Eq)]
+struct StatusKey {
+    state: SetupState,
+    step: Option<String>,
+    reason: Option<String>,
+}
+
+impl StatusKey {
+    fn of(setup: &SetupStatus) -> Self {
+        Self {
+            state: setup.state,
+            step: setup.step.clone(),
+            reason: setup.reason.as_ref().map(|r| r.code.clone()),
+        }
+    }
+}
+
+impl ConsoleReporter {
+    /// A reporter writing to `sink` at the intervals in `settings`.
+    pub fn new(sink: ConsoleSink, settings: &ConsoleSettings, sampler: LoadSampler) -> Self {
+        Self {
+            sink,
+            status_interval: settings.status_interval,
+            load_interval: settings.load_interval,
+            sampler,
+        }
+    }
+
+    /// Write the current status at once, again on every change and every `status_interval`,
+    /// and a load line every `load_interval`, until `cancel` fires or the hub goes away.
+    pub async fn run(mut self, mut rx: watch::Receiver<Snapshot>, cancel: CancellationToken) {
+        let mut writer = spawn_writer(self.sink.clone());
+        let mut setup = rx.borrow_and_update().setup.clone();
+        let mut key = StatusKey::of(&setup);
+        writer.send(status_line(&setup, setup.since_ms));
+
+        let start = tokio::time::Instant::now();
+        let mut status_tick =
+            tokio::time::interval_at(start + self.status_interval, self.status_interval);
+        let mut load_tick =
+            tokio::time::interval_at(start + self.load_interval, self.load_interval);
+        status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        load_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                changed = rx.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    setup = rx.borrow_and_update().setup.clone();
+                    let next = StatusKey::of(&setup);
+                    if next != key {
+                        key = next;
+                        writer.send(status_line(&setup, setup.since_ms));
+                        status_tick.reset();
+                    }
+                }
+                _ = status_tick.tick() => writer.send(status_line(&setup, setup.since_ms)),
+                _ = load_tick.tick() => {
+                    let sample = self.sampler.sample().await;
+                    writer.send(load_line(&sample));
+                }
+            }
+        }
+    }
+}
+
+/// The async side of the writer thread: a bounded queue that never blocks.
+struct LineQueue {
+    tx: SyncSender<String>,
+    dropped_warned: bool,
+}
+
+impl LineQueue {
+    fn send(&mut self, line: String) {
+        match self.tx.try_send(line) {
+            Ok(()) => self.dropped_warned = false,
+            Err(TrySendError::Full(_)) => {
+                if !self.dropped_warned {
+                    tracing::warn!(target: "exoagent::report", "console writes are stuck; dropping lines until they drain");
+                    self.dropped_warned = true;
+                }
+            }
+            Err(TrySendError::Disconnected(_)) => {}
+        }
+    }
+}
+
+/// One thread does every device write, so a console that blocks in `write(2)` stalls only
+/// that thread, never the async runtime or the services.
+fn spawn_writer(sink: ConsoleSink) -> LineQueue {
+    let (tx, rx) = mpsc::sync_channel::<String>(QUEUE_DEPTH);
+    let spawned = std::thread::Builder::new()
+        .name("console-writer".into())
+        .spawn(move || {
+            let mut failing: HashSet<PathBuf> = HashSet::new();
+            while let Ok(line) = rx.recv() {
+                let mut record = line.into_bytes();
+                record.push(b'\n');
+                match &sink {
+                    ConsoleSink::Stdout => {
+                        let mut out = std::io::stdout().lock();
+                        let _ = out.write_all(&record).and_then(|()| out.flush());
+                    }
+                    ConsoleSink::Devices(devices) => {
+                        for device in devices {
+                            write_record(device, &record, &mut failing);
+                        }
+                    }
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(target: "exoagent::report", error = %e, "cannot start the console writer; console lines are off");
+    }
+    LineQueue {
+        tx,
+        dropped_warned: false,
+    }
+}
+
+/// Open, write the whole record with one `write(2)` (kmsg takes one record per write), close.
+/// A failing device is warned about once, then again only after it has recovered.
+fn write_record(device: &Path, record: &[u8], failing: &mut HashSet<PathBuf>) {
+    let result = std::fs::OpenOptions::new()
+        .append(true)
+        .open(device)
+        .and_then(|mut file| {
+            let written = file.write(record)?;
+            if written == record.len() {
+                Ok(())
+            } else {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::WriteZero,
+                    format!("short write ({written} of {} bytes)", record.len()),
+                ))
+            }
+        });
+    match result {
+        Ok(()) => {
+            if failing.remove(device) {
+                tracing::info!(target: "exoagent::report", device = %device.display(), "console device writable again");
+            }
+        }
+        Err(e) => {
+            if failing.insert(device.to_path_buf()) {
+                tracing::warn!(target: "exoagent::report", device = %device.display(), error = %e, "cannot write console line; skipping this device");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Reason;
+
+    fn setup(state: SetupState, reason: Option<Reason>) -> SetupStatus {
+        SetupStatus {
+            state,
+            since_ms: 1_700_000_000_123,
+            step: reason.as_ref().map(|_| "jupyterlab".to_owned()),
+            reason,
+        }
+    }
+
+    #[test]
+    fn plain_states_have_only_status_and_epoch() {
+        let line = status_line(&setup(SetupState::Running, None), 42);
+        assert_eq!(line, r#"{"epoch":42,"status":"running"}"#);
+    }
+
+    #[test]
+    fn error_lines_stay_one_line_and_carry_the_reason() {
+        let reason = Reason::new("crash-loop", "exit 1\n}{\"status\":\"complete\"}");
+        let line = status_line(&setup(SetupState::Error, Some(reason)), 7);
+        assert!(!line.contains('\n'));
+        let value: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(value["status"], "error");
+        assert_eq!(value["reason"], "crash-loop");
+        assert_eq!(value["step"], "jupyterlab");
+        assert_eq!(value["detail"], "exit 1\n}{\"status\":\"complete\"}");
+    }
+
+    #[test]
+    fn truncation_respects_character_boundaries() {
+        assert_eq!(truncate_chars("abc", 3), "abc");
+        assert_eq!(truncate_chars("abcd", 3), "ab…");
+        let long = "é".repeat(400);
+        let short = truncate_chars(&long, MAX_DETAIL_CHARS);
+        assert_eq!(short.chars().count(), MAX_DETAIL_CHARS);
+        assert!(short.ends_with('…'));
+    }
+
+    #[test]
+    fn load_lines_are_integers_with_null_gpu() {
+        let sample = LoadSample {
+            epoch_s: 1_700_000_000,
+            cpu_pct: 3,
+            mem_pct: 40,
+            rootfs_pct: 71,
+            gpu_pct: None,
+        };
+        assert_eq!(
+            load_line(&sample),
+            r#"{"cpuPctUsed":3,"epoch":1700000000,"gpuPctUsed":null,"memPctUsed":40,"rootfsPctUsed":71}"#
+        );
+        let with_gpu = LoadSample {
+            gpu_pct: Some(vec![5, 100]),
+            ..sample
+        };
+        assert!(load_line(&with_gpu).contains(r#""gpuPctUsed":[5,100]"#));
+    }
+
+    #[test]
+    fn a_missing_device_is_skipped_and_others_still_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("console");
+        std::fs::write(&good, b"").unwrap();
+        let missing = dir.path().join("no-such-device");
+        let mut failing = HashSet::new();
+        write_record(&missing, b"x\n", &mut failing);
+        write_record(&good, b"x\n", &mut failing);
+        write_record(&good, b"y\n", &mut failing);
+        assert!(failing.contains(&missing));
+        assert_eq!(std::fs::read_to_string(&good).unwrap(), "x\ny\n");
+        assert!(!missing.exists(), "devices are never created");
+    }
+}

@@ -1,0 +1,195 @@
+//! Load sampling for Exosphere's resource charts: CPU, memory and root filesystem use, and GPU
+//! utilisation when `nvidia-smi` is present.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sysinfo::{CpuRefreshKind, MemoryRefreshKind, RefreshKind, System};
+
+/// How long `nvidia-smi` may take before the GPU figure is reported as unknown.
+const GPU_QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One load sample, already rounded to the integers Exosphere requires.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadSample {
+    /// Seconds since the Unix epoch (load lines use seconds, status lines milliseconds).
+    pub epoch_s: u64,
+    /// CPU use in percent since the previous sample.
+    pub cpu_pct: u8,
+    /// Memory in use (total minus available) in percent.
+    pub mem_pct: u8,
+    /// Root filesystem use in percent, computed like `df`.
+    pub rootfs_pct: u8,
+    /// Per-GPU utilisation; `None` when there is no GPU or it cannot be queried.
+    pub gpu_pct: Option<Vec<u8>>,
+}
+
+/// Takes load samples. CPU use is measured over the time since the previous sample (the first
+/// one covers the time since the sampler was created), which is what a once-a-minute chart
+/// wants; only CPU and memory are refreshed, never the process table, to keep the agent small.
+pub struct LoadSampler {
+    root: PathBuf,
+    system: System,
+    gpu_query: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for LoadSampler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadSampler")
+            .field("root", &self.root)
+            .field("gpu_query", &self.gpu_query)
+            .finish()
+    }
+}
+
+impl LoadSampler {
+    /// A sampler for the filesystem at `root`, with `nvidia-smi` looked up on `PATH`.
+    pub fn new(root: &Path) -> Self {
+        Self::with_gpu_query(root, find_on_path("nvidia-smi"))
+    }
+
+    /// A sampler using `gpu_query` (an `nvidia-smi`-compatible executable) for GPU figures;
+    /// `None` reports no GPU.
+    pub fn with_gpu_query(root: &Path, gpu_query: Option<PathBuf>) -> Self {
+        let system = System::new_with_specifics(
+            RefreshKind::nothing()
+                .with_cpu(CpuRefreshKind::nothing().with_cpu_usage())
+                .with_memory(MemoryRefreshKind::nothing().with_ram()),
+        );
+        Self {
+            root: root.to_path_buf(),
+            system,
+            gpu_query,
+        }
+    }
+
+    /// Take a sample now.
+    pub async fn sample(&mut self) -> LoadSample {
+        self.system.refresh_cpu_usage();
+        self.system
+            .refresh_memory_specifics(MemoryRefreshKind::nothing().with_ram());
+        let cpu_pct = percent(f64::from(self.system.global_cpu_usage()));
+        let total = self.system.total_memory();
+        let available = self.system.available_memory();
+        let mem_pct = if total == 0 {
+            0
+        } else {
+            percent(100.0 * (total.saturating_sub(available)) as f64 / total as f64)
+        };
+        let rootfs_pct = rootfs_percent(&self.root).unwrap_or(0);
+        let gpu_pct = match &self.gpu_query {
+            Some(exe) => query_gpus(exe).await,
+            None => None,
+        };
+        LoadSample {
+            epoch_s: crate::state::now_ms() / 1000,
+            cpu_pct,
+            mem_pct,
+            rootfs_pct,
+            gpu_pct,
+        }
+    }
+}
+
+/// A percentage rounded and clamped to 0..=100.
+fn percent(value: f64) -> u8 {
+    if value.is_nan() {
+        return 0;
+    }
+    value.round().clamp(0.0, 100.0) as u8
+}
+
+/// Used space like `df`: (blocks - free) / (blocks - free + available to unprivileged users).
+fn rootfs_percent(root: &Path) -> Option<u8> {
+    let stat = nix::sys::statvfs::statvfs(root).ok()?;
+    let blocks = stat.blocks() as f64;
+    let free = stat.blocks_free() as f64;
+    let avail = stat.blocks_available() as f64;
+    let used = blocks - free;
+    let denominator = used + avail;
+    if denominator <= 0.0 {
+        return Some(0);
+    }
+    Some(percent(100.0 * used / denominator))
+}
+
+/// Parse `nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits` output.
+pub fn parse_gpu_utilisation(output: &str) -> Option<Vec<u8>> {
+    let values: Option<Vec<u8>> = output
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .map(|line| line.parse::<f64>().ok().map(percent))
+        .collect();
+    values.filter(|v| !v.is_empty())
+}
+
+async fn query_gpus(exe: &Path) -> Option<Vec<u8>> {
+    let mut command = tokio::process::Command::new(exe);
+    command
+        .args([
+            "--query-gpu=utilization.gpu",
+            "--format=csv,noheader,nounits",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(GPU_QUERY_TIMEOUT, command.output())
+        .await
+        .ok()?
+        .ok()?;
+    if !output.status.success() {
+        return None;
+    }
+    parse_gpu_utilisation(&String::from_utf8_lossy(&output.stdout))
+}
+
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gpu_output_parses_per_gpu_and_rejects_garbage() {
+        assert_eq!(parse_gpu_utilisation("12\n 99 \n"), Some(vec![12, 99]));
+        assert_eq!(parse_gpu_utilisation("150\n"), Some(vec![100]));
+        assert_eq!(parse_gpu_utilisation(""), None);
+        assert_eq!(parse_gpu_utilisation("No devices were found\n"), None);
+    }
+
+    #[test]
+    fn percentages_are_clamped_integers() {
+        assert_eq!(percent(-3.0), 0);
+        assert_eq!(percent(49.5), 50);
+        assert_eq!(percent(f64::NAN), 0);
+        assert_eq!(percent(1e9), 100);
+    }
+
+    #[tokio::test]
+    async fn a_sample_of_this_machine_is_in_range_and_has_no_gpu_without_a_query() {
+        let mut sampler = LoadSampler::with_gpu_query(Path::new("/"), None);
+        let sample = sampler.sample().await;
+        assert!(sample.cpu_pct <= 100 && sample.mem_pct <= 100);
+        assert!(sample.mem_pct > 0, "some memory is always in use");
+        assert!(sample.rootfs_pct > 0, "the root filesystem is not empty");
+        assert_eq!(sample.gpu_pct, None);
+        assert!(sample.epoch_s > 1_700_000_000);
+    }
+
+    #[tokio::test]
+    async fn a_gpu_query_executable_is_used_when_given() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("nvidia-smi");
+        std::fs::write(&exe, "#!/bin/sh\necho 7\necho 93\n").unwrap();
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut sampler = LoadSampler::with_gpu_query(Path::new("/"), Some(exe));
+        assert_eq!(sampler.sample().await.gpu_pct, Some(vec![7, 93]));
+    }
+}

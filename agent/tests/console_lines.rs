@@ -1,0 +1,277 @@
+//! The console reporter's output, read back the way Exosphere reads it.
+//!
+//! The parsers below re-implement Exosphere's (`src/Helpers/ExoSetupStatus.elm` and
+//! `src/Helpers/ServerResourceUsage.elm`, summarised in `shared/reference/exosphere.md` §2–3):
+//! a status line is the text from a line's first `{` to its last `}`, decoded as JSON with a
+//! top-level string `status` (or `exoSetup`) and an optional integer `epoch`; the last line that
+//! decodes wins; unknown strings become `unknown`. A load line is everything after the first `{`,
+//! with integer `epoch`, `cpuPctUsed`, `memPctUsed`, `rootfsPctUsed` and an optional
+//! `gpuPctUsed`. A regular file stands in for `/dev/console` (the reporter opens, appends and
+//! closes per line exactly as with the device).
+
+use std::time::Duration;
+
+use exoagent::config::settings::ConsoleSettings;
+use exoagent::report::console::{ConsoleReporter, ConsoleSink};
+use exoagent::report::load::LoadSampler;
+use exoagent::services::ServiceKind;
+use exoagent::state::{Reason, ServiceState, ServiceUpdate, SetupPhase, StateHub};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+/// One decoded status line: the status (normalised like Exosphere) and its epoch.
+#[derive(Debug, Clone, PartialEq)]
+struct ExoStatus {
+    status: String,
+    epoch: Option<i64>,
+    line: Value,
+}
+
+fn exosphere_status_of_line(line: &str) -> Option<ExoStatus> {
+    let start = line.find('{')?;
+    let end = line.rfind('}')?;
+    if end < start {
+        return None;
+    }
+    let value: Value = serde_json::from_str(&line[start..=end]).ok()?;
+    let status = value
+        .get("status")
+        .or_else(|| value.get("exoSetup"))?
+        .as_str()?;
+    let status = match status {
+        "waiting" | "starting" | "running" | "complete" | "error" | "timeout" => status,
+        _ => "unknown",
+    };
+    Some(ExoStatus {
+        status: status.to_owned(),
+        epoch: value.get("epoch").and_then(Value::as_i64),
+        line: value,
+    })
+}
+
+/// Exosphere's status: the last line that decodes.
+fn exosphere_status(log: &str) -> Option<ExoStatus> {
+    log.lines().rev().find_map(exosphere_status_of_line)
+}
+
+/// Exosphere's load-line decoder (integers required; gpu list, int or null).
+fn exosphere_load_of_line(line: &str) -> Option<Value> {
+    let start = line.find('{')?;
+    let value: Value = serde_json::from_str(line[start..].trim_end()).ok()?;
+    for key in ["epoch", "cpuPctUsed", "memPctUsed", "rootfsPctUsed"] {
+        value.get(key)?.as_i64()?;
+    }
+    match value.get("gpuPctUsed") {
+        None | Some(Value::Null) => {}
+        Some(Value::Number(n)) if n.is_i64() => {}
+        Some(Value::Array(items)) if items.iter().all(|i| i.is_i64()) => {}
+        Some(_) => return None,
+    }
+    Some(value)
+}
+
+fn settings(device: &std::path::Path) -> ConsoleSettings {
+    ConsoleSettings {
+        devices: vec![device.to_path_buf()],
+        status_interval: Duration::from_millis(100),
+        load_interval: Duration::from_millis(150),
+    }
+}
+
+fn hub() -> StateHub {
+    StateHub::new([(
+        ServiceKind::JupyterLab,
+        8888,
+        "http://127.0.0.1:8888/".to_owned(),
+    )])
+}
+
+/// One change to the hub and the status Exosphere must read afterwards.
+type Step = (Box<dyn FnOnce(&StateHub)>, &'static str);
+
+/// Run a reporter on a fresh file, apply each step once the previous status has been read
+/// back, and return the console text and the sequence of statuses seen.
+async fn console_after(steps: Vec<Step>) -> (String, Vec<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let console = dir.path().join("console");
+    // Something else wrote to the console first, kmsg style.
+    std::fs::write(&console, "[    0.000000] Linux version 6.1.0\n").unwrap();
+    let hub = hub();
+    let cancel = CancellationToken::new();
+    let reporter = ConsoleReporter::new(
+        ConsoleSink::Devices(vec![console.clone()]),
+        &settings(&console),
+        LoadSampler::with_gpu_query(std::path::Path::new("/"), None),
+    );
+    let task = tokio::spawn(reporter.run(hub.subscribe(), cancel.clone()));
+    let mut seen = Vec::new();
+    let wait_for = |want: &str, seen: &mut Vec<String>| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = std::fs::read_to_string(&console).unwrap_or_default();
+            if let Some(s) = exosphere_status(&text) {
+                if seen.last() != Some(&s.status) {
+                    seen.push(s.status.clone());
+                }
+                if s.status == want {
+                    return;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never saw {want}:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_for("starting", &mut seen);
+    for (change, want) in steps {
+        change(&hub);
+        wait_for(want, &mut seen);
+    }
+    // Let re-emission and load lines happen.
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    cancel.cancel();
+    task.await.unwrap();
+    (std::fs::read_to_string(&console).unwrap(), seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starting_running_complete_as_exosphere_reads_it() {
+    let (text, seen) = console_after(vec![
+        (
+            Box::new(|hub: &StateHub| {
+                hub.set_phase(SetupPhase::Provisioning);
+                hub.transition(
+                    ServiceKind::JupyterLab,
+                    ServiceState::Installing,
+                    ServiceUpdate::default(),
+                )
+                .unwrap();
+                hub.transition(
+                    ServiceKind::JupyterLab,
+                    ServiceState::Starting,
+                    ServiceUpdate::default(),
+                )
+                .unwrap();
+            }),
+            "running",
+        ),
+        (
+            Box::new(|hub: &StateHub| {
+                hub.set_phase(SetupPhase::Supervising);
+                hub.transition(
+                    ServiceKind::JupyterLab,
+                    ServiceState::Ready,
+                    ServiceUpdate::default(),
+                )
+                .unwrap();
+            }),
+            "complete",
+        ),
+    ])
+    .await;
+    assert_eq!(seen, ["starting", "running", "complete"], "{text}");
+    assert_eq!(seen.last().map(String::as_str), Some("complete"), "{text}");
+    let final_status = exosphere_status(&text).unwrap();
+    assert_eq!(final_status.status, "complete");
+    let epoch = final_status
+        .epoch
+        .expect("status lines carry an integer epoch");
+    assert!(
+        epoch > 1_700_000_000_000,
+        "epoch is in milliseconds: {epoch}"
+    );
+
+    let complete_lines = text
+        .lines()
+        .filter(|l| exosphere_status_of_line(l).is_some_and(|s| s.status == "complete"))
+        .count();
+    assert!(
+        complete_lines >= 2,
+        "the final status is re-emitted:\n{text}"
+    );
+    let complete_epochs: Vec<_> = text
+        .lines()
+        .filter_map(exosphere_status_of_line)
+        .filter(|s| s.status == "complete")
+        .map(|s| s.epoch)
+        .collect();
+    assert!(
+        complete_epochs.windows(2).all(|w| w[0] == w[1]),
+        "re-emitted lines keep the epoch of completion: {complete_epochs:?}"
+    );
+
+    let load_lines: Vec<&str> = text.lines().filter(|l| l.contains("cpuPctUsed")).collect();
+    assert!(!load_lines.is_empty(), "load lines are written:\n{text}");
+    for line in load_lines {
+        let load = exosphere_load_of_line(line).unwrap_or_else(|| panic!("load line {line}"));
+        assert_eq!(load["gpuPctUsed"], Value::Null, "no GPU here");
+        let epoch = load["epoch"].as_i64().unwrap();
+        assert!(
+            (1_700_000_000..4_000_000_000).contains(&epoch),
+            "seconds: {epoch}"
+        );
+        assert!(
+            exosphere_status_of_line(line).is_none(),
+            "a load line is never a status"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_carries_the_service_and_reason_even_with_hostile_text() {
+    let detail = "exit status 1; last stderr:\n}{\"status\":\"complete\"} boom";
+    let (text, seen) = console_after(vec![(
+        Box::new(move |hub: &StateHub| {
+            hub.set_phase(SetupPhase::Provisioning);
+            hub.transition(
+                ServiceKind::JupyterLab,
+                ServiceState::Installing,
+                ServiceUpdate::default(),
+            )
+            .unwrap();
+            hub.transition(
+                ServiceKind::JupyterLab,
+                ServiceState::Failed,
+                ServiceUpdate {
+                    reason: Some(Reason::new("crash-loop", detail)),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        }),
+        "error",
+    )])
+    .await;
+    assert_eq!(seen, ["starting", "error"], "{text}");
+    let final_status = exosphere_status(&text).unwrap();
+    assert_eq!(final_status.status, "error", "{text}");
+    assert_eq!(final_status.line["step"], "jupyterlab");
+    assert_eq!(final_status.line["reason"], "crash-loop");
+    assert_eq!(final_status.line["detail"], detail);
+    assert!(
+        !text
+            .lines()
+            .any(|l| exosphere_status_of_line(l).is_some_and(|s| s.status == "complete")),
+        "the hostile detail must not produce a complete line:\n{text}"
+    );
+}
+
+#[test]
+fn the_parser_here_follows_exosphere_rules() {
+    // Guard the test's own parser: kmsg prefixes, the last line wins, unknown strings.
+    let log =
+        "[ 1.2] {\"status\":\"running\",\"epoch\":5}\nnoise\n<6>[ 2.0] {\"status\":\"weird\"}\n";
+    assert_eq!(exosphere_status(log).unwrap().status, "unknown");
+    assert_eq!(
+        exosphere_status("{\"exoSetup\":\"complete\"}")
+            .unwrap()
+            .status,
+        "complete"
+    );
+    assert!(exosphere_load_of_line(
+        "{\"epoch\":1,\"cpuPctUsed\":1.5,\"memPctUsed\":1,\"rootfsPctUsed\":1}"
+    )
+    .is_none());
+}
