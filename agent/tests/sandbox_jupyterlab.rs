@@ -447,7 +447,13 @@ fn sandbox_brings_up_jupyterlab_supervises_and_survives_agent_restarts() {
     assert_eq!(processes_mentioning(&passphrase), Vec::<String>::new());
     assert_eq!(world_readable_secrets(sb.root()), Vec::<PathBuf>::new());
 
-    // 9. `down` stops it for real.
+    // 9. `down` is refused while the agent would restart the service; once the agent is
+    // stopped, it stops the service for real.
+    let refused = sb.cli(&["down", "--grace", "10"]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("stop it first"));
+    assert!(pid_alive(second_pid));
+    sb.kill_agent(libc::SIGTERM);
     let down = sb.cli(&["down", "--grace", "10"]);
     assert_eq!(down.status.code(), Some(0));
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -474,6 +480,11 @@ colour = "blue"
     assert!(err.contains("services.jupyterlab.port"), "{err}");
     assert!(err.contains("colour"), "{err}");
     assert!(err.contains("config.toml"), "{err}");
+    // The console still tells Exosphere, so the badge turns to Error instead of timing out.
+    let console = fs::read_to_string(sb.root().join("agent-1.stdout")).unwrap();
+    let (status, line) = exosphere_status(&console).expect("a status line on the console");
+    assert_eq!(status, "error", "{console}");
+    assert_eq!(line["reason"], "config-invalid", "{console}");
     for created in ["var", "opt", "run", "home"] {
         assert!(
             !sb.root().join(created).exists(),

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::Args;
 
+use crate::api::client::ApiClient;
 use crate::paths::Paths;
 use crate::services::ServiceKind;
 use crate::supervise::stop_recorded;
@@ -18,8 +19,18 @@ pub struct DownArgs {
     pub grace: u64,
 }
 
-/// Stop each recorded service; report what was stopped.
+/// Stop each recorded service; report what was stopped. Refused while the agent runs, because
+/// its supervisor would start the services again at once.
 pub async fn run(args: DownArgs, paths: &Paths) -> anyhow::Result<ExitCode> {
+    let socket = paths.api_socket();
+    if ApiClient::new(&socket).status().await.is_ok() {
+        eprintln!(
+            "exoagent: the agent is running (it answers on '{}') and would restart the services; \
+             stop it first (systemctl stop exoagent, or Ctrl-C the sandbox), then run 'exoagent down'",
+            socket.display()
+        );
+        return Ok(ExitCode::FAILURE);
+    }
     let mut failed = false;
     for kind in ServiceKind::ALL {
         match stop_recorded(

@@ -7,6 +7,9 @@ use clap::Args;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::{self, AgentOptions, Mode};
+use crate::config::settings::ConsoleSettings;
+use crate::report::console::{self, ConsoleSink};
+use crate::state::{now_ms, Reason, SetupState, SetupStatus};
 use crate::supervise::ShimCommand;
 
 /// Exit status when the configuration is invalid (sysexits EX_CONFIG); the systemd unit does
@@ -38,10 +41,15 @@ pub async fn run_agent(mode: Mode, paths: crate::paths::Paths) -> anyhow::Result
     };
     let cancel = CancellationToken::new();
     spawn_signal_handler(cancel.clone())?;
+    let sink = match mode {
+        Mode::System => ConsoleSink::Devices(ConsoleSettings::default().devices),
+        Mode::Sandbox => ConsoleSink::Stdout,
+    };
     match agent::run(AgentOptions { mode, paths, shim }, cancel).await {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(e) => {
             eprintln!("exoagent: {e}");
+            report_startup_failure(&sink, &e);
             Ok(ExitCode::from(match e.reason() {
                 "config-invalid" => EXIT_CONFIG,
                 "not-root" => EXIT_NOPERM,
@@ -49,6 +57,24 @@ pub async fn run_agent(mode: Mode, paths: crate::paths::Paths) -> anyhow::Result
             }))
         }
     }
+}
+
+/// Tell Exosphere through the console that setup cannot even start, so the instance shows Error
+/// with the reason instead of waiting for a timeout.
+fn report_startup_failure(sink: &ConsoleSink, error: &agent::AgentError) {
+    let step = match error {
+        agent::AgentError::Config(_) => "config",
+        agent::AgentError::Os(_) => "os",
+        agent::AgentError::Identity(_) => "identity",
+        _ => "agent",
+    };
+    let setup = SetupStatus {
+        state: SetupState::Error,
+        since_ms: now_ms(),
+        step: Some(step.to_owned()),
+        reason: Some(Reason::new(error.reason(), error.to_string())),
+    };
+    console::write_now(sink, &console::status_line(&setup, setup.since_ms));
 }
 
 fn spawn_signal_handler(cancel: CancellationToken) -> std::io::Result<()> {

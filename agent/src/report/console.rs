@@ -77,6 +77,25 @@ pub fn truncate_chars(text: &str, max: usize) -> String {
     }
 }
 
+/// Write one line to `sink` now, synchronously: for the agent's last words when it cannot start
+/// (an invalid configuration must still turn Exosphere's badge to Error, not leave it waiting).
+pub fn write_now(sink: &ConsoleSink, line: &str) {
+    let mut record = line.as_bytes().to_vec();
+    record.push(b'\n');
+    match sink {
+        ConsoleSink::Stdout => {
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(&record).and_then(|()| out.flush());
+        }
+        ConsoleSink::Devices(devices) => {
+            let mut failing = HashSet::new();
+            for device in devices {
+                write_record(device, &record, &mut failing);
+            }
+        }
+    }
+}
+
 /// Turn on unlimited `/dev/kmsg` writes for user space (best effort): the default rate limit
 /// would drop status lines.
 pub fn enable_devkmsg(root: &Path) {
