@@ -5,7 +5,8 @@
 #
 #   bash bench/idle-footprint.sh [WINDOW_SECONDS]   (default 120)
 #
-# Prints a Markdown table row; bench/results/idle-footprint.md records past runs.
+# Prints a Markdown table row (agent max RSS, agent CPU, shim RSS, shim CPU, and JupyterLab's own
+# RSS for scale); bench/results/idle-footprint.md records past runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 window=${1:-120}
@@ -40,11 +41,13 @@ for _ in $(seq "$window"); do
 done
 a1=$(ticks "$agent"); s1=$( [ -n "$shim" ] && ticks "$shim" || echo 0 ); t1=$(date +%s.%N)
 shim_rss=$( [ -n "$shim" ] && rss_kib "$shim" || echo 0 )
-python3 - "$a0" "$a1" "$s0" "$s1" "$t0" "$t1" "$hz" "$max_rss" "$shim_rss" "$window" <<'PY'
+jpid=$("$bin" --sandbox-dir "$sb" status --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["services"][0]["pid"] or 0)')
+jl_rss=$( [ "$jpid" != 0 ] && rss_kib "$jpid" || echo 0 )
+python3 - "$a0" "$a1" "$s0" "$s1" "$t0" "$t1" "$hz" "$max_rss" "$shim_rss" "$window" "$jl_rss" <<'PY'
 import sys, platform, datetime
 a0,a1,s0,s1=map(int,sys.argv[1:5]); t0,t1=map(float,sys.argv[5:7]); hz=int(sys.argv[7])
-max_rss,shim_rss,window=int(sys.argv[8]),int(sys.argv[9]),int(sys.argv[10])
+max_rss,shim_rss,window,jl_rss=int(sys.argv[8]),int(sys.argv[9]),int(sys.argv[10]),int(sys.argv[11])
 el=t1-t0
 cpu=100*(a1-a0)/hz/el; scpu=100*(s1-s0)/hz/el
-print(f"| {datetime.date.today()} | {platform.node()} | {window} s | {max_rss/1024:.1f} MiB | {cpu:.3f} % | {shim_rss/1024:.1f} MiB | {scpu:.3f} % |")
+print(f"| {datetime.date.today()} | {platform.node()} | {window} s | {max_rss/1024:.1f} MiB | {cpu:.3f} % | {shim_rss/1024:.1f} MiB | {scpu:.3f} % | {jl_rss/1024:.1f} MiB |")
 PY

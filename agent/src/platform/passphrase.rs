@@ -1,0 +1,321 @@
+//! The instance passphrase (DESIGN §4.4): 11 RFC 1751 words, generated once, kept in a
+//! root-only file, compared in constant time, hashed with argon2 for JupyterLab.
+
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use argon2::password_hash::{PasswordHasher, SaltString};
+use rand::rngs::OsRng;
+use rand::Rng;
+use subtle::ConstantTimeEq;
+
+/// Words in a passphrase.
+pub const WORDS: usize = 11;
+/// The longest passphrase: 11 words of at most 4 letters and 10 spaces.
+pub const MAX_LEN: usize = WORDS * 4 + WORDS - 1;
+
+/// A secret passphrase. Never printed: `Debug` is redacted, there is no `Display`, and the
+/// buffer is zeroed when dropped.
+pub struct Passphrase(String);
+
+impl std::fmt::Debug for Passphrase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Passphrase(<redacted>)")
+    }
+}
+
+impl Drop for Passphrase {
+    fn drop(&mut self) {
+        // SAFETY: writing zero bytes keeps the string valid UTF-8.
+        unsafe { self.0.as_bytes_mut() }.fill(0);
+    }
+}
+
+impl Passphrase {
+    /// Wrap an existing passphrase.
+    pub fn new(text: String) -> Self {
+        Self(text)
+    }
+
+    /// A fresh passphrase: 11 words drawn uniformly from the 2048-word dictionary with the OS
+    /// random number generator (121 bits).
+    pub fn generate() -> Self {
+        let words = dictionary();
+        let mut rng = OsRng;
+        let chosen: Vec<&str> = (0..WORDS)
+            .map(|_| words[rng.gen_range(0..words.len())])
+            .collect();
+        Self(chosen.join(" "))
+    }
+
+    /// The secret itself, for the few places that must hand it on (stdin of chpasswd, hashing).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Constant-time comparison with `candidate`.
+    pub fn matches(&self, candidate: &str) -> bool {
+        self.0.as_bytes().ct_eq(candidate.as_bytes()).into()
+    }
+}
+
+/// The RFC 1751 dictionary. The `rfc1751` crate keeps its list private, so it is recovered
+/// through the public encoder: the first word of an 8-byte key encodes the key's top 11 bits.
+pub fn dictionary() -> &'static [&'static str] {
+    static WORDS: OnceLock<Vec<&'static str>> = OnceLock::new();
+    WORDS.get_or_init(|| {
+        use rfc1751::ToRfc1751;
+        (0u64..2048)
+            .map(|i| {
+                let key = (i << 53).to_be_bytes();
+                let encoded = key[..].to_rfc1751().unwrap_or_default();
+                let first = encoded.split(' ').next().unwrap_or_default().to_owned();
+                &*Box::leak(first.into_boxed_str())
+            })
+            .collect()
+    })
+}
+
+/// Why the passphrase could not be loaded, stored or hashed.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    /// Reading or writing the file failed.
+    #[error("failed to {action} '{path}': {source}")]
+    Io {
+        /// What was attempted.
+        action: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The file is readable by others or owned by someone else.
+    #[error("'{path}' must be mode 0600 and owned by uid {expected_uid}; found mode {mode:04o}, uid {uid}")]
+    Unsafe {
+        /// The path.
+        path: PathBuf,
+        /// The mode found.
+        mode: u32,
+        /// The owner found.
+        uid: u32,
+        /// The owner required.
+        expected_uid: u32,
+    },
+    /// The file does not hold a passphrase.
+    #[error("'{path}' does not hold a passphrase of {WORDS} words")]
+    Malformed {
+        /// The path.
+        path: PathBuf,
+    },
+    /// Hashing failed.
+    #[error("failed to hash the passphrase: {0}")]
+    Hash(String),
+}
+
+impl SecretError {
+    /// Short stable reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Io { .. } => "secret-io",
+            Self::Unsafe { .. } => "secret-unsafe-file",
+            Self::Malformed { .. } => "secret-malformed",
+            Self::Hash(_) => "secret-hash-failed",
+        }
+    }
+}
+
+/// Load the passphrase from `path`, or generate one and store it there (0600, in a 0700
+/// directory, written to a temporary file and renamed). Refuses a file others can read.
+pub fn load_or_create(path: &Path) -> Result<Passphrase, SecretError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) => {
+            let expected_uid = nix::unistd::geteuid().as_raw();
+            let mode = meta.permissions().mode() & 0o7777;
+            if !meta.is_file() || mode & 0o077 != 0 || meta.uid() != expected_uid {
+                return Err(SecretError::Unsafe {
+                    path: path.to_path_buf(),
+                    mode,
+                    uid: meta.uid(),
+                    expected_uid,
+                });
+            }
+            let text = std::fs::read_to_string(path).map_err(|source| SecretError::Io {
+                action: "read",
+                path: path.to_path_buf(),
+                source,
+            })?;
+            let passphrase = Passphrase::new(text.trim().to_owned());
+            drop(Passphrase::new(text));
+            if passphrase.expose().split(' ').count() != WORDS {
+                return Err(SecretError::Malformed {
+                    path: path.to_path_buf(),
+                });
+            }
+            Ok(passphrase)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let passphrase = Passphrase::generate();
+            store(path, &passphrase)?;
+            Ok(passphrase)
+        }
+        Err(source) => Err(SecretError::Io {
+            action: "inspect",
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+fn store(path: &Path, passphrase: &Passphrase) -> Result<(), SecretError> {
+    let io = |action, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| SecretError::Io {
+            action,
+            path,
+            source,
+        }
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io("create", dir))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(io("restrict", dir))?;
+    }
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(format!(".tmp-{}", std::process::id()));
+    let temporary = PathBuf::from(temporary);
+    let _ = std::fs::remove_file(&temporary);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&temporary)
+        .map_err(io("create", &temporary))?;
+    let mut contents = format!("{}\n", passphrase.expose());
+    let written = file
+        .write_all(contents.as_bytes())
+        .and_then(|()| file.sync_all());
+    // SAFETY: zero bytes keep the string valid UTF-8.
+    unsafe { contents.as_bytes_mut() }.fill(0);
+    written.map_err(io("write", &temporary))?;
+    std::fs::rename(&temporary, path).map_err(io("store", path))
+}
+
+/// The argon2id hash in the form Jupyter Server accepts for `PasswordIdentityProvider.hashed_password`:
+/// `argon2:` followed by the PHC string.
+pub fn argon2_hash(passphrase: &Passphrase) -> Result<String, SecretError> {
+    let salt = SaltString::generate(&mut OsRng);
+    let hash = argon2::Argon2::default()
+        .hash_password(passphrase.expose().as_bytes(), &salt)
+        .map_err(|e| SecretError::Hash(e.to_string()))?;
+    Ok(format!("argon2:{hash}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use argon2::password_hash::{PasswordHash, PasswordVerifier};
+
+    #[test]
+    fn the_dictionary_is_rfc1751s() {
+        let words = dictionary();
+        assert_eq!(words.len(), 2048);
+        let distinct: std::collections::BTreeSet<_> = words.iter().collect();
+        assert_eq!(distinct.len(), 2048);
+        assert!(words
+            .iter()
+            .all(|w| (1..=4).contains(&w.len()) && w.bytes().all(|b| b.is_ascii_uppercase())));
+        assert_eq!(words[0], "A");
+        assert_eq!(words[2047], "YOKE");
+    }
+
+    #[test]
+    fn generated_passphrases_have_eleven_words_and_fit_a_tag() {
+        let words = dictionary();
+        for _ in 0..200 {
+            let p = Passphrase::generate();
+            let parts: Vec<&str> = p.expose().split(' ').collect();
+            assert_eq!(parts.len(), WORDS);
+            assert!(parts.iter().all(|w| words.contains(w)));
+            assert!(p.expose().len() <= MAX_LEN);
+            assert!(("exoPw:".len() + p.expose().len()) <= 60);
+        }
+        assert_eq!(MAX_LEN, 54);
+        assert_ne!(
+            Passphrase::generate().expose(),
+            Passphrase::generate().expose()
+        );
+    }
+
+    #[test]
+    fn debug_is_redacted_and_matching_is_exact() {
+        let p = Passphrase::new("A B C".into());
+        assert_eq!(format!("{p:?}"), "Passphrase(<redacted>)");
+        assert!(p.matches("A B C"));
+        assert!(!p.matches("A B D"));
+        assert!(!p.matches("A B"));
+    }
+
+    #[test]
+    fn stored_once_with_0600_and_reloaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secrets/passphrase");
+        let first = load_or_create(&path).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let dir_mode = std::fs::metadata(path.parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(dir_mode & 0o777, 0o700);
+        let second = load_or_create(&path).unwrap();
+        assert_eq!(first.expose(), second.expose());
+        assert_eq!(
+            std::fs::read_dir(path.parent().unwrap()).unwrap().count(),
+            1,
+            "no temp files left"
+        );
+    }
+
+    #[test]
+    fn a_readable_file_is_refused_with_its_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("passphrase");
+        std::fs::write(&path, "A B C D E F G H I J K\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = load_or_create(&path).unwrap_err();
+        assert_eq!(err.reason(), "secret-unsafe-file");
+        assert!(err.to_string().contains("0644"), "{err}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(
+            load_or_create(&path).unwrap().expose(),
+            "A B C D E F G H I J K"
+        );
+        std::fs::write(&path, "too short\n").unwrap();
+        assert_eq!(
+            load_or_create(&path).unwrap_err().reason(),
+            "secret-malformed"
+        );
+    }
+
+    #[test]
+    fn the_hash_verifies_in_jupyters_form() {
+        let p = Passphrase::generate();
+        let hashed = argon2_hash(&p).unwrap();
+        let phc = hashed.strip_prefix("argon2:").expect("jupyter's prefix");
+        assert!(phc.starts_with("$argon2id$"));
+        let parsed = PasswordHash::new(phc).unwrap();
+        assert!(argon2::Argon2::default()
+            .verify_password(p.expose().as_bytes(), &parsed)
+            .is_ok());
+        assert!(argon2::Argon2::default()
+            .verify_password(b"wrong", &parsed)
+            .is_err());
+        assert!(!hashed.contains(p.expose()));
+    }
+}

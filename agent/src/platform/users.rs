@@ -1,0 +1,325 @@
+//! The instance user: created with bash, the distro's admin groups and passwordless sudo unless it
+//! exists; its password set through `chpasswd` on stdin, never in argv.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use crate::platform::exec;
+use crate::platform::os::Family;
+use crate::platform::passphrase::Passphrase;
+
+/// Lines of a failing tool's stderr kept in an error.
+const TAIL_LINES: usize = 5;
+
+/// A user account from `/etc/passwd`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserInfo {
+    /// Login name.
+    pub name: String,
+    /// User id.
+    pub uid: u32,
+    /// Primary group id.
+    pub gid: u32,
+    /// Home directory.
+    pub home: PathBuf,
+    /// Login shell.
+    pub shell: PathBuf,
+}
+
+/// The tools used, by path (names looked up on `PATH` in production).
+#[derive(Debug, Clone)]
+pub struct UserTools {
+    /// `useradd`.
+    pub useradd: PathBuf,
+    /// `usermod`.
+    pub usermod: PathBuf,
+    /// `chpasswd`.
+    pub chpasswd: PathBuf,
+    /// `visudo`, used to check the sudoers drop-in before it is installed.
+    pub visudo: PathBuf,
+}
+
+impl Default for UserTools {
+    fn default() -> Self {
+        Self {
+            useradd: "useradd".into(),
+            usermod: "usermod".into(),
+            chpasswd: "chpasswd".into(),
+            visudo: "visudo".into(),
+        }
+    }
+}
+
+/// Why the user could not be prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum UserError {
+    /// The name is not a portable login name.
+    #[error("invalid user name '{0}': use lower-case letters, digits, '_' and '-', starting with a letter or '_', at most 32 characters")]
+    InvalidName(String),
+    /// A tool failed.
+    #[error("'{command}' failed ({status}): {stderr}")]
+    Command {
+        /// The command (argv joined; never carries a secret).
+        command: String,
+        /// Its exit status.
+        status: String,
+        /// The tail of its stderr.
+        stderr: String,
+    },
+    /// A file could not be read or written.
+    #[error("failed to {action} '{path}': {source}")]
+    Io {
+        /// What was attempted.
+        action: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// `/etc/passwd` has a line that cannot be parsed for this user.
+    #[error("malformed entry for '{name}' in '{path}'")]
+    Malformed {
+        /// The user.
+        name: String,
+        /// The file.
+        path: PathBuf,
+    },
+    /// The user was created but cannot be found afterwards.
+    #[error("user '{0}' is missing after useradd")]
+    Vanished(String),
+}
+
+impl UserError {
+    /// Short stable reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::InvalidName(_) => "user-invalid-name",
+            Self::Command { command, .. } if command.contains("chpasswd") => "password-set-failed",
+            Self::Command { .. } | Self::Io { .. } | Self::Malformed { .. } | Self::Vanished(_) => {
+                "user-setup-failed"
+            }
+        }
+    }
+}
+
+/// Manages accounts under a root directory (`/` on an instance; a prepared tree in tests).
+#[derive(Debug, Clone)]
+pub struct UserManager {
+    root: PathBuf,
+    tools: UserTools,
+}
+
+impl UserManager {
+    /// Accounts under `root`, with the tools found on `PATH`.
+    pub fn new(root: &Path) -> Self {
+        Self::with_tools(root, UserTools::default())
+    }
+
+    /// Accounts under `root`, with the given tools.
+    pub fn with_tools(root: &Path, tools: UserTools) -> Self {
+        Self {
+            root: root.to_path_buf(),
+            tools,
+        }
+    }
+
+    fn is_host_root(&self) -> bool {
+        self.root == Path::new("/")
+    }
+
+    /// `--root <root>` for the shadow tools when not operating on `/`.
+    fn root_args(&self) -> Vec<String> {
+        if self.is_host_root() {
+            Vec::new()
+        } else {
+            vec!["--root".into(), self.root.display().to_string()]
+        }
+    }
+
+    /// The account `name`, if it exists.
+    pub fn lookup(&self, name: &str) -> Result<Option<UserInfo>, UserError> {
+        let path = self.root.join("etc/passwd");
+        let text = std::fs::read_to_string(&path).map_err(|source| UserError::Io {
+            action: "read",
+            path: path.clone(),
+            source,
+        })?;
+        for line in text.lines() {
+            let fields: Vec<&str> = line.split(':').collect();
+            if fields.first() != Some(&name) {
+                continue;
+            }
+            let malformed = || UserError::Malformed {
+                name: name.to_owned(),
+                path: path.clone(),
+            };
+            if fields.len() < 7 {
+                return Err(malformed());
+            }
+            return Ok(Some(UserInfo {
+                name: name.to_owned(),
+                uid: fields[2].parse().map_err(|_| malformed())?,
+                gid: fields[3].parse().map_err(|_| malformed())?,
+                home: PathBuf::from(fields[5]),
+                shell: PathBuf::from(fields[6]),
+            }));
+        }
+        Ok(None)
+    }
+
+    /// Groups from `etc/group` that exist, and whether `name` is already in each.
+    fn admin_groups(&self, name: &str, family: Family) -> Result<Vec<(String, bool)>, UserError> {
+        let path = self.root.join("etc/group");
+        let text = std::fs::read_to_string(&path).map_err(|source| UserError::Io {
+            action: "read",
+            path,
+            source,
+        })?;
+        let mut found = Vec::new();
+        for wanted in family.admin_groups() {
+            for line in text.lines() {
+                let fields: Vec<&str> = line.split(':').collect();
+                if fields.first() == Some(wanted) {
+                    let member = fields
+                        .get(3)
+                        .is_some_and(|members| members.split(',').any(|m| m == name));
+                    found.push(((*wanted).to_owned(), member));
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    async fn tool(
+        &self,
+        program: &Path,
+        args: &[String],
+        stdin: Option<&[u8]>,
+    ) -> Result<(), UserError> {
+        let finished =
+            exec::run(program, args, &[], stdin)
+                .await
+                .map_err(|e| UserError::Command {
+                    command: exec::shown(program, args),
+                    status: "not started".into(),
+                    stderr: e.to_string(),
+                })?;
+        if finished.status.success() {
+            Ok(())
+        } else {
+            Err(UserError::Command {
+                command: exec::shown(program, args),
+                status: finished.status.to_string(),
+                stderr: finished.tail(TAIL_LINES),
+            })
+        }
+    }
+
+    /// Create `name` unless it exists (home, bash), make sure it is in the family's admin groups
+    /// and has a passwordless-sudo drop-in. A second call changes nothing.
+    pub async fn ensure_user(&self, name: &str, family: Family) -> Result<UserInfo, UserError> {
+        validate_name(name)?;
+        if self.lookup(name)?.is_none() {
+            let mut args = self.root_args();
+            args.extend(
+                ["--create-home", "--shell", "/bin/bash", "--user-group"].map(String::from),
+            );
+            args.push(name.to_owned());
+            self.tool(&self.tools.useradd, &args, None).await?;
+        }
+        let missing: Vec<String> = self
+            .admin_groups(name, family)?
+            .into_iter()
+            .filter(|(_, member)| !member)
+            .map(|(group, _)| group)
+            .collect();
+        if !missing.is_empty() {
+            let mut args = self.root_args();
+            args.extend([
+                "--append".to_owned(),
+                "--groups".to_owned(),
+                missing.join(","),
+            ]);
+            args.push(name.to_owned());
+            self.tool(&self.tools.usermod, &args, None).await?;
+        }
+        self.ensure_sudoers(name).await?;
+        self.lookup(name)?
+            .ok_or_else(|| UserError::Vanished(name.to_owned()))
+    }
+
+    /// `<root>/etc/sudoers.d/90-exoagent-<name>`, 0440, checked with `visudo -cf` before it is
+    /// renamed into place (sudo ignores names with a dot, so the temporary file is inert).
+    async fn ensure_sudoers(&self, name: &str) -> Result<(), UserError> {
+        let dir = self.root.join("etc/sudoers.d");
+        let path = dir.join(format!("90-exoagent-{name}"));
+        let contents = format!("# Written by exoagent: the instance user administers the instance.\n{name} ALL=(ALL) NOPASSWD:ALL\n");
+        if std::fs::read_to_string(&path).ok().as_deref() == Some(contents.as_str()) {
+            return Ok(());
+        }
+        let io = |action, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| UserError::Io {
+                action,
+                path,
+                source,
+            }
+        };
+        std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
+        let temporary = dir.join(format!(".90-exoagent-{name}.tmp"));
+        std::fs::write(&temporary, &contents).map_err(io("write", &temporary))?;
+        std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(0o440))
+            .map_err(io("restrict", &temporary))?;
+        let check = vec![
+            "-c".to_owned(),
+            "-f".to_owned(),
+            temporary.display().to_string(),
+        ];
+        if let Err(e) = self.tool(&self.tools.visudo, &check, None).await {
+            let _ = std::fs::remove_file(&temporary);
+            return Err(e);
+        }
+        std::fs::rename(&temporary, &path).map_err(io("install", &path))
+    }
+
+    /// Set `name`'s password: `chpasswd` reads `name:passphrase` on stdin.
+    pub async fn set_password(&self, name: &str, passphrase: &Passphrase) -> Result<(), UserError> {
+        validate_name(name)?;
+        let mut line = format!("{name}:{}\n", passphrase.expose()).into_bytes();
+        let result = self
+            .tool(&self.tools.chpasswd, &self.root_args(), Some(&line))
+            .await;
+        line.fill(0);
+        result
+    }
+}
+
+/// A portable login name (what useradd accepts everywhere by default).
+fn validate_name(name: &str) -> Result<(), UserError> {
+    let mut bytes = name.bytes();
+    let first_ok = bytes
+        .next()
+        .is_some_and(|b| b.is_ascii_lowercase() || b == b'_');
+    let rest_ok =
+        bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    if first_ok && rest_ok && name.len() <= 32 {
+        Ok(())
+    } else {
+        Err(UserError::InvalidName(name.to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_validated() {
+        for good in ["exouser", "_svc", "a-b_1"] {
+            assert!(validate_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", "Exouser", "1abc", "a b", "a:b", "-x", &"x".repeat(33)] {
+            assert!(validate_name(bad).is_err(), "{bad}");
+        }
+    }
+}

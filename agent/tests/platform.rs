@@ -1,0 +1,543 @@
+//! The platform layer against real files and real tools: os-release fixtures, the shadow tools
+//! on a temporary root, `chpasswd` on a throwaway account, `dpkg-query` on this machine, and apt.
+//!
+//! Doubles: the `apt-get` used for the lock/retry/batching tests is a script written by the test
+//! (installing real packages in every run is slow and lock contention must be reproducible); one
+//! test drives the real `apt-get` when `EXOAGENT_REAL_APT=1` (CI sets it).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use exoagent::config::settings::PackageSettings;
+use exoagent::platform::os::{self, Family, PackageManager};
+use exoagent::platform::packages::{InstallOutcome, PackageInstaller, PackageTools};
+use exoagent::platform::passphrase::Passphrase;
+use exoagent::platform::users::UserManager;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/os-release")
+        .join(name)
+}
+
+/// A root directory holding only `etc/os-release` = the named fixture.
+fn root_with(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("etc")).unwrap();
+    std::fs::copy(fixture(name), dir.path().join("etc/os-release")).unwrap();
+    dir
+}
+
+#[test]
+fn supported_releases_are_detected_with_their_family() {
+    for (name, family, version) in [
+        ("ubuntu-20.04", Family::Debian, "20.04"),
+        ("ubuntu-22.04", Family::Debian, "22.04"),
+        ("ubuntu-24.04", Family::Debian, "24.04"),
+        ("debian-11", Family::Debian, "11"),
+        ("debian-12", Family::Debian, "12"),
+        ("rocky-8", Family::RedHat, "8.10"),
+        ("rocky-9", Family::RedHat, "9.4"),
+        ("almalinux-8", Family::RedHat, "8.10"),
+        ("almalinux-9", Family::RedHat, "9.4"),
+    ] {
+        let root = root_with(name);
+        let found = os::detect(root.path()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(found.family, family, "{name}");
+        assert_eq!(found.version_id, version, "{name}");
+        assert!(found.supported);
+        let manager = match family {
+            Family::Debian => PackageManager::Apt,
+            Family::RedHat => PackageManager::Dnf,
+        };
+        assert_eq!(found.family.package_manager(), manager);
+    }
+}
+
+#[test]
+fn unsupported_releases_are_refused_by_name() {
+    for (name, pretty) in [
+        ("ubuntu-18.04", "Ubuntu 18.04.6 LTS"),
+        ("fedora-40", "Fedora Linux 40 (Cloud Edition)"),
+    ] {
+        let root = root_with(name);
+        let err = os::detect(root.path()).unwrap_err();
+        assert_eq!(err.reason(), "os-unsupported");
+        let text = err.to_string();
+        assert!(text.contains(pretty), "{text}");
+        assert!(text.contains("etc/os-release"), "{text}");
+        assert!(
+            text.contains("Debian 11, 12"),
+            "lists what is supported: {text}"
+        );
+        // The sandbox still runs there.
+        let lenient = os::detect_lenient(root.path()).unwrap();
+        assert!(!lenient.supported);
+        assert_eq!(lenient.pretty_name, pretty);
+    }
+    assert_eq!(
+        os::detect_lenient(root_with("fedora-40").path())
+            .unwrap()
+            .family,
+        Family::RedHat
+    );
+}
+
+#[test]
+fn usr_lib_os_release_is_the_fallback() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("usr/lib")).unwrap();
+    std::fs::copy(fixture("debian-12"), dir.path().join("usr/lib/os-release")).unwrap();
+    assert_eq!(os::detect(dir.path()).unwrap().id, "debian");
+}
+
+#[test]
+fn this_machine_is_detected() {
+    let found = os::detect_lenient(Path::new("/")).unwrap();
+    assert_ne!(found.pretty_name, "unknown Linux");
+}
+
+/// A root for the shadow tools: the host's account files and login.defs, nothing else.
+fn shadow_root() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("etc/sudoers.d")).unwrap();
+    std::fs::create_dir_all(dir.path().join("home")).unwrap();
+    for file in ["passwd", "group", "shadow", "gshadow", "login.defs"] {
+        std::fs::copy(
+            Path::new("/etc").join(file),
+            dir.path().join("etc").join(file),
+        )
+        .unwrap();
+    }
+    dir
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+#[tokio::test]
+async fn the_instance_user_is_created_once_with_sudo() {
+    if !is_root() {
+        eprintln!("skipped: needs root for useradd --root");
+        return;
+    }
+    let host_passwd = std::fs::read_to_string("/etc/passwd").unwrap();
+    let root = shadow_root();
+    let users = UserManager::new(root.path());
+    assert_eq!(users.lookup("exouser").unwrap(), None);
+    let info = users.ensure_user("exouser", Family::Debian).await.unwrap();
+    assert_eq!(info.shell, Path::new("/bin/bash"));
+    assert_eq!(info.home, Path::new("/home/exouser"));
+    assert!(root.path().join("home/exouser").is_dir(), "home created");
+
+    let passwd = std::fs::read_to_string(root.path().join("etc/passwd")).unwrap();
+    assert_eq!(
+        passwd.lines().filter(|l| l.starts_with("exouser:")).count(),
+        1
+    );
+    let group = std::fs::read_to_string(root.path().join("etc/group")).unwrap();
+    let sudo = group.lines().find(|l| l.starts_with("sudo:")).unwrap();
+    assert!(
+        sudo.split(':')
+            .nth(3)
+            .unwrap()
+            .split(',')
+            .any(|m| m == "exouser"),
+        "{sudo}"
+    );
+
+    let sudoers = root.path().join("etc/sudoers.d/90-exoagent-exouser");
+    let text = std::fs::read_to_string(&sudoers).unwrap();
+    assert!(text.contains("exouser ALL=(ALL) NOPASSWD:ALL"));
+    assert_eq!(
+        std::fs::metadata(&sudoers).unwrap().permissions().mode() & 0o777,
+        0o440
+    );
+
+    // Idempotent: nothing changes on a second run.
+    let before: Vec<String> = ["etc/passwd", "etc/group", "etc/shadow"]
+        .iter()
+        .map(|f| std::fs::read_to_string(root.path().join(f)).unwrap())
+        .collect();
+    let again = users.ensure_user("exouser", Family::Debian).await.unwrap();
+    assert_eq!(again, info);
+    let after: Vec<String> = ["etc/passwd", "etc/group", "etc/shadow"]
+        .iter()
+        .map(|f| std::fs::read_to_string(root.path().join(f)).unwrap())
+        .collect();
+    assert_eq!(before, after);
+    assert_eq!(
+        std::fs::read_dir(root.path().join("etc/sudoers.d"))
+            .unwrap()
+            .count(),
+        1
+    );
+    assert_eq!(
+        std::fs::read_to_string("/etc/passwd").unwrap(),
+        host_passwd,
+        "host untouched"
+    );
+
+    let err = users
+        .ensure_user("Bad Name", Family::Debian)
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason(), "user-invalid-name");
+}
+
+#[tokio::test]
+async fn an_existing_user_gets_groups_without_being_recreated() {
+    if !is_root() {
+        eprintln!("skipped: needs root for useradd --root");
+        return;
+    }
+    let root = shadow_root();
+    let users = UserManager::new(root.path());
+    // Rocky's group is wheel; the host (Debian) has none, so add one to the temporary root.
+    let group_file = root.path().join("etc/group");
+    let mut groups = std::fs::read_to_string(&group_file).unwrap();
+    groups.push_str("wheel:x:10:\n");
+    std::fs::write(&group_file, groups).unwrap();
+    let info = users.ensure_user("rocky", Family::RedHat).await.unwrap();
+    let group = std::fs::read_to_string(&group_file).unwrap();
+    assert!(group.lines().any(|l| l == "wheel:x:10:rocky"), "{group}");
+    assert!(!group
+        .lines()
+        .any(|l| l.starts_with("sudo:") && l.contains("rocky")));
+    assert_eq!(
+        users
+            .ensure_user("rocky", Family::RedHat)
+            .await
+            .unwrap()
+            .uid,
+        info.uid
+    );
+}
+
+/// `chpasswd` needs PAM, which only works on the real root: this test creates a throwaway
+/// account on the host and removes it afterwards.
+#[tokio::test]
+async fn the_password_is_set_through_stdin_and_verifies() {
+    if !is_root() {
+        eprintln!("skipped: needs root for chpasswd");
+        return;
+    }
+    let name = format!("exot{}", std::process::id() % 100_000);
+    struct Cleanup(String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("userdel")
+                .args(["--remove", &self.0])
+                .output();
+        }
+    }
+    let status = std::process::Command::new("useradd")
+        .args(["--create-home", &name])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let _cleanup = Cleanup(name.clone());
+    let passphrase = Passphrase::generate();
+    UserManager::new(Path::new("/"))
+        .set_password(&name, &passphrase)
+        .await
+        .unwrap();
+    let shadow = std::fs::read_to_string("/etc/shadow").unwrap();
+    let hash = shadow
+        .lines()
+        .find(|l| l.starts_with(&format!("{name}:")))
+        .unwrap()
+        .split(':')
+        .nth(1)
+        .unwrap()
+        .to_owned();
+    assert!(hash.starts_with("$y$") || hash.starts_with("$6$"), "{hash}");
+    assert!(!shadow.contains(passphrase.expose()));
+    assert!(
+        crypt_verifies(passphrase.expose(), &hash),
+        "the password verifies"
+    );
+    assert!(!crypt_verifies("WRONG", &hash));
+
+    let err = UserManager::new(Path::new("/"))
+        .set_password("no-such-user-xyz", &passphrase)
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason(), "password-set-failed");
+    assert!(!err.to_string().contains(passphrase.expose()), "{err}");
+}
+
+/// Check `password` against a crypt(3) hash with libc's crypt (via Python's crypt module, the
+/// password on stdin).
+fn crypt_verifies(password: &str, hash: &str) -> bool {
+    use std::io::Write;
+    let mut child = std::process::Command::new("python3")
+        .args([
+            "-W",
+            "ignore",
+            "-c",
+            "import crypt,sys; h=sys.argv[1]; p=sys.stdin.read(); sys.exit(0 if crypt.crypt(p,h)==h else 1)",
+            hash,
+        ])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(password.as_bytes())
+        .unwrap();
+    child.wait().unwrap().success()
+}
+
+#[tokio::test]
+async fn dpkg_query_tells_what_is_missing() {
+    if which("dpkg-query").is_none() {
+        eprintln!("skipped: not a dpkg system");
+        return;
+    }
+    let installer = PackageInstaller::new(PackageManager::Apt, &PackageSettings::default());
+    let missing = installer
+        .missing(&["coreutils".into(), "surely-not-a-pkg-xyz".into()])
+        .await
+        .unwrap();
+    assert_eq!(missing, vec!["surely-not-a-pkg-xyz".to_owned()]);
+    let err = installer.missing(&["--force".into()]).await.unwrap_err();
+    assert_eq!(err.reason(), "package-install-failed");
+    assert!(err.to_string().contains("--force"));
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// A fake `apt-get` (a shell script) that records its argv, one line per call, and fails with
+/// `failure` on the first `failures` install calls.
+fn fake_apt(dir: &Path, failures: u32, failure: &str) -> PackageTools {
+    let script = dir.join("apt-get");
+    let calls = dir.join("calls");
+    let count = dir.join("count");
+    std::fs::write(
+        &script,
+        format!(
+            r#"#!/bin/sh
+echo "$*" >> '{calls}'
+case "$*" in *update*) exit 0;; esac
+n=$(cat '{count}' 2>/dev/null || echo 0); n=$((n+1)); echo $n > '{count}'
+if [ $n -le {failures} ]; then echo '{failure}' >&2; exit 100; fi
+exit 0
+"#,
+            calls = calls.display(),
+            count = count.display(),
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // Fresh package lists, so no `apt-get update` runs first.
+    let lists = dir.join("lists");
+    std::fs::create_dir_all(&lists).unwrap();
+    std::fs::write(
+        lists.join("deb_dists_bookworm_main_binary-amd64_Packages"),
+        "",
+    )
+    .unwrap();
+    PackageTools {
+        apt_get: script,
+        apt_lists: lists,
+        ..PackageTools::default()
+    }
+}
+
+fn calls(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string(dir.join("calls"))
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn settings(attempts: u32) -> PackageSettings {
+    PackageSettings {
+        lock_timeout: Duration::from_secs(123),
+        attempts,
+    }
+}
+
+const MISSING: [&str; 2] = ["surely-not-a-pkg-xyz", "surely-not-a-pkg-abc"];
+
+#[tokio::test]
+async fn a_held_lock_is_waited_out_and_everything_goes_in_one_transaction() {
+    if which("dpkg-query").is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tools = fake_apt(
+        dir.path(),
+        2,
+        "E: Could not get lock /var/lib/dpkg/lock-frontend. It is held by process 4242 (apt-get)",
+    );
+    let installer = PackageInstaller::with_tools(
+        PackageManager::Apt,
+        &settings(3),
+        tools,
+        Duration::from_millis(10),
+    );
+    let packages: Vec<String> = MISSING
+        .iter()
+        .map(|s| s.to_string())
+        .chain(["coreutils".into()])
+        .collect();
+    let outcome = installer.install(&packages).await.unwrap();
+    assert_eq!(
+        outcome,
+        InstallOutcome::Installed {
+            packages: MISSING.iter().map(|s| s.to_string()).collect(),
+            attempts: 3
+        }
+    );
+    let calls = calls(dir.path());
+    assert_eq!(calls.len(), 3, "{calls:?}");
+    for call in &calls {
+        assert_eq!(
+            call,
+            "-y -q -o DPkg::Lock::Timeout=123 install --no-install-recommends -- surely-not-a-pkg-xyz surely-not-a-pkg-abc",
+            "one transaction with every missing package, nothing already installed"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_lock_held_too_long_is_a_lock_timeout() {
+    if which("dpkg-query").is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tools = fake_apt(
+        dir.path(),
+        99,
+        "E: Could not get lock /var/lib/dpkg/lock-frontend",
+    );
+    let installer = PackageInstaller::with_tools(
+        PackageManager::Apt,
+        &settings(2),
+        tools,
+        Duration::from_millis(10),
+    );
+    let err = installer.install(&[MISSING[0].into()]).await.unwrap_err();
+    assert_eq!(err.reason(), "package-lock-timeout");
+    assert_eq!(calls(dir.path()).len(), 2);
+}
+
+#[tokio::test]
+async fn a_permanent_failure_is_not_retried_and_keeps_the_stderr() {
+    if which("dpkg-query").is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tools = fake_apt(
+        dir.path(),
+        99,
+        "E: Sub-process /usr/bin/dpkg returned an error code (1)",
+    );
+    let installer = PackageInstaller::with_tools(
+        PackageManager::Apt,
+        &settings(5),
+        tools,
+        Duration::from_millis(10),
+    );
+    let err = installer.install(&[MISSING[0].into()]).await.unwrap_err();
+    assert_eq!(err.reason(), "package-install-failed");
+    assert!(
+        err.to_string().contains("returned an error code (1)"),
+        "{err}"
+    );
+    assert_eq!(calls(dir.path()).len(), 1, "not retried");
+}
+
+#[tokio::test]
+async fn stale_lists_are_refreshed_before_retrying() {
+    if which("dpkg-query").is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tools = fake_apt(
+        dir.path(),
+        1,
+        "E: Unable to locate package surely-not-a-pkg-xyz",
+    );
+    let installer = PackageInstaller::with_tools(
+        PackageManager::Apt,
+        &settings(3),
+        tools,
+        Duration::from_millis(10),
+    );
+    installer.install(&[MISSING[0].into()]).await.unwrap();
+    let calls = calls(dir.path());
+    assert_eq!(calls.len(), 3, "{calls:?}");
+    assert!(calls[1].ends_with("update"), "{calls:?}");
+}
+
+#[tokio::test]
+async fn nothing_runs_when_everything_is_installed() {
+    if which("dpkg-query").is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tools = fake_apt(dir.path(), 0, "");
+    let installer = PackageInstaller::with_tools(
+        PackageManager::Apt,
+        &settings(3),
+        tools,
+        Duration::from_millis(10),
+    );
+    assert_eq!(
+        installer.install(&["coreutils".into()]).await.unwrap(),
+        InstallOutcome::AlreadyInstalled
+    );
+    assert!(calls(dir.path()).is_empty());
+}
+
+/// The real apt-get, installing a tiny real package through the installer (CI sets
+/// EXOAGENT_REAL_APT=1; it needs root and the Debian mirror).
+#[tokio::test]
+async fn real_apt_installs_a_real_package() {
+    if std::env::var("EXOAGENT_REAL_APT").as_deref() != Ok("1") {
+        eprintln!("skipped: set EXOAGENT_REAL_APT=1 (and run as root) to install a real package");
+        return;
+    }
+    assert!(is_root(), "EXOAGENT_REAL_APT=1 needs root");
+    let package = "sl".to_owned();
+    let _ = std::process::Command::new("apt-get")
+        .args(["-y", "-q", "remove", "sl"])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .output();
+    let installer = PackageInstaller::new(PackageManager::Apt, &PackageSettings::default());
+    assert_eq!(
+        installer
+            .missing(std::slice::from_ref(&package))
+            .await
+            .unwrap(),
+        vec![package.clone()]
+    );
+    let outcome = installer
+        .install(std::slice::from_ref(&package))
+        .await
+        .unwrap();
+    assert!(
+        matches!(outcome, InstallOutcome::Installed { .. }),
+        "{outcome:?}"
+    );
+    assert!(Path::new("/usr/games/sl").exists());
+    assert_eq!(
+        installer
+            .install(std::slice::from_ref(&package))
+            .await
+            .unwrap(),
+        InstallOutcome::AlreadyInstalled
+    );
+}
