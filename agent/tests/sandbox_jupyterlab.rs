@@ -344,6 +344,18 @@ fn sandbox_brings_up_jupyterlab_supervises_and_survives_agent_restarts() {
         table.contains("jupyterlab") && table.contains("ready"),
         "{table}"
     );
+    let logs = sb.cli(&["logs", "jupyterlab", "-n", "500"]);
+    assert_eq!(logs.status.code(), Some(0));
+    let logs = String::from_utf8_lossy(&logs.stdout).into_owned();
+    assert!(
+        logs.contains("ServerApp"),
+        "JupyterLab's own output is captured:\n{logs}"
+    );
+    assert_eq!(
+        sb.cli(&["logs", "rstudio"]).status.code(),
+        Some(1),
+        "not configured"
+    );
 
     // 3. The passphrase logs in; a wrong one does not.
     let passphrase = sb.passphrase();
