@@ -163,6 +163,20 @@ fn invalid_installer() {
 }
 
 #[test]
+fn root_or_a_malformed_name_is_not_an_instance_user() {
+    let sb = Sandbox::new();
+    let file = sb.dropin("10-x.toml", "[instance]\nuser = \"root\"\n");
+    let e = sb.single(&file, Some(2), Some("instance.user"));
+    assert_eq!(e.kind, ErrorKind::InvalidValue);
+    assert!(e.message.contains("unprivileged"), "{e}");
+
+    let sb = Sandbox::new();
+    let file = sb.dropin("10-x.toml", "[instance]\nuser = \"Bad User\"\n");
+    let e = sb.single(&file, Some(2), Some("instance.user"));
+    assert!(e.message.contains("\"Bad User\""), "{e}");
+}
+
+#[test]
 fn toml_syntax_error() {
     let sb = Sandbox::new();
     let file = sb.dropin(

@@ -69,6 +69,19 @@ pub(crate) fn settings(merged: &Fragment, files: &[PathBuf]) -> (Settings, Vec<C
         create_user: value(&merged.instance.create_user).unwrap_or(defaults.instance.create_user),
     };
 
+    if let Some(user) = &merged.instance.user {
+        if user.value == "root" {
+            check.error(
+                user.origin,
+                "instance.user".to_owned(),
+                ErrorKind::InvalidValue,
+                "invalid value \"root\": the instance user gets the passphrase as its password \
+                 and runs the services; use an unprivileged account such as \"exouser\""
+                    .to_owned(),
+            );
+        }
+    }
+
     let s = &merged.supervise;
     let d = SupervisePolicy::default();
     let ms = |v: &Option<super::fragment::Located<u64>>, dflt: Duration| {
