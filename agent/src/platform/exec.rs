@@ -56,7 +56,9 @@ pub(crate) async fn run<S: AsRef<OsStr>>(
         } else {
             Stdio::null()
         })
-        .kill_on_drop(true);
+        // Not killed when the caller is dropped: interrupting apt, useradd or chpasswd midway
+        // could leave dpkg or the account files half-changed.
+        .kill_on_drop(false);
     let mut child = command.spawn()?;
     if let (Some(bytes), Some(mut pipe)) = (stdin, child.stdin.take()) {
         pipe.write_all(bytes).await?;

@@ -327,7 +327,12 @@ impl PackageInstaller {
                 (
                     self.tools.apt_get.clone(),
                     args,
-                    vec![("DEBIAN_FRONTEND", "noninteractive"), ("LC_ALL", "C")],
+                    // needrestart (Ubuntu) would otherwise ask which services to restart.
+                    vec![
+                        ("DEBIAN_FRONTEND", "noninteractive"),
+                        ("NEEDRESTART_MODE", "a"),
+                        ("LC_ALL", "C"),
+                    ],
                 )
             }
             PackageManager::Dnf => {
