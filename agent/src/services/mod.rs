@@ -146,6 +146,36 @@ impl ServiceError {
     }
 }
 
+/// What each service implements: the small surface the agent drives. [`Service`] is the
+/// closed set of implementations and dispatches to them.
+pub trait ServiceImpl {
+    /// System packages to install in the one batched transaction.
+    fn system_packages(&self, family: Family) -> Vec<String>;
+    /// Human-readable plan steps for `exoagent validate`.
+    fn plan(&self, ctx: &ServiceContext) -> Vec<String>;
+    /// Install the service's payload (idempotent).
+    fn install(
+        &self,
+        ctx: &ServiceContext,
+    ) -> impl std::future::Future<Output = Result<(), ServiceError>> + Send;
+    /// Write its configuration (idempotent).
+    fn configure(
+        &self,
+        ctx: &ServiceContext,
+        passphrase: &Passphrase,
+    ) -> impl std::future::Future<Output = Result<(), ServiceError>> + Send;
+    /// How the supervisor runs it.
+    fn run_spec(&self, ctx: &ServiceContext) -> RunSpec;
+    /// How to tell that it is ready (and still alive).
+    fn probe(&self) -> Probe;
+    /// How long it may take from launch to the first good probe.
+    fn start_timeout(&self) -> Duration;
+    /// Its port.
+    fn port(&self) -> u16;
+    /// Where a person on the instance reaches it.
+    fn url(&self) -> String;
+}
+
 /// One configured service, dispatching to its implementation.
 #[derive(Debug, Clone)]
 pub enum Service {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use super::{Account, ServiceContext, ServiceError};
+use super::{Account, ServiceContext, ServiceError, ServiceImpl};
 use crate::config::{JupyterLabSettings, PythonInstaller};
 use crate::fsutil;
 use crate::platform::os::Family;
@@ -60,8 +60,77 @@ impl JupyterLab {
         venv.join(".exoagent-requirements")
     }
 
+    async fn find_python(&self) -> Result<String, ServiceError> {
+        let candidates: Vec<String> = match &self.settings.python {
+            Some(p) => vec![p.to_string_lossy().into_owned()],
+            None => PYTHON_CANDIDATES.iter().map(|s| s.to_string()).collect(),
+        };
+        let mut seen = Vec::new();
+        for candidate in &candidates {
+            let output = tokio::process::Command::new(candidate)
+                .args([
+                    "-c",
+                    "import sys, venv; print(sys.version_info[0], sys.version_info[1])",
+                ])
+                .stdin(std::process::Stdio::null())
+                .output()
+                .await;
+            let Ok(output) = output else { continue };
+            let text = String::from_utf8_lossy(&output.stdout);
+            let mut parts = text
+                .split_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok());
+            if let (true, Some(major), Some(minor)) =
+                (output.status.success(), parts.next(), parts.next())
+            {
+                if (major, minor) >= MIN_PYTHON {
+                    return Ok(candidate.clone());
+                }
+                seen.push(format!("{candidate} is {major}.{minor}"));
+            } else if !output.status.success() {
+                seen.push(format!("{candidate} has no venv module"));
+            }
+        }
+        Err(ServiceError::Install {
+            service: ServiceKind::JupyterLab,
+            detail: format!(
+                "no Python >= {}.{} with the venv module found (tried {}{}{})",
+                MIN_PYTHON.0,
+                MIN_PYTHON.1,
+                candidates.join(", "),
+                if seen.is_empty() { "" } else { "; " },
+                seen.join(", ")
+            ),
+        })
+    }
+
+    /// The server configuration document (JSON, so no value can inject code).
+    pub fn server_config(&self, ctx: &ServiceContext, hashed_password: &str) -> serde_json::Value {
+        json!({
+            "ServerApp": {
+                "ip": self.settings.bind.to_string(),
+                "port": self.settings.port,
+                "port_retries": 0,
+                "open_browser": false,
+                "base_url": self.settings.base_url,
+                "allow_remote_access": true,
+                "trust_xheaders": true,
+                "root_dir": ctx.account.home.to_string_lossy(),
+                "allow_root": ctx.account.uid == 0,
+            },
+            "IdentityProvider": { "token": "" },
+            "PasswordIdentityProvider": {
+                "hashed_password": hashed_password,
+                "allow_password_change": false,
+                "password_required": true,
+            },
+        })
+    }
+}
+
+impl ServiceImpl for JupyterLab {
     /// System packages the venv needs, batched with every other service's.
-    pub fn system_packages(&self, family: Family) -> Vec<String> {
+    fn system_packages(&self, family: Family) -> Vec<String> {
         match family {
             Family::Debian => vec!["python3".into(), "python3-venv".into()],
             // EL 8/9 ship 3.6/3.9 as python3; JupyterLab needs 3.10+, AppStream has 3.11.
@@ -70,7 +139,7 @@ impl JupyterLab {
     }
 
     /// Human-readable plan steps for `exoagent validate`.
-    pub fn plan(&self, ctx: &ServiceContext) -> Vec<String> {
+    fn plan(&self, ctx: &ServiceContext) -> Vec<String> {
         vec![
             format!(
                 "create venv {} and install the hash-pinned JupyterLab lock ({} packages) with {}",
@@ -102,7 +171,7 @@ impl JupyterLab {
 
     /// Create the venv and install the lock. Idempotent: a venv whose marker matches the lock is
     /// left alone; the marker is written only after a successful install.
-    pub async fn install(&self, ctx: &ServiceContext) -> Result<(), ServiceError> {
+    async fn install(&self, ctx: &ServiceContext) -> Result<(), ServiceError> {
         let venv = Self::venv(ctx);
         let marker = Self::lock_marker(&venv);
         let lock_id = lock_fingerprint();
@@ -192,76 +261,9 @@ impl JupyterLab {
         })
     }
 
-    async fn find_python(&self) -> Result<String, ServiceError> {
-        let candidates: Vec<String> = match &self.settings.python {
-            Some(p) => vec![p.to_string_lossy().into_owned()],
-            None => PYTHON_CANDIDATES.iter().map(|s| s.to_string()).collect(),
-        };
-        let mut seen = Vec::new();
-        for candidate in &candidates {
-            let output = tokio::process::Command::new(candidate)
-                .args([
-                    "-c",
-                    "import sys, venv; print(sys.version_info[0], sys.version_info[1])",
-                ])
-                .stdin(std::process::Stdio::null())
-                .output()
-                .await;
-            let Ok(output) = output else { continue };
-            let text = String::from_utf8_lossy(&output.stdout);
-            let mut parts = text
-                .split_whitespace()
-                .filter_map(|p| p.parse::<u32>().ok());
-            if let (true, Some(major), Some(minor)) =
-                (output.status.success(), parts.next(), parts.next())
-            {
-                if (major, minor) >= MIN_PYTHON {
-                    return Ok(candidate.clone());
-                }
-                seen.push(format!("{candidate} is {major}.{minor}"));
-            } else if !output.status.success() {
-                seen.push(format!("{candidate} has no venv module"));
-            }
-        }
-        Err(ServiceError::Install {
-            service: ServiceKind::JupyterLab,
-            detail: format!(
-                "no Python >= {}.{} with the venv module found (tried {}{}{})",
-                MIN_PYTHON.0,
-                MIN_PYTHON.1,
-                candidates.join(", "),
-                if seen.is_empty() { "" } else { "; " },
-                seen.join(", ")
-            ),
-        })
-    }
-
-    /// The server configuration document (JSON, so no value can inject code).
-    pub fn server_config(&self, ctx: &ServiceContext, hashed_password: &str) -> serde_json::Value {
-        json!({
-            "ServerApp": {
-                "ip": self.settings.bind.to_string(),
-                "port": self.settings.port,
-                "port_retries": 0,
-                "open_browser": false,
-                "base_url": self.settings.base_url,
-                "allow_remote_access": true,
-                "trust_xheaders": true,
-                "root_dir": ctx.account.home.to_string_lossy(),
-                "allow_root": ctx.account.uid == 0,
-            },
-            "IdentityProvider": { "token": "" },
-            "PasswordIdentityProvider": {
-                "hashed_password": hashed_password,
-                "allow_password_change": false,
-                "password_required": true,
-            },
-        })
-    }
-
     /// Write the server config (0600, owned by the service account). Rewritten on every start so
     /// a changed port or base URL takes effect; the hash is new each time (fresh salt).
-    pub async fn configure(
+    async fn configure(
         &self,
         ctx: &ServiceContext,
         passphrase: &Passphrase,
@@ -304,7 +306,7 @@ impl JupyterLab {
 
     /// How the supervisor starts it: the venv's `jupyter-lab` with our config, a clean
     /// environment, as the instance user.
-    pub fn run_spec(&self, ctx: &ServiceContext) -> RunSpec {
+    fn run_spec(&self, ctx: &ServiceContext) -> RunSpec {
         let venv = Self::venv(ctx);
         let account = &ctx.account;
         let path = format!(
@@ -331,7 +333,7 @@ impl JupyterLab {
     }
 
     /// `GET {base_url}api` on loopback (or the bound address) must answer 200 with a version.
-    pub fn probe(&self) -> Probe {
+    fn probe(&self) -> Probe {
         let host = match self.settings.bind {
             IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
             IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
@@ -347,17 +349,17 @@ impl JupyterLab {
     }
 
     /// How long from launch to the first good probe.
-    pub fn start_timeout(&self) -> Duration {
+    fn start_timeout(&self) -> Duration {
         self.settings.start_timeout
     }
 
     /// The port.
-    pub fn port(&self) -> u16 {
+    fn port(&self) -> u16 {
         self.settings.port
     }
 
     /// Where a person on the instance reaches it.
-    pub fn url(&self) -> String {
+    fn url(&self) -> String {
         let addr = match self.probe() {
             Probe::Http { addr, .. } | Probe::Tcp { addr } => addr,
         };
