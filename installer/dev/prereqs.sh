@@ -29,4 +29,6 @@ if ! have uv; then
   python3 -m pip install --quiet --disable-pip-version-check uv \
     || python3 -m pip install --quiet --disable-pip-version-check --user uv \
     || echo "prereqs: uv not installed; the agent will use pip" >&2
+  # Under pyenv a newly installed executable appears on PATH only after a rehash.
+  have uv || { have pyenv && pyenv rehash; } || true
 fi

@@ -151,13 +151,8 @@ impl ConsoleReporter {
         let mut key = StatusKey::of(&setup);
         writer.send(status_line(&setup, setup.since_ms));
 
-        let start = tokio::time::Instant::now();
-        let mut status_tick =
-            tokio::time::interval_at(start + self.status_interval, self.status_interval);
-        let mut load_tick =
-            tokio::time::interval_at(start + self.load_interval, self.load_interval);
-        status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        load_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next_status = after_jittered(self.status_interval);
+        let mut next_load = after_jittered(self.load_interval);
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
@@ -170,17 +165,28 @@ impl ConsoleReporter {
                     if next != key {
                         key = next;
                         writer.send(status_line(&setup, setup.since_ms));
-                        status_tick.reset();
+                        next_status = after_jittered(self.status_interval);
                     }
                 }
-                _ = status_tick.tick() => writer.send(status_line(&setup, setup.since_ms)),
-                _ = load_tick.tick() => {
+                _ = tokio::time::sleep_until(next_status) => {
+                    writer.send(status_line(&setup, setup.since_ms));
+                    next_status = after_jittered(self.status_interval);
+                }
+                _ = tokio::time::sleep_until(next_load) => {
+                    next_load = after_jittered(self.load_interval);
                     let sample = self.sampler.sample().await;
                     writer.send(load_line(&sample));
                 }
             }
         }
     }
+}
+
+/// `interval` plus 0–10 % from now: many instances booted together do not write in lockstep.
+fn after_jittered(interval: Duration) -> tokio::time::Instant {
+    use rand::Rng;
+    let jitter = rand::thread_rng().gen_range(0.0..=0.1);
+    tokio::time::Instant::now() + interval.mul_f64(1.0 + jitter)
 }
 
 /// The async side of the writer thread: a bounded queue that never blocks.
