@@ -353,6 +353,16 @@ exit 0
     }
 }
 
+/// An installer whose `apt-get` is [`fake_apt`], retrying after 10 ms, 20 ms, …
+fn fake_apt_installer(dir: &Path, failures: u32, failure: &str, attempts: u32) -> PackageInstaller {
+    PackageInstaller::with_tools(
+        PackageManager::Apt,
+        &settings(attempts),
+        fake_apt(dir, failures, failure),
+        Duration::from_millis(10),
+    )
+}
+
 fn calls(dir: &Path) -> Vec<String> {
     std::fs::read_to_string(dir.join("calls"))
         .unwrap_or_default()
@@ -376,16 +386,11 @@ async fn a_held_lock_is_waited_out_and_everything_goes_in_one_transaction() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let tools = fake_apt(
+    let installer = fake_apt_installer(
         dir.path(),
         2,
         "E: Could not get lock /var/lib/dpkg/lock-frontend. It is held by process 4242 (apt-get)",
-    );
-    let installer = PackageInstaller::with_tools(
-        PackageManager::Apt,
-        &settings(3),
-        tools,
-        Duration::from_millis(10),
+        3,
     );
     let packages: Vec<String> = MISSING
         .iter()
@@ -417,16 +422,11 @@ async fn a_lock_held_too_long_is_a_lock_timeout() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let tools = fake_apt(
+    let installer = fake_apt_installer(
         dir.path(),
         99,
         "E: Could not get lock /var/lib/dpkg/lock-frontend",
-    );
-    let installer = PackageInstaller::with_tools(
-        PackageManager::Apt,
-        &settings(2),
-        tools,
-        Duration::from_millis(10),
+        2,
     );
     let err = installer.install(&[MISSING[0].into()]).await.unwrap_err();
     assert_eq!(err.reason(), "package-lock-timeout");
@@ -439,16 +439,11 @@ async fn a_permanent_failure_is_not_retried_and_keeps_the_stderr() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let tools = fake_apt(
+    let installer = fake_apt_installer(
         dir.path(),
         99,
         "E: Sub-process /usr/bin/dpkg returned an error code (1)",
-    );
-    let installer = PackageInstaller::with_tools(
-        PackageManager::Apt,
-        &settings(5),
-        tools,
-        Duration::from_millis(10),
+        5,
     );
     let err = installer.install(&[MISSING[0].into()]).await.unwrap_err();
     assert_eq!(err.reason(), "package-install-failed");
@@ -465,16 +460,11 @@ async fn stale_lists_are_refreshed_before_retrying() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let tools = fake_apt(
+    let installer = fake_apt_installer(
         dir.path(),
         1,
         "E: Unable to locate package surely-not-a-pkg-xyz",
-    );
-    let installer = PackageInstaller::with_tools(
-        PackageManager::Apt,
-        &settings(3),
-        tools,
-        Duration::from_millis(10),
+        3,
     );
     installer.install(&[MISSING[0].into()]).await.unwrap();
     let calls = calls(dir.path());
@@ -488,13 +478,7 @@ async fn nothing_runs_when_everything_is_installed() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let tools = fake_apt(dir.path(), 0, "");
-    let installer = PackageInstaller::with_tools(
-        PackageManager::Apt,
-        &settings(3),
-        tools,
-        Duration::from_millis(10),
-    );
+    let installer = fake_apt_installer(dir.path(), 0, "", 3);
     assert_eq!(
         installer.install(&["coreutils".into()]).await.unwrap(),
         InstallOutcome::AlreadyInstalled

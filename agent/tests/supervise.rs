@@ -170,6 +170,23 @@ async fn finish(cancel: CancellationToken, task: JoinHandle<RunReport>) -> RunRe
     tokio::time::timeout(PATIENCE, task).await.unwrap().unwrap()
 }
 
+/// A first agent run: the HTTP service is started, becomes ready, and the supervisor is
+/// cancelled (the agent "goes away"; the service keeps running). Returns the service's pid.
+async fn first_run_until_ready(fx: &Fixture, port: u16) -> u32 {
+    let hub = hub();
+    let mut rx = hub.subscribe();
+    let (cancel, task) = start(fx.supervisor(
+        http_server(port, fx.path()),
+        http_probe(port),
+        policy(),
+        &hub,
+    ));
+    let pid = wait_for(&mut rx, "ready", ready).await.pid.unwrap();
+    let report = finish(cancel, task).await;
+    assert_eq!(report.outcome, RunOutcome::Cancelled);
+    pid
+}
+
 async fn wait_for(
     rx: &mut watch::Receiver<Snapshot>,
     what: &str,
@@ -434,18 +451,8 @@ async fn start_timeout_kills_the_group_and_counts_as_a_failed_run() {
 async fn restarted_agent_adopts_the_running_service_then_restarts_it_after_a_kill() {
     let fx = Fixture::new();
     let port = free_port();
-    let hub1 = hub();
-    let mut rx1 = hub1.subscribe();
-    let (cancel, task) = start(fx.supervisor(
-        http_server(port, fx.path()),
-        http_probe(port),
-        policy(),
-        &hub1,
-    ));
-    let pid = wait_for(&mut rx1, "ready", ready).await.pid.unwrap();
+    let pid = first_run_until_ready(&fx, port).await;
     let ticks = procfs::start_ticks(pid).unwrap();
-    let report = finish(cancel, task).await;
-    assert_eq!(report.outcome, RunOutcome::Cancelled);
 
     // The agent is "gone": the service keeps running and answering.
     assert!(procfs::is_alive(pid, ticks));
@@ -486,17 +493,8 @@ async fn restarted_agent_adopts_the_running_service_then_restarts_it_after_a_kil
 async fn changed_spec_is_not_adopted() {
     let fx = Fixture::new();
     let port = free_port();
-    let hub1 = hub();
-    let mut rx1 = hub1.subscribe();
-    let (cancel, task) = start(fx.supervisor(
-        http_server(port, fx.path()),
-        http_probe(port),
-        policy(),
-        &hub1,
-    ));
-    let pid = wait_for(&mut rx1, "ready", ready).await.pid.unwrap();
+    let pid = first_run_until_ready(&fx, port).await;
     let ticks = procfs::start_ticks(pid).unwrap();
-    finish(cancel, task).await;
 
     let mut changed = http_server(port, fx.path());
     changed.env.push(("EXOAGENT_TEST".into(), "changed".into()));
@@ -520,16 +518,7 @@ async fn changed_spec_is_not_adopted() {
 async fn service_that_died_while_the_agent_was_away_is_restarted() {
     let fx = Fixture::new();
     let port = free_port();
-    let hub1 = hub();
-    let mut rx1 = hub1.subscribe();
-    let (cancel, task) = start(fx.supervisor(
-        http_server(port, fx.path()),
-        http_probe(port),
-        policy(),
-        &hub1,
-    ));
-    let pid = wait_for(&mut rx1, "ready", ready).await.pid.unwrap();
-    finish(cancel, task).await;
+    let pid = first_run_until_ready(&fx, port).await;
     let run = fx.run_record().unwrap();
     kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
     wait_until("the shim to record the exit and end", || {
