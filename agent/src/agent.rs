@@ -9,8 +9,9 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::server::{bind_and_serve, ApiState};
-use crate::cloud::{ConfigDrive, InstanceIdentity};
-use crate::config::{self, ConfigErrors, Settings};
+use crate::cloud::discover::publish_password_once;
+use crate::cloud::{discover_identity, ConfigDrive, Discovery, InstanceIdentity, MetadataService};
+use crate::config::{self, ConfigErrors, Settings, DEFAULT_METADATA_URL};
 use crate::fsutil;
 use crate::paths::Paths;
 use crate::platform::os::{self, Os};
@@ -188,6 +189,11 @@ impl fmt::Display for Plan {
                 self.paths.config_drive.display()
             )?,
         }
+        match (&self.settings.cloud.metadata_url, &self.mode) {
+            (Some(url), _) => writeln!(f, "metadata service: {url}")?,
+            (None, Mode::System) => writeln!(f, "metadata service: {DEFAULT_METADATA_URL}")?,
+            (None, Mode::Sandbox) => writeln!(f, "metadata service: none (sandbox)")?,
+        }
         if self.config_files.is_empty() {
             writeln!(f, "config: built-in defaults only")?;
         } else {
@@ -288,7 +294,7 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
         return Err(AgentError::NotRoot);
     }
     // Validate fully before anything is created or changed.
-    let plan = plan(options.mode.clone(), options.paths.clone())?;
+    let mut plan = plan(options.mode.clone(), options.paths.clone())?;
     tracing::info!(target: "exoagent::agent", os = %plan.os.pretty_name, services = plan.services.len(), "configuration valid");
 
     let paths = &plan.paths;
@@ -298,7 +304,6 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
             source,
         })?;
     }
-    forget_previous_instance(&plan)?;
 
     let hub = StateHub::new(plan.services.iter().map(|s| (s.kind(), s.port(), s.url())));
     let mut tasks = tokio::task::JoinSet::new();
@@ -321,8 +326,44 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
         tasks.spawn(run_status_notifier(notify, hub.subscribe(), cancel.clone()));
     }
 
-    // Provisioning may change the account, so the socket group is settled after the user step;
-    // until then the socket is root-only (0660 root:root).
+    // The socket is bound before anything slow (the metadata service may take its time), so
+    // systemd hears READY at once; it is root-only until the account is known.
+    let api_socket = paths.api_socket();
+    let api = bind_and_serve(
+        ApiState {
+            hub: hub.clone(),
+            paths: paths.clone(),
+        },
+        &api_socket,
+        None,
+        cancel.clone(),
+    )
+    .await?;
+    if let Some(notify) = &notify {
+        let _ = notify.notify("READY=1");
+    }
+
+    let metadata = metadata_service(&plan);
+    if plan.identity.is_none() {
+        let drive = ConfigDrive::new(&paths.config_drive);
+        match discover_identity(
+            &drive,
+            metadata.as_ref(),
+            plan.settings.cloud.metadata_timeout,
+        )
+        .await?
+        {
+            Discovery::Found(identity, source) => {
+                tracing::info!(target: "exoagent::agent", uuid = %identity.uuid, source = source.as_str(), "instance identity");
+                plan.identity = Some(identity);
+            }
+            Discovery::LocalOnly(why) => {
+                tracing::info!(target: "exoagent::agent", "no instance identity, running local-only: {why}");
+            }
+        }
+    }
+    forget_previous_instance(&plan)?;
+
     let (account, passphrase) = match provision_account(&plan, &hub).await {
         Ok(found) => found,
         Err(reason) => {
@@ -330,18 +371,32 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
             (None, None)
         }
     };
-    let api = bind_and_serve(
-        ApiState {
-            hub: hub.clone(),
-            paths: paths.clone(),
-        },
-        &paths.api_socket(),
-        account.as_ref().map(|a| a.gid),
-        cancel.clone(),
-    )
-    .await?;
-    if let Some(notify) = &notify {
-        let _ = notify.notify("READY=1");
+    if let Some(account) = &account {
+        set_socket_group(&api_socket, account.gid)?;
+    }
+    if let (Some(service), Some(passphrase), true) = (
+        &metadata,
+        &passphrase,
+        plan.settings.cloud.publish_password && plan.identity.is_some(),
+    ) {
+        // Before `running` is reported (DESIGN §4.4): Exosphere shows the passphrase once
+        // setup runs. A failure is reported locally and does not stop the services.
+        let marker = paths.state_dir.join("password-published");
+        match publish_password_once(
+            service,
+            passphrase,
+            &marker,
+            plan.settings.cloud.metadata_timeout,
+        )
+        .await
+        {
+            Ok(done) => {
+                tracing::info!(target: "exoagent::agent", outcome = ?done, "passphrase publication")
+            }
+            Err(e) => {
+                tracing::warn!(target: "exoagent::agent", reason = e.reason(), error = %e, "cannot publish the passphrase")
+            }
+        }
     }
 
     if let (Some(account), Some(passphrase)) = (account, passphrase) {
@@ -504,6 +559,33 @@ async fn install_packages(plan: &Plan, hub: &StateHub) -> bool {
     }
 }
 
+/// The metadata service to use: the configured URL, or on an instance the standard one; the
+/// sandbox uses one only when configured.
+fn metadata_service(plan: &Plan) -> Option<MetadataService> {
+    let url = match (&plan.settings.cloud.metadata_url, &plan.mode) {
+        (Some(url), _) => url.clone(),
+        (None, Mode::System) => DEFAULT_METADATA_URL.to_owned(),
+        (None, Mode::Sandbox) => return None,
+    };
+    match MetadataService::default_client() {
+        Ok(client) => Some(MetadataService::new(&url, client)),
+        Err(e) => {
+            tracing::warn!(target: "exoagent::agent", error = %e, "cannot build an HTTP client; no metadata service");
+            None
+        }
+    }
+}
+
+/// Give the instance user's group access to the status socket once the account exists.
+fn set_socket_group(socket: &std::path::Path, gid: u32) -> Result<(), AgentError> {
+    nix::unistd::chown(socket, None, Some(nix::unistd::Gid::from_raw(gid))).map_err(|errno| {
+        AgentError::Io {
+            path: socket.to_path_buf(),
+            source: std::io::Error::from(errno),
+        }
+    })
+}
+
 /// A state directory carried over from another instance (a snapshot or a baked image) must not
 /// keep that instance's passphrase: key the run-once state by the instance UUID.
 fn forget_previous_instance(plan: &Plan) -> Result<(), AgentError> {
@@ -520,6 +602,7 @@ fn forget_previous_instance(plan: &Plan) -> Result<(), AgentError> {
         for stale in [
             plan.paths.passphrase_file(),
             plan.paths.state_dir.join("password-set"),
+            plan.paths.state_dir.join("password-published"),
         ] {
             let _ = std::fs::remove_file(stale);
         }

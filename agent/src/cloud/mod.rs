@@ -1,7 +1,10 @@
-//! OpenStack instance identity: the native `openstack/latest/*.json` documents, read from a
-//! config drive (or a directory shaped like one). The metadata service comes with the cloud
-//! issue; this module keeps the typed surface both sources will share.
+//! The cloud the instance runs in: its identity (config drive first, metadata service second)
+//! and what the agent publishes through the metadata service.
 
+pub mod discover;
 pub mod identity;
+pub mod metadata;
 
+pub use discover::{discover_identity, Discovery, IdentitySource};
 pub use identity::{ConfigDrive, IdentityError, InstanceIdentity};
+pub use metadata::{MetadataError, MetadataService, PasswordOutcome};

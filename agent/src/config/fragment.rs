@@ -75,6 +75,14 @@ pub(crate) struct PackagesFragment {
     pub attempts: Option<Located<u32>>,
 }
 
+/// `[cloud]`.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub(crate) struct CloudFragment {
+    pub metadata_url: Option<Located<String>>,
+    pub metadata_timeout_s: Option<Located<u64>>,
+    pub publish_password: Option<Located<bool>>,
+}
+
 /// Everything one file (or the merge of several) says.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub(crate) struct Fragment {
@@ -83,6 +91,7 @@ pub(crate) struct Fragment {
     pub supervise: SuperviseFragment,
     pub console: ConsoleFragment,
     pub packages: PackagesFragment,
+    pub cloud: CloudFragment,
 }
 
 /// Replace `dst` with `src` when `src` is set: later files win key by key.
@@ -101,6 +110,7 @@ impl Fragment {
             supervise,
             console,
             packages,
+            cloud,
         } = later;
         over(&mut self.instance.user, instance.user);
         over(&mut self.instance.create_user, instance.create_user);
@@ -134,6 +144,9 @@ impl Fragment {
         over(&mut self.console.load_interval_s, console.load_interval_s);
         over(&mut self.packages.lock_timeout_s, packages.lock_timeout_s);
         over(&mut self.packages.attempts, packages.attempts);
+        over(&mut self.cloud.metadata_url, cloud.metadata_url);
+        over(&mut self.cloud.metadata_timeout_s, cloud.metadata_timeout_s);
+        over(&mut self.cloud.publish_password, cloud.publish_password);
     }
 }
 
@@ -142,7 +155,14 @@ impl Fragment {
 const MAX_SECONDS: i64 = 365 * 24 * 3600;
 const MAX_MILLIS: i64 = MAX_SECONDS * 1000;
 
-const TOP_KEYS: &[&str] = &["instance", "services", "supervise", "console", "packages"];
+const TOP_KEYS: &[&str] = &[
+    "instance",
+    "services",
+    "supervise",
+    "console",
+    "packages",
+    "cloud",
+];
 const INSTANCE_KEYS: &[&str] = &["user", "create_user"];
 const JUPYTERLAB_KEYS: &[&str] = &[
     "enabled",
@@ -166,6 +186,7 @@ const SUPERVISE_KEYS: &[&str] = &[
 ];
 const CONSOLE_KEYS: &[&str] = &["devices", "status_interval_s", "load_interval_s"];
 const PACKAGES_KEYS: &[&str] = &["lock_timeout_s", "attempts"];
+const CLOUD_KEYS: &[&str] = &["metadata_url", "metadata_timeout_s", "publish_password"];
 
 /// The 1-based line of a byte offset in `text`.
 pub(crate) fn line_of(text: &str, offset: usize) -> usize {
@@ -570,6 +591,42 @@ impl<'a> Walker<'a> {
     }
 }
 
+impl Walker<'_> {
+    fn cloud(&mut self, table: &dyn TableLike, out: &mut CloudFragment) {
+        for (key, field) in self.entries(
+            Some("cloud"),
+            table,
+            CLOUD_KEYS,
+            &format!("unknown key, expected one of: {}", CLOUD_KEYS.join(", ")),
+        ) {
+            match key {
+                "metadata_url" => {
+                    out.metadata_url = self.parsed(
+                        &field,
+                        "an http:// or https:// URL without query or fragment",
+                        normalise_http_url,
+                    )
+                }
+                "metadata_timeout_s" => out.metadata_timeout_s = self.seconds(&field, 0),
+                _ => out.publish_password = self.boolean(&field),
+            }
+        }
+    }
+}
+
+/// An `http(s)://host[:port][/path]` URL without query, fragment or credentials, with any
+/// trailing `/` removed (paths are appended to it).
+pub(crate) fn normalise_http_url(s: &str) -> Option<String> {
+    let url = reqwest::Url::parse(s).ok()?;
+    let plain = matches!(url.scheme(), "http" | "https")
+        && url.host_str().is_some()
+        && url.query().is_none()
+        && url.fragment().is_none()
+        && url.username().is_empty()
+        && url.password().is_none();
+    plain.then(|| url.as_str().trim_end_matches('/').to_owned())
+}
+
 /// Whether `s` is a portable POSIX user name: `^[a-z_][a-z0-9_-]{0,31}$`.
 pub(crate) fn valid_user_name(s: &str) -> bool {
     let mut chars = s.chars();
@@ -661,6 +718,7 @@ pub(crate) fn parse(index: usize, path: &Path, text: &str) -> (Fragment, Vec<Con
             "services" => walker.services(table, &mut fragment.services),
             "supervise" => walker.supervise(table, &mut fragment.supervise),
             "console" => walker.console(table, &mut fragment.console),
+            "cloud" => walker.cloud(table, &mut fragment.cloud),
             _ => walker.packages(table, &mut fragment.packages),
         }
     }
@@ -690,6 +748,28 @@ mod tests {
             "é",
         ] {
             assert!(!valid_user_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn http_urls() {
+        assert_eq!(
+            normalise_http_url("http://169.254.169.254/").as_deref(),
+            Some("http://169.254.169.254")
+        );
+        assert_eq!(
+            normalise_http_url("https://meta.example:8443/x/").as_deref(),
+            Some("https://meta.example:8443/x")
+        );
+        for bad in [
+            "ftp://x",
+            "169.254.169.254",
+            "http://u:p@x",
+            "http://x/?q=1",
+            "http://x/#f",
+            "",
+        ] {
+            assert_eq!(normalise_http_url(bad), None, "{bad}");
         }
     }
 

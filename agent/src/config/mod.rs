@@ -372,6 +372,10 @@ load_interval_s = 120
 [packages]
 lock_timeout_s = 0
 attempts = 1
+[cloud]
+metadata_url = "http://127.0.0.1:8775/"
+metadata_timeout_s = 5
+publish_password = false
 "#;
         let s = ok(&[("/a.toml", text)]).settings;
         assert_eq!(
@@ -407,6 +411,11 @@ attempts = 1
                 packages: PackageSettings {
                     lock_timeout: Duration::ZERO,
                     attempts: 1
+                },
+                cloud: CloudSettings {
+                    metadata_url: Some("http://127.0.0.1:8775".into()),
+                    metadata_timeout: Duration::from_secs(5),
+                    publish_password: false,
                 },
             }
         );

@@ -20,6 +20,33 @@ pub struct Settings {
     pub console: ConsoleSettings,
     /// Package-manager behaviour.
     pub packages: PackageSettings,
+    /// How the instance talks to the cloud it runs in.
+    pub cloud: CloudSettings,
+}
+
+/// The metadata service's address on every OpenStack cloud.
+pub const DEFAULT_METADATA_URL: &str = "http://169.254.169.254";
+
+/// `[cloud]`: the metadata service and what the agent publishes through it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloudSettings {
+    /// The metadata service base URL as configured; `None` when not set, which means
+    /// [`DEFAULT_METADATA_URL`] on an instance and no metadata service in the sandbox.
+    pub metadata_url: Option<String>,
+    /// How long to keep trying to reach the metadata service at start-up.
+    pub metadata_timeout: Duration,
+    /// Publish the passphrase through the metadata service's password endpoint (once).
+    pub publish_password: bool,
+}
+
+impl Default for CloudSettings {
+    fn default() -> Self {
+        Self {
+            metadata_url: None,
+            metadata_timeout: Duration::from_secs(120),
+            publish_password: true,
+        }
+    }
 }
 
 /// `[instance]`: who the researcher logs in as.
@@ -181,6 +208,7 @@ impl Default for Settings {
             supervise: SupervisePolicy::default(),
             console: ConsoleSettings::default(),
             packages: PackageSettings::default(),
+            cloud: CloudSettings::default(),
         }
     }
 }

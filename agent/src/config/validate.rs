@@ -8,8 +8,8 @@ use std::time::Duration;
 use super::error::{ConfigError, ErrorKind};
 use super::fragment::{Fragment, Origin, ServiceFragment};
 use super::{
-    ConsoleSettings, InstanceSettings, JupyterLabSettings, PackageSettings, ServiceSettings,
-    Settings, SupervisePolicy,
+    CloudSettings, ConsoleSettings, InstanceSettings, JupyterLabSettings, PackageSettings,
+    ServiceSettings, Settings, SupervisePolicy,
 };
 use crate::services::ServiceKind;
 
@@ -146,6 +146,14 @@ pub(crate) fn settings(merged: &Fragment, files: &[PathBuf]) -> (Settings, Vec<C
         attempts: value(&p.attempts).unwrap_or(d.attempts),
     };
 
+    let c = &merged.cloud;
+    let d = CloudSettings::default();
+    let cloud = CloudSettings {
+        metadata_url: value(&c.metadata_url),
+        metadata_timeout: secs(&c.metadata_timeout_s, d.metadata_timeout),
+        publish_password: value(&c.publish_password).unwrap_or(d.publish_password),
+    };
+
     // Enabled services, in report order, with where they were enabled and got their port.
     let mut enabled: Vec<(ServiceKind, u16, Origin)> = Vec::new();
     let mut services = Vec::new();
@@ -195,6 +203,7 @@ pub(crate) fn settings(merged: &Fragment, files: &[PathBuf]) -> (Settings, Vec<C
         supervise,
         console,
         packages,
+        cloud,
     };
     (settings, check.errors)
 }

@@ -1,0 +1,201 @@
+//! The OpenStack metadata service (`http://169.254.169.254/openstack/latest/…`): the instance
+//! identity when there is no config drive, and the one-time passphrase publication.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+
+use crate::cloud::identity::InstanceIdentity;
+use crate::platform::passphrase::Passphrase;
+
+/// Longest body of an error answer kept in an error message.
+const BODY_EXCERPT: usize = 200;
+/// Nova stores at most 4 × 255 characters.
+const MAX_PASSWORD_LEN: usize = 1020;
+
+/// Why the metadata service could not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum MetadataError {
+    /// No connection, or no answer in time.
+    #[error("metadata service unreachable at '{url}': {source}")]
+    Unreachable {
+        /// The URL requested.
+        url: String,
+        /// The transport error.
+        source: reqwest::Error,
+    },
+    /// An answer other than success or "not found".
+    #[error("metadata service answered {status} for '{url}': {body}")]
+    Status {
+        /// The URL requested.
+        url: String,
+        /// The HTTP status.
+        status: u16,
+        /// The start of the body.
+        body: String,
+    },
+    /// A document that is not the JSON expected.
+    #[error("metadata service document '{url}' is not valid: {source}")]
+    Parse {
+        /// The URL requested.
+        url: String,
+        /// What is wrong.
+        source: serde_json::Error,
+    },
+    /// The passphrase does not fit the password endpoint.
+    #[error("the passphrase is longer than the {MAX_PASSWORD_LEN} characters Nova stores")]
+    TooLong,
+}
+
+impl MetadataError {
+    /// Short stable reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Unreachable { .. } => "metadata-unreachable",
+            Self::Status { .. } => "metadata-error",
+            Self::Parse { .. } => "metadata-invalid",
+            Self::TooLong => "password-too-long",
+        }
+    }
+
+    /// Whether trying again later may help (network trouble, server errors, throttling).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Unreachable { .. } => true,
+            Self::Status { status, .. } => *status >= 500 || *status == 429,
+            Self::Parse { .. } | Self::TooLong => false,
+        }
+    }
+}
+
+/// What a password publication did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PasswordOutcome {
+    /// The endpoint stored it now.
+    Stored,
+    /// The endpoint already held a password (409): published earlier.
+    AlreadyPublished,
+}
+
+/// A client for one metadata service; the base URL and HTTP client are injected.
+#[derive(Debug, Clone)]
+pub struct MetadataService {
+    base: String,
+    client: reqwest::Client,
+}
+
+impl MetadataService {
+    /// A client for the service at `base_url` (e.g. `http://169.254.169.254`).
+    pub fn new(base_url: &str, client: reqwest::Client) -> Self {
+        Self {
+            base: base_url.trim_end_matches('/').to_owned(),
+            client,
+        }
+    }
+
+    /// The HTTP client the metadata service wants: short timeouts, and never a proxy (the
+    /// link-local address must not be sent to an HTTP proxy from the environment).
+    pub fn default_client() -> Result<reqwest::Client, reqwest::Error> {
+        reqwest::Client::builder()
+            .no_proxy()
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(Duration::from_secs(10))
+            .user_agent(concat!("exoagent/", env!("CARGO_PKG_VERSION")))
+            .build()
+    }
+
+    /// The base URL.
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    fn url(&self, document: &str) -> String {
+        format!("{}/openstack/latest/{document}", self.base)
+    }
+
+    /// GET a document; `None` when the service says it does not exist (404).
+    async fn get(&self, document: &str) -> Result<Option<Vec<u8>>, MetadataError> {
+        let url = self.url(document);
+        let unreachable = |source| MetadataError::Unreachable {
+            url: url.clone(),
+            source,
+        };
+        let response = self.client.get(&url).send().await.map_err(unreachable)?;
+        let status = response.status();
+        if status == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let body = response.bytes().await.map_err(unreachable)?;
+        if !status.is_success() {
+            return Err(MetadataError::Status {
+                url,
+                status: status.as_u16(),
+                body: excerpt(&body),
+            });
+        }
+        Ok(Some(body.to_vec()))
+    }
+
+    /// `meta_data.json`: who this instance is.
+    pub async fn identity(&self) -> Result<Option<InstanceIdentity>, MetadataError> {
+        let Some(body) = self.get("meta_data.json").await? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&body)
+            .map(Some)
+            .map_err(|source| MetadataError::Parse {
+                url: self.url("meta_data.json"),
+                source,
+            })
+    }
+
+    /// `user_data`, when the server was given any.
+    pub async fn user_data(&self) -> Result<Option<String>, MetadataError> {
+        Ok(self
+            .get("user_data")
+            .await?
+            .map(|body| String::from_utf8_lossy(&body).into_owned()))
+    }
+
+    /// POST the passphrase to `password` (Exosphere reads it through Nova's
+    /// `os-server-password`). 409 means a password is already there: published before.
+    pub async fn publish_password(
+        &self,
+        passphrase: &Passphrase,
+    ) -> Result<PasswordOutcome, MetadataError> {
+        if passphrase.expose().len() > MAX_PASSWORD_LEN {
+            return Err(MetadataError::TooLong);
+        }
+        let url = self.url("password");
+        let response = self
+            .client
+            .post(&url)
+            .body(passphrase.expose().to_owned())
+            .send()
+            .await
+            .map_err(|source| MetadataError::Unreachable {
+                url: url.clone(),
+                source,
+            })?;
+        let status = response.status();
+        match status {
+            s if s.is_success() => Ok(PasswordOutcome::Stored),
+            StatusCode::CONFLICT => Ok(PasswordOutcome::AlreadyPublished),
+            _ => {
+                let body = response.bytes().await.unwrap_or_default();
+                Err(MetadataError::Status {
+                    url,
+                    status: status.as_u16(),
+                    body: excerpt(&body),
+                })
+            }
+        }
+    }
+}
+
+/// The start of a body for an error message, on one line.
+fn excerpt(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let one_line: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    crate::report::console::truncate_chars(&one_line, BODY_EXCERPT)
+}
