@@ -1,8 +1,10 @@
 //! The cloud the instance runs in: its identity (config drive first, metadata service second)
 //! and what the agent publishes through the metadata service.
 
+pub mod clouds;
 pub mod discover;
 pub mod identity;
+pub mod keystone;
 pub mod metadata;
 
 pub use discover::{discover_identity, Discovery, IdentitySource};
