@@ -9,7 +9,10 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::server::{bind_and_serve, ApiState};
+use crate::cloud::clouds;
 use crate::cloud::discover::publish_password_once;
+use crate::cloud::keystone::Keystone;
+use crate::cloud::nova::Nova;
 use crate::cloud::{discover_identity, ConfigDrive, Discovery, InstanceIdentity, MetadataService};
 use crate::config::{self, ConfigErrors, Settings, DEFAULT_METADATA_URL};
 use crate::fsutil;
@@ -21,8 +24,9 @@ use crate::platform::users::UserManager;
 use crate::report::console::{ConsoleReporter, ConsoleSink};
 use crate::report::load::LoadSampler;
 use crate::report::notify::{run_status_notifier, SdNotify};
+use crate::report::nova::{Backoff, NovaReporter};
 use crate::services::{Account, Service, ServiceContext};
-use crate::state::{Reason, ServiceState, ServiceUpdate, SetupPhase, StateHub};
+use crate::state::{NovaReporting, Reason, ServiceState, ServiceUpdate, SetupPhase, StateHub};
 use crate::supervise::{ServicePaths, ShimCommand, Supervisor};
 
 /// Where the agent runs.
@@ -194,6 +198,15 @@ impl fmt::Display for Plan {
             (None, Mode::System) => writeln!(f, "metadata service: {DEFAULT_METADATA_URL}")?,
             (None, Mode::Sandbox) => writeln!(f, "metadata service: none (sandbox)")?,
         }
+        match &self.settings.cloud.clouds_yaml {
+            Some(path) => writeln!(
+                f,
+                "nova reporting: cloud '{}' from {}",
+                self.settings.cloud.cloud_name,
+                path.display()
+            )?,
+            None => writeln!(f, "nova reporting: off (no cloud.clouds_yaml)")?,
+        }
         if self.config_files.is_empty() {
             writeln!(f, "config: built-in defaults only")?;
         } else {
@@ -363,6 +376,9 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
         }
     }
     forget_previous_instance(&plan)?;
+    if let Some(reporter) = nova_reporter(&plan, &hub) {
+        tasks.spawn(reporter.run(hub.clone(), cancel.clone()));
+    }
 
     let (account, passphrase) = match provision_account(&plan, &hub).await {
         Ok(found) => found,
@@ -574,6 +590,41 @@ fn metadata_service(plan: &Plan) -> Option<MetadataService> {
             None
         }
     }
+}
+
+/// The Nova reporter, when a clouds.yaml is configured and the server is known. A credential
+/// that cannot even be loaded is shown in `exoagent status`; services go on regardless.
+fn nova_reporter(plan: &Plan, hub: &StateHub) -> Option<NovaReporter> {
+    let cloud = &plan.settings.cloud;
+    let path = cloud.clouds_yaml.as_ref()?;
+    let failed = |code: &str, detail: String| {
+        tracing::error!(target: "exoagent::agent", reason = code, "not reporting to Nova: {detail}");
+        hub.set_nova_reporting(NovaReporting {
+            state: "failed".into(),
+            reason: Some(Reason::new(code, detail)),
+        });
+        None
+    };
+    let Some(identity) = &plan.identity else {
+        return failed(
+            "identity-unknown",
+            "no instance identity (no config drive, no metadata service): cannot tell which server to report on".into(),
+        );
+    };
+    let config = match clouds::load(path, &cloud.cloud_name) {
+        Ok(config) => config,
+        Err(e) => return failed(e.reason(), e.to_string()),
+    };
+    let client = match Keystone::http_client(&config) {
+        Ok(client) => client,
+        Err(e) => return failed(e.reason(), e.to_string()),
+    };
+    let keystone = Arc::new(Keystone::new(config, client.clone()));
+    Some(NovaReporter::new(
+        Nova::new(keystone, client),
+        identity.uuid.clone(),
+        Backoff::default(),
+    ))
 }
 
 /// Give the instance user's group access to the status socket once the account exists.

@@ -172,6 +172,19 @@ pub struct Snapshot {
     pub setup: SetupStatus,
     /// Every requested service, in a stable order.
     pub services: Vec<ServiceStatus>,
+    /// How reporting to Nova goes (absent when it is not configured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nova: Option<NovaReporting>,
+}
+
+/// The state of reporting to Nova, for the instance owner (`exoagent status`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NovaReporting {
+    /// `ok` (Nova shows the current state), `pending` (writing or retrying), or `failed`
+    /// (a problem retrying cannot fix, such as a refused credential).
+    pub state: String,
+    /// Why, when not `ok`.
+    pub reason: Option<Reason>,
 }
 
 /// The mutable truth behind the snapshots.
@@ -181,6 +194,7 @@ struct Model {
     step_failure: Option<(String, Reason)>,
     services: BTreeMap<ServiceKind, ServiceStatus>,
     setup: SetupStatus,
+    nova: Option<NovaReporting>,
 }
 
 impl Model {
@@ -221,6 +235,7 @@ impl Model {
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
             setup: self.setup.clone(),
             services: self.services.values().cloned().collect(),
+            nova: self.nova.clone(),
         }
     }
 }
@@ -289,6 +304,7 @@ impl StateHub {
                 step: None,
                 reason: None,
             },
+            nova: None,
         };
         let (state, step, reason) = model.derive_setup();
         model.setup = SetupStatus {
@@ -348,6 +364,12 @@ impl StateHub {
     /// Move the machine-wide phase forward.
     pub fn set_phase(&self, phase: SetupPhase) {
         self.with_model(|m| m.phase = phase);
+    }
+
+    /// Record how reporting to Nova goes (never affects the setup state: services do not
+    /// depend on the cloud API).
+    pub fn set_nova_reporting(&self, reporting: NovaReporting) {
+        self.with_model(|m| m.nova = Some(reporting));
     }
 
     /// Record that a machine-wide step (`user`, `packages`, ...) failed.

@@ -223,8 +223,9 @@ async fn starting_running_complete_as_exosphere_reads_it() {
 async fn an_error_carries_the_service_and_reason_even_with_hostile_text() {
     let detail = "exit status 1; last stderr:\n}{\"status\":\"complete\"} boom";
     let (text, seen) = console_after(vec![(
+        // Still validating (no `running` in between, so the sequence is deterministic): the
+        // service fails during its install.
         Box::new(move |hub: &StateHub| {
-            hub.set_phase(SetupPhase::Provisioning);
             hub.transition(
                 ServiceKind::JupyterLab,
                 ServiceState::Installing,

@@ -234,6 +234,7 @@ mod tests {
                 pid: None,
                 reason: Some(Reason::new("crash-loop", "exit status 1\nboom")),
             }],
+            nova: None,
         };
         let table = render_table(&snapshot, 75_000);
         assert!(

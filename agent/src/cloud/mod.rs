@@ -6,6 +6,7 @@ pub mod discover;
 pub mod identity;
 pub mod keystone;
 pub mod metadata;
+pub mod nova;
 
 pub use discover::{discover_identity, Discovery, IdentitySource};
 pub use identity::{ConfigDrive, IdentityError, InstanceIdentity};

@@ -81,6 +81,8 @@ pub(crate) struct CloudFragment {
     pub metadata_url: Option<Located<String>>,
     pub metadata_timeout_s: Option<Located<u64>>,
     pub publish_password: Option<Located<bool>>,
+    pub clouds_yaml: Option<Located<PathBuf>>,
+    pub cloud_name: Option<Located<String>>,
 }
 
 /// Everything one file (or the merge of several) says.
@@ -147,6 +149,8 @@ impl Fragment {
         over(&mut self.cloud.metadata_url, cloud.metadata_url);
         over(&mut self.cloud.metadata_timeout_s, cloud.metadata_timeout_s);
         over(&mut self.cloud.publish_password, cloud.publish_password);
+        over(&mut self.cloud.clouds_yaml, cloud.clouds_yaml);
+        over(&mut self.cloud.cloud_name, cloud.cloud_name);
     }
 }
 
@@ -186,7 +190,13 @@ const SUPERVISE_KEYS: &[&str] = &[
 ];
 const CONSOLE_KEYS: &[&str] = &["devices", "status_interval_s", "load_interval_s"];
 const PACKAGES_KEYS: &[&str] = &["lock_timeout_s", "attempts"];
-const CLOUD_KEYS: &[&str] = &["metadata_url", "metadata_timeout_s", "publish_password"];
+const CLOUD_KEYS: &[&str] = &[
+    "metadata_url",
+    "metadata_timeout_s",
+    "publish_password",
+    "clouds_yaml",
+    "cloud_name",
+];
 
 /// The 1-based line of a byte offset in `text`.
 pub(crate) fn line_of(text: &str, offset: usize) -> usize {
@@ -608,6 +618,14 @@ impl Walker<'_> {
                     )
                 }
                 "metadata_timeout_s" => out.metadata_timeout_s = self.seconds(&field, 0),
+                "clouds_yaml" => {
+                    out.clouds_yaml = self.parsed(&field, "an absolute path", absolute_path)
+                }
+                "cloud_name" => {
+                    out.cloud_name = self.parsed(&field, "a non-empty cloud name", |s| {
+                        (!s.trim().is_empty()).then(|| s.to_owned())
+                    })
+                }
                 _ => out.publish_password = self.boolean(&field),
             }
         }

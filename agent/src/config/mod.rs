@@ -376,6 +376,8 @@ attempts = 1
 metadata_url = "http://127.0.0.1:8775/"
 metadata_timeout_s = 5
 publish_password = false
+clouds_yaml = "/etc/openstack/clouds.yaml"
+cloud_name = "exo"
 "#;
         let s = ok(&[("/a.toml", text)]).settings;
         assert_eq!(
@@ -416,6 +418,8 @@ publish_password = false
                     metadata_url: Some("http://127.0.0.1:8775".into()),
                     metadata_timeout: Duration::from_secs(5),
                     publish_password: false,
+                    clouds_yaml: Some("/etc/openstack/clouds.yaml".into()),
+                    cloud_name: "exo".into(),
                 },
             }
         );

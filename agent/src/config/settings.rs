@@ -37,6 +37,10 @@ pub struct CloudSettings {
     pub metadata_timeout: Duration,
     /// Publish the passphrase through the metadata service's password endpoint (once).
     pub publish_password: bool,
+    /// The clouds.yaml with the credential for reporting to Nova; `None`: no Nova reporting.
+    pub clouds_yaml: Option<PathBuf>,
+    /// Which cloud in it.
+    pub cloud_name: String,
 }
 
 impl Default for CloudSettings {
@@ -45,6 +49,8 @@ impl Default for CloudSettings {
             metadata_url: None,
             metadata_timeout: Duration::from_secs(120),
             publish_password: true,
+            clouds_yaml: None,
+            cloud_name: "openstack".to_owned(),
         }
     }
 }

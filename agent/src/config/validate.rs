@@ -152,6 +152,8 @@ pub(crate) fn settings(merged: &Fragment, files: &[PathBuf]) -> (Settings, Vec<C
         metadata_url: value(&c.metadata_url),
         metadata_timeout: secs(&c.metadata_timeout_s, d.metadata_timeout),
         publish_password: value(&c.publish_password).unwrap_or(d.publish_password),
+        clouds_yaml: value(&c.clouds_yaml),
+        cloud_name: value(&c.cloud_name).unwrap_or(d.cloud_name),
     };
 
     // Enabled services, in report order, with where they were enabled and got their port.

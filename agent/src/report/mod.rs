@@ -6,3 +6,4 @@
 pub mod console;
 pub mod load;
 pub mod notify;
+pub mod nova;

@@ -1,0 +1,312 @@
+//! Reports setup and service state to Nova (DESIGN §4.3): one `exoagent:` tag per subject,
+//! Exosphere's `exoSetup` metadata and a compact `exoAgent` summary. Writes happen only when the
+//! wanted state differs from what was last written; failures back off with jitter and honour
+//! `Retry-After`; a refused credential is reported locally and not retried until the state
+//! changes again. Runs on its own task: services never wait for it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::cloud::nova::{Nova, NovaError, MAX_META_VALUE_LEN, MAX_TAG_LEN};
+use crate::state::{NovaReporting, Reason, ServiceState, SetupState, Snapshot, StateHub};
+
+/// Every tag the agent owns starts with this; others (Exosphere's `exoPw:`, the user's) are
+/// never touched.
+pub const TAG_PREFIX: &str = "exoagent:";
+/// Exosphere's own metadata key for the setup status.
+pub const EXO_SETUP_KEY: &str = "exoSetup";
+/// The agent's summary metadata key.
+pub const EXO_AGENT_KEY: &str = "exoAgent";
+
+/// What Nova should show for a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wanted {
+    /// The tags, all starting with [`TAG_PREFIX`].
+    pub tags: BTreeSet<String>,
+    /// Metadata items.
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl Wanted {
+    /// The tags and metadata for `snapshot`.
+    pub fn of(snapshot: &Snapshot) -> Self {
+        let mut tags = BTreeSet::new();
+        tags.insert(format!(
+            "{TAG_PREFIX}setup:{}",
+            snapshot.setup.state.as_str()
+        ));
+        for service in &snapshot.services {
+            if service.state != ServiceState::Pending {
+                tags.insert(format!(
+                    "{TAG_PREFIX}{}:{}",
+                    service.service.as_str(),
+                    service.state.as_str()
+                ));
+            }
+        }
+        tags.retain(|t| t.len() <= MAX_TAG_LEN);
+        let mut metadata = BTreeMap::new();
+        metadata.insert(
+            EXO_SETUP_KEY.to_owned(),
+            json!({ "status": snapshot.setup.state.as_str(), "epoch": snapshot.setup.since_ms })
+                .to_string(),
+        );
+        metadata.insert(EXO_AGENT_KEY.to_owned(), exo_agent_summary(snapshot));
+        Self { tags, metadata }
+    }
+}
+
+/// `{"v":"0.1.0","setup":"complete","svc":{"jupyterlab":"ready:8888"},"err":"…"}`, at most 255
+/// characters: the error text is shortened first, then services are dropped from the end.
+pub fn exo_agent_summary(snapshot: &Snapshot) -> String {
+    let services: Vec<(String, String)> = snapshot
+        .services
+        .iter()
+        .map(|s| {
+            (
+                s.service.as_str().to_owned(),
+                format!("{}:{}", s.state.as_str(), s.port),
+            )
+        })
+        .collect();
+    let error = match (
+        &snapshot.setup.state,
+        &snapshot.setup.step,
+        &snapshot.setup.reason,
+    ) {
+        (SetupState::Error, step, Some(reason)) => Some(format!(
+            "{}: {}",
+            step.as_deref().unwrap_or("setup"),
+            reason.code
+        )),
+        _ => None,
+    };
+    let render = |services: &[(String, String)], error: Option<&str>| {
+        let svc: serde_json::Map<String, serde_json::Value> = services
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::from(v.as_str())))
+            .collect();
+        let mut value = json!({
+            "v": snapshot.agent_version,
+            "setup": snapshot.setup.state.as_str(),
+            "svc": svc,
+        });
+        if let Some(error) = error {
+            value["err"] = serde_json::Value::from(error);
+        }
+        value.to_string()
+    };
+    let mut kept = services.len();
+    loop {
+        let text = render(&services[..kept], error.as_deref());
+        if text.chars().count() <= MAX_META_VALUE_LEN {
+            return text;
+        }
+        let short_error = error
+            .as_deref()
+            .map(|e| crate::report::console::truncate_chars(e, 60));
+        let text = render(&services[..kept], short_error.as_deref());
+        if text.chars().count() <= MAX_META_VALUE_LEN || kept == 0 {
+            return crate::report::console::truncate_chars(&text, MAX_META_VALUE_LEN);
+        }
+        kept -= 1;
+    }
+}
+
+/// What the reporter believes Nova holds.
+#[derive(Debug, Default)]
+struct Written {
+    /// Our tags on the server; `None` until read once (a restarted agent must clean up what an
+    /// earlier run left).
+    tags: Option<BTreeSet<String>>,
+    metadata: BTreeMap<String, String>,
+}
+
+/// Retry policy for failed writes.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    /// First delay.
+    pub initial: Duration,
+    /// Longest delay.
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_secs(2),
+            max: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Keeps one server's tags and metadata in step with the hub.
+#[derive(Debug)]
+pub struct NovaReporter {
+    nova: Nova,
+    server: String,
+    backoff: Backoff,
+}
+
+impl NovaReporter {
+    /// A reporter for `server` through `nova`.
+    pub fn new(nova: Nova, server: String, backoff: Backoff) -> Self {
+        Self {
+            nova,
+            server,
+            backoff,
+        }
+    }
+
+    /// Run until `cancel` fires; publishes its own health through `hub`.
+    pub async fn run(self, hub: StateHub, cancel: CancellationToken) {
+        let mut rx: watch::Receiver<Snapshot> = hub.subscribe();
+        let mut written = Written::default();
+        let mut delay = self.backoff.initial;
+        let mut given_up: Option<Wanted> = None;
+        loop {
+            let wanted = Wanted::of(&rx.borrow_and_update());
+            let in_step =
+                written.tags.as_ref() == Some(&wanted.tags) && written.metadata == wanted.metadata;
+            if !in_step && given_up.as_ref() != Some(&wanted) {
+                match self.sync(&wanted, &mut written).await {
+                    Ok(()) => {
+                        delay = self.backoff.initial;
+                        given_up = None;
+                        set(&hub, "ok", None);
+                    }
+                    Err(e) if e.is_credential_problem() => {
+                        tracing::error!(target: "exoagent::nova", reason = e.reason(), error = %e, "reporting to Nova stopped: credential problem");
+                        set(&hub, "failed", Some(Reason::new(e.reason(), e.to_string())));
+                        // Try again only when there is something new to say.
+                        given_up = Some(wanted);
+                    }
+                    Err(e) => {
+                        let wait = jittered(e.retry_after().unwrap_or(delay).max(delay));
+                        tracing::warn!(target: "exoagent::nova", reason = e.reason(), error = %e, retry_in = ?wait, "reporting to Nova failed; will retry");
+                        set(
+                            &hub,
+                            "pending",
+                            Some(Reason::new(e.reason(), e.to_string())),
+                        );
+                        delay = (delay * 2).min(self.backoff.max);
+                        tokio::select! {
+                            _ = cancel.cancelled() => return,
+                            _ = tokio::time::sleep(wait) => {}
+                        }
+                        // The newest state is read again at the top of the loop.
+                        continue;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                changed = rx.changed() => if changed.is_err() { return },
+            }
+        }
+    }
+
+    /// Bring Nova to `wanted`: new tags first, then stale ones removed (a subject is never
+    /// without a tag in between), then changed metadata.
+    async fn sync(&self, wanted: &Wanted, written: &mut Written) -> Result<(), NovaError> {
+        if written.tags.is_none() {
+            let ours: BTreeSet<String> = self
+                .nova
+                .tags(&self.server)
+                .await?
+                .into_iter()
+                .filter(|t| t.starts_with(TAG_PREFIX))
+                .collect();
+            written.tags = Some(ours);
+        }
+        let current = written.tags.get_or_insert_with(BTreeSet::new);
+        for tag in wanted.tags.difference(&current.clone()) {
+            self.nova.add_tag(&self.server, tag).await?;
+            current.insert(tag.clone());
+        }
+        for tag in current.clone().difference(&wanted.tags) {
+            self.nova.remove_tag(&self.server, tag).await?;
+            current.remove(tag);
+        }
+        for (key, value) in &wanted.metadata {
+            if written.metadata.get(key) != Some(value) {
+                self.nova.set_metadata(&self.server, key, value).await?;
+                written.metadata.insert(key.clone(), value.clone());
+            }
+        }
+        Ok(())
+    }
+}
+
+fn set(hub: &StateHub, state: &str, reason: Option<Reason>) {
+    hub.set_nova_reporting(NovaReporting {
+        state: state.to_owned(),
+        reason,
+    });
+}
+
+/// `delay` plus up to 25 % random jitter, so many instances do not retry in lockstep.
+fn jittered(delay: Duration) -> Duration {
+    use rand::Rng;
+    delay.mul_f64(1.0 + rand::thread_rng().gen_range(0.0..0.25))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::services::ServiceKind;
+    use crate::state::{ServiceUpdate, SetupPhase};
+
+    fn hub() -> StateHub {
+        StateHub::new([(ServiceKind::JupyterLab, 8888, "http://x/".to_owned())])
+    }
+
+    #[test]
+    fn tags_follow_the_state_one_per_subject() {
+        let hub = hub();
+        let w = Wanted::of(&hub.snapshot());
+        assert_eq!(
+            w.tags.iter().collect::<Vec<_>>(),
+            ["exoagent:setup:starting"]
+        );
+        hub.set_phase(SetupPhase::Provisioning);
+        hub.transition(
+            ServiceKind::JupyterLab,
+            ServiceState::Installing,
+            ServiceUpdate::default(),
+        )
+        .unwrap();
+        let w = Wanted::of(&hub.snapshot());
+        assert_eq!(
+            w.tags.iter().collect::<Vec<_>>(),
+            ["exoagent:jupyterlab:installing", "exoagent:setup:running"]
+        );
+        let setup: serde_json::Value = serde_json::from_str(&w.metadata["exoSetup"]).unwrap();
+        assert_eq!(setup["status"], "running");
+        assert!(setup["epoch"].as_u64().unwrap() > 1_700_000_000_000);
+    }
+
+    #[test]
+    fn the_summary_fits_a_metadata_value() {
+        let hub = hub();
+        hub.transition(
+            ServiceKind::JupyterLab,
+            ServiceState::Failed,
+            ServiceUpdate {
+                reason: Some(Reason::new(&"x".repeat(400), "detail")),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let summary = exo_agent_summary(&hub.snapshot());
+        assert!(summary.chars().count() <= MAX_META_VALUE_LEN, "{summary}");
+        let plain = exo_agent_summary(&super::tests::hub().snapshot());
+        let value: serde_json::Value = serde_json::from_str(&plain).unwrap();
+        assert_eq!(value["svc"]["jupyterlab"], "pending:8888");
+        assert_eq!(value["setup"], "starting");
+    }
+}
