@@ -145,6 +145,17 @@ pub fn render_table(snapshot: &Snapshot, now: u64) -> String {
             None => out.push_str(&format!("failed step: {step}\n")),
         }
     }
+    if let Some(nova) = &snapshot.nova {
+        match &nova.reason {
+            Some(reason) => out.push_str(&format!(
+                "nova reporting: {}: {}: {}\n",
+                nova.state,
+                reason.code,
+                truncate_chars(&reason.detail, 200).replace('\n', " ")
+            )),
+            None => out.push_str(&format!("nova reporting: {}\n", nova.state)),
+        }
+    }
     let header = [
         "SERVICE",
         "STATE",
@@ -234,15 +245,22 @@ mod tests {
                 pid: None,
                 reason: Some(Reason::new("crash-loop", "exit status 1\nboom")),
             }],
-            nova: None,
+            nova: Some(crate::state::NovaReporting {
+                state: "failed".into(),
+                reason: Some(Reason::new("credential-not-permitted", "HTTP 401")),
+            }),
         };
         let table = render_table(&snapshot, 75_000);
+        assert!(
+            table.contains("nova reporting: failed: credential-not-permitted: HTTP 401\n"),
+            "{table}"
+        );
         assert!(
             table.starts_with("setup: error (since 1m ago)\n"),
             "{table}"
         );
         assert!(table.contains("failed step: jupyterlab: crash-loop: exit status 1 | boom"));
-        let row = table.lines().nth(3).unwrap();
+        let row = table.lines().nth(4).unwrap();
         assert!(row.starts_with("jupyterlab  failed  1m ago"), "{row}");
         assert!(row.ends_with("crash-loop: exit status 1 boom"), "{row}");
         assert_eq!(exit_status(&snapshot), EXIT_ERROR);
