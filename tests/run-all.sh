@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The README's test command and exactly what CI runs: prerequisites, formatting, lints, and
-# every test (unit, integration with real processes, real JupyterLab end to end).
+# The README's test command and exactly what CI runs: prerequisites, formatting, lints, real
+# OpenStack on loopback, and every test (unit, integration with real processes, real JupyterLab
+# and real OpenStack end to end).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash installer/dev/prereqs.sh
@@ -8,4 +9,14 @@ bash installer/dev/prereqs.sh
 export EXOAGENT_REAL_APT=1
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
+# Real Keystone, Nova, Neutron, Glance and Placement (idempotent; ~1–2 min from nothing). A
+# stack this run started is stopped again at the end; one already running is left alone.
+started_openstack=0
+if ! python3 tests/openstack/harness.py status >/dev/null 2>&1; then
+  started_openstack=1
+fi
+if [ "$started_openstack" = 1 ]; then
+  trap 'python3 tests/openstack/harness.py down >/dev/null 2>&1 || true' EXIT
+fi
+bash tests/openstack/up.sh
 cargo test --workspace --all-targets -- --test-threads=2

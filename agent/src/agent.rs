@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::server::{bind_and_serve, ApiState};
 use crate::cloud::clouds;
-use crate::cloud::discover::publish_password_once;
+use crate::cloud::discover::{publish_password_once, IdentitySource};
 use crate::cloud::keystone::Keystone;
 use crate::cloud::nova::Nova;
 use crate::cloud::{discover_identity, ConfigDrive, Discovery, InstanceIdentity, MetadataService};
@@ -26,7 +26,9 @@ use crate::report::load::LoadSampler;
 use crate::report::notify::{run_status_notifier, SdNotify};
 use crate::report::nova::{Backoff, NovaReporter};
 use crate::services::{Account, Service, ServiceContext};
-use crate::state::{NovaReporting, Reason, ServiceState, ServiceUpdate, SetupPhase, StateHub};
+use crate::state::{
+    InstanceStatus, NovaReporting, Reason, ServiceState, ServiceUpdate, SetupPhase, StateHub,
+};
 use crate::supervise::{ServicePaths, ShimCommand, Supervisor};
 
 /// Where the agent runs.
@@ -357,7 +359,13 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
     }
 
     let metadata = metadata_service(&plan);
-    if plan.identity.is_none() {
+    let instance = if let Some(identity) = &plan.identity {
+        InstanceStatus {
+            uuid: Some(identity.uuid.clone()),
+            source: IdentitySource::ConfigDrive.code().into(),
+            detail: None,
+        }
+    } else {
         let drive = ConfigDrive::new(&paths.config_drive);
         match discover_identity(
             &drive,
@@ -368,13 +376,25 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
         {
             Discovery::Found(identity, source) => {
                 tracing::info!(target: "exoagent::agent", uuid = %identity.uuid, source = source.as_str(), "instance identity");
+                let found = InstanceStatus {
+                    uuid: Some(identity.uuid.clone()),
+                    source: source.code().into(),
+                    detail: None,
+                };
                 plan.identity = Some(identity);
+                found
             }
             Discovery::LocalOnly(why) => {
                 tracing::info!(target: "exoagent::agent", "no instance identity, running local-only: {why}");
+                InstanceStatus {
+                    uuid: None,
+                    source: "local-only".into(),
+                    detail: Some(why),
+                }
             }
         }
-    }
+    };
+    hub.set_instance(instance);
     forget_previous_instance(&plan)?;
     if let Some(reporter) = nova_reporter(&plan, &hub) {
         tasks.spawn(reporter.run(hub.clone(), cancel.clone()));

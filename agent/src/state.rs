@@ -175,6 +175,20 @@ pub struct Snapshot {
     /// How reporting to Nova goes (absent when it is not configured).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nova: Option<NovaReporting>,
+    /// Which instance this is (absent until the agent has looked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<InstanceStatus>,
+}
+
+/// Which instance the agent runs on, and where it learnt that.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceStatus {
+    /// The server UUID; absent when running local-only.
+    pub uuid: Option<String>,
+    /// `config-drive`, `metadata-service`, or `local-only`.
+    pub source: String,
+    /// Why the agent runs local-only.
+    pub detail: Option<String>,
 }
 
 /// The state of reporting to Nova, for the instance owner (`exoagent status`).
@@ -195,6 +209,7 @@ struct Model {
     services: BTreeMap<ServiceKind, ServiceStatus>,
     setup: SetupStatus,
     nova: Option<NovaReporting>,
+    instance: Option<InstanceStatus>,
 }
 
 impl Model {
@@ -236,6 +251,7 @@ impl Model {
             setup: self.setup.clone(),
             services: self.services.values().cloned().collect(),
             nova: self.nova.clone(),
+            instance: self.instance.clone(),
         }
     }
 }
@@ -305,6 +321,7 @@ impl StateHub {
                 reason: None,
             },
             nova: None,
+            instance: None,
         };
         let (state, step, reason) = model.derive_setup();
         model.setup = SetupStatus {
@@ -370,6 +387,11 @@ impl StateHub {
     /// depend on the cloud API).
     pub fn set_nova_reporting(&self, reporting: NovaReporting) {
         self.with_model(|m| m.nova = Some(reporting));
+    }
+
+    /// Record which instance this is (or that there is none to know).
+    pub fn set_instance(&self, instance: InstanceStatus) {
+        self.with_model(|m| m.instance = Some(instance));
     }
 
     /// Record that a machine-wide step (`user`, `packages`, ...) failed.

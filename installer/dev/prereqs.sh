@@ -19,8 +19,8 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     exit 1
   fi
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -q
-  apt-get install -y -q --no-install-recommends "${need_apt[@]}"
+  apt-get -o DPkg::Lock::Timeout=600 update -q
+  apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends "${need_apt[@]}"
 fi
 
 # uv makes the JupyterLab install take seconds instead of a minute; the agent falls back to pip

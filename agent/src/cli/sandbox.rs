@@ -29,10 +29,15 @@ pub struct SandboxArgs {
     /// The sandbox directory (created if missing).
     #[arg(default_value = "exoagent-sandbox")]
     pub dir: PathBuf,
+    /// Do not seed the fixture identity: the instance is then found as on a cloud, from
+    /// DIR/config-drive or else the configured `[cloud] metadata_url`, or not at all.
+    #[arg(long)]
+    pub no_fixture_identity: bool,
 }
 
-/// Seed the sandbox directory (config, identity) without overwriting anything.
-pub fn seed(paths: &Paths) -> std::io::Result<()> {
+/// Seed the sandbox directory (config, and unless told otherwise the fixture identity) without
+/// overwriting anything.
+pub fn seed(paths: &Paths, fixture_identity: bool) -> std::io::Result<()> {
     if let Some(parent) = paths.config_file.parent() {
         std::fs::create_dir_all(parent)?;
     }
@@ -40,7 +45,7 @@ pub fn seed(paths: &Paths) -> std::io::Result<()> {
         fsutil::write_atomic(&paths.config_file, SANDBOX_CONFIG.as_bytes(), 0o644, None)?;
     }
     let meta = paths.config_drive.join("openstack/latest/meta_data.json");
-    if !meta.exists() {
+    if fixture_identity && !meta.exists() {
         if let Some(parent) = meta.parent() {
             std::fs::create_dir_all(parent)?;
         }
@@ -53,7 +58,7 @@ pub fn seed(paths: &Paths) -> std::io::Result<()> {
 pub async fn run(args: SandboxArgs) -> anyhow::Result<ExitCode> {
     let root = super::absolute(&args.dir);
     let paths = Paths::sandbox(&root);
-    seed(&paths)?;
+    seed(&paths, !args.no_fixture_identity)?;
     let dir = root.display();
     eprintln!("exoagent sandbox in {dir}");
     eprintln!("  config:      {}", paths.config_file.display());

@@ -145,6 +145,19 @@ pub fn render_table(snapshot: &Snapshot, now: u64) -> String {
             None => out.push_str(&format!("failed step: {step}\n")),
         }
     }
+    if let Some(instance) = &snapshot.instance {
+        match (&instance.uuid, &instance.detail) {
+            (Some(uuid), _) => out.push_str(&format!(
+                "instance: {uuid} (from the {})\n",
+                instance.source.replace('-', " ")
+            )),
+            (None, Some(why)) => out.push_str(&format!(
+                "instance: local-only: {}\n",
+                truncate_chars(why, 200).replace('\n', " ")
+            )),
+            (None, None) => out.push_str(&format!("instance: {}\n", instance.source)),
+        }
+    }
     if let Some(nova) = &snapshot.nova {
         match &nova.reason {
             Some(reason) => out.push_str(&format!(
@@ -249,8 +262,19 @@ mod tests {
                 state: "failed".into(),
                 reason: Some(Reason::new("credential-not-permitted", "HTTP 401")),
             }),
+            instance: Some(crate::state::InstanceStatus {
+                uuid: None,
+                source: "local-only".into(),
+                detail: Some("no config drive (/x) and no metadata service configured".into()),
+            }),
         };
         let table = render_table(&snapshot, 75_000);
+        assert!(
+            table.contains(
+                "instance: local-only: no config drive (/x) and no metadata service configured\n"
+            ),
+            "{table}"
+        );
         assert!(
             table.contains("nova reporting: failed: credential-not-permitted: HTTP 401\n"),
             "{table}"
@@ -260,7 +284,7 @@ mod tests {
             "{table}"
         );
         assert!(table.contains("failed step: jupyterlab: crash-loop: exit status 1 | boom"));
-        let row = table.lines().nth(4).unwrap();
+        let row = table.lines().nth(5).unwrap();
         assert!(row.starts_with("jupyterlab  failed  1m ago"), "{row}");
         assert!(row.ends_with("crash-loop: exit status 1 boom"), "{row}");
         assert_eq!(exit_status(&snapshot), EXIT_ERROR);

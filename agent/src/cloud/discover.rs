@@ -29,6 +29,14 @@ impl IdentitySource {
             Self::MetadataService => "metadata service",
         }
     }
+
+    /// The stable code used in the status API (`instance.source`).
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::ConfigDrive => "config-drive",
+            Self::MetadataService => "metadata-service",
+        }
+    }
 }
 
 /// The outcome of looking for the identity.

@@ -1,0 +1,847 @@
+//! Against real OpenStack: `tests/openstack/harness.py` runs Keystone, Nova (API, metadata,
+//! conductor, scheduler, compute with the fake virt driver), Neutron, Glance and Placement from
+//! PyPI on MariaDB and RabbitMQ, on loopback; these tests bring it up when it is not (about a
+//! minute, once). Each test boots its own server as the `demo` user and runs the real
+//! `exoagent` binary in sandbox mode with that server's identity and a real JupyterLab:
+//!
+//! - tags and `exoSetup`/`exoAgent` metadata appear and follow service state, through the
+//!   access-rule-restricted application credential; `openstack server show` agrees;
+//! - a wrong secret is a local credential error while JupyterLab keeps serving;
+//! - nova-api stopped while the state changes: once it is back the newest state lands and no
+//!   stale tag remains;
+//! - the passphrase is published once through the metadata service; a restarted agent that
+//!   posts again gets 409 and carries on;
+//! - identity from a config drive only (its documents are what nova-metadata serves for the
+//!   server: the fake virt driver builds no ISO), from the metadata service only, and neither.
+//!
+//! The metadata service is reached through the harness's stand-in for Neutron's metadata proxy
+//! (signed `X-Instance-ID` headers); the instance is named in the URL's first path segment.
+//! Tests run one at a time: one of them stops nova-api.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+const COMPUTE_VERSION: &str = "compute 2.96";
+
+fn exe() -> &'static str {
+    env!("CARGO_BIN_EXE_exoagent")
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One test at a time (the outage test stops nova-api for everyone).
+fn serial() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn poll<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(found) = check() {
+            return found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// The running harness: its env.json and an HTTP client acting as the `demo` user.
+struct Stack {
+    env: Value,
+    http: reqwest::blocking::Client,
+    demo_token: String,
+}
+
+impl Stack {
+    fn get() -> &'static Stack {
+        static STACK: OnceLock<Stack> = OnceLock::new();
+        STACK.get_or_init(|| {
+            let up = Command::new("bash")
+                .arg(repo_root().join("tests/openstack/up.sh"))
+                .stdin(Stdio::null())
+                .output()
+                .expect("run tests/openstack/up.sh");
+            assert!(
+                up.status.success(),
+                "the OpenStack harness did not come up:\n{}{}",
+                String::from_utf8_lossy(&up.stdout),
+                String::from_utf8_lossy(&up.stderr)
+            );
+            let state = std::env::var("EXOAGENT_OPENSTACK_DIR")
+                .unwrap_or_else(|_| "/var/tmp/exoagent-openstack".into());
+            let env: Value =
+                serde_json::from_slice(&fs::read(Path::new(&state).join("env.json")).unwrap())
+                    .unwrap();
+            let http = reqwest::blocking::Client::builder()
+                .no_proxy()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .unwrap();
+            let demo = &env["demo"];
+            let demo_token = keystone_token(
+                &http,
+                env["keystone_url"].as_str().unwrap(),
+                demo["username"].as_str().unwrap(),
+                demo["password"].as_str().unwrap(),
+                demo["project"].as_str().unwrap(),
+            );
+            Stack {
+                env,
+                http,
+                demo_token,
+            }
+        })
+    }
+
+    fn str(&self, key: &str) -> &str {
+        self.env[key].as_str().unwrap()
+    }
+
+    fn compute(&self, method: reqwest::Method, path: &str) -> reqwest::blocking::RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.str("compute_url")))
+            .header("X-Auth-Token", &self.demo_token)
+            .header("OpenStack-API-Version", COMPUTE_VERSION)
+    }
+
+    /// Boot a server as `demo` and wait until it is ACTIVE.
+    fn boot(&self, name: &str) -> Server<'_> {
+        let reply = self
+            .compute(reqwest::Method::POST, "/servers")
+            .json(&json!({"server": {
+                "name": name,
+                "imageRef": self.str("image_id"),
+                "flavorRef": self.str("flavor_id"),
+                "networks": [{"uuid": self.str("network_id")}],
+            }}))
+            .send()
+            .unwrap();
+        assert_eq!(
+            reply.status().as_u16(),
+            202,
+            "boot {name}: {:?}",
+            reply.text()
+        );
+        let id = reply.json::<Value>().unwrap()["server"]["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let server = Server { stack: self, id };
+        poll(
+            "the server to become ACTIVE",
+            Duration::from_secs(120),
+            || {
+                let status = server.show()["status"].as_str().unwrap_or("").to_owned();
+                assert_ne!(status, "ERROR", "server {} went to ERROR", server.id);
+                (status == "ACTIVE").then_some(())
+            },
+        );
+        server
+    }
+
+    /// Run the harness with `args` (e.g. `stop nova-api`).
+    fn harness(&self, args: &[&str]) {
+        let out = Command::new("python3")
+            .arg(self.str("harness"))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "harness {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A token from one of the harness's application credentials.
+    fn app_credential_token(&self, name: &str) -> String {
+        let credential = &self.env["app_credentials"][name];
+        let reply = self
+            .http
+            .post(format!("{}/auth/tokens", self.str("keystone_url")))
+            .json(&json!({"auth": {"identity": {
+                "methods": ["application_credential"],
+                "application_credential": {"id": credential["id"], "secret": credential["secret"]},
+            }}}))
+            .send()
+            .unwrap();
+        assert_eq!(reply.status().as_u16(), 201, "token for {name}");
+        reply.headers()["X-Subject-Token"]
+            .to_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    /// A clouds.yaml holding one cloud, `agent`, copied from the harness's `name`; `edit`
+    /// may change its auth block.
+    fn clouds_yaml(
+        &self,
+        dir: &Path,
+        name: &str,
+        edit: impl FnOnce(&mut serde_yaml::Value),
+    ) -> PathBuf {
+        let text = fs::read_to_string(self.str("clouds_yaml")).unwrap();
+        let all: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+        let mut cloud = all["clouds"][name].clone();
+        edit(&mut cloud);
+        let mut clouds = serde_yaml::Mapping::new();
+        clouds.insert("agent".into(), cloud);
+        let mut file = serde_yaml::Mapping::new();
+        file.insert("clouds".into(), serde_yaml::Value::Mapping(clouds));
+        let path = dir.join("clouds.yaml");
+        fs::write(&path, serde_yaml::to_string(&file).unwrap()).unwrap();
+        path
+    }
+}
+
+fn keystone_token(
+    http: &reqwest::blocking::Client,
+    keystone: &str,
+    user: &str,
+    password: &str,
+    project: &str,
+) -> String {
+    let reply = http
+        .post(format!("{keystone}/auth/tokens"))
+        .json(&json!({"auth": {
+            "identity": {"methods": ["password"], "password": {"user": {
+                "name": user, "domain": {"id": "default"}, "password": password}}},
+            "scope": {"project": {"name": project, "domain": {"id": "default"}}},
+        }}))
+        .send()
+        .unwrap();
+    assert_eq!(reply.status().as_u16(), 201, "token for {user}");
+    reply.headers()["X-Subject-Token"]
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// A server owned by `demo`, deleted on drop.
+struct Server<'a> {
+    stack: &'a Stack,
+    id: String,
+}
+
+impl Server<'_> {
+    fn show(&self) -> Value {
+        let reply = self
+            .stack
+            .compute(reqwest::Method::GET, &format!("/servers/{}", self.id))
+            .send()
+            .unwrap();
+        assert!(
+            reply.status().is_success(),
+            "GET server: {}",
+            reply.status()
+        );
+        reply.json::<Value>().unwrap()["server"].clone()
+    }
+
+    /// The server's `exoagent:` tags.
+    fn agent_tags(&self) -> BTreeSet<String> {
+        let reply = self
+            .stack
+            .compute(reqwest::Method::GET, &format!("/servers/{}/tags", self.id))
+            .send()
+            .unwrap();
+        assert!(reply.status().is_success(), "GET tags: {}", reply.status());
+        reply.json::<Value>().unwrap()["tags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_str)
+            .filter(|t| t.starts_with("exoagent:"))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn metadata(&self) -> BTreeMap<String, String> {
+        let reply = self
+            .stack
+            .compute(
+                reqwest::Method::GET,
+                &format!("/servers/{}/metadata", self.id),
+            )
+            .send()
+            .unwrap();
+        assert!(
+            reply.status().is_success(),
+            "GET metadata: {}",
+            reply.status()
+        );
+        serde_json::from_value(reply.json::<Value>().unwrap()["metadata"].clone()).unwrap()
+    }
+
+    fn add_tag(&self, tag: &str) {
+        let reply = self
+            .stack
+            .compute(
+                reqwest::Method::PUT,
+                &format!("/servers/{}/tags/{tag}", self.id),
+            )
+            .send()
+            .unwrap();
+        assert!(reply.status().is_success(), "PUT tag: {}", reply.status());
+    }
+
+    fn set_metadata(&self, key: &str, value: &str) {
+        let reply = self
+            .stack
+            .compute(
+                reqwest::Method::PUT,
+                &format!("/servers/{}/metadata/{key}", self.id),
+            )
+            .json(&json!({"meta": {key: value}}))
+            .send()
+            .unwrap();
+        assert!(
+            reply.status().is_success(),
+            "PUT metadata: {}",
+            reply.status()
+        );
+    }
+
+    /// What Nova holds from the password endpoint.
+    fn password(&self) -> String {
+        let reply = self
+            .stack
+            .compute(
+                reqwest::Method::GET,
+                &format!("/servers/{}/os-server-password", self.id),
+            )
+            .send()
+            .unwrap();
+        assert!(
+            reply.status().is_success(),
+            "GET password: {}",
+            reply.status()
+        );
+        reply.json::<Value>().unwrap()["password"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned()
+    }
+
+    /// Wait until `exoSetup` says `status`; returns all metadata.
+    fn wait_setup_metadata(&self, status: &str) -> BTreeMap<String, String> {
+        poll(
+            &format!("exoSetup {status}"),
+            Duration::from_secs(30),
+            || {
+                let metadata = self.metadata();
+                let setup = json_of(metadata.get("exoSetup")?);
+                (setup["status"] == status).then_some(metadata)
+            },
+        )
+    }
+
+    /// The instance's metadata URL, through the harness's metadata proxy.
+    fn metadata_url(&self) -> String {
+        format!("{}/{}", self.stack.str("metadata_proxy_url"), self.id)
+    }
+
+    /// Wait until the server's `exoagent:` tags are exactly `wanted`.
+    fn wait_tags(&self, wanted: &[&str], timeout: Duration, agent: &Agent) -> BTreeSet<String> {
+        let wanted: BTreeSet<String> = wanted.iter().map(|t| t.to_string()).collect();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let tags = self.agent_tags();
+            if tags == wanted {
+                return tags;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "Nova tags {tags:?}, wanted {wanted:?}; agent status: {}\nagent output:\n{}",
+                agent.status(),
+                agent.output()
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+}
+
+impl Drop for Server<'_> {
+    fn drop(&mut self) {
+        let _ = self
+            .stack
+            .compute(reqwest::Method::DELETE, &format!("/servers/{}", self.id))
+            .send();
+    }
+}
+
+/// The `exoagent` binary in sandbox mode, without the fixture identity.
+struct Agent {
+    dir: tempfile::TempDir,
+    port: u16,
+    child: Option<Child>,
+    runs: u32,
+}
+
+impl Agent {
+    /// A sandbox whose config serves JupyterLab on a free port, with `cloud` as its `[cloud]`
+    /// table.
+    fn new(cloud: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("exoagent-openstack-")
+            .tempdir()
+            .unwrap();
+        let port = free_port();
+        let etc = dir.path().join("etc/exoagent");
+        fs::create_dir_all(&etc).unwrap();
+        fs::write(
+            etc.join("config.toml"),
+            format!(
+                "[services.jupyterlab]\nenabled = true\nbind = \"127.0.0.1\"\nport = {port}\n\n\
+                 [supervise]\nliveness_interval_s = 1\nliveness_failures = 2\n\n\
+                 [cloud]\nmetadata_timeout_s = 20\n{cloud}\n"
+            ),
+        )
+        .unwrap();
+        Self {
+            dir,
+            port,
+            child: None,
+            runs: 0,
+        }
+    }
+
+    fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn start(&mut self) {
+        self.runs += 1;
+        let file = |stream: &str| {
+            fs::File::create(self.root().join(format!("agent-{}.{stream}", self.runs))).unwrap()
+        };
+        let child = Command::new(exe())
+            .arg("sandbox")
+            .arg("--no-fixture-identity")
+            .arg(self.root())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(file("stdout"))
+            .stderr(file("stderr"))
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
+        }
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(exe())
+            .arg("--sandbox-dir")
+            .arg(self.root())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    fn output(&self) -> String {
+        let mut all = String::new();
+        for run in 1..=self.runs {
+            for stream in ["stdout", "stderr"] {
+                all += &fs::read_to_string(self.root().join(format!("agent-{run}.{stream}")))
+                    .unwrap_or_default();
+            }
+        }
+        all
+    }
+
+    fn status(&self) -> Value {
+        serde_json::from_slice(&self.cli(&["status", "--json"]).stdout).unwrap_or(Value::Null)
+    }
+
+    fn table(&self) -> String {
+        String::from_utf8_lossy(&self.cli(&["status"]).stdout).into_owned()
+    }
+
+    fn wait_status(&self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.status();
+            if pred(&status) {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; status: {status}\nagent output:\n{}",
+                self.output()
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    fn wait_complete(&self) -> Value {
+        self.wait_status("setup complete", Duration::from_secs(300), |s| {
+            s["setup"]["state"] == "complete"
+        })
+    }
+
+    fn jupyterlab_answers(&self) -> bool {
+        reqwest::blocking::Client::builder()
+            .no_proxy()
+            .build()
+            .unwrap()
+            .get(format!("http://127.0.0.1:{}/api", self.port))
+            .send()
+            .map(|r| r.status().is_success())
+            .unwrap_or(false)
+    }
+
+    fn passphrase(&self) -> String {
+        fs::read_to_string(self.root().join("var/lib/exoagent/secrets/passphrase"))
+            .unwrap()
+            .trim()
+            .to_owned()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+            let _ = child.wait();
+        }
+        let _ = self.cli(&["down", "--grace", "5"]);
+    }
+}
+
+fn cloud_table(metadata_url: Option<&str>, clouds_yaml: Option<&Path>) -> String {
+    let mut out = String::new();
+    if let Some(url) = metadata_url {
+        out += &format!("metadata_url = \"{url}\"\n");
+    }
+    if let Some(path) = clouds_yaml {
+        out += &format!(
+            "clouds_yaml = \"{}\"\ncloud_name = \"agent\"\n",
+            path.display()
+        );
+    }
+    out
+}
+
+fn json_of(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+#[test]
+fn tags_and_metadata_follow_service_state_through_the_restricted_credential() {
+    let _one = serial();
+    let stack = Stack::get();
+    let server = stack.boot("exoagent-follow");
+    let scratch = tempfile::tempdir().unwrap();
+    let clouds = stack.clouds_yaml(scratch.path(), "agent-tags", |_| {});
+    // The credential really is restricted: its token may read tags but not the server.
+    let restricted = stack.app_credential_token("agent-tags");
+    let with_restricted = |path: &str| {
+        stack
+            .http
+            .get(format!("{}{path}", stack.str("compute_url")))
+            .header("X-Auth-Token", &restricted)
+            .header("OpenStack-API-Version", COMPUTE_VERSION)
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(
+        with_restricted(&format!("/servers/{}/tags", server.id)),
+        200
+    );
+    assert_eq!(with_restricted(&format!("/servers/{}", server.id)), 401);
+
+    let mut agent = Agent::new(&cloud_table(Some(&server.metadata_url()), Some(&clouds)));
+    agent.start();
+    let status = agent.wait_complete();
+    assert_eq!(status["instance"]["uuid"], server.id.as_str());
+    assert_eq!(status["instance"]["source"], "metadata-service");
+    let ready = ["exoagent:setup:complete", "exoagent:jupyterlab:ready"];
+    server.wait_tags(&ready, Duration::from_secs(60), &agent);
+    // Tags are written first, then metadata.
+    let metadata = server.wait_setup_metadata("complete");
+    agent.wait_status("nova reporting ok", Duration::from_secs(30), |s| {
+        s["nova"]["state"] == "ok"
+    });
+    let setup = json_of(&metadata["exoSetup"]);
+    assert_eq!(setup["epoch"], status["setup"]["since_ms"]);
+    let summary = json_of(&metadata["exoAgent"]);
+    assert_eq!(summary["setup"], "complete");
+    assert_eq!(
+        summary["svc"]["jupyterlab"],
+        format!("ready:{}", agent.port)
+    );
+
+    // `openstack server show`, the operator's view, agrees.
+    let venv_bin = Path::new(stack.str("state_dir")).join("venv/bin/openstack");
+    let show = Command::new(venv_bin)
+        .args(["--os-cloud", "demo", "--os-compute-api-version", "2.96"])
+        .args(["server", "show", &server.id, "-f", "json"])
+        .env("OS_CLIENT_CONFIG_FILE", stack.str("clouds_yaml"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        show.status.success(),
+        "{}",
+        String::from_utf8_lossy(&show.stderr)
+    );
+    let shown: Value = serde_json::from_slice(&show.stdout).unwrap();
+    let shown_tags: BTreeSet<String> = shown["tags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(shown_tags, ready.iter().map(|t| t.to_string()).collect());
+    assert_eq!(
+        shown["properties"]["exoSetup"],
+        metadata["exoSetup"].as_str()
+    );
+
+    // A hung JupyterLab (SIGSTOP) turns degraded; Nova follows, and back.
+    let pid = status["services"][0]["pid"].as_i64().unwrap() as i32;
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    server.wait_tags(
+        &["exoagent:setup:complete", "exoagent:jupyterlab:degraded"],
+        Duration::from_secs(60),
+        &agent,
+    );
+    let wanted = format!("degraded:{}", agent.port);
+    poll("exoAgent to show degraded", Duration::from_secs(30), || {
+        let summary = json_of(&server.metadata()["exoAgent"]);
+        (summary["svc"]["jupyterlab"] == wanted.as_str()).then_some(())
+    });
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    server.wait_tags(&ready, Duration::from_secs(60), &agent);
+}
+
+#[test]
+fn a_wrong_secret_is_a_local_error_and_services_keep_running() {
+    let _one = serial();
+    let stack = Stack::get();
+    let server = stack.boot("exoagent-wrong-secret");
+    let scratch = tempfile::tempdir().unwrap();
+    let clouds = stack.clouds_yaml(scratch.path(), "agent-tags", |cloud| {
+        cloud["auth"]["application_credential_secret"] = "not-the-secret".into();
+    });
+    let mut agent = Agent::new(&cloud_table(Some(&server.metadata_url()), Some(&clouds)));
+    agent.start();
+    agent.wait_complete();
+    let status = agent.wait_status("nova reporting failed", Duration::from_secs(60), |s| {
+        s["nova"]["state"] == "failed"
+    });
+    assert_eq!(
+        status["nova"]["reason"]["code"], "credential-rejected",
+        "{status}"
+    );
+    assert!(agent.jupyterlab_answers(), "JupyterLab must keep serving");
+    let table = agent.table();
+    assert!(
+        table.contains("nova reporting: failed: credential-rejected:"),
+        "{table}"
+    );
+    assert!(server.agent_tags().is_empty());
+    assert!(
+        !agent.output().contains("not-the-secret"),
+        "the secret leaked into the log"
+    );
+}
+
+#[test]
+fn after_a_nova_outage_the_newest_state_lands_and_no_stale_tag_remains() {
+    let _one = serial();
+    let stack = Stack::get();
+    let server = stack.boot("exoagent-outage");
+    // What an earlier, interrupted run would have left behind.
+    server.add_tag("exoagent:setup:running");
+    server.add_tag("exoagent:jupyterlab:installing");
+    server.set_metadata("exoSetup", r#"{"status":"running","epoch":1}"#);
+    server.add_tag("researcher-tag");
+    let scratch = tempfile::tempdir().unwrap();
+    let clouds = stack.clouds_yaml(scratch.path(), "agent-full", |_| {});
+    let mut agent = Agent::new(&cloud_table(Some(&server.metadata_url()), Some(&clouds)));
+
+    struct Restart<'a>(&'a Stack);
+    impl Drop for Restart<'_> {
+        fn drop(&mut self) {
+            self.0.harness(&["start", "nova-api"]);
+        }
+    }
+    stack.harness(&["stop", "nova-api"]);
+    let restart = Restart(stack);
+    agent.start();
+    agent.wait_complete();
+    let status = agent.wait_status("nova reporting pending", Duration::from_secs(30), |s| {
+        s["nova"]["state"] == "pending"
+    });
+    assert_eq!(
+        status["nova"]["reason"]["code"], "nova-unreachable",
+        "{status}"
+    );
+    drop(restart);
+
+    server.wait_tags(
+        &["exoagent:setup:complete", "exoagent:jupyterlab:ready"],
+        Duration::from_secs(120),
+        &agent,
+    );
+    server.wait_setup_metadata("complete");
+    let all_tags = server
+        .stack
+        .compute(
+            reqwest::Method::GET,
+            &format!("/servers/{}/tags", server.id),
+        )
+        .send()
+        .unwrap()
+        .json::<Value>()
+        .unwrap();
+    assert!(
+        all_tags["tags"]
+            .as_array()
+            .unwrap()
+            .contains(&"researcher-tag".into()),
+        "tags not the agent's own must stay: {all_tags}"
+    );
+}
+
+#[test]
+fn the_passphrase_is_published_once_and_a_second_start_accepts_409() {
+    let _one = serial();
+    let stack = Stack::get();
+    let server = stack.boot("exoagent-password");
+    let mut agent = Agent::new(&cloud_table(Some(&server.metadata_url()), None));
+    agent.start();
+    let status = agent.wait_complete();
+    assert_eq!(status["instance"]["source"], "metadata-service");
+    let passphrase = agent.passphrase();
+    assert_eq!(server.password(), passphrase);
+    let marker = agent.root().join("var/lib/exoagent/password-published");
+    assert!(marker.exists());
+
+    // nova-metadata caches for 15 s; once its GET shows the password, a POST gets 409.
+    let http = reqwest::blocking::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap();
+    let url = format!("{}/openstack/latest/password", server.metadata_url());
+    poll(
+        "the metadata cache to show the password",
+        Duration::from_secs(60),
+        || {
+            let body = http.get(&url).send().ok()?.text().ok()?;
+            (body == passphrase).then_some(())
+        },
+    );
+    agent.stop();
+    fs::remove_file(&marker).unwrap();
+    agent.start();
+    agent.wait_status("a second complete run", Duration::from_secs(120), |s| {
+        s["setup"]["state"] == "complete" && s["instance"]["uuid"] == server.id.as_str()
+    });
+    poll("the 409 to be handled", Duration::from_secs(30), || {
+        agent.output().contains("AlreadyPublished").then_some(())
+    });
+    assert!(marker.exists(), "the marker is written again after a 409");
+    assert_eq!(
+        server.password(),
+        passphrase,
+        "the published passphrase is unchanged"
+    );
+}
+
+#[test]
+fn identity_from_a_config_drive_alone_reports_to_nova() {
+    let _one = serial();
+    let stack = Stack::get();
+    let server = stack.boot("exoagent-config-drive");
+    let scratch = tempfile::tempdir().unwrap();
+    let clouds = stack.clouds_yaml(scratch.path(), "agent-tags", |_| {});
+    let mut agent = Agent::new(&cloud_table(None, Some(&clouds)));
+    // The config drive holds what nova-metadata serves for this server.
+    let http = reqwest::blocking::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap();
+    let latest = agent.root().join("config-drive/openstack/latest");
+    fs::create_dir_all(&latest).unwrap();
+    for document in ["meta_data.json", "network_data.json", "vendor_data2.json"] {
+        let url = format!("{}/openstack/latest/{document}", server.metadata_url());
+        let reply = http.get(&url).send().unwrap();
+        assert!(reply.status().is_success(), "{url}: {}", reply.status());
+        fs::write(latest.join(document), reply.bytes().unwrap()).unwrap();
+    }
+    agent.start();
+    let status = agent.wait_complete();
+    assert_eq!(status["instance"]["uuid"], server.id.as_str());
+    assert_eq!(status["instance"]["source"], "config-drive");
+    server.wait_tags(
+        &["exoagent:setup:complete", "exoagent:jupyterlab:ready"],
+        Duration::from_secs(60),
+        &agent,
+    );
+    assert_eq!(
+        server.password(),
+        "",
+        "no metadata service: nothing published"
+    );
+}
+
+#[test]
+fn without_config_drive_or_metadata_service_the_agent_runs_local_only() {
+    let _one = serial();
+    let stack = Stack::get();
+    let scratch = tempfile::tempdir().unwrap();
+    let clouds = stack.clouds_yaml(scratch.path(), "agent-tags", |_| {});
+    let mut agent = Agent::new(&cloud_table(None, Some(&clouds)));
+    agent.start();
+    let status = agent.wait_complete();
+    assert_eq!(status["instance"]["source"], "local-only", "{status}");
+    assert!(status["instance"]["uuid"].is_null());
+    assert_eq!(status["nova"]["state"], "failed");
+    assert_eq!(status["nova"]["reason"]["code"], "identity-unknown");
+    assert!(agent.jupyterlab_answers());
+    let table = agent.table();
+    assert!(
+        table.contains("instance: local-only: no config drive"),
+        "{table}"
+    );
+}
