@@ -132,14 +132,23 @@ impl Stack {
 
     /// Boot a server as `demo` and wait until it is ACTIVE.
     fn boot(&self, name: &str) -> Server<'_> {
+        self.boot_with(name, json!({}))
+    }
+
+    /// Boot a server with `extra` fields in its request (user_data, metadata).
+    fn boot_with(&self, name: &str, extra: Value) -> Server<'_> {
+        let mut request = json!({
+            "name": name,
+            "imageRef": self.str("image_id"),
+            "flavorRef": self.str("flavor_id"),
+            "networks": [{"uuid": self.str("network_id")}],
+        });
+        for (key, value) in extra.as_object().unwrap() {
+            request[key] = value.clone();
+        }
         let reply = self
             .compute(reqwest::Method::POST, "/servers")
-            .json(&json!({"server": {
-                "name": name,
-                "imageRef": self.str("image_id"),
-                "flavorRef": self.str("flavor_id"),
-                "networks": [{"uuid": self.str("network_id")}],
-            }}))
+            .json(&json!({ "server": request }))
             .send()
             .unwrap();
         assert_eq!(
@@ -844,4 +853,83 @@ fn without_config_drive_or_metadata_service_the_agent_runs_local_only() {
         table.contains("instance: local-only: no config drive"),
         "{table}"
     );
+}
+
+/// The library's typed readers on the documents real Nova serves, from the metadata service and
+/// from a config drive holding the same files: the same values either way.
+#[test]
+fn documents_read_the_same_from_the_metadata_service_and_a_config_drive() {
+    use base64::Engine as _;
+    use exoagent::cloud::{ConfigDrive, MetadataService};
+
+    let _one = serial();
+    let stack = Stack::get();
+    let user_data = "#cloud-config\n# exoagent test\n";
+    let server = stack.boot_with(
+        "exoagent-documents",
+        json!({
+            "user_data": base64::engine::general_purpose::STANDARD.encode(user_data),
+            "metadata": {"exoGuac": r#"{"ssh":true,"vnc":false}"#},
+        }),
+    );
+    let service = MetadataService::new(
+        &server.metadata_url(),
+        MetadataService::default_client().unwrap(),
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (identity, network, vendor, served_user_data) = runtime.block_on(async {
+        (
+            service.identity().await.unwrap().unwrap(),
+            service.network_data().await.unwrap().unwrap(),
+            service.vendor_data().await.unwrap().unwrap(),
+            service.user_data().await.unwrap(),
+        )
+    });
+    assert_eq!(identity.uuid, server.id);
+    assert_eq!(identity.name.as_deref(), Some("exoagent-documents"));
+    assert!(identity.exo_guac().unwrap().ssh);
+    assert_eq!(served_user_data.as_deref(), Some(user_data));
+    assert_eq!(network.links.len(), 1);
+    assert_eq!(network.links[0].kind.as_deref(), Some("ovs"));
+    assert_eq!(network.networks[0].kind, "ipv4_dhcp");
+    assert_eq!(network.services[0].kind, "dns");
+    assert_eq!(vendor.providers["static"]["exoagent-harness"], true);
+
+    let drive_dir = tempfile::tempdir().unwrap();
+    let latest = drive_dir.path().join("openstack/latest");
+    fs::create_dir_all(&latest).unwrap();
+    let http = reqwest::blocking::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap();
+    for document in [
+        "meta_data.json",
+        "network_data.json",
+        "vendor_data2.json",
+        "user_data",
+    ] {
+        let url = format!("{}/openstack/latest/{document}", server.metadata_url());
+        fs::write(
+            latest.join(document),
+            http.get(&url).send().unwrap().bytes().unwrap(),
+        )
+        .unwrap();
+    }
+    let drive = ConfigDrive::new(drive_dir.path());
+    assert_eq!(drive.identity().unwrap(), identity);
+    assert_eq!(drive.network_data().unwrap(), Some(network));
+    assert_eq!(drive.vendor_data().unwrap(), Some(vendor));
+    assert_eq!(drive.user_data().unwrap(), served_user_data);
+
+    // A server without user data: `None`, not an error.
+    let bare = stack.boot("exoagent-documents-bare");
+    let service = MetadataService::new(
+        &bare.metadata_url(),
+        MetadataService::default_client().unwrap(),
+    );
+    let none = runtime.block_on(service.user_data()).unwrap();
+    assert_eq!(none, None);
 }

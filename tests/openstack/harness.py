@@ -250,7 +250,9 @@ def rabbit_env():
 def gunicorn(name, port, app, extra_env):
     argv = [str(VENV / "bin" / "gunicorn"), "--workers", "1", "--threads", "4",
             "--worker-class", "gthread", "--timeout", "300", "--bind", f"{HOST}:{port}",
-            "--chdir", str(HERE), "--error-logfile", "-", "wsgi_shim:application"]
+            "--chdir", str(HERE), "--error-logfile", "-",
+            # One line per request with the User-Agent: how the benchmarks count calls.
+            "--access-logfile", str(LOG / f"{name}-access.log"), "wsgi_shim:application"]
     return argv, service_env({"EXOAGENT_WSGI_APP": app, **extra_env})
 
 
@@ -447,6 +449,8 @@ def write_configs(config):
               "fernet-keys", "credential-keys", "rabbit/mnesia", "mysql"]:
         (DATA / d).mkdir(parents=True, exist_ok=True)
     (LOG / "rabbit").mkdir(parents=True, exist_ok=True)
+    for d in ["fernet-keys", "credential-keys"]:
+        (DATA / d).chmod(0o700)
 
     write(ETC / "keystone" / "keystone.conf", f"""
 [DEFAULT]
@@ -919,7 +923,7 @@ def down(quiet=False):
     if shutil.which("epmd"):
         subprocess.run(["epmd", "-kill"], env=dict(os.environ, ERL_EPMD_ADDRESS=HOST),
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
-    for path in [READY_FILE, ENV_FILE, CLOUDS_FILE, SECRETS_FILE]:
+    for path in [READY_FILE, ENV_FILE, CLOUDS_FILE, SECRETS_FILE, STATE / "metadata-secret"]:
         path.unlink(missing_ok=True)
     for path in [RUN, ETC, DATA, LOG]:
         shutil.rmtree(path, ignore_errors=True)

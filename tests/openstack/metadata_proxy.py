@@ -47,8 +47,9 @@ def make_handler(upstream_host, upstream_port, secret, tenant):
                 "X-Instance-ID-Signature": signature,
                 "X-Forwarded-For": self.client_address[0],
             }
-            if self.headers.get("Content-Type"):
-                headers["Content-Type"] = self.headers["Content-Type"]
+            for name in ("Content-Type", "User-Agent"):
+                if self.headers.get(name):
+                    headers[name] = self.headers[name]
             connection = http.client.HTTPConnection(upstream_host, upstream_port, timeout=30)
             try:
                 connection.request(self.command, rest, body=body, headers=headers)

@@ -1,5 +1,6 @@
-//! Reads `openstack/latest/meta_data.json` from a config-drive directory into typed, partial
-//! structs: data that is legitimately absent is `None`, not an error.
+//! The instance's documents (`meta_data.json`, `network_data.json`, `vendor_data2.json`,
+//! `user_data`) as typed, partial structs, and reading them from a config-drive directory:
+//! data that is legitimately absent is `None` or empty, not an error.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -41,6 +42,98 @@ impl InstanceIdentity {
             .get("exoGuac")
             .and_then(|raw| serde_json::from_str(raw).ok())
     }
+}
+
+/// `network_data.json`: the instance's links, networks and network services. Fields the agent
+/// does not use are ignored; Nova serves `{}` for a server without networks.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct NetworkData {
+    /// Physical and virtual interfaces.
+    #[serde(default)]
+    pub links: Vec<NetworkLink>,
+    /// Layer-3 networks on those links.
+    #[serde(default)]
+    pub networks: Vec<Network>,
+    /// Services such as DNS resolvers.
+    #[serde(default)]
+    pub services: Vec<NetworkService>,
+}
+
+/// One interface.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct NetworkLink {
+    /// Link id that networks refer to (e.g. `tap…`).
+    pub id: String,
+    /// `ovs`, `bridge`, `phy`, `vlan`, `bond`, ...
+    #[serde(rename = "type", default)]
+    pub kind: Option<String>,
+    /// MAC address.
+    #[serde(default)]
+    pub ethernet_mac_address: Option<String>,
+    /// MTU, when the cloud says.
+    #[serde(default)]
+    pub mtu: Option<u32>,
+    /// The Neutron port id.
+    #[serde(default)]
+    pub vif_id: Option<String>,
+}
+
+/// One network on a link.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Network {
+    /// Network id within the document (`network0`, ...).
+    pub id: String,
+    /// `ipv4_dhcp`, `ipv4`, `ipv6_slaac`, `ipv6_dhcpv6-stateful`, ...
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The link id.
+    #[serde(default)]
+    pub link: Option<String>,
+    /// The Neutron network id.
+    #[serde(default)]
+    pub network_id: Option<String>,
+    /// Static address, for `ipv4`/`ipv6`.
+    #[serde(default)]
+    pub ip_address: Option<String>,
+    /// Netmask, for static networks.
+    #[serde(default)]
+    pub netmask: Option<String>,
+    /// Static routes.
+    #[serde(default)]
+    pub routes: Vec<Route>,
+    /// Per-network services.
+    #[serde(default)]
+    pub services: Vec<NetworkService>,
+}
+
+/// A static route.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Route {
+    /// Destination network.
+    pub network: String,
+    /// Destination netmask.
+    pub netmask: String,
+    /// Next hop.
+    pub gateway: String,
+}
+
+/// A network service (`dns` and its address).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct NetworkService {
+    /// `dns`, ...
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Where it is.
+    pub address: String,
+}
+
+/// `vendor_data2.json`: one JSON value per vendordata provider (`static` for the operator's
+/// StaticJSON file, or a dynamic provider's name).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(transparent)]
+pub struct VendorData {
+    /// Provider name → its document.
+    pub providers: BTreeMap<String, serde_json::Value>,
 }
 
 /// Why the identity could not be read.
@@ -109,6 +202,29 @@ impl ConfigDrive {
     pub fn user_data(&self) -> Result<Option<String>, IdentityError> {
         read_optional(&self.latest("user_data"))
     }
+
+    /// `network_data.json`, `None` when the drive has none.
+    pub fn network_data(&self) -> Result<Option<NetworkData>, IdentityError> {
+        self.document("network_data.json")
+    }
+
+    /// `vendor_data2.json`, `None` when the drive has none.
+    pub fn vendor_data(&self) -> Result<Option<VendorData>, IdentityError> {
+        self.document("vendor_data2.json")
+    }
+
+    fn document<T: serde::de::DeserializeOwned>(
+        &self,
+        name: &str,
+    ) -> Result<Option<T>, IdentityError> {
+        let path = self.latest(name);
+        match read_optional(&path)? {
+            None => Ok(None),
+            Some(text) => serde_json::from_str(&text)
+                .map(Some)
+                .map_err(|source| IdentityError::Parse { path, source }),
+        }
+    }
 }
 
 fn read_optional(path: &Path) -> Result<Option<String>, IdentityError> {
@@ -155,6 +271,39 @@ mod tests {
         assert!(id.meta.is_empty());
         assert_eq!(id.exo_guac(), None);
         assert_eq!(drive.user_data().unwrap(), None);
+    }
+
+    #[test]
+    fn network_and_vendor_data_are_typed_and_optional() {
+        let drive = ConfigDrive::new(fixture());
+        let network = drive.network_data().unwrap().unwrap();
+        assert_eq!(network.links[0].mtu, Some(1450));
+        assert_eq!(network.networks[0].kind, "ipv4_dhcp");
+        assert_eq!(network.networks[0].link.as_deref(), Some("tap0a1b2c3d-4e"));
+        assert!(network.services.is_empty());
+        let vendor = drive.vendor_data().unwrap().unwrap();
+        assert!(vendor.providers.contains_key("static"));
+
+        let dir = tempfile::tempdir().unwrap();
+        let latest = dir.path().join("openstack/latest");
+        std::fs::create_dir_all(&latest).unwrap();
+        // What Nova serves for a server without networks, and a StaticJSON provider.
+        std::fs::write(latest.join("network_data.json"), "{}").unwrap();
+        std::fs::write(
+            latest.join("vendor_data2.json"),
+            r#"{"static": {"site": "x"}, "dynamic1": {}}"#,
+        )
+        .unwrap();
+        let drive = ConfigDrive::new(dir.path());
+        assert_eq!(drive.user_data().unwrap(), None);
+        assert_eq!(drive.network_data().unwrap(), Some(NetworkData::default()));
+        let vendor = drive.vendor_data().unwrap().unwrap();
+        assert_eq!(vendor.providers["static"]["site"], "x");
+        std::fs::write(latest.join("network_data.json"), r#"{"links": 3}"#).unwrap();
+        assert_eq!(
+            drive.network_data().unwrap_err().reason(),
+            "identity-invalid"
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 
-use crate::cloud::identity::InstanceIdentity;
+use crate::cloud::identity::{InstanceIdentity, NetworkData, VendorData};
 use crate::platform::passphrase::Passphrase;
 
 /// Longest body of an error answer kept in an error message.
@@ -145,6 +145,33 @@ impl MetadataService {
             .map(Some)
             .map_err(|source| MetadataError::Parse {
                 url: self.url("meta_data.json"),
+                source,
+            })
+    }
+
+    /// `network_data.json`, when the service has it.
+    pub async fn network_data(&self) -> Result<Option<NetworkData>, MetadataError> {
+        self.document("network_data.json").await
+    }
+
+    /// `vendor_data2.json`, when the service has it.
+    pub async fn vendor_data(&self) -> Result<Option<VendorData>, MetadataError> {
+        self.document("vendor_data2.json").await
+    }
+
+    /// A JSON document, parsed by path (never by Content-Type: Nova serves some JSON as
+    /// `text/plain`).
+    async fn document<T: serde::de::DeserializeOwned>(
+        &self,
+        name: &str,
+    ) -> Result<Option<T>, MetadataError> {
+        let Some(body) = self.get(name).await? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&body)
+            .map(Some)
+            .map_err(|source| MetadataError::Parse {
+                url: self.url(name),
                 source,
             })
     }

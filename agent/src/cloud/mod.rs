@@ -9,5 +9,5 @@ pub mod metadata;
 pub mod nova;
 
 pub use discover::{discover_identity, Discovery, IdentitySource};
-pub use identity::{ConfigDrive, IdentityError, InstanceIdentity};
+pub use identity::{ConfigDrive, IdentityError, InstanceIdentity, NetworkData, VendorData};
 pub use metadata::{MetadataError, MetadataService, PasswordOutcome};
