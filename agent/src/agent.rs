@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::server::{bind_and_serve, ApiState};
 use crate::cloud::clouds;
 use crate::cloud::discover::{publish_password_once, IdentitySource};
+use crate::cloud::drive::DriveFinder;
 use crate::cloud::keystone::Keystone;
 use crate::cloud::nova::Nova;
 use crate::cloud::{discover_identity, ConfigDrive, Discovery, InstanceIdentity, MetadataService};
@@ -307,6 +308,21 @@ fn sandbox_account(paths: &Paths) -> Result<Account, AgentError> {
 pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(), AgentError> {
     if options.mode == Mode::System && !nix::unistd::geteuid().is_root() {
         return Err(AgentError::NotRoot);
+    }
+    if options.mode == Mode::System {
+        // A config drive is a labelled block device nobody has mounted yet; read-only under
+        // /run, so this changes nothing durable before validation.
+        match DriveFinder::system()
+            .ensure_mounted(&options.paths.config_drive)
+            .await
+        {
+            Ok(found) => {
+                tracing::info!(target: "exoagent::agent", drive = ?found, "config drive")
+            }
+            Err(e) => {
+                tracing::warn!(target: "exoagent::agent", reason = e.reason(), error = %e, "config drive not mounted; the metadata service is tried instead")
+            }
+        }
     }
     // Validate fully before anything is created or changed.
     let mut plan = plan(options.mode.clone(), options.paths.clone())?;

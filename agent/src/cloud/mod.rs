@@ -3,6 +3,7 @@
 
 pub mod clouds;
 pub mod discover;
+pub mod drive;
 pub mod identity;
 pub mod keystone;
 pub mod metadata;

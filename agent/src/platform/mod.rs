@@ -8,4 +8,4 @@ pub mod packages;
 pub mod passphrase;
 pub mod users;
 
-mod exec;
+pub(crate) mod exec;

@@ -1,0 +1,213 @@
+//! Finds the config drive by its filesystem label (`config-2`) and mounts it read-only where
+//! the identity reader looks for it; nothing to do when the documents are already there.
+
+use std::path::{Path, PathBuf};
+
+use crate::platform::exec;
+
+/// The labels Nova gives config drives: iso9660 keeps `config-2`, vfat upper-cases it.
+pub const LABELS: [&str; 2] = ["config-2", "CONFIG-2"];
+
+/// Mount options: the drive is data, never code.
+const MOUNT_OPTIONS: &str = "ro,nosuid,nodev,noexec";
+
+/// Why the config drive could not be mounted.
+#[derive(Debug, thiserror::Error)]
+pub enum DriveError {
+    /// The mount point cannot be created.
+    #[error("failed to create the mount point '{path}': {source}")]
+    MountPoint {
+        /// The directory.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// `mount` failed or could not be run.
+    #[error("'{command}' failed: {detail}")]
+    Mount {
+        /// The command as run.
+        command: String,
+        /// Exit status and the tail of its output.
+        detail: String,
+    },
+}
+
+impl DriveError {
+    /// Short stable reason for reports.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::MountPoint { .. } => "config-drive-mount-point",
+            Self::Mount { .. } => "config-drive-mount-failed",
+        }
+    }
+}
+
+/// What [`DriveFinder::ensure_mounted`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DriveMount {
+    /// `openstack/latest/meta_data.json` is already at the mount point (mounted earlier, by
+    /// the image, or a directory laid out like a drive).
+    AlreadyPresent,
+    /// The drive on `device` is now mounted read-only at the mount point.
+    Mounted {
+        /// The block device.
+        device: PathBuf,
+    },
+    /// No device carries a config-drive label.
+    NotFound,
+}
+
+/// Where to look for labelled devices and which tools to use; injected so tests can point it
+/// elsewhere.
+#[derive(Debug, Clone)]
+pub struct DriveFinder {
+    by_label: PathBuf,
+    blkid: PathBuf,
+    mount: PathBuf,
+}
+
+impl DriveFinder {
+    /// The host's udev links, `blkid` and `mount`.
+    pub fn system() -> Self {
+        Self::new("/dev/disk/by-label", "blkid", "mount")
+    }
+
+    /// A finder using `by_label` (udev's label links), and the given `blkid` and `mount`.
+    pub fn new(
+        by_label: impl Into<PathBuf>,
+        blkid: impl Into<PathBuf>,
+        mount: impl Into<PathBuf>,
+    ) -> Self {
+        Self {
+            by_label: by_label.into(),
+            blkid: blkid.into(),
+            mount: mount.into(),
+        }
+    }
+
+    /// The config drive's block device: udev's label link first; `blkid` when udev has not
+    /// made one (early boot, or no udev).
+    pub async fn device(&self) -> Option<PathBuf> {
+        for label in LABELS {
+            let link = self.by_label.join(label);
+            if let Ok(device) = std::fs::canonicalize(&link) {
+                return Some(device);
+            }
+        }
+        for label in LABELS {
+            let token = format!("LABEL={label}");
+            let args = ["-l", "-o", "device", "-t", token.as_str()];
+            let Ok(found) = exec::run(&self.blkid, &args, &[], None).await else {
+                continue;
+            };
+            if !found.status.success() {
+                continue;
+            }
+            if let Some(line) = found.stdout.lines().map(str::trim).find(|l| !l.is_empty()) {
+                return Some(PathBuf::from(line));
+            }
+        }
+        None
+    }
+
+    /// Make the drive's documents readable at `target`: leave it alone when they already are,
+    /// otherwise mount the labelled device there read-only.
+    pub async fn ensure_mounted(&self, target: &Path) -> Result<DriveMount, DriveError> {
+        if target.join("openstack/latest/meta_data.json").exists() {
+            return Ok(DriveMount::AlreadyPresent);
+        }
+        let Some(device) = self.device().await else {
+            return Ok(DriveMount::NotFound);
+        };
+        std::fs::create_dir_all(target).map_err(|source| DriveError::MountPoint {
+            path: target.to_path_buf(),
+            source,
+        })?;
+        let args = [
+            Path::new("-o").as_os_str(),
+            Path::new(MOUNT_OPTIONS).as_os_str(),
+            device.as_os_str(),
+            target.as_os_str(),
+        ];
+        let command = exec::shown(&self.mount, &args);
+        let finished = exec::run(&self.mount, &args, &[], None)
+            .await
+            .map_err(|e| DriveError::Mount {
+                command: command.clone(),
+                detail: e.to_string(),
+            })?;
+        if !finished.status.success() {
+            return Err(DriveError::Mount {
+                command,
+                detail: format!("{}: {}", finished.status, finished.tail(5)),
+            });
+        }
+        Ok(DriveMount::Mounted { device })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_udev_label_link_is_preferred() {
+        let dir = tempfile::tempdir().unwrap();
+        let by_label = dir.path().join("by-label");
+        std::fs::create_dir(&by_label).unwrap();
+        let device = dir.path().join("sr0");
+        std::fs::write(&device, "").unwrap();
+        std::os::unix::fs::symlink(&device, by_label.join("CONFIG-2")).unwrap();
+        // `false` as blkid: had it been asked, nothing would be found.
+        let finder = DriveFinder::new(&by_label, "false", "false");
+        assert_eq!(finder.device().await, Some(device.canonicalize().unwrap()));
+    }
+
+    #[tokio::test]
+    async fn no_label_and_no_blkid_match_is_not_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let finder = DriveFinder::new(dir.path().join("absent"), "false", "false");
+        let target = dir.path().join("mnt");
+        assert_eq!(
+            finder.ensure_mounted(&target).await.unwrap(),
+            DriveMount::NotFound
+        );
+        assert!(
+            !target.exists(),
+            "nothing is created when there is no drive"
+        );
+    }
+
+    #[tokio::test]
+    async fn documents_already_in_place_are_used_as_they_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let latest = dir.path().join("openstack/latest");
+        std::fs::create_dir_all(&latest).unwrap();
+        std::fs::write(latest.join("meta_data.json"), r#"{"uuid":"u"}"#).unwrap();
+        let finder = DriveFinder::new("/nonexistent", "false", "false");
+        assert_eq!(
+            finder.ensure_mounted(dir.path()).await.unwrap(),
+            DriveMount::AlreadyPresent
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failing_mount_names_the_command() {
+        let dir = tempfile::tempdir().unwrap();
+        let by_label = dir.path().join("by-label");
+        std::fs::create_dir(&by_label).unwrap();
+        let device = dir.path().join("sr0");
+        std::fs::write(&device, "").unwrap();
+        std::os::unix::fs::symlink(&device, by_label.join("config-2")).unwrap();
+        let finder = DriveFinder::new(&by_label, "false", "false");
+        let err = finder
+            .ensure_mounted(&dir.path().join("mnt"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.reason(), "config-drive-mount-failed");
+        assert!(
+            err.to_string().contains("false -o ro,nosuid,nodev,noexec"),
+            "{err}"
+        );
+    }
+}
