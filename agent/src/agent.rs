@@ -25,7 +25,7 @@ use crate::platform::users::UserManager;
 use crate::report::console::{ConsoleReporter, ConsoleSink};
 use crate::report::load::LoadSampler;
 use crate::report::notify::{run_status_notifier, SdNotify};
-use crate::report::nova::{Backoff, NovaReporter};
+use crate::report::nova::{NovaReporter, Pacing};
 use crate::services::{Account, Service, ServiceContext};
 use crate::state::{
     InstanceStatus, NovaReporting, Reason, ServiceState, ServiceUpdate, SetupPhase, StateHub,
@@ -659,7 +659,7 @@ fn nova_reporter(plan: &Plan, hub: &StateHub) -> Option<NovaReporter> {
     Some(NovaReporter::new(
         Nova::new(keystone, client),
         identity.uuid.clone(),
-        Backoff::default(),
+        Pacing::default(),
     ))
 }
 

@@ -18,35 +18,25 @@
 //! (signed `X-Instance-ID` headers); the instance is named in the URL's first path segment.
 //! Tests run one at a time: one of them stops nova-api.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
+use common::Sandbox;
 use serde_json::{json, Value};
 
 const COMPUTE_VERSION: &str = "compute 2.96";
-
-fn exe() -> &'static str {
-    env!("CARGO_BIN_EXE_exoagent")
-}
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap()
         .to_owned()
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// One test at a time (the outage test stops nova-api for everyone).
@@ -225,6 +215,7 @@ impl Stack {
         clouds.insert("agent".into(), cloud);
         let mut file = serde_yaml::Mapping::new();
         file.insert("clouds".into(), serde_yaml::Value::Mapping(clouds));
+        fs::create_dir_all(dir).unwrap();
         let path = dir.join("clouds.yaml");
         fs::write(&path, serde_yaml::to_string(&file).unwrap()).unwrap();
         path
@@ -261,100 +252,65 @@ struct Server<'a> {
 }
 
 impl Server<'_> {
-    fn show(&self) -> Value {
-        let reply = self
-            .stack
-            .compute(reqwest::Method::GET, &format!("/servers/{}", self.id))
-            .send()
-            .unwrap();
+    /// `method` on `/servers/<id><rest>` as `demo`; the JSON reply (null when empty).
+    fn call(&self, method: reqwest::Method, rest: &str, body: Option<Value>) -> Value {
+        let path = format!("/servers/{}{rest}", self.id);
+        let mut request = self.stack.compute(method.clone(), &path);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let reply = request.send().unwrap();
         assert!(
             reply.status().is_success(),
-            "GET server: {}",
+            "{method} {path}: {}",
             reply.status()
         );
-        reply.json::<Value>().unwrap()["server"].clone()
+        reply.json::<Value>().unwrap_or(Value::Null)
     }
 
-    /// The server's `exoagent:` tags.
-    fn agent_tags(&self) -> BTreeSet<String> {
-        let reply = self
-            .stack
-            .compute(reqwest::Method::GET, &format!("/servers/{}/tags", self.id))
-            .send()
-            .unwrap();
-        assert!(reply.status().is_success(), "GET tags: {}", reply.status());
-        reply.json::<Value>().unwrap()["tags"]
+    fn show(&self) -> Value {
+        self.call(reqwest::Method::GET, "", None)["server"].clone()
+    }
+
+    /// All the server's tags.
+    fn tags(&self) -> BTreeSet<String> {
+        self.call(reqwest::Method::GET, "/tags", None)["tags"]
             .as_array()
             .unwrap()
             .iter()
             .filter_map(Value::as_str)
-            .filter(|t| t.starts_with("exoagent:"))
             .map(str::to_owned)
             .collect()
     }
 
+    /// The server's `exoagent:` tags.
+    fn agent_tags(&self) -> BTreeSet<String> {
+        let mut tags = self.tags();
+        tags.retain(|t| t.starts_with("exoagent:"));
+        tags
+    }
+
     fn metadata(&self) -> BTreeMap<String, String> {
-        let reply = self
-            .stack
-            .compute(
-                reqwest::Method::GET,
-                &format!("/servers/{}/metadata", self.id),
-            )
-            .send()
-            .unwrap();
-        assert!(
-            reply.status().is_success(),
-            "GET metadata: {}",
-            reply.status()
-        );
-        serde_json::from_value(reply.json::<Value>().unwrap()["metadata"].clone()).unwrap()
+        let reply = self.call(reqwest::Method::GET, "/metadata", None);
+        serde_json::from_value(reply["metadata"].clone()).unwrap()
     }
 
     fn add_tag(&self, tag: &str) {
-        let reply = self
-            .stack
-            .compute(
-                reqwest::Method::PUT,
-                &format!("/servers/{}/tags/{tag}", self.id),
-            )
-            .send()
-            .unwrap();
-        assert!(reply.status().is_success(), "PUT tag: {}", reply.status());
+        self.call(reqwest::Method::PUT, &format!("/tags/{tag}"), None);
     }
 
     fn set_metadata(&self, key: &str, value: &str) {
-        let reply = self
-            .stack
-            .compute(
-                reqwest::Method::PUT,
-                &format!("/servers/{}/metadata/{key}", self.id),
-            )
-            .json(&json!({"meta": {key: value}}))
-            .send()
-            .unwrap();
-        assert!(
-            reply.status().is_success(),
-            "PUT metadata: {}",
-            reply.status()
+        let body = json!({"meta": {key: value}});
+        self.call(
+            reqwest::Method::PUT,
+            &format!("/metadata/{key}"),
+            Some(body),
         );
     }
 
     /// What Nova holds from the password endpoint.
     fn password(&self) -> String {
-        let reply = self
-            .stack
-            .compute(
-                reqwest::Method::GET,
-                &format!("/servers/{}/os-server-password", self.id),
-            )
-            .send()
-            .unwrap();
-        assert!(
-            reply.status().is_success(),
-            "GET password: {}",
-            reply.status()
-        );
-        reply.json::<Value>().unwrap()["password"]
+        self.call(reqwest::Method::GET, "/os-server-password", None)["password"]
             .as_str()
             .unwrap_or("")
             .to_owned()
@@ -379,7 +335,7 @@ impl Server<'_> {
     }
 
     /// Wait until the server's `exoagent:` tags are exactly `wanted`.
-    fn wait_tags(&self, wanted: &[&str], timeout: Duration, agent: &Agent) -> BTreeSet<String> {
+    fn wait_tags(&self, wanted: &[&str], timeout: Duration, agent: &Sandbox) -> BTreeSet<String> {
         let wanted: BTreeSet<String> = wanted.iter().map(|t| t.to_string()).collect();
         let deadline = Instant::now() + timeout;
         loop {
@@ -391,7 +347,7 @@ impl Server<'_> {
                 Instant::now() < deadline,
                 "Nova tags {tags:?}, wanted {wanted:?}; agent status: {}\nagent output:\n{}",
                 agent.status(),
-                agent.output()
+                agent.agent_output()
             );
             std::thread::sleep(Duration::from_millis(300));
         }
@@ -407,149 +363,30 @@ impl Drop for Server<'_> {
     }
 }
 
-/// The `exoagent` binary in sandbox mode, without the fixture identity.
-struct Agent {
-    dir: tempfile::TempDir,
-    port: u16,
-    child: Option<Child>,
-    runs: u32,
+/// The `exoagent` binary in sandbox mode without the fixture identity, serving JupyterLab on a
+/// free port, with `cloud` as its `[cloud]` table.
+fn agent_with(cloud: &str) -> Sandbox {
+    Sandbox::new(&format!(
+        "[services.jupyterlab]\nenabled = true\nbind = \"127.0.0.1\"\nport = @PORT@\n\n\
+         [supervise]\nliveness_interval_s = 1\nliveness_failures = 2\n\n\
+         [cloud]\nmetadata_timeout_s = 20\n{cloud}\n"
+    ))
+    .with_start_args(&["--no-fixture-identity"])
 }
 
-impl Agent {
-    /// A sandbox whose config serves JupyterLab on a free port, with `cloud` as its `[cloud]`
-    /// table.
-    fn new(cloud: &str) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("exoagent-openstack-")
-            .tempdir()
-            .unwrap();
-        let port = free_port();
-        let etc = dir.path().join("etc/exoagent");
-        fs::create_dir_all(&etc).unwrap();
-        fs::write(
-            etc.join("config.toml"),
-            format!(
-                "[services.jupyterlab]\nenabled = true\nbind = \"127.0.0.1\"\nport = {port}\n\n\
-                 [supervise]\nliveness_interval_s = 1\nliveness_failures = 2\n\n\
-                 [cloud]\nmetadata_timeout_s = 20\n{cloud}\n"
-            ),
-        )
-        .unwrap();
-        Self {
-            dir,
-            port,
-            child: None,
-            runs: 0,
-        }
-    }
-
-    fn root(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn start(&mut self) {
-        self.runs += 1;
-        let file = |stream: &str| {
-            fs::File::create(self.root().join(format!("agent-{}.{stream}", self.runs))).unwrap()
-        };
-        let child = Command::new(exe())
-            .arg("sandbox")
-            .arg("--no-fixture-identity")
-            .arg(self.root())
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(file("stdout"))
-            .stderr(file("stderr"))
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let _ = child.wait();
-        }
-    }
-
-    fn cli(&self, args: &[&str]) -> Output {
-        Command::new(exe())
-            .arg("--sandbox-dir")
-            .arg(self.root())
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    }
-
-    fn output(&self) -> String {
-        let mut all = String::new();
-        for run in 1..=self.runs {
-            for stream in ["stdout", "stderr"] {
-                all += &fs::read_to_string(self.root().join(format!("agent-{run}.{stream}")))
-                    .unwrap_or_default();
-            }
-        }
-        all
-    }
-
-    fn status(&self) -> Value {
-        serde_json::from_slice(&self.cli(&["status", "--json"]).stdout).unwrap_or(Value::Null)
-    }
-
-    fn table(&self) -> String {
-        String::from_utf8_lossy(&self.cli(&["status"]).stdout).into_owned()
-    }
-
-    fn wait_status(&self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let status = self.status();
-            if pred(&status) {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}; status: {status}\nagent output:\n{}",
-                self.output()
-            );
-            std::thread::sleep(Duration::from_millis(300));
-        }
-    }
-
-    fn wait_complete(&self) -> Value {
-        self.wait_status("setup complete", Duration::from_secs(300), |s| {
-            s["setup"]["state"] == "complete"
-        })
-    }
-
-    fn jupyterlab_answers(&self) -> bool {
-        reqwest::blocking::Client::builder()
-            .no_proxy()
-            .build()
-            .unwrap()
-            .get(format!("http://127.0.0.1:{}/api", self.port))
-            .send()
-            .map(|r| r.status().is_success())
-            .unwrap_or(false)
-    }
-
-    fn passphrase(&self) -> String {
-        fs::read_to_string(self.root().join("var/lib/exoagent/secrets/passphrase"))
-            .unwrap()
-            .trim()
-            .to_owned()
-    }
+fn jupyterlab_answers(agent: &Sandbox) -> bool {
+    reqwest::blocking::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .get(format!("{}/api", agent.base()))
+        .send()
+        .map(|r| r.status().is_success())
+        .unwrap_or(false)
 }
 
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
-            let _ = child.wait();
-        }
-        let _ = self.cli(&["down", "--grace", "5"]);
-    }
+fn table(agent: &Sandbox) -> String {
+    String::from_utf8_lossy(&agent.cli(&["status"]).stdout).into_owned()
 }
 
 fn cloud_table(metadata_url: Option<&str>, clouds_yaml: Option<&Path>) -> String {
@@ -596,16 +433,16 @@ fn tags_and_metadata_follow_service_state_through_the_restricted_credential() {
     );
     assert_eq!(with_restricted(&format!("/servers/{}", server.id)), 401);
 
-    let mut agent = Agent::new(&cloud_table(Some(&server.metadata_url()), Some(&clouds)));
-    agent.start();
-    let status = agent.wait_complete();
+    let mut agent = agent_with(&cloud_table(Some(&server.metadata_url()), Some(&clouds)));
+    agent.start_agent();
+    let status = agent.wait_complete(300);
     assert_eq!(status["instance"]["uuid"], server.id.as_str());
     assert_eq!(status["instance"]["source"], "metadata-service");
     let ready = ["exoagent:setup:complete", "exoagent:jupyterlab:ready"];
     server.wait_tags(&ready, Duration::from_secs(60), &agent);
     // Tags are written first, then metadata.
     let metadata = server.wait_setup_metadata("complete");
-    agent.wait_status("nova reporting ok", Duration::from_secs(30), |s| {
+    agent.wait_for("nova reporting ok", Duration::from_secs(30), |s| {
         s["nova"]["state"] == "ok"
     });
     let setup = json_of(&metadata["exoSetup"]);
@@ -671,25 +508,25 @@ fn a_wrong_secret_is_a_local_error_and_services_keep_running() {
     let clouds = stack.clouds_yaml(scratch.path(), "agent-tags", |cloud| {
         cloud["auth"]["application_credential_secret"] = "not-the-secret".into();
     });
-    let mut agent = Agent::new(&cloud_table(Some(&server.metadata_url()), Some(&clouds)));
-    agent.start();
-    agent.wait_complete();
-    let status = agent.wait_status("nova reporting failed", Duration::from_secs(60), |s| {
+    let mut agent = agent_with(&cloud_table(Some(&server.metadata_url()), Some(&clouds)));
+    agent.start_agent();
+    agent.wait_complete(300);
+    let status = agent.wait_for("nova reporting failed", Duration::from_secs(60), |s| {
         s["nova"]["state"] == "failed"
     });
     assert_eq!(
         status["nova"]["reason"]["code"], "credential-rejected",
         "{status}"
     );
-    assert!(agent.jupyterlab_answers(), "JupyterLab must keep serving");
-    let table = agent.table();
+    assert!(jupyterlab_answers(&agent), "JupyterLab must keep serving");
+    let table = table(&agent);
     assert!(
         table.contains("nova reporting: failed: credential-rejected:"),
         "{table}"
     );
     assert!(server.agent_tags().is_empty());
     assert!(
-        !agent.output().contains("not-the-secret"),
+        !agent.agent_output().contains("not-the-secret"),
         "the secret leaked into the log"
     );
 }
@@ -706,7 +543,7 @@ fn after_a_nova_outage_the_newest_state_lands_and_no_stale_tag_remains() {
     server.add_tag("researcher-tag");
     let scratch = tempfile::tempdir().unwrap();
     let clouds = stack.clouds_yaml(scratch.path(), "agent-full", |_| {});
-    let mut agent = Agent::new(&cloud_table(Some(&server.metadata_url()), Some(&clouds)));
+    let mut agent = agent_with(&cloud_table(Some(&server.metadata_url()), Some(&clouds)));
 
     struct Restart<'a>(&'a Stack);
     impl Drop for Restart<'_> {
@@ -716,9 +553,9 @@ fn after_a_nova_outage_the_newest_state_lands_and_no_stale_tag_remains() {
     }
     stack.harness(&["stop", "nova-api"]);
     let restart = Restart(stack);
-    agent.start();
-    agent.wait_complete();
-    let status = agent.wait_status("nova reporting pending", Duration::from_secs(30), |s| {
+    agent.start_agent();
+    agent.wait_complete(300);
+    let status = agent.wait_for("nova reporting pending", Duration::from_secs(30), |s| {
         s["nova"]["state"] == "pending"
     });
     assert_eq!(
@@ -733,22 +570,10 @@ fn after_a_nova_outage_the_newest_state_lands_and_no_stale_tag_remains() {
         &agent,
     );
     server.wait_setup_metadata("complete");
-    let all_tags = server
-        .stack
-        .compute(
-            reqwest::Method::GET,
-            &format!("/servers/{}/tags", server.id),
-        )
-        .send()
-        .unwrap()
-        .json::<Value>()
-        .unwrap();
+    let all_tags = server.tags();
     assert!(
-        all_tags["tags"]
-            .as_array()
-            .unwrap()
-            .contains(&"researcher-tag".into()),
-        "tags not the agent's own must stay: {all_tags}"
+        all_tags.contains("researcher-tag"),
+        "tags not the agent's own must stay: {all_tags:?}"
     );
 }
 
@@ -757,9 +582,9 @@ fn the_passphrase_is_published_once_and_a_second_start_accepts_409() {
     let _one = serial();
     let stack = Stack::get();
     let server = stack.boot("exoagent-password");
-    let mut agent = Agent::new(&cloud_table(Some(&server.metadata_url()), None));
-    agent.start();
-    let status = agent.wait_complete();
+    let mut agent = agent_with(&cloud_table(Some(&server.metadata_url()), None));
+    agent.start_agent();
+    let status = agent.wait_complete(300);
     assert_eq!(status["instance"]["source"], "metadata-service");
     let passphrase = agent.passphrase();
     assert_eq!(server.password(), passphrase);
@@ -780,14 +605,17 @@ fn the_passphrase_is_published_once_and_a_second_start_accepts_409() {
             (body == passphrase).then_some(())
         },
     );
-    agent.stop();
+    agent.kill_agent(libc::SIGTERM);
     fs::remove_file(&marker).unwrap();
-    agent.start();
-    agent.wait_status("a second complete run", Duration::from_secs(120), |s| {
+    agent.start_agent();
+    agent.wait_for("a second complete run", Duration::from_secs(120), |s| {
         s["setup"]["state"] == "complete" && s["instance"]["uuid"] == server.id.as_str()
     });
     poll("the 409 to be handled", Duration::from_secs(30), || {
-        agent.output().contains("AlreadyPublished").then_some(())
+        agent
+            .agent_output()
+            .contains("AlreadyPublished")
+            .then_some(())
     });
     assert!(marker.exists(), "the marker is written again after a 409");
     assert_eq!(
@@ -804,7 +632,7 @@ fn identity_from_a_config_drive_alone_reports_to_nova() {
     let server = stack.boot("exoagent-config-drive");
     let scratch = tempfile::tempdir().unwrap();
     let clouds = stack.clouds_yaml(scratch.path(), "agent-tags", |_| {});
-    let mut agent = Agent::new(&cloud_table(None, Some(&clouds)));
+    let mut agent = agent_with(&cloud_table(None, Some(&clouds)));
     // The config drive holds what nova-metadata serves for this server.
     let http = reqwest::blocking::Client::builder()
         .no_proxy()
@@ -818,8 +646,8 @@ fn identity_from_a_config_drive_alone_reports_to_nova() {
         assert!(reply.status().is_success(), "{url}: {}", reply.status());
         fs::write(latest.join(document), reply.bytes().unwrap()).unwrap();
     }
-    agent.start();
-    let status = agent.wait_complete();
+    agent.start_agent();
+    let status = agent.wait_complete(300);
     assert_eq!(status["instance"]["uuid"], server.id.as_str());
     assert_eq!(status["instance"]["source"], "config-drive");
     server.wait_tags(
@@ -840,15 +668,15 @@ fn without_config_drive_or_metadata_service_the_agent_runs_local_only() {
     let stack = Stack::get();
     let scratch = tempfile::tempdir().unwrap();
     let clouds = stack.clouds_yaml(scratch.path(), "agent-tags", |_| {});
-    let mut agent = Agent::new(&cloud_table(None, Some(&clouds)));
-    agent.start();
-    let status = agent.wait_complete();
+    let mut agent = agent_with(&cloud_table(None, Some(&clouds)));
+    agent.start_agent();
+    let status = agent.wait_complete(300);
     assert_eq!(status["instance"]["source"], "local-only", "{status}");
     assert!(status["instance"]["uuid"].is_null());
     assert_eq!(status["nova"]["state"], "failed");
     assert_eq!(status["nova"]["reason"]["code"], "identity-unknown");
-    assert!(agent.jupyterlab_answers());
-    let table = agent.table();
+    assert!(jupyterlab_answers(&agent));
+    let table = table(&agent);
     assert!(
         table.contains("instance: local-only: no config drive"),
         "{table}"
@@ -932,4 +760,201 @@ fn documents_read_the_same_from_the_metadata_service_and_a_config_drive() {
     );
     let none = runtime.block_on(service.user_data()).unwrap();
     assert_eq!(none, None);
+}
+
+/// The library's Keystone and Nova clients on real services: every supported way to
+/// authenticate from clouds.yaml, one token for many calls, re-authentication after the token
+/// is revoked, the catalog's interface and region honoured, 404s on removal tolerated.
+#[test]
+fn keystone_and_nova_clients_work_with_every_supported_credential() {
+    use exoagent::cloud::clouds;
+    use exoagent::cloud::keystone::Keystone;
+    use exoagent::cloud::nova::Nova;
+    use std::sync::Arc;
+
+    let _one = serial();
+    let stack = Stack::get();
+    let server = stack.boot("exoagent-clients");
+    let scratch = tempfile::tempdir().unwrap();
+    let demo = &stack.env["demo"];
+    let by_name = stack.env["app_credentials"]["agent-full"]["name"].clone();
+    let variants: Vec<(&str, PathBuf)> = vec![
+        (
+            "application credential by id",
+            stack.clouds_yaml(&scratch.path().join("id"), "agent-full", |_| {}),
+        ),
+        (
+            "application credential by name and user",
+            stack.clouds_yaml(&scratch.path().join("name"), "agent-full", |cloud| {
+                let auth = cloud["auth"].as_mapping_mut().unwrap();
+                auth.remove("application_credential_id");
+                auth.insert(
+                    "application_credential_name".into(),
+                    by_name.as_str().unwrap().into(),
+                );
+                auth.insert("username".into(), demo["username"].as_str().unwrap().into());
+                auth.insert("user_domain_name".into(), "Default".into());
+            }),
+        ),
+        (
+            "password",
+            stack.clouds_yaml(&scratch.path().join("password"), "demo", |_| {}),
+        ),
+        (
+            "internal interface",
+            stack.clouds_yaml(&scratch.path().join("internal"), "agent-full", |cloud| {
+                cloud["interface"] = "internal".into();
+            }),
+        ),
+    ];
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for (what, path) in variants {
+        let config = clouds::load(&path, "agent").unwrap_or_else(|e| panic!("{what}: {e}"));
+        let http = Keystone::http_client(&config).unwrap();
+        let keystone = Arc::new(Keystone::new(config.clone(), http.clone()));
+        let nova = Nova::new(keystone.clone(), http);
+        let tag = format!("exoagent:test:{}", what.replace(' ', "-"));
+        let token = runtime.block_on(async {
+            nova.add_tag(&server.id, &tag)
+                .await
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert!(
+                nova.tags(&server.id).await.unwrap().contains(&tag),
+                "{what}"
+            );
+            nova.set_metadata(&server.id, "exoAgent", "{}")
+                .await
+                .unwrap();
+            nova.delete_metadata(&server.id, "exoAgent").await.unwrap();
+            nova.delete_metadata(&server.id, "exoAgent").await.unwrap(); // 404: already gone
+            nova.remove_tag(&server.id, &tag).await.unwrap();
+            nova.remove_tag(&server.id, &tag).await.unwrap(); // 404: already gone
+            assert_eq!(
+                keystone.tokens_issued(),
+                1,
+                "{what}: one token for every call"
+            );
+
+            let token = keystone.token().await.unwrap();
+            let compute = token
+                .endpoint("compute", &config.interface, config.region.as_deref())
+                .unwrap();
+            let expected = if config.interface == "internal" {
+                "http://localhost:8774/v2.1"
+            } else {
+                "http://127.0.0.1:8774/v2.1"
+            };
+            assert_eq!(
+                compute, expected,
+                "{what}: the catalog's {} URL",
+                config.interface
+            );
+            let elsewhere = token
+                .endpoint("compute", "public", Some("Elsewhere"))
+                .unwrap_err();
+            assert_eq!(elsewhere.reason(), "endpoint-missing");
+            token
+        });
+
+        // Revoked behind the client's back: Nova says 401, the client re-authenticates once.
+        let revoked = stack
+            .http
+            .delete(format!("{}/auth/tokens", stack.str("keystone_url")))
+            .header("X-Auth-Token", &stack.demo_token)
+            .header("X-Subject-Token", token.value())
+            .send()
+            .unwrap();
+        assert_eq!(revoked.status().as_u16(), 204, "{what}: revoke");
+        runtime.block_on(async {
+            assert!(
+                !nova.tags(&server.id).await.unwrap().contains(&tag),
+                "{what}"
+            );
+            assert_eq!(
+                keystone.tokens_issued(),
+                2,
+                "{what}: one new token after the 401"
+            );
+        });
+    }
+}
+
+/// A credential whose access rules lack the metadata calls: Nova answers 401 even to a fresh
+/// token, so the agent reports `credential-not-permitted` locally and stops asking — no loop —
+/// while the tags it may write are written.
+#[test]
+fn a_call_outside_the_access_rules_is_reported_once_not_retried() {
+    let _one = serial();
+    let stack = Stack::get();
+    let server = stack.boot("exoagent-not-permitted");
+    let demo_user = stack.env["users"]["demo"].as_str().unwrap();
+    let keystone = stack.str("keystone_url");
+    let created = stack
+        .http
+        .post(format!(
+            "{keystone}/users/{demo_user}/application_credentials"
+        ))
+        .header("X-Auth-Token", &stack.demo_token)
+        .json(&json!({"application_credential": {
+            "name": format!("tags-only-{}", server.id),
+            "access_rules": [
+                {"service": "compute", "method": "GET", "path": "/v2.1/servers/*/tags"},
+                {"service": "compute", "method": "PUT", "path": "/v2.1/servers/*/tags/*"},
+                {"service": "compute", "method": "DELETE", "path": "/v2.1/servers/*/tags/*"},
+            ],
+        }}))
+        .send()
+        .unwrap();
+    assert_eq!(created.status().as_u16(), 201);
+    let credential = created.json::<Value>().unwrap()["application_credential"].clone();
+    let scratch = tempfile::tempdir().unwrap();
+    let clouds = stack.clouds_yaml(scratch.path(), "agent-tags", |cloud| {
+        cloud["auth"]["application_credential_id"] = credential["id"].as_str().unwrap().into();
+        cloud["auth"]["application_credential_secret"] =
+            credential["secret"].as_str().unwrap().into();
+    });
+    let mut agent = agent_with(&cloud_table(Some(&server.metadata_url()), Some(&clouds)));
+    agent.start_agent();
+    agent.wait_complete(300);
+    let status = agent.wait_for("not permitted", Duration::from_secs(60), |s| {
+        s["nova"]["state"] == "failed"
+    });
+    assert_eq!(
+        status["nova"]["reason"]["code"], "credential-not-permitted",
+        "{status}"
+    );
+    assert!(jupyterlab_answers(&agent));
+    assert!(
+        !server.agent_tags().is_empty(),
+        "the permitted tag calls were made"
+    );
+
+    let access_log = Path::new(stack.str("state_dir")).join("log/nova-api-access.log");
+    let metadata_calls = || {
+        fs::read_to_string(&access_log)
+            .unwrap()
+            .lines()
+            .filter(|l| {
+                l.contains(&server.id) && l.contains("/metadata/") && l.contains("exoagent/")
+            })
+            .count()
+    };
+    // Refused calls are made once per state (one PUT, one more with a fresh token), never in
+    // a loop: once setup is complete and settled, the count stays put.
+    std::thread::sleep(Duration::from_secs(5));
+    let before = metadata_calls();
+    assert!(before >= 2 && before % 2 == 0, "{before} metadata calls");
+    std::thread::sleep(Duration::from_secs(10));
+    assert_eq!(metadata_calls(), before, "no retry loop on a refused call");
+    let _ = stack
+        .http
+        .delete(format!(
+            "{keystone}/users/{demo_user}/application_credentials/{}",
+            credential["id"].as_str().unwrap()
+        ))
+        .header("X-Auth-Token", &stack.demo_token)
+        .send();
 }

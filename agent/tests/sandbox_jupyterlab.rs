@@ -7,165 +7,16 @@
 //! Needs python3 (>= 3.10, with venv) and network access to PyPI (or a warm uv/pip cache);
 //! `.ci/run` provides both.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::fs;
-use std::net::TcpListener;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::Sandbox;
 use serde_json::Value;
-
-fn exe() -> &'static str {
-    env!("CARGO_BIN_EXE_exoagent")
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Sandbox {
-    dir: tempfile::TempDir,
-    port: u16,
-    agent: Option<Child>,
-    runs: u32,
-}
-
-impl Sandbox {
-    fn new(config: &str) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("exoagent-e2e-")
-            .tempdir()
-            .unwrap();
-        let port = free_port();
-        let etc = dir.path().join("etc/exoagent");
-        fs::create_dir_all(&etc).unwrap();
-        fs::write(
-            etc.join("config.toml"),
-            config.replace("@PORT@", &port.to_string()),
-        )
-        .unwrap();
-        Self {
-            dir,
-            port,
-            agent: None,
-            runs: 0,
-        }
-    }
-
-    fn root(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn cli(&self, args: &[&str]) -> Output {
-        Command::new(exe())
-            .arg("--sandbox-dir")
-            .arg(self.root())
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    }
-
-    fn start_agent(&mut self) {
-        self.runs += 1;
-        let stdout =
-            fs::File::create(self.root().join(format!("agent-{}.stdout", self.runs))).unwrap();
-        let stderr =
-            fs::File::create(self.root().join(format!("agent-{}.stderr", self.runs))).unwrap();
-        let child = Command::new(exe())
-            .arg("sandbox")
-            .arg(self.root())
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr)
-            .spawn()
-            .unwrap();
-        self.agent = Some(child);
-    }
-
-    fn agent_output(&self) -> String {
-        let mut all = String::new();
-        for run in 1..=self.runs {
-            for stream in ["stdout", "stderr"] {
-                all += &fs::read_to_string(self.root().join(format!("agent-{run}.{stream}")))
-                    .unwrap_or_default();
-            }
-        }
-        all
-    }
-
-    fn status(&self) -> Value {
-        let out = self.cli(&["status", "--json"]);
-        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
-    }
-
-    fn wait_complete(&self, timeout_s: u64) -> Value {
-        let out = self.cli(&[
-            "status",
-            "--wait",
-            "--timeout",
-            &format!("{timeout_s}s"),
-            "--json",
-        ]);
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "status --wait did not report complete.\nstdout: {}\nstderr: {}\nagent:\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            self.agent_output()
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-
-    /// Poll `status --json` until `pred` holds.
-    fn wait_for(&self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let status = self.status();
-            if pred(&status) {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}; last status: {status}\nagent:\n{}",
-                self.agent_output()
-            );
-            std::thread::sleep(Duration::from_millis(250));
-        }
-    }
-
-    fn kill_agent(&mut self, signal: i32) {
-        if let Some(mut child) = self.agent.take() {
-            unsafe { libc::kill(child.id() as i32, signal) };
-            let _ = child.wait();
-        }
-    }
-
-    fn passphrase(&self) -> String {
-        let path = self.root().join("var/lib/exoagent/secrets/passphrase");
-        let meta = fs::metadata(&path).unwrap();
-        assert_eq!(meta.mode() & 0o777, 0o600, "passphrase file mode");
-        fs::read_to_string(path).unwrap().trim().to_owned()
-    }
-
-    fn base(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Sandbox {
-    fn drop(&mut self) {
-        self.kill_agent(libc::SIGKILL);
-        let _ = self.cli(&["down", "--grace", "5"]);
-    }
-}
 
 fn service(status: &Value) -> &Value {
     &status["services"][0]
@@ -486,7 +337,7 @@ colour = "blue"
 "#,
     );
     sb.start_agent();
-    let status = sb.agent.take().unwrap().wait().unwrap();
+    let status = sb.wait_agent_exit();
     assert_eq!(status.code(), Some(78), "EX_CONFIG");
     let err = fs::read_to_string(sb.root().join("agent-1.stderr")).unwrap();
     assert!(err.contains("services.jupyterlab.port"), "{err}");

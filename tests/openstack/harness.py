@@ -52,6 +52,7 @@ READY_FILE = STATE / "ready"
 HOST = "127.0.0.1"
 KEYSTONE = f"http://{HOST}:5000/v3"
 COMPUTE = f"http://{HOST}:8774/v2.1"
+COMPUTE_INTERNAL = "http://localhost:8774/v2.1"
 PLACEMENT = f"http://{HOST}:8778"
 IMAGE = f"http://{HOST}:9292"
 NETWORK = f"http://{HOST}:9696"
@@ -570,7 +571,10 @@ region_name = {REGION}
           + f"service_metadata_proxy = true\nmetadata_proxy_shared_secret = {config['metadata_secret']}\n"
           + service_block(config, "service_user", "nova")
           + "send_service_user_token = true\n"
-          + authtoken(config, "nova", "compute"))
+          + authtoken(config, "nova", "compute")
+          # Validate every token with Keystone (no 5-minute cache), so a revoked token is
+          # refused at once: the tests revoke tokens to exercise re-authentication.
+          + "token_cache_time = -1\n")
     write(ETC / "nova" / "nova-api.conf", f"[DEFAULT]\nlog_file = {LOG / 'nova-api.log'}\n")
     write(ETC / "nova" / "nova-metadata.conf",
           f"[DEFAULT]\nlog_file = {LOG / 'nova-metadata.log'}\n")
@@ -724,8 +728,12 @@ def create_identity(config):
         service = post("/services", {"service": {"type": service_type, "name": service_type}},
                        f"service {service_type}")["service"]["id"]
         for interface in ("public", "internal", "admin"):
+            # Compute's internal endpoint is spelt differently (same server), so tests can
+            # see that a client honours `interface`.
+            where = COMPUTE_INTERNAL if (service_type, interface) == ("compute", "internal") \
+                else url
             post("/endpoints", {"endpoint": {"service_id": service, "interface": interface,
-                                             "url": url, "region_id": REGION}},
+                                             "url": where, "region_id": REGION}},
                  f"endpoint {service_type} {interface}")
 
     # The agent's credentials, created as demo on its own user, as a researcher would.

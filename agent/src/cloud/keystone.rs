@@ -415,6 +415,28 @@ mod tests {
     }
 
     #[test]
+    fn a_token_is_renewed_five_minutes_before_it_expires() {
+        let now = SystemTime::now();
+        let token = |left: u64| Token {
+            value: "t".into(),
+            expires_at: Some(now + Duration::from_secs(left)),
+            catalog: Vec::new(),
+        };
+        assert!(token(3600).fresh(now));
+        assert!(token(301).fresh(now));
+        assert!(
+            !token(299).fresh(now),
+            "renewed within the last five minutes"
+        );
+        assert!(!token(0).fresh(now));
+        let forever = Token {
+            expires_at: None,
+            ..token(0)
+        };
+        assert!(forever.fresh(now), "no expiry given: used until a 401");
+    }
+
+    #[test]
     fn auth_bodies_match_keystone_v3() {
         let body = auth_body(&Credential::ApplicationCredentialId {
             id: "i".into(),

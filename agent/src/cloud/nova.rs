@@ -314,4 +314,94 @@ mod tests {
         assert_eq!(segment("exoPw:A B"), "exoPw:A%20B");
         assert_eq!(segment("a/b?c#d%"), "a%2Fb%3Fc%23d%25");
     }
+
+    /// A stand-in for Keystone and Nova on loopback, for answers real Nova does not give on
+    /// demand (an overloaded API's 503 with `Retry-After`, a 409 from a shelved server); every
+    /// other behaviour is tested against real Nova in `tests/openstack.rs`.
+    async fn stand_in(nova_status: u16, retry_after: Option<&'static str>) -> Nova {
+        use axum::http::{HeaderMap, StatusCode};
+        use axum::routing::{post, put};
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let catalog = serde_json::json!({"token": {
+            "expires_at": "2099-01-01T00:00:00.000000Z",
+            "catalog": [{"type": "compute", "endpoints": [
+                {"interface": "public", "region_id": "RegionOne", "url": format!("{base}/v2.1")}
+            ]}],
+        }});
+        let app = axum::Router::new()
+            .route(
+                "/v3/auth/tokens",
+                post(move || {
+                    let body = catalog.clone();
+                    async move {
+                        let mut headers = HeaderMap::new();
+                        headers.insert("X-Subject-Token", "tok".parse().unwrap());
+                        (StatusCode::CREATED, headers, axum::Json(body))
+                    }
+                }),
+            )
+            .route(
+                "/v2.1/servers/{server}/tags/{tag}",
+                put(move || async move {
+                    let mut headers = HeaderMap::new();
+                    if let Some(value) = retry_after {
+                        headers.insert("Retry-After", value.parse().unwrap());
+                    }
+                    (StatusCode::from_u16(nova_status).unwrap(), headers, "")
+                }),
+            );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let yaml = format!(
+            "clouds:\n  c:\n    auth_type: v3applicationcredential\n    auth:\n      \
+             auth_url: {base}/v3\n      application_credential_id: i\n      \
+             application_credential_secret: s\n    region_name: RegionOne\n"
+        );
+        let config =
+            crate::cloud::clouds::parse(std::path::Path::new("c.yaml"), &yaml, "c").unwrap();
+        let client = reqwest::Client::builder().no_proxy().build().unwrap();
+        Nova::new(Arc::new(Keystone::new(config, client.clone())), client)
+    }
+
+    #[tokio::test]
+    async fn busy_answers_carry_retry_after() {
+        let nova = stand_in(503, Some("7")).await;
+        let err = nova.add_tag("s", "t").await.unwrap_err();
+        assert_eq!(err.reason(), "nova-busy");
+        assert_eq!(err.retry_after(), Some(Duration::from_secs(7)));
+        assert!(!err.is_credential_problem());
+        let nova = stand_in(429, None).await;
+        let err = nova.add_tag("s", "t").await.unwrap_err();
+        assert_eq!(err.reason(), "nova-busy");
+        assert_eq!(err.retry_after(), None);
+    }
+
+    #[tokio::test]
+    async fn conflicts_and_refusals_are_told_apart() {
+        let err = stand_in(409, None)
+            .await
+            .add_tag("s", "t")
+            .await
+            .unwrap_err();
+        assert_eq!(err.reason(), "server-state-conflict");
+        let nova = stand_in(403, None).await;
+        let err = nova.add_tag("s", "t").await.unwrap_err();
+        assert_eq!(err.reason(), "credential-not-permitted");
+        assert!(err.is_credential_problem());
+        assert_eq!(
+            nova.token_requests(),
+            1,
+            "403 is not retried with a new token"
+        );
+        let nova = stand_in(401, None).await;
+        let err = nova.add_tag("s", "t").await.unwrap_err();
+        assert!(err.is_credential_problem());
+        assert_eq!(
+            nova.token_requests(),
+            2,
+            "401: exactly one re-authentication"
+        );
+        assert_eq!(nova.calls(), 2);
+    }
 }

@@ -126,20 +126,24 @@ struct Written {
     metadata: BTreeMap<String, String>,
 }
 
-/// Retry policy for failed writes.
+/// When the reporter writes: after changes settle, and how it backs off after failures.
 #[derive(Debug, Clone, Copy)]
-pub struct Backoff {
-    /// First delay.
-    pub initial: Duration,
-    /// Longest delay.
-    pub max: Duration,
+pub struct Pacing {
+    /// How long to let a burst of changes settle before writing, so that states passed
+    /// through in a moment (`installing → starting → ready`) cost no calls.
+    pub settle: Duration,
+    /// First delay after a failed write.
+    pub retry_initial: Duration,
+    /// Longest delay after failed writes.
+    pub retry_max: Duration,
 }
 
-impl Default for Backoff {
+impl Default for Pacing {
     fn default() -> Self {
         Self {
-            initial: Duration::from_secs(2),
-            max: Duration::from_secs(300),
+            settle: Duration::from_secs(2),
+            retry_initial: Duration::from_secs(2),
+            retry_max: Duration::from_secs(300),
         }
     }
 }
@@ -149,16 +153,16 @@ impl Default for Backoff {
 pub struct NovaReporter {
     nova: Nova,
     server: String,
-    backoff: Backoff,
+    pacing: Pacing,
 }
 
 impl NovaReporter {
     /// A reporter for `server` through `nova`.
-    pub fn new(nova: Nova, server: String, backoff: Backoff) -> Self {
+    pub fn new(nova: Nova, server: String, pacing: Pacing) -> Self {
         Self {
             nova,
             server,
-            backoff,
+            pacing,
         }
     }
 
@@ -166,7 +170,7 @@ impl NovaReporter {
     pub async fn run(self, hub: StateHub, cancel: CancellationToken) {
         let mut rx: watch::Receiver<Snapshot> = hub.subscribe();
         let mut written = Written::default();
-        let mut delay = self.backoff.initial;
+        let mut delay = self.pacing.retry_initial;
         let mut given_up: Option<Wanted> = None;
         loop {
             let wanted = Wanted::of(&rx.borrow_and_update());
@@ -175,7 +179,7 @@ impl NovaReporter {
             if !in_step && given_up.as_ref() != Some(&wanted) {
                 match self.sync(&wanted, &mut written).await {
                     Ok(()) => {
-                        delay = self.backoff.initial;
+                        delay = self.pacing.retry_initial;
                         given_up = None;
                         set(&hub, "ok", None);
                     }
@@ -193,7 +197,7 @@ impl NovaReporter {
                             "pending",
                             Some(Reason::new(e.reason(), e.to_string())),
                         );
-                        delay = (delay * 2).min(self.backoff.max);
+                        delay = (delay * 2).min(self.pacing.retry_max);
                         tokio::select! {
                             _ = cancel.cancelled() => return,
                             _ = tokio::time::sleep(wait) => {}
@@ -206,6 +210,11 @@ impl NovaReporter {
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 changed = rx.changed() => if changed.is_err() { return },
+            }
+            // Let the burst settle; the newest state is read at the top of the loop.
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(self.pacing.settle) => {}
             }
         }
     }
