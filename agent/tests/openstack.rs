@@ -958,3 +958,87 @@ fn a_call_outside_the_access_rules_is_reported_once_not_retried() {
         .header("X-Auth-Token", &stack.demo_token)
         .send();
 }
+
+/// A server that already carries Nova's limit of 50 tags: Nova refuses the agent's tag with
+/// 400. That is reported locally and not retried until the state changes; services run on.
+#[test]
+fn a_server_at_the_tag_limit_is_a_local_error_not_a_retry_loop() {
+    let _one = serial();
+    let stack = Stack::get();
+    let server = stack.boot("exoagent-tag-limit");
+    let owner_tags: Vec<String> = (0..50).map(|i| format!("owner-{i}")).collect();
+    server.call(
+        reqwest::Method::PUT,
+        "/tags",
+        Some(json!({ "tags": owner_tags })),
+    );
+    let scratch = tempfile::tempdir().unwrap();
+    let clouds = stack.clouds_yaml(scratch.path(), "agent-full", |_| {});
+    let mut agent = agent_with(&cloud_table(Some(&server.metadata_url()), Some(&clouds)));
+    agent.start_agent();
+    agent.wait_complete(300);
+    let status = agent.wait_for("reporting failed", Duration::from_secs(60), |s| {
+        s["nova"]["state"] == "failed"
+    });
+    assert_eq!(status["nova"]["reason"]["code"], "nova-error", "{status}");
+    let detail = status["nova"]["reason"]["detail"].as_str().unwrap();
+    assert!(detail.contains("HTTP 400"), "{detail}");
+    assert!(jupyterlab_answers(&agent));
+    assert_eq!(server.tags().len(), 50, "the owner's tags are untouched");
+
+    let access_log = Path::new(stack.str("state_dir")).join("log/nova-api-access.log");
+    let tag_puts = || {
+        fs::read_to_string(&access_log)
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(&server.id) && l.contains("PUT") && l.contains("exoagent/"))
+            .count()
+    };
+    std::thread::sleep(Duration::from_secs(5));
+    let before = tag_puts();
+    std::thread::sleep(Duration::from_secs(10));
+    assert_eq!(tag_puts(), before, "no retry loop on a refused tag");
+}
+
+/// Keystone behind real TLS (the harness's `keystone-tls`, certificate from its own throw-away
+/// CA): trusted through clouds.yaml's `cacert`; without it the certificate is refused with a
+/// reason that says so; `verify: false` is honoured.
+#[test]
+fn keystone_over_tls_trusts_the_ca_bundle_named_in_clouds_yaml() {
+    use exoagent::cloud::clouds;
+    use exoagent::cloud::keystone::Keystone;
+    use exoagent::cloud::nova::Nova;
+    use std::sync::Arc;
+
+    let _one = serial();
+    let stack = Stack::get();
+    let server = stack.boot("exoagent-tls");
+    let scratch = tempfile::tempdir().unwrap();
+    let tls_url = stack.str("keystone_tls_url").to_owned();
+    let ca = stack.str("tls_ca").to_owned();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let tags_through = |dir: &str, edit: &dyn Fn(&mut serde_yaml::Value)| {
+        let path = stack.clouds_yaml(&scratch.path().join(dir), "agent-full", |cloud| {
+            cloud["auth"]["auth_url"] = tls_url.as_str().into();
+            edit(cloud);
+        });
+        let config = clouds::load(&path, "agent").unwrap();
+        let http = Keystone::http_client(&config).unwrap();
+        let nova = Nova::new(Arc::new(Keystone::new(config, http.clone())), http);
+        runtime.block_on(nova.tags(&server.id))
+    };
+
+    let with_ca = tags_through("with-ca", &|cloud| cloud["cacert"] = ca.as_str().into());
+    assert!(with_ca.is_ok(), "{:?}", with_ca.err());
+
+    let err = tags_through("system-roots-only", &|_| {}).unwrap_err();
+    assert_eq!(err.reason(), "keystone-unreachable");
+    let text = err.to_string();
+    assert!(text.contains("certificate"), "the reason says why: {text}");
+
+    let unverified = tags_through("verify-false", &|cloud| cloud["verify"] = false.into());
+    assert!(unverified.is_ok(), "{:?}", unverified.err());
+}

@@ -29,6 +29,7 @@ import os
 import secrets
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -70,12 +71,15 @@ PACKAGES = [
 SERVICES = [
     "mariadb", "rabbitmq", "keystone", "placement", "glance", "neutron",
     "nova-api", "nova-metadata", "nova-conductor", "nova-scheduler", "nova-compute",
-    "metadata-proxy",
+    "metadata-proxy", "keystone-tls",
 ]
 API_PORTS = {
     "keystone": 5000, "placement": 8778, "glance": 9292, "neutron": 9696,
-    "nova-api": 8774, "nova-metadata": 8775, "metadata-proxy": 8779,
+    "nova-api": 8774, "nova-metadata": 8775, "metadata-proxy": 8779, "keystone-tls": 5001,
 }
+TLS_PORTS = {5001}
+KEYSTONE_TLS = f"https://{HOST}:5001/v3"
+TLS_DIR = ETC / "tls"
 T0 = time.monotonic()
 
 
@@ -296,8 +300,12 @@ def service_spec(name, config):
     if name in ("nova-conductor", "nova-scheduler", "nova-compute"):
         return [str(VENV / "bin" / name), "--config-file", str(ETC / "nova" / "nova.conf"),
                 "--log-file", str(LOG / f"{name}.log")], service_env({})
+    if name == "keystone-tls":
+        return [sys.executable, str(HERE / "relay.py"), "tls", "--listen", f"{HOST}:5001",
+                "--upstream", f"{HOST}:5000", "--cert", str(TLS_DIR / "server.pem"),
+                "--key", str(TLS_DIR / "server.key")], dict(os.environ)
     if name == "metadata-proxy":
-        return [sys.executable, str(HERE / "metadata_proxy.py"), "--listen", f"{HOST}:8779",
+        return [sys.executable, str(HERE / "relay.py"), "metadata", "--listen", f"{HOST}:8779",
                 "--upstream", f"{HOST}:8775", "--secret-file", str(STATE / "metadata-secret"),
                 "--tenant", config["demo_project_id"]], dict(os.environ)
     raise HarnessError(f"unknown service '{name}'; known: {', '.join(SERVICES)}")
@@ -310,6 +318,11 @@ def start_service(name, config):
 
 # ---------------------------------------------------------------------------------------------
 # HTTP
+
+
+def api_url(port):
+    scheme = "https" if port in TLS_PORTS else "http"
+    return f"{scheme}://{HOST}:{port}/"
 
 
 def http(method, url, token=None, body=None, headers=None, raw=None, timeout=30):
@@ -326,7 +339,11 @@ def http(method, url, token=None, body=None, headers=None, raw=None, timeout=30)
         all_headers["X-Auth-Token"] = token
     all_headers.update(headers or {})
     request = urllib.request.Request(url, data=data, method=method, headers=all_headers)
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    handlers = [urllib.request.ProxyHandler({})]
+    if url.startswith("https:"):
+        context = ssl.create_default_context(cafile=str(TLS_DIR / "ca.pem"))
+        handlers.append(urllib.request.HTTPSHandler(context=context))
+    opener = urllib.request.build_opener(*handlers)
     try:
         with opener.open(request, timeout=timeout) as response:
             status, response_headers, payload = response.status, response.headers, response.read()
@@ -369,7 +386,7 @@ def wait_for(what, check, budget, interval=0.5):
 
 def wait_for_api(name):
     port = API_PORTS[name]
-    url = f"http://{HOST}:{port}/"
+    url = api_url(port)
 
     def check():
         if not running_pid(name):
@@ -583,6 +600,25 @@ region_name = {REGION}
     rabbit = DATA / "rabbit"
     write(rabbit / "rabbitmq.conf", f"listeners.tcp.default = {HOST}:5672\nloopback_users = none\n")
     write(rabbit / "enabled_plugins", "[].\n")
+
+
+def make_test_ca():
+    """A throw-away CA and a certificate for 127.0.0.1 signed by it (for keystone-tls)."""
+    TLS_DIR.mkdir(parents=True, exist_ok=True)
+    d = str(TLS_DIR)
+    log = LOG / "tls.log"
+    run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "7",
+         "-subj", "/CN=exoagent harness test CA", "-keyout", f"{d}/ca.key", "-out",
+         f"{d}/ca.pem"], log=log)
+    run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+         "-keyout", f"{d}/server.key", "-out", f"{d}/server.csr"], log=log)
+    (TLS_DIR / "server.ext").write_text(
+        "subjectAltName = IP:127.0.0.1\nbasicConstraints = CA:FALSE\n"
+        "keyUsage = digitalSignature, keyEncipherment\nextendedKeyUsage = serverAuth\n")
+    run(["openssl", "x509", "-req", "-in", f"{d}/server.csr", "-CA", f"{d}/ca.pem",
+         "-CAkey", f"{d}/ca.key", "-CAcreateserial", "-days", "7", "-extfile",
+         f"{d}/server.ext", "-out", f"{d}/server.pem"], log=log)
+    (TLS_DIR / "ca.pem").chmod(0o644)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -843,7 +879,7 @@ def healthy():
         return False
     if any(running_pid(name) is None for name in SERVICES):
         return False
-    return all(answers(f"http://{HOST}:{port}/") for port in API_PORTS.values())
+    return all(answers(api_url(port)) for port in API_PORTS.values())
 
 
 def port_in_use(port):
@@ -875,6 +911,7 @@ def up():
     STATE.mkdir(parents=True, exist_ok=True)
     write(SECRETS_FILE, json.dumps(config, indent=2))
     write_configs(config)
+    make_test_ca()
 
     say("starting MariaDB and RabbitMQ")
     start_mariadb(config)
@@ -900,7 +937,7 @@ def up():
         start_service(name, config)
     work.wait("db-nova")
     for name in ("nova-api", "nova-metadata", "nova-conductor", "nova-scheduler",
-                 "nova-compute", "metadata-proxy"):
+                 "nova-compute", "metadata-proxy", "keystone-tls"):
         start_service(name, config)
     for name in API_PORTS:
         wait_for_api(name)
@@ -909,6 +946,7 @@ def up():
     env.update({
         "state_dir": str(STATE), "keystone_url": KEYSTONE, "compute_url": COMPUTE,
         "metadata_url": METADATA, "metadata_proxy_url": METADATA_PROXY,
+        "keystone_tls_url": KEYSTONE_TLS, "tls_ca": str(TLS_DIR / "ca.pem"),
         "clouds_yaml": str(CLOUDS_FILE), "region": REGION,
         "demo": {"username": "demo", "password": config["passwords"]["demo"],
                  "project": "demo"},

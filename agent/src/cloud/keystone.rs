@@ -26,7 +26,7 @@ pub enum KeystoneError {
     #[error("failed to set up HTTPS: {0}")]
     Client(String),
     /// Keystone did not answer.
-    #[error("Keystone unreachable at '{url}': {source}")]
+    #[error("Keystone unreachable at '{url}': {}", super::error_chain(source))]
     Unreachable {
         /// The URL.
         url: String,

@@ -17,7 +17,10 @@ const MAX_PASSWORD_LEN: usize = 1020;
 #[derive(Debug, thiserror::Error)]
 pub enum MetadataError {
     /// No connection, or no answer in time.
-    #[error("metadata service unreachable at '{url}': {source}")]
+    #[error(
+        "metadata service unreachable at '{url}': {}",
+        super::error_chain(source)
+    )]
     Unreachable {
         /// The URL requested.
         url: String,

@@ -25,7 +25,7 @@ pub enum NovaError {
     #[error(transparent)]
     Keystone(#[from] KeystoneError),
     /// Nova did not answer.
-    #[error("Nova unreachable at '{url}': {source}")]
+    #[error("Nova unreachable at '{url}': {}", super::error_chain(source))]
     Unreachable {
         /// The URL.
         url: String,
@@ -96,6 +96,18 @@ impl NovaError {
             self,
             Self::NotPermitted { .. } | Self::Keystone(KeystoneError::Rejected { .. })
         )
+    }
+
+    /// Whether repeating the same call cannot help until something changes (the credential,
+    /// the server, the wanted state): credential problems, Keystone set-up errors, and 4xx
+    /// answers other than 409 (e.g. 400 when the server already has 50 tags).
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Self::Keystone(e) => !e.is_transient(),
+            Self::NotPermitted { .. } => true,
+            Self::Status { status, .. } => (400..500).contains(status),
+            Self::Unreachable { .. } | Self::Busy { .. } | Self::Conflict { .. } => false,
+        }
     }
 
     /// The delay Nova asked for, if any.
@@ -301,27 +313,27 @@ pub fn segment(text: &str) -> String {
     out
 }
 
+/// A stand-in for Keystone and Nova on loopback, for unit tests of answers real Nova does not
+/// give on demand (an overloaded API's 503 with `Retry-After`, a 409 from a shelved server) and
+/// of the reporter's pacing; every other behaviour is tested against real Nova in
+/// `tests/openstack.rs`.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod stand_in {
+    use std::sync::{Arc, Mutex};
 
-    #[test]
-    fn segments_are_encoded() {
-        assert_eq!(
-            segment("exoagent:setup:complete"),
-            "exoagent:setup:complete"
-        );
-        assert_eq!(segment("exoPw:A B"), "exoPw:A%20B");
-        assert_eq!(segment("a/b?c#d%"), "a%2Fb%3Fc%23d%25");
-    }
+    use axum::http::{HeaderMap, Method, StatusCode, Uri};
 
-    /// A stand-in for Keystone and Nova on loopback, for answers real Nova does not give on
-    /// demand (an overloaded API's 503 with `Retry-After`, a 409 from a shelved server); every
-    /// other behaviour is tested against real Nova in `tests/openstack.rs`.
-    async fn stand_in(nova_status: u16, retry_after: Option<&'static str>) -> Nova {
-        use axum::http::{HeaderMap, StatusCode};
-        use axum::routing::{post, put};
+    use super::{Keystone, Nova};
 
+    /// The calls the stand-in's Nova received, as `METHOD /path`.
+    pub(crate) type Calls = Arc<Mutex<Vec<String>>>;
+
+    /// Nova answering every tag and metadata write with `write_status` (and `Retry-After`
+    /// when given), and `GET …/tags` with no tags.
+    pub(crate) async fn nova(
+        write_status: u16,
+        retry_after: Option<&'static str>,
+    ) -> (Nova, Calls) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let catalog = serde_json::json!({"token": {
@@ -330,10 +342,12 @@ mod tests {
                 {"interface": "public", "region_id": "RegionOne", "url": format!("{base}/v2.1")}
             ]}],
         }});
+        let calls: Calls = Arc::default();
+        let seen = calls.clone();
         let app = axum::Router::new()
             .route(
                 "/v3/auth/tokens",
-                post(move || {
+                axum::routing::post(move || {
                     let body = catalog.clone();
                     async move {
                         let mut headers = HeaderMap::new();
@@ -342,16 +356,23 @@ mod tests {
                     }
                 }),
             )
-            .route(
-                "/v2.1/servers/{server}/tags/{tag}",
-                put(move || async move {
+            .fallback(move |method: Method, uri: Uri| {
+                let seen = seen.clone();
+                async move {
+                    seen.lock()
+                        .unwrap()
+                        .push(format!("{method} {}", uri.path()));
                     let mut headers = HeaderMap::new();
+                    if method == Method::GET {
+                        return (StatusCode::OK, headers, r#"{"tags": []}"#.to_owned());
+                    }
                     if let Some(value) = retry_after {
                         headers.insert("Retry-After", value.parse().unwrap());
                     }
-                    (StatusCode::from_u16(nova_status).unwrap(), headers, "")
-                }),
-            );
+                    let status = StatusCode::from_u16(write_status).unwrap();
+                    (status, headers, "{}".to_owned())
+                }
+            });
         tokio::spawn(async move { axum::serve(listener, app).await });
         let yaml = format!(
             "clouds:\n  c:\n    auth_type: v3applicationcredential\n    auth:\n      \
@@ -361,7 +382,27 @@ mod tests {
         let config =
             crate::cloud::clouds::parse(std::path::Path::new("c.yaml"), &yaml, "c").unwrap();
         let client = reqwest::Client::builder().no_proxy().build().unwrap();
-        Nova::new(Arc::new(Keystone::new(config, client.clone())), client)
+        let nova = Nova::new(Arc::new(Keystone::new(config, client.clone())), client);
+        (nova, calls)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn stand_in(status: u16, retry_after: Option<&'static str>) -> Nova {
+        stand_in::nova(status, retry_after).await.0
+    }
+
+    #[test]
+    fn segments_are_encoded() {
+        assert_eq!(
+            segment("exoagent:setup:complete"),
+            "exoagent:setup:complete"
+        );
+        assert_eq!(segment("exoPw:A B"), "exoPw:A%20B");
+        assert_eq!(segment("a/b?c#d%"), "a%2Fb%3Fc%23d%25");
     }
 
     #[tokio::test]

@@ -183,8 +183,8 @@ impl NovaReporter {
                         given_up = None;
                         set(&hub, "ok", None);
                     }
-                    Err(e) if e.is_credential_problem() => {
-                        tracing::error!(target: "exoagent::nova", reason = e.reason(), error = %e, "reporting to Nova stopped: credential problem");
+                    Err(e) if e.is_permanent() => {
+                        tracing::error!(target: "exoagent::nova", reason = e.reason(), error = %e, "reporting to Nova stopped until the state changes: retrying cannot help");
                         set(&hub, "failed", Some(Reason::new(e.reason(), e.to_string())));
                         // Try again only when there is something new to say.
                         given_up = Some(wanted);
@@ -297,6 +297,72 @@ mod tests {
         let setup: serde_json::Value = serde_json::from_str(&w.metadata["exoSetup"]).unwrap();
         assert_eq!(setup["status"], "running");
         assert!(setup["epoch"].as_u64().unwrap() > 1_700_000_000_000);
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_changes_costs_only_its_final_state() {
+        let (nova, calls) = crate::cloud::nova::stand_in::nova(201, None).await;
+        let hub = hub();
+        let pacing = Pacing {
+            settle: Duration::from_millis(300),
+            ..Pacing::default()
+        };
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(
+            NovaReporter::new(nova, "srv".into(), pacing).run(hub.clone(), cancel.clone()),
+        );
+        let wait_for_quiet = || async {
+            let mut last = usize::MAX;
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let now = calls.lock().unwrap().len();
+                if now == last {
+                    return;
+                }
+                last = now;
+            }
+        };
+        wait_for_quiet().await;
+        let first: Vec<String> = calls.lock().unwrap().drain(..).collect();
+        assert_eq!(first[0], "GET /v2.1/servers/srv/tags", "{first:?}");
+        assert!(first.contains(&"PUT /v2.1/servers/srv/tags/exoagent:setup:starting".into()));
+
+        // installing → starting → ready, 60 ms apart: well within the settle window.
+        hub.set_phase(SetupPhase::Supervising);
+        for state in [
+            ServiceState::Installing,
+            ServiceState::Starting,
+            ServiceState::Ready,
+        ] {
+            hub.transition(ServiceKind::JupyterLab, state, ServiceUpdate::default())
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(60)).await;
+        }
+        wait_for_quiet().await;
+        let burst: Vec<String> = calls.lock().unwrap().drain(..).collect();
+        let tag_puts: Vec<&String> = burst
+            .iter()
+            .filter(|c| c.starts_with("PUT") && c.contains("/tags/"))
+            .collect();
+        assert_eq!(
+            tag_puts,
+            [
+                "PUT /v2.1/servers/srv/tags/exoagent:jupyterlab:ready",
+                "PUT /v2.1/servers/srv/tags/exoagent:setup:complete"
+            ],
+            "only the final state is written: {burst:?}"
+        );
+        assert!(burst.contains(&"DELETE /v2.1/servers/srv/tags/exoagent:setup:starting".into()));
+        assert!(
+            !burst.iter().any(|c| c.starts_with("GET")),
+            "tags are read once per start"
+        );
+
+        // Idle: no calls at all.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(calls.lock().unwrap().is_empty());
+        cancel.cancel();
+        task.await.unwrap();
     }
 
     #[test]
