@@ -7,6 +7,7 @@ pub mod api;
 pub mod cli;
 pub mod cloud;
 pub mod config;
+pub mod delivery;
 pub mod fsutil;
 pub mod paths;
 pub mod platform;

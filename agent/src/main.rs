@@ -17,7 +17,12 @@ fn main() -> std::process::ExitCode {
 fn init_tracing(cli: &Cli) {
     let quiet_by_default = matches!(
         cli.command,
-        Command::Status(_) | Command::Logs(_) | Command::Validate(_) | Command::Down(_)
+        Command::Status(_)
+            | Command::Logs(_)
+            | Command::Validate(_)
+            | Command::Down(_)
+            | Command::Userdata(_)
+            | Command::Install(_)
     );
     let default = match (cli.verbose, quiet_by_default) {
         (0, true) => "warn",

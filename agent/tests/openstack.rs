@@ -24,10 +24,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::Sandbox;
+use exoagent::cloud::clouds::{self, CloudConfig};
+use exoagent::cloud::keystone::Keystone;
+use exoagent::cloud::nova::Nova;
 use serde_json::{json, Value};
 
 const COMPUTE_VERSION: &str = "compute 2.96";
@@ -403,6 +406,22 @@ fn cloud_table(metadata_url: Option<&str>, clouds_yaml: Option<&Path>) -> String
     out
 }
 
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The library's Keystone and Nova clients for cloud `agent` in the clouds.yaml at `path`.
+fn clients(path: &Path) -> (CloudConfig, Arc<Keystone>, Nova) {
+    let config = clouds::load(path, "agent").unwrap_or_else(|e| panic!("{e}"));
+    let http = Keystone::http_client(&config).unwrap();
+    let keystone = Arc::new(Keystone::new(config.clone(), http.clone()));
+    let nova = Nova::new(keystone.clone(), http);
+    (config, keystone, nova)
+}
+
 fn json_of(text: &str) -> Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
 }
@@ -704,10 +723,7 @@ fn documents_read_the_same_from_the_metadata_service_and_a_config_drive() {
         &server.metadata_url(),
         MetadataService::default_client().unwrap(),
     );
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = runtime();
     let (identity, network, vendor, served_user_data) = runtime.block_on(async {
         (
             service.identity().await.unwrap().unwrap(),
@@ -767,11 +783,6 @@ fn documents_read_the_same_from_the_metadata_service_and_a_config_drive() {
 /// is revoked, the catalog's interface and region honoured, 404s on removal tolerated.
 #[test]
 fn keystone_and_nova_clients_work_with_every_supported_credential() {
-    use exoagent::cloud::clouds;
-    use exoagent::cloud::keystone::Keystone;
-    use exoagent::cloud::nova::Nova;
-    use std::sync::Arc;
-
     let _one = serial();
     let stack = Stack::get();
     let server = stack.boot("exoagent-clients");
@@ -807,15 +818,9 @@ fn keystone_and_nova_clients_work_with_every_supported_credential() {
             }),
         ),
     ];
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = runtime();
     for (what, path) in variants {
-        let config = clouds::load(&path, "agent").unwrap_or_else(|e| panic!("{what}: {e}"));
-        let http = Keystone::http_client(&config).unwrap();
-        let keystone = Arc::new(Keystone::new(config.clone(), http.clone()));
-        let nova = Nova::new(keystone.clone(), http);
+        let (config, keystone, nova) = clients(&path);
         let tag = format!("exoagent:test:{}", what.replace(' ', "-"));
         let token = runtime.block_on(async {
             nova.add_tag(&server.id, &tag)
@@ -1005,29 +1010,19 @@ fn a_server_at_the_tag_limit_is_a_local_error_not_a_retry_loop() {
 /// reason that says so; `verify: false` is honoured.
 #[test]
 fn keystone_over_tls_trusts_the_ca_bundle_named_in_clouds_yaml() {
-    use exoagent::cloud::clouds;
-    use exoagent::cloud::keystone::Keystone;
-    use exoagent::cloud::nova::Nova;
-    use std::sync::Arc;
-
     let _one = serial();
     let stack = Stack::get();
     let server = stack.boot("exoagent-tls");
     let scratch = tempfile::tempdir().unwrap();
     let tls_url = stack.str("keystone_tls_url").to_owned();
     let ca = stack.str("tls_ca").to_owned();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = runtime();
     let tags_through = |dir: &str, edit: &dyn Fn(&mut serde_yaml::Value)| {
         let path = stack.clouds_yaml(&scratch.path().join(dir), "agent-full", |cloud| {
             cloud["auth"]["auth_url"] = tls_url.as_str().into();
             edit(cloud);
         });
-        let config = clouds::load(&path, "agent").unwrap();
-        let http = Keystone::http_client(&config).unwrap();
-        let nova = Nova::new(Arc::new(Keystone::new(config, http.clone())), http);
+        let (_, _, nova) = clients(&path);
         runtime.block_on(nova.tags(&server.id))
     };
 

@@ -13,6 +13,7 @@ have useradd || need_apt+=(passwd)
 have chpasswd || need_apt+=(passwd)
 have pgrep || need_apt+=(procps)
 have systemd-analyze || need_apt+=(systemd)   # to verify the shipped unit (not started)
+have cloud-init || need_apt+=(cloud-init)      # `cloud-init schema` for the userdata (not run)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "prereqs: please install as root: apt-get install -y ${need_apt[*]}" >&2

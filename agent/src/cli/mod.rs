@@ -1,11 +1,13 @@
 //! The command line: one file per subcommand, each a thin call into the library.
 
 pub mod down;
+pub mod install;
 pub mod logs;
 pub mod run;
 pub mod sandbox;
 pub mod shim;
 pub mod status;
+pub mod userdata;
 pub mod validate;
 
 use std::path::PathBuf;
@@ -45,6 +47,10 @@ pub enum Command {
     Logs(logs::LogsArgs),
     /// Stop every service the agent started (they otherwise outlive the agent).
     Down(down::DownArgs),
+    /// Print cloud-init userdata that delivers and configures exoagent.
+    Userdata(userdata::UserdataArgs),
+    /// Install the systemd unit and directories into / or an image root.
+    Install(install::InstallArgs),
     /// Internal: the per-service process shim.
     #[command(hide = true)]
     Shim,
@@ -96,6 +102,8 @@ pub fn dispatch(cli: Cli) -> ExitCode {
             Command::Status(args) => status::run(args, &paths.api_socket()).await,
             Command::Logs(args) => logs::run(args, &paths.api_socket()).await,
             Command::Down(args) => down::run(args, &paths).await,
+            Command::Userdata(args) => userdata::run(args).await,
+            Command::Install(args) => install::run(args).await,
             Command::Shim => Ok(ExitCode::SUCCESS),
         }
     });

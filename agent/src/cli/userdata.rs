@@ -1,0 +1,89 @@
+//! `exoagent userdata`: print cloud-init userdata for a set of choices (for launchers other
+//! than Exosphere, and for the tests).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, ValueEnum};
+
+use crate::delivery::userdata::{render, Choices, Delivery};
+use crate::services::ServiceKind;
+
+/// How the agent reaches the instance.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum DeliveryArg {
+    /// The image already has exoagent and its unit.
+    Baked,
+    /// A stock image: download the binary at boot and check its SHA-256.
+    Bootstrap,
+}
+
+/// Arguments of `exoagent userdata`.
+#[derive(Debug, Args)]
+pub struct UserdataArgs {
+    /// How exoagent gets onto the instance.
+    #[arg(long, value_enum, default_value = "baked")]
+    pub delivery: DeliveryArg,
+    /// With `--delivery bootstrap`: where to download the binary.
+    #[arg(long, value_name = "URL")]
+    pub binary_url: Option<String>,
+    /// With `--delivery bootstrap`: the binary's SHA-256.
+    #[arg(long, value_name = "HEX")]
+    pub binary_sha256: Option<String>,
+    /// A service to enable (repeatable).
+    #[arg(long = "service", value_name = "NAME", default_value = "jupyterlab")]
+    pub services: Vec<ServiceKind>,
+    /// A clouds.yaml to install, so the agent reports to Nova (keep it restricted: see
+    /// docs/openstack.md).
+    #[arg(long, value_name = "FILE")]
+    pub clouds_yaml: Option<PathBuf>,
+    /// The cloud in that clouds.yaml.
+    #[arg(long, default_value = "openstack")]
+    pub cloud_name: String,
+    /// A public key for the distribution's default user (repeatable).
+    #[arg(long = "ssh-key", value_name = "KEY")]
+    pub ssh_keys: Vec<String>,
+    /// Do not update and upgrade OS packages at first boot.
+    #[arg(long)]
+    pub no_os_updates: bool,
+}
+
+/// Render and print; exit 2 with the offending option on bad input.
+pub async fn run(args: UserdataArgs) -> anyhow::Result<ExitCode> {
+    let delivery = match (args.delivery, args.binary_url, args.binary_sha256) {
+        (DeliveryArg::Baked, None, None) => Delivery::Baked,
+        (DeliveryArg::Baked, _, _) => {
+            return usage("--binary-url/--binary-sha256: only with --delivery bootstrap")
+        }
+        (DeliveryArg::Bootstrap, Some(url), Some(sha256)) => Delivery::Bootstrap { url, sha256 },
+        (DeliveryArg::Bootstrap, _, _) => {
+            return usage("--delivery bootstrap needs --binary-url and --binary-sha256")
+        }
+    };
+    let clouds_yaml = match &args.clouds_yaml {
+        None => None,
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(text) => Some((text, args.cloud_name.clone())),
+            Err(e) => return usage(&format!("--clouds-yaml: '{}': {e}", path.display())),
+        },
+    };
+    let choices = Choices {
+        delivery,
+        services: args.services,
+        clouds_yaml,
+        ssh_authorized_keys: args.ssh_keys,
+        install_os_updates: !args.no_os_updates,
+    };
+    match render(&choices) {
+        Ok(text) => {
+            print!("{text}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => usage(&e.to_string()),
+    }
+}
+
+fn usage(message: &str) -> anyhow::Result<ExitCode> {
+    eprintln!("exoagent userdata: {message}");
+    Ok(ExitCode::from(2))
+}

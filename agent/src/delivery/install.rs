@@ -1,0 +1,130 @@
+//! `exoagent install`: puts the systemd unit, the tmpfiles entry and the configuration
+//! directory into a root (`/` on an instance, an image's root when baking), pointing the unit
+//! at the binary's installed path, and optionally enables the unit without a running systemd.
+
+use std::path::{Path, PathBuf};
+
+use crate::fsutil;
+
+/// The unit as shipped.
+pub const UNIT: &str = include_str!("../../../installer/systemd/exoagent.service");
+/// The tmpfiles.d entry as shipped.
+pub const TMPFILES: &str = include_str!("../../../installer/systemd/exoagent.tmpfiles");
+/// The unit's path below the root.
+pub const UNIT_PATH: &str = "etc/systemd/system/exoagent.service";
+/// The tmpfiles entry's path below the root.
+pub const TMPFILES_PATH: &str = "etc/tmpfiles.d/exoagent.conf";
+/// The enablement link's path below the root.
+pub const WANTS_LINK: &str = "etc/systemd/system/multi-user.target.wants/exoagent.service";
+const SHIPPED_EXEC: &str = "ExecStart=/usr/bin/exoagent run";
+
+/// Why installing failed.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    /// The binary path cannot go into a unit file.
+    #[error("--exec: '{0}' must be an absolute path without whitespace")]
+    BadExec(PathBuf),
+    /// Writing a file or directory failed.
+    #[error("failed to write '{path}': {source}")]
+    Write {
+        /// The path.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+impl InstallError {
+    /// Short stable reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::BadExec(_) => "install-bad-exec",
+            Self::Write { .. } => "install-write-failed",
+        }
+    }
+}
+
+/// The unit text with `ExecStart` pointing at `exec`.
+pub fn unit_for(exec: &Path) -> Result<String, InstallError> {
+    let text = exec.to_str().unwrap_or("");
+    if !exec.is_absolute() || text.is_empty() || text.chars().any(char::is_whitespace) {
+        return Err(InstallError::BadExec(exec.to_path_buf()));
+    }
+    Ok(UNIT.replace(SHIPPED_EXEC, &format!("ExecStart={text} run")))
+}
+
+/// Install into `root`; with `enable`, also link the unit into `multi-user.target.wants`.
+/// Returns the paths written.
+pub fn install(root: &Path, exec: &Path, enable: bool) -> Result<Vec<PathBuf>, InstallError> {
+    let unit = unit_for(exec)?;
+    let at = |relative: &str| root.join(relative);
+    let wrote = |path: PathBuf| move |source| InstallError::Write { path, source };
+    let mut written = Vec::new();
+    for (relative, text) in [(UNIT_PATH, unit.as_str()), (TMPFILES_PATH, TMPFILES)] {
+        let path = at(relative);
+        if let Some(parent) = path.parent() {
+            fsutil::ensure_dir(parent, 0o755).map_err(wrote(parent.to_path_buf()))?;
+        }
+        fsutil::write_atomic(&path, text.as_bytes(), 0o644, None).map_err(wrote(path.clone()))?;
+        written.push(path);
+    }
+    let config_d = at("etc/exoagent/config.d");
+    fsutil::ensure_dir(&config_d, 0o755).map_err(wrote(config_d.clone()))?;
+    written.push(config_d);
+    if enable {
+        let link = at(WANTS_LINK);
+        if let Some(parent) = link.parent() {
+            fsutil::ensure_dir(parent, 0o755).map_err(wrote(parent.to_path_buf()))?;
+        }
+        match std::fs::remove_file(&link) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(InstallError::Write { path: link, source }),
+        }
+        std::os::unix::fs::symlink(format!("/{UNIT_PATH}"), &link).map_err(wrote(link.clone()))?;
+        written.push(link);
+    }
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn the_shipped_unit_has_the_exec_line_we_replace() {
+        assert!(UNIT.contains(SHIPPED_EXEC));
+    }
+
+    #[test]
+    fn installs_into_a_root_and_enables() {
+        let root = tempfile::tempdir().unwrap();
+        let written = install(root.path(), Path::new("/usr/local/bin/exoagent"), true).unwrap();
+        assert_eq!(written.len(), 4);
+        let unit = std::fs::read_to_string(root.path().join(UNIT_PATH)).unwrap();
+        assert!(
+            unit.contains("ExecStart=/usr/local/bin/exoagent run\n"),
+            "{unit}"
+        );
+        let mode = std::fs::metadata(root.path().join(UNIT_PATH))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o644);
+        let link = std::fs::read_link(root.path().join(WANTS_LINK)).unwrap();
+        assert_eq!(link, Path::new("/etc/systemd/system/exoagent.service"));
+        // Idempotent.
+        install(root.path(), Path::new("/usr/local/bin/exoagent"), true).unwrap();
+    }
+
+    #[test]
+    fn a_relative_or_spaced_exec_is_refused_before_writing() {
+        let root = tempfile::tempdir().unwrap();
+        for bad in ["exoagent", "/opt/my agent/exoagent"] {
+            let err = install(root.path(), Path::new(bad), false).unwrap_err();
+            assert_eq!(err.reason(), "install-bad-exec");
+        }
+        assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 0);
+    }
+}

@@ -1,0 +1,306 @@
+//! Renders cloud-init userdata (`#cloud-config`) for a set of choices: the services, how the
+//! agent arrives (baked into the image, or downloaded and checked at boot), an optional
+//! clouds.yaml for Nova reporting. Built as a YAML tree, never by pasting text, and the agent
+//! configuration it carries is checked by the agent's own validator first.
+
+use std::path::PathBuf;
+
+use serde_yaml::{Mapping, Value};
+
+use crate::config;
+use crate::services::ServiceKind;
+
+/// Where the userdata puts the agent's configuration.
+pub const CONFIG_DROP_IN: &str = "/etc/exoagent/config.d/50-userdata.toml";
+/// Where the userdata puts a clouds.yaml, when given one.
+pub const CLOUDS_YAML: &str = "/etc/exoagent/clouds.yaml";
+/// Where the bootstrap installs the downloaded binary.
+pub const BOOTSTRAP_BINARY: &str = "/usr/local/bin/exoagent";
+
+/// The bootstrap, run by cloud-init as `sh -c SCRIPT exoagent-bootstrap URL SHA256`: the URL and
+/// checksum arrive as arguments, never inside the script text. On failure it writes an
+/// Exosphere `error` status line, so the launcher does not wait for a timeout.
+const BOOTSTRAP_SCRIPT: &str = r#"set -u
+url="$1"; sum="$2"; target="$3"
+fail() {
+  printf '{"status":"error","epoch":%s000,"step":"bootstrap","reason":"%s"}\n' "$(date +%s)" "$1" >/dev/console 2>/dev/null || true
+  exit 1
+}
+tmp="$(mktemp "$target.XXXXXX")" || fail bootstrap-tempfile
+trap 'rm -f "$tmp"' EXIT
+curl -fsSL --retry 5 --retry-delay 3 --retry-connrefused -o "$tmp" "$url" || fail bootstrap-download
+printf '%s  %s\n' "$sum" "$tmp" | sha256sum -c --quiet - || fail bootstrap-checksum
+chmod 0755 "$tmp" && mv -f "$tmp" "$target" || fail bootstrap-install
+trap - EXIT
+"$target" install --exec "$target" || fail bootstrap-install
+systemctl daemon-reload && systemctl enable --now exoagent.service || fail bootstrap-start
+"#;
+
+/// How the agent gets onto the instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    /// Already in the image (with its unit enabled): only configure and start it.
+    Baked,
+    /// A stock image: download from `url`, check `sha256`, install, start.
+    Bootstrap {
+        /// Where the binary is (https, or http: the checksum protects it either way).
+        url: String,
+        /// Its SHA-256, 64 hex digits.
+        sha256: String,
+    },
+}
+
+/// What the launcher asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Choices {
+    /// How the agent arrives.
+    pub delivery: Delivery,
+    /// The services to enable.
+    pub services: Vec<ServiceKind>,
+    /// A clouds.yaml to install for Nova reporting, and the cloud in it to use.
+    pub clouds_yaml: Option<(String, String)>,
+    /// Public keys for the distribution's default user.
+    pub ssh_authorized_keys: Vec<String>,
+    /// Update and upgrade the OS packages at first boot.
+    pub install_os_updates: bool,
+}
+
+/// Why userdata could not be rendered.
+#[derive(Debug, thiserror::Error)]
+pub enum UserdataError {
+    /// A choice is malformed.
+    #[error("{field}: {message}")]
+    Invalid {
+        /// The option or field.
+        field: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// The agent configuration the userdata would carry does not validate.
+    #[error("the generated agent configuration is invalid: {0}")]
+    Config(String),
+}
+
+impl UserdataError {
+    /// Short stable reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Invalid { .. } => "userdata-invalid-choice",
+            Self::Config(_) => "userdata-invalid-config",
+        }
+    }
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> UserdataError {
+    UserdataError::Invalid {
+        field,
+        message: message.into(),
+    }
+}
+
+/// The agent configuration drop-in for `choices`, validated by the agent's own loader.
+pub fn config_drop_in(choices: &Choices) -> Result<String, UserdataError> {
+    let mut root = toml::Table::new();
+    let mut services = toml::Table::new();
+    for kind in &choices.services {
+        let mut table = toml::Table::new();
+        table.insert("enabled".into(), toml::Value::Boolean(true));
+        services.insert(kind.as_str().into(), toml::Value::Table(table));
+    }
+    root.insert("services".into(), toml::Value::Table(services));
+    if let Some((_, cloud_name)) = &choices.clouds_yaml {
+        let mut cloud = toml::Table::new();
+        cloud.insert(
+            "clouds_yaml".into(),
+            toml::Value::String(CLOUDS_YAML.into()),
+        );
+        cloud.insert("cloud_name".into(), toml::Value::String(cloud_name.clone()));
+        root.insert("cloud".into(), toml::Value::Table(cloud));
+    }
+    let text = format!(
+        "# Written by cloud-init from `exoagent userdata`.\n{}",
+        toml::to_string(&root).map_err(|e| UserdataError::Config(e.to_string()))?
+    );
+    config::load_layers(&[(PathBuf::from(CONFIG_DROP_IN), text.clone())])
+        .map_err(|e| UserdataError::Config(e.to_string()))?;
+    Ok(text)
+}
+
+fn check(choices: &Choices) -> Result<(), UserdataError> {
+    if let Delivery::Bootstrap { url, sha256 } = &choices.delivery {
+        let scheme_ok = url.starts_with("https://") || url.starts_with("http://");
+        if !scheme_ok || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(invalid(
+                "--binary-url",
+                format!("'{url}' is not an http(s) URL without spaces"),
+            ));
+        }
+        if sha256.len() != 64 || !sha256.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(invalid("--binary-sha256", "must be 64 hexadecimal digits"));
+        }
+    }
+    if choices.services.is_empty() {
+        return Err(invalid("--service", "choose at least one service"));
+    }
+    for key in &choices.ssh_authorized_keys {
+        if key.contains('\n') || !key.starts_with("ssh-") && !key.starts_with("ecdsa-") {
+            return Err(invalid(
+                "--ssh-key",
+                "one public key per option, in OpenSSH format",
+            ));
+        }
+    }
+    if let Some((yaml, name)) = &choices.clouds_yaml {
+        let parsed: serde_yaml::Value = serde_yaml::from_str(yaml)
+            .map_err(|e| invalid("--clouds-yaml", format!("not YAML: {e}")))?;
+        if parsed["clouds"][name.as_str()].is_null() {
+            return Err(invalid(
+                "--cloud-name",
+                format!("cloud '{name}' is not in the clouds.yaml"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn file(path: &str, permissions: &str, content: &str) -> Value {
+    let mut entry = Mapping::new();
+    entry.insert("path".into(), path.into());
+    entry.insert("owner".into(), "root:root".into());
+    entry.insert("permissions".into(), permissions.into());
+    entry.insert("content".into(), content.into());
+    Value::Mapping(entry)
+}
+
+fn argv(items: &[&str]) -> Value {
+    Value::Sequence(items.iter().map(|s| Value::from(*s)).collect())
+}
+
+/// The `#cloud-config` document for `choices`.
+pub fn render(choices: &Choices) -> Result<String, UserdataError> {
+    check(choices)?;
+    let drop_in = config_drop_in(choices)?;
+    let mut doc = Mapping::new();
+    if !choices.ssh_authorized_keys.is_empty() {
+        doc.insert(
+            "ssh_authorized_keys".into(),
+            Value::Sequence(
+                choices
+                    .ssh_authorized_keys
+                    .iter()
+                    .map(|k| Value::from(k.as_str()))
+                    .collect(),
+            ),
+        );
+    }
+    doc.insert("package_update".into(), choices.install_os_updates.into());
+    doc.insert("package_upgrade".into(), choices.install_os_updates.into());
+    let mut files = vec![file(CONFIG_DROP_IN, "0644", &drop_in)];
+    if let Some((yaml, _)) = &choices.clouds_yaml {
+        files.push(file(CLOUDS_YAML, "0600", yaml));
+    }
+    doc.insert("write_files".into(), Value::Sequence(files));
+    let start = match &choices.delivery {
+        // The unit is enabled in the image and ordered after cloud-init's config stage; starting
+        // it here as well is harmless and covers images where it is not enabled.
+        Delivery::Baked => argv(&["systemctl", "start", "--no-block", "exoagent.service"]),
+        Delivery::Bootstrap { url, sha256 } => argv(&[
+            "sh",
+            "-c",
+            BOOTSTRAP_SCRIPT,
+            "exoagent-bootstrap",
+            url,
+            sha256,
+            BOOTSTRAP_BINARY,
+        ]),
+    };
+    doc.insert("runcmd".into(), Value::Sequence(vec![start]));
+    let body = serde_yaml::to_string(&Value::Mapping(doc))
+        .map_err(|e| UserdataError::Config(e.to_string()))?;
+    Ok(format!("#cloud-config\n{body}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn choices(delivery: Delivery) -> Choices {
+        Choices {
+            delivery,
+            services: vec![ServiceKind::JupyterLab],
+            clouds_yaml: None,
+            ssh_authorized_keys: vec![],
+            install_os_updates: true,
+        }
+    }
+
+    #[test]
+    fn baked_userdata_configures_and_starts() {
+        let text = render(&choices(Delivery::Baked)).unwrap();
+        assert!(text.starts_with("#cloud-config\n"));
+        let doc: Value = serde_yaml::from_str(&text).unwrap();
+        let drop_in = doc["write_files"][0]["content"].as_str().unwrap();
+        assert!(
+            drop_in.contains("[services.jupyterlab]\nenabled = true"),
+            "{drop_in}"
+        );
+        assert_eq!(doc["runcmd"][0][0], "systemctl");
+    }
+
+    #[test]
+    fn bootstrap_passes_url_and_checksum_as_arguments() {
+        let url = "https://example.org/exoagent?x=$(reboot)";
+        let text = render(&choices(Delivery::Bootstrap {
+            url: url.into(),
+            sha256: "ab".repeat(32),
+        }))
+        .unwrap();
+        let doc: Value = serde_yaml::from_str(&text).unwrap();
+        let cmd = doc["runcmd"][0].as_sequence().unwrap();
+        assert_eq!(cmd[0], "sh");
+        assert!(!cmd[2].as_str().unwrap().contains("example.org"));
+        assert_eq!(cmd[4], url, "the URL is an argument, not script text");
+        assert_eq!(cmd[5], "ab".repeat(32).as_str());
+    }
+
+    #[test]
+    fn bad_choices_name_the_option() {
+        let err = render(&choices(Delivery::Bootstrap {
+            url: "ftp://x".into(),
+            sha256: "00".repeat(32),
+        }))
+        .unwrap_err();
+        assert!(err.to_string().starts_with("--binary-url:"), "{err}");
+        let err = render(&choices(Delivery::Bootstrap {
+            url: "https://x/y".into(),
+            sha256: "zz".into(),
+        }))
+        .unwrap_err();
+        assert!(err.to_string().starts_with("--binary-sha256:"), "{err}");
+        let mut rstudio = choices(Delivery::Baked);
+        rstudio.services = vec![ServiceKind::RStudio];
+        let err = render(&rstudio).unwrap_err();
+        assert_eq!(err.reason(), "userdata-invalid-config");
+        assert!(err.to_string().contains("not available"), "{err}");
+        let mut cloud = choices(Delivery::Baked);
+        cloud.clouds_yaml = Some(("clouds: {a: {}}".into(), "b".into()));
+        assert!(render(&cloud)
+            .unwrap_err()
+            .to_string()
+            .starts_with("--cloud-name:"));
+    }
+
+    #[test]
+    fn a_clouds_yaml_is_written_root_only_and_referenced() {
+        let mut with_cloud = choices(Delivery::Baked);
+        with_cloud.clouds_yaml = Some((
+            "clouds:\n  mine: {auth_type: password}\n".into(),
+            "mine".into(),
+        ));
+        let doc: Value = serde_yaml::from_str(&render(&with_cloud).unwrap()).unwrap();
+        assert_eq!(doc["write_files"][1]["path"], CLOUDS_YAML);
+        assert_eq!(doc["write_files"][1]["permissions"], "0600");
+        let drop_in = doc["write_files"][0]["content"].as_str().unwrap();
+        assert!(drop_in.contains("cloud_name = \"mine\""), "{drop_in}");
+    }
+}
