@@ -61,7 +61,7 @@ fn examples(clouds_yaml: &str) -> Vec<(&'static str, Vec<String>)> {
                 clouds_yaml,
                 "--cloud-name",
                 "openstack",
-                "--ssh-key",
+                "--ssh-public-key",
                 "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExampleExampleExampleExampleExampleExample researcher@laptop",
                 "--no-os-updates",
             ]),

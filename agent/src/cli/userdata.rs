@@ -40,9 +40,9 @@ pub struct UserdataArgs {
     /// The cloud in that clouds.yaml.
     #[arg(long, default_value = "openstack")]
     pub cloud_name: String,
-    /// A public key for the distribution's default user (repeatable).
-    #[arg(long = "ssh-key", value_name = "KEY")]
-    pub ssh_keys: Vec<String>,
+    /// An SSH public key for the distribution's default user (repeatable).
+    #[arg(long = "ssh-public-key", value_name = "KEY")]
+    pub ssh_public_keys: Vec<String>,
     /// Do not update and upgrade OS packages at first boot.
     #[arg(long)]
     pub no_os_updates: bool,
@@ -71,7 +71,7 @@ pub async fn run(args: UserdataArgs) -> anyhow::Result<ExitCode> {
         delivery,
         services: args.services,
         clouds_yaml,
-        ssh_authorized_keys: args.ssh_keys,
+        ssh_authorized_keys: args.ssh_public_keys,
         install_os_updates: !args.no_os_updates,
     };
     match render(&choices) {

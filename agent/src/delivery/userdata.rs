@@ -145,7 +145,7 @@ fn check(choices: &Choices) -> Result<(), UserdataError> {
     for key in &choices.ssh_authorized_keys {
         if key.contains('\n') || !key.starts_with("ssh-") && !key.starts_with("ecdsa-") {
             return Err(invalid(
-                "--ssh-key",
+                "--ssh-public-key",
                 "one public key per option, in OpenSSH format",
             ));
         }
