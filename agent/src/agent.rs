@@ -288,7 +288,7 @@ impl fmt::Display for Plan {
 }
 
 /// The account a sandbox runs services as: the invoking user, with a home inside the sandbox.
-fn sandbox_account(paths: &Paths) -> Result<Account, AgentError> {
+pub(crate) fn sandbox_account(paths: &Paths) -> Result<Account, AgentError> {
     let uid = nix::unistd::geteuid();
     let gid = nix::unistd::getegid();
     let name = nix::unistd::User::from_uid(uid)

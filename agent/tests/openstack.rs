@@ -1037,3 +1037,84 @@ fn keystone_over_tls_trusts_the_ca_bundle_named_in_clouds_yaml() {
     let unverified = tags_through("verify-false", &|cloud| cloud["verify"] = false.into());
     assert!(unverified.is_ok(), "{:?}", unverified.err());
 }
+
+/// First-boot work is keyed by the instance UUID: restarting on the same instance (a reboot)
+/// keeps the passphrase and publishes nothing again; the same disk under a new UUID (an image
+/// or snapshot of the instance booted as another server) provisions afresh: a new passphrase,
+/// published for the new server, and Nova tags on the new server.
+#[test]
+fn a_snapshot_provisions_afresh_and_a_reboot_does_not() {
+    let _one = serial();
+    let stack = Stack::get();
+    let first = stack.boot("exoagent-original");
+    let second = stack.boot("exoagent-from-snapshot");
+    let scratch = tempfile::tempdir().unwrap();
+    let clouds = stack.clouds_yaml(scratch.path(), "agent-tags", |_| {});
+    let http = reqwest::blocking::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap();
+    let mut agent = agent_with(&cloud_table(None, Some(&clouds)));
+    let root = agent.root().to_owned();
+    // "Boot" as `server`: its config drive, its metadata service.
+    let boot_as = |server: &Server| {
+        let latest = root.join("config-drive/openstack/latest");
+        fs::create_dir_all(&latest).unwrap();
+        let url = format!("{}/openstack/latest/meta_data.json", server.metadata_url());
+        let meta = http.get(&url).send().unwrap().bytes().unwrap();
+        fs::write(latest.join("meta_data.json"), meta).unwrap();
+        let config = root.join("etc/exoagent/config.toml");
+        let text = fs::read_to_string(&config).unwrap();
+        let kept: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with("metadata_url"))
+            .collect();
+        let mut text = kept.join("\n");
+        text.push_str(&format!("\nmetadata_url = \"{}\"\n", server.metadata_url()));
+        fs::write(&config, text).unwrap();
+    };
+    let instance_id = || fs::read_to_string(root.join("var/lib/exoagent/instance-id")).unwrap();
+    let ready = ["exoagent:setup:complete", "exoagent:jupyterlab:ready"];
+
+    boot_as(&first);
+    agent.start_agent();
+    agent.wait_complete(300);
+    let original = agent.passphrase();
+    assert_eq!(first.password(), original);
+    assert_eq!(instance_id(), first.id);
+    first.wait_tags(&ready, Duration::from_secs(60), &agent);
+
+    // Reboot: same instance.
+    agent.kill_agent(libc::SIGTERM);
+    agent.start_agent();
+    agent.wait_for("a second complete run", Duration::from_secs(120), |s| {
+        s["setup"]["state"] == "complete" && s["instance"]["uuid"] == first.id.as_str()
+    });
+    assert_eq!(
+        agent.passphrase(),
+        original,
+        "a reboot keeps the passphrase"
+    );
+    let runs = agent.agent_output();
+    assert_eq!(
+        runs.matches("Published(").count(),
+        1,
+        "published on the first boot only:\n{runs}"
+    );
+    assert!(runs.contains("AlreadyDone"), "{runs}");
+
+    // The same disk booted as another server.
+    agent.kill_agent(libc::SIGTERM);
+    boot_as(&second);
+    agent.start_agent();
+    agent.wait_for(
+        "complete as the new server",
+        Duration::from_secs(120),
+        |s| s["setup"]["state"] == "complete" && s["instance"]["uuid"] == second.id.as_str(),
+    );
+    let fresh = agent.passphrase();
+    assert_ne!(fresh, original, "a new instance gets a new passphrase");
+    assert_eq!(second.password(), fresh);
+    assert_eq!(instance_id(), second.id);
+    second.wait_tags(&ready, Duration::from_secs(60), &agent);
+}

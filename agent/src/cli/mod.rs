@@ -1,5 +1,6 @@
 //! The command line: one file per subcommand, each a thin call into the library.
 
+pub mod bake;
 pub mod down;
 pub mod install;
 pub mod logs;
@@ -51,6 +52,8 @@ pub enum Command {
     Userdata(userdata::UserdataArgs),
     /// Install the systemd unit and directories into / or an image root.
     Install(install::InstallArgs),
+    /// Pre-install service payloads into an image (no secrets, no instance state).
+    Bake(bake::BakeArgs),
     /// Internal: the per-service process shim.
     #[command(hide = true)]
     Shim,
@@ -104,6 +107,13 @@ pub fn dispatch(cli: Cli) -> ExitCode {
             Command::Down(args) => down::run(args, &paths).await,
             Command::Userdata(args) => userdata::run(args).await,
             Command::Install(args) => install::run(args).await,
+            Command::Bake(args) => {
+                let mode = match cli.sandbox_dir {
+                    Some(_) => crate::agent::Mode::Sandbox,
+                    None => crate::agent::Mode::System,
+                };
+                bake::run(args, mode, paths).await
+            }
             Command::Shim => Ok(ExitCode::SUCCESS),
         }
     });
