@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's test command and exactly what CI runs: prerequisites, formatting, lints, real
 # OpenStack on loopback, and every test (unit, integration with real processes, real JupyterLab
-# and real OpenStack end to end).
+# and real OpenStack end to end, and a real VM booting the baked image).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash installer/dev/prereqs.sh
@@ -20,3 +20,7 @@ if [ "$started_openstack" = 1 ]; then
 fi
 bash tests/openstack/up.sh
 cargo test --workspace --all-targets -- --test-threads=2
+# A real VM (QEMU, software emulation) with real systemd and cloud-init booting the baked image
+# as a server of the OpenStack harness (~5 min with the image build).
+bash tests/vm/prereqs.sh
+python3 tests/vm/vm_test.py

@@ -54,6 +54,9 @@ HOST = "127.0.0.1"
 KEYSTONE = f"http://{HOST}:5000/v3"
 COMPUTE = f"http://{HOST}:8774/v2.1"
 COMPUTE_INTERNAL = "http://localhost:8774/v2.1"
+# QEMU's user network (net 169.254.169.0/24) maps .2 to this host's loopback.
+VM_HOST = "169.254.169.2"
+COMPUTE_FROM_VM = f"http://{VM_HOST}:8774/v2.1"
 PLACEMENT = f"http://{HOST}:8778"
 IMAGE = f"http://{HOST}:9292"
 NETWORK = f"http://{HOST}:9696"
@@ -766,8 +769,12 @@ def create_identity(config):
         for interface in ("public", "internal", "admin"):
             # Compute's internal endpoint is spelt differently (same server), so tests can
             # see that a client honours `interface`.
-            where = COMPUTE_INTERNAL if (service_type, interface) == ("compute", "internal") \
-                else url
+            where = url
+            if service_type == "compute" and interface == "internal":
+                where = COMPUTE_INTERNAL
+            if service_type == "compute" and interface == "admin":
+                # As a VM on QEMU's user network sees this host (tests/vm).
+                where = COMPUTE_FROM_VM
             post("/endpoints", {"endpoint": {"service_id": service, "interface": interface,
                                              "url": where, "region_id": REGION}},
                  f"endpoint {service_type} {interface}")
@@ -947,6 +954,7 @@ def up():
         "state_dir": str(STATE), "keystone_url": KEYSTONE, "compute_url": COMPUTE,
         "metadata_url": METADATA, "metadata_proxy_url": METADATA_PROXY,
         "keystone_tls_url": KEYSTONE_TLS, "tls_ca": str(TLS_DIR / "ca.pem"),
+        "keystone_url_from_vm": f"http://{VM_HOST}:5000/v3",
         "clouds_yaml": str(CLOUDS_FILE), "region": REGION,
         "demo": {"username": "demo", "password": config["passwords"]["demo"],
                  "project": "demo"},

@@ -7,7 +7,8 @@ metadata   the stand-in for Neutron's metadata proxy. On a cloud, an instance ca
                http://127.0.0.1:8779/<server-uuid>/openstack/latest/meta_data.json
            is forwarded as /openstack/latest/meta_data.json with X-Instance-ID, X-Tenant-ID
            (--tenant), X-Instance-ID-Signature (HMAC-SHA256 of the UUID keyed with nova's
-           metadata_proxy_shared_secret) and X-Forwarded-For.
+           metadata_proxy_shared_secret) and X-Forwarded-For. With --instance UUID, one VM's
+           own relay: paths are passed unchanged, as a guest sends them to 169.254.169.254.
 tls        TLS in front of a plain-HTTP service (Keystone), with the harness's own test CA, so
            clients' CA-bundle handling meets a real TLS server.
 
@@ -30,15 +31,19 @@ PASSED_ON = ("Content-Type", "User-Agent", "Accept", "X-Auth-Token", "X-Subject-
              "OpenStack-API-Version")
 
 
-def metadata_route(secret, tenant):
-    """Maps /<uuid>/rest to (rest, signed identity headers)."""
+def metadata_route(secret, tenant, fixed_instance=None):
+    """Maps /<uuid>/rest to (rest, signed identity headers); with `fixed_instance` (one VM
+    behind its own relay) every path is that instance's, unchanged."""
     def route(handler):
-        parts = handler.path.split("/", 2)
-        if len(parts) < 2 or not UUID.match(parts[1]):
-            return None
-        instance = parts[1]
+        if fixed_instance:
+            instance, rest = fixed_instance, handler.path
+        else:
+            parts = handler.path.split("/", 2)
+            if len(parts) < 2 or not UUID.match(parts[1]):
+                return None
+            instance, rest = parts[1], "/" + (parts[2] if len(parts) > 2 else "")
         signature = hmac.new(secret, instance.encode(), hashlib.sha256).hexdigest()
-        return "/" + (parts[2] if len(parts) > 2 else ""), {
+        return rest, {
             "X-Instance-ID": instance,
             "X-Tenant-ID": tenant,
             "X-Instance-ID-Signature": signature,
@@ -103,12 +108,14 @@ def main():
     parser.add_argument("--upstream", required=True)
     parser.add_argument("--secret-file", help="metadata: nova's metadata_proxy_shared_secret")
     parser.add_argument("--tenant", help="metadata: the project of the servers")
+    parser.add_argument("--instance", help="metadata: serve only this server, paths unchanged "
+                        "(a VM's own relay, as http://169.254.169.254 is)")
     parser.add_argument("--cert", help="tls: certificate chain (PEM)")
     parser.add_argument("--key", help="tls: private key (PEM)")
     args = parser.parse_args()
     if args.role == "metadata":
         with open(args.secret_file, "rb") as f:
-            route = metadata_route(f.read().strip(), args.tenant)
+            route = metadata_route(f.read().strip(), args.tenant, args.instance)
     else:
         route = plain_route
     host, port = args.listen.rsplit(":", 1)

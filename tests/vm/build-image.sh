@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Build the VM test image: Debian 12 (mmdebstrap, minbase) with systemd, cloud-init and
+# exoagent installed (`exoagent install --enable`) and JupyterLab baked (`exoagent bake`), the
+# host's CA bundle trusted (HTTPS here goes through an intercepting proxy). Writes
+# OUT/root.raw (ext4, no partition table), OUT/vmlinuz, OUT/initrd.img.
+#
+#   bash tests/vm/build-image.sh OUT EXOAGENT_BINARY
+set -euo pipefail
+out=${1:?usage: build-image.sh OUT EXOAGENT_BINARY}
+binary=$(realpath "${2:?usage: build-image.sh OUT EXOAGENT_BINARY}")
+mkdir -p "$out"
+out=$(realpath "$out")
+rootfs="$out/rootfs"
+rm -rf "$rootfs" "$out/root.raw"
+packages=linux-image-cloud-amd64,systemd-sysv,udev,dbus,initramfs-tools,cloud-init,openssh-server
+packages+=,ifupdown,isc-dhcp-client,iproute2,ca-certificates,curl,sudo,python3-venv,python3-pip
+packages+=,locales,passwd,procps
+export EXOAGENT_BINARY="$binary"
+mmdebstrap --mode=root --variant=minbase --include="$packages" \
+  --customize-hook='install -m 0644 /etc/ssl/certs/ca-certificates.crt "$1/usr/local/share/ca-certificates/build-host-bundle.crt"' \
+  --customize-hook='chroot "$1" update-ca-certificates >/dev/null' \
+  --customize-hook='printf "[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n" > "$1/etc/pip.conf"' \
+  --customize-hook='install -m 0755 "$EXOAGENT_BINARY" "$1/usr/bin/exoagent"' \
+  --customize-hook='chroot "$1" /usr/bin/exoagent install --enable --exec /usr/bin/exoagent' \
+  --customize-hook='chroot "$1" /usr/bin/exoagent bake --service jupyterlab' \
+  --customize-hook='printf "source /etc/network/interfaces.d/*\nauto lo\niface lo inet loopback\n" > "$1/etc/network/interfaces"' \
+  --customize-hook='rm -f "$1/etc/machine-id"; touch "$1/etc/machine-id"' \
+  bookworm "$rootfs" http://deb.debian.org/debian
+cp "$(ls "$rootfs"/boot/vmlinuz-* | tail -1)" "$out/vmlinuz"
+cp "$(ls "$rootfs"/boot/initrd.img-* | tail -1)" "$out/initrd.img"
+truncate -s 4G "$out/root.raw"
+mkfs.ext4 -q -F -L rootfs -d "$rootfs" "$out/root.raw"
+rm -rf "$rootfs"
+echo "image: $out/root.raw"

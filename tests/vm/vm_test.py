@@ -1,0 +1,299 @@
+#!/usr/bin/env python3
+"""The VM test: a real Debian 12 VM (QEMU, software emulation) with real systemd and cloud-init
+boots the baked image as a server of the real-OpenStack harness and is observed through Nova,
+its serial console and a forwarded port.
+
+    python3 tests/vm/vm_test.py [--keep]
+
+1. Brings up the OpenStack harness; builds the image (tests/vm/build-image.sh) unless one for
+   this exoagent binary exists.
+2. Boots a Nova server (fake virt driver) with userdata from `exoagent userdata` asking for
+   JupyterLab and Nova reporting through the access-rule-restricted credential; the VM takes
+   that server's identity: DMI says OpenStack Nova with the server's UUID, and
+   http://169.254.169.254 is forwarded to the harness's metadata relay for that server, which
+   signs requests as Neutron's metadata proxy does. cloud-init's OpenStack datasource reads the
+   real nova-metadata.
+3. Checks: Nova shows exoagent:setup:complete and exoagent:jupyterlab:ready; JupyterLab answers
+   through a forwarded port; the serial console holds Exosphere-decodable status lines ending in
+   `complete`; the passphrase is in os-server-password.
+4. Reboots (ACPI power-off, boot the same disk again): JupyterLab comes back, the passphrase is
+   unchanged and was posted once, the tags are still exactly right.
+
+Prints timings (QEMU start → Nova shows complete) for bench/. Exits non-zero on any failure,
+with the serial log's tail.
+"""
+
+import argparse
+import base64
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+sys.path.insert(0, str(ROOT / "tests" / "openstack"))
+import harness  # noqa: E402
+
+VM_DIR = Path(os.environ.get("EXOAGENT_VM_DIR", "/var/tmp/exoagent-vm"))
+READY = {"exoagent:setup:complete", "exoagent:jupyterlab:ready"}
+COMPUTE_VERSION = {"OpenStack-API-Version": "compute 2.96"}
+
+
+class Failure(Exception):
+    pass
+
+
+def say(message):
+    print(f"[vm {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def binary():
+    subprocess.run(["cargo", "build", "--release", "-q", "-p", "exoagent"], cwd=ROOT,
+                   check=True)
+    target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+    return (ROOT / target / "release" / "exoagent").resolve()
+
+
+def ensure_image(exoagent):
+    digest = hashlib.sha256()
+    digest.update(exoagent.read_bytes())
+    digest.update((ROOT / "tests/vm/build-image.sh").read_bytes())
+    stamp = digest.hexdigest()
+    stamp_file = VM_DIR / "image.stamp"
+    if stamp_file.exists() and stamp_file.read_text() == stamp and (VM_DIR / "root.raw").exists():
+        return
+    say("building the image (mmdebstrap, JupyterLab baked)")
+    subprocess.run(["bash", str(ROOT / "tests/vm/build-image.sh"), str(VM_DIR), str(exoagent)],
+                   check=True)
+    stamp_file.write_text(stamp)
+
+
+def status_lines(serial_text):
+    """Exosphere's parser (src/Helpers/ExoSetupStatus.elm): per line, first '{' to last '}'."""
+    found = []
+    for line in serial_text.splitlines():
+        start, end = line.find("{"), line.rfind("}")
+        if start < 0 or end < start:
+            continue
+        try:
+            value = json.loads(line[start:end + 1])
+        except ValueError:
+            continue
+        status = value.get("status", value.get("exoSetup")) if isinstance(value, dict) else None
+        if isinstance(status, str):
+            found.append(status)
+    return found
+
+
+class Vm:
+    def __init__(self, run_dir, server, relay_port, mac):
+        self.mac = mac
+        self.run_dir = run_dir
+        self.server = server
+        self.relay_port = relay_port
+        self.jupyter_port = free_port()
+        self.serial = run_dir / "serial.log"
+        self.overlay = run_dir / "disk.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
+                        str(VM_DIR / "root.raw"), str(self.overlay)], check=True)
+        self.process = None
+        self.boots = 0
+
+    def start(self):
+        self.boots += 1
+        forward = (f"tcp:169.254.169.254:80-cmd:socat - TCP:127.0.0.1:{self.relay_port}")
+        netdev = (f"user,id=n0,net=169.254.169.0/24,guestfwd={forward},"
+                  f"hostfwd=tcp:127.0.0.1:{self.jupyter_port}-:8888")
+        argv = [
+            "qemu-system-x86_64", "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2",
+            "-m", "2048", "-nographic", "-no-reboot",
+            "-kernel", str(VM_DIR / "vmlinuz"), "-initrd", str(VM_DIR / "initrd.img"),
+            "-append", "root=/dev/vda rw console=ttyS0 net.ifnames=0",
+            "-drive", f"file={self.overlay},if=virtio,format=qcow2",
+            "-netdev", netdev, "-device", f"virtio-net-pci,netdev=n0,mac={self.mac}",
+            "-smbios", "type=1,manufacturer=OpenStack Foundation,product=OpenStack Nova,"
+                       f"uuid={self.server}",
+            "-serial", f"file:{self.serial}.{self.boots}",
+            "-monitor", f"unix:{self.run_dir / 'monitor.sock'},server,nowait",
+        ]
+        self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                        stdout=open(self.run_dir / "qemu.out", "ab"),
+                                        stderr=subprocess.STDOUT)
+        self.started = time.monotonic()
+
+    def serial_text(self):
+        text = ""
+        for boot in range(1, self.boots + 1):
+            path = Path(f"{self.serial}.{boot}")
+            if path.exists():
+                text += path.read_text(errors="replace")
+        return text
+
+    def power_off(self, budget=300):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(self.run_dir / "monitor.sock"))
+            s.sendall(b"system_powerdown\n")
+            time.sleep(1)
+        try:
+            self.process.wait(timeout=budget)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise Failure("the guest did not power off on ACPI request")
+
+    def kill(self):
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def wait(what, check, budget, vm):
+    deadline = time.monotonic() + budget
+    while True:
+        if vm.process.poll() is not None:
+            raise Failure(f"QEMU exited while waiting for {what}")
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise Failure(f"timed out after {budget} s waiting for {what}")
+        time.sleep(5)
+
+
+def agent_tags(token, server):
+    status, _, body = harness.http("GET", f"{harness.COMPUTE}/servers/{server}/tags", token,
+                                   headers=COMPUTE_VERSION)
+    if status != 200:
+        return set()
+    return {t for t in body["tags"] if t.startswith("exoagent:")}
+
+
+def jupyter_answers(port):
+    try:
+        status, _, body = harness.http("GET", f"http://127.0.0.1:{port}/api", timeout=10)
+        return status == 200 and bool(body and body.get("version"))
+    except OSError:
+        return False
+
+
+def server_password(token, server):
+    _, _, body = harness.http("GET", f"{harness.COMPUTE}/servers/{server}/os-server-password",
+                              token)
+    return (body or {}).get("password", "")
+
+
+def main():
+    parser = argparse.ArgumentParser(description="exoagent in a real VM")
+    parser.add_argument("--keep", action="store_true", help="leave the run directory")
+    args = parser.parse_args()
+    if harness.main(["up"]) != 0:
+        raise Failure("the OpenStack harness did not come up")
+    exoagent = binary()
+    ensure_image(exoagent)
+    env = json.loads(harness.ENV_FILE.read_text())
+    config = json.loads(harness.SECRETS_FILE.read_text())
+    token, _ = harness.token_for(harness.password_auth("demo", config["passwords"]["demo"]),
+                                 harness.project_scope("demo"))
+    run_dir = Path(tempfile.mkdtemp(prefix="exoagent-vm-run-"))
+    credential = env["app_credentials"]["agent-tags"]
+    clouds = run_dir / "clouds.yaml"
+    clouds.write_text(
+        "clouds:\n  openstack:\n    auth_type: v3applicationcredential\n    auth:\n"
+        f"      auth_url: {env['keystone_url_from_vm']}\n"
+        f"      application_credential_id: {credential['id']}\n"
+        f"      application_credential_secret: {credential['secret']}\n"
+        "    region_name: RegionOne\n    interface: admin\n")
+    userdata = subprocess.run(
+        [str(exoagent), "userdata", "--clouds-yaml", str(clouds), "--cloud-name", "openstack",
+         "--no-os-updates"], check=True, stdout=subprocess.PIPE).stdout
+    (run_dir / "user-data").write_bytes(userdata)
+
+    status, _, body = harness.http("POST", f"{harness.COMPUTE}/servers", token, {"server": {
+        "name": "exoagent-vm", "imageRef": env["image_id"], "flavorRef": env["flavor_id"],
+        "networks": [{"uuid": env["network_id"]}],
+        "user_data": base64.b64encode(userdata).decode()}})
+    if status != 202:
+        raise Failure(f"server create: {status} {body}")
+    server = body["server"]["id"]
+    relay = vm = None
+    try:
+        for _ in range(120):
+            _, _, shown = harness.http("GET", f"{harness.COMPUTE}/servers/{server}", token)
+            if shown["server"]["status"] == "ACTIVE":
+                break
+            time.sleep(1)
+        # The VM's NIC gets the server's Neutron port MAC, as on a cloud: cloud-init matches
+        # network_data.json's links to NICs by MAC.
+        _, _, ports = harness.http("GET", f"{harness.NETWORK}/v2.0/ports?device_id={server}",
+                                   token)
+        mac = ports["ports"][0]["mac_address"]
+        relay_port = free_port()
+        relay = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests/openstack/relay.py"), "metadata",
+             "--listen", f"127.0.0.1:{relay_port}", "--upstream", "127.0.0.1:8775",
+             "--secret-file", str(harness.STATE / "metadata-secret"),
+             "--tenant", env["projects"]["demo"], "--instance", server],
+            stdout=subprocess.DEVNULL, stderr=open(run_dir / "relay.log", "wb"))
+        vm = Vm(run_dir, server, relay_port, mac)
+        say(f"booting server {server} (TCG); serial: {vm.serial}.1")
+        vm.start()
+        wait("Nova to show setup complete and JupyterLab ready",
+             lambda: agent_tags(token, server) == READY, 1500, vm)
+        first_ready = time.monotonic() - vm.started
+        say(f"ready in Nova {first_ready:.0f} s after QEMU started")
+        wait("JupyterLab through the forwarded port",
+             lambda: jupyter_answers(vm.jupyter_port), 300, vm)
+        lines = status_lines(vm.serial_text())
+        if not lines or lines[-1] != "complete":
+            raise Failure(f"console status lines: {lines}")
+        passphrase = server_password(token, server)
+        if len(passphrase.split()) != 11:
+            raise Failure(f"os-server-password holds {passphrase!r}, not an 11-word passphrase")
+
+        say("rebooting (ACPI power-off, same disk)")
+        vm.power_off()
+        vm.start()
+        wait("JupyterLab back after the reboot", lambda: jupyter_answers(vm.jupyter_port),
+             1200, vm)
+        second_ready = time.monotonic() - vm.started
+        if server_password(token, server) != passphrase:
+            raise Failure("the passphrase changed across a reboot")
+        posts = (run_dir / "relay.log").read_text().count('"POST /openstack/latest/password')
+        if posts != 1:
+            raise Failure(f"the passphrase was posted {posts} times")
+        wait("tags still exactly right", lambda: agent_tags(token, server) == READY, 300, vm)
+        say(f"after reboot JupyterLab answered {second_ready:.0f} s after QEMU started")
+        print(json.dumps({"first_boot_ready_s": round(first_ready),
+                          "reboot_jupyterlab_s": round(second_ready)}))
+        say("VM test passed")
+    except Failure:
+        if vm:
+            print("---- serial (tail) ----\n" + vm.serial_text()[-6000:], file=sys.stderr)
+        raise
+    finally:
+        if vm:
+            vm.kill()
+        if relay:
+            relay.kill()
+        harness.http("DELETE", f"{harness.COMPUTE}/servers/{server}", token)
+        if not args.keep:
+            subprocess.run(["rm", "-rf", str(run_dir)], check=False)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Failure as error:
+        print(f"VM test FAILED: {error}", file=sys.stderr)
+        sys.exit(1)
