@@ -44,7 +44,6 @@ import harness  # noqa: E402  (the harness's HTTP and token helpers)
 
 PEER_AGENT = "exosphere-peer/bench"
 ACCESS = re.compile(r'"(\S+) (\S+) HTTP/[\d.]+" (\d+) \S+ "[^"]*" "([^"]*)"\s*$')
-COMPUTE_VERSION = {"OpenStack-API-Version": "compute 2.96"}
 
 
 def free_port():
@@ -176,11 +175,6 @@ def wait(what, check, budget):
         time.sleep(0.5)
 
 
-def agent_tags(token, server):
-    status, _, body = harness.http("GET", f"{harness.COMPUTE}/servers/{server}/tags", token,
-                                   headers=COMPUTE_VERSION)
-    return {t for t in (body or {}).get("tags", []) if t.startswith("exoagent:")} \
-        if status == 200 else set()
 
 
 def tally(requests, servers):
@@ -251,7 +245,7 @@ def main():
                  lambda: agent.status().get("setup", {}).get("state") == "complete", 600)
             peer.complete.set()
         wait("Nova to show every server ready",
-             lambda: all(agent_tags(token, s) == ready for s in servers), 300)
+             lambda: all(harness.agent_tags(token, s) == ready for s in servers), 300)
         boot_seconds = time.monotonic() - t0
         time.sleep(16)  # let every peer see "complete" once
         results["boot"] = (tally(logs.since_mark(), servers), boot_seconds)
@@ -263,9 +257,9 @@ def main():
             pid = agent.status()["services"][0]["pid"]
             os.kill(pid, signal.SIGSTOP)
             wait("degraded in Nova", lambda: "exoagent:jupyterlab:degraded"
-                 in agent_tags(token, agent.server), 120)
+                 in harness.agent_tags(token, agent.server), 120)
             os.kill(pid, signal.SIGCONT)
-            wait("ready in Nova", lambda: agent_tags(token, agent.server) == ready, 120)
+            wait("ready in Nova", lambda: harness.agent_tags(token, agent.server) == ready, 120)
         time.sleep(3)
         results["changes"] = (tally(logs.since_mark(), servers), time.monotonic() - t0)
 

@@ -119,6 +119,10 @@ pub struct Plan {
     pub packages: Vec<String>,
 }
 
+/// How long to try publishing the passphrase when the identity came from a config drive (the
+/// cloud may have no metadata service; with one, it answers well within this).
+pub const CONFIG_DRIVE_PUBLISH_BUDGET: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// Load and validate everything; change nothing. Every configuration error is reported at once.
 pub fn plan(mode: Mode, paths: Paths) -> Result<Plan, AgentError> {
     let loaded = config::load(&paths)?;
@@ -375,6 +379,7 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
     }
 
     let metadata = metadata_service(&plan);
+    let mut identity_source = plan.identity.as_ref().map(|_| IdentitySource::ConfigDrive);
     let instance = if let Some(identity) = &plan.identity {
         InstanceStatus {
             uuid: Some(identity.uuid.clone()),
@@ -397,6 +402,7 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
                     source: source.code().into(),
                     detail: None,
                 };
+                identity_source = Some(source);
                 plan.identity = Some(identity);
                 found
             }
@@ -434,14 +440,17 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
         // Before `running` is reported (DESIGN §4.4): Exosphere shows the passphrase once
         // setup runs. A failure is reported locally and does not stop the services.
         let marker = paths.state_dir.join("password-published");
-        match publish_password_once(
-            service,
-            passphrase,
-            &marker,
-            plan.settings.cloud.metadata_timeout,
-        )
-        .await
-        {
+        // The identity came from a config drive: this cloud may have no metadata service at
+        // all, so do not hold `running` back for the whole discovery budget.
+        let budget = if identity_source == Some(IdentitySource::ConfigDrive) {
+            plan.settings
+                .cloud
+                .metadata_timeout
+                .min(CONFIG_DRIVE_PUBLISH_BUDGET)
+        } else {
+            plan.settings.cloud.metadata_timeout
+        };
+        match publish_password_once(service, passphrase, &marker, budget).await {
             Ok(done) => {
                 tracing::info!(target: "exoagent::agent", outcome = ?done, "passphrase publication")
             }

@@ -11,32 +11,16 @@
 mod common;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
-use common::exe;
+use common::{exe, repo_root, run_ok};
 
 const SHA: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_owned()
-}
-
 fn userdata(args: &[&str]) -> String {
-    let out = Command::new(exe())
-        .arg("userdata")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "userdata {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let what = format!("userdata {args:?}");
+    let out = run_ok(Command::new(exe()).arg("userdata").args(args), &what);
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -82,7 +66,7 @@ fn examples(clouds_yaml: &str) -> Vec<(&'static str, Vec<String>)> {
 
 #[test]
 fn every_example_is_current_and_valid_for_cloud_init() {
-    let examples_dir = repo().join("cloud-init/examples");
+    let examples_dir = repo_root().join("cloud-init/examples");
     let clouds = examples_dir.join("clouds.yaml.example");
     let clouds_arg = clouds.to_str().unwrap().to_owned();
     let update = std::env::var("EXOAGENT_UPDATE_EXAMPLES").as_deref() == Ok("1");

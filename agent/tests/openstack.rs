@@ -27,20 +27,13 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::Sandbox;
+use common::{repo_root, run_ok, Sandbox};
 use exoagent::cloud::clouds::{self, CloudConfig};
 use exoagent::cloud::keystone::Keystone;
 use exoagent::cloud::nova::Nova;
 use serde_json::{json, Value};
 
 const COMPUTE_VERSION: &str = "compute 2.96";
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_owned()
-}
 
 /// One test at a time (the outage test stops nova-api for everyone).
 fn serial() -> MutexGuard<'static, ()> {
@@ -169,17 +162,10 @@ impl Stack {
 
     /// Run the harness with `args` (e.g. `stop nova-api`).
     fn harness(&self, args: &[&str]) {
-        let out = Command::new("python3")
-            .arg(self.str("harness"))
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "harness {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+        let what = format!("harness {args:?}");
+        run_ok(
+            Command::new("python3").arg(self.str("harness")).args(args),
+            &what,
         );
     }
 

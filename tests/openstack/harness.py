@@ -401,6 +401,15 @@ def wait_for_api(name):
     wait_for(f"{name} on port {port}", check, 180)
 
 
+def agent_tags(token, server):
+    """The server's `exoagent:` tags (empty when Nova does not answer 200)."""
+    status, _, body = http("GET", f"{COMPUTE}/servers/{server}/tags", token,
+                           headers={"OpenStack-API-Version": "compute 2.96"})
+    if status != 200:
+        return set()
+    return {t for t in body["tags"] if t.startswith("exoagent:")}
+
+
 def token_for(auth, scope=None):
     body = {"auth": {"identity": auth}}
     if scope:

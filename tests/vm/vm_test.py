@@ -18,6 +18,10 @@ its serial console and a forwarded port.
    `complete`; the passphrase is in os-server-password.
 4. Reboots (ACPI power-off, boot the same disk again): JupyterLab comes back, the passphrase is
    unchanged and was posted once, the tags are still exactly right.
+5. A second server boots with a config drive only (an ISO labelled config-2 holding the
+   documents nova-metadata serves for it) and no metadata service: cloud-init's ConfigDrive
+   datasource and the agent's own read-only mount of the ISO supply the identity; Nova shows it
+   ready.
 
 Prints timings (QEMU start → Nova shows complete) for bench/. Exits non-zero on any failure,
 with the serial log's tail.
@@ -33,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -41,7 +46,6 @@ import harness  # noqa: E402
 
 VM_DIR = Path(os.environ.get("EXOAGENT_VM_DIR", "/var/tmp/exoagent-vm"))
 READY = {"exoagent:setup:complete", "exoagent:jupyterlab:ready"}
-COMPUTE_VERSION = {"OpenStack-API-Version": "compute 2.96"}
 
 
 class Failure(Exception):
@@ -97,8 +101,9 @@ def status_lines(serial_text):
 
 
 class Vm:
-    def __init__(self, run_dir, server, relay_port, mac):
+    def __init__(self, run_dir, server, relay_port, mac, config_drive=None):
         self.mac = mac
+        self.config_drive = config_drive
         self.run_dir = run_dir
         self.server = server
         self.relay_port = relay_port
@@ -112,9 +117,14 @@ class Vm:
 
     def start(self):
         self.boots += 1
-        forward = (f"tcp:169.254.169.254:80-cmd:socat - TCP:127.0.0.1:{self.relay_port}")
-        netdev = (f"user,id=n0,net=169.254.169.0/24,guestfwd={forward},"
-                  f"hostfwd=tcp:127.0.0.1:{self.jupyter_port}-:8888")
+        netdev = f"user,id=n0,net=169.254.169.0/24,hostfwd=tcp:127.0.0.1:{self.jupyter_port}-:8888"
+        if self.relay_port:
+            # http://169.254.169.254 → this server's metadata relay (one socat per connection).
+            netdev += f",guestfwd=tcp:169.254.169.254:80-cmd:socat - TCP:127.0.0.1:{self.relay_port}"
+        else:
+            # No metadata service: connections are closed at once, and never reach whatever
+            # answers 169.254.169.254 on this host's own network.
+            netdev += ",guestfwd=tcp:169.254.169.254:80-cmd:true"
         argv = [
             "qemu-system-x86_64", "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2",
             "-m", "2048", "-nographic", "-no-reboot",
@@ -127,6 +137,8 @@ class Vm:
             "-serial", f"file:{self.serial}.{self.boots}",
             "-monitor", f"unix:{self.run_dir / 'monitor.sock'},server,nowait",
         ]
+        if self.config_drive:
+            argv += ["-drive", f"file={self.config_drive},if=virtio,format=raw,readonly=on"]
         self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
                                         stdout=open(self.run_dir / "qemu.out", "ab"),
                                         stderr=subprocess.STDOUT)
@@ -171,12 +183,6 @@ def wait(what, check, budget, vm):
         time.sleep(5)
 
 
-def agent_tags(token, server):
-    status, _, body = harness.http("GET", f"{harness.COMPUTE}/servers/{server}/tags", token,
-                                   headers=COMPUTE_VERSION)
-    if status != 200:
-        return set()
-    return {t for t in body["tags"] if t.startswith("exoagent:")}
 
 
 def jupyter_answers(port):
@@ -193,9 +199,127 @@ def server_password(token, server):
     return (body or {}).get("password", "")
 
 
+class Scenario:
+    """One server of the harness and the VM that boots as it."""
+
+    def __init__(self, name, env, token, exoagent, userdata):
+        self.env, self.token = env, token
+        self.run_dir = Path(tempfile.mkdtemp(prefix=f"exoagent-vm-{name}-"))
+        status, _, body = harness.http("POST", f"{harness.COMPUTE}/servers", token, {"server": {
+            "name": f"exoagent-vm-{name}", "imageRef": env["image_id"],
+            "flavorRef": env["flavor_id"], "networks": [{"uuid": env["network_id"]}],
+            "user_data": base64.b64encode(userdata).decode()}})
+        if status != 202:
+            raise Failure(f"server create: {status} {body}")
+        self.server = body["server"]["id"]
+        self.relay = self.vm = None
+        for _ in range(120):
+            _, _, shown = harness.http("GET", f"{harness.COMPUTE}/servers/{self.server}", token)
+            if shown["server"]["status"] == "ACTIVE":
+                break
+            time.sleep(1)
+        # The VM's NIC gets the server's Neutron port MAC, as on a cloud: cloud-init matches
+        # network_data.json's links to NICs by MAC.
+        _, _, ports = harness.http(
+            "GET", f"{harness.NETWORK}/v2.0/ports?device_id={self.server}", token)
+        self.mac = ports["ports"][0]["mac_address"]
+
+    def start_relay(self):
+        port = free_port()
+        self.relay = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests/openstack/relay.py"), "metadata",
+             "--listen", f"127.0.0.1:{port}", "--upstream", "127.0.0.1:8775",
+             "--secret-file", str(harness.STATE / "metadata-secret"),
+             "--tenant", self.env["projects"]["demo"], "--instance", self.server],
+            stdout=subprocess.DEVNULL, stderr=open(self.run_dir / "relay.log", "wb"))
+        for _ in range(50):
+            if harness.port_in_use(port):
+                break
+            time.sleep(0.1)
+        return port
+
+    def config_drive(self):
+        """An ISO labelled config-2 with the documents nova-metadata serves for the server."""
+        relay_port = self.start_relay()
+        latest = self.run_dir / "drive" / "openstack" / "latest"
+        latest.mkdir(parents=True)
+        for name in ["meta_data.json", "network_data.json", "vendor_data2.json", "user_data"]:
+            url = f"http://127.0.0.1:{relay_port}/openstack/latest/{name}"
+            with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url) as r:
+                (latest / name).write_bytes(r.read())
+        self.relay.kill()
+        self.relay.wait()
+        self.relay = None
+        iso = self.run_dir / "config-drive.iso"
+        subprocess.run(["genisoimage", "-quiet", "-output", str(iso), "-volid", "config-2",
+                        "-joliet", "-rock", str(self.run_dir / "drive")], check=True)
+        return iso
+
+    def boot(self, relay_port, config_drive=None):
+        self.vm = Vm(self.run_dir, self.server, relay_port, self.mac, config_drive)
+        say(f"booting server {self.server} (TCG); serial: {self.vm.serial}.1")
+        self.vm.start()
+        return self.vm
+
+    def wait_ready_in_nova(self):
+        wait("Nova to show setup complete and JupyterLab ready",
+             lambda: harness.agent_tags(self.token, self.server) == READY, 1500, self.vm)
+        ready = time.monotonic() - self.vm.started
+        say(f"ready in Nova {ready:.0f} s after QEMU started")
+        wait("JupyterLab through the forwarded port",
+             lambda: jupyter_answers(self.vm.jupyter_port), 300, self.vm)
+        lines = status_lines(self.vm.serial_text())
+        if not lines or lines[-1] != "complete":
+            raise Failure(f"console status lines: {lines}")
+        return ready
+
+    def close(self, keep):
+        if self.vm:
+            self.vm.kill()
+        if self.relay:
+            self.relay.kill()
+        harness.http("DELETE", f"{harness.COMPUTE}/servers/{self.server}", self.token)
+        if not keep:
+            subprocess.run(["rm", "-rf", str(self.run_dir)], check=False)
+
+
+def with_metadata_service_and_reboot(scenario):
+    vm = scenario.boot(scenario.start_relay())
+    first_ready = scenario.wait_ready_in_nova()
+    passphrase = server_password(scenario.token, scenario.server)
+    if len(passphrase.split()) != 11:
+        raise Failure(f"os-server-password holds {passphrase!r}, not an 11-word passphrase")
+    say("rebooting (ACPI power-off, same disk)")
+    vm.power_off()
+    vm.start()
+    wait("JupyterLab back after the reboot", lambda: jupyter_answers(vm.jupyter_port), 1200, vm)
+    reboot_ready = time.monotonic() - vm.started
+    if server_password(scenario.token, scenario.server) != passphrase:
+        raise Failure("the passphrase changed across a reboot")
+    posts = (scenario.run_dir / "relay.log").read_text().count(
+        '"POST /openstack/latest/password')
+    if posts != 1:
+        raise Failure(f"the passphrase was posted {posts} times")
+    wait("tags still exactly right",
+         lambda: harness.agent_tags(scenario.token, scenario.server) == READY, 300, vm)
+    say(f"after the reboot JupyterLab answered {reboot_ready:.0f} s after QEMU started")
+    return {"metadata_first_boot_ready_s": round(first_ready),
+            "metadata_reboot_jupyterlab_s": round(reboot_ready)}
+
+
+def with_config_drive_only(scenario):
+    """No metadata service at all: cloud-init's ConfigDrive datasource and the agent's own
+    mount of the ISO (iso9660, read-only) supply the identity; Nova reporting still works."""
+    scenario.boot(None, scenario.config_drive())
+    ready = scenario.wait_ready_in_nova()
+    if "DataSourceConfigDrive" not in scenario.vm.serial_text():
+        raise Failure("cloud-init did not use the config drive")
+    return {"config_drive_first_boot_ready_s": round(ready)}
+
+
 def main():
     parser = argparse.ArgumentParser(description="exoagent in a real VM")
-    parser.add_argument("--keep", action="store_true", help="leave the run directory")
+    parser.add_argument("--keep", action="store_true", help="leave the run directories")
     args = parser.parse_args()
     if harness.main(["up"]) != 0:
         raise Failure("the OpenStack harness did not come up")
@@ -205,9 +329,9 @@ def main():
     config = json.loads(harness.SECRETS_FILE.read_text())
     token, _ = harness.token_for(harness.password_auth("demo", config["passwords"]["demo"]),
                                  harness.project_scope("demo"))
-    run_dir = Path(tempfile.mkdtemp(prefix="exoagent-vm-run-"))
     credential = env["app_credentials"]["agent-tags"]
-    clouds = run_dir / "clouds.yaml"
+    work = Path(tempfile.mkdtemp(prefix="exoagent-vm-userdata-"))
+    clouds = work / "clouds.yaml"
     clouds.write_text(
         "clouds:\n  openstack:\n    auth_type: v3applicationcredential\n    auth:\n"
         f"      auth_url: {env['keystone_url_from_vm']}\n"
@@ -217,78 +341,22 @@ def main():
     userdata = subprocess.run(
         [str(exoagent), "userdata", "--clouds-yaml", str(clouds), "--cloud-name", "openstack",
          "--no-os-updates"], check=True, stdout=subprocess.PIPE).stdout
-    (run_dir / "user-data").write_bytes(userdata)
-
-    status, _, body = harness.http("POST", f"{harness.COMPUTE}/servers", token, {"server": {
-        "name": "exoagent-vm", "imageRef": env["image_id"], "flavorRef": env["flavor_id"],
-        "networks": [{"uuid": env["network_id"]}],
-        "user_data": base64.b64encode(userdata).decode()}})
-    if status != 202:
-        raise Failure(f"server create: {status} {body}")
-    server = body["server"]["id"]
-    relay = vm = None
-    try:
-        for _ in range(120):
-            _, _, shown = harness.http("GET", f"{harness.COMPUTE}/servers/{server}", token)
-            if shown["server"]["status"] == "ACTIVE":
-                break
-            time.sleep(1)
-        # The VM's NIC gets the server's Neutron port MAC, as on a cloud: cloud-init matches
-        # network_data.json's links to NICs by MAC.
-        _, _, ports = harness.http("GET", f"{harness.NETWORK}/v2.0/ports?device_id={server}",
-                                   token)
-        mac = ports["ports"][0]["mac_address"]
-        relay_port = free_port()
-        relay = subprocess.Popen(
-            [sys.executable, str(ROOT / "tests/openstack/relay.py"), "metadata",
-             "--listen", f"127.0.0.1:{relay_port}", "--upstream", "127.0.0.1:8775",
-             "--secret-file", str(harness.STATE / "metadata-secret"),
-             "--tenant", env["projects"]["demo"], "--instance", server],
-            stdout=subprocess.DEVNULL, stderr=open(run_dir / "relay.log", "wb"))
-        vm = Vm(run_dir, server, relay_port, mac)
-        say(f"booting server {server} (TCG); serial: {vm.serial}.1")
-        vm.start()
-        wait("Nova to show setup complete and JupyterLab ready",
-             lambda: agent_tags(token, server) == READY, 1500, vm)
-        first_ready = time.monotonic() - vm.started
-        say(f"ready in Nova {first_ready:.0f} s after QEMU started")
-        wait("JupyterLab through the forwarded port",
-             lambda: jupyter_answers(vm.jupyter_port), 300, vm)
-        lines = status_lines(vm.serial_text())
-        if not lines or lines[-1] != "complete":
-            raise Failure(f"console status lines: {lines}")
-        passphrase = server_password(token, server)
-        if len(passphrase.split()) != 11:
-            raise Failure(f"os-server-password holds {passphrase!r}, not an 11-word passphrase")
-
-        say("rebooting (ACPI power-off, same disk)")
-        vm.power_off()
-        vm.start()
-        wait("JupyterLab back after the reboot", lambda: jupyter_answers(vm.jupyter_port),
-             1200, vm)
-        second_ready = time.monotonic() - vm.started
-        if server_password(token, server) != passphrase:
-            raise Failure("the passphrase changed across a reboot")
-        posts = (run_dir / "relay.log").read_text().count('"POST /openstack/latest/password')
-        if posts != 1:
-            raise Failure(f"the passphrase was posted {posts} times")
-        wait("tags still exactly right", lambda: agent_tags(token, server) == READY, 300, vm)
-        say(f"after reboot JupyterLab answered {second_ready:.0f} s after QEMU started")
-        print(json.dumps({"first_boot_ready_s": round(first_ready),
-                          "reboot_jupyterlab_s": round(second_ready)}))
-        say("VM test passed")
-    except Failure:
-        if vm:
-            print("---- serial (tail) ----\n" + vm.serial_text()[-6000:], file=sys.stderr)
-        raise
-    finally:
-        if vm:
-            vm.kill()
-        if relay:
-            relay.kill()
-        harness.http("DELETE", f"{harness.COMPUTE}/servers/{server}", token)
-        if not args.keep:
-            subprocess.run(["rm", "-rf", str(run_dir)], check=False)
+    subprocess.run(["rm", "-rf", str(work)], check=False)
+    results = {}
+    for name, run in [("metadata", with_metadata_service_and_reboot),
+                      ("config-drive", with_config_drive_only)]:
+        scenario = Scenario(name, env, token, exoagent, userdata)
+        try:
+            results.update(run(scenario))
+        except Failure:
+            if scenario.vm:
+                print(f"---- {name}: serial (tail) ----\n" + scenario.vm.serial_text()[-6000:],
+                      file=sys.stderr)
+            raise
+        finally:
+            scenario.close(args.keep)
+    print(json.dumps(results))
+    say("VM test passed")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,26 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+/// The repository's root.
+pub fn repo_root() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+/// Run `command` with stdin closed; panic with its output unless it succeeds.
+pub fn run_ok(command: &mut Command, what: &str) -> Output {
+    let out = command.stdin(Stdio::null()).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{what}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 pub fn exe() -> &'static str {
     env!("CARGO_BIN_EXE_exoagent")
 }
