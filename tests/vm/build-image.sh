@@ -5,9 +5,19 @@
 # OUT/root.raw (ext4, no partition table), OUT/vmlinuz, OUT/initrd.img.
 #
 #   bash tests/vm/build-image.sh OUT EXOAGENT_BINARY
+#   bash tests/vm/build-image.sh OUT --stock     # the same image without exoagent (benchmarks)
 set -euo pipefail
-out=${1:?usage: build-image.sh OUT EXOAGENT_BINARY}
-binary=$(realpath "${2:?usage: build-image.sh OUT EXOAGENT_BINARY}")
+out=${1:?usage: build-image.sh OUT EXOAGENT_BINARY|--stock}
+agent_hooks=()
+if [ "${2:?usage: build-image.sh OUT EXOAGENT_BINARY|--stock}" != "--stock" ]; then
+  binary=$(realpath "$2")
+  export EXOAGENT_BINARY="$binary"
+  agent_hooks=(
+    --customize-hook='install -m 0755 "$EXOAGENT_BINARY" "$1/usr/bin/exoagent"'
+    --customize-hook='chroot "$1" /usr/bin/exoagent install --enable --exec /usr/bin/exoagent'
+    --customize-hook='chroot "$1" /usr/bin/exoagent bake --service jupyterlab'
+  )
+fi
 mkdir -p "$out"
 out=$(realpath "$out")
 rootfs="$out/rootfs"
@@ -15,14 +25,11 @@ rm -rf "$rootfs" "$out/root.raw"
 packages=linux-image-cloud-amd64,systemd-sysv,udev,dbus,initramfs-tools,cloud-init,openssh-server
 packages+=,ifupdown,isc-dhcp-client,iproute2,ca-certificates,curl,sudo,python3-venv,python3-pip
 packages+=,locales,passwd,procps
-export EXOAGENT_BINARY="$binary"
 mmdebstrap --mode=root --variant=minbase --include="$packages" \
   --customize-hook='install -m 0644 /etc/ssl/certs/ca-certificates.crt "$1/usr/local/share/ca-certificates/build-host-bundle.crt"' \
   --customize-hook='chroot "$1" update-ca-certificates >/dev/null' \
   --customize-hook='printf "[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n" > "$1/etc/pip.conf"' \
-  --customize-hook='install -m 0755 "$EXOAGENT_BINARY" "$1/usr/bin/exoagent"' \
-  --customize-hook='chroot "$1" /usr/bin/exoagent install --enable --exec /usr/bin/exoagent' \
-  --customize-hook='chroot "$1" /usr/bin/exoagent bake --service jupyterlab' \
+  "${agent_hooks[@]}" \
   --customize-hook='printf "source /etc/network/interfaces.d/*\nauto lo\niface lo inet loopback\n" > "$1/etc/network/interfaces"' \
   --customize-hook='rm -f "$1/etc/machine-id"; touch "$1/etc/machine-id"' \
   bookworm "$rootfs" http://deb.debian.org/debian

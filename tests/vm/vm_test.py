@@ -101,7 +101,8 @@ def status_lines(serial_text):
 
 
 class Vm:
-    def __init__(self, run_dir, server, relay_port, mac, config_drive=None):
+    def __init__(self, run_dir, server, relay_port, mac, config_drive=None, image_dir=None):
+        self.image_dir = image_dir or VM_DIR
         self.mac = mac
         self.config_drive = config_drive
         self.run_dir = run_dir
@@ -111,7 +112,7 @@ class Vm:
         self.serial = run_dir / "serial.log"
         self.overlay = run_dir / "disk.qcow2"
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
-                        str(VM_DIR / "root.raw"), str(self.overlay)], check=True)
+                        str(self.image_dir / "root.raw"), str(self.overlay)], check=True)
         self.process = None
         self.boots = 0
 
@@ -128,7 +129,8 @@ class Vm:
         argv = [
             "qemu-system-x86_64", "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2",
             "-m", "2048", "-nographic", "-no-reboot",
-            "-kernel", str(VM_DIR / "vmlinuz"), "-initrd", str(VM_DIR / "initrd.img"),
+            "-kernel", str(self.image_dir / "vmlinuz"),
+            "-initrd", str(self.image_dir / "initrd.img"),
             "-append", "root=/dev/vda rw console=ttyS0 net.ifnames=0",
             "-drive", f"file={self.overlay},if=virtio,format=qcow2",
             "-netdev", netdev, "-device", f"virtio-net-pci,netdev=n0,mac={self.mac}",
@@ -255,8 +257,8 @@ class Scenario:
                         "-joliet", "-rock", str(self.run_dir / "drive")], check=True)
         return iso
 
-    def boot(self, relay_port, config_drive=None):
-        self.vm = Vm(self.run_dir, self.server, relay_port, self.mac, config_drive)
+    def boot(self, relay_port, config_drive=None, image_dir=None):
+        self.vm = Vm(self.run_dir, self.server, relay_port, self.mac, config_drive, image_dir)
         say(f"booting server {self.server} (TCG); serial: {self.vm.serial}.1")
         self.vm.start()
         return self.vm
