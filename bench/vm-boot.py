@@ -69,8 +69,8 @@ def ensure_stock_image():
     stamp_file.write_text(stamp)
 
 
-def time_to_jupyterlab(name, env, token, exoagent, userdata, image_dir):
-    scenario = vm_test.Scenario(name, env, token, exoagent, userdata)
+def time_to_jupyterlab(name, env, token, userdata, image_dir):
+    scenario = vm_test.Scenario(name, env, token, userdata)
     try:
         vm = scenario.boot(scenario.start_relay(), image_dir=image_dir)
         vm_test.wait(f"{name}: JupyterLab", lambda: vm_test.jupyter_answers(vm.jupyter_port),
@@ -114,11 +114,11 @@ def main():
 
     results = {}
     try:
-        results["baked"] = time_to_jupyterlab("baked", env, token, exoagent, baked,
+        results["baked"] = time_to_jupyterlab("baked", env, token, baked,
                                               vm_test.VM_DIR)
-        results["bootstrap"] = time_to_jupyterlab("bootstrap", env, token, exoagent,
+        results["bootstrap"] = time_to_jupyterlab("bootstrap", env, token,
                                                   bootstrap, STOCK_DIR)
-        results["plain"] = time_to_jupyterlab("plain", env, token, exoagent, plain, STOCK_DIR)
+        results["plain"] = time_to_jupyterlab("plain", env, token, plain, STOCK_DIR)
     finally:
         server.shutdown()
         shutil.rmtree(served, ignore_errors=True)

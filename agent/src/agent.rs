@@ -123,6 +123,20 @@ pub struct Plan {
 /// cloud may have no metadata service; with one, it answers well within this).
 pub const CONFIG_DRIVE_PUBLISH_BUDGET: std::time::Duration = std::time::Duration::from_secs(15);
 
+/// Every system package `services` need on `family`, sorted, once each (one transaction).
+pub(crate) fn packages_for(
+    services: &[Service],
+    family: crate::platform::os::Family,
+) -> Vec<String> {
+    let mut packages: Vec<String> = services
+        .iter()
+        .flat_map(|s| s.system_packages(family))
+        .collect();
+    packages.sort();
+    packages.dedup();
+    packages
+}
+
 /// Load and validate everything; change nothing. Every configuration error is reported at once.
 pub fn plan(mode: Mode, paths: Paths) -> Result<Plan, AgentError> {
     let loaded = config::load(&paths)?;
@@ -142,12 +156,7 @@ pub fn plan(mode: Mode, paths: Paths) -> Result<Plan, AgentError> {
         .iter()
         .map(Service::from_settings)
         .collect();
-    let mut packages: Vec<String> = services
-        .iter()
-        .flat_map(|s| s.system_packages(os.family))
-        .collect();
-    packages.sort();
-    packages.dedup();
+    let packages = packages_for(&services, os.family);
     Ok(Plan {
         mode,
         paths,
@@ -169,7 +178,7 @@ impl Plan {
                 gid: 0,
                 home: PathBuf::from("/home").join(&self.settings.instance.user),
             },
-            Mode::Sandbox => sandbox_account(&self.paths).unwrap_or(Account {
+            Mode::Sandbox => invoking_account(&self.paths).unwrap_or(Account {
                 name: "(invoking user)".into(),
                 uid: 0,
                 gid: 0,
@@ -291,8 +300,9 @@ impl fmt::Display for Plan {
     }
 }
 
-/// The account a sandbox runs services as: the invoking user, with a home inside the sandbox.
-pub(crate) fn sandbox_account(paths: &Paths) -> Result<Account, AgentError> {
+/// The invoking user, with a home inside the layout's root: the account a sandbox runs
+/// services as, and the one `bake` installs payloads as.
+pub(crate) fn invoking_account(paths: &Paths) -> Result<Account, AgentError> {
     let uid = nix::unistd::geteuid();
     let gid = nix::unistd::getegid();
     let name = nix::unistd::User::from_uid(uid)
@@ -379,41 +389,27 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
     }
 
     let metadata = metadata_service(&plan);
-    let mut identity_source = plan.identity.as_ref().map(|_| IdentitySource::ConfigDrive);
-    let instance = if let Some(identity) = &plan.identity {
-        InstanceStatus {
-            uuid: Some(identity.uuid.clone()),
-            source: IdentitySource::ConfigDrive.code().into(),
-            detail: None,
+    let discovery = match plan.identity.take() {
+        Some(identity) => Discovery::Found(identity, IdentitySource::ConfigDrive),
+        None => {
+            discover_identity(
+                &ConfigDrive::new(&paths.config_drive),
+                metadata.as_ref(),
+                plan.settings.cloud.metadata_timeout,
+            )
+            .await?
         }
-    } else {
-        let drive = ConfigDrive::new(&paths.config_drive);
-        match discover_identity(
-            &drive,
-            metadata.as_ref(),
-            plan.settings.cloud.metadata_timeout,
-        )
-        .await?
-        {
-            Discovery::Found(identity, source) => {
-                tracing::info!(target: "exoagent::agent", uuid = %identity.uuid, source = source.as_str(), "instance identity");
-                let found = InstanceStatus {
-                    uuid: Some(identity.uuid.clone()),
-                    source: source.code().into(),
-                    detail: None,
-                };
-                identity_source = Some(source);
-                plan.identity = Some(identity);
-                found
-            }
-            Discovery::LocalOnly(why) => {
-                tracing::info!(target: "exoagent::agent", "no instance identity, running local-only: {why}");
-                InstanceStatus {
-                    uuid: None,
-                    source: "local-only".into(),
-                    detail: Some(why),
-                }
-            }
+    };
+    let (instance, identity_source) = match discovery {
+        Discovery::Found(identity, source) => {
+            tracing::info!(target: "exoagent::agent", uuid = %identity.uuid, source = source.as_str(), "instance identity");
+            let status = InstanceStatus::found(&identity.uuid, source.code());
+            plan.identity = Some(identity);
+            (status, Some(source))
+        }
+        Discovery::LocalOnly(why) => {
+            tracing::info!(target: "exoagent::agent", "no instance identity, running local-only: {why}");
+            (InstanceStatus::local_only(why), None)
         }
     };
     hub.set_instance(instance);
@@ -561,7 +557,7 @@ async fn provision_account(
         .map_err(|e| Reason::new(e.reason(), e.to_string()))?;
     let account = match plan.mode {
         Mode::Sandbox => {
-            sandbox_account(paths).map_err(|e| Reason::new(e.reason(), e.to_string()))?
+            invoking_account(paths).map_err(|e| Reason::new(e.reason(), e.to_string()))?
         }
         Mode::System => {
             let users = UserManager::new(&paths.system_root);

@@ -191,6 +191,26 @@ pub struct InstanceStatus {
     pub detail: Option<String>,
 }
 
+impl InstanceStatus {
+    /// Server `uuid`, learnt from `source` (`config-drive` or `metadata-service`).
+    pub fn found(uuid: &str, source: &str) -> Self {
+        Self {
+            uuid: Some(uuid.to_owned()),
+            source: source.to_owned(),
+            detail: None,
+        }
+    }
+
+    /// No identity: the agent runs local-only, for the reason given.
+    pub fn local_only(why: String) -> Self {
+        Self {
+            uuid: None,
+            source: "local-only".to_owned(),
+            detail: Some(why),
+        }
+    }
+}
+
 /// The state of reporting to Nova, for the instance owner (`exoagent status`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NovaReporting {

@@ -14,7 +14,8 @@ use exoagent::cloud::drive::{DriveFinder, DriveMount};
 use exoagent::cloud::ConfigDrive;
 
 struct Attached {
-    image_dir: tempfile::TempDir,
+    /// Holds the image file until the loop device is detached.
+    _image_dir: tempfile::TempDir,
     loop_device: String,
     mounted_at: Option<PathBuf>,
 }
@@ -27,7 +28,6 @@ impl Drop for Attached {
         let _ = Command::new("losetup")
             .args(["-d", &self.loop_device])
             .status();
-        let _ = &self.image_dir;
     }
 }
 
@@ -68,7 +68,7 @@ fn attach_drive(label: &str) -> Attached {
     );
     let loop_device = run("losetup", &["-f", "--show", image_text]);
     Attached {
-        image_dir,
+        _image_dir: image_dir,
         loop_device,
         mounted_at: None,
     }

@@ -23,12 +23,15 @@ docs/testing.md and ../shared/reference/openstack.md.
 """
 
 import glob
+import grp
 import hashlib
 import json
 import os
+import pwd
 import secrets
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -865,8 +868,6 @@ def smoke_test(config, env):
 
 
 def clouds_yaml(config, env):
-    demo_project = env["projects"]["demo"]
-
     def app_cloud(name):
         credential = env["app_credentials"][name]
         return (f"  {name}:\n    auth_type: v3applicationcredential\n    auth:\n"
@@ -884,7 +885,6 @@ def clouds_yaml(config, env):
                 f"      project_domain_name: Default\n"
                 f"    region_name: {REGION}\n    interface: public\n"
                 f"    identity_api_version: 3\n")
-    del demo_project
     return ("clouds:\n" + password_cloud("admin", "admin", "admin")
             + password_cloud("demo", "demo", "demo") + app_cloud("agent-full")
             + app_cloud("agent-tags"))
@@ -899,7 +899,6 @@ def healthy():
 
 
 def port_in_use(port):
-    import socket
     with socket.socket() as s:
         return s.connect_ex((HOST, port)) == 0
 
@@ -914,8 +913,6 @@ def up():
     busy = [p for p in [3306, 5672, *API_PORTS.values()] if port_in_use(p)]
     if busy:
         raise HarnessError(f"ports in use by another program: {busy}; stop it first")
-    import grp
-    import pwd
     config = {
         "unix_user": pwd.getpwuid(os.geteuid()).pw_name,
         "unix_group": grp.getgrgid(os.getegid()).gr_name,

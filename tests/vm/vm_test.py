@@ -204,7 +204,7 @@ def server_password(token, server):
 class Scenario:
     """One server of the harness and the VM that boots as it."""
 
-    def __init__(self, name, env, token, exoagent, userdata):
+    def __init__(self, name, env, token, userdata):
         self.env, self.token = env, token
         self.run_dir = Path(tempfile.mkdtemp(prefix=f"exoagent-vm-{name}-"))
         status, _, body = harness.http("POST", f"{harness.COMPUTE}/servers", token, {"server": {
@@ -347,7 +347,7 @@ def main():
     results = {}
     for name, run in [("metadata", with_metadata_service_and_reboot),
                       ("config-drive", with_config_drive_only)]:
-        scenario = Scenario(name, env, token, exoagent, userdata)
+        scenario = Scenario(name, env, token, userdata)
         try:
             results.update(run(scenario))
         except Failure:

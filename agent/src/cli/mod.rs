@@ -60,6 +60,14 @@ pub enum Command {
 }
 
 impl Cli {
+    /// System or sandbox, as `--sandbox-dir` says.
+    pub fn mode(&self) -> crate::agent::Mode {
+        match self.sandbox_dir {
+            Some(_) => crate::agent::Mode::Sandbox,
+            None => crate::agent::Mode::System,
+        }
+    }
+
     /// The layout the command operates on.
     pub fn paths(&self) -> Paths {
         match &self.sandbox_dir {
@@ -97,23 +105,18 @@ pub fn dispatch(cli: Cli) -> ExitCode {
         }
     };
     let paths = cli.paths();
+    let mode = cli.mode();
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Run(args) => run::run(args, cli.sandbox_dir.as_deref()).await,
+            Command::Run(args) => run::run(args, mode, paths).await,
             Command::Sandbox(args) => sandbox::run(args).await,
-            Command::Validate(args) => validate::run(args, cli.sandbox_dir.as_deref()).await,
+            Command::Validate(args) => validate::run(args, mode, paths).await,
             Command::Status(args) => status::run(args, &paths.api_socket()).await,
             Command::Logs(args) => logs::run(args, &paths.api_socket()).await,
             Command::Down(args) => down::run(args, &paths).await,
             Command::Userdata(args) => userdata::run(args).await,
             Command::Install(args) => install::run(args).await,
-            Command::Bake(args) => {
-                let mode = match cli.sandbox_dir {
-                    Some(_) => crate::agent::Mode::Sandbox,
-                    None => crate::agent::Mode::System,
-                };
-                bake::run(args, mode, paths).await
-            }
+            Command::Bake(args) => bake::run(args, mode, paths).await,
             Command::Shim => Ok(ExitCode::SUCCESS),
         }
     });

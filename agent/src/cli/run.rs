@@ -1,6 +1,5 @@
 //! `exoagent run`: the agent's main job, until SIGTERM or SIGINT.
 
-use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Args;
@@ -23,14 +22,11 @@ pub const EXIT_NOPERM: u8 = 77;
 pub struct RunArgs {}
 
 /// Run until a signal; map errors to exit codes.
-pub async fn run(_args: RunArgs, sandbox_dir: Option<&Path>) -> anyhow::Result<ExitCode> {
-    let (mode, paths) = match sandbox_dir {
-        Some(dir) => (
-            Mode::Sandbox,
-            crate::paths::Paths::sandbox(&super::absolute(dir)),
-        ),
-        None => (Mode::System, crate::paths::Paths::system()),
-    };
+pub async fn run(
+    _args: RunArgs,
+    mode: Mode,
+    paths: crate::paths::Paths,
+) -> anyhow::Result<ExitCode> {
     run_agent(mode, paths).await
 }
 

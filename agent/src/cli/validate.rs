@@ -1,6 +1,5 @@
 //! `exoagent validate`: load and check everything, print the plan or every error; change nothing.
 
-use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Args;
@@ -13,11 +12,7 @@ use crate::paths::Paths;
 pub struct ValidateArgs {}
 
 /// Print the plan (exit 0) or every error and an example configuration (exit 1).
-pub async fn run(_args: ValidateArgs, sandbox_dir: Option<&Path>) -> anyhow::Result<ExitCode> {
-    let (mode, paths) = match sandbox_dir {
-        Some(dir) => (Mode::Sandbox, Paths::sandbox(&super::absolute(dir))),
-        None => (Mode::System, Paths::system()),
-    };
+pub async fn run(_args: ValidateArgs, mode: Mode, paths: Paths) -> anyhow::Result<ExitCode> {
     match agent::plan(mode, paths) {
         Ok(plan) => {
             print!("{plan}");

@@ -150,14 +150,20 @@ impl DriveFinder {
 mod tests {
     use super::*;
 
+    /// A udev-style `by-label` directory in `dir` whose `label` links to a stand-in device.
+    fn labelled(dir: &Path, label: &str) -> (PathBuf, PathBuf) {
+        let by_label = dir.join("by-label");
+        std::fs::create_dir(&by_label).unwrap();
+        let device = dir.join("sr0");
+        std::fs::write(&device, "").unwrap();
+        std::os::unix::fs::symlink(&device, by_label.join(label)).unwrap();
+        (by_label, device)
+    }
+
     #[tokio::test]
     async fn the_udev_label_link_is_preferred() {
         let dir = tempfile::tempdir().unwrap();
-        let by_label = dir.path().join("by-label");
-        std::fs::create_dir(&by_label).unwrap();
-        let device = dir.path().join("sr0");
-        std::fs::write(&device, "").unwrap();
-        std::os::unix::fs::symlink(&device, by_label.join("CONFIG-2")).unwrap();
+        let (by_label, device) = labelled(dir.path(), "CONFIG-2");
         // `false` as blkid: had it been asked, nothing would be found.
         let finder = DriveFinder::new(&by_label, "false", "false");
         assert_eq!(finder.device().await, Some(device.canonicalize().unwrap()));
@@ -194,11 +200,7 @@ mod tests {
     #[tokio::test]
     async fn a_failing_mount_names_the_command() {
         let dir = tempfile::tempdir().unwrap();
-        let by_label = dir.path().join("by-label");
-        std::fs::create_dir(&by_label).unwrap();
-        let device = dir.path().join("sr0");
-        std::fs::write(&device, "").unwrap();
-        std::os::unix::fs::symlink(&device, by_label.join("config-2")).unwrap();
+        let (by_label, _) = labelled(dir.path(), "config-2");
         let finder = DriveFinder::new(&by_label, "false", "false");
         let err = finder
             .ensure_mounted(&dir.path().join("mnt"))

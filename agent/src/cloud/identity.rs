@@ -192,10 +192,10 @@ impl ConfigDrive {
 
     /// The instance identity from `openstack/latest/meta_data.json`.
     pub fn identity(&self) -> Result<InstanceIdentity, IdentityError> {
-        let path = self.latest("meta_data.json");
-        let text =
-            read_optional(&path)?.ok_or_else(|| IdentityError::Missing { path: path.clone() })?;
-        serde_json::from_str(&text).map_err(|source| IdentityError::Parse { path, source })
+        self.document("meta_data.json")?
+            .ok_or_else(|| IdentityError::Missing {
+                path: self.latest("meta_data.json"),
+            })
     }
 
     /// The raw user data, `None` when the server has none.

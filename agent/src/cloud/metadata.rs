@@ -141,15 +141,7 @@ impl MetadataService {
 
     /// `meta_data.json`: who this instance is.
     pub async fn identity(&self) -> Result<Option<InstanceIdentity>, MetadataError> {
-        let Some(body) = self.get("meta_data.json").await? else {
-            return Ok(None);
-        };
-        serde_json::from_slice(&body)
-            .map(Some)
-            .map_err(|source| MetadataError::Parse {
-                url: self.url("meta_data.json"),
-                source,
-            })
+        self.document("meta_data.json").await
     }
 
     /// `network_data.json`, when the service has it.

@@ -90,14 +90,6 @@ impl NovaError {
         }
     }
 
-    /// Whether the credential itself is the problem: retrying cannot help until someone fixes it.
-    pub fn is_credential_problem(&self) -> bool {
-        matches!(
-            self,
-            Self::NotPermitted { .. } | Self::Keystone(KeystoneError::Rejected { .. })
-        )
-    }
-
     /// Whether repeating the same call cannot help until something changes (the credential,
     /// the server, the wanted state): credential problems, Keystone set-up errors, and 4xx
     /// answers other than 409 (e.g. 400 when the server already has 50 tags).
@@ -411,7 +403,7 @@ mod tests {
         let err = nova.add_tag("s", "t").await.unwrap_err();
         assert_eq!(err.reason(), "nova-busy");
         assert_eq!(err.retry_after(), Some(Duration::from_secs(7)));
-        assert!(!err.is_credential_problem());
+        assert!(!err.is_permanent());
         let nova = stand_in(429, None).await;
         let err = nova.add_tag("s", "t").await.unwrap_err();
         assert_eq!(err.reason(), "nova-busy");
@@ -429,7 +421,7 @@ mod tests {
         let nova = stand_in(403, None).await;
         let err = nova.add_tag("s", "t").await.unwrap_err();
         assert_eq!(err.reason(), "credential-not-permitted");
-        assert!(err.is_credential_problem());
+        assert!(err.is_permanent());
         assert_eq!(
             nova.token_requests(),
             1,
@@ -437,7 +429,7 @@ mod tests {
         );
         let nova = stand_in(401, None).await;
         let err = nova.add_tag("s", "t").await.unwrap_err();
-        assert!(err.is_credential_problem());
+        assert!(err.is_permanent());
         assert_eq!(
             nova.token_requests(),
             2,

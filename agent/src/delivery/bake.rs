@@ -88,12 +88,7 @@ pub async fn bake(mode: Mode, paths: Paths, kinds: &[ServiceKind]) -> Result<Bak
     if services.is_empty() {
         return Err(BakeError::NothingToBake);
     }
-    let mut packages: Vec<String> = services
-        .iter()
-        .flat_map(|s| s.system_packages(plan.os.family))
-        .collect();
-    packages.sort();
-    packages.dedup();
+    let mut packages = agent::packages_for(&services, plan.os.family);
     if mode == Mode::System && !packages.is_empty() {
         let installer =
             PackageInstaller::new(plan.os.family.package_manager(), &plan.settings.packages);
@@ -104,7 +99,7 @@ pub async fn bake(mode: Mode, paths: Paths, kinds: &[ServiceKind]) -> Result<Bak
     // Installing needs no service account (payloads are root-owned and shared); the invoking
     // account stands in, and nothing of it is recorded.
     let ctx = ServiceContext {
-        account: agent::sandbox_account(&paths)?,
+        account: agent::invoking_account(&paths)?,
         paths,
     };
     let mut baked = Vec::new();

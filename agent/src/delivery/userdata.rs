@@ -143,7 +143,7 @@ fn check(choices: &Choices) -> Result<(), UserdataError> {
         return Err(invalid("--service", "choose at least one service"));
     }
     for key in &choices.ssh_authorized_keys {
-        if key.contains('\n') || !key.starts_with("ssh-") && !key.starts_with("ecdsa-") {
+        if key.contains('\n') || !(key.starts_with("ssh-") || key.starts_with("ecdsa-")) {
             return Err(invalid(
                 "--ssh-public-key",
                 "one public key per option, in OpenSSH format",
