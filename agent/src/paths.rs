@@ -14,6 +14,9 @@ pub struct Paths {
     pub config_file: PathBuf,
     /// Drop-ins (cloud-init `write_files`): `/etc/exoagent/config.d/*.toml`.
     pub config_dropin_dir: PathBuf,
+    /// Exosphere's launch choices, written by its user-data template:
+    /// `/etc/exoagent/exosphere-choices.json`.
+    pub exosphere_choices_file: PathBuf,
     /// Durable state: `/var/lib/exoagent`.
     pub state_dir: PathBuf,
     /// Runtime files and the API socket: `/run/exoagent`.
@@ -35,6 +38,7 @@ impl Paths {
             vendor_config_dir: "/usr/lib/exoagent/config.d".into(),
             config_file: "/etc/exoagent/config.toml".into(),
             config_dropin_dir: "/etc/exoagent/config.d".into(),
+            exosphere_choices_file: "/etc/exoagent/exosphere-choices.json".into(),
             state_dir: "/var/lib/exoagent".into(),
             runtime_dir: "/run/exoagent".into(),
             log_dir: "/var/log/exoagent".into(),
@@ -50,6 +54,7 @@ impl Paths {
             vendor_config_dir: root.join("usr/lib/exoagent/config.d"),
             config_file: root.join("etc/exoagent/config.toml"),
             config_dropin_dir: root.join("etc/exoagent/config.d"),
+            exosphere_choices_file: root.join("etc/exoagent/exosphere-choices.json"),
             state_dir: root.join("var/lib/exoagent"),
             runtime_dir: root.join("run/exoagent"),
             log_dir: root.join("var/log/exoagent"),
@@ -97,6 +102,7 @@ mod tests {
             &p.vendor_config_dir,
             &p.config_file,
             &p.config_dropin_dir,
+            &p.exosphere_choices_file,
             &p.state_dir,
             &p.runtime_dir,
             &p.log_dir,

@@ -14,6 +14,8 @@ have chpasswd || need_apt+=(passwd)
 have pgrep || need_apt+=(procps)
 have systemd-analyze || need_apt+=(systemd)   # to verify the shipped unit (not started)
 have cloud-init || need_apt+=(cloud-init)      # `cloud-init schema` for the userdata (not run)
+have xz || need_apt+=(xz-utils)
+have curl || need_apt+=(curl)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "prereqs: please install as root: apt-get install -y ${need_apt[*]}" >&2
@@ -23,6 +25,9 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get -o DPkg::Lock::Timeout=600 update -q
   apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends "${need_apt[@]}"
 fi
+
+# A current cloud-init (Debian 13's), unpacked only, to check userdata against its schema too.
+bash "$(dirname "$0")/../../tests/exosphere/newer-cloud-init.sh" >/dev/null
 
 # uv makes the JupyterLab install take seconds instead of a minute; the agent falls back to pip
 # without it, so a failure here is not fatal.

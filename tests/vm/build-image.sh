@@ -29,6 +29,7 @@ mmdebstrap --mode=root --variant=minbase --include="$packages" \
   --customize-hook='install -m 0644 /etc/ssl/certs/ca-certificates.crt "$1/usr/local/share/ca-certificates/build-host-bundle.crt"' \
   --customize-hook='chroot "$1" update-ca-certificates >/dev/null' \
   --customize-hook='printf "[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n" > "$1/etc/pip.conf"' \
+  --customize-hook='sed -i "s/^# *en_US.UTF-8 UTF-8/en_US.UTF-8 UTF-8/" "$1/etc/locale.gen" && chroot "$1" locale-gen >/dev/null' \
   "${agent_hooks[@]}" \
   --customize-hook='printf "source /etc/network/interfaces.d/*\nauto lo\niface lo inet loopback\n" > "$1/etc/network/interfaces"' \
   --customize-hook='rm -f "$1/etc/machine-id"; touch "$1/etc/machine-id"' \

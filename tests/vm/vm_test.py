@@ -22,6 +22,13 @@ its serial console and a forwarded port.
    documents nova-metadata serves for it) and no metadata service: cloud-init's ConfigDrive
    datasource and the agent's own read-only mount of the ISO supply the identity; Nova shows it
    ready.
+6. A third server boots with userdata from the drop-in for Exosphere's template (the bootstrap
+   variant, whose download URL leads nowhere, so the baked agent must be used), rendered as
+   Exosphere renders it (tests/exosphere/userdata.py) with an SSH key, no OS updates, neither
+   Guacamole nor desktop, and the credential files: the console ends in `complete`, the
+   passphrase is published, and over SSH as exouser with that key: the choices file holds
+   plain JSON and the agent read it, the credential files are exouser's and 0400, nothing was
+   downloaded.
 
 Prints timings (QEMU start → Nova shows complete) for bench/. Exits non-zero on any failure,
 with the serial log's tail.
@@ -43,6 +50,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "openstack"))
 import harness  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "tests" / "exosphere"))
+import userdata as exosphere  # noqa: E402
 
 VM_DIR = Path(os.environ.get("EXOAGENT_VM_DIR", "/var/tmp/exoagent-vm"))
 READY = {"exoagent:setup:complete", "exoagent:jupyterlab:ready"}
@@ -109,6 +119,7 @@ class Vm:
         self.server = server
         self.relay_port = relay_port
         self.jupyter_port = free_port()
+        self.ssh_port = free_port()
         self.serial = run_dir / "serial.log"
         self.overlay = run_dir / "disk.qcow2"
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
@@ -118,7 +129,8 @@ class Vm:
 
     def start(self):
         self.boots += 1
-        netdev = f"user,id=n0,net=169.254.169.0/24,hostfwd=tcp:127.0.0.1:{self.jupyter_port}-:8888"
+        netdev = (f"user,id=n0,net=169.254.169.0/24,hostfwd=tcp:127.0.0.1:{self.jupyter_port}-:8888"
+                  f",hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22")
         if self.relay_port:
             # http://169.254.169.254 → this server's metadata relay (one socat per connection).
             netdev += f",guestfwd=tcp:169.254.169.254:80-cmd:socat - TCP:127.0.0.1:{self.relay_port}"
@@ -319,9 +331,92 @@ def with_config_drive_only(scenario):
     return {"config_drive_first_boot_ready_s": round(ready)}
 
 
+def console_complete(vm):
+    lines = status_lines(vm.serial_text())
+    if lines and lines[-1] == "error":
+        raise Failure(f"setup reported error: {lines}")
+    return bool(lines) and lines[-1] == "complete"
+
+
+def with_exosphere_template(scenario, key_file):
+    """Exosphere's drop-in, rendered as Exosphere does; checked from inside over SSH."""
+    vm = scenario.boot(scenario.start_relay())
+    wait("the console to say complete", lambda: console_complete(vm), 1500, vm)
+    ready = time.monotonic() - vm.started
+    say(f"Exosphere template: complete {ready:.0f} s after QEMU started")
+    if len(server_password(scenario.token, scenario.server).split()) != 11:
+        raise Failure("no passphrase in os-server-password")
+
+    def ssh(command):
+        return subprocess.run(
+            ["ssh", "-i", str(key_file), "-p", str(vm.ssh_port), "-o", "BatchMode=yes",
+             "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+             "-o", "ConnectTimeout=20", "-o", "LogLevel=ERROR", "exouser@127.0.0.1", command],
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+
+    wait("SSH as exouser with the key Exosphere put in the template",
+         lambda: ssh("true").returncode == 0, 300, vm)
+    # Deferred files are written late in cloud-final, after the agent may be done; and the
+    # userdata must not have made cloud-init fail anywhere.
+    wait("cloud-init to finish", lambda: "status: done" in ssh("cloud-init status").stdout
+         or "status: error" in ssh("cloud-init status").stdout, 900, vm)
+    status = ssh("cloud-init status --long").stdout
+    if "status: done" not in status:
+        raise Failure(f"cloud-init did not finish cleanly:\n{status}")
+    checks = {
+        "cat /etc/exoagent/exosphere-choices.json":
+            lambda out: json.loads(out) == {"guac_enabled": False, "gui_enabled": False},
+        "stat -c '%a %U:%G' /home/exouser/openrc.sh /home/exouser/.config/openstack/clouds.yaml":
+            lambda out: out.split("\n") == ["400 exouser:exouser"] * 2,
+        "sudo -n exoagent validate":
+            lambda out: "/etc/exoagent/exosphere-choices.json" in out,
+        "test ! -e /usr/local/bin/exoagent && echo not-downloaded":
+            lambda out: out == "not-downloaded",
+        "sudo -n grep -c exouser /etc/sudoers.d/90-cloud-init-users":
+            lambda out: int(out) >= 1,
+    }
+    for command, good in checks.items():
+        result = ssh(command)
+        out = result.stdout.strip()
+        try:
+            passed = result.returncode == 0 and good(out)
+        except ValueError:
+            passed = False
+        if not passed:
+            diagnosis = ssh("sudo -n cloud-init status --long; sudo -n cat "
+                            "/var/lib/cloud/instance/cloud-config.txt; sudo -n grep -iE "
+                            "'write_files|defer|merg|WARN|Trace' /var/log/cloud-init.log | tail -40")
+            raise Failure(f"in the VM, `{command}` gave {result.returncode}: {out!r} "
+                          f"{result.stderr.strip()!r}\n{diagnosis.stdout}")
+    return {"exosphere_template_complete_s": round(ready)}
+
+
+def exosphere_userdata(exoagent, work):
+    """The bootstrap drop-in (its URL unreachable: the baked agent must be preferred),
+    rendered as Exosphere renders it."""
+    key_file = work / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key_file)],
+                   check=True)
+    template = subprocess.run(
+        [str(exoagent), "userdata", "--exosphere-template", "--delivery", "bootstrap",
+         "--binary-url", "http://127.0.0.1:9/not-there", "--binary-sha256", "0" * 64],
+        check=True, stdout=subprocess.PIPE, text=True).stdout
+    clouds = ("clouds:\n  demo_RegionOne:\n    auth_type: v3applicationcredential\n"
+              "    auth:\n      auth_url: https://keystone.example.org:5000/v3\n"
+              "      application_credential_id: example\n"
+              "      application_credential_secret: example\n    region_name: RegionOne\n")
+    credentials = exosphere.credential_write_files(
+        clouds, "https://keystone.example.org:5000/v3", "RegionOne", "example", "example")
+    userdata = exosphere.render(template, ssh_key=(work / "id_ed25519.pub").read_text().strip(),
+                                os_updates=False, credentials=credentials)
+    return userdata.encode(), key_file
+
+
 def main():
     parser = argparse.ArgumentParser(description="exoagent in a real VM")
     parser.add_argument("--keep", action="store_true", help="leave the run directories")
+    parser.add_argument("--only", choices=["metadata", "config-drive", "exosphere"],
+                        help="run one scenario")
     args = parser.parse_args()
     if harness.main(["up"]) != 0:
         raise Failure("the OpenStack harness did not come up")
@@ -343,11 +438,16 @@ def main():
     userdata = subprocess.run(
         [str(exoagent), "userdata", "--clouds-yaml", str(clouds), "--cloud-name", "openstack",
          "--no-os-updates"], check=True, stdout=subprocess.PIPE).stdout
-    subprocess.run(["rm", "-rf", str(work)], check=False)
+    clouds.unlink()
+    exosphere_data, key_file = exosphere_userdata(exoagent, work)
     results = {}
-    for name, run in [("metadata", with_metadata_service_and_reboot),
-                      ("config-drive", with_config_drive_only)]:
-        scenario = Scenario(name, env, token, userdata)
+    for name, run, data in [
+            ("metadata", with_metadata_service_and_reboot, userdata),
+            ("config-drive", with_config_drive_only, userdata),
+            ("exosphere", lambda s: with_exosphere_template(s, key_file), exosphere_data)]:
+        if args.only and name != args.only:
+            continue
+        scenario = Scenario(name, env, token, data)
         try:
             results.update(run(scenario))
         except Failure:
@@ -357,6 +457,7 @@ def main():
             raise
         finally:
             scenario.close(args.keep)
+    subprocess.run(["rm", "-rf", str(work)], check=False)
     print(json.dumps(results))
     say("VM test passed")
 

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, ValueEnum};
 
+use crate::delivery::exosphere;
 use crate::delivery::userdata::{render, Choices, Delivery};
 use crate::services::ServiceKind;
 
@@ -46,6 +47,13 @@ pub struct UserdataArgs {
     /// Do not update and upgrade OS packages at first boot.
     #[arg(long)]
     pub no_os_updates: bool,
+    /// Print the drop-in for Exosphere's user-data template instead, with Exosphere's
+    /// placeholders for the key, OS updates, its choices and credentials (docs/exosphere.md).
+    #[arg(
+        long,
+        conflicts_with_all = ["services", "clouds_yaml", "ssh_public_keys", "no_os_updates"]
+    )]
+    pub exosphere_template: bool,
 }
 
 /// Render and print; exit 2 with the offending option on bad input.
@@ -60,6 +68,15 @@ pub async fn run(args: UserdataArgs) -> anyhow::Result<ExitCode> {
             return usage("--delivery bootstrap needs --binary-url and --binary-sha256")
         }
     };
+    if args.exosphere_template {
+        return match exosphere::template(&delivery) {
+            Ok(text) => {
+                print!("{text}");
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => usage(&e.to_string()),
+        };
+    }
     let clouds_yaml = match &args.clouds_yaml {
         None => None,
         Some(path) => match std::fs::read_to_string(path) {

@@ -2,13 +2,15 @@
 //! before anything on the machine changes (DESIGN §4.1).
 //!
 //! Files are read in this order, later values winning key by key: every `*.toml` in
-//! [`Paths::vendor_config_dir`] (sorted by name), then [`Paths::config_file`], then every
+//! [`Paths::vendor_config_dir`] (sorted by name), then [`Paths::config_file`], then Exosphere's
+//! choices in [`Paths::exosphere_choices_file`] (JSON, see `exosphere.rs`), then every
 //! `*.toml` in [`Paths::config_dropin_dir`] (sorted by name). Missing files and directories are
 //! skipped. Every file is checked in full (unknown keys, types, ranges, values) and the merged
 //! result is checked across keys; all problems are returned together, each naming its file,
 //! line and dotted key. See `docs/configuration.md`.
 
 mod error;
+mod exosphere;
 mod fragment;
 pub mod settings;
 mod validate;
@@ -44,6 +46,10 @@ pub fn load(paths: &Paths) -> Result<Loaded, ConfigErrors> {
         // Anything else, a dangling symlink included, is there and must be readable.
         _ => inputs.push(Input::File(paths.config_file.clone())),
     }
+    let choices = &paths.exosphere_choices_file;
+    if fs::symlink_metadata(choices).is_ok() {
+        inputs.push(Input::ExosphereChoices(choices.clone()));
+    }
     list_dir(&paths.config_dropin_dir, &mut inputs);
 
     let mut layers = Vec::new();
@@ -67,13 +73,36 @@ pub fn load(paths: &Paths) -> Result<Loaded, ConfigErrors> {
                     });
                 }
             },
+            Input::ExosphereChoices(path) => {
+                order.push(path.clone());
+                match fs::read_to_string(&path) {
+                    Ok(text) => match exosphere::layer(&path, &text) {
+                        Ok(toml) => layers.push((path, toml)),
+                        Err(found) => errors.extend(found),
+                    },
+                    Err(e) => errors.push(ConfigError {
+                        message: format!("failed to read Exosphere's choices: {e}"),
+                        file: path,
+                        line: None,
+                        key: None,
+                        kind: ErrorKind::Unreadable,
+                    }),
+                }
+            }
             Input::Error(error) => {
                 order.push(error.file.clone());
                 errors.push(error);
             }
         }
     }
-    assemble(&layers, errors, &order)
+    assemble(&layers, errors, &order).map_err(|mut found| {
+        for error in &mut found.errors {
+            if error.file == *choices {
+                exosphere::relocate(error);
+            }
+        }
+        found
+    })
 }
 
 /// Merge and validate in-memory layers `(path, contents)`, first to last, as [`load`] does with
@@ -86,6 +115,8 @@ pub fn load_layers(layers: &[(PathBuf, String)]) -> Result<Loaded, ConfigErrors>
 /// A file to read, or a directory that could not be listed.
 enum Input {
     File(PathBuf),
+    /// Exosphere's choices (JSON), translated into a layer.
+    ExosphereChoices(PathBuf),
     Error(ConfigError),
 }
 
@@ -316,6 +347,53 @@ mod tests {
             ]
         );
         assert_eq!(jupyter(&loaded.settings).port, 4);
+    }
+
+    #[test]
+    fn exosphere_choices_come_between_the_main_file_and_the_dropins() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::sandbox(dir.path());
+        fs::create_dir_all(&paths.config_dropin_dir).unwrap();
+        let choices = &paths.exosphere_choices_file;
+        fs::write(choices, r#"{"guac_enabled":false,"gui_enabled":false}"#).unwrap();
+        fs::write(
+            &paths.config_file,
+            "[services.jupyterlab]\nenabled = true\n",
+        )
+        .unwrap();
+        let loaded = load(&paths).unwrap();
+        assert_eq!(
+            loaded.files,
+            vec![paths.config_file.clone(), choices.clone()]
+        );
+        assert_eq!(loaded.settings.services.len(), 1);
+
+        // A service this version cannot run, asked for by Exosphere: the error names the JSON
+        // file and Exosphere's key.
+        fs::write(choices, r#"{"guac_enabled":true,"gui_enabled":false}"#).unwrap();
+        let e = load(&paths).unwrap_err().errors;
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].file, *choices);
+        assert_eq!(e[0].key.as_deref(), Some("guac_enabled"));
+        assert_eq!(e[0].kind, ErrorKind::Unavailable);
+        assert_eq!(e[0].line, None);
+
+        // An operator's drop-in still wins over Exosphere's choice.
+        fs::write(
+            paths.config_dropin_dir.join("90-operator.toml"),
+            "[services.guacamole]\nenabled = false\n",
+        )
+        .unwrap();
+        assert!(load(&paths).unwrap().settings.services.len() == 1);
+
+        // Broken JSON: named, nothing else lost from the report.
+        fs::write(choices, "{\"guac_enabled\": maybe}").unwrap();
+        fs::write(&paths.config_file, "[services.jupyterlab]\nport = 0\n").unwrap();
+        let e = load(&paths).unwrap_err().errors;
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert_eq!(e[0].file, paths.config_file);
+        assert_eq!(e[1].file, *choices);
+        assert_eq!(e[1].kind, ErrorKind::Syntax);
     }
 
     #[test]

@@ -2,5 +2,6 @@
 //! images, downloads) it, and the files `exoagent install` puts in place.
 
 pub mod bake;
+pub mod exosphere;
 pub mod install;
 pub mod userdata;

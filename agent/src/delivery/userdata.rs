@@ -19,9 +19,14 @@ pub const BOOTSTRAP_BINARY: &str = "/usr/local/bin/exoagent";
 
 /// The bootstrap, run by cloud-init as `sh -c SCRIPT exoagent-bootstrap URL SHA256`: the URL and
 /// checksum arrive as arguments, never inside the script text. On failure it writes an
-/// Exosphere `error` status line, so the launcher does not wait for a timeout.
+/// Exosphere `error` status line, so the launcher does not wait for a timeout. An image that
+/// already has exoagent baked in (`/usr/bin/exoagent`) keeps it: the operator chose that build
+/// deliberately, and one template then serves baked and stock images alike.
 const BOOTSTRAP_SCRIPT: &str = r#"set -u
 url="$1"; sum="$2"; target="$3"
+if [ -x /usr/bin/exoagent ]; then
+  exec systemctl start --no-block exoagent.service
+fi
 fail() {
   printf '{"status":"error","epoch":%s000,"step":"bootstrap","reason":"%s"}\n' "$(date +%s)" "$1" >/dev/console 2>/dev/null || true
   exit 1
@@ -126,8 +131,9 @@ pub fn config_drop_in(choices: &Choices) -> Result<String, UserdataError> {
     Ok(text)
 }
 
-fn check(choices: &Choices) -> Result<(), UserdataError> {
-    if let Delivery::Bootstrap { url, sha256 } = &choices.delivery {
+/// Check a bootstrap's URL and checksum.
+pub(crate) fn check_delivery(delivery: &Delivery) -> Result<(), UserdataError> {
+    if let Delivery::Bootstrap { url, sha256 } = delivery {
         let scheme_ok = url.starts_with("https://") || url.starts_with("http://");
         if !scheme_ok || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(invalid(
@@ -139,6 +145,30 @@ fn check(choices: &Choices) -> Result<(), UserdataError> {
             return Err(invalid("--binary-sha256", "must be 64 hexadecimal digits"));
         }
     }
+    Ok(())
+}
+
+/// The `runcmd` entry that starts the agent: baked, ask systemd; bootstrap, the checked
+/// download with URL and checksum as arguments.
+pub(crate) fn bootstrap_command(delivery: &Delivery) -> Value {
+    match delivery {
+        // The unit is enabled in the image and ordered after cloud-init's config stage; starting
+        // it here as well is harmless and covers images where it is not enabled.
+        Delivery::Baked => argv(&["systemctl", "start", "--no-block", "exoagent.service"]),
+        Delivery::Bootstrap { url, sha256 } => argv(&[
+            "sh",
+            "-c",
+            BOOTSTRAP_SCRIPT,
+            "exoagent-bootstrap",
+            url,
+            sha256,
+            BOOTSTRAP_BINARY,
+        ]),
+    }
+}
+
+fn check(choices: &Choices) -> Result<(), UserdataError> {
+    check_delivery(&choices.delivery)?;
     if choices.services.is_empty() {
         return Err(invalid("--service", "choose at least one service"));
     }
@@ -200,21 +230,10 @@ pub fn render(choices: &Choices) -> Result<String, UserdataError> {
         files.push(file(CLOUDS_YAML, "0600", yaml));
     }
     doc.insert("write_files".into(), Value::Sequence(files));
-    let start = match &choices.delivery {
-        // The unit is enabled in the image and ordered after cloud-init's config stage; starting
-        // it here as well is harmless and covers images where it is not enabled.
-        Delivery::Baked => argv(&["systemctl", "start", "--no-block", "exoagent.service"]),
-        Delivery::Bootstrap { url, sha256 } => argv(&[
-            "sh",
-            "-c",
-            BOOTSTRAP_SCRIPT,
-            "exoagent-bootstrap",
-            url,
-            sha256,
-            BOOTSTRAP_BINARY,
-        ]),
-    };
-    doc.insert("runcmd".into(), Value::Sequence(vec![start]));
+    doc.insert(
+        "runcmd".into(),
+        Value::Sequence(vec![bootstrap_command(&choices.delivery)]),
+    );
     let body = serde_yaml::to_string(&Value::Mapping(doc))
         .map_err(|e| UserdataError::Config(e.to_string()))?;
     Ok(format!("#cloud-config\n{body}"))
