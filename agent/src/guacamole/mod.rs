@@ -1,0 +1,3 @@
+//! Guacamole support: the protocol spoken between browsers, exoagent's tunnel and guacd.
+
+pub mod protocol;
