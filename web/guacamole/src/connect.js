@@ -1,0 +1,72 @@
+// Builds the WebSocket tunnel URL and the connect data, exactly as the stock Guacamole web app does.
+
+/** Path of the WebSocket tunnel, relative to the page (/guacamole/ → /guacamole/websocket-tunnel). */
+export const TUNNEL_PATH = 'websocket-tunnel';
+
+/**
+ * Returns the absolute ws:// or wss:// URL of the tunnel for a page URL. The fragment and query
+ * of the page are dropped; the tunnel sits next to index.html, so a reverse proxy that keeps
+ * the /guacamole/ prefix keeps working.
+ * @param {string} pageUrl e.g. location.href or document.baseURI
+ * @returns {string}
+ */
+export function tunnelUrlFor(pageUrl) {
+    const url = new URL(TUNNEL_PATH, pageUrl);
+    url.hash = '';
+    url.search = '';
+    return url.href.replace(/^http(s?):/, 'ws$1:');
+}
+
+/**
+ * Builds the tunnel connect data, field for field like the stock app's
+ * ManagedClient.getConnectString (read back by TunnelRequest.java):
+ * token, GUAC_DATA_SOURCE, GUAC_ID, GUAC_TYPE, GUAC_WIDTH, GUAC_HEIGHT, GUAC_DPI, GUAC_TIMEZONE,
+ * then one GUAC_AUDIO / GUAC_VIDEO / GUAC_IMAGE entry per supported mimetype.
+ *
+ * @param {object} p
+ * @param {string} p.token
+ * @param {{ name: string, type: string, dataSource: string }} p.identifier
+ * @param {number} p.width  in device pixels
+ * @param {number} p.height in device pixels
+ * @param {number} p.dpi
+ * @param {string} [p.timezone] IANA name, e.g. "Europe/Berlin"
+ * @param {string[]} [p.audio]
+ * @param {string[]} [p.video]
+ * @param {string[]} [p.image]
+ * @returns {string}
+ */
+export function buildConnectString({ token, identifier, width, height, dpi, timezone = '', audio = [], video = [], image = [] }) {
+    const e = encodeURIComponent;
+    let data = 'token=' + e(token)
+        + '&GUAC_DATA_SOURCE=' + e(identifier.dataSource)
+        + '&GUAC_ID=' + e(identifier.name)
+        + '&GUAC_TYPE=' + e(identifier.type)
+        + '&GUAC_WIDTH=' + Math.floor(width)
+        + '&GUAC_HEIGHT=' + Math.floor(height)
+        + '&GUAC_DPI=' + Math.floor(dpi)
+        + '&GUAC_TIMEZONE=' + e(timezone || '');
+    for (const mimetype of audio)
+        data += '&GUAC_AUDIO=' + e(mimetype);
+    for (const mimetype of video)
+        data += '&GUAC_VIDEO=' + e(mimetype);
+    for (const mimetype of image)
+        data += '&GUAC_IMAGE=' + e(mimetype);
+    return data;
+}
+
+/**
+ * Optimal remote display size for a viewport, the way the stock app computes it: CSS pixels
+ * times devicePixelRatio, and 96 DPI scaled by the same ratio.
+ * @param {number} cssWidth
+ * @param {number} cssHeight
+ * @param {number} [pixelRatio]
+ * @returns {{ width: number, height: number, dpi: number }}
+ */
+export function optimalSize(cssWidth, cssHeight, pixelRatio = 1) {
+    const ratio = pixelRatio > 0 ? pixelRatio : 1;
+    return {
+        width: Math.max(1, Math.floor(cssWidth * ratio)),
+        height: Math.max(1, Math.floor(cssHeight * ratio)),
+        dpi: Math.floor(96 * ratio),
+    };
+}

@@ -1,0 +1,96 @@
+// Owns the remote display: mounting it, fitting it to the window, sending resizes, mouse and touch input.
+import Guacamole from 'guacamole-common-js';
+import { optimalSize } from './connect.js';
+import { releaseFocus } from './ui.js';
+
+const RESIZE_DEBOUNCE_MS = 250;
+
+/**
+ * @param {object} p
+ * @param {HTMLElement} p.viewport full-window area the display is fitted into
+ * @param {HTMLElement} p.container element wrapping the display element (receives input)
+ * @param {() => (Guacamole.Client | null)} p.getClient
+ */
+export function setupDisplay({ viewport, container, getClient }) {
+    /** @type {Guacamole.Display | null} */
+    let display = null;
+    let localCursor = false;
+
+    /** Scales the display so the whole remote screen fits the window. */
+    function fit() {
+        if (!display)
+            return;
+        const width = display.getWidth();
+        const height = display.getHeight();
+        if (!width || !height)
+            return;
+        const scale = Math.min(viewport.clientWidth / width, viewport.clientHeight / height);
+        if (scale > 0 && Number.isFinite(scale))
+            display.scale(scale);
+    }
+
+    /** The remote screen size that matches the window (device pixels, like the stock app). */
+    function currentSize() {
+        return optimalSize(viewport.clientWidth, viewport.clientHeight, window.devicePixelRatio || 1);
+    }
+
+    // Mouse: positions are relative to the container, in CSS pixels; sendMouseState(…, true)
+    // divides by the display scale, which maps them to remote pixels.
+    const mouse = new Guacamole.Mouse(container);
+    mouse.onEach(['mousedown', 'mousemove', 'mouseup'], (event) => {
+        const client = getClient();
+        if (!client || !display)
+            return;
+        display.showCursor(!localCursor);
+        client.sendMouseState(event.state, true);
+    });
+    mouse.on('mouseout', () => {
+        if (display)
+            display.showCursor(false);
+    });
+
+    // Touch: absolute emulation (tap = click, drag = drag), like the stock default.
+    const touch = new Guacamole.Mouse.Touchscreen(container);
+    touch.onEach(['mousedown', 'mousemove', 'mouseup'], (event) => {
+        const client = getClient();
+        if (!client || !display)
+            return;
+        display.showCursor(true);
+        client.sendMouseState(event.state, true);
+    });
+
+    // Clicking the remote screen hands the keyboard back to it.
+    container.addEventListener('mousedown', releaseFocus);
+    container.addEventListener('touchstart', releaseFocus, { passive: true });
+
+    let resizeTimer = null;
+    window.addEventListener('resize', () => {
+        fit();
+        clearTimeout(resizeTimer);
+        resizeTimer = setTimeout(() => {
+            const client = getClient();
+            if (client) {
+                const { width, height } = currentSize();
+                client.sendSize(width, height);
+            }
+        }, RESIZE_DEBOUNCE_MS);
+    });
+
+    return {
+        currentSize,
+        fit,
+
+        /** Shows the display of a (new) client in place of the previous one. */
+        mount(client) {
+            display = client.getDisplay();
+            localCursor = false;
+            display.onresize = fit;
+            display.oncursor = (canvas, x, y) => {
+                localCursor = mouse.setCursor(canvas, x, y);
+            };
+            display.showCursor(false);
+            container.replaceChildren(display.getElement());
+            fit();
+        },
+    };
+}

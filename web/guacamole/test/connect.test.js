@@ -1,0 +1,52 @@
+// Tests the tunnel URL and the connect data sent to the server.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { buildConnectString, optimalSize, tunnelUrlFor } from '../src/connect.js';
+
+test('tunnel URL sits next to the page and follows http/https', () => {
+    assert.equal(
+        tunnelUrlFor('https://http-1-2-3-4-49528.uap.example/guacamole/#/client/c2hlbGwAYwBkZWZhdWx0?token=abc'),
+        'wss://http-1-2-3-4-49528.uap.example/guacamole/websocket-tunnel',
+    );
+    assert.equal(tunnelUrlFor('http://10.0.0.5:49528/guacamole/'), 'ws://10.0.0.5:49528/guacamole/websocket-tunnel');
+    assert.equal(tunnelUrlFor('http://h/guacamole/index.html?x=1'), 'ws://h/guacamole/websocket-tunnel');
+    assert.equal(tunnelUrlFor('https://proxy/prefix/guacamole/'), 'wss://proxy/prefix/guacamole/websocket-tunnel');
+});
+
+test('connect data matches the stock app, field order and encoding included', () => {
+    const data = buildConnectString({
+        token: 'ABC+/=',
+        identifier: { name: 'shell', type: 'c', dataSource: 'default' },
+        width: 1280.7,
+        height: 800,
+        dpi: 96,
+        timezone: 'America/New_York',
+        audio: ['audio/L8', 'audio/L16'],
+        video: [],
+        image: ['image/jpeg', 'image/png', 'image/webp'],
+    });
+    assert.equal(data,
+        'token=ABC%2B%2F%3D&GUAC_DATA_SOURCE=default&GUAC_ID=shell&GUAC_TYPE=c'
+        + '&GUAC_WIDTH=1280&GUAC_HEIGHT=800&GUAC_DPI=96&GUAC_TIMEZONE=America%2FNew_York'
+        + '&GUAC_AUDIO=audio%2FL8&GUAC_AUDIO=audio%2FL16'
+        + '&GUAC_IMAGE=image%2Fjpeg&GUAC_IMAGE=image%2Fpng&GUAC_IMAGE=image%2Fwebp');
+
+    // Round trip through a standard form decoder.
+    const params = new URLSearchParams(data);
+    assert.equal(params.get('token'), 'ABC+/=');
+    assert.deepEqual(params.getAll('GUAC_AUDIO'), ['audio/L8', 'audio/L16']);
+    assert.deepEqual(params.getAll('GUAC_VIDEO'), []);
+});
+
+test('missing timezone and media lists still yield every fixed field', () => {
+    const data = buildConnectString({
+        token: 't', identifier: { name: 'desktop', type: 'c', dataSource: 'default' }, width: 800, height: 600, dpi: 192,
+    });
+    assert.equal(data, 'token=t&GUAC_DATA_SOURCE=default&GUAC_ID=desktop&GUAC_TYPE=c&GUAC_WIDTH=800&GUAC_HEIGHT=600&GUAC_DPI=192&GUAC_TIMEZONE=');
+});
+
+test('optimal size uses device pixels and scales the DPI', () => {
+    assert.deepEqual(optimalSize(1000, 700), { width: 1000, height: 700, dpi: 96 });
+    assert.deepEqual(optimalSize(1000.5, 700, 2), { width: 2001, height: 1400, dpi: 192 });
+    assert.deepEqual(optimalSize(0, 0, 0), { width: 1, height: 1, dpi: 96 });
+});
