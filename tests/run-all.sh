@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's test command and exactly what CI runs: prerequisites, formatting, lints, real
 # OpenStack on loopback, and every test (unit, integration with real processes, real JupyterLab
-# and real OpenStack end to end, and a real VM booting the baked image).
+# and real OpenStack end to end, the Guacamole page in Chromium against a real desktop, and a
+# real VM booting the baked image).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash installer/dev/prereqs.sh
@@ -19,7 +20,15 @@ if [ "$started_openstack" = 1 ]; then
   trap 'python3 tests/openstack/harness.py down >/dev/null 2>&1 || true' EXIT
 fi
 bash tests/openstack/up.sh
+# TigerVNC, Xfce, an sshd binary and the venv of the guacd test double (guacd itself cannot be
+# installed here), and Chromium for the browser test.
+bash tests/browser/setup.sh
 cargo test --workspace --all-targets -- --test-threads=2
+# The client page's unit tests, the guacd double's own self-test against real sshd and
+# TigerVNC, then Chromium against the real page, web side, sshd and desktop.
+(cd web/guacamole && npm test --silent)
+"${EXOAGENT_GUAC_VENV:-/var/tmp/exoagent-guac-venv}/bin/python" tests/guacamole/test_peer.py
+node --test tests/browser/
 # A real VM (QEMU, software emulation) with real systemd and cloud-init booting the baked image
 # as a server of the OpenStack harness (~5 min with the image build).
 bash tests/vm/prereqs.sh

@@ -124,13 +124,10 @@ pub struct Plan {
 pub const CONFIG_DRIVE_PUBLISH_BUDGET: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// Every system package `services` need on `family`, sorted, once each (one transaction).
-pub(crate) fn packages_for(
-    services: &[Service],
-    family: crate::platform::os::Family,
-) -> Vec<String> {
+pub(crate) fn packages_for(services: &[Service], os: &Os) -> Vec<String> {
     let mut packages: Vec<String> = services
         .iter()
-        .flat_map(|s| s.system_packages(family))
+        .flat_map(|s| s.system_packages(os))
         .collect();
     packages.sort();
     packages.dedup();
@@ -156,7 +153,7 @@ pub fn plan(mode: Mode, paths: Paths) -> Result<Plan, AgentError> {
         .iter()
         .map(Service::from_settings)
         .collect();
-    let packages = packages_for(&services, os.family);
+    let packages = packages_for(&services, &os);
     Ok(Plan {
         mode,
         paths,
@@ -279,6 +276,7 @@ impl fmt::Display for Plan {
         let ctx = ServiceContext {
             paths: self.paths.clone(),
             account,
+            exe: PathBuf::from(crate::delivery::install::INSTALLED_EXE),
         };
         if self.services.is_empty() {
             step += 1;
@@ -463,6 +461,7 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
             let ctx = ServiceContext {
                 paths: paths.clone(),
                 account,
+                exe: options.shim.exe.clone(),
             };
             let passphrase = Arc::new(passphrase);
             let mut starts = tokio::task::JoinSet::new();

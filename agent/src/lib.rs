@@ -8,6 +8,7 @@ pub mod cli;
 pub mod cloud;
 pub mod config;
 pub mod delivery;
+pub mod desktop;
 pub mod fsutil;
 pub mod guacamole;
 pub mod paths;

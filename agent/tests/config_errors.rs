@@ -308,7 +308,7 @@ fn every_file_and_every_error_is_reported() {
         "10-a.toml",
         "[services.jupyterlab]\nenabled = true\nbind = \"nope\"\nport = \"x\"\n",
     );
-    let b = sb.dropin("30-b.toml", "[services.guacamole]\nenabled = true\n");
+    let b = sb.dropin("30-b.toml", "[services.rstudio]\nenabled = true\n");
     let errors = sb.errors();
     let got: Vec<(PathBuf, Option<usize>, Option<&str>, ErrorKind)> = errors
         .iter()
@@ -338,7 +338,7 @@ fn every_file_and_every_error_is_reported() {
         (
             b,
             Some(2),
-            Some("services.guacamole.enabled"),
+            Some("services.rstudio.enabled"),
             ErrorKind::Unavailable,
         ),
     ];

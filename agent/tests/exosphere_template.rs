@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{exe, repo_root, run_ok};
-use exoagent::config::{self, ErrorKind};
+use exoagent::config;
 use exoagent::paths::Paths;
 use serde_json::Value;
 
@@ -244,21 +244,21 @@ fn every_rendering_is_valid_and_means_what_exosphere_asked() {
                 let asked: Value = serde_json::from_str(choices).unwrap();
                 assert_eq!(asked["guac_enabled"], guac);
                 assert_eq!(asked["gui_enabled"], gui);
-                match agent_config(choices) {
-                    Ok(loaded) => {
-                        assert!(!guac && !gui, "{choices} loaded");
-                        assert!(loaded.settings.services.is_empty());
-                    }
-                    // Guacamole and the desktop come with a later version; until
-                    // then the agent says so, naming Exosphere's own key.
-                    Err(e) => {
-                        assert!(guac || gui, "{e}");
-                        assert!(e.errors.iter().all(|e| e.kind == ErrorKind::Unavailable));
-                        let keys: Vec<_> = e.errors.iter().filter_map(|e| e.key.clone()).collect();
-                        assert_eq!(keys.contains(&"guac_enabled".to_owned()), guac);
-                        assert_eq!(keys.contains(&"gui_enabled".to_owned()), gui);
-                    }
+                let loaded = agent_config(choices).unwrap_or_else(|e| panic!("{choices}: {e}"));
+                let kinds: Vec<&str> = loaded
+                    .settings
+                    .services
+                    .iter()
+                    .map(|s| s.kind().as_str())
+                    .collect();
+                let mut expected = Vec::new();
+                if gui {
+                    expected.push("desktop");
                 }
+                if guac {
+                    expected.push("guacamole");
+                }
+                assert_eq!(kinds, expected, "{choices}");
                 let runcmd = &merged["runcmd"][0];
                 if delivery.is_empty() {
                     assert_eq!(runcmd[0], "systemctl");

@@ -26,6 +26,9 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends "${need_apt[@]}"
 fi
 
+# The Guacamole client page, embedded into the binary at compile time.
+bash "$(dirname "$0")/build-web.sh"
+
 # A current cloud-init (Debian 13's), unpacked only, to check userdata against its schema too.
 bash "$(dirname "$0")/../../tests/exosphere/newer-cloud-init.sh" >/dev/null
 

@@ -18,7 +18,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 pkgs=(tigervnc-standalone-server tigervnc-common tigervnc-tools xfce4 xfce4-terminal dbus-x11
-      xclip openssh-server fonts-dejavu-core python3-venv)
+      xclip x11-utils openssh-server fonts-dejavu-core python3-venv)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q '^install ok installed$' || missing+=("$p")

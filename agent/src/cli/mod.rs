@@ -1,7 +1,9 @@
 //! The command line: one file per subcommand, each a thin call into the library.
 
 pub mod bake;
+pub mod desktop_session;
 pub mod down;
+pub mod guacamole_web;
 pub mod install;
 pub mod logs;
 pub mod run;
@@ -54,6 +56,12 @@ pub enum Command {
     Install(install::InstallArgs),
     /// Pre-install service payloads into an image (no secrets, no instance state).
     Bake(bake::BakeArgs),
+    /// Internal: the VNC server and desktop session pair (run by the desktop service).
+    #[command(hide = true)]
+    DesktopSession(desktop_session::DesktopSessionArgs),
+    /// Internal: the Guacamole web side (run by the guacamole service).
+    #[command(hide = true)]
+    GuacamoleWeb(guacamole_web::GuacamoleWebArgs),
     /// Internal: the per-service process shim.
     #[command(hide = true)]
     Shim,
@@ -117,6 +125,8 @@ pub fn dispatch(cli: Cli) -> ExitCode {
             Command::Userdata(args) => userdata::run(args).await,
             Command::Install(args) => install::run(args).await,
             Command::Bake(args) => bake::run(args, mode, paths).await,
+            Command::DesktopSession(args) => desktop_session::run(args).await,
+            Command::GuacamoleWeb(args) => guacamole_web::run(args).await,
             Command::Shim => Ok(ExitCode::SUCCESS),
         }
     });
@@ -152,7 +162,8 @@ mod tests {
             }
         }
         // Public keys are not secrets.
-        let public = ["ssh_public_keys"];
+        // Paths to 0600 files, never the secret itself.
+        let public = ["ssh_public_keys", "password_file"];
         for name in names.into_iter().filter(|n| !public.contains(&n.as_str())) {
             for secret in ["pass", "secret", "token", "key"] {
                 assert!(

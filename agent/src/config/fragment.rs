@@ -5,13 +5,13 @@
 //! the file is reported, and the good values are kept so later checks still see them.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use toml_edit::{ImDocument, Item, TableLike, Value};
 
 use super::error::{ConfigError, ErrorKind};
-use crate::config::PythonInstaller;
+use crate::config::{DesktopEnvironment, GuacdSource, PythonInstaller, VncServerChoice};
 use crate::services::ServiceKind;
 
 /// Where a value was set: the index of the file in load order and the 1-based line.
@@ -45,6 +45,13 @@ pub(crate) struct ServiceFragment {
     pub python: Option<Located<Option<PathBuf>>>,
     pub installer: Option<Located<PythonInstaller>>,
     pub start_timeout_s: Option<Located<u64>>,
+    pub environment: Option<Located<DesktopEnvironment>>,
+    pub geometry: Option<Located<(u16, u16)>>,
+    pub vnc_server: Option<Located<VncServerChoice>>,
+    pub guacd: Option<Located<GuacdSource>>,
+    pub guacd_address: Option<Located<SocketAddr>>,
+    pub session_timeout_min: Option<Located<u64>>,
+    pub ssh_port: Option<Located<u16>>,
 }
 
 /// `[supervise]`.
@@ -125,6 +132,13 @@ impl Fragment {
             over(&mut d.python, s.python);
             over(&mut d.installer, s.installer);
             over(&mut d.start_timeout_s, s.start_timeout_s);
+            over(&mut d.environment, s.environment);
+            over(&mut d.geometry, s.geometry);
+            over(&mut d.vnc_server, s.vnc_server);
+            over(&mut d.guacd, s.guacd);
+            over(&mut d.guacd_address, s.guacd_address);
+            over(&mut d.session_timeout_min, s.session_timeout_min);
+            over(&mut d.ssh_port, s.ssh_port);
         }
         let d = &mut self.supervise;
         over(&mut d.backoff_initial_ms, supervise.backoff_initial_ms);
@@ -175,6 +189,24 @@ const JUPYTERLAB_KEYS: &[&str] = &[
     "base_url",
     "python",
     "installer",
+    "start_timeout_s",
+];
+const DESKTOP_KEYS: &[&str] = &[
+    "enabled",
+    "port",
+    "environment",
+    "geometry",
+    "vnc_server",
+    "start_timeout_s",
+];
+const GUACAMOLE_KEYS: &[&str] = &[
+    "enabled",
+    "port",
+    "bind",
+    "guacd",
+    "guacd_address",
+    "session_timeout_min",
+    "ssh_port",
     "start_timeout_s",
 ];
 const OTHER_SERVICE_KEYS: &[&str] = &["enabled", "port"];
@@ -478,10 +510,11 @@ impl<'a> Walker<'a> {
             let Some(service) = self.table(&field) else {
                 continue;
             };
-            let keys = if kind == ServiceKind::JupyterLab {
-                JUPYTERLAB_KEYS
-            } else {
-                OTHER_SERVICE_KEYS
+            let keys = match kind {
+                ServiceKind::JupyterLab => JUPYTERLAB_KEYS,
+                ServiceKind::Desktop => DESKTOP_KEYS,
+                ServiceKind::Guacamole => GUACAMOLE_KEYS,
+                ServiceKind::RStudio => OTHER_SERVICE_KEYS,
             };
             let frag = out.entry(kind).or_default();
             for (key, field) in self.entries(
@@ -520,6 +553,52 @@ impl<'a> Walker<'a> {
                             _ => None,
                         })
                     }
+                    "environment" => {
+                        frag.environment = self.parsed(&field, "one of: xfce, gnome", |s| match s {
+                            "xfce" => Some(DesktopEnvironment::Xfce),
+                            "gnome" => Some(DesktopEnvironment::Gnome),
+                            _ => None,
+                        })
+                    }
+                    "geometry" => {
+                        frag.geometry = self.parsed(
+                            &field,
+                            "WIDTHxHEIGHT, each from 320 to 8192 (e.g. \"1280x800\")",
+                            geometry,
+                        )
+                    }
+                    "vnc_server" => {
+                        frag.vnc_server =
+                            self.parsed(&field, "one of: auto, tigervnc, turbovnc", |s| match s {
+                                "auto" => Some(VncServerChoice::Auto),
+                                "tigervnc" => Some(VncServerChoice::TigerVnc),
+                                "turbovnc" => Some(VncServerChoice::TurboVnc),
+                                _ => None,
+                            })
+                    }
+                    "guacd" => {
+                        frag.guacd =
+                            self.parsed(&field, "one of: auto, package, container, external", |s| {
+                                match s {
+                                    "auto" => Some(GuacdSource::Auto),
+                                    "package" => Some(GuacdSource::Package),
+                                    "container" => Some(GuacdSource::Container),
+                                    "external" => Some(GuacdSource::External),
+                                    _ => None,
+                                }
+                            })
+                    }
+                    "guacd_address" => {
+                        frag.guacd_address = self.parsed(
+                            &field,
+                            "an IP address and port, e.g. \"127.0.0.1:4822\"",
+                            |s| s.parse().ok(),
+                        )
+                    }
+                    "session_timeout_min" => {
+                        frag.session_timeout_min = self.count(&field, 60, 1440, "minutes")
+                    }
+                    "ssh_port" => frag.ssh_port = self.port(&field),
                     _ => frag.start_timeout_s = self.count(&field, 1, 3600, "seconds"),
                 }
             }
@@ -634,6 +713,17 @@ impl Walker<'_> {
 
 /// An `http(s)://host[:port][/path]` URL without query, fragment or credentials, with any
 /// trailing `/` removed (paths are appended to it).
+/// `1280x800` → (1280, 800), each side 320..=8192.
+pub(crate) fn geometry(s: &str) -> Option<(u16, u16)> {
+    let (w, h) = s.split_once('x')?;
+    let side = |v: &str| {
+        v.parse::<u16>()
+            .ok()
+            .filter(|n| (320..=8192).contains(n) && !v.starts_with('+'))
+    };
+    Some((side(w)?, side(h)?))
+}
+
 pub(crate) fn normalise_http_url(s: &str) -> Option<String> {
     let url = reqwest::Url::parse(s).ok()?;
     let plain = matches!(url.scheme(), "http" | "https")

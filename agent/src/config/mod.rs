@@ -215,7 +215,7 @@ mod tests {
     fn jupyter(settings: &Settings) -> &JupyterLabSettings {
         match settings.services.first() {
             Some(ServiceSettings::JupyterLab(j)) => j,
-            None => panic!("jupyterlab not enabled: {settings:?}"),
+            _ => panic!("jupyterlab not enabled first: {settings:?}"),
         }
     }
 
@@ -368,15 +368,42 @@ mod tests {
         );
         assert_eq!(loaded.settings.services.len(), 1);
 
-        // A service this version cannot run, asked for by Exosphere: the error names the JSON
-        // file and Exosphere's key.
-        fs::write(choices, r#"{"guac_enabled":true,"gui_enabled":false}"#).unwrap();
+        // Guacamole and the desktop, as Exosphere asks for them; Guacamole then offers the
+        // desktop connection.
+        fs::write(choices, r#"{"guac_enabled":true,"gui_enabled":true}"#).unwrap();
+        let loaded = load(&paths).unwrap();
+        let kinds: Vec<_> = loaded.settings.services.iter().map(|s| s.kind()).collect();
+        assert_eq!(
+            kinds,
+            [
+                ServiceKind::JupyterLab,
+                ServiceKind::Desktop,
+                ServiceKind::Guacamole
+            ]
+        );
+        match &loaded.settings.services[2] {
+            ServiceSettings::Guacamole(g) => assert_eq!(g.desktop_port, Some(5901)),
+            other => panic!("{other:?}"),
+        }
+
+        // A problem caused by Exosphere's choice is reported against the JSON file, without
+        // the generated TOML's line numbers.
+        fs::write(
+            &paths.config_file,
+            "[services.jupyterlab]\nenabled = true\nport = 49528\n",
+        )
+        .unwrap();
         let e = load(&paths).unwrap_err().errors;
         assert_eq!(e.len(), 1, "{e:?}");
         assert_eq!(e[0].file, *choices);
-        assert_eq!(e[0].key.as_deref(), Some("guac_enabled"));
-        assert_eq!(e[0].kind, ErrorKind::Unavailable);
+        assert_eq!(e[0].kind, ErrorKind::Conflict);
         assert_eq!(e[0].line, None);
+        fs::write(
+            &paths.config_file,
+            "[services.jupyterlab]\nenabled = true\n",
+        )
+        .unwrap();
+        fs::write(choices, r#"{"guac_enabled":true,"gui_enabled":false}"#).unwrap();
 
         // An operator's drop-in still wins over Exosphere's choice.
         fs::write(
@@ -384,7 +411,7 @@ mod tests {
             "[services.guacamole]\nenabled = false\n",
         )
         .unwrap();
-        assert!(load(&paths).unwrap().settings.services.len() == 1);
+        assert_eq!(load(&paths).unwrap().settings.services.len(), 1);
 
         // Broken JSON: named, nothing else lost from the report.
         fs::write(choices, "{\"guac_enabled\": maybe}").unwrap();

@@ -1,7 +1,7 @@
 //! The validated desired state: typed settings whose fields already satisfy every invariant.
 //! Only `config::load` builds these from files; everything else takes them as given.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -69,6 +69,10 @@ pub struct InstanceSettings {
 pub enum ServiceSettings {
     /// `[services.jupyterlab]`.
     JupyterLab(JupyterLabSettings),
+    /// `[services.desktop]`.
+    Desktop(DesktopSettings),
+    /// `[services.guacamole]`.
+    Guacamole(GuacamoleSettings),
 }
 
 impl ServiceSettings {
@@ -76,6 +80,8 @@ impl ServiceSettings {
     pub fn kind(&self) -> ServiceKind {
         match self {
             Self::JupyterLab(_) => ServiceKind::JupyterLab,
+            Self::Desktop(_) => ServiceKind::Desktop,
+            Self::Guacamole(_) => ServiceKind::Guacamole,
         }
     }
 
@@ -83,6 +89,105 @@ impl ServiceSettings {
     pub fn port(&self) -> u16 {
         match self {
             Self::JupyterLab(s) => s.port,
+            Self::Desktop(s) => s.port,
+            Self::Guacamole(s) => s.port,
+        }
+    }
+}
+
+/// The desktop environment of the VNC desktop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DesktopEnvironment {
+    /// Xfce: light, starts in seconds (the default).
+    Xfce,
+    /// GNOME (as Exosphere's desktop).
+    Gnome,
+}
+
+/// Which VNC server runs the desktop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VncServerChoice {
+    /// TurboVNC with VirtualGL when an NVIDIA GPU is present, TigerVNC otherwise.
+    Auto,
+    /// TigerVNC from the distribution.
+    TigerVnc,
+    /// TurboVNC (and VirtualGL) from their vendor repositories.
+    TurboVnc,
+}
+
+/// `[services.desktop]`: a VNC desktop on display :1, on loopback (Guacamole reaches it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesktopSettings {
+    /// RFB port (default 5901, display :1).
+    pub port: u16,
+    /// Xfce or GNOME.
+    pub environment: DesktopEnvironment,
+    /// Initial screen size; the browser resizes it.
+    pub geometry: (u16, u16),
+    /// Which VNC server.
+    pub vnc_server: VncServerChoice,
+    /// How long from launch to the first good probe.
+    pub start_timeout: Duration,
+}
+
+impl Default for DesktopSettings {
+    fn default() -> Self {
+        Self {
+            port: 5901,
+            environment: DesktopEnvironment::Xfce,
+            geometry: (1280, 800),
+            vnc_server: VncServerChoice::Auto,
+            start_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Where guacd comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuacdSource {
+    /// The distribution's package where one exists (Ubuntu universe, EPEL), the official
+    /// container image otherwise.
+    Auto,
+    /// The distribution's `guacd` package, run by the web side as its child.
+    Package,
+    /// The official image, pinned by digest, run with podman on the host network.
+    Container,
+    /// Someone else runs guacd at `guacd_address`.
+    External,
+}
+
+/// `[services.guacamole]`: guacd plus the web side (token API, client page, tunnel).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuacamoleSettings {
+    /// The web side's port (default 49528).
+    pub port: u16,
+    /// The web side's address (default `0.0.0.0`, so the UAP can reach it).
+    pub bind: IpAddr,
+    /// Where guacd comes from.
+    pub guacd: GuacdSource,
+    /// Where guacd listens (default `127.0.0.1:4822`).
+    pub guacd_address: SocketAddr,
+    /// Tokens expire after this long without use (at least 60 minutes).
+    pub session_timeout: Duration,
+    /// sshd's port for the `shell` connection and SFTP.
+    pub ssh_port: u16,
+    /// The desktop's RFB port when the desktop service is enabled: the `desktop` connection.
+    pub desktop_port: Option<u16>,
+    /// How long from launch to the first good probe.
+    pub start_timeout: Duration,
+}
+
+impl Default for GuacamoleSettings {
+    fn default() -> Self {
+        Self {
+            port: 49528,
+            bind: IpAddr::from([0, 0, 0, 0]),
+            guacd: GuacdSource::Auto,
+            guacd_address: SocketAddr::from(([127, 0, 0, 1], 4822)),
+            session_timeout: Duration::from_secs(3600),
+            ssh_port: 22,
+            desktop_port: None,
+            start_timeout: Duration::from_secs(120),
         }
     }
 }

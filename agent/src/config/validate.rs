@@ -8,8 +8,8 @@ use std::time::Duration;
 use super::error::{ConfigError, ErrorKind};
 use super::fragment::{Fragment, Origin, ServiceFragment};
 use super::{
-    CloudSettings, ConsoleSettings, InstanceSettings, JupyterLabSettings, PackageSettings,
-    ServiceSettings, Settings, SupervisePolicy,
+    CloudSettings, ConsoleSettings, DesktopSettings, GuacamoleSettings, InstanceSettings,
+    JupyterLabSettings, PackageSettings, ServiceSettings, Settings, SupervisePolicy,
 };
 use crate::services::ServiceKind;
 
@@ -180,8 +180,25 @@ pub(crate) fn settings(merged: &Fragment, files: &[PathBuf]) -> (Settings, Vec<C
             );
             continue;
         }
-        if kind == ServiceKind::JupyterLab {
-            services.push(ServiceSettings::JupyterLab(jupyterlab(frag, port)));
+        match kind {
+            ServiceKind::JupyterLab => {
+                services.push(ServiceSettings::JupyterLab(jupyterlab(frag, port)))
+            }
+            ServiceKind::Desktop => services.push(ServiceSettings::Desktop(desktop(frag, port))),
+            ServiceKind::Guacamole => {
+                services.push(ServiceSettings::Guacamole(guacamole(frag, port)))
+            }
+            ServiceKind::RStudio => {}
+        }
+    }
+    // Guacamole offers the `desktop` connection when the desktop runs.
+    let desktop_port = services.iter().find_map(|s| match s {
+        ServiceSettings::Desktop(d) => Some(d.port),
+        _ => None,
+    });
+    for service in &mut services {
+        if let ServiceSettings::Guacamole(g) = service {
+            g.desktop_port = desktop_port;
         }
     }
     for (i, &(kind, port, origin)) in enabled.iter().enumerate() {
@@ -208,6 +225,37 @@ pub(crate) fn settings(merged: &Fragment, files: &[PathBuf]) -> (Settings, Vec<C
         cloud,
     };
     (settings, check.errors)
+}
+
+fn desktop(frag: &ServiceFragment, port: u16) -> DesktopSettings {
+    let d = DesktopSettings::default();
+    DesktopSettings {
+        port,
+        environment: value(&frag.environment).unwrap_or(d.environment),
+        geometry: value(&frag.geometry).unwrap_or(d.geometry),
+        vnc_server: value(&frag.vnc_server).unwrap_or(d.vnc_server),
+        start_timeout: value(&frag.start_timeout_s)
+            .map(Duration::from_secs)
+            .unwrap_or(d.start_timeout),
+    }
+}
+
+fn guacamole(frag: &ServiceFragment, port: u16) -> GuacamoleSettings {
+    let d = GuacamoleSettings::default();
+    GuacamoleSettings {
+        port,
+        bind: value(&frag.bind).unwrap_or(d.bind),
+        guacd: value(&frag.guacd).unwrap_or(d.guacd),
+        guacd_address: value(&frag.guacd_address).unwrap_or(d.guacd_address),
+        session_timeout: value(&frag.session_timeout_min)
+            .map(|m| Duration::from_secs(m * 60))
+            .unwrap_or(d.session_timeout),
+        ssh_port: value(&frag.ssh_port).unwrap_or(d.ssh_port),
+        desktop_port: None,
+        start_timeout: value(&frag.start_timeout_s)
+            .map(Duration::from_secs)
+            .unwrap_or(d.start_timeout),
+    }
 }
 
 fn jupyterlab(frag: &ServiceFragment, port: u16) -> JupyterLabSettings {

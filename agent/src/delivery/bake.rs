@@ -88,7 +88,7 @@ pub async fn bake(mode: Mode, paths: Paths, kinds: &[ServiceKind]) -> Result<Bak
     if services.is_empty() {
         return Err(BakeError::NothingToBake);
     }
-    let mut packages = agent::packages_for(&services, plan.os.family);
+    let mut packages = agent::packages_for(&services, &plan.os);
     if mode == Mode::System && !packages.is_empty() {
         let installer =
             PackageInstaller::new(plan.os.family.package_manager(), &plan.settings.packages);
@@ -101,6 +101,8 @@ pub async fn bake(mode: Mode, paths: Paths, kinds: &[ServiceKind]) -> Result<Bak
     let ctx = ServiceContext {
         account: agent::invoking_account(&paths)?,
         paths,
+        // Baking installs payloads only; nothing it does runs the executable.
+        exe: std::path::PathBuf::from(crate::delivery::install::INSTALLED_EXE),
     };
     let mut baked = Vec::new();
     for service in &services {

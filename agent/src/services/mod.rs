@@ -2,6 +2,8 @@
 //! (system packages, install, configure, run spec, readiness probe).
 
 pub mod command;
+pub mod desktop;
+pub mod guacamole;
 pub mod jupyterlab;
 
 use std::fmt;
@@ -13,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::ServiceSettings;
 use crate::paths::Paths;
-use crate::platform::os::Family;
+use crate::platform::os::Os;
 use crate::platform::passphrase::Passphrase;
 use crate::supervise::{Probe, RunSpec};
 
@@ -55,7 +57,7 @@ impl ServiceKind {
 
     /// Whether this version of exoagent can install and run the service.
     pub fn implemented(self) -> bool {
-        matches!(self, Self::JupyterLab)
+        matches!(self, Self::JupyterLab | Self::Desktop | Self::Guacamole)
     }
 }
 
@@ -101,6 +103,9 @@ pub struct ServiceContext {
     pub paths: Paths,
     /// The account services run as.
     pub account: Account,
+    /// The exoagent executable, for services that run one of its subcommands (the desktop
+    /// pair, the Guacamole web side).
+    pub exe: PathBuf,
 }
 
 /// A service step that failed.
@@ -150,7 +155,7 @@ impl ServiceError {
 /// closed set of implementations and dispatches to them.
 pub trait ServiceImpl {
     /// System packages to install in the one batched transaction.
-    fn system_packages(&self, family: Family) -> Vec<String>;
+    fn system_packages(&self, os: &Os) -> Vec<String>;
     /// Human-readable plan steps for `exoagent validate`.
     fn plan(&self, ctx: &ServiceContext) -> Vec<String>;
     /// Install the service's payload (idempotent).
@@ -181,6 +186,10 @@ pub trait ServiceImpl {
 pub enum Service {
     /// JupyterLab.
     JupyterLab(jupyterlab::JupyterLab),
+    /// The VNC desktop.
+    Desktop(desktop::Desktop),
+    /// guacd and the web side.
+    Guacamole(guacamole::Guacamole),
 }
 
 impl Service {
@@ -190,6 +199,8 @@ impl Service {
             ServiceSettings::JupyterLab(s) => {
                 Self::JupyterLab(jupyterlab::JupyterLab::new(s.clone()))
             }
+            ServiceSettings::Desktop(s) => Self::Desktop(desktop::Desktop::new(s.clone())),
+            ServiceSettings::Guacamole(s) => Self::Guacamole(guacamole::Guacamole::new(s.clone())),
         }
     }
 
@@ -197,13 +208,17 @@ impl Service {
     pub fn kind(&self) -> ServiceKind {
         match self {
             Self::JupyterLab(_) => ServiceKind::JupyterLab,
+            Self::Desktop(_) => ServiceKind::Desktop,
+            Self::Guacamole(_) => ServiceKind::Guacamole,
         }
     }
 
     /// System packages to install in the one batched transaction.
-    pub fn system_packages(&self, family: Family) -> Vec<String> {
+    pub fn system_packages(&self, os: &Os) -> Vec<String> {
         match self {
-            Self::JupyterLab(s) => s.system_packages(family),
+            Self::JupyterLab(s) => s.system_packages(os),
+            Self::Desktop(s) => s.system_packages(os),
+            Self::Guacamole(s) => s.system_packages(os),
         }
     }
 
@@ -211,6 +226,8 @@ impl Service {
     pub fn plan(&self, ctx: &ServiceContext) -> Vec<String> {
         match self {
             Self::JupyterLab(s) => s.plan(ctx),
+            Self::Desktop(s) => s.plan(ctx),
+            Self::Guacamole(s) => s.plan(ctx),
         }
     }
 
@@ -218,6 +235,8 @@ impl Service {
     pub async fn install(&self, ctx: &ServiceContext) -> Result<(), ServiceError> {
         match self {
             Self::JupyterLab(s) => s.install(ctx).await,
+            Self::Desktop(s) => s.install(ctx).await,
+            Self::Guacamole(s) => s.install(ctx).await,
         }
     }
 
@@ -229,6 +248,8 @@ impl Service {
     ) -> Result<(), ServiceError> {
         match self {
             Self::JupyterLab(s) => s.configure(ctx, passphrase).await,
+            Self::Desktop(s) => s.configure(ctx, passphrase).await,
+            Self::Guacamole(s) => s.configure(ctx, passphrase).await,
         }
     }
 
@@ -236,6 +257,8 @@ impl Service {
     pub fn run_spec(&self, ctx: &ServiceContext) -> RunSpec {
         match self {
             Self::JupyterLab(s) => s.run_spec(ctx),
+            Self::Desktop(s) => s.run_spec(ctx),
+            Self::Guacamole(s) => s.run_spec(ctx),
         }
     }
 
@@ -243,6 +266,8 @@ impl Service {
     pub fn probe(&self) -> Probe {
         match self {
             Self::JupyterLab(s) => s.probe(),
+            Self::Desktop(s) => s.probe(),
+            Self::Guacamole(s) => s.probe(),
         }
     }
 
@@ -250,6 +275,8 @@ impl Service {
     pub fn start_timeout(&self) -> Duration {
         match self {
             Self::JupyterLab(s) => s.start_timeout(),
+            Self::Desktop(s) => s.start_timeout(),
+            Self::Guacamole(s) => s.start_timeout(),
         }
     }
 
@@ -257,6 +284,8 @@ impl Service {
     pub fn port(&self) -> u16 {
         match self {
             Self::JupyterLab(s) => s.port(),
+            Self::Desktop(s) => s.port(),
+            Self::Guacamole(s) => s.port(),
         }
     }
 
@@ -264,6 +293,8 @@ impl Service {
     pub fn url(&self) -> String {
         match self {
             Self::JupyterLab(s) => s.url(),
+            Self::Desktop(s) => s.url(),
+            Self::Guacamole(s) => s.url(),
         }
     }
 }

@@ -11,7 +11,7 @@ use serde_json::json;
 use super::{Account, ServiceContext, ServiceError, ServiceImpl};
 use crate::config::{JupyterLabSettings, PythonInstaller};
 use crate::fsutil;
-use crate::platform::os::Family;
+use crate::platform::os::{Family, Os};
 use crate::platform::passphrase::{argon2_hash, Passphrase};
 use crate::services::command::run_logged;
 use crate::services::ServiceKind;
@@ -130,8 +130,8 @@ impl JupyterLab {
 
 impl ServiceImpl for JupyterLab {
     /// System packages the venv needs, batched with every other service's.
-    fn system_packages(&self, family: Family) -> Vec<String> {
-        match family {
+    fn system_packages(&self, os: &Os) -> Vec<String> {
+        match os.family {
             Family::Debian => vec!["python3".into(), "python3-venv".into()],
             // EL 8/9 ship 3.6/3.9 as python3; JupyterLab needs 3.10+, AppStream has 3.11.
             Family::RedHat => vec!["python3.11".into()],
@@ -360,9 +360,7 @@ impl ServiceImpl for JupyterLab {
 
     /// Where a person on the instance reaches it.
     fn url(&self) -> String {
-        let addr = match self.probe() {
-            Probe::Http { addr, .. } | Probe::Tcp { addr } => addr,
-        };
+        let addr = self.probe().addr();
         format!("http://{addr}{}", self.settings.base_url)
     }
 }
@@ -420,6 +418,7 @@ mod tests {
                 gid: uid,
                 home: "/home/exouser".into(),
             },
+            exe: "/usr/bin/exoagent".into(),
         }
     }
 
@@ -454,7 +453,7 @@ mod tests {
                 assert_eq!(path, "/api");
                 assert_eq!(expect_json_key.as_deref(), Some("version"));
             }
-            Probe::Tcp { .. } => panic!("expected an HTTP probe"),
+            other => panic!("expected an HTTP probe, got {other:?}"),
         }
         assert_eq!(lab.url(), "http://127.0.0.1:8888/");
     }

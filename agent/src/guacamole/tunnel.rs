@@ -1,0 +1,225 @@
+//! The WebSocket tunnel between a browser and guacd, after the handshake: whole instructions
+//! per WebSocket message (guacamole-common-js 1.5 cannot parse a message that ends mid-way),
+//! the tunnel UUID first, the browser's internal instructions filtered and its pings echoed,
+//! and a close whose reason is the Guacamole status code.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use rand::RngCore;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::auth::Authenticator;
+use super::handshake::Connected;
+use super::protocol::{Decoder, Instruction, Limits};
+
+/// Messages to the browser carry whole instructions up to about this size (the Java endpoint
+/// uses 8 KiB); one larger instruction goes alone.
+pub const MESSAGE_TARGET_BYTES: usize = 8192;
+/// How often tunnel traffic renews the token (activity keeps a session alive).
+const TOUCH_EVERY: Duration = Duration::from_secs(30);
+
+/// Guacamole status codes the tunnel closes with.
+pub mod status {
+    /// The session ended normally.
+    pub const SUCCESS: u16 = 0x0000;
+    /// guacd sent something that is not the protocol.
+    pub const UPSTREAM_ERROR: u16 = 0x0203;
+    /// The browser sent something that is not the protocol.
+    pub const CLIENT_BAD_REQUEST: u16 = 0x0300;
+    /// The token is unknown or expired.
+    pub const CLIENT_UNAUTHORIZED: u16 = 0x0301;
+    /// No such connection.
+    pub const RESOURCE_NOT_FOUND: u16 = 0x0204;
+}
+
+/// A random UUID (version 4), as the tunnel's id.
+pub fn new_uuid() -> String {
+    let mut b = [0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+/// Close the browser's WebSocket with a Guacamole status code as the reason.
+pub async fn close(socket: &mut WebSocket, status: u16) {
+    // 1000 for a normal end, 1011 (server error) otherwise; the client reads the reason.
+    let code = if status == status::SUCCESS {
+        1000
+    } else {
+        1011
+    };
+    let frame = CloseFrame {
+        code,
+        reason: Utf8Bytes::from(status.to_string()),
+    };
+    let _ = socket.send(Message::Close(Some(frame))).await;
+}
+
+/// How a tunnel ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// guacd closed the session.
+    ByGuacd,
+    /// The browser closed the WebSocket.
+    ByBrowser,
+    /// One side broke the protocol or the connection failed; the status sent.
+    Failed(u16),
+}
+
+/// Relay until either side ends. `token` is renewed while traffic flows.
+pub async fn relay(
+    mut socket: WebSocket,
+    guacd: Connected,
+    auth: Arc<Authenticator>,
+    token: String,
+) -> Ended {
+    let Connected {
+        stream,
+        decoder: mut from_guacd,
+        ..
+    } = guacd;
+    let (mut guacd_read, mut guacd_write) = stream.into_split();
+    let mut from_browser = Decoder::with_limits(Limits::FROM_BROWSER);
+    let mut read_buffer = vec![0u8; 16 * 1024];
+    let mut last_touch = Instant::now();
+
+    if socket
+        .send(Message::Text(
+            Instruction::tunnel_uuid(new_uuid()).encode().into(),
+        ))
+        .await
+        .is_err()
+    {
+        return Ended::ByBrowser;
+    }
+    // Instructions guacd sent right after `ready` are already in the decoder.
+    if let Err(ended) = forward_to_browser(&mut from_guacd, &mut socket).await {
+        return finish(socket, ended).await;
+    }
+
+    let ended = loop {
+        tokio::select! {
+            read = guacd_read.read(&mut read_buffer) => match read {
+                Ok(0) | Err(_) => break Ended::ByGuacd,
+                Ok(n) => {
+                    from_guacd.push(&read_buffer[..n]);
+                    if let Err(ended) = forward_to_browser(&mut from_guacd, &mut socket).await {
+                        break ended;
+                    }
+                }
+            },
+            message = socket.recv() => {
+                let text = match message {
+                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break Ended::ByBrowser,
+                    Some(Ok(Message::Text(text))) => text,
+                    // Guacamole speaks text; WebSocket pings are answered by the library.
+                    Some(Ok(Message::Binary(_))) => break Ended::Failed(status::CLIENT_BAD_REQUEST),
+                    Some(Ok(_)) => continue,
+                };
+                if last_touch.elapsed() >= TOUCH_EVERY {
+                    if auth.touch(&token).is_none() {
+                        break Ended::Failed(status::CLIENT_UNAUTHORIZED);
+                    }
+                    last_touch = Instant::now();
+                }
+                from_browser.push(text.as_bytes());
+                let mut to_guacd = String::new();
+                let mut echoes = Vec::new();
+                let mut bad = false;
+                while let Some(frame) = from_browser.next_frame() {
+                    match frame {
+                        Ok(frame) if frame.is_ping() => echoes.push(frame.as_str().to_owned()),
+                        // Other internal instructions are for the tunnel, never for guacd.
+                        Ok(frame) if frame.is_internal() => {}
+                        Ok(frame) => to_guacd.push_str(frame.as_str()),
+                        Err(_) => {
+                            bad = true;
+                            break;
+                        }
+                    }
+                }
+                if bad {
+                    break Ended::Failed(status::CLIENT_BAD_REQUEST);
+                }
+                for echo in echoes {
+                    if socket.send(Message::Text(echo.into())).await.is_err() {
+                        break;
+                    }
+                }
+                if !to_guacd.is_empty() && guacd_write.write_all(to_guacd.as_bytes()).await.is_err() {
+                    break Ended::ByGuacd;
+                }
+            }
+        }
+    };
+    finish(socket, ended).await
+}
+
+async fn finish(mut socket: WebSocket, ended: Ended) -> Ended {
+    match ended {
+        Ended::ByGuacd => close(&mut socket, status::SUCCESS).await,
+        Ended::Failed(code) => close(&mut socket, code).await,
+        Ended::ByBrowser => {}
+    }
+    ended
+}
+
+/// Send every whole instruction the decoder holds, batched into messages of about
+/// [`MESSAGE_TARGET_BYTES`].
+async fn forward_to_browser(decoder: &mut Decoder, socket: &mut WebSocket) -> Result<(), Ended> {
+    let mut batch = String::new();
+    loop {
+        match decoder.next_frame() {
+            None => break,
+            Some(Err(_)) => {
+                if !batch.is_empty() {
+                    let _ = socket.send(Message::Text(batch.into())).await;
+                }
+                return Err(Ended::Failed(status::UPSTREAM_ERROR));
+            }
+            Some(Ok(frame)) => {
+                let text = frame.as_str();
+                if !batch.is_empty() && batch.len() + text.len() > MESSAGE_TARGET_BYTES {
+                    let full = std::mem::take(&mut batch);
+                    socket
+                        .send(Message::Text(full.into()))
+                        .await
+                        .map_err(|_| Ended::ByBrowser)?;
+                }
+                batch.push_str(text);
+            }
+        }
+    }
+    if !batch.is_empty() {
+        socket
+            .send(Message::Text(batch.into()))
+            .await
+            .map_err(|_| Ended::ByBrowser)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uuids_are_version_4() {
+        let u = new_uuid();
+        assert_eq!(u.len(), 36);
+        assert_eq!(&u[14..15], "4");
+        assert!(matches!(&u[19..20], "8" | "9" | "a" | "b"));
+        assert_ne!(u, new_uuid());
+    }
+}

@@ -1,0 +1,509 @@
+//! The Guacamole web side on port 49528 under `/guacamole/` (DESIGN §4.5): the token API
+//! Exosphere calls, the client page, a health endpoint, and the WebSocket tunnel. No CORS
+//! headers: the page and the API share an origin, behind the cloud's proxy too.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{ConnectInfo, Form, Path, RawQuery, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde_json::json;
+
+use super::assets;
+use super::auth::{Authenticator, Credentials, LoginError};
+use super::config::{WebConfig, DATA_SOURCE};
+use super::handshake::{self, ClientInfo};
+use super::tunnel::{self, status};
+
+/// At most this many tunnels at once; more are refused with CLIENT_TOO_MANY.
+pub const MAX_TUNNELS: usize = 32;
+/// How often the start-up check asks guacd again until it answers.
+const GUACD_RETRY: Duration = Duration::from_secs(2);
+
+/// Shared by every request.
+pub struct WebState {
+    config: WebConfig,
+    auth: Arc<Authenticator>,
+    guacd_answered: AtomicBool,
+    tunnels: AtomicUsize,
+}
+
+impl WebState {
+    /// State for `config` with the account's passphrase.
+    pub fn new(config: WebConfig, password: String) -> Arc<Self> {
+        let credentials = Credentials::new(config.username.clone(), password);
+        let auth = Arc::new(Authenticator::new(credentials, config.session_timeout()));
+        Arc::new(Self {
+            config,
+            auth,
+            guacd_answered: AtomicBool::new(false),
+            tunnels: AtomicUsize::new(0),
+        })
+    }
+
+    /// Ask guacd for every configured protocol's `args` until all answer (a `select` costs
+    /// guacd a child process, so this runs once at start-up, then liveness is a TCP connect).
+    pub async fn check_guacd_until_ready(self: Arc<Self>) {
+        let mut protocols: Vec<&str> = self
+            .config
+            .connections
+            .values()
+            .map(|c| c.protocol.as_str())
+            .collect();
+        protocols.sort_unstable();
+        protocols.dedup();
+        loop {
+            let mut all = true;
+            for protocol in &protocols {
+                if let Err(e) = handshake::check_protocol(self.config.guacd, protocol).await {
+                    tracing::info!(protocol, reason = e.reason(), "guacd not ready: {e}");
+                    all = false;
+                }
+            }
+            if all {
+                tracing::info!(guacd = %self.config.guacd, "guacd answers for {protocols:?}");
+                self.guacd_answered.store(true, Ordering::SeqCst);
+                return;
+            }
+            tokio::time::sleep(GUACD_RETRY).await;
+        }
+    }
+}
+
+/// The routes.
+pub fn router(state: Arc<WebState>) -> Router {
+    Router::new()
+        .route(
+            "/guacamole",
+            get(|| async { Redirect::permanent("/guacamole/") }),
+        )
+        .route("/guacamole/", get(index))
+        .route("/guacamole/assets/{file}", get(asset))
+        .route("/guacamole/api/tokens", post(login))
+        .route("/guacamole/api/tokens/{token}", delete(logout))
+        .route("/guacamole/api/session", delete(logout_query))
+        .route("/guacamole/api/languages", get(languages))
+        .route(
+            "/guacamole/api/session/data/{source}/connections",
+            get(connections),
+        )
+        .route("/guacamole/api/exoagent/health", get(health))
+        .route("/guacamole/websocket-tunnel", get(websocket))
+        .with_state(state)
+}
+
+/// Serve until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<WebState>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let _guacd = state
+        .config
+        .guacd_command
+        .clone()
+        .map(|argv| tokio::spawn(run_guacd(argv)));
+    tokio::spawn(state.clone().check_guacd_until_ready());
+    axum::serve(
+        listener,
+        router(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+}
+
+/// Run guacd in the foreground and restart it when it exits (1 s, doubling to 30 s; reset after
+/// a minute up). It dies with the web side: `kill_on_drop`, and the shim ends the process group.
+async fn run_guacd(argv: Vec<String>) {
+    let mut delay = Duration::from_secs(1);
+    loop {
+        let Some((program, args)) = argv.split_first() else {
+            return;
+        };
+        let started = std::time::Instant::now();
+        let child = tokio::process::Command::new(program)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn();
+        match child {
+            Ok(mut child) => {
+                tracing::info!(command = %argv.join(" "), pid = child.id(), "guacd started");
+                match child.wait().await {
+                    Ok(status) => tracing::warn!(%status, "guacd exited"),
+                    Err(e) => tracing::warn!("waiting for guacd failed: {e}"),
+                }
+            }
+            Err(e) => tracing::warn!(command = %argv.join(" "), "failed to start guacd: {e}"),
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            delay = Duration::from_secs(1);
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
+}
+
+fn no_store(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    response
+}
+
+async fn index() -> Response {
+    asset_response("index.html")
+}
+
+async fn asset(Path(file): Path<String>) -> Response {
+    asset_response(&format!("assets/{file}"))
+}
+
+fn asset_response(name: &str) -> Response {
+    match assets::find(name) {
+        Some((content_type, body)) => {
+            let mut response = (
+                [
+                    (header::CONTENT_TYPE, content_type),
+                    (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+                    (header::REFERRER_POLICY, "no-referrer"),
+                ],
+                body,
+            )
+                .into_response();
+            if name == "index.html" {
+                // The token travels in the fragment; keep the page out of caches anyway.
+                response
+                    .headers_mut()
+                    .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            }
+            response
+        }
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+/// The client a request comes from: behind the cloud's proxy, the last `X-Forwarded-For`
+/// entry (the one the proxy added), else the peer.
+fn source(peer: SocketAddr, headers: &HeaderMap) -> IpAddr {
+    headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|s| s.trim().parse::<IpAddr>().ok())
+        .next_back()
+        .unwrap_or(peer.ip())
+}
+
+fn api_error(status: StatusCode, kind: &str, message: &str) -> Response {
+    no_store(
+        (
+            status,
+            Json(json!({
+                "message": message,
+                "translatableMessage": {"key": "APP.TEXT_UNTRANSLATED", "variables": {"MESSAGE": message}},
+                "statusCode": null,
+                "expected": null,
+                "type": kind,
+            })),
+        )
+            .into_response(),
+    )
+}
+
+/// `POST /guacamole/api/tokens` with form fields `username` and `password`, as Exosphere sends.
+async fn login(
+    State(state): State<Arc<WebState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Form(form): Form<BTreeMap<String, String>>,
+) -> Response {
+    let username = form.get("username").map(String::as_str).unwrap_or("");
+    let password = form.get("password").map(String::as_str).unwrap_or("");
+    let from = source(peer, &headers);
+    match state.auth.login(from, username, password) {
+        Ok(token) => {
+            tracing::info!(%from, "guacamole login");
+            no_store(
+                Json(json!({
+                    "authToken": token,
+                    "username": state.auth.credentials().username(),
+                    "dataSource": DATA_SOURCE,
+                    "availableDataSources": [DATA_SOURCE],
+                }))
+                .into_response(),
+            )
+        }
+        Err(e @ LoginError::InvalidCredentials) => {
+            tracing::warn!(%from, reason = e.reason(), "guacamole login refused");
+            api_error(
+                StatusCode::FORBIDDEN,
+                "INVALID_CREDENTIALS",
+                "Invalid login.",
+            )
+        }
+        Err(e @ LoginError::TooMany { retry_after_s }) => {
+            tracing::warn!(%from, reason = e.reason(), "guacamole login refused");
+            let mut response = api_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "TOO_MANY_REQUESTS",
+                "Too many failed logins; try again later.",
+            );
+            if let Ok(value) = HeaderValue::from_str(&retry_after_s.to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, value);
+            }
+            response
+        }
+    }
+}
+
+async fn logout(State(state): State<Arc<WebState>>, Path(token): Path<String>) -> Response {
+    if state.auth.revoke(&token) {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        api_error(StatusCode::NOT_FOUND, "NOT_FOUND", "No such token.")
+    }
+}
+
+async fn logout_query(State(state): State<Arc<WebState>>, RawQuery(query): RawQuery) -> Response {
+    let token = query_pairs(query.as_deref())
+        .into_iter()
+        .find(|(k, _)| k == "token")
+        .map(|(_, v)| v)
+        .unwrap_or_default();
+    logout(State(state), Path(token)).await
+}
+
+/// The stock app's cheap liveness call.
+async fn languages() -> Response {
+    no_store(Json(json!({"en": "English"})).into_response())
+}
+
+/// The stock listing, for clients that look connections up.
+async fn connections(
+    State(state): State<Arc<WebState>>,
+    Path(source): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let token = query_pairs(query.as_deref())
+        .into_iter()
+        .find(|(k, _)| k == "token")
+        .map(|(_, v)| v)
+        .unwrap_or_default();
+    if state.auth.touch(&token).is_none() {
+        return api_error(
+            StatusCode::FORBIDDEN,
+            "PERMISSION_DENIED",
+            "Permission denied.",
+        );
+    }
+    if source != DATA_SOURCE {
+        return api_error(StatusCode::NOT_FOUND, "NOT_FOUND", "No such data source.");
+    }
+    let listing: serde_json::Map<String, serde_json::Value> = state
+        .config
+        .connections
+        .iter()
+        .map(|(name, c)| {
+            (
+                name.clone(),
+                json!({"identifier": name, "name": name, "protocol": c.protocol,
+                       "parentIdentifier": "ROOT", "attributes": {}, "activeConnections": 0}),
+            )
+        })
+        .collect();
+    no_store(Json(listing).into_response())
+}
+
+/// 200 once guacd has answered for every configured protocol and still accepts connections.
+async fn health(State(state): State<Arc<WebState>>) -> Response {
+    if !state.guacd_answered.load(Ordering::SeqCst) {
+        return no_store(
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"error": "guacd has not answered yet"})),
+            )
+                .into_response(),
+        );
+    }
+    let reachable = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::net::TcpStream::connect(state.config.guacd),
+    )
+    .await
+    .is_ok_and(|r| r.is_ok());
+    if reachable {
+        no_store(Json(json!({"guacd": "ok"})).into_response())
+    } else {
+        no_store(
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"error": "guacd is not accepting connections"})),
+            )
+                .into_response(),
+        )
+    }
+}
+
+fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
+    form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect()
+}
+
+/// The tunnel's query: the token, the connection and what the browser supports.
+#[derive(Debug, Default)]
+struct TunnelRequest {
+    token: String,
+    id: String,
+    kind: String,
+    data_source: String,
+    client: ClientInfo,
+}
+
+fn tunnel_request(query: Option<&str>) -> TunnelRequest {
+    let mut request = TunnelRequest {
+        client: ClientInfo {
+            image: Vec::new(),
+            ..ClientInfo::default()
+        },
+        ..TunnelRequest::default()
+    };
+    let number =
+        |v: &str, default: u32, max: u32| v.parse().map_or(default, |n: u32| n.clamp(1, max));
+    for (key, value) in query_pairs(query) {
+        match key.as_str() {
+            "token" => request.token = value,
+            "GUAC_ID" => request.id = value,
+            "GUAC_TYPE" => request.kind = value,
+            "GUAC_DATA_SOURCE" => request.data_source = value,
+            "GUAC_WIDTH" => request.client.width = number(&value, 1024, 8192),
+            "GUAC_HEIGHT" => request.client.height = number(&value, 768, 8192),
+            "GUAC_DPI" => request.client.dpi = number(&value, 96, 1000),
+            "GUAC_AUDIO" => request.client.audio.push(value),
+            "GUAC_VIDEO" => request.client.video.push(value),
+            "GUAC_IMAGE" => request.client.image.push(value),
+            "GUAC_TIMEZONE" if !value.is_empty() => request.client.timezone = Some(value),
+            _ => {}
+        }
+    }
+    if request.client.image.is_empty() {
+        request.client.image = ClientInfo::default().image;
+    }
+    request
+}
+
+/// `GET /guacamole/websocket-tunnel?token=…&GUAC_ID=…`, subprotocol `guacamole`.
+async fn websocket(
+    State(state): State<Arc<WebState>>,
+    RawQuery(query): RawQuery,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let upgrade = upgrade.protocols(["guacamole"]);
+    if upgrade.selected_protocol().is_none() {
+        return (
+            StatusCode::BAD_REQUEST,
+            "the WebSocket subprotocol 'guacamole' is required",
+        )
+            .into_response();
+    }
+    let request = tunnel_request(query.as_deref());
+    upgrade.on_upgrade(move |mut socket| async move {
+        let Some(user) = state.auth.touch(&request.token) else {
+            tunnel::close(&mut socket, status::CLIENT_UNAUTHORIZED).await;
+            return;
+        };
+        let connection = (request.kind == "c" && request.data_source == DATA_SOURCE)
+            .then(|| state.config.connections.get(&request.id))
+            .flatten();
+        let Some(connection) = connection else {
+            tunnel::close(&mut socket, status::RESOURCE_NOT_FOUND).await;
+            return;
+        };
+        let open = state.tunnels.fetch_add(1, Ordering::SeqCst);
+        let _slot = TunnelSlot(&state.tunnels);
+        if open >= MAX_TUNNELS {
+            tunnel::close(&mut socket, 0x031D).await; // CLIENT_TOO_MANY
+            return;
+        }
+        let mut client = request.client.clone();
+        client.name = Some(user);
+        let parameters = connection.resolved(state.auth.credentials().password());
+        let started = std::time::Instant::now();
+        match handshake::connect(state.config.guacd, &connection.protocol, &parameters, &client).await
+        {
+            Ok(connected) => {
+                tracing::info!(connection = %request.id, guacd_id = %connected.connection_id, "tunnel open");
+                let ended = tunnel::relay(socket, connected, state.auth.clone(), request.token.clone()).await;
+                tracing::info!(connection = %request.id, ?ended, seconds = started.elapsed().as_secs(), "tunnel closed");
+            }
+            Err(e) => {
+                tracing::warn!(connection = %request.id, reason = e.reason(), "tunnel handshake failed: {e}");
+                tunnel::close(&mut socket, e.status()).await;
+            }
+        }
+    })
+}
+
+/// Gives a tunnel slot back however the tunnel ends.
+struct TunnelSlot<'a>(&'a AtomicUsize);
+
+impl Drop for TunnelSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tunnel_query_is_read_like_the_stock_app_sends_it() {
+        let r = tunnel_request(Some(
+            "token=AB&GUAC_DATA_SOURCE=default&GUAC_ID=shell&GUAC_TYPE=c&GUAC_WIDTH=1000&\
+             GUAC_HEIGHT=700&GUAC_DPI=192&GUAC_TIMEZONE=Europe%2FBerlin&GUAC_AUDIO=audio%2FL8&\
+             GUAC_AUDIO=audio%2FL16&GUAC_IMAGE=image%2Fpng&GUAC_IMAGE=image%2Fwebp",
+        ));
+        assert_eq!(
+            (r.token.as_str(), r.id.as_str(), r.kind.as_str()),
+            ("AB", "shell", "c")
+        );
+        assert_eq!(
+            (r.client.width, r.client.height, r.client.dpi),
+            (1000, 700, 192)
+        );
+        assert_eq!(r.client.audio, ["audio/L8", "audio/L16"]);
+        assert_eq!(r.client.image, ["image/png", "image/webp"]);
+        assert_eq!(r.client.timezone.as_deref(), Some("Europe/Berlin"));
+        let r = tunnel_request(Some("GUAC_WIDTH=999999&GUAC_HEIGHT=x"));
+        assert_eq!((r.client.width, r.client.height), (8192, 768));
+        assert_eq!(r.client.image, ["image/png", "image/jpeg"]);
+    }
+
+    #[test]
+    fn the_source_is_the_proxy_added_address() {
+        let peer: SocketAddr = "10.0.0.5:5555".parse().unwrap();
+        let mut headers = HeaderMap::new();
+        assert_eq!(source(peer, &headers), peer.ip());
+        headers.insert(
+            "x-forwarded-for",
+            "203.0.113.9, 198.51.100.7".parse().unwrap(),
+        );
+        assert_eq!(
+            source(peer, &headers),
+            "198.51.100.7".parse::<IpAddr>().unwrap()
+        );
+    }
+}

@@ -1,0 +1,280 @@
+//! The graphical desktop: a VNC server on loopback (display `:N` for port `5900+N`) with an Xfce
+//! (or GNOME) session as the instance user, run as one supervised pair by
+//! `exoagent desktop-session`. TigerVNC from the distribution; TurboVNC and VirtualGL (EGL back
+//! end) from their vendor repositories when an NVIDIA GPU is present. Ready when the RFB banner
+//! offers VNC authentication.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::{ServiceContext, ServiceError, ServiceImpl};
+use crate::config::{DesktopEnvironment, DesktopSettings, VncServerChoice};
+use crate::desktop;
+use crate::fsutil;
+use crate::platform::os::{Family, Os};
+use crate::platform::passphrase::Passphrase;
+use crate::services::ServiceKind;
+use crate::supervise::{Probe, RunSpec};
+
+/// RFB security type 2: VNC authentication (the passphrase's first 8 characters).
+const VNC_AUTH: u8 = 2;
+
+/// Polkit rule giving the instance user every action without a prompt, as Exosphere's desktop
+/// does (the user has passwordless sudo already; prompts only get in the way on a desktop).
+const POLKIT_RULE: &str = "/etc/polkit-1/rules.d/49-exoagent-desktop.rules";
+
+/// Which VNC server actually runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VncRoute {
+    /// TigerVNC from the distribution.
+    TigerVnc,
+    /// TurboVNC, with VirtualGL when a GPU is there.
+    TurboVnc {
+        /// Run the session under VirtualGL's EGL back end.
+        virtualgl: bool,
+    },
+}
+
+impl VncRoute {
+    /// Resolve `choice` on a machine whose sysfs is under `sys_root`.
+    pub fn resolve(choice: VncServerChoice, sys_root: &Path) -> Self {
+        let gpu = desktop::detect_nvidia_gpu(sys_root);
+        match choice {
+            VncServerChoice::TigerVnc => Self::TigerVnc,
+            VncServerChoice::TurboVnc => Self::TurboVnc { virtualgl: gpu },
+            VncServerChoice::Auto if gpu => Self::TurboVnc { virtualgl: true },
+            VncServerChoice::Auto => Self::TigerVnc,
+        }
+    }
+}
+
+/// The desktop as configured.
+#[derive(Debug, Clone)]
+pub struct Desktop {
+    settings: DesktopSettings,
+}
+
+impl Desktop {
+    /// The desktop with the given settings.
+    pub fn new(settings: DesktopSettings) -> Self {
+        Self { settings }
+    }
+
+    /// The X display number for the RFB port (5901 → `:1`).
+    pub fn display(&self) -> u16 {
+        self.settings.port.saturating_sub(5900).max(1)
+    }
+
+    fn route(&self, ctx: &ServiceContext) -> VncRoute {
+        VncRoute::resolve(self.settings.vnc_server, &ctx.paths.system_root)
+    }
+
+    fn password_file(ctx: &ServiceContext) -> PathBuf {
+        ctx.paths
+            .service_state_dir(ServiceKind::Desktop)
+            .join("vncpasswd")
+    }
+
+    fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ServiceError {
+        let path = path.to_path_buf();
+        move |source| ServiceError::Io {
+            service: ServiceKind::Desktop,
+            action,
+            path,
+            source,
+        }
+    }
+
+    /// The `exoagent desktop-session` arguments.
+    pub fn session_args(&self, ctx: &ServiceContext) -> Vec<String> {
+        let (width, height) = self.settings.geometry;
+        let mut args = vec![
+            "desktop-session".to_owned(),
+            "--display".to_owned(),
+            self.display().to_string(),
+            "--rfb-port".to_owned(),
+            self.settings.port.to_string(),
+            "--geometry".to_owned(),
+            format!("{width}x{height}"),
+            "--password-file".to_owned(),
+            Self::password_file(ctx).to_string_lossy().into_owned(),
+            "--environment".to_owned(),
+            match self.settings.environment {
+                DesktopEnvironment::Xfce => "xfce",
+                DesktopEnvironment::Gnome => "gnome",
+            }
+            .to_owned(),
+        ];
+        match self.route(ctx) {
+            VncRoute::TigerVnc => args.extend(["--server".to_owned(), "tigervnc".to_owned()]),
+            VncRoute::TurboVnc { virtualgl } => {
+                args.extend(["--server".to_owned(), "turbovnc".to_owned()]);
+                if virtualgl {
+                    args.push("--virtualgl".to_owned());
+                }
+            }
+        }
+        args
+    }
+}
+
+impl ServiceImpl for Desktop {
+    fn system_packages(&self, os: &Os) -> Vec<String> {
+        let environment: &[&str] = match (os.family, self.settings.environment) {
+            (Family::Debian, DesktopEnvironment::Xfce) => &["xfce4", "xfce4-terminal", "dbus-x11"],
+            (Family::Debian, DesktopEnvironment::Gnome) => {
+                &["gnome-session", "gnome-terminal", "dbus-x11"]
+            }
+            // EL: Xfce comes from EPEL (unverified here: no EL machine).
+            (Family::RedHat, DesktopEnvironment::Xfce) => &[
+                "epel-release",
+                "xfce4-session",
+                "xfwm4",
+                "xfce4-panel",
+                "xfdesktop",
+                "xfce4-terminal",
+                "dbus-x11",
+            ],
+            (Family::RedHat, DesktopEnvironment::Gnome) => {
+                &["gnome-session", "gnome-terminal", "dbus-x11"]
+            }
+        };
+        // TurboVNC's packages come from its vendor repository, added by `install`.
+        let server: &[&str] = match (os.family, self.settings.vnc_server) {
+            (_, VncServerChoice::TurboVnc) => &[],
+            (Family::Debian, _) => &["tigervnc-standalone-server", "tigervnc-tools"],
+            (Family::RedHat, _) => &["tigervnc-server"],
+        };
+        environment
+            .iter()
+            .chain(server)
+            .map(|s| (*s).to_owned())
+            .collect()
+    }
+
+    fn plan(&self, ctx: &ServiceContext) -> Vec<String> {
+        let server = match self.route(ctx) {
+            VncRoute::TigerVnc => "TigerVNC".to_owned(),
+            VncRoute::TurboVnc { virtualgl: true } => {
+                "TurboVNC with VirtualGL (EGL, NVIDIA GPU found)".to_owned()
+            }
+            VncRoute::TurboVnc { virtualgl: false } => "TurboVNC".to_owned(),
+        };
+        let (w, h) = self.settings.geometry;
+        vec![
+            format!(
+                "write the VNC password file {} (0600, owner {}) from the passphrase",
+                Self::password_file(ctx).display(),
+                ctx.account.name
+            ),
+            format!(
+                "run {server} on display :{} (127.0.0.1:{}, {w}x{h}, VNC authentication) with a \
+                 {} session as {} under supervision; ready when the RFB banner offers VNC \
+                 authentication",
+                self.display(),
+                self.settings.port,
+                match self.settings.environment {
+                    DesktopEnvironment::Xfce => "Xfce",
+                    DesktopEnvironment::Gnome => "GNOME",
+                },
+                ctx.account.name
+            ),
+        ]
+    }
+
+    async fn install(&self, ctx: &ServiceContext) -> Result<(), ServiceError> {
+        if let VncRoute::TurboVnc { .. } = self.route(ctx) {
+            // The vendor repositories (packagecloud) cannot be reached from this project's test
+            // machines; this route is written from the vendors' instructions, not run here.
+            return Err(ServiceError::Install {
+                service: ServiceKind::Desktop,
+                detail: "TurboVNC/VirtualGL (GPU) route: add the TurboVNC and VirtualGL vendor \
+                         repositories and install `turbovnc virtualgl` in the image (see \
+                         docs/desktop.md); this version of exoagent does not add them itself"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+
+    async fn configure(
+        &self,
+        ctx: &ServiceContext,
+        passphrase: &Passphrase,
+    ) -> Result<(), ServiceError> {
+        let dir = ctx.paths.service_state_dir(ServiceKind::Desktop);
+        fsutil::ensure_dir(&dir, 0o711).map_err(Self::io_err("create", &dir))?;
+        let file = Self::password_file(ctx);
+        desktop::write_vnc_password(passphrase.expose(), &file, ctx.account.uid, ctx.account.gid)
+            .await
+            .map_err(|e| ServiceError::Configure {
+                service: ServiceKind::Desktop,
+                detail: e.to_string(),
+            })?;
+        // Polkit prompts off for the instance user (system mode only: it is a system file).
+        if ctx.paths.system_root == Path::new("/") && ctx.account.uid != 0 {
+            let rule = format!(
+                "// Written by exoagent: no polkit prompts for the instance user on its desktop.\n\
+                 polkit.addRule(function(action, subject) {{\n    \
+                 if (subject.user == {:?}) {{ return polkit.Result.YES; }}\n}});\n",
+                ctx.account.name
+            );
+            let path = Path::new(POLKIT_RULE);
+            if let Some(parent) = path.parent() {
+                fsutil::ensure_dir(parent, 0o755).map_err(Self::io_err("create", parent))?;
+            }
+            fsutil::write_atomic(path, rule.as_bytes(), 0o644, None)
+                .map_err(Self::io_err("write", path))?;
+        }
+        // A desktop session without a home cannot start.
+        let home = &ctx.account.home;
+        if !home.exists() {
+            fsutil::ensure_dir(home, 0o750).map_err(Self::io_err("create", home))?;
+        }
+        Ok(())
+    }
+
+    fn run_spec(&self, ctx: &ServiceContext) -> RunSpec {
+        let exe = ctx.exe.to_string_lossy().into_owned();
+        let account = &ctx.account;
+        let mut argv = vec![exe];
+        argv.extend(self.session_args(ctx));
+        RunSpec {
+            argv,
+            env: vec![
+                ("HOME".into(), account.home.to_string_lossy().into_owned()),
+                ("USER".into(), account.name.clone()),
+                ("LOGNAME".into(), account.name.clone()),
+                ("SHELL".into(), "/bin/bash".into()),
+                ("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()),
+                ("LANG".into(), "C.UTF-8".into()),
+            ],
+            cwd: account.home.clone(),
+            run_as: ctx.run_as(),
+        }
+    }
+
+    fn probe(&self) -> Probe {
+        Probe::Rfb {
+            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, self.settings.port)),
+            security_type: VNC_AUTH,
+        }
+    }
+
+    fn start_timeout(&self) -> Duration {
+        self.settings.start_timeout
+    }
+
+    fn port(&self) -> u16 {
+        self.settings.port
+    }
+
+    fn url(&self) -> String {
+        format!(
+            "vnc://127.0.0.1:{} (display :{})",
+            self.settings.port,
+            self.display()
+        )
+    }
+}

@@ -1,0 +1,448 @@
+//! Guacamole without Java: guacd (the distribution's package, or the official container image
+//! pinned by digest) plus exoagent's own web side (`exoagent guacamole-web`: token API, client
+//! page, WebSocket tunnel), run as the instance user. Ready when the web side answers and guacd
+//! has answered a `select` for every configured protocol.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::{ServiceContext, ServiceError, ServiceImpl};
+use crate::config::{GuacamoleSettings, GuacdSource};
+use crate::fsutil;
+use crate::guacamole::config::{Connection, WebConfig, PASSWORD_TOKEN};
+use crate::platform::os::{Family, Os};
+use crate::platform::passphrase::Passphrase;
+use crate::services::command::run_logged;
+use crate::services::ServiceKind;
+use crate::supervise::{Probe, RunSpec};
+
+/// The official guacd image, pinned by digest: `guacamole/guacd` 1.6.0 as public deployments
+/// pin it. Not pulled in this project's tests (no access to its registry).
+pub const GUACD_IMAGE: &str =
+    "docker.io/guacamole/guacd@sha256:8974eaa9ba32f713daf311e7cc8cd7e4cdfba1edea39eed75524e78ef4b08f4f";
+
+/// How guacd runs, decided from the settings and the OS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuacdRoute {
+    /// `guacd` from the distribution, a child of the web side.
+    Package,
+    /// The pinned image under podman (host network, so loopback services are reachable and
+    /// guacd binds loopback only), a child of the web side.
+    Container,
+    /// Already running at the configured address.
+    External,
+}
+
+impl GuacdRoute {
+    /// Where guacd comes from on `os`: a package where the distribution has one (Ubuntu
+    /// universe, EPEL), the container image otherwise (Debian: only bullseye and sid have it).
+    pub fn resolve(source: GuacdSource, os: &Os) -> Self {
+        match source {
+            GuacdSource::Package => Self::Package,
+            GuacdSource::Container => Self::Container,
+            GuacdSource::External => Self::External,
+            GuacdSource::Auto => {
+                if os.id == "ubuntu" || os.family == Family::RedHat {
+                    Self::Package
+                } else {
+                    Self::Container
+                }
+            }
+        }
+    }
+}
+
+/// Guacamole as configured.
+#[derive(Debug, Clone)]
+pub struct Guacamole {
+    settings: GuacamoleSettings,
+}
+
+impl Guacamole {
+    /// Guacamole with the given settings.
+    pub fn new(settings: GuacamoleSettings) -> Self {
+        Self { settings }
+    }
+
+    fn state_dir(ctx: &ServiceContext) -> PathBuf {
+        ctx.paths.service_state_dir(ServiceKind::Guacamole)
+    }
+
+    /// The web side's configuration file.
+    pub fn config_file(ctx: &ServiceContext) -> PathBuf {
+        Self::state_dir(ctx).join("web.json")
+    }
+
+    fn password_file(ctx: &ServiceContext) -> PathBuf {
+        Self::state_dir(ctx).join("passphrase")
+    }
+
+    /// The route on the OS the agent runs on (read again: a service has no OS of its own).
+    fn route(&self) -> GuacdRoute {
+        match crate::platform::os::detect_lenient(Path::new("/")) {
+            Ok(os) => GuacdRoute::resolve(self.settings.guacd, &os),
+            Err(_) => GuacdRoute::resolve(self.settings.guacd, &unknown_os()),
+        }
+    }
+
+    /// The command that runs guacd for `route`, bound to the configured loopback address.
+    pub fn guacd_command(&self, route: &GuacdRoute) -> Option<Vec<String>> {
+        let addr = self.settings.guacd_address;
+        let guacd_args = [
+            "-f".to_owned(),
+            "-b".to_owned(),
+            addr.ip().to_string(),
+            "-l".to_owned(),
+            addr.port().to_string(),
+            "-L".to_owned(),
+            "info".to_owned(),
+        ];
+        match route {
+            GuacdRoute::External => None,
+            GuacdRoute::Package => {
+                let mut argv = vec!["guacd".to_owned()];
+                argv.extend(guacd_args);
+                Some(argv)
+            }
+            GuacdRoute::Container => {
+                let mut argv: Vec<String> = [
+                    "podman",
+                    "run",
+                    "--rm",
+                    "--replace",
+                    "--name",
+                    "exoagent-guacd",
+                    "--network",
+                    "host",
+                    "--pull",
+                    "missing",
+                    "--cap-drop",
+                    "ALL",
+                    "--security-opt",
+                    "no-new-privileges",
+                    GUACD_IMAGE,
+                    "/opt/guacamole/sbin/guacd",
+                ]
+                .map(str::to_owned)
+                .to_vec();
+                argv.extend(guacd_args);
+                Some(argv)
+            }
+        }
+    }
+
+    /// The connections: `shell` (SSH to this machine, with SFTP) always, `desktop` (VNC, with
+    /// SFTP) when the desktop service runs. Both log in as the instance user with the
+    /// passphrase, which is filled in by the web side from its 0600 file.
+    pub fn connections(&self, user: &str) -> BTreeMap<String, Connection> {
+        let ssh_port = self.settings.ssh_port.to_string();
+        let params = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        let mut connections = BTreeMap::new();
+        connections.insert(
+            "shell".to_owned(),
+            Connection {
+                protocol: "ssh".into(),
+                parameters: params(&[
+                    ("hostname", "127.0.0.1"),
+                    ("port", &ssh_port),
+                    ("username", user),
+                    ("password", PASSWORD_TOKEN),
+                    ("enable-sftp", "true"),
+                ]),
+            },
+        );
+        if let Some(port) = self.settings.desktop_port {
+            let port = port.to_string();
+            connections.insert(
+                "desktop".to_owned(),
+                Connection {
+                    protocol: "vnc".into(),
+                    parameters: params(&[
+                        ("hostname", "127.0.0.1"),
+                        ("port", &port),
+                        ("password", PASSWORD_TOKEN),
+                        ("autoretry", "5"),
+                        ("enable-sftp", "true"),
+                        ("sftp-hostname", "127.0.0.1"),
+                        ("sftp-port", &ssh_port),
+                        ("sftp-username", user),
+                        ("sftp-password", PASSWORD_TOKEN),
+                    ]),
+                },
+            );
+        }
+        connections
+    }
+
+    /// The web side's configuration for `ctx`.
+    pub fn web_config(&self, ctx: &ServiceContext, route: &GuacdRoute) -> WebConfig {
+        WebConfig {
+            listen: SocketAddr::new(self.settings.bind, self.settings.port),
+            guacd: self.settings.guacd_address,
+            guacd_command: self.guacd_command(route),
+            username: ctx.account.name.clone(),
+            password_file: Self::password_file(ctx),
+            session_timeout_s: self.settings.session_timeout.as_secs(),
+            connections: self.connections(&ctx.account.name),
+        }
+    }
+
+    fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ServiceError {
+        let path = path.to_path_buf();
+        move |source| ServiceError::Io {
+            service: ServiceKind::Guacamole,
+            action,
+            path,
+            source,
+        }
+    }
+}
+
+fn unknown_os() -> Os {
+    Os {
+        id: String::new(),
+        version_id: String::new(),
+        pretty_name: String::new(),
+        family: Family::Debian,
+        supported: false,
+    }
+}
+
+/// guacd's packages on `os` for the package route (batched with every other service's).
+fn guacd_packages(os: &Os) -> Vec<String> {
+    match (os.family, os.id.as_str()) {
+        // Ubuntu 24.04 renamed the libraries for the 64-bit time_t transition.
+        (Family::Debian, "ubuntu") if os.version_id.as_str() >= "24.04" => {
+            vec!["guacd", "libguac-client-ssh0t64", "libguac-client-vnc0t64"]
+        }
+        (Family::Debian, _) => vec!["guacd", "libguac-client-ssh0", "libguac-client-vnc0"],
+        // EPEL must be enabled first: `install` adds the rest once it is.
+        (Family::RedHat, _) => vec!["epel-release"],
+    }
+    .into_iter()
+    .map(str::to_owned)
+    .collect()
+}
+
+impl ServiceImpl for Guacamole {
+    fn system_packages(&self, os: &Os) -> Vec<String> {
+        match GuacdRoute::resolve(self.settings.guacd, os) {
+            GuacdRoute::Package => guacd_packages(os),
+            GuacdRoute::Container => vec!["podman".to_owned()],
+            GuacdRoute::External => Vec::new(),
+        }
+    }
+
+    fn plan(&self, ctx: &ServiceContext) -> Vec<String> {
+        let route = self.route();
+        let guacd = match &route {
+            GuacdRoute::Package => "guacd from the distribution's package".to_owned(),
+            GuacdRoute::Container => format!("guacd from {GUACD_IMAGE} under podman"),
+            GuacdRoute::External => "guacd already running (external)".to_owned(),
+        };
+        let names: Vec<String> = self.connections(&ctx.account.name).into_keys().collect();
+        vec![
+            format!(
+                "{guacd} on {}, run by the web side",
+                self.settings.guacd_address
+            ),
+            format!(
+                "write {} and {} (0600, owner {}): connections {}",
+                Self::config_file(ctx).display(),
+                Self::password_file(ctx).display(),
+                ctx.account.name,
+                names.join(", ")
+            ),
+            format!(
+                "serve the token API, client page and tunnel on {}:{} under /guacamole/ as {}; \
+                 ready when guacd answers for every connection's protocol",
+                self.settings.bind, self.settings.port, ctx.account.name
+            ),
+        ]
+    }
+
+    async fn install(&self, _ctx: &ServiceContext) -> Result<(), ServiceError> {
+        if self.route() == GuacdRoute::Package
+            && crate::platform::os::detect_lenient(Path::new("/"))
+                .is_ok_and(|os| os.family == Family::RedHat)
+        {
+            run_logged(
+                ServiceKind::Guacamole,
+                &[
+                    "dnf",
+                    "install",
+                    "-y",
+                    "guacd",
+                    "libguac-client-ssh",
+                    "libguac-client-vnc",
+                ],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn configure(
+        &self,
+        ctx: &ServiceContext,
+        passphrase: &Passphrase,
+    ) -> Result<(), ServiceError> {
+        let dir = Self::state_dir(ctx);
+        fsutil::ensure_dir(&dir, 0o711).map_err(Self::io_err("create", &dir))?;
+        let owner = Some((ctx.account.uid, ctx.account.gid));
+        let password = Self::password_file(ctx);
+        fsutil::write_atomic(&password, passphrase.expose().as_bytes(), 0o600, owner)
+            .map_err(Self::io_err("write", &password))?;
+        let config = self.web_config(ctx, &self.route());
+        let text = serde_json::to_vec_pretty(&config).map_err(|e| ServiceError::Configure {
+            service: ServiceKind::Guacamole,
+            detail: e.to_string(),
+        })?;
+        let file = Self::config_file(ctx);
+        fsutil::write_atomic(&file, &text, 0o600, owner).map_err(Self::io_err("write", &file))?;
+        // The web side's working directory.
+        let home = &ctx.account.home;
+        if !home.exists() {
+            fsutil::ensure_dir(home, 0o750).map_err(Self::io_err("create", home))?;
+        }
+        Ok(())
+    }
+
+    fn run_spec(&self, ctx: &ServiceContext) -> RunSpec {
+        let exe = ctx.exe.to_string_lossy().into_owned();
+        let account = &ctx.account;
+        RunSpec {
+            argv: vec![
+                exe,
+                "guacamole-web".into(),
+                "--config".into(),
+                Self::config_file(ctx).to_string_lossy().into_owned(),
+            ],
+            env: vec![
+                ("HOME".into(), account.home.to_string_lossy().into_owned()),
+                ("USER".into(), account.name.clone()),
+                ("LOGNAME".into(), account.name.clone()),
+                (
+                    "PATH".into(),
+                    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+                ),
+                ("LANG".into(), "C.UTF-8".into()),
+                ("EXOAGENT_LOG".into(), "info".into()),
+            ],
+            cwd: account.home.clone(),
+            run_as: ctx.run_as(),
+        }
+    }
+
+    fn probe(&self) -> Probe {
+        let host = match self.settings.bind {
+            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            ip => ip,
+        };
+        let addr = SocketAddr::new(host, self.settings.port);
+        Probe::Http {
+            addr,
+            path: "/guacamole/api/exoagent/health".into(),
+            host: addr.to_string(),
+            expect_json_key: Some("guacd".into()),
+        }
+    }
+
+    fn start_timeout(&self) -> Duration {
+        self.settings.start_timeout
+    }
+
+    fn port(&self) -> u16 {
+        self.settings.port
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/guacamole/", self.settings.port)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn os(id: &str, version: &str, family: Family) -> Os {
+        Os {
+            id: id.into(),
+            version_id: version.into(),
+            pretty_name: id.into(),
+            family,
+            supported: true,
+        }
+    }
+
+    #[test]
+    fn guacd_comes_from_a_package_where_one_exists() {
+        let ubuntu = os("ubuntu", "22.04", Family::Debian);
+        let debian = os("debian", "12", Family::Debian);
+        let rocky = os("rocky", "9.4", Family::RedHat);
+        assert_eq!(
+            GuacdRoute::resolve(GuacdSource::Auto, &ubuntu),
+            GuacdRoute::Package
+        );
+        assert_eq!(
+            GuacdRoute::resolve(GuacdSource::Auto, &rocky),
+            GuacdRoute::Package
+        );
+        assert_eq!(
+            GuacdRoute::resolve(GuacdSource::Auto, &debian),
+            GuacdRoute::Container
+        );
+        assert_eq!(
+            GuacdRoute::resolve(GuacdSource::External, &ubuntu),
+            GuacdRoute::External
+        );
+        assert_eq!(
+            guacd_packages(&os("ubuntu", "24.04", Family::Debian)),
+            ["guacd", "libguac-client-ssh0t64", "libguac-client-vnc0t64"]
+        );
+        assert_eq!(guacd_packages(&ubuntu)[1], "libguac-client-ssh0");
+        let service = Guacamole::new(GuacamoleSettings::default());
+        assert_eq!(service.system_packages(&debian), ["podman"]);
+    }
+
+    #[test]
+    fn guacd_binds_loopback_and_the_image_is_pinned() {
+        let service = Guacamole::new(GuacamoleSettings::default());
+        let package = service.guacd_command(&GuacdRoute::Package).unwrap();
+        assert_eq!(
+            package,
+            ["guacd", "-f", "-b", "127.0.0.1", "-l", "4822", "-L", "info"]
+        );
+        let container = service.guacd_command(&GuacdRoute::Container).unwrap();
+        assert!(container.contains(&"host".to_owned()));
+        let image = container
+            .iter()
+            .find(|a| a.contains("guacamole/guacd"))
+            .unwrap();
+        assert!(image.contains("@sha256:") && image.len() > 70, "{image}");
+        assert!(container.ends_with(&["-L".to_owned(), "info".to_owned()]));
+        assert_eq!(service.guacd_command(&GuacdRoute::External), None);
+    }
+
+    #[test]
+    fn the_desktop_connection_exists_only_with_the_desktop() {
+        let mut settings = GuacamoleSettings::default();
+        let shell_only = Guacamole::new(settings.clone()).connections("exouser");
+        assert_eq!(shell_only.keys().collect::<Vec<_>>(), ["shell"]);
+        assert_eq!(shell_only["shell"].parameters["password"], PASSWORD_TOKEN);
+        settings.desktop_port = Some(5901);
+        let both = Guacamole::new(settings).connections("exouser");
+        let desktop = &both["desktop"];
+        assert_eq!(desktop.protocol, "vnc");
+        assert_eq!(desktop.parameters["port"], "5901");
+        assert_eq!(desktop.parameters["sftp-username"], "exouser");
+    }
+}

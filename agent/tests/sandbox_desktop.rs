@@ -1,0 +1,193 @@
+//! The desktop and Guacamole services together under the agent (sandbox mode): the agent
+//! writes the VNC password file from the passphrase, runs `exoagent desktop-session` (real
+//! TigerVNC and a real Xfce session) until the RFB probe sees VNC authentication offered, and
+//! gives Guacamole a `desktop` connection to it. A tunnel to `desktop` then carries frames drawn
+//! from that real desktop.
+//!
+//! guacd is `tests/guacamole/guacd_peer.py` (a test double: guacd cannot be installed here),
+//! which draws from the VNC server with its own RFB client. Needs `bash tests/guacamole/setup.sh`.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{free_port, repo_root, Sandbox};
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+struct Peer(Child, u16);
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_peer() -> Peer {
+    let venv = std::env::var("EXOAGENT_GUAC_VENV")
+        .unwrap_or_else(|_| "/var/tmp/exoagent-guac-venv".to_owned());
+    let python = PathBuf::from(venv).join("bin/python");
+    assert!(python.exists(), "run `bash tests/guacamole/setup.sh` first");
+    let mut child = Command::new(python)
+        .arg(repo_root().join("tests/guacamole/guacd_peer.py"))
+        .args(["--listen", "127.0.0.1:0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port = line.trim().rsplit(':').next().unwrap().parse().unwrap();
+    Peer(child, port)
+}
+
+/// A display number whose lock, socket and RFB port are free.
+fn free_display() -> u16 {
+    (40..99)
+        .find(|n| {
+            !Path::new(&format!("/tmp/.X{n}-lock")).exists()
+                && !Path::new(&format!("/tmp/.X11-unix/X{n}")).exists()
+                && std::net::TcpListener::bind(("127.0.0.1", 5900 + n)).is_ok()
+        })
+        .expect("a free X display")
+}
+
+#[test]
+fn the_agent_runs_the_desktop_and_guacamole_reaches_it() {
+    let peer = start_peer();
+    let display = free_display();
+    let mut sandbox = Sandbox::new(&format!(
+        "[services.desktop]\nenabled = true\nport = {}\ngeometry = \"1024x768\"\n\
+         [services.guacamole]\nenabled = true\nport = @PORT@\nbind = \"127.0.0.1\"\n\
+         guacd = \"external\"\nguacd_address = \"127.0.0.1:{}\"\nssh_port = {}\n",
+        5900 + display,
+        peer.1,
+        free_port()
+    ))
+    .with_start_args(&["--no-fixture-identity"]);
+    sandbox.start_agent();
+    let status = sandbox.wait_complete(120);
+    let services: Vec<_> = status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["service"].as_str().unwrap().to_owned(),
+                s["state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        services,
+        [
+            ("desktop".to_owned(), "ready".to_owned()),
+            ("guacamole".to_owned(), "ready".to_owned())
+        ],
+        "{status}"
+    );
+    let vncpasswd = sandbox
+        .root()
+        .join("var/lib/exoagent/services/desktop/vncpasswd");
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(&vncpasswd).unwrap();
+    assert_eq!(
+        (meta.mode() & 0o777, meta.len()),
+        (0o600, 8),
+        "VNC password file"
+    );
+
+    let passphrase = sandbox.passphrase();
+    let base = sandbox.base();
+    let web: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            sandbox
+                .root()
+                .join("var/lib/exoagent/services/guacamole/web.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        web["connections"]["desktop"]["parameters"]["port"],
+        (5900 + display).to_string()
+    );
+    let user = web["username"].as_str().unwrap().to_owned();
+    let response = reqwest::blocking::Client::new()
+        .post(format!("{base}/guacamole/api/tokens"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("username={user}&password={passphrase}"))
+        .send()
+        .unwrap();
+    let token = response.json::<serde_json::Value>().unwrap()["authToken"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let drawn = runtime.block_on(async {
+        let url = format!(
+            "{}/guacamole/websocket-tunnel?token={token}&GUAC_ID=desktop&GUAC_TYPE=c&\
+             GUAC_DATA_SOURCE=default&GUAC_WIDTH=1024&GUAC_HEIGHT=768&GUAC_IMAGE=image%2Fpng",
+            base.replace("http://", "ws://")
+        );
+        let mut request = url.into_client_request().unwrap();
+        request
+            .headers_mut()
+            .insert("sec-websocket-protocol", "guacamole".parse().unwrap());
+        let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+        let mut text = String::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        // Frames drawn from the real desktop: PNG images streamed as blobs, then a sync.
+        while !(text.contains("3.img,") && text.contains("4.blob,") && text.contains("4.sync,")) {
+            match tokio::time::timeout_at(deadline, socket.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    // Acknowledge frames as a browser does, so the desktop keeps drawing.
+                    if t.contains("4.sync,") {
+                        let _ = socket.send(Message::Text("4.sync,1.0;".into())).await;
+                    }
+                    text.push_str(t.as_str());
+                }
+                Ok(Some(Ok(_))) => {}
+                other => panic!(
+                    "no frames from the desktop: {other:?}; got {}",
+                    &text[..text.len().min(2000)]
+                ),
+            }
+        }
+        let _ = socket.close(None).await;
+        text.len()
+    });
+    assert!(drawn > 1000, "only {drawn} bytes of drawing");
+    assert!(
+        !sandbox.agent_output().contains(&passphrase),
+        "passphrase in a log"
+    );
+    // Stopping the agent leaves services running (by design); `down` stops the pair.
+    sandbox.kill_agent(libc::SIGTERM);
+    let down = sandbox.cli(&["down"]);
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    let lock = format!("/tmp/.X{display}-lock");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while Path::new(&lock).exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{lock} still there after down"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -1,0 +1,793 @@
+// Browser test of exoagent's Guacamole web side: a real Chromium (Debian's /usr/bin/chromium,
+// driven by playwright-core) opens the client page served by `exoagent guacamole-web`, which
+// tunnels to tests/guacamole/guacd_peer.py (the guacd test double), which draws from a real
+// sshd and a real TigerVNC + Xfce desktop (tests/guacamole/rig.py starts those and the peer).
+//
+// Run as root after `bash tests/browser/setup.sh`:   node --test tests/browser/
+//
+// Environment: EXOAGENT_BIN (default $CARGO_TARGET_DIR/debug/exoagent or target/debug/exoagent),
+// EXOAGENT_GUAC_VENV (default /var/tmp/exoagent-guac-venv), EXOAGENT_TEST_ARTIFACTS (default
+// target/test-artifacts; screenshots, logs and the peer's events end up there).
+import { after, before, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn, spawnSync } from 'node:child_process';
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import readline from 'node:readline';
+import { fileURLToPath } from 'node:url';
+import { chromium } from 'playwright-core';
+
+const HERE = path.dirname(fileURLToPath(import.meta.url));
+const REPO = path.resolve(HERE, '../..');
+const VENV = process.env.EXOAGENT_GUAC_VENV || '/var/tmp/exoagent-guac-venv';
+const PYTHON = path.join(VENV, 'bin/python');
+const RIG = path.join(REPO, 'tests/guacamole/rig.py');
+const BIN = process.env.EXOAGENT_BIN
+    || path.join(process.env.CARGO_TARGET_DIR ? path.resolve(REPO, process.env.CARGO_TARGET_DIR) : path.join(REPO, 'target'), 'debug/exoagent');
+const ARTIFACTS = path.resolve(REPO, process.env.EXOAGENT_TEST_ARTIFACTS || 'target/test-artifacts');
+const CHROMIUM = '/usr/bin/chromium';
+const CHROMIUM_ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+    '--disable-background-networking', '--disable-component-update', '--disable-sync'];
+const VIEWPORT = { width: 1280, height: 720 };
+
+// Connection ids as the links carry them: base64 of "<name>\0c\0default".
+const DESKTOP_ID = 'ZGVza3RvcABjAGRlZmF1bHQ='; // padded standard base64, as Exosphere sends
+const SHELL_ID = Buffer.from('shell\0c\0default').toString('base64url'); // unpadded base64url
+const EXPIRED_MESSAGE = 'This session has expired. Reopen the connection from Exosphere.';
+
+const T0 = Date.now();
+const timings = {};
+const S = {
+    rig: null, rigExit: null, info: null, web: null, webExit: null, port: 0, base: '',
+    tmp: null, context: null, udd: null, pages: new Set(), tornDown: false, createdFiles: [],
+};
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+/** A timer that does not keep the process alive (for races against exits and lines). */
+const deadline = (ms, value) => new Promise((r) => setTimeout(() => r(value), ms).unref());
+const secs = (ms) => `${(ms / 1000).toFixed(2)} s`;
+
+function note(t, msg) {
+    const line = `[${secs(Date.now() - T0)}] ${msg}`;
+    if (t && t.diagnostic) t.diagnostic(line);
+    else process.stderr.write(`# ${line}\n`);
+}
+
+/** Polls `probe` until it returns a truthy value; fails saying what was expected and last seen. */
+async function waitFor(probe, { timeout = 15000, interval = 100, expected, seen } = {}) {
+    const start = Date.now();
+    let last;
+    for (;;) {
+        last = await probe();
+        if (last) return last;
+        if (Date.now() - start > timeout) {
+            const observed = seen ? await seen(last) : JSON.stringify(last);
+            throw new assert.AssertionError({
+                message: `expected ${expected} within ${secs(timeout)}; saw: ${observed}`,
+            });
+        }
+        await sleep(interval);
+    }
+}
+
+function freePort() {
+    return new Promise((resolve, reject) => {
+        const srv = net.createServer();
+        srv.once('error', reject);
+        srv.listen(0, '127.0.0.1', () => {
+            const { port } = srv.address();
+            srv.close(() => resolve(port));
+        });
+    });
+}
+
+function readEvents() {
+    if (!S.info) return [];
+    let text = '';
+    try {
+        text = fs.readFileSync(S.info.events, 'utf8');
+    } catch {
+        return [];
+    }
+    return text.split('\n').filter((l) => l.trim()).map((l) => JSON.parse(l));
+}
+
+/** The peer connection (its `conn` id) of the first handshake of `protocol` after event `mark`. */
+function connAfter(mark, protocol) {
+    const hs = readEvents().slice(mark).find((e) => e.event === 'handshake' && e.protocol === protocol);
+    return hs ? hs.conn : null;
+}
+
+function eventsOf(conn, name) {
+    return readEvents().filter((e) => e.conn === conn && (!name || e.event === name));
+}
+
+function tail(file, n = 3000) {
+    try {
+        const text = fs.readFileSync(file, 'utf8');
+        return text.slice(-n);
+    } catch (e) {
+        return `(${file}: ${e.message})`;
+    }
+}
+
+async function login(password = S.info.password) {
+    // Exactly what Exosphere sends: a form body with the passphrase's spaces left raw.
+    const body = `username=${S.info.user}&password=${password}`;
+    return fetch(`${S.base}/guacamole/api/tokens`, {
+        method: 'POST',
+        headers: { 'Content-Type': 'application/x-www-form-urlencoded' },
+        body,
+    });
+}
+
+async function token() {
+    const r = await login();
+    const text = await r.text();
+    assert.equal(r.status, 200, `expected 200 from POST /guacamole/api/tokens, saw ${r.status}: ${text}`);
+    return JSON.parse(text).authToken;
+}
+
+async function pageState(page) {
+    return page.evaluate(() => {
+        const g = window.exoGuac;
+        return g ? {
+            state: g.state, lastError: g.lastError, filesystems: g.filesystems,
+            transfers: g.transfers, clipboard: g.clipboard,
+            status: document.getElementById('status-text')?.textContent,
+            detail: document.getElementById('status-detail')?.textContent,
+        } : { exoGuac: 'missing', body: document.body?.dataset.state };
+    }).catch((e) => ({ evaluateError: e.message }));
+}
+
+async function newPage(label) {
+    const page = await S.context.newPage();
+    S.pages.add(page);
+    page.on('close', () => S.pages.delete(page));
+    page.on('pageerror', (e) => note(null, `${label}: page error: ${e.message}`));
+    page.on('console', (m) => {
+        if (m.type() === 'error' || m.type() === 'warning') note(null, `${label}: console ${m.type()}: ${m.text()}`);
+    });
+    return page;
+}
+
+/** Opens the client page for a link and waits for state "connected". */
+async function openClient(t, id, tok, label) {
+    const page = await newPage(label);
+    const started = Date.now();
+    await page.goto(`${S.base}/guacamole/#/client/${id}?token=${tok}`);
+    await waitFor(() => page.evaluate(() => window.exoGuac && window.exoGuac.state === 'connected'), {
+        timeout: 30000,
+        expected: `exoGuac.state === 'connected' for ${label}`,
+        seen: () => pageState(page).then(JSON.stringify),
+    });
+    timings[`${label}: page to connected`] = Date.now() - started;
+    note(t, `${label}: connected after ${secs(Date.now() - started)}`);
+    return page;
+}
+
+/**
+ * Flattens the Guacamole display and describes it: size, distinct colours (sampled every 4th
+ * pixel in both directions) and an FNV-1a hash of every pixel.
+ */
+async function displayStats(page) {
+    return page.evaluate(() => {
+        const display = window.exoGuac.client.getDisplay();
+        const canvas = display.flatten();
+        const { width, height } = canvas;
+        if (!width || !height) return { width, height, colours: 0, hash: 0 };
+        const data = canvas.getContext('2d').getImageData(0, 0, width, height).data;
+        const seen = new Set();
+        let hash = 0x811c9dc5;
+        const words = new Uint32Array(data.buffer, data.byteOffset, data.byteLength / 4);
+        for (let i = 0; i < words.length; i++) {
+            hash = Math.imul(hash ^ words[i], 0x01000193) >>> 0;
+        }
+        for (let y = 0; y < height; y += 4) {
+            for (let x = 0; x < width; x += 4) seen.add(words[y * width + x]);
+        }
+        return { width, height, colours: seen.size, hash };
+    });
+}
+
+/** Saves the flattened remote display (native resolution) as a PNG. */
+async function saveDisplay(page, file) {
+    const dataUrl = await page.evaluate(() => window.exoGuac.client.getDisplay().flatten().toDataURL('image/png'));
+    fs.writeFileSync(file, Buffer.from(dataUrl.split(',')[1], 'base64'));
+}
+
+/** Waits until the display has not changed for `quietMs` (at most `timeout`). */
+async function settle(page, quietMs = 700, timeout = 6000) {
+    const start = Date.now();
+    let last = await displayStats(page);
+    let since = Date.now();
+    while (Date.now() - start < timeout) {
+        await sleep(150);
+        const now = await displayStats(page);
+        if (now.hash !== last.hash) {
+            last = now;
+            since = Date.now();
+        } else if (Date.now() - since >= quietMs) {
+            break;
+        }
+    }
+    return last;
+}
+
+async function closePage(page) {
+    await page.close().catch(() => {});
+}
+
+async function waitDisconnect(conn, what) {
+    return waitFor(() => eventsOf(conn, 'disconnect')[0], {
+        timeout: 10000,
+        expected: `the peer's "disconnect" event for ${what} (${conn}) after the page closed`,
+        seen: () => JSON.stringify(eventsOf(conn).slice(-5)),
+    });
+}
+
+function runAsUser(argv, input) {
+    return spawnSync('runuser', ['-u', S.info.user, '--', 'env', `DISPLAY=${S.info.display}`, `HOME=${S.info.home}`, ...argv], {
+        input,
+        stdio: [input === undefined ? 'ignore' : 'pipe', 'pipe', 'pipe'],
+        timeout: 10000,
+        encoding: 'utf8',
+    });
+}
+
+/** Processes whose command line contains `needle` (not zombies), or of user `uid`. */
+function processes({ needle, uid } = {}) {
+    const out = [];
+    for (const entry of fs.readdirSync('/proc')) {
+        if (!/^\d+$/.test(entry) || Number(entry) === process.pid) continue;
+        try {
+            const stat = fs.readFileSync(`/proc/${entry}/stat`, 'utf8');
+            if (stat.slice(stat.lastIndexOf(')') + 2).startsWith('Z')) continue;
+            if (uid !== undefined && fs.statSync(`/proc/${entry}`).uid === uid) {
+                out.push(`${entry} ${stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')'))}`);
+                continue;
+            }
+            if (needle && fs.readFileSync(`/proc/${entry}/cmdline`, 'utf8').includes(needle))
+                out.push(`${entry} ${fs.readFileSync(`/proc/${entry}/cmdline`, 'utf8').split('\0')[0]}`);
+        } catch {
+            // gone meanwhile
+        }
+    }
+    return out;
+}
+
+function alive(pid) {
+    try {
+        const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+        return !stat.slice(stat.lastIndexOf(')') + 2).startsWith('Z');
+    } catch {
+        return false;
+    }
+}
+
+function exited(exitPromise, ms) {
+    return Promise.race([exitPromise, deadline(ms, null)]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Set-up and tear-down
+
+async function startRig() {
+    fs.mkdirSync(path.join(ARTIFACTS, 'rig'), { recursive: true });
+    const errLog = fs.createWriteStream(path.join(ARTIFACTS, 'rig.stderr.log'));
+    const started = Date.now();
+    const rig = spawn(PYTHON, [RIG], {
+        stdio: ['pipe', 'pipe', 'pipe'],
+        env: { ...process.env, EXOGUAC_ARTIFACTS: path.join(ARTIFACTS, 'rig') },
+    });
+    S.rig = rig;
+    S.rigExit = new Promise((resolve) => rig.once('exit', (code, signal) => resolve({ code, signal })));
+    rig.stderr.pipe(errLog);
+    const lines = readline.createInterface({ input: rig.stdout });
+    const first = await Promise.race([
+        new Promise((resolve) => lines.once('line', resolve)),
+        S.rigExit.then((x) => ({ exit: x })),
+        deadline(90000, { timeout: true }),
+    ]);
+    if (typeof first !== 'string') {
+        await sleep(200);
+        throw new Error(`rig.py did not print its JSON line (${JSON.stringify(first)}); stderr:\n${tail(path.join(ARTIFACTS, 'rig.stderr.log'))}`);
+    }
+    S.info = JSON.parse(first);
+    timings['rig up'] = Date.now() - started;
+}
+
+async function startWeb() {
+    S.tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'exoagent-browser-'));
+    const passwordFile = path.join(S.tmp, 'guacamole-password');
+    fs.writeFileSync(passwordFile, `${S.info.password}\n`, { mode: 0o600 });
+    fs.chmodSync(passwordFile, 0o600);
+    S.port = await freePort();
+    S.base = `http://127.0.0.1:${S.port}`;
+    const config = {
+        listen: `127.0.0.1:${S.port}`,
+        guacd: `127.0.0.1:${S.info.peer_port}`,
+        username: S.info.user,
+        password_file: passwordFile,
+        session_timeout_s: 3600,
+        connections: {
+            shell: {
+                protocol: 'ssh',
+                parameters: {
+                    hostname: '127.0.0.1',
+                    port: String(S.info.ssh_port),
+                    username: S.info.user,
+                    password: '${GUAC_PASSWORD}',
+                    'enable-sftp': 'true',
+                },
+            },
+            desktop: {
+                protocol: 'vnc',
+                parameters: {
+                    hostname: '127.0.0.1',
+                    port: String(S.info.vnc_port),
+                    password: S.info.vnc_password,
+                    'enable-sftp': 'true',
+                    'sftp-hostname': '127.0.0.1',
+                    'sftp-port': String(S.info.ssh_port),
+                    'sftp-username': S.info.user,
+                    'sftp-password': '${GUAC_PASSWORD}',
+                },
+            },
+        },
+    };
+    const configFile = path.join(S.tmp, 'guacamole-web.json');
+    fs.writeFileSync(configFile, `${JSON.stringify(config, null, 2)}\n`);
+    const log = fs.openSync(path.join(ARTIFACTS, 'guacamole-web.log'), 'w');
+    const started = Date.now();
+    const web = spawn(BIN, ['guacamole-web', '--config', configFile], { stdio: ['ignore', log, log] });
+    fs.closeSync(log);
+    S.web = web;
+    S.webExit = new Promise((resolve) => web.once('exit', (code, signal) => resolve({ code, signal })));
+    let exitedEarly = null;
+    S.webExit.then((x) => { exitedEarly = x; });
+    let lastHealth = '';
+    await waitFor(async () => {
+        if (exitedEarly) throw new Error(`exoagent guacamole-web exited ${JSON.stringify(exitedEarly)}:\n${tail(path.join(ARTIFACTS, 'guacamole-web.log'))}`);
+        try {
+            const r = await fetch(`${S.base}/guacamole/api/exoagent/health`);
+            lastHealth = `${r.status} ${await r.text()}`;
+            return r.status === 200;
+        } catch (e) {
+            lastHealth = e.cause ? e.cause.code || e.message : e.message;
+            return false;
+        }
+    }, { timeout: 30000, interval: 200, expected: 'GET /guacamole/api/exoagent/health → 200', seen: () => lastHealth });
+    timings['web side healthy'] = Date.now() - started;
+}
+
+async function startBrowser() {
+    S.udd = fs.mkdtempSync(path.join(os.tmpdir(), 'exoagent-chromium-'));
+    const started = Date.now();
+    S.context = await chromium.launchPersistentContext(S.udd, {
+        executablePath: CHROMIUM,
+        headless: true,
+        args: CHROMIUM_ARGS,
+        viewport: VIEWPORT,
+        acceptDownloads: true,
+    });
+    for (const p of S.context.pages()) await p.close();
+    timings['chromium up'] = Date.now() - started;
+}
+
+/** Ends everything this file started (browser, web side, rig), by PID; safe to call twice. */
+async function teardown() {
+    if (S.tornDown) return S.tornDownReport;
+    S.tornDown = true;
+    const report = { problems: [] };
+    const started = Date.now();
+    if (S.context) {
+        await Promise.race([S.context.close().catch(() => {}), deadline(10000)]);
+    }
+    if (S.web && S.web.exitCode === null && S.web.signalCode === null) {
+        S.web.kill('SIGTERM');
+        const x = await exited(S.webExit, 10000);
+        if (!x) {
+            report.problems.push('exoagent guacamole-web did not exit within 10 s of SIGTERM (killed)');
+            S.web.kill('SIGKILL');
+            await exited(S.webExit, 5000);
+        } else if (x.code !== 0) {
+            report.problems.push(`exoagent guacamole-web exited ${JSON.stringify(x)} after SIGTERM (expected 0)`);
+        }
+    }
+    // Keep the peer's events before the rig removes its temp dir (rig.py copies it too).
+    if (S.info) {
+        try {
+            fs.copyFileSync(S.info.events, path.join(ARTIFACTS, 'events.jsonl'));
+        } catch {
+            // never written
+        }
+        for (const file of S.createdFiles) fs.rmSync(file, { force: true });
+    }
+    if (S.rig && S.rig.exitCode === null && S.rig.signalCode === null) {
+        S.rig.stdin.end();
+        let x = await exited(S.rigExit, 40000);
+        if (!x) {
+            report.problems.push('rig.py did not finish its teardown within 40 s of stdin closing (SIGTERM sent)');
+            S.rig.kill('SIGTERM');
+            x = await exited(S.rigExit, 20000);
+            if (!x) {
+                S.rig.kill('SIGKILL');
+                await exited(S.rigExit, 5000);
+            }
+        }
+        if (x && x.code !== 0) report.problems.push(`rig.py exited ${JSON.stringify(x)} (3 = processes left; see rig.stderr.log)`);
+    }
+    if (S.tmp) fs.rmSync(S.tmp, { recursive: true, force: true });
+    // Chromium's helpers may take a moment to go.
+    let left = [];
+    for (let i = 0; i < 50; i++) {
+        left = [];
+        if (S.udd) left.push(...processes({ needle: S.udd }));
+        for (const [name, child] of [['exoagent', S.web], ['rig.py', S.rig]]) {
+            if (child && alive(child.pid)) left.push(`${child.pid} ${name}`);
+        }
+        if (S.info) {
+            const uid = fs.statSync(S.info.home).uid;
+            left.push(...processes({ uid }));
+        }
+        if (!left.length) break;
+        await sleep(100);
+    }
+    if (left.length) report.problems.push(`processes left running: ${left.join(', ')}`);
+    if (S.udd) fs.rmSync(S.udd, { recursive: true, force: true });
+    timings.teardown = Date.now() - started;
+    fs.mkdirSync(ARTIFACTS, { recursive: true });
+    fs.writeFileSync(path.join(ARTIFACTS, 'timings.json'), `${JSON.stringify(
+        Object.fromEntries(Object.entries(timings).map(([k, v]) => [k, Number((v / 1000).toFixed(3))])), null, 2)}\n`);
+    S.tornDownReport = report;
+    return report;
+}
+
+// A test process that dies without running after() must not leave the web side behind (the rig
+// tears itself down when its stdin closes).
+process.on('exit', () => {
+    if (S.web && S.web.exitCode === null && S.web.signalCode === null) S.web.kill('SIGKILL');
+    // The password file must not outlive the run.
+    if (S.tmp) fs.rmSync(S.tmp, { recursive: true, force: true });
+});
+// Killed from outside (a CI timeout): stop the web side, let the rig tear itself down (its
+// stdin closes), and go; Chromium ends when its control pipe closes. (Ctrl-C reaches every
+// child through the process group: each of them ends on SIGINT.)
+process.once('SIGTERM', () => {
+    if (S.web && S.web.exitCode === null && S.web.signalCode === null) S.web.kill('SIGTERM');
+    if (S.rig && S.rig.stdin) S.rig.stdin.end();
+    if (S.udd) fs.rmSync(S.udd, { recursive: true, force: true });
+    process.exit(143);
+});
+
+before(async () => {
+    assert.equal(process.getuid(), 0, 'expected to run as root (rig.py creates a user, runs sshd and Xvnc)');
+    for (const [what, file] of [['Chromium', CHROMIUM], ['the venv python (bash tests/guacamole/setup.sh)', PYTHON],
+        [`the exoagent binary (cargo build -p exoagent, or EXOAGENT_BIN)`, BIN]]) {
+        assert.ok(fs.existsSync(file), `expected ${what} at ${file}; it is missing — run bash tests/browser/setup.sh`);
+    }
+    fs.mkdirSync(ARTIFACTS, { recursive: true });
+    await startRig();
+    note(null, `rig up in ${secs(timings['rig up'])}: ssh :${S.info.ssh_port}, vnc :${S.info.vnc_port}, peer :${S.info.peer_port}, display ${S.info.display}`);
+    await startWeb();
+    note(null, `exoagent guacamole-web healthy on :${S.port} after ${secs(timings['web side healthy'])}`);
+    await startBrowser();
+    note(null, `Chromium ${S.context.browser() ? S.context.browser().version() : ''} up in ${secs(timings['chromium up'])}`);
+});
+
+after(async () => {
+    const report = await teardown();
+    if (report.problems.length) process.stderr.write(`# teardown problems: ${report.problems.join('; ')}\n`);
+});
+
+// ---------------------------------------------------------------------------------------------
+// The tests
+
+test('token: POST /guacamole/api/tokens exactly as Exosphere does (raw spaces in the passphrase)', async (t) => {
+    assert.ok(S.info.password.includes(' '), `expected the rig's passphrase to contain spaces, saw ${JSON.stringify(S.info.password.replace(/[A-Z]/g, 'X'))}`);
+    const started = Date.now();
+    const r = await login();
+    const text = await r.text();
+    timings['token request'] = Date.now() - started;
+    assert.equal(r.status, 200, `expected 200 for the right passphrase sent with raw spaces, saw ${r.status}: ${text}`);
+    const body = JSON.parse(text);
+    assert.match(body.authToken || '', /^[0-9A-F]{64}$/, `expected authToken of 64 upper-case hex digits, saw ${JSON.stringify(body.authToken)}`);
+    assert.equal(body.username, S.info.user, `expected username ${S.info.user}, saw ${JSON.stringify(body.username)}`);
+    assert.equal(body.dataSource, 'default', `expected dataSource "default", saw ${JSON.stringify(body.dataSource)}`);
+    assert.deepEqual(body.availableDataSources, ['default'], `expected availableDataSources ["default"], saw ${JSON.stringify(body.availableDataSources)}`);
+    assert.match(r.headers.get('cache-control') || '', /no-store/, `expected Cache-Control: no-store on the token answer, saw ${r.headers.get('cache-control')}`);
+
+    const wrong = await login(`${S.info.password} WRONG`);
+    const wrongText = await wrong.text();
+    assert.equal(wrong.status, 403, `expected 403 for a wrong passphrase, saw ${wrong.status}: ${wrongText}`);
+    assert.match(wrongText, /"type":"INVALID_CREDENTIALS"/, `expected "type":"INVALID_CREDENTIALS" in the 403 body, saw ${wrongText}`);
+    note(t, `token in ${secs(timings['token request'])}; wrong passphrase → 403 INVALID_CREDENTIALS`);
+});
+
+test('desktop: the Xfce desktop is drawn in Chromium and the mouse drives it', { timeout: 180000 }, async (t) => {
+    const tok = await token();
+    const mark = readEvents().length;
+    const started = Date.now();
+    const page = await openClient(t, DESKTOP_ID, tok, 'desktop');
+    try {
+        const conn = await waitFor(() => connAfter(mark, 'vnc'), { expected: 'a vnc handshake at the peer', seen: () => JSON.stringify(readEvents().slice(mark).slice(-5)) });
+        // Xfce draws wallpaper, panel and icons: many colours, unlike Xvnc's black screen.
+        const stats = await waitFor(async () => {
+            const s = await displayStats(page);
+            return s.colours > 64 ? s : null;
+        }, {
+            timeout: 120000, interval: 500,
+            expected: 'the display to show the Xfce desktop (> 64 distinct colours)',
+            seen: async () => JSON.stringify({ display: await displayStats(page).catch((e) => e.message), page: await pageState(page) }),
+        });
+        timings['desktop: link to Xfce drawn'] = Date.now() - started;
+        note(t, `desktop drawn after ${secs(Date.now() - started)}: ${stats.width}x${stats.height}, ${stats.colours} colours`);
+        await sleep(2500); // let the panel and icons finish drawing
+        await settle(page);
+        await page.screenshot({ path: path.join(ARTIFACTS, 'guacamole-desktop.png') });
+        await saveDisplay(page, path.join(ARTIFACTS, 'guacamole-desktop-display.png'));
+
+        // Moving the mouse over the display: TigerVNC draws the pointer into the framebuffer,
+        // so the frame must change.
+        const before1 = await displayStats(page);
+        const moveStart = Date.now();
+        await page.mouse.move(640, 360);
+        await page.mouse.move(700, 400, { steps: 5 });
+        await waitFor(async () => (await displayStats(page)).hash !== before1.hash, {
+            timeout: 10000,
+            expected: 'a changed frame after moving the mouse over the display',
+            seen: async () => JSON.stringify(await displayStats(page)),
+        });
+        timings['desktop: mouse move to changed frame'] = Date.now() - moveStart;
+        // A left click on the empty desktop: the peer logs button changes.
+        await page.mouse.click(760, 420);
+        await waitFor(() => eventsOf(conn, 'mouse').some((e) => e.mask === 1)
+            && eventsOf(conn, 'mouse').some((e) => e.mask === 0), {
+            timeout: 10000,
+            expected: `the peer's "mouse" events (press mask 1, release mask 0) for ${conn}`,
+            seen: () => JSON.stringify(eventsOf(conn, 'mouse')),
+        });
+        const hs = eventsOf(conn, 'handshake')[0];
+        // The browser's window size (CSS px × devicePixelRatio 1) and DPI reach guacd's handshake.
+        assert.deepEqual(hs.size, [String(VIEWPORT.width), String(VIEWPORT.height), '96'], `expected the handshake size ${VIEWPORT.width}x${VIEWPORT.height} at 96 DPI, saw ${JSON.stringify(hs.size)}`);
+        assert.ok(hs.image.includes('image/png'), `expected image/png among the handshake's image types, saw ${JSON.stringify(hs.image)}`);
+        assert.equal(hs.name, S.info.user, `expected the handshake name to be the user, saw ${JSON.stringify(hs.name)}`);
+        assert.equal(hs.args.password, '<redacted>', `expected the VNC password to reach the peer (redacted in its log), saw ${JSON.stringify(hs.args.password)}`);
+        assert.equal(hs.args['sftp-password'], '<redacted>', `expected sftp-password to reach the peer, saw ${JSON.stringify(hs.args['sftp-password'])}`);
+        assert.ok(eventsOf(conn, 'upstream_connected').length === 1, `expected upstream_connected for ${conn}, saw ${JSON.stringify(eventsOf(conn).map((e) => e.event))}`);
+        await closePage(page);
+        const end = await waitDisconnect(conn, 'desktop');
+        assert.ok(end.frames >= 2 && end.mouse >= 3, `expected the desktop session to end with ≥ 2 frames and ≥ 3 mouse events, saw ${JSON.stringify(end)}`);
+        note(t, `desktop disconnect: ${JSON.stringify({ reason: end.reason, frames: end.frames, mouse: end.mouse, keys: end.keys })}`);
+    } finally {
+        await closePage(page);
+    }
+});
+
+test('shell: typed text runs in the real shell (echo hello-from-chromium)', { timeout: 90000 }, async (t) => {
+    const tok = await token();
+    const mark = readEvents().length;
+    const page = await openClient(t, SHELL_ID, tok, 'shell');
+    let conn;
+    try {
+        conn = await waitFor(() => connAfter(mark, 'ssh'), { expected: 'an ssh handshake at the peer', seen: () => JSON.stringify(readEvents().slice(mark).slice(-5)) });
+        await waitFor(() => eventsOf(conn, 'upstream_connected')[0], {
+            timeout: 15000, expected: `the peer's "upstream_connected" (ssh login with the passphrase) for ${conn}`,
+            seen: () => JSON.stringify(eventsOf(conn).slice(-5)),
+        });
+        // The prompt is drawn: text on the terminal background.
+        await waitFor(async () => (await displayStats(page)).colours > 4, {
+            timeout: 15000, expected: 'a shell prompt on the display (> 4 colours)',
+            seen: async () => JSON.stringify(await displayStats(page)),
+        });
+        await settle(page, 500, 3000);
+        const typedAt = Date.now();
+        await page.keyboard.type('echo hello-from-chromium', { delay: 15 });
+        await page.keyboard.press('Enter');
+        const typed = await waitFor(() => eventsOf(conn, 'typed').find((e) => e.submitted), {
+            timeout: 10000, expected: `the peer's "typed" event (submitted) for ${conn}`,
+            seen: () => JSON.stringify(eventsOf(conn, 'typed')),
+        });
+        assert.equal(typed.text, 'echo hello-from-chromium', `expected the peer to see "echo hello-from-chromium" typed, saw ${JSON.stringify(typed.text)}`);
+        timings['shell: keys to peer typed event'] = Date.now() - typedAt;
+        await sleep(500);
+        await settle(page, 700, 5000);
+        await page.screenshot({ path: path.join(ARTIFACTS, 'guacamole-shell.png') });
+        await saveDisplay(page, path.join(ARTIFACTS, 'guacamole-shell-display.png'));
+    } finally {
+        await closePage(page);
+    }
+    const end = await waitDisconnect(conn, 'shell');
+    const screen = end.screen || [];
+    assert.ok(screen.some((l) => l.includes('echo hello-from-chromium')), `expected the command line "echo hello-from-chromium" on the terminal, saw screen ${JSON.stringify(screen)}`);
+    assert.ok(screen.some((l) => l.trim() === 'hello-from-chromium'), `expected a line that is exactly "hello-from-chromium" (the shell's output), saw screen ${JSON.stringify(screen)}`);
+    note(t, `shell screen at disconnect: ${JSON.stringify(screen)}`);
+});
+
+for (const [label, id, protocol] of [['shell', SHELL_ID, 'ssh'], ['desktop', DESKTOP_ID, 'vnc']]) {
+    test(`files (${label}): upload through the page's upload control, download through its file browser`, { timeout: 120000 }, async (t) => {
+        const tok = await token();
+        const mark = readEvents().length;
+        const page = await openClient(t, id, tok, `files-${label}`);
+        try {
+            const conn = await waitFor(() => connAfter(mark, protocol), { expected: `a ${protocol} handshake at the peer`, seen: () => JSON.stringify(readEvents().slice(mark).slice(-5)) });
+            await waitFor(() => page.evaluate(() => window.exoGuac.filesystems.length > 0), {
+                timeout: 20000, expected: 'a filesystem object (SFTP) offered to the page (exoGuac.filesystems)',
+                seen: async () => JSON.stringify({ page: await pageState(page), peer: eventsOf(conn).slice(-5) }),
+            });
+            const data = crypto.randomBytes(160 * 1024 + 77);
+            const name = `exo browser ${label} ${crypto.randomBytes(4).toString('hex')}.bin`;
+            const target = path.join(S.info.home, name);
+            S.createdFiles.push(target);
+
+            // Upload: the toolbar's file input (what the Upload button opens).
+            const upStart = Date.now();
+            await page.setInputFiles('#file-input', { name, mimeType: 'application/octet-stream', buffer: data });
+            const upload = await waitFor(() => eventsOf(conn, 'upload').find((e) => e.path === target)
+                || (eventsOf(conn, 'upload_failed').length ? { failed: eventsOf(conn, 'upload_failed') } : null), {
+                timeout: 60000, expected: `the peer's "upload" event for ${target}`,
+                seen: async () => JSON.stringify({ transfers: (await pageState(page)).transfers, peer: eventsOf(conn).slice(-5) }),
+            });
+            assert.ok(!upload.failed, `expected the upload to succeed, saw upload_failed ${JSON.stringify(upload.failed)}`);
+            const transfer = await waitFor(() => page.evaluate((n) => window.exoGuac.transfers.find((x) => x.name === n && x.state !== 'active' && x.state !== 'pending'), name), {
+                timeout: 10000, expected: `the page's transfer of ${name} to finish`,
+                seen: async () => JSON.stringify((await pageState(page)).transfers),
+            });
+            timings[`files-${label}: upload ${data.length} B`] = Date.now() - upStart;
+            assert.equal(transfer.state, 'done', `expected the page's upload transfer to be done, saw ${JSON.stringify(transfer)}`);
+            assert.equal(upload.size, data.length, `expected the peer to have written ${data.length} bytes, saw ${upload.size}`);
+            const onDisk = fs.readFileSync(target);
+            assert.equal(onDisk.length, data.length, `expected ${target} to hold ${data.length} bytes, saw ${onDisk.length}`);
+            assert.ok(onDisk.equals(data), `expected ${target} to hold the uploaded bytes (sha256 ${crypto.createHash('sha256').update(data).digest('hex')}), saw sha256 ${crypto.createHash('sha256').update(onDisk).digest('hex')}`);
+            note(t, `uploaded ${data.length} B as ${JSON.stringify(name)} in ${secs(Date.now() - upStart)}; bytes on disk identical`);
+
+            // Download: the file browser (SFTP filesystem object, root "/"), folder by folder.
+            const downStart = Date.now();
+            await page.click('#btn-files');
+            const panel = page.locator('#files-panel');
+            await panel.waitFor({ state: 'visible', timeout: 5000 });
+            for (const part of S.info.home.split('/').filter(Boolean)) {
+                const folder = panel.locator('button.fs-folder', { hasText: new RegExp(`^${part.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}/$`) });
+                await folder.waitFor({ timeout: 15000 }).catch(async () => {
+                    throw new assert.AssertionError({ message: `expected the folder "${part}/" in the file browser, saw ${JSON.stringify(await panel.locator('.fs-list').innerText())} at ${await panel.locator('.fs-path').innerText()}` });
+                });
+                await folder.click();
+                await waitFor(async () => (await panel.locator('.fs-path').innerText()).endsWith(`/${part}`), {
+                    timeout: 10000, expected: `the file browser to show .../${part}`,
+                    seen: () => panel.locator('.fs-path').innerText(),
+                });
+            }
+            const file = panel.locator('button.fs-file', { hasText: name });
+            await file.waitFor({ timeout: 15000 }).catch(async () => {
+                throw new assert.AssertionError({ message: `expected ${JSON.stringify(name)} in the file browser, saw ${JSON.stringify(await panel.locator('.fs-list').innerText())}` });
+            });
+            const [download] = await Promise.all([
+                page.waitForEvent('download', { timeout: 60000 }),
+                file.click(),
+            ]);
+            const failure = await download.failure();
+            assert.equal(failure, null, `expected the browser download to succeed, saw ${failure}`);
+            const got = fs.readFileSync(await download.path());
+            timings[`files-${label}: download ${got.length} B`] = Date.now() - downStart;
+            assert.equal(download.suggestedFilename(), name, `expected the download to be named ${JSON.stringify(name)}, saw ${JSON.stringify(download.suggestedFilename())}`);
+            assert.equal(got.length, data.length, `expected ${data.length} bytes downloaded, saw ${got.length}`);
+            assert.ok(got.equals(data), `expected the downloaded bytes to equal the uploaded ones, saw sha256 ${crypto.createHash('sha256').update(got).digest('hex')}`);
+            const dl = eventsOf(conn, 'download').find((e) => e.path === target);
+            assert.ok(dl && dl.complete && dl.size === data.length, `expected the peer's "download" event for ${target} (complete, ${data.length} B), saw ${JSON.stringify(eventsOf(conn, 'download'))}`);
+            note(t, `downloaded ${got.length} B back through the file browser in ${secs(Date.now() - downStart)}; identical`);
+            await page.screenshot({ path: path.join(ARTIFACTS, `guacamole-files-${label}.png`) });
+        } finally {
+            await closePage(page);
+        }
+    });
+}
+
+test('clipboard (desktop): the page\'s clipboard panel reaches the X clipboard and back', { timeout: 90000 }, async (t) => {
+    const tok = await token();
+    const mark = readEvents().length;
+    const page = await openClient(t, DESKTOP_ID, tok, 'clipboard');
+    try {
+        const conn = await waitFor(() => connAfter(mark, 'vnc'), { expected: 'a vnc handshake at the peer', seen: () => JSON.stringify(readEvents().slice(mark).slice(-5)) });
+        await waitFor(() => eventsOf(conn, 'upstream_connected')[0], {
+            timeout: 15000, expected: `the peer's "upstream_connected" for ${conn}`, seen: () => JSON.stringify(eventsOf(conn).slice(-5)),
+        });
+        // Browser → desktop: type into the clipboard panel.
+        const text = `clip-from-chromium-${crypto.randomBytes(4).toString('hex')}`;
+        const started = Date.now();
+        await page.click('#btn-clipboard');
+        await page.locator('#clipboard-panel').waitFor({ state: 'visible', timeout: 5000 });
+        await page.fill('#clipboard-text', text);
+        const clip = await waitFor(() => eventsOf(conn, 'clipboard').find((e) => e.direction === 'to-remote' && e.text === text), {
+            timeout: 10000, expected: `the peer's "clipboard" event (to-remote, ${JSON.stringify(text)})`,
+            seen: () => JSON.stringify(eventsOf(conn, 'clipboard')),
+        });
+        assert.equal(clip.delivered, true, `expected the clipboard to be delivered to the VNC server, saw ${JSON.stringify(clip)}`);
+        let pasted = null;
+        await waitFor(() => {
+            const r = runAsUser(['xclip', '-selection', 'clipboard', '-o']);
+            pasted = r.status === 0 ? r.stdout : `(xclip exit ${r.status}: ${r.stderr})`;
+            return pasted === text;
+        }, { timeout: 10000, interval: 200, expected: `the X clipboard on ${S.info.display} to hold ${JSON.stringify(text)}`, seen: () => JSON.stringify(pasted) });
+        timings['clipboard: panel to X clipboard'] = Date.now() - started;
+        note(t, `browser → desktop clipboard in ${secs(Date.now() - started)}`);
+
+        // Desktop → browser: xclip sets the X clipboard; TigerVNC sends ServerCutText.
+        const back = `clip-from-the-desktop-${crypto.randomBytes(4).toString('hex')}`;
+        const backStart = Date.now();
+        const r = spawnSync('runuser', ['-u', S.info.user, '--', 'env', `DISPLAY=${S.info.display}`, 'xclip', '-selection', 'clipboard', '-i'], {
+            input: back, stdio: ['pipe', 'ignore', 'ignore'], timeout: 10000,
+        });
+        assert.equal(r.status, 0, `expected xclip -i to succeed, saw exit ${r.status} ${r.error || ''}`);
+        await waitFor(() => page.evaluate((v) => window.exoGuac.clipboard === v && document.getElementById('clipboard-text').value === v, back), {
+            timeout: 10000, expected: `exoGuac.clipboard and the panel's textarea to hold ${JSON.stringify(back)}`,
+            seen: async () => JSON.stringify({ clipboard: (await pageState(page)).clipboard, panel: await page.inputValue('#clipboard-text'), peer: eventsOf(conn, 'clipboard') }),
+        });
+        timings['clipboard: X clipboard to page'] = Date.now() - backStart;
+        note(t, `desktop → browser clipboard in ${secs(Date.now() - backStart)}`);
+        await page.screenshot({ path: path.join(ARTIFACTS, 'guacamole-clipboard.png') });
+    } finally {
+        await closePage(page);
+    }
+});
+
+test('expired or unknown token: state "error", code 769 and the "session has expired" message', { timeout: 30000 }, async (t) => {
+    const page = await newPage('expired');
+    try {
+        const bogus = crypto.randomBytes(32).toString('hex').toUpperCase();
+        const started = Date.now();
+        await page.goto(`${S.base}/guacamole/#/client/${DESKTOP_ID}?token=${bogus}`);
+        await waitFor(() => page.evaluate(() => window.exoGuac && window.exoGuac.state === 'error'), {
+            timeout: 15000, expected: "exoGuac.state === 'error' for an unknown token",
+            seen: () => pageState(page).then(JSON.stringify),
+        });
+        timings['expired token: page to error'] = Date.now() - started;
+        const st = await pageState(page);
+        assert.equal(st.lastError && st.lastError.code, 769, `expected lastError.code 769, saw ${JSON.stringify(st.lastError)}`);
+        assert.equal(st.lastError.source, 'tunnel', `expected the 769 to come from the tunnel's close reason, saw ${JSON.stringify(st.lastError)}`);
+        const shown = await page.locator('#status-text').innerText();
+        assert.equal(shown, EXPIRED_MESSAGE, `expected the page to show ${JSON.stringify(EXPIRED_MESSAGE)}, saw ${JSON.stringify(shown)}`);
+        assert.ok(await page.locator('#status-text').isVisible(), 'expected the status message to be visible');
+        assert.equal(await page.locator('#overlay-reconnect').isVisible(), false, 'expected no Reconnect button after 769');
+        assert.equal(await page.evaluate(() => document.body.dataset.state), 'error', 'expected <body data-state="error">');
+        await page.screenshot({ path: path.join(ARTIFACTS, 'guacamole-expired.png') });
+        note(t, `expired token → error 769 in ${secs(Date.now() - started)}: ${shown}`);
+    } finally {
+        await closePage(page);
+    }
+});
+
+test('unknown connection: the tunnel closes with 516', { timeout: 30000 }, async (t) => {
+    const tok = await token();
+    const page = await newPage('unknown');
+    try {
+        const id = Buffer.from('nosuch\0c\0default').toString('base64');
+        await page.goto(`${S.base}/guacamole/#/client/${id}?token=${tok}`);
+        await waitFor(() => page.evaluate(() => window.exoGuac && window.exoGuac.state === 'error'), {
+            timeout: 15000, expected: "exoGuac.state === 'error' for an unknown connection",
+            seen: () => pageState(page).then(JSON.stringify),
+        });
+        const st = await pageState(page);
+        assert.equal(st.lastError && st.lastError.code, 516, `expected lastError.code 516 (RESOURCE_NOT_FOUND), saw ${JSON.stringify(st.lastError)}`);
+        note(t, `unknown connection → ${st.lastError.code}: ${st.status}`);
+    } finally {
+        await closePage(page);
+    }
+});
+
+test('no secret in the logs, and teardown leaves no process behind', { timeout: 120000 }, async (t) => {
+    const report = await teardown();
+    const webLog = fs.readFileSync(path.join(ARTIFACTS, 'guacamole-web.log'), 'utf8');
+    assert.ok(!webLog.includes(S.info.password), 'expected the passphrase nowhere in guacamole-web.log, saw it there');
+    const events = fs.existsSync(path.join(ARTIFACTS, 'events.jsonl')) ? fs.readFileSync(path.join(ARTIFACTS, 'events.jsonl'), 'utf8') : '';
+    assert.ok(events.length > 0, 'expected the peer\'s events log to have been kept');
+    assert.ok(!events.includes(S.info.password) && !events.includes(S.info.vnc_password), 'expected no password in the peer\'s events log, saw one there');
+    assert.deepEqual(report.problems, [], `expected a clean teardown, saw: ${report.problems.join('; ')}`);
+    note(t, `teardown in ${secs(timings.teardown)}; timings: ${JSON.stringify(Object.fromEntries(Object.entries(timings).map(([k, v]) => [k, secs(v)])))}`);
+});
