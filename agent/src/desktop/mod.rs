@@ -7,6 +7,7 @@
 //! (<https://www.kernel.org/doc/Documentation/ABI/testing/sysfs-bus-pci>).
 
 pub mod session;
+pub mod vendor;
 
 use std::fs;
 use std::io;

@@ -11,9 +11,11 @@ use std::time::Duration;
 use super::{ServiceContext, ServiceError, ServiceImpl};
 use crate::config::{DesktopEnvironment, DesktopSettings, VncServerChoice};
 use crate::desktop;
+use crate::desktop::vendor::{self, Step};
 use crate::fsutil;
 use crate::platform::os::{Family, Os};
 use crate::platform::passphrase::Passphrase;
+use crate::services::command::run_logged;
 use crate::services::ServiceKind;
 use crate::supervise::{Probe, RunSpec};
 
@@ -119,6 +121,62 @@ impl Desktop {
     }
 }
 
+/// Do one vendor step (GPU route; see `desktop::vendor` for why it is not run in tests).
+async fn run_vendor_step(step: &Step) -> Result<(), ServiceError> {
+    let fail = |detail: String| ServiceError::Install {
+        service: ServiceKind::Desktop,
+        detail,
+    };
+    let fetch = |url: String| async move {
+        let response = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| format!("HTTP client: {e}"))?
+            .get(&url)
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .map_err(|e| format!("failed to download {url}: {e}"))?;
+        response
+            .bytes()
+            .await
+            .map_err(|e| format!("failed to download {url}: {e}"))
+    };
+    match step {
+        Step::Keyring { url, path } => {
+            let armored = fetch(url.clone()).await.map_err(fail)?;
+            let tmp = path.with_extension("asc.tmp");
+            fsutil::write_atomic(&tmp, &armored, 0o644, None)
+                .map_err(Desktop::io_err("write", &tmp))?;
+            let result = run_logged(
+                ServiceKind::Desktop,
+                &[
+                    "gpg",
+                    "--batch",
+                    "--yes",
+                    "--dearmor",
+                    "-o",
+                    &path.to_string_lossy(),
+                    &tmp.to_string_lossy(),
+                ],
+            )
+            .await;
+            let _ = std::fs::remove_file(&tmp);
+            result
+        }
+        Step::File { path, content } => fsutil::write_atomic(path, content.as_bytes(), 0o644, None)
+            .map_err(Desktop::io_err("write", path)),
+        Step::Download { url, path } => {
+            let body = fetch(url.clone()).await.map_err(fail)?;
+            fsutil::write_atomic(path, &body, 0o644, None).map_err(Desktop::io_err("write", path))
+        }
+        Step::Run(argv) => {
+            let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+            run_logged(ServiceKind::Desktop, &argv).await
+        }
+    }
+}
+
 impl ServiceImpl for Desktop {
     fn system_packages(&self, os: &Os) -> Vec<String> {
         let environment: &[&str] = match (os.family, self.settings.environment) {
@@ -140,9 +198,11 @@ impl ServiceImpl for Desktop {
                 &["gnome-session", "gnome-terminal", "dbus-x11"]
             }
         };
-        // TurboVNC's packages come from its vendor repository, added by `install`.
+        // TurboVNC's packages come from its vendor repository, added by `install` (which
+        // needs gpg for apt's keyring).
         let server: &[&str] = match (os.family, self.settings.vnc_server) {
-            (_, VncServerChoice::TurboVnc) => &[],
+            (Family::Debian, VncServerChoice::TurboVnc) => &["gnupg", "ca-certificates"],
+            (Family::RedHat, VncServerChoice::TurboVnc) => &[],
             (Family::Debian, _) => &["tigervnc-standalone-server", "tigervnc-tools"],
             (Family::RedHat, _) => &["tigervnc-server"],
         };
@@ -184,16 +244,23 @@ impl ServiceImpl for Desktop {
     }
 
     async fn install(&self, ctx: &ServiceContext) -> Result<(), ServiceError> {
-        if let VncRoute::TurboVnc { .. } = self.route(ctx) {
-            // The vendor repositories (packagecloud) cannot be reached from this project's test
-            // machines; this route is written from the vendors' instructions, not run here.
-            return Err(ServiceError::Install {
-                service: ServiceKind::Desktop,
-                detail: "TurboVNC/VirtualGL (GPU) route: add the TurboVNC and VirtualGL vendor \
-                         repositories and install `turbovnc virtualgl` in the image (see \
-                         docs/desktop.md); this version of exoagent does not add them itself"
-                    .into(),
-            });
+        let VncRoute::TurboVnc { virtualgl } = self.route(ctx) else {
+            return Ok(());
+        };
+        let turbovnc_there = ctx.paths.system_root.join("opt/TurboVNC/bin/Xvnc").exists();
+        let virtualgl_there = ctx
+            .paths
+            .system_root
+            .join("opt/VirtualGL/bin/vglrun")
+            .exists();
+        if turbovnc_there && (!virtualgl || virtualgl_there) {
+            return Ok(()); // baked into the image
+        }
+        let family = crate::platform::os::detect_lenient(&ctx.paths.system_root)
+            .map(|os| os.family)
+            .unwrap_or(Family::Debian);
+        for step in vendor::install_steps(family, virtualgl) {
+            run_vendor_step(&step).await?;
         }
         Ok(())
     }
@@ -226,6 +293,16 @@ impl ServiceImpl for Desktop {
             }
             fsutil::write_atomic(path, rule.as_bytes(), 0o644, None)
                 .map_err(Self::io_err("write", path))?;
+        }
+        // VirtualGL's framebuffer is restricted to the vglusers group (`vglserver_config -f`).
+        if let VncRoute::TurboVnc { virtualgl: true } = self.route(ctx) {
+            if ctx.paths.system_root == Path::new("/") && ctx.account.uid != 0 {
+                run_logged(
+                    ServiceKind::Desktop,
+                    &["usermod", "-a", "-G", "vglusers", &ctx.account.name],
+                )
+                .await?;
+            }
         }
         // A desktop session without a home cannot start.
         let home = &ctx.account.home;
