@@ -9,44 +9,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::Duration;
 
-use common::{free_port, repo_root, Sandbox};
+use common::{free_port, GuacdPeer, Sandbox};
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
-
-struct Peer(Child, u16);
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_peer() -> Peer {
-    let venv = std::env::var("EXOAGENT_GUAC_VENV")
-        .unwrap_or_else(|_| "/var/tmp/exoagent-guac-venv".to_owned());
-    let python = PathBuf::from(venv).join("bin/python");
-    assert!(python.exists(), "run `bash tests/guacamole/setup.sh` first");
-    let mut child = Command::new(python)
-        .arg(repo_root().join("tests/guacamole/guacd_peer.py"))
-        .args(["--listen", "127.0.0.1:0"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let port = line.trim().rsplit(':').next().unwrap().parse().unwrap();
-    Peer(child, port)
-}
 
 /// A display number whose lock, socket and RFB port are free.
 fn free_display() -> u16 {
@@ -61,14 +30,14 @@ fn free_display() -> u16 {
 
 #[test]
 fn the_agent_runs_the_desktop_and_guacamole_reaches_it() {
-    let peer = start_peer();
+    let peer = GuacdPeer::start();
     let display = free_display();
     let mut sandbox = Sandbox::new(&format!(
         "[services.desktop]\nenabled = true\nport = {}\ngeometry = \"1024x768\"\n\
          [services.guacamole]\nenabled = true\nport = @PORT@\nbind = \"127.0.0.1\"\n\
          guacd = \"external\"\nguacd_address = \"127.0.0.1:{}\"\nssh_port = {}\n",
         5900 + display,
-        peer.1,
+        peer.port,
         free_port()
     ))
     .with_start_args(&["--no-fixture-identity"]);

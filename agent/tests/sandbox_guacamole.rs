@@ -13,68 +13,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{free_port, repo_root, Sandbox};
+use common::{free_port, GuacdPeer, Sandbox};
 use exoagent::guacamole::protocol::Decoder;
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
-
-struct Peer {
-    child: Child,
-    port: u16,
-    events: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_peer() -> Peer {
-    let venv = std::env::var("EXOAGENT_GUAC_VENV")
-        .unwrap_or_else(|_| "/var/tmp/exoagent-guac-venv".to_owned());
-    let python = PathBuf::from(&venv).join("bin/python");
-    assert!(
-        python.exists(),
-        "{} is missing: run `bash tests/guacamole/setup.sh` (the guacd test double's venv)",
-        python.display()
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let events = dir.path().join("events.jsonl");
-    let mut child = Command::new(python)
-        .arg(repo_root().join("tests/guacamole/guacd_peer.py"))
-        .args(["--listen", "127.0.0.1:0", "--events"])
-        .arg(&events)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let port = line
-        .trim()
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("the peer did not start: {line:?}"));
-    Peer {
-        child,
-        port,
-        events,
-        _dir: dir,
-    }
-}
 
 fn post_form(base: &str, body: String) -> (u16, serde_json::Value) {
     let response = reqwest::blocking::Client::new()
@@ -89,7 +34,7 @@ fn post_form(base: &str, body: String) -> (u16, serde_json::Value) {
 
 #[test]
 fn the_agent_runs_the_web_side_and_the_tunnel_relays_to_guacd() {
-    let peer = start_peer();
+    let peer = GuacdPeer::start();
     let closed_ssh_port = free_port();
     let mut sandbox = Sandbox::new(&format!(
         "[services.guacamole]\nenabled = true\nport = @PORT@\nbind = \"127.0.0.1\"\n\

@@ -8,7 +8,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::{ServiceContext, ServiceError, ServiceImpl};
+use super::{io_error, ServiceContext, ServiceError, ServiceImpl};
 use crate::config::{DesktopEnvironment, DesktopSettings, VncServerChoice};
 use crate::desktop;
 use crate::desktop::vendor::{self, Step};
@@ -79,13 +79,7 @@ impl Desktop {
     }
 
     fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ServiceError {
-        let path = path.to_path_buf();
-        move |source| ServiceError::Io {
-            service: ServiceKind::Desktop,
-            action,
-            path,
-            source,
-        }
+        io_error(ServiceKind::Desktop, action, path)
     }
 
     /// The `exoagent desktop-session` arguments.
@@ -305,29 +299,16 @@ impl ServiceImpl for Desktop {
             }
         }
         // A desktop session without a home cannot start.
-        let home = &ctx.account.home;
-        if !home.exists() {
-            fsutil::ensure_dir(home, 0o750).map_err(Self::io_err("create", home))?;
-        }
-        Ok(())
+        ctx.ensure_home(ServiceKind::Desktop)
     }
 
     fn run_spec(&self, ctx: &ServiceContext) -> RunSpec {
-        let exe = ctx.exe.to_string_lossy().into_owned();
-        let account = &ctx.account;
-        let mut argv = vec![exe];
+        let mut argv = vec![ctx.exe.to_string_lossy().into_owned()];
         argv.extend(self.session_args(ctx));
         RunSpec {
             argv,
-            env: vec![
-                ("HOME".into(), account.home.to_string_lossy().into_owned()),
-                ("USER".into(), account.name.clone()),
-                ("LOGNAME".into(), account.name.clone()),
-                ("SHELL".into(), "/bin/bash".into()),
-                ("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()),
-                ("LANG".into(), "C.UTF-8".into()),
-            ],
-            cwd: account.home.clone(),
+            env: ctx.login_env("/usr/local/bin:/usr/bin:/bin"),
+            cwd: ctx.account.home.clone(),
             run_as: ctx.run_as(),
         }
     }

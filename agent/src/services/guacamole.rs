@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::{ServiceContext, ServiceError, ServiceImpl};
+use super::{io_error, ServiceContext, ServiceError, ServiceImpl};
 use crate::config::{GuacamoleSettings, GuacdSource};
 use crate::fsutil;
 use crate::guacamole::config::{Connection, WebConfig, PASSWORD_TOKEN};
@@ -195,13 +195,7 @@ impl Guacamole {
     }
 
     fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ServiceError {
-        let path = path.to_path_buf();
-        move |source| ServiceError::Io {
-            service: ServiceKind::Guacamole,
-            action,
-            path,
-            source,
-        }
+        io_error(ServiceKind::Guacamole, action, path)
     }
 }
 
@@ -308,35 +302,24 @@ impl ServiceImpl for Guacamole {
         let file = Self::config_file(ctx);
         fsutil::write_atomic(&file, &text, 0o600, owner).map_err(Self::io_err("write", &file))?;
         // The web side's working directory.
-        let home = &ctx.account.home;
-        if !home.exists() {
-            fsutil::ensure_dir(home, 0o750).map_err(Self::io_err("create", home))?;
-        }
-        Ok(())
+        ctx.ensure_home(ServiceKind::Guacamole)
     }
 
     fn run_spec(&self, ctx: &ServiceContext) -> RunSpec {
-        let exe = ctx.exe.to_string_lossy().into_owned();
-        let account = &ctx.account;
         RunSpec {
             argv: vec![
-                exe,
+                ctx.exe.to_string_lossy().into_owned(),
                 "guacamole-web".into(),
                 "--config".into(),
                 Self::config_file(ctx).to_string_lossy().into_owned(),
             ],
-            env: vec![
-                ("HOME".into(), account.home.to_string_lossy().into_owned()),
-                ("USER".into(), account.name.clone()),
-                ("LOGNAME".into(), account.name.clone()),
-                (
-                    "PATH".into(),
-                    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
-                ),
-                ("LANG".into(), "C.UTF-8".into()),
-                ("EXOAGENT_LOG".into(), "info".into()),
-            ],
-            cwd: account.home.clone(),
+            env: {
+                let mut env =
+                    ctx.login_env("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+                env.push(("EXOAGENT_LOG".into(), "info".into()));
+                env
+            },
+            cwd: ctx.account.home.clone(),
             run_as: ctx.run_as(),
         }
     }

@@ -17,7 +17,7 @@ use crate::config::ServiceSettings;
 use crate::paths::Paths;
 use crate::platform::os::Os;
 use crate::platform::passphrase::Passphrase;
-use crate::supervise::{Probe, RunSpec};
+use crate::supervise::{Probe, RunAs, RunSpec};
 
 /// Every service exoagent knows by name. Only some are implemented in this version; see
 /// [`ServiceKind::implemented`].
@@ -106,6 +106,61 @@ pub struct ServiceContext {
     /// The exoagent executable, for services that run one of its subcommands (the desktop
     /// pair, the Guacamole web side).
     pub exe: PathBuf,
+}
+
+impl Account {
+    /// Whether the agent must switch to this account to run services.
+    fn needs_switch(&self) -> bool {
+        nix::unistd::geteuid().as_raw() != self.uid
+    }
+}
+
+impl ServiceContext {
+    /// The account switch the shim performs, if any.
+    pub fn run_as(&self) -> Option<RunAs> {
+        self.account.needs_switch().then_some(RunAs {
+            uid: self.account.uid,
+            gid: self.account.gid,
+        })
+    }
+
+    /// A login-like environment for the service account with `path` as `PATH` (services get
+    /// nothing else from the agent's environment).
+    pub fn login_env(&self, path: &str) -> Vec<(String, String)> {
+        let account = &self.account;
+        vec![
+            ("HOME".into(), account.home.to_string_lossy().into_owned()),
+            ("USER".into(), account.name.clone()),
+            ("LOGNAME".into(), account.name.clone()),
+            ("SHELL".into(), "/bin/bash".into()),
+            ("PATH".into(), path.to_owned()),
+            ("LANG".into(), "C.UTF-8".into()),
+        ]
+    }
+
+    /// Create the account's home (the services' working directory) when it is missing.
+    pub fn ensure_home(&self, service: ServiceKind) -> Result<(), ServiceError> {
+        let home = &self.account.home;
+        if home.exists() {
+            return Ok(());
+        }
+        crate::fsutil::ensure_dir(home, 0o750).map_err(io_error(service, "create", home))
+    }
+}
+
+/// Turns an I/O error of `service` doing `action` on `path` into a [`ServiceError`].
+pub fn io_error(
+    service: ServiceKind,
+    action: &'static str,
+    path: &std::path::Path,
+) -> impl FnOnce(std::io::Error) -> ServiceError {
+    let path = path.to_path_buf();
+    move |source| ServiceError::Io {
+        service,
+        action,
+        path,
+        source,
+    }
 }
 
 /// A service step that failed.

@@ -202,3 +202,62 @@ impl Drop for Sandbox {
         let _ = self.cli(&["down", "--grace", "5"]);
     }
 }
+
+/// `tests/guacamole/guacd_peer.py`, the guacd test double (guacd cannot be installed here), on
+/// a free loopback port; killed on drop. Needs the venv `tests/guacamole/setup.sh` makes.
+pub struct GuacdPeer {
+    child: Child,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    /// Its events log (JSON lines).
+    pub events: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl GuacdPeer {
+    pub fn start() -> Self {
+        use std::io::BufRead;
+        let venv = std::env::var("EXOAGENT_GUAC_VENV")
+            .unwrap_or_else(|_| "/var/tmp/exoagent-guac-venv".to_owned());
+        let python = Path::new(&venv).join("bin/python");
+        assert!(
+            python.exists(),
+            "{} is missing: run `bash tests/guacamole/setup.sh` (the guacd test double's venv)",
+            python.display()
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let events = dir.path().join("events.jsonl");
+        let mut child = Command::new(python)
+            .arg(repo_root().join("tests/guacamole/guacd_peer.py"))
+            .args(["--listen", "127.0.0.1:0", "--events"])
+            .arg(&events)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line
+            .trim()
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("the guacd test double did not start: {line:?}"));
+        Self {
+            child,
+            port,
+            events,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for GuacdPeer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

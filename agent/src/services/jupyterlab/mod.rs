@@ -8,14 +8,14 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use super::{Account, ServiceContext, ServiceError, ServiceImpl};
+use super::{io_error, ServiceContext, ServiceError, ServiceImpl};
 use crate::config::{JupyterLabSettings, PythonInstaller};
 use crate::fsutil;
 use crate::platform::os::{Family, Os};
 use crate::platform::passphrase::{argon2_hash, Passphrase};
 use crate::services::command::run_logged;
 use crate::services::ServiceKind;
-use crate::supervise::{Probe, RunAs, RunSpec};
+use crate::supervise::{Probe, RunSpec};
 
 /// The pinned, hash-locked requirements, generated from `requirements.in` with
 /// `uv pip compile --universal --python-version 3.10 --generate-hashes requirements.in -o requirements.txt`.
@@ -280,15 +280,7 @@ impl ServiceImpl for JupyterLab {
         })?;
         let path = Self::config_file(ctx);
         let dir = path.parent().unwrap_or(Path::new("/"));
-        let io_err = |action: &'static str, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| ServiceError::Io {
-                service: ServiceKind::JupyterLab,
-                action,
-                path,
-                source,
-            }
-        };
+        let io_err = |action, path| io_error(ServiceKind::JupyterLab, action, path);
         fsutil::ensure_dir(dir, 0o711).map_err(io_err("create", dir))?;
         fsutil::write_atomic(
             &path,
@@ -297,11 +289,7 @@ impl ServiceImpl for JupyterLab {
             Some((ctx.account.uid, ctx.account.gid)),
         )
         .map_err(io_err("write", &path))?;
-        let home = &ctx.account.home;
-        if !home.exists() {
-            fsutil::ensure_dir(home, 0o750).map_err(io_err("create", home))?;
-        }
-        Ok(())
+        ctx.ensure_home(ServiceKind::JupyterLab)
     }
 
     /// How the supervisor starts it: the venv's `jupyter-lab` with our config, a clean
@@ -387,27 +375,11 @@ fn find_on_path(name: &str) -> Option<PathBuf> {
         })
 }
 
-impl Account {
-    /// Whether the agent must switch to this account to run services.
-    fn needs_switch(&self) -> bool {
-        nix::unistd::geteuid().as_raw() != self.uid
-    }
-}
-
-impl ServiceContext {
-    /// The account switch the shim performs, if any.
-    pub fn run_as(&self) -> Option<RunAs> {
-        self.account.needs_switch().then_some(RunAs {
-            uid: self.account.uid,
-            gid: self.account.gid,
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::paths::Paths;
+    use crate::services::Account;
 
     fn ctx(uid: u32) -> ServiceContext {
         ServiceContext {
