@@ -623,7 +623,9 @@ for (const [label, id, protocol] of [['shell', SHELL_ID, 'ssh'], ['desktop', DES
                 seen: async () => JSON.stringify({ page: await pageState(page), peer: eventsOf(conn).slice(-5) }),
             });
             const data = crypto.randomBytes(160 * 1024 + 77);
-            const name = `exo browser ${label} ${crypto.randomBytes(4).toString('hex')}.bin`;
+            // A space, a 2-byte and a 4-byte character: the page counts lengths in UTF-16 units,
+            // guacd in code points, and the tunnel translates.
+            const name = `exo browser ${label} é😀 ${crypto.randomBytes(4).toString('hex')}.bin`;
             const target = path.join(S.info.home, name);
             S.createdFiles.push(target);
 

@@ -81,6 +81,25 @@ impl Instruction {
         out
     }
 
+    /// The wire form with lengths in `unit`.
+    pub fn encode_counting(&self, unit: LengthUnit) -> String {
+        let mut out = String::new();
+        for (index, element) in self.elements().enumerate() {
+            if index > 0 {
+                out.push(',');
+            }
+            let length = match unit {
+                LengthUnit::CodePoints => element.chars().count(),
+                LengthUnit::Utf16 => element.encode_utf16().count(),
+            };
+            out.push_str(&length.to_string());
+            out.push('.');
+            out.push_str(element);
+        }
+        out.push(';');
+        out
+    }
+
     /// Append the wire form to `out`, so a sender can reuse one buffer.
     pub fn encode_into(&self, out: &mut String) {
         use fmt::Write;
@@ -125,6 +144,17 @@ impl FromStr for Instruction {
         }
         Ok(instruction)
     }
+}
+
+/// What an element's LENGTH counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LengthUnit {
+    /// Unicode code points: the protocol as guacd (and guacamole-common-js 1.6) speaks it.
+    #[default]
+    CodePoints,
+    /// UTF-16 code units, as guacamole-common-js 1.5 counts (JavaScript's `length`): a
+    /// character outside the Basic Multilingual Plane counts 2.
+    Utf16,
 }
 
 /// Bounds on what a [`Decoder`] accepts, against a hostile or broken peer.
@@ -394,6 +424,7 @@ const NEW_ELEMENT: Scan = Scan::Length {
 #[derive(Debug, Clone)]
 pub struct Decoder {
     limits: Limits,
+    unit: LengthUnit,
     /// Received bytes not yet handed out as frames (and the last frame handed out).
     buffer: Vec<u8>,
     /// Stream offset of `buffer[0]`, for error messages.
@@ -424,10 +455,17 @@ impl Decoder {
         Self::with_limits(Limits::default())
     }
 
+    /// The same decoder, reading lengths in `unit`.
+    pub fn counting(mut self, unit: LengthUnit) -> Self {
+        self.unit = unit;
+        self
+    }
+
     /// A decoder with `limits`.
     pub fn with_limits(limits: Limits) -> Self {
         Self {
             limits,
+            unit: LengthUnit::CodePoints,
             buffer: Vec::new(),
             buffer_offset: 0,
             start: 0,
@@ -625,7 +663,7 @@ impl Decoder {
                 }
                 Scan::Value { remaining } => {
                     let unscanned = self.buffer.get(self.position..).unwrap_or_default();
-                    let chars = scan_chars(unscanned, remaining);
+                    let chars = scan_chars(unscanned, remaining, self.unit);
                     self.position += chars.bytes;
                     let remaining = remaining.saturating_sub(chars.count);
                     self.scan = Scan::Value { remaining };
@@ -688,9 +726,11 @@ struct ScannedChars {
     invalid_at: Option<usize>,
 }
 
-/// Scan up to `wanted` whole UTF-8 characters at the front of `input`, stopping early at the
-/// end of `input` (possibly before a character cut short) or at invalid UTF-8.
-fn scan_chars(input: &[u8], wanted: usize) -> ScannedChars {
+/// Scan up to `wanted` whole UTF-8 characters (counted in `unit`) at the front of `input`,
+/// stopping early at the end of `input` (possibly before a character cut short) or at invalid
+/// UTF-8. In UTF-16 units, a length that ends between the two halves of a character outside the
+/// Basic Multilingual Plane is invalid.
+fn scan_chars(input: &[u8], wanted: usize, unit: LengthUnit) -> ScannedChars {
     let mut scanned = ScannedChars {
         bytes: 0,
         count: 0,
@@ -701,8 +741,9 @@ fn scan_chars(input: &[u8], wanted: usize) -> ScannedChars {
         if rest.is_empty() {
             break;
         }
-        // A run of N bytes holds at most N characters, so this window never reaches past the
-        // value; std's validator is fast on long ASCII runs such as base64 payloads.
+        // A run of N bytes holds at most N characters (and at most N UTF-16 units), so this
+        // window never reaches past the value; std's validator is fast on long ASCII runs such
+        // as base64 payloads.
         let window = rest
             .get(..rest.len().min(wanted - scanned.count))
             .unwrap_or_default();
@@ -711,16 +752,30 @@ fn scan_chars(input: &[u8], wanted: usize) -> ScannedChars {
             Err(error) => error.valid_up_to(),
         };
         scanned.bytes += valid;
-        scanned.count += count_chars(window.get(..valid).unwrap_or_default());
+        scanned.count += count_units(window.get(..valid).unwrap_or_default(), unit);
         if valid == window.len() {
+            if scanned.count > wanted {
+                // Only a 4-byte character counting 2 can overshoot: it was cut in half.
+                scanned.invalid_at = Some(0);
+                break;
+            }
             continue;
         }
         // The window ends in a character it cut short or in invalid bytes: look at that one
         // character in the whole input.
         match first_char(input.get(scanned.bytes..).unwrap_or_default()) {
             FirstChar::Complete(len) => {
+                let units = if len == 4 && unit == LengthUnit::Utf16 {
+                    2
+                } else {
+                    1
+                };
+                if scanned.count + units > wanted {
+                    scanned.invalid_at = Some(0);
+                    break;
+                }
                 scanned.bytes += len;
-                scanned.count += 1;
+                scanned.count += units;
             }
             FirstChar::Incomplete => break,
             FirstChar::Invalid => {
@@ -735,6 +790,21 @@ fn scan_chars(input: &[u8], wanted: usize) -> ScannedChars {
 /// Characters in valid UTF-8: the bytes that are not continuation bytes.
 fn count_chars(utf8: &[u8]) -> usize {
     utf8.iter().filter(|&&byte| byte & 0xC0 != 0x80).count()
+}
+
+/// Length units in valid UTF-8: characters, plus one per 4-byte character in UTF-16.
+fn count_units(utf8: &[u8], unit: LengthUnit) -> usize {
+    let chars = count_chars(utf8);
+    match unit {
+        LengthUnit::CodePoints => chars,
+        LengthUnit::Utf16 => chars + utf8.iter().filter(|&&byte| byte >= 0xF0).count(),
+    }
+}
+
+/// Whether `text` has a character outside the Basic Multilingual Plane (where code points and
+/// UTF-16 units differ).
+pub fn has_astral(text: &str) -> bool {
+    text.bytes().any(|byte| byte >= 0xF0)
 }
 
 /// The first character of some bytes.
@@ -1203,10 +1273,38 @@ mod tests {
     }
 
     #[test]
+    fn utf16_lengths_count_astral_characters_twice() {
+        let mut decoder = Decoder::new().counting(LengthUnit::Utf16);
+        // "😀a" is 3 UTF-16 units; split inside the emoji's bytes.
+        let input = "4.name,3.😀a;".as_bytes();
+        decoder.push(&input[..9]);
+        assert!(decoder.next_frame().is_none());
+        decoder.push(&input[9..]);
+        let frame = decoder.next_frame().unwrap().unwrap();
+        assert_eq!(frame.arg(0), Some("😀a"));
+        assert_eq!(
+            Instruction::new("name", ["😀a"]).encode_counting(LengthUnit::Utf16),
+            "4.name,3.😀a;"
+        );
+        // A length ending between the two halves of the emoji is refused.
+        let mut decoder = Decoder::new().counting(LengthUnit::Utf16);
+        decoder.push("4.name,1.😀;".as_bytes());
+        assert_eq!(
+            decoder.next_frame().unwrap().unwrap_err().reason(),
+            "guac-invalid-utf8"
+        );
+        // Code points (the default) count it once.
+        let mut decoder = Decoder::new();
+        decoder.push("4.name,2.😀a;".as_bytes());
+        assert_eq!(decoder.next_frame().unwrap().unwrap().arg(0), Some("😀a"));
+        assert!(has_astral("😀") && !has_astral("é"));
+    }
+
+    #[test]
     fn scan_chars_stops_at_whole_characters() {
         let text = "aé😀".as_bytes();
         assert_eq!(
-            scan_chars(text, 3),
+            scan_chars(text, 3, LengthUnit::CodePoints),
             ScannedChars {
                 bytes: 7,
                 count: 3,
@@ -1214,7 +1312,7 @@ mod tests {
             }
         );
         assert_eq!(
-            scan_chars(text, 2),
+            scan_chars(text, 2, LengthUnit::CodePoints),
             ScannedChars {
                 bytes: 3,
                 count: 2,
@@ -1222,7 +1320,7 @@ mod tests {
             }
         );
         assert_eq!(
-            scan_chars(&text[..5], 3),
+            scan_chars(&text[..5], 3, LengthUnit::CodePoints),
             ScannedChars {
                 bytes: 3,
                 count: 2,
@@ -1230,7 +1328,7 @@ mod tests {
             }
         );
         assert_eq!(
-            scan_chars(b"ab\xFFc", 4),
+            scan_chars(b"ab\xFFc", 4, LengthUnit::CodePoints),
             ScannedChars {
                 bytes: 2,
                 count: 2,
@@ -1238,7 +1336,7 @@ mod tests {
             }
         );
         assert_eq!(
-            scan_chars(b"", 4),
+            scan_chars(b"", 4, LengthUnit::CodePoints),
             ScannedChars {
                 bytes: 0,
                 count: 0,

@@ -12,7 +12,33 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::auth::Authenticator;
 use super::handshake::Connected;
-use super::protocol::{Decoder, Instruction, Limits};
+use super::protocol::{has_astral, Decoder, Frame, Instruction, LengthUnit, Limits};
+
+/// How the browser's library counts lengths: guacamole-common-js 1.5 (the page's) counts UTF-16
+/// units, guacd code points. They differ only for characters outside the Basic Multilingual
+/// Plane (emoji, say in a file name); such instructions are re-encoded on the way through.
+pub const BROWSER_LENGTHS: LengthUnit = LengthUnit::Utf16;
+
+/// An instruction from the browser, as guacd reads it.
+fn for_guacd<'a>(frame: &Frame<'a>) -> std::borrow::Cow<'a, str> {
+    if BROWSER_LENGTHS != LengthUnit::CodePoints && has_astral(frame.as_str()) {
+        frame.to_instruction().encode().into()
+    } else {
+        frame.as_str().into()
+    }
+}
+
+/// An instruction from guacd, as the browser reads it.
+fn for_browser<'a>(frame: &Frame<'a>) -> std::borrow::Cow<'a, str> {
+    if BROWSER_LENGTHS != LengthUnit::CodePoints && has_astral(frame.as_str()) {
+        frame
+            .to_instruction()
+            .encode_counting(BROWSER_LENGTHS)
+            .into()
+    } else {
+        frame.as_str().into()
+    }
+}
 
 /// Messages to the browser carry whole instructions up to about this size (the Java endpoint
 /// uses 8 KiB); one larger instruction goes alone.
@@ -90,7 +116,7 @@ pub async fn relay(
         ..
     } = guacd;
     let (mut guacd_read, mut guacd_write) = stream.into_split();
-    let mut from_browser = Decoder::with_limits(Limits::FROM_BROWSER);
+    let mut from_browser = Decoder::with_limits(Limits::FROM_BROWSER).counting(BROWSER_LENGTHS);
     let mut read_buffer = vec![0u8; 16 * 1024];
     let mut last_touch = Instant::now();
 
@@ -142,7 +168,7 @@ pub async fn relay(
                         Ok(frame) if frame.is_ping() => echoes.push(frame.as_str().to_owned()),
                         // Other internal instructions are for the tunnel, never for guacd.
                         Ok(frame) if frame.is_internal() => {}
-                        Ok(frame) => to_guacd.push_str(frame.as_str()),
+                        Ok(frame) => to_guacd.push_str(&for_guacd(&frame)),
                         Err(_) => {
                             bad = true;
                             break;
@@ -189,7 +215,7 @@ async fn forward_to_browser(decoder: &mut Decoder, socket: &mut WebSocket) -> Re
                 return Err(Ended::Failed(status::UPSTREAM_ERROR));
             }
             Some(Ok(frame)) => {
-                let text = frame.as_str();
+                let text = for_browser(&frame);
                 if !batch.is_empty() && batch.len() + text.len() > MESSAGE_TARGET_BYTES {
                     let full = std::mem::take(&mut batch);
                     socket
@@ -197,7 +223,7 @@ async fn forward_to_browser(decoder: &mut Decoder, socket: &mut WebSocket) -> Re
                         .await
                         .map_err(|_| Ended::ByBrowser)?;
                 }
-                batch.push_str(text);
+                batch.push_str(&text);
             }
         }
     }
@@ -213,6 +239,33 @@ async fn forward_to_browser(decoder: &mut Decoder, socket: &mut WebSocket) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn one_frame(input: &str, unit: LengthUnit) -> (String, String) {
+        let mut decoder = Decoder::new().counting(unit);
+        decoder.push(input.as_bytes());
+        let frame = decoder.next_frame().unwrap().unwrap();
+        (
+            for_guacd(&frame).into_owned(),
+            for_browser(&frame).into_owned(),
+        )
+    }
+
+    #[test]
+    fn emoji_lengths_are_translated_between_utf16_and_code_points() {
+        // From the page (guacamole-common-js 1.5): "😀.txt" is 6 UTF-16 units, 5 code points.
+        let (to_guacd, _) = one_frame("4.file,1.3,10.text/plain,6.😀.txt;", LengthUnit::Utf16);
+        assert_eq!(to_guacd, "4.file,1.3,10.text/plain,5.😀.txt;");
+        // From guacd: the other way.
+        let (_, to_browser) =
+            one_frame("4.file,1.3,10.text/plain,5.😀.txt;", LengthUnit::CodePoints);
+        assert_eq!(to_browser, "4.file,1.3,10.text/plain,6.😀.txt;");
+        // Everything else passes unchanged (the common case costs nothing).
+        let plain = "4.file,1.3,10.text/plain,6.é.txtx;";
+        assert_eq!(
+            one_frame(plain, LengthUnit::Utf16),
+            (plain.to_owned(), plain.to_owned())
+        );
+    }
 
     #[test]
     fn uuids_are_version_4() {
