@@ -144,7 +144,7 @@ async function streamOnce(p, what, expected, timeoutMs) {
   const u = process.cpuUsage(u0), clientCpu = (u.user + u.system) / 1e6;
   tunnel.close();
   await sleep(200);
-  const c = check(r.chunks, tunnel.relayed, expected);
+  const c = check(r.chunks, tunnel.relayed, expected, p.unit ?? 'codepoints');
   return {
     outcome: r.outcome, seconds: r.seconds, mibps: c.bytes / 2 ** 20 / r.seconds, cpu: cpuS, clientCpu, guacdCpu,
     ...c, relayAlive: alive(p),
@@ -190,7 +190,8 @@ function report(results, meta) {
   const show = (v, digits) => (typeof v === 'number' ? f(v, digits) : v);
   row('throughput, MiB/s (median)', (r) => median(tp(r)));
   row('throughput, MiB/s (min – max)', (r) => `${f(Math.min(...tp(r)))} – ${f(Math.max(...tp(r)))}`);
-  row(`runs completed / bytes identical (of ${meta.runs})`, (r) => `${ok(r).length} / ${r.runs.filter((x) => x.identical).length}`);
+  row(`runs completed / instructions identical (of ${meta.runs})`, (r) => `${ok(r).length} / ${r.runs.filter((x) => x.identical).length}`);
+  row('… whole stream parsable by guacamole-common-js 1.5 (UTF-16 lengths)', (r) => `${ok(r).filter((x) => x.pageParses).length} of ${ok(r).length}`);
   row(`relay CPU per ${f(meta.workloadBytes / 2 ** 20, 0)} MiB run, s (median)`, (r) => median(ok(r).map((x) => x.cpu)), 2, true);
   row('relay CPU per MiB relayed, ms', (r) => median(ok(r).map((x) => (x.cpu / (x.bytes / 2 ** 20)) * 1000)), 2, true);
   row('run time, s (median)', (r) => median(ok(r).map((x) => x.seconds)), 3);
@@ -234,7 +235,8 @@ async function main() {
   };
   const paths = {
     direct: { open: () => openDirect(guacdPort) },
-    exoagent: await relay(startExoagent),
+    // exoagent speaks UTF-16 lengths to browsers, as its page's guacamole-common-js 1.5 reads them.
+    exoagent: Object.assign(await relay(startExoagent), { unit: 'utf16' }),
     'guacamole-lite': await relay(startLite),
   };
   const results = {};

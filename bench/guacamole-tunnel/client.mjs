@@ -88,14 +88,18 @@ export async function receiveStream(tunnel, what, timeoutMs = 120000) {
 
 /**
  * What arrived, against `expected` ({bytes, sha256}): the stream after the relay's first
- * instruction, whether it is byte-identical, and how many chunks ended mid-instruction.
+ * instruction, read with lengths in `unit` (how that relay's browser library counts them), whether
+ * it holds exactly the expected instructions (compared re-encoded with code-point lengths), how
+ * many chunks ended mid-instruction, and whether guacamole-common-js 1.5 (exoagent's page;
+ * UTF-16 lengths) could parse it all.
  */
-export function check(chunks, relayed, expected) {
+export function check(chunks, relayed, expected, unit = 'codepoints') {
   const all = Buffer.concat(chunks);
-  const { ends, error } = instructionEnds(all);
+  const { ends, error } = instructionEnds(all, unit);
   const skip = relayed ? (ends[0] ?? 0) : 0;
   const payload = all.subarray(skip);
-  const sha256 = createHash('sha256').update(payload).digest('hex');
+  const canonical = unit === 'codepoints' ? payload : instructionEnds(payload, unit, true).canonical;
+  const sha256 = createHash('sha256').update(canonical).digest('hex');
   let offset = 0, k = 0, midInstruction = 0;
   for (const c of chunks) {
     offset += c.length;
@@ -104,10 +108,11 @@ export function check(chunks, relayed, expected) {
   }
   return {
     bytes: payload.length,
-    identical: payload.length === expected.bytes && sha256 === expected.sha256,
+    identical: canonical.length === expected.bytes && sha256 === expected.sha256,
     chunks: chunks.length,
     midInstruction,
     parseError: error,
+    pageParses: instructionEnds(payload, 'utf16').error === null,
   };
 }
 

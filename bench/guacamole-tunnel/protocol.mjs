@@ -50,30 +50,55 @@ function parseAt(s, i) {
 }
 
 /**
- * Byte offsets just past each `;` in `buf` (UTF-8), counting lengths in code points.
- * Returns { ends, error } where error says where parsing stopped on malformed or truncated data.
+ * Byte offsets just past each `;` in `buf` (UTF-8), with lengths counted in `unit`: 'codepoints'
+ * (guacd, guacamole-common-js 1.6) or 'utf16' (guacamole-common-js 1.5, JavaScript's `length`:
+ * a character outside the Basic Multilingual Plane counts 2). Returns { ends, error } where
+ * error says where parsing stopped on malformed or truncated data. With `canonical`, also the
+ * same instructions re-encoded with code-point lengths (to compare streams across units).
  */
-export function instructionEnds(buf) {
+export function instructionEnds(buf, unit = 'codepoints', canonical = false) {
   const ends = [];
+  const parts = [];
   let p = 0;
   while (p < buf.length) {
     const start = p;
+    const elements = [];
     for (;;) {
       let n = 0, d = p;
       while (d < buf.length && buf[d] >= 0x30 && buf[d] <= 0x39) n = n * 10 + buf[d++] - 0x30;
-      if (d >= buf.length) return { ends, error: `truncated instruction at byte ${start}` };
-      if (d === p || buf[d] !== 0x2e) return { ends, error: `bad length at byte ${p}` };
+      if (d >= buf.length) return { ends, error: `truncated instruction at byte ${start}`, canonical: done(parts) };
+      if (d === p || buf[d] !== 0x2e) return { ends, error: `bad length at byte ${p}`, canonical: done(parts) };
       p = d + 1;
+      const valueStart = p;
+      let points = 0;
       while (n > 0 && p < buf.length) {
         const b = buf[p];
-        p += b < 0x80 ? 1 : b < 0xe0 ? 2 : b < 0xf0 ? 3 : 4;
-        n--;
+        const step = b < 0x80 ? 1 : b < 0xe0 ? 2 : b < 0xf0 ? 3 : 4;
+        const units = unit === 'utf16' && step === 4 ? 2 : 1;
+        if (units > n) return { ends, error: `length splits a character at byte ${p}`, canonical: done(parts) };
+        p += step;
+        n -= units;
+        points++;
       }
-      if (p >= buf.length) return { ends, error: `truncated instruction at byte ${start}` };
+      if (p >= buf.length) return { ends, error: `truncated instruction at byte ${start}`, canonical: done(parts) };
+      if (canonical) elements.push(`${points}.`, buf.subarray(valueStart, p));
       const t = buf[p++];
-      if (t === 0x3b) { ends.push(p); break; }
-      if (t !== 0x2c) return { ends, error: `bad terminator at byte ${p - 1}` };
+      if (t === 0x3b) {
+        ends.push(p);
+        if (canonical) parts.push(...joinElements(elements, ';'));
+        break;
+      }
+      if (t !== 0x2c) return { ends, error: `bad terminator at byte ${p - 1}`, canonical: done(parts) };
+      if (canonical) elements.push(',');
     }
   }
-  return { ends, error: null };
+  return { ends, error: null, canonical: done(parts) };
+}
+
+function joinElements(elements, end) {
+  return [...elements.map((e) => (typeof e === 'string' ? Buffer.from(e) : e)), Buffer.from(end)];
+}
+
+function done(parts) {
+  return parts.length ? Buffer.concat(parts) : Buffer.alloc(0);
 }
