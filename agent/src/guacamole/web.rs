@@ -421,6 +421,7 @@ async fn websocket(
     let request = tunnel_request(query.as_deref());
     upgrade.on_upgrade(move |mut socket| async move {
         let Some(user) = state.auth.touch(&request.token) else {
+            tracing::info!(connection = %request.id, "tunnel refused: unknown or expired token (769)");
             tunnel::close(&mut socket, status::CLIENT_UNAUTHORIZED).await;
             return;
         };
@@ -428,12 +429,14 @@ async fn websocket(
             .then(|| state.config.connections.get(&request.id))
             .flatten();
         let Some(connection) = connection else {
+            tracing::info!(connection = %request.id, "tunnel refused: no such connection (516)");
             tunnel::close(&mut socket, status::RESOURCE_NOT_FOUND).await;
             return;
         };
         let open = state.tunnels.fetch_add(1, Ordering::SeqCst);
         let _slot = TunnelSlot(&state.tunnels);
         if open >= MAX_TUNNELS {
+            tracing::warn!(open, "tunnel refused: too many tunnels (797)");
             tunnel::close(&mut socket, 0x031D).await; // CLIENT_TOO_MANY
             return;
         }
