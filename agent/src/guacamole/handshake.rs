@@ -244,13 +244,7 @@ async fn connect_unbounded(
     parameters: &BTreeMap<String, String>,
     client: &ClientInfo,
 ) -> Result<Connected, HandshakeError> {
-    let mut stream =
-        TcpStream::connect(guacd)
-            .await
-            .map_err(|source| HandshakeError::Unreachable {
-                addr: guacd,
-                source,
-            })?;
+    let mut stream = open(guacd).await?;
     stream.set_nodelay(true)?;
     let mut decoder = Decoder::new();
     let (offered, names) = select(&mut stream, &mut decoder, protocol).await?;
@@ -303,17 +297,21 @@ async fn connect_unbounded(
     }
 }
 
+/// A TCP connection to guacd.
+async fn open(guacd: SocketAddr) -> Result<TcpStream, HandshakeError> {
+    TcpStream::connect(guacd)
+        .await
+        .map_err(|source| HandshakeError::Unreachable {
+            addr: guacd,
+            source,
+        })
+}
+
 /// Whether guacd can open `protocol` sessions: `select` answered by `args` (then hang up).
 /// Each call costs guacd a child process that waits 15 s, so call it rarely.
 pub async fn check_protocol(guacd: SocketAddr, protocol: &str) -> Result<String, HandshakeError> {
     tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
-        let mut stream =
-            TcpStream::connect(guacd)
-                .await
-                .map_err(|source| HandshakeError::Unreachable {
-                    addr: guacd,
-                    source,
-                })?;
+        let mut stream = open(guacd).await?;
         let mut decoder = Decoder::new();
         let (version, _) = select(&mut stream, &mut decoder, protocol).await?;
         Ok(version)
