@@ -151,7 +151,7 @@ pub fn plan(mode: Mode, paths: Paths) -> Result<Plan, AgentError> {
         .settings
         .services
         .iter()
-        .map(Service::from_settings)
+        .map(|s| Service::from_settings(s, &os, &paths.system_root))
         .collect();
     let packages = packages_for(&services, &os);
     Ok(Plan {

@@ -55,7 +55,7 @@ pub struct Baked {
 }
 
 /// The services `kinds` with their default settings.
-fn services_for(kinds: &[ServiceKind]) -> Result<Vec<Service>, BakeError> {
+fn services_for(kinds: &[ServiceKind], plan: &agent::Plan) -> Result<Vec<Service>, BakeError> {
     let choices = Choices {
         delivery: Delivery::Baked,
         services: kinds.to_vec(),
@@ -70,7 +70,7 @@ fn services_for(kinds: &[ServiceKind]) -> Result<Vec<Service>, BakeError> {
         .settings
         .services
         .iter()
-        .map(Service::from_settings)
+        .map(|s| Service::from_settings(s, &plan.os, &plan.paths.system_root))
         .collect())
 }
 
@@ -83,7 +83,7 @@ pub async fn bake(mode: Mode, paths: Paths, kinds: &[ServiceKind]) -> Result<Bak
     let services = if kinds.is_empty() {
         plan.services.clone()
     } else {
-        services_for(kinds)?
+        services_for(kinds, &plan)?
     };
     if services.is_empty() {
         return Err(BakeError::NothingToBake);

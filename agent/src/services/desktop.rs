@@ -39,9 +39,9 @@ pub enum VncRoute {
 }
 
 impl VncRoute {
-    /// Resolve `choice` on a machine whose sysfs is under `sys_root`.
-    pub fn resolve(choice: VncServerChoice, sys_root: &Path) -> Self {
-        let gpu = desktop::detect_nvidia_gpu(sys_root);
+    /// Resolve `choice` on a machine whose filesystem is at `system_root` (sysfs at `sys/`).
+    pub fn resolve(choice: VncServerChoice, system_root: &Path) -> Self {
+        let gpu = desktop::detect_nvidia_gpu(&system_root.join("sys"));
         match choice {
             VncServerChoice::TigerVnc => Self::TigerVnc,
             VncServerChoice::TurboVnc => Self::TurboVnc { virtualgl: gpu },
@@ -51,25 +51,28 @@ impl VncRoute {
     }
 }
 
-/// The desktop as configured.
+/// The desktop as configured, on the machine it was planned for.
 #[derive(Debug, Clone)]
 pub struct Desktop {
     settings: DesktopSettings,
+    route: VncRoute,
+    family: Family,
 }
 
 impl Desktop {
-    /// The desktop with the given settings.
-    pub fn new(settings: DesktopSettings) -> Self {
-        Self { settings }
+    /// The desktop with the given settings on `os`, whose filesystem is at `system_root`.
+    pub fn new(settings: DesktopSettings, os: &Os, system_root: &Path) -> Self {
+        let route = VncRoute::resolve(settings.vnc_server, system_root);
+        Self {
+            settings,
+            route,
+            family: os.family,
+        }
     }
 
     /// The X display number for the RFB port (5901 → `:1`).
     pub fn display(&self) -> u16 {
         self.settings.port.saturating_sub(5900).max(1)
-    }
-
-    fn route(&self, ctx: &ServiceContext) -> VncRoute {
-        VncRoute::resolve(self.settings.vnc_server, &ctx.paths.system_root)
     }
 
     fn password_file(ctx: &ServiceContext) -> PathBuf {
@@ -102,7 +105,7 @@ impl Desktop {
             }
             .to_owned(),
         ];
-        match self.route(ctx) {
+        match self.route {
             VncRoute::TigerVnc => args.extend(["--server".to_owned(), "tigervnc".to_owned()]),
             VncRoute::TurboVnc { virtualgl } => {
                 args.extend(["--server".to_owned(), "turbovnc".to_owned()]);
@@ -194,11 +197,13 @@ impl ServiceImpl for Desktop {
         };
         // TurboVNC's packages come from its vendor repository, added by `install` (which
         // needs gpg for apt's keyring).
-        let server: &[&str] = match (os.family, self.settings.vnc_server) {
-            (Family::Debian, VncServerChoice::TurboVnc) => &["gnupg", "ca-certificates"],
-            (Family::RedHat, VncServerChoice::TurboVnc) => &[],
-            (Family::Debian, _) => &["tigervnc-standalone-server", "tigervnc-tools"],
-            (Family::RedHat, _) => &["tigervnc-server"],
+        let server: &[&str] = match (os.family, self.route) {
+            (Family::Debian, VncRoute::TurboVnc { .. }) => &["gnupg", "ca-certificates"],
+            (Family::RedHat, VncRoute::TurboVnc { .. }) => &[],
+            (Family::Debian, VncRoute::TigerVnc) => {
+                &["tigervnc-standalone-server", "tigervnc-tools"]
+            }
+            (Family::RedHat, VncRoute::TigerVnc) => &["tigervnc-server"],
         };
         environment
             .iter()
@@ -208,7 +213,7 @@ impl ServiceImpl for Desktop {
     }
 
     fn plan(&self, ctx: &ServiceContext) -> Vec<String> {
-        let server = match self.route(ctx) {
+        let server = match self.route {
             VncRoute::TigerVnc => "TigerVNC".to_owned(),
             VncRoute::TurboVnc { virtualgl: true } => {
                 "TurboVNC with VirtualGL (EGL, NVIDIA GPU found)".to_owned()
@@ -238,7 +243,7 @@ impl ServiceImpl for Desktop {
     }
 
     async fn install(&self, ctx: &ServiceContext) -> Result<(), ServiceError> {
-        let VncRoute::TurboVnc { virtualgl } = self.route(ctx) else {
+        let VncRoute::TurboVnc { virtualgl } = self.route else {
             return Ok(());
         };
         let turbovnc_there = ctx.paths.system_root.join("opt/TurboVNC/bin/Xvnc").exists();
@@ -250,10 +255,7 @@ impl ServiceImpl for Desktop {
         if turbovnc_there && (!virtualgl || virtualgl_there) {
             return Ok(()); // baked into the image
         }
-        let family = crate::platform::os::detect_lenient(&ctx.paths.system_root)
-            .map(|os| os.family)
-            .unwrap_or(Family::Debian);
-        for step in vendor::install_steps(family, virtualgl) {
+        for step in vendor::install_steps(self.family, virtualgl) {
             run_vendor_step(&step).await?;
         }
         Ok(())
@@ -289,7 +291,7 @@ impl ServiceImpl for Desktop {
                 .map_err(Self::io_err("write", path))?;
         }
         // VirtualGL's framebuffer is restricted to the vglusers group (`vglserver_config -f`).
-        if let VncRoute::TurboVnc { virtualgl: true } = self.route(ctx) {
+        if let VncRoute::TurboVnc { virtualgl: true } = self.route {
             if ctx.paths.system_root == Path::new("/") && ctx.account.uid != 0 {
                 run_logged(
                     ServiceKind::Desktop,
@@ -334,5 +336,41 @@ impl ServiceImpl for Desktop {
             self.settings.port,
             self.display()
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn debian() -> Os {
+        Os {
+            id: "debian".into(),
+            version_id: "12".into(),
+            pretty_name: "Debian 12".into(),
+            family: Family::Debian,
+            supported: true,
+        }
+    }
+
+    #[test]
+    fn an_nvidia_gpu_under_the_system_root_picks_turbovnc_with_virtualgl() {
+        let root = tempfile::tempdir().unwrap();
+        let settings = DesktopSettings::default();
+        let plain = Desktop::new(settings.clone(), &debian(), root.path());
+        assert_eq!(plain.route, VncRoute::TigerVnc);
+        assert!(plain
+            .system_packages(&debian())
+            .contains(&"tigervnc-standalone-server".to_owned()));
+
+        let device = root.path().join("sys/bus/pci/devices/0000:00:05.0");
+        std::fs::create_dir_all(&device).unwrap();
+        std::fs::write(device.join("vendor"), "0x10de\n").unwrap();
+        std::fs::write(device.join("class"), "0x030200\n").unwrap();
+        let gpu = Desktop::new(settings, &debian(), root.path());
+        assert_eq!(gpu.route, VncRoute::TurboVnc { virtualgl: true });
+        let packages = gpu.system_packages(&debian());
+        assert!(packages.contains(&"gnupg".to_owned()), "{packages:?}");
+        assert!(!packages.contains(&"tigervnc-standalone-server".to_owned()));
     }
 }

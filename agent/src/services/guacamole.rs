@@ -54,16 +54,23 @@ impl GuacdRoute {
     }
 }
 
-/// Guacamole as configured.
+/// Guacamole as configured, on the OS it was planned for.
 #[derive(Debug, Clone)]
 pub struct Guacamole {
     settings: GuacamoleSettings,
+    route: GuacdRoute,
+    family: Family,
 }
 
 impl Guacamole {
-    /// Guacamole with the given settings.
-    pub fn new(settings: GuacamoleSettings) -> Self {
-        Self { settings }
+    /// Guacamole with the given settings on `os`.
+    pub fn new(settings: GuacamoleSettings, os: &Os) -> Self {
+        let route = GuacdRoute::resolve(settings.guacd, os);
+        Self {
+            settings,
+            route,
+            family: os.family,
+        }
     }
 
     fn state_dir(ctx: &ServiceContext) -> PathBuf {
@@ -77,14 +84,6 @@ impl Guacamole {
 
     fn password_file(ctx: &ServiceContext) -> PathBuf {
         Self::state_dir(ctx).join("passphrase")
-    }
-
-    /// The route on the OS the agent runs on (read again: a service has no OS of its own).
-    fn route(&self) -> GuacdRoute {
-        match crate::platform::os::detect_lenient(Path::new("/")) {
-            Ok(os) => GuacdRoute::resolve(self.settings.guacd, &os),
-            Err(_) => GuacdRoute::resolve(self.settings.guacd, &unknown_os()),
-        }
     }
 
     /// The command that runs guacd for `route`, bound to the configured loopback address.
@@ -182,11 +181,11 @@ impl Guacamole {
     }
 
     /// The web side's configuration for `ctx`.
-    pub fn web_config(&self, ctx: &ServiceContext, route: &GuacdRoute) -> WebConfig {
+    pub fn web_config(&self, ctx: &ServiceContext) -> WebConfig {
         WebConfig {
             listen: SocketAddr::new(self.settings.bind, self.settings.port),
             guacd: self.settings.guacd_address,
-            guacd_command: self.guacd_command(route),
+            guacd_command: self.guacd_command(&self.route),
             username: ctx.account.name.clone(),
             password_file: Self::password_file(ctx),
             session_timeout_s: self.settings.session_timeout.as_secs(),
@@ -196,16 +195,6 @@ impl Guacamole {
 
     fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ServiceError {
         io_error(ServiceKind::Guacamole, action, path)
-    }
-}
-
-fn unknown_os() -> Os {
-    Os {
-        id: String::new(),
-        version_id: String::new(),
-        pretty_name: String::new(),
-        family: Family::Debian,
-        supported: false,
     }
 }
 
@@ -227,7 +216,7 @@ fn guacd_packages(os: &Os) -> Vec<String> {
 
 impl ServiceImpl for Guacamole {
     fn system_packages(&self, os: &Os) -> Vec<String> {
-        match GuacdRoute::resolve(self.settings.guacd, os) {
+        match self.route {
             GuacdRoute::Package => guacd_packages(os),
             GuacdRoute::Container => vec!["podman".to_owned()],
             GuacdRoute::External => Vec::new(),
@@ -235,8 +224,7 @@ impl ServiceImpl for Guacamole {
     }
 
     fn plan(&self, ctx: &ServiceContext) -> Vec<String> {
-        let route = self.route();
-        let guacd = match &route {
+        let guacd = match &self.route {
             GuacdRoute::Package => "guacd from the distribution's package".to_owned(),
             GuacdRoute::Container => format!("guacd from {GUACD_IMAGE} under podman"),
             GuacdRoute::External => "guacd already running (external)".to_owned(),
@@ -263,10 +251,7 @@ impl ServiceImpl for Guacamole {
     }
 
     async fn install(&self, _ctx: &ServiceContext) -> Result<(), ServiceError> {
-        if self.route() == GuacdRoute::Package
-            && crate::platform::os::detect_lenient(Path::new("/"))
-                .is_ok_and(|os| os.family == Family::RedHat)
-        {
+        if self.route == GuacdRoute::Package && self.family == Family::RedHat {
             run_logged(
                 ServiceKind::Guacamole,
                 &[
@@ -294,7 +279,7 @@ impl ServiceImpl for Guacamole {
         let password = Self::password_file(ctx);
         fsutil::write_atomic(&password, passphrase.expose().as_bytes(), 0o600, owner)
             .map_err(Self::io_err("write", &password))?;
-        let config = self.web_config(ctx, &self.route());
+        let config = self.web_config(ctx);
         let text = serde_json::to_vec_pretty(&config).map_err(|e| ServiceError::Configure {
             service: ServiceKind::Guacamole,
             detail: e.to_string(),
@@ -392,13 +377,18 @@ mod tests {
             ["guacd", "libguac-client-ssh0t64", "libguac-client-vnc0t64"]
         );
         assert_eq!(guacd_packages(&ubuntu)[1], "libguac-client-ssh0");
-        let service = Guacamole::new(GuacamoleSettings::default());
+        let service = Guacamole::new(GuacamoleSettings::default(), &debian);
         assert_eq!(service.system_packages(&debian), ["podman"]);
+        let service = Guacamole::new(GuacamoleSettings::default(), &ubuntu);
+        assert_eq!(service.system_packages(&ubuntu)[0], "guacd");
     }
 
     #[test]
     fn guacd_binds_loopback_and_the_image_is_pinned() {
-        let service = Guacamole::new(GuacamoleSettings::default());
+        let service = Guacamole::new(
+            GuacamoleSettings::default(),
+            &os("debian", "12", Family::Debian),
+        );
         let package = service.guacd_command(&GuacdRoute::Package).unwrap();
         assert_eq!(
             package,
@@ -418,11 +408,13 @@ mod tests {
     #[test]
     fn the_desktop_connection_exists_only_with_the_desktop() {
         let mut settings = GuacamoleSettings::default();
-        let shell_only = Guacamole::new(settings.clone()).connections("exouser");
+        let shell_only = Guacamole::new(settings.clone(), &os("debian", "12", Family::Debian))
+            .connections("exouser");
         assert_eq!(shell_only.keys().collect::<Vec<_>>(), ["shell"]);
         assert_eq!(shell_only["shell"].parameters["password"], PASSWORD_TOKEN);
         settings.desktop_port = Some(5901);
-        let both = Guacamole::new(settings).connections("exouser");
+        let both =
+            Guacamole::new(settings, &os("debian", "12", Family::Debian)).connections("exouser");
         let desktop = &both["desktop"];
         assert_eq!(desktop.protocol, "vnc");
         assert_eq!(desktop.parameters["port"], "5901");

@@ -248,14 +248,23 @@ pub enum Service {
 }
 
 impl Service {
-    /// The implementation for validated settings.
-    pub fn from_settings(settings: &ServiceSettings) -> Self {
+    /// The implementation for validated settings on `os`, whose filesystem is at
+    /// `system_root` (where guacd and the VNC server come from is decided here, once).
+    pub fn from_settings(
+        settings: &ServiceSettings,
+        os: &Os,
+        system_root: &std::path::Path,
+    ) -> Self {
         match settings {
             ServiceSettings::JupyterLab(s) => {
                 Self::JupyterLab(jupyterlab::JupyterLab::new(s.clone()))
             }
-            ServiceSettings::Desktop(s) => Self::Desktop(desktop::Desktop::new(s.clone())),
-            ServiceSettings::Guacamole(s) => Self::Guacamole(guacamole::Guacamole::new(s.clone())),
+            ServiceSettings::Desktop(s) => {
+                Self::Desktop(desktop::Desktop::new(s.clone(), os, system_root))
+            }
+            ServiceSettings::Guacamole(s) => {
+                Self::Guacamole(guacamole::Guacamole::new(s.clone(), os))
+            }
         }
     }
 
