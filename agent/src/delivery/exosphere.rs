@@ -123,6 +123,16 @@ mod tests {
     }
 
     #[test]
+    fn the_choices_file_is_where_the_agent_reads_it() {
+        let text = template(&Delivery::Baked).unwrap();
+        assert!(text.contains(&format!("  - path: {CHOICES_FILE}\n")));
+        assert_eq!(
+            crate::paths::Paths::system().exosphere_choices_file,
+            std::path::Path::new(CHOICES_FILE)
+        );
+    }
+
+    #[test]
     fn a_bad_download_is_refused() {
         let err = template(&Delivery::Bootstrap {
             url: "file:///x".into(),

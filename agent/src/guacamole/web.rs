@@ -277,11 +277,7 @@ async fn logout(State(state): State<Arc<WebState>>, Path(token): Path<String>) -
 }
 
 async fn logout_query(State(state): State<Arc<WebState>>, RawQuery(query): RawQuery) -> Response {
-    let token = query_pairs(query.as_deref())
-        .into_iter()
-        .find(|(k, _)| k == "token")
-        .map(|(_, v)| v)
-        .unwrap_or_default();
+    let token = query_token(query.as_deref());
     logout(State(state), Path(token)).await
 }
 
@@ -296,11 +292,7 @@ async fn connections(
     Path(source): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Response {
-    let token = query_pairs(query.as_deref())
-        .into_iter()
-        .find(|(k, _)| k == "token")
-        .map(|(_, v)| v)
-        .unwrap_or_default();
+    let token = query_token(query.as_deref());
     if state.auth.touch(&token).is_none() {
         return api_error(
             StatusCode::FORBIDDEN,
@@ -354,6 +346,15 @@ async fn health(State(state): State<Arc<WebState>>) -> Response {
                 .into_response(),
         )
     }
+}
+
+/// The `token` query parameter, or "" (which no token equals).
+fn query_token(query: Option<&str>) -> String {
+    query_pairs(query)
+        .into_iter()
+        .find(|(k, _)| k == "token")
+        .map(|(_, v)| v)
+        .unwrap_or_default()
 }
 
 fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
