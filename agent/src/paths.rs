@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::services::ServiceKind;
+use crate::model::ServiceKind;
 
 /// Every path the agent reads or writes. Built once, passed down; nothing else hard-codes a path.
 #[derive(Debug, Clone, PartialEq, Eq)]

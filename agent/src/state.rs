@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::services::ServiceKind;
+use crate::model::ServiceKind;
 
 /// Milliseconds since the Unix epoch, the unit of every timestamp the agent reports.
 pub fn now_ms() -> u64 {

@@ -12,9 +12,9 @@
 use std::time::Duration;
 
 use exoagent::config::settings::ConsoleSettings;
+use exoagent::model::ServiceKind;
 use exoagent::report::console::{ConsoleReporter, ConsoleSink};
 use exoagent::report::load::LoadSampler;
-use exoagent::services::ServiceKind;
 use exoagent::state::{Reason, ServiceState, ServiceUpdate, SetupPhase, StateHub};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;

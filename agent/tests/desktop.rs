@@ -1,5 +1,5 @@
 //! The desktop pair with a real TigerVNC server and a real Xfce session, driven through
-//! `exoagent::desktop::run` in-process: the RFB probe (banner + VncAuth offered), the window
+//! `exoagent::services::desktop::session::run` in-process: the RFB probe (banner + VncAuth offered), the window
 //! manager seen by an X client, the pair ending together when the session is killed, and an
 //! orderly stop on shutdown. As root, the pair runs as `nobody` with a temporary home.
 //!
@@ -8,14 +8,15 @@
 //! a message naming what installs it.
 //!
 //! Not exercised here: TurboVNC, VirtualGL (vendor repositories, GPU) and GNOME; their command
-//! lines are unit-tested in `desktop::session`.
+//! lines are unit-tested in `services::desktop::session`.
 
 use std::net::SocketAddr;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use exoagent::desktop::{self, DesktopError, DesktopUser, SessionSpec};
+use exoagent::services::desktop::session::{self, DesktopUser, SessionSpec};
+use exoagent::services::desktop::vnc::{self, DesktopError};
 use exoagent::supervise::{procfs, Probe};
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
@@ -155,7 +156,7 @@ impl Desktop {
         spec.rfb_port = free_port();
         spec.desktop_name = format!("exoagent test :{display}");
         // The default vncpasswd: TigerVNC's, found on PATH.
-        desktop::write_vnc_password(
+        vnc::write_vnc_password(
             PASSPHRASE,
             &spec.password_file,
             spec.user.uid,
@@ -173,7 +174,7 @@ impl Desktop {
         let task = tokio::spawn({
             let spec = spec.clone();
             let shutdown = shutdown.clone();
-            async move { desktop::run(&spec, shutdown).await }
+            async move { session::run(&spec, shutdown).await }
         });
         Self {
             spec,
@@ -508,14 +509,14 @@ async fn a_taken_display_or_port_is_refused_without_touching_the_running_desktop
     // A second desktop on the same display (another port) must not steal the lock.
     let mut second = desktop.spec.clone();
     second.rfb_port = free_port();
-    let err = desktop::run(&second, CancellationToken::new())
+    let err = session::run(&second, CancellationToken::new())
         .await
         .unwrap_err();
     assert_eq!(err.reason(), "desktop-display-in-use", "{err}");
     // And one on the same port (another display) must not start a second server.
     let mut third = desktop.spec.clone();
     third.display = free_display();
-    let err = desktop::run(&third, CancellationToken::new())
+    let err = session::run(&third, CancellationToken::new())
         .await
         .unwrap_err();
     assert_eq!(err.reason(), "desktop-port-in-use", "{err}");

@@ -16,7 +16,7 @@ mod common;
 use std::time::Duration;
 
 use common::{free_port, GuacdPeer, Sandbox};
-use exoagent::guacamole::protocol::Decoder;
+use exoagent::services::guacamole::protocol::Decoder;
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;

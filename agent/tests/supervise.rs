@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use exoagent::config::settings::SupervisePolicy;
-use exoagent::services::ServiceKind;
+use exoagent::model::ServiceKind;
 use exoagent::state::{ServiceState, ServiceStatus, Snapshot, StateHub};
 use exoagent::supervise::procfs;
 use exoagent::supervise::records::{self, RunRecord};

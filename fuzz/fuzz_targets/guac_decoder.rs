@@ -3,7 +3,7 @@
 //! back to the same instruction.
 #![no_main]
 
-use exoagent::guacamole::protocol::{DecodeError, Decoder, Instruction, Limits};
+use exoagent::services::guacamole::protocol::{DecodeError, Decoder, Instruction, Limits};
 use libfuzzer_sys::fuzz_target;
 
 /// Tight limits, so the size, element and digit checks are reached by small inputs.

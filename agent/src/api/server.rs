@@ -14,8 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::tail::{line_count, tail_lines};
 use crate::api::ApiError;
+use crate::model::ServiceKind;
 use crate::paths::Paths;
-use crate::services::ServiceKind;
 use crate::state::{Snapshot, StateHub};
 use crate::supervise::logfile::RotatingLog;
 

@@ -7,8 +7,8 @@ use clap::Args;
 
 use crate::agent::Mode;
 use crate::delivery::bake::bake;
+use crate::model::ServiceKind;
 use crate::paths::Paths;
-use crate::services::ServiceKind;
 
 /// Arguments of `exoagent bake`.
 #[derive(Debug, Args)]

@@ -7,8 +7,8 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::api::client::ApiClient;
+use crate::model::ServiceKind;
 use crate::paths::Paths;
-use crate::services::ServiceKind;
 use crate::supervise::stop_recorded;
 
 /// Arguments of `exoagent down`.

@@ -1,9 +1,7 @@
 //! The command line: one file per subcommand, each a thin call into the library.
 
 pub mod bake;
-pub mod desktop_session;
 pub mod down;
-pub mod guacamole_web;
 pub mod install;
 pub mod logs;
 pub mod run;
@@ -58,10 +56,10 @@ pub enum Command {
     Bake(bake::BakeArgs),
     /// Internal: the VNC server and desktop session pair (run by the desktop service).
     #[command(hide = true)]
-    DesktopSession(desktop_session::DesktopSessionArgs),
+    DesktopSession(crate::services::desktop::cli::DesktopSessionArgs),
     /// Internal: the Guacamole web side (run by the guacamole service).
     #[command(hide = true)]
-    GuacamoleWeb(guacamole_web::GuacamoleWebArgs),
+    GuacamoleWeb(crate::services::guacamole::cli::GuacamoleWebArgs),
     /// Internal: the per-service process shim.
     #[command(hide = true)]
     Shim,
@@ -125,8 +123,8 @@ pub fn dispatch(cli: Cli) -> ExitCode {
             Command::Userdata(args) => userdata::run(args).await,
             Command::Install(args) => install::run(args).await,
             Command::Bake(args) => bake::run(args, mode, paths).await,
-            Command::DesktopSession(args) => desktop_session::run(args).await,
-            Command::GuacamoleWeb(args) => guacamole_web::run(args).await,
+            Command::DesktopSession(args) => crate::services::desktop::cli::run(args).await,
+            Command::GuacamoleWeb(args) => crate::services::guacamole::cli::run(args).await,
             Command::Shim => Ok(ExitCode::SUCCESS),
         }
     });

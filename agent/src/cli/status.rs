@@ -224,7 +224,7 @@ pub fn render_table(snapshot: &Snapshot, now: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::services::ServiceKind;
+    use crate::model::ServiceKind;
     use crate::state::{Reason, ServiceState, ServiceStatus, SetupStatus};
 
     #[test]

@@ -8,7 +8,7 @@ use clap::{Args, ValueEnum};
 
 use crate::delivery::exosphere;
 use crate::delivery::userdata::{render, Choices, Delivery};
-use crate::services::ServiceKind;
+use crate::model::ServiceKind;
 
 /// How the agent reaches the instance.
 #[derive(Debug, Clone, Copy, ValueEnum)]

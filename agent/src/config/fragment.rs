@@ -12,7 +12,7 @@ use toml_edit::{ImDocument, Item, TableLike, Value};
 
 use super::error::{ConfigError, ErrorKind};
 use crate::config::{DesktopEnvironment, GuacdSource, PythonInstaller, VncServerChoice};
-use crate::services::ServiceKind;
+use crate::model::ServiceKind;
 
 /// Where a value was set: the index of the file in load order and the 1-based line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

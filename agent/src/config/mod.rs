@@ -186,7 +186,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::services::ServiceKind;
+    use crate::model::ServiceKind;
 
     fn layers(files: &[(&str, &str)]) -> Vec<(PathBuf, String)> {
         files

@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::services::ServiceKind;
+use crate::model::ServiceKind;
 
 /// The complete, validated configuration.
 #[derive(Debug, Clone, PartialEq)]

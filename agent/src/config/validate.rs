@@ -11,7 +11,7 @@ use super::{
     CloudSettings, ConsoleSettings, DesktopSettings, GuacamoleSettings, InstanceSettings,
     JupyterLabSettings, PackageSettings, ServiceSettings, Settings, SupervisePolicy,
 };
-use crate::services::ServiceKind;
+use crate::model::ServiceKind;
 
 /// The port a service listens on when its `port` key is not set (DESIGN §4.5).
 pub(crate) fn default_port(kind: ServiceKind) -> u16 {

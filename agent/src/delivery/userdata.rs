@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use serde_yaml::{Mapping, Value};
 
 use crate::config;
-use crate::services::ServiceKind;
+use crate::model::ServiceKind;
 
 /// Where the userdata puts the agent's configuration.
 pub const CONFIG_DROP_IN: &str = "/etc/exoagent/config.d/50-userdata.toml";

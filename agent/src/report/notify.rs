@@ -157,7 +157,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn status_changes_are_sent() {
-        use crate::services::ServiceKind;
+        use crate::model::ServiceKind;
         use crate::state::{ServiceState, ServiceUpdate, SetupPhase, StateHub};
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("notify");

@@ -267,7 +267,7 @@ fn jittered(delay: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::services::ServiceKind;
+    use crate::model::ServiceKind;
     use crate::state::{ServiceUpdate, SetupPhase};
 
     fn hub() -> StateHub {

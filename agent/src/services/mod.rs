@@ -6,82 +6,15 @@ pub mod desktop;
 pub mod guacamole;
 pub mod jupyterlab;
 
-use std::fmt;
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
 use crate::config::ServiceSettings;
+pub use crate::model::ServiceKind;
 use crate::paths::Paths;
 use crate::platform::os::Os;
 use crate::platform::passphrase::Passphrase;
 use crate::supervise::{Probe, RunAs, RunSpec};
-
-/// Every service exoagent knows by name. Only some are implemented in this version; see
-/// [`ServiceKind::implemented`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ServiceKind {
-    /// JupyterLab in a virtual environment, on port 8888.
-    #[serde(rename = "jupyterlab")]
-    JupyterLab,
-    /// RStudio Server, on port 8787.
-    #[serde(rename = "rstudio")]
-    RStudio,
-    /// A VNC desktop on display :1.
-    Desktop,
-    /// guacd plus the web side served by the agent, on port 49528.
-    Guacamole,
-}
-
-impl ServiceKind {
-    /// All kinds, in report order.
-    pub const ALL: [ServiceKind; 4] = [
-        ServiceKind::JupyterLab,
-        ServiceKind::RStudio,
-        ServiceKind::Desktop,
-        ServiceKind::Guacamole,
-    ];
-
-    /// The stable lowercase name used in config, tags, the API and log file names.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::JupyterLab => "jupyterlab",
-            Self::RStudio => "rstudio",
-            Self::Desktop => "desktop",
-            Self::Guacamole => "guacamole",
-        }
-    }
-
-    /// Whether this version of exoagent can install and run the service.
-    pub fn implemented(self) -> bool {
-        matches!(self, Self::JupyterLab | Self::Desktop | Self::Guacamole)
-    }
-}
-
-impl fmt::Display for ServiceKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// A service name that is not one of [`ServiceKind::ALL`].
-#[derive(Debug, thiserror::Error)]
-#[error("unknown service '{0}' (known: jupyterlab, rstudio, desktop, guacamole)")]
-pub struct UnknownService(pub String);
-
-impl FromStr for ServiceKind {
-    type Err = UnknownService;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        ServiceKind::ALL
-            .into_iter()
-            .find(|k| k.as_str() == s)
-            .ok_or_else(|| UnknownService(s.to_owned()))
-    }
-}
 
 /// The account services run as (the instance user, or the invoking user in sandbox mode).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -360,22 +293,5 @@ impl Service {
             Self::Desktop(s) => s.url(),
             Self::Guacamole(s) => s.url(),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_round_trip() {
-        for kind in ServiceKind::ALL {
-            assert_eq!(kind.as_str().parse::<ServiceKind>().unwrap(), kind);
-            assert_eq!(
-                serde_json::to_string(&kind).unwrap(),
-                format!("\"{}\"", kind.as_str())
-            );
-        }
-        assert!("jupyter".parse::<ServiceKind>().is_err());
     }
 }

@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 pub use probe::{Probe, ProbeError};
 
 use crate::config::settings::SupervisePolicy;
-use crate::services::ServiceKind;
+use crate::model::ServiceKind;
 use crate::state::{now_ms, Reason, ServiceState, ServiceUpdate, StateHub};
 use records::{ExitRecord, RunRecord};
 use shim::{ShimHello, ShimSpec};

@@ -11,10 +11,10 @@ use serde_json::json;
 use super::{io_error, ServiceContext, ServiceError, ServiceImpl};
 use crate::config::{JupyterLabSettings, PythonInstaller};
 use crate::fsutil;
+use crate::model::ServiceKind;
 use crate::platform::os::{Family, Os};
 use crate::platform::passphrase::{argon2_hash, Passphrase};
 use crate::services::command::run_logged;
-use crate::services::ServiceKind;
 use crate::supervise::{Probe, RunSpec};
 
 /// The pinned, hash-locked requirements, generated from `requirements.in` with

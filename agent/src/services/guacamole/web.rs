@@ -18,9 +18,9 @@ use serde_json::json;
 
 use super::assets;
 use super::auth::{Authenticator, Credentials, LoginError};
-use super::config::{WebConfig, DATA_SOURCE};
 use super::handshake::{self, ClientInfo};
 use super::tunnel::{self, status};
+use super::web_config::{WebConfig, DATA_SOURCE};
 
 /// At most this many tunnels at once; more are refused with CLIENT_TOO_MANY.
 pub const MAX_TUNNELS: usize = 32;

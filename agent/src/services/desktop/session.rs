@@ -30,7 +30,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::DesktopError;
+use super::vnc::DesktopError;
 use crate::supervise::procfs;
 
 /// How long the server gets to accept connections on its RFB port (TigerVNC takes 0.3–0.5 s).

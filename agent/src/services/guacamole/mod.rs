@@ -11,12 +11,21 @@ use std::time::Duration;
 use super::{io_error, ServiceContext, ServiceError, ServiceImpl};
 use crate::config::{GuacamoleSettings, GuacdSource};
 use crate::fsutil;
-use crate::guacamole::config::{Connection, WebConfig, PASSWORD_TOKEN};
+pub mod assets;
+pub mod auth;
+pub mod cli;
+pub mod handshake;
+pub mod protocol;
+pub mod tunnel;
+pub mod web;
+pub mod web_config;
+
+use crate::model::ServiceKind;
 use crate::platform::os::{Family, Os};
 use crate::platform::passphrase::Passphrase;
 use crate::services::command::run_logged;
-use crate::services::ServiceKind;
 use crate::supervise::{Probe, RunSpec};
+use web_config::{Connection, WebConfig, PASSWORD_TOKEN};
 
 /// The official guacd image, pinned by digest: `guacamole/guacd` 1.6.0 as public deployments
 /// pin it. Not pulled in this project's tests (no access to its registry).

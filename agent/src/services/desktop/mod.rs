@@ -10,14 +10,20 @@ use std::time::Duration;
 
 use super::{io_error, ServiceContext, ServiceError, ServiceImpl};
 use crate::config::{DesktopEnvironment, DesktopSettings, VncServerChoice};
-use crate::desktop;
-use crate::desktop::vendor::{self, Step};
+use crate::platform::gpu;
+
+pub mod cli;
+pub mod session;
+pub mod vendor;
+pub mod vnc;
+
 use crate::fsutil;
+use crate::model::ServiceKind;
 use crate::platform::os::{Family, Os};
 use crate::platform::passphrase::Passphrase;
 use crate::services::command::run_logged;
-use crate::services::ServiceKind;
 use crate::supervise::{Probe, RunSpec};
+use vendor::Step;
 
 /// RFB security type 2: VNC authentication (the passphrase's first 8 characters).
 const VNC_AUTH: u8 = 2;
@@ -41,7 +47,7 @@ pub enum VncRoute {
 impl VncRoute {
     /// Resolve `choice` on a machine whose filesystem is at `system_root` (sysfs at `sys/`).
     pub fn resolve(choice: VncServerChoice, system_root: &Path) -> Self {
-        let gpu = desktop::detect_nvidia_gpu(&system_root.join("sys"));
+        let gpu = gpu::detect_nvidia_gpu(&system_root.join("sys"));
         match choice {
             VncServerChoice::TigerVnc => Self::TigerVnc,
             VncServerChoice::TurboVnc => Self::TurboVnc { virtualgl: gpu },
@@ -118,7 +124,7 @@ impl Desktop {
     }
 }
 
-/// Do one vendor step (GPU route; see `desktop::vendor` for why it is not run in tests).
+/// Do one vendor step (GPU route; see `vendor` for why it is not run in tests).
 async fn run_vendor_step(step: &Step) -> Result<(), ServiceError> {
     let fail = |detail: String| ServiceError::Install {
         service: ServiceKind::Desktop,
@@ -269,7 +275,7 @@ impl ServiceImpl for Desktop {
         let dir = ctx.paths.service_state_dir(ServiceKind::Desktop);
         fsutil::ensure_dir(&dir, 0o711).map_err(Self::io_err("create", &dir))?;
         let file = Self::password_file(ctx);
-        desktop::write_vnc_password(passphrase.expose(), &file, ctx.account.uid, ctx.account.gid)
+        vnc::write_vnc_password(passphrase.expose(), &file, ctx.account.uid, ctx.account.gid)
             .await
             .map_err(|e| ServiceError::Configure {
                 service: ServiceKind::Desktop,

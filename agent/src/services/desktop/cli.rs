@@ -11,7 +11,8 @@ use clap::{Args, ValueEnum};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
-use crate::desktop::{self, DesktopEnvironment, DesktopUser, Geometry, SessionSpec, VncServer};
+use super::session::{self, DesktopEnvironment, DesktopUser, Geometry, SessionSpec, VncServer};
+use super::vnc;
 
 /// Exit code for a command line that cannot describe a desktop (EX_USAGE).
 const EXIT_USAGE: u8 = 64;
@@ -139,7 +140,7 @@ pub async fn run(args: DesktopSessionArgs) -> anyhow::Result<ExitCode> {
         }
         on_signal.cancel();
     });
-    let result = desktop::run(&spec, shutdown).await;
+    let result = session::run(&spec, shutdown).await;
     watcher.abort();
     Ok(match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -149,7 +150,7 @@ pub async fn run(args: DesktopSessionArgs) -> anyhow::Result<ExitCode> {
 
 /// Print the error with its stable reason (the shim's stderr tail carries it into the
 /// service's status) and pick the exit code.
-fn fail(error: &desktop::DesktopError) -> ExitCode {
+fn fail(error: &vnc::DesktopError) -> ExitCode {
     eprintln!("exoagent desktop-session: {error} [{}]", error.reason());
     ExitCode::FAILURE
 }

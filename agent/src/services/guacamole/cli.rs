@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use clap::Args;
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::guacamole::config::WebConfig;
-use crate::guacamole::web::{serve, WebState};
+use super::web::{serve, WebState};
+use super::web_config::WebConfig;
 
 /// Arguments of `exoagent guacamole-web`.
 #[derive(Debug, Args)]
