@@ -13,6 +13,7 @@ pub mod model;
 pub mod paths;
 pub mod platform;
 pub mod report;
+pub mod schema;
 pub mod services;
 pub mod state;
 pub mod supervise;

@@ -6,8 +6,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-/// Every service exoagent knows by name. Only some are implemented in this version; see
-/// [`ServiceKind::implemented`].
+/// Every service exoagent knows by name. Only some are implemented in this version (see
+/// `services::implemented`); the others are refused by name when enabled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ServiceKind {
@@ -42,9 +42,15 @@ impl ServiceKind {
         }
     }
 
-    /// Whether this version of exoagent can install and run the service.
-    pub fn implemented(self) -> bool {
-        matches!(self, Self::JupyterLab | Self::Desktop | Self::Guacamole)
+    /// The port the service answers on when its `port` key is not set (DESIGN §4.5: what
+    /// Exosphere builds its links from).
+    pub fn default_port(self) -> u16 {
+        match self {
+            Self::JupyterLab => 8888,
+            Self::RStudio => 8787,
+            Self::Desktop => 5901,
+            Self::Guacamole => 49528,
+        }
     }
 }
 

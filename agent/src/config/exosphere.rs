@@ -10,7 +10,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use super::error::{ConfigError, ErrorKind};
+use crate::schema::{ConfigError, ErrorKind};
 
 /// The choices exoagent understands, and the configuration key each one sets.
 const CHOICES: [(&str, &str, &str); 2] = [

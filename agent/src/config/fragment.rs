@@ -1,32 +1,19 @@
-//! One configuration file: parsed with spans kept, walked against the schema, and turned into
-//! an all-`Option` fragment whose every value remembers the file and line that set it.
+//! What the files say, key by key: every file is walked in load order into one fragment whose
+//! every value remembers the file and line that set it (later files win key by key). The
+//! agent-wide sections' keys are here; each service reads its own keys (`services::<name>`).
 //!
 //! The walk does not stop at the first problem: every unknown key, wrong type and bad value in
-//! the file is reported, and the good values are kept so later checks still see them.
+//! a file is reported, and the good values are kept so later checks still see them.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
-use toml_edit::{ImDocument, Item, TableLike, Value};
+use toml_edit::{Item, TableLike};
 
-use super::error::{ConfigError, ErrorKind};
-use crate::config::{DesktopEnvironment, GuacdSource, PythonInstaller, VncServerChoice};
 use crate::model::ServiceKind;
-
-/// Where a value was set: the index of the file in load order and the 1-based line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Origin {
-    pub file: usize,
-    pub line: Option<usize>,
-}
-
-/// A value together with where it was set.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Located<T> {
-    pub value: T,
-    pub origin: Origin,
-}
+use crate::schema::values::{absolute_path, normalise_http_url, valid_user_name};
+use crate::schema::{parse_document, set, ConfigError, Field, Key, Located, Walker};
+use crate::services::ServiceSection;
 
 /// `[instance]`.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -35,23 +22,19 @@ pub(crate) struct InstanceFragment {
     pub create_user: Option<Located<bool>>,
 }
 
-/// `[services.<name>]`; keys other than `enabled` and `port` are only accepted for JupyterLab.
-#[derive(Debug, Default, Clone, PartialEq)]
+/// `[services.<name>]`: the keys every service has, and the service's own section when this
+/// version implements it.
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct ServiceFragment {
+    pub common: CommonFragment,
+    pub own: Option<ServiceSection>,
+}
+
+/// `enabled` and `port`, which every service has.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub(crate) struct CommonFragment {
     pub enabled: Option<Located<bool>>,
     pub port: Option<Located<u16>>,
-    pub bind: Option<Located<IpAddr>>,
-    pub base_url: Option<Located<String>>,
-    pub python: Option<Located<Option<PathBuf>>>,
-    pub installer: Option<Located<PythonInstaller>>,
-    pub start_timeout_s: Option<Located<u64>>,
-    pub environment: Option<Located<DesktopEnvironment>>,
-    pub geometry: Option<Located<(u16, u16)>>,
-    pub vnc_server: Option<Located<VncServerChoice>>,
-    pub guacd: Option<Located<GuacdSource>>,
-    pub guacd_address: Option<Located<SocketAddr>>,
-    pub session_timeout_min: Option<Located<u64>>,
-    pub ssh_port: Option<Located<u16>>,
 }
 
 /// `[supervise]`.
@@ -92,7 +75,7 @@ pub(crate) struct CloudFragment {
     pub cloud_name: Option<Located<String>>,
 }
 
-/// Everything one file (or the merge of several) says.
+/// Everything the files say, merged in load order.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub(crate) struct Fragment {
     pub instance: InstanceFragment,
@@ -103,76 +86,6 @@ pub(crate) struct Fragment {
     pub cloud: CloudFragment,
 }
 
-/// Replace `dst` with `src` when `src` is set: later files win key by key.
-fn over<T>(dst: &mut Option<T>, src: Option<T>) {
-    if src.is_some() {
-        *dst = src;
-    }
-}
-
-impl Fragment {
-    /// Lay `later` over `self`, key by key.
-    pub fn merge(&mut self, later: Fragment) {
-        let Fragment {
-            instance,
-            services,
-            supervise,
-            console,
-            packages,
-            cloud,
-        } = later;
-        over(&mut self.instance.user, instance.user);
-        over(&mut self.instance.create_user, instance.create_user);
-        for (kind, s) in services {
-            let d = self.services.entry(kind).or_default();
-            over(&mut d.enabled, s.enabled);
-            over(&mut d.port, s.port);
-            over(&mut d.bind, s.bind);
-            over(&mut d.base_url, s.base_url);
-            over(&mut d.python, s.python);
-            over(&mut d.installer, s.installer);
-            over(&mut d.start_timeout_s, s.start_timeout_s);
-            over(&mut d.environment, s.environment);
-            over(&mut d.geometry, s.geometry);
-            over(&mut d.vnc_server, s.vnc_server);
-            over(&mut d.guacd, s.guacd);
-            over(&mut d.guacd_address, s.guacd_address);
-            over(&mut d.session_timeout_min, s.session_timeout_min);
-            over(&mut d.ssh_port, s.ssh_port);
-        }
-        let d = &mut self.supervise;
-        over(&mut d.backoff_initial_ms, supervise.backoff_initial_ms);
-        over(&mut d.backoff_max_ms, supervise.backoff_max_ms);
-        over(&mut d.crash_loop_restarts, supervise.crash_loop_restarts);
-        over(&mut d.stable_after_s, supervise.stable_after_s);
-        over(
-            &mut d.readiness_interval_ms,
-            supervise.readiness_interval_ms,
-        );
-        over(&mut d.liveness_interval_s, supervise.liveness_interval_s);
-        over(&mut d.liveness_failures, supervise.liveness_failures);
-        over(&mut d.log_max_bytes, supervise.log_max_bytes);
-        over(&mut self.console.devices, console.devices);
-        over(
-            &mut self.console.status_interval_s,
-            console.status_interval_s,
-        );
-        over(&mut self.console.load_interval_s, console.load_interval_s);
-        over(&mut self.packages.lock_timeout_s, packages.lock_timeout_s);
-        over(&mut self.packages.attempts, packages.attempts);
-        over(&mut self.cloud.metadata_url, cloud.metadata_url);
-        over(&mut self.cloud.metadata_timeout_s, cloud.metadata_timeout_s);
-        over(&mut self.cloud.publish_password, cloud.publish_password);
-        over(&mut self.cloud.clouds_yaml, cloud.clouds_yaml);
-        over(&mut self.cloud.cloud_name, cloud.cloud_name);
-    }
-}
-
-/// The longest interval any `_s` or `_ms` key may ask for: one year. Far beyond any sensible
-/// setting, and far from the overflow of timer arithmetic.
-const MAX_SECONDS: i64 = 365 * 24 * 3600;
-const MAX_MILLIS: i64 = MAX_SECONDS * 1000;
-
 const TOP_KEYS: &[&str] = &[
     "instance",
     "services",
@@ -181,739 +94,362 @@ const TOP_KEYS: &[&str] = &[
     "packages",
     "cloud",
 ];
-const INSTANCE_KEYS: &[&str] = &["user", "create_user"];
-const JUPYTERLAB_KEYS: &[&str] = &[
-    "enabled",
-    "port",
-    "bind",
-    "base_url",
-    "python",
-    "installer",
-    "start_timeout_s",
-];
-const DESKTOP_KEYS: &[&str] = &[
-    "enabled",
-    "port",
-    "environment",
-    "geometry",
-    "vnc_server",
-    "start_timeout_s",
-];
-const GUACAMOLE_KEYS: &[&str] = &[
-    "enabled",
-    "port",
-    "bind",
-    "guacd",
-    "guacd_address",
-    "session_timeout_min",
-    "ssh_port",
-    "start_timeout_s",
-];
-const OTHER_SERVICE_KEYS: &[&str] = &["enabled", "port"];
-const SUPERVISE_KEYS: &[&str] = &[
-    "backoff_initial_ms",
-    "backoff_max_ms",
-    "crash_loop_restarts",
-    "stable_after_s",
-    "readiness_interval_ms",
-    "liveness_interval_s",
-    "liveness_failures",
-    "log_max_bytes",
-];
-const CONSOLE_KEYS: &[&str] = &["devices", "status_interval_s", "load_interval_s"];
-const PACKAGES_KEYS: &[&str] = &["lock_timeout_s", "attempts"];
-const CLOUD_KEYS: &[&str] = &[
-    "metadata_url",
-    "metadata_timeout_s",
-    "publish_password",
-    "clouds_yaml",
-    "cloud_name",
-];
 
-/// The 1-based line of a byte offset in `text`.
-pub(crate) fn line_of(text: &str, offset: usize) -> usize {
-    let end = offset.min(text.len());
-    text.as_bytes()[..end]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count()
-        + 1
-}
-
-/// A key as it appears in a dotted path: bare when TOML allows it, quoted otherwise.
-fn key_segment(key: &str) -> String {
-    let bare = !key.is_empty()
-        && key
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-    if bare {
-        key.to_owned()
-    } else {
-        format!("{key:?}")
-    }
-}
-
-/// A short description of a TOML item for messages: its type and, for scalars, its value.
-fn describe(item: &Item) -> String {
-    match item {
-        Item::None => "nothing".to_owned(),
-        Item::Value(v) => describe_value(v),
-        Item::Table(_) => "table".to_owned(),
-        Item::ArrayOfTables(_) => "array of tables".to_owned(),
-    }
-}
-
-fn describe_value(v: &Value) -> String {
-    match v {
-        Value::String(s) => format!("string {}", quote(s.value())),
-        Value::Integer(i) => format!("integer {}", i.value()),
-        Value::Float(x) => format!("float {}", x.value()),
-        Value::Boolean(b) => format!("boolean {}", b.value()),
-        Value::Datetime(d) => format!("datetime {}", d.value()),
-        Value::Array(_) => "array".to_owned(),
-        Value::InlineTable(_) => "table".to_owned(),
-    }
-}
-
-/// A string value quoted and escaped for a one-line message, shortened when long.
-fn quote(s: &str) -> String {
-    const MAX: usize = 40;
-    if s.chars().count() > MAX {
-        let short: String = s.chars().take(MAX).collect();
-        format!("{short:?}...")
-    } else {
-        format!("{s:?}")
-    }
-}
-
-/// One key being read: its dotted path, its line and its item.
-struct Field<'t> {
-    path: String,
-    line: Option<usize>,
-    item: &'t Item,
-}
-
-/// Walks one parsed file, collecting a fragment and every error.
-struct Walker<'a> {
-    index: usize,
-    path: &'a Path,
-    text: &'a str,
-    errors: Vec<ConfigError>,
-}
-
-impl<'a> Walker<'a> {
-    fn line(&self, span: Option<std::ops::Range<usize>>) -> Option<usize> {
-        span.map(|s| line_of(self.text, s.start))
-    }
-
-    fn error(&mut self, field: &Field<'_>, kind: ErrorKind, message: String) {
-        self.errors.push(ConfigError {
-            file: self.path.to_path_buf(),
-            line: field.line,
-            key: Some(field.path.clone()),
-            message,
-            kind,
-        });
-    }
-
-    fn located<T>(&self, field: &Field<'_>, value: T) -> Located<T> {
-        Located {
-            value,
-            origin: Origin {
-                file: self.index,
-                line: field.line,
-            },
-        }
-    }
-
-    fn wrong_type(&mut self, field: &Field<'_>, expected: &str) {
-        let found = describe(field.item);
-        self.error(
-            field,
-            ErrorKind::WrongType,
-            format!("invalid type {found}, expected {expected}"),
-        );
-    }
-
-    /// The entries of a table, each checked against `known`; unknown keys are reported with
-    /// `unknown` as their message.
-    fn entries<'t>(
-        &mut self,
-        prefix: Option<&str>,
-        table: &'t dyn TableLike,
-        known: &[&str],
-        unknown: &str,
-    ) -> Vec<(&'t str, Field<'t>)> {
-        let mut out = Vec::new();
-        for (key, item) in table.iter() {
-            let path = match prefix {
-                Some(prefix) => format!("{prefix}.{}", key_segment(key)),
-                None => key_segment(key),
-            };
-            let key_span = table.key(key).and_then(|k| k.span());
-            let line = self.line(key_span.or_else(|| item.span()));
-            let field = Field { path, line, item };
-            if known.contains(&key) {
-                out.push((key, field));
-            } else {
-                self.error(&field, ErrorKind::UnknownKey, unknown.to_owned());
-            }
-        }
-        out
-    }
-
-    fn table<'t>(&mut self, field: &Field<'t>) -> Option<&'t dyn TableLike> {
-        match field.item.as_table_like() {
-            Some(table) => Some(table),
-            None => {
-                self.wrong_type(field, "a table");
-                None
-            }
-        }
-    }
-
-    fn boolean(&mut self, field: &Field<'_>) -> Option<Located<bool>> {
-        match field.item.as_bool() {
-            Some(b) => Some(self.located(field, b)),
-            None => {
-                self.wrong_type(field, "a boolean (true or false)");
-                None
-            }
-        }
-    }
-
-    fn integer(
-        &mut self,
-        field: &Field<'_>,
-        range: std::ops::RangeInclusive<i64>,
-        expected: &str,
-    ) -> Option<Located<i64>> {
-        let Some(i) = field.item.as_integer() else {
-            self.wrong_type(field, expected);
-            return None;
-        };
-        if range.contains(&i) {
-            Some(self.located(field, i))
-        } else {
-            self.error(
-                field,
-                ErrorKind::OutOfRange,
-                format!("invalid value {i}, expected {expected}"),
-            );
-            None
-        }
-    }
-
-    /// An integer key with a minimum (and the type's or the interval cap's maximum).
-    fn count<T: TryFrom<i64>>(
-        &mut self,
-        field: &Field<'_>,
-        min: i64,
-        max: i64,
-        unit: &str,
-    ) -> Option<Located<T>> {
-        let expected = if unit.is_empty() {
-            format!("an integer from {min} to {max}")
-        } else {
-            format!("an integer from {min} to {max} ({unit})")
-        };
-        let located = self.integer(field, min..=max, &expected)?;
-        // The range check above keeps the value inside T for every caller.
-        let value = T::try_from(located.value).ok()?;
-        Some(Located {
-            value,
-            origin: located.origin,
-        })
-    }
-
-    fn seconds(&mut self, field: &Field<'_>, min: i64) -> Option<Located<u64>> {
-        self.count(field, min, MAX_SECONDS, "seconds")
-    }
-
-    fn millis(&mut self, field: &Field<'_>, min: i64) -> Option<Located<u64>> {
-        self.count(field, min, MAX_MILLIS, "milliseconds")
-    }
-
-    fn u32_at_least(&mut self, field: &Field<'_>, min: i64) -> Option<Located<u32>> {
-        self.count(field, min, i64::from(u32::MAX), "")
-    }
-
-    fn port(&mut self, field: &Field<'_>) -> Option<Located<u16>> {
-        let located = self.integer(field, 1..=65535, "a port 1-65535")?;
-        let value = u16::try_from(located.value).ok()?;
-        Some(Located {
-            value,
-            origin: located.origin,
-        })
-    }
-
-    /// A string key whose text must pass `parse`; `expected` describes what is accepted.
-    fn parsed<T>(
-        &mut self,
-        field: &Field<'_>,
-        expected: &str,
-        parse: impl FnOnce(&str) -> Option<T>,
-    ) -> Option<Located<T>> {
-        let Some(s) = field.item.as_str() else {
-            self.wrong_type(field, expected);
-            return None;
-        };
-        match parse(s) {
-            Some(value) => Some(self.located(field, value)),
-            None => {
-                let shown = quote(s);
-                self.error(
-                    field,
-                    ErrorKind::InvalidValue,
-                    format!("invalid value {shown}, expected {expected}"),
-                );
-                None
-            }
-        }
-    }
-
-    fn instance(&mut self, table: &dyn TableLike, out: &mut InstanceFragment) {
-        for (key, field) in self.entries(
-            Some("instance"),
-            table,
-            INSTANCE_KEYS,
-            &format!("unknown key, expected one of: {}", INSTANCE_KEYS.join(", ")),
-        ) {
-            match key {
-                "user" => {
-                    out.user = self.parsed(
-                        &field,
-                        "a POSIX user name (lowercase letter or '_', then up to 31 of a-z 0-9 _ -)",
-                        |s| valid_user_name(s).then(|| s.to_owned()),
-                    )
-                }
-                _ => out.create_user = self.boolean(&field),
-            }
-        }
-    }
-
-    fn services(
-        &mut self,
-        table: &dyn TableLike,
-        out: &mut BTreeMap<ServiceKind, ServiceFragment>,
-    ) {
-        let known: Vec<&str> = ServiceKind::ALL.iter().map(|k| k.as_str()).collect();
-        for (key, field) in self.entries(
-            Some("services"),
-            table,
-            &known,
-            &format!("unknown service, known services: {}", known.join(", ")),
-        ) {
-            let Ok(kind) = key.parse::<ServiceKind>() else {
-                continue; // `entries` only returns known names.
-            };
-            let Some(service) = self.table(&field) else {
-                continue;
-            };
-            let keys = match kind {
-                ServiceKind::JupyterLab => JUPYTERLAB_KEYS,
-                ServiceKind::Desktop => DESKTOP_KEYS,
-                ServiceKind::Guacamole => GUACAMOLE_KEYS,
-                ServiceKind::RStudio => OTHER_SERVICE_KEYS,
-            };
-            let frag = out.entry(kind).or_default();
-            for (key, field) in self.entries(
-                Some(&field.path),
-                service,
-                keys,
-                &format!(
-                    "unknown key for service '{kind}', expected one of: {}",
-                    keys.join(", ")
+const INSTANCE_KEYS: &[Key<InstanceFragment>] = &[
+    Key {
+        name: "user",
+        example: "\"alice\"",
+        read: |w, f, s| {
+            set(
+                &mut s.user,
+                w.parsed(
+                    f,
+                    "a POSIX user name (lowercase letter or '_', then up to 31 of a-z 0-9 _ -)",
+                    |v| valid_user_name(v).then(|| v.to_owned()),
                 ),
-            ) {
-                match key {
-                    "enabled" => frag.enabled = self.boolean(&field),
-                    "port" => frag.port = self.port(&field),
-                    "bind" => frag.bind = self.parsed(&field, "an IP address", |s| s.parse().ok()),
-                    "base_url" => {
-                        frag.base_url = self.parsed(
-                            &field,
-                            "a URL path starting with '/' made of segments of letters, digits, \
-                             '-', '.', '_' and '~' (no empty, '.' or '..' segments)",
-                            normalise_base_url,
-                        )
-                    }
-                    "python" => {
-                        frag.python = self.parsed(
-                            &field,
-                            "an absolute path, or \"\" to pick one automatically",
-                            python_path,
-                        )
-                    }
-                    "installer" => {
-                        frag.installer = self.parsed(&field, "one of: auto, uv, pip", |s| match s {
-                            "auto" => Some(PythonInstaller::Auto),
-                            "uv" => Some(PythonInstaller::Uv),
-                            "pip" => Some(PythonInstaller::Pip),
-                            _ => None,
-                        })
-                    }
-                    "environment" => {
-                        frag.environment = self.parsed(&field, "one of: xfce, gnome", |s| match s {
-                            "xfce" => Some(DesktopEnvironment::Xfce),
-                            "gnome" => Some(DesktopEnvironment::Gnome),
-                            _ => None,
-                        })
-                    }
-                    "geometry" => {
-                        frag.geometry = self.parsed(
-                            &field,
-                            "WIDTHxHEIGHT, each from 320 to 8192 (e.g. \"1280x800\")",
-                            geometry,
-                        )
-                    }
-                    "vnc_server" => {
-                        frag.vnc_server =
-                            self.parsed(&field, "one of: auto, tigervnc, turbovnc", |s| match s {
-                                "auto" => Some(VncServerChoice::Auto),
-                                "tigervnc" => Some(VncServerChoice::TigerVnc),
-                                "turbovnc" => Some(VncServerChoice::TurboVnc),
-                                _ => None,
-                            })
-                    }
-                    "guacd" => {
-                        frag.guacd =
-                            self.parsed(&field, "one of: auto, package, container, external", |s| {
-                                match s {
-                                    "auto" => Some(GuacdSource::Auto),
-                                    "package" => Some(GuacdSource::Package),
-                                    "container" => Some(GuacdSource::Container),
-                                    "external" => Some(GuacdSource::External),
-                                    _ => None,
-                                }
-                            })
-                    }
-                    "guacd_address" => {
-                        frag.guacd_address = self.parsed(
-                            &field,
-                            "an IP address and port, e.g. \"127.0.0.1:4822\"",
-                            |s| s.parse().ok(),
-                        )
-                    }
-                    "session_timeout_min" => {
-                        frag.session_timeout_min = self.count(&field, 60, 1440, "minutes")
-                    }
-                    "ssh_port" => frag.ssh_port = self.port(&field),
-                    _ => frag.start_timeout_s = self.count(&field, 1, 3600, "seconds"),
-                }
-            }
-        }
-    }
+            )
+        },
+    },
+    Key {
+        name: "create_user",
+        example: "false",
+        read: |w, f, s| set(&mut s.create_user, w.boolean(f)),
+    },
+];
 
-    fn supervise(&mut self, table: &dyn TableLike, out: &mut SuperviseFragment) {
-        for (key, field) in self.entries(
-            Some("supervise"),
-            table,
-            SUPERVISE_KEYS,
-            &format!(
-                "unknown key, expected one of: {}",
-                SUPERVISE_KEYS.join(", ")
-            ),
-        ) {
-            match key {
-                "backoff_initial_ms" => out.backoff_initial_ms = self.millis(&field, 1),
-                "backoff_max_ms" => out.backoff_max_ms = self.millis(&field, 1),
-                "crash_loop_restarts" => out.crash_loop_restarts = self.u32_at_least(&field, 1),
-                "stable_after_s" => out.stable_after_s = self.seconds(&field, 1),
-                "readiness_interval_ms" => out.readiness_interval_ms = self.millis(&field, 10),
-                "liveness_interval_s" => out.liveness_interval_s = self.seconds(&field, 1),
-                "liveness_failures" => out.liveness_failures = self.u32_at_least(&field, 1),
-                _ => out.log_max_bytes = self.count(&field, 4096, i64::MAX, "bytes"),
-            }
-        }
-    }
+const COMMON_SERVICE_KEYS: &[Key<CommonFragment>] = &[
+    Key {
+        name: "enabled",
+        example: "true",
+        read: |w, f, s| set(&mut s.enabled, w.boolean(f)),
+    },
+    Key {
+        name: "port",
+        example: "1234",
+        read: |w, f, s| set(&mut s.port, w.port(f)),
+    },
+];
 
-    fn console(&mut self, table: &dyn TableLike, out: &mut ConsoleFragment) {
-        for (key, field) in self.entries(
-            Some("console"),
-            table,
-            CONSOLE_KEYS,
-            &format!("unknown key, expected one of: {}", CONSOLE_KEYS.join(", ")),
-        ) {
-            match key {
-                "devices" => out.devices = self.devices(&field),
-                "status_interval_s" => out.status_interval_s = self.seconds(&field, 1),
-                _ => out.load_interval_s = self.seconds(&field, 1),
-            }
-        }
-    }
+const SUPERVISE_KEYS: &[Key<SuperviseFragment>] = &[
+    Key {
+        name: "backoff_initial_ms",
+        example: "2",
+        read: |w, f, s| set(&mut s.backoff_initial_ms, w.millis(f, 1)),
+    },
+    Key {
+        name: "backoff_max_ms",
+        example: "3",
+        read: |w, f, s| set(&mut s.backoff_max_ms, w.millis(f, 1)),
+    },
+    Key {
+        name: "crash_loop_restarts",
+        example: "4",
+        read: |w, f, s| set(&mut s.crash_loop_restarts, w.u32_at_least(f, 1)),
+    },
+    Key {
+        name: "stable_after_s",
+        example: "5",
+        read: |w, f, s| set(&mut s.stable_after_s, w.seconds(f, 1)),
+    },
+    Key {
+        name: "readiness_interval_ms",
+        example: "60",
+        read: |w, f, s| set(&mut s.readiness_interval_ms, w.millis(f, 10)),
+    },
+    Key {
+        name: "liveness_interval_s",
+        example: "7",
+        read: |w, f, s| set(&mut s.liveness_interval_s, w.seconds(f, 1)),
+    },
+    Key {
+        name: "liveness_failures",
+        example: "8",
+        read: |w, f, s| set(&mut s.liveness_failures, w.u32_at_least(f, 1)),
+    },
+    Key {
+        name: "log_max_bytes",
+        example: "9000",
+        read: |w, f, s| set(&mut s.log_max_bytes, w.count(f, 4096, i64::MAX, "bytes")),
+    },
+];
 
-    fn devices(&mut self, field: &Field<'_>) -> Option<Located<Vec<PathBuf>>> {
-        let Some(array) = field.item.as_array() else {
-            self.wrong_type(field, "an array of absolute paths");
-            return None;
+const CONSOLE_KEYS: &[Key<ConsoleFragment>] = &[
+    Key {
+        name: "devices",
+        example: "[\"/dev/ttyS0\"]",
+        read: |w, f, s| set(&mut s.devices, devices(w, f)),
+    },
+    Key {
+        name: "status_interval_s",
+        example: "2",
+        read: |w, f, s| set(&mut s.status_interval_s, w.seconds(f, 1)),
+    },
+    Key {
+        name: "load_interval_s",
+        example: "3",
+        read: |w, f, s| set(&mut s.load_interval_s, w.seconds(f, 1)),
+    },
+];
+
+const PACKAGES_KEYS: &[Key<PackagesFragment>] = &[
+    Key {
+        name: "lock_timeout_s",
+        example: "1",
+        read: |w, f, s| set(&mut s.lock_timeout_s, w.seconds(f, 0)),
+    },
+    Key {
+        name: "attempts",
+        example: "2",
+        read: |w, f, s| set(&mut s.attempts, w.u32_at_least(f, 1)),
+    },
+];
+
+const CLOUD_KEYS: &[Key<CloudFragment>] = &[
+    Key {
+        name: "metadata_url",
+        example: "\"http://127.0.0.1:8775\"",
+        read: |w, f, s| {
+            set(
+                &mut s.metadata_url,
+                w.parsed(
+                    f,
+                    "an http:// or https:// URL without query or fragment",
+                    normalise_http_url,
+                ),
+            )
+        },
+    },
+    Key {
+        name: "metadata_timeout_s",
+        example: "1",
+        read: |w, f, s| set(&mut s.metadata_timeout_s, w.seconds(f, 0)),
+    },
+    Key {
+        name: "publish_password",
+        example: "false",
+        read: |w, f, s| set(&mut s.publish_password, w.boolean(f)),
+    },
+    Key {
+        name: "clouds_yaml",
+        example: "\"/etc/openstack/clouds.yaml\"",
+        read: |w, f, s| {
+            set(
+                &mut s.clouds_yaml,
+                w.parsed(f, "an absolute path", absolute_path),
+            )
+        },
+    },
+    Key {
+        name: "cloud_name",
+        example: "\"mine\"",
+        read: |w, f, s| {
+            set(
+                &mut s.cloud_name,
+                w.parsed(f, "a non-empty cloud name", |v| {
+                    (!v.trim().is_empty()).then(|| v.to_owned())
+                }),
+            )
+        },
+    },
+];
+
+/// `console.devices`: an array of absolute paths.
+fn devices(w: &mut Walker<'_>, field: &Field<'_>) -> Option<Located<Vec<PathBuf>>> {
+    let Some(array) = field.item.as_array() else {
+        w.wrong_type(field, "an array of absolute paths");
+        return None;
+    };
+    let mut devices = Vec::new();
+    let mut ok = true;
+    for (i, value) in array.iter().enumerate() {
+        let item = Item::Value(value.clone());
+        let element = Field {
+            path: format!("{}[{i}]", field.path),
+            line: w.line(value.span()).or(field.line),
+            item: &item,
         };
-        let mut devices = Vec::new();
-        let mut ok = true;
-        for (i, value) in array.iter().enumerate() {
-            let item = Item::Value(value.clone());
-            let element = Field {
-                path: format!("{}[{i}]", field.path),
-                line: self.line(value.span()).or(field.line),
-                item: &item,
-            };
-            match self.parsed(&element, "an absolute path", absolute_path) {
-                Some(path) => devices.push(path.value),
-                None => ok = false,
-            }
-        }
-        ok.then(|| self.located(field, devices))
-    }
-
-    fn packages(&mut self, table: &dyn TableLike, out: &mut PackagesFragment) {
-        for (key, field) in self.entries(
-            Some("packages"),
-            table,
-            PACKAGES_KEYS,
-            &format!("unknown key, expected one of: {}", PACKAGES_KEYS.join(", ")),
-        ) {
-            match key {
-                "lock_timeout_s" => out.lock_timeout_s = self.seconds(&field, 0),
-                _ => out.attempts = self.u32_at_least(&field, 1),
-            }
+        match w.parsed(&element, "an absolute path", absolute_path) {
+            Some(path) => devices.push(path.value),
+            None => ok = false,
         }
     }
+    ok.then(|| w.located(field, devices))
 }
 
-impl Walker<'_> {
-    fn cloud(&mut self, table: &dyn TableLike, out: &mut CloudFragment) {
-        for (key, field) in self.entries(
-            Some("cloud"),
-            table,
-            CLOUD_KEYS,
-            &format!("unknown key, expected one of: {}", CLOUD_KEYS.join(", ")),
-        ) {
-            match key {
-                "metadata_url" => {
-                    out.metadata_url = self.parsed(
-                        &field,
-                        "an http:// or https:// URL without query or fragment",
-                        normalise_http_url,
-                    )
+/// `[services]`: one table per known service; each is read with the common keys and the
+/// service's own.
+fn services(
+    w: &mut Walker<'_>,
+    table: &dyn TableLike,
+    out: &mut BTreeMap<ServiceKind, ServiceFragment>,
+) {
+    let known: Vec<&str> = ServiceKind::ALL.iter().map(|k| k.as_str()).collect();
+    for (name, field) in w.entries(
+        Some("services"),
+        table,
+        &known,
+        &format!("unknown service, known services: {}", known.join(", ")),
+    ) {
+        let Ok(kind) = name.parse::<ServiceKind>() else {
+            continue; // `entries` only returns known names.
+        };
+        let Some(service) = w.table(&field) else {
+            continue;
+        };
+        let fragment = out.entry(kind).or_insert_with(|| ServiceFragment {
+            common: CommonFragment::default(),
+            own: ServiceSection::new(kind),
+        });
+        let mut names: Vec<&str> = COMMON_SERVICE_KEYS.iter().map(|k| k.name).collect();
+        if let Some(own) = &fragment.own {
+            names.extend(own.key_names());
+        }
+        let unknown = format!(
+            "unknown key for service '{kind}', expected one of: {}",
+            names.join(", ")
+        );
+        for (key, field) in w.entries(Some(&field.path), service, &names, &unknown) {
+            match COMMON_SERVICE_KEYS.iter().find(|k| k.name == key) {
+                Some(common) => (common.read)(w, &field, &mut fragment.common),
+                None => {
+                    if let Some(own) = &mut fragment.own {
+                        own.read(key, w, &field);
+                    }
                 }
-                "metadata_timeout_s" => out.metadata_timeout_s = self.seconds(&field, 0),
-                "clouds_yaml" => {
-                    out.clouds_yaml = self.parsed(&field, "an absolute path", absolute_path)
-                }
-                "cloud_name" => {
-                    out.cloud_name = self.parsed(&field, "a non-empty cloud name", |s| {
-                        (!s.trim().is_empty()).then(|| s.to_owned())
-                    })
-                }
-                _ => out.publish_password = self.boolean(&field),
             }
         }
     }
 }
 
-/// An `http(s)://host[:port][/path]` URL without query, fragment or credentials, with any
-/// trailing `/` removed (paths are appended to it).
-/// `1280x800` → (1280, 800), each side 320..=8192.
-pub(crate) fn geometry(s: &str) -> Option<(u16, u16)> {
-    let (w, h) = s.split_once('x')?;
-    let side = |v: &str| {
-        v.parse::<u16>()
-            .ok()
-            .filter(|n| (320..=8192).contains(n) && !v.starts_with('+'))
-    };
-    Some((side(w)?, side(h)?))
-}
-
-pub(crate) fn normalise_http_url(s: &str) -> Option<String> {
-    let url = reqwest::Url::parse(s).ok()?;
-    let plain = matches!(url.scheme(), "http" | "https")
-        && url.host_str().is_some()
-        && url.query().is_none()
-        && url.fragment().is_none()
-        && url.username().is_empty()
-        && url.password().is_none();
-    plain.then(|| url.as_str().trim_end_matches('/').to_owned())
-}
-
-/// Whether `s` is a portable POSIX user name: `^[a-z_][a-z0-9_-]{0,31}$`.
-pub(crate) fn valid_user_name(s: &str) -> bool {
-    let mut chars = s.chars();
-    let Some(first) = chars.next() else {
-        return false;
-    };
-    s.len() <= 32
-        && (first.is_ascii_lowercase() || first == '_')
-        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
-}
-
-/// A checked URL prefix, always starting and ending with `/`; `None` when not acceptable.
-pub(crate) fn normalise_base_url(s: &str) -> Option<String> {
-    let rest = s.strip_prefix('/')?;
-    if rest.is_empty() {
-        return Some("/".to_owned());
-    }
-    let rest = rest.strip_suffix('/').unwrap_or(rest);
-    for segment in rest.split('/') {
-        let fine = !segment.is_empty()
-            && segment != "."
-            && segment != ".."
-            && segment
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | '~'));
-        if !fine {
-            return None;
-        }
-    }
-    Some(format!("/{rest}/"))
-}
-
-/// An absolute path without NUL bytes.
-fn absolute_path(s: &str) -> Option<PathBuf> {
-    (s.starts_with('/') && !s.contains('\0')).then(|| PathBuf::from(s))
-}
-
-/// `python`: an absolute path, or the empty string for "pick automatically".
-fn python_path(s: &str) -> Option<Option<PathBuf>> {
-    if s.is_empty() {
-        Some(None)
-    } else {
-        absolute_path(s).map(Some)
-    }
-}
-
-/// Parse the file at position `index` of the load order into a fragment, or return every
-/// error found in it.
-pub(crate) fn parse(index: usize, path: &Path, text: &str) -> (Fragment, Vec<ConfigError>) {
-    let mut fragment = Fragment::default();
-    let doc = match ImDocument::parse(text) {
+/// Read the file at position `index` of the load order into `fragment` (its values win over
+/// earlier files'), returning every error found in it.
+pub(crate) fn parse(
+    index: usize,
+    path: &Path,
+    text: &str,
+    fragment: &mut Fragment,
+) -> Vec<ConfigError> {
+    let doc = match parse_document(path, text) {
         Ok(doc) => doc,
-        Err(e) => {
-            let message = e
-                .message()
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .collect::<Vec<_>>()
-                .join("; ");
-            let error = ConfigError {
-                file: path.to_path_buf(),
-                line: e.span().map(|s| line_of(text, s.start)),
-                key: None,
-                message: format!("TOML syntax error: {message}"),
-                kind: ErrorKind::Syntax,
-            };
-            return (fragment, vec![error]);
-        }
+        Err(error) => return vec![error],
     };
-    let mut walker = Walker {
-        index,
-        path,
-        text,
-        errors: Vec::new(),
-    };
+    let mut w = Walker::new(index, path, text);
     let root: &dyn TableLike = doc.as_table();
-    for (key, field) in walker.entries(
+    for (key, field) in w.entries(
         None,
         root,
         TOP_KEYS,
         &format!("unknown key, expected one of: {}", TOP_KEYS.join(", ")),
     ) {
-        let Some(table) = walker.table(&field) else {
+        let Some(table) = w.table(&field) else {
             continue;
         };
         match key {
-            "instance" => walker.instance(table, &mut fragment.instance),
-            "services" => walker.services(table, &mut fragment.services),
-            "supervise" => walker.supervise(table, &mut fragment.supervise),
-            "console" => walker.console(table, &mut fragment.console),
-            "cloud" => walker.cloud(table, &mut fragment.cloud),
-            _ => walker.packages(table, &mut fragment.packages),
+            "instance" => w.section(
+                "instance",
+                table,
+                INSTANCE_KEYS,
+                "unknown key",
+                &mut fragment.instance,
+            ),
+            "services" => services(&mut w, table, &mut fragment.services),
+            "supervise" => w.section(
+                "supervise",
+                table,
+                SUPERVISE_KEYS,
+                "unknown key",
+                &mut fragment.supervise,
+            ),
+            "console" => w.section(
+                "console",
+                table,
+                CONSOLE_KEYS,
+                "unknown key",
+                &mut fragment.console,
+            ),
+            "packages" => w.section(
+                "packages",
+                table,
+                PACKAGES_KEYS,
+                "unknown key",
+                &mut fragment.packages,
+            ),
+            "cloud" => w.section(
+                "cloud",
+                table,
+                CLOUD_KEYS,
+                "unknown key",
+                &mut fragment.cloud,
+            ),
+            // `entries` returns only names from `TOP_KEYS`; a test checks each has an arm.
+            _ => {}
         }
     }
-    let mut errors = walker.errors;
-    // Tables and dotted keys can make the walk order differ from the text order.
-    errors.sort_by_key(|e| e.line);
-    (fragment, errors)
+    w.finish()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::schema::key_table_problems;
 
     #[test]
-    fn user_names() {
-        for good in ["exouser", "_x", "a", "a-b_c9", &"a".repeat(32)] {
-            assert!(valid_user_name(good), "{good}");
-        }
-        for bad in [
-            "",
-            "9a",
-            "-a",
-            "Exouser",
-            "a b",
-            "a.b",
-            &"a".repeat(33),
-            "é",
-        ] {
-            assert!(!valid_user_name(bad), "{bad}");
-        }
+    fn every_agent_wide_key_is_read_into_its_own_field() {
+        let mut problems = key_table_problems("instance", INSTANCE_KEYS);
+        problems.extend(key_table_problems("s", COMMON_SERVICE_KEYS));
+        problems.extend(key_table_problems("supervise", SUPERVISE_KEYS));
+        problems.extend(key_table_problems("console", CONSOLE_KEYS));
+        problems.extend(key_table_problems("packages", PACKAGES_KEYS));
+        problems.extend(key_table_problems("cloud", CLOUD_KEYS));
+        assert!(problems.is_empty(), "{problems:#?}");
     }
 
     #[test]
-    fn http_urls() {
-        assert_eq!(
-            normalise_http_url("http://169.254.169.254/").as_deref(),
-            Some("http://169.254.169.254")
+    fn every_top_level_section_has_a_reader() {
+        for key in TOP_KEYS {
+            // A section without a reader would accept anything: an unknown key must be refused.
+            let text = format!("[{key}]\nnot_a_key = 1\n");
+            let mut fragment = Fragment::default();
+            let errors = parse(0, Path::new("t.toml"), &text, &mut fragment);
+            assert_eq!(errors.len(), 1, "{key}: {errors:?}");
+            assert_eq!(errors[0].key.as_deref(), Some(&*format!("{key}.not_a_key")));
+        }
+    }
+
+    /// A key the walker reads into the wrong field is caught: this table reads `b` into
+    /// `a`'s field, as a catch-all match arm once could.
+    #[test]
+    fn a_misrouted_key_is_a_test_failure() {
+        #[derive(Default, PartialEq)]
+        struct Two {
+            a: Option<Located<bool>>,
+            b: Option<Located<bool>>,
+        }
+        let misrouted: &[Key<Two>] = &[
+            Key {
+                name: "a",
+                example: "true",
+                read: |w, f, s| set(&mut s.a, w.boolean(f)),
+            },
+            Key {
+                name: "b",
+                example: "false",
+                read: |w, f, s| set(&mut s.a, w.boolean(f)),
+            },
+        ];
+        let problems = key_table_problems("t", misrouted);
+        assert!(
+            problems.iter().any(|p| p == "b overwrites what a set"),
+            "{problems:?}"
         );
-        assert_eq!(
-            normalise_http_url("https://meta.example:8443/x/").as_deref(),
-            Some("https://meta.example:8443/x")
-        );
-        for bad in [
-            "ftp://x",
-            "169.254.169.254",
-            "http://u:p@x",
-            "http://x/?q=1",
-            "http://x/#f",
-            "",
-        ] {
-            assert_eq!(normalise_http_url(bad), None, "{bad}");
-        }
-    }
-
-    #[test]
-    fn base_urls() {
-        assert_eq!(normalise_base_url("/").as_deref(), Some("/"));
-        assert_eq!(normalise_base_url("/lab").as_deref(), Some("/lab/"));
-        assert_eq!(normalise_base_url("/a/b-c/").as_deref(), Some("/a/b-c/"));
-        for bad in [
-            "",
-            "lab",
-            "//",
-            "//evil.example/",
-            "/a/../b",
-            "/./",
-            "/a b",
-            "/a\t",
-            "/a?x",
-        ] {
-            assert_eq!(normalise_base_url(bad), None, "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn lines_are_one_based() {
-        let text = "a\nb\nc";
-        assert_eq!(line_of(text, 0), 1);
-        assert_eq!(line_of(text, 2), 2);
-        assert_eq!(line_of(text, 4), 3);
-        assert_eq!(line_of(text, 99), 3);
-    }
-
-    #[test]
-    fn odd_keys_are_quoted_in_paths() {
-        assert_eq!(key_segment("port"), "port");
-        assert_eq!(key_segment("a b"), "\"a b\"");
-        assert_eq!(key_segment("a\nb"), "\"a\\nb\"");
+        let fixed: &[Key<Two>] = &[
+            misrouted[0],
+            Key {
+                name: "b",
+                example: "false",
+                read: |w, f, s| set(&mut s.b, w.boolean(f)),
+            },
+        ];
+        assert!(key_table_problems("t", fixed).is_empty());
     }
 }

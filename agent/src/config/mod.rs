@@ -9,7 +9,6 @@
 //! result is checked across keys; all problems are returned together, each naming its file,
 //! line and dotted key. See `docs/configuration.md`.
 
-mod error;
 mod exosphere;
 mod fragment;
 pub mod settings;
@@ -19,7 +18,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-pub use error::{ConfigError, ConfigErrors, ErrorKind};
+pub use crate::schema::{ConfigError, ConfigErrors, ErrorKind};
 pub use settings::*;
 
 use crate::paths::Paths;
@@ -163,9 +162,7 @@ fn assemble(
 ) -> Result<Loaded, ConfigErrors> {
     let mut merged = fragment::Fragment::default();
     for (index, (path, text)) in layers.iter().enumerate() {
-        let (fragment, file_errors) = fragment::parse(index, path, text);
-        merged.merge(fragment);
-        errors.extend(file_errors);
+        errors.extend(fragment::parse(index, path, text, &mut merged));
     }
     // Unreadable files were found before any parsing: put every error at its file's place.
     // The sort is stable, so each file's errors keep their line order.

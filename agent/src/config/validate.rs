@@ -5,63 +5,18 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::error::{ConfigError, ErrorKind};
-use super::fragment::{Fragment, Origin, ServiceFragment};
+use super::fragment::Fragment;
 use super::{
-    CloudSettings, ConsoleSettings, DesktopSettings, GuacamoleSettings, InstanceSettings,
-    JupyterLabSettings, PackageSettings, ServiceSettings, Settings, SupervisePolicy,
+    CloudSettings, ConsoleSettings, InstanceSettings, PackageSettings, ServiceSettings, Settings,
+    SupervisePolicy,
 };
 use crate::model::ServiceKind;
-
-/// The port a service listens on when its `port` key is not set (DESIGN §4.5).
-pub(crate) fn default_port(kind: ServiceKind) -> u16 {
-    match kind {
-        ServiceKind::JupyterLab => 8888,
-        ServiceKind::RStudio => 8787,
-        ServiceKind::Desktop => 5901,
-        ServiceKind::Guacamole => 49528,
-    }
-}
-
-/// Turns origins into error locations.
-struct Checker<'a> {
-    files: &'a [PathBuf],
-    errors: Vec<ConfigError>,
-}
-
-impl Checker<'_> {
-    fn file(&self, origin: Origin) -> PathBuf {
-        self.files.get(origin.file).cloned().unwrap_or_default()
-    }
-
-    fn at(&self, origin: Origin) -> String {
-        match origin.line {
-            Some(line) => format!("{}:{line}", self.file(origin).display()),
-            None => self.file(origin).display().to_string(),
-        }
-    }
-
-    fn error(&mut self, origin: Origin, key: String, kind: ErrorKind, message: String) {
-        self.errors.push(ConfigError {
-            file: self.file(origin),
-            line: origin.line,
-            key: Some(key),
-            message,
-            kind,
-        });
-    }
-}
-
-fn value<T: Clone>(v: &Option<super::fragment::Located<T>>) -> Option<T> {
-    v.as_ref().map(|l| l.value.clone())
-}
+use crate::schema::{value, Checker, ConfigError, ErrorKind, Located, Origin};
+use crate::services;
 
 /// Build the settings from the merged fragment of `files`, or report every cross-value problem.
 pub(crate) fn settings(merged: &Fragment, files: &[PathBuf]) -> (Settings, Vec<ConfigError>) {
-    let mut check = Checker {
-        files,
-        errors: Vec::new(),
-    };
+    let mut check = Checker::new(files);
     let defaults = Settings::default();
 
     let instance = InstanceSettings {
@@ -84,10 +39,10 @@ pub(crate) fn settings(merged: &Fragment, files: &[PathBuf]) -> (Settings, Vec<C
 
     let s = &merged.supervise;
     let d = SupervisePolicy::default();
-    let ms = |v: &Option<super::fragment::Located<u64>>, dflt: Duration| {
+    let ms = |v: &Option<Located<u64>>, dflt: Duration| {
         value(v).map(Duration::from_millis).unwrap_or(dflt)
     };
-    let secs = |v: &Option<super::fragment::Located<u64>>, dflt: Duration| {
+    let secs = |v: &Option<Located<u64>>, dflt: Duration| {
         value(v).map(Duration::from_secs).unwrap_or(dflt)
     };
     let supervise = SupervisePolicy {
@@ -163,44 +118,30 @@ pub(crate) fn settings(merged: &Fragment, files: &[PathBuf]) -> (Settings, Vec<C
         let Some(frag) = merged.services.get(&kind) else {
             continue;
         };
-        let Some(on) = frag.enabled.as_ref().filter(|l| l.value) else {
+        let Some(on) = frag.common.enabled.as_ref().filter(|l| l.value) else {
             continue;
         };
-        let (port, port_origin) = match &frag.port {
-            Some(p) => (p.value, p.origin),
-            None => (default_port(kind), on.origin),
+        let port = match &frag.common.port {
+            Some(p) => p.clone(),
+            None => Located {
+                value: kind.default_port(),
+                origin: on.origin,
+            },
         };
-        enabled.push((kind, port, port_origin));
-        if !kind.implemented() {
-            check.error(
+        enabled.push((kind, port.value, port.origin));
+        match &frag.own {
+            Some(section) if services::implemented(kind) => {
+                services.push(section.settings(port, &mut check))
+            }
+            _ => check.error(
                 on.origin,
                 format!("services.{kind}.enabled"),
                 ErrorKind::Unavailable,
                 format!("service '{kind}' is not available in this version of exoagent"),
-            );
-            continue;
-        }
-        match kind {
-            ServiceKind::JupyterLab => {
-                services.push(ServiceSettings::JupyterLab(jupyterlab(frag, port)))
-            }
-            ServiceKind::Desktop => services.push(ServiceSettings::Desktop(desktop(frag, port))),
-            ServiceKind::Guacamole => {
-                services.push(ServiceSettings::Guacamole(guacamole(frag, port)))
-            }
-            ServiceKind::RStudio => {}
+            ),
         }
     }
-    // Guacamole offers the `desktop` connection when the desktop runs.
-    let desktop_port = services.iter().find_map(|s| match s {
-        ServiceSettings::Desktop(d) => Some(d.port),
-        _ => None,
-    });
-    for service in &mut services {
-        if let ServiceSettings::Guacamole(g) = service {
-            g.desktop_port = desktop_port;
-        }
-    }
+    ServiceSettings::link_all(&mut services);
     for (i, &(kind, port, origin)) in enabled.iter().enumerate() {
         if let Some(&(first, _, first_origin)) = enabled[..i].iter().find(|e| e.1 == port) {
             let first_at = check.at(first_origin);
@@ -224,50 +165,5 @@ pub(crate) fn settings(merged: &Fragment, files: &[PathBuf]) -> (Settings, Vec<C
         packages,
         cloud,
     };
-    (settings, check.errors)
-}
-
-fn desktop(frag: &ServiceFragment, port: u16) -> DesktopSettings {
-    let d = DesktopSettings::default();
-    DesktopSettings {
-        port,
-        environment: value(&frag.environment).unwrap_or(d.environment),
-        geometry: value(&frag.geometry).unwrap_or(d.geometry),
-        vnc_server: value(&frag.vnc_server).unwrap_or(d.vnc_server),
-        start_timeout: value(&frag.start_timeout_s)
-            .map(Duration::from_secs)
-            .unwrap_or(d.start_timeout),
-    }
-}
-
-fn guacamole(frag: &ServiceFragment, port: u16) -> GuacamoleSettings {
-    let d = GuacamoleSettings::default();
-    GuacamoleSettings {
-        port,
-        bind: value(&frag.bind).unwrap_or(d.bind),
-        guacd: value(&frag.guacd).unwrap_or(d.guacd),
-        guacd_address: value(&frag.guacd_address).unwrap_or(d.guacd_address),
-        session_timeout: value(&frag.session_timeout_min)
-            .map(|m| Duration::from_secs(m * 60))
-            .unwrap_or(d.session_timeout),
-        ssh_port: value(&frag.ssh_port).unwrap_or(d.ssh_port),
-        desktop_port: None,
-        start_timeout: value(&frag.start_timeout_s)
-            .map(Duration::from_secs)
-            .unwrap_or(d.start_timeout),
-    }
-}
-
-fn jupyterlab(frag: &ServiceFragment, port: u16) -> JupyterLabSettings {
-    let d = JupyterLabSettings::default();
-    JupyterLabSettings {
-        port,
-        bind: value(&frag.bind).unwrap_or(d.bind),
-        base_url: value(&frag.base_url).unwrap_or(d.base_url),
-        python: value(&frag.python).unwrap_or(d.python),
-        installer: value(&frag.installer).unwrap_or(d.installer),
-        start_timeout: value(&frag.start_timeout_s)
-            .map(Duration::from_secs)
-            .unwrap_or(d.start_timeout),
-    }
+    (settings, check.finish())
 }

@@ -4,7 +4,6 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use crate::config::settings::PackageSettings;
 use crate::platform::exec;
 use crate::platform::os::PackageManager;
 
@@ -394,6 +393,24 @@ fn validate_names(packages: &[String]) -> Result<(), PackageError> {
         }
     }
     Ok(())
+}
+
+/// `[packages]`: package-manager behaviour.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackageSettings {
+    /// How long to wait for another process holding the package lock.
+    pub lock_timeout: Duration,
+    /// Attempts for a transaction that fails transiently (network, mirror sync).
+    pub attempts: u32,
+}
+
+impl Default for PackageSettings {
+    fn default() -> Self {
+        Self {
+            lock_timeout: Duration::from_secs(600),
+            attempts: 3,
+        }
+    }
 }
 
 #[cfg(test)]

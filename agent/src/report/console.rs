@@ -11,7 +11,6 @@ use serde_json::{json, Map, Value};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::settings::ConsoleSettings;
 use crate::report::load::{LoadSample, LoadSampler};
 use crate::state::{SetupState, SetupStatus, Snapshot};
 
@@ -270,6 +269,27 @@ fn write_record(device: &Path, record: &[u8], failing: &mut HashSet<PathBuf>) {
             if failing.insert(device.to_path_buf()) {
                 tracing::warn!(target: "exoagent::report", device = %device.display(), error = %e, "cannot write console line; skipping this device");
             }
+        }
+    }
+}
+
+/// `[console]`: Exosphere status and load lines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsoleSettings {
+    /// Devices the lines are written to (ignored in sandbox mode, which writes to stdout).
+    pub devices: Vec<PathBuf>,
+    /// How often the latest status line is written again.
+    pub status_interval: Duration,
+    /// How often a load line is written.
+    pub load_interval: Duration,
+}
+
+impl Default for ConsoleSettings {
+    fn default() -> Self {
+        Self {
+            devices: vec!["/dev/console".into(), "/dev/kmsg".into()],
+            status_interval: Duration::from_secs(60),
+            load_interval: Duration::from_secs(60),
         }
     }
 }

@@ -1,19 +1,19 @@
-//! The services exoagent can manage: a closed set of kinds, each behind the same small surface
-//! (system packages, install, configure, run spec, readiness probe).
+//! The services exoagent can manage: one folder each, registered once in [`services!`] below,
+//! each behind the same small surface ([`ServiceImpl`]: its settings and configuration keys,
+//! system packages, install, configure, run spec, readiness probe).
+//!
+//! Adding a service: see "Adding a service" in `docs/architecture.md`.
 
 pub mod command;
-pub mod desktop;
-pub mod guacamole;
-pub mod jupyterlab;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::config::ServiceSettings;
 pub use crate::model::ServiceKind;
 use crate::paths::Paths;
 use crate::platform::os::Os;
 use crate::platform::passphrase::Passphrase;
+use crate::schema::{Checker, Field, Key, Located, Walker};
 use crate::supervise::{Probe, RunAs, RunSpec};
 
 /// The account services run as (the instance user, or the invoking user in sandbox mode).
@@ -139,9 +139,40 @@ impl ServiceError {
     }
 }
 
-/// What each service implements: the small surface the agent drives. [`Service`] is the
-/// closed set of implementations and dispatches to them.
-pub trait ServiceImpl {
+/// Where a service is planned: the detected OS and the root of the filesystem it changes
+/// (where guacd and the VNC server come from is decided from these, once).
+#[derive(Debug, Clone, Copy)]
+pub struct Host<'a> {
+    /// The detected OS.
+    pub os: &'a Os,
+    /// The root of the machine's filesystem (`/`; a temporary root in tests).
+    pub system_root: &'a std::path::Path,
+}
+
+/// What each service implements: its configuration section and the small surface the agent
+/// drives. [`Service`] is the closed set of implementations and dispatches to them.
+pub trait ServiceImpl: Sized {
+    /// Which service this is.
+    const KIND: ServiceKind;
+    /// Its validated settings.
+    type Settings: Clone + std::fmt::Debug + PartialEq;
+    /// What the configuration files say about it, beyond `enabled` and `port`.
+    type Section: Default + Clone + std::fmt::Debug + PartialEq + 'static;
+    /// The keys of its `[services.<name>]` table besides `enabled` and `port`.
+    const KEYS: &'static [Key<Self::Section>];
+    /// Its settings from the merged section on `port`; problems go to `check`.
+    fn settings(
+        section: &Self::Section,
+        port: Located<u16>,
+        check: &mut Checker<'_>,
+    ) -> Self::Settings;
+    /// Adjust its settings to the other enabled services (Guacamole offers the desktop).
+    fn link(_settings: &mut Self::Settings, _enabled: &[ServiceSettings]) {}
+    /// The port its settings give it.
+    fn settings_port(settings: &Self::Settings) -> u16;
+    /// The service for `settings`, planned on `host`.
+    fn planned(settings: Self::Settings, host: Host<'_>) -> Self;
+
     /// System packages to install in the one batched transaction.
     fn system_packages(&self, os: &Os) -> Vec<String>;
     /// Human-readable plan steps for `exoagent validate`.
@@ -169,129 +200,235 @@ pub trait ServiceImpl {
     fn url(&self) -> String;
 }
 
-/// One configured service, dispatching to its implementation.
-#[derive(Debug, Clone)]
-pub enum Service {
-    /// JupyterLab.
-    JupyterLab(jupyterlab::JupyterLab),
-    /// The VNC desktop.
-    Desktop(desktop::Desktop),
-    /// guacd and the web side.
-    Guacamole(guacamole::Guacamole),
+/// The closed set of services: one line per service. Generates [`ServiceSettings`],
+/// [`ServiceSection`] and [`Service`], each an enum with a variant per service, and their
+/// dispatch.
+macro_rules! services {
+    ($($variant:ident => $module:ident :: $service:ident),* $(,)?) => {
+        $(pub mod $module;)*
+
+        /// One enabled service and its settings.
+        #[derive(Debug, Clone, PartialEq)]
+        pub enum ServiceSettings {
+            $(
+                #[doc = concat!("`[services.", stringify!($module), "]`.")]
+                $variant(<$module::$service as ServiceImpl>::Settings),
+            )*
+        }
+
+        /// What the configuration files say about one implemented service's own keys.
+        #[derive(Debug, Clone, PartialEq)]
+        pub enum ServiceSection {
+            $(
+                #[doc = concat!("`[services.", stringify!($module), "]`.")]
+                $variant(<$module::$service as ServiceImpl>::Section),
+            )*
+        }
+
+        /// One configured service, dispatching to its implementation.
+        #[derive(Debug, Clone)]
+        pub enum Service {
+            $(
+                #[doc = concat!("`", stringify!($module), "`.")]
+                $variant($module::$service),
+            )*
+        }
+
+        /// Whether this version of exoagent can install and run `kind`.
+        pub fn implemented(kind: ServiceKind) -> bool {
+            $(kind == <$module::$service as ServiceImpl>::KIND)||*
+        }
+
+        impl ServiceSettings {
+            /// Which service these settings are for.
+            pub fn kind(&self) -> ServiceKind {
+                match self {
+                    $(Self::$variant(_) => <$module::$service as ServiceImpl>::KIND,)*
+                }
+            }
+
+            /// The TCP port the service answers on.
+            pub fn port(&self) -> u16 {
+                match self {
+                    $(Self::$variant(s) => <$module::$service as ServiceImpl>::settings_port(s),)*
+                }
+            }
+
+            /// Adjust every service's settings to the others (after all are built).
+            pub fn link_all(enabled: &mut [ServiceSettings]) {
+                for i in 0..enabled.len() {
+                    let others = enabled.to_vec();
+                    match &mut enabled[i] {
+                        $(Self::$variant(s) => <$module::$service as ServiceImpl>::link(s, &others),)*
+                    }
+                }
+            }
+        }
+
+        impl ServiceSection {
+            /// An empty section for `kind`, or `None` when it is not implemented.
+            pub fn new(kind: ServiceKind) -> Option<Self> {
+                $(
+                    if kind == <$module::$service as ServiceImpl>::KIND {
+                        return Some(Self::$variant(Default::default()));
+                    }
+                )*
+                None
+            }
+
+            /// The names of its own keys.
+            pub fn key_names(&self) -> Vec<&'static str> {
+                match self {
+                    $(Self::$variant(_) => <$module::$service as ServiceImpl>::KEYS.iter().map(|k| k.name).collect(),)*
+                }
+            }
+
+            /// Read `field` (one of [`Self::key_names`]) into the section.
+            pub fn read(&mut self, name: &str, walker: &mut Walker<'_>, field: &Field<'_>) {
+                match self {
+                    $(Self::$variant(section) => {
+                        if let Some(key) = <$module::$service as ServiceImpl>::KEYS.iter().find(|k| k.name == name) {
+                            (key.read)(walker, field, section);
+                        }
+                    })*
+                }
+            }
+
+            /// The service's settings on `port`.
+            pub fn settings(&self, port: Located<u16>, check: &mut Checker<'_>) -> ServiceSettings {
+                match self {
+                    $(Self::$variant(section) => ServiceSettings::$variant(
+                        <$module::$service as ServiceImpl>::settings(section, port, check),
+                    ),)*
+                }
+            }
+        }
+
+        impl Service {
+            /// The implementation for validated settings on `os`, whose filesystem is at
+            /// `system_root` (where guacd and the VNC server come from is decided here, once).
+            pub fn from_settings(
+                settings: &ServiceSettings,
+                os: &Os,
+                system_root: &std::path::Path,
+            ) -> Self {
+                let host = Host { os, system_root };
+                match settings {
+                    $(ServiceSettings::$variant(s) => Self::$variant(
+                        <$module::$service as ServiceImpl>::planned(s.clone(), host),
+                    ),)*
+                }
+            }
+
+            /// Which service.
+            pub fn kind(&self) -> ServiceKind {
+                match self {
+                    $(Self::$variant(_) => <$module::$service as ServiceImpl>::KIND,)*
+                }
+            }
+
+            /// System packages to install in the one batched transaction.
+            pub fn system_packages(&self, os: &Os) -> Vec<String> {
+                match self {
+                    $(Self::$variant(s) => s.system_packages(os),)*
+                }
+            }
+
+            /// Plan lines for `exoagent validate`.
+            pub fn plan(&self, ctx: &ServiceContext) -> Vec<String> {
+                match self {
+                    $(Self::$variant(s) => s.plan(ctx),)*
+                }
+            }
+
+            /// Install the service's payload (idempotent).
+            pub async fn install(&self, ctx: &ServiceContext) -> Result<(), ServiceError> {
+                match self {
+                    $(Self::$variant(s) => s.install(ctx).await,)*
+                }
+            }
+
+            /// Write its configuration (idempotent).
+            pub async fn configure(
+                &self,
+                ctx: &ServiceContext,
+                passphrase: &Passphrase,
+            ) -> Result<(), ServiceError> {
+                match self {
+                    $(Self::$variant(s) => s.configure(ctx, passphrase).await,)*
+                }
+            }
+
+            /// How to run it.
+            pub fn run_spec(&self, ctx: &ServiceContext) -> RunSpec {
+                match self {
+                    $(Self::$variant(s) => s.run_spec(ctx),)*
+                }
+            }
+
+            /// How to tell that it is ready.
+            pub fn probe(&self) -> Probe {
+                match self {
+                    $(Self::$variant(s) => s.probe(),)*
+                }
+            }
+
+            /// How long it may take to become ready after launch.
+            pub fn start_timeout(&self) -> Duration {
+                match self {
+                    $(Self::$variant(s) => s.start_timeout(),)*
+                }
+            }
+
+            /// Its port.
+            pub fn port(&self) -> u16 {
+                match self {
+                    $(Self::$variant(s) => s.port(),)*
+                }
+            }
+
+            /// Where a person on the instance reaches it.
+            pub fn url(&self) -> String {
+                match self {
+                    $(Self::$variant(s) => s.url(),)*
+                }
+            }
+        }
+    };
 }
 
-impl Service {
-    /// The implementation for validated settings on `os`, whose filesystem is at
-    /// `system_root` (where guacd and the VNC server come from is decided here, once).
-    pub fn from_settings(
-        settings: &ServiceSettings,
-        os: &Os,
-        system_root: &std::path::Path,
-    ) -> Self {
-        match settings {
-            ServiceSettings::JupyterLab(s) => {
-                Self::JupyterLab(jupyterlab::JupyterLab::new(s.clone()))
+services! {
+    JupyterLab => jupyterlab::JupyterLab,
+    Desktop => desktop::Desktop,
+    Guacamole => guacamole::Guacamole,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_implemented_kind_has_a_section_and_the_others_none() {
+        for kind in ServiceKind::ALL {
+            assert_eq!(
+                ServiceSection::new(kind).is_some(),
+                implemented(kind),
+                "{kind}"
+            );
+        }
+        assert!(implemented(ServiceKind::JupyterLab));
+    }
+
+    #[test]
+    fn own_keys_never_shadow_enabled_or_port() {
+        for kind in ServiceKind::ALL {
+            if let Some(section) = ServiceSection::new(kind) {
+                let names = section.key_names();
+                assert!(
+                    !names.contains(&"enabled") && !names.contains(&"port"),
+                    "{kind}"
+                );
             }
-            ServiceSettings::Desktop(s) => {
-                Self::Desktop(desktop::Desktop::new(s.clone(), os, system_root))
-            }
-            ServiceSettings::Guacamole(s) => {
-                Self::Guacamole(guacamole::Guacamole::new(s.clone(), os))
-            }
-        }
-    }
-
-    /// Which service.
-    pub fn kind(&self) -> ServiceKind {
-        match self {
-            Self::JupyterLab(_) => ServiceKind::JupyterLab,
-            Self::Desktop(_) => ServiceKind::Desktop,
-            Self::Guacamole(_) => ServiceKind::Guacamole,
-        }
-    }
-
-    /// System packages to install in the one batched transaction.
-    pub fn system_packages(&self, os: &Os) -> Vec<String> {
-        match self {
-            Self::JupyterLab(s) => s.system_packages(os),
-            Self::Desktop(s) => s.system_packages(os),
-            Self::Guacamole(s) => s.system_packages(os),
-        }
-    }
-
-    /// Plan lines for `exoagent validate`.
-    pub fn plan(&self, ctx: &ServiceContext) -> Vec<String> {
-        match self {
-            Self::JupyterLab(s) => s.plan(ctx),
-            Self::Desktop(s) => s.plan(ctx),
-            Self::Guacamole(s) => s.plan(ctx),
-        }
-    }
-
-    /// Install the service's payload (idempotent).
-    pub async fn install(&self, ctx: &ServiceContext) -> Result<(), ServiceError> {
-        match self {
-            Self::JupyterLab(s) => s.install(ctx).await,
-            Self::Desktop(s) => s.install(ctx).await,
-            Self::Guacamole(s) => s.install(ctx).await,
-        }
-    }
-
-    /// Write its configuration (idempotent).
-    pub async fn configure(
-        &self,
-        ctx: &ServiceContext,
-        passphrase: &Passphrase,
-    ) -> Result<(), ServiceError> {
-        match self {
-            Self::JupyterLab(s) => s.configure(ctx, passphrase).await,
-            Self::Desktop(s) => s.configure(ctx, passphrase).await,
-            Self::Guacamole(s) => s.configure(ctx, passphrase).await,
-        }
-    }
-
-    /// How to run it.
-    pub fn run_spec(&self, ctx: &ServiceContext) -> RunSpec {
-        match self {
-            Self::JupyterLab(s) => s.run_spec(ctx),
-            Self::Desktop(s) => s.run_spec(ctx),
-            Self::Guacamole(s) => s.run_spec(ctx),
-        }
-    }
-
-    /// How to tell that it is ready.
-    pub fn probe(&self) -> Probe {
-        match self {
-            Self::JupyterLab(s) => s.probe(),
-            Self::Desktop(s) => s.probe(),
-            Self::Guacamole(s) => s.probe(),
-        }
-    }
-
-    /// How long it may take to become ready after launch.
-    pub fn start_timeout(&self) -> Duration {
-        match self {
-            Self::JupyterLab(s) => s.start_timeout(),
-            Self::Desktop(s) => s.start_timeout(),
-            Self::Guacamole(s) => s.start_timeout(),
-        }
-    }
-
-    /// Its port.
-    pub fn port(&self) -> u16 {
-        match self {
-            Self::JupyterLab(s) => s.port(),
-            Self::Desktop(s) => s.port(),
-            Self::Guacamole(s) => s.port(),
-        }
-    }
-
-    /// Where a person on the instance reaches it.
-    pub fn url(&self) -> String {
-        match self {
-            Self::JupyterLab(s) => s.url(),
-            Self::Desktop(s) => s.url(),
-            Self::Guacamole(s) => s.url(),
         }
     }
 }

@@ -13,10 +13,13 @@
 //! [`records::spec_hash`]) equals the current one.
 
 pub mod logfile;
+mod policy;
 pub mod probe;
 pub mod procfs;
 pub mod records;
 pub mod shim;
+
+pub use policy::SupervisePolicy;
 
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -36,7 +39,6 @@ use tokio_util::sync::CancellationToken;
 
 pub use probe::{Probe, ProbeError};
 
-use crate::config::settings::SupervisePolicy;
 use crate::model::ServiceKind;
 use crate::state::{now_ms, Reason, ServiceState, ServiceUpdate, StateHub};
 use records::{ExitRecord, RunRecord};

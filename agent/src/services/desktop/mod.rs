@@ -8,12 +8,15 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::{io_error, ServiceContext, ServiceError, ServiceImpl};
-use crate::config::{DesktopEnvironment, DesktopSettings, VncServerChoice};
+use super::{io_error, Host, ServiceContext, ServiceError, ServiceImpl};
+use crate::schema::{Checker, Key, Located};
+use session::DesktopEnvironment;
+pub use settings::{DesktopSettings, VncServerChoice};
 use crate::platform::gpu;
 
 pub mod cli;
 pub mod session;
+pub mod settings;
 pub mod vendor;
 pub mod vnc;
 
@@ -78,7 +81,7 @@ impl Desktop {
 
     /// The X display number for the RFB port (5901 → `:1`).
     pub fn display(&self) -> u16 {
-        self.settings.port.saturating_sub(5900).max(1)
+        self.settings.display()
     }
 
     fn password_file(ctx: &ServiceContext) -> PathBuf {
@@ -181,6 +184,23 @@ async fn run_vendor_step(step: &Step) -> Result<(), ServiceError> {
 }
 
 impl ServiceImpl for Desktop {
+    const KIND: ServiceKind = ServiceKind::Desktop;
+    type Settings = DesktopSettings;
+    type Section = settings::Section;
+    const KEYS: &'static [Key<settings::Section>] = settings::KEYS;
+
+    fn settings(section: &settings::Section, port: Located<u16>, check: &mut Checker<'_>) -> DesktopSettings {
+        section.settings(port, check)
+    }
+
+    fn settings_port(settings: &DesktopSettings) -> u16 {
+        settings.port
+    }
+
+    fn planned(settings: DesktopSettings, host: Host<'_>) -> Self {
+        Self::new(settings, host.os, host.system_root)
+    }
+
     fn system_packages(&self, os: &Os) -> Vec<String> {
         let environment: &[&str] = match (os.family, self.settings.environment) {
             (Family::Debian, DesktopEnvironment::Xfce) => &["xfce4", "xfce4-terminal", "dbus-x11"],

@@ -8,14 +8,16 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::{io_error, ServiceContext, ServiceError, ServiceImpl};
-use crate::config::{GuacamoleSettings, GuacdSource};
+use super::{io_error, Host, ServiceContext, ServiceError, ServiceImpl, ServiceSettings};
+use crate::schema::{Checker, Key, Located};
+pub use settings::{GuacamoleSettings, GuacdSource};
 use crate::fsutil;
 pub mod assets;
 pub mod auth;
 pub mod cli;
 pub mod handshake;
 pub mod protocol;
+pub mod settings;
 pub mod tunnel;
 pub mod web;
 pub mod web_config;
@@ -224,6 +226,31 @@ fn guacd_packages(os: &Os) -> Vec<String> {
 }
 
 impl ServiceImpl for Guacamole {
+    const KIND: ServiceKind = ServiceKind::Guacamole;
+    type Settings = GuacamoleSettings;
+    type Section = settings::Section;
+    const KEYS: &'static [Key<settings::Section>] = settings::KEYS;
+
+    fn settings(section: &settings::Section, port: Located<u16>, check: &mut Checker<'_>) -> GuacamoleSettings {
+        section.settings(port, check)
+    }
+
+    /// Guacamole offers the `desktop` connection when the desktop runs.
+    fn link(settings: &mut GuacamoleSettings, enabled: &[ServiceSettings]) {
+        settings.desktop_port = enabled.iter().find_map(|s| match s {
+            ServiceSettings::Desktop(d) => Some(d.port),
+            _ => None,
+        });
+    }
+
+    fn settings_port(settings: &GuacamoleSettings) -> u16 {
+        settings.port
+    }
+
+    fn planned(settings: GuacamoleSettings, host: Host<'_>) -> Self {
+        Self::new(settings, host.os)
+    }
+
     fn system_packages(&self, os: &Os) -> Vec<String> {
         match self.route {
             GuacdRoute::Package => guacd_packages(os),

@@ -8,8 +8,11 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use super::{io_error, ServiceContext, ServiceError, ServiceImpl};
-use crate::config::{JupyterLabSettings, PythonInstaller};
+pub mod settings;
+
+use super::{io_error, Host, ServiceContext, ServiceError, ServiceImpl};
+use crate::schema::{Checker, Key, Located};
+pub use settings::{JupyterLabSettings, PythonInstaller};
 use crate::fsutil;
 use crate::model::ServiceKind;
 use crate::platform::os::{Family, Os};
@@ -129,6 +132,23 @@ impl JupyterLab {
 }
 
 impl ServiceImpl for JupyterLab {
+    const KIND: ServiceKind = ServiceKind::JupyterLab;
+    type Settings = JupyterLabSettings;
+    type Section = settings::Section;
+    const KEYS: &'static [Key<settings::Section>] = settings::KEYS;
+
+    fn settings(section: &settings::Section, port: Located<u16>, check: &mut Checker<'_>) -> JupyterLabSettings {
+        section.settings(port, check)
+    }
+
+    fn settings_port(settings: &JupyterLabSettings) -> u16 {
+        settings.port
+    }
+
+    fn planned(settings: JupyterLabSettings, _host: Host<'_>) -> Self {
+        Self::new(settings)
+    }
+
     /// System packages the venv needs, batched with every other service's.
     fn system_packages(&self, os: &Os) -> Vec<String> {
         match os.family {

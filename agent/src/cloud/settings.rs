@@ -1,0 +1,35 @@
+//! `[cloud]`: where the metadata service is and what the agent publishes through it.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The metadata service's address on every OpenStack cloud.
+pub const DEFAULT_METADATA_URL: &str = "http://169.254.169.254";
+
+/// `[cloud]`: the metadata service and what the agent publishes through it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloudSettings {
+    /// The metadata service base URL as configured; `None` when not set, which means
+    /// [`DEFAULT_METADATA_URL`] on an instance and no metadata service in the sandbox.
+    pub metadata_url: Option<String>,
+    /// How long to keep trying to reach the metadata service at start-up.
+    pub metadata_timeout: Duration,
+    /// Publish the passphrase through the metadata service's password endpoint (once).
+    pub publish_password: bool,
+    /// The clouds.yaml with the credential for reporting to Nova; `None`: no Nova reporting.
+    pub clouds_yaml: Option<PathBuf>,
+    /// Which cloud in it.
+    pub cloud_name: String,
+}
+
+impl Default for CloudSettings {
+    fn default() -> Self {
+        Self {
+            metadata_url: None,
+            metadata_timeout: Duration::from_secs(120),
+            publish_password: true,
+            clouds_yaml: None,
+            cloud_name: "openstack".to_owned(),
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! `[services.guacamole]`: Guacamole's settings, its configuration keys and their checks.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use crate::schema::{set, value, Checker, Key, Located};
+
+/// Where guacd comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuacdSource {
+    /// The distribution's package where one exists (Ubuntu universe, EPEL), the official
+    /// container image otherwise.
+    Auto,
+    /// The distribution's `guacd` package, run by the web side as its child.
+    Package,
+    /// The official image, pinned by digest, run with podman on the host network.
+    Container,
+    /// Someone else runs guacd at `guacd_address`.
+    External,
+}
+
+/// `[services.guacamole]`: guacd plus the web side (token API, client page, tunnel).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuacamoleSettings {
+    /// The web side's port (default 49528).
+    pub port: u16,
+    /// The web side's address (default `0.0.0.0`, so the UAP can reach it).
+    pub bind: IpAddr,
+    /// Where guacd comes from.
+    pub guacd: GuacdSource,
+    /// Where guacd listens (default `127.0.0.1:4822`).
+    pub guacd_address: SocketAddr,
+    /// Tokens expire after this long without use (at least 60 minutes).
+    pub session_timeout: Duration,
+    /// sshd's port for the `shell` connection and SFTP.
+    pub ssh_port: u16,
+    /// The desktop's RFB port when the desktop service is enabled: the `desktop` connection.
+    pub desktop_port: Option<u16>,
+    /// How long from launch to the first good probe.
+    pub start_timeout: Duration,
+}
+
+impl Default for GuacamoleSettings {
+    fn default() -> Self {
+        Self {
+            port: 49528,
+            bind: IpAddr::from([0, 0, 0, 0]),
+            guacd: GuacdSource::Auto,
+            guacd_address: SocketAddr::from(([127, 0, 0, 1], 4822)),
+            session_timeout: Duration::from_secs(3600),
+            ssh_port: 22,
+            desktop_port: None,
+            start_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// What the files say about `[services.guacamole]` beyond `enabled` and `port`.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Section {
+    bind: Option<Located<IpAddr>>,
+    guacd: Option<Located<GuacdSource>>,
+    guacd_address: Option<Located<SocketAddr>>,
+    session_timeout_min: Option<Located<u64>>,
+    ssh_port: Option<Located<u16>>,
+    start_timeout_s: Option<Located<u64>>,
+}
+
+/// The keys of `[services.guacamole]` besides `enabled` and `port`.
+pub const KEYS: &[Key<Section>] = &[
+    Key {
+        name: "bind",
+        example: "\"127.0.0.1\"",
+        read: |w, f, s| set(&mut s.bind, w.parsed(f, "an IP address", |v| v.parse().ok())),
+    },
+    Key {
+        name: "guacd",
+        example: "\"external\"",
+        read: |w, f, s| {
+            set(
+                &mut s.guacd,
+                w.parsed(f, "one of: auto, package, container, external", |v| match v {
+                    "auto" => Some(GuacdSource::Auto),
+                    "package" => Some(GuacdSource::Package),
+                    "container" => Some(GuacdSource::Container),
+                    "external" => Some(GuacdSource::External),
+                    _ => None,
+                }),
+            )
+        },
+    },
+    Key {
+        name: "guacd_address",
+        example: "\"127.0.0.1:4823\"",
+        read: |w, f, s| {
+            set(
+                &mut s.guacd_address,
+                w.parsed(
+                    f,
+                    "an IP address and port, e.g. \"127.0.0.1:4822\"",
+                    |v| v.parse().ok(),
+                ),
+            )
+        },
+    },
+    Key {
+        name: "session_timeout_min",
+        example: "120",
+        read: |w, f, s| set(&mut s.session_timeout_min, w.count(f, 60, 1440, "minutes")),
+    },
+    Key {
+        name: "ssh_port",
+        example: "2222",
+        read: |w, f, s| set(&mut s.ssh_port, w.port(f)),
+    },
+    Key {
+        name: "start_timeout_s",
+        example: "30",
+        read: |w, f, s| set(&mut s.start_timeout_s, w.count(f, 1, 3600, "seconds")),
+    },
+];
+
+impl Section {
+    /// The settings these keys give on `port`, defaults filling what no file set.
+    pub fn settings(&self, port: Located<u16>, _check: &mut Checker) -> GuacamoleSettings {
+        let d = GuacamoleSettings::default();
+        GuacamoleSettings {
+            port: port.value,
+            bind: value(&self.bind).unwrap_or(d.bind),
+            guacd: value(&self.guacd).unwrap_or(d.guacd),
+            guacd_address: value(&self.guacd_address).unwrap_or(d.guacd_address),
+            session_timeout: value(&self.session_timeout_min)
+                .map(|m| Duration::from_secs(m * 60))
+                .unwrap_or(d.session_timeout),
+            ssh_port: value(&self.ssh_port).unwrap_or(d.ssh_port),
+            desktop_port: None,
+            start_timeout: value(&self.start_timeout_s)
+                .map(Duration::from_secs)
+                .unwrap_or(d.start_timeout),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_is_read_into_its_own_field() {
+        let problems = crate::schema::key_table_problems("s", KEYS);
+        assert!(problems.is_empty(), "{problems:#?}");
+    }
+}
