@@ -123,7 +123,7 @@ async fn logs_tail_and_errors() {
         (code, error_of(&body).as_str()),
         (StatusCode::NOT_FOUND, "unknown-service")
     );
-    let (code, body) = get(f.state(), "/v1/services/rstudio/logs").await;
+    let (code, body) = get(f.state(), "/v1/services/desktop/logs").await;
     assert_eq!(
         (code, error_of(&body).as_str()),
         (StatusCode::NOT_FOUND, "not-configured")

@@ -76,10 +76,10 @@ fn bake_refuses_what_it_cannot_bake() {
     let out = bake(sb.root(), &[]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("bake-nothing"));
-    let out = bake(sb.root(), &["--service", "rstudio"]);
+    let out = bake(sb.root(), &["--service", "notaservice"]);
     assert!(!out.status.success());
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("not available"),
+        String::from_utf8_lossy(&out.stderr).contains("unknown service"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );

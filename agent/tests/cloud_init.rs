@@ -125,7 +125,7 @@ fn bad_choices_exit_2_naming_the_option() {
             ],
             "--binary-sha256",
         ),
-        (vec!["--service", "rstudio"], "not available"),
+        (vec!["--service", "notaservice"], "unknown service"),
         (
             vec!["--clouds-yaml", "/nonexistent/clouds.yaml"],
             "--clouds-yaml",

@@ -259,39 +259,37 @@ fn config_dir_that_is_a_file() {
 }
 
 #[test]
-fn enabling_an_unavailable_service() {
+fn enabling_an_unknown_service() {
     let sb = Sandbox::new();
     let file = sb.dropin(
         "10-x.toml",
-        "[services.rstudio]\nport = 8787\nenabled = true\n",
+        "\n[services.notaservice]\nport = 8787\nenabled = true\n",
     );
-    let e = sb.single(&file, Some(3), Some("services.rstudio.enabled"));
-    assert_eq!(e.kind, ErrorKind::Unavailable);
-    assert_eq!(
-        e.message,
-        "service 'rstudio' is not available in this version of exoagent"
+    let e = sb.single(&file, Some(2), Some("services.notaservice"));
+    assert_eq!(e.kind, ErrorKind::UnknownKey);
+    assert!(
+        e.message
+            .starts_with("unknown service, known services: jupyterlab, "),
+        "{}",
+        e.message
     );
 }
 
 #[test]
 fn semantic_errors_point_at_the_file_that_set_the_winning_value() {
     let sb = Sandbox::new();
-    // The vendor file enables rstudio, the main file leaves it, a drop-in enables it again:
+    // The vendor file asks for root, the main file for another user, a drop-in for root again:
     // the drop-in holds the winning value.
     fs::write(
         sb.paths.vendor_config_dir.join("10-image.toml"),
-        "[services.rstudio]\nenabled = true\n",
+        "[instance]\nuser = \"root\"\n",
     )
     .unwrap();
     fs::create_dir_all(sb.paths.config_file.parent().unwrap()).unwrap();
-    fs::write(
-        &sb.paths.config_file,
-        "[services.rstudio]\nenabled = false\n",
-    )
-    .unwrap();
-    let file = sb.dropin("50-x.toml", "\n\n[services.rstudio]\nenabled = true\n");
-    let e = sb.single(&file, Some(4), Some("services.rstudio.enabled"));
-    assert_eq!(e.kind, ErrorKind::Unavailable);
+    fs::write(&sb.paths.config_file, "[instance]\nuser = \"alice\"\n").unwrap();
+    let file = sb.dropin("50-x.toml", "\n\n[instance]\nuser = \"root\"\n");
+    let e = sb.single(&file, Some(4), Some("instance.user"));
+    assert_eq!(e.kind, ErrorKind::InvalidValue);
 }
 
 #[test]
@@ -308,7 +306,7 @@ fn every_file_and_every_error_is_reported() {
         "10-a.toml",
         "[services.jupyterlab]\nenabled = true\nbind = \"nope\"\nport = \"x\"\n",
     );
-    let b = sb.dropin("30-b.toml", "[services.rstudio]\nenabled = true\n");
+    let b = sb.dropin("30-b.toml", "[instance]\nuser = \"root\"\n");
     let errors = sb.errors();
     let got: Vec<(PathBuf, Option<usize>, Option<&str>, ErrorKind)> = errors
         .iter()
@@ -335,12 +333,7 @@ fn every_file_and_every_error_is_reported() {
             ErrorKind::WrongType,
         ),
         (dir, None, None, ErrorKind::Unreadable),
-        (
-            b,
-            Some(2),
-            Some("services.rstudio.enabled"),
-            ErrorKind::Unavailable,
-        ),
+        (b, Some(2), Some("instance.user"), ErrorKind::InvalidValue),
     ];
     assert_eq!(got, want, "{errors:#?}");
 }

@@ -203,7 +203,7 @@ fn sandbox_brings_up_jupyterlab_supervises_and_survives_agent_restarts() {
         "JupyterLab's own output is captured:\n{logs}"
     );
     assert_eq!(
-        sb.cli(&["logs", "rstudio"]).status.code(),
+        sb.cli(&["logs", "desktop"]).status.code(),
         Some(1),
         "not configured"
     );

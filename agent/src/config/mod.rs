@@ -550,22 +550,62 @@ cloud_name = "exo"
     fn duplicate_ports_name_both_services() {
         let e = errs(&[(
             "/a.toml",
-            "[services.jupyterlab]\nenabled = true\nport = 8787\n\n[services.rstudio]\nenabled = true\n",
+            "[services.jupyterlab]\nenabled = true\nport = 49528\n\n[services.guacamole]\nenabled = true\n",
         )]);
         let conflict: Vec<_> = e.iter().filter(|e| e.kind == ErrorKind::Conflict).collect();
         assert_eq!(conflict.len(), 1, "{e:?}");
         let c = conflict[0];
-        assert_eq!(c.key.as_deref(), Some("services.rstudio.port"));
+        assert_eq!(c.key.as_deref(), Some("services.guacamole.port"));
         // The default port is charged to the line that enabled the service.
         assert_eq!(c.line, Some(6));
         assert!(c.message.contains("services.jupyterlab (/a.toml:3)"), "{c}");
-        assert!(c.message.contains("services.rstudio"), "{c}");
-        // Different ports: no conflict (only the unavailable-service error remains).
-        let e = errs(&[(
+        assert!(c.message.contains("services.guacamole"), "{c}");
+        // Different ports: no conflict.
+        ok(&[(
             "/a.toml",
-            "[services.jupyterlab]\nenabled = true\n[services.rstudio]\nenabled = true\n",
+            "[services.jupyterlab]\nenabled = true\n[services.guacamole]\nenabled = true\n",
         )]);
-        assert!(e.iter().all(|e| e.kind != ErrorKind::Conflict), "{e:?}");
+    }
+
+    #[test]
+    fn desktop_port_must_name_a_display() {
+        // 43901 once passed validation and then crash-looped the desktop ("38001 is not in
+        // 0..=999"); every port at or below 5901 became display :1.
+        for bad in [43901, 5900, 5000, 6900] {
+            let e = errs(&[(
+                "/a.toml",
+                &format!("[services.desktop]\nenabled = true\nport = {bad}\n"),
+            )]);
+            assert_eq!(e.len(), 1, "{bad}: {e:?}");
+            assert_eq!(e[0].key.as_deref(), Some("services.desktop.port"), "{bad}");
+            assert_eq!(e[0].line, Some(3), "{bad}");
+            assert_eq!(e[0].kind, ErrorKind::OutOfRange, "{bad}");
+            assert!(e[0].message.contains("5901 to 6899"), "{}", e[0]);
+        }
+        for (good, display) in [(5901, 1), (5999, 99), (6899, 999)] {
+            let loaded = ok(&[(
+                "/a.toml",
+                &format!("[services.desktop]\nenabled = true\nport = {good}\n"),
+            )]);
+            match &loaded.settings.services[0] {
+                ServiceSettings::Desktop(d) => assert_eq!(d.display(), display),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn services_this_version_cannot_run_are_refused_by_name() {
+        for kind in ServiceKind::ALL
+            .into_iter()
+            .filter(|k| !crate::services::implemented(*k))
+        {
+            let e = errs(&[("/a.toml", &format!("[services.{kind}]\nenabled = true\n"))]);
+            assert_eq!(e.len(), 1, "{e:?}");
+            assert_eq!(e[0].kind, ErrorKind::Unavailable);
+            assert_eq!(e[0].key, Some(format!("services.{kind}.enabled")));
+            assert_eq!(e[0].line, Some(2));
+        }
     }
 
     #[test]
@@ -589,7 +629,7 @@ cloud_name = "exo"
         let a = "[services.jupyterlab]\nport = \"x\"\nbind = \"nope\"\ninstaller = \"conda\"\n\
                  prot = 1\n[services.foo]\n";
         let b = "[instance\n";
-        let c = "[services.rstudio]\nenabled = true\n[supervise]\nlog_max_bytes = 1\n\
+        let c = "[instance]\nuser = \"root\"\n[supervise]\nlog_max_bytes = 1\n\
                  [console]\ndevices = [\"/dev/console\", 5, \"rel\"]\n";
         let e = errs(&[("/a.toml", a), ("/b.toml", b), ("/c.toml", c)]);
         let got: Vec<(String, Option<usize>, Option<&str>, ErrorKind)> = e
@@ -652,8 +692,8 @@ cloud_name = "exo"
             (
                 "/c.toml".into(),
                 Some(2),
-                Some("services.rstudio.enabled"),
-                Unavailable,
+                Some("instance.user"),
+                InvalidValue,
             ),
         ];
         assert_eq!(got, want, "\n{}", ConfigErrors { errors: e.clone() });
@@ -807,10 +847,7 @@ cloud_name = "exo"
     fn the_error_examples_in_the_docs_are_real_output() {
         let l = |p: &str, t: &str| (PathBuf::from(p), t.to_owned());
         let errors = load_layers(&[
-            l(
-                "/etc/exoagent/config.toml",
-                "[services.rstudio]\nenabled = true\n",
-            ),
+            l("/etc/exoagent/config.toml", "[instance]\nuser = \"root\"\n"),
             l(
                 "/etc/exoagent/config.d/10-x.toml",
                 "[services.jupyterlab]\nenabled = true\n\nport = 70000\nbind = \"nope\"\n\

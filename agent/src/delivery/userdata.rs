@@ -296,11 +296,16 @@ mod tests {
         }))
         .unwrap_err();
         assert!(err.to_string().starts_with("--binary-sha256:"), "{err}");
-        let mut rstudio = choices(Delivery::Baked);
-        rstudio.services = vec![ServiceKind::RStudio];
-        let err = render(&rstudio).unwrap_err();
-        assert_eq!(err.reason(), "userdata-invalid-config");
-        assert!(err.to_string().contains("not available"), "{err}");
+        for kind in ServiceKind::ALL
+            .into_iter()
+            .filter(|k| !crate::services::implemented(*k))
+        {
+            let mut unavailable = choices(Delivery::Baked);
+            unavailable.services = vec![kind];
+            let err = render(&unavailable).unwrap_err();
+            assert_eq!(err.reason(), "userdata-invalid-config");
+            assert!(err.to_string().contains("not available"), "{err}");
+        }
         let mut cloud = choices(Delivery::Baked);
         cloud.clouds_yaml = Some(("clouds: {a: {}}".into(), "b".into()));
         assert!(render(&cloud)
