@@ -2,6 +2,7 @@
 //! A leaf: it imports nothing from the crate, so any module may use it without a cycle.
 
 use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
@@ -76,6 +77,38 @@ impl FromStr for ServiceKind {
     }
 }
 
+/// Where a service is reached: the public port that the UAP (and Exosphere's links) connect
+/// to, and the address the service process itself listens on. Today both are the same socket;
+/// an upstream TLS front can sit between them by giving the service a loopback `listen`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Endpoint {
+    /// The port reported everywhere and reached from outside.
+    pub public_port: u16,
+    /// Where the service listens.
+    pub listen: SocketAddr,
+}
+
+impl Endpoint {
+    /// A service reached directly where it listens.
+    pub fn direct(listen: SocketAddr) -> Self {
+        Self {
+            public_port: listen.port(),
+            listen,
+        }
+    }
+
+    /// Where probes reach the service: its listening address, with loopback for "all
+    /// addresses".
+    pub fn probe_addr(&self) -> SocketAddr {
+        let host = match self.listen.ip() {
+            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ip => ip,
+        };
+        SocketAddr::new(host, self.listen.port())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,5 +123,16 @@ mod tests {
             );
         }
         assert!("jupyter".parse::<ServiceKind>().is_err());
+    }
+
+    #[test]
+    fn endpoints_probe_loopback_for_all_addresses() {
+        let all = Endpoint::direct("0.0.0.0:8888".parse().unwrap());
+        assert_eq!(all.public_port, 8888);
+        assert_eq!(all.probe_addr(), "127.0.0.1:8888".parse().unwrap());
+        let v6 = Endpoint::direct("[::]:1".parse().unwrap());
+        assert_eq!(v6.probe_addr(), "[::1]:1".parse().unwrap());
+        let one = Endpoint::direct("10.0.0.5:2".parse().unwrap());
+        assert_eq!(one.probe_addr(), one.listen);
     }
 }

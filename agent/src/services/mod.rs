@@ -9,7 +9,7 @@ pub mod command;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use crate::model::ServiceKind;
+pub use crate::model::{Endpoint, ServiceKind};
 use crate::paths::Paths;
 use crate::platform::os::Os;
 use crate::platform::passphrase::Passphrase;
@@ -194,8 +194,8 @@ pub trait ServiceImpl: Sized {
     fn probe(&self) -> Probe;
     /// How long it may take from launch to the first good probe.
     fn start_timeout(&self) -> Duration;
-    /// Its port.
-    fn port(&self) -> u16;
+    /// Where it listens and where it is reached.
+    fn endpoint(&self) -> Endpoint;
     /// Where a person on the instance reaches it.
     fn url(&self) -> String;
 }
@@ -380,11 +380,16 @@ macro_rules! services {
                 }
             }
 
-            /// Its port.
-            pub fn port(&self) -> u16 {
+            /// Where it listens and where it is reached.
+            pub fn endpoint(&self) -> Endpoint {
                 match self {
-                    $(Self::$variant(s) => s.port(),)*
+                    $(Self::$variant(s) => s.endpoint(),)*
                 }
+            }
+
+            /// Its public port (the one reported and reached from outside).
+            pub fn port(&self) -> u16 {
+                self.endpoint().public_port
             }
 
             /// Where a person on the instance reaches it.

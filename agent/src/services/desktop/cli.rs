@@ -37,8 +37,8 @@ pub struct DesktopSessionArgs {
     #[arg(long, value_name = "FILE")]
     pub password_file: Option<PathBuf>,
     /// The desktop environment.
-    #[arg(long, value_enum, default_value_t = EnvironmentArg::Xfce)]
-    pub environment: EnvironmentArg,
+    #[arg(long, value_enum, default_value_t = DesktopEnvironment::Xfce)]
+    pub environment: DesktopEnvironment,
     /// The VNC server.
     #[arg(long, value_enum, default_value_t = ServerArg::Tigervnc)]
     pub server: ServerArg,
@@ -51,15 +51,6 @@ pub struct DesktopSessionArgs {
     /// Seconds the server gets to accept connections on the RFB port.
     #[arg(long, value_name = "SECONDS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=600))]
     pub ready_timeout: u64,
-}
-
-/// `--environment`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum EnvironmentArg {
-    /// Xfce (`startxfce4`).
-    Xfce,
-    /// GNOME (`gnome-session`).
-    Gnome,
 }
 
 /// `--server`.
@@ -100,10 +91,7 @@ impl DesktopSessionArgs {
         if let Some(file) = &self.password_file {
             spec.password_file = crate::cli::absolute(file);
         }
-        spec.environment = match self.environment {
-            EnvironmentArg::Xfce => DesktopEnvironment::Xfce,
-            EnvironmentArg::Gnome => DesktopEnvironment::Gnome,
-        };
+        spec.environment = self.environment;
         spec.server = server;
         if let Some(name) = &self.desktop_name {
             spec.desktop_name = name.clone();

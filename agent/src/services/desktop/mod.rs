@@ -8,7 +8,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::{io_error, Host, ServiceContext, ServiceError, ServiceImpl};
+use super::{io_error, Endpoint, Host, ServiceContext, ServiceError, ServiceImpl};
 use crate::schema::{Checker, Key, Located};
 use session::DesktopEnvironment;
 pub use settings::{DesktopSettings, VncServerChoice};
@@ -343,7 +343,7 @@ impl ServiceImpl for Desktop {
 
     fn probe(&self) -> Probe {
         Probe::Rfb {
-            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, self.settings.port)),
+            addr: self.endpoint().probe_addr(),
             security_type: VNC_AUTH,
         }
     }
@@ -352,14 +352,15 @@ impl ServiceImpl for Desktop {
         self.settings.start_timeout
     }
 
-    fn port(&self) -> u16 {
-        self.settings.port
+    /// On loopback only: Guacamole reaches it, the UAP never does.
+    fn endpoint(&self) -> Endpoint {
+        Endpoint::direct(SocketAddr::from((Ipv4Addr::LOCALHOST, self.settings.port)))
     }
 
     fn url(&self) -> String {
         format!(
             "vnc://127.0.0.1:{} (display :{})",
-            self.settings.port,
+            self.endpoint().public_port,
             self.display()
         )
     }

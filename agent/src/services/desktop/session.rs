@@ -53,8 +53,9 @@ const TURBOVNC_VNCPASSWD: &str = "/opt/TurboVNC/bin/vncpasswd";
 /// VirtualGL's launcher.
 const VGLRUN: &str = "/opt/VirtualGL/bin/vglrun";
 
-/// The desktop environment started in the session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// The desktop environment started in the session (also `--environment` and the
+/// `environment` key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum DesktopEnvironment {
     /// Xfce (`startxfce4`): light, starts in about 2 s.
     #[default]

@@ -4,11 +4,13 @@
 //! has answered a `select` for every configured protocol.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::{io_error, Host, ServiceContext, ServiceError, ServiceImpl, ServiceSettings};
+use super::{
+    io_error, Endpoint, Host, ServiceContext, ServiceError, ServiceImpl, ServiceSettings,
+};
 use crate::schema::{Checker, Key, Located};
 pub use settings::{GuacamoleSettings, GuacdSource};
 use crate::fsutil;
@@ -194,7 +196,7 @@ impl Guacamole {
     /// The web side's configuration for `ctx`.
     pub fn web_config(&self, ctx: &ServiceContext) -> WebConfig {
         WebConfig {
-            listen: SocketAddr::new(self.settings.bind, self.settings.port),
+            listen: self.endpoint().listen,
             guacd: self.settings.guacd_address,
             guacd_command: self.guacd_command(&self.route),
             username: ctx.account.name.clone(),
@@ -346,12 +348,7 @@ impl ServiceImpl for Guacamole {
     }
 
     fn probe(&self) -> Probe {
-        let host = match self.settings.bind {
-            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-            ip => ip,
-        };
-        let addr = SocketAddr::new(host, self.settings.port);
+        let addr = self.endpoint().probe_addr();
         Probe::Http {
             addr,
             path: "/guacamole/api/exoagent/health".into(),
@@ -364,12 +361,12 @@ impl ServiceImpl for Guacamole {
         self.settings.start_timeout
     }
 
-    fn port(&self) -> u16 {
-        self.settings.port
+    fn endpoint(&self) -> Endpoint {
+        Endpoint::direct(SocketAddr::new(self.settings.bind, self.settings.port))
     }
 
     fn url(&self) -> String {
-        format!("http://127.0.0.1:{}/guacamole/", self.settings.port)
+        format!("http://127.0.0.1:{}/guacamole/", self.endpoint().public_port)
     }
 }
 

@@ -2,7 +2,7 @@
 //! for running behind the UAP (remote access, forwarded headers, passphrase hash, no token),
 //! run as the instance user, ready when `GET {base_url}api` answers 200 with a `version`.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -10,7 +10,7 @@ use serde_json::json;
 
 pub mod settings;
 
-use super::{io_error, Host, ServiceContext, ServiceError, ServiceImpl};
+use super::{io_error, Endpoint, Host, ServiceContext, ServiceError, ServiceImpl};
 use crate::schema::{Checker, Key, Located};
 pub use settings::{JupyterLabSettings, PythonInstaller};
 use crate::fsutil;
@@ -111,8 +111,8 @@ impl JupyterLab {
     pub fn server_config(&self, ctx: &ServiceContext, hashed_password: &str) -> serde_json::Value {
         json!({
             "ServerApp": {
-                "ip": self.settings.bind.to_string(),
-                "port": self.settings.port,
+                "ip": self.endpoint().listen.ip().to_string(),
+                "port": self.endpoint().listen.port(),
                 "port_retries": 0,
                 "open_browser": false,
                 "base_url": self.settings.base_url,
@@ -342,12 +342,7 @@ impl ServiceImpl for JupyterLab {
 
     /// `GET {base_url}api` on loopback (or the bound address) must answer 200 with a version.
     fn probe(&self) -> Probe {
-        let host = match self.settings.bind {
-            IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-            IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
-            other => other,
-        };
-        let addr = SocketAddr::new(host, self.settings.port);
+        let addr = self.endpoint().probe_addr();
         Probe::Http {
             addr,
             path: format!("{}api", self.settings.base_url),
@@ -362,8 +357,8 @@ impl ServiceImpl for JupyterLab {
     }
 
     /// The port.
-    fn port(&self) -> u16 {
-        self.settings.port
+    fn endpoint(&self) -> Endpoint {
+        Endpoint::direct(SocketAddr::new(self.settings.bind, self.settings.port))
     }
 
     /// Where a person on the instance reaches it.
