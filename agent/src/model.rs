@@ -1,4 +1,5 @@
-//! The vocabulary every layer shares: service kinds and the other names that are published.
+//! The vocabulary every layer shares: service kinds, endpoints, and how outside values are
+//! shortened for reports.
 //! A leaf: it imports nothing from the crate, so any module may use it without a cycle.
 
 use std::fmt;
@@ -109,6 +110,19 @@ impl Endpoint {
     }
 }
 
+/// At most `max` characters (for values from outside shown in reports: errors, bodies) of `text`, cut on a character boundary, marked with `…` when cut.
+pub fn truncate_chars(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        None => text.to_owned(),
+        Some((cut, _)) => {
+            let mut short = text[..cut].to_owned();
+            short.pop();
+            short.push('…');
+            short
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,5 +148,12 @@ mod tests {
         assert_eq!(v6.probe_addr(), "[::1]:1".parse().unwrap());
         let one = Endpoint::direct("10.0.0.5:2".parse().unwrap());
         assert_eq!(one.probe_addr(), one.listen);
+    }
+
+    #[test]
+    fn truncation_is_on_characters() {
+        assert_eq!(truncate_chars("abc", 3), "abc");
+        assert_eq!(truncate_chars("abcd", 3), "ab…");
+        assert_eq!(truncate_chars("éééé", 2), "é…");
     }
 }

@@ -90,6 +90,17 @@ impl Paths {
     }
 }
 
+/// `dir` made absolute against the current directory (services run elsewhere).
+pub fn absolute(dir: &std::path::Path) -> PathBuf {
+    if dir.is_absolute() {
+        dir.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map(|cwd| cwd.join(dir))
+            .unwrap_or_else(|_| dir.to_path_buf())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

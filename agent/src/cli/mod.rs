@@ -77,20 +77,9 @@ impl Cli {
     /// The layout the command operates on.
     pub fn paths(&self) -> Paths {
         match &self.sandbox_dir {
-            Some(dir) => Paths::sandbox(&absolute(dir)),
+            Some(dir) => Paths::sandbox(&crate::paths::absolute(dir)),
             None => Paths::system(),
         }
-    }
-}
-
-/// `dir` made absolute against the current directory (services run elsewhere).
-pub fn absolute(dir: &std::path::Path) -> PathBuf {
-    if dir.is_absolute() {
-        dir.to_path_buf()
-    } else {
-        std::env::current_dir()
-            .map(|cwd| cwd.join(dir))
-            .unwrap_or_else(|_| dir.to_path_buf())
     }
 }
 

@@ -56,7 +56,7 @@ pub fn seed(paths: &Paths, fixture_identity: bool) -> std::io::Result<()> {
 
 /// Seed, explain, run.
 pub async fn run(args: SandboxArgs) -> anyhow::Result<ExitCode> {
-    let root = super::absolute(&args.dir);
+    let root = crate::paths::absolute(&args.dir);
     let paths = Paths::sandbox(&root);
     seed(&paths, !args.no_fixture_identity)?;
     let dir = root.display();

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 
 use crate::api::client::{ApiClient, ClientError};
-use crate::report::console::truncate_chars;
+use crate::model::truncate_chars;
 use crate::state::{now_ms, SetupState, Snapshot};
 
 /// Exit status: setup complete (every service ready or degraded).

@@ -219,5 +219,5 @@ impl MetadataService {
 fn excerpt(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(body);
     let one_line: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
-    crate::report::console::truncate_chars(&one_line, BODY_EXCERPT)
+    crate::model::truncate_chars(&one_line, BODY_EXCERPT)
 }

@@ -11,6 +11,7 @@ use serde_json::{json, Map, Value};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::model::truncate_chars;
 use crate::report::load::{LoadSample, LoadSampler};
 use crate::state::{SetupState, SetupStatus, Snapshot};
 
@@ -61,19 +62,6 @@ pub fn load_line(sample: &LoadSample) -> String {
         "gpuPctUsed": sample.gpu_pct,
     })
     .to_string()
-}
-
-/// At most `max` characters of `text`, cut on a character boundary, marked with `…` when cut.
-pub fn truncate_chars(text: &str, max: usize) -> String {
-    match text.char_indices().nth(max) {
-        None => text.to_owned(),
-        Some((cut, _)) => {
-            let mut short = text[..cut].to_owned();
-            short.pop();
-            short.push('…');
-            short
-        }
-    }
 }
 
 /// Write one line to `sink` now, synchronously: for the agent's last words when it cannot start

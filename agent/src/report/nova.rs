@@ -108,10 +108,10 @@ pub fn exo_agent_summary(snapshot: &Snapshot) -> String {
         }
         let short_error = error
             .as_deref()
-            .map(|e| crate::report::console::truncate_chars(e, 60));
+            .map(|e| crate::model::truncate_chars(e, 60));
         let text = render(&services[..kept], short_error.as_deref());
         if text.chars().count() <= MAX_META_VALUE_LEN || kept == 0 {
-            return crate::report::console::truncate_chars(&text, MAX_META_VALUE_LEN);
+            return crate::model::truncate_chars(&text, MAX_META_VALUE_LEN);
         }
         kept -= 1;
     }

@@ -89,7 +89,7 @@ impl DesktopSessionArgs {
         spec.geometry = self.geometry;
         spec.depth = self.depth;
         if let Some(file) = &self.password_file {
-            spec.password_file = crate::cli::absolute(file);
+            spec.password_file = crate::paths::absolute(file);
         }
         spec.environment = self.environment;
         spec.server = server;
