@@ -16,5 +16,6 @@ pub mod report;
 pub mod services;
 pub mod state;
 pub mod supervise;
+pub mod text;
 
 pub use agent::{run, AgentOptions, Mode};
