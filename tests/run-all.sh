@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 bash installer/dev/prereqs.sh
 # The one test that installs a real Debian package through the agent's apt layer.
 export EXOAGENT_REAL_APT=1
+# prereqs.sh built the Guacamole client page: a build that fell back to the not-built page fails.
+export EXOAGENT_REQUIRE_CLIENT_PAGE=1
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 # Real Keystone, Nova, Neutron, Glance and Placement (idempotent; ~1–2 min from nothing). A
