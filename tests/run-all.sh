@@ -25,7 +25,9 @@ bash tests/openstack/up.sh
 # TigerVNC, Xfce, an sshd binary and the venv of the guacd test double (guacd itself cannot be
 # installed here), and Chromium for the browser test.
 bash tests/browser/setup.sh
-cargo test --workspace --all-targets -- --test-threads=2
+# --include-ignored: the suites that need the OpenStack harness are ignored by a plain
+# `cargo test` (docs/testing.md, "Fast loop"); here every test runs, none is skipped.
+cargo test --workspace --all-targets -- --test-threads=2 --include-ignored
 # The client page's unit tests, the guacd double's own self-test against real sshd and
 # TigerVNC, then Chromium against the real page, web side, sshd and desktop.
 (cd web/guacamole && npm test --silent)
