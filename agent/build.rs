@@ -1,5 +1,7 @@
 //! Embeds the Guacamole client page (`web/guacamole/dist`, built with npm from a lockfile by
-//! `installer/dev/build-web.sh`) so the single exoagent binary can serve it.
+//! `installer/dev/build-web.sh`) so the single exoagent binary can serve it. Without it (a fresh
+//! checkout, no npm) a plain page saying how to build it is embedded instead, so `cargo build`,
+//! `cargo clippy` and `cargo test --lib` need no Node.js; `CLIENT_PAGE_BUILT` says which.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -33,24 +35,43 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
 fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets it"));
     let dist = manifest.join("../web/guacamole/dist");
-    println!("cargo:rerun-if-changed={}", dist.display());
     let index = dist.join("index.html");
-    println!("cargo:rerun-if-changed={}", index.display());
-    if !index.exists() {
-        panic!(
-            "the Guacamole client page is not built ({} is missing): run \
-             `bash installer/dev/build-web.sh` (npm ci + build from the lockfile)",
-            index.display()
-        );
+    let placeholder = manifest.join("src/services/guacamole/client-page-not-built.html");
+    println!("cargo:rerun-if-changed={}", placeholder.display());
+    let built = index.exists();
+    if built {
+        println!("cargo:rerun-if-changed={}", dist.display());
+        println!("cargo:rerun-if-changed={}", index.display());
+    } else {
+        // A path that does not exist would rerun this (and rebuild the crate) on every build;
+        // the folder dist appears in exists, and changes when it does.
+        let web = dist.parent().expect("dist has a parent");
+        println!("cargo:rerun-if-changed={}", web.display());
     }
-    let mut files = Vec::new();
-    walk(&dist, &mut files);
-    files.sort();
-    let mut code = String::from("/// (path under /guacamole/, content type, bytes)\npub static FILES: &[(&str, &str, &[u8])] = &[\n");
-    for file in &files {
-        println!("cargo:rerun-if-changed={}", file.display());
-        let relative = file.strip_prefix(&dist).expect("walked from dist");
-        let name = relative.to_string_lossy().replace('\\', "/");
+    // (path under /guacamole/, file on disk)
+    let files: Vec<(String, PathBuf)> = if built {
+        let mut files = Vec::new();
+        walk(&dist, &mut files);
+        files.sort();
+        files
+            .into_iter()
+            .map(|file| {
+                println!("cargo:rerun-if-changed={}", file.display());
+                let relative = file.strip_prefix(&dist).expect("walked from dist");
+                let name = relative.to_string_lossy().replace('\\', "/");
+                (name, file)
+            })
+            .collect()
+    } else {
+        vec![("index.html".to_owned(), placeholder)]
+    };
+    let mut code = format!(
+        "/// Whether `web/guacamole/dist` was embedded (otherwise only a page saying how to \
+         build it).\npub const CLIENT_PAGE_BUILT: bool = {built};\n\
+         /// (path under /guacamole/, content type, bytes)\n\
+         pub static FILES: &[(&str, &str, &[u8])] = &[\n"
+    );
+    for (name, file) in &files {
         let absolute = file.canonicalize().expect("listed file exists");
         writeln!(
             code,

@@ -17,5 +17,6 @@ pub mod schema;
 pub mod services;
 pub mod state;
 pub mod supervise;
+pub mod text;
 
 pub use agent::{run, AgentOptions, Mode};

@@ -19,9 +19,9 @@ bind = "127.0.0.1"
 port = 8888
 "#;
 
-/// The sandbox's instance identity, shaped like a config drive's `meta_data.json`.
-pub const SANDBOX_META_DATA: &str =
-    include_str!("../../../tests/fixtures/config-drive/openstack/latest/meta_data.json");
+/// The sandbox's instance identity, shaped like a config drive's `meta_data.json` (product
+/// data: the tests' config-drive fixture is their own copy).
+pub const SANDBOX_META_DATA: &str = include_str!("sandbox_meta_data.json");
 
 /// Arguments of `exoagent sandbox`.
 #[derive(Debug, Args)]
@@ -70,4 +70,29 @@ pub async fn run(args: SandboxArgs) -> anyhow::Result<ExitCode> {
     eprintln!("  logs:        exoagent --sandbox-dir {dir} logs jupyterlab");
     eprintln!("  stop all:    exoagent --sandbox-dir {dir} down   (Ctrl-C stops only the agent)");
     super::run::run_agent(Mode::Sandbox, paths).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cloud::ConfigDrive;
+
+    #[test]
+    fn the_seeded_identity_reads_as_a_config_drive() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::sandbox(dir.path());
+        seed(&paths, true).unwrap();
+        let id = ConfigDrive::new(&paths.config_drive).identity().unwrap();
+        assert_eq!(id.uuid, "6d8c2f0e-3b1a-4c55-9f0e-2a7d1c9b4e11");
+        assert_eq!(id.name.as_deref(), Some("sandbox-instance"));
+        assert!(paths.config_file.exists());
+    }
+
+    #[test]
+    fn without_the_fixture_identity_no_drive_is_seeded() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::sandbox(dir.path());
+        seed(&paths, false).unwrap();
+        assert!(!paths.config_drive.exists());
+    }
 }

@@ -6,6 +6,8 @@ use std::process::{ExitStatus, Stdio};
 
 use tokio::io::AsyncWriteExt;
 
+use crate::text;
+
 /// What a finished command left behind.
 #[derive(Debug)]
 pub(crate) struct Finished {
@@ -22,8 +24,7 @@ impl Finished {
         } else {
             &self.stderr
         };
-        let lines: Vec<&str> = source.lines().filter(|l| !l.trim().is_empty()).collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
+        text::last_lines(source, n).join("\n")
     }
 }
 

@@ -1,4 +1,5 @@
-//! The machine underneath: OS detection, the package manager, the instance user, the passphrase.
+//! The machine underneath: OS detection, the package manager, the instance user, the passphrase,
+//! and the process primitives services run with (dropping privileges, signalling process groups).
 //!
 //! Everything here takes its root directory and executables through constructors, so tests run
 //! against a temporary root with the real tools and production uses `/` and the tools by name.
@@ -7,6 +8,8 @@ pub mod gpu;
 pub mod os;
 pub mod packages;
 pub mod passphrase;
+pub mod privileges;
+pub mod process_group;
 pub mod users;
 
 pub(crate) mod exec;

@@ -4,6 +4,7 @@
 use std::process::Stdio;
 
 use super::{ServiceError, ServiceKind};
+use crate::text;
 
 /// How many stderr lines an install failure keeps.
 const TAIL_LINES: usize = 10;
@@ -34,15 +35,9 @@ pub async fn run_logged(service: ServiceKind, argv: &[&str]) -> Result<(), Servi
         detail: format!(
             "'{shown}' failed ({}): {}",
             output.status,
-            tail(&String::from_utf8_lossy(&output.stderr), TAIL_LINES)
+            text::last_lines(&String::from_utf8_lossy(&output.stderr), TAIL_LINES).join(" | ")
         ),
     })
-}
-
-/// The last `n` non-empty lines of `text`, joined with " | ".
-pub fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    lines[lines.len().saturating_sub(n)..].join(" | ")
 }
 
 #[cfg(test)]

@@ -28,7 +28,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use nix::errno::Errno;
-use nix::sys::signal::{kill, killpg, Signal};
+use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -40,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 pub use probe::{Probe, ProbeError};
 
 use crate::model::ServiceKind;
+use crate::platform::process_group;
 use crate::state::{now_ms, Reason, ServiceState, ServiceUpdate, StateHub};
 use records::{ExitRecord, RunRecord};
 use shim::{ShimHello, ShimSpec};
@@ -254,17 +255,16 @@ async fn poll_until_dead(pid: u32, ticks: u64) {
 }
 
 fn signal_group(pgid: i32, signal: Signal) -> Result<(), SuperviseError> {
-    if pgid <= 1 {
-        // Never signal "every process" or init's group, whatever a record says.
-        return Ok(());
-    }
-    match killpg(Pid::from_raw(pgid), signal) {
-        Ok(()) | Err(Errno::ESRCH) => Ok(()),
-        Err(source) => Err(SuperviseError::Signal {
-            pgid,
-            signal: signal.as_str(),
-            source,
-        }),
+    process_group::signal(Pid::from_raw(pgid), signal).map_err(SuperviseError::from)
+}
+
+impl From<process_group::SignalError> for SuperviseError {
+    fn from(e: process_group::SignalError) -> Self {
+        Self::Signal {
+            pgid: e.pgid.as_raw(),
+            signal: e.signal.as_str(),
+            source: e.source,
+        }
     }
 }
 
@@ -275,11 +275,10 @@ async fn terminate(
     handle: &mut ShimHandle,
     grace: Duration,
 ) -> Result<(), SuperviseError> {
-    signal_group(pgid, Signal::SIGTERM)?;
-    if tokio::time::timeout(grace, handle.wait()).await.is_ok() {
+    let stopped = process_group::terminate(Pid::from_raw(pgid), grace, handle.wait()).await?;
+    if stopped == process_group::Stopped::Terminated {
         return Ok(());
     }
-    signal_group(pgid, Signal::SIGKILL)?;
     if tokio::time::timeout(FINAL_WAIT, handle.wait())
         .await
         .is_ok()

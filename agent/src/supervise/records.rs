@@ -2,13 +2,12 @@
 //! service is spawned) and `exit.json` (written by the shim once it has ended), both replaced
 //! atomically, plus the stable spec hash that decides whether a running service can be adopted.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use super::SuperviseError;
+use crate::fsutil;
 
 /// File name of the run record inside a run directory.
 pub const RUN_FILE: &str = "run.json";
@@ -107,45 +106,18 @@ pub fn fnv1a64(bytes: &[u8]) -> u64 {
         .fold(OFFSET, |hash, b| (hash ^ u64::from(*b)).wrapping_mul(PRIME))
 }
 
-/// Write `bytes` to `path` atomically: a temporary file in the same directory (mode 0600),
-/// flushed to disk, then renamed over `path`.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), SuperviseError> {
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{file_name}.tmp.{}", std::process::id()));
-    let io = |action: &'static str, p: &Path| {
-        let p = p.to_path_buf();
-        move |source| SuperviseError::Io {
-            action,
-            path: p,
-            source,
-        }
-    };
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io("create", &tmp))?;
-    file.write_all(bytes).map_err(io("write", &tmp))?;
-    file.sync_all().map_err(io("sync", &tmp))?;
-    drop(file);
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        io("rename into", path)(e)
-    })
-}
-
 /// Write a record as JSON, atomically.
 pub fn write_record<T: Serialize>(path: &Path, record: &T) -> Result<(), SuperviseError> {
     let bytes = serde_json::to_vec(record).map_err(|source| SuperviseError::Record {
         path: path.to_path_buf(),
         source,
     })?;
-    write_atomic(path, &bytes)
+    // Private: records name pids and spec hashes, nothing anyone else needs.
+    fsutil::write_atomic(path, &bytes, 0o600, None).map_err(|source| SuperviseError::Io {
+        action: "write",
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Read a record; `Ok(None)` when the file does not exist.

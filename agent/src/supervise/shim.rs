@@ -7,7 +7,6 @@
 //! Protocol: the agent writes one JSON [`ShimSpec`] to the shim's stdin and closes it; the shim
 //! answers one line on stdout, [`ShimHello`], then stops using stdout and stderr.
 
-use std::ffi::CString;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
@@ -18,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::sys::signal::{killpg, Signal};
+use nix::sys::signal::Signal;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{Gid, Pid, Uid};
 use serde::{Deserialize, Serialize};
@@ -26,6 +25,8 @@ use serde::{Deserialize, Serialize};
 use super::logfile::{RotatingLog, StderrTail};
 use super::records::{self, ExitRecord, RunRecord};
 use super::{procfs, RunSpec};
+use crate::platform::privileges::{DropTo, PrivilegeError};
+use crate::platform::process_group;
 use crate::state::now_ms;
 
 /// How long the shim waits for the rest of the process group after SIGTERM before SIGKILL.
@@ -118,15 +119,8 @@ fn redirect_to_null(fds: &[i32]) {
     }
 }
 
-/// Supplementary groups, gid and uid to switch to, computed before forking (the lookups are not
-/// async-signal-safe).
-struct Identity {
-    groups: Vec<libc::gid_t>,
-    gid: libc::gid_t,
-    uid: libc::uid_t,
-}
-
-fn identity(spec: &RunSpec) -> Result<Option<Identity>, String> {
+/// The identity to switch the service to, if any (`None` when the shim already runs as it).
+fn identity(spec: &RunSpec) -> Result<Option<DropTo>, String> {
     let Some(run_as) = spec.run_as else {
         return Ok(None);
     };
@@ -139,22 +133,22 @@ fn identity(spec: &RunSpec) -> Result<Option<Identity>, String> {
             run_as.uid, run_as.gid
         ));
     }
-    let gid = Gid::from_raw(run_as.gid);
-    let groups = match nix::unistd::User::from_uid(Uid::from_raw(run_as.uid)) {
-        Ok(Some(user)) => {
-            let name = CString::new(user.name.clone())
-                .map_err(|_| format!("user name of uid {} contains NUL", run_as.uid))?;
-            nix::unistd::getgrouplist(&name, gid)
-                .map_err(|e| format!("failed to list the groups of '{}': {e}", user.name))?
-        }
-        Ok(None) => vec![gid],
-        Err(e) => return Err(format!("failed to look up uid {}: {e}", run_as.uid)),
-    };
-    Ok(Some(Identity {
-        groups: groups.into_iter().map(Gid::as_raw).collect(),
-        gid: run_as.gid,
-        uid: run_as.uid,
-    }))
+    match nix::unistd::User::from_uid(Uid::from_raw(run_as.uid)) {
+        Ok(Some(user)) => DropTo::with_groups_of(&user.name, run_as.uid, run_as.gid)
+            .map(Some)
+            .map_err(|e| match e {
+                PrivilegeError::NulInName { .. } => {
+                    format!("user name of uid {} contains NUL", run_as.uid)
+                }
+                PrivilegeError::Groups { name, source } => {
+                    format!("failed to list the groups of '{name}': {source}")
+                }
+            }),
+        Ok(None) => Ok(Some(DropTo::without_supplementary_groups(
+            run_as.uid, run_as.gid,
+        ))),
+        Err(e) => Err(format!("failed to look up uid {}: {e}", run_as.uid)),
+    }
 }
 
 fn spawn_service(spec: &RunSpec) -> Result<Child, String> {
@@ -181,15 +175,10 @@ fn spawn_service(spec: &RunSpec) -> Result<Child, String> {
             // Dispositions the shim ignores must not leak into the service.
             libc::signal(libc::SIGHUP, libc::SIG_DFL);
             libc::signal(libc::SIGINT, libc::SIG_DFL);
-            if let Some(id) = &identity {
-                if libc::setgroups(id.groups.len() as _, id.groups.as_ptr()) != 0
-                    || libc::setgid(id.gid) != 0
-                    || libc::setuid(id.uid) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
+            match &identity {
+                Some(identity) => identity.apply(),
+                None => Ok(()),
             }
-            Ok(())
         });
     }
     command
@@ -271,25 +260,20 @@ fn wait_main(main: Pid) -> Result<WaitStatus, Errno> {
     }
 }
 
-/// Whether any process is left in the group.
-fn group_exists(pgid: Pid) -> bool {
-    !matches!(killpg(pgid, None), Err(Errno::ESRCH))
-}
-
 /// SIGTERM the group, wait up to [`GROUP_TERM_GRACE`] for it to empty (reaping), then SIGKILL.
 fn clean_up_group(pgid: Pid, main: Pid) {
-    let _ = killpg(pgid, Signal::SIGTERM);
+    let _ = process_group::signal(pgid, Signal::SIGTERM);
     let deadline = Instant::now() + GROUP_TERM_GRACE;
     let mut killed = false;
     let kill_deadline = deadline + Duration::from_secs(2);
     loop {
         reap_ready(main);
-        if !group_exists(pgid) {
+        if !process_group::exists(pgid) {
             return;
         }
         let now = Instant::now();
         if !killed && now >= deadline {
-            let _ = killpg(pgid, Signal::SIGKILL);
+            let _ = process_group::signal(pgid, Signal::SIGKILL);
             killed = true;
         }
         if killed && now >= kill_deadline {
@@ -340,7 +324,7 @@ fn run(spec: &ShimSpec) -> Result<(), String> {
         started_ms,
     };
     if let Err(e) = records::write_record(&run_path, &record) {
-        let _ = killpg(main, Signal::SIGKILL);
+        let _ = process_group::signal(main, Signal::SIGKILL);
         let _ = wait_main(main);
         return Err(e.to_string());
     }

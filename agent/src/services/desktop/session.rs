@@ -14,7 +14,6 @@
 //! command lines are unit-tested only (no vendor repositories and no GPU in the test
 //! environment).
 
-use std::ffi::CString;
 use std::fmt;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -23,14 +22,15 @@ use std::process::{ExitStatus, Stdio};
 use std::str::FromStr;
 use std::time::Duration;
 
-use nix::errno::Errno;
-use nix::sys::signal::{killpg, Signal};
-use nix::unistd::{Gid, Pid};
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::vnc::DesktopError;
+use crate::platform::privileges::{DropTo, PrivilegeError};
+use crate::platform::process_group;
 use crate::supervise::procfs;
 
 /// How long the server gets to accept connections on its RFB port (TigerVNC takes 0.3–0.5 s).
@@ -431,7 +431,7 @@ pub async fn run(spec: &SessionSpec, shutdown: CancellationToken) -> Result<(), 
     if accepts_connection(addr).await {
         return Err(DesktopError::PortInUse { addr });
     }
-    let identity = Identity::for_user(&spec.user)?;
+    let identity = identity_for(&spec.user)?;
     let cwd = spec.working_dir();
     let pair = Pair {
         server: Launch {
@@ -514,43 +514,30 @@ async fn accepts_connection(addr: SocketAddr) -> bool {
     )
 }
 
-/// Supplementary groups, gid and uid to switch to, computed before forking (the lookups are not
-/// async-signal-safe).
-#[derive(Debug, Clone)]
-struct Identity {
-    groups: Vec<libc::gid_t>,
-    gid: libc::gid_t,
-    uid: libc::uid_t,
-}
-
-impl Identity {
-    /// `None` when this process already runs as `user`; otherwise it must be root.
-    fn for_user(user: &DesktopUser) -> Result<Option<Self>, DesktopError> {
-        let euid = nix::unistd::geteuid();
-        if euid.as_raw() == user.uid {
-            return Ok(None);
-        }
-        let switch_err = |detail: String| DesktopError::SwitchUser {
-            user: user.name.clone(),
-            uid: user.uid,
-            detail,
-        };
-        if !euid.is_root() {
-            return Err(switch_err(format!(
-                "this process runs as uid {euid}, not as the user nor as root"
-            )));
-        }
-        let name = CString::new(user.name.clone())
-            .map_err(|_| switch_err("the user name contains NUL".to_owned()))?;
-        let gid = Gid::from_raw(user.gid);
-        let groups = nix::unistd::getgrouplist(&name, gid)
-            .map_err(|e| switch_err(format!("failed to list the user's groups: {e}")))?;
-        Ok(Some(Self {
-            groups: groups.into_iter().map(Gid::as_raw).collect(),
-            gid: user.gid,
-            uid: user.uid,
-        }))
+/// The identity to switch the pair to: `None` when this process already runs as `user`;
+/// otherwise it must be root.
+fn identity_for(user: &DesktopUser) -> Result<Option<DropTo>, DesktopError> {
+    let euid = nix::unistd::geteuid();
+    if euid.as_raw() == user.uid {
+        return Ok(None);
     }
+    let switch_err = |detail: String| DesktopError::SwitchUser {
+        user: user.name.clone(),
+        uid: user.uid,
+        detail,
+    };
+    if !euid.is_root() {
+        return Err(switch_err(format!(
+            "this process runs as uid {euid}, not as the user nor as root"
+        )));
+    }
+    let identity = DropTo::with_groups_of(&user.name, user.uid, user.gid).map_err(|e| match e {
+        PrivilegeError::NulInName { .. } => switch_err("the user name contains NUL".to_owned()),
+        PrivilegeError::Groups { source, .. } => {
+            switch_err(format!("failed to list the user's groups: {source}"))
+        }
+    })?;
+    Ok(Some(identity))
 }
 
 /// One half of the pair, before it is started.
@@ -570,7 +557,7 @@ impl Launch {
 
     /// Start it in its own process group with exactly `env`, stdin from /dev/null and the
     /// output inherited (the shim logs it).
-    fn spawn(&self, identity: Option<&Identity>) -> Result<Member, DesktopError> {
+    fn spawn(&self, identity: Option<&DropTo>) -> Result<Member, DesktopError> {
         let spawn_err = |source| DesktopError::Spawn {
             role: self.role,
             program: self.shown(),
@@ -603,13 +590,8 @@ impl Launch {
                 for signal in [libc::SIGHUP, libc::SIGINT, libc::SIGQUIT, libc::SIGTERM] {
                     libc::signal(signal, libc::SIG_DFL);
                 }
-                if let Some(id) = &identity {
-                    if libc::setgroups(id.groups.len() as _, id.groups.as_ptr()) != 0
-                        || libc::setgid(id.gid) != 0
-                        || libc::setuid(id.uid) != 0
-                    {
-                        return Err(io::Error::last_os_error());
-                    }
+                if let Some(identity) = &identity {
+                    identity.apply()?;
                 }
                 // After the credential change, which clears the parent-death signal: if this
                 // process is SIGKILLed, the pair still goes down instead of holding the display
@@ -668,32 +650,38 @@ impl Member {
         if self.stopped {
             return;
         }
-        signal_group(self.pgid, Signal::SIGTERM);
         let asked = Instant::now();
-        let deadline = asked + grace;
-        loop {
-            let leader_done = !matches!(self.child.try_wait(), Ok(None));
-            if leader_done && !group_has_live_members(self.pgid) {
+        let (child, pgid) = (&mut self.child, self.pgid);
+        let gone = async {
+            loop {
+                let leader_done = !matches!(child.try_wait(), Ok(None));
+                if leader_done && !group_has_live_members(pgid) {
+                    return;
+                }
+                tokio::time::sleep(POLL).await;
+            }
+        };
+        match process_group::terminate(pgid, grace, gone).await {
+            Ok(process_group::Stopped::Terminated) => {
                 tracing::debug!(
                     target: "exoagent::desktop",
                     role = %self.role,
                     elapsed_ms = asked.elapsed().as_millis() as u64,
                     "stopped"
                 );
-                break;
             }
-            if Instant::now() >= deadline {
+            Ok(process_group::Stopped::Killed) => {
                 tracing::warn!(
                     target: "exoagent::desktop",
                     role = %self.role,
                     pgid = self.pgid.as_raw(),
                     "still running after SIGTERM; sending SIGKILL"
                 );
-                signal_group(self.pgid, Signal::SIGKILL);
                 let _ = tokio::time::timeout(KILL_WAIT, self.child.wait()).await;
-                break;
             }
-            tokio::time::sleep(POLL).await;
+            // ESRCH (the group is gone) is success already; EPERM cannot happen for our own
+            // children.
+            Err(_) => {}
         }
         self.stopped = true;
     }
@@ -704,23 +692,16 @@ impl Drop for Member {
     /// server or a desktop behind.
     fn drop(&mut self) {
         if !self.stopped {
-            signal_group(self.pgid, Signal::SIGKILL);
+            // ESRCH (the group is gone) is the goal; EPERM cannot happen for our own children.
+            let _ = process_group::signal(self.pgid, Signal::SIGKILL);
         }
-    }
-}
-
-fn signal_group(pgid: Pid, signal: Signal) {
-    // Never "every process" or init's group.
-    if pgid.as_raw() > 1 {
-        // ESRCH (the group is gone) is the goal; EPERM cannot happen for our own children.
-        let _ = killpg(pgid, signal);
     }
 }
 
 /// Whether any process of group `pgid` is still running. Zombies do not count: the session's
 /// orphans are reaped by the shim (a subreaper) or init, not by us, and may linger unreaped.
 fn group_has_live_members(pgid: Pid) -> bool {
-    if matches!(killpg(pgid, None), Err(Errno::ESRCH)) {
+    if !process_group::exists(pgid) {
         return false;
     }
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -742,7 +723,7 @@ struct Pair {
     rfb_addr: SocketAddr,
     ready_timeout: Duration,
     stop_grace: Duration,
-    identity: Option<Identity>,
+    identity: Option<DropTo>,
 }
 
 impl Pair {

@@ -473,6 +473,23 @@ impl Drop for TunnelSlot<'_> {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn the_embedded_page_is_served_uncached() {
+        // Whichever page build.rs embedded: the client, or the one saying how to build it.
+        let response = index().await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let headers = response.headers();
+        assert!(headers[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html"));
+        assert_eq!(headers[header::CACHE_CONTROL], "no-store");
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        assert_eq!(&body[..], assets::find("index.html").unwrap().1);
+    }
+
     #[test]
     fn tunnel_query_is_read_like_the_stock_app_sends_it() {
         let r = tunnel_request(Some(
