@@ -132,8 +132,11 @@ fn the_module_graph_has_no_cycle() {
 fn the_vocabulary_is_a_leaf_and_services_sit_below_config() {
     let graph = graph();
     assert_eq!(graph["model"], BTreeSet::new(), "model imports nothing");
-    let schema: Vec<&str> = graph["schema"].iter().map(String::as_str).collect();
-    assert_eq!(schema, ["model"], "the key walk knows no section");
+    assert!(
+        graph["schema"].iter().all(|m| m == "model"),
+        "the key walk knows no section: {:?}",
+        graph["schema"]
+    );
     for lower in ["model", "schema", "platform", "supervise", "services", "state"] {
         assert!(
             !graph[lower].contains("config"),
