@@ -8,52 +8,52 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-/// Every service exoagent knows by name. Only some are implemented in this version (see
-/// `services::implemented`); the others are refused by name when enabled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ServiceKind {
-    /// JupyterLab in a virtual environment, on port 8888.
-    #[serde(rename = "jupyterlab")]
-    JupyterLab,
-    /// RStudio Server, on port 8787.
-    #[serde(rename = "rstudio")]
-    RStudio,
-    /// A VNC desktop on display :1.
-    Desktop,
-    /// guacd plus the web side served by the agent, on port 49528.
-    Guacamole,
+/// Declares [`ServiceKind`] from one line per service: variant, stable name, default port, and
+/// what it is. The name is used in config, tags, the API and log file names.
+macro_rules! service_kinds {
+    ($($(#[doc = $doc:literal])* $variant:ident = $name:literal, port $port:literal;)*) => {
+        /// Every service exoagent knows by name. Only some are implemented in this version (see
+        /// `services::implemented`); the others are refused by name when enabled.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        pub enum ServiceKind {
+            $(
+                $(#[doc = $doc])*
+                #[serde(rename = $name)]
+                $variant,
+            )*
+        }
+
+        impl ServiceKind {
+            /// All kinds, in report order.
+            pub const ALL: [ServiceKind; [$($name),*].len()] = [$(ServiceKind::$variant),*];
+
+            /// The stable lowercase name used in config, tags, the API and log file names.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $name,)*
+                }
+            }
+
+            /// The port the service answers on when its `port` key is not set (DESIGN §4.5:
+            /// what Exosphere builds its links from).
+            pub fn default_port(self) -> u16 {
+                match self {
+                    $(Self::$variant => $port,)*
+                }
+            }
+        }
+    };
 }
 
-impl ServiceKind {
-    /// All kinds, in report order.
-    pub const ALL: [ServiceKind; 4] = [
-        ServiceKind::JupyterLab,
-        ServiceKind::RStudio,
-        ServiceKind::Desktop,
-        ServiceKind::Guacamole,
-    ];
-
-    /// The stable lowercase name used in config, tags, the API and log file names.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::JupyterLab => "jupyterlab",
-            Self::RStudio => "rstudio",
-            Self::Desktop => "desktop",
-            Self::Guacamole => "guacamole",
-        }
-    }
-
-    /// The port the service answers on when its `port` key is not set (DESIGN §4.5: what
-    /// Exosphere builds its links from).
-    pub fn default_port(self) -> u16 {
-        match self {
-            Self::JupyterLab => 8888,
-            Self::RStudio => 8787,
-            Self::Desktop => 5901,
-            Self::Guacamole => 49528,
-        }
-    }
+service_kinds! {
+    /// JupyterLab in a virtual environment.
+    JupyterLab = "jupyterlab", port 8888;
+    /// RStudio Server.
+    RStudio = "rstudio", port 8787;
+    /// A VNC desktop on display :1.
+    Desktop = "desktop", port 5901;
+    /// guacd plus the web side served by the agent.
+    Guacamole = "guacamole", port 49528;
 }
 
 impl fmt::Display for ServiceKind {
@@ -64,8 +64,13 @@ impl fmt::Display for ServiceKind {
 
 /// A service name that is not one of [`ServiceKind::ALL`].
 #[derive(Debug, thiserror::Error)]
-#[error("unknown service '{0}' (known: jupyterlab, rstudio, desktop, guacamole)")]
+#[error("unknown service '{0}' (known: {known})", known = known_names())]
 pub struct UnknownService(pub String);
+
+fn known_names() -> String {
+    let names: Vec<&str> = ServiceKind::ALL.iter().map(|k| k.as_str()).collect();
+    names.join(", ")
+}
 
 impl FromStr for ServiceKind {
     type Err = UnknownService;

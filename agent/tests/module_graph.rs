@@ -137,7 +137,14 @@ fn the_vocabulary_is_a_leaf_and_services_sit_below_config() {
         "the key walk knows no section: {:?}",
         graph["schema"]
     );
-    for lower in ["model", "schema", "platform", "supervise", "services", "state"] {
+    for lower in [
+        "model",
+        "schema",
+        "platform",
+        "supervise",
+        "services",
+        "state",
+    ] {
         assert!(
             !graph[lower].contains("config"),
             "{lower} must not import config: {:?}",
