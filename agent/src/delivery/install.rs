@@ -16,8 +16,8 @@ pub const UNIT_PATH: &str = "etc/systemd/system/exoagent.service";
 pub const TMPFILES_PATH: &str = "etc/tmpfiles.d/exoagent.conf";
 /// The enablement link's path below the root.
 pub const WANTS_LINK: &str = "etc/systemd/system/multi-user.target.wants/exoagent.service";
-/// Where packages and baked images put the binary.
-pub const INSTALLED_EXE: &str = "/usr/bin/exoagent";
+/// Where packages and baked images put the binary (owned by the layout).
+pub use crate::paths::INSTALLED_EXE;
 const SHIPPED_EXEC: &str = "ExecStart=/usr/bin/exoagent run";
 
 /// Why installing failed.
