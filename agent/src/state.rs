@@ -150,6 +150,39 @@ pub enum SetupPhase {
     Supervising,
 }
 
+/// A machine-wide setup step that can fail on its own, outside any one service; its name is
+/// the `step` of an error status (console line, `exoSetup`/`exoAgent`, the status API).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SetupStep {
+    /// Loading and validating the configuration.
+    Config,
+    /// Detecting a supported OS.
+    Os,
+    /// Reading the instance identity.
+    Identity,
+    /// Anything else that stops the agent before setup starts.
+    Agent,
+    /// The instance user and its passphrase.
+    User,
+    /// The batched system package transaction.
+    Packages,
+}
+
+impl SetupStep {
+    /// The stable name reported as `step`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Config => "config",
+            Self::Os => "os",
+            Self::Identity => "identity",
+            Self::Agent => "agent",
+            Self::User => "user",
+            Self::Packages => "packages",
+        }
+    }
+}
+
 /// The overall setup status with its failing step, if any.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SetupStatus {
@@ -225,7 +258,7 @@ pub struct NovaReporting {
 #[derive(Debug)]
 struct Model {
     phase: SetupPhase,
-    step_failure: Option<(String, Reason)>,
+    step_failure: Option<(SetupStep, Reason)>,
     services: BTreeMap<ServiceKind, ServiceStatus>,
     setup: SetupStatus,
     nova: Option<NovaReporting>,
@@ -235,7 +268,11 @@ struct Model {
 impl Model {
     fn derive_setup(&self) -> (SetupState, Option<String>, Option<Reason>) {
         if let Some((step, reason)) = &self.step_failure {
-            return (SetupState::Error, Some(step.clone()), Some(reason.clone()));
+            return (
+                SetupState::Error,
+                Some(step.as_str().to_owned()),
+                Some(reason.clone()),
+            );
         }
         if let Some(failed) = self
             .services
@@ -415,8 +452,8 @@ impl StateHub {
     }
 
     /// Record that a machine-wide step (`user`, `packages`, ...) failed.
-    pub fn fail_step(&self, step: &str, reason: Reason) {
-        self.with_model(|m| m.step_failure = Some((step.to_owned(), reason)));
+    pub fn fail_step(&self, step: SetupStep, reason: Reason) {
+        self.with_model(|m| m.step_failure = Some((step, reason)));
     }
 
     /// Move a service to `next`, refusing transitions the state machine does not allow.
@@ -531,9 +568,27 @@ mod tests {
     fn step_failure_wins() {
         let hub = hub();
         hub.set_phase(SetupPhase::Provisioning);
-        hub.fail_step("packages", Reason::new("package-install-failed", "apt-get"));
+        hub.fail_step(
+            SetupStep::Packages,
+            Reason::new("package-install-failed", "apt-get"),
+        );
         let setup = hub.snapshot().setup;
         assert_eq!(setup.state, SetupState::Error);
         assert_eq!(setup.step.as_deref(), Some("packages"));
+    }
+
+    #[test]
+    fn setup_steps_serialise_to_their_published_names() {
+        for step in [
+            SetupStep::Config,
+            SetupStep::Os,
+            SetupStep::Identity,
+            SetupStep::Agent,
+            SetupStep::User,
+            SetupStep::Packages,
+        ] {
+            let json = serde_json::to_value(step).unwrap();
+            assert_eq!(json, step.as_str());
+        }
     }
 }

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use crate::config::ConfigErrors;
 use crate::paths::Paths;
 use crate::platform::os;
+use crate::state::SetupStep;
 use crate::supervise::ShimCommand;
 
 mod plan;
@@ -92,6 +93,16 @@ impl AgentError {
         }
     }
 
+    /// The step reported as failed when the agent stops before setup starts.
+    pub fn failed_step(&self) -> SetupStep {
+        match self {
+            Self::Config(_) => SetupStep::Config,
+            Self::Os(_) => SetupStep::Os,
+            Self::Identity(_) => SetupStep::Identity,
+            Self::NotRoot | Self::Api(_) | Self::Account(_) | Self::Io { .. } => SetupStep::Agent,
+        }
+    }
+
     /// The exit status of `exoagent run` / `sandbox` (docs/contracts.md). No catch-all arm: a
     /// new variant needs a deliberate code.
     pub fn exit_code(&self) -> u8 {
@@ -156,5 +167,7 @@ mod tests {
             source: std::io::Error::other("boom"),
         };
         assert_eq!(io.exit_code(), 1);
+        assert_eq!(io.failed_step(), SetupStep::Agent);
+        assert_eq!(AgentError::NotRoot.failed_step().as_str(), "agent");
     }
 }

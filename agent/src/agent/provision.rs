@@ -18,7 +18,7 @@ use crate::platform::passphrase::{self, Passphrase};
 use crate::platform::users::UserManager;
 use crate::report::nova::{NovaReporter, Pacing};
 use crate::services::Account;
-use crate::state::{NovaReporting, Reason, StateHub};
+use crate::state::{NovaReporting, Reason, SetupStep, StateHub};
 
 use super::{AgentError, Mode, Plan};
 
@@ -107,7 +107,7 @@ pub(super) async fn install_packages(plan: &Plan, hub: &StateHub) -> bool {
         Ok(_) => true,
         Err(e) => {
             tracing::error!(target: "exoagent::agent", error = %e, "package installation failed");
-            hub.fail_step("packages", Reason::new(e.reason(), e.to_string()));
+            hub.fail_step(SetupStep::Packages, Reason::new(e.reason(), e.to_string()));
             false
         }
     }

@@ -19,7 +19,9 @@ use crate::report::console::{ConsoleReporter, ConsoleSink};
 use crate::report::load::LoadSampler;
 use crate::report::notify::{run_status_notifier, SdNotify};
 use crate::services::{Service, ServiceContext};
-use crate::state::{InstanceStatus, Reason, ServiceState, ServiceUpdate, SetupPhase, StateHub};
+use crate::state::{
+    InstanceStatus, Reason, ServiceState, ServiceUpdate, SetupPhase, SetupStep, StateHub,
+};
 use crate::supervise::{ServicePaths, ShimCommand, Supervisor};
 
 use super::provision::{
@@ -100,7 +102,7 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
                 hub.set_phase(SetupPhase::Supervising);
             }
         }
-        Err(reason) => hub.fail_step("user", reason),
+        Err(reason) => hub.fail_step(SetupStep::User, reason),
     }
 
     cancel.cancelled().await;

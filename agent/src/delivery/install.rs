@@ -44,6 +44,15 @@ impl InstallError {
             Self::Write { .. } => "install-write-failed",
         }
     }
+
+    /// The exit status of `exoagent install`: 2 for a bad `--exec` (a usage error), 1 when
+    /// writing failed. No catch-all arm: a new variant needs a deliberate code.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::BadExec(_) => 2,
+            Self::Write { .. } => 1,
+        }
+    }
 }
 
 /// The unit text with `ExecStart` pointing at `exec`.
@@ -126,6 +135,7 @@ mod tests {
         for bad in ["exoagent", "/opt/my agent/exoagent"] {
             let err = install(root.path(), Path::new(bad), false).unwrap_err();
             assert_eq!(err.reason(), "install-bad-exec");
+            assert_eq!(err.exit_code(), 2, "a usage error");
         }
         assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 0);
     }
