@@ -213,23 +213,52 @@ pub struct Snapshot {
     pub instance: Option<InstanceStatus>,
 }
 
+/// Where the agent learnt which instance it runs on (`instance.source` in the status API).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InstanceSource {
+    /// `openstack/latest/meta_data.json` on the config drive.
+    ConfigDrive,
+    /// The metadata service.
+    MetadataService,
+    /// Neither: the agent runs without an instance identity.
+    LocalOnly,
+}
+
+impl InstanceSource {
+    /// The stable name used in the status API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ConfigDrive => "config-drive",
+            Self::MetadataService => "metadata-service",
+            Self::LocalOnly => "local-only",
+        }
+    }
+}
+
+impl std::fmt::Display for InstanceSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Which instance the agent runs on, and where it learnt that.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstanceStatus {
     /// The server UUID; absent when running local-only.
     pub uuid: Option<String>,
-    /// `config-drive`, `metadata-service`, or `local-only`.
-    pub source: String,
+    /// Where the identity came from, or `local-only`.
+    pub source: InstanceSource,
     /// Why the agent runs local-only.
     pub detail: Option<String>,
 }
 
 impl InstanceStatus {
-    /// Server `uuid`, learnt from `source` (`config-drive` or `metadata-service`).
-    pub fn found(uuid: &str, source: &str) -> Self {
+    /// Server `uuid`, learnt from `source` (the config drive or the metadata service).
+    pub fn found(uuid: &str, source: InstanceSource) -> Self {
         Self {
             uuid: Some(uuid.to_owned()),
-            source: source.to_owned(),
+            source,
             detail: None,
         }
     }
@@ -238,18 +267,46 @@ impl InstanceStatus {
     pub fn local_only(why: String) -> Self {
         Self {
             uuid: None,
-            source: "local-only".to_owned(),
+            source: InstanceSource::LocalOnly,
             detail: Some(why),
         }
+    }
+}
+
+/// How reporting to Nova goes (`nova.state` in the status API).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NovaReportingState {
+    /// Nova shows the current state.
+    Ok,
+    /// Writing, or retrying after a transient failure.
+    Pending,
+    /// A problem retrying cannot fix, such as a refused credential.
+    Failed,
+}
+
+impl NovaReportingState {
+    /// The stable name used in the status API and `exoagent status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Pending => "pending",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for NovaReportingState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
 /// The state of reporting to Nova, for the instance owner (`exoagent status`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NovaReporting {
-    /// `ok` (Nova shows the current state), `pending` (writing or retrying), or `failed`
-    /// (a problem retrying cannot fix, such as a refused credential).
-    pub state: String,
+    /// Whether Nova shows the current state.
+    pub state: NovaReportingState,
     /// Why, when not `ok`.
     pub reason: Option<Reason>,
 }
@@ -590,5 +647,34 @@ mod tests {
             let json = serde_json::to_value(step).unwrap();
             assert_eq!(json, step.as_str());
         }
+    }
+
+    #[test]
+    fn published_enums_serialise_to_their_documented_names() {
+        for (source, name) in [
+            (InstanceSource::ConfigDrive, "config-drive"),
+            (InstanceSource::MetadataService, "metadata-service"),
+            (InstanceSource::LocalOnly, "local-only"),
+        ] {
+            assert_eq!(serde_json::to_value(source).unwrap(), name);
+            assert_eq!(source.as_str(), name);
+            assert_eq!(
+                serde_json::from_value::<InstanceSource>(name.into()).unwrap(),
+                source
+            );
+        }
+        for (state, name) in [
+            (NovaReportingState::Ok, "ok"),
+            (NovaReportingState::Pending, "pending"),
+            (NovaReportingState::Failed, "failed"),
+        ] {
+            assert_eq!(serde_json::to_value(state).unwrap(), name);
+            assert_eq!(state.to_string(), name);
+        }
+        let instance = InstanceStatus::found("u", InstanceSource::MetadataService);
+        assert_eq!(
+            serde_json::to_string(&instance).unwrap(),
+            r#"{"uuid":"u","source":"metadata-service","detail":null}"#
+        );
     }
 }

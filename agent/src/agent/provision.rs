@@ -18,7 +18,7 @@ use crate::platform::passphrase::{self, Passphrase};
 use crate::platform::users::UserManager;
 use crate::report::nova::{NovaReporter, Pacing};
 use crate::services::Account;
-use crate::state::{NovaReporting, Reason, SetupStep, StateHub};
+use crate::state::{NovaReporting, NovaReportingState, Reason, SetupStep, StateHub};
 
 use super::{AgentError, Mode, Plan};
 
@@ -173,7 +173,7 @@ pub(super) fn nova_reporter(plan: &Plan, hub: &StateHub) -> Option<NovaReporter>
     let failed = |code: &str, detail: String| {
         tracing::error!(target: "exoagent::agent", reason = code, "not reporting to Nova: {detail}");
         hub.set_nova_reporting(NovaReporting {
-            state: "failed".into(),
+            state: NovaReportingState::Failed,
             reason: Some(Reason::new(code, detail)),
         });
         None
@@ -351,7 +351,7 @@ mod tests {
         let hub = StateHub::new([]);
         assert!(nova_reporter(&plan, &hub).is_none());
         let nova = hub.snapshot().nova.unwrap();
-        assert_eq!(nova.state, "failed");
+        assert_eq!(nova.state, NovaReportingState::Failed);
         assert_eq!(nova.reason.unwrap().code, "identity-unknown");
     }
 }

@@ -201,7 +201,7 @@ async fn resolve_identity(
     let (instance, source) = match discovery {
         Discovery::Found(identity, source) => {
             tracing::info!(target: "exoagent::agent", uuid = %identity.uuid, source = source.as_str(), "instance identity");
-            let status = InstanceStatus::found(&identity.uuid, source.code());
+            let status = InstanceStatus::found(&identity.uuid, source.into());
             plan.identity = Some(identity);
             (status, Some(source))
         }
@@ -315,6 +315,7 @@ fn remove_socket(socket: &Path) {
 mod tests {
     use super::*;
     use crate::agent::fixtures;
+    use crate::state::InstanceSource;
 
     fn options(paths: Paths) -> AgentOptions {
         AgentOptions {
@@ -374,7 +375,7 @@ mod tests {
         assert_eq!(plan.identity.as_ref().unwrap().uuid, fixtures::FIXTURE_UUID);
         let instance = hub.snapshot().instance.unwrap();
         assert_eq!(instance.uuid.as_deref(), Some(fixtures::FIXTURE_UUID));
-        assert_eq!(instance.source, "config-drive");
+        assert_eq!(instance.source, InstanceSource::ConfigDrive);
     }
 
     #[tokio::test]
@@ -386,6 +387,6 @@ mod tests {
         assert_eq!(source, None);
         let instance = hub.snapshot().instance.unwrap();
         assert_eq!(instance.uuid, None);
-        assert_eq!(instance.source, "local-only");
+        assert_eq!(instance.source, InstanceSource::LocalOnly);
     }
 }
