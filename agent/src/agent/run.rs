@@ -13,6 +13,7 @@ use crate::cloud::discover::IdentitySource;
 use crate::cloud::drive::DriveFinder;
 use crate::cloud::{discover_identity, ConfigDrive, Discovery, MetadataService};
 use crate::fsutil;
+use crate::model::ServiceKind;
 use crate::paths::Paths;
 use crate::platform::passphrase::Passphrase;
 use crate::report::console::{ConsoleReporter, ConsoleSink};
@@ -256,7 +257,12 @@ async fn start_service(
     cancel: CancellationToken,
 ) -> Option<SupervisorTask> {
     let kind = service.kind();
-    let _ = hub.transition(kind, ServiceState::Installing, ServiceUpdate::default());
+    record_transition(
+        &hub,
+        kind,
+        ServiceState::Installing,
+        ServiceUpdate::default(),
+    );
     let prepared = async {
         service.install(&ctx).await?;
         service.configure(&ctx, &passphrase).await
@@ -264,7 +270,8 @@ async fn start_service(
     .await;
     if let Err(e) = prepared {
         tracing::error!(target: "exoagent::agent", service = kind.as_str(), error = %e, "setup failed");
-        let _ = hub.transition(
+        record_transition(
+            &hub,
             kind,
             ServiceState::Failed,
             ServiceUpdate {
@@ -290,6 +297,20 @@ async fn start_service(
     Some(Box::pin(async move {
         supervisor.run(cancel).await;
     }))
+}
+
+/// Move `kind` to `next`. A refused transition means the steps ran out of order (a bug, not a
+/// runtime condition): the service keeps its state and the refusal is logged, never hidden.
+fn record_transition(hub: &StateHub, kind: ServiceKind, next: ServiceState, update: ServiceUpdate) {
+    if let Err(refused) = hub.transition(kind, next, update) {
+        tracing::warn!(
+            target: "exoagent::agent",
+            service = refused.service,
+            from = refused.from,
+            to = refused.to,
+            "service state transition refused"
+        );
+    }
 }
 
 /// Give the instance user's group access to the status socket once the account exists.
@@ -388,5 +409,24 @@ mod tests {
         let instance = hub.snapshot().instance.unwrap();
         assert_eq!(instance.uuid, None);
         assert_eq!(instance.source, InstanceSource::LocalOnly);
+    }
+
+    #[test]
+    fn a_refused_transition_keeps_the_state() {
+        let hub = StateHub::new([(ServiceKind::JupyterLab, 8888, "http://x/".to_owned())]);
+        record_transition(
+            &hub,
+            ServiceKind::JupyterLab,
+            ServiceState::Ready,
+            ServiceUpdate::default(),
+        );
+        assert_eq!(hub.snapshot().services[0].state, ServiceState::Pending);
+        record_transition(
+            &hub,
+            ServiceKind::JupyterLab,
+            ServiceState::Installing,
+            ServiceUpdate::default(),
+        );
+        assert_eq!(hub.snapshot().services[0].state, ServiceState::Installing);
     }
 }
