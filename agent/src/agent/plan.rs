@@ -8,7 +8,8 @@ use crate::cloud::{ConfigDrive, InstanceIdentity};
 use crate::config::{self, Settings, DEFAULT_METADATA_URL};
 use crate::paths::Paths;
 use crate::platform::os::{self, Os};
-use crate::services::{Account, Service, ServiceContext};
+use crate::platform::users::Account;
+use crate::services::{Service, ServiceContext};
 
 use super::provision::invoking_account;
 use super::{AgentError, Mode};

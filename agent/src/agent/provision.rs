@@ -15,9 +15,8 @@ use crate::fsutil;
 use crate::paths::Paths;
 use crate::platform::packages::PackageInstaller;
 use crate::platform::passphrase::{self, Passphrase};
-use crate::platform::users::UserManager;
+use crate::platform::users::{Account, UserManager};
 use crate::report::nova::{NovaReporter, Pacing};
-use crate::services::Account;
 use crate::state::{NovaReporting, NovaReportingState, Reason, SetupStep, StateHub};
 
 use super::{AgentError, Mode, Plan};
@@ -84,12 +83,7 @@ pub(super) async fn provision_account(plan: &Plan) -> Result<(Account, Passphras
                 fsutil::write_atomic(&marker, b"", 0o600, None)
                     .map_err(|e| Reason::new("state-dir-failed", e.to_string()))?;
             }
-            Account {
-                name: info.name,
-                uid: info.uid,
-                gid: info.gid,
-                home: info.home,
-            }
+            info.into()
         }
     };
     Ok((account, passphrase))
