@@ -5,6 +5,9 @@ use std::path::{Path, PathBuf};
 
 use crate::model::ServiceKind;
 
+/// Where packages and baked images put the exoagent binary (the unit's `ExecStart`).
+pub const INSTALLED_EXE: &str = "/usr/bin/exoagent";
+
 /// Every path the agent reads or writes. Built once, passed down; nothing else hard-codes a path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Paths {
@@ -74,6 +77,27 @@ impl Paths {
         self.state_dir.join("secrets/passphrase")
     }
 
+    /// Marker: the passphrase was set as the instance user's password (never again, so a
+    /// researcher's own password change survives agent restarts).
+    pub fn password_set_marker(&self) -> PathBuf {
+        self.state_dir.join("password-set")
+    }
+
+    /// Marker: the passphrase was published to the metadata service (exactly once).
+    pub fn password_published_marker(&self) -> PathBuf {
+        self.state_dir.join("password-published")
+    }
+
+    /// The UUID of the instance the durable state belongs to.
+    pub fn instance_id_file(&self) -> PathBuf {
+        self.state_dir.join("instance-id")
+    }
+
+    /// The installed exoagent binary, as services on an instance or a baked image see it.
+    pub fn installed_exe(&self) -> PathBuf {
+        PathBuf::from(INSTALLED_EXE)
+    }
+
     /// A service's current log file.
     pub fn service_log(&self, service: ServiceKind) -> PathBuf {
         self.log_dir.join(format!("{}.log", service.as_str()))
@@ -123,5 +147,12 @@ mod tests {
             assert!(path.starts_with(root), "{path:?}");
         }
         assert!(p.api_socket().starts_with(root));
+        for marker in [
+            p.password_set_marker(),
+            p.password_published_marker(),
+            p.instance_id_file(),
+        ] {
+            assert!(marker.starts_with(&p.state_dir), "{marker:?}");
+        }
     }
 }

@@ -150,6 +150,39 @@ pub enum SetupPhase {
     Supervising,
 }
 
+/// A machine-wide setup step that can fail on its own, outside any one service; its name is
+/// the `step` of an error status (console line, `exoSetup`/`exoAgent`, the status API).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SetupStep {
+    /// Loading and validating the configuration.
+    Config,
+    /// Detecting a supported OS.
+    Os,
+    /// Reading the instance identity.
+    Identity,
+    /// Anything else that stops the agent before setup starts.
+    Agent,
+    /// The instance user and its passphrase.
+    User,
+    /// The batched system package transaction.
+    Packages,
+}
+
+impl SetupStep {
+    /// The stable name reported as `step`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Config => "config",
+            Self::Os => "os",
+            Self::Identity => "identity",
+            Self::Agent => "agent",
+            Self::User => "user",
+            Self::Packages => "packages",
+        }
+    }
+}
+
 /// The overall setup status with its failing step, if any.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SetupStatus {
@@ -180,23 +213,52 @@ pub struct Snapshot {
     pub instance: Option<InstanceStatus>,
 }
 
+/// Where the agent learnt which instance it runs on (`instance.source` in the status API).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InstanceSource {
+    /// `openstack/latest/meta_data.json` on the config drive.
+    ConfigDrive,
+    /// The metadata service.
+    MetadataService,
+    /// Neither: the agent runs without an instance identity.
+    LocalOnly,
+}
+
+impl InstanceSource {
+    /// The stable name used in the status API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ConfigDrive => "config-drive",
+            Self::MetadataService => "metadata-service",
+            Self::LocalOnly => "local-only",
+        }
+    }
+}
+
+impl std::fmt::Display for InstanceSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Which instance the agent runs on, and where it learnt that.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstanceStatus {
     /// The server UUID; absent when running local-only.
     pub uuid: Option<String>,
-    /// `config-drive`, `metadata-service`, or `local-only`.
-    pub source: String,
+    /// Where the identity came from, or `local-only`.
+    pub source: InstanceSource,
     /// Why the agent runs local-only.
     pub detail: Option<String>,
 }
 
 impl InstanceStatus {
-    /// Server `uuid`, learnt from `source` (`config-drive` or `metadata-service`).
-    pub fn found(uuid: &str, source: &str) -> Self {
+    /// Server `uuid`, learnt from `source` (the config drive or the metadata service).
+    pub fn found(uuid: &str, source: InstanceSource) -> Self {
         Self {
             uuid: Some(uuid.to_owned()),
-            source: source.to_owned(),
+            source,
             detail: None,
         }
     }
@@ -205,18 +267,46 @@ impl InstanceStatus {
     pub fn local_only(why: String) -> Self {
         Self {
             uuid: None,
-            source: "local-only".to_owned(),
+            source: InstanceSource::LocalOnly,
             detail: Some(why),
         }
+    }
+}
+
+/// How reporting to Nova goes (`nova.state` in the status API).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NovaReportingState {
+    /// Nova shows the current state.
+    Ok,
+    /// Writing, or retrying after a transient failure.
+    Pending,
+    /// A problem retrying cannot fix, such as a refused credential.
+    Failed,
+}
+
+impl NovaReportingState {
+    /// The stable name used in the status API and `exoagent status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Pending => "pending",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for NovaReportingState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
 /// The state of reporting to Nova, for the instance owner (`exoagent status`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NovaReporting {
-    /// `ok` (Nova shows the current state), `pending` (writing or retrying), or `failed`
-    /// (a problem retrying cannot fix, such as a refused credential).
-    pub state: String,
+    /// Whether Nova shows the current state.
+    pub state: NovaReportingState,
     /// Why, when not `ok`.
     pub reason: Option<Reason>,
 }
@@ -225,7 +315,7 @@ pub struct NovaReporting {
 #[derive(Debug)]
 struct Model {
     phase: SetupPhase,
-    step_failure: Option<(String, Reason)>,
+    step_failure: Option<(SetupStep, Reason)>,
     services: BTreeMap<ServiceKind, ServiceStatus>,
     setup: SetupStatus,
     nova: Option<NovaReporting>,
@@ -235,7 +325,11 @@ struct Model {
 impl Model {
     fn derive_setup(&self) -> (SetupState, Option<String>, Option<Reason>) {
         if let Some((step, reason)) = &self.step_failure {
-            return (SetupState::Error, Some(step.clone()), Some(reason.clone()));
+            return (
+                SetupState::Error,
+                Some(step.as_str().to_owned()),
+                Some(reason.clone()),
+            );
         }
         if let Some(failed) = self
             .services
@@ -415,8 +509,8 @@ impl StateHub {
     }
 
     /// Record that a machine-wide step (`user`, `packages`, ...) failed.
-    pub fn fail_step(&self, step: &str, reason: Reason) {
-        self.with_model(|m| m.step_failure = Some((step.to_owned(), reason)));
+    pub fn fail_step(&self, step: SetupStep, reason: Reason) {
+        self.with_model(|m| m.step_failure = Some((step, reason)));
     }
 
     /// Move a service to `next`, refusing transitions the state machine does not allow.
@@ -531,9 +625,56 @@ mod tests {
     fn step_failure_wins() {
         let hub = hub();
         hub.set_phase(SetupPhase::Provisioning);
-        hub.fail_step("packages", Reason::new("package-install-failed", "apt-get"));
+        hub.fail_step(
+            SetupStep::Packages,
+            Reason::new("package-install-failed", "apt-get"),
+        );
         let setup = hub.snapshot().setup;
         assert_eq!(setup.state, SetupState::Error);
         assert_eq!(setup.step.as_deref(), Some("packages"));
+    }
+
+    #[test]
+    fn setup_steps_serialise_to_their_published_names() {
+        for step in [
+            SetupStep::Config,
+            SetupStep::Os,
+            SetupStep::Identity,
+            SetupStep::Agent,
+            SetupStep::User,
+            SetupStep::Packages,
+        ] {
+            let json = serde_json::to_value(step).unwrap();
+            assert_eq!(json, step.as_str());
+        }
+    }
+
+    #[test]
+    fn published_enums_serialise_to_their_documented_names() {
+        for (source, name) in [
+            (InstanceSource::ConfigDrive, "config-drive"),
+            (InstanceSource::MetadataService, "metadata-service"),
+            (InstanceSource::LocalOnly, "local-only"),
+        ] {
+            assert_eq!(serde_json::to_value(source).unwrap(), name);
+            assert_eq!(source.as_str(), name);
+            assert_eq!(
+                serde_json::from_value::<InstanceSource>(name.into()).unwrap(),
+                source
+            );
+        }
+        for (state, name) in [
+            (NovaReportingState::Ok, "ok"),
+            (NovaReportingState::Pending, "pending"),
+            (NovaReportingState::Failed, "failed"),
+        ] {
+            assert_eq!(serde_json::to_value(state).unwrap(), name);
+            assert_eq!(state.to_string(), name);
+        }
+        let instance = InstanceStatus::found("u", InstanceSource::MetadataService);
+        assert_eq!(
+            serde_json::to_string(&instance).unwrap(),
+            r#"{"uuid":"u","source":"metadata-service","detail":null}"#
+        );
     }
 }

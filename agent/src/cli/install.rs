@@ -37,11 +37,7 @@ pub async fn run(args: InstallArgs) -> anyhow::Result<ExitCode> {
         }
         Err(e) => {
             eprintln!("exoagent install: {e}");
-            Ok(ExitCode::from(if e.reason() == "install-bad-exec" {
-                2
-            } else {
-                1
-            }))
+            Ok(ExitCode::from(e.exit_code()))
         }
     }
 }

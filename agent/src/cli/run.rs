@@ -11,11 +11,7 @@ use crate::report::console::{self, ConsoleSink};
 use crate::state::{now_ms, Reason, SetupState, SetupStatus};
 use crate::supervise::ShimCommand;
 
-/// Exit status when the configuration is invalid (sysexits EX_CONFIG); the systemd unit does
-/// not restart on it.
-pub const EXIT_CONFIG: u8 = 78;
-/// Exit status when system mode is started without root (EX_NOPERM).
-pub const EXIT_NOPERM: u8 = 77;
+pub use crate::agent::{EXIT_CONFIG, EXIT_NOPERM};
 
 /// Arguments of `exoagent run`.
 #[derive(Debug, Args)]
@@ -46,11 +42,7 @@ pub async fn run_agent(mode: Mode, paths: crate::paths::Paths) -> anyhow::Result
         Err(e) => {
             eprintln!("exoagent: {e}");
             report_startup_failure(&sink, &e);
-            Ok(ExitCode::from(match e.reason() {
-                "config-invalid" => EXIT_CONFIG,
-                "not-root" => EXIT_NOPERM,
-                _ => 1,
-            }))
+            Ok(ExitCode::from(e.exit_code()))
         }
     }
 }
@@ -58,16 +50,10 @@ pub async fn run_agent(mode: Mode, paths: crate::paths::Paths) -> anyhow::Result
 /// Tell Exosphere through the console that setup cannot even start, so the instance shows Error
 /// with the reason instead of waiting for a timeout.
 fn report_startup_failure(sink: &ConsoleSink, error: &agent::AgentError) {
-    let step = match error {
-        agent::AgentError::Config(_) => "config",
-        agent::AgentError::Os(_) => "os",
-        agent::AgentError::Identity(_) => "identity",
-        _ => "agent",
-    };
     let setup = SetupStatus {
         state: SetupState::Error,
         since_ms: now_ms(),
-        step: Some(step.to_owned()),
+        step: Some(error.failed_step().as_str().to_owned()),
         reason: Some(Reason::new(error.reason(), error.to_string())),
     };
     console::write_now(sink, &console::status_line(&setup, setup.since_ms));

@@ -149,7 +149,7 @@ pub fn render_table(snapshot: &Snapshot, now: u64) -> String {
         match (&instance.uuid, &instance.detail) {
             (Some(uuid), _) => out.push_str(&format!(
                 "instance: {uuid} (from the {})\n",
-                instance.source.replace('-', " ")
+                instance.source.as_str().replace('-', " ")
             )),
             (None, Some(why)) => out.push_str(&format!(
                 "instance: local-only: {}\n",
@@ -259,12 +259,12 @@ mod tests {
                 reason: Some(Reason::new("crash-loop", "exit status 1\nboom")),
             }],
             nova: Some(crate::state::NovaReporting {
-                state: "failed".into(),
+                state: crate::state::NovaReportingState::Failed,
                 reason: Some(Reason::new("credential-not-permitted", "HTTP 401")),
             }),
             instance: Some(crate::state::InstanceStatus {
                 uuid: None,
-                source: "local-only".into(),
+                source: crate::state::InstanceSource::LocalOnly,
                 detail: Some("no config drive (/x) and no metadata service configured".into()),
             }),
         };

@@ -8,6 +8,7 @@ use std::time::Duration;
 use crate::cloud::identity::{ConfigDrive, IdentityError, InstanceIdentity};
 use crate::cloud::metadata::{MetadataError, MetadataService, PasswordOutcome};
 use crate::platform::passphrase::Passphrase;
+use crate::state::InstanceSource;
 
 /// Longest pause between two attempts to reach the metadata service.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(10);
@@ -29,12 +30,13 @@ impl IdentitySource {
             Self::MetadataService => "metadata service",
         }
     }
+}
 
-    /// The stable code used in the status API (`instance.source`).
-    pub fn code(self) -> &'static str {
-        match self {
-            Self::ConfigDrive => "config-drive",
-            Self::MetadataService => "metadata-service",
+impl From<IdentitySource> for InstanceSource {
+    fn from(source: IdentitySource) -> Self {
+        match source {
+            IdentitySource::ConfigDrive => Self::ConfigDrive,
+            IdentitySource::MetadataService => Self::MetadataService,
         }
     }
 }

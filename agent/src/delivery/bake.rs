@@ -100,9 +100,9 @@ pub async fn bake(mode: Mode, paths: Paths, kinds: &[ServiceKind]) -> Result<Bak
     // account stands in, and nothing of it is recorded.
     let ctx = ServiceContext {
         account: agent::invoking_account(&paths)?,
-        paths,
         // Baking installs payloads only; nothing it does runs the executable.
-        exe: std::path::PathBuf::from(crate::delivery::install::INSTALLED_EXE),
+        exe: paths.installed_exe(),
+        paths,
     };
     let mut baked = Vec::new();
     for service in &services {

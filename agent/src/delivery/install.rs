@@ -16,8 +16,8 @@ pub const UNIT_PATH: &str = "etc/systemd/system/exoagent.service";
 pub const TMPFILES_PATH: &str = "etc/tmpfiles.d/exoagent.conf";
 /// The enablement link's path below the root.
 pub const WANTS_LINK: &str = "etc/systemd/system/multi-user.target.wants/exoagent.service";
-/// Where packages and baked images put the binary.
-pub const INSTALLED_EXE: &str = "/usr/bin/exoagent";
+/// Where packages and baked images put the binary (owned by the layout).
+pub use crate::paths::INSTALLED_EXE;
 const SHIPPED_EXEC: &str = "ExecStart=/usr/bin/exoagent run";
 
 /// Why installing failed.
@@ -42,6 +42,15 @@ impl InstallError {
         match self {
             Self::BadExec(_) => "install-bad-exec",
             Self::Write { .. } => "install-write-failed",
+        }
+    }
+
+    /// The exit status of `exoagent install`: 2 for a bad `--exec` (a usage error), 1 when
+    /// writing failed. No catch-all arm: a new variant needs a deliberate code.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::BadExec(_) => 2,
+            Self::Write { .. } => 1,
         }
     }
 }
@@ -126,6 +135,7 @@ mod tests {
         for bad in ["exoagent", "/opt/my agent/exoagent"] {
             let err = install(root.path(), Path::new(bad), false).unwrap_err();
             assert_eq!(err.reason(), "install-bad-exec");
+            assert_eq!(err.exit_code(), 2, "a usage error");
         }
         assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 0);
     }

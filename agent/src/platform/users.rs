@@ -11,9 +11,24 @@ use crate::platform::passphrase::Passphrase;
 /// Lines of a failing tool's stderr kept in an error.
 const TAIL_LINES: usize = 5;
 
-/// A user account from `/etc/passwd`.
+/// The account services run as (the instance user, or the invoking user in sandbox mode): the
+/// one account type every layer uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UserInfo {
+pub struct Account {
+    /// Login name.
+    pub name: String,
+    /// Numeric user id.
+    pub uid: u32,
+    /// Primary group id.
+    pub gid: u32,
+    /// Home directory (the services' working directory).
+    pub home: PathBuf,
+}
+
+/// A user database entry (`/etc/passwd`): an account plus its login shell, which only a login
+/// session (the desktop) needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserEntry {
     /// Login name.
     pub name: String,
     /// User id.
@@ -24,6 +39,52 @@ pub struct UserInfo {
     pub home: PathBuf,
     /// Login shell.
     pub shell: PathBuf,
+}
+
+impl UserEntry {
+    /// The account part, for running services.
+    pub fn account(&self) -> Account {
+        Account {
+            name: self.name.clone(),
+            uid: self.uid,
+            gid: self.gid,
+            home: self.home.clone(),
+        }
+    }
+
+    /// `account` with its login `shell`.
+    pub fn from_account(account: Account, shell: PathBuf) -> Self {
+        Self {
+            name: account.name,
+            uid: account.uid,
+            gid: account.gid,
+            home: account.home,
+            shell,
+        }
+    }
+}
+
+impl From<nix::unistd::User> for UserEntry {
+    fn from(user: nix::unistd::User) -> Self {
+        Self {
+            name: user.name,
+            uid: user.uid.as_raw(),
+            gid: user.gid.as_raw(),
+            home: user.dir,
+            shell: user.shell,
+        }
+    }
+}
+
+impl From<UserEntry> for Account {
+    fn from(entry: UserEntry) -> Self {
+        Self {
+            name: entry.name,
+            uid: entry.uid,
+            gid: entry.gid,
+            home: entry.home,
+        }
+    }
 }
 
 /// The tools used, by path (names looked up on `PATH` in production).
@@ -137,7 +198,7 @@ impl UserManager {
     }
 
     /// The account `name`, if it exists.
-    pub fn lookup(&self, name: &str) -> Result<Option<UserInfo>, UserError> {
+    pub fn lookup(&self, name: &str) -> Result<Option<UserEntry>, UserError> {
         let path = self.root.join("etc/passwd");
         let text = std::fs::read_to_string(&path).map_err(|source| UserError::Io {
             action: "read",
@@ -156,7 +217,7 @@ impl UserManager {
             if fields.len() < 7 {
                 return Err(malformed());
             }
-            return Ok(Some(UserInfo {
+            return Ok(Some(UserEntry {
                 name: name.to_owned(),
                 uid: fields[2].parse().map_err(|_| malformed())?,
                 gid: fields[3].parse().map_err(|_| malformed())?,
@@ -217,7 +278,7 @@ impl UserManager {
 
     /// Create `name` unless it exists (home, bash), make sure it is in the family's admin groups
     /// and has a passwordless-sudo drop-in. A second call changes nothing.
-    pub async fn ensure_user(&self, name: &str, family: Family) -> Result<UserInfo, UserError> {
+    pub async fn ensure_user(&self, name: &str, family: Family) -> Result<UserEntry, UserError> {
         validate_name(name)?;
         if self.lookup(name)?.is_none() {
             let mut args = self.root_args();
@@ -312,6 +373,20 @@ fn validate_name(name: &str) -> Result<(), UserError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_entry_is_an_account_plus_its_shell() {
+        let account = Account {
+            name: "ada".into(),
+            uid: 1001,
+            gid: 1002,
+            home: PathBuf::from("/home/ada"),
+        };
+        let entry = UserEntry::from_account(account.clone(), PathBuf::from("/bin/bash"));
+        assert_eq!(entry.shell, Path::new("/bin/bash"));
+        assert_eq!(entry.account(), account);
+        assert_eq!(Account::from(entry), account);
+    }
 
     #[test]
     fn names_are_validated() {

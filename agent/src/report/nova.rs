@@ -12,7 +12,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::cloud::nova::{Nova, NovaError, MAX_META_VALUE_LEN, MAX_TAG_LEN};
-use crate::state::{NovaReporting, Reason, ServiceState, SetupState, Snapshot, StateHub};
+use crate::state::{
+    NovaReporting, NovaReportingState, Reason, ServiceState, SetupState, Snapshot, StateHub,
+};
 
 /// Every tag the agent owns starts with this; others (Exosphere's `exoPw:`, the user's) are
 /// never touched.
@@ -181,11 +183,15 @@ impl NovaReporter {
                     Ok(()) => {
                         delay = self.pacing.retry_initial;
                         given_up = None;
-                        set(&hub, "ok", None);
+                        set(&hub, NovaReportingState::Ok, None);
                     }
                     Err(e) if e.is_permanent() => {
                         tracing::error!(target: "exoagent::nova", reason = e.reason(), error = %e, "reporting to Nova stopped until the state changes: retrying cannot help");
-                        set(&hub, "failed", Some(Reason::new(e.reason(), e.to_string())));
+                        set(
+                            &hub,
+                            NovaReportingState::Failed,
+                            Some(Reason::new(e.reason(), e.to_string())),
+                        );
                         // Try again only when there is something new to say.
                         given_up = Some(wanted);
                     }
@@ -194,7 +200,7 @@ impl NovaReporter {
                         tracing::warn!(target: "exoagent::nova", reason = e.reason(), error = %e, retry_in = ?wait, "reporting to Nova failed; will retry");
                         set(
                             &hub,
-                            "pending",
+                            NovaReportingState::Pending,
                             Some(Reason::new(e.reason(), e.to_string())),
                         );
                         delay = (delay * 2).min(self.pacing.retry_max);
@@ -251,11 +257,8 @@ impl NovaReporter {
     }
 }
 
-fn set(hub: &StateHub, state: &str, reason: Option<Reason>) {
-    hub.set_nova_reporting(NovaReporting {
-        state: state.to_owned(),
-        reason,
-    });
+fn set(hub: &StateHub, state: NovaReportingState, reason: Option<Reason>) {
+    hub.set_nova_reporting(NovaReporting { state, reason });
 }
 
 /// `delay` plus up to 25 % random jitter, so many instances do not retry in lockstep.

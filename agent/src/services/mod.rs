@@ -16,18 +16,7 @@ use crate::platform::passphrase::Passphrase;
 use crate::schema::{Checker, Field, Key, Located, Walker};
 use crate::supervise::{Probe, RunAs, RunSpec};
 
-/// The account services run as (the instance user, or the invoking user in sandbox mode).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Account {
-    /// Login name.
-    pub name: String,
-    /// Numeric user id.
-    pub uid: u32,
-    /// Primary group id.
-    pub gid: u32,
-    /// Home directory (the services' working directory).
-    pub home: PathBuf,
-}
+pub use crate::platform::users::Account;
 
 /// What every service step needs to know about where and as whom it runs.
 #[derive(Debug, Clone)]

@@ -526,8 +526,14 @@ impl Supervisor {
     }
 
     fn set(&self, state: ServiceState, update: ServiceUpdate) {
-        if let Err(e) = self.hub.transition(self.kind, state, update) {
-            tracing::warn!(target: "exoagent::supervise", service = %self.kind, "{e}");
+        if let Err(refused) = self.hub.transition(self.kind, state, update) {
+            tracing::warn!(
+                target: "exoagent::supervise",
+                service = %self.kind,
+                from = refused.from,
+                to = refused.to,
+                "{refused}"
+            );
         }
     }
 

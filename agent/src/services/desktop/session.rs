@@ -156,27 +156,17 @@ impl FromStr for Geometry {
     }
 }
 
-/// The account the desktop belongs to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DesktopUser {
-    /// Login name (`USER`, `LOGNAME`).
-    pub name: String,
-    /// User id.
-    pub uid: u32,
-    /// Primary group id.
-    pub gid: u32,
-    /// Home directory (`HOME`, and the working directory when it exists).
-    pub home: PathBuf,
-    /// Login shell (`SHELL`).
-    pub shell: PathBuf,
-}
+/// The account the desktop belongs to, with the login shell a session needs: the user
+/// database entry of [`crate::platform::users`] (name for `USER`/`LOGNAME`, home for `HOME` and
+/// the working directory, shell for `SHELL`).
+pub type DesktopUser = crate::platform::users::UserEntry;
 
 impl DesktopUser {
     /// The account this process runs as (its effective uid), from the user database.
     pub fn current() -> Result<Self, DesktopError> {
         let uid = nix::unistd::geteuid();
         match nix::unistd::User::from_uid(uid) {
-            Ok(Some(user)) => Ok(Self::from_passwd(user)),
+            Ok(Some(user)) => Ok(Self::from(user)),
             Ok(None) => Err(DesktopError::UserLookup {
                 user: format!("uid {uid}"),
                 detail: "not in the user database".to_owned(),
@@ -191,7 +181,7 @@ impl DesktopUser {
     /// The account named `name`, from the user database.
     pub fn by_name(name: &str) -> Result<Self, DesktopError> {
         match nix::unistd::User::from_name(name) {
-            Ok(Some(user)) => Ok(Self::from_passwd(user)),
+            Ok(Some(user)) => Ok(Self::from(user)),
             Ok(None) => Err(DesktopError::UserLookup {
                 user: format!("'{name}'"),
                 detail: "not in the user database".to_owned(),
@@ -200,16 +190,6 @@ impl DesktopUser {
                 user: format!("'{name}'"),
                 detail: e.to_string(),
             }),
-        }
-    }
-
-    fn from_passwd(user: nix::unistd::User) -> Self {
-        Self {
-            name: user.name,
-            uid: user.uid.as_raw(),
-            gid: user.gid.as_raw(),
-            home: user.dir,
-            shell: user.shell,
         }
     }
 }

@@ -1,0 +1,351 @@
+//! Provisioning the machine for the services: the account and its passphrase, the one batched
+//! package transaction, the one-time passphrase publication, forgetting a previous instance's
+//! run-once state, and the cloud clients (metadata service, Nova reporter) the run needs.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::cloud::clouds;
+use crate::cloud::discover::{publish_password_once, IdentitySource};
+use crate::cloud::keystone::Keystone;
+use crate::cloud::nova::Nova;
+use crate::cloud::MetadataService;
+use crate::config::DEFAULT_METADATA_URL;
+use crate::fsutil;
+use crate::paths::Paths;
+use crate::platform::packages::PackageInstaller;
+use crate::platform::passphrase::{self, Passphrase};
+use crate::platform::users::{Account, UserManager};
+use crate::report::nova::{NovaReporter, Pacing};
+use crate::state::{NovaReporting, NovaReportingState, Reason, SetupStep, StateHub};
+
+use super::{AgentError, Mode, Plan};
+
+/// How long to try publishing the passphrase when the identity came from a config drive (the
+/// cloud may have no metadata service; with one, it answers well within this).
+pub const CONFIG_DRIVE_PUBLISH_BUDGET: Duration = Duration::from_secs(15);
+
+/// The invoking user, with a home inside the layout's root: the account a sandbox runs
+/// services as, and the one `bake` installs payloads as.
+pub(crate) fn invoking_account(paths: &Paths) -> Result<Account, AgentError> {
+    let uid = nix::unistd::geteuid();
+    let gid = nix::unistd::getegid();
+    let name = nix::unistd::User::from_uid(uid)
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .unwrap_or_else(|| format!("uid{uid}"));
+    Ok(Account {
+        home: paths.system_root.join("home").join(&name),
+        name,
+        uid: uid.as_raw(),
+        gid: gid.as_raw(),
+    })
+}
+
+/// The user, its passphrase, and the password set once (only when the passphrase is new, so a
+/// researcher's own password change is never undone by an agent restart).
+pub(super) async fn provision_account(plan: &Plan) -> Result<(Account, Passphrase), Reason> {
+    let paths = &plan.paths;
+    let passphrase_file = paths.passphrase_file();
+    let fresh = !passphrase_file.exists();
+    let passphrase = passphrase::load_or_create(&passphrase_file)
+        .map_err(|e| Reason::new(e.reason(), e.to_string()))?;
+    let account = match plan.mode {
+        Mode::Sandbox => {
+            invoking_account(paths).map_err(|e| Reason::new(e.reason(), e.to_string()))?
+        }
+        Mode::System => {
+            let users = UserManager::new(&paths.system_root);
+            let name = &plan.settings.instance.user;
+            let info = if plan.settings.instance.create_user {
+                users
+                    .ensure_user(name, plan.os.family)
+                    .await
+                    .map_err(|e| Reason::new(e.reason(), e.to_string()))?
+            } else {
+                users
+                    .lookup(name)
+                    .map_err(|e| Reason::new(e.reason(), e.to_string()))?
+                    .ok_or_else(|| {
+                        Reason::new(
+                            "user-missing",
+                            format!("instance.user '{name}' does not exist and instance.create_user is false"),
+                        )
+                    })?
+            };
+            let marker = paths.password_set_marker();
+            if fresh || !marker.exists() {
+                users
+                    .set_password(name, &passphrase)
+                    .await
+                    .map_err(|e| Reason::new(e.reason(), e.to_string()))?;
+                fsutil::write_atomic(&marker, b"", 0o600, None)
+                    .map_err(|e| Reason::new("state-dir-failed", e.to_string()))?;
+            }
+            info.into()
+        }
+    };
+    Ok((account, passphrase))
+}
+
+/// One batched package transaction for all services (system mode); in the sandbox nothing is
+/// installed and missing packages surface as install errors of the service that needs them.
+pub(super) async fn install_packages(plan: &Plan, hub: &StateHub) -> bool {
+    if plan.mode == Mode::Sandbox || plan.packages.is_empty() {
+        return true;
+    }
+    let installer =
+        PackageInstaller::new(plan.os.family.package_manager(), &plan.settings.packages);
+    match installer.install(&plan.packages).await {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::error!(target: "exoagent::agent", error = %e, "package installation failed");
+            hub.fail_step(SetupStep::Packages, Reason::new(e.reason(), e.to_string()));
+            false
+        }
+    }
+}
+
+/// Publish the passphrase once (DESIGN §4.4), when configured and the instance is known. A
+/// failure is logged and does not stop the services.
+pub(super) async fn publish_passphrase(
+    plan: &Plan,
+    metadata: Option<&MetadataService>,
+    passphrase: &Passphrase,
+    identity_source: Option<IdentitySource>,
+) {
+    let Some(service) = metadata else {
+        return;
+    };
+    if !(plan.settings.cloud.publish_password && plan.identity.is_some()) {
+        return;
+    }
+    let marker = plan.paths.password_published_marker();
+    // The identity came from a config drive: this cloud may have no metadata service at
+    // all, so do not hold `running` back for the whole discovery budget.
+    let budget = if identity_source == Some(IdentitySource::ConfigDrive) {
+        plan.settings
+            .cloud
+            .metadata_timeout
+            .min(CONFIG_DRIVE_PUBLISH_BUDGET)
+    } else {
+        plan.settings.cloud.metadata_timeout
+    };
+    match publish_password_once(service, passphrase, &marker, budget).await {
+        Ok(done) => {
+            tracing::info!(target: "exoagent::agent", outcome = ?done, "passphrase publication")
+        }
+        Err(e) => {
+            tracing::warn!(target: "exoagent::agent", reason = e.reason(), error = %e, "cannot publish the passphrase")
+        }
+    }
+}
+
+/// The metadata service to use: the configured URL, or on an instance the standard one; the
+/// sandbox uses one only when configured.
+pub(super) fn metadata_service(plan: &Plan) -> Option<MetadataService> {
+    let url = match (&plan.settings.cloud.metadata_url, &plan.mode) {
+        (Some(url), _) => url.clone(),
+        (None, Mode::System) => DEFAULT_METADATA_URL.to_owned(),
+        (None, Mode::Sandbox) => return None,
+    };
+    match MetadataService::default_client() {
+        Ok(client) => Some(MetadataService::new(&url, client)),
+        Err(e) => {
+            tracing::warn!(target: "exoagent::agent", error = %e, "cannot build an HTTP client; no metadata service");
+            None
+        }
+    }
+}
+
+/// The Nova reporter, when a clouds.yaml is configured and the server is known. A credential
+/// that cannot even be loaded is shown in `exoagent status`; services go on regardless.
+pub(super) fn nova_reporter(plan: &Plan, hub: &StateHub) -> Option<NovaReporter> {
+    let cloud = &plan.settings.cloud;
+    let path = cloud.clouds_yaml.as_ref()?;
+    let failed = |code: &str, detail: String| {
+        tracing::error!(target: "exoagent::agent", reason = code, "not reporting to Nova: {detail}");
+        hub.set_nova_reporting(NovaReporting {
+            state: NovaReportingState::Failed,
+            reason: Some(Reason::new(code, detail)),
+        });
+        None
+    };
+    let Some(identity) = &plan.identity else {
+        return failed(
+            "identity-unknown",
+            "no instance identity (no config drive, no metadata service): cannot tell which server to report on".into(),
+        );
+    };
+    let config = match clouds::load(path, &cloud.cloud_name) {
+        Ok(config) => config,
+        Err(e) => return failed(e.reason(), e.to_string()),
+    };
+    let client = match Keystone::http_client(&config) {
+        Ok(client) => client,
+        Err(e) => return failed(e.reason(), e.to_string()),
+    };
+    let keystone = Arc::new(Keystone::new(config, client.clone()));
+    Some(NovaReporter::new(
+        Nova::new(keystone, client),
+        identity.uuid.clone(),
+        Pacing::default(),
+    ))
+}
+
+/// A state directory carried over from another instance (a snapshot or a baked image) must not
+/// keep that instance's passphrase: key the run-once state by the instance UUID.
+pub(super) fn forget_previous_instance(plan: &Plan) -> Result<(), AgentError> {
+    let Some(identity) = &plan.identity else {
+        return Ok(());
+    };
+    let marker = plan.paths.instance_id_file();
+    let previous = std::fs::read_to_string(&marker).ok();
+    if previous.as_deref().map(str::trim) == Some(identity.uuid.as_str()) {
+        return Ok(());
+    }
+    if previous.is_some() {
+        tracing::warn!(target: "exoagent::agent", "state belongs to another instance; starting fresh");
+        for stale in [
+            plan.paths.passphrase_file(),
+            plan.paths.password_set_marker(),
+            plan.paths.password_published_marker(),
+        ] {
+            // Absent is as good as removed; anything else would leak the old passphrase.
+            if let Err(e) = std::fs::remove_file(&stale) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(target: "exoagent::agent", path = %stale.display(), error = %e, "cannot remove the previous instance's state");
+                }
+            }
+        }
+    }
+    fsutil::write_atomic(&marker, identity.uuid.as_bytes(), 0o644, None).map_err(|source| {
+        AgentError::Io {
+            path: marker.clone(),
+            source,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+    use crate::agent::{fixtures, plan};
+
+    fn sandbox_plan_with_drive(meta_data: &str) -> (tempfile::TempDir, Plan) {
+        let (dir, paths) = fixtures::sandbox();
+        fixtures::write_config_drive(&paths, meta_data);
+        std::fs::create_dir_all(&paths.state_dir).unwrap();
+        let plan = plan(Mode::Sandbox, paths).unwrap();
+        (dir, plan)
+    }
+
+    /// The previous instance's run-once state: passphrase and both markers.
+    fn leave_previous_state(paths: &Paths, uuid: &str) -> [std::path::PathBuf; 3] {
+        std::fs::write(paths.instance_id_file(), format!("{uuid}\n")).unwrap();
+        let stale = [
+            paths.passphrase_file(),
+            paths.password_set_marker(),
+            paths.password_published_marker(),
+        ];
+        for path in &stale {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, "old").unwrap();
+        }
+        stale
+    }
+
+    #[test]
+    fn another_instance_state_is_forgotten() {
+        let (_dir, plan) = sandbox_plan_with_drive(fixtures::fixture_meta_data());
+        let stale = leave_previous_state(&plan.paths, "11111111-2222-3333-4444-555555555555");
+        forget_previous_instance(&plan).unwrap();
+        for path in &stale {
+            assert!(!path.exists(), "{path:?} kept");
+        }
+        let recorded = std::fs::read_to_string(plan.paths.instance_id_file()).unwrap();
+        assert_eq!(recorded, fixtures::FIXTURE_UUID);
+    }
+
+    #[test]
+    fn same_instance_state_is_kept() {
+        let (_dir, plan) = sandbox_plan_with_drive(fixtures::fixture_meta_data());
+        let kept = leave_previous_state(&plan.paths, fixtures::FIXTURE_UUID);
+        forget_previous_instance(&plan).unwrap();
+        for path in &kept {
+            assert_eq!(std::fs::read_to_string(path).unwrap(), "old", "{path:?}");
+        }
+    }
+
+    #[test]
+    fn first_run_records_the_instance() {
+        let (_dir, plan) = sandbox_plan_with_drive(fixtures::fixture_meta_data());
+        forget_previous_instance(&plan).unwrap();
+        let recorded = std::fs::read_to_string(plan.paths.instance_id_file()).unwrap();
+        assert_eq!(recorded, fixtures::FIXTURE_UUID);
+    }
+
+    #[test]
+    fn no_identity_touches_nothing() {
+        let (_dir, paths) = fixtures::sandbox();
+        let plan = plan(Mode::Sandbox, paths).unwrap();
+        forget_previous_instance(&plan).unwrap();
+        assert!(!plan.paths.instance_id_file().exists());
+    }
+
+    #[tokio::test]
+    async fn sandbox_provisioning_creates_a_private_passphrase_for_the_invoking_user() {
+        let (_dir, paths) = fixtures::sandbox();
+        let plan = plan(Mode::Sandbox, paths.clone()).unwrap();
+        let (account, passphrase) = provision_account(&plan).await.unwrap();
+        assert_eq!(account.uid, nix::unistd::geteuid().as_raw());
+        assert_eq!(account.gid, nix::unistd::getegid().as_raw());
+        assert!(account.home.starts_with(paths.system_root.join("home")));
+        let file = paths.passphrase_file();
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(
+            std::fs::read_to_string(&file).unwrap().trim(),
+            passphrase.expose()
+        );
+        // The sandbox never sets a system password.
+        assert!(!paths.password_set_marker().exists());
+        // A second run keeps the passphrase.
+        let (_, again) = provision_account(&plan).await.unwrap();
+        assert_eq!(again.expose(), passphrase.expose());
+    }
+
+    #[tokio::test]
+    async fn sandbox_installs_no_packages() {
+        let (_dir, paths) = fixtures::sandbox();
+        let plan = plan(Mode::Sandbox, paths).unwrap();
+        let hub = StateHub::new([]);
+        assert!(install_packages(&plan, &hub).await);
+        assert!(hub.snapshot().setup.step.is_none());
+    }
+
+    #[test]
+    fn sandbox_has_no_metadata_service_unless_configured() {
+        let (_dir, paths) = fixtures::sandbox();
+        let plan = plan(Mode::Sandbox, paths).unwrap();
+        assert!(metadata_service(&plan).is_none());
+    }
+
+    #[test]
+    fn nova_reporting_without_identity_is_reported_failed() {
+        let (_dir, paths) = fixtures::sandbox();
+        fixtures::write_config(
+            &paths,
+            "[cloud]\nclouds_yaml = \"/nonexistent/clouds.yaml\"\n",
+        );
+        let plan = plan(Mode::Sandbox, paths).unwrap();
+        let hub = StateHub::new([]);
+        assert!(nova_reporter(&plan, &hub).is_none());
+        let nova = hub.snapshot().nova.unwrap();
+        assert_eq!(nova.state, NovaReportingState::Failed);
+        assert_eq!(nova.reason.unwrap().code, "identity-unknown");
+    }
+}

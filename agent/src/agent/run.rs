@@ -1,0 +1,432 @@
+//! The main job: validate everything, then provision (user, passphrase, one batched package
+//! transaction, services concurrently), then supervise — while reporters publish every state
+//! change. Services outlive the agent: stopping the agent leaves them running under their shims.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::server::{bind_and_serve, ApiState};
+use crate::cloud::discover::IdentitySource;
+use crate::cloud::drive::DriveFinder;
+use crate::cloud::{discover_identity, ConfigDrive, Discovery, MetadataService};
+use crate::fsutil;
+use crate::model::ServiceKind;
+use crate::paths::Paths;
+use crate::platform::passphrase::Passphrase;
+use crate::report::console::{ConsoleReporter, ConsoleSink};
+use crate::report::load::LoadSampler;
+use crate::report::notify::{run_status_notifier, SdNotify};
+use crate::services::{Service, ServiceContext};
+use crate::state::{
+    InstanceStatus, Reason, ServiceState, ServiceUpdate, SetupPhase, SetupStep, StateHub,
+};
+use crate::supervise::{ServicePaths, ShimCommand, Supervisor};
+
+use super::provision::{
+    forget_previous_instance, install_packages, metadata_service, nova_reporter, provision_account,
+    publish_passphrase,
+};
+use super::{plan, AgentError, AgentOptions, Mode, Plan};
+
+/// The agent's background work: reporters, the status API's helpers, supervisors.
+type Tasks = JoinSet<()>;
+
+type SupervisorTask = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Run the main job until `cancel` fires. Services keep running afterwards.
+pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(), AgentError> {
+    if options.mode == Mode::System {
+        require_root()?;
+        mount_config_drive(&options.paths).await;
+    }
+    // Validate fully before anything is created or changed.
+    let mut plan = plan(options.mode.clone(), options.paths.clone())?;
+    tracing::info!(target: "exoagent::agent", os = %plan.os.pretty_name, services = plan.services.len(), "configuration valid");
+    prepare_dirs(&plan.paths)?;
+
+    let hub = StateHub::new(plan.services.iter().map(|s| (s.kind(), s.port(), s.url())));
+    let mut tasks = Tasks::new();
+    let notify = start_local_reporters(&plan, &hub, &mut tasks, &cancel);
+
+    // The socket is bound before anything slow (the metadata service may take its time), so
+    // systemd hears READY at once; it is root-only until the account is known.
+    let api_socket = plan.paths.api_socket();
+    let api = bind_and_serve(
+        ApiState {
+            hub: hub.clone(),
+            paths: plan.paths.clone(),
+        },
+        &api_socket,
+        None,
+        cancel.clone(),
+    )
+    .await?;
+    if let Some(notify) = &notify {
+        if let Err(e) = notify.notify("READY=1") {
+            tracing::debug!(target: "exoagent::agent", error = %e, "sd_notify READY failed");
+        }
+    }
+
+    let metadata = metadata_service(&plan);
+    let identity_source = resolve_identity(&mut plan, metadata.as_ref(), &hub).await?;
+    forget_previous_instance(&plan)?;
+    if let Some(reporter) = nova_reporter(&plan, &hub) {
+        tasks.spawn(reporter.run(hub.clone(), cancel.clone()));
+    }
+
+    match provision_account(&plan).await {
+        Ok((account, passphrase)) => {
+            set_socket_group(&api_socket, account.gid)?;
+            // Before `running` is reported (DESIGN §4.4): Exosphere shows the passphrase once
+            // setup runs.
+            publish_passphrase(&plan, metadata.as_ref(), &passphrase, identity_source).await;
+            hub.set_phase(SetupPhase::Provisioning);
+            if install_packages(&plan, &hub).await {
+                let ctx = ServiceContext {
+                    paths: plan.paths.clone(),
+                    account,
+                    exe: options.shim.exe.clone(),
+                };
+                start_services(
+                    &plan,
+                    ctx,
+                    passphrase,
+                    &options.shim,
+                    &hub,
+                    &mut tasks,
+                    &cancel,
+                )
+                .await;
+                hub.set_phase(SetupPhase::Supervising);
+            }
+        }
+        Err(reason) => hub.fail_step(SetupStep::User, reason),
+    }
+
+    cancel.cancelled().await;
+    tracing::info!(target: "exoagent::agent", "stopping; services keep running");
+    while tasks.join_next().await.is_some() {}
+    if let Err(e) = api.await {
+        tracing::debug!(target: "exoagent::agent", error = %e, "status API task ended abnormally");
+    }
+    remove_socket(&plan.paths.api_socket());
+    Ok(())
+}
+
+/// System mode changes users, packages and services: it needs root.
+fn require_root() -> Result<(), AgentError> {
+    if nix::unistd::geteuid().is_root() {
+        Ok(())
+    } else {
+        Err(AgentError::NotRoot)
+    }
+}
+
+/// A config drive is a labelled block device nobody has mounted yet; read-only under /run, so
+/// this changes nothing durable before validation. Without one, the metadata service is tried.
+async fn mount_config_drive(paths: &Paths) {
+    match DriveFinder::system()
+        .ensure_mounted(&paths.config_drive)
+        .await
+    {
+        Ok(found) => {
+            tracing::info!(target: "exoagent::agent", drive = ?found, "config drive")
+        }
+        Err(e) => {
+            tracing::warn!(target: "exoagent::agent", reason = e.reason(), error = %e, "config drive not mounted; the metadata service is tried instead")
+        }
+    }
+}
+
+/// The state, runtime and log directories.
+fn prepare_dirs(paths: &Paths) -> Result<(), AgentError> {
+    for dir in [&paths.state_dir, &paths.runtime_dir, &paths.log_dir] {
+        fsutil::ensure_dir(dir, 0o755).map_err(|source| AgentError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// The console reporter and, under systemd, the status notifier; returns the notifier so the
+/// caller can send READY once the API is up.
+fn start_local_reporters(
+    plan: &Plan,
+    hub: &StateHub,
+    tasks: &mut Tasks,
+    cancel: &CancellationToken,
+) -> Option<SdNotify> {
+    let sink = match plan.mode {
+        Mode::System => {
+            crate::report::console::enable_devkmsg(&plan.paths.system_root);
+            ConsoleSink::Devices(plan.settings.console.devices.clone())
+        }
+        Mode::Sandbox => ConsoleSink::Stdout,
+    };
+    let reporter = ConsoleReporter::new(
+        sink,
+        &plan.settings.console,
+        LoadSampler::new(&plan.paths.system_root),
+    );
+    tasks.spawn(reporter.run(hub.subscribe(), cancel.clone()));
+    let notify = SdNotify::from_env();
+    if let Some(notify) = notify.clone() {
+        tasks.spawn(run_status_notifier(notify, hub.subscribe(), cancel.clone()));
+    }
+    notify
+}
+
+/// Which instance this is: the config drive read while planning, else discovery (config drive
+/// again, then the metadata service), else local-only. Published to the hub and kept in the
+/// plan; returns where it came from.
+async fn resolve_identity(
+    plan: &mut Plan,
+    metadata: Option<&MetadataService>,
+    hub: &StateHub,
+) -> Result<Option<IdentitySource>, AgentError> {
+    let discovery = match plan.identity.take() {
+        Some(identity) => Discovery::Found(identity, IdentitySource::ConfigDrive),
+        None => {
+            discover_identity(
+                &ConfigDrive::new(&plan.paths.config_drive),
+                metadata,
+                plan.settings.cloud.metadata_timeout,
+            )
+            .await?
+        }
+    };
+    let (instance, source) = match discovery {
+        Discovery::Found(identity, source) => {
+            tracing::info!(target: "exoagent::agent", uuid = %identity.uuid, source = source.as_str(), "instance identity");
+            let status = InstanceStatus::found(&identity.uuid, source.into());
+            plan.identity = Some(identity);
+            (status, Some(source))
+        }
+        Discovery::LocalOnly(why) => {
+            tracing::info!(target: "exoagent::agent", "no instance identity, running local-only: {why}");
+            (InstanceStatus::local_only(why), None)
+        }
+    };
+    hub.set_instance(instance);
+    Ok(source)
+}
+
+/// Install and configure every service concurrently; each one that succeeds gets its
+/// supervisor spawned into `tasks`.
+async fn start_services(
+    plan: &Plan,
+    ctx: ServiceContext,
+    passphrase: Passphrase,
+    shim: &ShimCommand,
+    hub: &StateHub,
+    tasks: &mut Tasks,
+    cancel: &CancellationToken,
+) {
+    let passphrase = Arc::new(passphrase);
+    let mut starts = JoinSet::new();
+    for service in plan.services.clone() {
+        let ctx = ctx.clone();
+        let hub = hub.clone();
+        let passphrase = passphrase.clone();
+        let policy = plan.settings.supervise.clone();
+        let shim = shim.clone();
+        let cancel = cancel.clone();
+        starts.spawn(async move {
+            start_service(service, ctx, hub, passphrase, policy, shim, cancel).await
+        });
+    }
+    while let Some(started) = starts.join_next().await {
+        if let Ok(Some(supervisor)) = started {
+            tasks.spawn(supervisor);
+        }
+    }
+}
+
+/// Install and configure one service, then hand back its supervisor to run.
+async fn start_service(
+    service: Service,
+    ctx: ServiceContext,
+    hub: StateHub,
+    passphrase: Arc<Passphrase>,
+    policy: crate::config::SupervisePolicy,
+    shim: ShimCommand,
+    cancel: CancellationToken,
+) -> Option<SupervisorTask> {
+    let kind = service.kind();
+    record_transition(
+        &hub,
+        kind,
+        ServiceState::Installing,
+        ServiceUpdate::default(),
+    );
+    let prepared = async {
+        service.install(&ctx).await?;
+        service.configure(&ctx, &passphrase).await
+    }
+    .await;
+    if let Err(e) = prepared {
+        tracing::error!(target: "exoagent::agent", service = kind.as_str(), error = %e, "setup failed");
+        record_transition(
+            &hub,
+            kind,
+            ServiceState::Failed,
+            ServiceUpdate {
+                reason: Some(Reason::new(e.reason(), e.to_string())),
+                ..Default::default()
+            },
+        );
+        return None;
+    }
+    let supervisor = Supervisor::new(
+        kind,
+        service.run_spec(&ctx),
+        service.probe(),
+        service.start_timeout(),
+        policy,
+        ServicePaths {
+            run_dir: ctx.paths.service_run_dir(kind),
+            log_file: ctx.paths.service_log(kind),
+        },
+        shim,
+        hub,
+    );
+    Some(Box::pin(async move {
+        supervisor.run(cancel).await;
+    }))
+}
+
+/// Move `kind` to `next`. A refused transition means the steps ran out of order (a bug, not a
+/// runtime condition): the service keeps its state and the refusal is logged, never hidden.
+fn record_transition(hub: &StateHub, kind: ServiceKind, next: ServiceState, update: ServiceUpdate) {
+    if let Err(refused) = hub.transition(kind, next, update) {
+        tracing::warn!(
+            target: "exoagent::agent",
+            service = refused.service,
+            from = refused.from,
+            to = refused.to,
+            "service state transition refused"
+        );
+    }
+}
+
+/// Give the instance user's group access to the status socket once the account exists.
+fn set_socket_group(socket: &Path, gid: u32) -> Result<(), AgentError> {
+    nix::unistd::chown(socket, None, Some(nix::unistd::Gid::from_raw(gid))).map_err(|errno| {
+        AgentError::Io {
+            path: socket.to_path_buf(),
+            source: std::io::Error::from(errno),
+        }
+    })
+}
+
+/// The socket is gone with the agent; a stale one would only mislead `exoagent status`.
+fn remove_socket(socket: &Path) {
+    if let Err(e) = std::fs::remove_file(socket) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::debug!(target: "exoagent::agent", path = %socket.display(), error = %e, "cannot remove the status socket");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::fixtures;
+    use crate::state::InstanceSource;
+
+    fn options(paths: Paths) -> AgentOptions {
+        AgentOptions {
+            mode: Mode::Sandbox,
+            paths,
+            shim: ShimCommand {
+                exe: "/nonexistent/exoagent".into(),
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn invalid_config_fails_before_anything_is_created() {
+        let (_dir, paths) = fixtures::sandbox();
+        fixtures::write_config(&paths, "[services.jupyterlab]\nprot = 8888\n");
+        let result = run(options(paths.clone()), CancellationToken::new()).await;
+        let error = result.unwrap_err();
+        assert!(matches!(error, AgentError::Config(_)), "{error:?}");
+        assert_eq!(error.exit_code(), 78);
+        assert!(!paths.state_dir.exists());
+        assert!(!paths.runtime_dir.exists());
+    }
+
+    #[tokio::test]
+    async fn empty_sandbox_runs_until_cancelled_and_removes_its_socket() {
+        let (_dir, paths) = fixtures::sandbox();
+        fixtures::write_config_drive(&paths, fixtures::fixture_meta_data());
+        let cancel = CancellationToken::new();
+        let agent = tokio::spawn(run(options(paths.clone()), cancel.clone()));
+        // Provisioning is over once the passphrase exists and the instance is recorded.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !(paths.passphrase_file().exists() && paths.instance_id_file().exists()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "agent did not provision"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert!(paths.api_socket().exists());
+        cancel.cancel();
+        agent.await.unwrap().unwrap();
+        assert!(!paths.api_socket().exists());
+        assert_eq!(
+            std::fs::read_to_string(paths.instance_id_file()).unwrap(),
+            fixtures::FIXTURE_UUID
+        );
+    }
+
+    #[tokio::test]
+    async fn identity_from_the_planned_config_drive_is_published() {
+        let (_dir, paths) = fixtures::sandbox();
+        fixtures::write_config_drive(&paths, fixtures::fixture_meta_data());
+        let mut plan = plan(Mode::Sandbox, paths).unwrap();
+        let hub = StateHub::new([]);
+        let source = resolve_identity(&mut plan, None, &hub).await.unwrap();
+        assert_eq!(source, Some(IdentitySource::ConfigDrive));
+        assert_eq!(plan.identity.as_ref().unwrap().uuid, fixtures::FIXTURE_UUID);
+        let instance = hub.snapshot().instance.unwrap();
+        assert_eq!(instance.uuid.as_deref(), Some(fixtures::FIXTURE_UUID));
+        assert_eq!(instance.source, InstanceSource::ConfigDrive);
+    }
+
+    #[tokio::test]
+    async fn no_identity_runs_local_only() {
+        let (_dir, paths) = fixtures::sandbox();
+        let mut plan = plan(Mode::Sandbox, paths).unwrap();
+        let hub = StateHub::new([]);
+        let source = resolve_identity(&mut plan, None, &hub).await.unwrap();
+        assert_eq!(source, None);
+        let instance = hub.snapshot().instance.unwrap();
+        assert_eq!(instance.uuid, None);
+        assert_eq!(instance.source, InstanceSource::LocalOnly);
+    }
+
+    #[test]
+    fn a_refused_transition_keeps_the_state() {
+        let hub = StateHub::new([(ServiceKind::JupyterLab, 8888, "http://x/".to_owned())]);
+        record_transition(
+            &hub,
+            ServiceKind::JupyterLab,
+            ServiceState::Ready,
+            ServiceUpdate::default(),
+        );
+        assert_eq!(hub.snapshot().services[0].state, ServiceState::Pending);
+        record_transition(
+            &hub,
+            ServiceKind::JupyterLab,
+            ServiceState::Installing,
+            ServiceUpdate::default(),
+        );
+        assert_eq!(hub.snapshot().services[0].state, ServiceState::Installing);
+    }
+}
