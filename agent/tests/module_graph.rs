@@ -21,10 +21,17 @@ fn rust_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
     }
 }
 
-/// Production code only: unit tests may reach anywhere.
+/// Production code only: unit tests and their fixtures (`#[cfg(test)]` modules, which the
+/// crate keeps at the end of a file) may reach anywhere.
 fn without_unit_tests(text: &str) -> &str {
-    match text.find("#[cfg(test)]\nmod tests") {
-        Some(at) => &text[..at],
+    let test_module = text.match_indices("#[cfg(test)]\n").find(|(at, marker)| {
+        let next = text[at + marker.len()..].trim_start();
+        next.starts_with("mod ")
+            || next.starts_with("pub(crate) mod ")
+            || next.starts_with("pub(super) mod ")
+    });
+    match test_module {
+        Some((at, _)) => &text[..at],
         None => text,
     }
 }

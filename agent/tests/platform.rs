@@ -117,12 +117,17 @@ fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
+/// Held by the tests that change the host's user database or check that it is unchanged, so
+/// one's throwaway account never shows up in the other's "host untouched" check.
+static HOST_USERS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test]
 async fn the_instance_user_is_created_once_with_sudo() {
     if !is_root() {
         eprintln!("skipped: needs root for useradd --root");
         return;
     }
+    let _host = HOST_USERS.lock().await;
     let host_passwd = std::fs::read_to_string("/etc/passwd").unwrap();
     let root = shadow_root();
     let users = UserManager::new(root.path());
@@ -224,6 +229,7 @@ async fn the_password_is_set_through_stdin_and_verifies() {
         eprintln!("skipped: needs root for chpasswd");
         return;
     }
+    let _host = HOST_USERS.lock().await;
     let name = format!("exot{}", std::process::id() % 100_000);
     struct Cleanup(String);
     impl Drop for Cleanup {
