@@ -89,6 +89,7 @@ impl AgentError {
             Self::NotRoot => "not-root",
             Self::Api(e) => e.reason(),
             Self::Account(_) => "account-unknown",
+            Self::Io { source, .. } if crate::fsutil::is_disk_full(source) => "disk-full",
             Self::Io { .. } => "state-dir-failed",
         }
     }

@@ -118,6 +118,7 @@ impl SecretError {
     /// Short stable reason.
     pub fn reason(&self) -> &'static str {
         match self {
+            Self::Io { source, .. } if crate::fsutil::is_disk_full(source) => "disk-full",
             Self::Io { .. } => "secret-io",
             Self::Unsafe { .. } => "secret-unsafe-file",
             Self::Malformed { .. } => "secret-malformed",
@@ -202,8 +203,14 @@ fn store(path: &Path, passphrase: &Passphrase) -> Result<(), SecretError> {
         .and_then(|()| file.sync_all());
     // SAFETY: zero bytes keep the string valid UTF-8.
     unsafe { contents.as_bytes_mut() }.fill(0);
-    written.map_err(io("write", &temporary))?;
-    std::fs::rename(&temporary, path).map_err(io("store", path))
+    let stored = written
+        .map_err(io("write", &temporary))
+        .and_then(|()| std::fs::rename(&temporary, path).map_err(io("store", path)));
+    if stored.is_err() {
+        // A full disk must not leave a stray (possibly partial) copy of the secret behind.
+        let _ = std::fs::remove_file(&temporary);
+    }
+    stored
 }
 
 /// The argon2id hash in the form Jupyter Server accepts for `PasswordIdentityProvider.hashed_password`:
@@ -214,6 +221,20 @@ pub fn argon2_hash(passphrase: &Passphrase) -> Result<String, SecretError> {
         .hash_password(passphrase.expose().as_bytes(), &salt)
         .map_err(|e| SecretError::Hash(e.to_string()))?;
     Ok(format!("argon2:{hash}"))
+}
+
+/// Whether `hashed` (in [`argon2_hash`]'s form) is a hash of `passphrase`.
+pub fn argon2_verify(passphrase: &Passphrase, hashed: &str) -> bool {
+    use argon2::password_hash::{PasswordHash, PasswordVerifier};
+    let Some(parsed) = hashed
+        .strip_prefix("argon2:")
+        .and_then(|phc| PasswordHash::new(phc).ok())
+    else {
+        return false;
+    };
+    argon2::Argon2::default()
+        .verify_password(passphrase.expose().as_bytes(), &parsed)
+        .is_ok()
 }
 
 #[cfg(test)]
@@ -317,5 +338,8 @@ mod tests {
             .verify_password(b"wrong", &parsed)
             .is_err());
         assert!(!hashed.contains(p.expose()));
+        assert!(argon2_verify(&p, &hashed));
+        assert!(!argon2_verify(&Passphrase::generate(), &hashed));
+        assert!(!argon2_verify(&p, "argon2:not a hash"));
     }
 }

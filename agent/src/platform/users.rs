@@ -155,6 +155,7 @@ impl UserError {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::InvalidName(_) => "user-invalid-name",
+            Self::Io { source, .. } if crate::fsutil::is_disk_full(source) => "disk-full",
             Self::Command { command, .. } if command.contains("chpasswd") => "password-set-failed",
             Self::Command { .. } | Self::Io { .. } | Self::Malformed { .. } | Self::Vanished(_) => {
                 "user-setup-failed"
@@ -328,9 +329,17 @@ impl UserManager {
         };
         std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
         let temporary = dir.join(format!(".90-exoagent-{name}.tmp"));
-        std::fs::write(&temporary, &contents).map_err(io("write", &temporary))?;
-        std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(0o440))
-            .map_err(io("restrict", &temporary))?;
+        let staged = std::fs::write(&temporary, &contents)
+            .map_err(io("write", &temporary))
+            .and_then(|()| {
+                std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(0o440))
+                    .map_err(io("restrict", &temporary))
+            });
+        if let Err(e) = staged {
+            // sudo reads every file in sudoers.d: never leave a partial one behind.
+            let _ = std::fs::remove_file(&temporary);
+            return Err(e);
+        }
         let check = vec![
             "-c".to_owned(),
             "-f".to_owned(),
@@ -340,7 +349,11 @@ impl UserManager {
             let _ = std::fs::remove_file(&temporary);
             return Err(e);
         }
-        std::fs::rename(&temporary, &path).map_err(io("install", &path))
+        std::fs::rename(&temporary, &path)
+            .map_err(io("install", &path))
+            .inspect_err(|_| {
+                let _ = std::fs::remove_file(&temporary);
+            })
     }
 
     /// Set `name`'s password: `chpasswd` reads `name:passphrase` on stdin.

@@ -122,10 +122,25 @@ impl ServiceError {
     /// Short stable reason for reports.
     pub fn reason(&self) -> &'static str {
         match self {
+            Self::Io { source, .. } if crate::fsutil::is_disk_full(source) => DISK_FULL,
+            // Installers (pip, apt) report a full disk only in their output.
+            Self::Install { detail, .. } | Self::Configure { detail, .. }
+                if mentions_disk_full(detail) =>
+            {
+                DISK_FULL
+            }
             Self::Install { .. } => "service-install-failed",
             Self::Configure { .. } | Self::Io { .. } => "service-configure-failed",
         }
     }
+}
+
+/// The reason of every step that failed because the filesystem or a quota is full.
+pub const DISK_FULL: &str = "disk-full";
+
+/// Whether a command's output says it ran out of space (strerror of ENOSPC and EDQUOT).
+fn mentions_disk_full(text: &str) -> bool {
+    text.contains("No space left on device") || text.contains("Disk quota exceeded")
 }
 
 /// Where a service is planned: the detected OS and the root of the filesystem it changes

@@ -133,6 +133,7 @@ impl SuperviseError {
     /// A short stable code for this error.
     pub fn reason(&self) -> &'static str {
         match self {
+            Self::Io { source, .. } if crate::fsutil::is_disk_full(source) => "disk-full",
             Self::Io { .. } => "supervise-io-failed",
             Self::Record { .. } => "record-invalid",
             Self::Signal { .. } => "signal-failed",

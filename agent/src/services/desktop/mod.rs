@@ -170,8 +170,11 @@ async fn run_vendor_step(step: &Step) -> Result<(), ServiceError> {
             let _ = std::fs::remove_file(&tmp);
             result
         }
-        Step::File { path, content } => fsutil::write_atomic(path, content.as_bytes(), 0o644, None)
-            .map_err(Desktop::io_err("write", path)),
+        Step::File { path, content } => {
+            fsutil::write_if_changed(path, content.as_bytes(), 0o644, None)
+                .map(drop)
+                .map_err(Desktop::io_err("write", path))
+        }
         Step::Download { url, path } => {
             let body = fetch(url.clone()).await.map_err(fail)?;
             fsutil::write_atomic(path, &body, 0o644, None).map_err(Desktop::io_err("write", path))
@@ -313,7 +316,7 @@ impl ServiceImpl for Desktop {
             if let Some(parent) = path.parent() {
                 fsutil::ensure_dir(parent, 0o755).map_err(Self::io_err("create", parent))?;
             }
-            fsutil::write_atomic(path, rule.as_bytes(), 0o644, None)
+            fsutil::write_if_changed(path, rule.as_bytes(), 0o644, None)
                 .map_err(Self::io_err("write", path))?;
         }
         // VirtualGL's framebuffer is restricted to the vglusers group (`vglserver_config -f`).

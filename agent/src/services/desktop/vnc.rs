@@ -227,7 +227,10 @@ pub async fn write_vnc_password_with(
             std::os::unix::fs::chown(dir, Some(uid), Some(gid)).map_err(write_err(dir))?;
         }
     }
-    fsutil::write_atomic(path, &encoded, 0o600, Some((uid, gid))).map_err(write_err(path))
+    // The encoding is deterministic: an unchanged password file is left alone.
+    fsutil::write_if_changed(path, &encoded, 0o600, Some((uid, gid)))
+        .map(drop)
+        .map_err(write_err(path))
 }
 
 /// Run `<vncpasswd> -f` with `passphrase` on stdin; its stdout (binary) on success.

@@ -315,7 +315,8 @@ impl ServiceImpl for Guacamole {
         fsutil::ensure_dir(&dir, 0o711).map_err(Self::io_err("create", &dir))?;
         let owner = Some((ctx.account.uid, ctx.account.gid));
         let password = Self::password_file(ctx);
-        fsutil::write_atomic(&password, passphrase.expose().as_bytes(), 0o600, owner)
+        // Only what changed is rewritten: a full disk must not fail an unchanged configuration.
+        fsutil::write_if_changed(&password, passphrase.expose().as_bytes(), 0o600, owner)
             .map_err(Self::io_err("write", &password))?;
         let config = self.web_config(ctx);
         let text = serde_json::to_vec_pretty(&config).map_err(|e| ServiceError::Configure {
@@ -323,7 +324,8 @@ impl ServiceImpl for Guacamole {
             detail: e.to_string(),
         })?;
         let file = Self::config_file(ctx);
-        fsutil::write_atomic(&file, &text, 0o600, owner).map_err(Self::io_err("write", &file))?;
+        fsutil::write_if_changed(&file, &text, 0o600, owner)
+            .map_err(Self::io_err("write", &file))?;
         // The web side's working directory.
         ctx.ensure_home(ServiceKind::Guacamole)
     }

@@ -16,7 +16,7 @@ pub use settings::{JupyterLabSettings, PythonInstaller};
 use crate::fsutil;
 use crate::model::ServiceKind;
 use crate::platform::os::{Family, Os};
-use crate::platform::passphrase::{argon2_hash, Passphrase};
+use crate::platform::passphrase::{argon2_hash, argon2_verify, Passphrase};
 use crate::services::command::run_logged;
 use crate::supervise::{Probe, RunSpec};
 
@@ -131,6 +131,15 @@ impl JupyterLab {
     }
 }
 
+/// The password hash in an existing server config, if any.
+fn current_hash(config: &Path) -> Option<String> {
+    let text = std::fs::read(config).ok()?;
+    let value: serde_json::Value = serde_json::from_slice(&text).ok()?;
+    value["PasswordIdentityProvider"]["hashed_password"]
+        .as_str()
+        .map(str::to_owned)
+}
+
 impl ServiceImpl for JupyterLab {
     const KIND: ServiceKind = ServiceKind::JupyterLab;
     type Settings = JupyterLabSettings;
@@ -208,7 +217,7 @@ impl ServiceImpl for JupyterLab {
             source,
         })?;
         let requirements = parent.join("requirements.txt");
-        fsutil::write_atomic(&requirements, REQUIREMENTS.as_bytes(), 0o644, None).map_err(
+        fsutil::write_if_changed(&requirements, REQUIREMENTS.as_bytes(), 0o644, None).map_err(
             |source| ServiceError::Io {
                 service: ServiceKind::JupyterLab,
                 action: "write",
@@ -271,7 +280,7 @@ impl ServiceImpl for JupyterLab {
                 .await?;
             }
         }
-        fsutil::write_atomic(&marker, lock_id.as_bytes(), 0o644, None).map_err(|source| {
+        fsutil::write_if_changed(&marker, lock_id.as_bytes(), 0o644, None).map(drop).map_err(|source| {
             ServiceError::Io {
                 service: ServiceKind::JupyterLab,
                 action: "write",
@@ -281,28 +290,32 @@ impl ServiceImpl for JupyterLab {
         })
     }
 
-    /// Write the server config (0600, owned by the service account). Rewritten on every start so
-    /// a changed port or base URL takes effect; the hash is new each time (fresh salt).
+    /// Write the server config (0600, owned by the service account) when it changed, so a changed
+    /// port or base URL takes effect. The existing hash is kept while it matches the passphrase:
+    /// a fresh salt would rewrite an unchanged file, and fail on a full disk.
     async fn configure(
         &self,
         ctx: &ServiceContext,
         passphrase: &Passphrase,
     ) -> Result<(), ServiceError> {
-        let hashed = argon2_hash(passphrase).map_err(|e| ServiceError::Configure {
-            service: ServiceKind::JupyterLab,
-            detail: format!("failed to hash the passphrase: {e}"),
-        })?;
+        let path = Self::config_file(ctx);
+        let hashed = match current_hash(&path).filter(|h| argon2_verify(passphrase, h)) {
+            Some(hashed) => hashed,
+            None => argon2_hash(passphrase).map_err(|e| ServiceError::Configure {
+                service: ServiceKind::JupyterLab,
+                detail: format!("failed to hash the passphrase: {e}"),
+            })?,
+        };
         let config = serde_json::to_vec_pretty(&self.server_config(ctx, &hashed)).map_err(|e| {
             ServiceError::Configure {
                 service: ServiceKind::JupyterLab,
                 detail: e.to_string(),
             }
         })?;
-        let path = Self::config_file(ctx);
         let dir = path.parent().unwrap_or(Path::new("/"));
         let io_err = |action, path| io_error(ServiceKind::JupyterLab, action, path);
         fsutil::ensure_dir(dir, 0o711).map_err(io_err("create", dir))?;
-        fsutil::write_atomic(
+        fsutil::write_if_changed(
             &path,
             &config,
             0o600,
