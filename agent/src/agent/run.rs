@@ -19,11 +19,11 @@ use crate::platform::passphrase::Passphrase;
 use crate::report::console::{ConsoleReporter, ConsoleSink};
 use crate::report::load::LoadSampler;
 use crate::report::notify::{run_status_notifier, SdNotify};
-use crate::services::{Service, ServiceContext};
+use crate::services::{Service, ServiceContext, ServiceError};
 use crate::state::{
     InstanceStatus, Reason, ServiceState, ServiceUpdate, SetupPhase, SetupStep, StateHub,
 };
-use crate::supervise::{ServicePaths, ShimCommand, Supervisor};
+use crate::supervise::{jittered, retry_delay, ServicePaths, ShimCommand, Supervisor};
 
 use super::provision::{
     forget_previous_instance, install_packages, metadata_service, nova_reporter, provision_account,
@@ -246,7 +246,10 @@ async fn start_services(
     }
 }
 
-/// Install and configure one service, then hand back its supervisor to run.
+/// Install and configure one service, then hand back its supervisor to run. A failed install
+/// or configuration is retried inside the returned task on the supervisor's retry schedule, so a
+/// fixed cause (space freed, a mirror back) recovers without an agent restart; a service whose
+/// shim already runs the same spec is adopted even when its configuration cannot be rewritten.
 async fn start_service(
     service: Service,
     ctx: ServiceContext,
@@ -263,40 +266,69 @@ async fn start_service(
         ServiceState::Installing,
         ServiceUpdate::default(),
     );
-    let prepared = async {
-        service.install(&ctx).await?;
-        service.configure(&ctx, &passphrase).await
-    }
-    .await;
-    if let Err(e) = prepared {
-        tracing::error!(target: "exoagent::agent", service = kind.as_str(), error = %e, "setup failed");
-        record_transition(
-            &hub,
-            kind,
-            ServiceState::Failed,
-            ServiceUpdate {
-                reason: Some(Reason::new(e.reason(), e.to_string())),
-                ..Default::default()
-            },
-        );
-        return None;
-    }
-    let supervisor = Supervisor::new(
+    let first = prepare_service(&service, &ctx, &passphrase).await;
+    let mut supervisor = Supervisor::new(
         kind,
         service.run_spec(&ctx),
         service.probe(),
         service.start_timeout(),
-        policy,
+        policy.clone(),
         ServicePaths {
             run_dir: ctx.paths.service_run_dir(kind),
             log_file: ctx.paths.service_log(kind),
         },
         shim,
-        hub,
+        hub.clone(),
     );
     Some(Box::pin(async move {
-        supervisor.run(cancel).await;
+        let mut prepared = first;
+        let mut retries = 0u32;
+        while let Err(e) = prepared {
+            let reason = Reason::new(e.reason(), e.to_string());
+            if supervisor.finds_running_service() {
+                // Never abandon a healthy session to a transient error (DESIGN §8): the files it
+                // runs from are still there, only rewriting them failed.
+                tracing::warn!(target: "exoagent::agent", service = kind.as_str(), error = %e, "setup failed; adopting the running service");
+                supervisor = supervisor.with_note(reason);
+                break;
+            }
+            tracing::error!(target: "exoagent::agent", service = kind.as_str(), error = %e, "setup failed");
+            record_transition(
+                &hub,
+                kind,
+                ServiceState::Failed,
+                ServiceUpdate {
+                    reason: Some(reason),
+                    ..Default::default()
+                },
+            );
+            retries += 1;
+            let delay = jittered(retry_delay(&policy, retries));
+            tracing::info!(target: "exoagent::agent", service = kind.as_str(), delay_ms = delay.as_millis() as u64, "setup retry scheduled");
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            record_transition(
+                &hub,
+                kind,
+                ServiceState::Installing,
+                ServiceUpdate::default(),
+            );
+            prepared = prepare_service(&service, &ctx, &passphrase).await;
+        }
+        supervisor.run_retrying(cancel).await;
     }))
+}
+
+/// Install, then configure (both idempotent: only what changed is rewritten).
+async fn prepare_service(
+    service: &Service,
+    ctx: &ServiceContext,
+    passphrase: &Passphrase,
+) -> Result<(), ServiceError> {
+    service.install(ctx).await?;
+    service.configure(ctx, passphrase).await
 }
 
 /// Move `kind` to `next`. A refused transition means the steps ran out of order (a bug, not a

@@ -55,6 +55,12 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 const FINAL_WAIT: Duration = Duration::from_secs(8);
 /// The longest stderr excerpt put in a reason.
 const TAIL_CHARS: usize = 400;
+/// The reason of a run that ended, or could not start, because the disk is full.
+pub const DISK_FULL: &str = "disk-full";
+/// The file written (and removed) to check whether the run directory has space again.
+const SPACE_CHECK_FILE: &str = ".space-check";
+/// Retries of a `failed` service stop doubling at this multiple of the first delay.
+const RETRY_CAP_FACTOR: u32 = 20;
 
 /// How to start the shim: the exoagent executable, run as `<exe> shim`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,6 +157,44 @@ pub fn backoff_delay(policy: &SupervisePolicy, n: u32) -> Duration {
         .map_or(policy.backoff_max, |d| d.min(policy.backoff_max))
 }
 
+/// The delay before retry number `n` (1-based) of a `failed` service, before jitter: the first
+/// retry after `backoff_max` (30 s by default), doubling up to `20 × backoff_max` (10 min).
+/// Slower than restarts: whatever failed it (a full disk, a crash loop) needs a fix first.
+pub fn retry_delay(policy: &SupervisePolicy, n: u32) -> Duration {
+    let first = policy.backoff_max.max(Duration::from_millis(1));
+    let cap = first.saturating_mul(RETRY_CAP_FACTOR);
+    let exponent = n.saturating_sub(1).min(31);
+    first
+        .checked_mul(1u32 << exponent)
+        .map_or(cap, |d| d.min(cap))
+}
+
+/// `delay` plus 0–10 % jitter, so failed services do not all retry at once.
+pub fn jittered(delay: Duration) -> Duration {
+    let max_jitter = (delay.as_millis() / 10) as u64;
+    if max_jitter == 0 {
+        return delay;
+    }
+    delay + Duration::from_millis(rand::thread_rng().gen_range(0..=max_jitter))
+}
+
+/// Whether `dir`'s filesystem is out of space (or quota): a small file is written there and
+/// removed. `Some(detail)` naming the path when it is; `None` when the write works or fails for
+/// another reason.
+pub fn out_of_space(dir: &Path) -> Option<String> {
+    let probe = dir.join(SPACE_CHECK_FILE);
+    match crate::fsutil::write_atomic(&probe, b"ok\n", 0o600, None) {
+        Ok(()) => {
+            let _ = std::fs::remove_file(&probe);
+            None
+        }
+        Err(e) if crate::fsutil::is_disk_full(&e) => {
+            Some(format!("failed to write in '{}': {e}", dir.display()))
+        }
+        Err(_) => None,
+    }
+}
+
 /// How a [`Supervisor::run`] ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RunOutcome {
@@ -231,6 +275,14 @@ impl ShimHandle {
                 }
             }
             Self::Poll { pid, ticks } => poll_until_dead(*pid, *ticks).await,
+        }
+    }
+
+    /// The shim's exit status once it has ended, when it is known (only for our own child).
+    fn exit_code(&mut self) -> Option<i32> {
+        match self {
+            Self::Child(child) => child.try_wait().ok().flatten().and_then(|s| s.code()),
+            Self::Pidfd { .. } | Self::Poll { .. } => None,
         }
     }
 
@@ -338,7 +390,7 @@ struct Running {
 /// One run that ended, however it ended.
 #[derive(Debug)]
 struct Ended {
-    /// Stable code: `exited`, `start-timeout`, `spawn-failed`, `shim-lost`.
+    /// Stable code: `exited`, `start-timeout`, `spawn-failed`, `shim-lost`, `disk-full`.
     code: &'static str,
     /// `exited with status 3`, `killed by signal 9`, ...
     status: String,
@@ -368,6 +420,16 @@ impl Ended {
     fn detail(&self) -> String {
         self.with_tail(&self.status)
     }
+
+    /// The shim could not record how the run ended because the disk is full.
+    fn disk_full(detail: String, lasted: Duration) -> Self {
+        Self {
+            code: DISK_FULL,
+            status: format!("the run ended but its exit record could not be written: {detail}"),
+            tail: String::new(),
+            lasted,
+        }
+    }
 }
 
 enum Adopt {
@@ -394,6 +456,9 @@ pub struct Supervisor {
     paths: ServicePaths,
     shim: ShimCommand,
     hub: StateHub,
+    /// A problem to report while (re)starting, such as a configuration that could not be
+    /// rewritten for a service that is adopted anyway.
+    note: Option<Reason>,
 }
 
 impl Supervisor {
@@ -420,12 +485,82 @@ impl Supervisor {
             paths,
             shim,
             hub,
+            note: None,
+        }
+    }
+
+    /// Report `reason` while the service (re)starts instead of no reason.
+    pub fn with_note(mut self, reason: Reason) -> Self {
+        self.note = Some(reason);
+        self
+    }
+
+    /// Whether a live shim runs this very spec: the service will be adopted, not restarted.
+    pub fn finds_running_service(&self) -> bool {
+        let run_path = records::run_file(&self.paths.run_dir);
+        matches!(
+            records::read_record::<RunRecord>(&run_path),
+            Ok(Some(run)) if run.spec_hash == self.spec_hash
+                && procfs::is_alive(run.shim_pid, run.shim_start_ticks)
+        )
+    }
+
+    /// Like [`Supervisor::run`], but a `failed` service is retried on [`retry_delay`]'s
+    /// jittered schedule until `cancel` fires: whatever failed it (a full disk, a crash loop)
+    /// may be fixed without anyone restarting the agent. While the disk is still full, a retry
+    /// only checks for space and the service stays `failed`.
+    pub async fn run_retrying(self, cancel: CancellationToken) -> RunReport {
+        let mut total = RunReport {
+            spawned: 0,
+            adopted: false,
+            restart_delays: Vec::new(),
+            outcome: RunOutcome::Cancelled,
+        };
+        let mut retries = 0u32;
+        loop {
+            let report = self.run_once(&cancel).await;
+            total.spawned += report.spawned;
+            total.adopted |= report.adopted;
+            total.restart_delays.extend(report.restart_delays);
+            let RunOutcome::Failed(reason) = report.outcome else {
+                return total;
+            };
+            loop {
+                retries += 1;
+                let delay = jittered(retry_delay(&self.policy, retries));
+                tracing::info!(
+                    target: "exoagent::supervise",
+                    service = %self.kind,
+                    retry = retries,
+                    delay_ms = delay.as_millis() as u64,
+                    "retry of the failed service scheduled"
+                );
+                tokio::select! {
+                    _ = cancel.cancelled() => return total,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                if reason.code != DISK_FULL {
+                    break;
+                }
+                match out_of_space(&self.paths.run_dir) {
+                    None => break,
+                    Some(detail) => tracing::info!(
+                        target: "exoagent::supervise",
+                        service = %self.kind,
+                        "still no space: {detail}"
+                    ),
+                }
+            }
         }
     }
 
     /// Runs until `cancel` fires (then returns WITHOUT stopping the service: it keeps running
     /// under its shim) or until the service is `failed`.
     pub async fn run(self, cancel: CancellationToken) -> RunReport {
+        self.run_once(&cancel).await
+    }
+
+    async fn run_once(&self, cancel: &CancellationToken) -> RunReport {
         let mut report = RunReport {
             spawned: 0,
             adopted: false,
@@ -437,7 +572,7 @@ impl Supervisor {
             ServiceUpdate {
                 pid: Some(None),
                 restarts: Some(0),
-                reason: None,
+                reason: self.note.clone(),
             },
         );
         if let Err(e) = self.prepare_dirs() {
@@ -469,7 +604,7 @@ impl Supervisor {
                         }
                     };
                     match launched {
-                        Ok(running) => match self.watch(running, &cancel).await {
+                        Ok(running) => match self.watch(running, cancel).await {
                             Watch::Cancelled => return report,
                             Watch::Ended(ended) => ended,
                         },
@@ -484,6 +619,17 @@ impl Supervisor {
                 lasted_ms = ended.lasted.as_millis() as u64,
                 "service run ended"
             );
+            if ended.code == DISK_FULL {
+                if let Some(detail) = out_of_space(&self.paths.run_dir) {
+                    // Relaunching into a full disk only fails again: give up now and let the
+                    // retry schedule check for space.
+                    tracing::warn!(target: "exoagent::supervise", service = %self.kind, "{detail}");
+                    let reason = Reason::new(DISK_FULL, ended.detail());
+                    self.fail(reason.clone());
+                    report.outcome = RunOutcome::Failed(reason);
+                    return report;
+                }
+            }
             if ended.lasted >= self.policy.stable_after {
                 consecutive = 0;
             } else {
@@ -653,6 +799,11 @@ impl Supervisor {
                 if procfs::is_alive(run.service_pid, run.service_start_ticks) {
                     let _ = signal_group(run.pgid, Signal::SIGKILL);
                 }
+                // A full disk is the likely reason there is no record; say so.
+                if let Some(detail) = out_of_space(run_dir) {
+                    let lasted = Duration::from_millis(now_ms().saturating_sub(run.started_ms));
+                    return Adopt::Ended(Ended::disk_full(detail, lasted));
+                }
                 Adopt::Fresh
             }
         }
@@ -731,7 +882,12 @@ impl Supervisor {
             (None, error) => {
                 let _ = child.wait().await;
                 let detail = error.unwrap_or_else(|| "the shim reported no pid".to_owned());
-                return Err(Ended::spawn_failed("spawn-failed", detail));
+                let code = if hello.reason.as_deref() == Some(DISK_FULL) {
+                    DISK_FULL
+                } else {
+                    "spawn-failed"
+                };
+                return Err(Ended::spawn_failed(code, detail));
             }
         };
         // The pipes are not used after the hello.
@@ -780,12 +936,12 @@ impl Supervisor {
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return Watch::Cancelled,
-                _ = running.handle.wait() => return Watch::Ended(self.collect_exit(&running)),
+                _ = running.handle.wait() => return Watch::Ended(self.collect_exit(&mut running)),
                 _ = tokio::time::sleep_until(start_deadline), if !ready => {
                     if let Err(e) = terminate(running.pgid, &mut running.handle, STOP_GRACE).await {
                         tracing::warn!(target: "exoagent::supervise", service = %self.kind, "{e}");
                     }
-                    let exit = self.collect_exit(&running);
+                    let exit = self.collect_exit(&mut running);
                     let mut status = format!("not ready within {:?}", self.start_timeout);
                     if let Some(e) = &last_error {
                         status.push_str(&format!(" (last probe: {e})"));
@@ -868,7 +1024,7 @@ impl Supervisor {
     }
 
     /// After the shim exited: how did the service end?
-    fn collect_exit(&self, running: &Running) -> Ended {
+    fn collect_exit(&self, running: &mut Running) -> Ended {
         let lasted = running.started.elapsed();
         let path = records::exit_file(&self.paths.run_dir);
         match records::read_record::<ExitRecord>(&path) {
@@ -891,6 +1047,19 @@ impl Supervisor {
                 // service running unsupervised.
                 if procfs::is_alive(running.service_pid, running.service_ticks) {
                     let _ = signal_group(running.pgid, Signal::SIGKILL);
+                }
+                // A shim that could not write the record says why in its exit status; an
+                // adopted one cannot, so look at the disk.
+                let run_dir = &self.paths.run_dir;
+                let no_space = match running.handle.exit_code() {
+                    Some(shim::EXIT_DISK_FULL) => Some(
+                        out_of_space(run_dir)
+                            .unwrap_or_else(|| format!("no space left in '{}'", run_dir.display())),
+                    ),
+                    _ => out_of_space(run_dir),
+                };
+                if let Some(detail) = no_space {
+                    return Ended::disk_full(detail, lasted);
                 }
                 Ended {
                     code: "shim-lost",

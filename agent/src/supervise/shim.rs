@@ -33,6 +33,11 @@ use crate::state::now_ms;
 pub const GROUP_TERM_GRACE: Duration = Duration::from_secs(3);
 /// How long the shim waits for the output pumps to drain once the group is gone.
 const PUMP_DRAIN: Duration = Duration::from_secs(1);
+/// The shim's exit status when the service ended but `exit.json` could not be written because
+/// the disk is full (ENOSPC is 28): the supervisor reports `disk-full`, not a lost shim.
+pub const EXIT_DISK_FULL: i32 = 28;
+/// The shim's exit status when `exit.json` could not be written for another reason.
+pub const EXIT_NO_RECORD: i32 = 70;
 
 /// What the agent sends the shim on stdin.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,6 +63,22 @@ pub struct ShimHello {
     /// Why it was not, otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The stable reason code of `error` (`disk-full`, `spawn-failed`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Why the shim could not start the service: a stable reason code and a message.
+#[derive(Debug)]
+struct ShimFailure {
+    reason: &'static str,
+    message: String,
+}
+
+impl ShimFailure {
+    fn new(reason: &'static str, message: String) -> Self {
+        Self { reason, message }
+    }
 }
 
 /// Entry point of `exoagent shim`: read the spec from stdin and supervise one service run.
@@ -70,26 +91,45 @@ pub fn main_from_stdin() -> ExitCode {
         .take(1 << 20)
         .read_to_end(&mut input)
     {
-        return hello_and_fail(&format!("failed to read the shim spec from stdin: {e}"));
+        return hello_and_fail(&ShimFailure::new(
+            "spawn-failed",
+            format!("failed to read the shim spec from stdin: {e}"),
+        ));
     }
     let spec: ShimSpec = match serde_json::from_slice(&input) {
         Ok(spec) => spec,
-        Err(e) => return hello_and_fail(&format!("invalid shim spec on stdin: {e}")),
+        Err(e) => {
+            return hello_and_fail(&ShimFailure::new(
+                "spawn-failed",
+                format!("invalid shim spec on stdin: {e}"),
+            ))
+        }
     };
     redirect_to_null(&[0]);
     match run(&spec) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
+        Ok(Recorded::Yes) => ExitCode::SUCCESS,
+        // stdout and stderr are /dev/null by now: the exit status is the only way to tell.
+        Ok(Recorded::NoSpace) => ExitCode::from(EXIT_DISK_FULL as u8),
+        Ok(Recorded::No) => ExitCode::from(EXIT_NO_RECORD as u8),
+        Err(failure) => {
             // Only reached before the hello line was printed; the agent reads this.
-            hello_and_fail(&message)
+            hello_and_fail(&failure)
         }
     }
 }
 
-fn hello_and_fail(message: &str) -> ExitCode {
+/// Whether the end of the run made it into `exit.json`.
+enum Recorded {
+    Yes,
+    NoSpace,
+    No,
+}
+
+fn hello_and_fail(failure: &ShimFailure) -> ExitCode {
     print_hello(&ShimHello {
         service_pid: None,
-        error: Some(message.to_owned()),
+        error: Some(failure.message.clone()),
+        reason: Some(failure.reason.to_owned()),
     });
     ExitCode::FAILURE
 }
@@ -284,7 +324,7 @@ fn clean_up_group(pgid: Pid, main: Pid) {
     }
 }
 
-fn run(spec: &ShimSpec) -> Result<(), String> {
+fn run(spec: &ShimSpec) -> Result<Recorded, ShimFailure> {
     // SAFETY: plain calls with constant arguments.
     unsafe {
         // Orphaned grandchildren are re-parented to us so we can reap them.
@@ -292,8 +332,15 @@ fn run(spec: &ShimSpec) -> Result<(), String> {
         libc::signal(libc::SIGHUP, libc::SIG_IGN);
         libc::signal(libc::SIGINT, libc::SIG_IGN);
     }
-    let log = RotatingLog::open(&spec.log_file, spec.log_max_bytes)
-        .map_err(|e| format!("failed to open the log '{}': {e}", spec.log_file.display()))?;
+    let log = RotatingLog::open(&spec.log_file, spec.log_max_bytes).map_err(|e| {
+        let reason = if crate::fsutil::is_disk_full(&e) {
+            "disk-full"
+        } else {
+            "spawn-failed"
+        };
+        let message = format!("failed to open the log '{}': {e}", spec.log_file.display());
+        ShimFailure::new(reason, message)
+    })?;
     let exit_path = records::exit_file(&spec.run_dir);
     let run_path = records::run_file(&spec.run_dir);
     let mut child = match spawn_service(&spec.run) {
@@ -308,7 +355,7 @@ fn run(spec: &ShimSpec) -> Result<(), String> {
                 error: Some(message.clone()),
             };
             let _ = records::write_record(&exit_path, &record);
-            return Err(message);
+            return Err(ShimFailure::new("spawn-failed", message));
         }
     };
     let started_ms = now_ms();
@@ -326,7 +373,7 @@ fn run(spec: &ShimSpec) -> Result<(), String> {
     if let Err(e) = records::write_record(&run_path, &record) {
         let _ = process_group::signal(main, Signal::SIGKILL);
         let _ = wait_main(main);
-        return Err(e.to_string());
+        return Err(ShimFailure::new(e.reason(), e.to_string()));
     }
 
     let log = Arc::new(Mutex::new(Some(log)));
@@ -364,6 +411,7 @@ fn run(spec: &ShimSpec) -> Result<(), String> {
     print_hello(&ShimHello {
         service_pid: Some(service_pid),
         error: None,
+        reason: None,
     });
     redirect_to_null(&[1, 2]);
 
@@ -392,8 +440,11 @@ fn run(spec: &ShimSpec) -> Result<(), String> {
         service_pid,
         error: None,
     };
-    // Nobody to tell if this fails: stdout and stderr are /dev/null by now, and the agent falls
-    // back to "ended without an exit record".
-    let _ = records::write_record(&exit_path, &record);
-    Ok(())
+    // Only the exit status can tell the agent why this failed: stdout and stderr are
+    // /dev/null by now.
+    match records::write_record(&exit_path, &record) {
+        Ok(()) => Ok(Recorded::Yes),
+        Err(e) if e.reason() == "disk-full" => Ok(Recorded::NoSpace),
+        Err(_) => Ok(Recorded::No),
+    }
 }
