@@ -48,6 +48,8 @@ fn policy() -> SupervisePolicy {
 struct Fixture {
     dir: tempfile::TempDir,
     paths: ServicePaths,
+    /// Whether `dir` is a tmpfs mount point to unmount when dropped.
+    tmpfs: bool,
 }
 
 impl Fixture {
@@ -57,7 +59,45 @@ impl Fixture {
             run_dir: dir.path().join("state/run/jupyterlab"),
             log_file: dir.path().join("log/exoagent/jupyterlab.log"),
         };
-        Self { dir, paths }
+        Self {
+            dir,
+            paths,
+            tmpfs: false,
+        }
+    }
+
+    /// A fixture on a tmpfs of `size_kib`, a disk that can really be filled; `None` when not
+    /// root (mounting needs it; CI runs as root).
+    fn on_tmpfs(size_kib: u32) -> Option<Self> {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: mounting a tmpfs needs root");
+            return None;
+        }
+        let mut fx = Self::new();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size_kib}k,mode=0755")])
+            .arg("tmpfs")
+            .arg(fx.path())
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount tmpfs failed");
+        fx.tmpfs = true;
+        Some(fx)
+    }
+
+    /// Write a filler file until the filesystem is full (ENOSPC); returns its path.
+    fn fill(&self) -> PathBuf {
+        use std::io::Write;
+        let filler = self.path().join("filler");
+        let mut file = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 4096];
+        loop {
+            match file.write_all(&block) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => return filler,
+                Err(e) => panic!("filling the tmpfs: {e}"),
+            }
+        }
     }
 
     fn path(&self) -> &Path {
@@ -108,6 +148,30 @@ impl Drop for Fixture {
         }
         if procfs::is_alive(run.shim_pid, run.shim_start_ticks) {
             let _ = kill(Pid::from_raw(run.shim_pid as i32), Signal::SIGKILL);
+        }
+    }
+}
+
+/// Unmounts a fixture's tmpfs after [`Fixture`]'s own drop has killed its processes.
+struct Unmount<'a>(&'a Fixture);
+
+impl Drop for Unmount<'_> {
+    fn drop(&mut self) {
+        if let Ok(Some(run)) =
+            records::read_record::<RunRecord>(&records::run_file(&self.0.paths.run_dir))
+        {
+            if procfs::is_alive(run.service_pid, run.service_start_ticks) && run.pgid > 1 {
+                let _ = killpg(Pid::from_raw(run.pgid), Signal::SIGKILL);
+            }
+            if procfs::is_alive(run.shim_pid, run.shim_start_ticks) {
+                let _ = kill(Pid::from_raw(run.shim_pid as i32), Signal::SIGKILL);
+            }
+        }
+        if self.0.tmpfs {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(self.0.path())
+                .status();
         }
     }
 }
@@ -734,5 +798,71 @@ async fn failing_liveness_probe_degrades_and_recovers() {
     assert_eq!(status.restarts, 0);
     assert_eq!(status.reason, None);
     finish(cancel, task).await;
+    fx.stop().await;
+}
+
+fn temporaries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp"))
+        .collect()
+}
+
+fn disk_full(s: &ServiceStatus) -> bool {
+    s.state == ServiceState::Failed && s.reason.as_ref().is_some_and(|r| r.code == "disk-full")
+}
+
+#[tokio::test]
+async fn full_disk_is_reported_as_disk_full_and_recovers_once_space_is_freed() {
+    let Some(fx) = Fixture::on_tmpfs(2048) else {
+        return;
+    };
+    let _unmount = Unmount(&fx);
+    let port = free_port();
+    let spec = || http_server(port, Path::new("/"));
+    let retrying = |hub: &StateHub| {
+        let cancel = CancellationToken::new();
+        let sup = fx.supervisor(spec(), http_probe(port), policy(), hub);
+        (cancel.clone(), tokio::spawn(sup.run_retrying(cancel)))
+    };
+
+    // The agent runs the service; then the disk fills up and the service is killed.
+    let hub1 = hub();
+    let mut rx1 = hub1.subscribe();
+    let (cancel1, task1) = retrying(&hub1);
+    let pid = wait_for(&mut rx1, "ready", ready).await.pid.unwrap();
+    let run = fx.run_record().unwrap();
+    let filler = fx.fill();
+    kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+    let status = wait_for(&mut rx1, "disk-full while the agent runs", disk_full).await;
+    let detail = &status.reason.unwrap().detail;
+    assert!(
+        detail.contains(&fx.paths.run_dir.display().to_string()),
+        "names the path: {detail}"
+    );
+    assert!(!procfs::is_alive(run.shim_pid, run.shim_start_ticks));
+    assert_eq!(temporaries(&fx.paths.run_dir), Vec::<String>::new());
+    assert_eq!(hub1.snapshot().setup.reason.unwrap().code, "disk-full");
+    finish(cancel1, task1).await;
+
+    // The agent restarts while the disk is still full: still disk-full, not shim-lost.
+    let hub2 = hub();
+    let mut rx2 = hub2.subscribe();
+    let (cancel2, task2) = retrying(&hub2);
+    wait_for(&mut rx2, "disk-full after an agent restart", disk_full).await;
+    // A few retries while still full keep it failed and leave no temporaries behind.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(disk_full(&hub2.snapshot().services[0]));
+    assert_eq!(temporaries(&fx.paths.run_dir), Vec::<String>::new());
+
+    // Space is freed: the same agent recovers the service on its own.
+    std::fs::remove_file(&filler).unwrap();
+    let status = wait_for(&mut rx2, "ready once space is freed", ready).await;
+    assert_ne!(status.pid, Some(pid));
+    assert_eq!(status.reason, None);
+    let report = finish(cancel2, task2).await;
+    assert_eq!(report.outcome, RunOutcome::Cancelled);
+    assert!(report.spawned >= 1);
     fx.stop().await;
 }
