@@ -589,6 +589,17 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_service_may_be_retried() {
+        use ServiceState::*;
+        // The retry schedule brings failed services back without an agent restart.
+        assert!(Failed.may_become(Installing));
+        assert!(Failed.may_become(Starting));
+        // ...but only through a fresh start, never straight to ready.
+        assert!(!Failed.may_become(Ready));
+        assert!(!Failed.may_become(Degraded));
+    }
+
+    #[test]
     fn illegal_transition_is_refused_and_state_kept() {
         let hub = hub();
         let err = hub

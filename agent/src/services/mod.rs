@@ -417,6 +417,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_full_disk_is_disk_full_in_every_step() {
+        let kind = ServiceKind::JupyterLab;
+        let mut full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let source = std::io::Write::write_all(&mut full, b"x").unwrap_err();
+        let error = io_error(kind, "write", std::path::Path::new("/etc/x.json"))(source);
+        assert_eq!(error.reason(), DISK_FULL);
+        assert!(error.to_string().contains("/etc/x.json"), "{error}");
+        let other = io_error(kind, "write", std::path::Path::new("/x"))(
+            std::io::Error::from_raw_os_error(libc::EACCES),
+        );
+        assert_eq!(other.reason(), "service-configure-failed");
+        let pip = ServiceError::Install {
+            service: kind,
+            detail: "pip install: OSError: [Errno 28] No space left on device".into(),
+        };
+        assert_eq!(pip.reason(), DISK_FULL);
+        let plain = ServiceError::Install {
+            service: kind,
+            detail: "pip install: exit status 1".into(),
+        };
+        assert_eq!(plain.reason(), "service-install-failed");
+    }
+
+    #[test]
     fn every_implemented_kind_has_a_section_and_the_others_none() {
         for kind in ServiceKind::ALL {
             assert_eq!(

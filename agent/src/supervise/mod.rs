@@ -1143,6 +1143,61 @@ mod tests {
     }
 
     #[test]
+    fn failed_services_are_retried_from_backoff_max_doubling_to_twenty_times_it() {
+        let p = SupervisePolicy::default();
+        let delays: Vec<u64> = (1..=7).map(|n| retry_delay(&p, n).as_secs()).collect();
+        assert_eq!(delays, [30, 60, 120, 240, 480, 600, 600]);
+        assert_eq!(retry_delay(&p, u32::MAX), Duration::from_secs(600));
+        for _ in 0..50 {
+            let d = jittered(Duration::from_secs(30));
+            assert!(
+                d >= Duration::from_secs(30) && d <= Duration::from_secs(33),
+                "{d:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_full_disk_is_named_with_its_path() {
+        let error = SuperviseError::Io {
+            action: "write",
+            path: "/run/x/exit.json".into(),
+            source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+        };
+        assert_eq!(error.reason(), DISK_FULL);
+        assert!(error.to_string().contains("/run/x/exit.json"), "{error}");
+        let other = SuperviseError::Io {
+            action: "write",
+            path: "/x".into(),
+            source: std::io::Error::from_raw_os_error(libc::EACCES),
+        };
+        assert_eq!(other.reason(), "supervise-io-failed");
+        // Another failure of the probe write is no false alarm.
+        assert_eq!(out_of_space(Path::new("/nonexistent/dir")), None);
+    }
+
+    #[test]
+    fn out_of_space_sees_a_full_tmpfs_and_cleans_up() {
+        let Some(fs) = crate::fsutil::tests::TinyFs::mount(64) else {
+            return;
+        };
+        assert_eq!(out_of_space(fs.path()), None);
+        let filler = fs.fill();
+        let detail = out_of_space(fs.path()).expect("full");
+        assert!(
+            detail.contains(&fs.path().display().to_string()),
+            "{detail}"
+        );
+        std::fs::remove_file(filler).unwrap();
+        assert_eq!(out_of_space(fs.path()), None);
+        assert_eq!(
+            std::fs::read_dir(fs.path()).unwrap().count(),
+            0,
+            "no files left"
+        );
+    }
+
+    #[test]
     fn ended_detail_joins_status_and_tail() {
         let ended = Ended {
             code: "exited",
