@@ -16,6 +16,8 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde_json::json;
 
+use crate::httpserve::{self, Limits};
+
 use super::assets;
 use super::auth::{Authenticator, Credentials, LoginError};
 use super::handshake::{self, ClientInfo};
@@ -24,6 +26,12 @@ use super::web_config::{WebConfig, DATA_SOURCE};
 
 /// At most this many tunnels at once; more are refused with CLIENT_TOO_MANY.
 pub const MAX_TUNNELS: usize = 32;
+/// What each client may hold (`docs/contracts.md`): the defaults, but 256 connections, as the
+/// port is open to the cloud's proxy and beyond. Tunnels count only until they are upgraded.
+pub const LIMITS: Limits = Limits {
+    max_connections: 256,
+    ..Limits::DEFAULT
+};
 /// How often the start-up check asks guacd again until it answers.
 const GUACD_RETRY: Duration = Duration::from_secs(2);
 
@@ -111,12 +119,8 @@ pub async fn serve(
         .clone()
         .map(|argv| tokio::spawn(run_guacd(argv)));
     tokio::spawn(state.clone().check_guacd_until_ready());
-    axum::serve(
-        listener,
-        router(state).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    httpserve::serve(listener, router(state), LIMITS, shutdown).await;
+    Ok(())
 }
 
 /// Run guacd in the foreground and restart it when it exits (1 s, doubling to 30 s; reset after
