@@ -1,6 +1,8 @@
 //! The local status API, on the router and over a real Unix socket, and the `status`/`logs`
 //! commands' exit codes against it.
 
+mod common;
+
 use std::os::unix::fs::PermissionsExt;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -8,7 +10,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use exoagent::api::client::{ApiClient, ClientError};
-use exoagent::api::server::{app, bind_and_serve, ApiState};
+use exoagent::api::server::{app, bind_and_serve, ApiState, LIMITS};
 use exoagent::cli::status::{self, StatusArgs};
 use exoagent::model::ServiceKind;
 use exoagent::paths::Paths;
@@ -277,4 +279,82 @@ async fn wait_covers_an_agent_that_is_still_starting() {
     .await
     .unwrap();
     assert_eq!(code, ExitCode::from(status::EXIT_UNREACHABLE));
+}
+
+/// Slack over a limit for a loaded test machine.
+const SLACK: Duration = Duration::from_secs(5);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_idle_and_oversized_clients_are_cut_off_and_connections_capped() {
+    use common::hostile::{
+        huge_content_length, idle_until_closed, response_head, trickle_until_closed,
+    };
+    use tokio::net::UnixStream;
+
+    let f = fixture();
+    let socket = f.paths.api_socket();
+    let cancel = CancellationToken::new();
+    let server = bind_and_serve(f.state(), &socket, None, cancel.clone())
+        .await
+        .unwrap();
+    let bound = LIMITS.header_read + SLACK;
+
+    // 20 clients trickling a header and 20 sending nothing: all closed by the header timeout.
+    let mut clients = tokio::task::JoinSet::new();
+    for i in 0..40 {
+        let stream = UnixStream::connect(&socket).await.unwrap();
+        if i % 2 == 0 {
+            clients.spawn(trickle_until_closed(stream, bound));
+        } else {
+            clients.spawn(idle_until_closed(stream, b"", bound));
+        }
+    }
+    // A kept-alive connection that sends no second request is closed too.
+    let stream = UnixStream::connect(&socket).await.unwrap();
+    clients.spawn(idle_until_closed(
+        stream,
+        b"GET /v1/status HTTP/1.1\r\nHost: x\r\n\r\n",
+        bound,
+    ));
+    while let Some(closed) = clients.join_next().await {
+        assert!(
+            closed.unwrap().is_some(),
+            "a slow or idle client was still connected after {bound:?}"
+        );
+    }
+
+    // 100 GB announced, five bytes sent: answered at once, not waited for.
+    let stream = UnixStream::connect(&socket).await.unwrap();
+    let head = response_head(stream, &huge_content_length("/v1/status"), SLACK).await;
+    let head = head.expect("no answer to a huge Content-Length");
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+
+    // The cap: with every slot held, one more connection is closed before it sends anything.
+    let mut held = Vec::new();
+    for _ in 0..LIMITS.max_connections {
+        held.push(UnixStream::connect(&socket).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let extra = UnixStream::connect(&socket).await.unwrap();
+    assert!(
+        idle_until_closed(extra, b"", Duration::from_secs(3))
+            .await
+            .is_some(),
+        "connection {} was kept over the cap of {}",
+        LIMITS.max_connections + 1,
+        LIMITS.max_connections
+    );
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let client = ApiClient::new(&socket);
+    assert!(
+        client.status().await.is_ok(),
+        "the server recovers below the cap"
+    );
+
+    cancel.cancel();
+    tokio::time::timeout(SLACK, server)
+        .await
+        .expect("the server stops on cancel")
+        .unwrap();
 }

@@ -107,6 +107,15 @@ fn the_agent_runs_the_web_side_and_the_tunnel_relays_to_guacd() {
         };
         assert_eq!(reason, "769");
 
+        // A forged log line in the connection name: the refusal is logged on one line.
+        let forged = format!("{ws_base}/guacamole/websocket-tunnel?token=nope&GUAC_ID=x%0AFORGED%20line&GUAC_TYPE=c&GUAC_DATA_SOURCE=default");
+        let mut socket = open(forged).await;
+        while let Some(Ok(message)) = socket.next().await {
+            if message.is_close() {
+                break;
+            }
+        }
+
         // The real thing.
         let mut socket = open(format!("{url}&GUAC_WIDTH=800&GUAC_HEIGHT=600&GUAC_DPI=96&GUAC_IMAGE=image%2Fpng&GUAC_TIMEZONE=UTC")).await;
         let first = match socket.next().await {
@@ -182,4 +191,154 @@ fn the_agent_runs_the_web_side_and_the_tunnel_relays_to_guacd() {
         post_form(&base, format!("username={user}&password={passphrase}")).0,
         429
     );
+    // A client that reaches the port directly cannot pick a new address with X-Forwarded-For
+    // (no trusted_proxies configured).
+    for i in 0..3 {
+        let status = reqwest::blocking::Client::new()
+            .post(format!("{base}/guacamole/api/tokens"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("x-forwarded-for", format!("198.51.100.{i}"))
+            .body(format!("username={user}&password=wrong"))
+            .send()
+            .unwrap()
+            .status()
+            .as_u16();
+        assert_eq!(status, 429, "a rotated X-Forwarded-For got a fresh limit");
+    }
+
+    // `exoagent logs guacamole` shows the forged name escaped, on the refusal's own line.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let logs = loop {
+        let out = sandbox.cli(&["logs", "guacamole", "-n", "1000"]);
+        let logs = String::from_utf8_lossy(&out.stdout).into_owned();
+        if logs.contains("FORGED") || std::time::Instant::now() > deadline {
+            break logs;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let lines: Vec<&str> = logs.lines().filter(|l| l.contains("FORGED")).collect();
+    assert_eq!(lines.len(), 1, "{logs}");
+    assert!(
+        lines[0].contains("tunnel refused") && lines[0].contains(r"x\nFORGED line"),
+        "{logs}"
+    );
+}
+
+/// The web side in-process on loopback, with `trusted_proxies`.
+async fn web_side(
+    trusted_proxies: &[&str],
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    tempfile::TempDir,
+) {
+    use exoagent::services::guacamole::web::{serve, WebState};
+    use exoagent::services::guacamole::web_config::WebConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let config: WebConfig = serde_json::from_value(serde_json::json!({
+        "listen": "127.0.0.1:0",
+        "guacd": format!("127.0.0.1:{}", free_port()),
+        "username": "exouser",
+        "password_file": dir.path().join("passphrase"),
+        "session_timeout_s": 3600,
+        "connections": {},
+        "trusted_proxies": trusted_proxies,
+    }))
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let state = WebState::new(config, "right words".to_owned());
+    tokio::spawn(serve(listener, state, async move {
+        let _ = stopped.await;
+    }));
+    (addr, stop, dir)
+}
+
+async fn login_status(addr: std::net::SocketAddr, forwarded: &str, password: &str) -> u16 {
+    reqwest::Client::new()
+        .post(format!("http://{addr}/guacamole/api/tokens"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("x-forwarded-for", forwarded)
+        .body(format!("username=exouser&password={password}"))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_addresses_count_only_from_a_trusted_proxy() {
+    // Untrusted peer: rotating the header does not reset the limit.
+    let (addr, _stop, _dir) = web_side(&[]).await;
+    let mut statuses = Vec::new();
+    for i in 0..8 {
+        statuses.push(login_status(addr, &format!("198.51.100.{i}"), "wrong").await);
+    }
+    assert_eq!(statuses, [403, 403, 403, 403, 403, 429, 429, 429]);
+
+    // Trusted peer (127.0.0.1 stands for the UAP): each forwarded client has its own limit.
+    let (addr, _stop, _dir) = web_side(&["127.0.0.0/8"]).await;
+    for _ in 0..5 {
+        assert_eq!(login_status(addr, "203.0.113.1", "wrong").await, 403);
+    }
+    assert_eq!(login_status(addr, "203.0.113.1", "right words").await, 429);
+    assert_eq!(login_status(addr, "203.0.113.2", "right words").await, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_idle_and_oversized_clients_are_cut_off_and_connections_capped() {
+    use common::hostile::{
+        huge_content_length, idle_until_closed, response_head, trickle_until_closed,
+    };
+    use exoagent::services::guacamole::web::LIMITS;
+    use tokio::net::TcpStream;
+
+    let (addr, stop, _dir) = web_side(&[]).await;
+    let slack = Duration::from_secs(5);
+    let bound = LIMITS.header_read + slack;
+    let mut clients = tokio::task::JoinSet::new();
+    for i in 0..40 {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        if i % 2 == 0 {
+            clients.spawn(trickle_until_closed(stream, bound));
+        } else {
+            clients.spawn(idle_until_closed(stream, b"", bound));
+        }
+    }
+    while let Some(closed) = clients.join_next().await {
+        assert!(
+            closed.unwrap().is_some(),
+            "a slow or idle client was still connected after {bound:?}"
+        );
+    }
+
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let head = response_head(stream, &huge_content_length("/guacamole/api/tokens"), slack)
+        .await
+        .expect("no answer to a huge Content-Length");
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+
+    let mut held = Vec::new();
+    for _ in 0..LIMITS.max_connections {
+        held.push(TcpStream::connect(addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let extra = TcpStream::connect(addr).await.unwrap();
+    assert!(
+        idle_until_closed(extra, b"", Duration::from_secs(3))
+            .await
+            .is_some(),
+        "a connection over the cap of {} was kept",
+        LIMITS.max_connections
+    );
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        login_status(addr, "", "wrong").await,
+        403,
+        "the server recovers below the cap"
+    );
+    let _ = stop.send(());
 }

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::tail::{line_count, tail_lines};
 use crate::api::ApiError;
+use crate::httpserve::{self, Limits};
 use crate::model::ServiceKind;
 use crate::paths::Paths;
 use crate::state::{Snapshot, StateHub};
@@ -25,6 +26,8 @@ pub const DEFAULT_LOG_LINES: usize = 100;
 pub const MAX_LOG_LINES: usize = 10_000;
 /// The most bytes of log one response carries.
 pub const MAX_LOG_BYTES: u64 = 4 * 1024 * 1024;
+/// What each client of the socket may hold (`docs/contracts.md`): the defaults, 64 connections.
+pub const LIMITS: Limits = Limits::DEFAULT;
 
 /// What the handlers read.
 #[derive(Debug, Clone)]
@@ -155,14 +158,12 @@ pub async fn bind_and_serve(
             .map_err(|errno| permissions(std::io::Error::from(errno)))?;
     }
     let router = app(state);
-    Ok(tokio::spawn(async move {
-        let served = axum::serve(listener, router)
-            .with_graceful_shutdown(cancel.cancelled_owned())
-            .await;
-        if let Err(e) = served {
-            tracing::warn!(target: "exoagent::api", error = %e, "status API stopped");
-        }
-    }))
+    Ok(tokio::spawn(httpserve::serve(
+        listener,
+        router,
+        LIMITS,
+        cancel.cancelled_owned(),
+    )))
 }
 
 #[cfg(test)]

@@ -2,6 +2,8 @@
 //! throw-away directory, and the CLI against it.
 #![allow(dead_code)] // each test crate uses a different part
 
+pub mod hostile;
+
 use std::fs;
 use std::net::TcpListener;
 use std::os::unix::fs::MetadataExt;

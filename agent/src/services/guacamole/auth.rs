@@ -1,12 +1,18 @@
 //! Logins to the Guacamole web side: the password check (constant time), the per-source
 //! limit on failed attempts, and the session tokens that expire after inactivity.
 //!
+//! The limit (`docs/guacamole.md`): [`MAX_FAILURES`] failures from one source (an IPv4
+//! address, or an IPv6 /64) within [`FAILURE_WINDOW`] make it wait until that window, counted
+//! from its first failure, ends; a good login clears it. So a lockout never lasts longer than
+//! the window after the last wrong guess, even for an owner who shares the proxy's address with
+//! an attacker. At most [`MAX_SOURCES`] sources are remembered (the oldest goes first).
+//!
 //! Tokens are what Guacamole's own `SecureRandomAuthTokenGenerator` makes (32 random bytes as
 //! 64 upper-case hex digits). A token stays valid while it is used: every authenticated call and
 //! every tunnel message counts as activity, as in the Java web app.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -17,6 +23,9 @@ use subtle::ConstantTimeEq;
 pub const MAX_FAILURES: u32 = 5;
 /// The window in which failures count, and how long a source that used them up waits.
 pub const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+/// At most this many sources with recent failures are remembered; when full, the one whose
+/// window started first is forgotten, so the map's memory is bounded whatever the sources.
+pub const MAX_SOURCES: usize = 4096;
 /// At most this many live tokens; the least recently used goes first. Exosphere makes one per
 /// 55 minutes per open tab.
 pub const MAX_TOKENS: usize = 1024;
@@ -139,6 +148,7 @@ impl Authenticator {
         password: &str,
         now: Instant,
     ) -> Result<String, LoginError> {
+        let source = source_key(source);
         let mut failures = lock(&self.failures);
         failures.retain(|_, f| now.duration_since(f.since) < FAILURE_WINDOW);
         if let Some(f) = failures.get(&source) {
@@ -150,6 +160,12 @@ impl Authenticator {
             }
         }
         if !self.credentials.matches(username, password) {
+            if failures.len() >= MAX_SOURCES && !failures.contains_key(&source) {
+                let oldest = failures.iter().min_by_key(|(_, f)| f.since).map(|(ip, _)| *ip);
+                if let Some(oldest) = oldest {
+                    failures.remove(&oldest);
+                }
+            }
             let entry = failures.entry(source).or_insert(Failures {
                 count: 0,
                 since: now,
@@ -201,6 +217,20 @@ impl Authenticator {
 
     fn expire(&self, sessions: &mut HashMap<String, Session>, now: Instant) {
         sessions.retain(|_, s| now.duration_since(s.last_used) < self.idle_timeout);
+    }
+}
+
+/// What the limit counts: an IPv4 address, or an IPv6 address's /64 (one host usually owns a
+/// whole /64, so counting single addresses would let it rotate through them).
+fn source_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(
+                u128::from(v6) & !u128::from(u64::MAX),
+            )),
+        },
+        v4 => v4,
     }
 }
 
@@ -288,6 +318,62 @@ mod tests {
         assert!(auth
             .login_at(A, "exouser", "correct horse battery staple", later)
             .is_ok());
+    }
+
+    #[test]
+    fn the_failure_map_stays_bounded_and_a_lockout_expires() {
+        let auth = auth();
+        let t0 = Instant::now();
+        // Ten times the capacity of distinct sources, all within one window.
+        for i in 0..(10 * MAX_SOURCES as u32) {
+            let ip = IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            assert_eq!(
+                auth.login_at(ip, "exouser", "nope", t0),
+                Err(LoginError::InvalidCredentials)
+            );
+            assert!(lock(&auth.failures).len() <= MAX_SOURCES);
+        }
+        // A locked-out source waits at most the window after its first failure.
+        for _ in 0..MAX_FAILURES {
+            let _ = auth.login_at(A, "exouser", "nope", t0);
+        }
+        let later = t0 + FAILURE_WINDOW;
+        for step in 0..3u32 {
+            // Every later wrong guess locks it again, but never for longer than the window.
+            let at = later + FAILURE_WINDOW * step;
+            for _ in 0..MAX_FAILURES {
+                let _ = auth.login_at(A, "exouser", "nope", at);
+            }
+            match auth.login_at(A, "exouser", "correct horse battery staple", at) {
+                Err(LoginError::TooMany { retry_after_s }) => {
+                    assert!(retry_after_s <= FAILURE_WINDOW.as_secs())
+                }
+                other => panic!("expected a lockout, got {other:?}"),
+            }
+        }
+        assert!(auth
+            .login_at(
+                A,
+                "exouser",
+                "correct horse battery staple",
+                later + FAILURE_WINDOW * 3
+            )
+            .is_ok());
+    }
+
+    #[test]
+    fn ipv6_sources_count_per_64() {
+        let auth = auth();
+        let t0 = Instant::now();
+        for i in 0..u128::from(MAX_FAILURES) {
+            let ip = IpAddr::V6(Ipv6Addr::from(0x2001_0db8_0000_0001_0000_0000_0000_0000 + i));
+            let _ = auth.login_at(ip, "exouser", "nope", t0);
+        }
+        let same_64: IpAddr = "2001:db8:0:1::ffff".parse().unwrap();
+        assert!(matches!(
+            auth.login_at(same_64, "exouser", "nope", t0),
+            Err(LoginError::TooMany { .. })
+        ));
     }
 
     #[test]

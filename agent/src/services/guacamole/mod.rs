@@ -17,6 +17,7 @@ use crate::fsutil;
 pub mod assets;
 pub mod auth;
 pub mod cli;
+pub mod forwarded;
 pub mod handshake;
 pub mod protocol;
 pub mod settings;
@@ -203,6 +204,7 @@ impl Guacamole {
             password_file: Self::password_file(ctx),
             session_timeout_s: self.settings.session_timeout.as_secs(),
             connections: self.connections(&ctx.account.name),
+            trusted_proxies: self.settings.trusted_proxies.clone(),
         }
     }
 

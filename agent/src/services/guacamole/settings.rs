@@ -3,7 +3,11 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use crate::schema::{set, value, Checker, Key, Located};
+use toml_edit::Item;
+
+use crate::schema::{set, value, Checker, Field, Key, Located, Walker};
+
+use super::forwarded::Cidr;
 
 /// Where guacd comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +42,8 @@ pub struct GuacamoleSettings {
     pub desktop_port: Option<u16>,
     /// How long from launch to the first good probe.
     pub start_timeout: Duration,
+    /// Peers whose `X-Forwarded-For` names the client (the UAP's address); none by default.
+    pub trusted_proxies: Vec<Cidr>,
 }
 
 impl Default for GuacamoleSettings {
@@ -51,6 +57,7 @@ impl Default for GuacamoleSettings {
             ssh_port: 22,
             desktop_port: None,
             start_timeout: Duration::from_secs(120),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -64,6 +71,7 @@ pub struct Section {
     session_timeout_min: Option<Located<u64>>,
     ssh_port: Option<Located<u16>>,
     start_timeout_s: Option<Located<u64>>,
+    trusted_proxies: Option<Located<Vec<Cidr>>>,
 }
 
 /// The keys of `[services.guacamole]` besides `enabled` and `port`.
@@ -118,7 +126,36 @@ pub const KEYS: &[Key<Section>] = &[
         example: "30",
         read: |w, f, s| set(&mut s.start_timeout_s, w.count(f, 1, 3600, "seconds")),
     },
+    Key {
+        name: "trusted_proxies",
+        example: "[\"10.0.0.7\", \"192.168.0.0/24\"]",
+        read: |w, f, s| set(&mut s.trusted_proxies, cidr_list(w, f)),
+    },
 ];
+
+/// `trusted_proxies`: an array of IP addresses or CIDR blocks, each checked.
+fn cidr_list(w: &mut Walker<'_>, field: &Field<'_>) -> Option<Located<Vec<Cidr>>> {
+    const EXPECTED: &str = "an IP address or CIDR block, e.g. \"10.0.0.7\" or \"10.0.0.0/24\"";
+    let Some(array) = field.item.as_array() else {
+        w.wrong_type(field, "an array of IP addresses or CIDR blocks");
+        return None;
+    };
+    let mut blocks = Vec::new();
+    let mut ok = true;
+    for (i, value) in array.iter().enumerate() {
+        let item = Item::Value(value.clone());
+        let element = Field {
+            path: format!("{}[{i}]", field.path),
+            line: w.line(value.span()).or(field.line),
+            item: &item,
+        };
+        match w.parsed(&element, EXPECTED, |v| v.parse().ok()) {
+            Some(block) => blocks.push(block.value),
+            None => ok = false,
+        }
+    }
+    ok.then(|| w.located(field, blocks))
+}
 
 impl Section {
     /// The settings these keys give on `port`, defaults filling what no file set.
@@ -137,6 +174,7 @@ impl Section {
             start_timeout: value(&self.start_timeout_s)
                 .map(Duration::from_secs)
                 .unwrap_or(d.start_timeout),
+            trusted_proxies: value(&self.trusted_proxies).unwrap_or(d.trusted_proxies),
         }
     }
 }

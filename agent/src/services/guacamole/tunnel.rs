@@ -147,7 +147,11 @@ pub async fn relay(
             },
             message = socket.recv() => {
                 let text = match message {
-                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break Ended::ByBrowser,
+                    None | Some(Ok(Message::Close(_))) => break Ended::ByBrowser,
+                    // A frame the library refused (a text frame that is not UTF-8, say): a
+                    // close with the status, like other bad input; on a dead connection the
+                    // close just fails.
+                    Some(Err(_)) => break Ended::Failed(status::CLIENT_BAD_REQUEST),
                     Some(Ok(Message::Text(text))) => text,
                     // Guacamole speaks text; WebSocket pings are answered by the library.
                     Some(Ok(Message::Binary(_))) => break Ended::Failed(status::CLIENT_BAD_REQUEST),

@@ -3,7 +3,7 @@
 //! headers: the page and the API share an origin, behind the cloud's proxy too.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,14 +16,23 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde_json::json;
 
+use crate::httpserve::{self, Limits};
+
 use super::assets;
 use super::auth::{Authenticator, Credentials, LoginError};
+use super::forwarded;
 use super::handshake::{self, ClientInfo};
 use super::tunnel::{self, status};
 use super::web_config::{WebConfig, DATA_SOURCE};
 
 /// At most this many tunnels at once; more are refused with CLIENT_TOO_MANY.
 pub const MAX_TUNNELS: usize = 32;
+/// What each client may hold (`docs/contracts.md`): the defaults, but 256 connections, as the
+/// port is open to the cloud's proxy and beyond. Tunnels count only until they are upgraded.
+pub const LIMITS: Limits = Limits {
+    max_connections: 256,
+    ..Limits::DEFAULT
+};
 /// How often the start-up check asks guacd again until it answers.
 const GUACD_RETRY: Duration = Duration::from_secs(2);
 
@@ -63,7 +72,7 @@ impl WebState {
             let mut all = true;
             for protocol in &protocols {
                 if let Err(e) = handshake::check_protocol(self.config.guacd, protocol).await {
-                    tracing::info!(protocol, reason = e.reason(), "guacd not ready: {e}");
+                    tracing::info!(protocol, reason = e.reason(), "guacd not ready: {}", shown(&e.to_string()));
                     all = false;
                 }
             }
@@ -111,12 +120,8 @@ pub async fn serve(
         .clone()
         .map(|argv| tokio::spawn(run_guacd(argv)));
     tokio::spawn(state.clone().check_guacd_until_ready());
-    axum::serve(
-        listener,
-        router(state).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    httpserve::serve(listener, router(state), LIMITS, shutdown).await;
+    Ok(())
 }
 
 /// Run guacd in the foreground and restart it when it exits (1 s, doubling to 30 s; reset after
@@ -193,17 +198,12 @@ fn asset_response(name: &str) -> Response {
     }
 }
 
-/// The client a request comes from: behind the cloud's proxy, the last `X-Forwarded-For`
-/// entry (the one the proxy added), else the peer.
-fn source(peer: SocketAddr, headers: &HeaderMap) -> IpAddr {
-    headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|s| s.trim().parse::<IpAddr>().ok())
-        .next_back()
-        .unwrap_or(peer.ip())
+/// A value from outside as one log line may carry it: at most 64 characters, control
+/// characters (a newline would forge a line), quotes and backslashes escaped.
+pub fn shown(text: &str) -> String {
+    crate::model::truncate_chars(text, 64)
+        .escape_debug()
+        .to_string()
 }
 
 fn api_error(status: StatusCode, kind: &str, message: &str) -> Response {
@@ -231,7 +231,7 @@ async fn login(
 ) -> Response {
     let username = form.get("username").map(String::as_str).unwrap_or("");
     let password = form.get("password").map(String::as_str).unwrap_or("");
-    let from = source(peer, &headers);
+    let from = forwarded::client_address(peer.ip(), &headers, &state.config.trusted_proxies);
     match state.auth.login(from, username, password) {
         Ok(token) => {
             tracing::info!(%from, "guacamole login");
@@ -422,7 +422,7 @@ async fn websocket(
     let request = tunnel_request(query.as_deref());
     upgrade.on_upgrade(move |mut socket| async move {
         let Some(user) = state.auth.touch(&request.token) else {
-            tracing::info!(connection = %request.id, "tunnel refused: unknown or expired token (769)");
+            tracing::info!(connection = %shown(&request.id), "tunnel refused: unknown or expired token (769)");
             tunnel::close(&mut socket, status::CLIENT_UNAUTHORIZED).await;
             return;
         };
@@ -430,7 +430,7 @@ async fn websocket(
             .then(|| state.config.connections.get(&request.id))
             .flatten();
         let Some(connection) = connection else {
-            tracing::info!(connection = %request.id, "tunnel refused: no such connection (516)");
+            tracing::info!(connection = %shown(&request.id), "tunnel refused: no such connection (516)");
             tunnel::close(&mut socket, status::RESOURCE_NOT_FOUND).await;
             return;
         };
@@ -448,12 +448,12 @@ async fn websocket(
         match handshake::connect(state.config.guacd, &connection.protocol, &parameters, &client).await
         {
             Ok(connected) => {
-                tracing::info!(connection = %request.id, guacd_id = %connected.connection_id, "tunnel open");
+                tracing::info!(connection = %shown(&request.id), guacd_id = %shown(&connected.connection_id), "tunnel open");
                 let ended = tunnel::relay(socket, connected, state.auth.clone(), request.token.clone()).await;
-                tracing::info!(connection = %request.id, ?ended, seconds = started.elapsed().as_secs(), "tunnel closed");
+                tracing::info!(connection = %shown(&request.id), ?ended, seconds = started.elapsed().as_secs(), "tunnel closed");
             }
             Err(e) => {
-                tracing::warn!(connection = %request.id, reason = e.reason(), "tunnel handshake failed: {e}");
+                tracing::warn!(connection = %shown(&request.id), reason = e.reason(), "tunnel handshake failed: {}", shown(&e.to_string()));
                 tunnel::close(&mut socket, e.status()).await;
             }
         }
@@ -472,6 +472,7 @@ impl Drop for TunnelSlot<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::IpAddr;
 
     #[tokio::test]
     async fn the_embedded_page_is_served_uncached() {
@@ -515,16 +516,32 @@ mod tests {
 
     #[test]
     fn the_source_is_the_proxy_added_address() {
+        // Only from a configured proxy; see forwarded.rs for the untrusted cases.
+        let trusted: Vec<forwarded::Cidr> = vec!["10.0.0.0/24".parse().unwrap()];
         let peer: SocketAddr = "10.0.0.5:5555".parse().unwrap();
         let mut headers = HeaderMap::new();
-        assert_eq!(source(peer, &headers), peer.ip());
+        assert_eq!(
+            forwarded::client_address(peer.ip(), &headers, &trusted),
+            peer.ip()
+        );
         headers.insert(
             "x-forwarded-for",
             "203.0.113.9, 198.51.100.7".parse().unwrap(),
         );
         assert_eq!(
-            source(peer, &headers),
+            forwarded::client_address(peer.ip(), &headers, &trusted),
             "198.51.100.7".parse::<IpAddr>().unwrap()
         );
+        assert_eq!(
+            forwarded::client_address(peer.ip(), &headers, &[]),
+            peer.ip()
+        );
+    }
+
+    #[test]
+    fn outside_values_stay_on_one_log_line() {
+        assert_eq!(shown("x\nforged line"), "x\\nforged line");
+        assert_eq!(shown("\u{1b}[31m\r"), "\\u{1b}[31m\\r");
+        assert!(shown(&"a".repeat(10_000)).chars().count() <= 64);
     }
 }

@@ -10,6 +10,8 @@ use std::time::Duration;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 
+use super::forwarded::Cidr;
+
 /// The data source Exosphere names in connection ids and expects in token answers.
 pub const DATA_SOURCE: &str = "default";
 /// Replaced by the passphrase in connection parameters (as in Guacamole's `user-mapping.xml`).
@@ -46,6 +48,10 @@ pub struct WebConfig {
     pub session_timeout_s: u64,
     /// By name (`shell`, `desktop`).
     pub connections: BTreeMap<String, Connection>,
+    /// Peers whose `X-Forwarded-For` is believed (the cloud's proxy); from anyone else the
+    /// header is ignored, so a client cannot pick the address the login limit counts.
+    #[serde(default)]
+    pub trusted_proxies: Vec<Cidr>,
 }
 
 /// Why the configuration could not be used.

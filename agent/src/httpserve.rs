@@ -1,0 +1,346 @@
+//! The one HTTP/1.1 serving loop behind every server exoagent runs (the status API on its Unix
+//! socket, the Guacamole web side on TCP): header, body and idle timeouts, a connection cap and
+//! a body size limit, so a slow or hostile client costs bounded time and memory (DESIGN §8).
+//!
+//! `axum::serve` gives hyper no timer, so hyper's header timeout never fires there; this loop
+//! drives `hyper::server::conn::http1` itself with `TokioTimer`. Limits are in
+//! `docs/contracts.md`.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use axum::http::{header, HeaderValue, Request, Response, StatusCode};
+use axum::serve::Listener;
+use axum::Router;
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+
+/// The read buffer of one connection, which bounds a request head (hyper's default is ~400 KiB).
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// What one server allows each client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// From waiting for a request (a new connection, or the next request on a kept-alive one)
+    /// to its whole head: slower clients are disconnected.
+    pub header_read: Duration,
+    /// From a request's head to the end of its body, when the handler reads it.
+    pub body: Duration,
+    /// A connection with no byte read or written for this long is closed (a stalled reader
+    /// of a response, say). Not after a WebSocket upgrade: the tunnel keeps its own pings.
+    pub idle: Duration,
+    /// Open HTTP connections at most; more are closed at once, before a byte is read.
+    pub max_connections: usize,
+    /// Request bodies at most; a larger `Content-Length` is answered 413 without reading.
+    pub max_body_bytes: u64,
+}
+
+impl Limits {
+    /// 10 s headers, 30 s body, 60 s idle, 64 connections, 64 KiB bodies.
+    pub const DEFAULT: Limits = Limits {
+        header_read: Duration::from_secs(10),
+        body: Duration::from_secs(30),
+        idle: Duration::from_secs(60),
+        max_connections: 64,
+        max_body_bytes: 64 * 1024,
+    };
+}
+
+/// Serve `router` on `listener` within `limits` until `shutdown` resolves, then stop accepting,
+/// let requests in flight finish (idle connections close at once) and return. Handlers can
+/// extract `ConnectInfo<L::Addr>`.
+pub async fn serve<L>(
+    mut listener: L,
+    router: Router,
+    limits: Limits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) where
+    L: Listener,
+    L::Addr: Clone + Sync + 'static,
+{
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let connections = TaskTracker::new();
+    let stop = CancellationToken::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (io, addr) = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut shutdown => break,
+        };
+        // Over the cap: close before reading anything, so a flood holds no buffers. Not
+        // logged: a flood would flood the log.
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            drop(io);
+            continue;
+        };
+        connections.spawn(connection(
+            io,
+            addr,
+            router.clone(),
+            limits,
+            stop.clone(),
+            permit,
+        ));
+    }
+    stop.cancel();
+    connections.close();
+    connections.wait().await;
+}
+
+async fn connection<I, A>(
+    io: I,
+    addr: A,
+    router: Router,
+    limits: Limits,
+    stop: CancellationToken,
+    _permit: OwnedSemaphorePermit,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    A: Clone + Send + Sync + 'static,
+{
+    let activity = Activity::new();
+    let io = Watched {
+        inner: io,
+        activity: activity.clone(),
+    };
+    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+        let router = router.clone();
+        let addr = addr.clone();
+        async move { Ok::<_, Infallible>(handle(router, request, addr, limits).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        // hyper starts this timer whenever it waits for a request head, so it also closes a
+        // kept-alive connection that sends no next request.
+        .header_read_timeout(limits.header_read)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let mut stopping = false;
+    loop {
+        let deadline = activity.last() + limits.idle;
+        tokio::select! {
+            // Done, failed, timed out, or upgraded (hyper hands the socket to the WebSocket).
+            _ = conn.as_mut() => break,
+            () = stop.cancelled(), if !stopping => {
+                stopping = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            () = tokio::time::sleep_until(deadline) => {
+                if activity.last() + limits.idle <= Instant::now() {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+async fn handle<A>(
+    router: Router,
+    request: Request<Incoming>,
+    addr: A,
+    limits: Limits,
+) -> Response<Body>
+where
+    A: Clone + Send + Sync + 'static,
+{
+    let announced = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > limits.max_body_bytes) {
+        // Unread, the body cannot be skipped: answer and close.
+        let mut response = Response::new(Body::from("request body too large\n"));
+        *response.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return response;
+    }
+    let (mut parts, body) = request.into_parts();
+    parts.extensions.insert(ConnectInfo(addr));
+    let body = Body::new(LimitedBody {
+        inner: body,
+        deadline: Box::pin(tokio::time::sleep(limits.body)),
+        limit: limits.body,
+        read: 0,
+        max: limits.max_body_bytes,
+    });
+    match router.oneshot(Request::from_parts(parts, body)).await {
+        Ok(response) => response,
+        Err(never) => match never {},
+    }
+}
+
+/// Why a request body was cut off.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// The body did not arrive within the limit.
+    #[error("the request body did not arrive within {0:?}")]
+    TimedOut(Duration),
+    /// The body is larger than the limit (sent chunked, or longer than announced).
+    #[error("the request body is larger than {0} bytes")]
+    TooLarge(u64),
+    /// The connection failed while reading it.
+    #[error("failed to read the request body: {0}")]
+    Read(#[from] hyper::Error),
+}
+
+impl BodyError {
+    /// Short stable reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::TimedOut(_) => "http-body-timeout",
+            Self::TooLarge(_) => "http-body-too-large",
+            Self::Read(_) => "http-body-read-failed",
+        }
+    }
+}
+
+/// A request body with a deadline and a size limit.
+struct LimitedBody {
+    inner: Incoming,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    limit: Duration,
+    read: u64,
+    max: u64,
+}
+
+impl HttpBody for LimitedBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.read += data.len() as u64;
+                    if this.read > this.max {
+                        return Poll::Ready(Some(Err(BodyError::TooLarge(this.max))));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => match this.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(BodyError::TimedOut(this.limit)))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// When a connection last moved a byte, shared between its IO and its idle timer.
+#[derive(Clone)]
+struct Activity {
+    start: Instant,
+    since_start_ms: Arc<AtomicU64>,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            since_start_ms: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.since_start_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.start + Duration::from_millis(self.since_start_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// A connection's IO that records activity.
+struct Watched<I> {
+    inner: I,
+    activity: Activity,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Watched<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.touch();
+        }
+        polled
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, data);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
