@@ -9,6 +9,7 @@ pub mod cloud;
 pub mod config;
 pub mod delivery;
 pub mod fsutil;
+pub mod input;
 pub mod model;
 pub mod paths;
 pub mod platform;
