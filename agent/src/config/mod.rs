@@ -599,6 +599,93 @@ cloud_name = "exo"
     }
 
     #[test]
+    fn guacd_on_another_services_port_is_a_conflict() {
+        let e = errs(&[(
+            "/a.toml",
+            "[services.jupyterlab]\nenabled = true\nport = 8888\n\n[services.guacamole]\n\
+             enabled = true\nguacd_address = \"127.0.0.1:8888\"\n",
+        )]);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].kind, ErrorKind::Conflict);
+        assert_eq!(e[0].file, PathBuf::from("/a.toml"));
+        assert_eq!(e[0].line, Some(7));
+        assert_eq!(
+            e[0].key.as_deref(),
+            Some("services.guacamole.guacd_address")
+        );
+        assert!(
+            e[0].message.contains("services.jupyterlab (/a.toml:3)"),
+            "{}",
+            e[0]
+        );
+        // Guacamole's own port, and the default guacd port taken by another service (charged
+        // to the line enabling Guacamole).
+        let e = errs(&[(
+            "/a.toml",
+            "[services.guacamole]\nenabled = true\nguacd_address = \"0.0.0.0:49528\"\n",
+        )]);
+        assert_eq!(e[0].line, Some(3), "{e:?}");
+        let e = errs(&[(
+            "/a.toml",
+            "[services.jupyterlab]\nenabled = true\nport = 4822\n[services.guacamole]\nenabled = true\n",
+        )]);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].line, Some(5));
+        assert_eq!(
+            e[0].key.as_deref(),
+            Some("services.guacamole.guacd_address")
+        );
+        // guacd elsewhere, or on a free local port: fine.
+        for address in ["10.0.0.5:8888", "127.0.0.1:4823"] {
+            ok(&[(
+                "/a.toml",
+                &format!(
+                    "[services.jupyterlab]\nenabled = true\nport = 8888\n\
+                     [services.guacamole]\nenabled = true\nguacd_address = \"{address}\"\n"
+                ),
+            )]);
+        }
+    }
+
+    #[test]
+    fn a_flood_of_errors_is_capped_and_counted() {
+        // 5000 unknown tables: every one is counted, at most MAX_ERRORS listed, then one line
+        // saying how many more there were.
+        let text: String = (0..5000).map(|i| format!("[t{i}]\n")).collect();
+        let e = load_layers(&layers(&[("/a.toml", &text)])).unwrap_err();
+        assert_eq!(e.errors.len(), MAX_ERRORS);
+        assert_eq!(e.omitted, 5000 - MAX_ERRORS);
+        assert_eq!(e.errors[0].line, Some(1));
+        let shown = e.to_string();
+        assert_eq!(shown.lines().count(), MAX_ERRORS + 1);
+        assert!(
+            shown
+                .lines()
+                .last()
+                .unwrap()
+                .contains("4000 more errors not listed"),
+            "{}",
+            shown.lines().last().unwrap()
+        );
+    }
+
+    #[test]
+    fn credentials_in_a_refused_url_are_not_echoed() {
+        let e = errs(&[(
+            "/a.toml",
+            "[cloud]\nmetadata_url = \"http://admin:hunter2@169.254.169.254/\"\n",
+        )]);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].key.as_deref(), Some("cloud.metadata_url"));
+        let shown = e[0].to_string();
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("admin"),
+            "{shown}"
+        );
+        assert!(shown.contains("http://***@169.254.169.254/"), "{shown}");
+    }
+
+    #[test]
     fn desktop_port_must_name_a_display() {
         // 43901 once passed validation and then crash-looped the desktop ("38001 is not in
         // 0..=999"); every port at or below 5901 became display :1.
