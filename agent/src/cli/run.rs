@@ -6,6 +6,7 @@ use clap::Args;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::{self, AgentOptions, Mode};
+use crate::api::ApiError;
 use crate::config::settings::ConsoleSettings;
 use crate::report::console::{self, ConsoleSink};
 use crate::state::{now_ms, Reason, SetupState, SetupStatus};
@@ -68,9 +69,9 @@ pub(crate) fn sink(mode: &Mode) -> ConsoleSink {
 /// Report a failure that ends the agent and give its exit status.
 pub(crate) fn fail(sink: &ConsoleSink, error: &agent::AgentError) -> ExitCode {
     eprintln!("exoagent: {error}");
-    // An agent that cannot bind the status API is usually a second one beside a running agent
-    // (api-in-use): a status line from it would override the running agent's on the console.
-    if !matches!(error, agent::AgentError::Api(_)) {
+    // A second agent beside a running one must stay off the console: Exosphere takes the last
+    // status line, so its error would hide the running agent's state until the next re-emit.
+    if !matches!(error, agent::AgentError::Api(ApiError::InUse { .. })) {
         report_startup_failure(sink, error);
     }
     ExitCode::from(error.exit_code())
