@@ -95,6 +95,18 @@ fn a_fifo_in_config_d_is_refused_by_validate_and_the_agent() {
 }
 
 #[test]
+fn a_fifo_as_exospheres_choices_is_refused() {
+    let (dir, _) = root_with_dropins();
+    let choices = exoagent::paths::Paths::sandbox(dir.path()).exosphere_choices_file;
+    mkfifo(&choices);
+    let out = validate(dir.path());
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains(&format!("{}: ", choices.display())), "{err}");
+    assert!(err.contains("not a regular file"), "{err}");
+}
+
+#[test]
 fn a_huge_config_file_is_refused_by_size() {
     // 400,000 unknown tables (6.7 MB) once ran for more than ten minutes.
     let (dir, dropins) = root_with_dropins();

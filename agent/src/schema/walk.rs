@@ -147,7 +147,7 @@ fn describe_value(v: &Value) -> String {
 
 /// A string value quoted and escaped for a one-line message, shortened when long. Credentials
 /// in a URL's userinfo are masked first: a refused value is echoed to logs and the console.
-fn quote(s: &str) -> String {
+pub fn quote(s: &str) -> String {
     const MAX: usize = 40;
     let s = &*redact_userinfo(s);
     if s.chars().count() > MAX {
