@@ -10,6 +10,7 @@ pub mod config;
 pub mod delivery;
 pub mod fsutil;
 pub mod httpserve;
+pub mod input;
 pub mod model;
 pub mod paths;
 pub mod platform;

@@ -579,6 +579,47 @@ async fn changed_spec_is_not_adopted() {
 }
 
 #[tokio::test]
+async fn a_service_that_recovers_after_the_agent_gave_up_shows_no_restart() {
+    // The first agent sees a crash loop and gives up; after the cause is fixed, a new agent
+    // starts the service: a first start, not a restart of the run the old agent already saw.
+    let fx = Fixture::new();
+    let hub1 = hub();
+    let crash = sh("exit 3", fx.path());
+    let never = Probe::Tcp {
+        addr: SocketAddr::from(([127, 0, 0, 1], free_port())),
+    };
+    let mut quick = policy();
+    quick.crash_loop_restarts = 2;
+    let report = tokio::time::timeout(
+        PATIENCE,
+        fx.supervisor(crash, never, quick, &hub1)
+            .run(CancellationToken::new()),
+    )
+    .await
+    .unwrap();
+    assert!(
+        matches!(report.outcome, RunOutcome::Failed(_)),
+        "{report:?}"
+    );
+
+    let port = free_port();
+    let hub2 = hub();
+    let mut rx2 = hub2.subscribe();
+    let (cancel, task) = start(fx.supervisor(
+        http_server(port, fx.path()),
+        http_probe(port),
+        policy(),
+        &hub2,
+    ));
+    let status = wait_for(&mut rx2, "ready", ready).await;
+    assert_eq!(status.restarts, 0, "{status:?}");
+    assert_eq!(status.reason, None, "{status:?}");
+    let report = finish(cancel, task).await;
+    assert!(report.restart_delays.is_empty(), "{report:?}");
+    fx.stop().await;
+}
+
+#[tokio::test]
 async fn service_that_died_while_the_agent_was_away_is_restarted() {
     let fx = Fixture::new();
     let port = free_port();

@@ -159,7 +159,10 @@ mod tests {
 
     #[test]
     fn exit_codes_match_the_contract() {
-        let config = ConfigErrors { errors: Vec::new() };
+        let config = ConfigErrors {
+            errors: Vec::new(),
+            omitted: 0,
+        };
         assert_eq!(AgentError::Config(config).exit_code(), 78);
         assert_eq!(AgentError::NotRoot.exit_code(), 77);
         assert_eq!(AgentError::Account("x".into()).exit_code(), 1);

@@ -9,6 +9,7 @@ use crate::config::{self, Settings, DEFAULT_METADATA_URL};
 use crate::paths::Paths;
 use crate::platform::os::{self, Os};
 use crate::platform::users::Account;
+use crate::schema::values::redact_userinfo;
 use crate::services::{Service, ServiceContext};
 
 use super::provision::invoking_account;
@@ -119,7 +120,8 @@ impl fmt::Display for Plan {
             )?,
         }
         match (&self.settings.cloud.metadata_url, &self.mode) {
-            (Some(url), _) => writeln!(f, "metadata service: {url}")?,
+            // Accepted URLs carry no credentials; masked anyway, as every shown URL is.
+            (Some(url), _) => writeln!(f, "metadata service: {}", redact_userinfo(url))?,
             (None, Mode::System) => writeln!(f, "metadata service: {DEFAULT_METADATA_URL}")?,
             (None, Mode::Sandbox) => writeln!(f, "metadata service: none (sandbox)")?,
         }

@@ -40,19 +40,30 @@ type SupervisorTask = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + S
 pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(), AgentError> {
     if options.mode == Mode::System {
         require_root()?;
-        mount_config_drive(&options.paths).await;
+        if unless_cancelled(&cancel, mount_config_drive(&options.paths))
+            .await
+            .is_none()
+        {
+            return Ok(());
+        }
     }
-    // Validate fully before anything is created or changed.
-    let mut plan = plan(options.mode.clone(), options.paths.clone())?;
+    // Validate fully before anything is created or changed; a stop asked for meanwhile is
+    // answered at once, even if a read hangs.
+    let Some(planned) = plan_unless_cancelled(&options, &cancel).await else {
+        tracing::info!(target: "exoagent::agent", "stopped while reading the configuration");
+        return Ok(());
+    };
+    let mut plan = planned?;
     tracing::info!(target: "exoagent::agent", os = %plan.os.pretty_name, services = plan.services.len(), "configuration valid");
     prepare_dirs(&plan.paths)?;
 
     let hub = StateHub::new(plan.services.iter().map(|s| (s.kind(), s.port(), s.url())));
     let mut tasks = Tasks::new();
-    let notify = start_local_reporters(&plan, &hub, &mut tasks, &cancel);
 
     // The socket is bound before anything slow (the metadata service may take its time), so
-    // systemd hears READY at once; it is root-only until the account is known.
+    // systemd hears READY at once; it is root-only until the account is known. It is bound
+    // before the console reporter starts: a second agent refused here must write no status
+    // line, or Exosphere would show its state instead of the running agent's.
     let api_socket = plan.paths.api_socket();
     let api = bind_and_serve(
         ApiState {
@@ -64,6 +75,7 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
         cancel.clone(),
     )
     .await?;
+    let notify = start_local_reporters(&plan, &hub, &mut tasks, &cancel);
     if let Some(notify) = &notify {
         if let Err(e) = notify.notify("READY=1") {
             tracing::debug!(target: "exoagent::agent", error = %e, "sd_notify READY failed");
@@ -114,6 +126,33 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
     }
     remove_socket(&plan.paths.api_socket());
     Ok(())
+}
+
+/// `work`, unless `cancel` fires first (then `None`, and `work` is dropped).
+async fn unless_cancelled<T>(
+    cancel: &CancellationToken,
+    work: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        biased;
+        () = cancel.cancelled() => None,
+        done = work => Some(done),
+    }
+}
+
+/// [`plan`] on a blocking thread, unless `cancel` fires first. Reading files is blocking I/O;
+/// on the async side it would keep the stop signal from being acted on until the read ends.
+async fn plan_unless_cancelled(
+    options: &AgentOptions,
+    cancel: &CancellationToken,
+) -> Option<Result<Plan, AgentError>> {
+    let (mode, paths) = (options.mode.clone(), options.paths.clone());
+    let planning = tokio::task::spawn_blocking(move || plan(mode, paths));
+    match unless_cancelled(cancel, planning).await? {
+        Ok(planned) => Some(planned),
+        // Only a panic ends a blocking task early: pass it on.
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
 }
 
 /// System mode changes users, packages and services: it needs root.
@@ -390,6 +429,39 @@ mod tests {
         assert_eq!(error.exit_code(), 78);
         assert!(!paths.state_dir.exists());
         assert!(!paths.runtime_dir.exists());
+    }
+
+    #[tokio::test]
+    async fn a_stop_before_planning_ends_the_run_and_creates_nothing() {
+        let (_dir, paths) = fixtures::sandbox();
+        fixtures::write_config_drive(&paths, fixtures::fixture_meta_data());
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        run(options(paths.clone()), cancel).await.unwrap();
+        assert!(!paths.state_dir.exists());
+        assert!(!paths.api_socket().exists());
+    }
+
+    #[tokio::test]
+    async fn a_stop_is_answered_while_a_read_blocks() {
+        // A read that never returns by itself, like one on a hung mount: it ends only when the
+        // sender is dropped after the assertion, so the runtime can shut down.
+        let (release, blocked) = std::sync::mpsc::channel::<()>();
+        let cancel = CancellationToken::new();
+        let stopper = cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            stopper.cancel();
+        });
+        let reading = tokio::task::spawn_blocking(move || blocked.recv().is_ok());
+        // The bound only stops a hang; the answer itself comes as soon as the stop does.
+        let answered = tokio::time::timeout(
+            std::time::Duration::from_secs(60),
+            unless_cancelled(&cancel, reading),
+        )
+        .await;
+        assert!(matches!(answered, Ok(None)), "{answered:?}");
+        drop(release);
     }
 
     #[tokio::test]

@@ -117,6 +117,9 @@ pub fn dispatch(cli: Cli) -> ExitCode {
             Command::Shim => Ok(ExitCode::SUCCESS),
         }
     });
+    // Abandon, rather than wait for, a blocking read still stuck (a hung mount) after the
+    // command has finished, e.g. because SIGTERM stopped the agent during it.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     match result {
         Ok(code) => code,
         Err(e) => {

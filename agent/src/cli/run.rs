@@ -6,6 +6,7 @@ use clap::Args;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::{self, AgentOptions, Mode};
+use crate::api::ApiError;
 use crate::config::settings::ConsoleSettings;
 use crate::report::console::{self, ConsoleSink};
 use crate::state::{now_ms, Reason, SetupState, SetupStatus};
@@ -28,23 +29,52 @@ pub async fn run(
 
 /// Run the agent with the given layout until SIGTERM/SIGINT.
 pub async fn run_agent(mode: Mode, paths: crate::paths::Paths) -> anyhow::Result<ExitCode> {
+    // Signals first: everything after, configuration reading included, must be stoppable.
+    let cancel = stop_on_signal()?;
+    run_agent_until(mode, paths, cancel).await
+}
+
+/// A token cancelled on SIGTERM or SIGINT; set up before any other work so `systemctl stop`
+/// and `timeout` are answered at every moment.
+pub fn stop_on_signal() -> std::io::Result<CancellationToken> {
+    let cancel = CancellationToken::new();
+    spawn_signal_handler(cancel.clone())?;
+    Ok(cancel)
+}
+
+/// Run the agent until `cancel` fires; map its error to an exit code and last words.
+pub async fn run_agent_until(
+    mode: Mode,
+    paths: crate::paths::Paths,
+    cancel: CancellationToken,
+) -> anyhow::Result<ExitCode> {
     let shim = ShimCommand {
         exe: std::env::current_exe()?,
     };
-    let cancel = CancellationToken::new();
-    spawn_signal_handler(cancel.clone())?;
-    let sink = match mode {
-        Mode::System => ConsoleSink::Devices(ConsoleSettings::default().devices),
-        Mode::Sandbox => ConsoleSink::Stdout,
-    };
+    let sink = sink(&mode);
     match agent::run(AgentOptions { mode, paths, shim }, cancel).await {
         Ok(()) => Ok(ExitCode::SUCCESS),
-        Err(e) => {
-            eprintln!("exoagent: {e}");
-            report_startup_failure(&sink, &e);
-            Ok(ExitCode::from(e.exit_code()))
-        }
+        Err(e) => Ok(fail(&sink, &e)),
     }
+}
+
+/// Where the last words go before the configuration (and its console devices) is known.
+pub(crate) fn sink(mode: &Mode) -> ConsoleSink {
+    match mode {
+        Mode::System => ConsoleSink::Devices(ConsoleSettings::default().devices),
+        Mode::Sandbox => ConsoleSink::Stdout,
+    }
+}
+
+/// Report a failure that ends the agent and give its exit status.
+pub(crate) fn fail(sink: &ConsoleSink, error: &agent::AgentError) -> ExitCode {
+    eprintln!("exoagent: {error}");
+    // A second agent beside a running one must stay off the console: Exosphere takes the last
+    // status line, so its error would hide the running agent's state until the next re-emit.
+    if !matches!(error, agent::AgentError::Api(ApiError::InUse { .. })) {
+        report_startup_failure(sink, error);
+    }
+    ExitCode::from(error.exit_code())
 }
 
 /// Tell Exosphere through the console that setup cannot even start, so the instance shows Error

@@ -23,6 +23,9 @@ pub async fn run(_args: ValidateArgs, mode: Mode, paths: Paths) -> anyhow::Resul
             for error in &errors.errors {
                 eprintln!("  {error}");
             }
+            if let Some(line) = errors.omitted_line() {
+                eprintln!("  {line}");
+            }
             eprintln!("\nA complete example configuration with every key at its default:\n");
             eprintln!("{}", crate::config::EXAMPLE_CONFIG);
             Ok(ExitCode::FAILURE)

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::input::{read_capped, ReadError, MAX_DRIVE_FILE_BYTES};
+
 /// What the agent needs to know about the instance it runs on.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct InstanceIdentity {
@@ -227,13 +229,18 @@ impl ConfigDrive {
     }
 }
 
+/// A drive document, refusing what is not a regular file or is oversized: the directory may be
+/// a sandbox's or an image's, and a FIFO there must not hang planning.
 fn read_optional(path: &Path) -> Result<Option<String>, IdentityError> {
-    match std::fs::read_to_string(path) {
+    match read_capped(path, MAX_DRIVE_FILE_BYTES) {
         Ok(text) => Ok(Some(text)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(IdentityError::Read {
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) => Err(IdentityError::Read {
             path: path.to_path_buf(),
-            source,
+            source: match e {
+                ReadError::Io(source) => source,
+                refused => std::io::Error::new(std::io::ErrorKind::InvalidData, refused),
+            },
         }),
     }
 }
@@ -304,6 +311,21 @@ mod tests {
             drive.network_data().unwrap_err().reason(),
             "identity-invalid"
         );
+    }
+
+    #[test]
+    fn a_fifo_on_the_drive_is_refused_not_waited_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let latest = dir.path().join("openstack/latest");
+        std::fs::create_dir_all(&latest).unwrap();
+        nix::unistd::mkfifo(
+            &latest.join("meta_data.json"),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
+        let err = ConfigDrive::new(dir.path()).identity().unwrap_err();
+        assert_eq!(err.reason(), "identity-unreadable");
+        assert!(err.to_string().contains("not a regular file"), "{err}");
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::schema::{ConfigError, ErrorKind};
+use crate::schema::{quote, ConfigError, ErrorKind};
 
 /// The choices exoagent understands, and the configuration key each one sets.
 const CHOICES: [(&str, &str, &str); 2] = [
@@ -65,7 +65,7 @@ pub(crate) fn layer(path: &Path, text: &str) -> Result<String, Vec<ConfigError>>
                 other => errors.push(error(
                     Some(key),
                     ErrorKind::WrongType,
-                    format!("expected true or false, found {other}"),
+                    format!("expected true or false, found {}", shown(other)),
                 )),
             }
         } else if WORKFLOW_KEYS.contains(&key.as_str()) {
@@ -95,6 +95,17 @@ pub(crate) fn layer(path: &Path, text: &str) -> Result<String, Vec<ConfigError>>
     }
 }
 
+/// A refused JSON value for a one-line message: strings quoted, shortened and with URL
+/// credentials masked as in the TOML files' errors; containers only named (they may be huge).
+fn shown(value: &Value) -> String {
+    match value {
+        Value::String(s) => format!("string {}", quote(s)),
+        Value::Array(_) => "an array".to_owned(),
+        Value::Object(_) => "an object".to_owned(),
+        other => other.to_string(),
+    }
+}
+
 /// Re-locate an error the merged configuration produced about the generated layer: the JSON
 /// key instead of the TOML key, and no line (the TOML's lines are not the file's).
 pub(crate) fn relocate(error: &mut ConfigError) {
@@ -114,6 +125,19 @@ mod tests {
         match layer(Path::new("/c.json"), text) {
             Ok(toml) => panic!("expected errors, got {toml:?}"),
             Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn refused_values_are_shortened_and_masked() {
+        let long = "x".repeat(10_000);
+        let text =
+            format!(r#"{{"guac_enabled":"http://u:hunter2@h/{long}","gui_enabled":[{long:?}]}}"#);
+        let e = errors(&text);
+        assert_eq!(e.len(), 2, "{e:?}");
+        for e in &e {
+            assert!(e.message.len() < 200, "{e}");
+            assert!(!e.message.contains("hunter2"), "{e}");
         }
     }
 

@@ -322,16 +322,17 @@ fn services(
 }
 
 /// Read the file at position `index` of the load order into `fragment` (its values win over
-/// earlier files'), returning every error found in it.
+/// earlier files'), returning the errors found in it (at most `MAX_ERRORS`) and how many more
+/// there were.
 pub(crate) fn parse(
     index: usize,
     path: &Path,
     text: &str,
     fragment: &mut Fragment,
-) -> Vec<ConfigError> {
+) -> (Vec<ConfigError>, usize) {
     let doc = match parse_document(path, text) {
         Ok(doc) => doc,
-        Err(error) => return vec![error],
+        Err(error) => return (vec![error], 0),
     };
     let mut w = Walker::new(index, path, text);
     let root: &dyn TableLike = doc.as_table();
@@ -385,7 +386,7 @@ pub(crate) fn parse(
             _ => {}
         }
     }
-    w.finish()
+    w.finish_counted()
 }
 
 #[cfg(test)]
@@ -410,7 +411,7 @@ mod tests {
             // A section without a reader would accept anything: an unknown key must be refused.
             let text = format!("[{key}]\nnot_a_key = 1\n");
             let mut fragment = Fragment::default();
-            let errors = parse(0, Path::new("t.toml"), &text, &mut fragment);
+            let (errors, _) = parse(0, Path::new("t.toml"), &text, &mut fragment);
             assert_eq!(errors.len(), 1, "{key}: {errors:?}");
             assert_eq!(errors[0].key.as_deref(), Some(&*format!("{key}.not_a_key")));
         }

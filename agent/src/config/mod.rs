@@ -21,7 +21,10 @@ use std::path::{Path, PathBuf};
 pub use crate::schema::{ConfigError, ConfigErrors, ErrorKind};
 pub use settings::*;
 
+use crate::input::read_capped;
+pub use crate::input::MAX_CONFIG_FILE_BYTES;
 use crate::paths::Paths;
+pub use crate::schema::MAX_ERRORS;
 
 /// A fully commented configuration that sets every key to its default; printed by
 /// `exoagent validate` on failure and shipped in the documentation.
@@ -38,10 +41,20 @@ pub struct Loaded {
 
 /// Load, merge and validate the configuration files of `paths`.
 pub fn load(paths: &Paths) -> Result<Loaded, ConfigErrors> {
+    load_with_main_default(paths, None)
+}
+
+/// As [`load`], with `main` read as [`Paths::config_file`] when there is no such file: what
+/// the configuration will be once a default main file is written, checked before writing it.
+pub fn load_with_main_default(paths: &Paths, main: Option<&str>) -> Result<Loaded, ConfigErrors> {
     let mut inputs = Vec::new();
     list_dir(&paths.vendor_config_dir, &mut inputs);
     match fs::symlink_metadata(&paths.config_file) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if let Some(text) = main {
+                inputs.push(Input::Text(paths.config_file.clone(), text.to_owned()));
+            }
+        }
         // Anything else, a dangling symlink included, is there and must be readable.
         _ => inputs.push(Input::File(paths.config_file.clone())),
     }
@@ -56,7 +69,7 @@ pub fn load(paths: &Paths) -> Result<Loaded, ConfigErrors> {
     let mut order = Vec::new();
     for input in inputs {
         match input {
-            Input::File(path) => match fs::read_to_string(&path) {
+            Input::File(path) => match read_capped(&path, MAX_CONFIG_FILE_BYTES) {
                 Ok(text) => {
                     order.push(path.clone());
                     layers.push((path, text));
@@ -74,7 +87,7 @@ pub fn load(paths: &Paths) -> Result<Loaded, ConfigErrors> {
             },
             Input::ExosphereChoices(path) => {
                 order.push(path.clone());
-                match fs::read_to_string(&path) {
+                match read_capped(&path, MAX_CONFIG_FILE_BYTES) {
                     Ok(text) => match exosphere::layer(&path, &text) {
                         Ok(toml) => layers.push((path, toml)),
                         Err(found) => errors.extend(found),
@@ -87,6 +100,10 @@ pub fn load(paths: &Paths) -> Result<Loaded, ConfigErrors> {
                         kind: ErrorKind::Unreadable,
                     }),
                 }
+            }
+            Input::Text(path, text) => {
+                order.push(path.clone());
+                layers.push((path, text));
             }
             Input::Error(error) => {
                 order.push(error.file.clone());
@@ -114,6 +131,8 @@ pub fn load_layers(layers: &[(PathBuf, String)]) -> Result<Loaded, ConfigErrors>
 /// A file to read, or a directory that could not be listed.
 enum Input {
     File(PathBuf),
+    /// A file's text given in memory (a default not written yet).
+    Text(PathBuf, String),
     /// Exosphere's choices (JSON), translated into a layer.
     ExosphereChoices(PathBuf),
     Error(ConfigError),
@@ -161,8 +180,16 @@ fn assemble(
     order: &[PathBuf],
 ) -> Result<Loaded, ConfigErrors> {
     let mut merged = fragment::Fragment::default();
+    let mut omitted = 0;
     for (index, (path, text)) in layers.iter().enumerate() {
-        errors.extend(fragment::parse(index, path, text, &mut merged));
+        let (found, more) = fragment::parse(index, path, text, &mut merged);
+        errors.extend(found);
+        omitted += more;
+        // Keep memory bounded across many files as the walker does within one.
+        if errors.len() > MAX_ERRORS {
+            omitted += errors.len() - MAX_ERRORS;
+            errors.truncate(MAX_ERRORS);
+        }
     }
     // Unreadable files were found before any parsing: put every error at its file's place.
     // The sort is stable, so each file's errors keep their line order.
@@ -170,10 +197,14 @@ fn assemble(
     let files: Vec<PathBuf> = layers.iter().map(|(path, _)| path.clone()).collect();
     let (settings, semantic) = validate::settings(&merged, &files);
     errors.extend(semantic);
-    if errors.is_empty() {
+    if errors.len() > MAX_ERRORS {
+        omitted += errors.len() - MAX_ERRORS;
+        errors.truncate(MAX_ERRORS);
+    }
+    if errors.is_empty() && omitted == 0 {
         Ok(Loaded { settings, files })
     } else {
-        Err(ConfigErrors { errors })
+        Err(ConfigErrors { errors, omitted })
     }
 }
 
@@ -568,6 +599,93 @@ cloud_name = "exo"
     }
 
     #[test]
+    fn guacd_on_another_services_port_is_a_conflict() {
+        let e = errs(&[(
+            "/a.toml",
+            "[services.jupyterlab]\nenabled = true\nport = 8888\n\n[services.guacamole]\n\
+             enabled = true\nguacd_address = \"127.0.0.1:8888\"\n",
+        )]);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].kind, ErrorKind::Conflict);
+        assert_eq!(e[0].file, PathBuf::from("/a.toml"));
+        assert_eq!(e[0].line, Some(7));
+        assert_eq!(
+            e[0].key.as_deref(),
+            Some("services.guacamole.guacd_address")
+        );
+        assert!(
+            e[0].message.contains("services.jupyterlab (/a.toml:3)"),
+            "{}",
+            e[0]
+        );
+        // Guacamole's own port, and the default guacd port taken by another service (charged
+        // to the line enabling Guacamole).
+        let e = errs(&[(
+            "/a.toml",
+            "[services.guacamole]\nenabled = true\nguacd_address = \"0.0.0.0:49528\"\n",
+        )]);
+        assert_eq!(e[0].line, Some(3), "{e:?}");
+        let e = errs(&[(
+            "/a.toml",
+            "[services.jupyterlab]\nenabled = true\nport = 4822\n[services.guacamole]\nenabled = true\n",
+        )]);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].line, Some(5));
+        assert_eq!(
+            e[0].key.as_deref(),
+            Some("services.guacamole.guacd_address")
+        );
+        // guacd elsewhere, or on a free local port: fine.
+        for address in ["10.0.0.5:8888", "127.0.0.1:4823"] {
+            ok(&[(
+                "/a.toml",
+                &format!(
+                    "[services.jupyterlab]\nenabled = true\nport = 8888\n\
+                     [services.guacamole]\nenabled = true\nguacd_address = \"{address}\"\n"
+                ),
+            )]);
+        }
+    }
+
+    #[test]
+    fn a_flood_of_errors_is_capped_and_counted() {
+        // 5000 unknown tables: every one is counted, at most MAX_ERRORS listed, then one line
+        // saying how many more there were.
+        let text: String = (0..5000).map(|i| format!("[t{i}]\n")).collect();
+        let e = load_layers(&layers(&[("/a.toml", &text)])).unwrap_err();
+        assert_eq!(e.errors.len(), MAX_ERRORS);
+        assert_eq!(e.omitted, 5000 - MAX_ERRORS);
+        assert_eq!(e.errors[0].line, Some(1));
+        let shown = e.to_string();
+        assert_eq!(shown.lines().count(), MAX_ERRORS + 1);
+        assert!(
+            shown
+                .lines()
+                .last()
+                .unwrap()
+                .contains("4000 more errors not listed"),
+            "{}",
+            shown.lines().last().unwrap()
+        );
+    }
+
+    #[test]
+    fn credentials_in_a_refused_url_are_not_echoed() {
+        let e = errs(&[(
+            "/a.toml",
+            "[cloud]\nmetadata_url = \"http://admin:hunter2@169.254.169.254/\"\n",
+        )]);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].key.as_deref(), Some("cloud.metadata_url"));
+        let shown = e[0].to_string();
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("admin"),
+            "{shown}"
+        );
+        assert!(shown.contains("http://***@169.254.169.254/"), "{shown}");
+    }
+
+    #[test]
     fn desktop_port_must_name_a_display() {
         // 43901 once passed validation and then crash-looped the desktop ("38001 is not in
         // 0..=999"); every port at or below 5901 became display :1.
@@ -696,9 +814,21 @@ cloud_name = "exo"
                 InvalidValue,
             ),
         ];
-        assert_eq!(got, want, "\n{}", ConfigErrors { errors: e.clone() });
+        assert_eq!(
+            got,
+            want,
+            "\n{}",
+            ConfigErrors {
+                errors: e.clone(),
+                omitted: 0
+            }
+        );
         // One error per line in the display.
-        let shown = ConfigErrors { errors: e }.to_string();
+        let shown = ConfigErrors {
+            errors: e,
+            omitted: 0,
+        }
+        .to_string();
         assert_eq!(shown.lines().count(), want.len());
         assert!(
             shown.lines().next().unwrap().starts_with(

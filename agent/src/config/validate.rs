@@ -113,6 +113,8 @@ pub(crate) fn settings(merged: &Fragment, files: &[PathBuf]) -> (Settings, Vec<C
 
     // Enabled services, in report order, with where they were enabled and got their port.
     let mut enabled: Vec<(ServiceKind, u16, Origin)> = Vec::new();
+    // Ports they occupy besides their own (guacd's), with where they were set.
+    let mut occupied: Vec<(ServiceKind, services::OccupiedPort, Origin)> = Vec::new();
     let mut services = Vec::new();
     for kind in ServiceKind::ALL {
         let Some(frag) = merged.services.get(&kind) else {
@@ -131,6 +133,11 @@ pub(crate) fn settings(merged: &Fragment, files: &[PathBuf]) -> (Settings, Vec<C
         enabled.push((kind, port.value, port.origin));
         match &frag.own {
             Some(section) if services::implemented(kind) => {
+                for extra in section.occupied_ports() {
+                    // A default is charged to the line that enabled the service.
+                    let at = extra.origin.unwrap_or(on.origin);
+                    occupied.push((kind, extra, at));
+                }
                 services.push(section.settings(port, &mut check))
             }
             _ => check.error(
@@ -152,6 +159,24 @@ pub(crate) fn settings(merged: &Fragment, files: &[PathBuf]) -> (Settings, Vec<C
                 format!(
                     "port {port} is used by both services.{first} ({first_at}) and \
                      services.{kind}"
+                ),
+            );
+        }
+    }
+
+    // A service's other local ports (guacd) must not be any enabled service's port either: the
+    // two would fight over the socket, or guacd's client would reach the wrong server.
+    for (kind, extra, at) in &occupied {
+        if let Some(&(other, port, other_origin)) = enabled.iter().find(|e| e.1 == extra.port) {
+            let other_at = check.at(other_origin);
+            check.error(
+                *at,
+                format!("services.{kind}.{}", extra.key),
+                ErrorKind::Conflict,
+                format!(
+                    "port {port} of services.{kind}.{} is also the port of services.{other} \
+                     ({other_at})",
+                    extra.key
                 ),
             );
         }

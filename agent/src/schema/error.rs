@@ -80,17 +80,31 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// Every problem found while loading the configuration (never empty when returned as an error).
+/// Every problem found while loading the configuration (never empty when returned as an error),
+/// up to [`super::MAX_ERRORS`]; the rest are only counted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigErrors {
     /// The problems, file by file in load order, then the checks across files.
     pub errors: Vec<ConfigError>,
+    /// How many more problems were found but not listed.
+    pub omitted: usize,
 }
 
 impl ConfigErrors {
     /// The short stable reason for status reports, tags and console lines.
     pub fn reason(&self) -> &'static str {
         "config-invalid"
+    }
+
+    /// The closing line that says how many problems were not listed, when some were not.
+    pub fn omitted_line(&self) -> Option<String> {
+        (self.omitted > 0).then(|| {
+            format!(
+                "... and {} more errors not listed (only the first {} are shown)",
+                self.omitted,
+                super::MAX_ERRORS
+            )
+        })
     }
 }
 
@@ -101,6 +115,9 @@ impl fmt::Display for ConfigErrors {
                 f.write_str("\n")?;
             }
             write!(f, "{error}")?;
+        }
+        if let Some(line) = self.omitted_line() {
+            write!(f, "\n{line}")?;
         }
         Ok(())
     }

@@ -11,6 +11,6 @@ mod walk;
 pub use check::Checker;
 pub use error::{ConfigError, ConfigErrors, ErrorKind};
 pub use walk::{
-    key_table_problems, line_of, parse_document, set, value, Field, Key, Located, Origin, Walker,
-    MAX_MILLIS, MAX_SECONDS,
+    key_table_problems, line_of, parse_document, quote, set, value, Field, Key, LineIndex, Located,
+    Origin, Walker, MAX_ERRORS, MAX_MILLIS, MAX_SECONDS,
 };

@@ -1,6 +1,23 @@
 //! Value checks shared by several sections: URLs, user names, URL prefixes, paths.
 
+use std::borrow::Cow;
 use std::path::PathBuf;
+
+/// `s` with the userinfo of a URL (`scheme://user:password@host`) replaced by `***`, for
+/// messages and displays: a password must not reach a log or the console. Text that is not
+/// such a URL is returned unchanged.
+pub fn redact_userinfo(s: &str) -> Cow<'_, str> {
+    let Some(scheme_end) = s.find("://") else {
+        return Cow::Borrowed(s);
+    };
+    let authority_start = scheme_end + 3;
+    let rest = &s[authority_start..];
+    let authority_len = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_len].rfind('@') {
+        Some(at) => Cow::Owned(format!("{}***{}", &s[..authority_start], &rest[at..])),
+        None => Cow::Borrowed(s),
+    }
+}
 
 /// An `http(s)://host[:port][/path]` URL without query, fragment or credentials, with any
 /// trailing `/` removed (paths are appended to it).
@@ -55,6 +72,18 @@ pub fn absolute_path(s: &str) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn userinfo_is_redacted() {
+        assert_eq!(
+            redact_userinfo("http://u:p@h:1/x?q@z"),
+            "http://***@h:1/x?q@z"
+        );
+        assert_eq!(redact_userinfo("https://tok@h"), "https://***@h");
+        assert_eq!(redact_userinfo("http://h/a@b"), "http://h/a@b");
+        assert_eq!(redact_userinfo("no url"), "no url");
+        assert!(normalise_http_url("http://u:p@h").is_none());
+    }
 
     #[test]
     fn user_names() {

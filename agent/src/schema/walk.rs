@@ -9,6 +9,7 @@ use std::path::Path;
 use toml_edit::{ImDocument, Item, TableLike, Value};
 
 use super::error::{ConfigError, ErrorKind};
+use super::values::redact_userinfo;
 
 /// Where a value was set: the index of the file in load order and the 1-based line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,14 +68,46 @@ pub fn value<T: Clone>(slot: &Option<Located<T>>) -> Option<T> {
     slot.as_ref().map(|l| l.value.clone())
 }
 
-/// The 1-based line of a byte offset in `text`.
+/// The most errors kept from one load: past it they are only counted, so a generated file full
+/// of mistakes is reported in bounded time and memory.
+pub const MAX_ERRORS: usize = 1000;
+
+/// The 1-based line of a byte offset in `text`. Scans the text: for one lookup; a walk over a
+/// file uses a [`LineIndex`].
 pub fn line_of(text: &str, offset: usize) -> usize {
-    let end = offset.min(text.len());
-    text.as_bytes()[..end]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count()
-        + 1
+    LineIndex::new(text).line(offset)
+}
+
+/// Where each line of a text starts, found once, so every line lookup is a binary search
+/// rather than a rescan of the file (a file with many errors was quadratic).
+#[derive(Debug, Clone)]
+pub struct LineIndex {
+    /// Byte offsets just after each `\n`.
+    starts: Vec<usize>,
+    len: usize,
+}
+
+impl LineIndex {
+    /// Index `text`.
+    pub fn new(text: &str) -> Self {
+        let starts = text
+            .bytes()
+            .enumerate()
+            .filter(|&(_, b)| b == b'\n')
+            .map(|(i, _)| i + 1)
+            .collect();
+        Self {
+            starts,
+            len: text.len(),
+        }
+    }
+
+    /// The 1-based line of byte `offset` (past the end: the last line).
+    pub fn line(&self, offset: usize) -> usize {
+        let offset = offset.min(self.len);
+        // Lines before `offset` = newlines at positions < offset = starts <= offset.
+        self.starts.partition_point(|&start| start <= offset) + 1
+    }
 }
 
 /// A key as it appears in a dotted path: bare when TOML allows it, quoted otherwise.
@@ -112,9 +145,11 @@ fn describe_value(v: &Value) -> String {
     }
 }
 
-/// A string value quoted and escaped for a one-line message, shortened when long.
-fn quote(s: &str) -> String {
+/// A string value quoted and escaped for a one-line message, shortened when long. Credentials
+/// in a URL's userinfo are masked first: a refused value is echoed to logs and the console.
+pub fn quote(s: &str) -> String {
     const MAX: usize = 40;
+    let s = &*redact_userinfo(s);
     if s.chars().count() > MAX {
         let short: String = s.chars().take(MAX).collect();
         format!("{short:?}...")
@@ -137,18 +172,24 @@ pub struct Field<'t> {
 pub struct Walker<'a> {
     index: usize,
     path: &'a Path,
-    text: &'a str,
+    lines: LineIndex,
     errors: Vec<ConfigError>,
+    /// Errors past [`MAX_ERRORS`], counted but not kept.
+    omitted: usize,
 }
 
 impl Walker<'_> {
     /// The line of a span of this file.
     pub fn line(&self, span: Option<std::ops::Range<usize>>) -> Option<usize> {
-        span.map(|s| line_of(self.text, s.start))
+        span.map(|s| self.lines.line(s.start))
     }
 
     /// Report a problem with `field`.
     pub fn error(&mut self, field: &Field<'_>, kind: ErrorKind, message: String) {
+        if self.errors.len() >= MAX_ERRORS {
+            self.omitted += 1;
+            return;
+        }
         self.errors.push(ConfigError {
             file: self.path.to_path_buf(),
             line: field.line,
@@ -330,17 +371,24 @@ impl<'a> Walker<'a> {
         Self {
             index,
             path,
-            text,
+            lines: LineIndex::new(text),
             errors: Vec::new(),
+            omitted: 0,
         }
     }
 
     /// The problems found so far, sorted by line (tables and dotted keys can make the walk
     /// order differ from the text order).
     pub fn finish(self) -> Vec<ConfigError> {
+        self.finish_counted().0
+    }
+
+    /// As [`Walker::finish`], with the number of problems found past [`MAX_ERRORS`] and not
+    /// kept.
+    pub fn finish_counted(self) -> (Vec<ConfigError>, usize) {
         let mut errors = self.errors;
         errors.sort_by_key(|e| e.line);
-        errors
+        (errors, self.omitted)
     }
 
     /// Read every entry of `table` (at dotted `prefix`) with `keys` into `out`; a key not in
@@ -440,6 +488,44 @@ mod tests {
         assert_eq!(line_of(text, 2), 2);
         assert_eq!(line_of(text, 4), 3);
         assert_eq!(line_of(text, 99), 3);
+    }
+
+    #[test]
+    fn the_line_index_agrees_with_a_scan() {
+        let text = "a\n\nbc\nd\n";
+        let index = LineIndex::new(text);
+        for offset in 0..text.len() + 3 {
+            let end = offset.min(text.len());
+            let scanned = text[..end].matches('\n').count() + 1;
+            assert_eq!(index.line(offset), scanned, "offset {offset}");
+        }
+        assert_eq!(LineIndex::new("").line(0), 1);
+    }
+
+    #[test]
+    fn errors_past_the_cap_are_counted_not_kept() {
+        let text = "x = 1\n".repeat(MAX_ERRORS + 5);
+        let mut w = Walker::new(0, Path::new("a.toml"), &text);
+        let item = Item::None;
+        for line in 0..MAX_ERRORS + 5 {
+            let field = Field {
+                path: "x".into(),
+                line: Some(line + 1),
+                item: &item,
+            };
+            w.error(&field, ErrorKind::UnknownKey, "unknown".into());
+        }
+        let (errors, omitted) = w.finish_counted();
+        assert_eq!(errors.len(), MAX_ERRORS);
+        assert_eq!(omitted, 5);
+    }
+
+    #[test]
+    fn credentials_in_refused_values_are_masked() {
+        let shown = quote("http://user:hunter2@example.org:8775/x");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(!shown.contains("user"), "{shown}");
+        assert!(shown.contains("***@example.org"), "{shown}");
     }
 
     #[test]

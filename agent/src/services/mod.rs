@@ -13,7 +13,7 @@ pub use crate::model::{Endpoint, ServiceKind};
 use crate::paths::Paths;
 use crate::platform::os::Os;
 use crate::platform::passphrase::Passphrase;
-use crate::schema::{Checker, Field, Key, Located, Walker};
+use crate::schema::{Checker, Field, Key, Located, Origin, Walker};
 use crate::supervise::{Probe, RunAs, RunSpec};
 
 pub use crate::platform::users::Account;
@@ -153,6 +153,18 @@ pub struct Host<'a> {
     pub system_root: &'a std::path::Path,
 }
 
+/// A local TCP port a service occupies besides its own `port` (Guacamole's guacd), for the
+/// check that no two uses share one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OccupiedPort {
+    /// The key that sets it, within the service's table (`guacd_address`).
+    pub key: &'static str,
+    /// The port.
+    pub port: u16,
+    /// Where a file set it; `None` for a default (charged to the line enabling the service).
+    pub origin: Option<Origin>,
+}
+
 /// What each service implements: its configuration section and the small surface the agent
 /// drives. [`Service`] is the closed set of implementations and dispatches to them.
 pub trait ServiceImpl: Sized {
@@ -170,6 +182,10 @@ pub trait ServiceImpl: Sized {
         port: Located<u16>,
         check: &mut Checker<'_>,
     ) -> Self::Settings;
+    /// Local ports it occupies besides its own `port`, as the merged section gives them.
+    fn occupied_ports(_section: &Self::Section) -> Vec<OccupiedPort> {
+        Vec::new()
+    }
     /// Adjust its settings to the other enabled services (Guacamole offers the desktop).
     fn link(_settings: &mut Self::Settings, _enabled: &[ServiceSettings]) {}
     /// The port its settings give it.
@@ -295,6 +311,13 @@ macro_rules! services {
                             (key.read)(walker, field, section);
                         }
                     })*
+                }
+            }
+
+            /// Local ports the service occupies besides its own `port`.
+            pub fn occupied_ports(&self) -> Vec<OccupiedPort> {
+                match self {
+                    $(Self::$variant(section) => <$module::$service as ServiceImpl>::occupied_ports(section),)*
                 }
             }
 

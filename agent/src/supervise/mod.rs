@@ -643,6 +643,9 @@ impl Supervisor {
                 };
                 let status = format!("{} ({consecutive} times in a row)", ended.status);
                 let reason = Reason::new(code, ended.with_tail(&status));
+                // This end is seen and reported: without its exit record, the next agent starts
+                // the service afresh instead of counting a restart (`restarts: 1` once it ran).
+                let _ = records::remove_if_exists(&records::exit_file(&self.paths.run_dir));
                 self.fail(reason.clone());
                 report.outcome = RunOutcome::Failed(reason);
                 return report;

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::{
+    OccupiedPort,
     io_error, Endpoint, Host, ServiceContext, ServiceError, ServiceImpl, ServiceSettings,
 };
 use crate::schema::{Checker, Key, Located};
@@ -240,6 +241,10 @@ impl ServiceImpl for Guacamole {
     }
 
     /// Guacamole offers the `desktop` connection when the desktop runs.
+    fn occupied_ports(section: &settings::Section) -> Vec<OccupiedPort> {
+        section.occupied_ports()
+    }
+
     fn link(settings: &mut GuacamoleSettings, enabled: &[ServiceSettings]) {
         settings.desktop_port = enabled.iter().find_map(|s| match s {
             ServiceSettings::Desktop(d) => Some(d.port),

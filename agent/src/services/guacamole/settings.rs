@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use toml_edit::Item;
 
-use crate::schema::{set, value, Checker, Field, Key, Located, Walker};
-
 use super::forwarded::Cidr;
+use crate::schema::{set, value, Checker, Field, Key, Located, Walker};
+use crate::services::OccupiedPort;
 
 /// Where guacd comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,6 +158,21 @@ fn cidr_list(w: &mut Walker<'_>, field: &Field<'_>) -> Option<Located<Vec<Cidr>>
 }
 
 impl Section {
+    /// guacd's port when guacd is on this machine (a loopback or wildcard `guacd_address`):
+    /// another service there would get guacd's traffic, or keep guacd from binding.
+    pub fn occupied_ports(&self) -> Vec<OccupiedPort> {
+        let address = value(&self.guacd_address).unwrap_or(GuacamoleSettings::default().guacd_address);
+        let ip = address.ip();
+        if !(ip.is_loopback() || ip.is_unspecified()) {
+            return Vec::new();
+        }
+        vec![OccupiedPort {
+            key: "guacd_address",
+            port: address.port(),
+            origin: self.guacd_address.as_ref().map(|l| l.origin),
+        }]
+    }
+
     /// The settings these keys give on `port`, defaults filling what no file set.
     pub fn settings(&self, port: Located<u16>, _check: &mut Checker) -> GuacamoleSettings {
         let d = GuacamoleSettings::default();
