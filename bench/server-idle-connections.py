@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
-"""RSS of the Guacamole web side (`exoagent guacamole-web`) holding its connection cap of idle
-connections, each with half a request head sent (loopback only, bounded: cap + 10 connections,
-closed by the script within a few seconds, before the server's 10 s header timeout).
+"""RSS of each of exoagent's servers holding its connection cap of idle connections, each
+with half a request head sent (bounded: cap + 10 connections, closed by the script within a
+few seconds, before the servers' 10 s header timeout):
+- `web`: the Guacamole web side (`exoagent guacamole-web`) on 127.0.0.1, cap 256;
+- `status`: the agent's status API on its Unix socket (`exoagent sandbox` with no services),
+  cap 64.
 
-    cargo build --release -p exoagent && python3 bench/server-idle-connections.py [BINARY]
+    cargo build --release -p exoagent && python3 bench/server-idle-connections.py [web|status] [BINARY]
 
 Prints a Markdown table row; bench/results/server-idle-connections.md records past runs."""
 import json, os, socket, subprocess, sys, tempfile, time
@@ -28,8 +31,70 @@ def free_port():
     return port
 
 
+def hold(proc, connect, cap):
+    """Open cap + EXTRA slow connections; return (rss before, rss holding, closed at once, alive)."""
+    time.sleep(2)
+    base = rss_kib(proc.pid)
+    socks = []
+    for _ in range(cap + EXTRA):
+        s = connect()
+        s.sendall(b"GET /v1/status HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        socks.append(s)
+    time.sleep(2)
+    held = rss_kib(proc.pid)
+    closed = 0
+    for s in socks:
+        s.setblocking(False)
+        try:
+            if s.recv(1) == b"":
+                closed += 1
+        except BlockingIOError:
+            pass
+        except ConnectionResetError:
+            closed += 1
+    for s in socks:
+        s.close()
+    return base, held, closed, proc.poll() is None
+
+
+def status_socket(binary):
+    cap = int(os.environ.get("CAP", "64"))  # agent/src/httpserve.rs Limits::DEFAULT
+    with tempfile.TemporaryDirectory() as d:
+        conf = os.path.join(d, "etc/exoagent")
+        os.makedirs(conf)
+        with open(os.path.join(conf, "config.toml"), "w") as f:
+            f.write("[services.jupyterlab]\nenabled = false\n")
+        sock = os.path.join(d, "run/exoagent/exoagent.sock")
+        proc = subprocess.Popen([binary, "sandbox", d, "--no-fixture-identity"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            for _ in range(100):
+                if os.path.exists(sock):
+                    break
+                time.sleep(0.1)
+
+            def connect():
+                s = socket.socket(socket.AF_UNIX)
+                s.settimeout(5)
+                s.connect(sock)
+                return s
+            base, held, closed, alive = hold(proc, connect, cap)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+    return cap, base, held, closed, alive
+
+
 def main():
-    binary = sys.argv[1] if len(sys.argv) > 1 else "target/release/exoagent"
+    args = sys.argv[1:]
+    mode = args.pop(0) if args and args[0] in ("web", "status") else "web"
+    binary = args[0] if args else "target/release/exoagent"
+    if mode == "status":
+        cap, base, held, closed, alive = status_socket(binary)
+        print(f"| {time.strftime('%Y-%m-%d')} | status socket | {os.cpu_count()} cores | "
+              f"{cap + EXTRA} | {base / 1024:.1f} MiB | {held / 1024:.1f} MiB | "
+              f"{(held - base) / cap:.1f} KiB | {closed} | {'yes' if alive else 'NO'} |")
+        return
     with tempfile.TemporaryDirectory() as d:
         port = free_port()
         pw = os.path.join(d, "passphrase")

@@ -342,3 +342,190 @@ async fn slow_idle_and_oversized_clients_are_cut_off_and_connections_capped() {
     );
     let _ = stop.send(());
 }
+
+/// A guacd stand-in for one session that never ends on its own: answers `select` with `args`,
+/// `connect` with `ready`, then holds the connection open silently (so whatever ends the
+/// tunnel is the browser side). Returns its port.
+async fn silent_guacd() -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buffer = [0u8; 4096];
+                let mut answered_select = false;
+                loop {
+                    let Ok(n) = stream.read(&mut buffer).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    seen.extend_from_slice(&buffer[..n]);
+                    let text = String::from_utf8_lossy(&seen).into_owned();
+                    if !answered_select && text.contains("6.select,") && text.contains(';') {
+                        answered_select = true;
+                        let args = "4.args,13.VERSION_1_5_0,8.hostname;";
+                        stream.write_all(args.as_bytes()).await.unwrap();
+                    }
+                    if text.contains("7.connect,") && text.ends_with(';') {
+                        let ready = "5.ready,37.$aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee;";
+                        stream.write_all(ready.as_bytes()).await.unwrap();
+                        // Hold the session open until the tunnel closes it.
+                        while matches!(stream.read(&mut buffer).await, Ok(n) if n > 0) {}
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// A text frame that is not UTF-8 ends the tunnel with a WebSocket close carrying
+/// CLIENT_BAD_REQUEST (768), like other bad input, not with a dropped TCP connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_text_frame_that_is_not_utf8_is_refused_with_a_close_code() {
+    use exoagent::services::guacamole::web::{serve, WebState};
+    use exoagent::services::guacamole::web_config::WebConfig;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+
+    let guacd = silent_guacd().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config: WebConfig = serde_json::from_value(serde_json::json!({
+        "listen": "127.0.0.1:0",
+        "guacd": format!("127.0.0.1:{guacd}"),
+        "username": "exouser",
+        "password_file": dir.path().join("passphrase"),
+        "session_timeout_s": 3600,
+        "connections": {"shell": {"protocol": "ssh", "parameters": {"hostname": "127.0.0.1"}}},
+        "trusted_proxies": [],
+    }))
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(serve(
+        listener,
+        WebState::new(config, "right words".to_owned()),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let token: serde_json::Value = reqwest::Client::new()
+        .post(format!("http://{addr}/guacamole/api/tokens"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("username=exouser&password=right words")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = token["authToken"].as_str().unwrap().to_owned();
+    let mut request = format!(
+        "ws://{addr}/guacamole/websocket-tunnel?token={token}&GUAC_ID=shell&GUAC_TYPE=c&GUAC_DATA_SOURCE=default"
+    )
+    .into_client_request()
+    .unwrap();
+    request
+        .headers_mut()
+        .insert("sec-websocket-protocol", "guacamole".parse().unwrap());
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(10), socket.next()).await {
+        Ok(Some(Ok(Message::Text(text)))) => assert!(text.starts_with("0.,36."), "{text}"),
+        other => panic!("expected the tunnel UUID, got {other:?}"),
+    }
+    let not_utf8 = Frame::message(
+        vec![b'4', b'.', 0xff, 0xfe, b';'],
+        OpCode::Data(Data::Text),
+        true,
+    );
+    socket.send(Message::Frame(not_utf8)).await.unwrap();
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(10), socket.next()).await {
+            Ok(Some(Ok(Message::Close(frame)))) => break frame,
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("the tunnel ended without a close frame: {other:?}"),
+        }
+    };
+    let close = close.expect("a close frame with a status");
+    assert_eq!(close.reason.as_str(), "768");
+}
+
+/// Unmounts a tmpfs on drop (declared before the sandbox, so the sandbox's own cleanup runs
+/// first).
+struct Unmount(Option<std::path::PathBuf>);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        if let Some(path) = &self.0 {
+            let _ = std::process::Command::new("umount").arg(path).status();
+        }
+    }
+}
+
+/// A running, healthy web side is adopted by a restarted agent even when the disk is full
+/// (it was once marked `failed` and left running unsupervised): configuration that did not
+/// change is not rewritten, and a service whose configure step fails while its shim runs the
+/// same spec is adopted anyway. The test fails only when both are missing.
+#[test]
+fn a_restarted_agent_adopts_the_running_web_side_on_a_full_disk() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return;
+    }
+    let mut unmount = Unmount(None);
+    let peer = GuacdPeer::start();
+    let mut sandbox = Sandbox::new(&format!(
+        "[services.guacamole]\nenabled = true\nport = @PORT@\nbind = \"127.0.0.1\"\n\
+         guacd = \"external\"\nguacd_address = \"127.0.0.1:{}\"\nssh_port = {}\n",
+        peer.port,
+        free_port()
+    ))
+    .with_start_args(&["--no-fixture-identity"]);
+    // The services' state (where configure writes) on a small filesystem of its own.
+    let services = sandbox.root().join("var/lib/exoagent/services");
+    std::fs::create_dir_all(&services).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=512k,mode=0755", "tmpfs"])
+        .arg(&services)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount tmpfs failed");
+    unmount.0 = Some(services.clone());
+
+    sandbox.start_agent();
+    let status = sandbox.wait_complete(120);
+    assert_eq!(status["services"][0]["state"], "ready", "{status}");
+    let pid = status["services"][0]["pid"].clone();
+    assert!(pid.is_number(), "{status}");
+
+    // The agent stops (services keep running), the disk fills up, the agent comes back.
+    sandbox.kill_agent(libc::SIGINT);
+    let filler = services.join("filler");
+    {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 4096];
+        loop {
+            match file.write_all(&block) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+                Err(e) => panic!("filling the tmpfs: {e}"),
+            }
+        }
+    }
+    sandbox.start_agent();
+    let status = sandbox.wait_complete(60);
+    let guacamole = &status["services"][0];
+    assert_eq!(guacamole["state"], "ready", "{status}");
+    assert_eq!(
+        guacamole["pid"], pid,
+        "the running web side was adopted: {status}"
+    );
+    std::fs::remove_file(&filler).unwrap();
+}
