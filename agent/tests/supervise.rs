@@ -220,6 +220,7 @@ fn http_probe(port: u16) -> Probe {
         path: "/".into(),
         host: format!("127.0.0.1:{port}"),
         expect_json_key: None,
+        user_agent: None,
     }
 }
 
@@ -816,6 +817,7 @@ async fn failing_liveness_probe_degrades_and_recovers() {
         path: "/health.txt".into(),
         host: format!("127.0.0.1:{port}"),
         expect_json_key: None,
+        user_agent: None,
     };
     let (cancel, task) = start(fx.supervisor(http_server(port, fx.path()), probe, policy(), &hub));
     let pid = wait_for(&mut rx, "ready", ready).await.pid.unwrap();

@@ -116,6 +116,16 @@ pub enum ServiceError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// A step refused to go on, with its own stable reason (a missing pin, a wrong checksum).
+    #[error("{service}: {detail}")]
+    Refused {
+        /// Which service.
+        service: ServiceKind,
+        /// The stable reason.
+        reason: &'static str,
+        /// What was refused and why.
+        detail: String,
+    },
 }
 
 impl ServiceError {
@@ -129,6 +139,7 @@ impl ServiceError {
             {
                 DISK_FULL
             }
+            Self::Refused { reason, .. } => reason,
             Self::Install { .. } => "service-install-failed",
             Self::Configure { .. } | Self::Io { .. } => "service-configure-failed",
         }
@@ -433,6 +444,7 @@ services! {
     JupyterLab => jupyterlab::JupyterLab,
     Desktop => desktop::Desktop,
     Guacamole => guacamole::Guacamole,
+    RStudio => rstudio::RStudio,
 }
 
 #[cfg(test)]

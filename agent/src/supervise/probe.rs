@@ -33,6 +33,9 @@ pub enum Probe {
         host: String,
         /// A key the JSON object body must contain.
         expect_json_key: Option<String>,
+        /// The User-Agent to send (`None`: `exoagent-probe`); RStudio serves its sign-in page
+        /// only to browsers.
+        user_agent: Option<String>,
     },
     /// Healthy iff a TCP connection is accepted.
     Tcp {
@@ -196,8 +199,12 @@ impl Probe {
                 path,
                 host,
                 expect_json_key,
+                user_agent,
                 ..
-            } => check_http(addr, stream, path, host, expect_json_key.as_deref()).await,
+            } => {
+                let agent = user_agent.as_deref().unwrap_or("exoagent-probe");
+                check_http(addr, stream, path, host, agent, expect_json_key.as_deref()).await
+            }
             Self::Rfb { security_type, .. } => check_rfb(addr, stream, *security_type).await,
         }
     }
@@ -208,11 +215,12 @@ async fn check_http(
     stream: TcpStream,
     path: &str,
     host: &str,
+    user_agent: &str,
     expect_json_key: Option<&str>,
 ) -> Result<(), ProbeError> {
     let request = hyper::Request::get(path)
         .header(hyper::header::HOST, host)
-        .header(hyper::header::USER_AGENT, "exoagent-probe")
+        .header(hyper::header::USER_AGENT, user_agent)
         .body(Empty::<Bytes>::new())
         .map_err(|e| ProbeError::Request {
             path: path.to_owned(),
@@ -389,6 +397,7 @@ mod tests {
             path: "/api?x=1".into(),
             host: "svc.example:8888".into(),
             expect_json_key: key.map(str::to_owned),
+            user_agent: None,
         }
     }
 

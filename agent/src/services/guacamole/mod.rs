@@ -363,6 +363,7 @@ impl ServiceImpl for Guacamole {
             path: "/guacamole/api/exoagent/health".into(),
             host: addr.to_string(),
             expect_json_key: Some("guacd".into()),
+            user_agent: None,
         }
     }
 

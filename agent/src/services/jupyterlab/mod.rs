@@ -361,6 +361,7 @@ impl ServiceImpl for JupyterLab {
             path: format!("{}api", self.settings.base_url),
             host: addr.to_string(),
             expect_json_key: Some("version".into()),
+            user_agent: None,
         }
     }
 

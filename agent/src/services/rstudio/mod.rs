@@ -1,0 +1,362 @@
+//! RStudio Server (open source): R from the distribution (`r-base`; `R` from EPEL with CRB or
+//! PowerTools on EL), Posit's package pinned by version and SHA-256 and verified before it is
+//! installed, `rserver.conf`/`rsession.conf` written by exoagent, and `rserver` supervised in the
+//! foreground as root (it starts each user's rsession as that user; the package's own unit is
+//! stopped and masked). Sign-in is PAM with the instance user's passphrase through the package's
+//! `/etc/pam.d/rstudio`. Ready when `GET /auth-sign-in` answers 200 to a browser.
+//!
+//! Options: <https://github.com/rstudio/rstudio/blob/main/src/cpp/server/server-options.json>;
+//! downloads: <https://posit.co/download/rstudio-server/>.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub mod package;
+pub mod settings;
+
+use super::{io_error, Endpoint, Host, ServiceContext, ServiceError, ServiceImpl};
+use crate::fsutil;
+use crate::model::ServiceKind;
+use crate::platform::exec;
+use crate::platform::os::{Family, Os};
+use crate::platform::passphrase::Passphrase;
+use crate::schema::{Checker, Key, Located};
+use crate::supervise::{Probe, RunSpec};
+pub use package::{Pin, Step};
+pub use settings::{RStudioSettings, DEFAULT_RSERVER};
+
+/// A browser's User-Agent: rserver redirects agents it does not recognise as a supported
+/// browser away from the sign-in page, so the probe must look like one.
+pub const BROWSER_USER_AGENT: &str =
+    "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0.0.0 Safari/537.36";
+
+const KIND: ServiceKind = ServiceKind::RStudio;
+
+/// RStudio Server as configured, planned for one OS.
+#[derive(Debug, Clone)]
+pub struct RStudio {
+    settings: RStudioSettings,
+    os: Os,
+}
+
+impl RStudio {
+    /// RStudio Server with `settings` on `os`.
+    pub fn new(settings: RStudioSettings, os: Os) -> Self {
+        Self { settings, os }
+    }
+
+    /// Where exoagent writes RStudio's configuration (`/etc/rstudio` under the system root).
+    pub fn config_dir(ctx: &ServiceContext) -> PathBuf {
+        ctx.paths.system_root.join("etc/rstudio")
+    }
+
+    /// Where the verified package is kept, and the marker of a finished install.
+    fn payload_dir(ctx: &ServiceContext) -> PathBuf {
+        ctx.paths.opt_dir.join("rstudio")
+    }
+
+    /// The pin for this OS, or the reason there is none.
+    pub fn pin(&self) -> Result<Pin, ServiceError> {
+        package::pin(&self.os)
+    }
+
+    /// The exact install steps after the batched package transaction, in order; refused when
+    /// the OS has no complete pin.
+    pub fn install_steps(&self, ctx: &ServiceContext) -> Result<Vec<Step>, ServiceError> {
+        Ok(self.steps_for(ctx, &self.pin()?))
+    }
+
+    /// The install steps for `pin` on this OS.
+    pub fn steps_for(&self, ctx: &ServiceContext, pin: &Pin) -> Vec<Step> {
+        let url = self
+            .settings
+            .package_url
+            .clone()
+            .unwrap_or_else(|| pin.url.to_owned());
+        let file = Self::payload_dir(ctx).join(pin.file_name());
+        let local = file.to_string_lossy().into_owned();
+        let mut steps = vec![Step::Download {
+            url,
+            sha256: pin.sha256.to_owned(),
+            to: file,
+        }];
+        let argv = |a: &[&str]| Step::Run(a.iter().map(|s| s.to_string()).collect());
+        match self.os.family {
+            // apt resolves the package's dependencies from the archive.
+            Family::Debian => steps.push(argv(&[
+                "apt-get",
+                "-y",
+                "-q",
+                "-o",
+                "DPkg::Lock::Timeout=600",
+                "install",
+                "--no-install-recommends",
+                &local,
+            ])),
+            Family::RedHat => {
+                // R is in EPEL and needs CRB (EL9) / PowerTools (EL8); epel-release and the
+                // config-manager plugin came in the batched transaction.
+                let repo = if self.os.version_id.starts_with('8') {
+                    "powertools"
+                } else {
+                    "crb"
+                };
+                steps.push(argv(&["dnf", "config-manager", "--set-enabled", repo]));
+                steps.push(argv(&["dnf", "-y", "install", "R", &local]));
+            }
+        }
+        // The package enables and starts its own unit; exoagent supervises rserver instead.
+        steps.push(Step::Systemd(vec![
+            "systemctl".into(),
+            "disable".into(),
+            "--now".into(),
+            "rstudio-server".into(),
+        ]));
+        steps.push(Step::Systemd(vec![
+            "systemctl".into(),
+            "mask".into(),
+            "rstudio-server".into(),
+        ]));
+        steps
+    }
+
+    /// `rserver.conf`, one `key=value` per line.
+    pub fn rserver_conf(&self, ctx: &ServiceContext) -> String {
+        let s = &self.settings;
+        // Root can never sign in; a user below 1000 (an old EL account) lowers the floor.
+        let min_uid = match ctx.account.uid {
+            0 => 1000,
+            uid => uid.min(1000),
+        };
+        let mut text = String::from(
+            "# Written by exoagent; edits are overwritten. Sign-in is PAM (/etc/pam.d/rstudio).\n",
+        );
+        text += &format!("www-address={}\n", s.bind);
+        text += &format!("www-port={}\n", s.port);
+        text += &format!("auth-minimum-user-id={min_uid}\n");
+        text += &format!("auth-timeout-minutes={}\n", s.auth_timeout_minutes);
+        if s.secure_cookies {
+            text += "auth-cookies-force-secure=1\n";
+        }
+        // The public URL comes from Host and X-Forwarded-Proto, which rserver reads itself.
+        text
+    }
+
+    /// `rsession.conf`.
+    pub fn rsession_conf(&self) -> String {
+        format!(
+            "# Written by exoagent; edits are overwritten.\nsession-timeout-minutes={}\n",
+            self.settings.session_timeout_minutes
+        )
+    }
+
+    fn marker(ctx: &ServiceContext, pin: &Pin) -> (PathBuf, String) {
+        (
+            Self::payload_dir(ctx).join("installed"),
+            format!("{} {}\n", pin.version, pin.sha256),
+        )
+    }
+
+    async fn run_step(&self, step: &Step) -> Result<(), ServiceError> {
+        match step {
+            Step::Download { url, sha256, to } => package::download_verified(url, sha256, to).await,
+            Step::Run(argv) => run_install_command(argv).await,
+            Step::Systemd(argv) if systemd_is_init() => run_install_command(argv).await,
+            Step::Systemd(argv) => {
+                tracing::info!(target: "exoagent::services", service = "rstudio", command = %argv.join(" "), "skipped: systemd is not PID 1");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Whether systemd manages this machine (sd_booted(3)); not so in a container or sandbox.
+fn systemd_is_init() -> bool {
+    Path::new("/run/systemd/system").is_dir()
+}
+
+async fn run_install_command(argv: &[String]) -> Result<(), ServiceError> {
+    let (program, args) = argv.split_first().ok_or_else(|| ServiceError::Install {
+        service: KIND,
+        detail: "empty command".into(),
+    })?;
+    let env = [
+        ("DEBIAN_FRONTEND", "noninteractive"),
+        ("NEEDRESTART_MODE", "a"),
+        ("LC_ALL", "C"),
+    ];
+    let shown = argv.join(" ");
+    tracing::info!(target: "exoagent::services", service = "rstudio", command = %shown, "running");
+    let done = exec::run(Path::new(program), args, &env, None)
+        .await
+        .map_err(|e| ServiceError::Install {
+            service: KIND,
+            detail: format!("failed to run '{shown}': {e}"),
+        })?;
+    if done.status.success() {
+        Ok(())
+    } else {
+        Err(ServiceError::Install {
+            service: KIND,
+            detail: format!("'{shown}' failed ({}): {}", done.status, done.tail(10)),
+        })
+    }
+}
+
+impl ServiceImpl for RStudio {
+    const KIND: ServiceKind = KIND;
+    type Settings = RStudioSettings;
+    type Section = settings::Section;
+    const KEYS: &'static [Key<settings::Section>] = settings::KEYS;
+
+    fn settings(
+        section: &settings::Section,
+        port: Located<u16>,
+        check: &mut Checker<'_>,
+    ) -> RStudioSettings {
+        section.settings(port, check)
+    }
+
+    fn settings_port(settings: &RStudioSettings) -> u16 {
+        settings.port
+    }
+
+    fn planned(settings: RStudioSettings, host: Host<'_>) -> Self {
+        Self::new(settings, host.os.clone())
+    }
+
+    /// R from the distribution (Debian, Ubuntu universe); on EL what enabling EPEL's R needs.
+    fn system_packages(&self, os: &Os) -> Vec<String> {
+        match os.family {
+            Family::Debian => vec!["r-base".into()],
+            Family::RedHat => vec!["epel-release".into(), "dnf-plugins-core".into()],
+        }
+    }
+
+    fn plan(&self, ctx: &ServiceContext) -> Vec<String> {
+        let mut lines = Vec::new();
+        if self.settings.rserver != Path::new(DEFAULT_RSERVER) {
+            lines.push(format!(
+                "use the existing rserver {} (no package is installed)",
+                self.settings.rserver.display()
+            ));
+        } else {
+            match self.install_steps(ctx) {
+                Ok(steps) => lines.extend(steps.iter().map(Step::to_string)),
+                Err(e) => lines.push(format!("refused ({}): {e}", e.reason())),
+            }
+        }
+        lines.push(format!(
+            "write {} and rsession.conf: www-address {}, www-port {}, PAM sign-in as {}",
+            Self::config_dir(ctx).join("rserver.conf").display(),
+            self.settings.bind,
+            self.settings.port,
+            ctx.account.name
+        ));
+        lines.push(format!(
+            "run {} --server-daemonize=0 under supervision; ready when GET /auth-sign-in answers 200",
+            self.settings.rserver.display()
+        ));
+        lines
+    }
+
+    /// Download and verify the pinned package, install it, mask the vendor unit. Idempotent
+    /// through a marker naming the pin; a configured `rserver` elsewhere is used as it is.
+    async fn install(&self, ctx: &ServiceContext) -> Result<(), ServiceError> {
+        if self.settings.rserver != Path::new(DEFAULT_RSERVER) {
+            return if self.settings.rserver.is_file() {
+                Ok(())
+            } else {
+                Err(ServiceError::Install {
+                    service: KIND,
+                    detail: format!("rserver '{}' does not exist", self.settings.rserver.display()),
+                })
+            };
+        }
+        let pin = self.pin()?;
+        let (marker, id) = Self::marker(ctx, &pin);
+        if std::fs::read_to_string(&marker).is_ok_and(|m| m == id) {
+            return Ok(());
+        }
+        let dir = Self::payload_dir(ctx);
+        fsutil::ensure_dir(&dir, 0o755).map_err(io_error(KIND, "create", &dir))?;
+        for step in self.install_steps(ctx)? {
+            self.run_step(&step).await?;
+        }
+        fsutil::write_if_changed(&marker, id.as_bytes(), 0o644, None)
+            .map(drop)
+            .map_err(io_error(KIND, "write", &marker))
+    }
+
+    /// Write `rserver.conf` and `rsession.conf` (root-owned, world-readable: rsession reads its
+    /// file as the user). The passphrase is the instance user's Unix password, set elsewhere.
+    async fn configure(
+        &self,
+        ctx: &ServiceContext,
+        _passphrase: &Passphrase,
+    ) -> Result<(), ServiceError> {
+        let dir = Self::config_dir(ctx);
+        fsutil::ensure_dir(&dir, 0o755).map_err(io_error(KIND, "create", &dir))?;
+        for (name, text) in [
+            ("rserver.conf", self.rserver_conf(ctx)),
+            ("rsession.conf", self.rsession_conf()),
+        ] {
+            let path = dir.join(name);
+            fsutil::write_if_changed(&path, text.as_bytes(), 0o644, None)
+                .map_err(io_error(KIND, "write", &path))?;
+        }
+        ctx.ensure_home(KIND)
+    }
+
+    /// rserver in the foreground with our config, as the agent's user (root on an instance):
+    /// it switches to each signed-in user for their rsession itself.
+    fn run_spec(&self, ctx: &ServiceContext) -> RunSpec {
+        let dir = Self::config_dir(ctx);
+        RunSpec {
+            argv: vec![
+                self.settings.rserver.to_string_lossy().into_owned(),
+                "--server-daemonize=0".into(),
+                format!("--config-file={}", dir.join("rserver.conf").display()),
+            ],
+            env: vec![
+                (
+                    "PATH".into(),
+                    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+                ),
+                ("LANG".into(), "C.UTF-8".into()),
+                // Where rserver and rsession look for rsession.conf and the rest.
+                ("RSTUDIO_CONFIG_DIR".into(), dir.to_string_lossy().into_owned()),
+            ],
+            cwd: PathBuf::from("/"),
+            run_as: None,
+        }
+    }
+
+    /// `GET /auth-sign-in` with a browser's User-Agent must answer 200.
+    fn probe(&self) -> Probe {
+        let addr = self.endpoint().probe_addr();
+        Probe::Http {
+            addr,
+            path: "/auth-sign-in".into(),
+            host: addr.to_string(),
+            expect_json_key: None,
+            user_agent: Some(BROWSER_USER_AGENT.into()),
+        }
+    }
+
+    fn start_timeout(&self) -> Duration {
+        self.settings.start_timeout
+    }
+
+    fn endpoint(&self) -> Endpoint {
+        Endpoint::direct(SocketAddr::new(self.settings.bind, self.settings.port))
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/", self.endpoint().probe_addr())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,337 @@
+//! The install plan per OS, the generated configuration, the run spec, and the probe against a
+//! peer that answers like RStudio's sign-in endpoint.
+
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::*;
+use crate::paths::Paths;
+use crate::services::Account;
+
+fn ctx(uid: u32) -> ServiceContext {
+    ServiceContext {
+        paths: Paths::sandbox(Path::new("/sb")),
+        account: Account {
+            name: "exouser".into(),
+            uid,
+            gid: uid,
+            home: "/home/exouser".into(),
+        },
+        exe: "/usr/bin/exoagent".into(),
+    }
+}
+
+fn os(id: &str, version_id: &str, family: Family) -> Os {
+    Os {
+        id: id.into(),
+        version_id: version_id.into(),
+        pretty_name: format!("{id} {version_id}"),
+        family,
+        supported: true,
+    }
+}
+
+fn strings(argv: &[&str]) -> Vec<String> {
+    argv.iter().map(|s| s.to_string()).collect()
+}
+
+const JAMMY_URL: &str =
+    "https://download2.rstudio.org/server/jammy/amd64/rstudio-server-2026.07.0-139-amd64.deb";
+
+#[test]
+fn the_install_plan_on_debian_and_ubuntu_is_exact() {
+    for (id, version) in [("debian", "12"), ("ubuntu", "22.04"), ("ubuntu", "24.04")] {
+        let os = os(id, version, Family::Debian);
+        let rstudio = RStudio::new(RStudioSettings::default(), os.clone());
+        assert_eq!(rstudio.system_packages(&os), ["r-base"], "{id} {version}");
+        let deb = "/sb/opt/exoagent/rstudio/rstudio-server-2026.07.0-139-amd64.deb";
+        assert_eq!(
+            rstudio.install_steps(&ctx(1000)).unwrap(),
+            [
+                Step::Download {
+                    url: JAMMY_URL.into(),
+                    sha256: "e7b310c9e46811635b8dea8df82c729686c3a78f35cfa7767d9567e30f528465"
+                        .into(),
+                    to: deb.into(),
+                },
+                Step::Run(strings(&[
+                    "apt-get",
+                    "-y",
+                    "-q",
+                    "-o",
+                    "DPkg::Lock::Timeout=600",
+                    "install",
+                    "--no-install-recommends",
+                    deb
+                ])),
+                Step::Systemd(strings(&["systemctl", "disable", "--now", "rstudio-server"])),
+                Step::Systemd(strings(&["systemctl", "mask", "rstudio-server"])),
+            ],
+            "{id} {version}"
+        );
+    }
+}
+
+#[test]
+fn el_refuses_for_want_of_a_pinned_checksum_and_still_plans_r_from_epel() {
+    for (version, build) in [("8.10", "rhel8"), ("9.4", "rhel9")] {
+        let os = os("rocky", version, Family::RedHat);
+        let rstudio = RStudio::new(RStudioSettings::default(), os.clone());
+        assert_eq!(
+            rstudio.system_packages(&os),
+            ["epel-release", "dnf-plugins-core"]
+        );
+        let err = rstudio.install_steps(&ctx(1000)).unwrap_err();
+        assert_eq!(err.reason(), "rstudio-pin-missing");
+        let text = err.to_string();
+        assert!(text.contains(build) && text.contains("2026.07.0-139"), "{text}");
+        let plan = rstudio.plan(&ctx(1000)).join("\n");
+        assert!(plan.contains("refused (rstudio-pin-missing)"), "{plan}");
+    }
+}
+
+#[test]
+fn the_el_steps_enable_crb_or_powertools_before_r_and_the_rpm() {
+    for (version, repo) in [("8.10", "powertools"), ("9.4", "crb")] {
+        let rstudio = RStudio::new(RStudioSettings::default(), os("rocky", version, Family::RedHat));
+        // A stand-in pin (no real checksum is known): only the order of the steps is checked.
+        let pin = Pin {
+            version: "2026.07.0-139",
+            build: "rhel9",
+            url: "https://download2.rstudio.org/server/rhel9/x86_64/rstudio-server-rhel-2026.07.0-139-x86_64.rpm",
+            sha256: "00",
+        };
+        let rpm = "/sb/opt/exoagent/rstudio/rstudio-server-rhel-2026.07.0-139-x86_64.rpm";
+        assert_eq!(
+            rstudio.steps_for(&ctx(1000), &pin),
+            [
+                Step::Download {
+                    url: pin.url.into(),
+                    sha256: "00".into(),
+                    to: rpm.into(),
+                },
+                Step::Run(strings(&["dnf", "config-manager", "--set-enabled", repo])),
+                Step::Run(strings(&["dnf", "-y", "install", "R", rpm])),
+                Step::Systemd(strings(&["systemctl", "disable", "--now", "rstudio-server"])),
+                Step::Systemd(strings(&["systemctl", "mask", "rstudio-server"])),
+            ]
+        );
+    }
+}
+
+#[test]
+fn rserver_conf_is_checked_key_by_key() {
+    let rstudio = RStudio::new(RStudioSettings::default(), os("debian", "12", Family::Debian));
+    let conf = rstudio.rserver_conf(&ctx(1001));
+    let keys: Vec<&str> = conf.lines().filter(|l| !l.starts_with('#')).collect();
+    assert_eq!(
+        keys,
+        [
+            "www-address=0.0.0.0",
+            "www-port=8787",
+            "auth-minimum-user-id=1000",
+            "auth-timeout-minutes=0",
+            "auth-cookies-force-secure=1",
+        ]
+    );
+    let custom = RStudio::new(
+        RStudioSettings {
+            port: 9000,
+            bind: "127.0.0.1".parse().unwrap(),
+            secure_cookies: false,
+            auth_timeout_minutes: 60,
+            session_timeout_minutes: 120,
+            ..RStudioSettings::default()
+        },
+        os("debian", "12", Family::Debian),
+    );
+    let keys: Vec<String> = custom
+        .rserver_conf(&ctx(500))
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "www-address=127.0.0.1",
+            "www-port=9000",
+            "auth-minimum-user-id=500",
+            "auth-timeout-minutes=60",
+        ]
+    );
+    assert_eq!(
+        custom
+            .rsession_conf()
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .collect::<Vec<_>>(),
+        ["session-timeout-minutes=120"]
+    );
+    assert!(rstudio.rsession_conf().contains("\nsession-timeout-minutes=0\n"));
+}
+
+#[tokio::test]
+async fn configure_writes_both_files_under_the_system_root() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = ctx(nix::unistd::geteuid().as_raw());
+    c.paths = Paths::sandbox(dir.path());
+    c.account.home = dir.path().join("home/u");
+    let rstudio = RStudio::new(RStudioSettings::default(), os("debian", "12", Family::Debian));
+    rstudio
+        .configure(&c, &Passphrase::generate())
+        .await
+        .unwrap();
+    let etc = dir.path().join("etc/rstudio");
+    assert_eq!(
+        std::fs::read_to_string(etc.join("rserver.conf")).unwrap(),
+        rstudio.rserver_conf(&c)
+    );
+    assert_eq!(
+        std::fs::read_to_string(etc.join("rsession.conf")).unwrap(),
+        rstudio.rsession_conf()
+    );
+}
+
+#[test]
+fn rserver_runs_in_the_foreground_without_an_account_switch() {
+    let rstudio = RStudio::new(RStudioSettings::default(), os("debian", "12", Family::Debian));
+    let spec = rstudio.run_spec(&ctx(1000));
+    assert_eq!(
+        spec.argv,
+        [
+            "/usr/lib/rstudio-server/bin/rserver",
+            "--server-daemonize=0",
+            "--config-file=/sb/etc/rstudio/rserver.conf"
+        ]
+    );
+    assert_eq!(spec.run_as, None, "rserver needs root to start sessions");
+    assert!(spec
+        .env
+        .contains(&("RSTUDIO_CONFIG_DIR".into(), "/sb/etc/rstudio".into())));
+    assert_eq!(rstudio.url(), "http://127.0.0.1:8787/");
+    match rstudio.probe() {
+        Probe::Http {
+            addr,
+            path,
+            user_agent,
+            expect_json_key,
+            ..
+        } => {
+            assert_eq!(addr.to_string(), "127.0.0.1:8787");
+            assert_eq!(path, "/auth-sign-in");
+            assert_eq!(user_agent.as_deref(), Some(BROWSER_USER_AGENT));
+            assert_eq!(expect_json_key, None);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Serve every connection with `respond(request head)` until dropped.
+async fn serve(respond: fn(&str) -> Vec<u8>) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let reply = respond(&String::from_utf8_lossy(&head));
+                let _ = stream.write_all(&reply).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// Like rserver's sign-in page: 200 HTML for a supported browser, otherwise the redirect to
+/// the unsupported-browser page (`ServerBrowser.cpp`).
+fn sign_in(head: &str) -> Vec<u8> {
+    let browser = head
+        .lines()
+        .any(|l| l.to_ascii_lowercase().starts_with("user-agent:") && l.contains("Chrome/"));
+    if head.starts_with("GET /auth-sign-in ") && browser {
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 6\r\nConnection: close\r\n\r\n<html>".to_vec()
+    } else {
+        b"HTTP/1.1 302 Found\r\nLocation: /unsupported_browser.htm\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec()
+    }
+}
+
+#[tokio::test]
+async fn the_probe_passes_as_a_browser_and_a_plain_client_is_redirected() {
+    let addr = serve(sign_in).await;
+    let rstudio = RStudio::new(
+        RStudioSettings {
+            port: addr.port(),
+            bind: addr.ip(),
+            ..RStudioSettings::default()
+        },
+        os("debian", "12", Family::Debian),
+    );
+    rstudio.probe().check(Duration::from_secs(5)).await.unwrap();
+    let plain = Probe::Http {
+        addr,
+        path: "/auth-sign-in".into(),
+        host: addr.to_string(),
+        expect_json_key: None,
+        user_agent: None,
+    };
+    let err = plain.check(Duration::from_secs(5)).await.unwrap_err();
+    assert_eq!(err.reason(), "probe-bad-status", "{err}");
+}
+
+fn not_the_package(_head: &str) -> Vec<u8> {
+    b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nConnection: close\r\n\r\nnot a .deb!".to_vec()
+}
+
+#[tokio::test]
+async fn a_wrong_checksum_stops_before_anything_is_installed() {
+    let addr = serve(not_the_package).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = ctx(1000);
+    c.paths = Paths::sandbox(dir.path());
+    let rstudio = RStudio::new(
+        RStudioSettings {
+            package_url: Some(format!("http://{addr}/rstudio-server.deb")),
+            ..RStudioSettings::default()
+        },
+        os("debian", "12", Family::Debian),
+    );
+    // The served file replaces Posit's; the pinned checksum still applies.
+    let steps = rstudio.install_steps(&c).unwrap();
+    assert!(matches!(&steps[0], Step::Download { url, .. } if url.starts_with("http://127.0.0.1")));
+    let err = rstudio.install(&c).await.unwrap_err();
+    assert_eq!(err.reason(), "rstudio-checksum-mismatch", "{err}");
+    assert!(err.to_string().contains("nothing was installed"), "{err}");
+    let payload = dir.path().join("opt/exoagent/rstudio");
+    let left: Vec<_> = std::fs::read_dir(&payload)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "no package or marker kept: {left:?}");
+}
+
+#[tokio::test]
+async fn the_right_checksum_keeps_the_file() {
+    let addr = serve(not_the_package).await;
+    let dir = tempfile::tempdir().unwrap();
+    let to = dir.path().join("x.deb");
+    // SHA-256 of "not a .deb!".
+    let sum = {
+        let d = ring::digest::digest(&ring::digest::SHA256, b"not a .deb!");
+        d.as_ref().iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    package::download_verified(&format!("http://{addr}/x.deb"), &sum, &to)
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&to).unwrap(), b"not a .deb!");
+}
