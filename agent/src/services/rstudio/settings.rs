@@ -54,7 +54,7 @@ impl Default for RStudioSettings {
 pub struct Section {
     bind: Option<Located<IpAddr>>,
     rserver: Option<Located<PathBuf>>,
-    package_url: Option<Located<String>>,
+    package_url: Option<Located<Option<String>>>,
     secure_cookies: Option<Located<bool>>,
     auth_timeout_minutes: Option<Located<u32>>,
     session_timeout_minutes: Option<Located<u32>>,
@@ -79,7 +79,14 @@ pub const KEYS: &[Key<Section>] = &[
         read: |w, f, s| {
             set(
                 &mut s.package_url,
-                w.parsed(f, "an http or https URL", normalise_http_url),
+                w.parsed(
+                    f,
+                    "an http or https URL, or \"\" for Posit's",
+                    |v| match v {
+                        "" => Some(None),
+                        url => normalise_http_url(url).map(Some),
+                    },
+                ),
             )
         },
     },
@@ -118,7 +125,7 @@ impl Section {
             port: port.value,
             bind: value(&self.bind).unwrap_or(d.bind),
             rserver: value(&self.rserver).unwrap_or(d.rserver),
-            package_url: value(&self.package_url).or(d.package_url),
+            package_url: value(&self.package_url).unwrap_or(d.package_url),
             secure_cookies: value(&self.secure_cookies).unwrap_or(d.secure_cookies),
             auth_timeout_minutes: value(&self.auth_timeout_minutes)
                 .unwrap_or(d.auth_timeout_minutes),
