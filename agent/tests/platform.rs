@@ -531,3 +531,134 @@ async fn real_apt_installs_a_real_package() {
         InstallOutcome::AlreadyInstalled
     );
 }
+
+/// A throwaway local user, removed on drop.
+struct ThrowawayUser(String);
+
+impl ThrowawayUser {
+    fn create(prefix: &str) -> Self {
+        let name = format!("{prefix}{}", std::process::id() % 100_000);
+        let status = std::process::Command::new("useradd")
+            .args(["--create-home", "--shell", "/bin/bash", &name])
+            .status()
+            .unwrap();
+        assert!(status.success(), "useradd {name}");
+        Self(name)
+    }
+}
+
+impl Drop for ThrowawayUser {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("userdel")
+            .args(["--remove", &self.0])
+            .output();
+    }
+}
+
+/// RStudio's R: the service's own system packages for this OS (Debian 12: `r-base`) through the
+/// agent's package layer, then `Rscript` run as an instance-like user.
+#[tokio::test]
+async fn real_apt_installs_r_for_rstudio_and_rscript_runs_as_the_user() {
+    if std::env::var("EXOAGENT_REAL_APT").as_deref() != Ok("1") {
+        eprintln!("skipped: set EXOAGENT_REAL_APT=1 (and run as root) to install r-base");
+        return;
+    }
+    assert!(is_root(), "EXOAGENT_REAL_APT=1 needs root");
+    use exoagent::services::rstudio::{RStudio, RStudioSettings};
+    use exoagent::services::ServiceImpl;
+    let host = os::detect(Path::new("/")).unwrap();
+    let rstudio = RStudio::new(RStudioSettings::default(), host.clone());
+    let packages = rstudio.system_packages(&host);
+    assert_eq!(packages, ["r-base"]);
+    let installer = PackageInstaller::new(PackageManager::Apt, &PackageSettings::default());
+    installer.install(&packages).await.unwrap();
+    assert!(installer.missing(&packages).await.unwrap().is_empty());
+
+    let _host = HOST_USERS.lock().await;
+    let user = ThrowawayUser::create("exor");
+    let out = std::process::Command::new("runuser")
+        .args([
+            "-u",
+            &user.0,
+            "--",
+            "Rscript",
+            "-e",
+            "cat(Sys.info()[['user']], sum(1:10), '\\n')",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(text.trim(), format!("{} 55", user.0));
+}
+
+/// The stack Posit's Debian/Ubuntu package installs as `/etc/pam.d/rstudio`
+/// (`src/cpp/server/extras/pam/debian/rstudio`), which exoagent relies on and does not replace.
+const PACKAGE_PAM_STACK: &str =
+    "#%PAM-1.0\n@include common-auth\n@include common-account\n@include common-session\n";
+
+fn pamtester(user: &str, password: &str) -> bool {
+    use std::io::Write;
+    let mut child = std::process::Command::new("pamtester")
+        .args(["rstudio", user, "authenticate"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
+    child.wait().unwrap().success()
+}
+
+/// RStudio's PAM sign-in accepts the passphrase the agent sets and refuses a wrong one, checked
+/// with a real PAM client. Without the package, its default stack is written for the test
+/// (and removed afterwards).
+#[tokio::test]
+async fn rstudio_pam_accepts_the_passphrase_and_refuses_a_wrong_one() {
+    if !is_root() {
+        eprintln!("skipped: needs root for useradd and PAM");
+        return;
+    }
+    if std::process::Command::new("pamtester")
+        .arg("-v")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: pamtester is not installed (installer/dev/prereqs.sh installs it)");
+        return;
+    }
+    let _host = HOST_USERS.lock().await;
+    let stack = Path::new("/etc/pam.d/rstudio");
+    struct RemoveStack(Option<&'static Path>);
+    impl Drop for RemoveStack {
+        fn drop(&mut self) {
+            if let Some(path) = self.0 {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+    let _remove = if stack.exists() {
+        RemoveStack(None)
+    } else {
+        std::fs::write(stack, PACKAGE_PAM_STACK).unwrap();
+        RemoveStack(Some(Path::new("/etc/pam.d/rstudio")))
+    };
+    let user = ThrowawayUser::create("exop");
+    let passphrase = Passphrase::generate();
+    UserManager::new(Path::new("/"))
+        .set_password(&user.0, &passphrase)
+        .await
+        .unwrap();
+    assert!(
+        pamtester(&user.0, passphrase.expose()),
+        "the passphrase signs in"
+    );
+    assert!(
+        !pamtester(&user.0, "not the passphrase"),
+        "a wrong one is refused"
+    );
+}

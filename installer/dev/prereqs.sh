@@ -16,6 +16,7 @@ have systemd-analyze || need_apt+=(systemd)   # to verify the shipped unit (not 
 have cloud-init || need_apt+=(cloud-init)      # `cloud-init schema` for the userdata (not run)
 have xz || need_apt+=(xz-utils)
 have curl || need_apt+=(curl)
+have pamtester || need_apt+=(pamtester)  # RStudio's PAM sign-in stack, checked with a real PAM client
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "prereqs: please install as root: apt-get install -y ${need_apt[*]}" >&2
