@@ -8,11 +8,11 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use toml_edit::{Item, TableLike};
+use toml_edit::TableLike;
 
 use crate::model::ServiceKind;
 use crate::schema::values::{absolute_path, normalise_http_url, valid_user_name};
-use crate::schema::{parse_document, set, ConfigError, Field, Key, Located, Walker};
+use crate::schema::{parse_document, set, ConfigError, Key, Located, Walker};
 use crate::services::ServiceSection;
 
 /// `[instance]`.
@@ -177,7 +177,17 @@ const CONSOLE_KEYS: &[Key<ConsoleFragment>] = &[
     Key {
         name: "devices",
         example: "[\"/dev/ttyS0\"]",
-        read: |w, f, s| set(&mut s.devices, devices(w, f)),
+        read: |w, f, s| {
+            set(
+                &mut s.devices,
+                w.parsed_array(
+                    f,
+                    "an array of absolute paths",
+                    "an absolute path",
+                    absolute_path,
+                ),
+            )
+        },
     },
     Key {
         name: "status_interval_s",
@@ -252,29 +262,6 @@ const CLOUD_KEYS: &[Key<CloudFragment>] = &[
         },
     },
 ];
-
-/// `console.devices`: an array of absolute paths.
-fn devices(w: &mut Walker<'_>, field: &Field<'_>) -> Option<Located<Vec<PathBuf>>> {
-    let Some(array) = field.item.as_array() else {
-        w.wrong_type(field, "an array of absolute paths");
-        return None;
-    };
-    let mut devices = Vec::new();
-    let mut ok = true;
-    for (i, value) in array.iter().enumerate() {
-        let item = Item::Value(value.clone());
-        let element = Field {
-            path: format!("{}[{i}]", field.path),
-            line: w.line(value.span()).or(field.line),
-            item: &item,
-        };
-        match w.parsed(&element, "an absolute path", absolute_path) {
-            Some(path) => devices.push(path.value),
-            None => ok = false,
-        }
-    }
-    ok.then(|| w.located(field, devices))
-}
 
 /// `[services]`: one table per known service; each is read with the common keys and the
 /// service's own.

@@ -339,6 +339,36 @@ impl Walker<'_> {
         })
     }
 
+    /// An array of strings, each of which must pass `parse`; every bad element is reported
+    /// at its own index (`key[2]`). `expected_array` and `expected` describe what is accepted.
+    pub fn parsed_array<T>(
+        &mut self,
+        field: &Field<'_>,
+        expected_array: &str,
+        expected: &str,
+        parse: impl Fn(&str) -> Option<T>,
+    ) -> Option<Located<Vec<T>>> {
+        let Some(array) = field.item.as_array() else {
+            self.wrong_type(field, expected_array);
+            return None;
+        };
+        let mut values = Vec::new();
+        let mut ok = true;
+        for (i, value) in array.iter().enumerate() {
+            let item = Item::Value(value.clone());
+            let element = Field {
+                path: format!("{}[{i}]", field.path),
+                line: self.line(value.span()).or(field.line),
+                item: &item,
+            };
+            match self.parsed(&element, expected, &parse) {
+                Some(parsed) => values.push(parsed.value),
+                None => ok = false,
+            }
+        }
+        ok.then(|| self.located(field, values))
+    }
+
     /// A string key whose text must pass `parse`; `expected` describes what is accepted.
     pub fn parsed<T>(
         &mut self,

@@ -3,10 +3,8 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use toml_edit::Item;
-
 use super::forwarded::Cidr;
-use crate::schema::{set, value, Checker, Field, Key, Located, Walker};
+use crate::schema::{set, value, Checker, Key, Located};
 use crate::services::OccupiedPort;
 
 /// Where guacd comes from.
@@ -129,33 +127,19 @@ pub const KEYS: &[Key<Section>] = &[
     Key {
         name: "trusted_proxies",
         example: "[\"10.0.0.7\", \"192.168.0.0/24\"]",
-        read: |w, f, s| set(&mut s.trusted_proxies, cidr_list(w, f)),
+        read: |w, f, s| {
+            set(
+                &mut s.trusted_proxies,
+                w.parsed_array(
+                    f,
+                    "an array of IP addresses or CIDR blocks",
+                    "an IP address or CIDR block, e.g. \"10.0.0.7\" or \"10.0.0.0/24\"",
+                    |v| v.parse::<Cidr>().ok(),
+                ),
+            )
+        },
     },
 ];
-
-/// `trusted_proxies`: an array of IP addresses or CIDR blocks, each checked.
-fn cidr_list(w: &mut Walker<'_>, field: &Field<'_>) -> Option<Located<Vec<Cidr>>> {
-    const EXPECTED: &str = "an IP address or CIDR block, e.g. \"10.0.0.7\" or \"10.0.0.0/24\"";
-    let Some(array) = field.item.as_array() else {
-        w.wrong_type(field, "an array of IP addresses or CIDR blocks");
-        return None;
-    };
-    let mut blocks = Vec::new();
-    let mut ok = true;
-    for (i, value) in array.iter().enumerate() {
-        let item = Item::Value(value.clone());
-        let element = Field {
-            path: format!("{}[{i}]", field.path),
-            line: w.line(value.span()).or(field.line),
-            item: &item,
-        };
-        match w.parsed(&element, EXPECTED, |v| v.parse().ok()) {
-            Some(block) => blocks.push(block.value),
-            None => ok = false,
-        }
-    }
-    ok.then(|| w.located(field, blocks))
-}
 
 impl Section {
     /// guacd's port when guacd is on this machine (a loopback or wildcard `guacd_address`):
