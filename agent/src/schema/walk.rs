@@ -339,6 +339,16 @@ impl Walker<'_> {
         })
     }
 
+    /// An IP address (`bind` of every service that listens).
+    pub fn ip_address(&mut self, field: &Field<'_>) -> Option<Located<std::net::IpAddr>> {
+        self.parsed(field, "an IP address", |v| v.parse().ok())
+    }
+
+    /// A service's `start_timeout_s`: 1 to 3600 seconds.
+    pub fn start_timeout_s(&mut self, field: &Field<'_>) -> Option<Located<u64>> {
+        self.count(field, 1, 3600, "seconds")
+    }
+
     /// An array of strings, each of which must pass `parse`; every bad element is reported
     /// at its own index (`key[2]`). `expected_array` and `expected` describe what is accepted.
     pub fn parsed_array<T>(

@@ -112,7 +112,7 @@ pub const KEYS: &[Key<Section>] = &[
     Key {
         name: "start_timeout_s",
         example: "30",
-        read: |w, f, s| set(&mut s.start_timeout_s, w.count(f, 1, 3600, "seconds")),
+        read: |w, f, s| set(&mut s.start_timeout_s, w.start_timeout_s(f)),
     },
 ];
 

@@ -66,7 +66,7 @@ pub const KEYS: &[Key<Section>] = &[
     Key {
         name: "bind",
         example: "\"127.0.0.1\"",
-        read: |w, f, s| set(&mut s.bind, w.parsed(f, "an IP address", |v| v.parse().ok())),
+        read: |w, f, s| set(&mut s.bind, w.ip_address(f)),
     },
     Key {
         name: "rserver",
@@ -113,7 +113,7 @@ pub const KEYS: &[Key<Section>] = &[
     Key {
         name: "start_timeout_s",
         example: "30",
-        read: |w, f, s| set(&mut s.start_timeout_s, w.count(f, 1, 3600, "seconds")),
+        read: |w, f, s| set(&mut s.start_timeout_s, w.start_timeout_s(f)),
     },
 ];
 
