@@ -71,10 +71,19 @@ fn remove_dead_temporaries(dir: &Path, prefix: &str) {
         else {
             continue;
         };
-        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+        if pid != std::process::id() && !process_exists(pid) {
             let _ = fs::remove_file(entry.path());
         }
     }
+}
+
+/// Whether a process with `pid` exists (signal 0). Only a definite "no such process" counts
+/// as gone: without /proc, or for a pid this process may not signal, the file is kept.
+fn process_exists(pid: u32) -> bool {
+    let Ok(raw) = i32::try_from(pid) else {
+        return true;
+    };
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), None) != Err(nix::errno::Errno::ESRCH)
 }
 
 /// Like [`write_atomic`], but only when `path` does not already hold exactly `contents` with

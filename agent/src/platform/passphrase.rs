@@ -1,8 +1,7 @@
 //! The instance passphrase (DESIGN §4.4): 11 RFC 1751 words, generated once, kept in a
 //! root-only file, compared in constant time, hashed with argon2 for JupyterLab.
 
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -179,37 +178,14 @@ fn store(path: &Path, passphrase: &Passphrase) -> Result<(), SecretError> {
         }
     };
     if let Some(dir) = path.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(io("create", dir))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(io("restrict", dir))?;
+        crate::fsutil::ensure_dir(dir, 0o700).map_err(io("create", dir))?;
     }
-    let mut temporary = path.as_os_str().to_owned();
-    temporary.push(format!(".tmp-{}", std::process::id()));
-    let temporary = PathBuf::from(temporary);
-    let _ = std::fs::remove_file(&temporary);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&temporary)
-        .map_err(io("create", &temporary))?;
+    // write_atomic removes its temporary on every failure, so a full disk leaves no stray copy.
     let mut contents = format!("{}\n", passphrase.expose());
-    let written = file
-        .write_all(contents.as_bytes())
-        .and_then(|()| file.sync_all());
+    let stored = crate::fsutil::write_atomic(path, contents.as_bytes(), 0o600, None)
+        .map_err(io("store", path));
     // SAFETY: zero bytes keep the string valid UTF-8.
     unsafe { contents.as_bytes_mut() }.fill(0);
-    let stored = written
-        .map_err(io("write", &temporary))
-        .and_then(|()| std::fs::rename(&temporary, path).map_err(io("store", path)));
-    if stored.is_err() {
-        // A full disk must not leave a stray (possibly partial) copy of the secret behind.
-        let _ = std::fs::remove_file(&temporary);
-    }
     stored
 }
 

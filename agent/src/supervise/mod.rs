@@ -518,7 +518,13 @@ impl Supervisor {
         };
         let mut retries = 0u32;
         loop {
+            let started = tokio::time::Instant::now();
             let report = self.run_once(&cancel).await;
+            // A service that ran well for a while before failing again starts the schedule
+            // afresh, not at the cap its failures days ago reached.
+            if started.elapsed() >= self.policy.stable_after {
+                retries = 0;
+            }
             total.spawned += report.spawned;
             total.adopted |= report.adopted;
             total.restart_delays.extend(report.restart_delays);
