@@ -11,7 +11,7 @@ few seconds, before the servers' 10 s header timeout):
 Prints a Markdown table row; bench/results/server-idle-connections.md records past runs."""
 import json, os, socket, subprocess, sys, tempfile, time
 
-CAP = int(os.environ.get("CAP", "256"))  # agent/src/services/guacamole/web.rs LIMITS.max_connections
+CAP = int(os.environ.get("WEB_CAP", "256"))  # agent/src/services/guacamole/web.rs LIMITS.max_connections
 EXTRA = int(os.environ.get("EXTRA", "10"))
 
 
@@ -39,7 +39,10 @@ def hold(proc, connect, cap):
     socks = []
     for _ in range(cap + EXTRA):
         s = connect()
-        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        try:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # over the cap: already closed by the server, counted below
         socks.append(s)
     time.sleep(2)
     held = rss_kib(proc.pid)
@@ -59,7 +62,7 @@ def hold(proc, connect, cap):
 
 
 def status_socket(binary):
-    cap = int(os.environ.get("CAP", "64"))  # agent/src/httpserve.rs Limits::DEFAULT
+    cap = int(os.environ.get("STATUS_CAP", "64"))  # agent/src/httpserve.rs Limits::DEFAULT
     with tempfile.TemporaryDirectory() as d:
         conf = os.path.join(d, "etc/exoagent")
         os.makedirs(conf)

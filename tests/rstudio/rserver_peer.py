@@ -9,9 +9,14 @@ reads `www-address` and `www-port` from that file, and answers like rserver's HT
   `/unsupported_browser.htm`;
 - `GET /` -> 302 to `/auth-sign-in`; anything else -> 404.
 
+Like rserver (whose options are parsed with boost::program_options), an option in
+`rserver.conf` that it does not know stops it at start with an error, so a misspelt key in
+exoagent's file fails the sandbox test instead of passing unnoticed. The known set here is the
+options exoagent may write plus the common ones of `src/cpp/server/server-options.json`.
+
 How it differs from the real server: no sign-in (no RSA key, PAM or rsession), no CSRF
-cookies, no WebSockets, nothing else of `rserver.conf` is read, and it stays in the foreground
-whatever `--server-daemonize` says.
+cookies, no WebSockets, `rsession.conf` is not read, it runs as any user (the real one needs
+root to start sessions), and it stays in the foreground whatever `--server-daemonize` says.
 """
 
 import http.server
@@ -37,6 +42,15 @@ def read_conf(path):
 
 
 BROWSERS = ("Chrome/", "Firefox/", "Safari/")
+
+# rserver.conf options (rstudio/rstudio src/cpp/server/server-options.json, open-source set).
+KNOWN_OPTIONS = {
+    "www-address", "www-port", "www-root-path", "www-frame-origin", "www-same-site",
+    "www-enable-origin-check", "www-allow-origin", "www-verify-user-agent",
+    "auth-minimum-user-id", "auth-timeout-minutes", "auth-stay-signed-in-days",
+    "auth-cookies-force-secure", "auth-pam-helper-path", "auth-required-user-group",
+    "rsession-which-r", "rsession-ld-library-path", "server-user", "server-daemonize",
+}
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -75,6 +89,9 @@ def main():
     if path is None:
         sys.exit("rserver-peer: expected --config-file=PATH")
     conf = read_conf(path)
+    unknown = sorted(set(conf) - KNOWN_OPTIONS)
+    if unknown:
+        sys.exit(f"rserver-peer: unrecognised option '{unknown[0]}' in {path}")
     address = conf.get("www-address", "0.0.0.0")
     port = int(conf.get("www-port", "8787"))
     server = http.server.ThreadingHTTPServer((address, port), Handler)

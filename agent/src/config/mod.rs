@@ -713,16 +713,13 @@ cloud_name = "exo"
     }
 
     #[test]
-    fn services_this_version_cannot_run_are_refused_by_name() {
-        for kind in ServiceKind::ALL
-            .into_iter()
-            .filter(|k| !crate::services::implemented(*k))
-        {
-            let e = errs(&[("/a.toml", &format!("[services.{kind}]\nenabled = true\n"))]);
-            assert_eq!(e.len(), 1, "{e:?}");
-            assert_eq!(e[0].kind, ErrorKind::Unavailable);
-            assert_eq!(e[0].key, Some(format!("services.{kind}.enabled")));
-            assert_eq!(e[0].line, Some(2));
+    fn every_known_service_is_implemented() {
+        // Every kind `model` names has a folder in the `services!` registry, so enabling any
+        // known service is valid; the `Unavailable` refusal in `validate.rs` is only a guard
+        // for a kind named before its folder lands (then this test fails until it does).
+        for kind in ServiceKind::ALL {
+            assert!(crate::services::implemented(kind), "{kind}");
+            ok(&[("/a.toml", &format!("[services.{kind}]\nenabled = true\n"))]);
         }
     }
 

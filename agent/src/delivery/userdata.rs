@@ -296,16 +296,6 @@ mod tests {
         }))
         .unwrap_err();
         assert!(err.to_string().starts_with("--binary-sha256:"), "{err}");
-        for kind in ServiceKind::ALL
-            .into_iter()
-            .filter(|k| !crate::services::implemented(*k))
-        {
-            let mut unavailable = choices(Delivery::Baked);
-            unavailable.services = vec![kind];
-            let err = render(&unavailable).unwrap_err();
-            assert_eq!(err.reason(), "userdata-invalid-config");
-            assert!(err.to_string().contains("not available"), "{err}");
-        }
         let mut cloud = choices(Delivery::Baked);
         cloud.clouds_yaml = Some(("clouds: {a: {}}".into(), "b".into()));
         assert!(render(&cloud)

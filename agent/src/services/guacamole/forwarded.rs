@@ -19,7 +19,7 @@ impl Cidr {
     /// Whether `ip` is in the block (an IPv4 address written as IPv6, `::ffff:a.b.c.d`, counts
     /// as IPv4).
     pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.network, canonical(ip)) {
+        match (self.network, ip.to_canonical()) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
                 let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
                 u32::from(net) & mask == u32::from(ip) & mask
@@ -35,13 +35,6 @@ impl Cidr {
     }
 }
 
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
-}
-
 impl FromStr for Cidr {
     type Err = ();
 
@@ -50,7 +43,7 @@ impl FromStr for Cidr {
             Some((addr, prefix)) => (addr, Some(prefix)),
             None => (s, None),
         };
-        let network = canonical(addr.parse::<IpAddr>().map_err(|_| ())?);
+        let network = IpAddr::to_canonical(&addr.parse::<IpAddr>().map_err(|_| ())?);
         let max = if network.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
             None => max,
@@ -90,7 +83,7 @@ impl<'de> serde::Deserialize<'de> for Cidr {
 pub fn client_address(peer: IpAddr, headers: &HeaderMap, trusted: &[Cidr]) -> IpAddr {
     let is_trusted = |ip: IpAddr| trusted.iter().any(|c| c.contains(ip));
     if !is_trusted(peer) {
-        return canonical(peer);
+        return peer.to_canonical();
     }
     let entries: Vec<IpAddr> = headers
         .get_all("x-forwarded-for")
@@ -103,12 +96,12 @@ pub fn client_address(peer: IpAddr, headers: &HeaderMap, trusted: &[Cidr]) -> Ip
         .rev()
         // An entry that is not an address ends the chain: what lies left of it is unknown.
         .map_while(|s| s.parse::<IpAddr>().ok())
-        .map(canonical)
+        .map(|ip| ip.to_canonical())
         .collect();
     entries
         .into_iter()
         .find(|ip| !is_trusted(*ip))
-        .unwrap_or(canonical(peer))
+        .unwrap_or(peer.to_canonical())
 }
 
 #[cfg(test)]
