@@ -12,6 +12,16 @@ const TAIL_LINES: usize = 10;
 /// Run `argv` to completion with stdin closed; on failure return the command, its status and
 /// the last lines of its stderr. Never used with secrets in `argv`.
 pub async fn run_logged(service: ServiceKind, argv: &[&str]) -> Result<(), ServiceError> {
+    run_logged_with_env(service, argv, &[]).await
+}
+
+/// [`run_logged`] with `env` added to the inherited environment (a package manager's
+/// non-interactive settings, say).
+pub async fn run_logged_with_env(
+    service: ServiceKind,
+    argv: &[&str],
+    env: &[(&str, &str)],
+) -> Result<(), ServiceError> {
     let shown = argv.join(" ");
     let (program, args) = argv.split_first().ok_or_else(|| ServiceError::Install {
         service,
@@ -20,6 +30,7 @@ pub async fn run_logged(service: ServiceKind, argv: &[&str]) -> Result<(), Servi
     tracing::info!(target: "exoagent::services", service = service.as_str(), command = %shown, "running");
     let output = tokio::process::Command::new(program)
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .output()
         .await

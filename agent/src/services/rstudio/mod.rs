@@ -18,7 +18,7 @@ pub mod settings;
 use super::{io_error, Endpoint, Host, ServiceContext, ServiceError, ServiceImpl};
 use crate::fsutil;
 use crate::model::ServiceKind;
-use crate::platform::exec;
+use super::command::run_logged_with_env;
 use crate::platform::os::{Family, Os};
 use crate::platform::passphrase::Passphrase;
 use crate::schema::{Checker, Key, Located};
@@ -177,31 +177,13 @@ fn systemd_is_init() -> bool {
 }
 
 async fn run_install_command(argv: &[String]) -> Result<(), ServiceError> {
-    let (program, args) = argv.split_first().ok_or_else(|| ServiceError::Install {
-        service: KIND,
-        detail: "empty command".into(),
-    })?;
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     let env = [
         ("DEBIAN_FRONTEND", "noninteractive"),
         ("NEEDRESTART_MODE", "a"),
         ("LC_ALL", "C"),
     ];
-    let shown = argv.join(" ");
-    tracing::info!(target: "exoagent::services", service = "rstudio", command = %shown, "running");
-    let done = exec::run(Path::new(program), args, &env, None)
-        .await
-        .map_err(|e| ServiceError::Install {
-            service: KIND,
-            detail: format!("failed to run '{shown}': {e}"),
-        })?;
-    if done.status.success() {
-        Ok(())
-    } else {
-        Err(ServiceError::Install {
-            service: KIND,
-            detail: format!("'{shown}' failed ({}): {}", done.status, done.tail(10)),
-        })
-    }
+    run_logged_with_env(KIND, &argv, &env).await
 }
 
 impl ServiceImpl for RStudio {
