@@ -64,7 +64,7 @@ pub fn plan(mode: Mode, paths: Paths) -> Result<Plan, AgentError> {
         .settings
         .services
         .iter()
-        .map(|s| Service::from_settings(s, &os, &paths.system_root))
+        .map(|s| Service::from_settings(s, &os, &paths.system_root, &loaded.settings.tls))
         .collect();
     let packages = packages_for(&services, &os);
     Ok(Plan {

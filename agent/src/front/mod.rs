@@ -2,8 +2,10 @@
 //! the service's public port, terminates TLS (or passes plain HTTP) and forwards to the service
 //! on loopback, plus the certificate it serves.
 
+pub mod cert;
 pub mod cli;
 pub mod proxy;
+pub mod settings;
 pub mod tls;
 
 pub use proxy::{serve, Front, FrontLimits, Hop};
