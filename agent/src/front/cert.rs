@@ -231,7 +231,8 @@ fn unix_seconds(at: SystemTime) -> i64 {
     }
 }
 
-fn date(seconds: i64) -> String {
+/// `seconds` since the epoch as `YYYY-MM-DD hh:mm UTC`.
+pub fn date(seconds: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(seconds)
         .map(|t| {
             format!(

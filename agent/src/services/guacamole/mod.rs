@@ -26,7 +26,7 @@ pub mod tunnel;
 pub mod web;
 pub mod web_config;
 
-use crate::model::ServiceKind;
+use crate::model::{Cidr, ServiceKind};
 use crate::platform::os::{Family, Os};
 use crate::platform::passphrase::Passphrase;
 use crate::services::command::run_logged;
@@ -266,9 +266,20 @@ impl ServiceImpl for Guacamole {
         settings.port
     }
 
-    fn planned(settings: GuacamoleSettings, host: Host<'_>) -> Self {
+    fn planned(mut settings: GuacamoleSettings, host: Host<'_>) -> Self {
         let public = SocketAddr::new(settings.bind, settings.port);
-        Self::new(settings, host.os).at(host.web_endpoint(public))
+        let endpoint = host.web_endpoint(public);
+        if endpoint.front.is_some() {
+            // Behind the front every request comes from loopback with the front's
+            // X-Forwarded-For (the peer it saw, after the proxies it trusts): read past both.
+            for proxy in ["127.0.0.1", "::1"] {
+                settings.trusted_proxies.extend(proxy.parse::<Cidr>());
+            }
+            settings
+                .trusted_proxies
+                .extend(host.tls.trusted_proxies.iter().copied());
+        }
+        Self::new(settings, host.os).at(endpoint)
     }
 
     fn system_packages(&self, os: &Os) -> Vec<String> {
