@@ -80,6 +80,34 @@ impl Sandbox {
         }
     }
 
+    /// Like [`Sandbox::new`], with a port that can sit behind the TLS front: `@PORT@` and
+    /// `@PORT@ + 10000` (where the service then listens) are both free.
+    pub fn new_fronted(config: &str) -> Self {
+        let mut sandbox = Self::new(config);
+        let port = loop {
+            let port = free_port();
+            if port <= 55_535 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+                break port;
+            }
+        };
+        fs::write(
+            sandbox.root().join("etc/exoagent/config.toml"),
+            config.replace("@PORT@", &port.to_string()),
+        )
+        .unwrap();
+        sandbox.port = port;
+        sandbox
+    }
+
+    /// Replace the configuration (`@PORT@` is the sandbox's port) for the next agent start.
+    pub fn rewrite_config(&self, config: &str) {
+        fs::write(
+            self.root().join("etc/exoagent/config.toml"),
+            config.replace("@PORT@", &self.port.to_string()),
+        )
+        .unwrap();
+    }
+
     /// Extra arguments for `exoagent sandbox` (e.g. `--no-fixture-identity`).
     pub fn with_start_args(mut self, args: &[&str]) -> Self {
         self.start_args = args.iter().map(|a| a.to_string()).collect();
