@@ -289,6 +289,12 @@ mod tests {
             "load_interval_s",
             "lock_timeout_s",
             "attempts",
+            "[tls]",
+            "require",
+            "cert_file",
+            "key_file",
+            "client_ca_file",
+            "trusted_proxies",
         ] {
             assert!(EXAMPLE_CONFIG.contains(key), "example lacks {key}");
         }
