@@ -14,10 +14,9 @@ mod plan;
 mod provision;
 mod run;
 
-pub(crate) use plan::packages_for;
 pub use plan::{plan, Plan};
-pub(crate) use provision::invoking_account;
 pub use provision::CONFIG_DRIVE_PUBLISH_BUDGET;
+pub(crate) use provision::{fetch_all, install_batch, invoking_account};
 pub use run::run;
 
 /// Exit status when the configuration is invalid (sysexits EX_CONFIG); the systemd unit does

@@ -88,14 +88,6 @@ pub async fn bake(mode: Mode, paths: Paths, kinds: &[ServiceKind]) -> Result<Bak
     if services.is_empty() {
         return Err(BakeError::NothingToBake);
     }
-    let mut packages = agent::packages_for(&services, &plan.os);
-    if mode == Mode::System && !packages.is_empty() {
-        let installer =
-            PackageInstaller::new(plan.os.family.package_manager(), &plan.settings.packages);
-        installer.install(&packages).await?;
-    } else {
-        packages.clear();
-    }
     // Installing needs no service account (payloads are root-owned and shared); the invoking
     // account stands in, and nothing of it is recorded.
     let ctx = ServiceContext {
@@ -103,6 +95,19 @@ pub async fn bake(mode: Mode, paths: Paths, kinds: &[ServiceKind]) -> Result<Bak
         // Baking installs payloads only; nothing it does runs the executable.
         exe: paths.installed_exe(),
         paths,
+    };
+    // Every vendor package is downloaded and verified before anything is installed: one
+    // refusal stops the bake with the image unchanged.
+    let fetched = agent::fetch_all(&services, &ctx).await;
+    if let Some((_, refusal)) = fetched.refused.into_iter().next() {
+        return Err(refusal.into());
+    }
+    let packages = if mode == Mode::System {
+        let installer =
+            PackageInstaller::new(plan.os.family.package_manager(), &plan.settings.packages);
+        agent::install_batch(&installer, &services, &plan.os).await?
+    } else {
+        Vec::new()
     };
     let mut baked = Vec::new();
     for service in &services {

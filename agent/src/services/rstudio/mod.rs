@@ -16,9 +16,9 @@ pub mod package;
 pub mod settings;
 
 use super::{io_error, Endpoint, Host, ServiceContext, ServiceError, ServiceImpl};
+use super::command::run_logged_with_env;
 use crate::fsutil;
 use crate::model::ServiceKind;
-use super::command::run_logged_with_env;
 use crate::platform::os::{Family, Os};
 use crate::platform::passphrase::Passphrase;
 use crate::schema::{Checker, Key, Located};
@@ -158,6 +158,20 @@ impl RStudio {
         )
     }
 
+    /// The install steps still to run: `None` when a configured `rserver` is used as it is or
+    /// the marker says this pin is installed.
+    fn pending_steps(&self, ctx: &ServiceContext) -> Result<Option<Vec<Step>>, ServiceError> {
+        if self.settings.rserver != Path::new(DEFAULT_RSERVER) {
+            return Ok(None);
+        }
+        let pin = self.pin()?;
+        let (marker, id) = Self::marker(ctx, &pin);
+        if std::fs::read_to_string(&marker).is_ok_and(|m| m == id) {
+            return Ok(None);
+        }
+        Ok(Some(self.steps_for(ctx, &pin)))
+    }
+
     async fn run_step(&self, step: &Step) -> Result<(), ServiceError> {
         match step {
             Step::Download { url, sha256, to } => package::download_verified(url, sha256, to).await,
@@ -243,29 +257,42 @@ impl ServiceImpl for RStudio {
         lines
     }
 
-    /// Download and verify the pinned package, install it, mask the vendor unit. Idempotent
-    /// through a marker naming the pin; a configured `rserver` elsewhere is used as it is.
+    /// Download and verify the pinned package (before the batched transaction installs R), so
+    /// a wrong checksum stops the service before anything of it is installed. Nothing to do
+    /// once installed, or with a configured `rserver` elsewhere.
+    async fn fetch(&self, ctx: &ServiceContext) -> Result<(), ServiceError> {
+        let Some(steps) = self.pending_steps(ctx)? else {
+            return Ok(());
+        };
+        let dir = Self::payload_dir(ctx);
+        fsutil::ensure_dir(&dir, 0o755).map_err(io_error(KIND, "create", &dir))?;
+        for step in steps.iter().filter(|s| s.is_fetch()) {
+            self.run_step(step).await?;
+        }
+        Ok(())
+    }
+
+    /// Install the verified package (fetching it again if it is gone or changed), mask the
+    /// vendor unit. Idempotent through a marker naming the pin; a configured `rserver`
+    /// elsewhere is used as it is.
     async fn install(&self, ctx: &ServiceContext) -> Result<(), ServiceError> {
-        if self.settings.rserver != Path::new(DEFAULT_RSERVER) {
-            return if self.settings.rserver.is_file() {
-                Ok(())
-            } else {
-                Err(ServiceError::Install {
-                    service: KIND,
-                    detail: format!("rserver '{}' does not exist", self.settings.rserver.display()),
-                })
-            };
+        if self.settings.rserver != Path::new(DEFAULT_RSERVER) && !self.settings.rserver.is_file()
+        {
+            return Err(ServiceError::Install {
+                service: KIND,
+                detail: format!("rserver '{}' does not exist", self.settings.rserver.display()),
+            });
+        }
+        let Some(steps) = self.pending_steps(ctx)? else {
+            return Ok(());
+        };
+        // Verified again here: the install must never trust a file it did not just check.
+        self.fetch(ctx).await?;
+        for step in steps.iter().filter(|s| !s.is_fetch()) {
+            self.run_step(step).await?;
         }
         let pin = self.pin()?;
         let (marker, id) = Self::marker(ctx, &pin);
-        if std::fs::read_to_string(&marker).is_ok_and(|m| m == id) {
-            return Ok(());
-        }
-        let dir = Self::payload_dir(ctx);
-        fsutil::ensure_dir(&dir, 0o755).map_err(io_error(KIND, "create", &dir))?;
-        for step in self.install_steps(ctx)? {
-            self.run_step(&step).await?;
-        }
         fsutil::write_if_changed(&marker, id.as_bytes(), 0o644, None)
             .map(drop)
             .map_err(io_error(KIND, "write", &marker))

@@ -87,6 +87,14 @@ pub enum Step {
     Systemd(Vec<String>),
 }
 
+impl Step {
+    /// Whether the step runs before the batched package transaction (it downloads or
+    /// verifies, and installs nothing).
+    pub fn is_fetch(&self) -> bool {
+        matches!(self, Self::Download { .. })
+    }
+}
+
 impl fmt::Display for Step {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -110,8 +118,15 @@ fn download_failed(url: &str, detail: impl fmt::Display) -> ServiceError {
 }
 
 /// Download `url` to `to` through a `.part` file, hashing as it arrives; `to` appears only when
-/// the SHA-256 is `sha256`. A wrong checksum leaves nothing behind.
+/// the SHA-256 is `sha256`. A wrong checksum leaves nothing behind. A `to` already there with
+/// the right SHA-256 (fetched before the batch) is kept without downloading again.
 pub async fn download_verified(url: &str, sha256: &str, to: &Path) -> Result<(), ServiceError> {
+    if file_sha256(to)
+        .await
+        .is_some_and(|actual| actual.eq_ignore_ascii_case(sha256))
+    {
+        return Ok(());
+    }
     let part = to.with_extension("part");
     let result = fetch(url, &part).await.and_then(|actual| {
         if actual.eq_ignore_ascii_case(sha256) {
@@ -133,6 +148,25 @@ pub async fn download_verified(url: &str, sha256: &str, to: &Path) -> Result<(),
             Err(e)
         }
     }
+}
+
+/// The SHA-256 of the file at `path`, lowercase hex; `None` when it cannot be read.
+async fn file_sha256(path: &Path) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut file = tokio::fs::File::open(path).await.ok()?;
+    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match file.read(&mut buf).await.ok()? {
+            0 => break,
+            n => digest.update(&buf[..n]),
+        }
+    }
+    Some(hex(digest.finish().as_ref()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Fetch `url` into `part`; the SHA-256 of what arrived, lowercase hex.
@@ -159,10 +193,5 @@ async fn fetch(url: &str, part: &Path) -> Result<String, ServiceError> {
     file.sync_all()
         .await
         .map_err(crate::services::io_error(KIND, "write", part))?;
-    Ok(digest
-        .finish()
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    Ok(hex(digest.finish().as_ref()))
 }
