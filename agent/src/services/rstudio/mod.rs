@@ -14,6 +14,7 @@ use std::time::Duration;
 
 pub mod package;
 pub mod settings;
+pub mod signature;
 
 use super::{io_error, Endpoint, Host, ServiceContext, ServiceError, ServiceImpl};
 use super::command::run_logged_with_env;
@@ -367,5 +368,7 @@ impl ServiceImpl for RStudio {
     }
 }
 
+#[cfg(test)]
+mod signature_tests;
 #[cfg(test)]
 mod tests;
