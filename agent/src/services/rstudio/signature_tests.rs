@@ -4,10 +4,15 @@
 //! tools come from Debian's `rpm` and `gpg` packages (`installer/dev/prereqs.sh`); under
 //! `CI=true` a missing tool fails the test instead of skipping it.
 
+use std::io::{Read, Write};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use super::signature::{self, verify_rpm, Tools, POSIT_FINGERPRINT};
+use super::signature::{verify_rpm, Tools, POSIT_FINGERPRINT};
+use super::*;
+use crate::paths::Paths;
+use crate::services::Account;
 
 /// Whether every tool in `names` is on `PATH`; when one is not, the test is skipped, except
 /// under CI, where it fails.
@@ -253,4 +258,118 @@ async fn a_missing_tool_is_a_clear_refusal() {
     .await
     .unwrap_err();
     assert_eq!(err.reason(), "rstudio-signature-tool-missing", "{err}");
+}
+
+/// Serve `files` (path → bytes) over HTTP on loopback until the test ends.
+fn serve(files: Vec<(&'static str, Vec<u8>)>) -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            let head = String::from_utf8_lossy(&head);
+            let path = head.split_whitespace().nth(1).unwrap_or("");
+            let reply = match files.iter().find(|(p, _)| *p == path) {
+                Some((_, body)) => {
+                    let mut r = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    )
+                    .into_bytes();
+                    r.extend_from_slice(body);
+                    r
+                }
+                None => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    .to_vec(),
+            };
+            let _ = stream.write_all(&reply);
+        }
+    });
+    addr
+}
+
+fn rocky9_with(addr: SocketAddr, root: &Path) -> (RStudio, ServiceContext) {
+    let rstudio = RStudio::new(
+        RStudioSettings {
+            package_url: Some(format!("http://{addr}/rstudio.rpm")),
+            signing_key_url: Some(format!("http://{addr}/key.asc")),
+            ..RStudioSettings::default()
+        },
+        Os {
+            id: "rocky".into(),
+            version_id: "9.4".into(),
+            pretty_name: "Rocky Linux 9.4".into(),
+            family: Family::RedHat,
+            supported: true,
+        },
+    );
+    let ctx = ServiceContext {
+        paths: Paths::sandbox(root),
+        account: Account {
+            name: "exouser".into(),
+            uid: 1000,
+            gid: 1000,
+            home: root.join("home/exouser"),
+        },
+        exe: "/usr/bin/exoagent".into(),
+    };
+    (rstudio, ctx)
+}
+
+#[tokio::test]
+async fn the_el_fetch_downloads_then_checks_the_signature_and_keeps_only_a_good_package() {
+    let Some(f) = fixture() else { return };
+    let signed = std::fs::read(&f.signed).unwrap();
+    let key = std::fs::read(&f.key.public).unwrap();
+
+    // The fetch step as the service runs it: Posit's pinned fingerprint refuses the
+    // throwaway key served as the signing key, and the downloaded package is removed.
+    let addr = serve(vec![("/rstudio.rpm", signed.clone()), ("/key.asc", key.clone())]);
+    let root = tempfile::tempdir().unwrap();
+    let (rstudio, ctx) = rocky9_with(addr, root.path());
+    let err = rstudio.fetch(&ctx).await.unwrap_err();
+    assert_eq!(err.reason(), "rstudio-signing-key-mismatch", "{err}");
+    let payload = root.path().join("opt/exoagent/rstudio");
+    let left: Vec<_> = std::fs::read_dir(&payload)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "nothing unverified is kept: {left:?}");
+
+    // The same download and check with the throwaway key's fingerprint pinned.
+    let to = payload.join("rstudio.rpm");
+    let url = format!("http://{addr}/rstudio.rpm");
+    let key_url = format!("http://{addr}/key.asc");
+    package::download_verified(&url, None, &to).await.unwrap();
+    package::verify_signature(&to, &key_url, &f.key.fingerprint, &Tools::default())
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&to).unwrap(), signed);
+
+    // A tampered package is refused and removed.
+    let mut tampered = signed;
+    let at = tampered.len() - 10;
+    tampered[at] ^= 0xff;
+    let addr = serve(vec![("/rstudio.rpm", tampered), ("/key.asc", key)]);
+    let to = payload.join("tampered.rpm");
+    package::download_verified(&format!("http://{addr}/rstudio.rpm"), None, &to)
+        .await
+        .unwrap();
+    let err = package::verify_signature(
+        &to,
+        &format!("http://{addr}/key.asc"),
+        &f.key.fingerprint,
+        &Tools::default(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.reason(), "rstudio-signature-invalid", "{err}");
+    assert!(!to.exists(), "the refused package was kept");
 }
