@@ -278,72 +278,18 @@ pub(super) fn forget_previous_instance(plan: &Plan) -> Result<(), AgentError> {
 
 #[cfg(test)]
 mod tests {
-    use std::io::{Read, Write};
     use std::os::unix::fs::PermissionsExt;
-    use std::path::Path;
 
     use super::*;
+    use crate::agent::fixtures::{recording_installer, serve_every_request};
     use crate::agent::{fixtures, plan};
-    use crate::platform::os::{Family, PackageManager};
-    use crate::platform::packages::{PackageSettings, PackageTools};
+    use crate::platform::os::Family;
     use crate::services::jupyterlab::{JupyterLab, JupyterLabSettings};
     use crate::services::rstudio::{RStudio, RStudioSettings};
 
-    /// An HTTP server on loopback answering every request with `body` (not Posit's package).
-    fn serve(body: &'static [u8]) -> std::net::SocketAddr {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        std::thread::spawn(move || {
-            for mut stream in listener.incoming().flatten() {
-                let mut buf = [0u8; 4096];
-                let _ = stream.read(&mut buf);
-                let head = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    body.len()
-                );
-                let _ = stream.write_all(head.as_bytes());
-                let _ = stream.write_all(body);
-            }
-        });
-        addr
-    }
-
-    /// The real package layer with `dpkg-query` and `apt-get` replaced by scripts that record
-    /// every call in `dir/calls` (and say nothing is installed, so an install would run).
-    fn recording_installer(dir: &Path) -> PackageInstaller {
-        let calls = dir.join("calls");
-        let script = |name: &str, body: &str| {
-            let path = dir.join(name);
-            std::fs::write(
-                &path,
-                format!(
-                    "#!/bin/sh\necho \"{name} $*\" >> '{}'\n{body}\n",
-                    calls.display()
-                ),
-            )
-            .unwrap();
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-            path
-        };
-        let lists = dir.join("lists");
-        std::fs::create_dir_all(&lists).unwrap();
-        std::fs::write(lists.join("fresh_Packages"), "").unwrap();
-        PackageInstaller::with_tools(
-            PackageManager::Apt,
-            &PackageSettings::default(),
-            PackageTools {
-                dpkg_query: script("dpkg-query", "exit 1"),
-                apt_get: script("apt-get", "exit 0"),
-                apt_lists: lists,
-                ..PackageTools::default()
-            },
-            Duration::from_millis(10),
-        )
-    }
-
     #[tokio::test]
     async fn a_wrong_checksum_stops_rstudio_before_the_package_layer_is_called() {
-        let addr = serve(b"not Posit's package");
+        let addr = serve_every_request(b"not Posit's package");
         let dir = tempfile::tempdir().unwrap();
         let tools = dir.path().join("tools");
         std::fs::create_dir_all(&tools).unwrap();
