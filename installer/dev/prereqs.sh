@@ -17,6 +17,11 @@ have cloud-init || need_apt+=(cloud-init)      # `cloud-init schema` for the use
 have xz || need_apt+=(xz-utils)
 have curl || need_apt+=(curl)
 have pamtester || need_apt+=(pamtester)  # RStudio's PAM sign-in stack, checked with a real PAM client
+# RStudio's rpm signature check, tested with a throwaway key: rpmbuild, rpmsign, rpmkeys, gpg.
+have rpmbuild || need_apt+=(rpm)
+have gpg || need_apt+=(gpg)
+have gpgconf || need_apt+=(gpgconf)
+have gpg-agent || need_apt+=(gpg-agent)  # gpg needs its agent to make and use a secret key
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "prereqs: please install as root: apt-get install -y ${need_apt[*]}" >&2

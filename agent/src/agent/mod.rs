@@ -14,10 +14,9 @@ mod plan;
 mod provision;
 mod run;
 
-pub(crate) use plan::packages_for;
 pub use plan::{plan, Plan};
-pub(crate) use provision::invoking_account;
 pub use provision::CONFIG_DRIVE_PUBLISH_BUDGET;
+pub(crate) use provision::{fetch_all, install_batch, invoking_account};
 pub use run::run;
 
 /// Exit status when the configuration is invalid (sysexits EX_CONFIG); the systemd unit does
@@ -117,12 +116,70 @@ impl AgentError {
     }
 }
 
-/// Sandbox layouts for the unit tests of plan, provision and run.
+/// Sandbox layouts for the unit tests of plan, provision, run and bake.
 #[cfg(test)]
-mod fixtures {
+pub(crate) mod fixtures {
     use std::fs;
+    use std::io::{Read, Write};
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::Path;
+    use std::time::Duration;
 
     use crate::paths::Paths;
+    use crate::platform::os::PackageManager;
+    use crate::platform::packages::{PackageInstaller, PackageSettings, PackageTools};
+
+    /// An HTTP server on loopback answering every request with `body`.
+    pub(crate) fn serve_every_request(body: &'static [u8]) -> std::net::SocketAddr {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for mut stream in listener.incoming().flatten() {
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf);
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = stream.write_all(head.as_bytes());
+                let _ = stream.write_all(body);
+            }
+        });
+        addr
+    }
+
+    /// The real package layer with `dpkg-query` and `apt-get` replaced by scripts that record
+    /// every call in `dir/calls` (and say nothing is installed, so an install would run).
+    pub(crate) fn recording_installer(dir: &Path) -> PackageInstaller {
+        let calls = dir.join("calls");
+        let script = |name: &str, body: &str| {
+            let path = dir.join(name);
+            fs::write(
+                &path,
+                format!(
+                    "#!/bin/sh\necho \"{name} $*\" >> '{}'\n{body}\n",
+                    calls.display()
+                ),
+            )
+            .unwrap();
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+            path
+        };
+        let lists = dir.join("lists");
+        fs::create_dir_all(&lists).unwrap();
+        fs::write(lists.join("fresh_Packages"), "").unwrap();
+        PackageInstaller::with_tools(
+            PackageManager::Apt,
+            &PackageSettings::default(),
+            PackageTools {
+                dpkg_query: script("dpkg-query", "exit 1"),
+                apt_get: script("apt-get", "exit 0"),
+                apt_lists: lists,
+                ..PackageTools::default()
+            },
+            Duration::from_millis(10),
+        )
+    }
 
     /// The fixture instance's UUID (`tests/fixtures/config-drive`).
     pub(super) const FIXTURE_UUID: &str = "6d8c2f0e-3b1a-4c55-9f0e-2a7d1c9b4e11";

@@ -182,7 +182,7 @@ impl fmt::Display for Plan {
         } else {
             writeln!(
                 f,
-                "  {step}. install missing system packages in one {:?} transaction: {}",
+                "  {step}. install missing system packages in one {:?} transaction, after every service's downloads are fetched and verified (a refused service's packages are left out): {}",
                 self.os.family.package_manager(),
                 self.packages.join(" ")
             )?;

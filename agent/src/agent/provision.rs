@@ -13,10 +13,12 @@ use crate::cloud::MetadataService;
 use crate::config::DEFAULT_METADATA_URL;
 use crate::fsutil;
 use crate::paths::Paths;
-use crate::platform::packages::PackageInstaller;
+use crate::platform::os::Os;
+use crate::platform::packages::{PackageError, PackageInstaller};
 use crate::platform::passphrase::{self, Passphrase};
 use crate::platform::users::{Account, UserManager};
 use crate::report::nova::{NovaReporter, Pacing};
+use crate::services::{Service, ServiceContext, ServiceError};
 use crate::state::{NovaReporting, NovaReportingState, Reason, SetupStep, StateHub};
 
 use super::{AgentError, Mode, Plan};
@@ -89,15 +91,61 @@ pub(super) async fn provision_account(plan: &Plan) -> Result<(Account, Passphras
     Ok((account, passphrase))
 }
 
-/// One batched package transaction for all services (system mode); in the sandbox nothing is
-/// installed and missing packages surface as install errors of the service that needs them.
-pub(super) async fn install_packages(plan: &Plan, hub: &StateHub) -> bool {
-    if plan.mode == Mode::Sandbox || plan.packages.is_empty() {
+/// The services after every one's downloads were fetched and verified ([`Service::fetch`]),
+/// before the batched transaction: those ready for it, and those refused with why (their
+/// packages stay out of the batch, so nothing of them is installed).
+pub(crate) struct Fetched {
+    /// Fetched and verified (or nothing to fetch).
+    pub ready: Vec<Service>,
+    /// Refused, with the error.
+    pub refused: Vec<(Service, ServiceError)>,
+}
+
+/// Fetch and verify every service's downloads (one after the other: only vendor packages are
+/// fetched, and few services have one) before anything is installed.
+pub(crate) async fn fetch_all(services: &[Service], ctx: &ServiceContext) -> Fetched {
+    let mut fetched = Fetched {
+        ready: Vec::new(),
+        refused: Vec::new(),
+    };
+    for service in services.iter().cloned() {
+        match service.fetch(ctx).await {
+            Ok(()) => fetched.ready.push(service),
+            Err(e) => {
+                tracing::error!(target: "exoagent::agent", service = service.kind().as_str(), reason = e.reason(), error = %e, "fetch refused; its packages stay out of the batch");
+                fetched.refused.push((service, e));
+            }
+        }
+    }
+    fetched
+}
+
+/// The one batched transaction: the system packages of `services` (those whose fetch passed).
+pub(crate) async fn install_batch(
+    installer: &PackageInstaller,
+    services: &[Service],
+    os: &Os,
+) -> Result<Vec<String>, PackageError> {
+    let packages = super::plan::packages_for(services, os);
+    if !packages.is_empty() {
+        installer.install(&packages).await?;
+    }
+    Ok(packages)
+}
+
+/// The installer for this plan's OS and package settings.
+pub(super) fn installer(plan: &Plan) -> PackageInstaller {
+    PackageInstaller::new(plan.os.family.package_manager(), &plan.settings.packages)
+}
+
+/// One batched package transaction for the services in `ready` (system mode); in the sandbox
+/// nothing is installed and missing packages surface as install errors of the service that
+/// needs them.
+pub(super) async fn install_packages(plan: &Plan, hub: &StateHub, ready: &[Service]) -> bool {
+    if plan.mode == Mode::Sandbox {
         return true;
     }
-    let installer =
-        PackageInstaller::new(plan.os.family.package_manager(), &plan.settings.packages);
-    match installer.install(&plan.packages).await {
+    match install_batch(&installer(plan), ready, &plan.os).await {
         Ok(_) => true,
         Err(e) => {
             tracing::error!(target: "exoagent::agent", error = %e, "package installation failed");
@@ -233,7 +281,81 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;
+    use crate::agent::fixtures::{recording_installer, serve_every_request};
     use crate::agent::{fixtures, plan};
+    use crate::platform::os::Family;
+    use crate::services::jupyterlab::{JupyterLab, JupyterLabSettings};
+    use crate::services::rstudio::{RStudio, RStudioSettings};
+
+    #[tokio::test]
+    async fn a_wrong_checksum_stops_rstudio_before_the_package_layer_is_called() {
+        let addr = serve_every_request(b"not Posit's package");
+        let dir = tempfile::tempdir().unwrap();
+        let tools = dir.path().join("tools");
+        std::fs::create_dir_all(&tools).unwrap();
+        let root = dir.path().join("root");
+        let ctx = ServiceContext {
+            paths: Paths::sandbox(&root),
+            account: invoking_account(&Paths::sandbox(&root)).unwrap(),
+            exe: "/usr/bin/exoagent".into(),
+        };
+        let os = Os {
+            id: "debian".into(),
+            version_id: "12".into(),
+            pretty_name: "Debian 12".into(),
+            family: Family::Debian,
+            supported: true,
+        };
+        let rstudio = Service::RStudio(RStudio::new(
+            RStudioSettings {
+                package_url: Some(format!("http://{addr}/rstudio-server.deb")),
+                ..RStudioSettings::default()
+            },
+            os.clone(),
+        ));
+        let installer = recording_installer(&tools);
+        let calls = tools.join("calls");
+
+        // RStudio alone: refused with its reason, and the batch has nothing to do.
+        let fetched = fetch_all(std::slice::from_ref(&rstudio), &ctx).await;
+        assert!(fetched.ready.is_empty());
+        let [(service, refusal)] = &fetched.refused[..] else {
+            panic!("{} refused", fetched.refused.len());
+        };
+        assert_eq!(service.kind(), crate::model::ServiceKind::RStudio);
+        assert_eq!(refusal.reason(), "rstudio-checksum-mismatch", "{refusal}");
+        assert!(
+            refusal.to_string().contains("nothing was installed"),
+            "{refusal}"
+        );
+        let batch = install_batch(&installer, &fetched.ready, &os)
+            .await
+            .unwrap();
+        assert!(batch.is_empty());
+        assert!(!calls.exists(), "the package layer was called");
+
+        // Beside JupyterLab: its packages go through the batch, R never does.
+        let jupyter = Service::JupyterLab(JupyterLab::new(JupyterLabSettings::default()));
+        let fetched = fetch_all(&[jupyter, rstudio], &ctx).await;
+        assert_eq!(fetched.ready.len(), 1);
+        assert_eq!(fetched.refused.len(), 1);
+        let batch = install_batch(&installer, &fetched.ready, &os)
+            .await
+            .unwrap();
+        assert_eq!(batch, ["python3", "python3-venv"]);
+        let log = std::fs::read_to_string(&calls).unwrap();
+        assert!(
+            log.contains("apt-get") && log.contains("python3-venv"),
+            "{log}"
+        );
+        assert!(!log.contains("r-base"), "R went into the batch:\n{log}");
+        let payload = root.join("opt/exoagent/rstudio");
+        let left: Vec<_> = std::fs::read_dir(&payload)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(left.is_empty(), "no package or marker kept: {left:?}");
+    }
 
     fn sandbox_plan_with_drive(meta_data: &str) -> (tempfile::TempDir, Plan) {
         let (dir, paths) = fixtures::sandbox();
@@ -323,7 +445,7 @@ mod tests {
         let (_dir, paths) = fixtures::sandbox();
         let plan = plan(Mode::Sandbox, paths).unwrap();
         let hub = StateHub::new([]);
-        assert!(install_packages(&plan, &hub).await);
+        assert!(install_packages(&plan, &hub, &plan.services).await);
         assert!(hub.snapshot().setup.step.is_none());
     }
 

@@ -15,6 +15,7 @@ use crate::cloud::{discover_identity, ConfigDrive, Discovery, MetadataService};
 use crate::fsutil;
 use crate::model::ServiceKind;
 use crate::paths::Paths;
+use crate::platform::packages::PackageInstaller;
 use crate::platform::passphrase::Passphrase;
 use crate::report::console::{ConsoleReporter, ConsoleSink};
 use crate::report::load::LoadSampler;
@@ -25,9 +26,10 @@ use crate::state::{
 };
 use crate::supervise::{jittered, retry_delay, ServicePaths, ShimCommand, Supervisor};
 
+use super::plan::packages_for;
 use super::provision::{
-    forget_previous_instance, install_packages, metadata_service, nova_reporter, provision_account,
-    publish_passphrase,
+    fetch_all, forget_previous_instance, install_packages, installer, metadata_service,
+    nova_reporter, provision_account, publish_passphrase, Fetched,
 };
 use super::{plan, AgentError, AgentOptions, Mode, Plan};
 
@@ -96,16 +98,20 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
             // setup runs.
             publish_passphrase(&plan, metadata.as_ref(), &passphrase, identity_source).await;
             hub.set_phase(SetupPhase::Provisioning);
-            if install_packages(&plan, &hub).await {
-                let ctx = ServiceContext {
-                    paths: plan.paths.clone(),
-                    account,
-                    exe: options.shim.exe.clone(),
-                };
+            let ctx = ServiceContext {
+                paths: plan.paths.clone(),
+                account,
+                exe: options.shim.exe.clone(),
+            };
+            // Vendor packages are downloaded and verified before the batch: a service refused
+            // here keeps its packages out of it, so nothing of it is installed.
+            let fetched = fetch_all(&plan.services, &ctx).await;
+            if install_packages(&plan, &hub, &fetched.ready).await {
                 start_services(
                     &plan,
                     ctx,
                     passphrase,
+                    fetched,
                     &options.shim,
                     &hub,
                     &mut tasks,
@@ -113,6 +119,18 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
                 )
                 .await;
                 hub.set_phase(SetupPhase::Supervising);
+            } else {
+                for (service, e) in fetched.refused {
+                    record_transition(
+                        &hub,
+                        service.kind(),
+                        ServiceState::Failed,
+                        ServiceUpdate {
+                            reason: Some(Reason::new(e.reason(), e.to_string())),
+                            ..Default::default()
+                        },
+                    );
+                }
             }
         }
         Err(reason) => hub.fail_step(SetupStep::User, reason),
@@ -254,12 +272,22 @@ async fn resolve_identity(
     Ok(source)
 }
 
+/// A service whose fetch was refused before the batch: the refusal, and the system packages
+/// the batch left out for it (installed by its retries; `None` in the sandbox).
+struct Held {
+    refusal: ServiceError,
+    packages: Option<(PackageInstaller, Vec<String>)>,
+}
+
 /// Install and configure every service concurrently; each one that succeeds gets its
-/// supervisor spawned into `tasks`.
+/// supervisor spawned into `tasks`. Services refused by their fetch start failed and retry
+/// on the supervisor's schedule (fetch, their own packages, install, configure).
+#[allow(clippy::too_many_arguments)]
 async fn start_services(
     plan: &Plan,
     ctx: ServiceContext,
     passphrase: Passphrase,
+    fetched: Fetched,
     shim: &ShimCommand,
     hub: &StateHub,
     tasks: &mut Tasks,
@@ -268,7 +296,17 @@ async fn start_services(
     start_fronts(plan, &ctx, shim, hub, tasks, cancel).await;
     let passphrase = Arc::new(passphrase);
     let mut starts = JoinSet::new();
-    for service in plan.services.clone() {
+    let ready = fetched.ready.into_iter().map(|s| (s, None));
+    let refused = fetched.refused.into_iter().map(|(service, refusal)| {
+        let packages = (plan.mode == Mode::System).then(|| {
+            (
+                installer(plan),
+                packages_for(std::slice::from_ref(&service), &plan.os),
+            )
+        });
+        (service, Some(Held { refusal, packages }))
+    });
+    for (service, held) in ready.chain(refused) {
         let ctx = ctx.clone();
         let hub = hub.clone();
         let passphrase = passphrase.clone();
@@ -276,7 +314,7 @@ async fn start_services(
         let shim = shim.clone();
         let cancel = cancel.clone();
         starts.spawn(async move {
-            start_service(service, ctx, hub, passphrase, policy, shim, cancel).await
+            start_service(service, held, ctx, hub, passphrase, policy, shim, cancel).await
         });
     }
     while let Some(started) = starts.join_next().await {
@@ -378,8 +416,10 @@ async fn start_fronts(
 /// or configuration is retried inside the returned task on the supervisor's retry schedule, so a
 /// fixed cause (space freed, a mirror back) recovers without an agent restart; a service whose
 /// shim already runs the same spec is adopted even when its configuration cannot be rewritten.
+#[allow(clippy::too_many_arguments)]
 async fn start_service(
     service: Service,
+    held: Option<Held>,
     ctx: ServiceContext,
     hub: StateHub,
     passphrase: Arc<Passphrase>,
@@ -394,7 +434,13 @@ async fn start_service(
         ServiceState::Installing,
         ServiceUpdate::default(),
     );
-    let first = prepare_service(&service, &ctx, &passphrase).await;
+    let (first, held_packages) = match held {
+        Some(Held { refusal, packages }) => (Err(refusal), packages),
+        None => (
+            prepare_service(&service, &ctx, &passphrase, None).await,
+            None,
+        ),
+    };
     let mut supervisor = Supervisor::new(
         kind,
         service.run_spec(&ctx),
@@ -443,18 +489,34 @@ async fn start_service(
                 ServiceState::Installing,
                 ServiceUpdate::default(),
             );
-            prepared = prepare_service(&service, &ctx, &passphrase).await;
+            prepared = prepare_service(&service, &ctx, &passphrase, held_packages.as_ref()).await;
         }
         supervisor.run_retrying(cancel).await;
     }))
 }
 
-/// Install, then configure (both idempotent: only what changed is rewritten).
+/// Install, then configure (both idempotent: only what changed is rewritten). A service the
+/// batch left out (`held`: its fetch was refused) fetches first, then installs its own
+/// packages.
 async fn prepare_service(
     service: &Service,
     ctx: &ServiceContext,
     passphrase: &Passphrase,
+    held: Option<&(PackageInstaller, Vec<String>)>,
 ) -> Result<(), ServiceError> {
+    if let Some((installer, packages)) = held {
+        service.fetch(ctx).await?;
+        if !packages.is_empty() {
+            installer
+                .install(packages)
+                .await
+                .map_err(|e| ServiceError::Refused {
+                    service: service.kind(),
+                    reason: e.reason(),
+                    detail: e.to_string(),
+                })?;
+        }
+    }
     service.install(ctx).await?;
     service.configure(ctx, passphrase).await
 }

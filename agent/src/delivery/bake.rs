@@ -9,6 +9,7 @@ use crate::agent::{self, AgentError, Mode};
 use crate::config;
 use crate::delivery::userdata::{config_drop_in, Choices, Delivery};
 use crate::paths::Paths;
+use crate::platform::os::Os;
 use crate::platform::packages::{PackageError, PackageInstaller};
 use crate::services::{Service, ServiceContext, ServiceError, ServiceKind};
 
@@ -88,14 +89,6 @@ pub async fn bake(mode: Mode, paths: Paths, kinds: &[ServiceKind]) -> Result<Bak
     if services.is_empty() {
         return Err(BakeError::NothingToBake);
     }
-    let mut packages = agent::packages_for(&services, &plan.os);
-    if mode == Mode::System && !packages.is_empty() {
-        let installer =
-            PackageInstaller::new(plan.os.family.package_manager(), &plan.settings.packages);
-        installer.install(&packages).await?;
-    } else {
-        packages.clear();
-    }
     // Installing needs no service account (payloads are root-owned and shared); the invoking
     // account stands in, and nothing of it is recorded.
     let ctx = ServiceContext {
@@ -104,14 +97,144 @@ pub async fn bake(mode: Mode, paths: Paths, kinds: &[ServiceKind]) -> Result<Bak
         exe: paths.installed_exe(),
         paths,
     };
+    // System packages in system mode only; the sandbox installs none.
+    let installer = (mode == Mode::System)
+        .then(|| PackageInstaller::new(plan.os.family.package_manager(), &plan.settings.packages));
+    bake_services(&services, &ctx, installer.as_ref(), &plan.os).await
+}
+
+/// Bake `services`: every vendor package downloaded and verified first (one refusal stops the
+/// bake with the image unchanged), then their system packages in one transaction through
+/// `installer` (none without one), then each payload.
+pub(crate) async fn bake_services(
+    services: &[Service],
+    ctx: &ServiceContext,
+    installer: Option<&PackageInstaller>,
+    os: &Os,
+) -> Result<Baked, BakeError> {
+    let fetched = agent::fetch_all(services, ctx).await;
+    if let Some((_, refusal)) = fetched.refused.into_iter().next() {
+        return Err(refusal.into());
+    }
+    let packages = match installer {
+        Some(installer) => agent::install_batch(installer, services, os).await?,
+        None => Vec::new(),
+    };
     let mut baked = Vec::new();
-    for service in &services {
+    for service in services {
         tracing::info!(target: "exoagent::bake", service = service.kind().as_str(), "installing payload");
-        service.install(&ctx).await?;
+        service.install(ctx).await?;
         baked.push(service.kind());
     }
     Ok(Baked {
         packages,
         services: baked,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::agent::fixtures::{recording_installer, serve_every_request};
+    use crate::platform::os::Family;
+    use crate::services::jupyterlab::{JupyterLab, JupyterLabSettings};
+    use crate::services::rstudio::{RStudio, RStudioSettings};
+
+    fn debian12() -> Os {
+        Os {
+            id: "debian".into(),
+            version_id: "12".into(),
+            pretty_name: "Debian 12".into(),
+            family: Family::Debian,
+            supported: true,
+        }
+    }
+
+    fn context(root: &Path) -> ServiceContext {
+        let paths = Paths::sandbox(root);
+        ServiceContext {
+            account: agent::invoking_account(&paths).unwrap(),
+            exe: paths.installed_exe(),
+            paths,
+        }
+    }
+
+    #[tokio::test]
+    async fn baking_rstudio_installs_r_in_the_one_batch_then_its_payload() {
+        let dir = tempfile::tempdir().unwrap();
+        let tools = dir.path().join("tools");
+        std::fs::create_dir_all(&tools).unwrap();
+        // An rserver already in the image: RStudio's own payload step has nothing to download,
+        // R still comes from the batch.
+        let rserver = dir.path().join("rserver");
+        std::fs::write(&rserver, "").unwrap();
+        let rstudio = Service::RStudio(RStudio::new(
+            RStudioSettings {
+                rserver: rserver.clone(),
+                ..RStudioSettings::default()
+            },
+            debian12(),
+        ));
+        let installer = recording_installer(&tools);
+        let baked = bake_services(
+            &[rstudio],
+            &context(&dir.path().join("root")),
+            Some(&installer),
+            &debian12(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            baked,
+            Baked {
+                packages: vec!["r-base".into()],
+                services: vec![ServiceKind::RStudio],
+            }
+        );
+        let calls = std::fs::read_to_string(tools.join("calls")).unwrap();
+        let install = calls
+            .lines()
+            .find(|l| l.starts_with("apt-get") && l.contains(" install "))
+            .unwrap_or_else(|| panic!("no install ran:\n{calls}"));
+        assert!(install.ends_with(" r-base"), "{install}");
+    }
+
+    #[tokio::test]
+    async fn a_refused_rstudio_download_stops_the_bake_before_anything_is_installed() {
+        let addr = serve_every_request(b"not Posit's package");
+        let dir = tempfile::tempdir().unwrap();
+        let tools = dir.path().join("tools");
+        std::fs::create_dir_all(&tools).unwrap();
+        let root = dir.path().join("root");
+        let services = [
+            Service::JupyterLab(JupyterLab::new(JupyterLabSettings::default())),
+            Service::RStudio(RStudio::new(
+                RStudioSettings {
+                    package_url: Some(format!("http://{addr}/rstudio-server.deb")),
+                    ..RStudioSettings::default()
+                },
+                debian12(),
+            )),
+        ];
+        let installer = recording_installer(&tools);
+        let err = bake_services(&services, &context(&root), Some(&installer), &debian12())
+            .await
+            .unwrap_err();
+        assert_eq!(err.reason(), "rstudio-checksum-mismatch", "{err}");
+        assert!(
+            !tools.join("calls").exists(),
+            "the package layer was called"
+        );
+        assert!(
+            !root.join("opt/exoagent/jupyterlab").exists(),
+            "JupyterLab was installed before the refusal"
+        );
+        let left: Vec<_> = std::fs::read_dir(root.join("opt/exoagent/rstudio"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
 }

@@ -222,7 +222,17 @@ pub trait ServiceImpl: Sized {
     fn system_packages(&self, os: &Os) -> Vec<String>;
     /// Human-readable plan steps for `exoagent validate`.
     fn plan(&self, ctx: &ServiceContext) -> Vec<String>;
-    /// Install the service's payload (idempotent).
+    /// Download and verify what [`Self::install`] will install, before the batched package
+    /// transaction runs, so that a bad download (a wrong checksum or signature) stops the
+    /// service before anything of it is on the machine. Idempotent; the default fetches nothing.
+    fn fetch(
+        &self,
+        _ctx: &ServiceContext,
+    ) -> impl std::future::Future<Output = Result<(), ServiceError>> + Send {
+        std::future::ready(Ok(()))
+    }
+    /// Install the service's payload after the batch (idempotent; it may rely on [`Self::fetch`]
+    /// having run, and runs it again when it must).
     fn install(
         &self,
         ctx: &ServiceContext,
@@ -396,6 +406,13 @@ macro_rules! services {
             pub fn plan(&self, ctx: &ServiceContext) -> Vec<String> {
                 match self {
                     $(Self::$variant(s) => s.plan(ctx),)*
+                }
+            }
+
+            /// Download and verify its payload before the batched transaction (idempotent).
+            pub async fn fetch(&self, ctx: &ServiceContext) -> Result<(), ServiceError> {
+                match self {
+                    $(Self::$variant(s) => s.fetch(ctx).await,)*
                 }
             }
 

@@ -1,6 +1,7 @@
 //! RStudio Server (open source): R from the distribution (`r-base`; `R` from EPEL with CRB or
-//! PowerTools on EL), Posit's package pinned by version and SHA-256 and verified before it is
-//! installed, `rserver.conf`/`rsession.conf` written by exoagent, and `rserver` supervised in the
+//! PowerTools on EL), Posit's package pinned by version and URL and verified before anything is
+//! installed (SHA-256 on Debian/Ubuntu, Posit's rpm signature against the pinned key fingerprint
+//! on EL), `rserver.conf`/`rsession.conf` written by exoagent, and `rserver` supervised in the
 //! foreground as root (it starts each user's rsession as that user; the package's own unit is
 //! stopped and masked). Sign-in is PAM with the instance user's passphrase through the package's
 //! `/etc/pam.d/rstudio`. Ready when `GET /auth-sign-in` answers 200 to a browser.
@@ -14,11 +15,12 @@ use std::time::Duration;
 
 pub mod package;
 pub mod settings;
+pub mod signature;
 
 use super::{io_error, Endpoint, Host, ServiceContext, ServiceError, ServiceImpl};
+use super::command::run_logged_with_env;
 use crate::fsutil;
 use crate::model::ServiceKind;
-use super::command::run_logged_with_env;
 use crate::platform::os::{Family, Os};
 use crate::platform::passphrase::Passphrase;
 use crate::schema::{Checker, Key, Located};
@@ -68,15 +70,15 @@ impl RStudio {
         ctx.paths.opt_dir.join("rstudio")
     }
 
-    /// The pin for this OS, or the reason there is none.
-    pub fn pin(&self) -> Result<Pin, ServiceError> {
+    /// The pin for this OS.
+    pub fn pin(&self) -> Pin {
         package::pin(&self.os)
     }
 
-    /// The exact install steps after the batched package transaction, in order; refused when
-    /// the OS has no complete pin.
-    pub fn install_steps(&self, ctx: &ServiceContext) -> Result<Vec<Step>, ServiceError> {
-        Ok(self.steps_for(ctx, &self.pin()?))
+    /// The exact install steps, in order: the fetch steps (download, verify) run before the
+    /// batched package transaction, the rest after it.
+    pub fn install_steps(&self, ctx: &ServiceContext) -> Vec<Step> {
+        self.steps_for(ctx, &self.pin())
     }
 
     /// The install steps for `pin` on this OS.
@@ -90,9 +92,20 @@ impl RStudio {
         let local = file.to_string_lossy().into_owned();
         let mut steps = vec![Step::Download {
             url,
-            sha256: pin.sha256.to_owned(),
-            to: file,
+            sha256: pin.sha256.map(str::to_owned),
+            to: file.clone(),
         }];
+        if let Some(fingerprint) = pin.signed_by {
+            steps.push(Step::VerifySignature {
+                package: file,
+                key_url: self
+                    .settings
+                    .signing_key_url
+                    .clone()
+                    .unwrap_or_else(|| signature::POSIT_KEY_URL.to_owned()),
+                fingerprint: fingerprint.to_owned(),
+            });
+        }
         let argv = |a: &[&str]| Step::Run(a.iter().map(|s| s.to_string()).collect());
         match self.os.family {
             // apt resolves the package's dependencies from the archive.
@@ -164,15 +177,44 @@ impl RStudio {
     }
 
     fn marker(ctx: &ServiceContext, pin: &Pin) -> (PathBuf, String) {
+        let check = match (pin.sha256, pin.signed_by) {
+            (Some(sha256), _) => sha256,
+            (None, Some(fingerprint)) => fingerprint,
+            (None, None) => "",
+        };
         (
             Self::payload_dir(ctx).join("installed"),
-            format!("{} {}\n", pin.version, pin.sha256),
+            format!("{} {} {check}\n", pin.version, pin.build),
         )
+    }
+
+    /// The install steps still to run: `None` when a configured `rserver` is used as it is or
+    /// the marker says this pin is installed.
+    fn pending_steps(&self, ctx: &ServiceContext) -> Result<Option<Vec<Step>>, ServiceError> {
+        if self.settings.rserver != Path::new(DEFAULT_RSERVER) {
+            return Ok(None);
+        }
+        let pin = self.pin();
+        let (marker, id) = Self::marker(ctx, &pin);
+        if std::fs::read_to_string(&marker).is_ok_and(|m| m == id) {
+            return Ok(None);
+        }
+        Ok(Some(self.steps_for(ctx, &pin)))
     }
 
     async fn run_step(&self, step: &Step) -> Result<(), ServiceError> {
         match step {
-            Step::Download { url, sha256, to } => package::download_verified(url, sha256, to).await,
+            Step::Download { url, sha256, to } => {
+                package::download_verified(url, sha256.as_deref(), to).await
+            }
+            Step::VerifySignature {
+                package,
+                key_url,
+                fingerprint,
+            } => {
+                package::verify_signature(package, key_url, fingerprint, &signature::Tools::default())
+                    .await
+            }
             Step::Run(argv) => run_install_command(argv).await,
             Step::Systemd(argv) if systemd_is_init() => run_install_command(argv).await,
             Step::Systemd(argv) => {
@@ -238,10 +280,7 @@ impl ServiceImpl for RStudio {
                 self.settings.rserver.display()
             ));
         } else {
-            match self.install_steps(ctx) {
-                Ok(steps) => lines.extend(steps.iter().map(Step::to_string)),
-                Err(e) => lines.push(format!("refused ({}): {e}", e.reason())),
-            }
+            lines.extend(self.install_steps(ctx).iter().map(Step::to_string));
         }
         lines.push(format!(
             "write {} and rsession.conf: www-address {}, www-port {}, PAM sign-in as {}",
@@ -257,29 +296,41 @@ impl ServiceImpl for RStudio {
         lines
     }
 
-    /// Download and verify the pinned package, install it, mask the vendor unit. Idempotent
-    /// through a marker naming the pin; a configured `rserver` elsewhere is used as it is.
-    async fn install(&self, ctx: &ServiceContext) -> Result<(), ServiceError> {
-        if self.settings.rserver != Path::new(DEFAULT_RSERVER) {
-            return if self.settings.rserver.is_file() {
-                Ok(())
-            } else {
-                Err(ServiceError::Install {
-                    service: KIND,
-                    detail: format!("rserver '{}' does not exist", self.settings.rserver.display()),
-                })
-            };
-        }
-        let pin = self.pin()?;
-        let (marker, id) = Self::marker(ctx, &pin);
-        if std::fs::read_to_string(&marker).is_ok_and(|m| m == id) {
+    /// Download and verify the pinned package (before the batched transaction installs R), so
+    /// a wrong checksum stops the service before anything of it is installed. Nothing to do
+    /// once installed, or with a configured `rserver` elsewhere.
+    async fn fetch(&self, ctx: &ServiceContext) -> Result<(), ServiceError> {
+        let Some(steps) = self.pending_steps(ctx)? else {
             return Ok(());
-        }
+        };
         let dir = Self::payload_dir(ctx);
         fsutil::ensure_dir(&dir, 0o755).map_err(io_error(KIND, "create", &dir))?;
-        for step in self.install_steps(ctx)? {
-            self.run_step(&step).await?;
+        for step in steps.iter().filter(|s| s.is_fetch()) {
+            self.run_step(step).await?;
         }
+        Ok(())
+    }
+
+    /// Install the verified package (fetching it again if it is gone or changed), mask the
+    /// vendor unit. Idempotent through a marker naming the pin; a configured `rserver`
+    /// elsewhere is used as it is.
+    async fn install(&self, ctx: &ServiceContext) -> Result<(), ServiceError> {
+        if self.settings.rserver != Path::new(DEFAULT_RSERVER) && !self.settings.rserver.is_file()
+        {
+            return Err(ServiceError::Install {
+                service: KIND,
+                detail: format!("rserver '{}' does not exist", self.settings.rserver.display()),
+            });
+        }
+        let Some(steps) = self.pending_steps(ctx)? else {
+            return Ok(());
+        };
+        // Verified again here: the install must never trust a file it did not just check.
+        self.fetch(ctx).await?;
+        for step in steps.iter().filter(|s| !s.is_fetch()) {
+            self.run_step(step).await?;
+        }
+        let (marker, id) = Self::marker(ctx, &self.pin());
         fsutil::write_if_changed(&marker, id.as_bytes(), 0o644, None)
             .map(drop)
             .map_err(io_error(KIND, "write", &marker))
@@ -355,5 +406,7 @@ impl ServiceImpl for RStudio {
     }
 }
 
+#[cfg(test)]
+mod signature_tests;
 #[cfg(test)]
 mod tests;

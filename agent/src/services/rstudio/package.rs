@@ -1,11 +1,13 @@
-//! Posit's RStudio Server package: the pin per distribution family (version, URL, SHA-256), the
-//! install steps, and a download that is verified before anything uses it.
+//! Posit's RStudio Server package: the pin per distribution family (version, URL, and SHA-256
+//! or Posit's signing-key fingerprint), the install steps, and a download that is verified
+//! before anything uses it.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 use tokio::io::AsyncWriteExt;
 
+use super::signature::{self, Tools, MAX_KEY_BYTES, POSIT_FINGERPRINT};
 use super::KIND;
 use crate::platform::os::{Family, Os};
 use crate::services::ServiceError;
@@ -20,7 +22,8 @@ const JAMMY_SHA256: &str = "e7b310c9e46811635b8dea8df82c729686c3a78f35cfa7767d95
 /// Packages larger than this are refused while downloading (the .deb is ~150 MB).
 const MAX_PACKAGE_BYTES: u64 = 1 << 30;
 
-/// One build of the pinned release.
+/// One build of the pinned release, and how it is verified before install: by a pinned
+/// SHA-256, by Posit's signature checked against the pinned key fingerprint, or both.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pin {
     /// The release.
@@ -29,8 +32,11 @@ pub struct Pin {
     pub build: &'static str,
     /// Posit's download URL.
     pub url: &'static str,
-    /// SHA-256 of the file, lowercase hex.
-    pub sha256: &'static str,
+    /// SHA-256 of the file, lowercase hex, when one is pinned.
+    pub sha256: Option<&'static str>,
+    /// The fingerprint of the key whose signature the file must carry, when its format's
+    /// signature can be checked here (rpm).
+    pub signed_by: Option<&'static str>,
 }
 
 impl Pin {
@@ -41,45 +47,58 @@ impl Pin {
 }
 
 /// The pin for `os`: the jammy build on Debian 12 and Ubuntu 22.04/24.04 (Posit documents jammy
-/// for all three); none for EL, whose SHA-256 could not be confirmed from Posit.
-pub fn pin(os: &Os) -> Result<Pin, ServiceError> {
+/// for all three), verified by SHA-256 (Posit's dpkg-sig signature is not checked: see
+/// `docs/rstudio.md`); the rhel8/rhel9 build on EL, verified by Posit's rpm signature against
+/// the pinned fingerprint (no SHA-256 of these builds could be confirmed from Posit or any
+/// credible source).
+pub fn pin(os: &Os) -> Pin {
     match os.family {
-        Family::Debian => Ok(Pin {
+        Family::Debian => Pin {
             version: VERSION,
             build: "jammy",
             url: "https://download2.rstudio.org/server/jammy/amd64/rstudio-server-2026.07.0-139-amd64.deb",
-            sha256: JAMMY_SHA256,
-        }),
-        Family::RedHat => {
-            let build = if os.version_id.starts_with('8') {
-                "rhel8"
-            } else {
-                "rhel9"
-            };
-            Err(ServiceError::Refused {
-                service: KIND,
-                reason: "rstudio-pin-missing",
-                detail: format!(
-                    "no SHA-256 is pinned for the {build} build of RStudio Server {VERSION} \
-                     (https://download2.rstudio.org/server/{build}/x86_64/rstudio-server-rhel-{VERSION}-x86_64.rpm); \
-                     refusing to install an unverified package"
-                ),
-            })
-        }
+            sha256: Some(JAMMY_SHA256),
+            signed_by: None,
+        },
+        Family::RedHat if os.version_id.starts_with('8') => Pin {
+            version: VERSION,
+            build: "rhel8",
+            url: "https://download2.rstudio.org/server/rhel8/x86_64/rstudio-server-rhel-2026.07.0-139-x86_64.rpm",
+            sha256: None,
+            signed_by: Some(POSIT_FINGERPRINT),
+        },
+        Family::RedHat => Pin {
+            version: VERSION,
+            build: "rhel9",
+            url: "https://download2.rstudio.org/server/rhel9/x86_64/rstudio-server-rhel-2026.07.0-139-x86_64.rpm",
+            sha256: None,
+            signed_by: Some(POSIT_FINGERPRINT),
+        },
     }
 }
 
 /// One install step after the batched package transaction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
-    /// Fetch `url` to `to`, keeping it only when its SHA-256 is `sha256`.
+    /// Fetch `url` to `to`, keeping it only when its SHA-256 is `sha256` (when one is pinned).
     Download {
         /// Where from.
         url: String,
-        /// The expected SHA-256, lowercase hex.
-        sha256: String,
+        /// The expected SHA-256, lowercase hex; `None`: the signature is the check.
+        sha256: Option<String>,
         /// Where to.
         to: PathBuf,
+    },
+    /// Check that `package` carries a good signature by the key at `key_url`, whose
+    /// fingerprint must be `fingerprint` (checked before the key is used), in a private rpm
+    /// keyring; the package is removed when it does not.
+    VerifySignature {
+        /// The downloaded package.
+        package: PathBuf,
+        /// Where the signing key is fetched from.
+        key_url: String,
+        /// The pinned fingerprint.
+        fingerprint: String,
     },
     /// Run this argv.
     Run(Vec<String>),
@@ -87,13 +106,43 @@ pub enum Step {
     Systemd(Vec<String>),
 }
 
+impl Step {
+    /// Whether the step runs before the batched package transaction (it downloads or
+    /// verifies, and installs nothing).
+    pub fn is_fetch(&self) -> bool {
+        matches!(self, Self::Download { .. } | Self::VerifySignature { .. })
+    }
+}
+
 impl fmt::Display for Step {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Download { url, sha256, to } => write!(
+            Self::Download {
+                url,
+                sha256: Some(sha256),
+                to,
+            } => write!(
                 f,
                 "download {url} to {} and verify SHA-256 {sha256} before installing",
                 to.display()
+            ),
+            Self::Download {
+                url,
+                sha256: None,
+                to,
+            } => write!(
+                f,
+                "download {url} to {} (no SHA-256 pinned: the signature is the check)",
+                to.display()
+            ),
+            Self::VerifySignature {
+                package,
+                key_url,
+                fingerprint,
+            } => write!(
+                f,
+                "verify {} is signed by key {fingerprint} (fetched from {key_url}, fingerprint checked first) with rpmkeys in a private keyring, before installing",
+                package.display()
             ),
             Self::Run(argv) => write!(f, "run {}", argv.join(" ")),
             Self::Systemd(argv) => write!(f, "run {} (when systemd is PID 1)", argv.join(" ")),
@@ -110,10 +159,29 @@ fn download_failed(url: &str, detail: impl fmt::Display) -> ServiceError {
 }
 
 /// Download `url` to `to` through a `.part` file, hashing as it arrives; `to` appears only when
-/// the SHA-256 is `sha256`. A wrong checksum leaves nothing behind.
-pub async fn download_verified(url: &str, sha256: &str, to: &Path) -> Result<(), ServiceError> {
+/// the SHA-256 is `sha256` (any file when `None`: a signature check must follow). A wrong
+/// checksum leaves nothing behind. A `to` already there (fetched before the batch) is kept
+/// without downloading again when it has the right SHA-256, or, with no SHA-256 pinned, always:
+/// the signature check that must follow runs on it every time.
+pub async fn download_verified(
+    url: &str,
+    sha256: Option<&str>,
+    to: &Path,
+) -> Result<(), ServiceError> {
+    let kept = match sha256 {
+        Some(sha256) => file_sha256(to)
+            .await
+            .is_some_and(|actual| actual.eq_ignore_ascii_case(sha256)),
+        None => to.is_file(),
+    };
+    if kept {
+        return Ok(());
+    }
     let part = to.with_extension("part");
-    let result = fetch(url, &part).await.and_then(|actual| {
+    let result = fetch(url, &part, MAX_PACKAGE_BYTES).await.and_then(|actual| {
+        let Some(sha256) = sha256 else {
+            return Ok(());
+        };
         if actual.eq_ignore_ascii_case(sha256) {
             Ok(())
         } else {
@@ -135,8 +203,55 @@ pub async fn download_verified(url: &str, sha256: &str, to: &Path) -> Result<(),
     }
 }
 
-/// Fetch `url` into `part`; the SHA-256 of what arrived, lowercase hex.
-async fn fetch(url: &str, part: &Path) -> Result<String, ServiceError> {
+/// The SHA-256 of the file at `path`, lowercase hex; `None` when it cannot be read.
+async fn file_sha256(path: &Path) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut file = tokio::fs::File::open(path).await.ok()?;
+    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match file.read(&mut buf).await.ok()? {
+            0 => break,
+            n => digest.update(&buf[..n]),
+        }
+    }
+    Some(hex(digest.finish().as_ref()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Check that `package` carries a good signature by the key at `key_url`, whose only primary
+/// key must have the fingerprint `fingerprint`; the package is removed when it does not, so
+/// nothing unverified is left for a later install.
+pub async fn verify_signature(
+    package: &Path,
+    key_url: &str,
+    fingerprint: &str,
+    tools: &Tools,
+) -> Result<(), ServiceError> {
+    let key = package.with_extension("key");
+    let result = async {
+        fetch(key_url, &key, MAX_KEY_BYTES).await?;
+        signature::verify_rpm(package, &key, fingerprint, tools)
+            .await
+            .map_err(|e| ServiceError::Refused {
+                service: KIND,
+                reason: e.reason(),
+                detail: e.to_string(),
+            })
+    }
+    .await;
+    let _ = std::fs::remove_file(&key);
+    if result.is_err() {
+        let _ = std::fs::remove_file(package);
+    }
+    result
+}
+
+/// Fetch `url` into `part` (at most `max` bytes); the SHA-256 of what arrived, lowercase hex.
+async fn fetch(url: &str, part: &Path, max: u64) -> Result<String, ServiceError> {
     let mut response = reqwest::get(url)
         .await
         .and_then(|r| r.error_for_status())
@@ -148,8 +263,8 @@ async fn fetch(url: &str, part: &Path) -> Result<String, ServiceError> {
     let mut total = 0u64;
     while let Some(chunk) = response.chunk().await.map_err(|e| download_failed(url, e))? {
         total += chunk.len() as u64;
-        if total > MAX_PACKAGE_BYTES {
-            return Err(download_failed(url, "larger than 1 GiB"));
+        if total > max {
+            return Err(download_failed(url, format!("larger than {max} bytes")));
         }
         digest.update(&chunk);
         file.write_all(&chunk)
@@ -159,10 +274,5 @@ async fn fetch(url: &str, part: &Path) -> Result<String, ServiceError> {
     file.sync_all()
         .await
         .map_err(crate::services::io_error(KIND, "write", part))?;
-    Ok(digest
-        .finish()
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    Ok(hex(digest.finish().as_ref()))
 }

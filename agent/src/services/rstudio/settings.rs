@@ -20,8 +20,11 @@ pub struct RStudioSettings {
     /// The `rserver` executable supervised in the foreground.
     pub rserver: PathBuf,
     /// Where the pinned package is downloaded from (`None`: Posit's URL for the OS). A mirror;
-    /// the pinned SHA-256 applies either way.
+    /// the pinned SHA-256 (or signature) applies either way.
     pub package_url: Option<String>,
+    /// Where Posit's signing key is fetched from for an rpm's signature check (`None`:
+    /// Posit's URL). A mirror; the pinned fingerprint applies either way.
+    pub signing_key_url: Option<String>,
     /// `auth-cookies-force-secure`: the browser reaches RStudio over HTTPS (the UAP).
     pub secure_cookies: bool,
     /// `auth-timeout-minutes` (0: never signed out for inactivity).
@@ -39,6 +42,7 @@ impl Default for RStudioSettings {
             bind: IpAddr::from([0, 0, 0, 0]),
             rserver: PathBuf::from(DEFAULT_RSERVER),
             package_url: None,
+            signing_key_url: None,
             secure_cookies: true,
             // Research sessions run for days; sign-in is behind the passphrase anyway.
             auth_timeout_minutes: 0,
@@ -55,6 +59,7 @@ pub struct Section {
     bind: Option<Located<IpAddr>>,
     rserver: Option<Located<PathBuf>>,
     package_url: Option<Located<Option<String>>>,
+    signing_key_url: Option<Located<Option<String>>>,
     secure_cookies: Option<Located<bool>>,
     auth_timeout_minutes: Option<Located<u32>>,
     session_timeout_minutes: Option<Located<u32>>,
@@ -79,6 +84,23 @@ pub const KEYS: &[Key<Section>] = &[
         read: |w, f, s| {
             set(
                 &mut s.package_url,
+                w.parsed(
+                    f,
+                    "an http or https URL, or \"\" for Posit's",
+                    |v| match v {
+                        "" => Some(None),
+                        url => normalise_http_url(url).map(Some),
+                    },
+                ),
+            )
+        },
+    },
+    Key {
+        name: "signing_key_url",
+        example: "\"https://mirror.example.org/posit-signing-key.asc\"",
+        read: |w, f, s| {
+            set(
+                &mut s.signing_key_url,
                 w.parsed(
                     f,
                     "an http or https URL, or \"\" for Posit's",
@@ -126,6 +148,7 @@ impl Section {
             bind: value(&self.bind).unwrap_or(d.bind),
             rserver: value(&self.rserver).unwrap_or(d.rserver),
             package_url: value(&self.package_url).unwrap_or(d.package_url),
+            signing_key_url: value(&self.signing_key_url).unwrap_or(d.signing_key_url),
             secure_cookies: value(&self.secure_cookies).unwrap_or(d.secure_cookies),
             auth_timeout_minutes: value(&self.auth_timeout_minutes)
                 .unwrap_or(d.auth_timeout_minutes),

@@ -48,12 +48,14 @@ fn the_install_plan_on_debian_and_ubuntu_is_exact() {
         assert_eq!(rstudio.system_packages(&os), ["r-base"], "{id} {version}");
         let deb = "/sb/opt/exoagent/rstudio/rstudio-server-2026.07.0-139-amd64.deb";
         assert_eq!(
-            rstudio.install_steps(&ctx(1000)).unwrap(),
+            rstudio.install_steps(&ctx(1000)),
             [
                 Step::Download {
                     url: JAMMY_URL.into(),
-                    sha256: "e7b310c9e46811635b8dea8df82c729686c3a78f35cfa7767d9567e30f528465"
-                        .into(),
+                    sha256: Some(
+                        "e7b310c9e46811635b8dea8df82c729686c3a78f35cfa7767d9567e30f528465"
+                            .into()
+                    ),
                     to: deb.into(),
                 },
                 Step::Run(strings(&[
@@ -75,50 +77,73 @@ fn the_install_plan_on_debian_and_ubuntu_is_exact() {
 }
 
 #[test]
-fn el_refuses_for_want_of_a_pinned_checksum_and_still_plans_r_from_epel() {
-    for (version, build) in [("8.10", "rhel8"), ("9.4", "rhel9")] {
+fn the_install_plan_on_rocky_8_and_9_is_exact() {
+    for (version, build, repo) in [("8.10", "rhel8", "powertools"), ("9.4", "rhel9", "crb")] {
         let os = os("rocky", version, Family::RedHat);
         let rstudio = RStudio::new(RStudioSettings::default(), os.clone());
+        // EPEL's R needs epel-release (and the config-manager plugin) from the batch first.
         assert_eq!(
             rstudio.system_packages(&os),
             ["epel-release", "dnf-plugins-core"]
         );
-        let err = rstudio.install_steps(&ctx(1000)).unwrap_err();
-        assert_eq!(err.reason(), "rstudio-pin-missing");
-        let text = err.to_string();
-        assert!(text.contains(build) && text.contains("2026.07.0-139"), "{text}");
-        let plan = rstudio.plan(&ctx(1000)).join("\n");
-        assert!(plan.contains("refused (rstudio-pin-missing)"), "{plan}");
-    }
-}
-
-#[test]
-fn the_el_steps_enable_crb_or_powertools_before_r_and_the_rpm() {
-    for (version, repo) in [("8.10", "powertools"), ("9.4", "crb")] {
-        let rstudio = RStudio::new(RStudioSettings::default(), os("rocky", version, Family::RedHat));
-        // A stand-in pin (no real checksum is known): only the order of the steps is checked.
-        let pin = Pin {
-            version: "2026.07.0-139",
-            build: "rhel9",
-            url: "https://download2.rstudio.org/server/rhel9/x86_64/rstudio-server-rhel-2026.07.0-139-x86_64.rpm",
-            sha256: "00",
-        };
+        let url = format!(
+            "https://download2.rstudio.org/server/{build}/x86_64/rstudio-server-rhel-2026.07.0-139-x86_64.rpm"
+        );
         let rpm = "/sb/opt/exoagent/rstudio/rstudio-server-rhel-2026.07.0-139-x86_64.rpm";
         assert_eq!(
-            rstudio.steps_for(&ctx(1000), &pin),
+            rstudio.install_steps(&ctx(1000)),
             [
+                // No SHA-256 of the EL builds could be confirmed: the signature is the check.
                 Step::Download {
-                    url: pin.url.into(),
-                    sha256: "00".into(),
+                    url,
+                    sha256: None,
                     to: rpm.into(),
+                },
+                Step::VerifySignature {
+                    package: rpm.into(),
+                    key_url: "https://dl.posit.co/public/open/gpg.51C0B5BB19F92D60.key".into(),
+                    fingerprint: "8B65E5A107BBEFE3BA99C59751C0B5BB19F92D60".into(),
                 },
                 Step::Run(strings(&["dnf", "config-manager", "--set-enabled", repo])),
                 Step::Run(strings(&["dnf", "-y", "install", "R", rpm])),
                 Step::Systemd(strings(&["systemctl", "disable", "--now", "rstudio-server"])),
                 Step::Systemd(strings(&["systemctl", "mask", "rstudio-server"])),
-            ]
+            ],
+            "rocky {version}"
+        );
+        let fetch: Vec<bool> = rstudio
+            .install_steps(&ctx(1000))
+            .iter()
+            .map(Step::is_fetch)
+            .collect();
+        assert_eq!(fetch, [true, true, false, false, false, false]);
+        let plan = rstudio.plan(&ctx(1000)).join("\n");
+        assert!(
+            plan.contains("signed by key 8B65E5A107BBEFE3BA99C59751C0B5BB19F92D60"),
+            "{plan}"
         );
     }
+    // Alma is planned like Rocky.
+    let alma = RStudio::new(RStudioSettings::default(), os("almalinux", "9.4", Family::RedHat));
+    assert_eq!(alma.pin().build, "rhel9");
+}
+
+#[test]
+fn a_signing_key_mirror_keeps_the_pinned_fingerprint() {
+    let rstudio = RStudio::new(
+        RStudioSettings {
+            signing_key_url: Some("https://mirror.example.org/posit.asc".into()),
+            ..RStudioSettings::default()
+        },
+        os("rocky", "9.4", Family::RedHat),
+    );
+    let steps = rstudio.install_steps(&ctx(1000));
+    assert!(
+        matches!(&steps[1], Step::VerifySignature { key_url, fingerprint, .. }
+            if key_url == "https://mirror.example.org/posit.asc"
+                && fingerprint == signature::POSIT_FINGERPRINT),
+        "{steps:?}"
+    );
 }
 
 #[test]
@@ -307,7 +332,7 @@ async fn a_wrong_checksum_stops_before_anything_is_installed() {
         os("debian", "12", Family::Debian),
     );
     // The served file replaces Posit's; the pinned checksum still applies.
-    let steps = rstudio.install_steps(&c).unwrap();
+    let steps = rstudio.install_steps(&c);
     assert!(matches!(&steps[0], Step::Download { url, .. } if url.starts_with("http://127.0.0.1")));
     let err = rstudio.install(&c).await.unwrap_err();
     assert_eq!(err.reason(), "rstudio-checksum-mismatch", "{err}");
@@ -330,7 +355,7 @@ async fn the_right_checksum_keeps_the_file() {
         let d = ring::digest::digest(&ring::digest::SHA256, b"not a .deb!");
         d.as_ref().iter().map(|b| format!("{b:02x}")).collect::<String>()
     };
-    package::download_verified(&format!("http://{addr}/x.deb"), &sum, &to)
+    package::download_verified(&format!("http://{addr}/x.deb"), Some(&sum), &to)
         .await
         .unwrap();
     assert_eq!(std::fs::read(&to).unwrap(), b"not a .deb!");
