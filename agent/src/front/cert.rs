@@ -374,8 +374,9 @@ fn current_generated(
     let facts = leaf_facts(cert).ok()?;
     let now = unix_seconds(now);
     let renew_at = facts.not_after - i64::try_from(RENEW_BEFORE.as_secs()).unwrap_or(0);
-    let covers = names.addresses.iter().all(|a| facts.addresses.contains(a))
-        && facts.dns_names.contains(&names.hostname);
+    let covers = names.addresses.iter().all(|a| {
+        facts.addresses.contains(a) && facts.dns_names.contains(&a.to_string())
+    }) && facts.dns_names.contains(&names.hostname);
     (facts.not_before <= now && now < renew_at && covers).then_some(facts)
 }
 
@@ -403,6 +404,13 @@ fn generate(
         sans.push(SanType::DnsName(dns));
     }
     sans.extend(names.addresses.iter().copied().map(SanType::IpAddress));
+    // Each address also as a DNS name: nginx (the UAP) checks `proxy_ssl_name`, by default the
+    // upstream's address as text, against DNS names only (X509_check_host), never IP names.
+    for address in &names.addresses {
+        if let Ok(text) = address.to_string().try_into() {
+            sans.push(SanType::DnsName(text));
+        }
+    }
     params.subject_alt_names = sans;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
@@ -436,7 +444,8 @@ mod tests {
         assert_eq!(mode(&first.key), 0o600);
         assert_eq!(mode(&tls), 0o700);
         let facts = leaf_facts(&first.cert).unwrap();
-        assert_eq!(facts.dns_names, vec!["instance-1".to_owned()]);
+        // The host name, and each address also as a DNS name for nginx's name check.
+        assert_eq!(facts.dns_names, vec!["instance-1", "10.0.0.7", "127.0.0.1"]);
         assert_eq!(facts.addresses.len(), 2);
         assert_eq!(facts.fingerprint, first.fingerprint);
         assert_eq!(first.fingerprint.len(), 64);
