@@ -262,14 +262,15 @@ impl HttpBody for LimitedBody {
 }
 
 /// When a connection last moved a byte, shared between its IO and its idle timer.
-#[derive(Clone)]
-struct Activity {
+#[derive(Debug, Clone)]
+pub struct Activity {
     start: Instant,
     since_start_ms: Arc<AtomicU64>,
 }
 
 impl Activity {
-    fn new() -> Self {
+    /// Activity starting now.
+    pub fn new() -> Self {
         Self {
             start: Instant::now(),
             since_start_ms: Arc::new(AtomicU64::new(0)),
@@ -281,15 +282,29 @@ impl Activity {
         self.since_start_ms.store(ms, Ordering::Relaxed);
     }
 
-    fn last(&self) -> Instant {
+    /// When a byte last moved.
+    pub fn last(&self) -> Instant {
         self.start + Duration::from_millis(self.since_start_ms.load(Ordering::Relaxed))
     }
 }
 
+impl Default for Activity {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// A connection's IO that records activity.
-struct Watched<I> {
+pub struct Watched<I> {
     inner: I,
     activity: Activity,
+}
+
+impl<I> Watched<I> {
+    /// `inner`, recording into `activity`.
+    pub fn new(inner: I, activity: Activity) -> Self {
+        Self { inner, activity }
+    }
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for Watched<I> {

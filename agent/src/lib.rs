@@ -8,6 +8,7 @@ pub mod cli;
 pub mod cloud;
 pub mod config;
 pub mod delivery;
+pub mod front;
 pub mod fsutil;
 pub mod httpserve;
 pub mod input;

@@ -60,6 +60,9 @@ pub enum Command {
     /// Internal: the Guacamole web side (run by the guacamole service).
     #[command(hide = true)]
     GuacamoleWeb(crate::services::guacamole::cli::GuacamoleWebArgs),
+    /// Internal: the upstream TLS front of one service (run by the agent; see docs/uap.md).
+    #[command(hide = true)]
+    Front(crate::front::cli::FrontArgs),
     /// Internal: the per-service process shim.
     #[command(hide = true)]
     Shim,
@@ -114,6 +117,7 @@ pub fn dispatch(cli: Cli) -> ExitCode {
             Command::Bake(args) => bake::run(args, mode, paths).await,
             Command::DesktopSession(args) => crate::services::desktop::cli::run(args).await,
             Command::GuacamoleWeb(args) => crate::services::guacamole::cli::run(args).await,
+            Command::Front(args) => crate::front::cli::run(args).await,
             Command::Shim => Ok(ExitCode::SUCCESS),
         }
     });

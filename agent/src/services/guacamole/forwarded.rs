@@ -2,80 +2,11 @@
 //! proxy (the cloud's UAP), the address that proxy put in `X-Forwarded-For`. Anyone else could
 //! write any header, so from them it is ignored (DESIGN §8).
 
-use std::fmt;
 use std::net::IpAddr;
-use std::str::FromStr;
 
 use axum::http::HeaderMap;
 
-/// An address block: `10.0.0.0/8`, `2001:db8::/32`, or one address (`192.0.2.7`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    network: IpAddr,
-    prefix: u8,
-}
-
-impl Cidr {
-    /// Whether `ip` is in the block (an IPv4 address written as IPv6, `::ffff:a.b.c.d`, counts
-    /// as IPv4).
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.network, ip.to_canonical()) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
-    }
-}
-
-impl FromStr for Cidr {
-    type Err = ();
-
-    fn from_str(s: &str) -> Result<Self, ()> {
-        let (addr, prefix) = match s.split_once('/') {
-            Some((addr, prefix)) => (addr, Some(prefix)),
-            None => (s, None),
-        };
-        let network = IpAddr::to_canonical(&addr.parse::<IpAddr>().map_err(|_| ())?);
-        let max = if network.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            None => max,
-            Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max).ok_or(())?,
-        };
-        Ok(Self { network, prefix })
-    }
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.network, self.prefix)
-    }
-}
-
-impl serde::Serialize for Cidr {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for Cidr {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        text.parse().map_err(|()| {
-            serde::de::Error::custom(format!(
-                "'{}' is not an IP address or CIDR block",
-                text.escape_debug()
-            ))
-        })
-    }
-}
+pub use crate::model::Cidr;
 
 /// The client behind `peer`: when `peer` is in `trusted`, the rightmost `X-Forwarded-For`
 /// entry that is not itself a trusted proxy (each proxy appends the address it saw); else, or
