@@ -116,7 +116,7 @@ def issue(directory: str, name: str, ca: str | None, sans: list[str], client: bo
     key, pem = os.path.join(directory, f"{name}.key"), os.path.join(directory, f"{name}.pem")
     csr = os.path.join(directory, f"{name}.csr")
     ext = os.path.join(directory, f"{name}.ext")
-    cn = sans[0].split(":", 1)[1] if sans else name
+    cn = name  # never one of the names: nginx falls back to the CN when no DNS name matches
     lines = ["basicConstraints=critical,CA:FALSE",
              "keyUsage=critical,digitalSignature,keyEncipherment",
              f"extendedKeyUsage={'clientAuth' if client else 'serverAuth'}"]
@@ -168,7 +168,9 @@ def render(spec: dict, d: str, cert: str, key: str) -> str:
     w(f"error_log {logs}/error.log info;  # LOOPBACK: private log")
     w("events { worker_connections 1024; }")
     w("http {")
-    w(f"    access_log {logs}/access.log;  # LOOPBACK: private log")
+    w("    log_format uap '$time_iso8601 $remote_addr \"$host\" \"$request\" $status $body_bytes_sent "
+      "upstream=$upstream_addr upstream_status=$upstream_status time=$request_time';  # LOOPBACK: tests read it")
+    w(f"    access_log {logs}/access.log uap;  # LOOPBACK: private log")
     for t in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
         w(f"    {t}_temp_path {tmp}/{t};  # LOOPBACK: private temp dir")
     w("    default_type application/octet-stream;  # LOOPBACK: no /etc/nginx/mime.types")
