@@ -539,7 +539,11 @@ async function teardown() {
     return S.tornDownReport;
 }
 
+// A test process that ends without its teardown (a failure in before(), a CI timeout) must not
+// leave the services behind; the rig and uap.py tear themselves down when their stdin closes,
+// Chromium when its control pipe closes.
 process.on('exit', () => {
+    if (S.tornDown) return;
     for (const p of [S.web, S.agent, ...S.fronts.map((f) => f.proc)]) {
         if (p && p.child.exitCode === null && p.child.signalCode === null) p.child.kill('SIGKILL');
     }

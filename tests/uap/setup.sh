@@ -4,7 +4,7 @@
 #
 #   apt:  nginx-light (Debian's nginx: the UAP), openssl (the CLI makes the throw-away
 #         certificates), libnss3-tools (certutil: Chromium trusts the throw-away CA through an
-#         NSS database under a private HOME)
+#         NSS database under a private HOME), iproute2 (ss)
 #
 # Debian's nginx package starts a default site on 0.0.0.0:80 when it is installed on a machine
 # running systemd. Nothing of the tests may listen outside loopback: a policy-rc.d forbids that
@@ -22,6 +22,7 @@ installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q '^install 
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v certutil >/dev/null 2>&1 || need+=(libnss3-tools)
+command -v ss >/dev/null 2>&1 || need+=(iproute2)   # the test checks every listening socket is on loopback
 if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   policy=/usr/sbin/policy-rc.d
