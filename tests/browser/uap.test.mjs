@@ -459,9 +459,9 @@ async function teardown() {
     // Notebooks this run created in JupyterLab's root (the sandbox user's home): the flow
     // deletes them through the API; this catches a flow that failed half-way.
     for (const name of S.notebooks) fs.rmSync(path.join(os.homedir(), name), { force: true });
-    if (S.context) await Promise.race([S.context.close().catch(() => {}), deadline(10000)]);
     let lap = Date.now();
     const laps = (what) => { timings[`teardown: ${what}`] = Date.now() - lap; lap = Date.now(); };
+    if (S.context) await Promise.race([S.context.close().catch(() => {}), deadline(10000)]);
     laps('chromium');
     for (const f of S.fronts) {
         await stop(f.proc, `exoagent front (${f.name})`, problems);
@@ -530,6 +530,7 @@ async function teardown() {
         if (!left.length) break;
         await sleep(100);
     }
+    laps('processes gone');
     if (left.length) problems.push(`processes left running: ${left.join(', ')}`);
     for (const dir of [S.udd, S.home, S.tmp]) if (dir) fs.rmSync(dir, { recursive: true, force: true });
     timings.teardown = Date.now() - started;
