@@ -84,14 +84,16 @@ impl FromStr for ServiceKind {
 }
 
 /// Where a service is reached: the public port that the UAP (and Exosphere's links) connect
-/// to, and the address the service process itself listens on. Today both are the same socket;
-/// an upstream TLS front can sit between them by giving the service a loopback `listen`.
+/// to, the address the service process itself listens on, and the TLS front between them when
+/// there is one (the front owns the public address; the service listens on loopback).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Endpoint {
     /// The port reported everywhere and reached from outside.
     pub public_port: u16,
     /// Where the service listens.
     pub listen: SocketAddr,
+    /// Where the TLS front listens (the public address), when the service is behind one.
+    pub front: Option<SocketAddr>,
 }
 
 impl Endpoint {
@@ -100,19 +102,39 @@ impl Endpoint {
         Self {
             public_port: listen.port(),
             listen,
+            front: None,
         }
     }
 
     /// Where probes reach the service: its listening address, with loopback for "all
     /// addresses".
     pub fn probe_addr(&self) -> SocketAddr {
-        let host = match self.listen.ip() {
-            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
-            ip => ip,
-        };
-        SocketAddr::new(host, self.listen.port())
+        loopback_for_any(self.listen)
     }
+
+    /// Where a person on the instance reaches it: the front when there is one, else the
+    /// service (loopback for "all addresses").
+    pub fn local_addr(&self) -> SocketAddr {
+        loopback_for_any(self.front.unwrap_or(self.listen))
+    }
+
+    /// `https` behind a front (which also accepts plain HTTP unless told not to), else `http`.
+    pub fn scheme(&self) -> &'static str {
+        if self.front.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+}
+
+fn loopback_for_any(addr: SocketAddr) -> SocketAddr {
+    let host = match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    SocketAddr::new(host, addr.port())
 }
 
 /// An address block: `10.0.0.0/8`, `2001:db8::/32`, or one address (`192.0.2.7`).

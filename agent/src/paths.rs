@@ -108,6 +108,23 @@ impl Paths {
         self.state_dir.join("run").join(service.as_str())
     }
 
+    /// The TLS front's certificate, key and client CA (0700, owned by the instance user).
+    pub fn tls_dir(&self) -> PathBuf {
+        self.state_dir.join("tls")
+    }
+
+    /// The supervision records of the TLS front before a service.
+    pub fn front_run_dir(&self, service: ServiceKind) -> PathBuf {
+        self.state_dir
+            .join("run")
+            .join(format!("{}-front", service.as_str()))
+    }
+
+    /// The log of the TLS front before a service.
+    pub fn front_log(&self, service: ServiceKind) -> PathBuf {
+        self.log_dir.join(format!("{}-front.log", service.as_str()))
+    }
+
     /// A service's durable state (rendered configuration, install markers).
     pub fn service_state_dir(&self, service: ServiceKind) -> PathBuf {
         self.state_dir.join("services").join(service.as_str())

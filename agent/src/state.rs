@@ -110,6 +110,35 @@ pub struct ServiceStatus {
     pub pid: Option<u32>,
     /// Why it is degraded or failed, or the last error seen while starting.
     pub reason: Option<Reason>,
+    /// The TLS front on its public port, when `[tls]` puts one there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub front: Option<FrontStatus>,
+}
+
+/// The TLS front before a service: supervised like a service, with the same states.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FrontStatus {
+    /// Current state.
+    pub state: ServiceState,
+    /// When the current state was entered (ms since the epoch).
+    pub since_ms: u64,
+    /// How often the front was restarted since the agent started supervising it.
+    pub restarts: u32,
+    /// The front's process, when one runs.
+    pub pid: Option<u32>,
+    /// Why it is degraded or failed.
+    pub reason: Option<Reason>,
+}
+
+/// The certificate the fronts serve.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TlsStatus {
+    /// SHA-256 of the leaf certificate's DER, lowercase hex (what a UAP pins).
+    pub fingerprint: String,
+    /// When it expires (seconds since the epoch).
+    pub not_after: i64,
+    /// Whether exoagent generated it (else the operator provided it).
+    pub generated: bool,
 }
 
 /// The overall setup state, in Exosphere's vocabulary (`status` values of console lines).
@@ -167,6 +196,8 @@ pub enum SetupStep {
     User,
     /// The batched system package transaction.
     Packages,
+    /// The TLS front's certificate.
+    Tls,
 }
 
 impl SetupStep {
@@ -179,6 +210,7 @@ impl SetupStep {
             Self::Agent => "agent",
             Self::User => "user",
             Self::Packages => "packages",
+            Self::Tls => "tls",
         }
     }
 }
@@ -211,6 +243,9 @@ pub struct Snapshot {
     /// Which instance this is (absent until the agent has looked).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance: Option<InstanceStatus>,
+    /// The fronts' certificate (absent without `[tls] enabled`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsStatus>,
 }
 
 /// Where the agent learnt which instance it runs on (`instance.source` in the status API).
@@ -320,6 +355,7 @@ struct Model {
     setup: SetupStatus,
     nova: Option<NovaReporting>,
     instance: Option<InstanceStatus>,
+    tls: Option<TlsStatus>,
 }
 
 impl Model {
@@ -342,14 +378,30 @@ impl Model {
                 failed.reason.clone(),
             );
         }
+        // A front that failed leaves its service unreachable from outside.
+        if let Some((kind, front)) = self.services.values().find_map(|s| {
+            s.front
+                .as_ref()
+                .filter(|f| f.state == ServiceState::Failed)
+                .map(|f| (s.service, f))
+        }) {
+            return (
+                SetupState::Error,
+                Some(format!("{kind}-front")),
+                front.reason.clone(),
+            );
+        }
         match self.phase {
             SetupPhase::Validating => (SetupState::Starting, None, None),
             SetupPhase::Provisioning => (SetupState::Running, None, None),
             SetupPhase::Supervising => {
+                let up = |state: ServiceState| {
+                    matches!(state, ServiceState::Ready | ServiceState::Degraded)
+                };
                 let all_up = self
                     .services
                     .values()
-                    .all(|s| matches!(s.state, ServiceState::Ready | ServiceState::Degraded));
+                    .all(|s| up(s.state) && s.front.as_ref().map_or(true, |f| up(f.state)));
                 if all_up {
                     (SetupState::Complete, None, None)
                 } else {
@@ -366,6 +418,7 @@ impl Model {
             services: self.services.values().cloned().collect(),
             nova: self.nova.clone(),
             instance: self.instance.clone(),
+            tls: self.tls.clone(),
         }
     }
 }
@@ -420,6 +473,7 @@ impl StateHub {
                         restarts: 0,
                         pid: None,
                         reason: None,
+                        front: None,
                     },
                 )
             })
@@ -436,6 +490,7 @@ impl StateHub {
             },
             nova: None,
             instance: None,
+            tls: None,
         };
         let (state, step, reason) = model.derive_setup();
         model.setup = SetupStatus {
@@ -508,6 +563,54 @@ impl StateHub {
         self.with_model(|m| m.instance = Some(instance));
     }
 
+    /// Record the certificate the fronts serve.
+    pub fn set_tls(&self, tls: TlsStatus) {
+        self.with_model(|m| m.tls = Some(tls));
+    }
+
+    /// Expect a TLS front before `service` (pending until its supervisor reports).
+    pub fn expect_front(&self, service: ServiceKind) {
+        self.with_model(|m| {
+            if let Some(status) = m.services.get_mut(&service) {
+                status.front.get_or_insert(FrontStatus {
+                    state: ServiceState::Pending,
+                    since_ms: now_ms(),
+                    restarts: 0,
+                    pid: None,
+                    reason: None,
+                });
+            }
+        });
+    }
+
+    /// Move the front before `service` to `next`, by the same rules as a service.
+    pub fn front_transition(
+        &self,
+        service: ServiceKind,
+        next: ServiceState,
+        update: ServiceUpdate,
+    ) -> Result<(), IllegalTransition> {
+        let mut result = Ok(());
+        self.with_model(|m| {
+            let Some(front) = m.services.get_mut(&service).and_then(|s| s.front.as_mut()) else {
+                return;
+            };
+            result = apply(
+                service,
+                Lifecycle {
+                    state: &mut front.state,
+                    since_ms: &mut front.since_ms,
+                    pid: &mut front.pid,
+                    restarts: &mut front.restarts,
+                    reason: &mut front.reason,
+                },
+                next,
+                update,
+            );
+        });
+        result
+    }
+
     /// Record that a machine-wide step (`user`, `packages`, ...) failed.
     pub fn fail_step(&self, step: SetupStep, reason: Reason) {
         self.with_model(|m| m.step_failure = Some((step, reason)));
@@ -525,32 +628,62 @@ impl StateHub {
             let Some(status) = m.services.get_mut(&service) else {
                 return;
             };
-            if !status.state.may_become(next) {
-                result = Err(IllegalTransition {
-                    service: service.as_str(),
-                    from: status.state.as_str(),
-                    to: next.as_str(),
-                });
-                return;
-            }
-            if status.state != next {
-                status.since_ms = now_ms();
-                status.state = next;
-            }
-            if let Some(pid) = update.pid {
-                status.pid = pid;
-            }
-            if let Some(restarts) = update.restarts {
-                status.restarts = restarts;
-            }
-            match (update.reason, next) {
-                (Some(reason), _) => status.reason = Some(reason),
-                (None, ServiceState::Ready) => status.reason = None,
-                (None, _) => {}
-            }
+            result = apply(
+                service,
+                Lifecycle {
+                    state: &mut status.state,
+                    since_ms: &mut status.since_ms,
+                    pid: &mut status.pid,
+                    restarts: &mut status.restarts,
+                    reason: &mut status.reason,
+                },
+                next,
+                update,
+            );
         });
         result
     }
+}
+
+/// The supervised fields of a service or of its front.
+struct Lifecycle<'a> {
+    state: &'a mut ServiceState,
+    since_ms: &'a mut u64,
+    pid: &'a mut Option<u32>,
+    restarts: &'a mut u32,
+    reason: &'a mut Option<Reason>,
+}
+
+/// Move `to` to `next` with `update`, refusing what the state machine does not allow.
+fn apply(
+    service: ServiceKind,
+    to: Lifecycle<'_>,
+    next: ServiceState,
+    update: ServiceUpdate,
+) -> Result<(), IllegalTransition> {
+    if !to.state.may_become(next) {
+        return Err(IllegalTransition {
+            service: service.as_str(),
+            from: to.state.as_str(),
+            to: next.as_str(),
+        });
+    }
+    if *to.state != next {
+        *to.since_ms = now_ms();
+        *to.state = next;
+    }
+    if let Some(pid) = update.pid {
+        *to.pid = pid;
+    }
+    if let Some(restarts) = update.restarts {
+        *to.restarts = restarts;
+    }
+    match (update.reason, next) {
+        (Some(reason), _) => *to.reason = Some(reason),
+        (None, ServiceState::Ready) => *to.reason = None,
+        (None, _) => {}
+    }
+    Ok(())
 }
 
 #[cfg(test)]

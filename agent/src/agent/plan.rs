@@ -64,7 +64,7 @@ pub fn plan(mode: Mode, paths: Paths) -> Result<Plan, AgentError> {
         .settings
         .services
         .iter()
-        .map(|s| Service::from_settings(s, &os, &paths.system_root))
+        .map(|s| Service::from_settings(s, &os, &paths.system_root, &loaded.settings.tls))
         .collect();
     let packages = packages_for(&services, &os);
     Ok(Plan {
@@ -196,11 +196,70 @@ impl fmt::Display for Plan {
             step += 1;
             writeln!(f, "  {step}. no services enabled")?;
         }
-        for service in &self.services {
+        let tls = &self.settings.tls;
+        let fronted: Vec<String> = self
+            .services
+            .iter()
+            .filter_map(|s| {
+                s.endpoint()
+                    .front
+                    .map(|public| format!("{} on {public}", s.kind()))
+            })
+            .collect();
+        if !fronted.is_empty() {
             step += 1;
+            let certificate = match &tls.certificate {
+                crate::config::CertChoice::Generated => format!(
+                    "generate (or keep, renewing 30 days before expiry) a certificate for this \
+                     host's names and addresses in {}",
+                    self.paths.tls_dir().display()
+                ),
+                crate::config::CertChoice::Operator { cert, key } => format!(
+                    "install the operator's certificate {} and key {} into {}",
+                    cert.display(),
+                    key.display(),
+                    self.paths.tls_dir().display()
+                ),
+            };
             writeln!(
                 f,
-                "  {step}. {} on port {} (concurrently with other services):",
+                "  {step}. TLS front: {certificate}; run a front for {}; {}{}{}",
+                fronted.join(", "),
+                if tls.require {
+                    "plain HTTP refused"
+                } else {
+                    "plain HTTP also served"
+                },
+                if tls.client_ca.is_some() {
+                    "; client certificates from the configured CA required"
+                } else {
+                    ""
+                },
+                if tls.trusted_proxies.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; forwarded headers kept from {}",
+                        tls.trusted_proxies
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                },
+            )?;
+        }
+        for service in &self.services {
+            step += 1;
+            let endpoint = service.endpoint();
+            let behind = if endpoint.front.is_some() {
+                format!(", behind the TLS front, itself on {}", endpoint.listen)
+            } else {
+                String::new()
+            };
+            writeln!(
+                f,
+                "  {step}. {} on port {}{behind} (concurrently with other services):",
                 service.kind(),
                 service.port()
             )?;

@@ -265,6 +265,7 @@ async fn start_services(
     tasks: &mut Tasks,
     cancel: &CancellationToken,
 ) {
+    start_fronts(plan, &ctx, shim, hub, tasks, cancel).await;
     let passphrase = Arc::new(passphrase);
     let mut starts = JoinSet::new();
     for service in plan.services.clone() {
@@ -282,6 +283,94 @@ async fn start_services(
         if let Ok(Some(supervisor)) = started {
             tasks.spawn(supervisor);
         }
+    }
+}
+
+/// With `[tls] enabled`: install the certificate, then supervise a front on each web service's
+/// public port. Fronts start before their services (they answer 502 until the service is up),
+/// so the port is served from the first moment. A certificate that cannot be installed fails
+/// the `tls` step; the services still start on loopback.
+async fn start_fronts(
+    plan: &Plan,
+    ctx: &ServiceContext,
+    shim: &ShimCommand,
+    hub: &StateHub,
+    tasks: &mut Tasks,
+    cancel: &CancellationToken,
+) {
+    let tls = &plan.settings.tls;
+    let fronted: Vec<(ServiceKind, crate::model::Endpoint)> = plan
+        .services
+        .iter()
+        .filter_map(|s| s.endpoint().front.map(|_| (s.kind(), s.endpoint())))
+        .collect();
+    if !tls.enabled || fronted.is_empty() {
+        return;
+    }
+    let owner = ctx.run_as().map(|r| (r.uid, r.gid));
+    let dir = plan.paths.tls_dir();
+    let settings = tls.clone();
+    // Key generation and file writes are blocking work.
+    let prepared = tokio::task::spawn_blocking(move || {
+        crate::front::prepare(
+            &dir,
+            &settings,
+            crate::front::cert::CertNames::local(&[]),
+            owner,
+            std::time::SystemTime::now(),
+        )
+    })
+    .await;
+    let (installed, files) = match prepared {
+        Ok(Ok(done)) => done,
+        Ok(Err(e)) => {
+            tracing::error!(target: "exoagent::agent", reason = e.reason(), "{e}");
+            hub.fail_step(SetupStep::Tls, Reason::new(e.reason(), e.to_string()));
+            return;
+        }
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    };
+    hub.set_tls(crate::state::TlsStatus {
+        fingerprint: installed.fingerprint.clone(),
+        not_after: installed.not_after,
+        generated: installed.generated,
+    });
+    for (kind, endpoint) in fronted {
+        let Some(public) = endpoint.front else {
+            continue;
+        };
+        let run = crate::front::FrontRun {
+            exe: &ctx.exe,
+            public,
+            backend: endpoint.listen,
+            files: &files,
+            settings: tls,
+        };
+        hub.expect_front(kind);
+        let supervisor = Supervisor::new(
+            kind,
+            run.run_spec(plan.paths.tls_dir(), ctx.run_as()),
+            run.probe(),
+            crate::front::START_TIMEOUT,
+            plan.settings.supervise.clone(),
+            ServicePaths {
+                run_dir: plan.paths.front_run_dir(kind),
+                log_file: plan.paths.front_log(kind),
+            },
+            shim.clone(),
+            hub.clone(),
+        )
+        .for_front();
+        // The same installing → starting path as a service, so the state machine holds.
+        if let Err(refused) =
+            hub.front_transition(kind, ServiceState::Installing, ServiceUpdate::default())
+        {
+            tracing::warn!(target: "exoagent::agent", "front: {refused}");
+        }
+        let cancel = cancel.clone();
+        tasks.spawn(async move {
+            supervisor.run_retrying(cancel).await;
+        });
     }
 }
 

@@ -32,17 +32,19 @@ pub async fn run(args: DownArgs, paths: &Paths) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     let mut failed = false;
-    for kind in ServiceKind::ALL {
-        match stop_recorded(
-            &paths.service_run_dir(kind),
-            Duration::from_secs(args.grace),
-        )
-        .await
-        {
-            Ok(true) => println!("{kind}: stopped"),
+    // Each service, then the TLS front before it (when one ran).
+    let units = ServiceKind::ALL.into_iter().flat_map(|kind| {
+        [
+            (kind.to_string(), paths.service_run_dir(kind)),
+            (format!("{kind}/tls"), paths.front_run_dir(kind)),
+        ]
+    });
+    for (name, run_dir) in units {
+        match stop_recorded(&run_dir, Duration::from_secs(args.grace)).await {
+            Ok(true) => println!("{name}: stopped"),
             Ok(false) => {}
             Err(e) => {
-                eprintln!("{kind}: {e}");
+                eprintln!("{name}: {e}");
                 failed = true;
             }
         }

@@ -157,7 +157,7 @@ mod tests {
         }
         // Public keys are not secrets.
         // Paths to 0600 files, never the secret itself.
-        let public = ["ssh_public_keys", "password_file"];
+        let public = ["ssh_public_keys", "password_file", "key_file"];
         for name in names.into_iter().filter(|n| !public.contains(&n.as_str())) {
             for secret in ["pass", "secret", "token", "key"] {
                 assert!(

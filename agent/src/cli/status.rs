@@ -169,6 +169,18 @@ pub fn render_table(snapshot: &Snapshot, now: u64) -> String {
             None => out.push_str(&format!("nova reporting: {}\n", nova.state)),
         }
     }
+    if let Some(tls) = &snapshot.tls {
+        out.push_str(&format!(
+            "tls certificate: sha256 {} ({}, expires {})\n",
+            crate::front::cert::colon_hex(&tls.fingerprint),
+            if tls.generated {
+                "generated"
+            } else {
+                "operator's"
+            },
+            crate::front::cert::date(tls.not_after),
+        ));
+    }
     let header = [
         "SERVICE",
         "STATE",
@@ -178,24 +190,37 @@ pub fn render_table(snapshot: &Snapshot, now: u64) -> String {
         "URL",
         "LAST ERROR",
     ];
-    let rows: Vec<[String; 7]> = snapshot
-        .services
-        .iter()
-        .map(|s| {
-            [
-                s.service.as_str().to_owned(),
-                s.state.as_str().to_owned(),
-                relative(s.since_ms, now),
-                s.restarts.to_string(),
-                s.pid.map_or_else(|| "-".to_owned(), |p| p.to_string()),
-                s.url.clone(),
-                s.reason.as_ref().map_or_else(
-                    || "-".to_owned(),
-                    |r| truncate_chars(&format!("{}: {}", r.code, r.detail), 60).replace('\n', " "),
-                ),
-            ]
-        })
-        .collect();
+    let last_error = |reason: &Option<crate::state::Reason>| {
+        reason.as_ref().map_or_else(
+            || "-".to_owned(),
+            |r| truncate_chars(&format!("{}: {}", r.code, r.detail), 60).replace('\n', " "),
+        )
+    };
+    let pid = |pid: Option<u32>| pid.map_or_else(|| "-".to_owned(), |p| p.to_string());
+    let mut rows: Vec<[String; 7]> = Vec::new();
+    for s in &snapshot.services {
+        rows.push([
+            s.service.as_str().to_owned(),
+            s.state.as_str().to_owned(),
+            relative(s.since_ms, now),
+            s.restarts.to_string(),
+            pid(s.pid),
+            s.url.clone(),
+            last_error(&s.reason),
+        ]);
+        // The TLS front on the service's public port, right under it.
+        if let Some(front) = &s.front {
+            rows.push([
+                format!("{}/tls", s.service.as_str()),
+                front.state.as_str().to_owned(),
+                relative(front.since_ms, now),
+                front.restarts.to_string(),
+                pid(front.pid),
+                format!("TLS front on port {}", s.port),
+                last_error(&front.reason),
+            ]);
+        }
+    }
     let mut widths = header.map(str::len);
     for row in &rows {
         for (width, cell) in widths.iter_mut().zip(row) {
@@ -257,6 +282,7 @@ mod tests {
                 restarts: 5,
                 pid: None,
                 reason: Some(Reason::new("crash-loop", "exit status 1\nboom")),
+                front: None,
             }],
             nova: Some(crate::state::NovaReporting {
                 state: crate::state::NovaReportingState::Failed,
@@ -267,6 +293,7 @@ mod tests {
                 source: crate::state::InstanceSource::LocalOnly,
                 detail: Some("no config drive (/x) and no metadata service configured".into()),
             }),
+            tls: None,
         };
         let table = render_table(&snapshot, 75_000);
         assert!(
@@ -288,6 +315,57 @@ mod tests {
         assert!(row.starts_with("jupyterlab  failed  1m ago"), "{row}");
         assert!(row.ends_with("crash-loop: exit status 1 boom"), "{row}");
         assert_eq!(exit_status(&snapshot), EXIT_ERROR);
+    }
+
+    #[test]
+    fn the_tls_front_and_its_certificate_are_shown() {
+        let snapshot = Snapshot {
+            agent_version: "0".into(),
+            setup: SetupStatus {
+                state: SetupState::Complete,
+                since_ms: 10_000,
+                step: None,
+                reason: None,
+            },
+            services: vec![ServiceStatus {
+                service: ServiceKind::JupyterLab,
+                state: ServiceState::Ready,
+                since_ms: 10_000,
+                port: 8888,
+                url: "https://127.0.0.1:8888/".into(),
+                restarts: 0,
+                pid: Some(40),
+                reason: None,
+                front: Some(crate::state::FrontStatus {
+                    state: ServiceState::Ready,
+                    since_ms: 5_000,
+                    restarts: 1,
+                    pid: Some(41),
+                    reason: None,
+                }),
+            }],
+            nova: None,
+            instance: None,
+            tls: Some(crate::state::TlsStatus {
+                fingerprint: "ab".repeat(32),
+                not_after: 1_893_456_000,
+                generated: true,
+            }),
+        };
+        let table = render_table(&snapshot, 75_000);
+        assert!(
+            table.contains(&format!(
+                "tls certificate: sha256 {} (generated, expires 2030-01-01 00:00 UTC)\n",
+                ["AB"; 32].join(":")
+            )),
+            "{table}"
+        );
+        let front = table
+            .lines()
+            .find(|l| l.starts_with("jupyterlab/tls"))
+            .expect(&table);
+        assert!(front.contains("ready") && front.contains("41"), "{front}");
+        assert!(front.contains("TLS front on port 8888"), "{front}");
     }
 
     #[test]

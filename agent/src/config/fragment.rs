@@ -84,6 +84,7 @@ pub(crate) struct Fragment {
     pub console: ConsoleFragment,
     pub packages: PackagesFragment,
     pub cloud: CloudFragment,
+    pub tls: crate::front::settings::Section,
 }
 
 const TOP_KEYS: &[&str] = &[
@@ -93,6 +94,7 @@ const TOP_KEYS: &[&str] = &[
     "console",
     "packages",
     "cloud",
+    "tls",
 ];
 
 const INSTANCE_KEYS: &[Key<InstanceFragment>] = &[
@@ -368,6 +370,13 @@ pub(crate) fn parse(
                 CLOUD_KEYS,
                 "unknown key",
                 &mut fragment.cloud,
+            ),
+            "tls" => w.section(
+                "tls",
+                table,
+                crate::front::settings::KEYS,
+                "unknown key",
+                &mut fragment.tls,
             ),
             // `entries` returns only names from `TOP_KEYS`; a test checks each has an arm.
             _ => {}

@@ -511,6 +511,10 @@ metadata_timeout_s = 5
 publish_password = false
 clouds_yaml = "/etc/openstack/clouds.yaml"
 cloud_name = "exo"
+[tls]
+enabled = true
+require = true
+trusted_proxies = ["10.0.0.7"]
 "#;
         let s = ok(&[("/a.toml", text)]).settings;
         assert_eq!(
@@ -553,6 +557,13 @@ cloud_name = "exo"
                     publish_password: false,
                     clouds_yaml: Some("/etc/openstack/clouds.yaml".into()),
                     cloud_name: "exo".into(),
+                },
+                tls: TlsSettings {
+                    enabled: true,
+                    require: true,
+                    certificate: CertChoice::Generated,
+                    client_ca: None,
+                    trusted_proxies: vec!["10.0.0.7".parse().unwrap()],
                 },
             }
         );

@@ -3,6 +3,7 @@
 //! section's type lives with the module that uses it; `[instance]` is the agent's own.
 
 pub use crate::cloud::{CloudSettings, DEFAULT_METADATA_URL};
+pub use crate::front::settings::{CertChoice, TlsSettings};
 pub use crate::platform::packages::PackageSettings;
 pub use crate::report::console::ConsoleSettings;
 pub use crate::services::desktop::{DesktopSettings, VncServerChoice};
@@ -26,6 +27,8 @@ pub struct Settings {
     pub packages: PackageSettings,
     /// How the instance talks to the cloud it runs in.
     pub cloud: CloudSettings,
+    /// The upstream TLS front.
+    pub tls: TlsSettings,
 }
 
 /// `[instance]`: who the researcher logs in as.
@@ -49,6 +52,7 @@ impl Default for Settings {
             console: ConsoleSettings::default(),
             packages: PackageSettings::default(),
             cloud: CloudSettings::default(),
+            tls: TlsSettings::default(),
         }
     }
 }

@@ -111,6 +111,10 @@ pub(crate) fn settings(merged: &Fragment, files: &[PathBuf]) -> (Settings, Vec<C
         cloud_name: value(&c.cloud_name).unwrap_or(d.cloud_name),
     };
 
+    let tls = merged
+        .tls
+        .settings(&mut check, std::time::SystemTime::now());
+
     // Enabled services, in report order, with where they were enabled and got their port.
     let mut enabled: Vec<(ServiceKind, u16, Origin)> = Vec::new();
     // Ports they occupy besides their own (guacd's), with where they were set.
@@ -182,6 +186,52 @@ pub(crate) fn settings(merged: &Fragment, files: &[PathBuf]) -> (Settings, Vec<C
         }
     }
 
+    // Behind the front, each web service listens on loopback at its port + 10000: that port
+    // must exist and be no other use's.
+    if tls.enabled {
+        let tls_at = merged.tls.enabled_at();
+        for &(kind, port, origin) in &enabled {
+            if !services::serves_web(kind) {
+                continue;
+            }
+            let at = tls_at.unwrap_or(origin);
+            let Some(backend) = crate::front::settings::backend_port(port) else {
+                check.error(
+                    origin,
+                    format!("services.{kind}.port"),
+                    ErrorKind::OutOfRange,
+                    format!(
+                        "port {port} cannot sit behind the TLS front: the service would listen \
+                         on port {port} + 10000, above 65535; choose a port below 55536 or set \
+                         tls.enabled = false"
+                    ),
+                );
+                continue;
+            };
+            let taken_by = enabled
+                .iter()
+                .find(|e| e.1 == backend)
+                .map(|e| format!("services.{}", e.0))
+                .or_else(|| {
+                    occupied
+                        .iter()
+                        .find(|o| o.1.port == backend)
+                        .map(|o| format!("services.{}.{}", o.0, o.1.key))
+                });
+            if let Some(other) = taken_by {
+                check.error(
+                    at,
+                    format!("services.{kind}.port"),
+                    ErrorKind::Conflict,
+                    format!(
+                        "behind the TLS front, services.{kind} listens on 127.0.0.1:{backend} \
+                         (its port + 10000), which {other} also uses"
+                    ),
+                );
+            }
+        }
+    }
+
     let settings = Settings {
         instance,
         services,
@@ -189,6 +239,7 @@ pub(crate) fn settings(merged: &Fragment, files: &[PathBuf]) -> (Settings, Vec<C
         console,
         packages,
         cloud,
+        tls,
     };
     (settings, check.finish())
 }

@@ -70,7 +70,7 @@ fn services_for(kinds: &[ServiceKind], plan: &agent::Plan) -> Result<Vec<Service
         .settings
         .services
         .iter()
-        .map(|s| Service::from_settings(s, &plan.os, &plan.paths.system_root))
+        .map(|s| Service::from_settings(s, &plan.os, &plan.paths.system_root, &plan.settings.tls))
         .collect())
 }
 

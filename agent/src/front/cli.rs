@@ -22,14 +22,14 @@ pub struct FrontArgs {
     #[arg(long, value_name = "ADDR:PORT")]
     pub backend: SocketAddr,
     /// The certificate chain to serve (PEM, leaf first).
-    #[arg(long, value_name = "FILE")]
-    pub cert: PathBuf,
-    /// Its private key (PEM).
-    #[arg(long, value_name = "FILE")]
-    pub key: PathBuf,
+    #[arg(long = "cert-file", alias = "cert", value_name = "FILE")]
+    pub cert_file: PathBuf,
+    /// The path of its private key (PEM, mode 0600), never the key itself.
+    #[arg(long = "key-file", alias = "key", value_name = "FILE")]
+    pub key_file: PathBuf,
     /// Require a client certificate issued by this CA (PEM): mutual TLS.
-    #[arg(long, value_name = "FILE")]
-    pub client_ca: Option<PathBuf>,
+    #[arg(long = "client-ca-file", alias = "client-ca", value_name = "FILE")]
+    pub client_ca_file: Option<PathBuf>,
     /// Refuse plain HTTP (answered 400 with a clear message).
     #[arg(long)]
     pub require_tls: bool,
@@ -54,9 +54,9 @@ fn parse_cidr(text: &str) -> Result<Cidr, String> {
 /// when the port cannot be bound.
 pub async fn run(args: FrontArgs) -> anyhow::Result<ExitCode> {
     let files = TlsFiles {
-        cert: args.cert,
-        key: args.key,
-        client_ca: args.client_ca,
+        cert: args.cert_file,
+        key: args.key_file,
+        client_ca: args.client_ca_file,
     };
     let tls = match TlsSetup::load(&files) {
         Ok(tls) => tls,

@@ -62,8 +62,9 @@ impl Wanted {
     }
 }
 
-/// `{"v":"0.1.0","setup":"complete","svc":{"jupyterlab":"ready:8888"},"err":"…"}`, at most 255
-/// characters: the error text is shortened first, then services are dropped from the end.
+/// `{"v":"0.1.0","setup":"complete","svc":{"jupyterlab":"ready:8888"},"tls":"<sha256>","err":"…"}`,
+/// at most 255 characters: the error text is shortened first, then services are dropped from
+/// the end; the TLS fingerprint (what a UAP pins, present with `[tls] enabled`) always stays.
 pub fn exo_agent_summary(snapshot: &Snapshot) -> String {
     let services: Vec<(String, String)> = snapshot
         .services
@@ -97,6 +98,9 @@ pub fn exo_agent_summary(snapshot: &Snapshot) -> String {
             "setup": snapshot.setup.state.as_str(),
             "svc": svc,
         });
+        if let Some(tls) = &snapshot.tls {
+            value["tls"] = serde_json::Value::from(tls.fingerprint.as_str());
+        }
         if let Some(error) = error {
             value["err"] = serde_json::Value::from(error);
         }

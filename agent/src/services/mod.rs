@@ -9,6 +9,7 @@ pub mod command;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::front::settings::TlsSettings;
 pub use crate::model::{Endpoint, ServiceKind};
 use crate::paths::Paths;
 use crate::platform::os::Os;
@@ -162,6 +163,16 @@ pub struct Host<'a> {
     pub os: &'a Os,
     /// The root of the machine's filesystem (`/`; a temporary root in tests).
     pub system_root: &'a std::path::Path,
+    /// Whether web services sit behind the TLS front.
+    pub tls: &'a TlsSettings,
+}
+
+impl Host<'_> {
+    /// Where a web service configured for `public` listens and is reached: behind the TLS
+    /// front when `[tls]` enables it (the service then listens on loopback).
+    pub fn web_endpoint(&self, public: std::net::SocketAddr) -> Endpoint {
+        self.tls.endpoint(public)
+    }
 }
 
 /// A local TCP port a service occupies besides its own `port` (Guacamole's guacd), for the
@@ -181,6 +192,9 @@ pub struct OccupiedPort {
 pub trait ServiceImpl: Sized {
     /// Which service this is.
     const KIND: ServiceKind;
+    /// Whether it serves HTTP on its port (then it can sit behind the TLS front, and must use
+    /// [`Host::web_endpoint`] for its endpoint).
+    const WEB: bool = false;
     /// Its validated settings.
     type Settings: Clone + std::fmt::Debug + PartialEq;
     /// What the configuration files say about it, beyond `enabled` and `port`.
@@ -270,6 +284,11 @@ macro_rules! services {
             $(kind == <$module::$service as ServiceImpl>::KIND)||*
         }
 
+        /// Whether `kind` serves HTTP on its port (and so can sit behind the TLS front).
+        pub fn serves_web(kind: ServiceKind) -> bool {
+            $((kind == <$module::$service as ServiceImpl>::KIND && <$module::$service as ServiceImpl>::WEB))||*
+        }
+
         impl ServiceSettings {
             /// Which service these settings are for.
             pub fn kind(&self) -> ServiceKind {
@@ -349,8 +368,9 @@ macro_rules! services {
                 settings: &ServiceSettings,
                 os: &Os,
                 system_root: &std::path::Path,
+                tls: &TlsSettings,
             ) -> Self {
-                let host = Host { os, system_root };
+                let host = Host { os, system_root, tls };
                 match settings {
                     $(ServiceSettings::$variant(s) => Self::$variant(
                         <$module::$service as ServiceImpl>::planned(s.clone(), host),
@@ -416,6 +436,11 @@ macro_rules! services {
                 match self {
                     $(Self::$variant(s) => s.start_timeout(),)*
                 }
+            }
+
+            /// Whether it serves HTTP (and so can sit behind the TLS front).
+            pub fn serves_web(&self) -> bool {
+                serves_web(self.kind())
             }
 
             /// Where it listens and where it is reached.
@@ -488,6 +513,22 @@ mod tests {
             );
         }
         assert!(implemented(ServiceKind::JupyterLab));
+    }
+
+    #[test]
+    fn the_web_services_are_the_ones_a_front_can_sit_before() {
+        let web: Vec<ServiceKind> = ServiceKind::ALL
+            .into_iter()
+            .filter(|k| serves_web(*k))
+            .collect();
+        assert_eq!(
+            web,
+            vec![
+                ServiceKind::JupyterLab,
+                ServiceKind::RStudio,
+                ServiceKind::Guacamole
+            ]
+        );
     }
 
     #[test]

@@ -459,6 +459,17 @@ pub struct Supervisor {
     /// A problem to report while (re)starting, such as a configuration that could not be
     /// rewritten for a service that is adopted anyway.
     note: Option<Reason>,
+    /// Whether this supervises the service or the TLS front before it.
+    part: Part,
+}
+
+/// What a supervisor runs for its service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// The service itself.
+    Service,
+    /// The TLS front on the service's public port (its state is the service's `front`).
+    Front,
 }
 
 impl Supervisor {
@@ -486,7 +497,15 @@ impl Supervisor {
             shim,
             hub,
             note: None,
+            part: Part::Service,
         }
+    }
+
+    /// Supervise the TLS front before the service instead of the service: states go to the
+    /// service's `front` in the hub.
+    pub fn for_front(mut self) -> Self {
+        self.part = Part::Front;
+        self
     }
 
     /// Report `reason` while the service (re)starts instead of no reason.
@@ -682,7 +701,11 @@ impl Supervisor {
     }
 
     fn set(&self, state: ServiceState, update: ServiceUpdate) {
-        if let Err(refused) = self.hub.transition(self.kind, state, update) {
+        let result = match self.part {
+            Part::Service => self.hub.transition(self.kind, state, update),
+            Part::Front => self.hub.front_transition(self.kind, state, update),
+        };
+        if let Err(refused) = result {
             tracing::warn!(
                 target: "exoagent::supervise",
                 service = %self.kind,

@@ -26,7 +26,7 @@ pub mod tunnel;
 pub mod web;
 pub mod web_config;
 
-use crate::model::ServiceKind;
+use crate::model::{Cidr, ServiceKind};
 use crate::platform::os::{Family, Os};
 use crate::platform::passphrase::Passphrase;
 use crate::services::command::run_logged;
@@ -75,17 +75,26 @@ pub struct Guacamole {
     settings: GuacamoleSettings,
     route: GuacdRoute,
     family: Family,
+    endpoint: Endpoint,
 }
 
 impl Guacamole {
     /// Guacamole with the given settings on `os`.
     pub fn new(settings: GuacamoleSettings, os: &Os) -> Self {
         let route = GuacdRoute::resolve(settings.guacd, os);
+        let endpoint = Endpoint::direct(SocketAddr::new(settings.bind, settings.port));
         Self {
             settings,
             route,
             family: os.family,
+            endpoint,
         }
+    }
+
+    /// The same, reached at `endpoint` (behind the TLS front).
+    pub fn at(mut self, endpoint: Endpoint) -> Self {
+        self.endpoint = endpoint;
+        self
     }
 
     fn state_dir(ctx: &ServiceContext) -> PathBuf {
@@ -232,6 +241,7 @@ fn guacd_packages(os: &Os) -> Vec<String> {
 
 impl ServiceImpl for Guacamole {
     const KIND: ServiceKind = ServiceKind::Guacamole;
+    const WEB: bool = true;
     type Settings = GuacamoleSettings;
     type Section = settings::Section;
     const KEYS: &'static [Key<settings::Section>] = settings::KEYS;
@@ -256,8 +266,20 @@ impl ServiceImpl for Guacamole {
         settings.port
     }
 
-    fn planned(settings: GuacamoleSettings, host: Host<'_>) -> Self {
-        Self::new(settings, host.os)
+    fn planned(mut settings: GuacamoleSettings, host: Host<'_>) -> Self {
+        let public = SocketAddr::new(settings.bind, settings.port);
+        let endpoint = host.web_endpoint(public);
+        if endpoint.front.is_some() {
+            // Behind the front every request comes from loopback with the front's
+            // X-Forwarded-For (the peer it saw, after the proxies it trusts): read past both.
+            for proxy in ["127.0.0.1", "::1"] {
+                settings.trusted_proxies.extend(proxy.parse::<Cidr>());
+            }
+            settings
+                .trusted_proxies
+                .extend(host.tls.trusted_proxies.iter().copied());
+        }
+        Self::new(settings, host.os).at(endpoint)
     }
 
     fn system_packages(&self, os: &Os) -> Vec<String> {
@@ -290,7 +312,7 @@ impl ServiceImpl for Guacamole {
             format!(
                 "serve the token API, client page and tunnel on {}:{} under /guacamole/ as {}; \
                  ready when guacd answers for every connection's protocol",
-                self.settings.bind, self.settings.port, ctx.account.name
+                self.endpoint.listen.ip(), self.endpoint.listen.port(), ctx.account.name
             ),
         ]
     }
@@ -372,11 +394,12 @@ impl ServiceImpl for Guacamole {
     }
 
     fn endpoint(&self) -> Endpoint {
-        Endpoint::direct(SocketAddr::new(self.settings.bind, self.settings.port))
+        self.endpoint
     }
 
     fn url(&self) -> String {
-        format!("http://127.0.0.1:{}/guacamole/", self.endpoint().public_port)
+        let e = self.endpoint;
+        format!("{}://{}/guacamole/", e.scheme(), e.local_addr())
     }
 }
 

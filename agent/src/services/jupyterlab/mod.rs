@@ -40,12 +40,20 @@ const PYTHON_CANDIDATES: [&str; 5] = [
 #[derive(Debug, Clone)]
 pub struct JupyterLab {
     settings: JupyterLabSettings,
+    endpoint: Endpoint,
 }
 
 impl JupyterLab {
     /// JupyterLab with the given settings.
     pub fn new(settings: JupyterLabSettings) -> Self {
-        Self { settings }
+        let endpoint = Endpoint::direct(SocketAddr::new(settings.bind, settings.port));
+        Self { settings, endpoint }
+    }
+
+    /// The same, reached at `endpoint` (behind the TLS front).
+    pub fn at(mut self, endpoint: Endpoint) -> Self {
+        self.endpoint = endpoint;
+        self
     }
 
     /// The virtual environment.
@@ -142,6 +150,7 @@ fn current_hash(config: &Path) -> Option<String> {
 
 impl ServiceImpl for JupyterLab {
     const KIND: ServiceKind = ServiceKind::JupyterLab;
+    const WEB: bool = true;
     type Settings = JupyterLabSettings;
     type Section = settings::Section;
     const KEYS: &'static [Key<settings::Section>] = settings::KEYS;
@@ -154,8 +163,9 @@ impl ServiceImpl for JupyterLab {
         settings.port
     }
 
-    fn planned(settings: JupyterLabSettings, _host: Host<'_>) -> Self {
-        Self::new(settings)
+    fn planned(settings: JupyterLabSettings, host: Host<'_>) -> Self {
+        let public = SocketAddr::new(settings.bind, settings.port);
+        Self::new(settings).at(host.web_endpoint(public))
     }
 
     /// System packages the venv needs, batched with every other service's.
@@ -187,8 +197,8 @@ impl ServiceImpl for JupyterLab {
                 "write {} (0600, owner {}): ip {}, port {}, base_url {}, remote access, trusted forwarded headers, passphrase hash, no token",
                 Self::config_file(ctx).display(),
                 ctx.account.name,
-                self.settings.bind,
-                self.settings.port,
+                self.endpoint.listen.ip(),
+                self.endpoint.listen.port(),
                 self.settings.base_url
             ),
             format!(
@@ -372,13 +382,13 @@ impl ServiceImpl for JupyterLab {
 
     /// The port.
     fn endpoint(&self) -> Endpoint {
-        Endpoint::direct(SocketAddr::new(self.settings.bind, self.settings.port))
+        self.endpoint
     }
 
     /// Where a person on the instance reaches it.
     fn url(&self) -> String {
-        let addr = self.probe().addr();
-        format!("http://{addr}{}", self.settings.base_url)
+        let e = self.endpoint;
+        format!("{}://{}{}", e.scheme(), e.local_addr(), self.settings.base_url)
     }
 }
 

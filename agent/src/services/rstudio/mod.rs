@@ -38,12 +38,24 @@ const KIND: ServiceKind = ServiceKind::RStudio;
 pub struct RStudio {
     settings: RStudioSettings,
     os: Os,
+    endpoint: Endpoint,
 }
 
 impl RStudio {
     /// RStudio Server with `settings` on `os`.
     pub fn new(settings: RStudioSettings, os: Os) -> Self {
-        Self { settings, os }
+        let endpoint = Endpoint::direct(SocketAddr::new(settings.bind, settings.port));
+        Self {
+            settings,
+            os,
+            endpoint,
+        }
+    }
+
+    /// The same, reached at `endpoint` (behind the TLS front).
+    pub fn at(mut self, endpoint: Endpoint) -> Self {
+        self.endpoint = endpoint;
+        self
     }
 
     /// Where exoagent writes RStudio's configuration (`/etc/rstudio` under the system root).
@@ -132,8 +144,8 @@ impl RStudio {
         let mut text = String::from(
             "# Written by exoagent; edits are overwritten. Sign-in is PAM (/etc/pam.d/rstudio).\n",
         );
-        text += &format!("www-address={}\n", s.bind);
-        text += &format!("www-port={}\n", s.port);
+        text += &format!("www-address={}\n", self.endpoint.listen.ip());
+        text += &format!("www-port={}\n", self.endpoint.listen.port());
         text += &format!("auth-minimum-user-id={min_uid}\n");
         text += &format!("auth-timeout-minutes={}\n", s.auth_timeout_minutes);
         if s.secure_cookies {
@@ -188,6 +200,7 @@ async fn run_install_command(argv: &[String]) -> Result<(), ServiceError> {
 
 impl ServiceImpl for RStudio {
     const KIND: ServiceKind = KIND;
+    const WEB: bool = true;
     type Settings = RStudioSettings;
     type Section = settings::Section;
     const KEYS: &'static [Key<settings::Section>] = settings::KEYS;
@@ -205,7 +218,8 @@ impl ServiceImpl for RStudio {
     }
 
     fn planned(settings: RStudioSettings, host: Host<'_>) -> Self {
-        Self::new(settings, host.os.clone())
+        let public = SocketAddr::new(settings.bind, settings.port);
+        Self::new(settings, host.os.clone()).at(host.web_endpoint(public))
     }
 
     /// R from the distribution (Debian, Ubuntu universe); on EL what enabling EPEL's R needs.
@@ -232,8 +246,8 @@ impl ServiceImpl for RStudio {
         lines.push(format!(
             "write {} and rsession.conf: www-address {}, www-port {}, PAM sign-in as {}",
             Self::config_dir(ctx).join("rserver.conf").display(),
-            self.settings.bind,
-            self.settings.port,
+            self.endpoint.listen.ip(),
+            self.endpoint.listen.port(),
             ctx.account.name
         ));
         lines.push(format!(
@@ -332,11 +346,12 @@ impl ServiceImpl for RStudio {
     }
 
     fn endpoint(&self) -> Endpoint {
-        Endpoint::direct(SocketAddr::new(self.settings.bind, self.settings.port))
+        self.endpoint
     }
 
     fn url(&self) -> String {
-        format!("http://{}/", self.endpoint().probe_addr())
+        let e = self.endpoint;
+        format!("{}://{}/", e.scheme(), e.local_addr())
     }
 }
 
