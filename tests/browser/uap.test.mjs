@@ -42,10 +42,10 @@ const SHELL_ID = Buffer.from('shell\0c\0default').toString('base64url');
 // The "instances": loopback addresses in the proxy's network (127.0.0.0/24 in the generated
 // config, as production's is the cloud's /24).
 const IP = {
-    jupyter: '127.0.0.2', // JupyterLab (exoagent sandbox), plain HTTP
+    jupyter: '127.0.0.2', // JupyterLab behind the agent's own TLS front (exoagent sandbox, [tls] enabled)
     guac: '127.0.0.3', // exoagent guacamole-web, plain HTTP
     echo: '127.0.0.4', // a header echo server (this file)
-    frontJupyter: '127.0.0.5', // exoagent front → JupyterLab
+    frontJupyter: '127.0.0.5', // exoagent front (the test's certificate) → JupyterLab
     frontGuac: '127.0.0.6', // exoagent front → guacamole-web
     frontMutual: '127.0.0.7', // exoagent front --client-ca --require-tls → JupyterLab
 };
@@ -277,6 +277,10 @@ async function startUap() {
             { name: 'verify', verify: S.pki.instance.cert }, // the instance's certificate pinned
             { name: 'wrong', verify: S.pki.wrong.cert }, // a different certificate pinned
             { name: 'mutual', verify: S.pki.instance.cert, client_cert: S.pki.client.cert, client_key: S.pki.client.key },
+            // The agent's generated certificate pinned. proxy_ssl_name is its host name: nginx
+            // checks names as DNS names only and the generated certificate holds the addresses
+            // as IP-type names only (tests/uap/README.md, "Finding").
+            { name: 'agent-pin', verify: S.agentCert, ssl_name: os.hostname() },
         ],
     };
     const specFile = path.join(S.tmp, 'uap-spec.json');
@@ -302,13 +306,29 @@ async function startUap() {
     timings['uap up'] = Date.now() - started;
 }
 
-/** JupyterLab as exoagent runs it: `exoagent sandbox` with the jupyterlab service on 127.0.0.2. */
+/**
+ * JupyterLab as exoagent runs it: `exoagent sandbox` with the jupyterlab service on 127.0.0.2
+ * and `[tls] enabled = true`: the agent's own front (generated certificate) takes the public
+ * port, JupyterLab moves to 127.0.0.1 at the port + 10000.
+ */
 async function startJupyter() {
     S.sandbox = path.join(S.tmp, 'sandbox');
     fs.mkdirSync(path.join(S.sandbox, 'etc/exoagent'), { recursive: true });
-    S.jport = await freePort(IP.jupyter);
+    for (;;) {
+        S.jport = await freePort(IP.jupyter);
+        if (S.jport + 10000 < 65536) {
+            const probe = net.createServer();
+            const ok = await new Promise((resolve) => {
+                probe.once('error', () => resolve(false));
+                probe.listen(S.jport + 10000, '127.0.0.1', () => probe.close(() => resolve(true)));
+            });
+            if (ok) break;
+        }
+    }
+    S.jbackend = `127.0.0.1:${S.jport + 10000}`;
     fs.writeFileSync(path.join(S.sandbox, 'etc/exoagent/config.toml'), [
         '[services.jupyterlab]', 'enabled = true', `bind = "${IP.jupyter}"`, `port = ${S.jport}`, 'start_timeout_s = 300', '',
+        '[tls]', 'enabled = true', '',
     ].join('\n'));
     const started = Date.now();
     S.agent = start([BIN, 'sandbox', S.sandbox], 'agent.log');
@@ -321,6 +341,11 @@ async function startJupyter() {
     });
     assert.equal(r.code, 0, `expected exoagent sandbox to report JupyterLab ready, saw exit ${r.code}: ${r.out}\nagent:\n${tail(path.join(ARTIFACTS, 'agent.log'))}`);
     S.passphrase = fs.readFileSync(path.join(S.sandbox, 'var/lib/exoagent/secrets/passphrase'), 'utf8').trim();
+    S.status = JSON.parse(r.out);
+    const jl = S.status.services.find((x) => x.service === 'jupyterlab');
+    assert.equal(jl && jl.front && jl.front.state, 'ready', `expected the agent's TLS front for JupyterLab ready, saw ${JSON.stringify(jl)}`);
+    S.agentCert = path.join(S.sandbox, 'var/lib/exoagent/tls/cert.pem');
+    assert.ok(await canConnect('127.0.0.1', S.jport + 10000), `expected JupyterLab behind the front on ${S.jbackend}`);
     timings['jupyterlab ready'] = Date.now() - started;
 }
 
@@ -401,9 +426,9 @@ async function startEcho() {
 async function startFronts() {
     const started = Date.now();
     const specs = [
-        { name: 'jupyter', ip: IP.frontJupyter, backend: `${IP.jupyter}:${S.jport}`, extra: [] },
+        { name: 'jupyter', ip: IP.frontJupyter, backend: S.jbackend, extra: [] },
         { name: 'guac', ip: IP.frontGuac, backend: `${IP.guac}:${S.gport}`, extra: [] },
-        { name: 'mutual', ip: IP.frontMutual, backend: `${IP.jupyter}:${S.jport}`, extra: ['--client-ca', S.pki.clientCa.cert, '--require-tls'] },
+        { name: 'mutual', ip: IP.frontMutual, backend: S.jbackend, extra: ['--client-ca', S.pki.clientCa.cert, '--require-tls'] },
     ];
     for (const f of specs) {
         f.port = await freePort(f.ip);
@@ -564,7 +589,8 @@ before(async () => {
     S.tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'exoagent-uap-test-'));
     makePki();
     // The slow parts overlap: the rig (sshd, Xvnc, Xfce) and JupyterLab's install and start.
-    await Promise.all([startUap(), startJupyter(), startRig().then(startWeb), startEcho()]);
+    // The proxy starts once the agent has generated its certificate (one server pins it).
+    await Promise.all([startJupyter().then(startUap), startRig().then(startWeb), startEcho()]);
     await startFronts();
     await startBrowser();
     note(null, `up: ${JSON.stringify(Object.fromEntries(Object.entries(timings).map(([k, v]) => [k, secs(v)])))}; proxy ${JSON.stringify(S.uapInfo.servers)}`);
@@ -749,7 +775,7 @@ test('the proxy: production host parsing, headers, CORS, OPTIONS answered by the
     note(t, `Host ${seen.headers.host}, X-Forwarded-Proto ${seen.headers['x-forwarded-proto']}; OPTIONS → 204 at the proxy; outside the network → ${outside.status}`);
 });
 
-test('JupyterLab through the UAP (http- form): log in with the passphrase, run a cell, see 42', { timeout: 180000 }, async (t) => {
+test('JupyterLab through the UAP (http- form, plain HTTP to the agent\'s front): log in with the passphrase, run a cell, see 42', { timeout: 180000 }, async (t) => {
     const host = uapHost(IP.jupyter, S.jport, 'http');
     const before = accessLog().length;
     await jupyterFlow(t, `https://${host}`, 'jupyterlab-http');
@@ -772,8 +798,8 @@ test('Guacamole shell through the UAP (http- form): token, tunnel, typed command
     });
 });
 
-test('JupyterLab through the UAP, default https form: the exoagent front terminates TLS on the instance', { timeout: 180000 }, async (t) => {
-    const f = front('jupyter');
+test('JupyterLab through the UAP, default https form: the agent\'s own front terminates TLS on the instance', { timeout: 180000 }, async (t) => {
+    const f = { ip: IP.jupyter, port: S.jport };
     const host = uapHost(f.ip, f.port);
     const before = accessLog().length;
     await jupyterFlow(t, `https://${host}`, 'jupyterlab-https');
@@ -812,6 +838,17 @@ test('proxy_ssl_verify on: the pinned instance certificate works; a wrong pin fa
     note(t, `pinned ${S.pki.instance.sha256.slice(0, 23)}… → 200; wrong pin → 502; http- form on the same port → 200`);
 });
 
+test('the agent\'s generated certificate: its published fingerprint is what the UAP pins, and the pin works', async (t) => {
+    const want = crypto.createHash('sha256').update(new crypto.X509Certificate(fs.readFileSync(S.agentCert)).raw).digest('hex');
+    assert.equal(S.status.tls && S.status.tls.fingerprint, want, `expected exoagent status --json to publish the SHA-256 of ${S.agentCert}, saw ${JSON.stringify(S.status.tls)}`);
+    const host = uapHost(IP.jupyter, S.jport);
+    const ok = await uapRequest('agent-pin', host, '/api');
+    assert.equal(ok.status, 200, `expected 200 with the agent's certificate pinned (proxy_ssl_name ${os.hostname()}), saw ${ok.status}: ${ok.text.slice(0, 200)}\n${tail(S.uapInfo.error_log, 1500)}`);
+    const wrong = await uapRequest('wrong', host, '/api');
+    assert.equal(wrong.status, 502, `expected 502 with another certificate pinned, saw ${wrong.status}`);
+    note(t, `fingerprint ${want.slice(0, 16)}… published and pinned → 200; another pin → 502`);
+});
+
 test('mutual TLS required: nginx with the UAP client certificate works, clients without it are refused', async (t) => {
     const f = front('mutual');
     const host = uapHost(f.ip, f.port);
@@ -843,11 +880,12 @@ test('mutual TLS required: nginx with the UAP client certificate works, clients 
 
 test('teardown: nothing left running, nothing listened outside loopback, no secret in the logs', { timeout: 120000 }, async (t) => {
     // Every listening socket of the processes this file started is on loopback.
-    const pids = new Set([S.uapInfo.pid, ...S.fronts.map((f) => f.proc.child.pid), S.web.child.pid]);
+    const jl = S.status.services.find((x) => x.service === 'jupyterlab');
+    const pids = new Set([S.uapInfo.pid, ...S.fronts.map((f) => f.proc.child.pid), S.web.child.pid, jl.pid, jl.front.pid]);
     for (const p of processes({ needle: S.uapInfo.dir })) pids.add(Number(p.split(' ')[0]));
     const ss = spawnSync('ss', ['-Hltnp'], { encoding: 'utf8' });
     const ours = ss.stdout.split('\n').filter((l) => [...pids].some((pid) => l.includes(`pid=${pid},`)));
-    assert.ok(ours.length >= 4, `expected ss to show the proxy's and the fronts' listening sockets, saw ${JSON.stringify(ours)}`);
+    assert.ok(ours.length >= 6, `expected ss to show the proxy's, the fronts' and JupyterLab's listening sockets, saw ${JSON.stringify(ours)}`);
     const outside = ours.filter((l) => !/\s127\.\d+\.\d+\.\d+:\d+\s/.test(l));
     assert.deepEqual(outside, [], 'expected every listening socket of the run on 127.0.0.0/8');
     const report = await teardown();
