@@ -23,16 +23,19 @@ if [ "$started_openstack" = 1 ]; then
 fi
 bash tests/openstack/up.sh
 # TigerVNC, Xfce, an sshd binary and the venv of the guacd test double (guacd itself cannot be
-# installed here), and Chromium for the browser test.
+# installed here), Chromium for the browser tests, nginx for the UAP (tests/uap/setup.sh).
 bash tests/browser/setup.sh
 # --include-ignored: the suites that need the OpenStack harness are ignored by a plain
 # `cargo test` (docs/testing.md, "Fast loop"); here every test runs, none is skipped.
 cargo test --workspace --all-targets -- --test-threads=2 --include-ignored
 # The client page's unit tests, the guacd double's own self-test against real sshd and
-# TigerVNC, then Chromium against the real page, web side, sshd and desktop.
+# TigerVNC, then Chromium against the real page, web side, sshd and desktop, and Chromium
+# through a real UAP (nginx configured like Exosphere's, tests/uap/) to JupyterLab and the
+# Guacamole shell, plain and through exoagent's TLS front (~45 s). One file at a time: both
+# use the rig's user.
 (cd web/guacamole && npm test --silent)
 "${EXOAGENT_GUAC_VENV:-/var/tmp/exoagent-guac-venv}/bin/python" tests/guacamole/test_peer.py
-node --test tests/browser/
+node --test --test-concurrency=1 tests/browser/
 # A real VM (QEMU, software emulation) with real systemd and cloud-init booting the baked image
 # as a server of the OpenStack harness (~5 min with the image build).
 bash tests/vm/prereqs.sh

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Prepares the browser test (tests/browser/guacamole.test.mjs) on Debian 12, as root.
+# Prepares the browser tests (tests/browser/*.test.mjs) on Debian 12, as root.
 # Idempotent: a second run installs and builds nothing.
 #
 #   apt:  chromium (Debian's package; the test drives /usr/bin/chromium through playwright-core,
 #         which never downloads a browser of its own)
 #   tests/guacamole/setup.sh: TigerVNC, Xfce, xclip, the sshd binary and the venv of the guacd
 #         test double (see tests/guacamole/README.md)
+#   tests/uap/setup.sh: nginx (the UAP), openssl, certutil (see tests/uap/README.md)
 #   web:  the client page (installer/dev/build-web.sh → web/guacamole/dist, which exoagent
 #         embeds at compile time; rebuild exoagent after it changes: cargo build -p exoagent)
 #   npm:  playwright-core at the exact version of tests/browser/package-lock.json (npm ci)
@@ -26,6 +27,7 @@ fi
 test -x /usr/bin/chromium || { echo "browser setup: /usr/bin/chromium is missing" >&2; exit 1; }
 
 bash "$repo/tests/guacamole/setup.sh"
+bash "$repo/tests/uap/setup.sh"
 bash "$repo/installer/dev/build-web.sh"
 
 # npm ci wipes and reinstalls node_modules; skip it when the lockfile has not changed since.
