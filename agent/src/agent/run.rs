@@ -348,12 +348,18 @@ async fn start_fronts(
     let owner = ctx.run_as().map(|r| (r.uid, r.gid));
     let dir = plan.paths.tls_dir();
     let settings = tls.clone();
+    // A front bound to one address is reached at it even when it is no interface's (a VIP).
+    let bound: Vec<std::net::IpAddr> = fronted
+        .iter()
+        .filter_map(|(_, e)| e.front.map(|a| a.ip()))
+        .filter(|ip| !ip.is_unspecified())
+        .collect();
     // Key generation and file writes are blocking work.
     let prepared = tokio::task::spawn_blocking(move || {
         crate::front::prepare(
             &dir,
             &settings,
-            crate::front::cert::CertNames::local(&[]),
+            crate::front::cert::CertNames::local(&bound),
             owner,
             std::time::SystemTime::now(),
         )

@@ -374,9 +374,11 @@ fn current_generated(
     let facts = leaf_facts(cert).ok()?;
     let now = unix_seconds(now);
     let renew_at = facts.not_after - i64::try_from(RENEW_BEFORE.as_secs()).unwrap_or(0);
-    let covers = names.addresses.iter().all(|a| {
-        facts.addresses.contains(a) && facts.dns_names.contains(&a.to_string())
-    }) && facts.dns_names.contains(&names.hostname);
+    let covers = names
+        .addresses
+        .iter()
+        .all(|a| facts.addresses.contains(a) && facts.dns_names.contains(&a.to_string()))
+        && facts.dns_names.contains(&names.hostname);
     (facts.not_before <= now && now < renew_at && covers).then_some(facts)
 }
 
