@@ -189,3 +189,102 @@ fn a_bad_operator_certificate_stops_the_agent_before_anything_changes() {
     assert!(!sb.root().join("var/lib/exoagent/tls").exists());
     assert!(!sb.root().join("etc/rstudio/rserver.conf").exists());
 }
+
+/// A CA and a client certificate it signed (PEM), and a client certificate from another CA.
+struct ClientPki {
+    ca_pem: String,
+    client_pem: String,
+    client_key_pem: String,
+    stranger_pem: String,
+    stranger_key_pem: String,
+}
+
+fn client_pki() -> ClientPki {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca = |name: &str| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let cert = params.self_signed(&key).unwrap();
+        (cert.pem(), Issuer::new(params, key))
+    };
+    let leaf = |issuer: &Issuer<'_, KeyPair>| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec!["uap.test".to_owned()]).unwrap();
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        (
+            params.signed_by(&key, issuer).unwrap().pem(),
+            key.serialize_pem(),
+        )
+    };
+    let (ca_pem, issuer) = ca("UAP client CA");
+    let (_, other) = ca("someone else");
+    let (client_pem, client_key_pem) = leaf(&issuer);
+    let (stranger_pem, stranger_key_pem) = leaf(&other);
+    ClientPki {
+        ca_pem,
+        client_pem,
+        client_key_pem,
+        stranger_pem,
+        stranger_key_pem,
+    }
+}
+
+#[test]
+fn with_a_client_ca_only_clients_with_its_certificates_get_through() {
+    let pki = client_pki();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("uap-ca.pem");
+    std::fs::write(&ca_file, &pki.ca_pem).unwrap();
+    let mut sb = Sandbox::new_fronted(&format!(
+        "[tls]\nenabled = true\nclient_ca_file = \"{}\"\n\
+         [services.rstudio]\nenabled = true\nport = @PORT@\nbind = \"127.0.0.1\"\nrserver = \"{}\"\n",
+        ca_file.display(),
+        repo_root().join("tests/rstudio/rserver_peer.py").display()
+    ))
+    .with_start_args(&["--no-fixture-identity"]);
+    let port = sb.port;
+    sb.start_agent();
+    sb.wait_complete(120);
+    let cert_pem = std::fs::read(sb.root().join("var/lib/exoagent/tls/cert.pem")).unwrap();
+    let url = format!("https://127.0.0.1:{port}/auth-sign-in");
+    let with_identity = |cert: &str, key: &str| {
+        reqwest::blocking::Client::builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&cert_pem).unwrap())
+            .identity(reqwest::Identity::from_pem(format!("{cert}{key}").as_bytes()).unwrap())
+            .user_agent(BROWSER)
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap()
+    };
+    let uap = with_identity(&pki.client_pem, &pki.client_key_pem);
+    assert_eq!(uap.get(&url).send().unwrap().status(), 200);
+    let stranger = with_identity(&pki.stranger_pem, &pki.stranger_key_pem);
+    assert!(
+        stranger.get(&url).send().is_err(),
+        "another CA's client got through"
+    );
+    let anonymous = pinned_client(&cert_pem);
+    assert!(
+        anonymous.get(&url).send().is_err(),
+        "a client without a certificate got through"
+    );
+    // Each refusal is in the front's log with the peer's address.
+    let log_file = sb.root().join("var/log/exoagent/rstudio-front.log");
+    let refused = "refused a client without a certificate from the configured CA";
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let log = loop {
+        let log = std::fs::read_to_string(&log_file).unwrap_or_default();
+        if log.matches(refused).count() >= 2 || std::time::Instant::now() > deadline {
+            break log;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(log.matches(refused).count(), 2, "front log:\n{log}");
+    assert!(log.contains("peer=127.0.0.1:"), "front log:\n{log}");
+    sb.kill_agent(libc::SIGTERM);
+}
