@@ -354,31 +354,26 @@ async fn start_fronts(
         .filter_map(|(_, e)| e.front.map(|a| a.ip()))
         .filter(|ip| !ip.is_unspecified())
         .collect();
-    // Key generation and file writes are blocking work.
-    let prepared = tokio::task::spawn_blocking(move || {
-        crate::front::prepare(
-            &dir,
-            &settings,
-            crate::front::cert::CertNames::local(&bound),
-            owner,
-            std::time::SystemTime::now(),
-        )
-    })
-    .await;
-    let (installed, files) = match prepared {
-        Ok(Ok(done)) => done,
-        Ok(Err(e)) => {
+    let certificate = TlsCertificate {
+        dir,
+        settings,
+        bound,
+        owner,
+    };
+    let files = match certificate.prepare().await {
+        Ok((installed, files)) => {
+            hub.set_tls(tls_status(&installed));
+            files
+        }
+        Err(e) => {
             tracing::error!(target: "exoagent::agent", reason = e.reason(), "{e}");
             hub.fail_step(SetupStep::Tls, Reason::new(e.reason(), e.to_string()));
             return;
         }
-        Err(e) => std::panic::resume_unwind(e.into_panic()),
     };
-    hub.set_tls(crate::state::TlsStatus {
-        fingerprint: installed.fingerprint.clone(),
-        not_after: installed.not_after,
-        generated: installed.generated,
-    });
+    if tls.certificate == crate::config::CertChoice::Generated {
+        tasks.spawn(certificate.keep_renewed(hub.clone(), cancel.clone()));
+    }
     for (kind, endpoint) in fronted {
         let Some(public) = endpoint.front else {
             continue;
@@ -415,6 +410,75 @@ async fn start_fronts(
         tasks.spawn(async move {
             supervisor.run_retrying(cancel).await;
         });
+    }
+}
+
+/// How often a running agent looks whether the generated certificate is due for renewal (the
+/// fronts pick a renewed pair up from the files on their own).
+const CERTIFICATE_CHECK: std::time::Duration = std::time::Duration::from_secs(12 * 3600);
+
+/// Where and for whom the fronts' certificate is kept.
+struct TlsCertificate {
+    dir: std::path::PathBuf,
+    settings: crate::config::TlsSettings,
+    bound: Vec<std::net::IpAddr>,
+    owner: Option<(u32, u32)>,
+}
+
+impl TlsCertificate {
+    /// Install (or keep, or renew) the certificate now; key generation and file writes are
+    /// blocking work, done off the runtime.
+    async fn prepare(
+        &self,
+    ) -> Result<
+        (crate::front::cert::Installed, crate::front::TlsFiles),
+        crate::front::cert::CertError,
+    > {
+        let (dir, settings, bound, owner) = (
+            self.dir.clone(),
+            self.settings.clone(),
+            self.bound.clone(),
+            self.owner,
+        );
+        let prepared = tokio::task::spawn_blocking(move || {
+            crate::front::prepare(
+                &dir,
+                &settings,
+                crate::front::cert::CertNames::local(&bound),
+                owner,
+                std::time::SystemTime::now(),
+            )
+        })
+        .await;
+        match prepared {
+            Ok(done) => done,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+
+    /// Renew the generated certificate when it is due (or the addresses changed) while the
+    /// agent runs for months; a failure is logged and tried again at the next check.
+    async fn keep_renewed(self, hub: StateHub, cancel: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(CERTIFICATE_CHECK) => {}
+            }
+            match self.prepare().await {
+                Ok((installed, _)) => hub.set_tls(tls_status(&installed)),
+                Err(e) => {
+                    tracing::warn!(target: "exoagent::agent", reason = e.reason(), "certificate renewal: {e}")
+                }
+            }
+        }
+    }
+}
+
+fn tls_status(installed: &crate::front::cert::Installed) -> crate::state::TlsStatus {
+    crate::state::TlsStatus {
+        fingerprint: installed.fingerprint.clone(),
+        not_after: installed.not_after,
+        generated: installed.generated,
     }
 }
 
