@@ -1341,7 +1341,7 @@ fn unusable_tls_files_stop_the_front_with_78_naming_the_file() {
             "a certificate that is not DER",
             [&not_der, &key],
             None,
-            q(&not_der),
+            format!("certificate {} is not usable", q(&not_der)),
         ),
         (
             "a key that is not DER",
