@@ -839,6 +839,31 @@ async fn mutual_tls_admits_only_the_cas_clients_and_logs_refusals_rate_limited()
     assert_eq!(echo.header("x-forwarded-for"), ["127.0.0.1"]);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_cannot_be_bypassed_with_plain_http() {
+    let served = Served::new();
+    let uap_ca = Ca::new("UAP client CA");
+    let ca_file = served.dir.path().join("uap-ca.pem");
+    std::fs::write(&ca_file, &uap_ca.pem).unwrap();
+    let backend = http_backend(Payload::new(5)).await;
+    let front = FrontProcess::start(
+        backend,
+        &served.cert,
+        &served.key,
+        &["--client-ca-file", ca_file.to_str().unwrap()],
+    )
+    .await;
+    // Without --require-tls: a client certificate is required on TLS, so plain HTTP, which
+    // carries none, must not reach the service either.
+    let mut plain = http(TcpStream::connect(front.addr).await.unwrap()).await;
+    let (status, body) = send(&mut plain, get("front.test", "/echo", &[]))
+        .await
+        .unwrap();
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.contains("TLS"), "{body}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // 5. WebSockets through TLS
 
