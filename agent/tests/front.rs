@@ -913,9 +913,9 @@ async fn websockets_pass_through_tls_byte_exact() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_bodies_stream_through_tls_in_bounded_memory() {
-    // A front that held either body whole would hold 64 MiB; one that streams holds its
-    // buffers (hyper's and rustls' are tens of KiB a connection) over its own start-up size
-    // (the debug binary, about 10 MiB).
+    // A front that held either body whole would peak above 64 MiB; one that streams holds its
+    // buffers (hyper's and rustls', tens of KiB a connection) over its start-up size (the
+    // debug binary: about 18 MiB, peaking near 24 MiB here).
     const MIB: u64 = 64;
     const PEAK_BOUND_KIB: u64 = 40 * 1024;
     let payload = Payload::new(6);
@@ -1089,9 +1089,9 @@ async fn drip_until_closed(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hostile_clients_and_a_thousand_idle_connections_leave_the_front_serving() {
     const IDLE: usize = 1000;
-    // The front's start-up size (about 10 MiB, debug build) plus a few KiB a held connection
-    // is far below this; a front that kept a TLS session or a buffer per silent peer, or
-    // leaked them, would not stay under it.
+    // The front's start-up size (about 18 MiB, debug build) plus about 10 KiB a held
+    // connection (27 MiB measured with all held) is far below this; a front that gave each
+    // silent peer a 64 KiB head buffer or a TLS session's buffers would not stay under it.
     const RSS_BOUND_KIB: u64 = 64 * 1024;
     raise_open_files(4 * IDLE as libc::rlim_t);
     let served = Served::new();
