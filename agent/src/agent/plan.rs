@@ -225,7 +225,8 @@ impl fmt::Display for Plan {
                 f,
                 "  {step}. TLS front: {certificate}; run a front for {}; {}{}{}",
                 fronted.join(", "),
-                if tls.require {
+                // A client CA makes the front refuse plain HTTP too (`exoagent front`).
+                if tls.require || tls.client_ca.is_some() {
                     "plain HTTP refused"
                 } else {
                     "plain HTTP also served"

@@ -27,7 +27,8 @@ pub struct FrontArgs {
     /// The path of its private key (PEM, mode 0600), never the key itself.
     #[arg(long = "key-file", alias = "key", value_name = "FILE")]
     pub key_file: PathBuf,
-    /// Require a client certificate issued by this CA (PEM): mutual TLS.
+    /// Require a client certificate issued by this CA (PEM): mutual TLS. Plain HTTP, which
+    /// carries no certificate, is then refused as with `--require-tls`.
     #[arg(long = "client-ca-file", alias = "client-ca", value_name = "FILE")]
     pub client_ca_file: Option<PathBuf>,
     /// Refuse plain HTTP (answered 400 with a clear message).
@@ -65,6 +66,9 @@ pub async fn run(args: FrontArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(78));
         }
     };
+    // A client certificate required on TLS means nothing if plain HTTP on the same port
+    // reaches the service without one.
+    let require_tls = args.require_tls || files.client_ca.is_some();
     let listener = match tokio::net::TcpListener::bind(args.listen).await {
         Ok(listener) => listener,
         Err(e) => {
@@ -77,7 +81,7 @@ pub async fn run(args: FrontArgs) -> anyhow::Result<ExitCode> {
         listen = %args.listen,
         backend = %args.backend,
         mutual = files.client_ca.is_some(),
-        require_tls = args.require_tls,
+        require_tls,
         "TLS front serving"
     );
     let mut terminate = signal(SignalKind::terminate())?;
@@ -91,7 +95,7 @@ pub async fn run(args: FrontArgs) -> anyhow::Result<ExitCode> {
     let front = Front {
         backend: args.backend,
         tls: Some(tls),
-        require_tls: args.require_tls,
+        require_tls,
         trusted_proxies: args.trusted_proxies,
         limits: FrontLimits {
             max_connections: args.max_connections.max(1),

@@ -80,9 +80,17 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsEr
             detail: e.to_string(),
         })?;
     let certified = CertifiedKey::new(chain, signing);
-    certified.keys_match().map_err(|_| TlsError::Mismatch {
-        cert: cert.to_owned(),
-        key: key.to_owned(),
+    certified.keys_match().map_err(|e| match e {
+        rustls::Error::InconsistentKeys(_) => TlsError::Mismatch {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+        },
+        // The leaf could not be parsed: the certificate is at fault, not the key.
+        other => TlsError::Invalid {
+            what: "certificate",
+            path: cert.to_owned(),
+            detail: other.to_string(),
+        },
     })?;
     Ok(certified)
 }
