@@ -390,5 +390,34 @@ mod tests {
         let value: serde_json::Value = serde_json::from_str(&plain).unwrap();
         assert_eq!(value["svc"]["jupyterlab"], "pending:8888");
         assert_eq!(value["setup"], "starting");
+        assert!(value.get("tls").is_none(), "{plain}");
+    }
+
+    #[test]
+    fn the_summary_keeps_the_tls_fingerprint_whatever_else_is_cut() {
+        let hub = StateHub::new(
+            ServiceKind::ALL
+                .into_iter()
+                .map(|k| (k, k.default_port(), String::new())),
+        );
+        let fingerprint = "0123456789abcdef".repeat(4);
+        hub.set_tls(crate::state::TlsStatus {
+            fingerprint: fingerprint.clone(),
+            not_after: 0,
+            generated: true,
+        });
+        hub.transition(
+            ServiceKind::Guacamole,
+            ServiceState::Failed,
+            ServiceUpdate {
+                reason: Some(Reason::new(&"y".repeat(200), "detail")),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let summary = exo_agent_summary(&hub.snapshot());
+        assert!(summary.chars().count() <= MAX_META_VALUE_LEN, "{summary}");
+        let value: serde_json::Value = serde_json::from_str(&summary).expect(&summary);
+        assert_eq!(value["tls"], fingerprint.as_str(), "{summary}");
     }
 }
