@@ -728,6 +728,10 @@ fn documents_read_the_same_from_the_metadata_service_and_a_config_drive() {
             service.user_data().await.unwrap(),
         )
     });
+    // Nova's EC2-compatible document: no floating address attached, so none for the
+    // certificate (a floating address is not exercised: the harness has no L3).
+    let floating = runtime.block_on(service.public_ipv4()).unwrap();
+    assert_eq!(floating, None);
     assert_eq!(identity.uuid, server.id);
     assert_eq!(identity.name.as_deref(), Some("exoagent-documents"));
     assert!(identity.exo_guac().unwrap().ssh);

@@ -107,6 +107,14 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
             // here keeps its packages out of it, so nothing of it is installed.
             let fetched = fetch_all(&plan.services, &ctx).await;
             if install_packages(&plan, &hub, &fetched.ready).await {
+                let fronts = Fronts {
+                    plan: &plan,
+                    ctx: &ctx,
+                    metadata: metadata.as_ref(),
+                    shim: &options.shim,
+                    hub: &hub,
+                };
+                fronts.start(&mut tasks, &cancel).await;
                 start_services(
                     &plan,
                     ctx,
@@ -293,7 +301,6 @@ async fn start_services(
     tasks: &mut Tasks,
     cancel: &CancellationToken,
 ) {
-    start_fronts(plan, &ctx, shim, hub, tasks, cancel).await;
     let passphrase = Arc::new(passphrase);
     let mut starts = JoinSet::new();
     let ready = fetched.ready.into_iter().map(|s| (s, None));
@@ -324,94 +331,122 @@ async fn start_services(
     }
 }
 
-/// With `[tls] enabled`: install the certificate, then supervise a front on each web service's
-/// public port. Fronts start before their services (they answer 502 until the service is up),
-/// so the port is served from the first moment. A certificate that cannot be installed fails
-/// the `tls` step; the services still start on loopback.
-async fn start_fronts(
-    plan: &Plan,
-    ctx: &ServiceContext,
-    shim: &ShimCommand,
-    hub: &StateHub,
-    tasks: &mut Tasks,
-    cancel: &CancellationToken,
-) {
-    let tls = &plan.settings.tls;
-    let fronted: Vec<(ServiceKind, crate::model::Endpoint)> = plan
-        .services
-        .iter()
-        .filter_map(|s| s.endpoint().front.map(|_| (s.kind(), s.endpoint())))
-        .collect();
-    if !tls.enabled || fronted.is_empty() {
-        return;
-    }
-    let owner = ctx.run_as().map(|r| (r.uid, r.gid));
-    let dir = plan.paths.tls_dir();
-    let settings = tls.clone();
-    // A front bound to one address is reached at it even when it is no interface's (a VIP).
-    let bound: Vec<std::net::IpAddr> = fronted
-        .iter()
-        .filter_map(|(_, e)| e.front.map(|a| a.ip()))
-        .filter(|ip| !ip.is_unspecified())
-        .collect();
-    let certificate = TlsCertificate {
-        dir,
-        settings,
-        bound,
-        owner,
-    };
-    let files = match certificate.prepare().await {
-        Ok((installed, files)) => {
-            hub.set_tls(tls_status(&installed));
-            files
-        }
-        Err(e) => {
-            tracing::error!(target: "exoagent::agent", reason = e.reason(), "{e}");
-            hub.fail_step(SetupStep::Tls, Reason::new(e.reason(), e.to_string()));
+/// What starting the TLS fronts needs.
+struct Fronts<'a> {
+    plan: &'a Plan,
+    ctx: &'a ServiceContext,
+    metadata: Option<&'a MetadataService>,
+    shim: &'a ShimCommand,
+    hub: &'a StateHub,
+}
+
+impl Fronts<'_> {
+    /// With `[tls] enabled`: install the certificate (named also for the floating address the
+    /// metadata service knows), then supervise a front on each web service's public port.
+    /// Fronts start before their services (they answer 502 until the service is up), so the
+    /// port is served from the first moment. A certificate that cannot be installed fails the
+    /// `tls` step; the services still start on loopback.
+    async fn start(self, tasks: &mut Tasks, cancel: &CancellationToken) {
+        let Fronts {
+            plan,
+            ctx,
+            metadata,
+            shim,
+            hub,
+        } = self;
+        let tls = &plan.settings.tls;
+        let fronted: Vec<(ServiceKind, crate::model::Endpoint)> = plan
+            .services
+            .iter()
+            .filter_map(|s| s.endpoint().front.map(|_| (s.kind(), s.endpoint())))
+            .collect();
+        if !tls.enabled || fronted.is_empty() {
             return;
         }
-    };
-    if tls.certificate == crate::config::CertChoice::Generated {
-        tasks.spawn(certificate.keep_renewed(hub.clone(), cancel.clone()));
-    }
-    for (kind, endpoint) in fronted {
-        let Some(public) = endpoint.front else {
-            continue;
-        };
-        let run = crate::front::FrontRun {
-            exe: &ctx.exe,
-            public,
-            backend: endpoint.listen,
-            files: &files,
-            settings: tls,
-        };
-        hub.expect_front(kind);
-        let supervisor = Supervisor::new(
-            kind,
-            run.run_spec(plan.paths.tls_dir(), ctx.run_as()),
-            run.probe(),
-            crate::front::START_TIMEOUT,
-            plan.settings.supervise.clone(),
-            ServicePaths {
-                run_dir: plan.paths.front_run_dir(kind),
-                log_file: plan.paths.front_log(kind),
-            },
-            shim.clone(),
-            hub.clone(),
-        )
-        .for_front();
-        // The same installing → starting path as a service, so the state machine holds.
-        if let Err(refused) =
-            hub.front_transition(kind, ServiceState::Installing, ServiceUpdate::default())
-        {
-            tracing::warn!(target: "exoagent::agent", "front: {refused}");
+        let owner = ctx.run_as().map(|r| (r.uid, r.gid));
+        let dir = plan.paths.tls_dir();
+        let settings = tls.clone();
+        // A front bound to one address is reached at it even when it is no interface's (a VIP).
+        let mut bound: Vec<std::net::IpAddr> = fronted
+            .iter()
+            .filter_map(|(_, e)| e.front.map(|a| a.ip()))
+            .filter(|ip| !ip.is_unspecified())
+            .collect();
+        // The floating address is on no interface; only the metadata service knows it.
+        if let Some(metadata) = metadata {
+            match tokio::time::timeout(FLOATING_LOOKUP, metadata.public_ipv4()).await {
+                Ok(Ok(Some(floating))) => bound.push(floating),
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => {
+                    tracing::info!(target: "exoagent::agent", reason = e.reason(), "no floating address for the certificate: {e}")
+                }
+                Err(_) => {
+                    tracing::info!(target: "exoagent::agent", "no floating address for the certificate: the metadata service did not answer in time")
+                }
+            }
         }
-        let cancel = cancel.clone();
-        tasks.spawn(async move {
-            supervisor.run_retrying(cancel).await;
-        });
+        let certificate = TlsCertificate {
+            dir,
+            settings,
+            bound,
+            owner,
+        };
+        let files = match certificate.prepare().await {
+            Ok((installed, files)) => {
+                hub.set_tls(tls_status(&installed));
+                files
+            }
+            Err(e) => {
+                tracing::error!(target: "exoagent::agent", reason = e.reason(), "{e}");
+                hub.fail_step(SetupStep::Tls, Reason::new(e.reason(), e.to_string()));
+                return;
+            }
+        };
+        if tls.certificate == crate::config::CertChoice::Generated {
+            tasks.spawn(certificate.keep_renewed(hub.clone(), cancel.clone()));
+        }
+        for (kind, endpoint) in fronted {
+            let Some(public) = endpoint.front else {
+                continue;
+            };
+            let run = crate::front::FrontRun {
+                exe: &ctx.exe,
+                public,
+                backend: endpoint.listen,
+                files: &files,
+                settings: tls,
+            };
+            hub.expect_front(kind);
+            let supervisor = Supervisor::new(
+                kind,
+                run.run_spec(plan.paths.tls_dir(), ctx.run_as()),
+                run.probe(),
+                crate::front::START_TIMEOUT,
+                plan.settings.supervise.clone(),
+                ServicePaths {
+                    run_dir: plan.paths.front_run_dir(kind),
+                    log_file: plan.paths.front_log(kind),
+                },
+                shim.clone(),
+                hub.clone(),
+            )
+            .for_front();
+            // The same installing → starting path as a service, so the state machine holds.
+            if let Err(refused) =
+                hub.front_transition(kind, ServiceState::Installing, ServiceUpdate::default())
+            {
+                tracing::warn!(target: "exoagent::agent", "front: {refused}");
+            }
+            let cancel = cancel.clone();
+            tasks.spawn(async move {
+                supervisor.run_retrying(cancel).await;
+            });
+        }
     }
 }
+
+/// How long the floating-address lookup for the certificate may take.
+const FLOATING_LOOKUP: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How often a running agent looks whether the generated certificate is due for renewal (the
 /// fronts pick a renewed pair up from the files on their own).

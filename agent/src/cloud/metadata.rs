@@ -118,7 +118,11 @@ impl MetadataService {
 
     /// GET a document; `None` when the service says it does not exist (404).
     async fn get(&self, document: &str) -> Result<Option<Vec<u8>>, MetadataError> {
-        let url = self.url(document);
+        self.get_url(self.url(document)).await
+    }
+
+    /// GET `url`; `None` on 404.
+    async fn get_url(&self, url: String) -> Result<Option<Vec<u8>>, MetadataError> {
         let unreachable = |source| MetadataError::Unreachable {
             url: url.clone(),
             source,
@@ -171,6 +175,19 @@ impl MetadataService {
             })
     }
 
+    /// The instance's floating address, from the EC2-compatible document
+    /// `latest/meta-data/public-ipv4` (the OpenStack documents carry fixed addresses only):
+    /// `None` without one (Nova answers an empty body or 404) or when the body is no address.
+    pub async fn public_ipv4(&self) -> Result<Option<std::net::IpAddr>, MetadataError> {
+        let url = format!("{}/latest/meta-data/public-ipv4", self.base);
+        let Some(body) = self.get_url(url).await? else {
+            return Ok(None);
+        };
+        Ok(std::str::from_utf8(&body)
+            .ok()
+            .and_then(|text| text.trim().parse().ok()))
+    }
+
     /// `user_data`, when the server was given any.
     pub async fn user_data(&self) -> Result<Option<String>, MetadataError> {
         Ok(self
@@ -220,4 +237,66 @@ fn excerpt(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(body);
     let one_line: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
     crate::model::truncate_chars(&one_line, BODY_EXCERPT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A one-route HTTP server on loopback answering every request with `status` and `body`;
+    /// returns its base URL and the request targets it saw.
+    async fn serve(
+        status: &'static str,
+        body: &'static str,
+    ) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut head = vec![0u8; 4096];
+                let n = stream.read(&mut head).await.unwrap_or(0);
+                let text = String::from_utf8_lossy(&head[..n]).into_owned();
+                let target = text.split(' ').nth(1).unwrap_or("").to_owned();
+                log.lock().unwrap().push(target);
+                let reply = format!(
+                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(reply.as_bytes()).await;
+            }
+        });
+        (base, seen)
+    }
+
+    #[tokio::test]
+    async fn the_floating_address_comes_from_the_ec2_document() {
+        let (base, seen) = serve("200 OK", "203.0.113.9\n").await;
+        let service = MetadataService::new(&base, MetadataService::default_client().unwrap());
+        assert_eq!(
+            service.public_ipv4().await.unwrap(),
+            Some("203.0.113.9".parse().unwrap())
+        );
+        assert_eq!(*seen.lock().unwrap(), vec!["/latest/meta-data/public-ipv4"]);
+
+        // Nova without a floating address: an empty body, or 404; junk is no address either.
+        for (status, body) in [
+            ("200 OK", ""),
+            ("404 Not Found", "nope"),
+            ("200 OK", "<html>"),
+        ] {
+            let (base, _) = serve(status, body).await;
+            let service = MetadataService::new(&base, MetadataService::default_client().unwrap());
+            assert_eq!(
+                service.public_ipv4().await.unwrap(),
+                None,
+                "{status} {body}"
+            );
+        }
+        let (base, _) = serve("500 Internal Server Error", "boom").await;
+        let service = MetadataService::new(&base, MetadataService::default_client().unwrap());
+        assert!(service.public_ipv4().await.is_err());
+    }
 }
