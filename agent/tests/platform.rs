@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use exoagent::config::settings::PackageSettings;
 use exoagent::platform::os::{self, Family, PackageManager};
-use exoagent::platform::packages::{InstallOutcome, PackageInstaller, PackageTools};
+use exoagent::platform::packages::{InstallOutcome, PackageInstaller, PackageItem, PackageTools};
 use exoagent::platform::passphrase::Passphrase;
 use exoagent::platform::users::UserManager;
 
@@ -310,7 +310,7 @@ async fn dpkg_query_tells_what_is_missing() {
         .missing(&["coreutils".into(), "surely-not-a-pkg-xyz".into()])
         .await
         .unwrap();
-    assert_eq!(missing, vec!["surely-not-a-pkg-xyz".to_owned()]);
+    assert_eq!(missing, vec![PackageItem::from("surely-not-a-pkg-xyz")]);
     let err = installer.missing(&["--force".into()]).await.unwrap_err();
     assert_eq!(err.reason(), "package-install-failed");
     assert!(err.to_string().contains("--force"));
@@ -398,16 +398,16 @@ async fn a_held_lock_is_waited_out_and_everything_goes_in_one_transaction() {
         "E: Could not get lock /var/lib/dpkg/lock-frontend. It is held by process 4242 (apt-get)",
         3,
     );
-    let packages: Vec<String> = MISSING
+    let packages: Vec<PackageItem> = MISSING
         .iter()
-        .map(|s| s.to_string())
+        .map(|s| PackageItem::from(*s))
         .chain(["coreutils".into()])
         .collect();
     let outcome = installer.install(&packages).await.unwrap();
     assert_eq!(
         outcome,
         InstallOutcome::Installed {
-            packages: MISSING.iter().map(|s| s.to_string()).collect(),
+            packages: MISSING.iter().map(|s| PackageItem::from(*s)).collect(),
             attempts: 3
         }
     );
@@ -501,7 +501,7 @@ async fn real_apt_installs_a_real_package() {
         return;
     }
     assert!(is_root(), "EXOAGENT_REAL_APT=1 needs root");
-    let package = "sl".to_owned();
+    let package = PackageItem::from("sl");
     let _ = std::process::Command::new("apt-get")
         .args(["-y", "-q", "remove", "sl"])
         .env("DEBIAN_FRONTEND", "noninteractive")
@@ -568,8 +568,12 @@ async fn real_apt_installs_r_for_rstudio_and_rscript_runs_as_the_user() {
     use exoagent::services::ServiceImpl;
     let host = os::detect(Path::new("/")).unwrap();
     let rstudio = RStudio::new(RStudioSettings::default(), host.clone());
-    let packages = rstudio.system_packages(&host);
-    assert_eq!(packages, ["r-base"]);
+    let packages: Vec<PackageItem> = rstudio
+        .system_packages(&host)
+        .into_iter()
+        .map(PackageItem::Named)
+        .collect();
+    assert_eq!(packages, ["r-base".into()]);
     let installer = PackageInstaller::new(PackageManager::Apt, &PackageSettings::default());
     installer.install(&packages).await.unwrap();
     assert!(installer.missing(&packages).await.unwrap().is_empty());

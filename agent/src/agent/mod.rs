@@ -149,7 +149,8 @@ pub(crate) mod fixtures {
     }
 
     /// The real package layer with `dpkg-query` and `apt-get` replaced by scripts that record
-    /// every call in `dir/calls` (and say nothing is installed, so an install would run).
+    /// every call in `dir/calls`. `dpkg-query` answers from `dir/installed` (lines `name
+    /// version`; nothing is installed while it is absent, so an install would run).
     pub(crate) fn recording_installer(dir: &Path) -> PackageInstaller {
         let calls = dir.join("calls");
         let script = |name: &str, body: &str| {
@@ -172,7 +173,14 @@ pub(crate) mod fixtures {
             PackageManager::Apt,
             &PackageSettings::default(),
             PackageTools {
-                dpkg_query: script("dpkg-query", "exit 1"),
+                dpkg_query: script(
+                    "dpkg-query",
+                    &format!(
+                        r#"line=$(grep "^$4 " '{}' 2>/dev/null) || exit 1
+case "$2" in *Version*) echo "install ok installed ${{line#* }}";; *) echo "install ok installed";; esac"#,
+                        dir.join("installed").display()
+                    ),
+                ),
                 apt_get: script("apt-get", "exit 0"),
                 apt_lists: lists,
                 ..PackageTools::default()

@@ -171,27 +171,39 @@ impl fmt::Display for Plan {
             )?,
         }
         step += 1;
-        if self.packages.is_empty() {
-            writeln!(f, "  {step}. system packages: none needed")?;
-        } else if self.mode == Mode::Sandbox {
-            writeln!(
-                f,
-                "  {step}. system packages (sandbox: not installed, must be present): {}",
-                self.packages.join(" ")
-            )?;
-        } else {
-            writeln!(
-                f,
-                "  {step}. install missing system packages in one {:?} transaction, after every service's downloads are fetched and verified (a refused service's packages are left out): {}",
-                self.os.family.package_manager(),
-                self.packages.join(" ")
-            )?;
-        }
         let ctx = ServiceContext {
             paths: self.paths.clone(),
             account,
             exe: self.paths.installed_exe(),
         };
+        // The batch: every service's system packages, then the package files their fetch
+        // verifies and offers (RStudio's .deb on Debian/Ubuntu).
+        let items: Vec<String> = self
+            .packages
+            .iter()
+            .cloned()
+            .chain(self.services.iter().flat_map(|s| {
+                s.batch_files(&ctx)
+                    .into_iter()
+                    .map(|file| file.path.display().to_string())
+            }))
+            .collect();
+        if items.is_empty() {
+            writeln!(f, "  {step}. system packages: none needed")?;
+        } else if self.mode == Mode::Sandbox {
+            writeln!(
+                f,
+                "  {step}. system packages (sandbox: not installed, must be present): {}",
+                items.join(" ")
+            )?;
+        } else {
+            writeln!(
+                f,
+                "  {step}. install missing system packages and verified package files in one {:?} transaction, after every service's downloads are fetched and verified (a refused service's packages and files are left out): {}",
+                self.os.family.package_manager(),
+                items.join(" ")
+            )?;
+        }
         if self.services.is_empty() {
             step += 1;
             writeln!(f, "  {step}. no services enabled")?;
@@ -325,6 +337,60 @@ mod tests {
         assert!(
             shown.contains("     - "),
             "the service's own steps: {shown}"
+        );
+    }
+
+    #[test]
+    fn the_rstudio_plan_on_debian_puts_the_verified_deb_into_the_one_batch() {
+        let (_dir, paths) = fixtures::sandbox();
+        fixtures::write_config(&paths, "[services.rstudio]\nenabled = true\n");
+        let mut plan = plan(Mode::Sandbox, paths.clone()).unwrap();
+        // As `exoagent validate` shows it on a Debian 12 instance.
+        plan.mode = Mode::System;
+        plan.os = os::Os {
+            id: "debian".into(),
+            version_id: "12".into(),
+            pretty_name: "Debian GNU/Linux 12 (bookworm)".into(),
+            family: os::Family::Debian,
+            supported: true,
+        };
+        plan.services = plan
+            .settings
+            .services
+            .iter()
+            .map(|s| Service::from_settings(s, &plan.os, &paths.system_root, &plan.settings.tls))
+            .collect();
+        plan.packages = packages_for(&plan.services, &plan.os);
+        let shown = plan.to_string();
+        let deb = paths
+            .opt_dir
+            .join("rstudio/rstudio-server-2026.07.0-139-amd64.deb")
+            .display()
+            .to_string();
+        let at = |needle: &str| {
+            shown
+                .find(needle)
+                .unwrap_or_else(|| panic!("no '{needle}' in:\n{shown}"))
+        };
+        let batch = at(&format!(
+            "install missing system packages and verified package files in one Apt transaction, after every service's downloads are fetched and verified (a refused service's packages and files are left out): r-base {deb}\n"
+        ));
+        let download = at("- download https://download2.rstudio.org/server/jammy/");
+        let in_batch = at(&format!(
+            "- install {deb} (rstudio-server 2026.07.0+139) in the one batched apt transaction"
+        ));
+        let mask = at("- run systemctl mask rstudio-server");
+        let configure = at("- write ");
+        let run = at("- run /usr/lib/rstudio-server/bin/rserver --server-daemonize=0");
+        // The batch line names every item; RStudio's own lines give the order around it.
+        assert!(batch < download, "{shown}");
+        assert!(
+            download < in_batch && in_batch < mask && mask < configure && configure < run,
+            "{shown}"
+        );
+        assert!(
+            !shown.contains("apt-get"),
+            "no apt-get of its own:\n{shown}"
         );
     }
 

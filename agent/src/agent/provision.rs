@@ -14,7 +14,7 @@ use crate::config::DEFAULT_METADATA_URL;
 use crate::fsutil;
 use crate::paths::Paths;
 use crate::platform::os::Os;
-use crate::platform::packages::{PackageError, PackageInstaller};
+use crate::platform::packages::{LocalPackage, PackageError, PackageInstaller, PackageItem};
 use crate::platform::passphrase::{self, Passphrase};
 use crate::platform::users::{Account, UserManager};
 use crate::report::nova::{NovaReporter, Pacing};
@@ -92,11 +92,14 @@ pub(super) async fn provision_account(plan: &Plan) -> Result<(Account, Passphras
 }
 
 /// The services after every one's downloads were fetched and verified ([`Service::fetch`]),
-/// before the batched transaction: those ready for it, and those refused with why (their
-/// packages stay out of the batch, so nothing of them is installed).
+/// before the batched transaction: those ready for it with the verified package files they
+/// offer to it, and those refused with why (their packages and files stay out of the batch, so
+/// nothing of them is installed).
 pub(crate) struct Fetched {
     /// Fetched and verified (or nothing to fetch).
     pub ready: Vec<Service>,
+    /// The verified package files the ready services offer to the batch.
+    pub files: Vec<LocalPackage>,
     /// Refused, with the error.
     pub refused: Vec<(Service, ServiceError)>,
 }
@@ -106,11 +109,15 @@ pub(crate) struct Fetched {
 pub(crate) async fn fetch_all(services: &[Service], ctx: &ServiceContext) -> Fetched {
     let mut fetched = Fetched {
         ready: Vec::new(),
+        files: Vec::new(),
         refused: Vec::new(),
     };
     for service in services.iter().cloned() {
         match service.fetch(ctx).await {
-            Ok(()) => fetched.ready.push(service),
+            Ok(files) => {
+                fetched.files.extend(files);
+                fetched.ready.push(service);
+            }
             Err(e) => {
                 tracing::error!(target: "exoagent::agent", service = service.kind().as_str(), reason = e.reason(), error = %e, "fetch refused; its packages stay out of the batch");
                 fetched.refused.push((service, e));
@@ -120,17 +127,28 @@ pub(crate) async fn fetch_all(services: &[Service], ctx: &ServiceContext) -> Fet
     fetched
 }
 
-/// The one batched transaction: the system packages of `services` (those whose fetch passed).
+/// The items of the one batched transaction: the system packages of the services whose fetch
+/// passed, then the verified package files they offered.
+pub(crate) fn batch_items(fetched: &Fetched, os: &Os) -> Vec<PackageItem> {
+    super::plan::packages_for(&fetched.ready, os)
+        .into_iter()
+        .map(PackageItem::Named)
+        .chain(fetched.files.iter().cloned().map(PackageItem::Local))
+        .collect()
+}
+
+/// The one batched transaction: [`batch_items`] of `fetched`, in one call of the package layer
+/// (nothing runs when everything is installed).
 pub(crate) async fn install_batch(
     installer: &PackageInstaller,
-    services: &[Service],
+    fetched: &Fetched,
     os: &Os,
-) -> Result<Vec<String>, PackageError> {
-    let packages = super::plan::packages_for(services, os);
-    if !packages.is_empty() {
-        installer.install(&packages).await?;
+) -> Result<Vec<PackageItem>, PackageError> {
+    let items = batch_items(fetched, os);
+    if !items.is_empty() {
+        installer.install(&items).await?;
     }
-    Ok(packages)
+    Ok(items)
 }
 
 /// The installer for this plan's OS and package settings.
@@ -138,14 +156,14 @@ pub(super) fn installer(plan: &Plan) -> PackageInstaller {
     PackageInstaller::new(plan.os.family.package_manager(), &plan.settings.packages)
 }
 
-/// One batched package transaction for the services in `ready` (system mode); in the sandbox
-/// nothing is installed and missing packages surface as install errors of the service that
-/// needs them.
-pub(super) async fn install_packages(plan: &Plan, hub: &StateHub, ready: &[Service]) -> bool {
+/// One batched package transaction for the services `fetched` made ready and the package
+/// files they offered (system mode); in the sandbox nothing is installed and missing packages
+/// surface as install errors of the service that needs them.
+pub(super) async fn install_packages(plan: &Plan, hub: &StateHub, fetched: &Fetched) -> bool {
     if plan.mode == Mode::Sandbox {
         return true;
     }
-    match install_batch(&installer(plan), ready, &plan.os).await {
+    match install_batch(&installer(plan), fetched, &plan.os).await {
         Ok(_) => true,
         Err(e) => {
             tracing::error!(target: "exoagent::agent", error = %e, "package installation failed");
@@ -328,9 +346,7 @@ mod tests {
             refusal.to_string().contains("nothing was installed"),
             "{refusal}"
         );
-        let batch = install_batch(&installer, &fetched.ready, &os)
-            .await
-            .unwrap();
+        let batch = install_batch(&installer, &fetched, &os).await.unwrap();
         assert!(batch.is_empty());
         assert!(!calls.exists(), "the package layer was called");
 
@@ -339,22 +355,127 @@ mod tests {
         let fetched = fetch_all(&[jupyter, rstudio], &ctx).await;
         assert_eq!(fetched.ready.len(), 1);
         assert_eq!(fetched.refused.len(), 1);
-        let batch = install_batch(&installer, &fetched.ready, &os)
-            .await
-            .unwrap();
-        assert_eq!(batch, ["python3", "python3-venv"]);
+        let batch = install_batch(&installer, &fetched, &os).await.unwrap();
+        assert_eq!(batch, ["python3".into(), "python3-venv".into()]);
         let log = std::fs::read_to_string(&calls).unwrap();
         assert!(
             log.contains("apt-get") && log.contains("python3-venv"),
             "{log}"
         );
         assert!(!log.contains("r-base"), "R went into the batch:\n{log}");
+        assert!(
+            !log.contains(".deb"),
+            "the refused .deb went into the batch:\n{log}"
+        );
         let payload = root.join("opt/exoagent/rstudio");
         let left: Vec<_> = std::fs::read_dir(&payload)
             .unwrap()
             .map(|e| e.unwrap().file_name())
             .collect();
         assert!(left.is_empty(), "no package or marker kept: {left:?}");
+    }
+
+    #[tokio::test]
+    async fn a_verified_rstudio_deb_goes_into_the_one_apt_transaction_with_r_and_the_others() {
+        let addr = serve_every_request(b"Posit's package, as pinned");
+        let dir = tempfile::tempdir().unwrap();
+        let tools = dir.path().join("tools");
+        std::fs::create_dir_all(&tools).unwrap();
+        let root = dir.path().join("root");
+        let ctx = ServiceContext {
+            paths: Paths::sandbox(&root),
+            account: invoking_account(&Paths::sandbox(&root)).unwrap(),
+            exe: "/usr/bin/exoagent".into(),
+        };
+        let os = Os {
+            id: "debian".into(),
+            version_id: "12".into(),
+            pretty_name: "Debian 12".into(),
+            family: Family::Debian,
+            supported: true,
+        };
+        let rstudio = Service::RStudio(
+            RStudio::new(
+                RStudioSettings {
+                    package_url: Some(format!("http://{addr}/rstudio-server.deb")),
+                    ..RStudioSettings::default()
+                },
+                os.clone(),
+            )
+            .pinned_to(b"Posit's package, as pinned"),
+        );
+        let jupyter = Service::JupyterLab(JupyterLab::new(JupyterLabSettings::default()));
+        let services = [jupyter, rstudio.clone()];
+        let installer = recording_installer(&tools);
+        let calls = tools.join("calls");
+        let deb = root.join("opt/exoagent/rstudio/rstudio-server-2026.07.0-139-amd64.deb");
+
+        let fetched = fetch_all(&services, &ctx).await;
+        assert!(fetched.refused.is_empty());
+        let batch = install_batch(&installer, &fetched, &os).await.unwrap();
+        assert_eq!(
+            batch.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            [
+                "python3".to_owned(),
+                "python3-venv".into(),
+                "r-base".into(),
+                deb.display().to_string()
+            ]
+        );
+        // One apt-get call with everything; the .deb by its absolute path after `--`. A .deb
+        // installed by a call of its own would make two.
+        let log = std::fs::read_to_string(&calls).unwrap();
+        let installs: Vec<&str> = log
+            .lines()
+            .filter(|l| l.starts_with("apt-get") && l.contains(" install "))
+            .collect();
+        assert_eq!(
+            installs,
+            [format!(
+                "apt-get -y -q -o DPkg::Lock::Timeout=600 install --no-install-recommends -- python3 python3-venv r-base {}",
+                deb.display()
+            )],
+            "{log}"
+        );
+        // The .deb's "already installed" check asks dpkg for its package and version.
+        assert!(
+            log.contains("dpkg-query -W -f=${Status} ${Version} -- rstudio-server"),
+            "{log}"
+        );
+
+        // After the batch (apt installed everything; here the fakes are told so, and the
+        // package's rserver put under the root): RStudio's install runs no package command.
+        std::fs::write(
+            tools.join("installed"),
+            "python3 3.11\npython3-venv 3.11\nr-base 4.2\nrstudio-server 2026.07.0+139\n",
+        )
+        .unwrap();
+        let rserver = root.join("usr/lib/rstudio-server/bin/rserver");
+        std::fs::create_dir_all(rserver.parent().unwrap()).unwrap();
+        std::fs::write(&rserver, "").unwrap();
+        rstudio.install(&ctx).await.unwrap();
+        assert_eq!(std::fs::read_to_string(&calls).unwrap(), log);
+
+        // A second run installs nothing: the marker keeps the .deb out, the rest is installed.
+        let again = fetch_all(&services, &ctx).await;
+        assert!(again.files.is_empty());
+        install_batch(&installer, &again, &os).await.unwrap();
+        let second = std::fs::read_to_string(&calls).unwrap();
+        assert!(
+            !second[log.len()..].contains("apt-get"),
+            "the second run installed:\n{second}"
+        );
+        // Without the marker the .deb is offered again, and dpkg says it is installed at its
+        // version: still nothing runs.
+        std::fs::remove_file(root.join("opt/exoagent/rstudio/installed")).unwrap();
+        let again = fetch_all(&services, &ctx).await;
+        assert_eq!(again.files.len(), 1);
+        install_batch(&installer, &again, &os).await.unwrap();
+        let third = std::fs::read_to_string(&calls).unwrap();
+        assert!(
+            !third[log.len()..].contains("apt-get"),
+            "the third run installed:\n{third}"
+        );
     }
 
     fn sandbox_plan_with_drive(meta_data: &str) -> (tempfile::TempDir, Plan) {
@@ -445,7 +566,12 @@ mod tests {
         let (_dir, paths) = fixtures::sandbox();
         let plan = plan(Mode::Sandbox, paths).unwrap();
         let hub = StateHub::new([]);
-        assert!(install_packages(&plan, &hub, &plan.services).await);
+        let fetched = Fetched {
+            ready: plan.services.clone(),
+            files: Vec::new(),
+            refused: Vec::new(),
+        };
+        assert!(install_packages(&plan, &hub, &fetched).await);
         assert!(hub.snapshot().setup.step.is_none());
     }
 

@@ -15,7 +15,7 @@ use crate::cloud::{discover_identity, ConfigDrive, Discovery, MetadataService};
 use crate::fsutil;
 use crate::model::ServiceKind;
 use crate::paths::Paths;
-use crate::platform::packages::PackageInstaller;
+use crate::platform::packages::{PackageInstaller, PackageItem};
 use crate::platform::passphrase::Passphrase;
 use crate::report::console::{ConsoleReporter, ConsoleSink};
 use crate::report::load::LoadSampler;
@@ -106,7 +106,7 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
             // Vendor packages are downloaded and verified before the batch: a service refused
             // here keeps its packages out of it, so nothing of it is installed.
             let fetched = fetch_all(&plan.services, &ctx).await;
-            if install_packages(&plan, &hub, &fetched.ready).await {
+            if install_packages(&plan, &hub, &fetched).await {
                 let fronts = Fronts {
                     plan: &plan,
                     ctx: &ctx,
@@ -281,7 +281,8 @@ async fn resolve_identity(
 }
 
 /// A service whose fetch was refused before the batch: the refusal, and the system packages
-/// the batch left out for it (installed by its retries; `None` in the sandbox).
+/// the batch left out for it (installed by its retries, with the files its fetch then offers;
+/// `None` in the sandbox).
 struct Held {
     refusal: ServiceError,
     packages: Option<(PackageInstaller, Vec<String>)>,
@@ -602,7 +603,7 @@ async fn start_service(
 
 /// Install, then configure (both idempotent: only what changed is rewritten). A service the
 /// batch left out (`held`: its fetch was refused) fetches first, then installs its own
-/// packages.
+/// packages and the verified files its fetch offers in one transaction of its own.
 async fn prepare_service(
     service: &Service,
     ctx: &ServiceContext,
@@ -610,10 +611,16 @@ async fn prepare_service(
     held: Option<&(PackageInstaller, Vec<String>)>,
 ) -> Result<(), ServiceError> {
     if let Some((installer, packages)) = held {
-        service.fetch(ctx).await?;
-        if !packages.is_empty() {
+        let files = service.fetch(ctx).await?;
+        let items: Vec<PackageItem> = packages
+            .iter()
+            .cloned()
+            .map(PackageItem::Named)
+            .chain(files.into_iter().map(PackageItem::Local))
+            .collect();
+        if !items.is_empty() {
             installer
-                .install(packages)
+                .install(&items)
                 .await
                 .map_err(|e| ServiceError::Refused {
                     service: service.kind(),

@@ -25,7 +25,8 @@ pub async fn run(args: BakeArgs, mode: Mode, paths: Paths) -> anyhow::Result<Exi
             let names: Vec<&str> = baked.services.iter().map(|s| s.as_str()).collect();
             println!("baked: {}", names.join(", "));
             if !baked.packages.is_empty() {
-                println!("packages: {}", baked.packages.join(" "));
+                let items: Vec<String> = baked.packages.iter().map(ToString::to_string).collect();
+                println!("packages: {}", items.join(" "));
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -10,7 +10,7 @@ use crate::config;
 use crate::delivery::userdata::{config_drop_in, Choices, Delivery};
 use crate::paths::Paths;
 use crate::platform::os::Os;
-use crate::platform::packages::{PackageError, PackageInstaller};
+use crate::platform::packages::{PackageError, PackageInstaller, PackageItem};
 use crate::services::{Service, ServiceContext, ServiceError, ServiceKind};
 
 /// Why baking failed.
@@ -49,8 +49,9 @@ impl BakeError {
 /// What was baked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Baked {
-    /// System packages installed (system mode only).
-    pub packages: Vec<String>,
+    /// The items of the one package transaction: system packages and verified package files
+    /// (system mode only).
+    pub packages: Vec<PackageItem>,
     /// Services whose payloads are in place.
     pub services: Vec<ServiceKind>,
 }
@@ -104,20 +105,20 @@ pub async fn bake(mode: Mode, paths: Paths, kinds: &[ServiceKind]) -> Result<Bak
 }
 
 /// Bake `services`: every vendor package downloaded and verified first (one refusal stops the
-/// bake with the image unchanged), then their system packages in one transaction through
-/// `installer` (none without one), then each payload.
+/// bake with the image unchanged), then their system packages and the verified package files
+/// in one transaction through `installer` (none without one), then each payload.
 pub(crate) async fn bake_services(
     services: &[Service],
     ctx: &ServiceContext,
     installer: Option<&PackageInstaller>,
     os: &Os,
 ) -> Result<Baked, BakeError> {
-    let fetched = agent::fetch_all(services, ctx).await;
-    if let Some((_, refusal)) = fetched.refused.into_iter().next() {
+    let mut fetched = agent::fetch_all(services, ctx).await;
+    if let Some((_, refusal)) = std::mem::take(&mut fetched.refused).into_iter().next() {
         return Err(refusal.into());
     }
     let packages = match installer {
-        Some(installer) => agent::install_batch(installer, services, os).await?,
+        Some(installer) => agent::install_batch(installer, &fetched, os).await?,
         None => Vec::new(),
     };
     let mut baked = Vec::new();
@@ -199,6 +200,72 @@ mod tests {
             .find(|l| l.starts_with("apt-get") && l.contains(" install "))
             .unwrap_or_else(|| panic!("no install ran:\n{calls}"));
         assert!(install.ends_with(" r-base"), "{install}");
+    }
+
+    #[tokio::test]
+    async fn baking_rstudio_puts_the_verified_deb_into_the_one_batch_with_r() {
+        let addr = serve_every_request(b"Posit's package, as pinned");
+        let dir = tempfile::tempdir().unwrap();
+        let tools = dir.path().join("tools");
+        std::fs::create_dir_all(&tools).unwrap();
+        let root = dir.path().join("root");
+        let rstudio = Service::RStudio(
+            RStudio::new(
+                RStudioSettings {
+                    package_url: Some(format!("http://{addr}/rstudio-server.deb")),
+                    ..RStudioSettings::default()
+                },
+                debian12(),
+            )
+            .pinned_to(b"Posit's package, as pinned"),
+        );
+        let services = [rstudio];
+        let installer = recording_installer(&tools);
+        // What the .deb installs, standing in place: RStudio's payload step checks it.
+        let rserver = root.join("usr/lib/rstudio-server/bin/rserver");
+        std::fs::create_dir_all(rserver.parent().unwrap()).unwrap();
+        std::fs::write(&rserver, "").unwrap();
+        let deb = root.join("opt/exoagent/rstudio/rstudio-server-2026.07.0-139-amd64.deb");
+        let baked = bake_services(&services, &context(&root), Some(&installer), &debian12())
+            .await
+            .unwrap();
+        assert_eq!(
+            baked
+                .packages
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["r-base".to_owned(), deb.display().to_string()]
+        );
+        assert_eq!(baked.services, [ServiceKind::RStudio]);
+        let calls = std::fs::read_to_string(tools.join("calls")).unwrap();
+        let installs: Vec<&str> = calls
+            .lines()
+            .filter(|l| l.starts_with("apt-get") && l.contains(" install "))
+            .collect();
+        assert_eq!(
+            installs,
+            [format!(
+                "apt-get -y -q -o DPkg::Lock::Timeout=600 install --no-install-recommends -- r-base {}",
+                deb.display()
+            )],
+            "one transaction, the .deb in it:\n{calls}"
+        );
+        assert!(root.join("opt/exoagent/rstudio/installed").is_file());
+
+        // Baking again installs nothing (the marker; R installed).
+        std::fs::write(tools.join("installed"), "r-base 4.2\n").unwrap();
+        let again = bake_services(&services, &context(&root), Some(&installer), &debian12())
+            .await
+            .unwrap();
+        assert_eq!(again.packages, ["r-base".into()]);
+        assert_eq!(
+            std::fs::read_to_string(tools.join("calls"))
+                .unwrap()
+                .matches("apt-get")
+                .count(),
+            1
+        );
     }
 
     #[tokio::test]

@@ -1,6 +1,10 @@
 //! System packages through apt or dnf: which are missing, and all of them installed in one
-//! transaction that waits for the package lock and retries transient failures.
+//! transaction that waits for the package lock and retries transient failures. An item of the
+//! transaction is a package from the repositories, by name, or a package file on disk that its
+//! service has verified (apt-get and dnf both install local files in the same transaction and
+//! resolve their dependencies from the repositories).
 
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -39,6 +43,75 @@ impl Default for PackageTools {
     }
 }
 
+/// A package file on disk, already verified by the service that offers it (a checksum or a
+/// signature), installed in the batch like a named package.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct LocalPackage {
+    /// The package name the file installs, as the package manager records it
+    /// (`rstudio-server`).
+    pub name: String,
+    /// The version the file installs, as the package manager records it: the same name at
+    /// this version installed means the file has nothing to add.
+    pub version: String,
+    /// The file: an absolute path ending in `.deb` (apt) or `.rpm` (dnf), so the package
+    /// manager reads it as a file and never as a package name.
+    pub path: PathBuf,
+}
+
+/// One item of the batched transaction.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum PackageItem {
+    /// A package from the configured repositories.
+    Named(String),
+    /// A verified package file.
+    Local(LocalPackage),
+}
+
+impl PackageItem {
+    /// The package name: the named package, or the one the file installs.
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Named(name) => name,
+            Self::Local(local) => &local.name,
+        }
+    }
+
+    /// The argument the package manager gets: the name, or the file's absolute path.
+    fn argument(&self) -> String {
+        match self {
+            Self::Named(name) => name.clone(),
+            Self::Local(local) => local.path.to_string_lossy().into_owned(),
+        }
+    }
+}
+
+impl fmt::Display for PackageItem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Named(name) => f.write_str(name),
+            Self::Local(local) => write!(f, "{}", local.path.display()),
+        }
+    }
+}
+
+impl From<&str> for PackageItem {
+    fn from(name: &str) -> Self {
+        Self::Named(name.to_owned())
+    }
+}
+
+impl From<String> for PackageItem {
+    fn from(name: String) -> Self {
+        Self::Named(name)
+    }
+}
+
+impl From<LocalPackage> for PackageItem {
+    fn from(local: LocalPackage) -> Self {
+        Self::Local(local)
+    }
+}
+
 /// What an install did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InstallOutcome {
@@ -46,8 +119,8 @@ pub enum InstallOutcome {
     AlreadyInstalled,
     /// These packages were installed, in one transaction, after this many attempts.
     Installed {
-        /// The packages that were missing.
-        packages: Vec<String>,
+        /// The items that were missing.
+        packages: Vec<PackageItem>,
         /// Attempts the transaction took.
         attempts: u32,
     },
@@ -59,6 +132,15 @@ pub enum PackageError {
     /// A package name that could be mistaken for an option or is not a package name.
     #[error("invalid package name '{0}'")]
     InvalidName(String),
+    /// A local package file the package manager could read as something else (not absolute,
+    /// not a `.deb`/`.rpm`, not UTF-8), or whose version could be mistaken for an option.
+    #[error("invalid local package '{path}': {detail}")]
+    InvalidFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        detail: &'static str,
+    },
     /// Asking which packages are installed failed.
     #[error("'{command}' failed: {detail}")]
     Query {
@@ -95,7 +177,9 @@ impl PackageError {
     /// Short stable reason.
     pub fn reason(&self) -> &'static str {
         match self {
-            Self::InvalidName(_) | Self::Install { .. } => "package-install-failed",
+            Self::InvalidName(_) | Self::InvalidFile { .. } | Self::Install { .. } => {
+                "package-install-failed"
+            }
             Self::Query { .. } => "package-query-failed",
             Self::LockTimeout { .. } => "package-lock-timeout",
         }
@@ -200,54 +284,67 @@ impl PackageInstaller {
         }
     }
 
-    /// The packages among `packages` that are not installed.
-    pub async fn missing(&self, packages: &[String]) -> Result<Vec<String>, PackageError> {
-        validate_names(packages)?;
+    /// The items among `items` that are not installed. A local file counts as installed when
+    /// its package is installed at its version (`dpkg-query`/`rpm -q` on the name), so a file
+    /// already installed adds nothing to the transaction.
+    pub async fn missing(&self, items: &[PackageItem]) -> Result<Vec<PackageItem>, PackageError> {
+        validate(self.manager, items)?;
         let mut missing = Vec::new();
-        for package in packages {
-            let (program, args): (&Path, Vec<String>) = match self.manager {
-                PackageManager::Apt => (
-                    &self.tools.dpkg_query,
-                    vec![
-                        "-W".into(),
-                        "-f=${Status}".into(),
-                        "--".into(),
-                        package.clone(),
-                    ],
-                ),
-                PackageManager::Dnf => (
-                    &self.tools.rpm,
-                    vec![
-                        "-q".into(),
-                        "--whatprovides".into(),
-                        "--".into(),
-                        package.clone(),
-                    ],
-                ),
+        for item in items {
+            let version = match item {
+                PackageItem::Named(_) => None,
+                PackageItem::Local(local) => Some(local.version.as_str()),
             };
-            let finished = exec::run(program, &args, &[("LC_ALL", "C")], None)
-                .await
-                .map_err(|e| PackageError::Query {
-                    command: exec::shown(program, &args),
-                    detail: e.to_string(),
-                })?;
-            let installed = match self.manager {
-                PackageManager::Apt => {
-                    finished.status.success() && finished.stdout.contains("install ok installed")
-                }
-                PackageManager::Dnf => finished.status.success(),
-            };
-            if !installed {
-                missing.push(package.clone());
+            if !self.is_installed(item.name(), version).await? {
+                missing.push(item.clone());
             }
         }
         Ok(missing)
     }
 
-    /// Install every missing package of `packages` in one transaction; nothing runs when none is
-    /// missing.
-    pub async fn install(&self, packages: &[String]) -> Result<InstallOutcome, PackageError> {
-        let missing = self.missing(packages).await?;
+    /// Whether `package` is installed (at `version`, when given).
+    async fn is_installed(
+        &self,
+        package: &str,
+        version: Option<&str>,
+    ) -> Result<bool, PackageError> {
+        let (program, format): (&Path, &str) = match (self.manager, version) {
+            (PackageManager::Apt, None) => (&self.tools.dpkg_query, "-f=${Status}"),
+            (PackageManager::Apt, Some(_)) => (&self.tools.dpkg_query, "-f=${Status} ${Version}"),
+            (PackageManager::Dnf, None) => (&self.tools.rpm, "--whatprovides"),
+            (PackageManager::Dnf, Some(_)) => {
+                (&self.tools.rpm, "--queryformat=%{VERSION}-%{RELEASE}")
+            }
+        };
+        let first = match self.manager {
+            PackageManager::Apt => "-W",
+            PackageManager::Dnf => "-q",
+        };
+        let args: Vec<String> = vec![first.into(), format.into(), "--".into(), package.into()];
+        let finished = exec::run(program, &args, &[("LC_ALL", "C")], None)
+            .await
+            .map_err(|e| PackageError::Query {
+                command: exec::shown(program, &args),
+                detail: e.to_string(),
+            })?;
+        if !finished.status.success() {
+            return Ok(false);
+        }
+        let out = finished.stdout.trim();
+        Ok(match (self.manager, version) {
+            (PackageManager::Apt, None) => out.contains("install ok installed"),
+            (PackageManager::Apt, Some(version)) => {
+                out.strip_prefix("install ok installed ") == Some(version)
+            }
+            (PackageManager::Dnf, None) => true,
+            (PackageManager::Dnf, Some(version)) => out == version,
+        })
+    }
+
+    /// Install every missing item of `items` (named packages and verified local files) in one
+    /// transaction; nothing runs when none is missing.
+    pub async fn install(&self, items: &[PackageItem]) -> Result<InstallOutcome, PackageError> {
+        let missing = self.missing(items).await?;
         if missing.is_empty() {
             return Ok(InstallOutcome::AlreadyInstalled);
         }
@@ -260,7 +357,7 @@ impl PackageInstaller {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            tracing::info!(target: "exoagent::packages", attempt, packages = %missing.join(" "), "installing");
+            tracing::info!(target: "exoagent::packages", attempt, packages = %shown(&missing), "installing");
             let finished = exec::run(&program, &args, &env, None).await.map_err(|e| {
                 PackageError::Install {
                     command: exec::shown(&program, &args),
@@ -309,7 +406,7 @@ impl PackageInstaller {
 
     fn install_command(
         &self,
-        packages: &[String],
+        items: &[PackageItem],
     ) -> (PathBuf, Vec<String>, Vec<(&'static str, &'static str)>) {
         match self.manager {
             PackageManager::Apt => {
@@ -322,7 +419,7 @@ impl PackageInstaller {
                     "--no-install-recommends".into(),
                     "--".into(),
                 ];
-                args.extend(packages.iter().cloned());
+                args.extend(items.iter().map(PackageItem::argument));
                 (
                     self.tools.apt_get.clone(),
                     args,
@@ -336,7 +433,7 @@ impl PackageInstaller {
             }
             PackageManager::Dnf => {
                 let mut args: Vec<String> = vec!["-y".into(), "install".into(), "--".into()];
-                args.extend(packages.iter().cloned());
+                args.extend(items.iter().map(PackageItem::argument));
                 (self.tools.dnf.clone(), args, vec![("LC_ALL", "C")])
             }
         }
@@ -382,15 +479,61 @@ impl PackageInstaller {
     }
 }
 
-/// Package names as Debian and RPM allow them; nothing that could be read as an option.
-fn validate_names(packages: &[String]) -> Result<(), PackageError> {
-    for package in packages {
-        let mut bytes = package.bytes();
-        let first = bytes.next().is_some_and(|b| b.is_ascii_alphanumeric());
-        let rest = bytes.all(|b| b.is_ascii_alphanumeric() || b"+._:-".contains(&b));
-        if !first || !rest {
-            return Err(PackageError::InvalidName(package.clone()));
+/// The items for a log line.
+fn shown(items: &[PackageItem]) -> String {
+    items
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Every item fit for `manager`'s command line: package names as Debian and RPM allow them,
+/// nothing that could be read as an option; local files absolute, UTF-8 and of the manager's
+/// format (apt-get reads an argument as a file only when it names a `.deb` by a path).
+fn validate(manager: PackageManager, items: &[PackageItem]) -> Result<(), PackageError> {
+    for item in items {
+        validate_name(item.name())?;
+        let PackageItem::Local(local) = item else {
+            continue;
+        };
+        let invalid = |detail| PackageError::InvalidFile {
+            path: local.path.clone(),
+            detail,
+        };
+        let extension = match manager {
+            PackageManager::Apt => ".deb",
+            PackageManager::Dnf => ".rpm",
+        };
+        let Some(path) = local.path.to_str() else {
+            return Err(invalid("not UTF-8"));
+        };
+        if !local.path.is_absolute() {
+            return Err(invalid("not an absolute path"));
         }
+        if !path.ends_with(extension) || path.chars().any(char::is_control) {
+            return Err(invalid(match manager {
+                PackageManager::Apt => "not a .deb file",
+                PackageManager::Dnf => "not an .rpm file",
+            }));
+        }
+        let mut bytes = local.version.bytes();
+        let version_ok = bytes.next().is_some_and(|b| b.is_ascii_alphanumeric())
+            && bytes.all(|b| b.is_ascii_alphanumeric() || b"+.~:-_".contains(&b));
+        if !version_ok {
+            return Err(invalid("its version is not a package version"));
+        }
+    }
+    Ok(())
+}
+
+/// A package name as Debian and RPM allow it; nothing that could be read as an option.
+fn validate_name(package: &str) -> Result<(), PackageError> {
+    let mut bytes = package.bytes();
+    let first = bytes.next().is_some_and(|b| b.is_ascii_alphanumeric());
+    let rest = bytes.all(|b| b.is_ascii_alphanumeric() || b"+._:-".contains(&b));
+    if !first || !rest {
+        return Err(PackageError::InvalidName(package.to_owned()));
     }
     Ok(())
 }
@@ -451,9 +594,150 @@ mod tests {
 
     #[test]
     fn names_that_could_be_options_are_refused() {
-        assert!(validate_names(&["python3.11".into(), "g++".into(), "libc6:amd64".into()]).is_ok());
+        let apt = PackageManager::Apt;
+        assert!(validate(
+            apt,
+            &["python3.11".into(), "g++".into(), "libc6:amd64".into()]
+        )
+        .is_ok());
         for bad in ["-y", "", "a b", "a;b", "$(x)"] {
-            assert!(validate_names(&[bad.into()]).is_err(), "{bad}");
+            assert!(validate(apt, &[bad.into()]).is_err(), "{bad}");
         }
+    }
+
+    fn deb(path: &str, version: &str) -> PackageItem {
+        PackageItem::Local(LocalPackage {
+            name: "rstudio-server".into(),
+            version: version.into(),
+            path: path.into(),
+        })
+    }
+
+    #[test]
+    fn local_files_the_manager_could_misread_are_refused() {
+        let apt = PackageManager::Apt;
+        assert!(validate(
+            apt,
+            &[deb("/opt/x/rstudio-server-1.0-1-amd64.deb", "1.0+1")]
+        )
+        .is_ok());
+        for (path, version, detail) in [
+            ("rstudio-server.deb", "1.0", "not an absolute path"),
+            ("./rstudio-server.deb", "1.0", "not an absolute path"),
+            ("/opt/x/rstudio-server.rpm", "1.0", "not a .deb file"),
+            ("/opt/x/rstudio\nserver.deb", "1.0", "not a .deb file"),
+            (
+                "/opt/x/rstudio-server.deb",
+                "-1.0",
+                "its version is not a package version",
+            ),
+            (
+                "/opt/x/rstudio-server.deb",
+                "1 0",
+                "its version is not a package version",
+            ),
+        ] {
+            match validate(apt, &[deb(path, version)]) {
+                Err(e @ PackageError::InvalidFile { .. }) => {
+                    assert!(e.to_string().ends_with(detail), "{path}: {e}");
+                    assert_eq!(e.reason(), "package-install-failed");
+                }
+                other => panic!("{path} {version}: {other:?}"),
+            }
+        }
+        assert!(validate(PackageManager::Dnf, &[deb("/opt/x/r.deb", "1")]).is_err());
+        let bad_name = PackageItem::Local(LocalPackage {
+            name: "-rstudio".into(),
+            version: "1".into(),
+            path: "/opt/x/r.deb".into(),
+        });
+        assert!(matches!(
+            validate(apt, &[bad_name]),
+            Err(PackageError::InvalidName(_))
+        ));
+    }
+
+    /// An apt installer whose `dpkg-query` answers from `DIR/installed` (lines `name version`)
+    /// and whose `apt-get` records its argv in `DIR/calls`.
+    fn fake_apt(dir: &Path) -> PackageInstaller {
+        use std::os::unix::fs::PermissionsExt;
+        let script = |name: &str, body: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+            path
+        };
+        let installed = dir.join("installed");
+        std::fs::write(&installed, "").unwrap();
+        let dpkg_query = script(
+            "dpkg-query",
+            &format!(
+                r#"line=$(grep "^$4 " '{}') || exit 1
+case "$2" in *Version*) echo "install ok installed ${{line#* }}";; *) echo "install ok installed";; esac"#,
+                installed.display()
+            ),
+        );
+        let apt_get = script(
+            "apt-get",
+            &format!("echo \"$*\" >> '{}'", dir.join("calls").display()),
+        );
+        let lists = dir.join("lists");
+        std::fs::create_dir_all(&lists).unwrap();
+        std::fs::write(lists.join("x_Packages"), "").unwrap();
+        PackageInstaller::with_tools(
+            PackageManager::Apt,
+            &PackageSettings::default(),
+            PackageTools {
+                apt_get,
+                dpkg_query,
+                apt_lists: lists,
+                ..PackageTools::default()
+            },
+            Duration::from_millis(10),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_local_file_goes_into_the_one_transaction_unless_its_version_is_installed() {
+        let dir = tempfile::tempdir().unwrap();
+        let installer = fake_apt(dir.path());
+        let file = "/opt/exoagent/rstudio/rstudio-server-2026.07.0-139-amd64.deb";
+        let items = ["r-base".into(), deb(file, "2026.07.0+139")];
+
+        // Nothing installed: the names and the file's path, after `--`, in one apt-get call.
+        let outcome = installer.install(&items).await.unwrap();
+        assert_eq!(
+            outcome,
+            InstallOutcome::Installed {
+                packages: items.to_vec(),
+                attempts: 1
+            }
+        );
+        let calls = std::fs::read_to_string(dir.path().join("calls")).unwrap();
+        assert_eq!(
+            calls,
+            format!("-y -q -o DPkg::Lock::Timeout=600 install --no-install-recommends -- r-base {file}\n")
+        );
+
+        // The package at another version: the file is still missing.
+        std::fs::write(
+            dir.path().join("installed"),
+            "r-base 4.2\nrstudio-server 2025.01.0+1\n",
+        )
+        .unwrap();
+        assert_eq!(installer.missing(&items).await.unwrap(), [items[1].clone()]);
+
+        // At the file's version: nothing to do, nothing runs.
+        std::fs::write(
+            dir.path().join("installed"),
+            "r-base 4.2\nrstudio-server 2026.07.0+139\n",
+        )
+        .unwrap();
+        std::fs::remove_file(dir.path().join("calls")).unwrap();
+        assert_eq!(
+            installer.install(&items).await.unwrap(),
+            InstallOutcome::AlreadyInstalled
+        );
+        assert!(!dir.path().join("calls").exists());
     }
 }

@@ -13,6 +13,7 @@ use crate::front::settings::TlsSettings;
 pub use crate::model::{Endpoint, ServiceKind};
 use crate::paths::Paths;
 use crate::platform::os::Os;
+use crate::platform::packages::LocalPackage;
 use crate::platform::passphrase::Passphrase;
 use crate::schema::{Checker, Field, Key, Located, Origin, Walker};
 use crate::supervise::{Probe, RunAs, RunSpec};
@@ -222,14 +223,22 @@ pub trait ServiceImpl: Sized {
     fn system_packages(&self, os: &Os) -> Vec<String>;
     /// Human-readable plan steps for `exoagent validate`.
     fn plan(&self, ctx: &ServiceContext) -> Vec<String>;
-    /// Download and verify what [`Self::install`] will install, before the batched package
-    /// transaction runs, so that a bad download (a wrong checksum or signature) stops the
-    /// service before anything of it is on the machine. Idempotent; the default fetches nothing.
+    /// The package files [`Self::fetch`] offers to the batched transaction once verified, for
+    /// the plan. The default offers none.
+    fn batch_files(&self, _ctx: &ServiceContext) -> Vec<LocalPackage> {
+        Vec::new()
+    }
+    /// Download and verify what the service installs, before the batched package transaction
+    /// runs, so that a bad download (a wrong checksum or signature) stops the service before
+    /// anything of it is on the machine. The verified package files it returns go into that
+    /// transaction beside the system packages (only after this succeeded: a refused service
+    /// offers nothing, and its system packages stay out too). Idempotent; the default fetches
+    /// nothing.
     fn fetch(
         &self,
         _ctx: &ServiceContext,
-    ) -> impl std::future::Future<Output = Result<(), ServiceError>> + Send {
-        std::future::ready(Ok(()))
+    ) -> impl std::future::Future<Output = Result<Vec<LocalPackage>, ServiceError>> + Send {
+        std::future::ready(Ok(Vec::new()))
     }
     /// Install the service's payload after the batch (idempotent; it may rely on [`Self::fetch`]
     /// having run, and runs it again when it must).
@@ -409,8 +418,16 @@ macro_rules! services {
                 }
             }
 
-            /// Download and verify its payload before the batched transaction (idempotent).
-            pub async fn fetch(&self, ctx: &ServiceContext) -> Result<(), ServiceError> {
+            /// The package files its fetch offers to the batch once verified (for the plan).
+            pub fn batch_files(&self, ctx: &ServiceContext) -> Vec<LocalPackage> {
+                match self {
+                    $(Self::$variant(s) => s.batch_files(ctx),)*
+                }
+            }
+
+            /// Download and verify its payload before the batched transaction (idempotent); the
+            /// verified package files it offers to the transaction.
+            pub async fn fetch(&self, ctx: &ServiceContext) -> Result<Vec<LocalPackage>, ServiceError> {
                 match self {
                     $(Self::$variant(s) => s.fetch(ctx).await,)*
                 }

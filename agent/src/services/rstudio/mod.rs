@@ -22,6 +22,7 @@ use super::command::run_logged_with_env;
 use crate::fsutil;
 use crate::model::ServiceKind;
 use crate::platform::os::{Family, Os};
+use crate::platform::packages::LocalPackage;
 use crate::platform::passphrase::Passphrase;
 use crate::schema::{Checker, Key, Located};
 use crate::supervise::{Probe, RunSpec};
@@ -40,6 +41,7 @@ const KIND: ServiceKind = ServiceKind::RStudio;
 pub struct RStudio {
     settings: RStudioSettings,
     os: Os,
+    pin: Pin,
     endpoint: Endpoint,
 }
 
@@ -47,11 +49,23 @@ impl RStudio {
     /// RStudio Server with `settings` on `os`.
     pub fn new(settings: RStudioSettings, os: Os) -> Self {
         let endpoint = Endpoint::direct(SocketAddr::new(settings.bind, settings.port));
+        let pin = package::pin(&os);
         Self {
             settings,
             os,
+            pin,
             endpoint,
         }
+    }
+
+    /// The same, with the pinned SHA-256 replaced by that of `content` (tests: a package a
+    /// local server can serve and the check accepts).
+    #[cfg(test)]
+    pub(crate) fn pinned_to(mut self, content: &[u8]) -> Self {
+        let digest = ring::digest::digest(&ring::digest::SHA256, content);
+        let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        self.pin.sha256 = Some(Box::leak(hex.into_boxed_str()));
+        self
     }
 
     /// The same, reached at `endpoint` (behind the TLS front).
@@ -72,13 +86,13 @@ impl RStudio {
 
     /// The pin for this OS.
     pub fn pin(&self) -> Pin {
-        package::pin(&self.os)
+        self.pin.clone()
     }
 
     /// The exact install steps, in order: the fetch steps (download, verify) run before the
-    /// batched package transaction, the rest after it.
+    /// batched package transaction, [`Step::Batch`] is in it (Debian/Ubuntu), the rest after it.
     pub fn install_steps(&self, ctx: &ServiceContext) -> Vec<Step> {
-        self.steps_for(ctx, &self.pin())
+        self.steps_for(ctx, &self.pin)
     }
 
     /// The install steps for `pin` on this OS.
@@ -97,7 +111,7 @@ impl RStudio {
         }];
         if let Some(fingerprint) = pin.signed_by {
             steps.push(Step::VerifySignature {
-                package: file,
+                package: file.clone(),
                 key_url: self
                     .settings
                     .signing_key_url
@@ -108,20 +122,17 @@ impl RStudio {
         }
         let argv = |a: &[&str]| Step::Run(a.iter().map(|s| s.to_string()).collect());
         match self.os.family {
-            // apt resolves the package's dependencies from the archive.
-            Family::Debian => steps.push(argv(&[
-                "apt-get",
-                "-y",
-                "-q",
-                "-o",
-                "DPkg::Lock::Timeout=600",
-                "install",
-                "--no-install-recommends",
-                &local,
-            ])),
+            // apt-get takes the verified .deb in the one batched transaction, with r-base and
+            // every other service's packages, and resolves its dependencies from the archive.
+            Family::Debian => steps.push(Step::Batch(LocalPackage {
+                name: package::PACKAGE_NAME.into(),
+                version: package::PACKAGE_VERSION.into(),
+                path: file,
+            })),
             Family::RedHat => {
-                // R is in EPEL and needs CRB (EL9) / PowerTools (EL8); epel-release and the
-                // config-manager plugin came in the batched transaction.
+                // Right after the batch, not in it: R is in EPEL, whose repository exists only
+                // once the batch installed epel-release, and needs CRB (EL9) / PowerTools (EL8)
+                // enabled by the config-manager plugin from the batch too.
                 let repo = if self.os.version_id.starts_with('8') {
                     "powertools"
                 } else {
@@ -194,15 +205,14 @@ impl RStudio {
         if self.settings.rserver != Path::new(DEFAULT_RSERVER) {
             return Ok(None);
         }
-        let pin = self.pin();
-        let (marker, id) = Self::marker(ctx, &pin);
+        let (marker, id) = Self::marker(ctx, &self.pin);
         if std::fs::read_to_string(&marker).is_ok_and(|m| m == id) {
             return Ok(None);
         }
-        Ok(Some(self.steps_for(ctx, &pin)))
+        Ok(Some(self.steps_for(ctx, &self.pin)))
     }
 
-    async fn run_step(&self, step: &Step) -> Result<(), ServiceError> {
+    async fn run_step(&self, ctx: &ServiceContext, step: &Step) -> Result<(), ServiceError> {
         match step {
             Step::Download { url, sha256, to } => {
                 package::download_verified(url, sha256.as_deref(), to).await
@@ -215,8 +225,29 @@ impl RStudio {
                 package::verify_signature(package, key_url, fingerprint, &signature::Tools::default())
                     .await
             }
+            // Installed by the batch; after it, the package's rserver must be there (in the
+            // sandbox nothing is installed, and this is where that surfaces).
+            Step::Batch(local) => {
+                let rserver = ctx
+                    .paths
+                    .system_root
+                    .join(Path::new(DEFAULT_RSERVER).strip_prefix("/").unwrap_or(Path::new(DEFAULT_RSERVER)));
+                if rserver.is_file() {
+                    Ok(())
+                } else {
+                    Err(ServiceError::Install {
+                        service: KIND,
+                        detail: format!(
+                            "{} is missing: the batched package transaction did not install {} ({})",
+                            rserver.display(),
+                            local.name,
+                            local.path.display()
+                        ),
+                    })
+                }
+            }
             Step::Run(argv) => run_install_command(argv).await,
-            Step::Systemd(argv) if systemd_is_init() => run_install_command(argv).await,
+            Step::Systemd(argv) if systemd_is_init(ctx) => run_install_command(argv).await,
             Step::Systemd(argv) => {
                 tracing::info!(target: "exoagent::services", service = "rstudio", command = %argv.join(" "), "skipped: systemd is not PID 1");
                 Ok(())
@@ -225,9 +256,10 @@ impl RStudio {
     }
 }
 
-/// Whether systemd manages this machine (sd_booted(3)); not so in a container or sandbox.
-fn systemd_is_init() -> bool {
-    Path::new("/run/systemd/system").is_dir()
+/// Whether systemd manages the machine at the system root (sd_booted(3)); not so in a
+/// container or the sandbox (whose root is its own directory).
+fn systemd_is_init(ctx: &ServiceContext) -> bool {
+    ctx.paths.system_root.join("run/systemd/system").is_dir()
 }
 
 async fn run_install_command(argv: &[String]) -> Result<(), ServiceError> {
@@ -272,6 +304,18 @@ impl ServiceImpl for RStudio {
         }
     }
 
+    /// On Debian/Ubuntu the verified `.deb` (none with a configured `rserver`).
+    fn batch_files(&self, ctx: &ServiceContext) -> Vec<LocalPackage> {
+        if self.settings.rserver != Path::new(DEFAULT_RSERVER) {
+            return Vec::new();
+        }
+        self.install_steps(ctx)
+            .iter()
+            .filter_map(Step::batched)
+            .cloned()
+            .collect()
+    }
+
     fn plan(&self, ctx: &ServiceContext) -> Vec<String> {
         let mut lines = Vec::new();
         if self.settings.rserver != Path::new(DEFAULT_RSERVER) {
@@ -296,24 +340,26 @@ impl ServiceImpl for RStudio {
         lines
     }
 
-    /// Download and verify the pinned package (before the batched transaction installs R), so
-    /// a wrong checksum stops the service before anything of it is installed. Nothing to do
-    /// once installed, or with a configured `rserver` elsewhere.
-    async fn fetch(&self, ctx: &ServiceContext) -> Result<(), ServiceError> {
+    /// Download and verify the pinned package before the batched transaction, so a wrong
+    /// checksum or signature stops the service before anything of it (R included) is
+    /// installed; on Debian/Ubuntu the verified `.deb` is then offered to that transaction.
+    /// Nothing to do once installed, or with a configured `rserver` elsewhere.
+    async fn fetch(&self, ctx: &ServiceContext) -> Result<Vec<LocalPackage>, ServiceError> {
         let Some(steps) = self.pending_steps(ctx)? else {
-            return Ok(());
+            return Ok(Vec::new());
         };
         let dir = Self::payload_dir(ctx);
         fsutil::ensure_dir(&dir, 0o755).map_err(io_error(KIND, "create", &dir))?;
         for step in steps.iter().filter(|s| s.is_fetch()) {
-            self.run_step(step).await?;
+            self.run_step(ctx, step).await?;
         }
-        Ok(())
+        Ok(steps.iter().filter_map(Step::batched).cloned().collect())
     }
 
-    /// Install the verified package (fetching it again if it is gone or changed), mask the
-    /// vendor unit. Idempotent through a marker naming the pin; a configured `rserver`
-    /// elsewhere is used as it is.
+    /// After the batch: on Debian/Ubuntu check that the batch installed the package; on EL
+    /// verify the package again and install R and it; then stop and mask the vendor unit.
+    /// Idempotent through a marker naming the pin; a configured `rserver` elsewhere is used as
+    /// it is.
     async fn install(&self, ctx: &ServiceContext) -> Result<(), ServiceError> {
         if self.settings.rserver != Path::new(DEFAULT_RSERVER) && !self.settings.rserver.is_file()
         {
@@ -325,12 +371,15 @@ impl ServiceImpl for RStudio {
         let Some(steps) = self.pending_steps(ctx)? else {
             return Ok(());
         };
-        // Verified again here: the install must never trust a file it did not just check.
-        self.fetch(ctx).await?;
-        for step in steps.iter().filter(|s| !s.is_fetch()) {
-            self.run_step(step).await?;
+        // A file installed here, not in the batch (EL), is verified again right before: the
+        // install must never trust a file it did not just check.
+        if !steps.iter().any(|s| s.batched().is_some()) {
+            self.fetch(ctx).await?;
         }
-        let (marker, id) = Self::marker(ctx, &self.pin());
+        for step in steps.iter().filter(|s| !s.is_fetch()) {
+            self.run_step(ctx, step).await?;
+        }
+        let (marker, id) = Self::marker(ctx, &self.pin);
         fsutil::write_if_changed(&marker, id.as_bytes(), 0o644, None)
             .map(drop)
             .map_err(io_error(KIND, "write", &marker))

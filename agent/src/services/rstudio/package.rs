@@ -10,10 +10,20 @@ use tokio::io::AsyncWriteExt;
 use super::signature::{self, Tools, MAX_KEY_BYTES, POSIT_FINGERPRINT};
 use super::KIND;
 use crate::platform::os::{Family, Os};
+use crate::platform::packages::LocalPackage;
 use crate::services::ServiceError;
 
 /// The pinned RStudio Server release.
 pub const VERSION: &str = "2026.07.0-139";
+
+/// The package the `.deb` installs, as dpkg records it.
+pub const PACKAGE_NAME: &str = "rstudio-server";
+
+/// [`VERSION`] as dpkg records it: Posit's version is `2026.07.0+139` (the file name writes
+/// `-`). Only the "already installed" check of the batch uses it; not confirmed against the
+/// package, which cannot be downloaded here; were it wrong, the check would call the file
+/// missing and apt-get, given the installed version again, would change nothing.
+pub const PACKAGE_VERSION: &str = "2026.07.0+139";
 
 /// SHA-256 of the jammy `.deb` of [`VERSION`] (as pinned by public Dockerfiles and the
 /// project's reference; Posit's download page lists it).
@@ -77,7 +87,8 @@ pub fn pin(os: &Os) -> Pin {
     }
 }
 
-/// One install step after the batched package transaction.
+/// One install step: fetch steps before the batched package transaction, [`Step::Batch`] in
+/// it, the rest after it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
     /// Fetch `url` to `to`, keeping it only when its SHA-256 is `sha256` (when one is pinned).
@@ -100,7 +111,11 @@ pub enum Step {
         /// The pinned fingerprint.
         fingerprint: String,
     },
-    /// Run this argv.
+    /// Install this verified file in the one batched package transaction, beside R and every
+    /// other service's packages (apt resolves its dependencies in the same transaction); after
+    /// the batch, the service checks that it landed.
+    Batch(LocalPackage),
+    /// Run this argv (after the batch).
     Run(Vec<String>),
     /// Run this argv only when systemd is PID 1.
     Systemd(Vec<String>),
@@ -111,6 +126,14 @@ impl Step {
     /// verifies, and installs nothing).
     pub fn is_fetch(&self) -> bool {
         matches!(self, Self::Download { .. } | Self::VerifySignature { .. })
+    }
+
+    /// The verified file the step puts into the batched transaction.
+    pub fn batched(&self) -> Option<&LocalPackage> {
+        match self {
+            Self::Batch(local) => Some(local),
+            _ => None,
+        }
     }
 }
 
@@ -123,7 +146,7 @@ impl fmt::Display for Step {
                 to,
             } => write!(
                 f,
-                "download {url} to {} and verify SHA-256 {sha256} before installing",
+                "download {url} to {} and verify SHA-256 {sha256}, before the batched package transaction",
                 to.display()
             ),
             Self::Download {
@@ -132,7 +155,7 @@ impl fmt::Display for Step {
                 to,
             } => write!(
                 f,
-                "download {url} to {} (no SHA-256 pinned: the signature is the check)",
+                "download {url} to {}, before the batched package transaction (no SHA-256 pinned: the signature is the check)",
                 to.display()
             ),
             Self::VerifySignature {
@@ -144,8 +167,19 @@ impl fmt::Display for Step {
                 "verify {} is signed by key {fingerprint} (fetched from {key_url}, fingerprint checked first) with rpmkeys in a private keyring, before installing",
                 package.display()
             ),
-            Self::Run(argv) => write!(f, "run {}", argv.join(" ")),
-            Self::Systemd(argv) => write!(f, "run {} (when systemd is PID 1)", argv.join(" ")),
+            Self::Batch(local) => write!(
+                f,
+                "install {} ({} {}) in the one batched apt transaction, with R and every other service's packages",
+                local.path.display(),
+                local.name,
+                local.version
+            ),
+            Self::Run(argv) => write!(f, "run {} (after the batch)", argv.join(" ")),
+            Self::Systemd(argv) => write!(
+                f,
+                "run {} (after the batch, when systemd is PID 1)",
+                argv.join(" ")
+            ),
         }
     }
 }

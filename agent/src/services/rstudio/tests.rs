@@ -58,21 +58,38 @@ fn the_install_plan_on_debian_and_ubuntu_is_exact() {
                     ),
                     to: deb.into(),
                 },
-                Step::Run(strings(&[
-                    "apt-get",
-                    "-y",
-                    "-q",
-                    "-o",
-                    "DPkg::Lock::Timeout=600",
-                    "install",
-                    "--no-install-recommends",
-                    deb
-                ])),
+                // In the one batched apt transaction with r-base, never an apt-get of its own.
+                Step::Batch(LocalPackage {
+                    name: "rstudio-server".into(),
+                    version: "2026.07.0+139".into(),
+                    path: deb.into(),
+                }),
                 Step::Systemd(strings(&["systemctl", "disable", "--now", "rstudio-server"])),
                 Step::Systemd(strings(&["systemctl", "mask", "rstudio-server"])),
             ],
             "{id} {version}"
         );
+        let c = ctx(1000);
+        assert_eq!(
+            rstudio.batch_files(&c),
+            [LocalPackage {
+                name: "rstudio-server".into(),
+                version: "2026.07.0+139".into(),
+                path: deb.into(),
+            }]
+        );
+        let plan = rstudio.plan(&c);
+        assert!(plan[0].starts_with(&format!("download {JAMMY_URL} to {deb} and verify SHA-256 e7b3")), "{plan:?}");
+        assert!(plan[0].ends_with("before the batched package transaction"), "{plan:?}");
+        assert_eq!(
+            plan[1],
+            format!("install {deb} (rstudio-server 2026.07.0+139) in the one batched apt transaction, with R and every other service's packages")
+        );
+        assert!(plan[2].starts_with("run systemctl disable --now rstudio-server"), "{plan:?}");
+        assert!(plan[3].starts_with("run systemctl mask rstudio-server"), "{plan:?}");
+        assert!(plan[4].starts_with("write /sb/etc/rstudio/rserver.conf"), "{plan:?}");
+        assert!(plan[5].starts_with("run /usr/lib/rstudio-server/bin/rserver"), "{plan:?}");
+        assert_eq!(plan.len(), 6, "{plan:?}");
     }
 }
 
@@ -117,6 +134,8 @@ fn the_install_plan_on_rocky_8_and_9_is_exact() {
             .map(Step::is_fetch)
             .collect();
         assert_eq!(fetch, [true, true, false, false, false, false]);
+        // Not in the batch: EPEL (where R comes from) exists only after the batch.
+        assert!(rstudio.batch_files(&ctx(1000)).is_empty());
         let plan = rstudio.plan(&ctx(1000)).join("\n");
         assert!(
             plan.contains("signed by key 8B65E5A107BBEFE3BA99C59751C0B5BB19F92D60"),
@@ -334,7 +353,8 @@ async fn a_wrong_checksum_stops_before_anything_is_installed() {
     // The served file replaces Posit's; the pinned checksum still applies.
     let steps = rstudio.install_steps(&c);
     assert!(matches!(&steps[0], Step::Download { url, .. } if url.starts_with("http://127.0.0.1")));
-    let err = rstudio.install(&c).await.unwrap_err();
+    // The fetch, before the batch, is where the .deb is verified (and refused).
+    let err = rstudio.fetch(&c).await.unwrap_err();
     assert_eq!(err.reason(), "rstudio-checksum-mismatch", "{err}");
     assert!(err.to_string().contains("nothing was installed"), "{err}");
     let payload = dir.path().join("opt/exoagent/rstudio");
@@ -359,4 +379,57 @@ async fn the_right_checksum_keeps_the_file() {
         .await
         .unwrap();
     assert_eq!(std::fs::read(&to).unwrap(), b"not a .deb!");
+}
+
+#[tokio::test]
+async fn a_verified_deb_is_offered_to_the_batch_and_checked_after_it() {
+    let addr = serve(not_the_package).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = ctx(1000);
+    c.paths = Paths::sandbox(dir.path());
+    let rstudio = RStudio::new(
+        RStudioSettings {
+            package_url: Some(format!("http://{addr}/rstudio-server.deb")),
+            ..RStudioSettings::default()
+        },
+        os("ubuntu", "24.04", Family::Debian),
+    )
+    .pinned_to(b"not a .deb!");
+    let deb = dir
+        .path()
+        .join("opt/exoagent/rstudio/rstudio-server-2026.07.0-139-amd64.deb");
+
+    // The fetch verifies the file and offers it, by package name and version, to the batch.
+    let offered = rstudio.fetch(&c).await.unwrap();
+    assert_eq!(
+        offered,
+        [LocalPackage {
+            name: "rstudio-server".into(),
+            version: "2026.07.0+139".into(),
+            path: deb.clone(),
+        }]
+    );
+    assert_eq!(std::fs::read(&deb).unwrap(), b"not a .deb!");
+
+    // After a batch that did not install it (the sandbox installs nothing): a clear failure,
+    // no marker.
+    let err = rstudio.install(&c).await.unwrap_err();
+    assert_eq!(err.reason(), "service-install-failed", "{err}");
+    assert!(
+        err.to_string()
+            .contains("the batched package transaction did not install rstudio-server"),
+        "{err}"
+    );
+    let marker = dir.path().join("opt/exoagent/rstudio/installed");
+    assert!(!marker.exists());
+
+    // After a batch that did (its rserver is there): the vendor unit steps (skipped: no
+    // systemd under this root), then the marker; the fetch then offers nothing.
+    let rserver = dir.path().join("usr/lib/rstudio-server/bin/rserver");
+    std::fs::create_dir_all(rserver.parent().unwrap()).unwrap();
+    std::fs::write(&rserver, "").unwrap();
+    rstudio.install(&c).await.unwrap();
+    assert!(std::fs::read_to_string(&marker).unwrap().starts_with("2026.07.0-139 jammy "));
+    assert!(rstudio.fetch(&c).await.unwrap().is_empty());
+    assert!(rstudio.batch_files(&c).len() == 1, "the plan still shows the file");
 }
