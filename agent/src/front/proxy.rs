@@ -230,26 +230,39 @@ impl ClientConnection {
         let upgrade = is_upgrade(request.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
         let mut backend = self.backend.lock().await;
-        let sender = match self.ready_sender(&mut backend).await {
-            Ok(sender) => sender,
-            Err(detail) => {
-                tracing::warn!(target: "exoagent::front", backend = %self.front.backend, "{detail}");
-                return refusal(
-                    StatusCode::BAD_GATEWAY,
-                    "The service behind this port is not answering yet; try again shortly.\n",
-                );
-            }
-        };
-        let outgoing = self.backend_request(request, upgrade);
-        let mut response = match sender.send_request(outgoing).await {
-            Ok(response) => response,
-            Err(e) => {
-                *backend = None;
-                tracing::warn!(target: "exoagent::front", backend = %self.front.backend, "backend request failed: {e}");
-                return refusal(
-                    StatusCode::BAD_GATEWAY,
-                    "The service behind this port closed the connection.\n",
-                );
+        let mut outgoing = self.backend_request(request, upgrade);
+        let mut retried = false;
+        let mut response = loop {
+            let sender = match self.ready_sender(&mut backend).await {
+                Ok(sender) => sender,
+                Err(detail) => {
+                    tracing::warn!(target: "exoagent::front", backend = %self.front.backend, "{detail}");
+                    return refusal(
+                        StatusCode::BAD_GATEWAY,
+                        "The service behind this port is not answering yet; try again shortly.\n",
+                    );
+                }
+            };
+            match sender.try_send_request(outgoing).await {
+                Ok(response) => break response,
+                Err(mut e) => {
+                    *backend = None;
+                    match e.take_message() {
+                        // Never written: the backend closed the kept-alive connection just
+                        // before; the same request once more on a new connection.
+                        Some(unsent) if !retried => {
+                            retried = true;
+                            outgoing = unsent;
+                        }
+                        _ => {
+                            tracing::warn!(target: "exoagent::front", backend = %self.front.backend, "backend request failed: {}", e.into_error());
+                            return refusal(
+                                StatusCode::BAD_GATEWAY,
+                                "The service behind this port closed the connection.\n",
+                            );
+                        }
+                    }
+                }
             }
         };
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -406,8 +419,9 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 
 /// Set what the backend learns about the client (docs/uap.md, "Forwarded headers"):
 /// - `X-Forwarded-For`: from a trusted proxy, its list with the peer appended; from anyone
-///   else, only the peer (what they wrote could be anything). `Forwarded` and `X-Real-IP` from
-///   untrusted peers are dropped for the same reason.
+///   else, only the peer (what they wrote could be anything). `Forwarded`, `X-Real-IP`,
+///   `X-Forwarded-Host`/`-Port`/`-Prefix` and RStudio's `X-RStudio-Request`/`-Root-Path` from
+///   untrusted peers are dropped for the same reason (a service would build URLs from them).
 /// - `X-Forwarded-Proto`: `https` after a TLS hop unless a trusted proxy says otherwise; after a
 ///   plain hop, the client's `http`/`https` is kept (the UAP's `http-` upstreams arrive plain
 ///   from browsers that used https; a scheme names no one, so it is not an identity to spoof),
@@ -442,8 +456,18 @@ pub fn forwarded_headers(
             }
         }
     } else {
-        headers.remove("forwarded");
-        headers.remove("x-real-ip");
+        // Every header a service might take the client's address, host or path prefix from.
+        for name in [
+            "forwarded",
+            "x-real-ip",
+            "x-forwarded-host",
+            "x-forwarded-port",
+            "x-forwarded-prefix",
+            "x-rstudio-request",
+            "x-rstudio-root-path",
+        ] {
+            headers.remove(name);
+        }
     }
     if !chain.is_empty() {
         chain.push_str(", ");
@@ -499,11 +523,15 @@ mod tests {
             ("x-forwarded-for", "1.2.3.4"),
             ("x-real-ip", "1.2.3.4"),
             ("forwarded", "for=1.2.3.4"),
+            ("x-forwarded-host", "evil.example"),
+            ("x-rstudio-request", "https://evil.example/"),
+            ("host", "http-10-0-0-1-8787.uap.test"),
         ]);
         forwarded_headers(&mut h, ip("10.0.0.9"), Hop::Tls, &[]);
         assert_eq!(h["x-forwarded-for"], "10.0.0.9");
         assert_eq!(h["x-forwarded-proto"], "https");
-        assert!(h.get("x-real-ip").is_none() && h.get("forwarded").is_none());
+        assert_eq!(h["host"], "http-10-0-0-1-8787.uap.test");
+        assert_eq!(h.len(), 3, "{h:?}");
     }
 
     #[test]
