@@ -1,8 +1,8 @@
 //! The upstream TLS front under the agent (sandbox mode): with `[tls] enabled`, a web service
 //! moves to loopback at its port + 10000 and a supervised `exoagent front` takes its public port,
 //! serving the certificate the agent generated (TLS and plain HTTP on one port), publishing the
-//! certificate's fingerprint, restarted alone after kill -9 (the service keeps running), kept
-//! across agent restarts, and refusing plain HTTP once `require = true`.
+//! certificate's fingerprint, restarted alone after kill -9 (the service keeps running), adopted
+//! with its certificate by a new agent, and refusing plain HTTP once `require = true`.
 //!
 //! The service is RStudio with `tests/rstudio/rserver_peer.py` standing in for `rserver` (a test
 //! double: RStudio Server cannot be installed here); the front, the agent, rustls and the
@@ -136,6 +136,20 @@ fn a_web_service_behind_the_front_is_served_over_tls_and_plain_and_survives_rest
         200
     );
 
+    // A new agent with the same configuration (a restart, an upgrade): the front and the
+    // service are adopted, neither restarted; the certificate is kept.
+    let front_now = front_pid(&status).expect("a front pid");
+    sb.kill_agent(libc::SIGTERM);
+    sb.start_agent();
+    let status = sb.wait_complete(120);
+    assert_eq!(front_pid(&status), Some(front_now), "{status}");
+    assert_eq!(
+        status["services"][0]["pid"].as_i64(),
+        Some(service_pid),
+        "{status}"
+    );
+    assert_eq!(status["tls"]["fingerprint"], fingerprint.as_str());
+
     // A new agent with TLS required: the service is adopted (its spec did not change), the
     // front restarts with the new rule, the certificate is kept.
     sb.kill_agent(libc::SIGTERM);
@@ -147,6 +161,7 @@ fn a_web_service_behind_the_front_is_served_over_tls_and_plain_and_survives_rest
         Some(service_pid),
         "{status}"
     );
+    assert_ne!(front_pid(&status), Some(front_now), "{status}");
     assert_eq!(status["tls"]["fingerprint"], fingerprint.as_str());
     let refused = plain_get(&format!("http://127.0.0.1:{port}/auth-sign-in"));
     assert_eq!(refused.status(), 400);
