@@ -482,7 +482,7 @@ def report(args, conns, bodies, ws_sizes, results, ws, tls, after_start, peak, a
     print()
     for name, label in (("exo", "exoagent"), ("nginx", "nginx")):
         t = tls[name]
-        print(f"TLS with {label}: {t["protocol"]}, {t["cipher"]}, key exchange {t["key exchange"]}, signature {t["signature"]} (openssl s_client).  ")
+        print(f"TLS with {label}: {t['protocol']}, {t['cipher']}, key exchange {t['key exchange']}, signature {t['signature']} (openssl s_client).  ")
     cpu = os.popen("grep -m1 'model name' /proc/cpuinfo").read().split(":", 1)[-1].strip()
     load = open("/proc/loadavg").read().split()[:3]
     print(f"Machine: {os.cpu_count()} × {cpu}; HTTP phase {wall_http:.0f} s, machine CPU busy {busy_http:.0f} core-s, "
