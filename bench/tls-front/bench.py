@@ -117,13 +117,18 @@ class Sampler(threading.Thread):
     def __init__(self, fronts):
         super().__init__(daemon=True)
         self.fronts, self.peak, self.stop = fronts, {f.name: (0, 0) for f in fronts}, threading.Event()
+        self.run_peak = dict(self.peak)  # since the last reset()
+
+    def reset(self):
+        self.run_peak = {f.name: (0, 0) for f in self.fronts}
 
     def run(self):
         while not self.stop.wait(0.1):
             for f in self.fronts:
                 rss, pss = f.memory_kib()
-                old = self.peak[f.name]
-                self.peak[f.name] = (max(old[0], rss), max(old[1], pss))
+                for peak in (self.peak, self.run_peak):
+                    old = peak.get(f.name, (0, 0))
+                    peak[f.name] = (max(old[0], rss), max(old[1], pss))
 
 
 def machine_busy_s():
@@ -364,8 +369,10 @@ def main():
                         cpu0 = f.cpu_s() if f else 0
                         b0 = backend_front.cpu_s()
                         r0 = os.times()
+                        sampler.reset()
                         r = run_wrk(args, url, c, args.duration, args.load_cpus)
                         r1 = os.times()
+                        r["front_rss_peak_kib"] = sampler.run_peak[target][0] if f else 0
                         wrk_cpu += (r1.children_user - r0.children_user) + (r1.children_system - r0.children_system)
                         r["front_cpu_s"] = (f.cpu_s() - cpu0) if f else 0
                         r["backend_cpu_s"] = backend_front.cpu_s() - b0
@@ -454,6 +461,10 @@ def report(args, conns, bodies, ws_sizes, results, ws, tls, after_start, peak, a
             g = lambda r: r["front_cpu_s"] / max(r["requests"], 1) * 1e6
             e, n = med(body, c, "exoagent", g), med(body, c, "nginx", g)
             print(f"| {body} body, {c} conn, front CPU per request, µs | — | {e:.1f} | {n:.1f} | {e / n:.2f}× |")
+        for c in conns:
+            g = lambda r: r["front_rss_peak_kib"] / 1024
+            e, n = med(body, c, "exoagent", g), med(body, c, "nginx", g)
+            print(f"| {body} body, {c} conn, front RSS peak during the run, MiB | — | {e:.1f} | {n:.1f} | {e - n:+.1f} MiB |")
         c = 1
         for q in ("p50", "p99"):
             g = lambda r, q=q: r[f"{q}_us"]
