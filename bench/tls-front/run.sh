@@ -12,7 +12,7 @@
 # Installs nginx and wrk (apt) when missing, npm-ci's the pinned `ws`, builds exoagent (release,
 # CARGO_BUILD_JOBS=1 unless set) from this checkout unless EXOAGENT_BIN names a binary, then
 # prints a Markdown table (progress on stderr); bench/results/tls-front.md records past runs.
-# Everything listens on 127.0.0.1 only. About 6 minutes after the build with the defaults.
+# Everything listens on 127.0.0.1 only. About 7 minutes after the build with the defaults.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
