@@ -306,6 +306,11 @@ impl ClientConnection {
             };
             let _ = stream.set_nodelay(true);
             let (mut sender, link) = hyper::client::conn::http1::Builder::new()
+                // hyper's default lets each backend connection's read buffer grow to ~400 KiB
+                // while a large body streams through: ~0.8 MiB of RSS per busy connection
+                // (bench/results/tls-front.md). 64 KiB reads stream as fast; a response head
+                // is then capped like a request head.
+                .max_buf_size(MAX_HEAD_BYTES)
                 .handshake(TokioIo::new(stream))
                 .await
                 .map_err(|e| format!("backend handshake failed: {e}"))?;
