@@ -143,11 +143,13 @@ async fn connection(
         _ => return,
     };
     let activity = Activity::new();
+    let (links, linked) = tokio::sync::mpsc::unbounded_channel();
     let conn = Arc::new(ClientConnection {
         peer,
         hop,
         front: front.clone(),
         backend: Mutex::new(None),
+        links,
         activity: activity.clone(),
         _permit: permit,
     });
@@ -156,12 +158,12 @@ async fn connection(
         (Hop::Tls, Some(tls)) => {
             let left = front.limits.handshake.saturating_sub(start.elapsed());
             match tokio::time::timeout(left, tls.acceptor.accept(watched)).await {
-                Ok(Ok(stream)) => serve_http(stream, conn, stop).await,
+                Ok(Ok(stream)) => serve_http(stream, conn, linked, stop).await,
                 Ok(Err(e)) => tls.log.refused(peer, &e),
                 Err(_) => {}
             }
         }
-        _ => serve_http(watched, conn, stop).await,
+        _ => serve_http(watched, conn, linked, stop).await,
     }
 }
 
@@ -172,6 +174,9 @@ struct ClientConnection {
     hop: Hop,
     front: Arc<Front>,
     backend: Mutex<Option<SendRequest<Incoming>>>,
+    /// Hands each backend connection's driver to the client connection's own task, so a
+    /// request and its answer never hop between tasks (see [`serve_http`]).
+    links: tokio::sync::mpsc::UnboundedSender<BackendLink>,
     activity: Activity,
     /// Held until the connection and any tunnel made from it are gone.
     _permit: OwnedSemaphorePermit,
@@ -179,8 +184,20 @@ struct ClientConnection {
 
 type FrontBody = Either<Incoming, Full<Bytes>>;
 
-async fn serve_http<I>(io: I, conn: Arc<ClientConnection>, stop: CancellationToken)
-where
+/// What drives one backend connection (hyper's client connection future).
+type BackendLink = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Serve HTTP on the client connection `io`. The backend connections made for it are driven in
+/// this same task (polled beside the client side) rather than spawned: a spawned driver costs
+/// a cross-task hand-off per request and answer, the front's main cost on small requests
+/// (bench/results/tls-front.md). After the client side ends they are driven to their end too
+/// (an upgrade completes there, and the tunnel waits for it).
+async fn serve_http<I>(
+    io: I,
+    conn: Arc<ClientConnection>,
+    mut linked: tokio::sync::mpsc::UnboundedReceiver<BackendLink>,
+    stop: CancellationToken,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let limits = conn.front.limits;
@@ -199,13 +216,16 @@ where
         .keep_alive(true)
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
-    tokio::pin!(http);
+    let mut http = Box::pin(http);
+    let mut links = futures_util::stream::FuturesUnordered::new();
     let mut stopping = false;
     loop {
         let deadline = activity.last() + limits.idle;
         tokio::select! {
             // Done, failed, timed out, or upgraded (the tunnel task owns the socket now).
             _ = http.as_mut() => break,
+            Some(link) = linked.recv() => links.push(link),
+            Some(()) = futures_util::StreamExt::next(&mut links), if !links.is_empty() => {}
             () = stop.cancelled(), if !stopping => {
                 stopping = true;
                 http.as_mut().graceful_shutdown();
@@ -217,6 +237,16 @@ where
             }
         }
     }
+    // The client side is over: let go of the backend connection (unless a tunnel took it) and
+    // drive what remains to its end, within the tunnel idle limit.
+    drop(http);
+    drop(conn);
+    linked.close();
+    while let Ok(link) = linked.try_recv() {
+        links.push(link);
+    }
+    let drain = async { while futures_util::StreamExt::next(&mut links).await.is_some() {} };
+    let _ = tokio::time::timeout(limits.tunnel_idle, drain).await;
 }
 
 impl ClientConnection {
@@ -314,9 +344,13 @@ impl ClientConnection {
                 .handshake(TokioIo::new(stream))
                 .await
                 .map_err(|e| format!("backend handshake failed: {e}"))?;
-            tokio::spawn(async move {
+            let driver: BackendLink = Box::pin(async move {
                 let _ = link.with_upgrades().await;
             });
+            if let Err(unsent) = self.links.send(driver) {
+                // The client side is already over; nothing polls there any more.
+                tokio::spawn(unsent.0);
+            }
             sender
                 .ready()
                 .await
@@ -393,24 +427,44 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
         .filter(|t| !t.is_empty())
 }
 
+// Header names used on every request, made once (a name given as text is parsed and hashed
+// at each use).
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// What an untrusted peer may not say: the client's address, host or path prefix, from which a
+/// service would build URLs or decide who is asking.
+const UNTRUSTED_FORWARDED: [HeaderName; 7] = [
+    header::FORWARDED,
+    HeaderName::from_static("x-real-ip"),
+    HeaderName::from_static("x-forwarded-host"),
+    HeaderName::from_static("x-forwarded-port"),
+    HeaderName::from_static("x-forwarded-prefix"),
+    HeaderName::from_static("x-rstudio-request"),
+    HeaderName::from_static("x-rstudio-root-path"),
+];
+
 /// Headers meaningful only on one hop (RFC 9110 §7.6.1), and any the `Connection` header
 /// names. For an upgrade, `Connection: upgrade` and `Upgrade` stay so the backend sees it.
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let named: Vec<HeaderName> = connection_tokens(headers)
-        .filter(|t| !(keep_upgrade && t.eq_ignore_ascii_case("upgrade")))
-        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = connection_tokens(headers)
+            .filter(|t| !(keep_upgrade && t.eq_ignore_ascii_case("upgrade")))
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
     }
     for name in [
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
     ] {
         headers.remove(name);
     }
@@ -440,7 +494,7 @@ pub fn forwarded_headers(
     let peer = peer.to_canonical();
     let is_trusted = trusted.iter().any(|c| c.contains(peer));
     let claimed_proto = headers
-        .get("x-forwarded-proto")
+        .get(X_FORWARDED_PROTO)
         .and_then(|v| v.to_str().ok())
         .map(|v| v.trim().to_ascii_lowercase())
         .filter(|v| v == "http" || v == "https");
@@ -452,7 +506,7 @@ pub fn forwarded_headers(
     };
     let mut chain = String::new();
     if is_trusted {
-        for value in headers.get_all("x-forwarded-for").iter() {
+        for value in headers.get_all(X_FORWARDED_FOR).iter() {
             if let Ok(text) = value.to_str() {
                 if !chain.is_empty() {
                     chain.push_str(", ");
@@ -461,16 +515,7 @@ pub fn forwarded_headers(
             }
         }
     } else {
-        // Every header a service might take the client's address, host or path prefix from.
-        for name in [
-            "forwarded",
-            "x-real-ip",
-            "x-forwarded-host",
-            "x-forwarded-port",
-            "x-forwarded-prefix",
-            "x-rstudio-request",
-            "x-rstudio-root-path",
-        ] {
+        for name in UNTRUSTED_FORWARDED {
             headers.remove(name);
         }
     }
@@ -478,12 +523,12 @@ pub fn forwarded_headers(
         chain.push_str(", ");
     }
     chain.push_str(&peer.to_string());
-    headers.remove("x-forwarded-for");
+    headers.remove(X_FORWARDED_FOR);
     if let Ok(value) = HeaderValue::from_str(&chain) {
-        headers.insert("x-forwarded-for", value);
+        headers.insert(X_FORWARDED_FOR, value);
     }
     headers.insert(
-        "x-forwarded-proto",
+        X_FORWARDED_PROTO,
         HeaderValue::from_str(&proto).unwrap_or(HeaderValue::from_static("http")),
     );
 }
