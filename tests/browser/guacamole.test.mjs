@@ -34,6 +34,9 @@ const ARTIFACTS = path.resolve(REPO, process.env.EXOAGENT_TEST_ARTIFACTS || 'tar
 const DESKTOP_ID = 'ZGVza3RvcABjAGRlZmF1bHQ='; // padded standard base64, as Exosphere sends
 const SHELL_ID = Buffer.from('shell\0c\0default').toString('base64url'); // unpadded base64url
 const EXPIRED_MESSAGE = 'This session has expired. Reopen the connection from Exosphere.';
+// A 2-byte character, an emoji and a CJK extension-B ideograph (both outside the BMP: 4 bytes in
+// UTF-8, a surrogate pair in JavaScript).
+const UNICODE_SAMPLE = 'é😀\u{20000}';
 
 const T0 = Date.now();
 const timings = {};
@@ -49,6 +52,11 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 /** A timer that does not keep the process alive (for races against exits and lines). */
 const deadline = (ms, value) => new Promise((r) => setTimeout(() => r(value), ms).unref());
 const secs = (ms) => `${(ms / 1000).toFixed(2)} s`;
+
+/** What a Latin-1 hop (RFB cut text; guacd's ISO8859-1 clipboard) leaves of a text: "?" for
+ * every character above U+00FF. */
+const latin1 = (text) => Array.from(text, (c) => (c.codePointAt(0) <= 0xFF ? c : '?')).join('');
+const codePoints = (text) => Array.from(text || '', (c) => `U+${c.codePointAt(0).toString(16).toUpperCase().padStart(4, '0')}`).join(' ');
 
 function note(t, msg) {
     const line = `[${secs(Date.now() - T0)}] ${msg}`;
@@ -620,9 +628,11 @@ for (const [label, id, protocol] of [['shell', SHELL_ID, 'ssh'], ['desktop', DES
                 seen: async () => JSON.stringify({ page: await pageState(page), peer: eventsOf(conn).slice(-5) }),
             });
             const data = crypto.randomBytes(160 * 1024 + 77);
-            // A space, a 2-byte and a 4-byte character: the page counts lengths in UTF-16 units,
-            // guacd in code points, and the tunnel translates.
-            const name = `exo browser ${label} é😀 ${crypto.randomBytes(4).toString('hex')}.bin`;
+            // A space, a 2-byte character and two 4-byte ones (an emoji, a CJK extension-B
+            // ideograph): the page counts lengths in UTF-16 units, guacd in code points, and the
+            // tunnel translates; guacd lists the folder as raw UTF-8, which the page must decode
+            // as such (guacamole-common-js 1.5's JSONReader turned U+1F600 into U+F600).
+            const name = `exo browser ${label} ${UNICODE_SAMPLE} ${crypto.randomBytes(4).toString('hex')}.bin`;
             const target = path.join(S.info.home, name);
             S.createdFiles.push(target);
 
@@ -667,6 +677,8 @@ for (const [label, id, protocol] of [['shell', SHELL_ID, 'ssh'], ['desktop', DES
             await file.waitFor({ timeout: 15000 }).catch(async () => {
                 throw new assert.AssertionError({ message: `expected ${JSON.stringify(name)} in the file browser, saw ${JSON.stringify(await panel.locator('.fs-list').innerText())}` });
             });
+            const shown = await file.textContent();
+            assert.equal(shown, name, `expected the file browser to list the name exactly (code points ${codePoints(name)}), saw code points ${codePoints(shown)}`);
             const [download] = await Promise.all([
                 page.waitForEvent('download', { timeout: 60000 }),
                 file.click(),
@@ -697,35 +709,41 @@ test('clipboard (desktop): the page\'s clipboard panel reaches the X clipboard a
         await waitFor(() => eventsOf(conn, 'upstream_connected')[0], {
             timeout: 15000, expected: `the peer's "upstream_connected" for ${conn}`, seen: () => JSON.stringify(eventsOf(conn).slice(-5)),
         });
-        // Browser → desktop: type into the clipboard panel.
-        const text = `clip-from-chromium-${crypto.randomBytes(4).toString('hex')}`;
+        // Browser → desktop: type into the clipboard panel. The page must send real UTF-8 (the
+        // peer decodes strictly enough to tell); the VNC hop is RFB's Latin-1 cut text, which is
+        // what guacd 1.6 uses by default (clipboard-encoding ISO8859-1: other characters become
+        // "?"), so the X selection holds the Latin-1 projection of the text.
+        const text = `clip-from-chromium ${UNICODE_SAMPLE} ${crypto.randomBytes(4).toString('hex')}`;
         const started = Date.now();
         await page.click('#btn-clipboard');
         await page.locator('#clipboard-panel').waitFor({ state: 'visible', timeout: 5000 });
         await page.fill('#clipboard-text', text);
-        const clip = await waitFor(() => eventsOf(conn, 'clipboard').find((e) => e.direction === 'to-remote' && e.text === text), {
+        const clip = await waitFor(() => eventsOf(conn, 'clipboard').find((e) => e.direction === 'to-remote'), {
             timeout: 10000, expected: `the peer's "clipboard" event (to-remote, ${JSON.stringify(text)})`,
             seen: () => JSON.stringify(eventsOf(conn, 'clipboard')),
         });
+        assert.equal(clip.text, text, `expected the clipboard stream to carry the text exactly as UTF-8 (code points ${codePoints(text)}), the peer decoded code points ${codePoints(clip.text)}`);
+        assert.equal(clip.valid_utf8, true, `expected the clipboard stream's bytes to be valid UTF-8, saw ${JSON.stringify(clip)}`);
         assert.equal(clip.delivered, true, `expected the clipboard to be delivered to the VNC server, saw ${JSON.stringify(clip)}`);
         let pasted = null;
         await waitFor(() => {
             const r = runAsUser(['xclip', '-selection', 'clipboard', '-o']);
             pasted = r.status === 0 ? r.stdout : `(xclip exit ${r.status}: ${r.stderr})`;
-            return pasted === text;
-        }, { timeout: 10000, interval: 200, expected: `the X clipboard on ${S.info.display} to hold ${JSON.stringify(text)}`, seen: () => JSON.stringify(pasted) });
+            return pasted === latin1(text);
+        }, { timeout: 10000, interval: 200, expected: `the X clipboard on ${S.info.display} to hold ${JSON.stringify(latin1(text))}`, seen: () => JSON.stringify(pasted) });
         timings['clipboard: panel to X clipboard'] = Date.now() - started;
         note(t, `browser → desktop clipboard in ${secs(Date.now() - started)}`);
 
-        // Desktop → browser: xclip sets the X clipboard; TigerVNC sends ServerCutText.
-        const back = `clip-from-the-desktop-${crypto.randomBytes(4).toString('hex')}`;
+        // Desktop → browser: xclip sets the X clipboard; TigerVNC sends ServerCutText (Latin-1,
+        // "?" for the rest); guacd turns it into a UTF-8 clipboard stream.
+        const back = `clip-from-the-desktop ${UNICODE_SAMPLE} ${crypto.randomBytes(4).toString('hex')}`;
         const backStart = Date.now();
         const r = spawnSync('runuser', ['-u', S.info.user, '--', 'env', `DISPLAY=${S.info.display}`, 'xclip', '-selection', 'clipboard', '-i'], {
             input: back, stdio: ['pipe', 'ignore', 'ignore'], timeout: 10000,
         });
         assert.equal(r.status, 0, `expected xclip -i to succeed, saw exit ${r.status} ${r.error || ''}`);
-        await waitFor(() => page.evaluate((v) => window.exoGuac.clipboard === v && document.getElementById('clipboard-text').value === v, back), {
-            timeout: 10000, expected: `exoGuac.clipboard and the panel's textarea to hold ${JSON.stringify(back)}`,
+        await waitFor(() => page.evaluate((v) => window.exoGuac.clipboard === v && document.getElementById('clipboard-text').value === v, latin1(back)), {
+            timeout: 10000, expected: `exoGuac.clipboard and the panel's textarea to hold ${JSON.stringify(latin1(back))}`,
             seen: async () => JSON.stringify({ clipboard: (await pageState(page)).clipboard, panel: await page.inputValue('#clipboard-text'), peer: eventsOf(conn, 'clipboard') }),
         });
         timings['clipboard: X clipboard to page'] = Date.now() - backStart;

@@ -1,6 +1,7 @@
 // Owns the small SFTP file browser: lists folders of a filesystem object, downloads and uploads files.
 import Guacamole from 'guacamole-common-js';
 import { exo } from './state.js';
+import { readJson } from './text-stream.js';
 
 /**
  * @param {object} p
@@ -52,20 +53,23 @@ export function setupFiles({ panel, button, transfers }) {
                     message('This is not a folder.');
                 return;
             }
-            const reader = new Guacamole.JSONReader(stream);
-            reader.onprogress = () => stream.sendAck('Received', Guacamole.Status.Code.SUCCESS);
-            reader.onend = () => {
-                if (id !== request || fs !== current)
-                    return;
-                let entries;
-                try {
-                    entries = Object.entries(reader.getJSON());
-                } catch {
-                    message('The folder listing could not be read.');
-                    return;
-                }
-                show(entries);
-            };
+            // guacd sends the listing as raw UTF-8 JSON, one blob per acknowledgement.
+            readJson(stream, {
+                onprogress: () => stream.sendAck('Received', Guacamole.Status.Code.SUCCESS),
+                onend: (value) => {
+                    if (id !== request || fs !== current)
+                        return;
+                    if (value === null || typeof value !== 'object' || Array.isArray(value)) {
+                        message('The folder listing could not be read.');
+                        return;
+                    }
+                    show(Object.entries(value));
+                },
+                onerror: () => {
+                    if (id === request && fs === current)
+                        message('The folder listing could not be read.');
+                },
+            });
             stream.sendAck('Ready', Guacamole.Status.Code.SUCCESS);
         });
     }
