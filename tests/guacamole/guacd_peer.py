@@ -65,9 +65,12 @@ What it implements
     written before the client can see its effect (e.g. ``upload`` before the last ``ack``).
 
 What it does NOT implement (differences from guacd)
-  * No RDP, telnet or kubernetes; an unknown protocol gets ``error,...,768`` (guacd sends
-    nothing and closes). Joining a running connection (``select,$<id>``) is refused with
-    ``error,...,516``.
+  * No RDP, telnet or kubernetes. A protocol without a plugin (any but ssh and vnc, or one
+    named by ``--without-plugin``) is what guacd 1.6 does when it cannot load
+    ``libguac-client-<protocol>``: ``select`` gets no answer at all, and the connection stays
+    open until the handshake timeout (15 s; guacd was seen silent and open for at least 10 s,
+    the exact moment it closes is not reproduced). Joining a running connection
+    (``select,$<id>``) is refused with ``error,...,516``.
   * Drawing is PNG ``img`` only: no ``copy``/``rect``/``cfill``/``cursor`` instructions, no
     JPEG/WebP, no extra layers, no audio, no video, no session recording or typescripts.
     TigerVNC draws the pointer into the framebuffer because no Cursor pseudo-encoding is
@@ -98,7 +101,7 @@ without them the handshake still works but every session ends with ``error,...,5
 
 CLI
   python3 tests/guacamole/guacd_peer.py --listen 127.0.0.1:4822 [--events FILE]
-      [--handshake-timeout 15] [--client-timeout 15]
+      [--handshake-timeout 15] [--client-timeout 15] [--without-plugin ssh|vnc]...
 Port 0 picks a free port; the address actually bound is printed on stdout as
 ``guacd_peer listening on HOST:PORT`` and logged as the first event. SIGTERM or SIGINT sends
 ``disconnect`` to every session, closes them and exits 0.
@@ -1536,8 +1539,15 @@ class Connection:
             if protocol.startswith("$"):
                 await self.reject(f"Connection \"{protocol}\" does not exist.", RESOURCE_NOT_FOUND)
                 return None
-            if protocol not in PROTOCOLS:
-                await self.reject(f"Support for protocol \"{protocol}\" is not installed.")
+            if protocol not in PROTOCOLS or protocol in self.peer.without:
+                # guacd cannot load libguac-client-<protocol>: it logs this and the client hears
+                # nothing (no args, no error, no close) until the handshake timeout.
+                self.event("handshake_failed", protocol=protocol,
+                           reason=f"Support for protocol \"{protocol}\" is not installed.")
+                self.close_reason = "protocol not installed"
+                with contextlib.suppress(asyncio.TimeoutError):
+                    while await next_instruction() is not None:
+                        pass
                 return None
             arg_names = PROTOCOLS[protocol]
             self.send("args", PROTOCOL_VERSION, *arg_names)
@@ -1789,8 +1799,10 @@ class Connection:
 
 
 class Peer:
-    def __init__(self, events: EventLog, handshake_timeout: float, client_timeout: float) -> None:
+    def __init__(self, events: EventLog, handshake_timeout: float, client_timeout: float,
+                 without: frozenset[str] = frozenset()) -> None:
         self.events = events
+        self.without = without
         self.handshake_timeout = handshake_timeout
         self.client_timeout = client_timeout
         self.conns: set[Connection] = set()
@@ -1853,9 +1865,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds allowed for select..connect (guacd: 15)")
     ap.add_argument("--client-timeout", type=float, default=15.0,
                     help="seconds of client silence before dropping it (guacd: 15)")
+    ap.add_argument("--without-plugin", action="append", default=[], metavar="PROTOCOL",
+                    choices=sorted(PROTOCOLS),
+                    help="act as a guacd without this protocol's plugin (silent after select)")
     args = ap.parse_args(argv)
     events = EventLog(args.events)
-    peer = Peer(events, args.handshake_timeout, args.client_timeout)
+    peer = Peer(events, args.handshake_timeout, args.client_timeout,
+                frozenset(args.without_plugin))
     try:
         asyncio.run(peer.serve(*args.listen))
     finally:

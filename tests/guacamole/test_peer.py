@@ -842,10 +842,13 @@ async def run_checks(rig: Rig) -> None:
             b.send("connect", "VERSION_1_5_0", "x")
         await expect_error("bad-first", first_connect, "768")
 
-    async with check("bad handshake: unknown protocol -> error 768"):
-        async def rdp(b):
-            b.send("select", "rdp")
-        await expect_error("bad-proto", rdp, "768")
+    async with check("bad handshake: a protocol without plugin -> silence, open (as guacd)"):
+        b = Client("bad-proto")
+        await b.open(rig.peer_port)
+        b.send("select", "rdp")
+        await asyncio.sleep(3)
+        assert not b.closed and not b.log, b.log
+        await b.close()
 
     async with check("bad handshake: wrong number of connect values -> error 768"):
         async def short_connect(b):
