@@ -225,6 +225,16 @@ async function settle(page, quietMs = 700, timeout = 6000) {
     return last;
 }
 
+/** Ctrl+Alt+Shift, pressed and released as a person does: Guacamole's menu chord. */
+async function menuChord(page) {
+    await page.keyboard.down('Control');
+    await page.keyboard.down('Alt');
+    await page.keyboard.down('Shift');
+    await page.keyboard.up('Shift');
+    await page.keyboard.up('Alt');
+    await page.keyboard.up('Control');
+}
+
 async function closePage(page) {
     await page.close().catch(() => {});
 }
@@ -576,6 +586,93 @@ test('desktop: the Xfce desktop is drawn in Chromium and the mouse drives it', {
     }
 });
 
+/**
+ * Compares a region of the page as Chromium paints it (a real screenshot) with the same region
+ * of the remote screen: the flattened Guacamole display drawn at the display's place and scale
+ * on the page. Returns the share of pixels that match (each channel within 24, for the
+ * different smoothing of a scaled display) and the distinct colours the screenshot has there.
+ */
+async function pageVersusRemote(page, clip) {
+    const shot = await page.screenshot({ clip });
+    return page.evaluate(async ({ png, clip }) => {
+        const img = new Image();
+        img.src = `data:image/png;base64,${png}`;
+        await img.decode();
+        const pixels = (draw) => {
+            const c = document.createElement('canvas');
+            c.width = clip.width;
+            c.height = clip.height;
+            const g = c.getContext('2d');
+            draw(g);
+            return g.getImageData(0, 0, c.width, c.height).data;
+        };
+        const display = window.exoGuac.client.getDisplay();
+        const remote = display.flatten();
+        const rect = display.getElement().getBoundingClientRect();
+        const scale = display.getScale();
+        const painted = pixels((g) => g.drawImage(img, 0, 0));
+        const expected = pixels((g) => {
+            g.fillStyle = '#000';
+            g.fillRect(0, 0, clip.width, clip.height);
+            g.drawImage(remote, rect.left - clip.x, rect.top - clip.y, remote.width * scale, remote.height * scale);
+        });
+        let same = 0;
+        const colours = new Set();
+        for (let i = 0; i < painted.length; i += 4) {
+            colours.add((painted[i] << 16) | (painted[i + 1] << 8) | painted[i + 2]);
+            if (Math.abs(painted[i] - expected[i]) <= 24 && Math.abs(painted[i + 1] - expected[i + 1]) <= 24
+                && Math.abs(painted[i + 2] - expected[i + 2]) <= 24) same++;
+        }
+        return { share: same / (painted.length / 4), colours: colours.size, scale, rect: { left: rect.left, top: rect.top } };
+    }, { png: shot.toString('base64'), clip });
+}
+
+test('menu (desktop): nothing covers the top of the desktop; Ctrl+Alt+Shift opens and closes the one menu', { timeout: 60000 }, async (t) => {
+    const tok = await token();
+    const page = await openClient(t, DESKTOP_ID, tok, 'menu');
+    try {
+        await waitFor(async () => (await displayStats(page)).colours > 64, {
+            timeout: 30000, interval: 300, expected: 'the Xfce desktop drawn (> 64 distinct colours)',
+            seen: async () => JSON.stringify(await displayStats(page)),
+        });
+        await settle(page);
+        // The top strip, where Xfce's panel has its clock and user menu at the right: what
+        // Chromium paints there is the remote screen's pixels, not the page's.
+        const strip = { x: VIEWPORT.width - 320, y: 0, width: 320, height: 28 };
+        const top = await pageVersusRemote(page, strip);
+        await page.screenshot({ path: path.join(ARTIFACTS, 'guacamole-menu-closed.png') });
+        assert.ok(top.colours > 4, `expected the Xfce panel (several colours) in the top-right strip, saw ${JSON.stringify(top)}`);
+        assert.ok(top.share >= 0.97, `expected the top-right strip of the page to show the desktop's own pixels (≥ 97 %), saw ${(top.share * 100).toFixed(1)} % (${JSON.stringify(top)})`);
+        note(t, `closed menu: top-right ${strip.width}x${strip.height} px is ${(top.share * 100).toFixed(2)} % the desktop's pixels (${top.colours} colours)`);
+        // Closed: no menu, at most the small handle, and not along the top.
+        assert.equal(await page.locator('#menu').isVisible(), false, 'expected the menu closed at first');
+        const handle = await page.locator('#menu-handle').boundingBox({ timeout: 2000 });
+        assert.ok(handle && handle.width <= 16 && handle.height <= 48 && handle.y > VIEWPORT.height / 4,
+            `expected at most a small handle away from the top, saw ${JSON.stringify(handle)}`);
+
+        // Ctrl+Alt+Shift opens the menu with everything in it…
+        const opened = Date.now();
+        await menuChord(page);
+        await page.locator('#menu').waitFor({ state: 'visible', timeout: 5000 });
+        timings['menu: chord to open'] = Date.now() - opened;
+        for (const sel of ['#clipboard-text', '#btn-upload', '#files-panel .fs-list', '#zoom-fit', '#btn-fullscreen'])
+            assert.ok(await page.locator(sel).isVisible(), `expected ${sel} in the open menu`);
+        assert.equal(await page.locator('#menu-handle').isVisible(), false, 'expected the handle hidden while the menu is open');
+        await page.screenshot({ path: path.join(ARTIFACTS, 'guacamole-menu-open.png') });
+        const covered = await pageVersusRemote(page, { x: 10, y: 200, width: 200, height: 100 });
+        assert.ok(covered.share < 0.5, `expected the open menu to be painted over the desktop at the left, saw ${JSON.stringify(covered)}`);
+        // …and again closes it; the remote screen is whole again.
+        await menuChord(page);
+        await page.locator('#menu').waitFor({ state: 'hidden', timeout: 5000 });
+        assert.ok(await page.locator('#menu-handle').isVisible(), 'expected the handle back once the menu is closed');
+        const again = await pageVersusRemote(page, { x: 10, y: 200, width: 200, height: 100 });
+        assert.ok(again.share >= 0.97, `expected the desktop's pixels where the menu was, saw ${JSON.stringify(again)}`);
+        note(t, 'Ctrl+Alt+Shift opened the menu (clipboard, upload, file browser, zoom) and closed it');
+    } finally {
+        await closePage(page);
+    }
+});
+
 test('shell: typed text runs in the real shell (echo hello-from-chromium)', { timeout: 90000 }, async (t) => {
     const tok = await token();
     const mark = readEvents().length;
@@ -659,7 +756,7 @@ for (const [label, id, protocol] of [['shell', SHELL_ID, 'ssh'], ['desktop', DES
 
             // Download: the file browser (SFTP filesystem object, root "/"), folder by folder.
             const downStart = Date.now();
-            await page.click('#btn-files');
+            await page.click('#menu-handle');
             const panel = page.locator('#files-panel');
             await panel.waitFor({ state: 'visible', timeout: 5000 });
             for (const part of S.info.home.split('/').filter(Boolean)) {
@@ -715,7 +812,7 @@ test('clipboard (desktop): the page\'s clipboard panel reaches the X clipboard a
         // "?"), so the X selection holds the Latin-1 projection of the text.
         const text = `clip-from-chromium ${UNICODE_SAMPLE} ${crypto.randomBytes(4).toString('hex')}`;
         const started = Date.now();
-        await page.click('#btn-clipboard');
+        await menuChord(page);
         await page.locator('#clipboard-panel').waitFor({ state: 'visible', timeout: 5000 });
         await page.fill('#clipboard-text', text);
         const clip = await waitFor(() => eventsOf(conn, 'clipboard').find((e) => e.direction === 'to-remote'), {

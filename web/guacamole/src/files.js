@@ -5,11 +5,10 @@ import { readJson } from './text-stream.js';
 
 /**
  * @param {object} p
- * @param {HTMLElement} p.panel the files panel
- * @param {HTMLButtonElement} p.button toolbar button that opens the panel
+ * @param {HTMLElement} p.panel the files section of the menu
  * @param {ReturnType<import('./transfers.js').setupTransfers>} p.transfers
  */
-export function setupFiles({ panel, button, transfers }) {
+export function setupFiles({ panel, transfers }) {
     const select = panel.querySelector('.fs-select');
     const pathLabel = panel.querySelector('.fs-path');
     const listing = panel.querySelector('.fs-list');
@@ -24,7 +23,7 @@ export function setupFiles({ panel, button, transfers }) {
 
     function publish() {
         exo.filesystems = filesystems.map((fs) => fs.name);
-        button.disabled = filesystems.length === 0;
+        panel.dataset.filesystems = String(filesystems.length);
         select.hidden = filesystems.length < 2;
         select.replaceChildren(...filesystems.map((fs, i) => new Option(fs.name, String(i), false, fs === current)));
     }
@@ -148,7 +147,7 @@ export function setupFiles({ panel, button, transfers }) {
             };
         },
 
-        /** Called when the panel opens: (re)load the current folder. */
+        /** Called when the menu opens: (re)load the current folder. */
         opened() {
             if (current)
                 list(path);
