@@ -224,6 +224,45 @@ fn the_agent_runs_the_web_side_and_the_tunnel_relays_to_guacd() {
     );
 }
 
+/// guacd without the ssh plugin reads `select` and then says nothing and keeps the connection
+/// open (the double's `--without-plugin ssh` does what guacd 1.6 does). The service must not
+/// wait out its 120 s start timeout: `failed` within seconds, the reason naming the protocol.
+#[test]
+fn a_guacd_without_the_protocols_plugin_fails_the_service_within_seconds() {
+    let peer = GuacdPeer::start_with(&["--without-plugin", "ssh"]);
+    let mut sandbox = Sandbox::new(&format!(
+        "[services.guacamole]\nenabled = true\nport = @PORT@\nbind = \"127.0.0.1\"\n\
+         guacd = \"external\"\nguacd_address = \"127.0.0.1:{}\"\nssh_port = {}\n",
+        peer.port,
+        free_port()
+    ))
+    .with_start_args(&["--no-fixture-identity"]);
+    let started = std::time::Instant::now();
+    sandbox.start_agent();
+    let status = sandbox.wait_for("guacamole failed", Duration::from_secs(60), |s| {
+        s["services"][0]["state"] == "failed"
+    });
+    let took = started.elapsed();
+    let service = &status["services"][0];
+    assert_eq!(service["service"], "guacamole", "{status}");
+    assert_eq!(
+        service["reason"]["code"], "guacd-protocol-missing",
+        "{status}"
+    );
+    let detail = service["reason"]["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("protocol 'ssh'") && detail.contains("libguac-client-ssh"),
+        "{status}"
+    );
+    // 3 s waiting for `args`, plus start-up and probe intervals; far below the start timeout.
+    assert!(took < Duration::from_secs(15), "failed only after {took:?}");
+    let events = std::fs::read_to_string(&peer.events).unwrap();
+    assert!(
+        events.contains("Support for protocol \\\"ssh\\\" is not installed"),
+        "{events}"
+    );
+}
+
 /// The web side in-process on loopback, with `trusted_proxies`.
 async fn web_side(
     trusted_proxies: &[&str],

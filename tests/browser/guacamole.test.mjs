@@ -8,6 +8,14 @@
 // Environment: EXOAGENT_BIN (default $CARGO_TARGET_DIR/debug/exoagent or target/debug/exoagent),
 // EXOAGENT_GUAC_VENV (default /var/tmp/exoagent-guac-venv), EXOAGENT_TEST_ARTIFACTS (default
 // target/test-artifacts; screenshots, logs and the peer's events end up there).
+//
+// EXOAGENT_GUACD=HOST:PORT runs everything against that guacd (a real one) instead of the
+// double: the rig starts without it, and what the tests assert comes from the page and the
+// remote side (files on disk, the X pointer and selection, a file the shell wrote). The few
+// checks only the double's event log can make (what the handshake carried, the peer's view of
+// mouse buttons and transfers) are skipped then, each saying so. The guacd must reach the
+// rig's sshd and Xvnc on 127.0.0.1: run it on this host (e.g. `guacd -f -b 127.0.0.1 -l 4823`,
+// or the guacamole/guacd image with --network host).
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
@@ -34,6 +42,12 @@ const ARTIFACTS = path.resolve(REPO, process.env.EXOAGENT_TEST_ARTIFACTS || 'tar
 const DESKTOP_ID = 'ZGVza3RvcABjAGRlZmF1bHQ='; // padded standard base64, as Exosphere sends
 const SHELL_ID = Buffer.from('shell\0c\0default').toString('base64url'); // unpadded base64url
 const EXPIRED_MESSAGE = 'This session has expired. Reopen the connection from Exosphere.';
+// A 2-byte character, an emoji and a CJK extension-B ideograph (both outside the BMP: 4 bytes in
+// UTF-8, a surrogate pair in JavaScript).
+const EXTERNAL_GUACD = process.env.EXOAGENT_GUACD || null;
+/** The double serves (and its event log can be read). */
+const DOUBLE = !EXTERNAL_GUACD;
+const UNICODE_SAMPLE = 'é😀\u{20000}';
 
 const T0 = Date.now();
 const timings = {};
@@ -49,6 +63,38 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 /** A timer that does not keep the process alive (for races against exits and lines). */
 const deadline = (ms, value) => new Promise((r) => setTimeout(() => r(value), ms).unref());
 const secs = (ms) => `${(ms / 1000).toFixed(2)} s`;
+
+/** What a Latin-1 hop (RFB cut text; guacd's ISO8859-1 clipboard) leaves of a text: "?" for
+ * every character above U+00FF. */
+const latin1 = (text) => Array.from(text, (c) => (c.codePointAt(0) <= 0xFF ? c : '?')).join('');
+/** In external mode: notes that a check only the double's event log can make is skipped. */
+function doubleOnly(t, what) {
+    if (!DOUBLE) note(t, `skipped against an external guacd (needs the double's event log): ${what}`);
+    return DOUBLE;
+}
+
+/** Where the X pointer of the rig's desktop is, as X itself says (XQueryPointer via ctypes). */
+function xPointer() {
+    const code = [
+        'import ctypes, ctypes.util',
+        'x = ctypes.CDLL(ctypes.util.find_library("X11"))',
+        'x.XOpenDisplay.restype = ctypes.c_void_p',
+        'x.XDefaultRootWindow.restype = ctypes.c_ulong',
+        'x.XDefaultRootWindow.argtypes = [ctypes.c_void_p]',
+        'd = x.XOpenDisplay(None)',
+        'assert d, "no display"',
+        'w = ctypes.c_ulong(); i = [ctypes.c_int() for _ in range(4)]; m = ctypes.c_uint()',
+        'x.XQueryPointer.argtypes = [ctypes.c_void_p, ctypes.c_ulong] + [ctypes.c_void_p] * 7',
+        'x.XQueryPointer(d, x.XDefaultRootWindow(d), ctypes.byref(w), ctypes.byref(w), *[ctypes.byref(v) for v in i], ctypes.byref(m))',
+        'print(i[0].value, i[1].value)',
+    ].join('\n');
+    const r = runAsUser(['python3', '-c', code]);
+    if (r.status !== 0) return { error: `python3 exit ${r.status}: ${r.stderr}` };
+    const [x, y] = r.stdout.trim().split(' ').map(Number);
+    return { x, y };
+}
+
+const codePoints = (text) => Array.from(text || '', (c) => `U+${c.codePointAt(0).toString(16).toUpperCase().padStart(4, '0')}`).join(' ');
 
 function note(t, msg) {
     const line = `[${secs(Date.now() - T0)}] ${msg}`;
@@ -85,7 +131,7 @@ function freePort() {
 }
 
 function readEvents() {
-    if (!S.info) return [];
+    if (!S.info || !S.info.events) return [];
     let text = '';
     try {
         text = fs.readFileSync(S.info.events, 'utf8');
@@ -217,6 +263,16 @@ async function settle(page, quietMs = 700, timeout = 6000) {
     return last;
 }
 
+/** Ctrl+Alt+Shift, pressed and released as a person does: Guacamole's menu chord. */
+async function menuChord(page) {
+    await page.keyboard.down('Control');
+    await page.keyboard.down('Alt');
+    await page.keyboard.down('Shift');
+    await page.keyboard.up('Shift');
+    await page.keyboard.up('Alt');
+    await page.keyboard.up('Control');
+}
+
 async function closePage(page) {
     await page.close().catch(() => {});
 }
@@ -279,7 +335,7 @@ async function startRig() {
     fs.mkdirSync(path.join(ARTIFACTS, 'rig'), { recursive: true });
     const errLog = fs.createWriteStream(path.join(ARTIFACTS, 'rig.stderr.log'));
     const started = Date.now();
-    const rig = spawn(PYTHON, [RIG], {
+    const rig = spawn(PYTHON, DOUBLE ? [RIG] : [RIG, '--no-peer'], {
         stdio: ['pipe', 'pipe', 'pipe'],
         env: { ...process.env, EXOGUAC_ARTIFACTS: path.join(ARTIFACTS, 'rig') },
     });
@@ -309,7 +365,7 @@ async function startWeb() {
     S.base = `http://127.0.0.1:${S.port}`;
     const config = {
         listen: `127.0.0.1:${S.port}`,
-        guacd: `127.0.0.1:${S.info.peer_port}`,
+        guacd: EXTERNAL_GUACD || `127.0.0.1:${S.info.peer_port}`,
         username: S.info.user,
         password_file: passwordFile,
         session_timeout_s: 3600,
@@ -401,7 +457,7 @@ async function teardown() {
     // Keep the peer's events before the rig removes its temp dir (rig.py copies it too).
     if (S.info) {
         try {
-            fs.copyFileSync(S.info.events, path.join(ARTIFACTS, 'events.jsonl'));
+            if (S.info.events) fs.copyFileSync(S.info.events, path.join(ARTIFACTS, 'events.jsonl'));
         } catch {
             // never written
         }
@@ -472,7 +528,7 @@ before(async () => {
     }
     fs.mkdirSync(ARTIFACTS, { recursive: true });
     await startRig();
-    note(null, `rig up in ${secs(timings['rig up'])}: ssh :${S.info.ssh_port}, vnc :${S.info.vnc_port}, peer :${S.info.peer_port}, display ${S.info.display}`);
+    note(null, `rig up in ${secs(timings['rig up'])}: ssh :${S.info.ssh_port}, vnc :${S.info.vnc_port}, ${DOUBLE ? `peer :${S.info.peer_port}` : `external guacd ${EXTERNAL_GUACD}`}, display ${S.info.display}`);
     await startWeb();
     note(null, `exoagent guacamole-web healthy on :${S.port} after ${secs(timings['web side healthy'])}`);
     await startBrowser();
@@ -514,7 +570,7 @@ test('desktop: the Xfce desktop is drawn in Chromium and the mouse drives it', {
     const started = Date.now();
     const page = await openClient(t, DESKTOP_ID, tok, 'desktop');
     try {
-        const conn = await waitFor(() => connAfter(mark, 'vnc'), { expected: 'a vnc handshake at the peer', seen: () => JSON.stringify(readEvents().slice(mark).slice(-5)) });
+        const conn = DOUBLE ? await waitFor(() => connAfter(mark, 'vnc'), { expected: 'a vnc handshake at the peer', seen: () => JSON.stringify(readEvents().slice(mark).slice(-5)) }) : null;
         // Xfce draws wallpaper, panel and icons: many colours, unlike Xvnc's black screen.
         const stats = await waitFor(async () => {
             const s = await displayStats(page);
@@ -531,38 +587,145 @@ test('desktop: the Xfce desktop is drawn in Chromium and the mouse drives it', {
         await page.screenshot({ path: path.join(ARTIFACTS, 'guacamole-desktop.png') });
         await saveDisplay(page, path.join(ARTIFACTS, 'guacamole-desktop-display.png'));
 
-        // Moving the mouse over the display: TigerVNC draws the pointer into the framebuffer,
-        // so the frame must change.
-        const before1 = await displayStats(page);
+        // Moving the mouse over the display moves the X pointer there (as X reports it), at the
+        // page position mapped through the display's place and scale.
         const moveStart = Date.now();
+        const before1 = await displayStats(page);
         await page.mouse.move(640, 360);
         await page.mouse.move(700, 400, { steps: 5 });
-        await waitFor(async () => (await displayStats(page)).hash !== before1.hash, {
-            timeout: 10000,
-            expected: 'a changed frame after moving the mouse over the display',
-            seen: async () => JSON.stringify(await displayStats(page)),
+        const want = await page.evaluate(([px, py]) => {
+            const d = window.exoGuac.client.getDisplay();
+            const r = d.getElement().getBoundingClientRect();
+            return { x: Math.round((px - r.left) / d.getScale()), y: Math.round((py - r.top) / d.getScale()) };
+        }, [700, 400]);
+        let pointer = null;
+        await waitFor(() => {
+            pointer = xPointer();
+            return !pointer.error && Math.abs(pointer.x - want.x) <= 2 && Math.abs(pointer.y - want.y) <= 2;
+        }, {
+            timeout: 10000, interval: 200,
+            expected: `the X pointer on ${S.info.display} at about ${JSON.stringify(want)} after moving the mouse to (700, 400) on the page`,
+            seen: () => JSON.stringify(pointer),
         });
-        timings['desktop: mouse move to changed frame'] = Date.now() - moveStart;
-        // A left click on the empty desktop: the peer logs button changes.
-        await page.mouse.click(760, 420);
-        await waitFor(() => eventsOf(conn, 'mouse').some((e) => e.mask === 1)
-            && eventsOf(conn, 'mouse').some((e) => e.mask === 0), {
-            timeout: 10000,
-            expected: `the peer's "mouse" events (press mask 1, release mask 0) for ${conn}`,
-            seen: () => JSON.stringify(eventsOf(conn, 'mouse')),
-        });
-        const hs = eventsOf(conn, 'handshake')[0];
-        // The browser's window size (CSS px × devicePixelRatio 1) and DPI reach guacd's handshake.
-        assert.deepEqual(hs.size, [String(VIEWPORT.width), String(VIEWPORT.height), '96'], `expected the handshake size ${VIEWPORT.width}x${VIEWPORT.height} at 96 DPI, saw ${JSON.stringify(hs.size)}`);
-        assert.ok(hs.image.includes('image/png'), `expected image/png among the handshake's image types, saw ${JSON.stringify(hs.image)}`);
-        assert.equal(hs.name, S.info.user, `expected the handshake name to be the user, saw ${JSON.stringify(hs.name)}`);
-        assert.equal(hs.args.password, '<redacted>', `expected the VNC password to reach the peer (redacted in its log), saw ${JSON.stringify(hs.args.password)}`);
-        assert.equal(hs.args['sftp-password'], '<redacted>', `expected sftp-password to reach the peer, saw ${JSON.stringify(hs.args['sftp-password'])}`);
-        assert.ok(eventsOf(conn, 'upstream_connected').length === 1, `expected upstream_connected for ${conn}, saw ${JSON.stringify(eventsOf(conn).map((e) => e.event))}`);
+        timings['desktop: mouse move to X pointer'] = Date.now() - moveStart;
+        note(t, `X pointer at ${JSON.stringify(pointer)} (expected ${JSON.stringify(want)})`);
+        if (doubleOnly(t, 'the frame changes with the pointer, clicks reach guacd as mouse events, the handshake carries size, DPI, image types and name')) {
+            // TigerVNC draws the pointer into the framebuffer (the double asks for no Cursor
+            // pseudo-encoding), so the frame must change.
+            await waitFor(async () => (await displayStats(page)).hash !== before1.hash, {
+                timeout: 10000,
+                expected: 'a changed frame after moving the mouse over the display',
+                seen: async () => JSON.stringify(await displayStats(page)),
+            });
+            // A left click on the empty desktop: the peer logs button changes.
+            await page.mouse.click(760, 420);
+            await waitFor(() => eventsOf(conn, 'mouse').some((e) => e.mask === 1)
+                && eventsOf(conn, 'mouse').some((e) => e.mask === 0), {
+                timeout: 10000,
+                expected: `the peer's "mouse" events (press mask 1, release mask 0) for ${conn}`,
+                seen: () => JSON.stringify(eventsOf(conn, 'mouse')),
+            });
+            const hs = eventsOf(conn, 'handshake')[0];
+            // The browser's window size (CSS px × devicePixelRatio 1) and DPI reach guacd's handshake.
+            assert.deepEqual(hs.size, [String(VIEWPORT.width), String(VIEWPORT.height), '96'], `expected the handshake size ${VIEWPORT.width}x${VIEWPORT.height} at 96 DPI, saw ${JSON.stringify(hs.size)}`);
+            assert.ok(hs.image.includes('image/png'), `expected image/png among the handshake's image types, saw ${JSON.stringify(hs.image)}`);
+            assert.equal(hs.name, S.info.user, `expected the handshake name to be the user, saw ${JSON.stringify(hs.name)}`);
+            assert.equal(hs.args.password, '<redacted>', `expected the VNC password to reach the peer (redacted in its log), saw ${JSON.stringify(hs.args.password)}`);
+            assert.equal(hs.args['sftp-password'], '<redacted>', `expected sftp-password to reach the peer, saw ${JSON.stringify(hs.args['sftp-password'])}`);
+            assert.ok(eventsOf(conn, 'upstream_connected').length === 1, `expected upstream_connected for ${conn}, saw ${JSON.stringify(eventsOf(conn).map((e) => e.event))}`);
+        }
         await closePage(page);
+        if (!conn) return;
         const end = await waitDisconnect(conn, 'desktop');
         assert.ok(end.frames >= 2 && end.mouse >= 3, `expected the desktop session to end with ≥ 2 frames and ≥ 3 mouse events, saw ${JSON.stringify(end)}`);
         note(t, `desktop disconnect: ${JSON.stringify({ reason: end.reason, frames: end.frames, mouse: end.mouse, keys: end.keys })}`);
+    } finally {
+        await closePage(page);
+    }
+});
+
+/**
+ * Compares a region of the page as Chromium paints it (a real screenshot) with the same region
+ * of the remote screen: the flattened Guacamole display drawn at the display's place and scale
+ * on the page. Returns the share of pixels that match (each channel within 24, for the
+ * different smoothing of a scaled display) and the distinct colours the screenshot has there.
+ */
+async function pageVersusRemote(page, clip) {
+    const shot = await page.screenshot({ clip });
+    return page.evaluate(async ({ png, clip }) => {
+        const img = new Image();
+        img.src = `data:image/png;base64,${png}`;
+        await img.decode();
+        const pixels = (draw) => {
+            const c = document.createElement('canvas');
+            c.width = clip.width;
+            c.height = clip.height;
+            const g = c.getContext('2d');
+            draw(g);
+            return g.getImageData(0, 0, c.width, c.height).data;
+        };
+        const display = window.exoGuac.client.getDisplay();
+        const remote = display.flatten();
+        const rect = display.getElement().getBoundingClientRect();
+        const scale = display.getScale();
+        const painted = pixels((g) => g.drawImage(img, 0, 0));
+        const expected = pixels((g) => {
+            g.fillStyle = '#000';
+            g.fillRect(0, 0, clip.width, clip.height);
+            g.drawImage(remote, rect.left - clip.x, rect.top - clip.y, remote.width * scale, remote.height * scale);
+        });
+        let same = 0;
+        const colours = new Set();
+        for (let i = 0; i < painted.length; i += 4) {
+            colours.add((painted[i] << 16) | (painted[i + 1] << 8) | painted[i + 2]);
+            if (Math.abs(painted[i] - expected[i]) <= 24 && Math.abs(painted[i + 1] - expected[i + 1]) <= 24
+                && Math.abs(painted[i + 2] - expected[i + 2]) <= 24) same++;
+        }
+        return { share: same / (painted.length / 4), colours: colours.size, scale, rect: { left: rect.left, top: rect.top } };
+    }, { png: shot.toString('base64'), clip });
+}
+
+test('menu (desktop): nothing covers the top of the desktop; Ctrl+Alt+Shift opens and closes the one menu', { timeout: 60000 }, async (t) => {
+    const tok = await token();
+    const page = await openClient(t, DESKTOP_ID, tok, 'menu');
+    try {
+        await waitFor(async () => (await displayStats(page)).colours > 64, {
+            timeout: 30000, interval: 300, expected: 'the Xfce desktop drawn (> 64 distinct colours)',
+            seen: async () => JSON.stringify(await displayStats(page)),
+        });
+        await settle(page);
+        // The top strip, where Xfce's panel has its clock and user menu at the right: what
+        // Chromium paints there is the remote screen's pixels, not the page's.
+        const strip = { x: VIEWPORT.width - 320, y: 0, width: 320, height: 28 };
+        const top = await pageVersusRemote(page, strip);
+        await page.screenshot({ path: path.join(ARTIFACTS, 'guacamole-menu-closed.png') });
+        assert.ok(top.colours > 4, `expected the Xfce panel (several colours) in the top-right strip, saw ${JSON.stringify(top)}`);
+        assert.ok(top.share >= 0.97, `expected the top-right strip of the page to show the desktop's own pixels (≥ 97 %), saw ${(top.share * 100).toFixed(1)} % (${JSON.stringify(top)})`);
+        note(t, `closed menu: top-right ${strip.width}x${strip.height} px is ${(top.share * 100).toFixed(2)} % the desktop's pixels (${top.colours} colours)`);
+        // Closed: no menu, at most the small handle, and not along the top.
+        assert.equal(await page.locator('#menu').isVisible(), false, 'expected the menu closed at first');
+        const handle = await page.locator('#menu-handle').boundingBox({ timeout: 2000 });
+        assert.ok(handle && handle.width <= 16 && handle.height <= 48 && handle.y > VIEWPORT.height / 4,
+            `expected at most a small handle away from the top, saw ${JSON.stringify(handle)}`);
+
+        // Ctrl+Alt+Shift opens the menu with everything in it…
+        const opened = Date.now();
+        await menuChord(page);
+        await page.locator('#menu').waitFor({ state: 'visible', timeout: 5000 });
+        timings['menu: chord to open'] = Date.now() - opened;
+        for (const sel of ['#clipboard-text', '#btn-upload', '#files-panel .fs-list', '#zoom-fit', '#btn-fullscreen'])
+            assert.ok(await page.locator(sel).isVisible(), `expected ${sel} in the open menu`);
+        assert.equal(await page.locator('#menu-handle').isVisible(), false, 'expected the handle hidden while the menu is open');
+        await page.screenshot({ path: path.join(ARTIFACTS, 'guacamole-menu-open.png') });
+        const covered = await pageVersusRemote(page, { x: 10, y: 200, width: 200, height: 100 });
+        assert.ok(covered.share < 0.5, `expected the open menu to be painted over the desktop at the left, saw ${JSON.stringify(covered)}`);
+        // …and again closes it; the remote screen is whole again.
+        await menuChord(page);
+        await page.locator('#menu').waitFor({ state: 'hidden', timeout: 5000 });
+        assert.ok(await page.locator('#menu-handle').isVisible(), 'expected the handle back once the menu is closed');
+        const again = await pageVersusRemote(page, { x: 10, y: 200, width: 200, height: 100 });
+        assert.ok(again.share >= 0.97, `expected the desktop's pixels where the menu was, saw ${JSON.stringify(again)}`);
+        note(t, 'Ctrl+Alt+Shift opened the menu (clipboard, upload, file browser, zoom) and closed it');
     } finally {
         await closePage(page);
     }
@@ -572,13 +735,20 @@ test('shell: typed text runs in the real shell (echo hello-from-chromium)', { ti
     const tok = await token();
     const mark = readEvents().length;
     const page = await openClient(t, SHELL_ID, tok, 'shell');
-    let conn;
+    // The command also leaves its output in a file: what the real shell did, seen on disk.
+    const marker = `exo browser typed ${crypto.randomBytes(4).toString('hex')}`;
+    const markerPath = path.join(S.info.home, marker);
+    S.createdFiles.push(markerPath);
+    const command = `echo hello-from-chromium | tee '${marker}'`;
+    let conn = null;
     try {
-        conn = await waitFor(() => connAfter(mark, 'ssh'), { expected: 'an ssh handshake at the peer', seen: () => JSON.stringify(readEvents().slice(mark).slice(-5)) });
-        await waitFor(() => eventsOf(conn, 'upstream_connected')[0], {
-            timeout: 15000, expected: `the peer's "upstream_connected" (ssh login with the passphrase) for ${conn}`,
-            seen: () => JSON.stringify(eventsOf(conn).slice(-5)),
-        });
+        if (DOUBLE) {
+            conn = await waitFor(() => connAfter(mark, 'ssh'), { expected: 'an ssh handshake at the peer', seen: () => JSON.stringify(readEvents().slice(mark).slice(-5)) });
+            await waitFor(() => eventsOf(conn, 'upstream_connected')[0], {
+                timeout: 15000, expected: `the peer's "upstream_connected" (ssh login with the passphrase) for ${conn}`,
+                seen: () => JSON.stringify(eventsOf(conn).slice(-5)),
+            });
+        }
         // The prompt is drawn: text on the terminal background.
         await waitFor(async () => (await displayStats(page)).colours > 4, {
             timeout: 15000, expected: 'a shell prompt on the display (> 4 colours)',
@@ -586,14 +756,27 @@ test('shell: typed text runs in the real shell (echo hello-from-chromium)', { ti
         });
         await settle(page, 500, 3000);
         const typedAt = Date.now();
-        await page.keyboard.type('echo hello-from-chromium', { delay: 15 });
+        await page.keyboard.type(command, { delay: 15 });
         await page.keyboard.press('Enter');
-        const typed = await waitFor(() => eventsOf(conn, 'typed').find((e) => e.submitted), {
-            timeout: 10000, expected: `the peer's "typed" event (submitted) for ${conn}`,
-            seen: () => JSON.stringify(eventsOf(conn, 'typed')),
+        let onDisk = null;
+        await waitFor(() => {
+            onDisk = fs.existsSync(markerPath) ? fs.readFileSync(markerPath, 'utf8') : null;
+            return onDisk === 'hello-from-chromium\n';
+        }, {
+            timeout: 10000, interval: 100,
+            expected: `the shell to write "hello-from-chromium\\n" into ${JSON.stringify(markerPath)}`,
+            seen: () => JSON.stringify(onDisk),
         });
-        assert.equal(typed.text, 'echo hello-from-chromium', `expected the peer to see "echo hello-from-chromium" typed, saw ${JSON.stringify(typed.text)}`);
-        timings['shell: keys to peer typed event'] = Date.now() - typedAt;
+        timings['shell: keys to the shell\'s file'] = Date.now() - typedAt;
+        const st = fs.statSync(markerPath);
+        assert.equal(st.uid, fs.statSync(S.info.home).uid, 'expected the file to be written by the user\'s shell');
+        if (doubleOnly(t, 'the peer\'s "typed" event')) {
+            const typed = await waitFor(() => eventsOf(conn, 'typed').find((e) => e.submitted), {
+                timeout: 10000, expected: `the peer's "typed" event (submitted) for ${conn}`,
+                seen: () => JSON.stringify(eventsOf(conn, 'typed')),
+            });
+            assert.equal(typed.text, command, `expected the peer to see ${JSON.stringify(command)} typed, saw ${JSON.stringify(typed.text)}`);
+        }
         await sleep(500);
         await settle(page, 700, 5000);
         await page.screenshot({ path: path.join(ARTIFACTS, 'guacamole-shell.png') });
@@ -601,9 +784,10 @@ test('shell: typed text runs in the real shell (echo hello-from-chromium)', { ti
     } finally {
         await closePage(page);
     }
+    if (!doubleOnly(t, 'the terminal\'s text at disconnect (the double\'s screen dump)')) return;
     const end = await waitDisconnect(conn, 'shell');
     const screen = end.screen || [];
-    assert.ok(screen.some((l) => l.includes('echo hello-from-chromium')), `expected the command line "echo hello-from-chromium" on the terminal, saw screen ${JSON.stringify(screen)}`);
+    assert.ok(screen.some((l) => l.includes(command)), `expected the command line ${JSON.stringify(command)} on the terminal, saw screen ${JSON.stringify(screen)}`);
     assert.ok(screen.some((l) => l.trim() === 'hello-from-chromium'), `expected a line that is exactly "hello-from-chromium" (the shell's output), saw screen ${JSON.stringify(screen)}`);
     note(t, `shell screen at disconnect: ${JSON.stringify(screen)}`);
 });
@@ -614,42 +798,46 @@ for (const [label, id, protocol] of [['shell', SHELL_ID, 'ssh'], ['desktop', DES
         const mark = readEvents().length;
         const page = await openClient(t, id, tok, `files-${label}`);
         try {
-            const conn = await waitFor(() => connAfter(mark, protocol), { expected: `a ${protocol} handshake at the peer`, seen: () => JSON.stringify(readEvents().slice(mark).slice(-5)) });
+            const conn = DOUBLE ? await waitFor(() => connAfter(mark, protocol), { expected: `a ${protocol} handshake at the peer`, seen: () => JSON.stringify(readEvents().slice(mark).slice(-5)) }) : null;
             await waitFor(() => page.evaluate(() => window.exoGuac.filesystems.length > 0), {
                 timeout: 20000, expected: 'a filesystem object (SFTP) offered to the page (exoGuac.filesystems)',
                 seen: async () => JSON.stringify({ page: await pageState(page), peer: eventsOf(conn).slice(-5) }),
             });
             const data = crypto.randomBytes(160 * 1024 + 77);
-            // A space, a 2-byte and a 4-byte character: the page counts lengths in UTF-16 units,
-            // guacd in code points, and the tunnel translates.
-            const name = `exo browser ${label} é😀 ${crypto.randomBytes(4).toString('hex')}.bin`;
+            // A space, a 2-byte character and two 4-byte ones (an emoji, a CJK extension-B
+            // ideograph): the page counts lengths in UTF-16 units, guacd in code points, and the
+            // tunnel translates; guacd lists the folder as raw UTF-8, which the page must decode
+            // as such (guacamole-common-js 1.5's JSONReader turned U+1F600 into U+F600).
+            const name = `exo browser ${label} ${UNICODE_SAMPLE} ${crypto.randomBytes(4).toString('hex')}.bin`;
             const target = path.join(S.info.home, name);
             S.createdFiles.push(target);
 
             // Upload: the toolbar's file input (what the Upload button opens).
             const upStart = Date.now();
             await page.setInputFiles('#file-input', { name, mimeType: 'application/octet-stream', buffer: data });
-            const upload = await waitFor(() => eventsOf(conn, 'upload').find((e) => e.path === target)
-                || (eventsOf(conn, 'upload_failed').length ? { failed: eventsOf(conn, 'upload_failed') } : null), {
-                timeout: 60000, expected: `the peer's "upload" event for ${target}`,
-                seen: async () => JSON.stringify({ transfers: (await pageState(page)).transfers, peer: eventsOf(conn).slice(-5) }),
-            });
-            assert.ok(!upload.failed, `expected the upload to succeed, saw upload_failed ${JSON.stringify(upload.failed)}`);
+            // guacd acknowledges the end of the stream once the file is written and closed.
             const transfer = await waitFor(() => page.evaluate((n) => window.exoGuac.transfers.find((x) => x.name === n && x.state !== 'active' && x.state !== 'pending'), name), {
-                timeout: 10000, expected: `the page's transfer of ${name} to finish`,
-                seen: async () => JSON.stringify((await pageState(page)).transfers),
+                timeout: 60000, expected: `the page's transfer of ${name} to finish`,
+                seen: async () => JSON.stringify({ transfers: (await pageState(page)).transfers, peer: eventsOf(conn).slice(-5) }),
             });
             timings[`files-${label}: upload ${data.length} B`] = Date.now() - upStart;
             assert.equal(transfer.state, 'done', `expected the page's upload transfer to be done, saw ${JSON.stringify(transfer)}`);
-            assert.equal(upload.size, data.length, `expected the peer to have written ${data.length} bytes, saw ${upload.size}`);
-            const onDisk = fs.readFileSync(target);
+            if (doubleOnly(t, 'the peer\'s "upload" event')) {
+                const upload = eventsOf(conn, 'upload').find((e) => e.path === target);
+                assert.equal(upload && upload.size, data.length, `expected the peer's "upload" event for ${target} with ${data.length} bytes, saw ${JSON.stringify(eventsOf(conn))}`);
+            }
+            let onDisk = Buffer.alloc(0);
+            await waitFor(() => {
+                onDisk = fs.existsSync(target) ? fs.readFileSync(target) : Buffer.alloc(0);
+                return onDisk.length === data.length;
+            }, { timeout: 10000, expected: `${target} on disk with ${data.length} bytes`, seen: () => `${onDisk.length} bytes` });
             assert.equal(onDisk.length, data.length, `expected ${target} to hold ${data.length} bytes, saw ${onDisk.length}`);
             assert.ok(onDisk.equals(data), `expected ${target} to hold the uploaded bytes (sha256 ${crypto.createHash('sha256').update(data).digest('hex')}), saw sha256 ${crypto.createHash('sha256').update(onDisk).digest('hex')}`);
             note(t, `uploaded ${data.length} B as ${JSON.stringify(name)} in ${secs(Date.now() - upStart)}; bytes on disk identical`);
 
             // Download: the file browser (SFTP filesystem object, root "/"), folder by folder.
             const downStart = Date.now();
-            await page.click('#btn-files');
+            await page.click('#menu-handle');
             const panel = page.locator('#files-panel');
             await panel.waitFor({ state: 'visible', timeout: 5000 });
             for (const part of S.info.home.split('/').filter(Boolean)) {
@@ -667,6 +855,8 @@ for (const [label, id, protocol] of [['shell', SHELL_ID, 'ssh'], ['desktop', DES
             await file.waitFor({ timeout: 15000 }).catch(async () => {
                 throw new assert.AssertionError({ message: `expected ${JSON.stringify(name)} in the file browser, saw ${JSON.stringify(await panel.locator('.fs-list').innerText())}` });
             });
+            const shown = await file.textContent();
+            assert.equal(shown, name, `expected the file browser to list the name exactly (code points ${codePoints(name)}), saw code points ${codePoints(shown)}`);
             const [download] = await Promise.all([
                 page.waitForEvent('download', { timeout: 60000 }),
                 file.click(),
@@ -678,8 +868,10 @@ for (const [label, id, protocol] of [['shell', SHELL_ID, 'ssh'], ['desktop', DES
             assert.equal(download.suggestedFilename(), name, `expected the download to be named ${JSON.stringify(name)}, saw ${JSON.stringify(download.suggestedFilename())}`);
             assert.equal(got.length, data.length, `expected ${data.length} bytes downloaded, saw ${got.length}`);
             assert.ok(got.equals(data), `expected the downloaded bytes to equal the uploaded ones, saw sha256 ${crypto.createHash('sha256').update(got).digest('hex')}`);
-            const dl = eventsOf(conn, 'download').find((e) => e.path === target);
-            assert.ok(dl && dl.complete && dl.size === data.length, `expected the peer's "download" event for ${target} (complete, ${data.length} B), saw ${JSON.stringify(eventsOf(conn, 'download'))}`);
+            if (doubleOnly(t, 'the peer\'s "download" event')) {
+                const dl = eventsOf(conn, 'download').find((e) => e.path === target);
+                assert.ok(dl && dl.complete && dl.size === data.length, `expected the peer's "download" event for ${target} (complete, ${data.length} B), saw ${JSON.stringify(eventsOf(conn, 'download'))}`);
+            }
             note(t, `downloaded ${got.length} B back through the file browser in ${secs(Date.now() - downStart)}; identical`);
             await page.screenshot({ path: path.join(ARTIFACTS, `guacamole-files-${label}.png`) });
         } finally {
@@ -693,39 +885,55 @@ test('clipboard (desktop): the page\'s clipboard panel reaches the X clipboard a
     const mark = readEvents().length;
     const page = await openClient(t, DESKTOP_ID, tok, 'clipboard');
     try {
-        const conn = await waitFor(() => connAfter(mark, 'vnc'), { expected: 'a vnc handshake at the peer', seen: () => JSON.stringify(readEvents().slice(mark).slice(-5)) });
-        await waitFor(() => eventsOf(conn, 'upstream_connected')[0], {
-            timeout: 15000, expected: `the peer's "upstream_connected" for ${conn}`, seen: () => JSON.stringify(eventsOf(conn).slice(-5)),
-        });
-        // Browser → desktop: type into the clipboard panel.
-        const text = `clip-from-chromium-${crypto.randomBytes(4).toString('hex')}`;
+        const conn = DOUBLE ? await waitFor(() => connAfter(mark, 'vnc'), { expected: 'a vnc handshake at the peer', seen: () => JSON.stringify(readEvents().slice(mark).slice(-5)) }) : null;
+        if (DOUBLE) {
+            await waitFor(() => eventsOf(conn, 'upstream_connected')[0], {
+                timeout: 15000, expected: `the peer's "upstream_connected" for ${conn}`, seen: () => JSON.stringify(eventsOf(conn).slice(-5)),
+            });
+        } else {
+            // The VNC session is up once the desktop is drawn.
+            await waitFor(async () => (await displayStats(page)).colours > 64, {
+                timeout: 30000, interval: 300, expected: 'the Xfce desktop drawn (> 64 distinct colours)',
+                seen: async () => JSON.stringify(await displayStats(page)),
+            });
+        }
+        // Browser → desktop: type into the clipboard panel. The page must send real UTF-8 (the
+        // peer decodes strictly enough to tell); the VNC hop is RFB's Latin-1 cut text, which is
+        // what guacd 1.6 uses by default (clipboard-encoding ISO8859-1: other characters become
+        // "?"), so the X selection holds the Latin-1 projection of the text.
+        const text = `clip-from-chromium ${UNICODE_SAMPLE} ${crypto.randomBytes(4).toString('hex')}`;
         const started = Date.now();
-        await page.click('#btn-clipboard');
+        await menuChord(page);
         await page.locator('#clipboard-panel').waitFor({ state: 'visible', timeout: 5000 });
         await page.fill('#clipboard-text', text);
-        const clip = await waitFor(() => eventsOf(conn, 'clipboard').find((e) => e.direction === 'to-remote' && e.text === text), {
-            timeout: 10000, expected: `the peer's "clipboard" event (to-remote, ${JSON.stringify(text)})`,
-            seen: () => JSON.stringify(eventsOf(conn, 'clipboard')),
-        });
-        assert.equal(clip.delivered, true, `expected the clipboard to be delivered to the VNC server, saw ${JSON.stringify(clip)}`);
+        if (doubleOnly(t, 'the clipboard stream\'s exact text and UTF-8 validity at guacd')) {
+            const clip = await waitFor(() => eventsOf(conn, 'clipboard').find((e) => e.direction === 'to-remote'), {
+                timeout: 10000, expected: `the peer's "clipboard" event (to-remote, ${JSON.stringify(text)})`,
+                seen: () => JSON.stringify(eventsOf(conn, 'clipboard')),
+            });
+            assert.equal(clip.text, text, `expected the clipboard stream to carry the text exactly as UTF-8 (code points ${codePoints(text)}), the peer decoded code points ${codePoints(clip.text)}`);
+            assert.equal(clip.valid_utf8, true, `expected the clipboard stream's bytes to be valid UTF-8, saw ${JSON.stringify(clip)}`);
+            assert.equal(clip.delivered, true, `expected the clipboard to be delivered to the VNC server, saw ${JSON.stringify(clip)}`);
+        }
         let pasted = null;
         await waitFor(() => {
             const r = runAsUser(['xclip', '-selection', 'clipboard', '-o']);
             pasted = r.status === 0 ? r.stdout : `(xclip exit ${r.status}: ${r.stderr})`;
-            return pasted === text;
-        }, { timeout: 10000, interval: 200, expected: `the X clipboard on ${S.info.display} to hold ${JSON.stringify(text)}`, seen: () => JSON.stringify(pasted) });
+            return pasted === latin1(text);
+        }, { timeout: 10000, interval: 200, expected: `the X clipboard on ${S.info.display} to hold ${JSON.stringify(latin1(text))}`, seen: () => JSON.stringify(pasted) });
         timings['clipboard: panel to X clipboard'] = Date.now() - started;
         note(t, `browser → desktop clipboard in ${secs(Date.now() - started)}`);
 
-        // Desktop → browser: xclip sets the X clipboard; TigerVNC sends ServerCutText.
-        const back = `clip-from-the-desktop-${crypto.randomBytes(4).toString('hex')}`;
+        // Desktop → browser: xclip sets the X clipboard; TigerVNC sends ServerCutText (Latin-1,
+        // "?" for the rest); guacd turns it into a UTF-8 clipboard stream.
+        const back = `clip-from-the-desktop ${UNICODE_SAMPLE} ${crypto.randomBytes(4).toString('hex')}`;
         const backStart = Date.now();
         const r = spawnSync('runuser', ['-u', S.info.user, '--', 'env', `DISPLAY=${S.info.display}`, 'xclip', '-selection', 'clipboard', '-i'], {
             input: back, stdio: ['pipe', 'ignore', 'ignore'], timeout: 10000,
         });
         assert.equal(r.status, 0, `expected xclip -i to succeed, saw exit ${r.status} ${r.error || ''}`);
-        await waitFor(() => page.evaluate((v) => window.exoGuac.clipboard === v && document.getElementById('clipboard-text').value === v, back), {
-            timeout: 10000, expected: `exoGuac.clipboard and the panel's textarea to hold ${JSON.stringify(back)}`,
+        await waitFor(() => page.evaluate((v) => window.exoGuac.clipboard === v && document.getElementById('clipboard-text').value === v, latin1(back)), {
+            timeout: 10000, expected: `exoGuac.clipboard and the panel's textarea to hold ${JSON.stringify(latin1(back))}`,
             seen: async () => JSON.stringify({ clipboard: (await pageState(page)).clipboard, panel: await page.inputValue('#clipboard-text'), peer: eventsOf(conn, 'clipboard') }),
         });
         timings['clipboard: X clipboard to page'] = Date.now() - backStart;
@@ -784,9 +992,11 @@ test('no secret in the logs, and teardown leaves no process behind', { timeout: 
     const report = await teardown();
     const webLog = fs.readFileSync(path.join(ARTIFACTS, 'guacamole-web.log'), 'utf8');
     assert.ok(!webLog.includes(S.info.password), 'expected the passphrase nowhere in guacamole-web.log, saw it there');
-    const events = fs.existsSync(path.join(ARTIFACTS, 'events.jsonl')) ? fs.readFileSync(path.join(ARTIFACTS, 'events.jsonl'), 'utf8') : '';
-    assert.ok(events.length > 0, 'expected the peer\'s events log to have been kept');
-    assert.ok(!events.includes(S.info.password) && !events.includes(S.info.vnc_password), 'expected no password in the peer\'s events log, saw one there');
+    if (doubleOnly(t, 'no password in the double\'s event log')) {
+        const events = fs.existsSync(path.join(ARTIFACTS, 'events.jsonl')) ? fs.readFileSync(path.join(ARTIFACTS, 'events.jsonl'), 'utf8') : '';
+        assert.ok(events.length > 0, 'expected the peer\'s events log to have been kept');
+        assert.ok(!events.includes(S.info.password) && !events.includes(S.info.vnc_password), 'expected no password in the peer\'s events log, saw one there');
+    }
     assert.deepEqual(report.problems, [], `expected a clean teardown, saw: ${report.problems.join('; ')}`);
     note(t, `teardown in ${secs(timings.teardown)}; timings: ${JSON.stringify(Object.fromEntries(Object.entries(timings).map(([k, v]) => [k, secs(v)])))}`);
 });

@@ -46,6 +46,13 @@ What it implements
     PageUp/PageDown, F1-F12, keypad, Ctrl+key, Alt+key. With ``enable-sftp``: the filesystem
     object (root ``sftp-root-directory``, default ``/`` as in guacd), uploads and downloads,
     directory listings as ``application/vnd.glyptodon.guacamole.stream-index+json``.
+  * Text streams as guacd 1.6 writes them, bytes included: directory listings in raw UTF-8
+    with only ``"`` and ``\\`` escaped, cut into blobs by a 4096-byte buffer, one blob per
+    client ack (``guacd_json_blobs``: src/common/json.c, src/common/common/json.h,
+    guac_common_ssh_sftp_ls_ack_handler in src/common-ssh/sftp.c); clipboard text to the
+    client in raw UTF-8 blocks of 4096 bytes cut at byte boundaries (guac_common_clipboard_send
+    in src/common/clipboard.c), so a character can straddle two blobs. Clipboard text from
+    the client is checked as strict UTF-8 (``valid_utf8`` in its event).
   * Uploads through ``file`` go to ``sftp-directory`` (vnc) if given, else
     ``sftp-root-directory`` if given, else the SFTP user's home directory; files are created
     with mode 0600. ``sftp-disable-upload`` / ``sftp-disable-download`` are honoured.
@@ -58,9 +65,12 @@ What it implements
     written before the client can see its effect (e.g. ``upload`` before the last ``ack``).
 
 What it does NOT implement (differences from guacd)
-  * No RDP, telnet or kubernetes; an unknown protocol gets ``error,...,768`` (guacd sends
-    nothing and closes). Joining a running connection (``select,$<id>``) is refused with
-    ``error,...,516``.
+  * No RDP, telnet or kubernetes. A protocol without a plugin (any but ssh and vnc, or one
+    named by ``--without-plugin``) is what guacd 1.6 does when it cannot load
+    ``libguac-client-<protocol>``: ``select`` gets no answer at all, and the connection stays
+    open until the handshake timeout (15 s; guacd was seen silent and open for at least 10 s,
+    the exact moment it closes is not reproduced). Joining a running connection
+    (``select,$<id>``) is refused with ``error,...,516``.
   * Drawing is PNG ``img`` only: no ``copy``/``rect``/``cfill``/``cursor`` instructions, no
     JPEG/WebP, no extra layers, no audio, no video, no session recording or typescripts.
     TigerVNC draws the pointer into the framebuffer because no Cursor pseudo-encoding is
@@ -78,13 +88,20 @@ What it does NOT implement (differences from guacd)
     ignored for SSH (VNC forwards every keysym).
   * One user per connection; no session sharing, no ``argv`` streams, no ``required``
     instruction, no ``msg``.
+  * Text streams: guacd's listing ack handler reads the next directory entry before noticing
+    that a blob went out, so it drops one entry at every blob boundary of a listing larger
+    than 4096 bytes; the double lists every entry. Names longer than guacd's path limit
+    (GUAC_COMMON_SSH_SFTP_MAX_PATH) are listed, not skipped. VNC clipboard is always the
+    classic Latin-1 cut text (``clipboard-encoding`` is ignored; characters above U+00FF
+    become ``?``, as guacd's ISO8859-1 writer does); the RFB Extended Clipboard that newer
+    guacd sources use with ``clipboard-encoding=UTF-8`` is not implemented.
 
 Requirements: Python 3.11 with the packages of requirements.txt (``setup.sh`` makes a venv);
 without them the handshake still works but every session ends with ``error,...,512``.
 
 CLI
   python3 tests/guacamole/guacd_peer.py --listen 127.0.0.1:4822 [--events FILE]
-      [--handshake-timeout 15] [--client-timeout 15]
+      [--handshake-timeout 15] [--client-timeout 15] [--without-plugin ssh|vnc]...
 Port 0 picks a free port; the address actually bound is printed on stdout as
 ``guacd_peer listening on HOST:PORT`` and logged as the first event. SIGTERM or SIGINT sends
 ``disconnect`` to every session, closes them and exits 0.
@@ -160,6 +177,8 @@ MAX_INSTRUCTION_BYTES = 8192     # GUAC_INSTRUCTION_MAX_LENGTH
 MAX_ELEMENTS = 128               # GUAC_INSTRUCTION_MAX_ELEMENTS
 MAX_DIGITS = 5                   # GUAC_INSTRUCTION_MAX_DIGITS
 BLOB_MAX = 6048                  # GUAC_PROTOCOL_BLOB_MAX_LENGTH (bytes before base64)
+JSON_BUFFER = 4096               # guac_common_json_state.buffer (src/common/common/json.h)
+CLIPBOARD_BLOCK = 4096           # GUAC_COMMON_CLIPBOARD_BLOCK_SIZE (src/common/common/clipboard.h)
 SFTP_BLOCK = 4096                # guacd's SFTP transfer block
 KEEPALIVE_INTERVAL = 5.0         # GUAC_SOCKET_KEEP_ALIVE_INTERVAL
 STREAM_INDEX_MIMETYPE = "application/vnd.glyptodon.guacamole.stream-index+json"
@@ -175,6 +194,15 @@ async def wait_for(aw, timeout: float):
     does not."""
     async with asyncio.timeout(timeout):
         return await aw
+
+
+def utf8_valid(data: bytes) -> bool:
+    """Strict UTF-8 (no encoded surrogates, as Python's codec and guacd's reader require)."""
+    try:
+        data.decode("utf-8", "strict")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def now_ms() -> int:
@@ -513,6 +541,75 @@ class BytesStream(OutboundStream):
         return block
 
 
+class BlobsStream(OutboundStream):
+    """Sends precomputed blobs, one per client ack; the last one travels with ``end`` (as
+    guacd's listing does: its ack handler writes entries until a blob is flushed, and at the
+    end of the directory flushes the rest and ends the stream in the same call)."""
+
+    def __init__(self, conn, index, blobs: list[bytes], on_done=None) -> None:
+        super().__init__(conn, index, on_done)
+        self.blobs = deque(blobs)
+
+    async def next_block(self) -> bytes:
+        return self.blobs.popleft() if self.blobs else b""
+
+    async def on_ack(self, message: str, status: int) -> None:
+        if status != SUCCESS or len(self.blobs) != 1:
+            await super().on_ack(message, status)
+            return
+        data = self.blobs.popleft()
+        self.sent += len(data)
+        self.conn.send("blob", self.index, base64.b64encode(data).decode("ascii"))
+        await self.finish(True, send_end=True)
+
+
+def guacd_json_blobs(listing: dict[str, str]) -> list[bytes]:
+    """A directory listing as the blobs guacd 1.6 sends (src/common/json.c with the 4096-byte
+    buffer of src/common/common/json.h, driven by guac_common_ssh_sftp_ls_ack_handler in
+    src/common-ssh/sftp.c): raw UTF-8, only ``"`` and ``\\`` escaped (nothing else: no
+    ``\\uXXXX``, control characters as they are), the buffer flushed as a blob whenever the
+    next piece (a quote, a name or the run of it before an escape, a colon, a comma) does not
+    fit. Blobs therefore end between pieces, and split a character only inside a piece longer
+    than 4096 bytes; clipboard blobs (``_send_clipboard``) do split characters."""
+    blobs: list[bytes] = []
+    buf = bytearray(b"{")
+
+    def write(data: bytes) -> None:
+        nonlocal buf
+        while data:
+            piece = data[:JSON_BUFFER]
+            if len(buf) + len(piece) > JSON_BUFFER:
+                blobs.append(bytes(buf))
+                buf = bytearray()
+            buf += piece
+            data = data[len(piece):]
+
+    def write_string(value: str) -> None:
+        write(b'"')
+        raw = value.encode("utf-8", "surrogateescape")
+        start = 0
+        for i, byte in enumerate(raw):
+            if byte in (0x22, 0x5C):  # '"' and '\\'
+                if i != start:
+                    write(raw[start:i])
+                write(b"\\")
+                start = i
+        if start != len(raw):
+            write(raw[start:])
+        write(b'"')
+
+    for n, (name, mimetype) in enumerate(listing.items()):
+        if n:
+            write(b",")
+        write_string(name)
+        write(b":")
+        write_string(mimetype)
+    write(b"}")
+    if buf:
+        blobs.append(bytes(buf))
+    return blobs
+
+
 class SftpFileStream(OutboundStream):
     def __init__(self, conn, index, handle, on_done=None) -> None:
         super().__init__(conn, index, on_done)
@@ -597,10 +694,9 @@ class SftpFilesystem:
                     full = name.rstrip("/") + "/" + entry.filename
                     listing[full] = (STREAM_INDEX_MIMETYPE if stat.S_ISDIR(mode)
                                      else "application/octet-stream")
-                data = json.dumps(listing).encode("utf-8")
                 index = conn.alloc_stream()
-                conn.out_streams[index] = BytesStream(
-                    conn, index, data,
+                conn.out_streams[index] = BlobsStream(
+                    conn, index, guacd_json_blobs(listing),
                     on_done=lambda ok, n: conn.event("listing", name=name, path=path,
                                                      entries=len(listing), complete=ok))
                 conn.send("body", self.index, index, STREAM_INDEX_MIMETYPE, name)
@@ -739,7 +835,8 @@ class Session:
 
     async def clipboard(self, mimetype: str, data: bytes) -> None:
         self.conn.event("clipboard", direction="to-remote", mimetype=mimetype, length=len(data),
-                        text=data.decode("utf-8", "replace"), delivered=False)
+                        text=data.decode("utf-8", "replace"), valid_utf8=utf8_valid(data),
+                        delivered=False)
 
     def spawn(self, coro) -> None:
         self.tasks.append(asyncio.create_task(self._guard(coro)))
@@ -1231,11 +1328,13 @@ class VncSession(Session):
 
     def _send_clipboard(self, text: str) -> None:
         self.conn.event("clipboard", direction="to-client", length=len(text), text=text)
+        # Raw UTF-8 in 4096-byte blocks cut at byte boundaries, as guac_common_clipboard_send
+        # (src/common/clipboard.c) does: a character can straddle two blobs.
         data = text.encode("utf-8")
         stream = self.conn.alloc_stream()
         self.conn.send("clipboard", stream, "text/plain")
-        for i in range(0, len(data), BLOB_MAX):
-            self.conn.send("blob", stream, base64.b64encode(data[i:i + BLOB_MAX]).decode())
+        for i in range(0, len(data), CLIPBOARD_BLOCK):
+            self.conn.send("blob", stream, base64.b64encode(data[i:i + CLIPBOARD_BLOCK]).decode())
         self.conn.send("end", stream)
         self.conn.free_stream(stream)
 
@@ -1281,6 +1380,7 @@ class VncSession(Session):
 
     async def clipboard(self, mimetype: str, data: bytes) -> None:
         text = data.decode("utf-8", "replace")
+        valid = utf8_valid(data)
         delivered = False
         if (self.rfb_ready and mimetype.startswith("text/")
                 and not truthy(self.params.get("disable-paste"))):
@@ -1288,7 +1388,7 @@ class VncSession(Session):
             self.writer.write(struct.pack(">B3xI", 6, len(latin)) + latin)
             delivered = True
         self.conn.event("clipboard", direction="to-remote", mimetype=mimetype,
-                        length=len(text), text=text, delivered=delivered)
+                        length=len(text), text=text, valid_utf8=valid, delivered=delivered)
 
     async def close(self) -> None:
         await super().close()
@@ -1439,8 +1539,15 @@ class Connection:
             if protocol.startswith("$"):
                 await self.reject(f"Connection \"{protocol}\" does not exist.", RESOURCE_NOT_FOUND)
                 return None
-            if protocol not in PROTOCOLS:
-                await self.reject(f"Support for protocol \"{protocol}\" is not installed.")
+            if protocol not in PROTOCOLS or protocol in self.peer.without:
+                # guacd cannot load libguac-client-<protocol>: it logs this and the client hears
+                # nothing (no args, no error, no close) until the handshake timeout.
+                self.event("handshake_failed", protocol=protocol,
+                           reason=f"Support for protocol \"{protocol}\" is not installed.")
+                self.close_reason = "protocol not installed"
+                with contextlib.suppress(asyncio.TimeoutError):
+                    while await next_instruction() is not None:
+                        pass
                 return None
             arg_names = PROTOCOLS[protocol]
             self.send("args", PROTOCOL_VERSION, *arg_names)
@@ -1692,8 +1799,10 @@ class Connection:
 
 
 class Peer:
-    def __init__(self, events: EventLog, handshake_timeout: float, client_timeout: float) -> None:
+    def __init__(self, events: EventLog, handshake_timeout: float, client_timeout: float,
+                 without: frozenset[str] = frozenset()) -> None:
         self.events = events
+        self.without = without
         self.handshake_timeout = handshake_timeout
         self.client_timeout = client_timeout
         self.conns: set[Connection] = set()
@@ -1756,9 +1865,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds allowed for select..connect (guacd: 15)")
     ap.add_argument("--client-timeout", type=float, default=15.0,
                     help="seconds of client silence before dropping it (guacd: 15)")
+    ap.add_argument("--without-plugin", action="append", default=[], metavar="PROTOCOL",
+                    choices=sorted(PROTOCOLS),
+                    help="act as a guacd without this protocol's plugin (silent after select)")
     args = ap.parse_args(argv)
     events = EventLog(args.events)
-    peer = Peer(events, args.handshake_timeout, args.client_timeout)
+    peer = Peer(events, args.handshake_timeout, args.client_timeout,
+                frozenset(args.without_plugin))
     try:
         asyncio.run(peer.serve(*args.listen))
     finally:

@@ -3,7 +3,7 @@
 
 Run as root with the venv's python (after tests/guacamole/setup.sh):
 
-    /var/tmp/exoagent-guac-venv/bin/python tests/guacamole/rig.py
+    /var/tmp/exoagent-guac-venv/bin/python tests/guacamole/rig.py [--no-peer]
 
 It reuses ``Rig`` from test_peer.py: the user ``exoguactest`` (with a fresh 11-word passphrase
 that contains spaces, as Exosphere's are), a private OpenSSH sshd on a free loopback port,
@@ -18,6 +18,9 @@ then waits until its stdin is closed (or SIGTERM/SIGINT/SIGHUP) and tears everyt
 user's home whose names start with ``exo browser `` (left by the browser tests) are removed at
 start and at the end. Exit status: 0 after a clean teardown, 1 when setup failed (the reason on
 stderr), 3 when a process of the run was still alive after the teardown.
+
+``--no-peer`` leaves the double out (a real guacd elsewhere serves the tests): ``peer_port``
+and ``events`` are then ``null``.
 
 ``EXOGUAC_ARTIFACTS=DIR`` keeps the servers' logs and the peer's events log there (test_peer's
 behaviour). Diagnostics go to stderr; stdout carries the JSON line only.
@@ -79,7 +82,12 @@ def on_signal(signum, _frame) -> None:
     raise Stop(signal.Signals(signum).name)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if any(a != "--no-peer" for a in args):
+        err(f"unknown arguments {args!r} (only --no-peer)")
+        return 1
+    with_peer = "--no-peer" not in args
     if os.geteuid() != 0:
         err("must run as root (it creates a user, runs sshd and Xvnc)")
         return 1
@@ -102,7 +110,8 @@ def main() -> int:
             remove_leftovers(rig.home)
             rig.sshd()
             rig.desktop()
-            rig.peer()
+            if with_peer:
+                rig.peer()
             rig.timings["setup total"] = time.monotonic() - t
         except Stop as e:
             err(f"stopped by {e} during setup")
@@ -123,8 +132,8 @@ def main() -> int:
             "ssh_port": rig.ssh_port,
             "vnc_port": rig.vnc_port,
             "vnc_password": rig.vnc_password,
-            "peer_port": rig.peer_port,
-            "events": rig.events,
+            "peer_port": rig.peer_port if with_peer else None,
+            "events": rig.events if with_peer else None,
             "display": f":{rig.display}",
             "tmp": rig.tmp,
         }
@@ -132,7 +141,7 @@ def main() -> int:
         json_out.flush()
         err("up: " + ", ".join(f"{k} {v:.2f} s" for k, v in rig.timings.items())
             + f"; sshd :{rig.ssh_port}, Xvnc :{rig.display} (rfb {rig.vnc_port}), "
-            f"peer :{rig.peer_port}")
+            + (f"peer :{rig.peer_port}" if with_peer else "no peer"))
 
         try:
             while sys.stdin.buffer.read(65536):

@@ -181,7 +181,8 @@ class Rig:
         self.home = self.pw.pw_dir
         os.makedirs(self.home, exist_ok=True)
         os.chown(self.home, self.pw.pw_uid, self.pw.pw_gid)
-        for name in ("guac-upload.bin", "guac-vnc-upload.txt", "guac-typed-marker", "guac-dir"):
+        for name in ("guac-upload.bin", "guac-vnc-upload.txt", "guac-typed-marker", "guac-dir",
+                     "guac-\u00e9\U0001F600\U00020000\"q"):
             path = os.path.join(self.home, name)
             if os.path.isdir(path):
                 shutil.rmtree(path)
@@ -318,7 +319,8 @@ Subsystem sftp internal-sftp
             kill_pids(left, grace=2)
         RESULTS.append(("teardown: no process of the run left running", not left, 0.0,
                         f"left: {left}" if left else ""))
-        for name in ("guac-upload.bin", "guac-vnc-upload.txt", "guac-typed-marker", "guac-dir"):
+        for name in ("guac-upload.bin", "guac-vnc-upload.txt", "guac-typed-marker", "guac-dir",
+                     "guac-\u00e9\U0001F600\U00020000\"q"):
             path = os.path.join(self.home, name) if self.home else ""
             if path and os.path.isdir(path):
                 shutil.rmtree(path, ignore_errors=True)
@@ -672,9 +674,19 @@ async def run_checks(rig: Rig) -> None:
     async with check("ssh: directory listing through the filesystem object"):
         os.makedirs(os.path.join(rig.home, "guac-dir"), exist_ok=True)
         os.chown(os.path.join(rig.home, "guac-dir"), rig.pw.pw_uid, rig.pw.pw_gid)
+        # A name with a 2-byte character, an emoji, a CJK extension-B ideograph and a quote:
+        # guacd writes it as raw UTF-8, escaping only '"' and '\\' (src/common/json.c).
+        odd = 'guac-\u00e9\U0001F600\U00020000"q'
+        with open(os.path.join(rig.home, odd), "wb"):
+            pass
+        os.chown(os.path.join(rig.home, odd), rig.pw.pw_uid, rig.pw.pw_gid)
         body = await c.get("0", rig.home)
         assert body["mimetype"] == STREAM_INDEX, body["mimetype"]
-        listing = json.loads(body["data"].decode())
+        raw = bytes(body["data"])
+        assert b"\\u" not in raw, raw
+        assert f'guac-\u00e9\U0001F600\U00020000\\"q'.encode() in raw, raw
+        listing = json.loads(raw.decode("utf-8", "strict"))
+        assert listing.get(f"{rig.home}/{odd}") == "application/octet-stream", listing
         assert listing.get(f"{rig.home}/guac-upload.bin") == "application/octet-stream", listing
         assert listing.get(f"{rig.home}/guac-dir") == STREAM_INDEX, listing
 
@@ -830,10 +842,13 @@ async def run_checks(rig: Rig) -> None:
             b.send("connect", "VERSION_1_5_0", "x")
         await expect_error("bad-first", first_connect, "768")
 
-    async with check("bad handshake: unknown protocol -> error 768"):
-        async def rdp(b):
-            b.send("select", "rdp")
-        await expect_error("bad-proto", rdp, "768")
+    async with check("bad handshake: a protocol without plugin -> silence, open (as guacd)"):
+        b = Client("bad-proto")
+        await b.open(rig.peer_port)
+        b.send("select", "rdp")
+        await asyncio.sleep(3)
+        assert not b.closed and not b.log, b.log
+        await b.close()
 
     async with check("bad handshake: wrong number of connect values -> error 768"):
         async def short_connect(b):

@@ -441,6 +441,9 @@ enum Adopt {
 enum Watch {
     Cancelled,
     Ended(Ended),
+    /// Before ready, the service declared through its probe that it cannot become ready
+    /// without a fix (`ProbeError::Failed`); it has been stopped.
+    Failed(Reason),
 }
 
 /// Supervises one service: spawn (or adopt), probe, restart, give up; drives the service's state
@@ -632,6 +635,15 @@ impl Supervisor {
                         Ok(running) => match self.watch(running, cancel).await {
                             Watch::Cancelled => return report,
                             Watch::Ended(ended) => ended,
+                            Watch::Failed(reason) => {
+                                // Restarting cannot help; the retry schedule tries again later.
+                                let _ = records::remove_if_exists(&records::exit_file(
+                                    &self.paths.run_dir,
+                                ));
+                                self.fail(reason.clone());
+                                report.outcome = RunOutcome::Failed(reason);
+                                return report;
+                            }
                         },
                         Err(ended) => ended,
                     }
@@ -1029,6 +1041,21 @@ impl Supervisor {
                                     },
                                 );
                             }
+                        }
+                        Err(ProbeError::Failed { reason, detail, .. }) => {
+                            tracing::warn!(
+                                target: "exoagent::supervise",
+                                service = %self.kind,
+                                reason = %reason,
+                                "the service cannot become ready: {detail}"
+                            );
+                            if let Err(e) =
+                                terminate(running.pgid, &mut running.handle, STOP_GRACE).await
+                            {
+                                tracing::warn!(target: "exoagent::supervise", service = %self.kind, "{e}");
+                            }
+                            let _ = self.collect_exit(&mut running);
+                            return Watch::Failed(Reason::new(&reason, detail));
                         }
                         Err(e) => last_error = Some(e),
                     }

@@ -94,6 +94,19 @@ pub enum ProbeError {
         /// The hyper error.
         source: hyper::Error,
     },
+    /// The service says it cannot become ready without a fix (a non-200 answer whose JSON
+    /// object holds `"failed": {"reason": "<code>", "detail": "<text>"}`): no point waiting.
+    #[error("HTTP probe of {addr}{path}: the service cannot become ready: {detail}")]
+    Failed {
+        /// The probed address.
+        addr: SocketAddr,
+        /// The request target.
+        path: String,
+        /// The service's stable reason (lowercase letters, digits and `-`, at most 64).
+        reason: String,
+        /// The service's explanation.
+        detail: String,
+    },
     /// The response status was not 200.
     #[error("HTTP probe of {addr}{path} answered status {status}")]
     Status {
@@ -161,6 +174,7 @@ impl ProbeError {
             Self::Connect { .. } => "probe-connect-failed",
             Self::Request { .. } => "probe-invalid",
             Self::Http { .. } => "probe-http-failed",
+            Self::Failed { .. } => "probe-service-failed",
             Self::Status { .. } => "probe-bad-status",
             Self::Body { .. } => "probe-bad-body",
             Self::RfbIo { .. } => "probe-rfb-io-failed",
@@ -243,6 +257,19 @@ async fn check_http(
     let response = sender.send_request(request).await.map_err(http_err)?;
     let status = response.status().as_u16();
     if status != 200 {
+        let body = Limited::new(response.into_body(), MAX_BODY)
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        if let Some((reason, detail)) = declared_failure(&body) {
+            return Err(ProbeError::Failed {
+                addr,
+                path: path.to_owned(),
+                reason,
+                detail,
+            });
+        }
         return Err(ProbeError::Status {
             addr,
             path: path.to_owned(),
@@ -269,6 +296,29 @@ async fn check_http(
         Some(_) => Err(body_err(format!("JSON body has no key '{key}'"))),
         None => Err(body_err("JSON body is not an object".to_owned())),
     }
+}
+
+/// `"failed": {"reason", "detail"}` from a JSON object body, when the reason is a stable code
+/// (1 to 64 of `a-z`, `0-9`, `-`); anything else is an ordinary bad status.
+fn declared_failure(body: &[u8]) -> Option<(String, String)> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let failed = value.get("failed")?.as_object()?;
+    let reason = failed.get("reason")?.as_str()?;
+    let valid = (1..=64).contains(&reason.len())
+        && reason
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !valid {
+        return None;
+    }
+    let detail = failed
+        .get("detail")
+        .and_then(|d| d.as_str())
+        .unwrap_or_default()
+        .chars()
+        .take(1024)
+        .collect();
+    Some((reason.to_owned(), detail))
 }
 
 /// The minor version of an RFB 3.x banner the probe speaks (3, 7 or 8), `None` otherwise.
@@ -421,6 +471,34 @@ mod tests {
         let err = http(addr, Some("missing")).check(T).await.unwrap_err();
         assert_eq!(err.reason(), "probe-bad-body");
         assert!(err.to_string().contains("missing"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_declared_failure_is_its_own_error_with_the_services_reason() {
+        let body =
+            r#"{"error":"x","failed":{"reason":"guacd-protocol-missing","detail":"no rdp"}}"#;
+        let response = format!(
+            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let (addr, _seen) = serve(Box::leak(response.into_boxed_str())).await;
+        match http(addr, Some("guacd")).check(T).await.unwrap_err() {
+            ProbeError::Failed { reason, detail, .. } => {
+                assert_eq!(
+                    (reason.as_str(), detail.as_str()),
+                    ("guacd-protocol-missing", "no rdp")
+                );
+            }
+            other => panic!("expected Failed, saw {other:?}"),
+        }
+        // A reason that is not a stable code is ignored: an ordinary bad status.
+        assert_eq!(
+            declared_failure(br#"{"failed":{"reason":"Bad Reason!"}}"#),
+            None
+        );
+        assert_eq!(declared_failure(br#"{"failed":"x"}"#), None);
+        assert_eq!(declared_failure(b"not json"), None);
     }
 
     #[tokio::test]

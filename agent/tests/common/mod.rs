@@ -246,6 +246,11 @@ pub struct GuacdPeer {
 
 impl GuacdPeer {
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Started with extra arguments (e.g. `--without-plugin vnc`).
+    pub fn start_with(extra: &[&str]) -> Self {
         use std::io::BufRead;
         let venv = std::env::var("EXOAGENT_GUAC_VENV")
             .unwrap_or_else(|_| "/var/tmp/exoagent-guac-venv".to_owned());
@@ -261,6 +266,7 @@ impl GuacdPeer {
             .arg(repo_root().join("tests/guacamole/guacd_peer.py"))
             .args(["--listen", "127.0.0.1:0", "--events"])
             .arg(&events)
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

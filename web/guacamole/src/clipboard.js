@@ -1,6 +1,7 @@
 // Owns the clipboard in both directions: remote → panel (+ local clipboard), panel/paste → remote.
 import Guacamole from 'guacamole-common-js';
 import { exo } from './state.js';
+import { readText, writeText } from './text-stream.js';
 
 const INPUT_DEBOUNCE_MS = 400;
 
@@ -21,10 +22,8 @@ export function setupClipboard({ textarea, getClient }) {
         const client = getClient();
         if (!client || text === remoteText)
             return;
-        const stream = client.createClipboardStream('text/plain');
-        const writer = new Guacamole.StringWriter(stream);
-        writer.sendText(text);
-        writer.sendEnd();
+        // Real UTF-8 (Guacamole.StringWriter 1.5 encodes each half of a surrogate pair alone).
+        writeText(client.createClipboardStream('text/plain'), text);
         remoteText = text;
     }
 
@@ -87,10 +86,8 @@ export function setupClipboard({ textarea, getClient }) {
             remoteText = null;
             client.onclipboard = (stream, mimetype) => {
                 if (/^text\//.test(mimetype)) {
-                    const reader = new Guacamole.StringReader(stream);
-                    let text = '';
-                    reader.ontext = (chunk) => { text += chunk; };
-                    reader.onend = () => receivedFromRemote(text);
+                    // guacd cuts clipboard data into 4096-byte blobs, possibly inside a character.
+                    readText(stream, { onend: receivedFromRemote });
                 } else {
                     // Non-text clipboard data (e.g. images) is read and dropped.
                     new Guacamole.BlobReader(stream, mimetype);

@@ -15,11 +15,18 @@ export function setupDisplay({ viewport, container, getClient }) {
     /** @type {Guacamole.Display | null} */
     let display = null;
     let localCursor = false;
+    /** null: fit the window; a number: that scale (the viewport then scrolls) */
+    let zoom = null;
 
-    /** Scales the display so the whole remote screen fits the window. */
+    /** Scales the display so the whole remote screen fits the window, or to the chosen zoom. */
     function fit() {
         if (!display)
             return;
+        viewport.classList.toggle('zoomed', zoom !== null);
+        if (zoom !== null) {
+            display.scale(zoom);
+            return;
+        }
         const width = display.getWidth();
         const height = display.getHeight();
         if (!width || !height)
@@ -79,6 +86,12 @@ export function setupDisplay({ viewport, container, getClient }) {
     return {
         currentSize,
         fit,
+
+        /** Fits the window (null) or shows the remote screen at a fixed scale (1 = 100 %). */
+        setZoom(scale) {
+            zoom = scale;
+            fit();
+        },
 
         /** Shows the display of a (new) client in place of the previous one. */
         mount(client) {

@@ -1,14 +1,14 @@
 // Owns the small SFTP file browser: lists folders of a filesystem object, downloads and uploads files.
 import Guacamole from 'guacamole-common-js';
 import { exo } from './state.js';
+import { readJson } from './text-stream.js';
 
 /**
  * @param {object} p
- * @param {HTMLElement} p.panel the files panel
- * @param {HTMLButtonElement} p.button toolbar button that opens the panel
+ * @param {HTMLElement} p.panel the files section of the menu
  * @param {ReturnType<import('./transfers.js').setupTransfers>} p.transfers
  */
-export function setupFiles({ panel, button, transfers }) {
+export function setupFiles({ panel, transfers }) {
     const select = panel.querySelector('.fs-select');
     const pathLabel = panel.querySelector('.fs-path');
     const listing = panel.querySelector('.fs-list');
@@ -23,7 +23,7 @@ export function setupFiles({ panel, button, transfers }) {
 
     function publish() {
         exo.filesystems = filesystems.map((fs) => fs.name);
-        button.disabled = filesystems.length === 0;
+        panel.dataset.filesystems = String(filesystems.length);
         select.hidden = filesystems.length < 2;
         select.replaceChildren(...filesystems.map((fs, i) => new Option(fs.name, String(i), false, fs === current)));
     }
@@ -52,20 +52,23 @@ export function setupFiles({ panel, button, transfers }) {
                     message('This is not a folder.');
                 return;
             }
-            const reader = new Guacamole.JSONReader(stream);
-            reader.onprogress = () => stream.sendAck('Received', Guacamole.Status.Code.SUCCESS);
-            reader.onend = () => {
-                if (id !== request || fs !== current)
-                    return;
-                let entries;
-                try {
-                    entries = Object.entries(reader.getJSON());
-                } catch {
-                    message('The folder listing could not be read.');
-                    return;
-                }
-                show(entries);
-            };
+            // guacd sends the listing as raw UTF-8 JSON, one blob per acknowledgement.
+            readJson(stream, {
+                onprogress: () => stream.sendAck('Received', Guacamole.Status.Code.SUCCESS),
+                onend: (value) => {
+                    if (id !== request || fs !== current)
+                        return;
+                    if (value === null || typeof value !== 'object' || Array.isArray(value)) {
+                        message('The folder listing could not be read.');
+                        return;
+                    }
+                    show(Object.entries(value));
+                },
+                onerror: () => {
+                    if (id === request && fs === current)
+                        message('The folder listing could not be read.');
+                },
+            });
             stream.sendAck('Ready', Guacamole.Status.Code.SUCCESS);
         });
     }
@@ -144,7 +147,7 @@ export function setupFiles({ panel, button, transfers }) {
             };
         },
 
-        /** Called when the panel opens: (re)load the current folder. */
+        /** Called when the menu opens: (re)load the current folder. */
         opened() {
             if (current)
                 list(path);

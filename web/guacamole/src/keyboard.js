@@ -30,8 +30,8 @@ export function setupKeyboard({ getClient, onMenuChord }) {
             return false;
         }
 
-        // Typing in the page's own fields (clipboard panel, file browser) stays local, and so
-        // does everything while no session is up (e.g. Enter on the Reconnect button).
+        // Typing while the menu is open or in the page's own fields stays local, and so does
+        // everything while no session is up (e.g. Enter on the Reconnect button).
         if (isLocalInputFocused() || exo.state !== 'connected')
             return true;
 
@@ -56,6 +56,18 @@ export function setupKeyboard({ getClient, onMenuChord }) {
     window.addEventListener('blur', () => keyboard.reset());
 
     return {
+        /** Sends Ctrl+Alt+Del (press, then release in reverse order). */
+        sendCtrlAltDel() {
+            const client = getClient();
+            if (!client || exo.state !== 'connected')
+                return;
+            const keys = [0xFFE3, 0xFFE9, 0xFFFF];
+            for (const k of keys)
+                client.sendKeyEvent(1, k);
+            for (const k of keys.reverse())
+                client.sendKeyEvent(0, k);
+        },
+
         /** Releases every pressed key (e.g. before switching to a new client). */
         reset() {
             keyboard.reset();

@@ -1,9 +1,9 @@
-// Entry point: reads the link, then wires the session, display, keyboard, clipboard, files and toolbar.
+// Entry point: reads the link, then wires the session, display, keyboard, clipboard, files and the menu.
 import { tunnelUrlFor } from './connect.js';
 import { parseClientLocation } from './route.js';
 import { BAD_LINK_MESSAGE, NO_TOKEN_MESSAGE } from './status.js';
 import { exo, setLastError, setState } from './state.js';
-import { showStatus, togglePanel } from './ui.js';
+import { releaseFocus, showStatus, toggleMenu } from './ui.js';
 import { setupDisplay } from './display.js';
 import { setupKeyboard } from './keyboard.js';
 import { setupClipboard } from './clipboard.js';
@@ -34,6 +34,7 @@ function start() {
     exo.connection = identifier.name;
     exo.tunnelUrl = tunnelUrlFor(document.baseURI);
     document.title = `${identifier.name} – Guacamole`;
+    $('menu-title').textContent = identifier.name;
 
     let session = null;
     const getClient = () => (session ? session.getClient() : null);
@@ -41,17 +42,21 @@ function start() {
     const display = setupDisplay({ viewport: $('viewport'), container: $('display'), getClient });
     const clipboard = setupClipboard({ textarea: $('clipboard-text'), getClient });
     const transfers = setupTransfers({ list: $('transfers'), getClient });
-    const files = setupFiles({ panel: $('files-panel'), button: $('btn-files'), transfers });
+    const files = setupFiles({ panel: $('files-panel'), transfers });
 
-    const openPanel = (id, open) => {
-        const shown = togglePanel(id, open);
-        if (shown && id === 'files-panel')
+    /** Opens/closes the one menu; opening (re)loads the file browser's folder. */
+    const menu = (open) => {
+        const shown = toggleMenu(open);
+        if (shown) {
             files.opened();
-        if (shown && id === 'clipboard-panel')
-            $('clipboard-text').focus();
+            $('btn-menu-close').focus();
+        } else {
+            // Typing goes back to the session.
+            releaseFocus();
+        }
         return shown;
     };
-    const keyboard = setupKeyboard({ getClient, onMenuChord: () => openPanel('clipboard-panel') });
+    const keyboard = setupKeyboard({ getClient, onMenuChord: () => menu() });
 
     session = createSession({
         token,
@@ -71,14 +76,20 @@ function start() {
         },
     });
 
-    // Toolbar. Its buttons give focus back right away, so typing keeps going to the session.
-    for (const button of document.querySelectorAll('#toolbar button'))
-        button.addEventListener('click', () => button.blur());
-    for (const button of document.querySelectorAll('[data-panel]'))
-        button.addEventListener('click', () => openPanel(button.dataset.panel));
-    for (const button of document.querySelectorAll('.panel .close'))
-        button.addEventListener('click', () => togglePanel(button.closest('.panel').id, false));
+    // The menu and its handle.
+    $('menu-handle').addEventListener('click', () => menu(true));
+    $('btn-menu-close').addEventListener('click', () => menu(false));
     $('btn-upload').addEventListener('click', () => $('file-input').click());
+    $('btn-ctrl-alt-del').addEventListener('click', () => keyboard.sendCtrlAltDel());
+    const zoomFit = $('zoom-fit');
+    const zoomLevel = $('zoom-level');
+    const applyZoom = () => {
+        zoomLevel.disabled = zoomFit.checked;
+        $('zoom-value').textContent = `${zoomLevel.value}%`;
+        display.setZoom(zoomFit.checked ? null : Number(zoomLevel.value) / 100);
+    };
+    zoomFit.addEventListener('change', applyZoom);
+    zoomLevel.addEventListener('input', applyZoom);
     $('file-input').addEventListener('change', () => {
         for (const file of $('file-input').files)
             transfers.upload(file);

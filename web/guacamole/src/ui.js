@@ -1,4 +1,4 @@
-// Owns the status overlay, the toolbar status line and panel toggling.
+// Owns the status overlay, the menu's status line and opening/closing the menu.
 
 const $ = (id) => document.getElementById(id);
 
@@ -14,7 +14,7 @@ const SHORT = {
 };
 
 /**
- * Shows the state in the toolbar and, unless connected, in the centred overlay.
+ * Shows the state in the menu and, unless connected, in the centred overlay.
  * @param {string} state
  * @param {{ message?: string, detail?: string, canReconnect?: boolean }} [info]
  */
@@ -45,32 +45,37 @@ export function showNotice(text, ms = 6000) {
     noticeTimer = setTimeout(() => { el.hidden = true; }, ms);
 }
 
+/** Whether the menu is open. */
+export function isMenuOpen() {
+    return !$('menu').hidden;
+}
+
 /**
- * Toggles a side panel; only one is open at a time.
- * @param {string} id element id of the panel
- * @param {boolean} [open] force open/closed
- * @returns {boolean} whether the panel is now open
+ * Opens or closes the menu (the one place for clipboard, files, zoom…); the handle shows
+ * only while it is closed.
+ * @param {boolean} [open] force open/closed; toggles when absent
+ * @returns {boolean} whether the menu is now open
  */
-export function togglePanel(id, open) {
-    const panel = $(id);
-    const show = open ?? panel.hidden;
-    for (const other of document.querySelectorAll('.panel'))
-        other.hidden = true;
-    panel.hidden = !show;
-    for (const button of document.querySelectorAll('[data-panel]'))
-        button.classList.toggle('active', button.dataset.panel === id && show);
+export function toggleMenu(open) {
+    const show = open ?? !isMenuOpen();
+    $('menu').hidden = !show;
+    $('menu-handle').hidden = show;
+    $('menu-handle').setAttribute('aria-expanded', String(show));
+    document.body.classList.toggle('menu-open', show);
     return show;
 }
 
 /**
- * True when keystrokes belong to the page itself: focus is in a text field, or on a control
- * inside an open panel (so Enter/Space work in the file browser).
+ * True when keystrokes belong to the page itself: the menu is open (as in Guacamole's own
+ * client, typing then goes to the menu, not the session), or focus is in a text field.
  */
 export function isLocalInputFocused() {
+    if (isMenuOpen())
+        return true;
     const el = document.activeElement;
     if (!el || el === document.body)
         return false;
-    return el.matches('input, textarea, select') || el.isContentEditable || !!el.closest('.panel');
+    return el.matches('input, textarea, select') || el.isContentEditable;
 }
 
 /** Moves focus back to the page body so keystrokes go to the remote session. */

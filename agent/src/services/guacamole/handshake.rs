@@ -22,6 +22,11 @@ const KNOWN_VERSIONS: [&str; 4] = [
 ];
 /// guacd gives up on a client after 15 s; this side gives up on guacd sooner.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `args` may take after `select`. guacd answers in milliseconds (13 ms measured for
+/// ssh); one that lacks the protocol's plugin logs `Support for protocol "x" is not installed`
+/// and neither answers nor closes for at least 10 s, so silence this long means the plugin is
+/// missing, not that guacd is slow.
+pub const ARGS_WAIT: Duration = Duration::from_secs(3);
 
 /// What the browser says about itself (the tunnel's `GUAC_*` query parameters).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,6 +84,18 @@ pub enum HandshakeError {
     /// guacd closed the connection (e.g. no support for the protocol).
     #[error("guacd closed the connection during the handshake (is protocol '{0}' installed?)")]
     Closed(String),
+    /// guacd accepted `select` but sent no `args` in time: what a guacd without the protocol's
+    /// plugin does.
+    #[error(
+        "guacd sent no 'args' for protocol '{protocol}' within {waited:?}: \
+         its plugin is not installed (libguac-client-{protocol})"
+    )]
+    ProtocolMissing {
+        /// The protocol selected.
+        protocol: String,
+        /// How long this side waited.
+        waited: Duration,
+    },
     /// guacd sent something that is not the protocol.
     #[error("guacd sent malformed data: {0}")]
     Malformed(#[from] DecodeError),
@@ -108,6 +125,7 @@ impl HandshakeError {
             Self::Io(_) => "guacd-io",
             Self::Timeout(_) => "guacd-timeout",
             Self::Closed(_) => "guacd-closed",
+            Self::ProtocolMissing { .. } => "guacd-protocol-missing",
             Self::Malformed(_) => "guacd-malformed",
             Self::Unexpected { .. } => "guacd-unexpected",
             Self::Refused { .. } => "guacd-refused",
@@ -120,7 +138,7 @@ impl HandshakeError {
             Self::Unreachable { .. } => 0x0207, // UPSTREAM_NOT_FOUND
             Self::Timeout(_) => 0x0202,         // UPSTREAM_TIMEOUT
             Self::Refused { status, .. } => *status,
-            Self::Closed(_) => 0x0208, // UPSTREAM_UNAVAILABLE
+            Self::Closed(_) | Self::ProtocolMissing { .. } => 0x0208, // UPSTREAM_UNAVAILABLE
             Self::Io(_) | Self::Malformed(_) | Self::Unexpected { .. } => 0x0203, // UPSTREAM_ERROR
         }
     }
@@ -183,7 +201,12 @@ async fn select(
     stream
         .write_all(Instruction::new("select", [protocol]).encode().as_bytes())
         .await?;
-    let args = next_instruction(stream, decoder, protocol).await?;
+    let args = tokio::time::timeout(ARGS_WAIT, next_instruction(stream, decoder, protocol))
+        .await
+        .map_err(|_| HandshakeError::ProtocolMissing {
+            protocol: protocol.to_owned(),
+            waited: ARGS_WAIT,
+        })??;
     match args.opcode.as_str() {
         "args" => {}
         "error" => return Err(refused(&args)),
@@ -441,6 +464,27 @@ mod tests {
         drop(listener);
         let e = check_protocol(closed, "ssh").await.unwrap_err();
         assert_eq!((e.reason(), e.status()), ("guacd-unreachable", 0x0207));
+    }
+
+    #[tokio::test]
+    async fn a_guacd_silent_after_select_lacks_the_plugin() {
+        // What guacd 1.6 does without the protocol's plugin: reads `select`, says nothing, and
+        // keeps the connection open (for at least 10 s; here until the test ends).
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let silent = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut buffer = [0u8; 256];
+            while socket.read(&mut buffer).await.is_ok_and(|n| n > 0) {}
+        });
+        let started = std::time::Instant::now();
+        let e = check_protocol(addr, "rdp").await.unwrap_err();
+        let took = started.elapsed();
+        assert_eq!((e.reason(), e.status()), ("guacd-protocol-missing", 0x0208));
+        assert!(e.to_string().contains("protocol 'rdp'"), "{e}");
+        assert!(e.to_string().contains("libguac-client-rdp"), "{e}");
+        assert!(took >= ARGS_WAIT && took < ARGS_WAIT + Duration::from_secs(2), "{took:?}");
+        silent.abort();
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::extract::ws::WebSocketUpgrade;
@@ -41,6 +41,9 @@ pub struct WebState {
     config: WebConfig,
     auth: Arc<Authenticator>,
     guacd_answered: AtomicBool,
+    /// Set when guacd lacks a configured protocol's plugin: (reason, detail) for the health
+    /// endpoint, which then tells the supervisor not to wait.
+    guacd_missing: OnceLock<(&'static str, String)>,
     tunnels: AtomicUsize,
 }
 
@@ -53,6 +56,7 @@ impl WebState {
             config,
             auth,
             guacd_answered: AtomicBool::new(false),
+            guacd_missing: OnceLock::new(),
             tunnels: AtomicUsize::new(0),
         })
     }
@@ -71,9 +75,19 @@ impl WebState {
         loop {
             let mut all = true;
             for protocol in &protocols {
-                if let Err(e) = handshake::check_protocol(self.config.guacd, protocol).await {
-                    tracing::info!(protocol, reason = e.reason(), "guacd not ready: {}", shown(&e.to_string()));
-                    all = false;
+                match handshake::check_protocol(self.config.guacd, protocol).await {
+                    Ok(_) => {}
+                    // Asking again cannot help: the plugin must be installed (and guacd
+                    // restarted), which the supervisor's retry schedule will notice.
+                    Err(e @ handshake::HandshakeError::ProtocolMissing { .. }) => {
+                        tracing::error!(protocol, reason = e.reason(), "{}", shown(&e.to_string()));
+                        let _ = self.guacd_missing.set((e.reason(), e.to_string()));
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::info!(protocol, reason = e.reason(), "guacd not ready: {}", shown(&e.to_string()));
+                        all = false;
+                    }
                 }
             }
             if all {
@@ -320,6 +334,18 @@ async fn connections(
 
 /// 200 once guacd has answered for every configured protocol and still accepts connections.
 async fn health(State(state): State<Arc<WebState>>) -> Response {
+    if let Some((reason, detail)) = state.guacd_missing.get() {
+        return no_store(
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({
+                    "error": detail,
+                    "failed": {"reason": reason, "detail": detail},
+                })),
+            )
+                .into_response(),
+        );
+    }
     if !state.guacd_answered.load(Ordering::SeqCst) {
         return no_store(
             (
