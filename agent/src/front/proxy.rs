@@ -143,13 +143,11 @@ async fn connection(
         _ => return,
     };
     let activity = Activity::new();
-    let (links, linked) = tokio::sync::mpsc::unbounded_channel();
     let conn = Arc::new(ClientConnection {
         peer,
         hop,
         front: front.clone(),
         backend: Mutex::new(None),
-        links,
         activity: activity.clone(),
         _permit: permit,
     });
@@ -158,12 +156,12 @@ async fn connection(
         (Hop::Tls, Some(tls)) => {
             let left = front.limits.handshake.saturating_sub(start.elapsed());
             match tokio::time::timeout(left, tls.acceptor.accept(watched)).await {
-                Ok(Ok(stream)) => serve_http(stream, conn, linked, stop).await,
+                Ok(Ok(stream)) => serve_http(stream, conn, stop).await,
                 Ok(Err(e)) => tls.log.refused(peer, &e),
                 Err(_) => {}
             }
         }
-        _ => serve_http(watched, conn, linked, stop).await,
+        _ => serve_http(watched, conn, stop).await,
     }
 }
 
@@ -174,9 +172,6 @@ struct ClientConnection {
     hop: Hop,
     front: Arc<Front>,
     backend: Mutex<Option<SendRequest<Incoming>>>,
-    /// Hands each backend connection's driver to the client connection's own task, so a
-    /// request and its answer never hop between tasks (see [`serve_http`]).
-    links: tokio::sync::mpsc::UnboundedSender<BackendLink>,
     activity: Activity,
     /// Held until the connection and any tunnel made from it are gone.
     _permit: OwnedSemaphorePermit,
@@ -184,20 +179,8 @@ struct ClientConnection {
 
 type FrontBody = Either<Incoming, Full<Bytes>>;
 
-/// What drives one backend connection (hyper's client connection future).
-type BackendLink = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
-
-/// Serve HTTP on the client connection `io`. The backend connections made for it are driven in
-/// this same task (polled beside the client side) rather than spawned: a spawned driver costs
-/// a cross-task hand-off per request and answer, the front's main cost on small requests
-/// (bench/results/tls-front.md). After the client side ends they are driven to their end too
-/// (an upgrade completes there, and the tunnel waits for it).
-async fn serve_http<I>(
-    io: I,
-    conn: Arc<ClientConnection>,
-    mut linked: tokio::sync::mpsc::UnboundedReceiver<BackendLink>,
-    stop: CancellationToken,
-) where
+async fn serve_http<I>(io: I, conn: Arc<ClientConnection>, stop: CancellationToken)
+where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let limits = conn.front.limits;
@@ -216,16 +199,13 @@ async fn serve_http<I>(
         .keep_alive(true)
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
-    let mut http = Box::pin(http);
-    let mut links = futures_util::stream::FuturesUnordered::new();
+    tokio::pin!(http);
     let mut stopping = false;
     loop {
         let deadline = activity.last() + limits.idle;
         tokio::select! {
             // Done, failed, timed out, or upgraded (the tunnel task owns the socket now).
             _ = http.as_mut() => break,
-            Some(link) = linked.recv() => links.push(link),
-            Some(()) = futures_util::StreamExt::next(&mut links), if !links.is_empty() => {}
             () = stop.cancelled(), if !stopping => {
                 stopping = true;
                 http.as_mut().graceful_shutdown();
@@ -237,16 +217,6 @@ async fn serve_http<I>(
             }
         }
     }
-    // The client side is over: let go of the backend connection (unless a tunnel took it) and
-    // drive what remains to its end, within the tunnel idle limit.
-    drop(http);
-    drop(conn);
-    linked.close();
-    while let Ok(link) = linked.try_recv() {
-        links.push(link);
-    }
-    let drain = async { while futures_util::StreamExt::next(&mut links).await.is_some() {} };
-    let _ = tokio::time::timeout(limits.tunnel_idle, drain).await;
 }
 
 impl ClientConnection {
@@ -344,13 +314,11 @@ impl ClientConnection {
                 .handshake(TokioIo::new(stream))
                 .await
                 .map_err(|e| format!("backend handshake failed: {e}"))?;
-            let driver: BackendLink = Box::pin(async move {
+            // Its own task: driving it in the client connection's task (one task per client)
+            // cost more CPU per request, not less (bench/results/tls-front.md).
+            tokio::spawn(async move {
                 let _ = link.with_upgrades().await;
             });
-            if let Err(unsent) = self.links.send(driver) {
-                // The client side is already over; nothing polls there any more.
-                tokio::spawn(unsent.0);
-            }
             sender
                 .ready()
                 .await
