@@ -92,7 +92,14 @@ pub fn dispatch(cli: Cli) -> ExitCode {
         return shim::run();
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        // The TLS front is one worker: it used less CPU per request than two (work stealing
+        // between them costs more than it gains for one service's traffic), matching nginx
+        // with two workers on this machine (bench/results/tls-front.md).
+        .worker_threads(if matches!(cli.command, Command::Front(_)) {
+            1
+        } else {
+            2
+        })
         .enable_all()
         .build()
     {

@@ -332,13 +332,17 @@ impl ClientConnection {
     /// dropped (the upgrade pair kept for an upgrade), forwarded headers set for this hop.
     fn backend_request(&self, request: Request<Incoming>, upgrade: bool) -> Request<Incoming> {
         let (mut parts, body) = request.into_parts();
-        let target = parts
-            .uri
-            .path_and_query()
-            .map(|pq| pq.as_str())
-            .unwrap_or("/");
-        if let Ok(uri) = target.parse::<Uri>() {
-            parts.uri = uri;
+        // An absolute-form target (`GET http://host/x`) becomes origin-form; the usual
+        // origin-form one is passed as it is.
+        if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+            let target = parts
+                .uri
+                .path_and_query()
+                .map(|pq| pq.as_str())
+                .unwrap_or("/");
+            if let Ok(uri) = target.parse::<Uri>() {
+                parts.uri = uri;
+            }
         }
         strip_hop_by_hop(&mut parts.headers, upgrade);
         forwarded_headers(
