@@ -13,9 +13,10 @@ bench/results/tls-front.md records past runs.
 - Backend: nginx serving two static files (1 KiB and 1 MiB, from memory after the first read)
   on one loopback port, and a Node `ws` echo server on another.
 - exoagent: `exoagent front --listen … --backend …` (release build), one for the HTTP backend
-  and one for the echo backend; a tokio multi-thread runtime with 2 workers
-  (agent/src/cli/mod.rs), rustls 0.23 with ring.
-- nginx front: one nginx, `worker_processes 2` (= exoagent's workers), `listen … ssl`, TLS 1.3
+  and one for the echo backend; a tokio multi-thread runtime with 1 worker for `front`
+  (agent/src/cli/mod.rs; 2 before commit ef49abb), rustls 0.23 with ring.
+- nginx front: one nginx, `worker_processes N` (`--nginx-workers`, default 1 = exoagent's
+  front workers; 2 was used before the front went to one worker), `listen … ssl`, TLS 1.3
   only, same certificate and key, `proxy_pass` to an `upstream` with `keepalive 32`,
   `proxy_http_version 1.1`, `proxy_set_header Connection ""`, keep-alive limits raised so no
   side closes connections during a run, access log off; the WebSocket server block with the
@@ -169,10 +170,10 @@ http {{
 """
 
 
-def nginx_front_conf(d, port, ws_port, backend, ws_backend, cert, key, buffering):
+def nginx_front_conf(d, port, ws_port, backend, ws_backend, cert, key, buffering, workers):
     return f"""daemon off;
 master_process on;
-worker_processes 2;
+worker_processes {workers};
 pid {d}/front.pid;
 error_log {d}/front-error.log warn;
 events {{ worker_connections 4096; }}
@@ -286,6 +287,8 @@ def main():
     p.add_argument("--ws-warmup", type=int, default=200)
     p.add_argument("--ws-sizes", default="32,65536")
     p.add_argument("--nginx-buffering", choices=sorted(NGINX_BUFFERING), default="nodisk")
+    p.add_argument("--nginx-workers", type=int, default=1,
+                   help="nginx front's worker_processes (default 1, as exoagent's front)")
     p.add_argument("--load-cpus", default="", help="taskset CPU list for wrk and the WebSocket client")
     p.add_argument("--server-cpus", default="", help="taskset CPU list for the fronts and backends")
     p.add_argument("--json", help="also write the raw results here")
@@ -314,7 +317,7 @@ def main():
     write(os.path.join(work, "backend.conf"), nginx_backend_conf(work, ports["backend"], root))
     write(os.path.join(work, "front.conf"), nginx_front_conf(
         work, ports["nginx"], ports["nginx_ws"], backend, echo, cert, key,
-        NGINX_BUFFERING[args.nginx_buffering]))
+        NGINX_BUFFERING[args.nginx_buffering], args.nginx_workers))
 
     log = open(os.path.join(work, "servers.log"), "w")
     procs = []
@@ -484,7 +487,7 @@ def report(args, conns, bodies, ws_sizes, results, ws, tls, after_start, peak, a
                             ("RSS after the load", after_load, 0), ("PSS after start", after_start, 1),
                             ("PSS peak under load", peak, 1)]:
         e, n = mem["exoagent"][idx] / 1024, mem["nginx"][idx] / 1024
-        print(f"| front {label}, MiB (nginx: master + 2 workers) | — | {e:.1f} | {n:.1f} | {e - n:+.1f} MiB |")
+        print(f"| front {label}, MiB (nginx: master + {args.nginx_workers} workers) | — | {e:.1f} | {n:.1f} | {e - n:+.1f} MiB |")
     print(f"| front still running at the end | — | {'yes' if alive['exoagent'] else 'NO'} | "
           f"{'yes' if alive['nginx'] else 'NO'} | — |")
     errors = {t: sum(r[k] for (b, c, tt), rs in results.items() if tt == t for r in rs
@@ -500,7 +503,7 @@ def report(args, conns, bodies, ws_sizes, results, ws, tls, after_start, peak, a
           f"of which about {max(busy_http - own_http, 0):.0f} core-s outside the benchmark's processes "
           f"(~{max(busy_http - own_http, 0) / wall_http:.2f} cores); load average at the end {' '.join(load)}; "
           f"reps {args.reps} × {args.duration:g} s after {args.warmup:g} s warm-up each; wrk threads min(conns, {args.wrk_threads}); "
-          f"nginx buffering: {args.nginx_buffering}; pinning: load {args.load_cpus or 'none'}, servers {args.server_cpus or 'none'}; "
+          f"nginx buffering: {args.nginx_buffering}; nginx workers: {args.nginx_workers}; pinning: load {args.load_cpus or 'none'}, servers {args.server_cpus or 'none'}; "
           f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
 
 
