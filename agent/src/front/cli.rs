@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
-use tokio::signal::unix::{signal, SignalKind};
 
 use super::proxy::{serve, Front, FrontLimits};
 use super::tls::{TlsFiles, TlsSetup};
@@ -84,14 +83,7 @@ pub async fn run(args: FrontArgs) -> anyhow::Result<ExitCode> {
         require_tls,
         "TLS front serving"
     );
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let shutdown = async move {
-        tokio::select! {
-            _ = terminate.recv() => {}
-            _ = interrupt.recv() => {}
-        }
-    };
+    let shutdown = crate::platform::signals::stop_requested()?;
     let front = Front {
         backend: args.backend,
         tls: Some(tls),

@@ -10,6 +10,7 @@ pub mod packages;
 pub mod passphrase;
 pub mod privileges;
 pub mod process_group;
+pub mod signals;
 pub mod users;
 
 pub(crate) mod exec;

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
-use tokio::signal::unix::{signal, SignalKind};
 
 use super::web::{serve, WebState};
 use super::web_config::WebConfig;
@@ -39,14 +38,7 @@ pub async fn run(args: GuacamoleWebArgs) -> anyhow::Result<ExitCode> {
         }
     };
     tracing::info!(listen = %config.listen, guacd = %config.guacd, "guacamole web side serving");
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let shutdown = async move {
-        tokio::select! {
-            _ = terminate.recv() => {}
-            _ = interrupt.recv() => {}
-        }
-    };
+    let shutdown = crate::platform::signals::stop_requested()?;
     serve(listener, WebState::new(config, password), shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }
