@@ -133,17 +133,7 @@ pub const KEYS: &[Key<Section>] = &[
     Key {
         name: "trusted_proxies",
         example: "[\"10.0.0.7\", \"192.168.0.0/24\"]",
-        read: |w, f, s| {
-            set(
-                &mut s.trusted_proxies,
-                w.parsed_array(
-                    f,
-                    "an array of IP addresses or CIDR blocks",
-                    "an IP address or CIDR block, e.g. \"10.0.0.7\" or \"10.0.0.0/24\"",
-                    |v| v.parse::<Cidr>().ok(),
-                ),
-            )
-        },
+        read: |w, f, s| set(&mut s.trusted_proxies, w.cidrs(f)),
     },
 ];
 

@@ -344,6 +344,17 @@ impl Walker<'_> {
         self.parsed(field, "an IP address", |v| v.parse().ok())
     }
 
+    /// An array of IP addresses or CIDR blocks (`trusted_proxies` of the Guacamole web side and
+    /// of the TLS front).
+    pub fn cidrs(&mut self, field: &Field<'_>) -> Option<Located<Vec<crate::model::Cidr>>> {
+        self.parsed_array(
+            field,
+            "an array of IP addresses or CIDR blocks",
+            "an IP address or CIDR block, e.g. \"10.0.0.7\" or \"10.0.0.0/24\"",
+            |v| v.parse().ok(),
+        )
+    }
+
     /// A service's `start_timeout_s`: 1 to 3600 seconds.
     pub fn start_timeout_s(&mut self, field: &Field<'_>) -> Option<Located<u64>> {
         self.count(field, 1, 3600, "seconds")
