@@ -123,28 +123,53 @@ async fn connection<I, A>(
         let addr = addr.clone();
         async move { Ok::<_, Infallible>(handle(router, request, addr, limits).await) }
     });
-    let conn = hyper::server::conn::http1::Builder::new()
+    let conn = http1_builder(limits.header_read)
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    drive(conn, &activity, limits.idle, &stop).await;
+}
+
+/// The HTTP/1.1 server settings every server here shares: hyper's timer, the head timeout,
+/// the head size bound, keep-alive.
+pub fn http1_builder(header_read: Duration) -> hyper::server::conn::http1::Builder {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
         .timer(TokioTimer::new())
         // hyper starts this timer whenever it waits for a request head, so it also closes a
         // kept-alive connection that sends no next request.
-        .header_read_timeout(limits.header_read)
+        .header_read_timeout(header_read)
         .max_buf_size(MAX_HEAD_BYTES)
-        .keep_alive(true)
-        .serve_connection(TokioIo::new(io), service)
-        .with_upgrades();
+        .keep_alive(true);
+    builder
+}
+
+/// Drive one server connection until it ends (done, failed, timed out, or upgraded: hyper then
+/// hands the socket on), closing it when no byte moved for `idle` and shutting it down
+/// gracefully once `stop` fires.
+pub async fn drive<I, S, B>(
+    conn: hyper::server::conn::http1::UpgradeableConnection<I, S>,
+    activity: &Activity,
+    idle: Duration,
+    stop: &CancellationToken,
+) where
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: HttpBody + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     tokio::pin!(conn);
     let mut stopping = false;
     loop {
-        let deadline = activity.last() + limits.idle;
+        let deadline = activity.last() + idle;
         tokio::select! {
-            // Done, failed, timed out, or upgraded (hyper hands the socket to the WebSocket).
             _ = conn.as_mut() => break,
             () = stop.cancelled(), if !stopping => {
                 stopping = true;
                 conn.as_mut().graceful_shutdown();
             }
             () = tokio::time::sleep_until(deadline) => {
-                if activity.last() + limits.idle <= Instant::now() {
+                if activity.last() + idle <= Instant::now() {
                     break;
                 }
             }

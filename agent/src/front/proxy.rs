@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode, Uri};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::tls::TlsSetup;
-use crate::httpserve::{Activity, Watched, MAX_HEAD_BYTES};
+use crate::httpserve::{drive, http1_builder, Activity, Watched, MAX_HEAD_BYTES};
 use crate::model::Cidr;
 
 /// The first byte of a TLS record carrying a handshake (a ClientHello starts with it).
@@ -190,33 +190,11 @@ where
         let conn = handler.clone();
         async move { Ok::<_, Infallible>(conn.handle(request).await) }
     });
-    let http = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        // hyper starts this timer whenever it waits for a request head, so it also closes a
-        // kept-alive connection that sends no next request.
-        .header_read_timeout(limits.header_read)
-        .max_buf_size(MAX_HEAD_BYTES)
-        .keep_alive(true)
+    // Upgraded connections leave it: the tunnel task owns the socket then.
+    let http = http1_builder(limits.header_read)
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
-    tokio::pin!(http);
-    let mut stopping = false;
-    loop {
-        let deadline = activity.last() + limits.idle;
-        tokio::select! {
-            // Done, failed, timed out, or upgraded (the tunnel task owns the socket now).
-            _ = http.as_mut() => break,
-            () = stop.cancelled(), if !stopping => {
-                stopping = true;
-                http.as_mut().graceful_shutdown();
-            }
-            () = tokio::time::sleep_until(deadline) => {
-                if activity.last() + limits.idle <= Instant::now() {
-                    break;
-                }
-            }
-        }
-    }
+    drive(http, &activity, limits.idle, &stop).await;
 }
 
 impl ClientConnection {
