@@ -129,6 +129,27 @@ pub(crate) mod fixtures {
     use crate::platform::os::PackageManager;
     use crate::platform::packages::{PackageInstaller, PackageSettings, PackageTools};
 
+    /// Debian 12, as os-release describes it.
+    pub(crate) fn debian12() -> crate::platform::os::Os {
+        crate::platform::os::Os {
+            id: "debian".into(),
+            version_id: "12".into(),
+            pretty_name: "Debian 12".into(),
+            family: crate::platform::os::Family::Debian,
+            supported: true,
+        }
+    }
+
+    /// The services' context in a sandbox under `root`, as the invoking user.
+    pub(crate) fn sandbox_context(root: &Path) -> crate::services::ServiceContext {
+        let paths = Paths::sandbox(root);
+        crate::services::ServiceContext {
+            account: super::invoking_account(&paths).unwrap(),
+            exe: paths.installed_exe(),
+            paths,
+        }
+    }
+
     /// An HTTP server on loopback answering every request with `body`.
     pub(crate) fn serve_every_request(body: &'static [u8]) -> std::net::SocketAddr {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

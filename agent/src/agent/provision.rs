@@ -301,7 +301,6 @@ mod tests {
     use super::*;
     use crate::agent::fixtures::{recording_installer, serve_every_request};
     use crate::agent::{fixtures, plan};
-    use crate::platform::os::Family;
     use crate::services::jupyterlab::{JupyterLab, JupyterLabSettings};
     use crate::services::rstudio::{RStudio, RStudioSettings};
 
@@ -312,18 +311,8 @@ mod tests {
         let tools = dir.path().join("tools");
         std::fs::create_dir_all(&tools).unwrap();
         let root = dir.path().join("root");
-        let ctx = ServiceContext {
-            paths: Paths::sandbox(&root),
-            account: invoking_account(&Paths::sandbox(&root)).unwrap(),
-            exe: "/usr/bin/exoagent".into(),
-        };
-        let os = Os {
-            id: "debian".into(),
-            version_id: "12".into(),
-            pretty_name: "Debian 12".into(),
-            family: Family::Debian,
-            supported: true,
-        };
+        let ctx = fixtures::sandbox_context(&root);
+        let os = fixtures::debian12();
         let rstudio = Service::RStudio(RStudio::new(
             RStudioSettings {
                 package_url: Some(format!("http://{addr}/rstudio-server.deb")),
@@ -382,18 +371,8 @@ mod tests {
         let tools = dir.path().join("tools");
         std::fs::create_dir_all(&tools).unwrap();
         let root = dir.path().join("root");
-        let ctx = ServiceContext {
-            paths: Paths::sandbox(&root),
-            account: invoking_account(&Paths::sandbox(&root)).unwrap(),
-            exe: "/usr/bin/exoagent".into(),
-        };
-        let os = Os {
-            id: "debian".into(),
-            version_id: "12".into(),
-            pretty_name: "Debian 12".into(),
-            family: Family::Debian,
-            supported: true,
-        };
+        let ctx = fixtures::sandbox_context(&root);
+        let os = fixtures::debian12();
         let rstudio = Service::RStudio(
             RStudio::new(
                 RStudioSettings {

@@ -135,32 +135,13 @@ pub(crate) async fn bake_services(
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
 
     use super::*;
-    use crate::agent::fixtures::{recording_installer, serve_every_request};
-    use crate::platform::os::Family;
+    use crate::agent::fixtures::{
+        debian12, recording_installer, sandbox_context as context, serve_every_request,
+    };
     use crate::services::jupyterlab::{JupyterLab, JupyterLabSettings};
     use crate::services::rstudio::{RStudio, RStudioSettings};
-
-    fn debian12() -> Os {
-        Os {
-            id: "debian".into(),
-            version_id: "12".into(),
-            pretty_name: "Debian 12".into(),
-            family: Family::Debian,
-            supported: true,
-        }
-    }
-
-    fn context(root: &Path) -> ServiceContext {
-        let paths = Paths::sandbox(root);
-        ServiceContext {
-            account: agent::invoking_account(&paths).unwrap(),
-            exe: paths.installed_exe(),
-            paths,
-        }
-    }
 
     #[tokio::test]
     async fn baking_rstudio_installs_r_in_the_one_batch_then_its_payload() {
