@@ -118,6 +118,12 @@ impl Endpoint {
         loopback_for_any(self.front.unwrap_or(self.listen))
     }
 
+    /// The URL of `path` (starting with `/`) for a person on the instance: the front over
+    /// https when there is one, else the service over http.
+    pub fn local_url(&self, path: &str) -> String {
+        format!("{}://{}{path}", self.scheme(), self.local_addr())
+    }
+
     /// `https` behind a front (which also accepts plain HTTP unless told not to), else `http`.
     pub fn scheme(&self) -> &'static str {
         if self.front.is_some() {
@@ -246,6 +252,14 @@ mod tests {
         assert_eq!(v6.probe_addr(), "[::1]:1".parse().unwrap());
         let one = Endpoint::direct("10.0.0.5:2".parse().unwrap());
         assert_eq!(one.probe_addr(), one.listen);
+        assert_eq!(all.local_url("/x/"), "http://127.0.0.1:8888/x/");
+        let fronted = Endpoint {
+            public_port: 8888,
+            listen: "127.0.0.1:18888".parse().unwrap(),
+            front: Some("0.0.0.0:8888".parse().unwrap()),
+        };
+        assert_eq!(fronted.local_url("/"), "https://127.0.0.1:8888/");
+        assert_eq!(fronted.probe_addr(), fronted.listen);
     }
 
     #[test]

@@ -398,8 +398,7 @@ impl ServiceImpl for Guacamole {
     }
 
     fn url(&self) -> String {
-        let e = self.endpoint;
-        format!("{}://{}/guacamole/", e.scheme(), e.local_addr())
+        self.endpoint.local_url("/guacamole/")
     }
 }
 

@@ -387,8 +387,7 @@ impl ServiceImpl for JupyterLab {
 
     /// Where a person on the instance reaches it.
     fn url(&self) -> String {
-        let e = self.endpoint;
-        format!("{}://{}{}", e.scheme(), e.local_addr(), self.settings.base_url)
+        self.endpoint.local_url(&self.settings.base_url)
     }
 }
 

@@ -450,8 +450,7 @@ impl ServiceImpl for RStudio {
     }
 
     fn url(&self) -> String {
-        let e = self.endpoint;
-        format!("{}://{}/", e.scheme(), e.local_addr())
+        self.endpoint.local_url("/")
     }
 }
 
