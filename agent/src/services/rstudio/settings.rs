@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::schema::values::{absolute_path, normalise_http_url};
-use crate::schema::{set, value, Checker, Key, Located};
+use crate::schema::{set, value, Checker, Field, Key, Located, Walker};
 
 /// Where Posit's package puts the server binary.
 pub const DEFAULT_RSERVER: &str = "/usr/lib/rstudio-server/bin/rserver";
@@ -66,6 +66,14 @@ pub struct Section {
     start_timeout_s: Option<Located<u64>>,
 }
 
+/// A mirror URL, or `""` for Posit's own (`None`).
+fn optional_url(w: &mut Walker<'_>, f: &Field<'_>) -> Option<Located<Option<String>>> {
+    w.parsed(f, "an http or https URL, or \"\" for Posit's", |v| match v {
+        "" => Some(None),
+        url => normalise_http_url(url).map(Some),
+    })
+}
+
 /// The keys of `[services.rstudio]` besides `enabled` and `port`.
 pub const KEYS: &[Key<Section>] = &[
     Key {
@@ -81,36 +89,12 @@ pub const KEYS: &[Key<Section>] = &[
     Key {
         name: "package_url",
         example: "\"https://mirror.example.org/rstudio-server.deb\"",
-        read: |w, f, s| {
-            set(
-                &mut s.package_url,
-                w.parsed(
-                    f,
-                    "an http or https URL, or \"\" for Posit's",
-                    |v| match v {
-                        "" => Some(None),
-                        url => normalise_http_url(url).map(Some),
-                    },
-                ),
-            )
-        },
+        read: |w, f, s| set(&mut s.package_url, optional_url(w, f)),
     },
     Key {
         name: "signing_key_url",
         example: "\"https://mirror.example.org/posit-signing-key.asc\"",
-        read: |w, f, s| {
-            set(
-                &mut s.signing_key_url,
-                w.parsed(
-                    f,
-                    "an http or https URL, or \"\" for Posit's",
-                    |v| match v {
-                        "" => Some(None),
-                        url => normalise_http_url(url).map(Some),
-                    },
-                ),
-            )
-        },
+        read: |w, f, s| set(&mut s.signing_key_url, optional_url(w, f)),
     },
     Key {
         name: "secure_cookies",
