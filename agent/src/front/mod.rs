@@ -8,13 +8,14 @@ pub mod proxy;
 pub mod settings;
 pub mod tls;
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 pub use proxy::{serve, Front, FrontLimits, Hop};
 pub use tls::{TlsError, TlsFiles, TlsSetup};
 
+use crate::model::Endpoint;
 use crate::supervise::{Probe, RunAs, RunSpec};
 use cert::{CertError, CertNames, CertSource, Installed};
 use settings::{CertChoice, TlsSettings};
@@ -127,13 +128,8 @@ impl FrontRun<'_> {
 
     /// Ready and alive while it accepts connections on its public port.
     pub fn probe(&self) -> Probe {
-        let host = match self.public.ip() {
-            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
-            ip => ip,
-        };
         Probe::Tcp {
-            addr: SocketAddr::new(host, self.public.port()),
+            addr: Endpoint::direct(self.public).probe_addr(),
         }
     }
 }
