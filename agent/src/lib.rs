@@ -10,6 +10,7 @@ pub mod config;
 pub mod delivery;
 pub mod front;
 pub mod fsutil;
+pub mod host;
 pub mod httpserve;
 pub mod input;
 pub mod model;

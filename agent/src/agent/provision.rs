@@ -12,6 +12,7 @@ use crate::cloud::nova::Nova;
 use crate::cloud::MetadataService;
 use crate::config::DEFAULT_METADATA_URL;
 use crate::fsutil;
+use crate::host::{Host, Outcome};
 use crate::paths::Paths;
 use crate::platform::os::Os;
 use crate::platform::packages::{LocalPackage, PackageError, PackageInstaller, PackageItem};
@@ -102,6 +103,8 @@ pub(crate) struct Fetched {
     pub files: Vec<LocalPackage>,
     /// Refused, with the error.
     pub refused: Vec<(Service, ServiceError)>,
+    /// Packages the host itself asks for (`[host] base_packages`), outside any service.
+    pub host_packages: Vec<String>,
 }
 
 /// Fetch and verify every service's downloads (one after the other: only vendor packages are
@@ -111,6 +114,7 @@ pub(crate) async fn fetch_all(services: &[Service], ctx: &ServiceContext) -> Fet
         ready: Vec::new(),
         files: Vec::new(),
         refused: Vec::new(),
+        host_packages: Vec::new(),
     };
     for service in services.iter().cloned() {
         match service.fetch(ctx).await {
@@ -128,9 +132,13 @@ pub(crate) async fn fetch_all(services: &[Service], ctx: &ServiceContext) -> Fet
 }
 
 /// The items of the one batched transaction: the system packages of the services whose fetch
-/// passed, then the verified package files they offered.
+/// passed and the host's, then the verified package files the services offered.
 pub(crate) fn batch_items(fetched: &Fetched, os: &Os) -> Vec<PackageItem> {
-    super::plan::packages_for(&fetched.ready, os)
+    let mut named = super::plan::packages_for(&fetched.ready, os);
+    named.extend(fetched.host_packages.iter().cloned());
+    named.sort();
+    named.dedup();
+    named
         .into_iter()
         .map(PackageItem::Named)
         .chain(fetched.files.iter().cloned().map(PackageItem::Local))
@@ -169,6 +177,40 @@ pub(super) async fn install_packages(plan: &Plan, hub: &StateHub, fetched: &Fetc
             tracing::error!(target: "exoagent::agent", error = %e, "package installation failed");
             hub.fail_step(SetupStep::Packages, Reason::new(e.reason(), e.to_string()));
             false
+        }
+    }
+}
+
+/// Exosphere's instance-wide touches `[host]` asks for (system mode only), each logged; a
+/// failing one is reported in the log and stops nothing (none of them is a service).
+pub(super) async fn apply_host_touches(plan: &Plan) {
+    if plan.mode == Mode::Sandbox {
+        return;
+    }
+    let root = &plan.paths.system_root;
+    let users = UserManager::new(root);
+    let touches = Host::new(root)
+        .apply(
+            &plan.settings.host,
+            &plan.os,
+            &plan.settings.instance.user,
+            &users,
+        )
+        .await;
+    for (touch, result) in touches {
+        match result {
+            Ok(Outcome::Changed) => {
+                tracing::info!(target: "exoagent::host", touch = touch.key(), "applied")
+            }
+            Ok(Outcome::Unchanged) => {
+                tracing::debug!(target: "exoagent::host", touch = touch.key(), "already so")
+            }
+            Ok(Outcome::Skipped(why)) => {
+                tracing::warn!(target: "exoagent::host", touch = touch.key(), why = %why, "skipped")
+            }
+            Err(e) => {
+                tracing::error!(target: "exoagent::host", touch = touch.key(), reason = e.reason(), error = %e, "failed")
+            }
         }
     }
 }
@@ -364,6 +406,30 @@ mod tests {
         assert!(left.is_empty(), "no package or marker kept: {left:?}");
     }
 
+    #[test]
+    fn the_hosts_base_packages_join_the_services_in_the_one_batch() {
+        let os = fixtures::debian12();
+        let host = crate::host::HostSettings {
+            base_packages: true,
+            ..Default::default()
+        };
+        let fetched = Fetched {
+            ready: vec![Service::JupyterLab(JupyterLab::new(
+                JupyterLabSettings::default(),
+            ))],
+            files: Vec::new(),
+            refused: Vec::new(),
+            host_packages: crate::host::base_packages(&host, &os),
+        };
+        let named: Vec<PackageItem> =
+            ["cron", "gnupg", "haveged", "python3", "python3-venv", "zip"]
+                .into_iter()
+                .map(|n| PackageItem::Named(n.to_owned()))
+                .collect();
+        // Sorted, and python3-venv (asked by both) once.
+        assert_eq!(batch_items(&fetched, &os), named);
+    }
+
     #[tokio::test]
     async fn a_verified_rstudio_deb_goes_into_the_one_apt_transaction_with_r_and_the_others() {
         let addr = serve_every_request(b"Posit's package, as pinned");
@@ -549,6 +615,7 @@ mod tests {
             ready: plan.services.clone(),
             files: Vec::new(),
             refused: Vec::new(),
+            host_packages: vec!["zip".into()],
         };
         assert!(install_packages(&plan, &hub, &fetched).await);
         assert!(hub.snapshot().setup.step.is_none());

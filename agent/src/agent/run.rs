@@ -13,6 +13,7 @@ use crate::cloud::discover::IdentitySource;
 use crate::cloud::drive::DriveFinder;
 use crate::cloud::{discover_identity, ConfigDrive, Discovery, MetadataService};
 use crate::fsutil;
+use crate::host;
 use crate::model::ServiceKind;
 use crate::paths::Paths;
 use crate::platform::packages::{PackageInstaller, PackageItem};
@@ -28,8 +29,8 @@ use crate::supervise::{jittered, retry_delay, ServicePaths, ShimCommand, Supervi
 
 use super::plan::packages_for;
 use super::provision::{
-    fetch_all, forget_previous_instance, install_packages, installer, metadata_service,
-    nova_reporter, provision_account, publish_passphrase, Fetched,
+    apply_host_touches, fetch_all, forget_previous_instance, install_packages, installer,
+    metadata_service, nova_reporter, provision_account, publish_passphrase, Fetched,
 };
 use super::{plan, AgentError, AgentOptions, Mode, Plan};
 
@@ -105,7 +106,9 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
             };
             // Vendor packages are downloaded and verified before the batch: a service refused
             // here keeps its packages out of it, so nothing of it is installed.
-            let fetched = fetch_all(&plan.services, &ctx).await;
+            apply_host_touches(&plan).await;
+            let mut fetched = fetch_all(&plan.services, &ctx).await;
+            fetched.host_packages = host::base_packages(&plan.settings.host, &plan.os);
             if install_packages(&plan, &hub, &fetched).await {
                 let fronts = Fronts {
                     plan: &plan,

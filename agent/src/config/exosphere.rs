@@ -18,6 +18,12 @@ const CHOICES: [(&str, &str, &str); 2] = [
     ("gui_enabled", "desktop", "services.desktop.enabled"),
 ];
 
+/// What Exosphere's playbook does on every instance besides the services (its console-setup,
+/// cloud-init-tweaks and base-setup roles): on whenever Exosphere's choices are present, so the
+/// drop-in loses none of it; an operator's drop-in can still turn each off.
+const PLAYBOOK: &str = "[host]\nconsole_autologin = true\nprivate_cloud_init_logs = true\n\
+                        default_user_group = true\nbase_packages = true\n";
+
 /// Exosphere's experimental custom-workflow variables (repo2docker), which exoagent does not
 /// run; asking for one is an error rather than being silently dropped.
 const WORKFLOW_KEYS: [&str; 3] = [
@@ -54,7 +60,7 @@ pub(crate) fn layer(path: &Path, text: &str) -> Result<String, Vec<ConfigError>>
                 .to_owned(),
         )]);
     };
-    let mut toml = String::new();
+    let mut toml = PLAYBOOK.to_owned();
     let mut errors = Vec::new();
     for (key, value) in &object {
         if let Some((_, service, _)) = CHOICES.iter().find(|(name, _, _)| name == key) {
@@ -150,13 +156,13 @@ mod tests {
         .unwrap();
         assert_eq!(
             toml,
-            "[services.guacamole]\nenabled = true\n[services.desktop]\nenabled = false\n"
+            format!("{PLAYBOOK}[services.guacamole]\nenabled = true\n[services.desktop]\nenabled = false\n")
         );
-        assert_eq!(layer(Path::new("/c.json"), "{}").unwrap(), "");
+        assert_eq!(layer(Path::new("/c.json"), "{}").unwrap(), PLAYBOOK);
         // Exosphere's workflow keys, present but empty, ask for nothing.
         assert_eq!(
             layer(Path::new("/c.json"), r#"{"workflow_source_repository":""}"#).unwrap(),
-            ""
+            PLAYBOOK
         );
     }
 

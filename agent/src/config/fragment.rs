@@ -85,6 +85,7 @@ pub(crate) struct Fragment {
     pub packages: PackagesFragment,
     pub cloud: CloudFragment,
     pub tls: crate::front::settings::Section,
+    pub host: crate::host::settings::Section,
 }
 
 const TOP_KEYS: &[&str] = &[
@@ -95,6 +96,7 @@ const TOP_KEYS: &[&str] = &[
     "packages",
     "cloud",
     "tls",
+    "host",
 ];
 
 const INSTANCE_KEYS: &[Key<InstanceFragment>] = &[
@@ -377,6 +379,13 @@ pub(crate) fn parse(
                 crate::front::settings::KEYS,
                 "unknown key",
                 &mut fragment.tls,
+            ),
+            "host" => w.section(
+                "host",
+                table,
+                crate::host::settings::KEYS,
+                "unknown key",
+                &mut fragment.host,
             ),
             // `entries` returns only names from `TOP_KEYS`; a test checks each has an arm.
             _ => {}

@@ -295,6 +295,11 @@ mod tests {
             "key_file",
             "client_ca_file",
             "trusted_proxies",
+            "[host]",
+            "console_autologin",
+            "private_cloud_init_logs",
+            "default_user_group",
+            "base_packages",
         ] {
             assert!(EXAMPLE_CONFIG.contains(key), "example lacks {key}");
         }
@@ -401,6 +406,29 @@ mod tests {
             vec![paths.config_file.clone(), choices.clone()]
         );
         assert_eq!(loaded.settings.services.len(), 1);
+        // Everything Exosphere's playbook does besides services comes with its choices...
+        let all_on = HostSettings {
+            console_autologin: true,
+            private_cloud_init_logs: true,
+            default_user_group: true,
+            base_packages: true,
+        };
+        assert_eq!(loaded.settings.host, all_on);
+        // ...and an operator's drop-in still turns any of it off.
+        fs::write(
+            paths.config_dropin_dir.join("50-no-autologin.toml"),
+            "[host]\nconsole_autologin = false\n",
+        )
+        .unwrap();
+        let loaded = load(&paths).unwrap();
+        assert_eq!(
+            loaded.settings.host,
+            HostSettings {
+                console_autologin: false,
+                ..all_on
+            }
+        );
+        fs::remove_file(paths.config_dropin_dir.join("50-no-autologin.toml")).unwrap();
 
         // Guacamole and the desktop, as Exosphere asks for them; Guacamole then offers the
         // desktop connection.
@@ -521,6 +549,9 @@ cloud_name = "exo"
 enabled = true
 require = true
 trusted_proxies = ["10.0.0.7"]
+[host]
+console_autologin = true
+base_packages = true
 "#;
         let s = ok(&[("/a.toml", text)]).settings;
         assert_eq!(
@@ -570,6 +601,12 @@ trusted_proxies = ["10.0.0.7"]
                     certificate: CertChoice::Generated,
                     client_ca: None,
                     trusted_proxies: vec!["10.0.0.7".parse().unwrap()],
+                },
+                host: HostSettings {
+                    console_autologin: true,
+                    private_cloud_init_logs: false,
+                    default_user_group: false,
+                    base_packages: true,
                 },
             }
         );

@@ -4,6 +4,7 @@
 
 pub use crate::cloud::{CloudSettings, DEFAULT_METADATA_URL};
 pub use crate::front::settings::{CertChoice, TlsSettings};
+pub use crate::host::HostSettings;
 pub use crate::platform::packages::PackageSettings;
 pub use crate::report::console::ConsoleSettings;
 pub use crate::services::desktop::{DesktopSettings, VncServerChoice};
@@ -29,6 +30,8 @@ pub struct Settings {
     pub cloud: CloudSettings,
     /// The upstream TLS front.
     pub tls: TlsSettings,
+    /// Exosphere's instance-wide touches outside any service.
+    pub host: HostSettings,
 }
 
 /// `[instance]`: who the researcher logs in as.
@@ -53,6 +56,7 @@ impl Default for Settings {
             packages: PackageSettings::default(),
             cloud: CloudSettings::default(),
             tls: TlsSettings::default(),
+            host: HostSettings::default(),
         }
     }
 }

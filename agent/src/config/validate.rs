@@ -111,6 +111,8 @@ pub(crate) fn settings(merged: &Fragment, files: &[PathBuf]) -> (Settings, Vec<C
         cloud_name: value(&c.cloud_name).unwrap_or(d.cloud_name),
     };
 
+    let host = merged.host.settings();
+
     let tls = merged
         .tls
         .settings(&mut check, std::time::SystemTime::now());
@@ -240,6 +242,7 @@ pub(crate) fn settings(merged: &Fragment, files: &[PathBuf]) -> (Settings, Vec<C
         packages,
         cloud,
         tls,
+        host,
     };
     (settings, check.finish())
 }

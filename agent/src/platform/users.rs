@@ -164,6 +164,17 @@ impl UserError {
     }
 }
 
+/// What [`UserManager::join_group`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupJoin {
+    /// The user was added.
+    Joined,
+    /// The user already was a member.
+    AlreadyMember,
+    /// The group does not exist; nothing changed.
+    NoSuchGroup,
+}
+
 /// Manages accounts under a root directory (`/` on an instance; a prepared tree in tests).
 #[derive(Debug, Clone)]
 pub struct UserManager {
@@ -230,23 +241,50 @@ impl UserManager {
     }
 
     /// Groups from `etc/group` that exist, and whether `name` is already in each.
-    fn admin_groups(&self, name: &str, family: Family) -> Result<Vec<(String, bool)>, UserError> {
+    /// Add `name` to the existing group `group` (`usermod --append`), unless it is a member.
+    pub async fn join_group(&self, name: &str, group: &str) -> Result<GroupJoin, UserError> {
+        validate_name(name)?;
+        let Some(member) = self.group_membership(name, group)? else {
+            return Ok(GroupJoin::NoSuchGroup);
+        };
+        if member {
+            return Ok(GroupJoin::AlreadyMember);
+        }
+        let mut args = self.root_args();
+        args.extend([
+            "--append".to_owned(),
+            "--groups".to_owned(),
+            group.to_owned(),
+            name.to_owned(),
+        ]);
+        self.tool(&self.tools.usermod, &args, None).await?;
+        Ok(GroupJoin::Joined)
+    }
+
+    /// Whether `name` is listed in `group` in `<root>/etc/group`; `None` when there is no such
+    /// group.
+    fn group_membership(&self, name: &str, group: &str) -> Result<Option<bool>, UserError> {
         let path = self.root.join("etc/group");
         let text = std::fs::read_to_string(&path).map_err(|source| UserError::Io {
             action: "read",
             path,
             source,
         })?;
+        Ok(text.lines().find_map(|line| {
+            let fields: Vec<&str> = line.split(':').collect();
+            (fields.first() == Some(&group)).then(|| {
+                fields
+                    .get(3)
+                    .is_some_and(|members| members.split(',').any(|m| m == name))
+            })
+        }))
+    }
+
+    fn admin_groups(&self, name: &str, family: Family) -> Result<Vec<(String, bool)>, UserError> {
         let mut found = Vec::new();
         for wanted in family.admin_groups() {
-            for line in text.lines() {
-                let fields: Vec<&str> = line.split(':').collect();
-                if fields.first() == Some(wanted) {
-                    let member = fields
-                        .get(3)
-                        .is_some_and(|members| members.split(',').any(|m| m == name));
-                    found.push(((*wanted).to_owned(), member));
-                }
+            if let Some(member) = self.group_membership(name, wanted)? {
+                found.push(((*wanted).to_owned(), member));
             }
         }
         Ok(found)

@@ -1,0 +1,330 @@
+//! The instance-wide touches outside any service that Exosphere's playbook makes on every
+//! instance (its `console-setup`, `cloud-init-tweaks` and `base-setup` roles): exouser's
+//! autologin on tty1, cloud-init's logs kept private, exouser in the distribution's default
+//! user's group, and the base packages (which join the one package transaction).
+
+pub mod settings;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+pub use settings::HostSettings;
+
+use crate::fsutil;
+use crate::platform::exec;
+use crate::platform::os::{Family, Os};
+use crate::platform::users::{GroupJoin, UserError, UserManager};
+
+/// tty1's getty drop-in, under the system root: Exosphere's file name and contents, so an
+/// image set up by either looks the same.
+pub const AUTOLOGIN_DROPIN: &str = "etc/systemd/system/getty@tty1.service.d/autologin.conf";
+
+/// cloud-init's logs, under the system root.
+pub const CLOUD_INIT_LOGS: [&str; 2] = ["var/log/cloud-init.log", "var/log/cloud-init-output.log"];
+
+/// The unit that makes them private again on every boot (cloud-init may re-create them).
+pub const CLOUD_INIT_LOGS_UNIT: &str = "etc/systemd/system/exoagent-cloud-init-logs.service";
+
+/// `u=rw,g=r,o=`.
+pub const PRIVATE_LOG_MODE: u32 = 0o640;
+
+/// The getty drop-in that logs `user` in on tty1 (Exosphere's `autologin.conf`, the user
+/// substituted; the doubled backslash is systemd's escape for agetty's `\u`).
+pub fn autologin_dropin(user: &str) -> String {
+    format!(
+        "[Service]\nExecStart=\nExecStart=-/sbin/agetty -o '-p -f -- \\\\u' --noclear --autologin {user} %I $TERM\n"
+    )
+}
+
+fn cloud_init_logs_unit() -> String {
+    let logs: Vec<String> = CLOUD_INIT_LOGS.iter().map(|l| format!("/{l}")).collect();
+    format!(
+        "# Written by exoagent ([host] private_cloud_init_logs): cloud-init's logs can hold user data.\n\
+         [Unit]\n\
+         Description=Keep cloud-init's logs readable by root and group only\n\
+         After=cloud-init.service cloud-final.service\n\
+         PartOf=cloud-init.service\n\n\
+         [Service]\n\
+         Type=oneshot\n\
+         RemainAfterExit=yes\n\
+         ExecStart=-/bin/chmod u=rw,g=r,o= {}\n\n\
+         [Install]\n\
+         WantedBy=multi-user.target\n",
+        logs.join(" ")
+    )
+}
+
+/// The base packages on `os`: Exosphere's base-setup list. EL leaves out `haveged`, which only
+/// EPEL has there (and the kernel's own entropy source makes it unnecessary).
+pub fn base_packages(settings: &HostSettings, os: &Os) -> Vec<String> {
+    if !settings.base_packages {
+        return Vec::new();
+    }
+    let names: &[&str] = match os.family {
+        Family::Debian => &["cron", "gnupg", "haveged", "python3-venv", "zip"],
+        Family::RedHat => &["cronie", "gnupg2", "zip"],
+    };
+    names.iter().map(|n| (*n).to_owned()).collect()
+}
+
+/// The group of the user cloud-init creates by default on `os` (Exosphere's per-distribution
+/// `default_user_group`), if exoagent knows it.
+pub fn default_user_group(os: &Os) -> Option<&'static str> {
+    match os.id.as_str() {
+        "debian" => Some("debian"),
+        "ubuntu" => Some("ubuntu"),
+        "rocky" => Some("rocky"),
+        "almalinux" => Some("almalinux"),
+        "centos" => Some("centos"),
+        _ => None,
+    }
+}
+
+/// One of the touches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Touch {
+    /// tty1 autologin.
+    ConsoleAutologin,
+    /// cloud-init's logs 0640.
+    PrivateCloudInitLogs,
+    /// The default user's group.
+    DefaultUserGroup,
+}
+
+impl Touch {
+    /// The `[host]` key that asks for it.
+    pub fn key(self) -> &'static str {
+        match self {
+            Self::ConsoleAutologin => "console_autologin",
+            Self::PrivateCloudInitLogs => "private_cloud_init_logs",
+            Self::DefaultUserGroup => "default_user_group",
+        }
+    }
+}
+
+/// What a touch did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The machine was changed.
+    Changed,
+    /// Already so.
+    Unchanged,
+    /// Not possible here, and why (not an error: for example the group does not exist).
+    Skipped(String),
+}
+
+/// Why a touch failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// A file could not be read or written.
+    #[error("failed to {action} '{path}': {source}")]
+    Io {
+        /// What was attempted.
+        action: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A tool failed.
+    #[error("'{command}' failed ({status}): {stderr}")]
+    Command {
+        /// argv, joined.
+        command: String,
+        /// Its exit status.
+        status: String,
+        /// The tail of its output.
+        stderr: String,
+    },
+    /// The account tools failed.
+    #[error(transparent)]
+    User(#[from] UserError),
+}
+
+impl HostError {
+    /// Short stable reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Io { source, .. } if fsutil::is_disk_full(source) => "disk-full",
+            Self::Io { .. } => "host-file-failed",
+            Self::Command { .. } => "host-command-failed",
+            Self::User(e) => e.reason(),
+        }
+    }
+}
+
+/// The machine the touches are made on: files under `root`; systemd is told only when `root` is
+/// the running system and systemd runs it.
+#[derive(Debug, Clone)]
+pub struct Host {
+    root: PathBuf,
+    systemctl: Option<PathBuf>,
+}
+
+impl Host {
+    /// The machine at `root`.
+    pub fn new(root: &Path) -> Self {
+        let live = root == Path::new("/") && Path::new("/run/systemd/system").is_dir();
+        Self {
+            root: root.to_path_buf(),
+            systemctl: live.then(|| PathBuf::from("systemctl")),
+        }
+    }
+
+    /// Make every touch `settings` asks for, for the instance user `user`; each result is
+    /// independent (one failing does not stop the others).
+    pub async fn apply(
+        &self,
+        settings: &HostSettings,
+        os: &Os,
+        user: &str,
+        users: &UserManager,
+    ) -> Vec<(Touch, Result<Outcome, HostError>)> {
+        let mut done = Vec::new();
+        if settings.console_autologin {
+            done.push((Touch::ConsoleAutologin, self.console_autologin(user).await));
+        }
+        if settings.private_cloud_init_logs {
+            done.push((
+                Touch::PrivateCloudInitLogs,
+                self.private_cloud_init_logs().await,
+            ));
+        }
+        if settings.default_user_group {
+            let outcome = match default_user_group(os) {
+                None => Ok(Outcome::Skipped(format!(
+                    "no default user group known for {}",
+                    os.id.escape_debug()
+                ))),
+                Some(group) => match users.join_group(user, group).await {
+                    Ok(GroupJoin::Joined) => Ok(Outcome::Changed),
+                    Ok(GroupJoin::AlreadyMember) => Ok(Outcome::Unchanged),
+                    Ok(GroupJoin::NoSuchGroup) => {
+                        Ok(Outcome::Skipped(format!("group '{group}' does not exist")))
+                    }
+                    Err(e) => Err(e.into()),
+                },
+            };
+            done.push((Touch::DefaultUserGroup, outcome));
+        }
+        done
+    }
+
+    /// Exosphere's tty1 drop-in; getty is restarted to pick it up unless someone is logged in
+    /// on tty1 (their session is never cut; the drop-in then applies from their next logout).
+    async fn console_autologin(&self, user: &str) -> Result<Outcome, HostError> {
+        let path = self.root.join(AUTOLOGIN_DROPIN);
+        if !self.write_if_changed(&path, &autologin_dropin(user))? {
+            return Ok(Outcome::Unchanged);
+        }
+        if self.systemctl.is_some() {
+            self.systemctl(&["daemon-reload"]).await?;
+            if tty1_in_use().await {
+                tracing::info!(target: "exoagent::host", "someone is logged in on tty1: getty@tty1 is not restarted now");
+            } else {
+                self.systemctl(&["restart", "getty@tty1.service"]).await?;
+            }
+        }
+        Ok(Outcome::Changed)
+    }
+
+    /// The logs made 0640 now, and a unit that does it again on every boot after cloud-init.
+    async fn private_cloud_init_logs(&self) -> Result<Outcome, HostError> {
+        let mut changed = false;
+        for log in CLOUD_INIT_LOGS {
+            let path = self.root.join(log);
+            let metadata = match std::fs::metadata(&path) {
+                Ok(m) => m,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(source) => {
+                    return Err(HostError::Io {
+                        action: "inspect",
+                        path,
+                        source,
+                    })
+                }
+            };
+            if metadata.permissions().mode() & 0o7777 != PRIVATE_LOG_MODE {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(PRIVATE_LOG_MODE))
+                    .map_err(|source| HostError::Io {
+                        action: "restrict",
+                        path: path.clone(),
+                        source,
+                    })?;
+                changed = true;
+            }
+        }
+        let unit = self.root.join(CLOUD_INIT_LOGS_UNIT);
+        if self.write_if_changed(&unit, &cloud_init_logs_unit())? {
+            changed = true;
+            if self.systemctl.is_some() {
+                self.systemctl(&["daemon-reload"]).await?;
+                self.systemctl(&["enable", "exoagent-cloud-init-logs.service"])
+                    .await?;
+            }
+        }
+        Ok(if changed {
+            Outcome::Changed
+        } else {
+            Outcome::Unchanged
+        })
+    }
+
+    /// Write `contents` to `path` (0644) unless it already holds exactly that; whether it wrote.
+    fn write_if_changed(&self, path: &Path, contents: &str) -> Result<bool, HostError> {
+        if std::fs::read_to_string(path).ok().as_deref() == Some(contents) {
+            return Ok(false);
+        }
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|source| HostError::Io {
+                action: "create",
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        }
+        fsutil::write_atomic(path, contents.as_bytes(), 0o644, None).map_err(|source| {
+            HostError::Io {
+                action: "write",
+                path: path.to_path_buf(),
+                source,
+            }
+        })?;
+        Ok(true)
+    }
+
+    async fn systemctl(&self, args: &[&str]) -> Result<(), HostError> {
+        let Some(program) = &self.systemctl else {
+            return Ok(());
+        };
+        let failed = |status: String, stderr: String| HostError::Command {
+            command: exec::shown(program, args),
+            status,
+            stderr,
+        };
+        let finished = exec::run(program, args, &[], None)
+            .await
+            .map_err(|e| failed("not started".into(), e.to_string()))?;
+        if finished.status.success() {
+            Ok(())
+        } else {
+            Err(failed(finished.status.to_string(), finished.tail(3)))
+        }
+    }
+}
+
+/// Whether `who` lists a session on tty1 (when it cannot tell, assume so: never cut a session).
+async fn tty1_in_use() -> bool {
+    match exec::run(Path::new("who"), &[] as &[&str], &[], None).await {
+        Ok(finished) if finished.status.success() => sessions_on_tty1(&finished.stdout),
+        _ => true,
+    }
+}
+
+/// `who`'s output names tty1 as a line in use.
+fn sessions_on_tty1(who: &str) -> bool {
+    who.lines()
+        .any(|line| line.split_whitespace().nth(1) == Some("tty1"))
+}
+
+#[cfg(test)]
+mod tests;

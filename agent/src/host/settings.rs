@@ -1,0 +1,76 @@
+//! `[host]`: which of Exosphere's instance-wide touches (its `console-setup`, `cloud-init-tweaks`
+//! and `base-setup` roles) exoagent makes; all off unless configured, on in Exosphere's template.
+
+use crate::schema::{set, value, Key, Located};
+
+/// `[host]`, validated.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HostSettings {
+    /// The instance user logs in on tty1 without a password (the web console opens a shell).
+    pub console_autologin: bool,
+    /// cloud-init's logs, which can hold user data, readable by root and group only (0640).
+    pub private_cloud_init_logs: bool,
+    /// The instance user also joins the distribution's default user's group (`debian`, …).
+    pub default_user_group: bool,
+    /// The small set of packages Exosphere's playbook puts on every instance.
+    pub base_packages: bool,
+}
+
+/// What the files say about `[host]`.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Section {
+    console_autologin: Option<Located<bool>>,
+    private_cloud_init_logs: Option<Located<bool>>,
+    default_user_group: Option<Located<bool>>,
+    base_packages: Option<Located<bool>>,
+}
+
+/// The keys of `[host]`.
+pub const KEYS: &[Key<Section>] = &[
+    Key {
+        name: "console_autologin",
+        example: "true",
+        read: |w, f, s| set(&mut s.console_autologin, w.boolean(f)),
+    },
+    Key {
+        name: "private_cloud_init_logs",
+        example: "true",
+        read: |w, f, s| set(&mut s.private_cloud_init_logs, w.boolean(f)),
+    },
+    Key {
+        name: "default_user_group",
+        example: "true",
+        read: |w, f, s| set(&mut s.default_user_group, w.boolean(f)),
+    },
+    Key {
+        name: "base_packages",
+        example: "true",
+        read: |w, f, s| set(&mut s.base_packages, w.boolean(f)),
+    },
+];
+
+impl Section {
+    /// The settings; every key is a plain switch, so nothing here can be wrong once read.
+    pub fn settings(&self) -> HostSettings {
+        let d = HostSettings::default();
+        HostSettings {
+            console_autologin: value(&self.console_autologin).unwrap_or(d.console_autologin),
+            private_cloud_init_logs: value(&self.private_cloud_init_logs)
+                .unwrap_or(d.private_cloud_init_logs),
+            default_user_group: value(&self.default_user_group).unwrap_or(d.default_user_group),
+            base_packages: value(&self.base_packages).unwrap_or(d.base_packages),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schema::key_table_problems;
+
+    #[test]
+    fn every_key_is_read_into_its_own_field() {
+        let problems = key_table_problems("host", KEYS);
+        assert!(problems.is_empty(), "{problems:#?}");
+    }
+}
