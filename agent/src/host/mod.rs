@@ -22,7 +22,9 @@ pub const AUTOLOGIN_DROPIN: &str = "etc/systemd/system/getty@tty1.service.d/auto
 /// cloud-init's logs, under the system root.
 pub const CLOUD_INIT_LOGS: [&str; 2] = ["var/log/cloud-init.log", "var/log/cloud-init-output.log"];
 
-/// The unit that makes them private again on every boot (cloud-init may re-create them).
+/// The unit that makes them private again on every boot (cloud-init may re-create them). It is
+/// ordered after `cloud-init.service` (which opens them) only: `cloud-final.service` comes after
+/// `multi-user.target`, which pulls this unit in, so ordering after it would be a cycle.
 pub const CLOUD_INIT_LOGS_UNIT: &str = "etc/systemd/system/exoagent-cloud-init-logs.service";
 
 /// `u=rw,g=r,o=`.
@@ -42,7 +44,7 @@ fn cloud_init_logs_unit() -> String {
         "# Written by exoagent ([host] private_cloud_init_logs): cloud-init's logs can hold user data.\n\
          [Unit]\n\
          Description=Keep cloud-init's logs readable by root and group only\n\
-         After=cloud-init.service cloud-final.service\n\
+         After=cloud-init.service\n\
          PartOf=cloud-init.service\n\n\
          [Service]\n\
          Type=oneshot\n\

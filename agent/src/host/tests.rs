@@ -132,7 +132,8 @@ async fn every_touch_changes_the_tree_once_and_then_nothing() {
         unit.contains("ExecStart=-/bin/chmod u=rw,g=r,o= /var/log/cloud-init.log /var/log/cloud-init-output.log"),
         "{unit}"
     );
-    assert!(unit.contains("After=cloud-init.service"), "{unit}");
+    assert!(unit.contains("\nAfter=cloud-init.service\n"), "{unit}");
+    assert!(!unit.contains("cloud-final"), "an ordering cycle with multi-user.target: {unit}");
     let groups = std::fs::read_to_string(root.path().join("etc/group")).unwrap();
     assert!(groups.contains("debian:x:1000:exouser"), "{groups}");
 
