@@ -77,6 +77,11 @@ impl Paths {
         self.state_dir.join("secrets/passphrase")
     }
 
+    /// The token of Exosphere's notebook link to JupyterLab (0600).
+    pub fn jupyterlab_link_token(&self) -> PathBuf {
+        self.state_dir.join("secrets/jupyterlab-link-token")
+    }
+
     /// Marker: the passphrase was set as the instance user's password (never again, so a
     /// researcher's own password change survives agent restarts).
     pub fn password_set_marker(&self) -> PathBuf {

@@ -276,3 +276,83 @@ fn the_parser_here_follows_exosphere_rules() {
     )
     .is_none());
 }
+
+/// Exosphere's `parseConsoleLogForWorkflowToken` (src/Helpers/Helpers.elm): per line, drop what
+/// precedes the first `{`, decode the rest (all of it) as an object with a string
+/// `exoWorkflowToken`; the last line that decodes wins.
+fn exosphere_workflow_token(log: &str) -> Option<String> {
+    log.split('\n')
+        .map(|line| line.find('{').map_or(line, |i| &line[i..]))
+        .filter_map(|rest| {
+            let value: Value = serde_json::from_str(rest).ok()?;
+            value.get("exoWorkflowToken")?.as_str().map(str::to_owned)
+        })
+        .last()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_workflow_token_line_appears_once_jupyterlab_is_ready_and_stays_in_the_tail() {
+    use exoagent::services::jupyterlab::link::{token_line, LinkToken};
+    let dir = tempfile::tempdir().unwrap();
+    let console = dir.path().join("console");
+    // The reporter appends to a device; it never creates one.
+    std::fs::write(&console, "").unwrap();
+    let token = LinkToken::generate();
+    let hub = hub();
+    let cancel = CancellationToken::new();
+    let reporter = ConsoleReporter::new(
+        ConsoleSink::Devices(vec![console.clone()]),
+        &settings(&console),
+        LoadSampler::with_gpu_query(std::path::Path::new("/"), None),
+    )
+    .with_token_line(Some(token_line(&token)));
+    let task = tokio::spawn(reporter.run(hub.subscribe(), cancel.clone()));
+    hub.set_phase(SetupPhase::Provisioning);
+    for state in [ServiceState::Installing, ServiceState::Starting] {
+        hub.transition(ServiceKind::JupyterLab, state, ServiceUpdate::default())
+            .unwrap();
+    }
+    // Several status re-emissions while JupyterLab starts: no token yet (the link would lead
+    // to a port nothing answers on).
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let before = std::fs::read_to_string(&console).unwrap();
+    assert!(
+        exosphere_status(&before).is_some_and(|s| s.status == "running"),
+        "{before}"
+    );
+    assert_eq!(exosphere_workflow_token(&before), None, "{before}");
+
+    hub.transition(
+        ServiceKind::JupyterLab,
+        ServiceState::Ready,
+        ServiceUpdate::default(),
+    )
+    .unwrap();
+    hub.set_phase(SetupPhase::Supervising);
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    cancel.cancel();
+    task.await.unwrap();
+    let text = std::fs::read_to_string(&console).unwrap();
+    assert_eq!(
+        exosphere_workflow_token(&text).as_deref(),
+        Some(token.expose()),
+        "{text}"
+    );
+    let lines = text
+        .lines()
+        .filter(|l| l.contains("exoWorkflowToken"))
+        .count();
+    assert!(lines >= 2, "re-emitted with the status lines:\n{text}");
+    // The status is still read right: a token line is not a status line.
+    assert_eq!(
+        exosphere_status(&text).unwrap().status,
+        "complete",
+        "{text}"
+    );
+    // The last lines of the console (what a `length`-limited console read returns) hold both.
+    let tail: Vec<&str> = text.lines().rev().take(4).collect();
+    assert!(
+        tail.iter().any(|l| l.contains("exoWorkflowToken")),
+        "{tail:?}"
+    );
+}

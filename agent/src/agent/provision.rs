@@ -19,7 +19,8 @@ use crate::platform::packages::{LocalPackage, PackageError, PackageInstaller, Pa
 use crate::platform::passphrase::{self, Passphrase};
 use crate::platform::users::{Account, UserManager};
 use crate::report::nova::{NovaReporter, Pacing};
-use crate::services::{Service, ServiceContext, ServiceError};
+use crate::services::jupyterlab::link::{self, LinkToken};
+use crate::services::{Service, ServiceContext, ServiceError, ServiceSettings};
 use crate::state::{NovaReporting, NovaReportingState, Reason, SetupStep, StateHub};
 
 use super::{AgentError, Mode, Plan};
@@ -300,6 +301,30 @@ pub(super) fn nova_reporter(plan: &Plan, hub: &StateHub) -> Option<NovaReporter>
         identity.uuid.clone(),
         Pacing::default(),
     ))
+}
+
+/// Exosphere's notebook link to JupyterLab, when the plan offers it: its token (prepared now,
+/// before JupyterLab's configuration is written) and the `exoCustomWorkflow` value. A token
+/// that cannot be prepared turns the link off, logged; JupyterLab still runs.
+pub(super) fn exosphere_link(plan: &Plan) -> Option<(LinkToken, String)> {
+    let settings = plan.settings.services.iter().find_map(|s| match s {
+        ServiceSettings::JupyterLab(settings) => Some(settings),
+        _ => None,
+    })?;
+    match link::prepare(settings, &plan.paths) {
+        Ok(token) => token.map(|token| {
+            let version = link::pinned_version(crate::services::jupyterlab::REQUIREMENTS)
+                .unwrap_or("unknown");
+            (
+                token,
+                link::custom_workflow_value(version, &settings.base_url),
+            )
+        }),
+        Err(e) => {
+            tracing::error!(target: "exoagent::agent", reason = e.reason(), error = %e, "Exosphere's notebook link is off");
+            None
+        }
+    }
 }
 
 /// A state directory carried over from another instance (a snapshot or a baked image) must not

@@ -21,6 +21,7 @@ use crate::platform::passphrase::Passphrase;
 use crate::report::console::{ConsoleReporter, ConsoleSink};
 use crate::report::load::LoadSampler;
 use crate::report::notify::{run_status_notifier, SdNotify};
+use crate::services::jupyterlab::link;
 use crate::services::{Service, ServiceContext, ServiceError};
 use crate::state::{
     InstanceStatus, Reason, ServiceState, ServiceUpdate, SetupPhase, SetupStep, StateHub,
@@ -29,8 +30,8 @@ use crate::supervise::{jittered, retry_delay, ServicePaths, ShimCommand, Supervi
 
 use super::plan::packages_for;
 use super::provision::{
-    apply_host_touches, fetch_all, forget_previous_instance, install_packages, installer,
-    metadata_service, nova_reporter, provision_account, publish_passphrase, Fetched,
+    apply_host_touches, exosphere_link, fetch_all, forget_previous_instance, install_packages,
+    installer, metadata_service, nova_reporter, provision_account, publish_passphrase, Fetched,
 };
 use super::{plan, AgentError, AgentOptions, Mode, Plan};
 
@@ -78,7 +79,9 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
         cancel.clone(),
     )
     .await?;
-    let notify = start_local_reporters(&plan, &hub, &mut tasks, &cancel);
+    let link = exosphere_link(&plan);
+    let token_line = link.as_ref().map(|(token, _)| link::token_line(token));
+    let notify = start_local_reporters(&plan, &hub, token_line, &mut tasks, &cancel);
     if let Some(notify) = &notify {
         if let Err(e) = notify.notify("READY=1") {
             tracing::debug!(target: "exoagent::agent", error = %e, "sd_notify READY failed");
@@ -88,7 +91,16 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
     let metadata = metadata_service(&plan);
     let identity_source = resolve_identity(&mut plan, metadata.as_ref(), &hub).await?;
     forget_previous_instance(&plan)?;
-    if let Some(reporter) = nova_reporter(&plan, &hub) {
+    if let Some(mut reporter) = nova_reporter(&plan, &hub) {
+        // Exosphere shows the notebook link only with `exoCustomWorkflow`; one Exosphere set
+        // (a workflow it launched) is never overwritten.
+        let set_by_exosphere = plan
+            .identity
+            .as_ref()
+            .is_some_and(|i| i.meta.contains_key(link::CUSTOM_WORKFLOW_KEY));
+        if let (Some((_, value)), false) = (&link, set_by_exosphere) {
+            reporter = reporter.with_fixed_metadata(link::CUSTOM_WORKFLOW_KEY, value.clone());
+        }
         tasks.spawn(reporter.run(hub.clone(), cancel.clone()));
     }
 
@@ -225,6 +237,7 @@ fn prepare_dirs(paths: &Paths) -> Result<(), AgentError> {
 fn start_local_reporters(
     plan: &Plan,
     hub: &StateHub,
+    token_line: Option<String>,
     tasks: &mut Tasks,
     cancel: &CancellationToken,
 ) -> Option<SdNotify> {
@@ -239,7 +252,8 @@ fn start_local_reporters(
         sink,
         &plan.settings.console,
         LoadSampler::new(&plan.paths.system_root),
-    );
+    )
+    .with_token_line(token_line);
     tasks.spawn(reporter.run(hub.subscribe(), cancel.clone()));
     let notify = SdNotify::from_env();
     if let Some(notify) = notify.clone() {

@@ -4,6 +4,7 @@ pub mod bake;
 pub mod down;
 pub mod install;
 pub mod logs;
+pub mod rotate_token;
 pub mod run;
 pub mod sandbox;
 pub mod shim;
@@ -48,6 +49,8 @@ pub enum Command {
     Logs(logs::LogsArgs),
     /// Stop every service the agent started (they otherwise outlive the agent).
     Down(down::DownArgs),
+    /// Replace the token of Exosphere's notebook link to JupyterLab (restarts JupyterLab).
+    RotateToken(rotate_token::RotateTokenArgs),
     /// Print cloud-init userdata that delivers and configures exoagent.
     Userdata(userdata::UserdataArgs),
     /// Install the systemd unit and directories into / or an image root.
@@ -118,6 +121,9 @@ pub fn dispatch(cli: Cli) -> ExitCode {
             Command::Validate(args) => validate::run(args, mode, paths).await,
             Command::Status(args) => status::run(args, &paths.api_socket()).await,
             Command::Logs(args) => logs::run(args, &paths.api_socket()).await,
+            Command::RotateToken(args) => {
+                rotate_token::run(args, &paths, mode == crate::agent::Mode::System).await
+            }
             Command::Down(args) => down::run(args, &paths).await,
             Command::Userdata(args) => userdata::run(args).await,
             Command::Install(args) => install::run(args).await,

@@ -295,6 +295,7 @@ mod tests {
             "key_file",
             "client_ca_file",
             "trusted_proxies",
+            "exosphere_link",
             "[host]",
             "console_autologin",
             "private_cloud_init_logs",
@@ -568,6 +569,8 @@ base_packages = true
                     python: Some("/opt/py/bin/python3".into()),
                     installer: PythonInstaller::Pip,
                     start_timeout: Duration::from_secs(600),
+                    // Port 9000: Exosphere's link (port 8888 only) is off.
+                    exosphere_link: false,
                 })],
                 supervise: SupervisePolicy {
                     backoff_initial: Duration::from_millis(500),

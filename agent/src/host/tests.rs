@@ -133,7 +133,10 @@ async fn every_touch_changes_the_tree_once_and_then_nothing() {
         "{unit}"
     );
     assert!(unit.contains("\nAfter=cloud-init.service\n"), "{unit}");
-    assert!(!unit.contains("cloud-final"), "an ordering cycle with multi-user.target: {unit}");
+    assert!(
+        !unit.contains("cloud-final"),
+        "an ordering cycle with multi-user.target: {unit}"
+    );
     let groups = std::fs::read_to_string(root.path().join("etc/group")).unwrap();
     assert!(groups.contains("debian:x:1000:exouser"), "{groups}");
 

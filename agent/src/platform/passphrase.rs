@@ -108,6 +108,14 @@ pub enum SecretError {
         /// The path.
         path: PathBuf,
     },
+    /// The file does not hold a token.
+    #[error("'{path}' does not hold a token ({what})")]
+    NotAToken {
+        /// The path.
+        path: PathBuf,
+        /// What a token is.
+        what: &'static str,
+    },
     /// Hashing failed.
     #[error("failed to hash the passphrase: {0}")]
     Hash(String),
@@ -120,7 +128,7 @@ impl SecretError {
             Self::Io { source, .. } if crate::fsutil::is_disk_full(source) => "disk-full",
             Self::Io { .. } => "secret-io",
             Self::Unsafe { .. } => "secret-unsafe-file",
-            Self::Malformed { .. } => "secret-malformed",
+            Self::Malformed { .. } | Self::NotAToken { .. } => "secret-malformed",
             Self::Hash(_) => "secret-hash-failed",
         }
     }
@@ -129,6 +137,28 @@ impl SecretError {
 /// Load the passphrase from `path`, or generate one and store it there (0600, in a 0700
 /// directory, written to a temporary file and renamed). Refuses a file others can read.
 pub fn load_or_create(path: &Path) -> Result<Passphrase, SecretError> {
+    match read_private_file(path)? {
+        Some(text) => {
+            let passphrase = Passphrase::new(text.trim().to_owned());
+            drop(Passphrase::new(text));
+            if passphrase.expose().split(' ').count() != WORDS {
+                return Err(SecretError::Malformed {
+                    path: path.to_path_buf(),
+                });
+            }
+            Ok(passphrase)
+        }
+        None => {
+            let passphrase = Passphrase::generate();
+            store(path, &passphrase)?;
+            Ok(passphrase)
+        }
+    }
+}
+
+/// The contents of the secret file `path`, or `None` when there is none. Refuses a file that is
+/// not a regular file, that others can read or write, or that someone else owns.
+pub(crate) fn read_private_file(path: &Path) -> Result<Option<String>, SecretError> {
     match std::fs::symlink_metadata(path) {
         Ok(meta) => {
             let expected_uid = nix::unistd::geteuid().as_raw();
@@ -141,25 +171,15 @@ pub fn load_or_create(path: &Path) -> Result<Passphrase, SecretError> {
                     expected_uid,
                 });
             }
-            let text = std::fs::read_to_string(path).map_err(|source| SecretError::Io {
-                action: "read",
-                path: path.to_path_buf(),
-                source,
-            })?;
-            let passphrase = Passphrase::new(text.trim().to_owned());
-            drop(Passphrase::new(text));
-            if passphrase.expose().split(' ').count() != WORDS {
-                return Err(SecretError::Malformed {
+            std::fs::read_to_string(path)
+                .map(Some)
+                .map_err(|source| SecretError::Io {
+                    action: "read",
                     path: path.to_path_buf(),
-                });
-            }
-            Ok(passphrase)
+                    source,
+                })
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let passphrase = Passphrase::generate();
-            store(path, &passphrase)?;
-            Ok(passphrase)
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(SecretError::Io {
             action: "inspect",
             path: path.to_path_buf(),
@@ -169,6 +189,16 @@ pub fn load_or_create(path: &Path) -> Result<Passphrase, SecretError> {
 }
 
 fn store(path: &Path, passphrase: &Passphrase) -> Result<(), SecretError> {
+    let mut contents = format!("{}\n", passphrase.expose());
+    let stored = store_private_file(path, contents.as_bytes());
+    // SAFETY: zero bytes keep the string valid UTF-8.
+    unsafe { contents.as_bytes_mut() }.fill(0);
+    stored
+}
+
+/// Store `contents` as the secret file `path`: 0600, in a 0700 directory, written to a
+/// temporary file and renamed (removed on every failure, so a full disk leaves no stray copy).
+pub(crate) fn store_private_file(path: &Path, contents: &[u8]) -> Result<(), SecretError> {
     let io = |action, path: &Path| {
         let path = path.to_path_buf();
         move |source| SecretError::Io {
@@ -180,13 +210,7 @@ fn store(path: &Path, passphrase: &Passphrase) -> Result<(), SecretError> {
     if let Some(dir) = path.parent() {
         crate::fsutil::ensure_dir(dir, 0o700).map_err(io("create", dir))?;
     }
-    // write_atomic removes its temporary on every failure, so a full disk leaves no stray copy.
-    let mut contents = format!("{}\n", passphrase.expose());
-    let stored = crate::fsutil::write_atomic(path, contents.as_bytes(), 0o600, None)
-        .map_err(io("store", path));
-    // SAFETY: zero bytes keep the string valid UTF-8.
-    unsafe { contents.as_bytes_mut() }.fill(0);
-    stored
+    crate::fsutil::write_atomic(path, contents, 0o600, None).map_err(io("store", path))
 }
 
 /// The argon2id hash in the form Jupyter Server accepts for `PasswordIdentityProvider.hashed_password`:

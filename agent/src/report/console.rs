@@ -99,6 +99,7 @@ pub struct ConsoleReporter {
     status_interval: Duration,
     load_interval: Duration,
     sampler: LoadSampler,
+    token_line: Option<String>,
 }
 
 /// What makes a new status line worth writing at once (the epoch alone does not).
@@ -127,16 +128,34 @@ impl ConsoleReporter {
             status_interval: settings.status_interval,
             load_interval: settings.load_interval,
             sampler,
+            token_line: None,
         }
+    }
+
+    /// Also write `line` (Exosphere's `exoWorkflowToken` line) once JupyterLab is ready, and
+    /// again after every status line from then on, so the console's tail always holds it.
+    pub fn with_token_line(mut self, line: Option<String>) -> Self {
+        self.token_line = line;
+        self
     }
 
     /// Write the current status at once, again on every change and every `status_interval`,
     /// and a load line every `load_interval`, until `cancel` fires or the hub goes away.
     pub async fn run(mut self, mut rx: watch::Receiver<Snapshot>, cancel: CancellationToken) {
         let mut writer = spawn_writer(self.sink.clone());
-        let mut setup = rx.borrow_and_update().setup.clone();
+        let (mut setup, mut linked) = {
+            let snapshot = rx.borrow_and_update();
+            (snapshot.setup.clone(), jupyterlab_ready(&snapshot))
+        };
         let mut key = StatusKey::of(&setup);
         writer.send(status_line(&setup, setup.since_ms));
+        let token_line = self.token_line.take();
+        let send_token = |writer: &mut LineQueue, linked: bool| {
+            if let (true, Some(line)) = (linked, &token_line) {
+                writer.send(line.clone());
+            }
+        };
+        send_token(&mut writer, linked);
 
         let mut next_status = after_jittered(self.status_interval);
         let mut next_load = after_jittered(self.load_interval);
@@ -147,16 +166,25 @@ impl ConsoleReporter {
                     if changed.is_err() {
                         break;
                     }
-                    setup = rx.borrow_and_update().setup.clone();
+                    let now_linked;
+                    (setup, now_linked) = {
+                        let snapshot = rx.borrow_and_update();
+                        (snapshot.setup.clone(), jupyterlab_ready(&snapshot))
+                    };
                     let next = StatusKey::of(&setup);
                     if next != key {
                         key = next;
                         writer.send(status_line(&setup, setup.since_ms));
+                        send_token(&mut writer, now_linked);
                         next_status = after_jittered(self.status_interval);
+                    } else if now_linked && !linked {
+                        send_token(&mut writer, now_linked);
                     }
+                    linked = now_linked;
                 }
                 _ = tokio::time::sleep_until(next_status) => {
                     writer.send(status_line(&setup, setup.since_ms));
+                    send_token(&mut writer, linked);
                     next_status = after_jittered(self.status_interval);
                 }
                 _ = tokio::time::sleep_until(next_load) => {
@@ -167,6 +195,14 @@ impl ConsoleReporter {
             }
         }
     }
+}
+
+/// JupyterLab answers: the moment Exosphere's link leads somewhere.
+fn jupyterlab_ready(snapshot: &Snapshot) -> bool {
+    snapshot.services.iter().any(|s| {
+        s.service == crate::model::ServiceKind::JupyterLab
+            && s.state == crate::state::ServiceState::Ready
+    })
 }
 
 /// `interval` plus 0–10 % from now: many instances booted together do not write in lockstep.

@@ -160,6 +160,7 @@ pub struct NovaReporter {
     nova: Nova,
     server: String,
     pacing: Pacing,
+    fixed: BTreeMap<String, String>,
 }
 
 impl NovaReporter {
@@ -169,7 +170,15 @@ impl NovaReporter {
             nova,
             server,
             pacing,
+            fixed: BTreeMap::new(),
         }
+    }
+
+    /// Also write the metadata item `key` = `value`, which does not follow the state (written
+    /// with the first report, and again only if a write of it failed).
+    pub fn with_fixed_metadata(mut self, key: &str, value: String) -> Self {
+        self.fixed.insert(key.to_owned(), value);
+        self
     }
 
     /// Run until `cancel` fires; publishes its own health through `hub`.
@@ -179,7 +188,8 @@ impl NovaReporter {
         let mut delay = self.pacing.retry_initial;
         let mut given_up: Option<Wanted> = None;
         loop {
-            let wanted = Wanted::of(&rx.borrow_and_update());
+            let mut wanted = Wanted::of(&rx.borrow_and_update());
+            wanted.metadata.extend(self.fixed.clone());
             let in_step =
                 written.tags.as_ref() == Some(&wanted.tags) && written.metadata == wanted.metadata;
             if !in_step && given_up.as_ref() != Some(&wanted) {

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
+pub mod link;
 pub mod settings;
 
 use super::{io_error, Endpoint, Host, ServiceContext, ServiceError, ServiceImpl};
@@ -17,6 +18,7 @@ use crate::fsutil;
 use crate::model::ServiceKind;
 use crate::platform::os::{Family, Os};
 use crate::platform::passphrase::{argon2_hash, argon2_verify, Passphrase};
+use link::LinkToken;
 use crate::services::command::run_logged;
 use crate::supervise::{Probe, RunSpec};
 
@@ -116,7 +118,12 @@ impl JupyterLab {
     }
 
     /// The server configuration document (JSON, so no value can inject code).
-    pub fn server_config(&self, ctx: &ServiceContext, hashed_password: &str) -> serde_json::Value {
+    pub fn server_config(
+        &self,
+        ctx: &ServiceContext,
+        hashed_password: &str,
+        link: Option<&LinkToken>,
+    ) -> serde_json::Value {
         json!({
             "ServerApp": {
                 "ip": self.endpoint().listen.ip().to_string(),
@@ -129,13 +136,25 @@ impl JupyterLab {
                 "root_dir": ctx.account.home.to_string_lossy(),
                 "allow_root": ctx.account.uid == 0,
             },
-            "IdentityProvider": { "token": "" },
+            // Exosphere's notebook link carries this token; the passphrase logs in as well.
+            "IdentityProvider": { "token": link.map(LinkToken::expose).unwrap_or("") },
             "PasswordIdentityProvider": {
                 "hashed_password": hashed_password,
                 "allow_password_change": false,
                 "password_required": true,
             },
         })
+    }
+}
+
+impl JupyterLab {
+    /// The link's token, prepared before JupyterLab starts ([`link::prepare`]), when the link
+    /// is offered.
+    fn link_token(&self, ctx: &ServiceContext) -> Result<Option<LinkToken>, crate::platform::passphrase::SecretError> {
+        if !self.settings.exosphere_link {
+            return Ok(None);
+        }
+        LinkToken::load(&ctx.paths.jupyterlab_link_token())
     }
 }
 
@@ -316,7 +335,11 @@ impl ServiceImpl for JupyterLab {
                 detail: format!("failed to hash the passphrase: {e}"),
             })?,
         };
-        let config = serde_json::to_vec_pretty(&self.server_config(ctx, &hashed)).map_err(|e| {
+        let token = self.link_token(ctx).map_err(|e| ServiceError::Configure {
+            service: ServiceKind::JupyterLab,
+            detail: format!("Exosphere's notebook link: {e}"),
+        })?;
+        let config = serde_json::to_vec_pretty(&self.server_config(ctx, &hashed, token.as_ref())).map_err(|e| {
             ServiceError::Configure {
                 service: ServiceKind::JupyterLab,
                 detail: e.to_string(),
@@ -357,7 +380,14 @@ impl ServiceImpl for JupyterLab {
                 ("PATH".into(), path),
                 ("LANG".into(), "C.UTF-8".into()),
                 ("PYTHONUNBUFFERED".into(), "1".into()),
-            ],
+            ]
+            .into_iter()
+            // Which link token the config holds (a digest, not the token): a rotated token
+            // changes the spec, so JupyterLab restarts with it instead of being adopted.
+            .chain(self.link_token(ctx).ok().flatten().map(|t| {
+                ("EXOAGENT_LINK_TOKEN_ID".to_owned(), t.fingerprint())
+            }))
+            .collect(),
             cwd: account.home.clone(),
             run_as: ctx.run_as(),
         }
@@ -435,7 +465,7 @@ mod tests {
     #[test]
     fn server_config_is_what_the_uap_needs() {
         let lab = JupyterLab::new(JupyterLabSettings::default());
-        let cfg = lab.server_config(&ctx(1000), "argon2:$argon2id$x");
+        let cfg = lab.server_config(&ctx(1000), "argon2:$argon2id$x", None);
         assert_eq!(cfg["ServerApp"]["allow_remote_access"], true);
         assert_eq!(cfg["ServerApp"]["trust_xheaders"], true);
         assert_eq!(cfg["ServerApp"]["port"], 8888);

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::schema::values::{absolute_path, normalise_base_url};
-use crate::schema::{set, value, Checker, Key, Located};
+use crate::schema::{set, value, Checker, ErrorKind, Key, Located};
 
 /// How to install Python packages into a service's virtual environment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +33,9 @@ pub struct JupyterLabSettings {
     pub installer: PythonInstaller,
     /// How long the server may take from launch to its first good probe.
     pub start_timeout: Duration,
+    /// Offer Exosphere's notebook link (`exoCustomWorkflow` + the token console line); only
+    /// possible on port 8888, the one Exosphere links to.
+    pub exosphere_link: bool,
 }
 
 impl Default for JupyterLabSettings {
@@ -44,6 +47,7 @@ impl Default for JupyterLabSettings {
             python: None,
             installer: PythonInstaller::Auto,
             start_timeout: Duration::from_secs(120),
+            exosphere_link: true,
         }
     }
 }
@@ -56,6 +60,7 @@ pub struct Section {
     python: Option<Located<Option<PathBuf>>>,
     installer: Option<Located<PythonInstaller>>,
     start_timeout_s: Option<Located<u64>>,
+    exosphere_link: Option<Located<bool>>,
 }
 
 /// The keys of `[services.jupyterlab]` besides `enabled` and `port`.
@@ -114,6 +119,11 @@ pub const KEYS: &[Key<Section>] = &[
         example: "30",
         read: |w, f, s| set(&mut s.start_timeout_s, w.start_timeout_s(f)),
     },
+    Key {
+        name: "exosphere_link",
+        example: "false",
+        read: |w, f, s| set(&mut s.exosphere_link, w.boolean(f)),
+    },
 ];
 
 /// `python`: an absolute path, or the empty string for "pick automatically".
@@ -127,8 +137,27 @@ fn python_path(s: &str) -> Option<Option<PathBuf>> {
 
 impl Section {
     /// The settings these keys give on `port`, defaults filling what no file set.
-    pub fn settings(&self, port: Located<u16>, _check: &mut Checker) -> JupyterLabSettings {
+    pub fn settings(&self, port: Located<u16>, check: &mut Checker) -> JupyterLabSettings {
         let d = JupyterLabSettings::default();
+        // Asked for explicitly on another port, the link would lead nowhere: say so. Left at
+        // its default, it is simply off there.
+        let exosphere_link = match &self.exosphere_link {
+            Some(asked) if asked.value && port.value != super::link::EXOSPHERE_PORT => {
+                check.error(
+                    asked.origin,
+                    "services.jupyterlab.exosphere_link".into(),
+                    ErrorKind::Conflict,
+                    format!(
+                        "Exosphere's notebook link always leads to port {}; services.jupyterlab.port is {}",
+                        super::link::EXOSPHERE_PORT,
+                        port.value
+                    ),
+                );
+                false
+            }
+            Some(asked) => asked.value,
+            None => d.exosphere_link && port.value == super::link::EXOSPHERE_PORT,
+        };
         JupyterLabSettings {
             port: port.value,
             bind: value(&self.bind).unwrap_or(d.bind),
@@ -138,6 +167,7 @@ impl Section {
             start_timeout: value(&self.start_timeout_s)
                 .map(Duration::from_secs)
                 .unwrap_or(d.start_timeout),
+            exosphere_link,
         }
     }
 }
@@ -150,5 +180,38 @@ mod tests {
     fn every_key_is_read_into_its_own_field() {
         let problems = crate::schema::key_table_problems("s", KEYS);
         assert!(problems.is_empty(), "{problems:#?}");
+    }
+
+    fn loaded(text: &str) -> Result<JupyterLabSettings, Vec<crate::schema::ConfigError>> {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = crate::paths::Paths::sandbox(dir.path());
+        std::fs::create_dir_all(paths.config_file.parent().unwrap()).unwrap();
+        std::fs::write(&paths.config_file, text).unwrap();
+        match crate::config::load(&paths) {
+            Ok(loaded) => match loaded.settings.services.into_iter().next() {
+                Some(crate::services::ServiceSettings::JupyterLab(s)) => Ok(s),
+                other => panic!("{other:?}"),
+            },
+            Err(e) => Err(e.errors),
+        }
+    }
+
+    #[test]
+    fn exospheres_link_is_on_at_8888_off_elsewhere_and_refused_when_asked_elsewhere() {
+        let on = "[services.jupyterlab]\nenabled = true\n";
+        assert!(loaded(on).unwrap().exosphere_link);
+        let off = format!("{on}exosphere_link = false\n");
+        assert!(!loaded(&off).unwrap().exosphere_link);
+        // Another port: Exosphere's link would lead nowhere, so it is simply off...
+        let other = format!("{on}port = 8890\n");
+        assert!(!loaded(&other).unwrap().exosphere_link);
+        // ...and asking for it there is an error naming the key.
+        let errors = loaded(&format!("{other}exosphere_link = true\n")).unwrap_err();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(
+            errors[0].key.as_deref(),
+            Some("services.jupyterlab.exosphere_link")
+        );
+        assert!(errors[0].message.contains("8888"), "{}", errors[0].message);
     }
 }
