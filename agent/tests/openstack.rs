@@ -13,6 +13,9 @@
 //!   posts again gets 409 and carries on;
 //! - identity from a config drive only (its documents are what nova-metadata serves for the
 //!   server: the fake virt driver builds no ISO), from the metadata service only, and neither.
+//! - Exosphere's notebook link: `exoCustomWorkflow` written once in Exosphere's encoding and
+//!   never over a value already there; the console's `exoWorkflowToken` (read with Exosphere's
+//!   rules) logs into the real JupyterLab on port 8888.
 //!
 //! The metadata service is reached through the harness's stand-in for Neutron's metadata proxy
 //! (signed `X-Instance-ID` headers); the instance is named in the URL's first path segment.
@@ -1122,4 +1125,171 @@ fn a_snapshot_provisions_afresh_and_a_reboot_does_not() {
     assert_eq!(second.password(), fresh);
     assert_eq!(instance_id(), second.id);
     second.wait_tags(&ready, Duration::from_secs(60), &agent);
+}
+
+/// Exosphere's `parseConsoleLogForWorkflowToken` (src/Helpers/Helpers.elm): per line, what
+/// follows the first `{`, decoded whole as an object with a string `exoWorkflowToken`; the last
+/// that decodes wins.
+fn exosphere_workflow_token(console: &str) -> Option<String> {
+    console
+        .split('\n')
+        .map(|line| line.find('{').map_or(line, |i| &line[i..]))
+        .filter_map(|rest| {
+            let value: Value = serde_json::from_str(rest).ok()?;
+            value.get("exoWorkflowToken")?.as_str().map(str::to_owned)
+        })
+        .last()
+}
+
+/// The JupyterLab link the unmodified Exosphere UI shows (`exoCustomWorkflow` + the token line):
+/// written once in Exosphere's format through the restricted credential, never over a value
+/// Exosphere (or anyone) set, and the token in it logs into the real JupyterLab. Runs
+/// JupyterLab on port 8888, the only port Exosphere links to.
+#[test]
+#[ignore = "needs the OpenStack harness: cargo test --test openstack -- --include-ignored (tests/run-all.sh runs it)"]
+fn exospheres_notebook_link_is_published_once_and_its_token_logs_in() {
+    let _one = serial();
+    let stack = Stack::get();
+    assert!(
+        std::net::TcpListener::bind("127.0.0.1:8888").is_ok(),
+        "this test needs 127.0.0.1:8888 free (Exosphere's link always leads to port 8888)"
+    );
+    let server = stack.boot("exoagent-link");
+    let scratch = tempfile::tempdir().unwrap();
+    let clouds = stack.clouds_yaml(scratch.path(), "agent-tags", |_| {});
+    let mut agent = agent_with(&cloud_table(Some(&server.metadata_url()), Some(&clouds)));
+    agent.port = 8888;
+    agent.rewrite_config(&format!(
+        "[services.jupyterlab]\nenabled = true\nbind = \"127.0.0.1\"\nport = @PORT@\n\n\
+         [supervise]\nliveness_interval_s = 1\nliveness_failures = 2\n\n\
+         [cloud]\nmetadata_timeout_s = 20\n{}\n",
+        cloud_table(Some(&server.metadata_url()), Some(&clouds))
+    ));
+    agent.start_agent();
+    let status = agent.wait_complete(300);
+    let version = exoagent::services::jupyterlab::link::pinned_version(
+        exoagent::services::jupyterlab::REQUIREMENTS,
+    )
+    .unwrap();
+    // Exosphere's own encoding (`encodeCustomWorkflowSource`): v, repo, ref, path, no spaces.
+    let expected = format!(
+        r#"{{"v":1,"repo":"https://github.com/jupyterlab/jupyterlab","ref":"v{version}","path":"/lab"}}"#
+    );
+    let metadata = poll("exoCustomWorkflow in Nova", Duration::from_secs(60), || {
+        let metadata = server.metadata();
+        metadata
+            .contains_key("exoCustomWorkflow")
+            .then_some(metadata)
+    });
+    assert_eq!(metadata["exoCustomWorkflow"], expected);
+
+    // The console (the sandbox writes it to stdout) gives Exosphere the token.
+    let token = poll("the token line", Duration::from_secs(30), || {
+        exosphere_workflow_token(&agent.agent_output())
+    });
+    assert_eq!(token.len(), 48);
+    let stored = fs::read_to_string(
+        agent
+            .root()
+            .join("var/lib/exoagent/secrets/jupyterlab-link-token"),
+    )
+    .unwrap();
+    assert_eq!(stored.trim(), token);
+    // Exosphere's link: <path> + "/?token=" + token, on port 8888.
+    let http = reqwest::blocking::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let link = format!("http://127.0.0.1:8888/lab/?token={token}");
+    // As a browser follows it: JupyterLab drops the slash (301, the query kept), then serves
+    // the lab itself, not the login page.
+    let browser = reqwest::blocking::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap();
+    let page = browser.get(&link).send().unwrap();
+    assert_eq!(page.status().as_u16(), 200, "{link}");
+    assert_eq!(page.url().path(), "/lab", "{}", page.url());
+    assert!(page.text().unwrap().contains("JupyterLab"));
+    let api = |query: &str| {
+        http.get(format!("http://127.0.0.1:8888/api/status{query}"))
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(api(&format!("?token={token}")), 200);
+    assert_eq!(api(""), 403, "without the token nothing is served");
+    assert_eq!(
+        api("?token=0123456789abcdef0123456789abcdef0123456789abcdef"),
+        403
+    );
+
+    // Written once: a value set afterwards (by Exosphere, or the user) is left alone while the
+    // agent keeps reporting state changes.
+    server.set_metadata(
+        "exoCustomWorkflow",
+        r#"{"v":1,"repo":"r","ref":"x","path":"/"}"#,
+    );
+    let pid = status["services"][0]["pid"].as_i64().unwrap() as i32;
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    server.wait_tags(
+        &["exoagent:setup:complete", "exoagent:jupyterlab:degraded"],
+        Duration::from_secs(60),
+        &agent,
+    );
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    server.wait_tags(
+        &["exoagent:setup:complete", "exoagent:jupyterlab:ready"],
+        Duration::from_secs(60),
+        &agent,
+    );
+    assert_eq!(
+        server.metadata()["exoCustomWorkflow"],
+        r#"{"v":1,"repo":"r","ref":"x","path":"/"}"#
+    );
+    // A restarted agent reads the value in the metadata service and does not write it again.
+    agent.kill_agent(libc::SIGTERM);
+    agent.start_agent();
+    agent.wait_complete(120);
+    agent.wait_for("nova reporting ok", Duration::from_secs(60), |s| {
+        s["nova"]["state"] == "ok"
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        server.metadata()["exoCustomWorkflow"],
+        r#"{"v":1,"repo":"r","ref":"x","path":"/"}"#
+    );
+    // The same token after the restart: the link stays valid.
+    assert_eq!(api(&format!("?token={token}")), 200);
+}
+
+/// A server Exosphere launched with its own `exoCustomWorkflow` keeps it.
+#[test]
+#[ignore = "needs the OpenStack harness: cargo test --test openstack -- --include-ignored (tests/run-all.sh runs it)"]
+fn a_custom_workflow_exosphere_set_at_launch_is_never_overwritten() {
+    let _one = serial();
+    let stack = Stack::get();
+    let exosphere = r#"{"v":1,"repo":"https://github.com/binder-examples/requirements","ref":"master","path":"/lab"}"#;
+    let server = stack.boot_with(
+        "exoagent-own-workflow",
+        json!({"metadata": {"exoCustomWorkflow": exosphere}}),
+    );
+    let scratch = tempfile::tempdir().unwrap();
+    let clouds = stack.clouds_yaml(scratch.path(), "agent-tags", |_| {});
+    let mut agent = agent_with(&cloud_table(Some(&server.metadata_url()), Some(&clouds)));
+    agent.port = 8888;
+    agent.rewrite_config(&format!(
+        "[services.jupyterlab]\nenabled = true\nbind = \"127.0.0.1\"\nport = @PORT@\n\n\
+         [cloud]\nmetadata_timeout_s = 20\n{}\n",
+        cloud_table(Some(&server.metadata_url()), Some(&clouds))
+    ));
+    agent.start_agent();
+    agent.wait_complete(300);
+    server.wait_setup_metadata("complete");
+    agent.wait_for("nova reporting ok", Duration::from_secs(60), |s| {
+        s["nova"]["state"] == "ok"
+    });
+    assert_eq!(server.metadata()["exoCustomWorkflow"], exosphere);
 }
