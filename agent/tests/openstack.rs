@@ -1195,6 +1195,14 @@ fn exospheres_notebook_link_is_published_once_and_its_token_logs_in() {
     )
     .unwrap();
     assert_eq!(stored.trim(), token);
+    // The console is the token's only channel: not the agent's log, not JupyterLab's (which
+    // shows a configured token as "...").
+    let agent_log = fs::read_to_string(agent.root().join("agent-1.stderr")).unwrap();
+    assert!(!agent_log.contains(&token), "the token is in the agent's log");
+    let service_log =
+        fs::read_to_string(agent.root().join("var/log/exoagent/jupyterlab.log")).unwrap();
+    assert!(service_log.contains("8888"), "{service_log}");
+    assert!(!service_log.contains(&token), "the token is in JupyterLab's log");
     // Exosphere's link: <path> + "/?token=" + token, on port 8888.
     let http = reqwest::blocking::Client::builder()
         .no_proxy()

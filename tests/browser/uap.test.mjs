@@ -314,16 +314,16 @@ async function startUap() {
 async function startJupyter() {
     S.sandbox = path.join(S.tmp, 'sandbox');
     fs.mkdirSync(path.join(S.sandbox, 'etc/exoagent'), { recursive: true });
-    for (;;) {
-        S.jport = await freePort(IP.jupyter);
-        if (S.jport + 10000 < 65536) {
-            const probe = net.createServer();
-            const ok = await new Promise((resolve) => {
-                probe.once('error', () => resolve(false));
-                probe.listen(S.jport + 10000, '127.0.0.1', () => probe.close(() => resolve(true)));
-            });
-            if (ok) break;
-        }
+    // Port 8888: the only one Exosphere's notebook link leads to (the agent offers the link
+    // there by default). JupyterLab itself moves to 127.0.0.1:18888 behind the front.
+    S.jport = 8888;
+    for (const [host, port] of [[IP.jupyter, S.jport], ['127.0.0.1', S.jport + 10000]]) {
+        const probe = net.createServer();
+        const ok = await new Promise((resolve) => {
+            probe.once('error', () => resolve(false));
+            probe.listen(port, host, () => probe.close(() => resolve(true)));
+        });
+        assert.ok(ok, `this test needs ${host}:${port} free (Exosphere's notebook link always leads to port 8888)`);
     }
     S.jbackend = `127.0.0.1:${S.jport + 10000}`;
     fs.writeFileSync(path.join(S.sandbox, 'etc/exoagent/config.toml'), [
@@ -784,6 +784,54 @@ test('JupyterLab through the UAP (http- form, plain HTTP to the agent\'s front):
         timeout: 15000, expected: "the kernel WebSocket (101 on /api/kernels/…/channels) in the proxy's access log",
         seen: () => JSON.stringify(accessLog().slice(before).slice(-5)),
     });
+});
+
+/**
+ * Exosphere's `parseConsoleLogForWorkflowToken` (src/Helpers/Helpers.elm): per line, what follows
+ * the first `{`, decoded whole as an object with a string `exoWorkflowToken`; the last wins.
+ */
+function exosphereWorkflowToken(consoleText) {
+    let found = null;
+    for (const line of consoleText.split('\n')) {
+        const at = line.indexOf('{');
+        try {
+            const value = JSON.parse(at < 0 ? line : line.slice(at));
+            if (value && typeof value.exoWorkflowToken === 'string') found = value.exoWorkflowToken;
+        } catch { /* not a token line */ }
+    }
+    return found;
+}
+
+/** Exosphere's `buildProxyUrl` (src/Helpers/Url.elm), as its workflow link calls it. */
+function buildProxyUrl(proxyHostname, ip, port, urlPath, httpsUpstream) {
+    return `https://${httpsUpstream ? '' : 'http-'}${ip.replaceAll('.', '-')}-${port}.${proxyHostname}${urlPath}`;
+}
+
+test('Exosphere\'s notebook link: the token from the agent\'s console, linked as Exosphere links it, opens JupyterLab logged in', { timeout: 120000 }, async (t) => {
+    // The sandbox writes its console lines to stdout (agent.log). The link's path is
+    // exoCustomWorkflow's "/lab" (its value is checked against real Nova in
+    // agent/tests/openstack.rs); Exosphere appends "/?token=".
+    const token = exosphereWorkflowToken(fs.readFileSync(path.join(ARTIFACTS, 'agent.log'), 'utf8'));
+    assert.match(token || '', /^[0-9a-f]{48}$/, `expected an exoWorkflowToken line in the agent's console output, saw ${token}`);
+    const link = buildProxyUrl(S.uapInfo.domain, IP.jupyter, 8888, `/lab/?token=${token}`, false);
+    // No session from the passphrase tests: only the token can log this browser in.
+    await S.context.clearCookies();
+    const page = await newPage('exosphere-link');
+    try {
+        await page.goto(link);
+        await page.locator('#jp-main-dock-panel').waitFor({ timeout: 60000 });
+        assert.doesNotMatch(page.url(), /\/login/, `expected JupyterLab itself, not its login page: ${page.url()}`);
+        const api = await page.evaluate(async () => (await fetch('/api/status')).status);
+        assert.equal(api, 200, `expected the session the token opened to reach the API, saw ${api}`);
+        note(t, `${link.replace(token, '<token>')} → ${new URL(page.url()).pathname}, logged in`);
+        // A wrong token gets the login page, not the lab.
+        await S.context.clearCookies();
+        await page.goto(buildProxyUrl(S.uapInfo.domain, IP.jupyter, 8888, `/lab/?token=${'0'.repeat(48)}`, false));
+        await page.waitForURL(/\/login/, { timeout: 30000 });
+    } finally {
+        await page.close();
+        await S.context.clearCookies();
+    }
 });
 
 test('Guacamole shell through the UAP (http- form): token, tunnel, typed command echoed', { timeout: 120000 }, async (t) => {
