@@ -282,12 +282,13 @@ fn the_parser_here_follows_exosphere_rules() {
 /// `exoWorkflowToken`; the last line that decodes wins.
 fn exosphere_workflow_token(log: &str) -> Option<String> {
     log.split('\n')
+        // The last line that decodes wins: look from the end.
+        .rev()
         .map(|line| line.find('{').map_or(line, |i| &line[i..]))
-        .filter_map(|rest| {
+        .find_map(|rest| {
             let value: Value = serde_json::from_str(rest).ok()?;
             value.get("exoWorkflowToken")?.as_str().map(str::to_owned)
         })
-        .last()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

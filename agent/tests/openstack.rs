@@ -1133,12 +1133,13 @@ fn a_snapshot_provisions_afresh_and_a_reboot_does_not() {
 fn exosphere_workflow_token(console: &str) -> Option<String> {
     console
         .split('\n')
+        // The last line that decodes wins: look from the end.
+        .rev()
         .map(|line| line.find('{').map_or(line, |i| &line[i..]))
-        .filter_map(|rest| {
+        .find_map(|rest| {
             let value: Value = serde_json::from_str(rest).ok()?;
             value.get("exoWorkflowToken")?.as_str().map(str::to_owned)
         })
-        .last()
 }
 
 /// The JupyterLab link the unmodified Exosphere UI shows (`exoCustomWorkflow` + the token line):
@@ -1198,11 +1199,17 @@ fn exospheres_notebook_link_is_published_once_and_its_token_logs_in() {
     // The console is the token's only channel: not the agent's log, not JupyterLab's (which
     // shows a configured token as "...").
     let agent_log = fs::read_to_string(agent.root().join("agent-1.stderr")).unwrap();
-    assert!(!agent_log.contains(&token), "the token is in the agent's log");
+    assert!(
+        !agent_log.contains(&token),
+        "the token is in the agent's log"
+    );
     let service_log =
         fs::read_to_string(agent.root().join("var/log/exoagent/jupyterlab.log")).unwrap();
     assert!(service_log.contains("8888"), "{service_log}");
-    assert!(!service_log.contains(&token), "the token is in JupyterLab's log");
+    assert!(
+        !service_log.contains(&token),
+        "the token is in JupyterLab's log"
+    );
     // Exosphere's link: <path> + "/?token=" + token, on port 8888.
     let http = reqwest::blocking::Client::builder()
         .no_proxy()

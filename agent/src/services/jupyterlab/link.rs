@@ -154,12 +154,13 @@ mod tests {
     pub(crate) fn exosphere_parse_token(console: &str) -> Option<String> {
         console
             .split('\n')
+            // The last line that decodes wins: look from the end.
+            .rev()
             .map(|line| line.find('{').map_or(line, |i| &line[i..]))
-            .filter_map(|rest| {
+            .find_map(|rest| {
                 let value: serde_json::Value = serde_json::from_str(rest).ok()?;
                 value.get(TOKEN_LINE_KEY)?.as_str().map(str::to_owned)
             })
-            .last()
     }
 
     #[test]
