@@ -141,6 +141,53 @@ pub struct TlsStatus {
     pub generated: bool,
 }
 
+/// What became of one attached volume (`volumes[].state` in the status API).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VolumeState {
+    /// Mounted at its mount point.
+    Mounted,
+    /// Deliberately not touched (root disk, in use, a signature found, …): see `reason`.
+    LeftAlone,
+    /// Its serial matches no volume in the metadata yet; the metadata is read again.
+    Waiting,
+    /// Formatting, probing or mounting went wrong: see `reason`.
+    Failed,
+}
+
+impl VolumeState {
+    /// The stable name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Mounted => "mounted",
+            Self::LeftAlone => "left-alone",
+            Self::Waiting => "waiting",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// One block device the volume watcher looked at (disk or partition), and what it did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeStatus {
+    /// The kernel device, e.g. `/dev/vdb` or `/dev/vdb1`.
+    pub device: String,
+    /// The OpenStack volume UUID its serial matches, when one does.
+    pub volume_id: Option<String>,
+    /// The volume's name (from the metadata, else the kernel device name), when known.
+    pub name: Option<String>,
+    /// What became of it.
+    pub state: VolumeState,
+    /// Where it is mounted (only when `mounted`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mount_point: Option<String>,
+    /// Short stable reason (only when `left-alone` or `failed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Human text: what was found, what failed.
+    pub detail: String,
+}
+
 /// The overall setup state, in Exosphere's vocabulary (`status` values of console lines).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -246,6 +293,9 @@ pub struct Snapshot {
     /// The fronts' certificate (absent without `[tls] enabled`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsStatus>,
+    /// Attached volumes and what became of them (absent when none were looked at).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeStatus>,
 }
 
 /// Where the agent learnt which instance it runs on (`instance.source` in the status API).
@@ -356,6 +406,7 @@ struct Model {
     nova: Option<NovaReporting>,
     instance: Option<InstanceStatus>,
     tls: Option<TlsStatus>,
+    volumes: Vec<VolumeStatus>,
 }
 
 impl Model {
@@ -419,6 +470,7 @@ impl Model {
             nova: self.nova.clone(),
             instance: self.instance.clone(),
             tls: self.tls.clone(),
+            volumes: self.volumes.clone(),
         }
     }
 }
@@ -491,6 +543,7 @@ impl StateHub {
             nova: None,
             instance: None,
             tls: None,
+            volumes: Vec::new(),
         };
         let (state, step, reason) = model.derive_setup();
         model.setup = SetupStatus {
@@ -566,6 +619,12 @@ impl StateHub {
     /// Record the certificate the fronts serve.
     pub fn set_tls(&self, tls: TlsStatus) {
         self.with_model(|m| m.tls = Some(tls));
+    }
+
+    /// Record the attached volumes and what became of them (never affects the setup state: a
+    /// volume left alone is not a failed setup).
+    pub fn set_volumes(&self, volumes: Vec<VolumeStatus>) {
+        self.with_model(|m| m.volumes = volumes);
     }
 
     /// Expect a TLS front before `service` (pending until its supervisor reports).

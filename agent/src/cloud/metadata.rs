@@ -148,6 +148,12 @@ impl MetadataService {
         self.document("meta_data.json").await
     }
 
+    /// `meta_data.json` as a JSON tree: its `meta` items and `devices` tags name volumes, and
+    /// change after boot (the typed [`identity`](Self::identity) keeps only what does not).
+    pub async fn meta_data(&self) -> Result<Option<serde_json::Value>, MetadataError> {
+        self.document("meta_data.json").await
+    }
+
     /// `network_data.json`, when the service has it.
     pub async fn network_data(&self) -> Result<Option<NetworkData>, MetadataError> {
         self.document("network_data.json").await

@@ -54,7 +54,8 @@ pub(crate) fn layer(path: &Path, text: &str) -> Result<String, Vec<ConfigError>>
                 .to_owned(),
         )]);
     };
-    let mut toml = String::new();
+    // Exosphere's images mount attached volumes (its auto-mount-volumes role).
+    let mut toml = String::from("[volumes]\nautomount = true\n");
     let mut errors = Vec::new();
     for (key, value) in &object {
         if let Some((_, service, _)) = CHOICES.iter().find(|(name, _, _)| name == key) {
@@ -150,13 +151,16 @@ mod tests {
         .unwrap();
         assert_eq!(
             toml,
-            "[services.guacamole]\nenabled = true\n[services.desktop]\nenabled = false\n"
+            "[volumes]\nautomount = true\n\
+             [services.guacamole]\nenabled = true\n[services.desktop]\nenabled = false\n"
         );
-        assert_eq!(layer(Path::new("/c.json"), "{}").unwrap(), "");
+        // Exosphere's images always mount volumes; nothing else is asked for by `{}`.
+        let volumes_only = "[volumes]\nautomount = true\n";
+        assert_eq!(layer(Path::new("/c.json"), "{}").unwrap(), volumes_only);
         // Exosphere's workflow keys, present but empty, ask for nothing.
         assert_eq!(
             layer(Path::new("/c.json"), r#"{"workflow_source_repository":""}"#).unwrap(),
-            ""
+            volumes_only
         );
     }
 

@@ -85,6 +85,7 @@ pub(crate) struct Fragment {
     pub packages: PackagesFragment,
     pub cloud: CloudFragment,
     pub tls: crate::front::settings::Section,
+    pub volumes: crate::volumes::Section,
 }
 
 const TOP_KEYS: &[&str] = &[
@@ -95,6 +96,7 @@ const TOP_KEYS: &[&str] = &[
     "packages",
     "cloud",
     "tls",
+    "volumes",
 ];
 
 const INSTANCE_KEYS: &[Key<InstanceFragment>] = &[
@@ -377,6 +379,13 @@ pub(crate) fn parse(
                 crate::front::settings::KEYS,
                 "unknown key",
                 &mut fragment.tls,
+            ),
+            "volumes" => w.section(
+                "volumes",
+                table,
+                crate::volumes::KEYS,
+                "unknown key",
+                &mut fragment.volumes,
             ),
             // `entries` returns only names from `TOP_KEYS`; a test checks each has an arm.
             _ => {}

@@ -295,6 +295,9 @@ mod tests {
             "key_file",
             "client_ca_file",
             "trusted_proxies",
+            "[volumes]",
+            "automount",
+            "mount_root",
         ] {
             assert!(EXAMPLE_CONFIG.contains(key), "example lacks {key}");
         }
@@ -521,6 +524,9 @@ cloud_name = "exo"
 enabled = true
 require = true
 trusted_proxies = ["10.0.0.7"]
+[volumes]
+automount = true
+mount_root = "/mnt/vols"
 "#;
         let s = ok(&[("/a.toml", text)]).settings;
         assert_eq!(
@@ -570,6 +576,10 @@ trusted_proxies = ["10.0.0.7"]
                     certificate: CertChoice::Generated,
                     client_ca: None,
                     trusted_proxies: vec!["10.0.0.7".parse().unwrap()],
+                },
+                volumes: VolumeSettings {
+                    automount: true,
+                    mount_root: "/mnt/vols".into(),
                 },
             }
         );

@@ -11,6 +11,7 @@ pub use crate::services::guacamole::{GuacamoleSettings, GuacdSource};
 pub use crate::services::jupyterlab::{JupyterLabSettings, PythonInstaller};
 pub use crate::services::ServiceSettings;
 pub use crate::supervise::SupervisePolicy;
+pub use crate::volumes::VolumeSettings;
 
 /// The complete, validated configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -29,6 +30,8 @@ pub struct Settings {
     pub cloud: CloudSettings,
     /// The upstream TLS front.
     pub tls: TlsSettings,
+    /// Attached volumes.
+    pub volumes: VolumeSettings,
 }
 
 /// `[instance]`: who the researcher logs in as.
@@ -53,6 +56,7 @@ impl Default for Settings {
             packages: PackageSettings::default(),
             cloud: CloudSettings::default(),
             tls: TlsSettings::default(),
+            volumes: VolumeSettings::default(),
         }
     }
 }
