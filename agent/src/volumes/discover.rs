@@ -192,6 +192,13 @@ pub fn observe(sysfs: &Path, mountinfo: &str, filter: &DeviceFilter) -> Observed
         let Some(dev) = read_trim(&dir.join("dev")) else {
             continue;
         };
+        let sectors = read_trim(&dir.join("size"))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        // No medium (an empty drive, a detached loop device): nothing to look at.
+        if sectors == 0 {
+            continue;
+        }
         let mut partitions = Vec::new();
         for child in names_in(&dir) {
             let pdir = dir.join(&child);
@@ -211,9 +218,7 @@ pub fn observe(sysfs: &Path, mountinfo: &str, filter: &DeviceFilter) -> Observed
         partitions.sort_by_key(|p| p.number);
         disks.push(Disk {
             read_only: read_trim(&dir.join("ro")).as_deref() == Some("1"),
-            sectors: read_trim(&dir.join("size"))
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0),
+            sectors,
             serial: read_trim(&dir.join("serial")).filter(|s| !s.is_empty()),
             mounted_at: mounted(&dev, &name),
             holders: names_in(&dir.join("holders")),
@@ -370,7 +375,10 @@ mod tests {
         let sys = FakeSys::new();
         sys.disk("loop3", "7:3", false);
         sys.disk("loop4", "7:4", false);
-        let seen = observe(sys.root(), "", &DeviceFilter::Only(vec!["loop4".into()]));
+        let empty = sys.disk("loop5", "7:5", false);
+        fs::write(empty.join("size"), "0\n").unwrap();
+        let only = DeviceFilter::Only(vec!["loop4".into(), "loop5".into()]);
+        let seen = observe(sys.root(), "", &only);
         assert_eq!(seen.disks.len(), 1);
         assert_eq!(seen.disks[0].name, "loop4");
         assert!(!seen.disks[0].root);

@@ -1,0 +1,301 @@
+//! Volumes on real loop devices with the real tools (`blkid`, `wipefs`, `mkfs.ext4`, `mount`,
+//! `pvcreate`, `mkswap`, `sfdisk`): the loop devices go through the same discover → decide →
+//! act path as attached volumes (only the device list is injected). A blank disk is formatted
+//! and mounted; an existing filesystem and a partition's filesystem are mounted as they are;
+//! an LVM physical volume, swap and a partition table are left alone with their reasons and
+//! their first MiB unchanged; detaching removes the empty mount point exoagent made and nothing
+//! else. Needs root (loop devices, mount); skipped otherwise. Serial matching and names from
+//! the metadata are covered by the unit tests (loop devices have no serial).
+
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use exoagent::state::{VolumeState, VolumeStatus};
+use exoagent::volumes::{DeviceFilter, Mounter, NameSource, Setup, Watcher};
+
+/// Run a tool; panic with its output when it fails.
+fn run(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e} (installer/dev/prereqs.sh installs it)"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Loop devices, images and mounts made by a test; all undone on drop, even after a failure.
+struct Lab {
+    dir: tempfile::TempDir,
+    loops: Vec<String>,
+}
+
+impl Lab {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+            loops: Vec::new(),
+        }
+    }
+
+    fn mount_root(&self) -> PathBuf {
+        self.dir.path().join("media/volume")
+    }
+
+    /// A sparse 64 MiB image file.
+    fn image(&self, name: &str) -> PathBuf {
+        let path = self.dir.path().join(format!("{name}.img"));
+        let file = std::fs::File::create(&path).unwrap();
+        file.set_len(64 << 20).unwrap();
+        path
+    }
+
+    /// Attach `image` to a free loop device (with partition scanning when asked).
+    fn attach(&mut self, image: &Path, partitions: bool) -> String {
+        let mut args = vec!["-f", "--show"];
+        if partitions {
+            args.push("-P");
+        }
+        let image = image.to_str().unwrap();
+        args.push(image);
+        let device = run("losetup", &args).trim().to_owned();
+        self.loops.push(device.clone());
+        device
+    }
+
+    /// Every mount under this lab's directory, deepest first.
+    fn mounts(&self) -> Vec<PathBuf> {
+        let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let mut found: Vec<PathBuf> = exoagent::volumes::discover::parse_mountinfo(&text)
+            .into_iter()
+            .map(|m| m.mount_point)
+            .filter(|m| m.starts_with(self.dir.path()))
+            .collect();
+        found.sort();
+        found.reverse();
+        found
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for mount_point in self.mounts() {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&mount_point)
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+        for device in self.loops.iter().rev() {
+            // A device the test already detached is gone: nothing to say about it.
+            let _ = Command::new("losetup")
+                .args(["-d", device])
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+}
+
+fn kernel_name(device: &str) -> String {
+    device.trim_start_matches("/dev/").to_owned()
+}
+
+fn first_mib_sha256(device: &str) -> Vec<u8> {
+    let mut buf = vec![0; 1 << 20];
+    std::fs::File::open(device)
+        .unwrap()
+        .read_exact(&mut buf)
+        .unwrap();
+    ring::digest::digest(&ring::digest::SHA256, &buf)
+        .as_ref()
+        .to_vec()
+}
+
+fn blkid(device: &str, tag: &str) -> String {
+    run("blkid", &["-p", "-o", "value", "-s", tag, device])
+        .trim()
+        .to_owned()
+}
+
+fn status<'a>(statuses: &'a [VolumeStatus], device: &str) -> &'a VolumeStatus {
+    statuses
+        .iter()
+        .find(|s| s.device == device)
+        .unwrap_or_else(|| panic!("no status for {device}: {statuses:#?}"))
+}
+
+fn left_alone(statuses: &[VolumeStatus], device: &str, reason: &str, detail: &str) {
+    let s = status(statuses, device);
+    assert_eq!(s.state, VolumeState::LeftAlone, "{s:?}");
+    assert_eq!(s.reason.as_deref(), Some(reason), "{s:?}");
+    assert!(s.detail.contains(detail), "{s:?}");
+    assert_eq!(s.mount_point, None, "{s:?}");
+}
+
+/// Wait for the kernel to show a loop device's partition (no udev here: `partx` asks it).
+fn wait_for_partition(device: &str, number: u32) -> String {
+    let part = format!("{device}p{number}");
+    // Already added by `losetup -P` on some kernels: then partx complains, harmlessly.
+    let _ = Command::new("partx")
+        .args(["-a", device])
+        .stderr(std::process::Stdio::null())
+        .status();
+    for _ in 0..50 {
+        if Path::new(&part).exists() {
+            return part;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{part} did not appear");
+}
+
+#[tokio::test]
+async fn blank_disks_are_formatted_and_nothing_else_is_touched() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root for loop devices and mount");
+        return;
+    }
+    let mut lab = Lab::new();
+    let blank = lab.attach(&lab.image("blank"), false);
+    let lvm = lab.attach(&lab.image("lvm"), false);
+    // No udevd here: LVM must not wait for it.
+    run(
+        "pvcreate",
+        &[
+            "-qq",
+            "--config",
+            "devices{obtain_device_list_from_udev=0} activation{udev_sync=0 udev_rules=0}",
+            &lvm,
+        ],
+    );
+    let swap = lab.attach(&lab.image("swap"), false);
+    run("mkswap", &[&swap]);
+    let parted_image = lab.image("parted");
+    let mut sfdisk = Command::new("sfdisk")
+        .args(["-q", parted_image.to_str().unwrap()])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(
+        sfdisk.stdin.as_mut().unwrap(),
+        b"label: gpt\n,24M\n,\n",
+    )
+    .unwrap();
+    assert!(sfdisk.wait().unwrap().success());
+    let parted = lab.attach(&parted_image, true);
+    let part1 = wait_for_partition(&parted, 1);
+    let part2 = wait_for_partition(&parted, 2);
+    run("mkfs.ext4", &["-q", "-L", "inner", &part1]);
+    let existing = lab.attach(&lab.image("existing"), false);
+    run("mkfs.ext4", &["-q", "-L", "keep", &existing]);
+    let scratch = lab.dir.path().join("scratch");
+    std::fs::create_dir(&scratch).unwrap();
+    run("mount", &[&existing, scratch.to_str().unwrap()]);
+    std::fs::write(scratch.join("results.csv"), "a,b\n1,2\n").unwrap();
+    run("umount", &[scratch.to_str().unwrap()]);
+    let existing_uuid = blkid(&existing, "UUID");
+
+    let untouched = [&lvm, &swap, &parted];
+    let before: Vec<Vec<u8>> = untouched.iter().map(|d| first_mib_sha256(d)).collect();
+
+    let setup = Setup {
+        mount_root: lab.mount_root(),
+        sysfs: "/sys".into(),
+        mountinfo: "/proc/self/mountinfo".into(),
+        filter: DeviceFilter::Only(
+            [&blank, &lvm, &swap, &parted, &existing]
+                .iter()
+                .map(|d| kernel_name(d))
+                .collect(),
+        ),
+        names: NameSource::default(),
+        owner: "nobody".into(),
+        records: lab.dir.path().join("state/volumes.json"),
+        mounter: Mounter::Plain,
+        name_wait: Duration::ZERO,
+    };
+    let mut watcher = Watcher::new(setup);
+    let statuses = watcher.reconcile().await;
+
+    // The blank disk: formatted ext4, labelled and mounted under its kernel name (no metadata
+    // here), given to the instance user.
+    let root = lab.mount_root();
+    let b = status(&statuses, &blank);
+    let blank_at = root.join(kernel_name(&blank));
+    assert_eq!(b.state, VolumeState::Mounted, "{b:?}");
+    assert_eq!(b.mount_point.as_deref(), blank_at.to_str(), "{b:?}");
+    assert_eq!(b.volume_id, None);
+    assert_eq!(blkid(&blank, "TYPE"), "ext4");
+    assert_eq!(blkid(&blank, "LABEL"), kernel_name(&blank));
+    let blank_uuid = blkid(&blank, "UUID");
+    assert_eq!(blank_uuid.len(), 36, "{blank_uuid}");
+    let meta = std::fs::metadata(&blank_at).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (65534, 65534));
+    assert!(lab.mounts().contains(&blank_at));
+
+    // The filesystem that was there: mounted as it is, its data and label kept.
+    let e = status(&statuses, &existing);
+    let existing_at = root.join(kernel_name(&existing));
+    assert_eq!(e.state, VolumeState::Mounted, "{e:?}");
+    assert_eq!(e.mount_point.as_deref(), existing_at.to_str());
+    assert_eq!(
+        std::fs::read_to_string(existing_at.join("results.csv")).unwrap(),
+        "a,b\n1,2\n"
+    );
+    assert_eq!(blkid(&existing, "UUID"), existing_uuid);
+    assert_eq!(blkid(&existing, "LABEL"), "keep");
+
+    // What Exosphere would have formatted: left alone, with the reason.
+    left_alone(&statuses, &lvm, "signature", "LVM2_member");
+    left_alone(&statuses, &swap, "signature", "swap");
+    left_alone(&statuses, &parted, "partition-table", "partitions");
+    // The partitions: the filesystem mounted at `<name>.part1`, the empty one left alone.
+    let p1 = status(&statuses, &part1);
+    let p1_at = root.join(format!("{}.part1", kernel_name(&parted)));
+    assert_eq!(p1.state, VolumeState::Mounted, "{p1:?}");
+    assert_eq!(p1.mount_point.as_deref(), p1_at.to_str());
+    left_alone(&statuses, &part2, "unformatted-partition", "no filesystem");
+
+    let after: Vec<Vec<u8>> = untouched.iter().map(|d| first_mib_sha256(d)).collect();
+    for ((device, b), a) in untouched.iter().zip(&before).zip(&after) {
+        assert_eq!(b, a, "{device} was written to");
+    }
+
+    // Again (a restart, a periodic pass): the same result, nothing formatted twice.
+    let again = watcher.reconcile().await;
+    assert_eq!(
+        again
+            .iter()
+            .map(|s| (&s.device, s.state, &s.mount_point))
+            .collect::<Vec<_>>(),
+        statuses
+            .iter()
+            .map(|s| (&s.device, s.state, &s.mount_point))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(blkid(&blank, "UUID"), blank_uuid);
+
+    // Detach: the mount goes (systemd does this on a real instance), then the device. The
+    // empty mount point exoagent made is removed; what others put under the root stays.
+    let not_ours = root.join("not-ours");
+    std::fs::create_dir(&not_ours).unwrap();
+    let theirs = root.join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    std::fs::write(theirs.join("notes.txt"), "x").unwrap();
+    run("umount", &[blank_at.to_str().unwrap()]);
+    run("losetup", &["-d", &blank]);
+    let detached = watcher.reconcile().await;
+    assert!(detached.iter().all(|s| s.device != blank), "{detached:#?}");
+    assert!(!blank_at.exists(), "the empty mount point was kept");
+    assert!(not_ours.is_dir() && theirs.join("notes.txt").is_file());
+    assert!(existing_at.join("results.csv").is_file());
+    let after: Vec<Vec<u8>> = untouched.iter().map(|d| first_mib_sha256(d)).collect();
+    assert_eq!(before, after);
+}
