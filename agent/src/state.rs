@@ -880,4 +880,55 @@ mod tests {
             r#"{"uuid":"u","source":"metadata-service","detail":null}"#
         );
     }
+
+    /// The published shape of `volumes[]` (docs/contracts.md, "Volumes"; the VM test reads it).
+    #[test]
+    fn volumes_serialise_to_the_published_shape() {
+        let hub = StateHub::new([]);
+        assert!(!serde_json::to_string(&hub.snapshot())
+            .unwrap()
+            .contains("volumes"));
+        hub.set_volumes(vec![
+            VolumeStatus {
+                device: "/dev/vdb".into(),
+                volume_id: Some("0b7d2f7c-0a88-4c3f-9d59-3f6e0a5b8c41".into()),
+                name: Some("data".into()),
+                state: VolumeState::Mounted,
+                mount_point: Some("/media/volume/data".into()),
+                reason: None,
+                detail: String::new(),
+            },
+            VolumeStatus {
+                device: "/dev/vdc".into(),
+                volume_id: None,
+                name: Some("vdc".into()),
+                state: VolumeState::LeftAlone,
+                mount_point: None,
+                reason: Some("signature".into()),
+                detail: "TYPE=LVM2_member".into(),
+            },
+        ]);
+        let json = serde_json::to_value(hub.snapshot()).unwrap();
+        assert_eq!(
+            json["volumes"],
+            serde_json::json!([
+                {"device": "/dev/vdb", "volume_id": "0b7d2f7c-0a88-4c3f-9d59-3f6e0a5b8c41",
+                 "name": "data", "state": "mounted", "mount_point": "/media/volume/data",
+                 "detail": ""},
+                {"device": "/dev/vdc", "volume_id": null, "name": "vdc", "state": "left-alone",
+                 "reason": "signature", "detail": "TYPE=LVM2_member"}
+            ])
+        );
+        for (state, name) in [
+            (VolumeState::Mounted, "mounted"),
+            (VolumeState::LeftAlone, "left-alone"),
+            (VolumeState::Waiting, "waiting"),
+            (VolumeState::Failed, "failed"),
+        ] {
+            assert_eq!(serde_json::to_value(state).unwrap(), name);
+            assert_eq!(state.as_str(), name);
+        }
+        // The setup state does not depend on volumes.
+        assert_eq!(hub.snapshot().setup.state, SetupState::Starting);
+    }
 }

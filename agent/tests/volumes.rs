@@ -183,11 +183,7 @@ async fn blank_disks_are_formatted_and_nothing_else_is_touched() {
         .stdin(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::io::Write::write_all(
-        sfdisk.stdin.as_mut().unwrap(),
-        b"label: gpt\n,24M\n,\n",
-    )
-    .unwrap();
+    std::io::Write::write_all(sfdisk.stdin.as_mut().unwrap(), b"label: gpt\n,24M\n,\n").unwrap();
     assert!(sfdisk.wait().unwrap().success());
     let parted = lab.attach(&parted_image, true);
     let part1 = wait_for_partition(&parted, 1);
