@@ -31,6 +31,9 @@ fn run(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// One test at a time picks and attaches loop devices (`losetup -f` then attach is not atomic).
+static LOOP_DEVICES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Loop devices, images and mounts made by a test; all undone on drop, even after a failure.
 struct Lab {
     dir: tempfile::TempDir,
@@ -162,6 +165,7 @@ async fn blank_disks_are_formatted_and_nothing_else_is_touched() {
         eprintln!("skipped: needs root for loop devices and mount");
         return;
     }
+    let _one_at_a_time = LOOP_DEVICES.lock().await;
     let mut lab = Lab::new();
     let blank = lab.attach(&lab.image("blank"), false);
     let lvm = lab.attach(&lab.image("lvm"), false);
@@ -294,4 +298,80 @@ async fn blank_disks_are_formatted_and_nothing_else_is_touched() {
     assert!(existing_at.join("results.csv").is_file());
     let after: Vec<Vec<u8>> = untouched.iter().map(|d| first_mib_sha256(d)).collect();
     assert_eq!(before, after);
+}
+
+/// The watcher as the agent runs it: a volume attached while it runs is mounted after the
+/// kernel's uevent (no udevd here: the agent listens to the kernel itself), and its status
+/// reaches the hub; detaching it removes the mount point again.
+#[tokio::test]
+async fn a_volume_attached_while_the_watcher_runs_is_mounted() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root for loop devices and mount");
+        return;
+    }
+    let _one_at_a_time = LOOP_DEVICES.lock().await;
+    let mut lab = Lab::new();
+    let image = lab.image("hotplug");
+    let hub = exoagent::state::StateHub::new([]);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    // The device the next attach will use, so the watcher can be told to look at it only;
+    // picked again if something else on the machine takes it first.
+    let mut attached = None;
+    for _ in 0..5 {
+        let device = run("losetup", &["-f"]).trim().to_owned();
+        let setup = Setup {
+            mount_root: lab.mount_root(),
+            sysfs: "/sys".into(),
+            mountinfo: "/proc/self/mountinfo".into(),
+            filter: DeviceFilter::Only(vec![kernel_name(&device)]),
+            names: NameSource::default(),
+            owner: "root".into(),
+            records: lab.dir.path().join("state/volumes.json"),
+            mounter: Mounter::Plain,
+            name_wait: Duration::ZERO,
+        };
+        let watching = tokio::spawn(Watcher::new(setup).watch(hub.clone(), cancel.child_token()));
+        // Let the first pass run with nothing attached.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(hub.snapshot().volumes.is_empty());
+        let attach = Command::new("losetup")
+            .args([&device, image.to_str().unwrap()])
+            .status()
+            .unwrap();
+        if attach.success() {
+            lab.loops.push(device.clone());
+            attached = Some((device, watching));
+            break;
+        }
+        watching.abort();
+    }
+    let (device, watching) = attached.expect("no free loop device");
+    let mut rx = hub.subscribe();
+    let mounted_at = lab.mount_root().join(kernel_name(&device));
+    let wait = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let done = rx.borrow_and_update().volumes.iter().any(|v| {
+                v.state == VolumeState::Mounted && v.mount_point.as_deref() == mounted_at.to_str()
+            });
+            if done {
+                return;
+            }
+            rx.changed().await.unwrap();
+        }
+    });
+    wait.await
+        .unwrap_or_else(|_| panic!("not mounted: {:#?}", hub.snapshot().volumes));
+    assert_eq!(blkid(&device, "TYPE"), "ext4");
+
+    run("umount", &[mounted_at.to_str().unwrap()]);
+    run("losetup", &["-d", &device]);
+    let gone = tokio::time::timeout(Duration::from_secs(20), async {
+        while !(hub.snapshot().volumes.is_empty() && !mounted_at.exists()) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    gone.await
+        .unwrap_or_else(|_| panic!("not cleaned up: {:#?}", hub.snapshot().volumes));
+    cancel.cancel();
+    watching.await.unwrap();
 }

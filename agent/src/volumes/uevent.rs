@@ -88,4 +88,21 @@ mod tests {
         assert!(!is_block_event(net));
         assert!(!is_block_event(b"SUBSYSTEM=blockish\0"));
     }
+
+    /// A real kernel uevent reaches the socket: writing `change` to a block device's `uevent`
+    /// file makes the kernel send one (root only; skipped otherwise).
+    #[tokio::test]
+    async fn the_kernel_sends_block_events_to_the_socket() {
+        let trigger = std::path::Path::new("/sys/class/block/loop0/uevent");
+        if !nix::unistd::geteuid().is_root() || !trigger.exists() {
+            eprintln!("skipped: needs root and /dev/loop0");
+            return;
+        }
+        let mut events = Uevents::open().unwrap();
+        std::fs::write(trigger, "change").unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), events.next_block_event())
+            .await
+            .expect("no uevent within 5s")
+            .unwrap();
+    }
 }
