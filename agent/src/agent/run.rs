@@ -712,6 +712,19 @@ mod tests {
         }
     }
 
+    /// The sandbox never touches the host's disks, whatever the configuration says.
+    #[test]
+    fn volumes_are_watched_only_on_an_instance_that_asks() {
+        let (_dir, paths) = fixtures::sandbox();
+        fixtures::write_config(&paths, "[volumes]\nautomount = true\n");
+        let mut plan = plan(Mode::Sandbox, paths.clone()).unwrap();
+        assert!(volume_watcher(&plan, None, None).is_none());
+        plan.mode = Mode::System;
+        assert!(volume_watcher(&plan, None, None).is_some());
+        plan.settings.volumes.automount = false;
+        assert!(volume_watcher(&plan, None, None).is_none());
+    }
+
     #[tokio::test]
     async fn invalid_config_fails_before_anything_is_created() {
         let (_dir, paths) = fixtures::sandbox();
