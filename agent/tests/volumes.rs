@@ -121,10 +121,17 @@ fn first_mib_sha256(device: &str) -> Vec<u8> {
         .to_vec()
 }
 
+/// One tag of `blkid -p`; empty when it finds nothing (exit status 2).
 fn blkid(device: &str, tag: &str) -> String {
-    run("blkid", &["-p", "-o", "value", "-s", tag, device])
-        .trim()
-        .to_owned()
+    let out = Command::new("blkid")
+        .args(["-p", "-o", "value", "-s", tag, device])
+        .output()
+        .unwrap();
+    assert!(
+        matches!(out.status.code(), Some(0 | 2)),
+        "blkid {device}: {out:?}"
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 fn status<'a>(statuses: &'a [VolumeStatus], device: &str) -> &'a VolumeStatus {
@@ -374,4 +381,111 @@ async fn a_volume_attached_while_the_watcher_runs_is_mounted() {
         .unwrap_or_else(|_| panic!("not cleaned up: {:#?}", hub.snapshot().volumes));
     cancel.cancel();
     watching.await.unwrap();
+}
+
+/// A sysfs tree for `devices` (real loop devices) with the serials a cloud's bus would show:
+/// the real `/dev` nodes and tools, a fake `serial` file (loop devices have none).
+fn sysfs_with_serials(root: &Path, devices: &[(&str, &str)]) {
+    for (device, serial) in devices {
+        let name = kernel_name(device);
+        let real = Path::new("/sys/block").join(&name);
+        let fake = root.join("block").join(&name);
+        std::fs::create_dir_all(fake.join("holders")).unwrap();
+        for file in ["dev", "size", "ro"] {
+            std::fs::copy(real.join(file), fake.join(file)).unwrap();
+        }
+        std::fs::write(fake.join("serial"), format!("{serial}\n")).unwrap();
+    }
+}
+
+/// Names from a real-shaped `meta_data.json` (a v6 device tag and a v5 item), serials cut to 20
+/// characters as virtio-blk does: the blank disks are formatted with the volume UUID and the
+/// name as label and mounted at the sanitised name, the second of two same-named volumes at
+/// `<name>-<last 4 of its UUID>`. A disk whose name is not known yet waits, untouched.
+#[tokio::test]
+async fn volumes_are_named_from_the_metadata() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root for loop devices and mount");
+        return;
+    }
+    let _one_at_a_time = LOOP_DEVICES.lock().await;
+    let mut lab = Lab::new();
+    let first = lab.attach(&lab.image("first"), false);
+    let second = lab.attach(&lab.image("second"), false);
+    let (uuid1, uuid2) = (
+        "0b7d2f7c-0a88-4c3f-9d59-3f6e0a5b8c41",
+        "9c4e5a6b-7d8e-4f01-a2b3-c4d5e6f7a8b9",
+    );
+    let sysfs = lab.dir.path().join("sys");
+    sysfs_with_serials(&sysfs, &[(&first, &uuid1[..20]), (&second, &uuid2[..20])]);
+    let meta_data = lab.dir.path().join("meta_data.json");
+    let doc = serde_json::json!({
+        "uuid": "6d5b4a0c-9a2b-4c8e-8f5a-3c1d2e7f9b10",
+        "name": "exo-test",
+        "hostname": "exo-test.novalocal",
+        "project_id": "8f3ee0a5e7e5400ba7c1d3a2f0e9b8c7",
+        "public_keys": {"alice": "ssh-ed25519 AAAAC3Nza alice@laptop\n"},
+        "meta": {
+            "exoCreatorUsername": "alice",
+            format!("exoVolumes::{uuid2}"): "{\"name\":\"Résultats de l'été\"}"
+        },
+        "devices": [{
+            "type": "disk", "bus": "virtio", "serial": uuid1, "address": "0000:00:05.0",
+            "tags": ["exoVolume::{\"name\":\"Résultats de l'été\"}"]
+        }]
+    });
+    std::fs::write(&meta_data, doc.to_string()).unwrap();
+    let setup = |names: NameSource, name_wait: Duration| Setup {
+        mount_root: lab.mount_root(),
+        sysfs: sysfs.clone(),
+        mountinfo: "/proc/self/mountinfo".into(),
+        filter: DeviceFilter::Only(vec![kernel_name(&first), kernel_name(&second)]),
+        names,
+        owner: "root".into(),
+        records: lab.dir.path().join("state/volumes.json"),
+        mounter: Mounter::Plain,
+        name_wait,
+    };
+
+    // The metadata service does not answer (nothing listens there): the disks wait, untouched.
+    let unreachable = NameSource {
+        service: Some(exoagent::cloud::MetadataService::new(
+            "http://127.0.0.1:9",
+            reqwest::Client::new(),
+        )),
+        file: None,
+    };
+    let statuses = Watcher::new(setup(unreachable, Duration::from_secs(60)))
+        .reconcile()
+        .await;
+    for device in [&first, &second] {
+        assert_eq!(status(&statuses, device).state, VolumeState::Waiting);
+        assert_eq!(
+            blkid(device, "TYPE"),
+            "",
+            "{device} was formatted while waiting"
+        );
+    }
+
+    let names = NameSource {
+        service: None,
+        file: Some(meta_data),
+    };
+    let statuses = Watcher::new(setup(names, Duration::from_secs(60)))
+        .reconcile()
+        .await;
+    let root = lab.mount_root();
+    for (device, uuid, dir) in [
+        (&first, uuid1, "Résultats-de-l-été".to_owned()),
+        (&second, uuid2, "Résultats-de-l-été-a8b9".to_owned()),
+    ] {
+        let s = status(&statuses, device);
+        assert_eq!(s.state, VolumeState::Mounted, "{s:?}");
+        assert_eq!(s.volume_id.as_deref(), Some(uuid));
+        assert_eq!(s.name.as_deref(), Some("Résultats de l'été"));
+        assert_eq!(s.mount_point.as_deref(), root.join(&dir).to_str(), "{s:?}");
+        assert_eq!(blkid(device, "UUID"), uuid);
+        // The name cut to ext4's 16 bytes ("é" is two).
+        assert_eq!(blkid(device, "LABEL"), "Résultats de l'");
+    }
 }
