@@ -41,6 +41,8 @@ const POLL_INTERVAL: Duration = Duration::from_secs(2);
 const WAITING_INTERVAL: Duration = Duration::from_secs(5);
 /// Uevents arrive in bursts (disk, then partitions): act once the burst is over.
 const DEBOUNCE: Duration = Duration::from_secs(1);
+/// How long volume names read from the metadata are reused while nothing changes.
+const NAMES_MAX_AGE: Duration = Duration::from_secs(300);
 /// Largest `meta_data.json` read from a file.
 const MAX_META_DATA_BYTES: u64 = 1024 * 1024;
 
@@ -150,6 +152,18 @@ pub struct Watcher {
     setup: Setup,
     /// When each unnamed disk (name + serial) was first seen.
     first_seen: HashMap<String, Instant>,
+    /// The names last read, when, and for which disks.
+    names: Option<CachedNames>,
+    /// Whether the last pass left a disk waiting for its name.
+    waiting: bool,
+}
+
+/// Names read from the metadata, kept so the periodic pass does not ask every time.
+#[derive(Debug)]
+struct CachedNames {
+    at: Instant,
+    disks: Vec<(String, Option<String>)>,
+    names: VolumeNames,
 }
 
 fn status(device: &Path, named: &Named, state: VolumeState) -> VolumeStatus {
@@ -215,7 +229,35 @@ impl Watcher {
         Self {
             setup,
             first_seen: HashMap::new(),
+            names: None,
+            waiting: false,
         }
+    }
+
+    /// The volume names: read again when the disks changed, a disk waits for its name, or
+    /// the last read is older than [`NAMES_MAX_AGE`]; none needed without a non-root disk.
+    async fn names(&mut self, observed: &discover::Observed) -> VolumeNames {
+        let disks: Vec<(String, Option<String>)> = observed
+            .disks
+            .iter()
+            .filter(|d| !d.root)
+            .map(|d| (d.name.clone(), d.serial.clone()))
+            .collect();
+        if disks.is_empty() {
+            return VolumeNames::default();
+        }
+        if let Some(cached) = &self.names {
+            if !self.waiting && cached.disks == disks && cached.at.elapsed() < NAMES_MAX_AGE {
+                return cached.names.clone();
+            }
+        }
+        let names = self.setup.names.fetch().await.unwrap_or_default();
+        self.names = Some(CachedNames {
+            at: Instant::now(),
+            disks,
+            names: names.clone(),
+        });
+        names
     }
 
     fn read_mountinfo(&self) -> String {
@@ -238,12 +280,8 @@ impl Watcher {
             }
         }
         let observed = discover::observe(&s.sysfs, &self.read_mountinfo(), &s.filter);
-        let needs_names = observed.disks.iter().any(|d| !d.root);
-        let names = if needs_names {
-            s.names.fetch().await.unwrap_or_default()
-        } else {
-            VolumeNames::default()
-        };
+        let names = self.names(&observed).await;
+        let s = &self.setup;
         let mut claimed: BTreeSet<PathBuf> = observed
             .mounts
             .iter()
@@ -264,6 +302,7 @@ impl Watcher {
             .await;
         }
         self.first_seen.retain(|k, _| seen_keys.contains(k));
+        self.waiting = statuses.iter().any(|s| s.state == VolumeState::Waiting);
         let mounted_now: BTreeSet<PathBuf> = discover::parse_mountinfo(&self.read_mountinfo())
             .into_iter()
             .map(|m| m.mount_point)
