@@ -153,13 +153,16 @@ pub fn parse_wipefs(text: &str) -> Result<Vec<String>, String> {
 }
 
 /// Probe `device` with both `blkid -p` (low-level superblock and partition-table probe, exit
-/// status 2 = nothing found) and `wipefs --no-act`. Either failing is an error: a device whose
+/// status 2 = nothing found, 8 = contradicting signatures) and `wipefs --no-act`. Either failing is an error: a device whose
 /// contents are unknown is never formatted.
 pub async fn probe(device: &Path) -> Result<Probe, ActError> {
     let dev = device.display().to_string();
     let args = vec!["-p".into(), "-o".into(), "export".into(), dev.clone()];
-    let blkid = run("blkid", &args, SHORT, &[0, 2]).await?;
-    let mut probe = Probe::default();
+    let blkid = run("blkid", &args, SHORT, &[0, 2, 8]).await?;
+    let mut probe = Probe {
+        ambivalent: blkid.code == Some(8),
+        ..Probe::default()
+    };
     if blkid.code == Some(0) {
         for (key, value) in parse_export(&blkid.stdout) {
             match key.as_str() {

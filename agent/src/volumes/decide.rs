@@ -26,12 +26,17 @@ pub struct Probe {
     pub pt_type: Option<String>,
     /// Signature types `wipefs --no-act` lists.
     pub wipefs: Vec<String>,
+    /// `blkid -p` found several signatures that contradict each other (exit status 8).
+    pub ambivalent: bool,
 }
 
 impl Probe {
     /// Whether neither tool found anything.
     pub fn is_blank(&self) -> bool {
-        self.fs_type.is_none() && self.pt_type.is_none() && self.wipefs.is_empty()
+        self.fs_type.is_none()
+            && self.pt_type.is_none()
+            && self.wipefs.is_empty()
+            && !self.ambivalent
     }
 
     /// What was found, for people: `TYPE=LVM2_member, wipefs: LVM2_member`.
@@ -45,6 +50,9 @@ impl Probe {
         }
         if let Some(p) = &self.pt_type {
             parts.push(format!("PTTYPE={p}"));
+        }
+        if self.ambivalent {
+            parts.push("blkid: ambivalent (several signatures)".into());
         }
         if !self.wipefs.is_empty() {
             parts.push(format!("wipefs: {}", self.wipefs.join(" ")));
@@ -255,6 +263,14 @@ mod tests {
             ..blank()
         };
         assert_eq!(reason(&only_wipefs), "signature");
+        let ambivalent = Facts {
+            probe: Probe {
+                ambivalent: true,
+                ..Default::default()
+            },
+            ..blank()
+        };
+        assert_eq!(reason(&ambivalent), "signature");
         let only_partitions = Facts {
             has_partitions: true,
             ..blank()
