@@ -64,12 +64,19 @@ impl Wanted {
 }
 
 /// Volume counts for the summary: `{"m":2,"l":1,"f":0}` (mounted, left alone, failed), plus
-/// `"w"` while some wait for their name; `None` without volumes.
+/// `"w"` while some wait for their name; `None` without volumes. The root disk, always left
+/// alone, is not counted: `"l"` above 0 means an attached volume was not mounted.
 fn volume_counts(snapshot: &Snapshot) -> Option<serde_json::Value> {
     if snapshot.volumes.is_empty() {
         return None;
     }
-    let count = |state: VolumeState| snapshot.volumes.iter().filter(|v| v.state == state).count();
+    let count = |state: VolumeState| {
+        snapshot
+            .volumes
+            .iter()
+            .filter(|v| v.state == state && v.reason.as_deref() != Some("root-disk"))
+            .count()
+    };
     let mut counts = json!({
         "m": count(VolumeState::Mounted),
         "l": count(VolumeState::LeftAlone),
@@ -448,7 +455,12 @@ mod tests {
             reason: None,
             detail: "d".repeat(300),
         };
+        let root_disk = crate::state::VolumeStatus {
+            reason: Some("root-disk".into()),
+            ..volume(VolumeState::LeftAlone)
+        };
         hub.set_volumes(vec![
+            root_disk,
             volume(VolumeState::Mounted),
             volume(VolumeState::Mounted),
             volume(VolumeState::LeftAlone),
