@@ -64,6 +64,19 @@ pub enum ActError {
     },
 }
 
+impl ActError {
+    /// Short stable reason (for logs; the status names the step that failed instead).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Spawn { .. } => "command-start",
+            Self::Timeout { .. } => "command-timeout",
+            Self::Failed { .. } => "command-failed",
+            Self::Output { .. } => "command-output",
+            Self::Io { .. } => "mount-point-io",
+        }
+    }
+}
+
 /// What a finished command printed.
 #[derive(Debug)]
 pub struct Output {
@@ -370,6 +383,28 @@ pub fn remove_empty_dir(path: &Path) -> Result<(), ActError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn commands_fail_with_their_reason_and_are_killed_at_the_timeout() {
+        let started = std::time::Instant::now();
+        let slow = run("sleep", &["5".into()], Duration::from_millis(200), &[0]).await;
+        assert_eq!(slow.unwrap_err().reason(), "command-timeout");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        let failed = run(
+            "sh",
+            &["-c".into(), "echo nope >&2; exit 3".into()],
+            SHORT,
+            &[0],
+        )
+        .await;
+        let failed = failed.unwrap_err();
+        assert_eq!(failed.reason(), "command-failed");
+        assert!(failed.to_string().contains("nope"), "{failed}");
+        let missing = run("/nonexistent/blkid", &[], SHORT, &[0]).await;
+        assert_eq!(missing.unwrap_err().reason(), "command-start");
+        let two = run("sh", &["-c".into(), "exit 2".into()], SHORT, &[0, 2]).await;
+        assert_eq!(two.unwrap().code, Some(2));
+    }
 
     #[test]
     fn export_and_wipefs_output_are_read() {

@@ -276,7 +276,7 @@ impl Watcher {
         }) {
             tracing::info!(target: "exoagent::volumes", mount_point = ?gone.mount_point, device = ?gone.source, "device gone; unmounting");
             if let Err(e) = s.mounter.unmount(&gone.mount_point).await {
-                tracing::warn!(target: "exoagent::volumes", mount_point = ?gone.mount_point, error = %e, "unmount failed");
+                tracing::warn!(target: "exoagent::volumes", mount_point = ?gone.mount_point, reason = e.reason(), error = %e, "unmount failed");
             }
         }
         let observed = discover::observe(&s.sysfs, &self.read_mountinfo(), &s.filter);
@@ -385,7 +385,7 @@ impl Watcher {
             match act::probe(&path).await {
                 Ok(probe) => facts.probe = probe,
                 Err(e) => {
-                    tracing::warn!(target: "exoagent::volumes", device = ?disk.name, error = %e, "probe failed; left alone");
+                    tracing::warn!(target: "exoagent::volumes", device = ?disk.name, reason = e.reason(), error = %e, "probe failed; left alone");
                     let st = status(&path, &named, VolumeState::Failed);
                     statuses.push(with_reason(st, failed::PROBE, e.to_string()));
                     return;
@@ -530,7 +530,7 @@ impl Watcher {
         match owner_ids(&self.setup.owner) {
             Some(ids) => {
                 if let Err(e) = act::chown(&mount_point, ids) {
-                    tracing::warn!(target: "exoagent::volumes", mount_point = ?mount_point, error = %e, "chown failed");
+                    tracing::warn!(target: "exoagent::volumes", mount_point = ?mount_point, reason = e.reason(), error = %e, "chown failed");
                 }
             }
             None => {
