@@ -412,12 +412,21 @@ async fn volumes_are_named_from_the_metadata() {
     let mut lab = Lab::new();
     let first = lab.attach(&lab.image("first"), false);
     let second = lab.attach(&lab.image("second"), false);
+    let late = lab.attach(&lab.image("late"), false);
     let (uuid1, uuid2) = (
         "0b7d2f7c-0a88-4c3f-9d59-3f6e0a5b8c41",
         "9c4e5a6b-7d8e-4f01-a2b3-c4d5e6f7a8b9",
     );
     let sysfs = lab.dir.path().join("sys");
-    sysfs_with_serials(&sysfs, &[(&first, &uuid1[..20]), (&second, &uuid2[..20])]);
+    let unknown = "5e1f0c3a-1111-4222-8333-944455556666";
+    sysfs_with_serials(
+        &sysfs,
+        &[
+            (&first, &uuid1[..20]),
+            (&second, &uuid2[..20]),
+            (&late, &unknown[..20]),
+        ],
+    );
     let meta_data = lab.dir.path().join("meta_data.json");
     let doc = serde_json::json!({
         "uuid": "6d5b4a0c-9a2b-4c8e-8f5a-3c1d2e7f9b10",
@@ -455,10 +464,17 @@ async fn volumes_are_named_from_the_metadata() {
         )),
         file: None,
     };
-    let statuses = Watcher::new(setup(unreachable, Duration::from_secs(60)))
-        .reconcile()
-        .await;
-    for device in [&first, &second] {
+    let statuses = Watcher::new(Setup {
+        filter: DeviceFilter::Only(vec![
+            kernel_name(&first),
+            kernel_name(&second),
+            kernel_name(&late),
+        ]),
+        ..setup(unreachable.clone(), Duration::from_secs(60))
+    })
+    .reconcile()
+    .await;
+    for device in [&first, &second, &late] {
         assert_eq!(status(&statuses, device).state, VolumeState::Waiting);
         assert_eq!(
             blkid(device, "TYPE"),
@@ -466,6 +482,25 @@ async fn volumes_are_named_from_the_metadata() {
             "{device} was formatted while waiting"
         );
     }
+
+    // A volume the metadata never names: after the wait, named after its kernel device as
+    // Exosphere does (and formatted without the volume UUID, which is not known).
+    let mut patient = Watcher::new(Setup {
+        filter: DeviceFilter::Only(vec![kernel_name(&late)]),
+        ..setup(unreachable.clone(), Duration::from_millis(300))
+    });
+    let statuses = patient.reconcile().await;
+    assert_eq!(status(&statuses, &late).state, VolumeState::Waiting);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let statuses = patient.reconcile().await;
+    let l = status(&statuses, &late);
+    assert_eq!(l.state, VolumeState::Mounted, "{l:?}");
+    assert_eq!(l.volume_id, None);
+    assert_eq!(l.name.as_deref(), Some(kernel_name(&late).as_str()));
+    let late_at = lab.mount_root().join(kernel_name(&late));
+    assert_eq!(l.mount_point.as_deref(), late_at.to_str());
+    assert_eq!(blkid(&late, "TYPE"), "ext4");
+    assert_eq!(blkid(&late, "LABEL"), kernel_name(&late));
 
     let names = NameSource {
         service: None,
