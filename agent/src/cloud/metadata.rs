@@ -305,4 +305,27 @@ mod tests {
         let service = MetadataService::new(&base, MetadataService::default_client().unwrap());
         assert!(service.public_ipv4().await.is_err());
     }
+
+    #[tokio::test]
+    async fn meta_data_is_read_whole_for_volume_names() {
+        let body = r#"{"uuid":"u","meta":{"exoVolumes::v":"{\"name\":\"data\"}"},"devices":[]}"#;
+        let (base, seen) = serve("200 OK", body).await;
+        let service = MetadataService::new(&base, MetadataService::default_client().unwrap());
+        let doc = service.meta_data().await.unwrap().unwrap();
+        assert_eq!(doc["meta"]["exoVolumes::v"], "{\"name\":\"data\"}");
+        assert!(doc["devices"].is_array());
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec!["/openstack/latest/meta_data.json"]
+        );
+        let (base, _) = serve("404 Not Found", "").await;
+        let service = MetadataService::new(&base, MetadataService::default_client().unwrap());
+        assert!(service.meta_data().await.unwrap().is_none());
+        let (base, _) = serve("200 OK", "not json").await;
+        let service = MetadataService::new(&base, MetadataService::default_client().unwrap());
+        assert_eq!(
+            service.meta_data().await.unwrap_err().reason(),
+            "metadata-invalid"
+        );
+    }
 }
