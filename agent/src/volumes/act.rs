@@ -434,6 +434,14 @@ mod tests {
     }
 
     #[test]
+    fn systemd_mounts_only_where_systemd_runs_the_machine() {
+        let root = tempfile::tempdir().unwrap();
+        assert_eq!(Mounter::detect(root.path()), Mounter::Plain);
+        std::fs::create_dir_all(root.path().join("run/systemd/system")).unwrap();
+        assert_eq!(Mounter::detect(root.path()), Mounter::Systemd);
+    }
+
+    #[test]
     fn systemd_mounts_carry_exospheres_options() {
         let (program, args) = Mounter::Systemd.mount_argv(
             Path::new("/dev/vdb"),

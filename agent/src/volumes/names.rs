@@ -132,7 +132,9 @@ fn insert(by_uuid: &mut BTreeMap<String, String>, uuid: &str, name: &str) {
     }
 }
 
-/// Python's `\w` for text: letters, digits (any script) and `_`.
+/// Python's `\w` for text: letters, digits (any script) and `_`. One known difference: Rust's
+/// `is_alphanumeric` also counts combining marks with the Unicode `Alphabetic` property (such as
+/// Devanagari vowel signs), which Python's `\w` turns into `-`.
 fn is_word(c: char) -> bool {
     c == '_' || c.is_alphanumeric()
 }
