@@ -132,11 +132,25 @@ fn insert(by_uuid: &mut BTreeMap<String, String>, uuid: &str, name: &str) {
     }
 }
 
-/// Python's `\w` for text: letters, digits (any script) and `_`. One known difference: Rust's
-/// `is_alphanumeric` also counts combining marks with the Unicode `Alphabetic` property (such as
-/// Devanagari vowel signs), which Python's `\w` turns into `-`.
+/// Python's `\w` for text (`str.isalnum()` or `_`): letters (`Lu Ll Lt Lm Lo`) and numbers
+/// (`Nd Nl No`) of any script. Not Rust's `is_alphanumeric`, which also keeps combining marks
+/// such as Devanagari vowel signs that Python replaces.
 fn is_word(c: char) -> bool {
-    c == '_' || c.is_alphanumeric()
+    use icu_properties::props::GeneralCategory as G;
+    if c == '_' {
+        return true;
+    }
+    matches!(
+        icu_properties::CodePointMapData::<G>::new().get(c),
+        G::UppercaseLetter
+            | G::LowercaseLetter
+            | G::TitlecaseLetter
+            | G::ModifierLetter
+            | G::OtherLetter
+            | G::DecimalNumber
+            | G::LetterNumber
+            | G::OtherNumber
+    )
 }
 
 /// Exosphere's `re.sub(r"\W+", "-", name)`: every run of characters that are not letters,
@@ -328,6 +342,9 @@ mod tests {
         assert_eq!(sanitise("../../etc"), "-etc");
         assert_eq!(sanitise("données été"), "données-été");
         assert_eq!(sanitise("数据 卷"), "数据-卷");
+        // Python: re.sub(r"\W+", "-", "नमस्ते") == "नमस-त-" (vowel signs and virama are marks).
+        assert_eq!(sanitise("नमस्ते"), "नमस-त-");
+        assert_eq!(sanitise("x²½Ⅻ"), "x²½Ⅻ");
         assert_eq!(sanitise("x\n\ty"), "x-y");
         assert_eq!(sanitise(""), "");
         let long = sanitise(&"é".repeat(300));
