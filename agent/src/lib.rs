@@ -22,5 +22,6 @@ pub mod services;
 pub mod state;
 pub mod supervise;
 pub mod text;
+pub mod volumes;
 
 pub use agent::{run, AgentOptions, Mode};

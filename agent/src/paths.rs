@@ -67,6 +67,11 @@ impl Paths {
         }
     }
 
+    /// The mount points the volume watcher created: `/var/lib/exoagent/volumes.json`.
+    pub fn volume_records(&self) -> PathBuf {
+        self.state_dir.join("volumes.json")
+    }
+
     /// The local status API socket.
     pub fn api_socket(&self) -> PathBuf {
         self.runtime_dir.join("exoagent.sock")

@@ -141,6 +141,53 @@ pub struct TlsStatus {
     pub generated: bool,
 }
 
+/// What became of one attached volume (`volumes[].state` in the status API).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VolumeState {
+    /// Mounted at its mount point.
+    Mounted,
+    /// Deliberately not touched (root disk, in use, a signature found, …): see `reason`.
+    LeftAlone,
+    /// Its serial matches no volume in the metadata yet; the metadata is read again.
+    Waiting,
+    /// Formatting, probing or mounting went wrong: see `reason`.
+    Failed,
+}
+
+impl VolumeState {
+    /// The stable name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Mounted => "mounted",
+            Self::LeftAlone => "left-alone",
+            Self::Waiting => "waiting",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// One block device the volume watcher looked at (disk or partition), and what it did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeStatus {
+    /// The kernel device, e.g. `/dev/vdb` or `/dev/vdb1`.
+    pub device: String,
+    /// The OpenStack volume UUID its serial matches, when one does.
+    pub volume_id: Option<String>,
+    /// The volume's name (from the metadata, else the kernel device name), when known.
+    pub name: Option<String>,
+    /// What became of it.
+    pub state: VolumeState,
+    /// Where it is mounted (only when `mounted`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mount_point: Option<String>,
+    /// Short stable reason (only when `left-alone` or `failed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Human text: what was found, what failed.
+    pub detail: String,
+}
+
 /// The overall setup state, in Exosphere's vocabulary (`status` values of console lines).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -246,6 +293,9 @@ pub struct Snapshot {
     /// The fronts' certificate (absent without `[tls] enabled`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsStatus>,
+    /// Attached volumes and what became of them (absent when none were looked at).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeStatus>,
 }
 
 /// Where the agent learnt which instance it runs on (`instance.source` in the status API).
@@ -356,6 +406,7 @@ struct Model {
     nova: Option<NovaReporting>,
     instance: Option<InstanceStatus>,
     tls: Option<TlsStatus>,
+    volumes: Vec<VolumeStatus>,
 }
 
 impl Model {
@@ -419,6 +470,7 @@ impl Model {
             nova: self.nova.clone(),
             instance: self.instance.clone(),
             tls: self.tls.clone(),
+            volumes: self.volumes.clone(),
         }
     }
 }
@@ -491,6 +543,7 @@ impl StateHub {
             nova: None,
             instance: None,
             tls: None,
+            volumes: Vec::new(),
         };
         let (state, step, reason) = model.derive_setup();
         model.setup = SetupStatus {
@@ -566,6 +619,12 @@ impl StateHub {
     /// Record the certificate the fronts serve.
     pub fn set_tls(&self, tls: TlsStatus) {
         self.with_model(|m| m.tls = Some(tls));
+    }
+
+    /// Record the attached volumes and what became of them (never affects the setup state: a
+    /// volume left alone is not a failed setup).
+    pub fn set_volumes(&self, volumes: Vec<VolumeStatus>) {
+        self.with_model(|m| m.volumes = volumes);
     }
 
     /// Expect a TLS front before `service` (pending until its supervisor reports).
@@ -820,5 +879,56 @@ mod tests {
             serde_json::to_string(&instance).unwrap(),
             r#"{"uuid":"u","source":"metadata-service","detail":null}"#
         );
+    }
+
+    /// The published shape of `volumes[]` (docs/contracts.md, "Volumes"; the VM test reads it).
+    #[test]
+    fn volumes_serialise_to_the_published_shape() {
+        let hub = StateHub::new([]);
+        assert!(!serde_json::to_string(&hub.snapshot())
+            .unwrap()
+            .contains("volumes"));
+        hub.set_volumes(vec![
+            VolumeStatus {
+                device: "/dev/vdb".into(),
+                volume_id: Some("0b7d2f7c-0a88-4c3f-9d59-3f6e0a5b8c41".into()),
+                name: Some("data".into()),
+                state: VolumeState::Mounted,
+                mount_point: Some("/media/volume/data".into()),
+                reason: None,
+                detail: String::new(),
+            },
+            VolumeStatus {
+                device: "/dev/vdc".into(),
+                volume_id: None,
+                name: Some("vdc".into()),
+                state: VolumeState::LeftAlone,
+                mount_point: None,
+                reason: Some("signature".into()),
+                detail: "TYPE=LVM2_member".into(),
+            },
+        ]);
+        let json = serde_json::to_value(hub.snapshot()).unwrap();
+        assert_eq!(
+            json["volumes"],
+            serde_json::json!([
+                {"device": "/dev/vdb", "volume_id": "0b7d2f7c-0a88-4c3f-9d59-3f6e0a5b8c41",
+                 "name": "data", "state": "mounted", "mount_point": "/media/volume/data",
+                 "detail": ""},
+                {"device": "/dev/vdc", "volume_id": null, "name": "vdc", "state": "left-alone",
+                 "reason": "signature", "detail": "TYPE=LVM2_member"}
+            ])
+        );
+        for (state, name) in [
+            (VolumeState::Mounted, "mounted"),
+            (VolumeState::LeftAlone, "left-alone"),
+            (VolumeState::Waiting, "waiting"),
+            (VolumeState::Failed, "failed"),
+        ] {
+            assert_eq!(serde_json::to_value(state).unwrap(), name);
+            assert_eq!(state.as_str(), name);
+        }
+        // The setup state does not depend on volumes.
+        assert_eq!(hub.snapshot().setup.state, SetupState::Starting);
     }
 }

@@ -100,6 +100,22 @@ async fn status_is_the_snapshot() {
     let (_, body) = get(f.state(), "/v1/status").await;
     let value: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(value["setup"]["state"], "complete");
+    assert!(value.get("volumes").is_none(), "{value}");
+    f.hub.set_volumes(vec![exoagent::state::VolumeStatus {
+        device: "/dev/vdb".into(),
+        volume_id: None,
+        name: Some("vdb".into()),
+        state: exoagent::state::VolumeState::LeftAlone,
+        mount_point: None,
+        reason: Some("signature".into()),
+        detail: "TYPE=swap".into(),
+    }]);
+    let (_, body) = get(f.state(), "/v1/status").await;
+    let value: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(value["volumes"][0]["state"], "left-alone");
+    assert_eq!(value["volumes"][0]["reason"], "signature");
+    // Volumes never change the setup state.
+    assert_eq!(value["setup"]["state"], "complete");
 }
 
 #[tokio::test]

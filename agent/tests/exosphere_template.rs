@@ -259,6 +259,8 @@ fn every_rendering_is_valid_and_means_what_exosphere_asked() {
                     expected.push("guacamole");
                 }
                 assert_eq!(kinds, expected, "{choices}");
+                // Exosphere's images mount attached volumes.
+                assert!(loaded.settings.volumes.automount, "{choices}");
                 let runcmd = &merged["runcmd"][0];
                 if delivery.is_empty() {
                     assert_eq!(runcmd[0], "systemctl");

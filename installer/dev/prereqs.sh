@@ -22,6 +22,11 @@ have rpmbuild || need_apt+=(rpm)
 have gpg || need_apt+=(gpg)
 have gpgconf || need_apt+=(gpgconf)
 have gpg-agent || need_apt+=(gpg-agent)  # gpg needs its agent to make and use a secret key
+# Volumes on loop devices (agent/tests/volumes.rs): the probes, mkfs, and what must be left alone.
+have blkid || need_apt+=(util-linux)     # blkid, wipefs, losetup, partx, mount
+have sfdisk || need_apt+=(fdisk)
+have mkfs.ext4 || need_apt+=(e2fsprogs)
+have pvcreate || need_apt+=(lvm2)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "prereqs: please install as root: apt-get install -y ${need_apt[*]}" >&2

@@ -134,6 +134,18 @@ impl fmt::Display for Plan {
             )?,
             None => writeln!(f, "nova reporting: off (no cloud.clouds_yaml)")?,
         }
+        let volumes = &self.settings.volumes;
+        match (volumes.automount, &self.mode) {
+            (_, Mode::Sandbox) => writeln!(f, "volumes: not touched (sandbox)")?,
+            (false, Mode::System) => {
+                writeln!(f, "volumes: not touched (volumes.automount = false)")?
+            }
+            (true, Mode::System) => writeln!(
+                f,
+                "volumes: mounted under {} (blank disks formatted ext4; anything else left alone)",
+                volumes.mount_root.display()
+            )?,
+        }
         if self.config_files.is_empty() {
             writeln!(f, "config: built-in defaults only")?;
         } else {
@@ -306,6 +318,7 @@ mod tests {
             shown.contains("metadata service: none (sandbox)"),
             "{shown}"
         );
+        assert!(shown.contains("volumes: not touched (sandbox)"), "{shown}");
         assert!(
             shown.contains(&format!(
                 "instance: no config drive at {}",

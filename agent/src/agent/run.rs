@@ -104,7 +104,12 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
         tasks.spawn(reporter.run(hub.clone(), cancel.clone()));
     }
 
-    match provision_account(&plan).await {
+    let account = provision_account(&plan).await;
+    // After the account exists (mounted volumes are given to it), whatever became of it.
+    if let Some(watcher) = volume_watcher(&plan, metadata.as_ref(), identity_source) {
+        tasks.spawn(watcher.watch(hub.clone(), cancel.clone()));
+    }
+    match account {
         Ok((account, passphrase)) => {
             set_socket_group(&api_socket, account.gid)?;
             // Before `running` is reported (DESIGN §4.4): Exosphere shows the passphrase once
@@ -167,6 +172,31 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
     }
     remove_socket(&plan.paths.api_socket());
     Ok(())
+}
+
+/// The volume watcher, with `[volumes] automount = true` on a real instance only: the sandbox
+/// never touches the host's disks. Names come from the metadata service, else the config drive.
+fn volume_watcher(
+    plan: &Plan,
+    metadata: Option<&MetadataService>,
+    source: Option<IdentitySource>,
+) -> Option<crate::volumes::Watcher> {
+    let settings = &plan.settings.volumes;
+    if plan.mode != Mode::System || !settings.automount {
+        return None;
+    }
+    let names = crate::volumes::NameSource {
+        service: metadata.cloned(),
+        file: (source == Some(IdentitySource::ConfigDrive)).then(|| {
+            plan.paths
+                .config_drive
+                .join("openstack/latest/meta_data.json")
+        }),
+    };
+    tracing::info!(target: "exoagent::agent", mount_root = %settings.mount_root.display(), "mounting attached volumes");
+    let setup =
+        crate::volumes::Setup::system(settings, &plan.paths, names, &plan.settings.instance.user);
+    Some(crate::volumes::Watcher::new(setup))
 }
 
 /// `work`, unless `cancel` fires first (then `None`, and `work` is dropped).
@@ -697,6 +727,19 @@ mod tests {
                 exe: "/nonexistent/exoagent".into(),
             },
         }
+    }
+
+    /// The sandbox never touches the host's disks, whatever the configuration says.
+    #[test]
+    fn volumes_are_watched_only_on_an_instance_that_asks() {
+        let (_dir, paths) = fixtures::sandbox();
+        fixtures::write_config(&paths, "[volumes]\nautomount = true\n");
+        let mut plan = plan(Mode::Sandbox, paths.clone()).unwrap();
+        assert!(volume_watcher(&plan, None, None).is_none());
+        plan.mode = Mode::System;
+        assert!(volume_watcher(&plan, None, None).is_some());
+        plan.settings.volumes.automount = false;
+        assert!(volume_watcher(&plan, None, None).is_none());
     }
 
     #[tokio::test]

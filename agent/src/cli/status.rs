@@ -243,7 +243,39 @@ pub fn render_table(snapshot: &Snapshot, now: u64) -> String {
     for row in &rows {
         line(row.iter().map(String::as_str).collect());
     }
+    render_volumes(&snapshot.volumes, &mut out);
     out
+}
+
+/// One line per volume under the table: `volume /dev/vdb "data": mounted at /media/volume/data`.
+/// Names and details come from outside, so they are escaped onto one line.
+fn render_volumes(volumes: &[crate::state::VolumeStatus], out: &mut String) {
+    use crate::state::VolumeState;
+    if volumes.is_empty() {
+        return;
+    }
+    out.push_str("volumes:\n");
+    for v in volumes {
+        let name = v
+            .name
+            .as_deref()
+            .map(|n| format!(" {:?}", truncate_chars(n, 64)))
+            .unwrap_or_default();
+        let what = match (v.state, &v.mount_point, &v.reason) {
+            (VolumeState::Mounted, Some(at), _) => format!("mounted at {at}"),
+            (_, _, Some(reason)) => format!(
+                "{}: {reason}: {}",
+                v.state.as_str(),
+                truncate_chars(&v.detail, 120).escape_debug()
+            ),
+            _ => format!(
+                "{}: {}",
+                v.state.as_str(),
+                truncate_chars(&v.detail, 120).escape_debug()
+            ),
+        };
+        out.push_str(&format!("  {}{name}: {what}\n", v.device.escape_debug()));
+    }
 }
 
 #[cfg(test)]
@@ -294,8 +326,35 @@ mod tests {
                 detail: Some("no config drive (/x) and no metadata service configured".into()),
             }),
             tls: None,
+            volumes: vec![
+                crate::state::VolumeStatus {
+                    device: "/dev/vdb".into(),
+                    volume_id: Some("a1b2".into()),
+                    name: Some("data".into()),
+                    state: crate::state::VolumeState::Mounted,
+                    mount_point: Some("/media/volume/data".into()),
+                    reason: None,
+                    detail: String::new(),
+                },
+                crate::state::VolumeStatus {
+                    device: "/dev/vdc".into(),
+                    volume_id: None,
+                    name: None,
+                    state: crate::state::VolumeState::LeftAlone,
+                    mount_point: None,
+                    reason: Some("signature".into()),
+                    detail: "LVM2_member\nfound".into(),
+                },
+            ],
         };
         let table = render_table(&snapshot, 75_000);
+        assert!(
+            table.ends_with(
+                "volumes:\n  /dev/vdb \"data\": mounted at /media/volume/data\n  \
+                 /dev/vdc: left-alone: signature: LVM2_member\\nfound\n"
+            ),
+            "{table}"
+        );
         assert!(
             table.contains(
                 "instance: local-only: no config drive (/x) and no metadata service configured\n"
@@ -351,6 +410,7 @@ mod tests {
                 not_after: 1_893_456_000,
                 generated: true,
             }),
+            volumes: Vec::new(),
         };
         let table = render_table(&snapshot, 75_000);
         assert!(

@@ -148,6 +148,12 @@ impl MetadataService {
         self.document("meta_data.json").await
     }
 
+    /// `meta_data.json` as a JSON tree: its `meta` items and `devices` tags name volumes, and
+    /// change after boot (the typed [`identity`](Self::identity) keeps only what does not).
+    pub async fn meta_data(&self) -> Result<Option<serde_json::Value>, MetadataError> {
+        self.document("meta_data.json").await
+    }
+
     /// `network_data.json`, when the service has it.
     pub async fn network_data(&self) -> Result<Option<NetworkData>, MetadataError> {
         self.document("network_data.json").await
@@ -298,5 +304,28 @@ mod tests {
         let (base, _) = serve("500 Internal Server Error", "boom").await;
         let service = MetadataService::new(&base, MetadataService::default_client().unwrap());
         assert!(service.public_ipv4().await.is_err());
+    }
+
+    #[tokio::test]
+    async fn meta_data_is_read_whole_for_volume_names() {
+        let body = r#"{"uuid":"u","meta":{"exoVolumes::v":"{\"name\":\"data\"}"},"devices":[]}"#;
+        let (base, seen) = serve("200 OK", body).await;
+        let service = MetadataService::new(&base, MetadataService::default_client().unwrap());
+        let doc = service.meta_data().await.unwrap().unwrap();
+        assert_eq!(doc["meta"]["exoVolumes::v"], "{\"name\":\"data\"}");
+        assert!(doc["devices"].is_array());
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec!["/openstack/latest/meta_data.json"]
+        );
+        let (base, _) = serve("404 Not Found", "").await;
+        let service = MetadataService::new(&base, MetadataService::default_client().unwrap());
+        assert!(service.meta_data().await.unwrap().is_none());
+        let (base, _) = serve("200 OK", "not json").await;
+        let service = MetadataService::new(&base, MetadataService::default_client().unwrap());
+        assert_eq!(
+            service.meta_data().await.unwrap_err().reason(),
+            "metadata-invalid"
+        );
     }
 }

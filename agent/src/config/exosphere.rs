@@ -19,10 +19,11 @@ const CHOICES: [(&str, &str, &str); 2] = [
 ];
 
 /// What Exosphere's playbook does on every instance besides the services (its console-setup,
-/// cloud-init-tweaks and base-setup roles): on whenever Exosphere's choices are present, so the
+/// cloud-init-tweaks, base-setup and auto-mount-volumes roles): on whenever Exosphere's choices are present, so the
 /// drop-in loses none of it; an operator's drop-in can still turn each off.
 const PLAYBOOK: &str = "[host]\nconsole_autologin = true\nprivate_cloud_init_logs = true\n\
-                        default_user_group = true\nbase_packages = true\n";
+                        default_user_group = true\nbase_packages = true\n\
+                        [volumes]\nautomount = true\n";
 
 /// Exosphere's experimental custom-workflow variables (repo2docker), which exoagent does not
 /// run; asking for one is an error rather than being silently dropped.

@@ -86,6 +86,7 @@ pub(crate) struct Fragment {
     pub cloud: CloudFragment,
     pub tls: crate::front::settings::Section,
     pub host: crate::host::settings::Section,
+    pub volumes: crate::volumes::Section,
 }
 
 const TOP_KEYS: &[&str] = &[
@@ -97,6 +98,7 @@ const TOP_KEYS: &[&str] = &[
     "cloud",
     "tls",
     "host",
+    "volumes",
 ];
 
 const INSTANCE_KEYS: &[Key<InstanceFragment>] = &[
@@ -386,6 +388,13 @@ pub(crate) fn parse(
                 crate::host::settings::KEYS,
                 "unknown key",
                 &mut fragment.host,
+            ),
+            "volumes" => w.section(
+                "volumes",
+                table,
+                crate::volumes::KEYS,
+                "unknown key",
+                &mut fragment.volumes,
             ),
             // `entries` returns only names from `TOP_KEYS`; a test checks each has an arm.
             _ => {}

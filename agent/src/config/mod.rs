@@ -301,6 +301,9 @@ mod tests {
             "private_cloud_init_logs",
             "default_user_group",
             "base_packages",
+            "[volumes]",
+            "automount",
+            "mount_root",
         ] {
             assert!(EXAMPLE_CONFIG.contains(key), "example lacks {key}");
         }
@@ -553,6 +556,9 @@ trusted_proxies = ["10.0.0.7"]
 [host]
 console_autologin = true
 base_packages = true
+[volumes]
+automount = true
+mount_root = "/mnt/vols"
 "#;
         let s = ok(&[("/a.toml", text)]).settings;
         assert_eq!(
@@ -610,6 +616,10 @@ base_packages = true
                     private_cloud_init_logs: false,
                     default_user_group: false,
                     base_packages: true,
+                },
+                volumes: VolumeSettings {
+                    automount: true,
+                    mount_root: "/mnt/vols".into(),
                 },
             }
         );

@@ -12,6 +12,7 @@ pub use crate::services::guacamole::{GuacamoleSettings, GuacdSource};
 pub use crate::services::jupyterlab::{JupyterLabSettings, PythonInstaller};
 pub use crate::services::ServiceSettings;
 pub use crate::supervise::SupervisePolicy;
+pub use crate::volumes::VolumeSettings;
 
 /// The complete, validated configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,6 +33,8 @@ pub struct Settings {
     pub tls: TlsSettings,
     /// Exosphere's instance-wide touches outside any service.
     pub host: HostSettings,
+    /// Attached volumes.
+    pub volumes: VolumeSettings,
 }
 
 /// `[instance]`: who the researcher logs in as.
@@ -57,6 +60,7 @@ impl Default for Settings {
             cloud: CloudSettings::default(),
             tls: TlsSettings::default(),
             host: HostSettings::default(),
+            volumes: VolumeSettings::default(),
         }
     }
 }

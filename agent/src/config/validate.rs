@@ -116,6 +116,7 @@ pub(crate) fn settings(merged: &Fragment, files: &[PathBuf]) -> (Settings, Vec<C
     let tls = merged
         .tls
         .settings(&mut check, std::time::SystemTime::now());
+    let volumes = merged.volumes.settings();
 
     // Enabled services, in report order, with where they were enabled and got their port.
     let mut enabled: Vec<(ServiceKind, u16, Origin)> = Vec::new();
@@ -243,6 +244,7 @@ pub(crate) fn settings(merged: &Fragment, files: &[PathBuf]) -> (Settings, Vec<C
         cloud,
         tls,
         host,
+        volumes,
     };
     (settings, check.finish())
 }

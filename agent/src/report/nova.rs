@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cloud::nova::{Nova, NovaError, MAX_META_VALUE_LEN, MAX_TAG_LEN};
 use crate::state::{
     NovaReporting, NovaReportingState, Reason, ServiceState, SetupState, Snapshot, StateHub,
+    VolumeState,
 };
 
 /// Every tag the agent owns starts with this; others (Exosphere's `exoPw:`, the user's) are
@@ -62,9 +63,36 @@ impl Wanted {
     }
 }
 
-/// `{"v":"0.1.0","setup":"complete","svc":{"jupyterlab":"ready:8888"},"tls":"<sha256>","err":"…"}`,
-/// at most 255 characters: the error text is shortened first, then services are dropped from
-/// the end; the TLS fingerprint (what a UAP pins, present with `[tls] enabled`) always stays.
+/// Volume counts for the summary: `{"m":2,"l":1,"f":0}` (mounted, left alone, failed), plus
+/// `"w"` while some wait for their name; `None` without volumes. The root disk, always left
+/// alone, is not counted: `"l"` above 0 means an attached volume was not mounted.
+fn volume_counts(snapshot: &Snapshot) -> Option<serde_json::Value> {
+    if snapshot.volumes.is_empty() {
+        return None;
+    }
+    let count = |state: VolumeState| {
+        snapshot
+            .volumes
+            .iter()
+            .filter(|v| v.state == state && v.reason.as_deref() != Some("root-disk"))
+            .count()
+    };
+    let mut counts = json!({
+        "m": count(VolumeState::Mounted),
+        "l": count(VolumeState::LeftAlone),
+        "f": count(VolumeState::Failed),
+    });
+    let waiting = count(VolumeState::Waiting);
+    if waiting > 0 {
+        counts["w"] = waiting.into();
+    }
+    Some(counts)
+}
+
+/// `{"v":"0.1.0","setup":"complete","svc":{"jupyterlab":"ready:8888"},"tls":"<sha256>",
+/// "vol":{"m":1,"l":1,"f":0},"err":"…"}`, at most 255 characters: the error text is shortened
+/// first, then services are dropped from the end; the TLS fingerprint (what a UAP pins, present
+/// with `[tls] enabled`) and the volume counts (present with volumes) always stay.
 pub fn exo_agent_summary(snapshot: &Snapshot) -> String {
     let services: Vec<(String, String)> = snapshot
         .services
@@ -100,6 +128,9 @@ pub fn exo_agent_summary(snapshot: &Snapshot) -> String {
         });
         if let Some(tls) = &snapshot.tls {
             value["tls"] = serde_json::Value::from(tls.fingerprint.as_str());
+        }
+        if let Some(counts) = volume_counts(snapshot) {
+            value["vol"] = counts;
         }
         if let Some(error) = error {
             value["err"] = serde_json::Value::from(error);
@@ -425,9 +456,34 @@ mod tests {
             },
         )
         .unwrap();
+        let volume = |state: VolumeState| crate::state::VolumeStatus {
+            device: "/dev/vdb".into(),
+            volume_id: None,
+            name: Some("x".repeat(300)),
+            state,
+            mount_point: None,
+            reason: None,
+            detail: "d".repeat(300),
+        };
+        let root_disk = crate::state::VolumeStatus {
+            reason: Some("root-disk".into()),
+            ..volume(VolumeState::LeftAlone)
+        };
+        hub.set_volumes(vec![
+            root_disk,
+            volume(VolumeState::Mounted),
+            volume(VolumeState::Mounted),
+            volume(VolumeState::LeftAlone),
+            volume(VolumeState::Waiting),
+        ]);
         let summary = exo_agent_summary(&hub.snapshot());
         assert!(summary.chars().count() <= MAX_META_VALUE_LEN, "{summary}");
         let value: serde_json::Value = serde_json::from_str(&summary).expect(&summary);
         assert_eq!(value["tls"], fingerprint.as_str(), "{summary}");
+        assert_eq!(
+            value["vol"],
+            serde_json::json!({"m": 2, "l": 1, "f": 0, "w": 1}),
+            "{summary}"
+        );
     }
 }
