@@ -4,8 +4,8 @@
 //! and mounted; an existing filesystem and a partition's filesystem are mounted as they are;
 //! an LVM physical volume, swap and a partition table are left alone with their reasons and
 //! their first MiB unchanged; detaching removes the empty mount point exoagent made and nothing
-//! else. Needs root (loop devices, mount); fails otherwise, never passes unrun. Serial matching and names from
-//! the metadata are covered by the unit tests (loop devices have no serial).
+//! else. Needs root (loop devices, mount); fails otherwise, never passes unrun. Serial matching
+//! and names from the metadata are covered by the unit tests (loop devices have no serial).
 
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
