@@ -38,8 +38,8 @@ its serial console and a forwarded port.
    and a partitioned disk are reported left alone (`signature`, `partition-table`). After a
    reboot the volume is mounted again with its file; hot-unplugged through the QEMU monitor
    (ACPI PCI hot-plug) it is unmounted and its mount point removed; a fourth disk, named
-   first, is hot-plugged and mounted. After power-off the first MiB of the LVM and
-   partitioned images is unchanged.
+   first, is hot-plugged and mounted. After power-off the LVM and partitioned images hash as
+   before (their first MiB, and the whole image: the partition starts at 1 MiB).
 
 Prints timings (QEMU start → Nova shows complete; for the volumes, QEMU start → seen
 mounted, and monitor command → seen unmounted or mounted) for bench/. Exits non-zero on any
@@ -426,6 +426,14 @@ def first_mib_sha256(path):
         return hashlib.sha256(f.read(1 << 20)).hexdigest()
 
 
+def whole_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def make_disk(path, content):
     """A sparse raw image: blank, a real LVM physical volume, or a partition table (GPT, one
     partition, nothing in it)."""
@@ -479,6 +487,7 @@ class Volume:
         self.mount_point = mount_point(name)
         make_disk(self.path, content)
         self.sha256 = first_mib_sha256(self.path)
+        self.whole_sha256 = whole_sha256(self.path)
 
     @property
     def serial(self):
@@ -584,24 +593,25 @@ def with_exosphere_template(scenario, key_file):
     check("systemctl cat getty@tty1", lambda out: f"# {AUTOLOGIN_DROPIN}\n{AUTOLOGIN}" in out,
           strip=False)
 
-    def reported():
-        """The agent's volumes by volume ID; None while it does not answer."""
+    def reported(volume):
+        """The agent's entries for the volume (a partitioned disk has one per partition too);
+        None while it does not answer."""
         try:
-            listed = json.loads(ssh("sudo -n exoagent status --json").stdout)["volumes"]
-            return {entry.get("volume_id"): entry for entry in listed}
-        except (ValueError, KeyError, TypeError, AttributeError):
+            listed = json.loads(ssh("sudo -n exoagent status --json").stdout).get("volumes", [])
+            return [e for e in listed if e.get("volume_id") == volume.volume_id]
+        except (ValueError, TypeError, AttributeError):
             return None
 
     def mounted(volume):
-        entry = (reported() or {}).get(volume.volume_id) or {}
-        if entry.get("state") != "mounted" or entry.get("mount_point") != volume.mount_point:
-            return None
-        return entry if ssh(f"mountpoint -q {shlex.quote(volume.mount_point)}").returncode == 0 \
-            else None
+        for entry in reported(volume) or []:
+            if entry.get("state") == "mounted" and entry.get("mount_point") == volume.mount_point:
+                q = shlex.quote(volume.mount_point)
+                return entry if ssh(f"mountpoint -q {q}").returncode == 0 else None
+        return None
 
     def left_alone(volume, reason):
-        entry = (reported() or {}).get(volume.volume_id) or {}
-        return entry.get("state") == "left-alone" and entry.get("reason") == reason
+        return any(e.get("state") == "left-alone" and e.get("reason") == reason
+                   for e in reported(volume) or [])
 
     def settle(what, condition, budget):
         try:
@@ -659,9 +669,9 @@ def with_exosphere_template(scenario, key_file):
     vm.hot_unplug("data")
 
     def unplug_seen():
-        listed = reported()
+        listed = reported(data)
         return (ssh(gone).returncode == 0 and listed is not None
-                and (listed.get(data.volume_id) or {}).get("state") != "mounted")
+                and all(entry.get("state") != "mounted" for entry in listed))
 
     settle("the unplugged volume unmounted and its mount point removed", unplug_seen,
            UNPLUG_BUDGET)
@@ -682,6 +692,9 @@ def with_exosphere_template(scenario, key_file):
     for volume in [lvm, parts]:
         if first_mib_sha256(volume.path) != volume.sha256:
             raise Failure(f"the {volume.content} disk's first MiB changed")
+        # The partition starts at 1 MiB: formatting it would leave the first MiB as it was.
+        if whole_sha256(volume.path) != volume.whole_sha256:
+            raise Failure(f"the {volume.content} disk changed after its first MiB")
     return {"exosphere_template_complete_s": round(ready),
             "exosphere_volume_mounted_s": round(mounted_s),
             "exosphere_reboot_volume_mounted_s": round(remounted_s),
