@@ -25,6 +25,9 @@ rm -rf "$rootfs" "$out/root.raw"
 packages=linux-image-cloud-amd64,systemd-sysv,udev,dbus,initramfs-tools,cloud-init,openssh-server
 packages+=,ifupdown,isc-dhcp-client,iproute2,ca-certificates,curl,sudo,python3-venv,python3-pip
 packages+=,locales,passwd,procps
+# Exosphere's base-setup packages, which the agent installs for Exosphere's template only when
+# missing: baked so the VM test's Exosphere scenario has no slow apt run under TCG.
+packages+=,haveged,gnupg,cron,zip
 mmdebstrap --mode=root --variant=minbase --include="$packages" \
   --customize-hook='install -m 0644 /etc/ssl/certs/ca-certificates.crt "$1/usr/local/share/ca-certificates/build-host-bundle.crt"' \
   --customize-hook='chroot "$1" update-ca-certificates >/dev/null' \

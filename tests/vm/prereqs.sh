@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Host tools for the VM harness on Debian 12: QEMU (from bookworm-backports, matching the
-# machine's qemu-utils 10), mmdebstrap, genisoimage (config-drive ISOs), socat. Idempotent.
+# machine's qemu-utils 10), mmdebstrap, genisoimage (config-drive ISOs), socat, and for the
+# Exosphere scenario's extra disks lvm2 (pvcreate: a disk with an LVM signature) and fdisk
+# (sfdisk: a disk with a partition table). Idempotent.
 set -euo pipefail
 have() { command -v "$1" >/dev/null 2>&1; }
-if have qemu-system-x86_64 && have mmdebstrap && have genisoimage && have socat; then
+if have qemu-system-x86_64 && have mmdebstrap && have genisoimage && have socat \
+    && have pvcreate && have sfdisk; then
   exit 0
 fi
 [ "$(id -u)" -eq 0 ] || { echo "tests/vm/prereqs.sh: run as root" >&2; exit 1; }
@@ -23,4 +26,4 @@ apt-get "${lock[@]}" update -q
 apt-get "${lock[@]}" install -y -q --no-install-recommends -t bookworm-backports \
   qemu-system-x86 qemu-utils
 apt-get "${lock[@]}" install -y -q --no-install-recommends mmdebstrap genisoimage socat \
-  e2fsprogs
+  e2fsprogs lvm2 fdisk

@@ -28,10 +28,22 @@ its serial console and a forwarded port.
    Guacamole nor desktop, and the credential files: the console ends in `complete`, the
    passphrase is published, and over SSH as exouser with that key: the choices file holds
    plain JSON and the agent read it, the credential files are exouser's and 0400, nothing was
-   downloaded.
+   downloaded; Exosphere's host touches: tty1 autologin of exouser (getty@tty1 drop-in, byte
+   for byte Exosphere's), cloud-init's logs 0640, exouser in group `debian`, the base packages
+   present. Volumes as Exosphere's auto-mount-volumes role handles them: the server has three
+   extra raw disks whose virtio serial is a made-up volume UUID, each named before boot by
+   `exoVolumes::<uuid>` server metadata set through the real Nova API: a blank one is
+   formatted ext4 (label = name cut to 16 bytes, UUID = volume UUID) and mounted at
+   /media/volume/<name, non-word runs → `-`>, exouser's and writable; an LVM physical volume
+   and a partitioned disk are reported left alone (`signature`, `partition-table`). After a
+   reboot the volume is mounted again with its file; hot-unplugged through the QEMU monitor
+   (ACPI PCI hot-plug) it is unmounted and its mount point removed; a fourth disk, named
+   first, is hot-plugged and mounted. After power-off the LVM and partitioned images hash as
+   before (their first MiB, and the whole image: the partition starts at 1 MiB).
 
-Prints timings (QEMU start → Nova shows complete) for bench/. Exits non-zero on any failure,
-with the serial log's tail.
+Prints timings (QEMU start → Nova shows complete; for the volumes, QEMU start → seen
+mounted, and monitor command → seen unmounted or mounted) for bench/. Exits non-zero on any
+failure, with the serial log's tail.
 """
 
 import argparse
@@ -39,12 +51,15 @@ import base64
 import hashlib
 import json
 import os
+import re
+import shlex
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -111,8 +126,12 @@ def status_lines(serial_text):
 
 
 class Vm:
-    def __init__(self, run_dir, server, relay_port, mac, config_drive=None, image_dir=None):
+    def __init__(self, run_dir, server, relay_port, mac, config_drive=None, image_dir=None,
+                 disks=()):
         self.image_dir = image_dir or VM_DIR
+        # Extra disks, attached at every start: {id: (raw image, serial)}; hot-plug and unplug
+        # keep it current, so a later start boots with the hardware the guest last had.
+        self.disks = {disk_id: (path, serial) for disk_id, path, serial in disks}
         self.mac = mac
         self.config_drive = config_drive
         self.run_dir = run_dir
@@ -153,6 +172,12 @@ class Vm:
         ]
         if self.config_drive:
             argv += ["-drive", f"file={self.config_drive},if=virtio,format=raw,readonly=on"]
+        # QEMU creates -device disks before if=virtio ones: without a slot of their own past
+        # the root disk's they would take vda and the root disk a later name.
+        for slot, (disk_id, (path, serial)) in enumerate(self.disks.items(), start=0x10):
+            argv += ["-drive", f"file={path},if=none,id=drive-{disk_id},format=raw",
+                     "-device", f"virtio-blk-pci,drive=drive-{disk_id},id=disk-{disk_id},"
+                                f"serial={serial},addr={slot:#x}"]
         self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
                                         stdout=open(self.run_dir / "qemu.out", "ab"),
                                         stderr=subprocess.STDOUT)
@@ -166,11 +191,48 @@ class Vm:
                 text += path.read_text(errors="replace")
         return text
 
-    def power_off(self, budget=300):
+    def monitor(self, command):
+        """One HMP command over the monitor socket; returns QEMU's reply (the text between
+        the echoed command and the next prompt). Raises Failure on a reply saying Error."""
         with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(30)
             s.connect(str(self.run_dir / "monitor.sock"))
-            s.sendall(b"system_powerdown\n")
-            time.sleep(1)
+
+            def until_prompt():
+                data = b""
+                while not data.endswith(b"(qemu) "):
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+                return data.decode(errors="replace")
+
+            until_prompt()  # the banner
+            s.sendall(command.encode() + b"\n")
+            reply = until_prompt()
+        # HMP echoes the line (with terminal escapes) before answering.
+        reply = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", reply).replace("\r", "")
+        lines = [line for line in reply.split("\n") if line.strip()
+                 and line.strip() != "(qemu)" and command not in line]
+        reply = "\n".join(lines)
+        if "error" in reply.lower():
+            raise Failure(f"QEMU monitor `{command}`: {reply}")
+        return reply
+
+    def hot_plug(self, disk_id, path, serial):
+        self.monitor(f"drive_add 0 if=none,id=drive-{disk_id},file={path},format=raw")
+        self.monitor(f"device_add virtio-blk-pci,drive=drive-{disk_id},id=disk-{disk_id},"
+                     f"serial={serial}")
+        self.disks[disk_id] = (path, serial)
+
+    def hot_unplug(self, disk_id):
+        """Asks the guest to eject the disk (ACPI PCI hot-plug); QEMU removes the device and
+        its drive once the guest has let go."""
+        self.monitor(f"device_del disk-{disk_id}")
+        del self.disks[disk_id]
+
+    def power_off(self, budget=300):
+        self.monitor("system_powerdown")
         try:
             self.process.wait(timeout=budget)
         except subprocess.TimeoutExpired:
@@ -184,7 +246,7 @@ class Vm:
             self.process.wait()
 
 
-def wait(what, check, budget, vm):
+def wait(what, check, budget, vm, interval=5):
     deadline = time.monotonic() + budget
     while True:
         if vm.process.poll() is not None:
@@ -194,7 +256,7 @@ def wait(what, check, budget, vm):
             return result
         if time.monotonic() > deadline:
             raise Failure(f"timed out after {budget} s waiting for {what}")
-        time.sleep(5)
+        time.sleep(interval)
 
 
 
@@ -269,8 +331,9 @@ class Scenario:
                         "-joliet", "-rock", str(self.run_dir / "drive")], check=True)
         return iso
 
-    def boot(self, relay_port, config_drive=None, image_dir=None):
-        self.vm = Vm(self.run_dir, self.server, relay_port, self.mac, config_drive, image_dir)
+    def boot(self, relay_port, config_drive=None, image_dir=None, disks=()):
+        self.vm = Vm(self.run_dir, self.server, relay_port, self.mac, config_drive, image_dir,
+                     disks)
         say(f"booting server {self.server} (TCG); serial: {self.vm.serial}.1")
         self.vm.start()
         return self.vm
@@ -331,6 +394,112 @@ def with_config_drive_only(scenario):
     return {"config_drive_first_boot_ready_s": round(ready)}
 
 
+# The Exosphere scenario's extra disks: (id, Exosphere volume name, what is on the disk).
+# `data` is blank (the agent formats and mounts it), `lvm` is an LVM physical volume and
+# `parts` has a partition table (both must be left untouched), `more` is hot-plugged later.
+VOLUMES = [("data", "Research Data (2026)", "blank"), ("lvm", "lvm pv", "lvm"),
+           ("parts", "partitioned", "partition-table"), ("more", "Scratch #2", "blank")]
+VOLUME_BUDGET = 120  # s for the agent to act on a disk once the guest sees it
+UNPLUG_BUDGET = 60
+DISK_BYTES = 256 << 20
+AUTOLOGIN_DROPIN = "/etc/systemd/system/getty@tty1.service.d/autologin.conf"
+# Exosphere's console-setup drop-in, byte for byte (the doubled backslash is systemd's escape
+# for agetty's `\u`, as in systemd's own getty@.service).
+AUTOLOGIN = ("[Service]\nExecStart=\n"
+             "ExecStart=-/sbin/agetty -o '-p -f -- \\\\u' --noclear --autologin exouser %I $TERM\n")
+CLOUD_INIT_LOGS = ["/var/log/cloud-init.log", "/var/log/cloud-init-output.log"]
+BASE_PACKAGES = ["haveged", "gnupg", "python3-venv", "cron", "zip"]
+
+
+def mount_point(name):
+    """Exosphere's auto-mount-volumes path for a volume name."""
+    return "/media/volume/" + re.sub(r"\W+", "-", name)
+
+
+def fs_label(name):
+    """ext4 labels hold 16 bytes: the name cut there (never inside a character)."""
+    return name.encode()[:16].decode(errors="ignore")
+
+
+def first_mib_sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read(1 << 20)).hexdigest()
+
+
+def whole_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def make_disk(path, content):
+    """A sparse raw image: blank, a real LVM physical volume, or a partition table (GPT, one
+    partition, nothing in it)."""
+    with open(path, "wb") as f:
+        f.truncate(DISK_BYTES)
+    if content == "lvm":
+        loop = subprocess.run(["losetup", "--find", "--show", str(path)], check=True,
+                              capture_output=True, text=True).stdout.strip()
+        try:
+            # No udevd on this host: LVM must neither ask udev for devices nor wait for it.
+            subprocess.run(
+                ["pvcreate", "-q", "--config", "devices { obtain_device_list_from_udev = 0 } "
+                 "activation { udev_sync = 0 udev_rules = 0 }", loop],
+                check=True, capture_output=True,
+                env={**os.environ, "LVM_SUPPRESS_FD_WARNINGS": "1"})
+        finally:
+            subprocess.run(["losetup", "-d", loop], check=True)
+    elif content == "partition-table":
+        subprocess.run(["sfdisk", "-q", str(path)], input="label: gpt\n,\n", text=True,
+                       check=True, capture_output=True)
+    blkid = subprocess.run(["blkid", "-p", "-o", "export", str(path)], capture_output=True,
+                           text=True).stdout
+    wanted = {"blank": "", "lvm": "TYPE=LVM2_member", "partition-table": "PTTYPE=gpt"}[content]
+    if wanted not in blkid or (content == "blank" and blkid.strip()):
+        raise Failure(f"{path}: blkid says {blkid!r}, expected {content}")
+
+
+def name_volume(token, server, volume_id, name):
+    """Exosphere's volume name: server metadata `exoVolumes::<uuid>` = {"name": …}, through
+    the real Nova API (whose key pattern must accept the key)."""
+    key = f"exoVolumes::{volume_id}"
+    if not re.fullmatch(r"[a-zA-Z0-9-_:. ]{1,255}", key):
+        raise Failure(f"Nova would refuse the metadata key {key!r}")
+    value = json.dumps({"name": name})
+    url = f"{harness.COMPUTE}/servers/{server}/metadata/{key}"
+    status, _, body = harness.http("PUT", url, token, {"meta": {key: value}})
+    if status != 200 or (body or {}).get("meta") != {key: value}:
+        raise Failure(f"Nova metadata {key}: {status} {body}")
+    status, _, body = harness.http("GET", url, token)
+    if status != 200 or (body or {}).get("meta") != {key: value}:
+        raise Failure(f"Nova metadata {key} read back: {status} {body}")
+
+
+class Volume:
+    """One extra disk: a raw image whose virtio serial is its (made-up) volume UUID."""
+
+    def __init__(self, run_dir, disk_id, name, content):
+        self.id, self.name, self.content = disk_id, name, content
+        self.volume_id = str(uuid.uuid4())
+        self.path = run_dir / f"volume-{disk_id}.raw"
+        self.mount_point = mount_point(name)
+        make_disk(self.path, content)
+        self.sha256 = first_mib_sha256(self.path)
+        self.whole_sha256 = whole_sha256(self.path)
+
+    @property
+    def serial(self):
+        # Nova gives the volume UUID as the serial. This QEMU accepts all 36 characters for
+        # virtio-blk (checked: `info qtree` shows them); the guest sees the first 20, the
+        # size of virtio-blk's ID field, as on a cloud.
+        return self.volume_id
+
+    def drive(self):
+        return (self.id, self.path, self.serial)
+
+
 def console_complete(vm):
     lines = status_lines(vm.serial_text())
     if lines and lines[-1] == "error":
@@ -339,8 +508,17 @@ def console_complete(vm):
 
 
 def with_exosphere_template(scenario, key_file):
-    """Exosphere's drop-in, rendered as Exosphere does; checked from inside over SSH."""
-    vm = scenario.boot(scenario.start_relay())
+    """Exosphere's drop-in, rendered as Exosphere does; checked from inside over SSH. The
+    server has three extra disks named through `exoVolumes::` metadata: a blank one the agent
+    must format and mount (kept across a reboot, then hot-unplugged), an LVM physical volume
+    and a partitioned disk it must leave alone; a fourth is hot-plugged later."""
+    volumes = {disk_id: Volume(scenario.run_dir, disk_id, name, content)
+               for disk_id, name, content in VOLUMES}
+    data, lvm, parts, more = (volumes[i] for i in ["data", "lvm", "parts", "more"])
+    # Named before the VM boots, as Exosphere names a volume when it attaches it.
+    for volume in [data, lvm, parts]:
+        name_volume(scenario.token, scenario.server, volume.volume_id, volume.name)
+    vm = scenario.boot(scenario.start_relay(), disks=[v.drive() for v in [data, lvm, parts]])
     wait("the console to say complete", lambda: console_complete(vm), 1500, vm)
     ready = time.monotonic() - vm.started
     say(f"Exosphere template: complete {ready:.0f} s after QEMU started")
@@ -348,11 +526,36 @@ def with_exosphere_template(scenario, key_file):
         raise Failure("no passphrase in os-server-password")
 
     def ssh(command):
-        return subprocess.run(
-            ["ssh", "-i", str(key_file), "-p", str(vm.ssh_port), "-o", "BatchMode=yes",
-             "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-             "-o", "ConnectTimeout=20", "-o", "LogLevel=ERROR", "exouser@127.0.0.1", command],
-            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+        try:
+            return subprocess.run(
+                ["ssh", "-i", str(key_file), "-p", str(vm.ssh_port), "-o", "BatchMode=yes",
+                 "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                 "-o", "ConnectTimeout=20", "-o", "LogLevel=ERROR", "exouser@127.0.0.1",
+                 command],
+                stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+        except subprocess.TimeoutExpired:
+            return subprocess.CompletedProcess(command, 255, "", "ssh timed out")
+
+    def diagnosis():
+        return ssh("sudo -n exoagent status --json; lsblk -o NAME,SERIAL,FSTYPE,LABEL,MOUNTPOINTS;"
+                   " sudo -n journalctl -b --no-pager -u exoagent.service | tail -40;"
+                   " sudo -n dmesg | grep -iE 'virtio|vd[a-z]|pci|acpi' | tail -20").stdout
+
+    def check(command, good, strip=True, about_cloud_init=False):
+        result = ssh(command)
+        out = result.stdout.strip() if strip else result.stdout
+        try:
+            passed = result.returncode == 0 and good(out)
+        except (ValueError, KeyError, TypeError):
+            passed = False
+        if not passed:
+            more_text = ssh("sudo -n cloud-init status --long; sudo -n cat "
+                            "/var/lib/cloud/instance/cloud-config.txt; sudo -n grep -iE "
+                            "'write_files|defer|merg|WARN|Trace' /var/log/cloud-init.log | tail -40"
+                            ).stdout if about_cloud_init else diagnosis()
+            raise Failure(f"in the VM, `{command}` gave {result.returncode}: {out!r} "
+                          f"{result.stderr.strip()!r}\n{more_text}")
+        return out
 
     wait("SSH as exouser with the key Exosphere put in the template",
          lambda: ssh("true").returncode == 0, 300, vm)
@@ -363,32 +566,140 @@ def with_exosphere_template(scenario, key_file):
     status = ssh("cloud-init status --long").stdout
     if "status: done" not in status:
         raise Failure(f"cloud-init did not finish cleanly:\n{status}")
-    checks = {
-        "cat /etc/exoagent/exosphere-choices.json":
-            lambda out: json.loads(out) == {"guac_enabled": False, "gui_enabled": False},
-        "stat -c '%a %U:%G' /home/exouser/openrc.sh /home/exouser/.config/openstack/clouds.yaml":
-            lambda out: out.split("\n") == ["400 exouser:exouser"] * 2,
-        "sudo -n exoagent validate":
-            lambda out: "/etc/exoagent/exosphere-choices.json" in out,
-        "test ! -e /usr/local/bin/exoagent && echo not-downloaded":
-            lambda out: out == "not-downloaded",
-        "sudo -n grep -c exouser /etc/sudoers.d/90-cloud-init-users":
-            lambda out: int(out) >= 1,
-    }
-    for command, good in checks.items():
-        result = ssh(command)
-        out = result.stdout.strip()
+    logs_private = (f"stat -c %a {' '.join(CLOUD_INIT_LOGS)}",
+                    lambda out: out.split("\n") == ["640"] * len(CLOUD_INIT_LOGS))
+    checks = [
+        ("cat /etc/exoagent/exosphere-choices.json",
+         lambda out: json.loads(out) == {"guac_enabled": False, "gui_enabled": False}),
+        ("stat -c '%a %U:%G' /home/exouser/openrc.sh /home/exouser/.config/openstack/clouds.yaml",
+         lambda out: out.split("\n") == ["400 exouser:exouser"] * 2),
+        ("sudo -n exoagent validate",
+         lambda out: "/etc/exoagent/exosphere-choices.json" in out),
+        ("test ! -e /usr/local/bin/exoagent && echo not-downloaded",
+         lambda out: out == "not-downloaded"),
+        ("sudo -n grep -c exouser /etc/sudoers.d/90-cloud-init-users",
+         lambda out: int(out) >= 1),
+        # Exosphere's console-setup, cloud-init-tweaks and base-setup roles.
+        logs_private,
+        ("id -nG exouser", lambda out: "debian" in out.split()),
+        # The image has them baked (no slow apt run under TCG), so this shows they are there,
+        # not who put them there.
+        ("dpkg-query -W -f '${db:Status-Status}\\n' " + " ".join(BASE_PACKAGES),
+         lambda out: out.split("\n") == ["installed"] * len(BASE_PACKAGES)),
+    ]
+    for command, good in checks:
+        check(command, good, about_cloud_init=True)
+    check(f"cat {AUTOLOGIN_DROPIN}", lambda out: out == AUTOLOGIN, strip=False)
+    check("systemctl cat getty@tty1", lambda out: f"# {AUTOLOGIN_DROPIN}\n{AUTOLOGIN}" in out,
+          strip=False)
+
+    def reported(volume):
+        """The agent's entries for the volume (a partitioned disk has one per partition too);
+        None while it does not answer."""
         try:
-            passed = result.returncode == 0 and good(out)
-        except ValueError:
-            passed = False
-        if not passed:
-            diagnosis = ssh("sudo -n cloud-init status --long; sudo -n cat "
-                            "/var/lib/cloud/instance/cloud-config.txt; sudo -n grep -iE "
-                            "'write_files|defer|merg|WARN|Trace' /var/log/cloud-init.log | tail -40")
-            raise Failure(f"in the VM, `{command}` gave {result.returncode}: {out!r} "
-                          f"{result.stderr.strip()!r}\n{diagnosis.stdout}")
-    return {"exosphere_template_complete_s": round(ready)}
+            listed = json.loads(ssh("sudo -n exoagent status --json").stdout).get("volumes", [])
+            return [e for e in listed if e.get("volume_id") == volume.volume_id]
+        except (ValueError, TypeError, AttributeError):
+            return None
+
+    def mounted(volume):
+        for entry in reported(volume) or []:
+            if entry.get("state") == "mounted" and entry.get("mount_point") == volume.mount_point:
+                q = shlex.quote(volume.mount_point)
+                return entry if ssh(f"mountpoint -q {q}").returncode == 0 else None
+        return None
+
+    def left_alone(volume, reason):
+        return any(e.get("state") == "left-alone" and e.get("reason") == reason
+                   for e in reported(volume) or [])
+
+    def settle(what, condition, budget):
+        try:
+            return wait(what, condition, budget, vm, interval=3)
+        except Failure as error:
+            raise Failure(f"{error}\n{diagnosis()}") from None
+
+    def formatted(volume, entry):
+        """Formatted ext4 as Exosphere's role does, mounted, exouser's; returns the device."""
+        device = entry["device"]
+        q = shlex.quote(volume.mount_point)
+        check(f"cat /sys/block/{os.path.basename(device)}/serial",
+              lambda out: out == volume.volume_id[:20])
+        probe = check(f"sudo -n blkid -p -o export {shlex.quote(device)}", lambda out: True)
+        fields = {}
+        for line in probe.split("\n"):
+            key, _, value = line.partition("=")
+            fields[key] = shlex.split(value)[0] if value else ""
+        wanted = {"TYPE": "ext4", "LABEL": fs_label(volume.name), "UUID": volume.volume_id}
+        if any(fields.get(k) != v for k, v in wanted.items()):
+            raise Failure(f"{volume.name}: blkid says {fields}, expected {wanted}")
+        check(f"stat -c %U {q}", lambda out: out == "exouser")
+        return device
+
+    # First boot: `data` formatted and mounted; `lvm` and `parts` reported and left alone.
+    entry = settle("the blank volume mounted and the others left alone",
+                   lambda: left_alone(lvm, "signature") and left_alone(parts, "partition-table")
+                   and mounted(data), VOLUME_BUDGET)
+    mounted_s = time.monotonic() - vm.started
+    formatted(data, entry)
+    content = f"written by exouser {data.volume_id}"
+    probe_file = shlex.quote(f"{data.mount_point}/probe.txt")
+    check(f"printf %s {shlex.quote(content)} > {probe_file} && sync && cat {probe_file}",
+          lambda out: out == content)
+    say(f"volume mounted at {data.mount_point} {mounted_s:.0f} s after QEMU started")
+
+    # Reboot: the volume is mounted again, with its data.
+    say("rebooting (ACPI power-off, same disks)")
+    vm.power_off()
+    vm.start()
+    wait("SSH after the reboot", lambda: ssh("true").returncode == 0, 600, vm)
+    settle("the volume mounted again after the reboot",
+           lambda: mounted(data) and left_alone(lvm, "signature")
+           and left_alone(parts, "partition-table"), VOLUME_BUDGET)
+    remounted_s = time.monotonic() - vm.started
+    check(f"cat {probe_file}", lambda out: out == content)
+    check(*logs_private)
+    say(f"after the reboot the volume was back {remounted_s:.0f} s after QEMU started")
+
+    # Hot-unplug: unmounted and the mount point removed.
+    q = shlex.quote(data.mount_point)
+    gone = (f"! grep -qsx {data.volume_id[:20]} /sys/block/vd*/serial && ! mountpoint -q {q}"
+            f" && test ! -e {q}")
+    unplugged = time.monotonic()
+    vm.hot_unplug("data")
+
+    def unplug_seen():
+        listed = reported(data)
+        return (ssh(gone).returncode == 0 and listed is not None
+                and all(entry.get("state") != "mounted" for entry in listed))
+
+    settle("the unplugged volume unmounted and its mount point removed", unplug_seen,
+           UNPLUG_BUDGET)
+    unplug_s = time.monotonic() - unplugged
+    say(f"unplugged volume gone after {unplug_s:.0f} s")
+
+    # Hot-plug a blank volume named first, as Exosphere names a volume it attaches.
+    name_volume(scenario.token, scenario.server, more.volume_id, more.name)
+    plugged = time.monotonic()
+    vm.hot_plug(*more.drive())
+    entry = settle("the hot-plugged volume mounted", lambda: mounted(more), VOLUME_BUDGET)
+    plug_s = time.monotonic() - plugged
+    formatted(more, entry)
+    check(f"touch {shlex.quote(more.mount_point + '/probe')}", lambda out: True)
+    say(f"hot-plugged volume mounted at {more.mount_point} after {plug_s:.0f} s")
+
+    vm.power_off()
+    for volume in [lvm, parts]:
+        if first_mib_sha256(volume.path) != volume.sha256:
+            raise Failure(f"the {volume.content} disk's first MiB changed")
+        # The partition starts at 1 MiB: formatting it would leave the first MiB as it was.
+        if whole_sha256(volume.path) != volume.whole_sha256:
+            raise Failure(f"the {volume.content} disk changed after its first MiB")
+    return {"exosphere_template_complete_s": round(ready),
+            "exosphere_volume_mounted_s": round(mounted_s),
+            "exosphere_reboot_volume_mounted_s": round(remounted_s),
+            "exosphere_unplug_unmounted_s": round(unplug_s),
+            "exosphere_hotplug_mounted_s": round(plug_s)}
 
 
 def exosphere_userdata(exoagent, work):
