@@ -78,6 +78,15 @@ fn settings(device: &std::path::Path) -> ConsoleSettings {
     }
 }
 
+/// A reporter writing to the file `console` at the test intervals, without a GPU query.
+fn reporter(console: &std::path::Path) -> ConsoleReporter {
+    ConsoleReporter::new(
+        ConsoleSink::Devices(vec![console.to_path_buf()]),
+        &settings(console),
+        LoadSampler::with_gpu_query(std::path::Path::new("/"), None),
+    )
+}
+
 fn hub() -> StateHub {
     StateHub::new([(
         ServiceKind::JupyterLab,
@@ -98,12 +107,7 @@ async fn console_after(steps: Vec<Step>) -> (String, Vec<String>) {
     std::fs::write(&console, "[    0.000000] Linux version 6.1.0\n").unwrap();
     let hub = hub();
     let cancel = CancellationToken::new();
-    let reporter = ConsoleReporter::new(
-        ConsoleSink::Devices(vec![console.clone()]),
-        &settings(&console),
-        LoadSampler::with_gpu_query(std::path::Path::new("/"), None),
-    );
-    let task = tokio::spawn(reporter.run(hub.subscribe(), cancel.clone()));
+    let task = tokio::spawn(reporter(&console).run(hub.subscribe(), cancel.clone()));
     let mut seen = Vec::new();
     let wait_for = |want: &str, seen: &mut Vec<String>| {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -301,12 +305,7 @@ async fn the_workflow_token_line_appears_once_jupyterlab_is_ready_and_stays_in_t
     let token = LinkToken::generate();
     let hub = hub();
     let cancel = CancellationToken::new();
-    let reporter = ConsoleReporter::new(
-        ConsoleSink::Devices(vec![console.clone()]),
-        &settings(&console),
-        LoadSampler::with_gpu_query(std::path::Path::new("/"), None),
-    )
-    .with_token_line(Some(token_line(&token)));
+    let reporter = reporter(&console).with_token_line(Some(token_line(&token)));
     let task = tokio::spawn(reporter.run(hub.subscribe(), cancel.clone()));
     hub.set_phase(SetupPhase::Provisioning);
     for state in [ServiceState::Installing, ServiceState::Starting] {

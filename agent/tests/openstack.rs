@@ -1127,6 +1127,21 @@ fn a_snapshot_provisions_afresh_and_a_reboot_does_not() {
     second.wait_tags(&ready, Duration::from_secs(60), &agent);
 }
 
+/// [`agent_with`] reporting on `server` through the restricted credential (its clouds.yaml in
+/// `scratch`), with JupyterLab on 127.0.0.1:8888: the only port Exosphere's link leads to.
+fn agent_at_8888(stack: &Stack, server: &Server<'_>, scratch: &Path) -> Sandbox {
+    let clouds = stack.clouds_yaml(scratch, "agent-tags", |_| {});
+    let cloud = cloud_table(Some(&server.metadata_url()), Some(&clouds));
+    let mut agent = agent_with(&cloud);
+    agent.port = 8888;
+    agent.rewrite_config(&format!(
+        "[services.jupyterlab]\nenabled = true\nbind = \"127.0.0.1\"\nport = @PORT@\n\n\
+         [supervise]\nliveness_interval_s = 1\nliveness_failures = 2\n\n\
+         [cloud]\nmetadata_timeout_s = 20\n{cloud}\n"
+    ));
+    agent
+}
+
 /// Exosphere's `parseConsoleLogForWorkflowToken` (src/Helpers/Helpers.elm): per line, what
 /// follows the first `{`, decoded whole as an object with a string `exoWorkflowToken`; the last
 /// that decodes wins.
@@ -1157,15 +1172,7 @@ fn exospheres_notebook_link_is_published_once_and_its_token_logs_in() {
     );
     let server = stack.boot("exoagent-link");
     let scratch = tempfile::tempdir().unwrap();
-    let clouds = stack.clouds_yaml(scratch.path(), "agent-tags", |_| {});
-    let mut agent = agent_with(&cloud_table(Some(&server.metadata_url()), Some(&clouds)));
-    agent.port = 8888;
-    agent.rewrite_config(&format!(
-        "[services.jupyterlab]\nenabled = true\nbind = \"127.0.0.1\"\nport = @PORT@\n\n\
-         [supervise]\nliveness_interval_s = 1\nliveness_failures = 2\n\n\
-         [cloud]\nmetadata_timeout_s = 20\n{}\n",
-        cloud_table(Some(&server.metadata_url()), Some(&clouds))
-    ));
+    let mut agent = agent_at_8888(stack, &server, scratch.path());
     agent.start_agent();
     let status = agent.wait_complete(300);
     let version = exoagent::services::jupyterlab::link::pinned_version(
@@ -1292,14 +1299,7 @@ fn a_custom_workflow_exosphere_set_at_launch_is_never_overwritten() {
         json!({"metadata": {"exoCustomWorkflow": exosphere}}),
     );
     let scratch = tempfile::tempdir().unwrap();
-    let clouds = stack.clouds_yaml(scratch.path(), "agent-tags", |_| {});
-    let mut agent = agent_with(&cloud_table(Some(&server.metadata_url()), Some(&clouds)));
-    agent.port = 8888;
-    agent.rewrite_config(&format!(
-        "[services.jupyterlab]\nenabled = true\nbind = \"127.0.0.1\"\nport = @PORT@\n\n\
-         [cloud]\nmetadata_timeout_s = 20\n{}\n",
-        cloud_table(Some(&server.metadata_url()), Some(&clouds))
-    ));
+    let mut agent = agent_at_8888(stack, &server, scratch.path());
     agent.start_agent();
     agent.wait_complete(300);
     server.wait_setup_metadata("complete");

@@ -416,6 +416,8 @@ mod tests {
         problems.extend(key_table_problems("console", CONSOLE_KEYS));
         problems.extend(key_table_problems("packages", PACKAGES_KEYS));
         problems.extend(key_table_problems("cloud", CLOUD_KEYS));
+        problems.extend(key_table_problems("host", crate::host::settings::KEYS));
+        problems.extend(key_table_problems("volumes", crate::volumes::KEYS));
         assert!(problems.is_empty(), "{problems:#?}");
     }
 

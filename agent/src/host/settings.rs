@@ -62,15 +62,3 @@ impl Section {
         }
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::schema::key_table_problems;
-
-    #[test]
-    fn every_key_is_read_into_its_own_field() {
-        let problems = key_table_problems("host", KEYS);
-        assert!(problems.is_empty(), "{problems:#?}");
-    }
-}

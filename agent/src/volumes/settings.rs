@@ -72,13 +72,6 @@ impl Section {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::schema::key_table_problems;
-
-    #[test]
-    fn every_key_is_read_into_its_own_field() {
-        let problems = key_table_problems("volumes", KEYS);
-        assert!(problems.is_empty(), "{problems:#?}");
-    }
 
     #[test]
     fn the_mount_root_is_absolute_and_not_the_root() {
