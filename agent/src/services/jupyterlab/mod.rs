@@ -10,6 +10,7 @@ use serde_json::json;
 
 pub mod link;
 pub mod settings;
+pub mod workflow;
 
 use super::{io_error, Endpoint, Host, ServiceContext, ServiceError, ServiceImpl};
 use crate::schema::{Checker, Key, Located};
@@ -43,13 +44,18 @@ const PYTHON_CANDIDATES: [&str; 5] = [
 pub struct JupyterLab {
     settings: JupyterLabSettings,
     endpoint: Endpoint,
+    family: Family,
 }
 
 impl JupyterLab {
     /// JupyterLab with the given settings.
     pub fn new(settings: JupyterLabSettings) -> Self {
         let endpoint = Endpoint::direct(SocketAddr::new(settings.bind, settings.port));
-        Self { settings, endpoint }
+        Self {
+            settings,
+            endpoint,
+            family: Family::Debian,
+        }
     }
 
     /// The same, reached at `endpoint` (behind the TLS front).
@@ -124,6 +130,14 @@ impl JupyterLab {
         hashed_password: &str,
         link: Option<&LinkToken>,
     ) -> serde_json::Value {
+        // A workflow opens in its checkout, at its path.
+        let (root_dir, default_url) = match &self.settings.workflow {
+            Some(workflow) => (
+                workflow::build::checkout_dir(ctx, workflow),
+                workflow.path.clone(),
+            ),
+            None => (ctx.account.home.clone(), "/lab".to_owned()),
+        };
         json!({
             "ServerApp": {
                 "ip": self.endpoint().listen.ip().to_string(),
@@ -133,7 +147,8 @@ impl JupyterLab {
                 "base_url": self.settings.base_url,
                 "allow_remote_access": true,
                 "trust_xheaders": true,
-                "root_dir": ctx.account.home.to_string_lossy(),
+                "root_dir": root_dir.to_string_lossy(),
+                "default_url": default_url,
                 "allow_root": ctx.account.uid == 0,
             },
             // Exosphere's notebook link carries this token; the passphrase logs in as well.
@@ -155,6 +170,93 @@ impl JupyterLab {
             return Ok(None);
         }
         LinkToken::load(&ctx.paths.jupyterlab_link_token())
+    }
+}
+
+impl JupyterLab {
+    /// The uv executable the settings allow, or an error when `installer = "uv"` has none.
+    fn uv(&self) -> Result<Option<PathBuf>, ServiceError> {
+        let uv = match self.settings.installer {
+            PythonInstaller::Pip => None,
+            PythonInstaller::Uv | PythonInstaller::Auto => find_on_path("uv"),
+        };
+        if self.settings.installer == PythonInstaller::Uv && uv.is_none() {
+            return Err(ServiceError::Install {
+                service: ServiceKind::JupyterLab,
+                detail: "installer = \"uv\" but no uv executable was found on PATH".into(),
+            });
+        }
+        Ok(uv)
+    }
+
+    /// Build (or reuse) the workflow's environment; see [`workflow::build`].
+    async fn install_workflow(
+        &self,
+        ctx: &ServiceContext,
+        workflow: &workflow::WorkflowSettings,
+    ) -> Result<(), ServiceError> {
+        let lock_id = lock_fingerprint();
+        let inputs = workflow::build::Inputs {
+            workflow,
+            ctx,
+            family: self.family,
+            installer: self.settings.installer,
+            uv: self.uv()?,
+            default_python: self.find_python().await?,
+            lock: REQUIREMENTS,
+            lock_id: &lock_id,
+        };
+        let built = workflow::build::build(&inputs)
+            .await
+            .map_err(workflow::WorkflowError::into_service_error)?;
+        tracing::info!(target: "exoagent::services", service = "jupyterlab", commit = %built.checkout.commit, key = %built.key, fresh = built.fresh, "workflow environment ready");
+        Ok(())
+    }
+
+    /// JupyterLab from the workflow's environment (through `<opt>/workflows/current`), in its
+    /// checkout, wrapped in the repository's `start` when it has one (repo2docker's contract:
+    /// `start` ends with `exec "$@"`).
+    fn workflow_run_spec(&self, ctx: &ServiceContext, workflow: &workflow::WorkflowSettings) -> RunSpec {
+        let current = workflow::current_link(&ctx.paths.opt_dir);
+        let venv = current.join("venv");
+        let checkout = workflow::build::checkout_dir(ctx, workflow);
+        let start = workflow::build::config_dir(&checkout).join("start");
+        let mut argv = if std::fs::symlink_metadata(&start).is_ok_and(|m| m.is_file()) {
+            workflow::build::script_argv(&start)
+        } else {
+            Vec::new()
+        };
+        argv.push(venv.join("bin/jupyter-lab").to_string_lossy().into_owned());
+        argv.push(format!("--config={}", Self::config_file(ctx).to_string_lossy()));
+        let path = format!(
+            "{}:/usr/local/bin:/usr/bin:/bin",
+            venv.join("bin").to_string_lossy()
+        );
+        let mut env = ctx.login_env(&path);
+        env.extend([
+            ("PYTHONUNBUFFERED".to_owned(), "1".to_owned()),
+            ("VIRTUAL_ENV".to_owned(), venv.to_string_lossy().into_owned()),
+            // Which build runs (a new commit restarts JupyterLab instead of adopting it).
+            (
+                "EXOAGENT_WORKFLOW_BUILD".to_owned(),
+                std::fs::read_link(&current)
+                    .map(|k| k.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            ),
+        ]);
+        if let Some(token) = self.link_token(ctx).ok().flatten() {
+            env.push(("EXOAGENT_LINK_TOKEN_ID".to_owned(), token.fingerprint()));
+        }
+        RunSpec {
+            argv,
+            env,
+            cwd: if checkout.is_dir() {
+                checkout
+            } else {
+                ctx.account.home.clone()
+            },
+            run_as: ctx.run_as(),
+        }
     }
 }
 
@@ -184,21 +286,31 @@ impl ServiceImpl for JupyterLab {
 
     fn planned(settings: JupyterLabSettings, host: Host<'_>) -> Self {
         let public = SocketAddr::new(settings.bind, settings.port);
-        Self::new(settings).at(host.web_endpoint(public))
+        let mut lab = Self::new(settings).at(host.web_endpoint(public));
+        lab.family = host.os.family;
+        lab
     }
 
     /// System packages the venv needs, batched with every other service's.
     fn system_packages(&self, os: &Os) -> Vec<String> {
-        match os.family {
+        let mut packages: Vec<String> = match os.family {
             Family::Debian => vec!["python3".into(), "python3-venv".into()],
             // EL 8/9 ship 3.6/3.9 as python3; JupyterLab needs 3.10+, AppStream has 3.11.
             Family::RedHat => vec!["python3.11".into()],
+        };
+        if self.settings.workflow.is_some() {
+            packages.push("git".into());
         }
+        packages
     }
 
     /// Human-readable plan steps for `exoagent validate`.
     fn plan(&self, ctx: &ServiceContext) -> Vec<String> {
-        vec![
+        let mut lines = match &self.settings.workflow {
+            Some(workflow) => workflow::build::plan_lines(ctx, workflow),
+            None => Vec::new(),
+        };
+        lines.extend([
             format!(
                 "create venv {} and install the hash-pinned JupyterLab lock ({} packages) with {}",
                 Self::venv(ctx).display(),
@@ -224,12 +336,16 @@ impl ServiceImpl for JupyterLab {
                 "run jupyter-lab as {} under supervision; ready when GET {}api answers 200 with a version",
                 ctx.account.name, self.settings.base_url
             ),
-        ]
+        ]);
+        lines
     }
 
     /// Create the venv and install the lock. Idempotent: a venv whose marker matches the lock is
     /// left alone; the marker is written only after a successful install.
     async fn install(&self, ctx: &ServiceContext) -> Result<(), ServiceError> {
+        if let Some(workflow) = &self.settings.workflow {
+            return self.install_workflow(ctx, workflow).await;
+        }
         let venv = Self::venv(ctx);
         let marker = Self::lock_marker(&venv);
         let lock_id = lock_fingerprint();
@@ -254,16 +370,7 @@ impl ServiceImpl for JupyterLab {
                 source,
             },
         )?;
-        let uv = match self.settings.installer {
-            PythonInstaller::Pip => None,
-            PythonInstaller::Uv | PythonInstaller::Auto => find_on_path("uv"),
-        };
-        if self.settings.installer == PythonInstaller::Uv && uv.is_none() {
-            return Err(ServiceError::Install {
-                service: ServiceKind::JupyterLab,
-                detail: "installer = \"uv\" but no uv executable was found on PATH".into(),
-            });
-        }
+        let uv = self.uv()?;
         let venv_s = venv.to_string_lossy().into_owned();
         let req_s = requirements.to_string_lossy().into_owned();
         let venv_python = venv.join("bin/python").to_string_lossy().into_owned();
@@ -361,6 +468,9 @@ impl ServiceImpl for JupyterLab {
     /// How the supervisor starts it: the venv's `jupyter-lab` with our config, a clean
     /// environment, as the instance user.
     fn run_spec(&self, ctx: &ServiceContext) -> RunSpec {
+        if let Some(workflow) = &self.settings.workflow {
+            return self.workflow_run_spec(ctx, workflow);
+        }
         let venv = Self::venv(ctx);
         let account = &ctx.account;
         let path = format!(
