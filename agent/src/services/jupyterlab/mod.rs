@@ -131,14 +131,11 @@ impl JupyterLab {
         link: Option<&LinkToken>,
     ) -> serde_json::Value {
         // A workflow opens in its checkout, at its path.
-        let (root_dir, default_url) = match &self.settings.workflow {
-            Some(workflow) => (
-                workflow::build::checkout_dir(ctx, workflow),
-                workflow.path.clone(),
-            ),
-            None => (ctx.account.home.clone(), "/lab".to_owned()),
+        let root_dir = match &self.settings.workflow {
+            Some(workflow) => workflow::build::checkout_dir(ctx, workflow),
+            None => ctx.account.home.clone(),
         };
-        json!({
+        let mut config = json!({
             "ServerApp": {
                 "ip": self.endpoint().listen.ip().to_string(),
                 "port": self.endpoint().listen.port(),
@@ -148,7 +145,6 @@ impl JupyterLab {
                 "allow_remote_access": true,
                 "trust_xheaders": true,
                 "root_dir": root_dir.to_string_lossy(),
-                "default_url": default_url,
                 "allow_root": ctx.account.uid == 0,
             },
             // Exosphere's notebook link carries this token; the passphrase logs in as well.
@@ -158,7 +154,13 @@ impl JupyterLab {
                 "allow_password_change": false,
                 "password_required": true,
             },
-        })
+        });
+        if let Some(workflow) = &self.settings.workflow {
+            // JupyterLab's own default URL wins over the server's: set both.
+            config["ServerApp"]["default_url"] = json!(workflow.path);
+            config["LabApp"] = json!({ "default_url": workflow.path });
+        }
+        config
     }
 }
 

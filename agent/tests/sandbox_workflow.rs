@@ -1,0 +1,345 @@
+//! Workflows without Docker, end to end with real components: bare git repositories served on
+//! loopback by a real `git daemon`, the `exoagent` binary in sandbox mode cloning one, building
+//! its environment with real uv (the hash-pinned JupyterLab lock, then `requirements.txt`),
+//! running its `postBuild`, and a real JupyterLab in that environment at the workflow's path
+//! behind the repository's `start`. A repository with a `Dockerfile` and a ref that does not
+//! exist end in `failed` with their reasons; a second start at the same commit reuses the
+//! environment.
+//!
+//! Needs git, uv, python3.11 and PyPI (or a warm uv cache). The sandbox runs builds with the
+//! sandbox home as `HOME`, so the test points `UV_CACHE_DIR` at the invoking user's cache.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{free_port, run_ok, Sandbox};
+use serde_json::Value;
+
+/// `git daemon` serving every repository under its base path on 127.0.0.1; killed on drop.
+struct GitDaemon {
+    child: Child,
+    port: u16,
+}
+
+impl GitDaemon {
+    fn start(base: &Path) -> Self {
+        let port = free_port();
+        let child = Command::new("git")
+            .arg("daemon")
+            .arg("--export-all")
+            .arg("--reuseaddr")
+            .arg("--listen=127.0.0.1")
+            .arg(format!("--port={port}"))
+            .arg(format!("--base-path={}", base.display()))
+            .arg(base)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("git daemon");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "git daemon did not listen");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Self { child, port }
+    }
+
+    fn url(&self, repo: &str) -> String {
+        format!("git://127.0.0.1:{}/{repo}", self.port)
+    }
+}
+
+impl Drop for GitDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A bare repository `<base>/<name>.git` holding `files` (name, content, executable) in one
+/// commit on `main`; its commit id.
+fn bare_repo(base: &Path, name: &str, files: &[(&str, &str, bool)]) -> String {
+    let work = base.join(format!("{name}-work"));
+    fs::create_dir_all(&work).unwrap();
+    let git = |args: &[&str]| {
+        let out = run_ok(
+            Command::new("git")
+                .args(["-c", "user.name=t", "-c", "user.email=t@t", "-C"])
+                .arg(&work)
+                .args(args),
+            &format!("git {args:?}"),
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    git(&["init", "-q", "-b", "main"]);
+    for (file, content, executable) in files {
+        let path = work.join(file);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(&path, content).unwrap();
+        if *executable {
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+        }
+    }
+    git(&["add", "-A"]);
+    git(&["commit", "-q", "-m", "workflow"]);
+    let commit = git(&["rev-parse", "HEAD"]);
+    run_ok(
+        Command::new("git")
+            .args(["clone", "-q", "--bare"])
+            .arg(&work)
+            .arg(base.join(format!("{name}.git"))),
+        "git clone --bare",
+    );
+    commit
+}
+
+fn config(repo: &str, git_ref: &str) -> String {
+    format!(
+        r#"
+[services.jupyterlab]
+enabled = true
+bind = "127.0.0.1"
+port = @PORT@
+start_timeout_s = 300
+workflow_repository = "{repo}"
+workflow_ref = "{git_ref}"
+workflow_path = "/lab/tree/demo.ipynb"
+
+[supervise]
+backoff_initial_ms = 200
+backoff_max_ms = 2000
+
+[console]
+status_interval_s = 1
+load_interval_s = 60
+"#
+    )
+}
+
+fn service(status: &Value) -> &Value {
+    &status["services"][0]
+}
+
+fn wait_failed(sb: &Sandbox) -> Value {
+    sb.wait_for("jupyterlab failed", Duration::from_secs(300), |s| {
+        service(s)["state"] == "failed"
+    })
+}
+
+const SYSTEM_PYTHON: &str = "3.11";
+
+fn uv_cache() -> String {
+    let out = run_ok(Command::new("uv").args(["cache", "dir"]), "uv cache dir");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn a_workflow_is_cloned_built_without_docker_run_and_reused() {
+    // The builds run with the sandbox home as HOME: keep uv on the machine's cache.
+    std::env::set_var("UV_CACHE_DIR", uv_cache());
+    let repos = tempfile::tempdir().unwrap();
+    let commit = bare_repo(
+        repos.path(),
+        "demo",
+        &[
+            ("requirements.txt", "six==1.16.0\n", false),
+            ("runtime.txt", &format!("python-{SYSTEM_PYTHON}\n"), false),
+            (
+                "postBuild",
+                "#!/bin/sh\nset -e\npython -c 'import six, sys; print(sys.prefix)' > postbuild-marker\n",
+                true,
+            ),
+            (
+                "start",
+                "#!/bin/sh\necho \"$VIRTUAL_ENV\" > start-marker\nexec \"$@\"\n",
+                true,
+            ),
+            ("demo.ipynb", r#"{"cells":[],"metadata":{},"nbformat":4,"nbformat_minor":5}"#, false),
+        ],
+    );
+    bare_repo(
+        repos.path(),
+        "docker",
+        &[
+            ("Dockerfile", "FROM scratch\n", false),
+            ("requirements.txt", "six\n", false),
+        ],
+    );
+    let daemon = GitDaemon::start(repos.path());
+
+    // 1. The good workflow: cloned, built, JupyterLab ready in its environment.
+    let mut sb = Sandbox::new(&config(&daemon.url("demo.git"), "main"));
+    sb.start_agent();
+    let status = sb.wait_complete(900);
+    assert_eq!(service(&status)["state"], "ready", "{status}");
+    let home = sb.root().join("home").join(whoami());
+    let checkout = home.join("demo");
+    let head = run_ok(
+        Command::new("git").arg("-C").arg(&checkout).args(["rev-parse", "HEAD"]),
+        "rev-parse",
+    );
+    assert_eq!(String::from_utf8_lossy(&head.stdout).trim(), commit);
+
+    // The environment: a venv under opt/exoagent/workflows/<key>, current → it.
+    let workflows = sb.root().join("opt/exoagent/workflows");
+    let key = fs::read_link(workflows.join("current")).unwrap();
+    let venv = workflows.join(&key).join("venv");
+    let python = venv.join("bin/python");
+    let version = run_ok(
+        Command::new(&python).args([
+            "-c",
+            "import six, sys; print(six.__version__, '%d.%d' % sys.version_info[:2])",
+        ]),
+        "import six in the workflow venv",
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&version.stdout).trim(),
+        format!("1.16.0 {SYSTEM_PYTHON}")
+    );
+
+    // postBuild ran in the checkout, as the sandbox user, with the venv first on PATH.
+    let marker = checkout.join("postbuild-marker");
+    let meta = fs::metadata(&marker).expect("postBuild wrote its marker");
+    assert_eq!(meta.uid(), nix_uid());
+    assert_eq!(
+        fs::read_to_string(&marker).unwrap().trim(),
+        venv.to_string_lossy()
+    );
+    // JupyterLab started through the repository's `start`, in the environment.
+    assert_eq!(
+        fs::read_to_string(checkout.join("start-marker")).unwrap().trim(),
+        workflows.join("current/venv").to_string_lossy()
+    );
+    // /data for the user.
+    let data = fs::metadata(sb.root().join("data")).unwrap();
+    assert!(data.is_dir());
+    assert_eq!(data.uid(), nix_uid());
+
+    // The workflow's path answers once logged in with the passphrase, and its notebook is in
+    // JupyterLab's root (the checkout).
+    let client = login(&sb.base(), &sb.passphrase());
+    let page = client
+        .get(format!("{}/lab/tree/demo.ipynb", sb.base()))
+        .send()
+        .unwrap();
+    assert_eq!(page.status(), 200, "GET the workflow path");
+    let root = client.get(format!("{}/", sb.base())).send().unwrap();
+    assert_eq!(root.status(), 302);
+    let location = root.headers()["location"].to_str().unwrap();
+    assert_eq!(
+        location.trim_end_matches('?'),
+        "/lab/tree/demo.ipynb",
+        "JupyterLab's default URL is the workflow's path"
+    );
+    let contents = client
+        .get(format!("{}/api/contents/demo.ipynb?content=0", sb.base()))
+        .send()
+        .unwrap();
+    assert_eq!(contents.status(), 200, "the notebook is in JupyterLab's root");
+
+    // 2. A second start at the same commit reuses the environment: nothing is rebuilt.
+    let built = workflows.join(&key).join("built");
+    let built_mtime = fs::metadata(&built).unwrap().mtime_nsec();
+    let postbuild_mtime = fs::metadata(&marker).unwrap().mtime_nsec();
+    sb.kill_agent(libc::SIGTERM);
+    sb.start_agent();
+    let status = sb.wait_complete(300);
+    assert_eq!(service(&status)["state"], "ready");
+    assert_eq!(fs::metadata(&built).unwrap().mtime_nsec(), built_mtime);
+    assert_eq!(fs::metadata(&marker).unwrap().mtime_nsec(), postbuild_mtime);
+    assert_eq!(fs::read_link(workflows.join("current")).unwrap(), key);
+    assert!(
+        sb.agent_output().contains("already built; reused"),
+        "{}",
+        sb.agent_output()
+    );
+    drop(sb);
+
+    // 3. A ref that does not exist: failed, naming the ref.
+    let mut sb = Sandbox::new(&config(&daemon.url("demo.git"), "no-such-branch"));
+    sb.start_agent();
+    let status = wait_failed(&sb);
+    let reason = &service(&status)["reason"];
+    assert_eq!(reason["code"], "workflow-ref-not-found", "{status}");
+    let detail = reason["detail"].as_str().unwrap();
+    assert!(detail.contains("no-such-branch"), "{detail}");
+    assert!(
+        console_error_has(&sb.agent_output(), "workflow-ref-not-found"),
+        "{}",
+        sb.agent_output()
+    );
+    drop(sb);
+
+    // 4. A repository with a Dockerfile: refused, naming the file.
+    let mut sb = Sandbox::new(&config(&daemon.url("docker.git"), "HEAD"));
+    sb.start_agent();
+    let status = wait_failed(&sb);
+    let reason = &service(&status)["reason"];
+    assert_eq!(reason["code"], "workflow-unsupported", "{status}");
+    assert!(
+        reason["detail"].as_str().unwrap().contains("Dockerfile"),
+        "{status}"
+    );
+    assert!(console_error_has(&sb.agent_output(), "workflow-unsupported"));
+    drop(sb);
+
+    // 5. A repository that cannot be cloned.
+    let mut sb = Sandbox::new(&config(&daemon.url("missing.git"), "HEAD"));
+    sb.start_agent();
+    let status = wait_failed(&sb);
+    let reason = &service(&status)["reason"];
+    assert_eq!(reason["code"], "workflow-clone-failed", "{status}");
+    assert!(reason["detail"].as_str().unwrap().contains("git clone"), "{status}");
+}
+
+/// Whether a console status line (stdout in the sandbox) is an `error` with `reason`.
+fn console_error_has(output: &str, reason: &str) -> bool {
+    output.lines().any(|line| {
+        let (Some(start), Some(end)) = (line.find('{'), line.rfind('}')) else {
+            return false;
+        };
+        serde_json::from_str::<Value>(&line[start..=end]).is_ok_and(|v| {
+            v["status"] == "error" && v["reason"] == reason
+        })
+    })
+}
+
+/// A client logged in through Jupyter's login form.
+fn login(base: &str, password: &str) -> reqwest::blocking::Client {
+    let client = reqwest::blocking::Client::builder()
+        .cookie_store(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let page = client.get(format!("{base}/login")).send().unwrap();
+    assert_eq!(page.status(), 200, "GET /login");
+    let xsrf = page
+        .headers()
+        .get_all(reqwest::header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|c| c.split(';').next()?.strip_prefix("_xsrf=").map(str::to_owned))
+        .expect("an _xsrf cookie");
+    let resp = client
+        .post(format!("{base}/login"))
+        .form(&[("_xsrf", xsrf.as_str()), ("password", password)])
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 302, "login with the passphrase");
+    client
+}
+
+fn whoami() -> String {
+    let out = run_ok(&mut Command::new("id").arg("-un"), "id -un");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn nix_uid() -> u32 {
+    unsafe { libc::geteuid() }
+}
