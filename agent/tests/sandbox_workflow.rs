@@ -181,7 +181,10 @@ fn a_workflow_is_cloned_built_without_docker_run_and_reused() {
     let home = sb.root().join("home").join(whoami());
     let checkout = home.join("demo");
     let head = run_ok(
-        Command::new("git").arg("-C").arg(&checkout).args(["rev-parse", "HEAD"]),
+        Command::new("git")
+            .arg("-C")
+            .arg(&checkout)
+            .args(["rev-parse", "HEAD"]),
         "rev-parse",
     );
     assert_eq!(String::from_utf8_lossy(&head.stdout).trim(), commit);
@@ -213,7 +216,9 @@ fn a_workflow_is_cloned_built_without_docker_run_and_reused() {
     );
     // JupyterLab started through the repository's `start`, in the environment.
     assert_eq!(
-        fs::read_to_string(checkout.join("start-marker")).unwrap().trim(),
+        fs::read_to_string(checkout.join("start-marker"))
+            .unwrap()
+            .trim(),
         workflows.join("current/venv").to_string_lossy()
     );
     // /data for the user.
@@ -241,7 +246,11 @@ fn a_workflow_is_cloned_built_without_docker_run_and_reused() {
         .get(format!("{}/api/contents/demo.ipynb?content=0", sb.base()))
         .send()
         .unwrap();
-    assert_eq!(contents.status(), 200, "the notebook is in JupyterLab's root");
+    assert_eq!(
+        contents.status(),
+        200,
+        "the notebook is in JupyterLab's root"
+    );
 
     // 2. A second start at the same commit reuses the environment: nothing is rebuilt.
     let built = workflows.join(&key).join("built");
@@ -286,7 +295,10 @@ fn a_workflow_is_cloned_built_without_docker_run_and_reused() {
         reason["detail"].as_str().unwrap().contains("Dockerfile"),
         "{status}"
     );
-    assert!(console_error_has(&sb.agent_output(), "workflow-unsupported"));
+    assert!(console_error_has(
+        &sb.agent_output(),
+        "workflow-unsupported"
+    ));
     drop(sb);
 
     // 5. A repository that cannot be cloned.
@@ -295,7 +307,10 @@ fn a_workflow_is_cloned_built_without_docker_run_and_reused() {
     let status = wait_failed(&sb);
     let reason = &service(&status)["reason"];
     assert_eq!(reason["code"], "workflow-clone-failed", "{status}");
-    assert!(reason["detail"].as_str().unwrap().contains("git clone"), "{status}");
+    assert!(
+        reason["detail"].as_str().unwrap().contains("git clone"),
+        "{status}"
+    );
 }
 
 /// Whether a console status line (stdout in the sandbox) is an `error` with `reason`.
@@ -304,9 +319,8 @@ fn console_error_has(output: &str, reason: &str) -> bool {
         let (Some(start), Some(end)) = (line.find('{'), line.rfind('}')) else {
             return false;
         };
-        serde_json::from_str::<Value>(&line[start..=end]).is_ok_and(|v| {
-            v["status"] == "error" && v["reason"] == reason
-        })
+        serde_json::from_str::<Value>(&line[start..=end])
+            .is_ok_and(|v| v["status"] == "error" && v["reason"] == reason)
     })
 }
 
@@ -324,7 +338,12 @@ fn login(base: &str, password: &str) -> reqwest::blocking::Client {
         .get_all(reqwest::header::SET_COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .find_map(|c| c.split(';').next()?.strip_prefix("_xsrf=").map(str::to_owned))
+        .find_map(|c| {
+            c.split(';')
+                .next()?
+                .strip_prefix("_xsrf=")
+                .map(str::to_owned)
+        })
         .expect("an _xsrf cookie");
     let resp = client
         .post(format!("{base}/login"))
@@ -336,7 +355,7 @@ fn login(base: &str, password: &str) -> reqwest::blocking::Client {
 }
 
 fn whoami() -> String {
-    let out = run_ok(&mut Command::new("id").arg("-un"), "id -un");
+    let out = run_ok(Command::new("id").arg("-un"), "id -un");
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 

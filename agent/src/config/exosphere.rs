@@ -239,7 +239,10 @@ mod tests {
         let parsed: toml::Table = toml.parse().unwrap();
         let jl = &parsed["services"]["jupyterlab"];
         assert_eq!(jl["enabled"].as_bool(), Some(true));
-        assert_eq!(jl["workflow_repository"].as_str(), Some("https://github.com/org/demo.git"));
+        assert_eq!(
+            jl["workflow_repository"].as_str(),
+            Some("https://github.com/org/demo.git")
+        );
         assert_eq!(jl["workflow_ref"].as_str(), Some("v1\"\\x"));
         assert_eq!(jl["workflow_path"].as_str(), Some("/lab/tree/a.ipynb"));
         // No repository: the ref and path ask for nothing.
@@ -272,11 +275,27 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let e = load(r#"{"workflow_source_repository":"https://u:hunter2@github.com/org/demo.git"}"#).unwrap_err();
-        assert_eq!(e.errors[0].key.as_deref(), Some("workflow_source_repository"), "{:?}", e.errors);
-        assert!(!e.errors[0].message.contains("hunter2"), "{}", e.errors[0].message);
+        let e =
+            load(r#"{"workflow_source_repository":"https://u:hunter2@github.com/org/demo.git"}"#)
+                .unwrap_err();
+        assert_eq!(
+            e.errors[0].key.as_deref(),
+            Some("workflow_source_repository"),
+            "{:?}",
+            e.errors
+        );
+        assert!(
+            !e.errors[0].message.contains("hunter2"),
+            "{}",
+            e.errors[0].message
+        );
         let e = load(r#"{"workflow_source_repository":"https://h/r","workflow_repo_version":"--upload-pack=x"}"#).unwrap_err();
-        assert_eq!(e.errors[0].key.as_deref(), Some("workflow_repo_version"), "{:?}", e.errors);
+        assert_eq!(
+            e.errors[0].key.as_deref(),
+            Some("workflow_repo_version"),
+            "{:?}",
+            e.errors
+        );
     }
 
     #[test]

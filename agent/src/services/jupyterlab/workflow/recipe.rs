@@ -13,6 +13,9 @@ use serde::Deserialize;
 
 use super::WorkflowError;
 
+/// A Python `(major, minor)`.
+pub type PythonVersion = (u32, u32);
+
 /// The lowest Python the pinned JupyterLab runs on.
 pub const MIN_PYTHON: (u32, u32) = (3, 10);
 
@@ -150,7 +153,7 @@ pub fn runtime_python(text: &str) -> Result<(u32, u32), WorkflowError> {
     let mut parts = version.split('.');
     let major = parts.next().and_then(|p| p.parse::<u32>().ok());
     let minor = parts.next().and_then(|p| p.parse::<u32>().ok());
-    let patch_ok = parts.next().is_none_or(|p| p.parse::<u32>().is_ok());
+    let patch_ok = parts.next().map_or(true, |p| p.parse::<u32>().is_ok());
     match (major, minor, patch_ok, parts.next()) {
         (Some(3), Some(minor), true, None) if minor < 100 => Ok((3, minor)),
         (Some(major), Some(_), true, None) if major != 3 => Err(WorkflowError::Unsupported {
@@ -217,7 +220,7 @@ const CONDA_TOOLING: [&str; 3] = ["pip", "setuptools", "wheel"];
 pub fn environment_requirements(
     file: &str,
     text: &str,
-) -> Result<(Option<(u32, u32)>, Vec<String>), WorkflowError> {
+) -> Result<(Option<PythonVersion>, Vec<String>), WorkflowError> {
     let invalid = |why: String| WorkflowError::Invalid {
         file: file.to_owned(),
         why,
