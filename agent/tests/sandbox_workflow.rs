@@ -171,6 +171,24 @@ fn a_workflow_is_cloned_built_without_docker_run_and_reused() {
             ("requirements.txt", "six\n", false),
         ],
     );
+    bare_repo(
+        repos.path(),
+        "failing",
+        &[(
+            "postBuild",
+            "#!/bin/sh\necho 'about to fail'\necho 'the real cause' >&2\nexit 7\n",
+            true,
+        )],
+    );
+    bare_repo(
+        repos.path(),
+        "unresolvable",
+        &[(
+            "requirements.txt",
+            "exoagent-no-such-package-zz==9.9.9\n",
+            false,
+        )],
+    );
     let daemon = GitDaemon::start(repos.path());
 
     // 1. The good workflow: cloned, built, JupyterLab ready in its environment.
@@ -282,6 +300,44 @@ fn a_workflow_is_cloned_built_without_docker_run_and_reused() {
         console_error_has(&sb.agent_output(), "workflow-ref-not-found"),
         "{}",
         sb.agent_output()
+    );
+    // The clone stays; a retry with a fixed ref builds from it.
+    let checkout = sb.root().join("home").join(whoami()).join("demo");
+    assert!(checkout.join(".git").is_dir());
+    sb.kill_agent(libc::SIGTERM);
+    sb.rewrite_config(&config(&daemon.url("demo.git"), &commit));
+    sb.start_agent();
+    let status = sb.wait_complete(600);
+    assert_eq!(service(&status)["state"], "ready", "{status}");
+    drop(sb);
+
+    // A postBuild that fails: its status and last lines, on the API and the console.
+    let mut sb = Sandbox::new(&config(&daemon.url("failing.git"), "HEAD"));
+    sb.start_agent();
+    let status = wait_failed(&sb);
+    let reason = &service(&status)["reason"];
+    assert_eq!(reason["code"], "workflow-postbuild-failed", "{status}");
+    let detail = reason["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("exit status: 7") && detail.contains("about to fail | the real cause"),
+        "{detail}"
+    );
+    assert!(console_error_has(
+        &sb.agent_output(),
+        "workflow-postbuild-failed"
+    ));
+    drop(sb);
+
+    // A requirement that cannot be resolved.
+    let mut sb = Sandbox::new(&config(&daemon.url("unresolvable.git"), "HEAD"));
+    sb.start_agent();
+    let status = wait_failed(&sb);
+    let reason = &service(&status)["reason"];
+    assert_eq!(reason["code"], "workflow-requirements-failed", "{status}");
+    let detail = reason["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("requirements.txt") && detail.contains("exoagent-no-such-package-zz"),
+        "{detail}"
     );
     drop(sb);
 
