@@ -189,6 +189,11 @@ fn a_workflow_is_cloned_built_without_docker_run_and_reused() {
             false,
         )],
     );
+    bare_repo(
+        repos.path(),
+        "future",
+        &[("runtime.txt", "python-3.99\n", false)],
+    );
     let daemon = GitDaemon::start(repos.path());
 
     // 1. The good workflow: cloned, built, JupyterLab ready in its environment.
@@ -326,6 +331,15 @@ fn a_workflow_is_cloned_built_without_docker_run_and_reused() {
         &sb.agent_output(),
         "workflow-postbuild-failed"
     ));
+    drop(sb);
+
+    // A Python neither the system nor uv can provide.
+    let mut sb = Sandbox::new(&config(&daemon.url("future.git"), "HEAD"));
+    sb.start_agent();
+    let status = wait_failed(&sb);
+    let reason = &service(&status)["reason"];
+    assert_eq!(reason["code"], "workflow-python-unavailable", "{status}");
+    assert!(reason["detail"].as_str().unwrap().contains("3.99"), "{status}");
     drop(sb);
 
     // A requirement that cannot be resolved.

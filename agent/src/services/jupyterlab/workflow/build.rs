@@ -511,3 +511,62 @@ pub fn plan_lines(ctx: &ServiceContext, workflow: &WorkflowSettings) -> Vec<Stri
         ),
     ]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_binder_directory_holds_the_configuration_and_the_root_the_project() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::write(root.join("requirements.txt"), "ignored\n").unwrap();
+        std::fs::write(root.join("setup.py"), "").unwrap();
+        assert_eq!(config_dir(root), root);
+        std::fs::create_dir(root.join("binder")).unwrap();
+        std::fs::write(root.join("binder/runtime.txt"), "python-3.12\n").unwrap();
+        std::fs::write(root.join("binder/apt.txt"), "curl\n").unwrap();
+        assert_eq!(config_dir(root), root.join("binder"));
+        let files = files(root).unwrap();
+        assert!(!files.config.contains("requirements.txt"));
+        assert!(files.root.contains("setup.py"));
+        let recipe = recipe::plan(&files).unwrap();
+        assert_eq!(recipe.python, Some((3, 12)));
+        assert_eq!(recipe.apt, ["curl"]);
+        assert!(recipe.project && !recipe.requirements);
+    }
+
+    #[test]
+    fn configuration_files_are_never_read_through_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "python-3.11 top secret\n").unwrap();
+        let repo = dir.path().join("repo");
+        std::fs::create_dir(&repo).unwrap();
+        std::os::unix::fs::symlink(&secret, repo.join("runtime.txt")).unwrap();
+        let e = files(&repo).unwrap_err();
+        assert_eq!(e.reason(), "workflow-invalid");
+        assert!(e.to_string().contains("runtime.txt"), "{e}");
+        assert!(!e.to_string().contains("top secret"), "{e}");
+        // A symlinked binder directory is not followed either.
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        std::fs::remove_file(repo.join("runtime.txt")).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, repo.join("binder")).unwrap();
+        assert_eq!(config_dir(&repo), repo);
+    }
+
+    #[test]
+    fn scripts_run_themselves_when_executable_else_through_bash() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("postBuild");
+        std::fs::write(&script, "echo hi\n").unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(
+            script_argv(&script),
+            ["bash".to_owned(), script.to_string_lossy().into_owned()]
+        );
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(script_argv(&script), [script.to_string_lossy().into_owned()]);
+    }
+}

@@ -163,7 +163,7 @@ mod tests {
     #[tokio::test]
     async fn output_of_both_streams_and_the_status_are_kept() {
         let ran = run(
-            &argv(&["sh", "-c", "echo out; echo err >&2; echo \"$SECRET_FROM_AGENT\"; exit 3"]),
+            &argv(&["sh", "-c", "echo out; echo err >&2; exit 3"]),
             &here(),
             Duration::from_secs(10),
         )

@@ -75,6 +75,13 @@ pub async fn sync(
         detail: mask(&ran.failure(what)),
     };
     let parent = dir.parent().unwrap_or(Path::new("/"));
+    // The agent reads the checkout's configuration files; a symlink could point it elsewhere.
+    if std::fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(WorkflowError::Checkout {
+            dir: dir.to_path_buf(),
+            detail: "is a symlink; move it away to let exoagent clone the workflow there".into(),
+        });
+    }
     if !dir.exists() {
         let argv: Vec<String> = ["git", "clone", "--quiet", "--", repository, &s(dir)]
             .iter()
