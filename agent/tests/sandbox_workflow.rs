@@ -339,7 +339,10 @@ fn a_workflow_is_cloned_built_without_docker_run_and_reused() {
     let status = wait_failed(&sb);
     let reason = &service(&status)["reason"];
     assert_eq!(reason["code"], "workflow-python-unavailable", "{status}");
-    assert!(reason["detail"].as_str().unwrap().contains("3.99"), "{status}");
+    assert!(
+        reason["detail"].as_str().unwrap().contains("3.99"),
+        "{status}"
+    );
     drop(sb);
 
     // A requirement that cannot be resolved.

@@ -222,14 +222,18 @@ impl JupyterLab {
         let current = workflow::current_link(&ctx.paths.opt_dir);
         let venv = current.join("venv");
         let checkout = workflow::build::checkout_dir(ctx, workflow);
-        let start = workflow::build::config_dir(&checkout).join("start");
-        let mut argv = if std::fs::symlink_metadata(&start).is_ok_and(|m| m.is_file()) {
-            workflow::build::script_argv(&start)
-        } else {
-            Vec::new()
-        };
-        argv.push(venv.join("bin/jupyter-lab").to_string_lossy().into_owned());
-        argv.push(format!("--config={}", Self::config_file(ctx).to_string_lossy()));
+        // Whether the repository has a `start` is decided when JupyterLab is launched (the
+        // spec is fixed before the first build may have cloned anything): a constant script,
+        // the checkout and JupyterLab's argv as its arguments.
+        let argv = vec![
+            "/bin/sh".to_owned(),
+            "-c".to_owned(),
+            workflow::START_SCRIPT.to_owned(),
+            "exoagent-workflow-start".to_owned(),
+            checkout.to_string_lossy().into_owned(),
+            venv.join("bin/jupyter-lab").to_string_lossy().into_owned(),
+            format!("--config={}", Self::config_file(ctx).to_string_lossy()),
+        ];
         let path = format!(
             "{}:/usr/local/bin:/usr/bin:/bin",
             venv.join("bin").to_string_lossy()
@@ -252,11 +256,7 @@ impl JupyterLab {
         RunSpec {
             argv,
             env,
-            cwd: if checkout.is_dir() {
-                checkout
-            } else {
-                ctx.account.home.clone()
-            },
+            cwd: checkout,
             run_as: ctx.run_as(),
         }
     }
@@ -618,6 +618,32 @@ mod tests {
         assert!(spec.argv[1].starts_with("--config="));
         assert!(spec.env.iter().all(|(k, _)| k != "JUPYTER_TOKEN"));
         assert_eq!(spec.cwd, PathBuf::from("/home/exouser"));
+    }
+
+    #[test]
+    fn a_workflow_runs_from_the_current_build_in_its_checkout_whatever_is_on_disk() {
+        let settings = JupyterLabSettings {
+            workflow: Some(workflow::WorkflowSettings {
+                repository: "https://github.com/org/demo.git".into(),
+                git_ref: "HEAD".into(),
+                path: "/lab/tree/a.ipynb".into(),
+            }),
+            ..JupyterLabSettings::default()
+        };
+        let lab = JupyterLab::new(settings);
+        let spec = lab.run_spec(&ctx(1000));
+        assert_eq!(spec.argv[..2], ["/bin/sh", "-c"]);
+        assert_eq!(spec.argv[2], workflow::START_SCRIPT);
+        assert_eq!(spec.argv[4], "/home/exouser/demo");
+        assert_eq!(spec.argv[5], "/sb/opt/exoagent/workflows/current/venv/bin/jupyter-lab");
+        assert_eq!(spec.cwd, PathBuf::from("/home/exouser/demo"));
+        let cfg = lab.server_config(&ctx(1000), "h", None);
+        assert_eq!(cfg["ServerApp"]["root_dir"], "/home/exouser/demo");
+        assert_eq!(cfg["LabApp"]["default_url"], "/lab/tree/a.ipynb");
+        assert_eq!(cfg["ServerApp"]["default_url"], "/lab/tree/a.ipynb");
+        // Without a workflow, JupyterLab's own defaults.
+        let plain = JupyterLab::new(JupyterLabSettings::default()).server_config(&ctx(1000), "h", None);
+        assert!(plain.get("LabApp").is_none());
     }
 
     #[test]

@@ -164,6 +164,20 @@ pub fn build_key(repository: &str, commit: &str, python: &str, lock: &str) -> St
         .collect()
 }
 
+/// How JupyterLab is launched for a workflow: `sh -c START_SCRIPT _ <checkout> <argv…>` runs
+/// the repository's `start` (from `binder/` or `.binder/` when there is one, as repo2docker
+/// does; itself when executable, else with bash) with JupyterLab's argv, or JupyterLab
+/// directly when there is none. Constant text: repository data only ever arrives as arguments.
+pub const START_SCRIPT: &str = r#"d=$1; shift
+if [ -d "$d/binder" ] && [ ! -L "$d/binder" ]; then c=$d/binder
+elif [ -d "$d/.binder" ] && [ ! -L "$d/.binder" ]; then c=$d/.binder
+else c=$d; fi
+if [ -f "$c/start" ]; then
+  if [ -x "$c/start" ]; then exec "$c/start" "$@"; fi
+  exec bash "$c/start" "$@"
+fi
+exec "$@""#;
+
 /// Where workflow environments live: `<opt>/workflows`.
 pub fn workflows_dir(opt_dir: &Path) -> PathBuf {
     opt_dir.join("workflows")
@@ -381,6 +395,45 @@ mod tests {
         ] {
             assert_ne!(base, other);
         }
+    }
+
+    /// Run [`START_SCRIPT`] on `checkout` with `echo ran` as the argv.
+    fn start(checkout: &Path) -> String {
+        let out = std::process::Command::new("/bin/sh")
+            .args(["-c", START_SCRIPT, "t"])
+            .arg(checkout)
+            .args(["echo", "ran"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    #[test]
+    fn the_start_script_wraps_jupyterlab_as_repo2docker_does() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let repo = dir.path();
+        // No start: JupyterLab directly.
+        assert_eq!(start(repo), "ran\n");
+        // An executable start that execs its arguments.
+        let script = repo.join("start");
+        std::fs::write(&script, "#!/bin/sh\necho started\nexec \"$@\"\n").unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(start(repo), "started\nran\n");
+        // Not executable: through bash.
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(start(repo), "started\nran\n");
+        // A binder/ directory: only its start counts.
+        std::fs::create_dir(repo.join("binder")).unwrap();
+        assert_eq!(start(repo), "ran\n");
+        std::fs::write(repo.join("binder/start"), "echo binder\nexec \"$@\"\n").unwrap();
+        assert_eq!(start(repo), "binder\nran\n");
+        // Odd names are data, never code.
+        let odd = dir.path().join("a b;$(touch pwned)");
+        std::fs::create_dir(&odd).unwrap();
+        assert_eq!(start(&odd), "ran\n");
+        assert!(!Path::new("pwned").exists());
     }
 
     #[test]
