@@ -435,3 +435,82 @@ fn whoami() -> String {
 fn nix_uid() -> u32 {
     unsafe { libc::geteuid() }
 }
+
+/// The clone as another account (what `exouser` is on an instance; needs root): the checkout
+/// belongs to that account, a ref moves it, and local changes in the way stop the checkout
+/// instead of being lost.
+#[tokio::test]
+async fn the_checkout_is_the_accounts_and_never_forced() {
+    use exoagent::platform::privileges::DropTo;
+    use exoagent::services::jupyterlab::workflow::{run::RunAs, source};
+
+    if nix_uid() != 0 {
+        eprintln!("skipped: switching to another account needs root");
+        return;
+    }
+    let repos = tempfile::tempdir().unwrap();
+    let first = bare_repo(repos.path(), "moves", &[("notes.txt", "one\n", false)]);
+    // A second commit on main, with v1 tagging the first.
+    let work = repos.path().join("moves-work");
+    let git = |args: &[&str]| {
+        run_ok(
+            Command::new("git")
+                .args(["-c", "user.name=t", "-c", "user.email=t@t", "-C"])
+                .arg(&work)
+                .args(args),
+            "git",
+        )
+    };
+    git(&["tag", "v1"]);
+    fs::write(work.join("notes.txt"), "two\n").unwrap();
+    git(&["commit", "-qam", "two"]);
+    git(&["push", "-q", "--tags", "../moves.git", "main"]);
+    let daemon = GitDaemon::start(repos.path());
+
+    let top = tempfile::tempdir().unwrap();
+    fs::set_permissions(top.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let home = top.path().join("home");
+    fs::create_dir(&home).unwrap();
+    std::os::unix::fs::chown(&home, Some(65534), Some(65534)).unwrap();
+    let who = RunAs {
+        drop_to: Some(DropTo::with_groups_of("nobody", 65534, 65534).unwrap()),
+        env: vec![
+            ("PATH".into(), std::env::var("PATH").unwrap()),
+            ("HOME".into(), home.to_string_lossy().into_owned()),
+            ("GIT_TERMINAL_PROMPT".into(), "0".into()),
+        ],
+        cwd: home.clone(),
+    };
+    let dir = home.join("moves");
+    let url = daemon.url("moves.git");
+    let at_v1 = source::sync(&url, "v1", &dir, &who).await.unwrap();
+    assert_eq!(at_v1.commit, first);
+    assert_eq!(fs::metadata(&dir).unwrap().uid(), 65534);
+    assert_eq!(fs::metadata(dir.join("notes.txt")).unwrap().uid(), 65534);
+    assert_eq!(fs::read_to_string(dir.join("notes.txt")).unwrap(), "one\n");
+
+    // A local edit the move to main would overwrite: the checkout stops, the edit stays.
+    fs::write(dir.join("notes.txt"), "my work\n").unwrap();
+    let e = source::sync(&url, "main", &dir, &who).await.unwrap_err();
+    assert_eq!(e.reason(), "workflow-checkout-failed", "{e}");
+    assert_eq!(
+        fs::read_to_string(dir.join("notes.txt")).unwrap(),
+        "my work\n"
+    );
+
+    // Without the edit, main is checked out.
+    fs::write(dir.join("notes.txt"), "one\n").unwrap();
+    let at_main = source::sync(&url, "main", &dir, &who).await.unwrap();
+    assert_ne!(at_main.commit, first);
+    assert_eq!(fs::read_to_string(dir.join("notes.txt")).unwrap(), "two\n");
+
+    // Another repository's checkout in the way is never touched.
+    let e = source::sync(&daemon.url("other.git"), "HEAD", &dir, &who)
+        .await
+        .unwrap_err();
+    assert_eq!(e.reason(), "workflow-checkout-failed", "{e}");
+    assert!(
+        e.to_string().contains("another") || e.to_string().contains("not of"),
+        "{e}"
+    );
+}

@@ -223,6 +223,30 @@ async fn install_step(step: &'static str, argv: &[&str], who: &RunAs) -> Result<
     }
 }
 
+/// The uv the settings allow, if the instance user can run it (the agent's may be in a
+/// directory only root can enter): with `installer = "auto"` pip takes over when it cannot.
+async fn usable_uv(inputs: &Inputs<'_>, who: &RunAs) -> Result<Option<String>, WorkflowError> {
+    let Some(uv) = inputs.uv.as_ref().map(|u| u.to_string_lossy().into_owned()) else {
+        return Ok(None);
+    };
+    let runs = run(&strings(&[&uv, "--version"]), who, Duration::from_secs(60))
+        .await
+        .map(|ran| ran.success);
+    match runs {
+        Ok(true) => Ok(Some(uv)),
+        _ if inputs.installer == PythonInstaller::Auto => {
+            tracing::warn!(target: "exoagent::services", service = "jupyterlab", uv = %uv, "the instance user cannot run uv; building the workflow with pip");
+            Ok(None)
+        }
+        Ok(false) => Err(WorkflowError::Python {
+            detail: format!("installer = \"uv\" but {uv} --version failed as the instance user"),
+        }),
+        Err(e) => Err(WorkflowError::Python {
+            detail: format!("installer = \"uv\" but the instance user cannot run {uv}: {e}"),
+        }),
+    }
+}
+
 /// `python3.X` on `PATH`, if there is one.
 fn system_python(version: (u32, u32)) -> Option<PathBuf> {
     let name = format!("python{}.{}", version.0, version.1);
@@ -316,10 +340,11 @@ pub async fn build(inputs: &Inputs<'_>) -> Result<Built, WorkflowError> {
     let recipe = recipe::plan(&files(&checkout.dir)?)?;
     tracing::info!(target: "exoagent::services", service = "jupyterlab", commit = %checkout.commit, recipe = ?recipe, "workflow recipe");
 
+    let uv = usable_uv(inputs, &home).await?;
     let python = match recipe.python {
         Some(version) => match system_python(version) {
             Some(path) => path.to_string_lossy().into_owned(),
-            None if inputs.uv.is_some() => format!("{}.{}", version.0, version.1),
+            None if uv.is_some() => format!("{}.{}", version.0, version.1),
             None => {
                 return Err(WorkflowError::Python {
                     detail: format!(
@@ -380,7 +405,6 @@ pub async fn build(inputs: &Inputs<'_>) -> Result<Built, WorkflowError> {
     let venv_s = venv.to_string_lossy().into_owned();
     let venv_python = bin.join("python").to_string_lossy().into_owned();
     let lock_s = lock.to_string_lossy().into_owned();
-    let uv = inputs.uv.as_ref().map(|u| u.to_string_lossy().into_owned());
     // One install: `-r <file>` or `.`, with uv or the venv's pip.
     let install = |what: Vec<String>| -> Vec<String> {
         let mut argv = match &uv {

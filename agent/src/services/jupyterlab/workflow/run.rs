@@ -192,6 +192,21 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn commands_run_as_the_account_they_are_given() {
+        let mut who = here();
+        who.drop_to = Some(DropTo::without_supplementary_groups(65534, 65534));
+        let ran = run(&argv(&["id", "-u"]), &who, Duration::from_secs(10)).await;
+        if nix::unistd::geteuid().is_root() {
+            let ran = ran.unwrap();
+            assert!(ran.success, "{ran:?}");
+            assert_eq!(ran.output.trim(), "65534");
+        } else {
+            // Without root the switch fails and the command never runs.
+            assert!(ran.is_err());
+        }
+    }
+
+    #[tokio::test]
     async fn the_environment_is_only_what_is_given() {
         std::env::set_var("EXOAGENT_TEST_LEAK", "leaked");
         let ran = run(&argv(&["env"]), &here(), Duration::from_secs(10))
