@@ -139,10 +139,43 @@ fn uv_cache() -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// The tests that change this process's environment (which the agents and builds they start
+/// inherit) take turns.
+static ENVIRONMENT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Sets variables for one test; the old values come back on drop (a failing test included).
+struct Env(Vec<(&'static str, Option<std::ffi::OsString>)>);
+
+impl Env {
+    fn set(vars: &[(&'static str, &std::ffi::OsStr)]) -> Self {
+        let old = vars
+            .iter()
+            .map(|(k, _)| (*k, std::env::var_os(k)))
+            .collect();
+        for (k, v) in vars {
+            std::env::set_var(k, v);
+        }
+        Self(old)
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        for (k, v) in &self.0 {
+            match v {
+                Some(v) => std::env::set_var(k, v),
+                None => std::env::remove_var(k),
+            }
+        }
+    }
+}
+
 #[test]
 fn a_workflow_is_cloned_built_without_docker_run_and_reused() {
+    let _turn = ENVIRONMENT.lock().unwrap_or_else(|e| e.into_inner());
     // The builds run with the sandbox home as HOME: keep uv on the machine's cache.
-    std::env::set_var("UV_CACHE_DIR", uv_cache());
+    let cache = uv_cache();
+    let _env = Env::set(&[("UV_CACHE_DIR", cache.as_ref())]);
     let repos = tempfile::tempdir().unwrap();
     let commit = bare_repo(
         repos.path(),
@@ -513,4 +546,114 @@ async fn the_checkout_is_the_accounts_and_never_forced() {
         e.to_string().contains("another") || e.to_string().contains("not of"),
         "{e}"
     );
+}
+
+/// A whole build as another account (exouser on an instance; `nobody` here, needs root), the
+/// agent being root: the checkout, the environment and postBuild's files are that account's,
+/// and with a uv that account cannot run (the agent's is under /root) pip builds it.
+#[tokio::test]
+async fn a_build_as_another_account_owns_its_files_and_falls_back_to_pip() {
+    use exoagent::paths::Paths;
+    use exoagent::platform::os::Family;
+    use exoagent::services::jupyterlab::workflow::{build, WorkflowSettings};
+    use exoagent::services::jupyterlab::PythonInstaller;
+    use exoagent::services::{Account, ServiceContext};
+
+    if nix_uid() != 0 {
+        eprintln!("skipped: switching to another account needs root");
+        return;
+    }
+    let _turn = ENVIRONMENT.lock().unwrap_or_else(|e| e.into_inner());
+    let top = tempfile::tempdir().unwrap();
+    fs::set_permissions(top.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let home = top.path().join("home/nobody");
+    fs::create_dir_all(&home).unwrap();
+    std::os::unix::fs::chown(&home, Some(65534), Some(65534)).unwrap();
+    // The account's own caches; the system's interpreters only.
+    let cache = home.join(".cache/uv");
+    let _env = Env::set(&[
+        ("UV_CACHE_DIR", cache.as_os_str()),
+        ("PATH", "/usr/local/bin:/usr/bin:/bin".as_ref()),
+    ]);
+
+    let repos = tempfile::tempdir().unwrap();
+    let commit = bare_repo(
+        repos.path(),
+        "owned",
+        &[
+            ("requirements.txt", "six==1.16.0\n", false),
+            ("runtime.txt", "python-3.11\n", false),
+            ("postBuild", "id -u > postbuild-uid\n", false),
+        ],
+    );
+    let daemon = GitDaemon::start(repos.path());
+    let ctx = ServiceContext {
+        paths: Paths::sandbox(top.path()),
+        account: Account {
+            name: "nobody".into(),
+            uid: 65534,
+            gid: 65534,
+            home: home.clone(),
+        },
+        exe: common::exe().into(),
+    };
+    let workflow = WorkflowSettings {
+        repository: daemon.url("owned.git"),
+        git_ref: "HEAD".into(),
+        path: "/lab".into(),
+    };
+    let lock = exoagent::services::jupyterlab::REQUIREMENTS;
+    let inputs = build::Inputs {
+        workflow: &workflow,
+        ctx: &ctx,
+        family: Family::Debian,
+        installer: PythonInstaller::Auto,
+        uv: Some("/root/.pyenv/shims/uv".into()),
+        default_python: "/usr/bin/python3.11".into(),
+        lock,
+        lock_id: "test-lock",
+    };
+    let built = build::build(&inputs).await.unwrap();
+    assert!(built.fresh);
+    assert_eq!(built.checkout.commit, commit);
+    let checkout = home.join("owned");
+    for path in [
+        checkout.clone(),
+        checkout.join("requirements.txt"),
+        checkout.join("postbuild-uid"),
+        built.venv.clone(),
+        built.venv.join("bin"),
+        built.venv.join("pyvenv.cfg"),
+        top.path().join("data"),
+    ] {
+        assert_eq!(
+            fs::metadata(&path).unwrap().uid(),
+            65534,
+            "{}",
+            path.display()
+        );
+    }
+    // postBuild ran (through bash: it is not executable) as the account.
+    assert_eq!(
+        fs::read_to_string(checkout.join("postbuild-uid"))
+            .unwrap()
+            .trim(),
+        "65534"
+    );
+    // pip built it (uv under /root is out of the account's reach): pip is in the venv.
+    assert!(built.venv.join("bin/pip").exists());
+    let six = run_ok(
+        Command::new(built.venv.join("bin/python"))
+            .args(["-c", "import six, jupyterlab; print(six.__version__)"]),
+        "import",
+    );
+    assert_eq!(String::from_utf8_lossy(&six.stdout).trim(), "1.16.0");
+    // The agent's own files stay root's.
+    let marker = built.venv.parent().unwrap().join("built");
+    assert_eq!(fs::metadata(&marker).unwrap().uid(), 0);
+
+    // Again: reused, nothing run.
+    let again = build::build(&inputs).await.unwrap();
+    assert!(!again.fresh);
+    assert_eq!(again.key, built.key);
 }

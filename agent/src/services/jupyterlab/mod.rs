@@ -312,10 +312,14 @@ impl ServiceImpl for JupyterLab {
             Some(workflow) => workflow::build::plan_lines(ctx, workflow),
             None => Vec::new(),
         };
+        let venv = match &self.settings.workflow {
+            Some(_) => workflow::current_link(&ctx.paths.opt_dir).join("venv"),
+            None => Self::venv(ctx),
+        };
         lines.extend([
             format!(
                 "create venv {} and install the hash-pinned JupyterLab lock ({} packages) with {}",
-                Self::venv(ctx).display(),
+                venv.display(),
                 REQUIREMENTS
                     .lines()
                     .filter(|l| l.contains("==") && !l.trim_start().starts_with('#'))
