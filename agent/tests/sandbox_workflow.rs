@@ -551,8 +551,8 @@ async fn the_checkout_is_the_accounts_and_never_forced() {
 /// A whole build as another account (exouser on an instance; `nobody` here, needs root), the
 /// agent being root: the checkout, the environment and postBuild's files are that account's,
 /// and with a uv that account cannot run (the agent's is under /root) pip builds it.
-#[tokio::test]
-async fn a_build_as_another_account_owns_its_files_and_falls_back_to_pip() {
+#[test]
+fn a_build_as_another_account_owns_its_files_and_falls_back_to_pip() {
     use exoagent::paths::Paths;
     use exoagent::platform::os::Family;
     use exoagent::services::jupyterlab::workflow::{build, WorkflowSettings};
@@ -613,7 +613,11 @@ async fn a_build_as_another_account_owns_its_files_and_falls_back_to_pip() {
         lock,
         lock_id: "test-lock",
     };
-    let built = build::build(&inputs).await.unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let built = runtime.block_on(build::build(&inputs)).unwrap();
     assert!(built.fresh);
     assert_eq!(built.checkout.commit, commit);
     let checkout = home.join("owned");
@@ -653,7 +657,7 @@ async fn a_build_as_another_account_owns_its_files_and_falls_back_to_pip() {
     assert_eq!(fs::metadata(&marker).unwrap().uid(), 0);
 
     // Again: reused, nothing run.
-    let again = build::build(&inputs).await.unwrap();
+    let again = runtime.block_on(build::build(&inputs)).unwrap();
     assert!(!again.fresh);
     assert_eq!(again.key, built.key);
 }
