@@ -193,6 +193,8 @@ fn a_workflow_is_cloned_built_without_docker_run_and_reused() {
         &[
             ("requirements.txt", "six==1.16.0\n", false),
             ("runtime.txt", &format!("python-{python_version}\n"), false),
+            // Installed already (the sandbox installs no packages; it checks them).
+            ("apt.txt", "# tools\ncoreutils\n\n", false),
             (
                 "postBuild",
                 "#!/bin/sh\nset -e\npython -c 'import six, sys; print(sys.prefix)' > postbuild-marker\n",
@@ -231,6 +233,11 @@ fn a_workflow_is_cloned_built_without_docker_run_and_reused() {
             "exoagent-no-such-package-zz==9.9.9\n",
             false,
         )],
+    );
+    bare_repo(
+        repos.path(),
+        "packages",
+        &[("apt.txt", "coreutils\nexoagent-no-such-package\n", false)],
     );
     bare_repo(
         repos.path(),
@@ -385,6 +392,19 @@ fn a_workflow_is_cloned_built_without_docker_run_and_reused() {
     assert!(
         reason["detail"].as_str().unwrap().contains("3.99"),
         "{status}"
+    );
+    drop(sb);
+
+    // apt.txt naming a package that is not there (the sandbox installs none).
+    let mut sb = Sandbox::new(&config(&daemon.url("packages.git"), "HEAD"));
+    sb.start_agent();
+    let status = wait_failed(&sb);
+    let reason = &service(&status)["reason"];
+    assert_eq!(reason["code"], "workflow-packages-failed", "{status}");
+    let detail = reason["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("exoagent-no-such-package") && !detail.contains("coreutils"),
+        "{detail}"
     );
     drop(sb);
 
@@ -546,6 +566,12 @@ async fn the_checkout_is_the_accounts_and_never_forced() {
     let at_main = source::sync(&url, "main", &dir, &who).await.unwrap();
     assert_ne!(at_main.commit, first);
     assert_eq!(fs::read_to_string(dir.join("notes.txt")).unwrap(), "two\n");
+
+    // A tag moved upstream is followed (fetch updates tags).
+    git(&["tag", "-f", "v1"]);
+    git(&["push", "-q", "--force", "--tags", "../moves.git"]);
+    let moved = source::sync(&url, "v1", &dir, &who).await.unwrap();
+    assert_eq!(moved.commit, at_main.commit);
 
     // Another repository's checkout in the way is never touched.
     let e = source::sync(&daemon.url("other.git"), "HEAD", &dir, &who)

@@ -125,7 +125,7 @@ pub async fn sync(
         if !known {
             let ran = git(
                 dir,
-                &["fetch", "--quiet", "--prune", "--tags", "origin"],
+                &["fetch", "--prune", "--tags", "--force", "origin"],
                 who,
                 NETWORK_LIMIT,
             )
@@ -159,7 +159,7 @@ pub async fn sync(
         Some(commit) => commit,
         None => {
             // Not a branch or tag of origin's: a commit or a ref outside the default refspec.
-            let ran = git(dir, &["fetch", "--quiet", "origin", git_ref], who, NETWORK_LIMIT).await?;
+            let ran = git(dir, &["fetch", "origin", git_ref], who, NETWORK_LIMIT).await?;
             let fetched = if ran.success {
                 resolve(dir, "FETCH_HEAD", who).await?
             } else {
