@@ -86,7 +86,13 @@ pub(crate) fn layer(path: &Path, text: &str) -> Result<String, Vec<ConfigError>>
                 Value::Null => {}
                 Value::String(v) if v.is_empty() => {}
                 Value::String(v) if workflow => {
-                    workflow_toml.push_str(&format!("{toml_key} = {}\n", toml_string(v)));
+                    // A path Exosphere's way ("lab/tree/x.ipynb") is a URL path from the root.
+                    let v = if *toml_key == "workflow_path" && !v.starts_with('/') {
+                        format!("/{v}")
+                    } else {
+                        v.clone()
+                    };
+                    workflow_toml.push_str(&format!("{toml_key} = {}\n", toml_string(&v)));
                 }
                 Value::String(_) => {}
                 other => errors.push(error(
@@ -245,6 +251,15 @@ mod tests {
         );
         assert_eq!(jl["workflow_ref"].as_str(), Some("v1\"\\x"));
         assert_eq!(jl["workflow_path"].as_str(), Some("/lab/tree/a.ipynb"));
+        let toml = layer(
+            Path::new("/c.json"),
+            r#"{"workflow_source_repository":"https://h/r","workflow_path":"lab/tree/b.ipynb"}"#,
+        )
+        .unwrap();
+        assert!(
+            toml.ends_with("workflow_path = \"/lab/tree/b.ipynb\"\n"),
+            "{toml}"
+        );
         // No repository: the ref and path ask for nothing.
         assert_eq!(
             layer(
