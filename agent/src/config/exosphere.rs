@@ -257,7 +257,7 @@ mod tests {
         )
         .unwrap();
         assert!(
-            toml.ends_with("workflow_path = \"/lab/tree/b.ipynb\"\n"),
+            toml.contains("\nworkflow_path = \"/lab/tree/b.ipynb\"\n"),
             "{toml}"
         );
         // No repository: the ref and path ask for nothing.
