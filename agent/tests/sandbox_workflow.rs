@@ -326,6 +326,7 @@ fn a_workflow_is_cloned_built_without_docker_run_and_reused() {
     );
 
     // 2. A second start at the same commit reuses the environment: nothing is rebuilt.
+    let pid = service(&status)["pid"].as_i64().expect("a pid");
     let built = workflows.join(&key).join("built");
     let built_mtime = fs::metadata(&built).unwrap().mtime_nsec();
     let postbuild_mtime = fs::metadata(&marker).unwrap().mtime_nsec();
@@ -336,6 +337,8 @@ fn a_workflow_is_cloned_built_without_docker_run_and_reused() {
     assert_eq!(fs::metadata(&built).unwrap().mtime_nsec(), built_mtime);
     assert_eq!(fs::metadata(&marker).unwrap().mtime_nsec(), postbuild_mtime);
     assert_eq!(fs::read_link(workflows.join("current")).unwrap(), key);
+    // The running JupyterLab was adopted, not restarted: a session survives agent restarts.
+    assert_eq!(service(&status)["pid"].as_i64(), Some(pid), "{status}");
     assert!(
         sb.agent_output().contains("already built; reused"),
         "{}",
