@@ -327,6 +327,11 @@ fn a_workflow_is_cloned_built_without_docker_run_and_reused() {
 
     // 2. A second start at the same commit reuses the environment: nothing is rebuilt.
     let pid = service(&status)["pid"].as_i64().expect("a pid");
+    assert_eq!(
+        service(&status)["url"],
+        format!("{}/lab/tree/demo.ipynb", sb.base()),
+        "the status names where the workflow opens"
+    );
     let built = workflows.join(&key).join("built");
     let built_mtime = fs::metadata(&built).unwrap().mtime_nsec();
     let postbuild_mtime = fs::metadata(&marker).unwrap().mtime_nsec();

@@ -533,7 +533,15 @@ impl ServiceImpl for JupyterLab {
 
     /// Where a person on the instance reaches it.
     fn url(&self) -> String {
-        self.endpoint.local_url(&self.settings.base_url)
+        match &self.settings.workflow {
+            // Where the workflow opens (under the base URL).
+            Some(workflow) => self.endpoint.local_url(&format!(
+                "{}{}",
+                self.settings.base_url.trim_end_matches('/'),
+                workflow.path
+            )),
+            None => self.endpoint.local_url(&self.settings.base_url),
+        }
     }
 }
 
@@ -636,6 +644,7 @@ mod tests {
         };
         let lab = JupyterLab::new(settings);
         let spec = lab.run_spec(&ctx(1000));
+        assert_eq!(lab.url(), "http://127.0.0.1:8888/lab/tree/a.ipynb");
         assert_eq!(spec.argv[..2], ["/bin/sh", "-c"]);
         assert_eq!(spec.argv[2], workflow::START_SCRIPT);
         assert_eq!(spec.argv[4], "/home/exouser/demo");
