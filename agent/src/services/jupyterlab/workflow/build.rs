@@ -318,6 +318,30 @@ fn point_current(opt: &Path, key: &str) -> Result<(), WorkflowError> {
     std::fs::rename(&tmp, &link).map_err(io("replace", &link))
 }
 
+/// Remove the builds under `<opt>/workflows` that never finished (no `built` marker), but
+/// `keep`: a failed build of another commit is not reused, only rebuilt. Finished builds stay
+/// for reuse. Failures to remove are logged, never fatal.
+pub fn remove_unfinished(opt: &Path, keep: &str) {
+    let Ok(entries) = std::fs::read_dir(workflows_dir(opt)) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let is_build = name.len() == 16 && name.chars().all(|c| c.is_ascii_hexdigit());
+        let dir = entry.path();
+        if !is_build || name == keep || dir.join("built").exists() {
+            continue;
+        }
+        if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => tracing::info!(target: "exoagent::services", service = "jupyterlab", dir = %dir.display(), "removed an unfinished workflow build"),
+            Err(e) => tracing::warn!(target: "exoagent::services", service = "jupyterlab", dir = %dir.display(), error = %e, "could not remove an unfinished workflow build"),
+        }
+    }
+}
+
 /// The build's directory and marker for `key`.
 pub fn build_dir(opt: &Path, key: &str) -> PathBuf {
     workflows_dir(opt).join(key)
@@ -474,6 +498,7 @@ pub async fn build(inputs: &Inputs<'_>) -> Result<Built, WorkflowError> {
     fsutil::write_if_changed(&marker, format!("{}\n", checkout.commit).as_bytes(), 0o644, None)
         .map_err(io("write", &marker))?;
     point_current(opt, &key)?;
+    remove_unfinished(opt, &key);
     Ok(built(true))
 }
 
@@ -578,6 +603,30 @@ mod tests {
         std::fs::remove_file(repo.join("runtime.txt")).unwrap();
         std::os::unix::fs::symlink(&elsewhere, repo.join("binder")).unwrap();
         assert_eq!(config_dir(&repo), repo);
+    }
+
+    #[test]
+    fn unfinished_builds_go_finished_ones_stay() {
+        let opt = tempfile::tempdir().unwrap();
+        let dir = workflows_dir(opt.path());
+        for (key, built) in [
+            ("aaaaaaaaaaaaaaaa", true),
+            ("bbbbbbbbbbbbbbbb", false),
+            ("cccccccccccccccc", false),
+        ] {
+            std::fs::create_dir_all(dir.join(key).join("venv")).unwrap();
+            if built {
+                std::fs::write(dir.join(key).join("built"), "abc\n").unwrap();
+            }
+        }
+        std::fs::create_dir_all(dir.join("not-a-build")).unwrap();
+        std::os::unix::fs::symlink("aaaaaaaaaaaaaaaa", dir.join("current")).unwrap();
+        remove_unfinished(opt.path(), "cccccccccccccccc");
+        assert!(dir.join("aaaaaaaaaaaaaaaa/venv").is_dir());
+        assert!(!dir.join("bbbbbbbbbbbbbbbb").exists());
+        assert!(dir.join("cccccccccccccccc/venv").is_dir());
+        assert!(dir.join("not-a-build").is_dir());
+        assert!(dir.join("current").is_symlink());
     }
 
     #[test]
