@@ -1,6 +1,8 @@
 //! JupyterLab: a hash-pinned virtual environment under the opt directory, a JSON server config
 //! for running behind the UAP (remote access, forwarded headers, passphrase hash, no token),
-//! run as the instance user, ready when `GET {base_url}api` answers 200 with a `version`.
+//! run as the instance user, ready when `GET {base_url}api` answers 200 with a `version`. With a
+//! workflow ([`workflow`]), the environment is the one built from the workflow's repository and
+//! JupyterLab runs in its checkout.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
