@@ -132,6 +132,9 @@ fn wait_failed(sb: &Sandbox) -> Value {
     })
 }
 
+/// The workflow's notebook: it imports the package `requirements.txt` names.
+const NOTEBOOK: &str = r#"{"cells":[{"cell_type":"code","execution_count":null,"id":"c1","metadata":{},"outputs":[],"source":["import six, sys\n","print('six', six.__version__, 'from', sys.prefix)"]}],"metadata":{"kernelspec":{"display_name":"Python 3","language":"python","name":"python3"}},"nbformat":4,"nbformat_minor":5}"#;
+
 /// The system Python's `major.minor` (what `runtime.txt` asks for: no download needed).
 fn system_python() -> String {
     let out = run_ok(
@@ -205,7 +208,7 @@ fn a_workflow_is_cloned_built_without_docker_run_and_reused() {
                 "#!/bin/sh\necho \"$VIRTUAL_ENV\" > start-marker\nexec \"$@\"\n",
                 true,
             ),
-            ("demo.ipynb", r#"{"cells":[],"metadata":{},"nbformat":4,"nbformat_minor":5}"#, false),
+            ("demo.ipynb", NOTEBOOK, false),
         ],
     );
     bare_repo(
@@ -277,6 +280,32 @@ fn a_workflow_is_cloned_built_without_docker_run_and_reused() {
     assert_eq!(
         String::from_utf8_lossy(&version.stdout).trim(),
         format!("1.16.0 {python_version}")
+    );
+
+    // The notebook at the workflow's path runs in a real kernel of that environment and
+    // imports the package.
+    let executed = run_ok(
+        Command::new(venv.join("bin/jupyter"))
+            .args([
+                "nbconvert",
+                "--to",
+                "notebook",
+                "--execute",
+                "--stdout",
+                "demo.ipynb",
+            ])
+            .current_dir(&checkout)
+            .env(
+                "PATH",
+                format!("{}:/usr/bin:/bin", venv.join("bin").display()),
+            )
+            .env("HOME", sb.root()),
+        "execute the workflow's notebook",
+    );
+    let executed = String::from_utf8_lossy(&executed.stdout);
+    assert!(
+        executed.contains(&format!("six 1.16.0 from {}", venv.display())),
+        "{executed}"
     );
 
     // postBuild ran in the checkout, as the sandbox user, with the venv first on PATH.
