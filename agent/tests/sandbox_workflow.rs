@@ -688,7 +688,7 @@ fn a_build_as_another_account_owns_its_files_and_falls_back_to_pip() {
         family: Family::Debian,
         installer: PythonInstaller::Auto,
         uv: Some("/root/.pyenv/shims/uv".into()),
-        default_python: python.clone(),
+        default_python: Ok(python.clone()),
         lock,
         lock_id: "test-lock",
     };

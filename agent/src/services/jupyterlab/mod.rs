@@ -206,7 +206,8 @@ impl JupyterLab {
             family: self.family,
             installer: self.settings.installer,
             uv: self.uv()?,
-            default_python: self.find_python().await?,
+            // Needed only when the repository names no Python (runtime.txt may ask uv for one).
+            default_python: self.find_python().await.map_err(|e| e.to_string()),
             lock: REQUIREMENTS,
             lock_id: &lock_id,
         };

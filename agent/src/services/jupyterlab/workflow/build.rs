@@ -57,8 +57,8 @@ pub struct Inputs<'a> {
     pub installer: PythonInstaller,
     /// uv's executable, when it is used.
     pub uv: Option<PathBuf>,
-    /// The interpreter when the repository names no Python.
-    pub default_python: String,
+    /// The interpreter when the repository names no Python, or why there is none.
+    pub default_python: Result<String, String>,
     /// JupyterLab's hash-pinned lock.
     pub lock: &'a str,
     /// The lock's fingerprint.
@@ -380,7 +380,10 @@ pub async fn build(inputs: &Inputs<'_>) -> Result<Built, WorkflowError> {
                 })
             }
         },
-        None => inputs.default_python.clone(),
+        None => inputs
+            .default_python
+            .clone()
+            .map_err(|detail| WorkflowError::Python { detail })?,
     };
     let python_id = match recipe.python {
         Some(version) => format!("{}.{}", version.0, version.1),
