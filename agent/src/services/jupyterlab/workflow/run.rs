@@ -176,6 +176,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_failure_keeps_a_bounded_tail() {
+        let ran = run(
+            &argv(&[
+                "python3",
+                "-c",
+                "import sys\nfor i in range(20000): print(str(i) * 400)\nprint('the end')\nsys.exit(1)",
+            ]),
+            &here(),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+        assert!(ran.output.len() <= 2 * KEEP_BYTES, "{}", ran.output.len());
+        let failure = ran.failure("python3 -c ...");
+        assert!(failure.ends_with("the end"), "{failure}");
+        assert!(failure.len() < TAIL_LINES * (LINE_CHARS + 10) + 400, "{}", failure.len());
+    }
+
+    #[tokio::test]
     async fn a_command_over_its_time_is_stopped_with_its_group() {
         let started = std::time::Instant::now();
         let ran = run(
