@@ -275,33 +275,57 @@ fn every_rendering_is_valid_and_means_what_exosphere_asked() {
 }
 
 #[test]
-fn a_workflow_is_refused_by_name() {
+fn a_workflow_enables_jupyterlab_with_it() {
     let work = tempfile::tempdir().unwrap();
     let template_file = work.path().join("template");
     fs::write(&template_file, template(&[])).unwrap();
-    let userdata = run_ok(
-        Command::new("python3")
-            .arg(tool())
-            .arg("render")
-            .arg(&template_file)
-            .args(["--workflow", "https://github.com/example/binder-repo"]),
-        "render",
-    )
-    .stdout;
-    let file = work.path().join("userdata");
-    fs::write(&file, userdata).unwrap();
-    let merged = run_ok(
-        with_cloud_init(&None, &tool()).arg("merged").arg(&file),
-        "merge",
+    let render = |repo: &str| {
+        let userdata = run_ok(
+            Command::new("python3")
+                .arg(tool())
+                .arg("render")
+                .arg(&template_file)
+                .args(["--workflow", repo]),
+            "render",
+        )
+        .stdout;
+        let file = work.path().join("userdata");
+        fs::write(&file, userdata).unwrap();
+        let merged = run_ok(
+            with_cloud_init(&None, &tool()).arg("merged").arg(&file),
+            "merge",
+        );
+        let merged: Value = serde_json::from_slice(&merged.stdout).unwrap();
+        agent_config(merged["write_files"][0]["content"].as_str().unwrap())
+    };
+    let loaded = render("https://github.com/example/binder-repo").unwrap();
+    let jupyterlab = loaded
+        .settings
+        .services
+        .iter()
+        .find_map(|s| match s {
+            exoagent::services::ServiceSettings::JupyterLab(j) => Some(j),
+            _ => None,
+        })
+        .expect("a workflow enables JupyterLab");
+    let workflow = jupyterlab.workflow.as_ref().expect("the workflow");
+    assert_eq!(
+        workflow.repository,
+        "https://github.com/example/binder-repo"
     );
-    let merged: Value = serde_json::from_slice(&merged.stdout).unwrap();
-    let e = agent_config(merged["write_files"][0]["content"].as_str().unwrap()).unwrap_err();
+    assert_eq!(workflow.git_ref, "HEAD");
+    assert_eq!(workflow.path, "/lab");
+    assert!(jupyterlab.exosphere_link);
+
+    // A repository URL with credentials is refused at the JSON key, without the secret.
+    let e = render("https://user:hunter2@github.com/example/binder-repo").unwrap_err();
     assert_eq!(e.errors.len(), 1, "{e}");
     assert_eq!(
         e.errors[0].key.as_deref(),
         Some("workflow_source_repository")
     );
     assert!(e.to_string().contains("exosphere-choices.json"), "{e}");
+    assert!(!e.to_string().contains("hunter2"), "{e}");
 }
 
 #[test]

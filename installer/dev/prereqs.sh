@@ -7,6 +7,7 @@ need_apt=()
 have() { command -v "$1" >/dev/null 2>&1; }
 have cargo || { echo "prereqs: cargo (rustup) is required" >&2; exit 1; }
 have python3 || need_apt+=(python3)
+have git || need_apt+=(git)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 have visudo || need_apt+=(sudo)
 have useradd || need_apt+=(passwd)

@@ -315,10 +315,11 @@ pub(super) fn exosphere_link(plan: &Plan) -> Option<(LinkToken, String)> {
         Ok(token) => token.map(|token| {
             let version = link::pinned_version(crate::services::jupyterlab::REQUIREMENTS)
                 .unwrap_or("unknown");
-            (
-                token,
-                link::custom_workflow_value(version, &settings.base_url),
-            )
+            let value = match &settings.workflow {
+                Some(workflow) => link::workflow_value(workflow, &settings.base_url),
+                None => link::custom_workflow_value(version, &settings.base_url),
+            };
+            (token, value)
         }),
         Err(e) => {
             tracing::error!(target: "exoagent::agent", reason = e.reason(), error = %e, "Exosphere's notebook link is off");

@@ -25,12 +25,12 @@ const PLAYBOOK: &str = "[host]\nconsole_autologin = true\nprivate_cloud_init_log
                         default_user_group = true\nbase_packages = true\n\
                         [volumes]\nautomount = true\n";
 
-/// Exosphere's experimental custom-workflow variables (repo2docker), which exoagent does not
-/// run; asking for one is an error rather than being silently dropped.
-const WORKFLOW_KEYS: [&str; 3] = [
-    "workflow_source_repository",
-    "workflow_repo_version",
-    "workflow_path",
+/// Exosphere's custom-workflow variables and the `[services.jupyterlab]` key each sets: a
+/// workflow is built natively (`services::jupyterlab::workflow`), and enables JupyterLab.
+const WORKFLOW_KEYS: [(&str, &str); 3] = [
+    ("workflow_source_repository", "workflow_repository"),
+    ("workflow_repo_version", "workflow_ref"),
+    ("workflow_path", "workflow_path"),
 ];
 
 /// Translate the choices file's `text` into TOML for the loader, or report what is wrong with
@@ -63,6 +63,12 @@ pub(crate) fn layer(path: &Path, text: &str) -> Result<String, Vec<ConfigError>>
     };
     let mut toml = PLAYBOOK.to_owned();
     let mut errors = Vec::new();
+    // Exosphere leaves the workflow keys out without a workflow; an empty repository asks for
+    // nothing (and then its ref and path mean nothing either).
+    let workflow = object
+        .get("workflow_source_repository")
+        .is_some_and(|v| !matches!(v, Value::Null) && v.as_str() != Some(""));
+    let mut workflow_toml = String::new();
     for (key, value) in &object {
         if let Some((_, service, _)) = CHOICES.iter().find(|(name, _, _)| name == key) {
             match value {
@@ -75,16 +81,26 @@ pub(crate) fn layer(path: &Path, text: &str) -> Result<String, Vec<ConfigError>>
                     format!("expected true or false, found {}", shown(other)),
                 )),
             }
-        } else if WORKFLOW_KEYS.contains(&key.as_str()) {
-            // Exosphere leaves these out without a workflow; an empty value asks for nothing.
-            if !matches!(value, Value::Null) && value.as_str() != Some("") {
-                errors.push(error(
+        } else if let Some((_, toml_key)) = WORKFLOW_KEYS.iter().find(|(name, _)| name == key) {
+            match value {
+                // Empty: the default (or, for the repository, no workflow).
+                Value::Null => {}
+                Value::String(v) if v.is_empty() => {}
+                Value::String(v) if workflow => {
+                    // A path Exosphere's way ("lab/tree/x.ipynb") is a URL path from the root.
+                    let v = if *toml_key == "workflow_path" && !v.starts_with('/') {
+                        format!("/{v}")
+                    } else {
+                        v.clone()
+                    };
+                    workflow_toml.push_str(&format!("{toml_key} = {}\n", toml_string(&v)));
+                }
+                Value::String(_) => {}
+                other => errors.push(error(
                     Some(key),
-                    ErrorKind::Unavailable,
-                    "custom workflows (repo2docker) are not available in exoagent; \
-                     launch without a workflow and enable services.jupyterlab instead"
-                        .to_owned(),
-                ));
+                    ErrorKind::WrongType,
+                    format!("expected a string, found {}", shown(other)),
+                )),
             }
         } else {
             let known: Vec<&str> = CHOICES.iter().map(|(name, _, _)| *name).collect();
@@ -95,11 +111,31 @@ pub(crate) fn layer(path: &Path, text: &str) -> Result<String, Vec<ConfigError>>
             ));
         }
     }
+    if !workflow_toml.is_empty() {
+        toml.push_str("[services.jupyterlab]\nenabled = true\n");
+        toml.push_str(&workflow_toml);
+    }
     if errors.is_empty() {
         Ok(toml)
     } else {
         Err(errors)
     }
+}
+
+/// `s` as a TOML basic string (quotes, backslashes and control characters escaped).
+fn toml_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// A refused JSON value for a one-line message: strings quoted, shortened and with URL
@@ -119,6 +155,11 @@ pub(crate) fn relocate(error: &mut ConfigError) {
     error.line = None;
     if let Some(key) = &error.key {
         if let Some((name, _, _)) = CHOICES.iter().find(|(_, _, toml)| toml == key) {
+            error.key = Some((*name).to_owned());
+        } else if let Some((name, _)) = WORKFLOW_KEYS
+            .iter()
+            .find(|(_, toml)| key.strip_prefix("services.jupyterlab.") == Some(*toml))
+        {
             error.key = Some((*name).to_owned());
         }
     }
@@ -178,9 +219,9 @@ mod tests {
         assert!(e.iter().any(|e| e.kind == ErrorKind::WrongType));
         assert!(e.iter().any(|e| e.kind == ErrorKind::UnknownKey));
 
-        let e = errors(r#"{"workflow_source_repository":"https://example.org/r.git"}"#);
-        assert_eq!(e[0].kind, ErrorKind::Unavailable);
-        assert!(e[0].message.contains("workflows"), "{}", e[0].message);
+        let e = errors(r#"{"workflow_source_repository":true}"#);
+        assert_eq!(e[0].kind, ErrorKind::WrongType);
+        assert_eq!(e[0].key.as_deref(), Some("workflow_source_repository"));
 
         let e = errors("{\"guac_enabled\":\n tru}");
         assert_eq!(e[0].kind, ErrorKind::Syntax);
@@ -190,6 +231,86 @@ mod tests {
         assert_eq!(
             errors(r#"{\"guac_enabled\":true}"#)[0].kind,
             ErrorKind::Syntax
+        );
+    }
+
+    #[test]
+    fn a_workflow_enables_jupyterlab_with_its_repository_ref_and_path() {
+        let toml = layer(
+            Path::new("/c.json"),
+            r#"{"guac_enabled":false,"workflow_source_repository":"https://github.com/org/demo.git","workflow_repo_version":"v1\"\\x","workflow_path":"/lab/tree/a.ipynb"}"#,
+        )
+        .unwrap();
+        assert!(toml.starts_with(PLAYBOOK), "{toml}");
+        // The layer is TOML the loader reads (quotes in values stay inside the string).
+        let parsed: toml::Table = toml.parse().unwrap();
+        let jl = &parsed["services"]["jupyterlab"];
+        assert_eq!(jl["enabled"].as_bool(), Some(true));
+        assert_eq!(
+            jl["workflow_repository"].as_str(),
+            Some("https://github.com/org/demo.git")
+        );
+        assert_eq!(jl["workflow_ref"].as_str(), Some("v1\"\\x"));
+        assert_eq!(jl["workflow_path"].as_str(), Some("/lab/tree/a.ipynb"));
+        let toml = layer(
+            Path::new("/c.json"),
+            r#"{"workflow_source_repository":"https://h/r","workflow_path":"lab/tree/b.ipynb"}"#,
+        )
+        .unwrap();
+        assert!(
+            toml.contains("\nworkflow_path = \"/lab/tree/b.ipynb\"\n"),
+            "{toml}"
+        );
+        // No repository: the ref and path ask for nothing.
+        assert_eq!(
+            layer(
+                Path::new("/c.json"),
+                r#"{"workflow_source_repository":"","workflow_repo_version":"main","workflow_path":"/lab"}"#
+            )
+            .unwrap(),
+            PLAYBOOK
+        );
+    }
+
+    #[test]
+    fn a_workflow_through_the_loader_is_checked_and_reported_at_the_json_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = crate::paths::Paths::sandbox(dir.path());
+        std::fs::create_dir_all(paths.exosphere_choices_file.parent().unwrap()).unwrap();
+        let load = |json: &str| {
+            std::fs::write(&paths.exosphere_choices_file, json).unwrap();
+            crate::config::load(&paths)
+        };
+        let loaded = load(r#"{"workflow_source_repository":"https://github.com/org/demo.git","workflow_repo_version":"main"}"#).unwrap();
+        match loaded.settings.services.first() {
+            Some(crate::services::ServiceSettings::JupyterLab(j)) => {
+                let w = j.workflow.as_ref().unwrap();
+                assert_eq!(w.repository, "https://github.com/org/demo.git");
+                assert_eq!(w.git_ref, "main");
+                assert_eq!(w.path, "/lab");
+            }
+            other => panic!("{other:?}"),
+        }
+        let e =
+            load(r#"{"workflow_source_repository":"https://u:hunter2@github.com/org/demo.git"}"#)
+                .unwrap_err();
+        assert_eq!(
+            e.errors[0].key.as_deref(),
+            Some("workflow_source_repository"),
+            "{:?}",
+            e.errors
+        );
+        assert!(
+            !e.errors[0].message.contains("hunter2"),
+            "{}",
+            e.errors[0].message
+        );
+        let e = load(r#"{"workflow_source_repository":"https://h/r","workflow_repo_version":"--upload-pack=x"}"#).unwrap_err();
+        assert_eq!(
+            e.errors[0].key.as_deref(),
+            Some("workflow_repo_version"),
+            "{:?}",
+            e.errors
         );
     }
 

@@ -527,6 +527,9 @@ base_url = "/jl"
 python = "/opt/py/bin/python3"
 installer = "pip"
 start_timeout_s = 600
+workflow_repository = "git@github.com:org/demo.git"
+workflow_ref = "v2"
+workflow_path = "/lab/tree/a.ipynb/"
 [supervise]
 backoff_initial_ms = 500
 backoff_max_ms = 4000
@@ -577,6 +580,11 @@ mount_root = "/mnt/vols"
                     start_timeout: Duration::from_secs(600),
                     // Port 9000: Exosphere's link (port 8888 only) is off.
                     exosphere_link: false,
+                    workflow: Some(crate::services::jupyterlab::workflow::WorkflowSettings {
+                        repository: "git@github.com:org/demo.git".into(),
+                        git_ref: "v2".into(),
+                        path: "/lab/tree/a.ipynb".into(),
+                    }),
                 })],
                 supervise: SupervisePolicy {
                     backoff_initial: Duration::from_millis(500),

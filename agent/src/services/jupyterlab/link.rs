@@ -134,6 +134,18 @@ pub fn custom_workflow_value(jupyterlab_version: &str, base_url: &str) -> String
     )
 }
 
+/// The `exoCustomWorkflow` value for a workflow exoagent builds, in the same encoding: its
+/// repository, ref, and path under `base_url`. (When Exosphere launched the workflow it has set
+/// its own value, which is kept.)
+pub fn workflow_value(workflow: &super::workflow::WorkflowSettings, base_url: &str) -> String {
+    format!(
+        "{{\"v\":1,\"repo\":{},\"ref\":{},\"path\":{}}}",
+        json!(workflow.repository),
+        json!(workflow.git_ref),
+        json!(format!("{}{}", base_url.trim_end_matches('/'), workflow.path)),
+    )
+}
+
 /// The JupyterLab version pinned in the lock `requirements` (`jupyterlab==X \`).
 pub fn pinned_version(requirements: &str) -> Option<&str> {
     requirements.lines().find_map(|line| {
@@ -147,6 +159,23 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;
+
+    #[test]
+    fn a_workflow_is_described_by_its_own_repository_ref_and_path() {
+        let workflow = crate::services::jupyterlab::workflow::WorkflowSettings {
+            repository: "https://github.com/org/demo".into(),
+            git_ref: "main".into(),
+            path: "/lab/tree/a.ipynb".into(),
+        };
+        assert_eq!(
+            workflow_value(&workflow, "/"),
+            r#"{"v":1,"repo":"https://github.com/org/demo","ref":"main","path":"/lab/tree/a.ipynb"}"#
+        );
+        assert_eq!(
+            workflow_value(&workflow, "/jl/"),
+            r#"{"v":1,"repo":"https://github.com/org/demo","ref":"main","path":"/jl/lab/tree/a.ipynb"}"#
+        );
+    }
 
     /// Exosphere's `parseConsoleLogForWorkflowToken` (src/Helpers/Helpers.elm): per line, drop
     /// everything before the first `{`, decode the rest as a JSON object with a string

@@ -1,6 +1,8 @@
 //! JupyterLab: a hash-pinned virtual environment under the opt directory, a JSON server config
 //! for running behind the UAP (remote access, forwarded headers, passphrase hash, no token),
-//! run as the instance user, ready when `GET {base_url}api` answers 200 with a `version`.
+//! run as the instance user, ready when `GET {base_url}api` answers 200 with a `version`. With a
+//! workflow ([`workflow`]), the environment is the one built from the workflow's repository and
+//! JupyterLab runs in its checkout.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -10,6 +12,7 @@ use serde_json::json;
 
 pub mod link;
 pub mod settings;
+pub mod workflow;
 
 use super::{io_error, Endpoint, Host, ServiceContext, ServiceError, ServiceImpl};
 use crate::schema::{Checker, Key, Located};
@@ -43,13 +46,18 @@ const PYTHON_CANDIDATES: [&str; 5] = [
 pub struct JupyterLab {
     settings: JupyterLabSettings,
     endpoint: Endpoint,
+    family: Family,
 }
 
 impl JupyterLab {
     /// JupyterLab with the given settings.
     pub fn new(settings: JupyterLabSettings) -> Self {
         let endpoint = Endpoint::direct(SocketAddr::new(settings.bind, settings.port));
-        Self { settings, endpoint }
+        Self {
+            settings,
+            endpoint,
+            family: Family::Debian,
+        }
     }
 
     /// The same, reached at `endpoint` (behind the TLS front).
@@ -124,7 +132,12 @@ impl JupyterLab {
         hashed_password: &str,
         link: Option<&LinkToken>,
     ) -> serde_json::Value {
-        json!({
+        // A workflow opens in its checkout, at its path.
+        let root_dir = match &self.settings.workflow {
+            Some(workflow) => workflow::build::checkout_dir(ctx, workflow),
+            None => ctx.account.home.clone(),
+        };
+        let mut config = json!({
             "ServerApp": {
                 "ip": self.endpoint().listen.ip().to_string(),
                 "port": self.endpoint().listen.port(),
@@ -133,7 +146,7 @@ impl JupyterLab {
                 "base_url": self.settings.base_url,
                 "allow_remote_access": true,
                 "trust_xheaders": true,
-                "root_dir": ctx.account.home.to_string_lossy(),
+                "root_dir": root_dir.to_string_lossy(),
                 "allow_root": ctx.account.uid == 0,
             },
             // Exosphere's notebook link carries this token; the passphrase logs in as well.
@@ -143,7 +156,13 @@ impl JupyterLab {
                 "allow_password_change": false,
                 "password_required": true,
             },
-        })
+        });
+        if let Some(workflow) = &self.settings.workflow {
+            // JupyterLab's own default URL wins over the server's: set both.
+            config["ServerApp"]["default_url"] = json!(workflow.path);
+            config["LabApp"] = json!({ "default_url": workflow.path });
+        }
+        config
     }
 }
 
@@ -155,6 +174,94 @@ impl JupyterLab {
             return Ok(None);
         }
         LinkToken::load(&ctx.paths.jupyterlab_link_token())
+    }
+}
+
+impl JupyterLab {
+    /// The uv executable the settings allow, or an error when `installer = "uv"` has none.
+    fn uv(&self) -> Result<Option<PathBuf>, ServiceError> {
+        let uv = match self.settings.installer {
+            PythonInstaller::Pip => None,
+            PythonInstaller::Uv | PythonInstaller::Auto => find_on_path("uv"),
+        };
+        if self.settings.installer == PythonInstaller::Uv && uv.is_none() {
+            return Err(ServiceError::Install {
+                service: ServiceKind::JupyterLab,
+                detail: "installer = \"uv\" but no uv executable was found on PATH".into(),
+            });
+        }
+        Ok(uv)
+    }
+
+    /// Build (or reuse) the workflow's environment; see [`workflow::build`].
+    async fn install_workflow(
+        &self,
+        ctx: &ServiceContext,
+        workflow: &workflow::WorkflowSettings,
+    ) -> Result<(), ServiceError> {
+        let lock_id = lock_fingerprint();
+        let inputs = workflow::build::Inputs {
+            workflow,
+            ctx,
+            family: self.family,
+            installer: self.settings.installer,
+            uv: self.uv()?,
+            // Needed only when the repository names no Python (runtime.txt may ask uv for one).
+            default_python: self.find_python().await.map_err(|e| e.to_string()),
+            lock: REQUIREMENTS,
+            lock_id: &lock_id,
+        };
+        let built = workflow::build::build(&inputs)
+            .await
+            .map_err(workflow::WorkflowError::into_service_error)?;
+        tracing::info!(target: "exoagent::services", service = "jupyterlab", commit = %built.checkout.commit, key = %built.key, fresh = built.fresh, "workflow environment ready");
+        Ok(())
+    }
+
+    /// JupyterLab from the workflow's environment (through `<opt>/workflows/current`), in its
+    /// checkout, wrapped in the repository's `start` when it has one (repo2docker's contract:
+    /// `start` ends with `exec "$@"`).
+    fn workflow_run_spec(&self, ctx: &ServiceContext, workflow: &workflow::WorkflowSettings) -> RunSpec {
+        let current = workflow::current_link(&ctx.paths.opt_dir);
+        let venv = current.join("venv");
+        let checkout = workflow::build::checkout_dir(ctx, workflow);
+        // Whether the repository has a `start` is decided when JupyterLab is launched (the
+        // spec is fixed before the first build may have cloned anything): a constant script,
+        // the checkout and JupyterLab's argv as its arguments.
+        let argv = vec![
+            "/bin/sh".to_owned(),
+            "-c".to_owned(),
+            workflow::START_SCRIPT.to_owned(),
+            "exoagent-workflow-start".to_owned(),
+            checkout.to_string_lossy().into_owned(),
+            venv.join("bin/jupyter-lab").to_string_lossy().into_owned(),
+            format!("--config={}", Self::config_file(ctx).to_string_lossy()),
+        ];
+        let path = format!(
+            "{}:/usr/local/bin:/usr/bin:/bin",
+            venv.join("bin").to_string_lossy()
+        );
+        let mut env = ctx.login_env(&path);
+        env.extend([
+            ("PYTHONUNBUFFERED".to_owned(), "1".to_owned()),
+            ("VIRTUAL_ENV".to_owned(), venv.to_string_lossy().into_owned()),
+            // Which build runs (a new commit restarts JupyterLab instead of adopting it).
+            (
+                "EXOAGENT_WORKFLOW_BUILD".to_owned(),
+                std::fs::read_link(&current)
+                    .map(|k| k.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            ),
+        ]);
+        if let Some(token) = self.link_token(ctx).ok().flatten() {
+            env.push(("EXOAGENT_LINK_TOKEN_ID".to_owned(), token.fingerprint()));
+        }
+        RunSpec {
+            argv,
+            env,
+            cwd: checkout,
+            run_as: ctx.run_as(),
+        }
     }
 }
 
@@ -184,24 +291,38 @@ impl ServiceImpl for JupyterLab {
 
     fn planned(settings: JupyterLabSettings, host: Host<'_>) -> Self {
         let public = SocketAddr::new(settings.bind, settings.port);
-        Self::new(settings).at(host.web_endpoint(public))
+        let mut lab = Self::new(settings).at(host.web_endpoint(public));
+        lab.family = host.os.family;
+        lab
     }
 
     /// System packages the venv needs, batched with every other service's.
     fn system_packages(&self, os: &Os) -> Vec<String> {
-        match os.family {
+        let mut packages: Vec<String> = match os.family {
             Family::Debian => vec!["python3".into(), "python3-venv".into()],
             // EL 8/9 ship 3.6/3.9 as python3; JupyterLab needs 3.10+, AppStream has 3.11.
             Family::RedHat => vec!["python3.11".into()],
+        };
+        if self.settings.workflow.is_some() {
+            packages.push("git".into());
         }
+        packages
     }
 
     /// Human-readable plan steps for `exoagent validate`.
     fn plan(&self, ctx: &ServiceContext) -> Vec<String> {
-        vec![
+        let mut lines = match &self.settings.workflow {
+            Some(workflow) => workflow::build::plan_lines(ctx, workflow),
+            None => Vec::new(),
+        };
+        let venv = match &self.settings.workflow {
+            Some(_) => workflow::current_link(&ctx.paths.opt_dir).join("venv"),
+            None => Self::venv(ctx),
+        };
+        lines.extend([
             format!(
                 "create venv {} and install the hash-pinned JupyterLab lock ({} packages) with {}",
-                Self::venv(ctx).display(),
+                venv.display(),
                 REQUIREMENTS
                     .lines()
                     .filter(|l| l.contains("==") && !l.trim_start().starts_with('#'))
@@ -224,12 +345,16 @@ impl ServiceImpl for JupyterLab {
                 "run jupyter-lab as {} under supervision; ready when GET {}api answers 200 with a version",
                 ctx.account.name, self.settings.base_url
             ),
-        ]
+        ]);
+        lines
     }
 
     /// Create the venv and install the lock. Idempotent: a venv whose marker matches the lock is
     /// left alone; the marker is written only after a successful install.
     async fn install(&self, ctx: &ServiceContext) -> Result<(), ServiceError> {
+        if let Some(workflow) = &self.settings.workflow {
+            return self.install_workflow(ctx, workflow).await;
+        }
         let venv = Self::venv(ctx);
         let marker = Self::lock_marker(&venv);
         let lock_id = lock_fingerprint();
@@ -254,16 +379,7 @@ impl ServiceImpl for JupyterLab {
                 source,
             },
         )?;
-        let uv = match self.settings.installer {
-            PythonInstaller::Pip => None,
-            PythonInstaller::Uv | PythonInstaller::Auto => find_on_path("uv"),
-        };
-        if self.settings.installer == PythonInstaller::Uv && uv.is_none() {
-            return Err(ServiceError::Install {
-                service: ServiceKind::JupyterLab,
-                detail: "installer = \"uv\" but no uv executable was found on PATH".into(),
-            });
-        }
+        let uv = self.uv()?;
         let venv_s = venv.to_string_lossy().into_owned();
         let req_s = requirements.to_string_lossy().into_owned();
         let venv_python = venv.join("bin/python").to_string_lossy().into_owned();
@@ -361,6 +477,9 @@ impl ServiceImpl for JupyterLab {
     /// How the supervisor starts it: the venv's `jupyter-lab` with our config, a clean
     /// environment, as the instance user.
     fn run_spec(&self, ctx: &ServiceContext) -> RunSpec {
+        if let Some(workflow) = &self.settings.workflow {
+            return self.workflow_run_spec(ctx, workflow);
+        }
         let venv = Self::venv(ctx);
         let account = &ctx.account;
         let path = format!(
@@ -417,7 +536,15 @@ impl ServiceImpl for JupyterLab {
 
     /// Where a person on the instance reaches it.
     fn url(&self) -> String {
-        self.endpoint.local_url(&self.settings.base_url)
+        match &self.settings.workflow {
+            // Where the workflow opens (under the base URL).
+            Some(workflow) => self.endpoint.local_url(&format!(
+                "{}{}",
+                self.settings.base_url.trim_end_matches('/'),
+                workflow.path
+            )),
+            None => self.endpoint.local_url(&self.settings.base_url),
+        }
     }
 }
 
@@ -506,6 +633,33 @@ mod tests {
         assert!(spec.argv[1].starts_with("--config="));
         assert!(spec.env.iter().all(|(k, _)| k != "JUPYTER_TOKEN"));
         assert_eq!(spec.cwd, PathBuf::from("/home/exouser"));
+    }
+
+    #[test]
+    fn a_workflow_runs_from_the_current_build_in_its_checkout_whatever_is_on_disk() {
+        let settings = JupyterLabSettings {
+            workflow: Some(workflow::WorkflowSettings {
+                repository: "https://github.com/org/demo.git".into(),
+                git_ref: "HEAD".into(),
+                path: "/lab/tree/a.ipynb".into(),
+            }),
+            ..JupyterLabSettings::default()
+        };
+        let lab = JupyterLab::new(settings);
+        let spec = lab.run_spec(&ctx(1000));
+        assert_eq!(lab.url(), "http://127.0.0.1:8888/lab/tree/a.ipynb");
+        assert_eq!(spec.argv[..2], ["/bin/sh", "-c"]);
+        assert_eq!(spec.argv[2], workflow::START_SCRIPT);
+        assert_eq!(spec.argv[4], "/home/exouser/demo");
+        assert_eq!(spec.argv[5], "/sb/opt/exoagent/workflows/current/venv/bin/jupyter-lab");
+        assert_eq!(spec.cwd, PathBuf::from("/home/exouser/demo"));
+        let cfg = lab.server_config(&ctx(1000), "h", None);
+        assert_eq!(cfg["ServerApp"]["root_dir"], "/home/exouser/demo");
+        assert_eq!(cfg["LabApp"]["default_url"], "/lab/tree/a.ipynb");
+        assert_eq!(cfg["ServerApp"]["default_url"], "/lab/tree/a.ipynb");
+        // Without a workflow, JupyterLab's own defaults.
+        let plain = JupyterLab::new(JupyterLabSettings::default()).server_config(&ctx(1000), "h", None);
+        assert!(plain.get("LabApp").is_none());
     }
 
     #[test]

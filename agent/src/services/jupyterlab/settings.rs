@@ -36,6 +36,8 @@ pub struct JupyterLabSettings {
     /// Offer Exosphere's notebook link (`exoCustomWorkflow` + the token console line); only
     /// possible on port 8888, the one Exosphere links to.
     pub exosphere_link: bool,
+    /// A workflow: JupyterLab runs in the environment built from this repository.
+    pub workflow: Option<super::workflow::WorkflowSettings>,
 }
 
 impl Default for JupyterLabSettings {
@@ -48,6 +50,7 @@ impl Default for JupyterLabSettings {
             installer: PythonInstaller::Auto,
             start_timeout: Duration::from_secs(120),
             exosphere_link: true,
+            workflow: None,
         }
     }
 }
@@ -61,6 +64,9 @@ pub struct Section {
     installer: Option<Located<PythonInstaller>>,
     start_timeout_s: Option<Located<u64>>,
     exosphere_link: Option<Located<bool>>,
+    workflow_repository: Option<Located<Option<String>>>,
+    workflow_ref: Option<Located<String>>,
+    workflow_path: Option<Located<String>>,
 }
 
 /// The keys of `[services.jupyterlab]` besides `enabled` and `port`.
@@ -124,6 +130,56 @@ pub const KEYS: &[Key<Section>] = &[
         example: "false",
         read: |w, f, s| set(&mut s.exosphere_link, w.boolean(f)),
     },
+    Key {
+        name: "workflow_repository",
+        example: "\"https://github.com/org/demo.git\"",
+        read: |w, f, s| {
+            set(
+                &mut s.workflow_repository,
+                w.parsed(
+                    f,
+                    "a git URL (https://, http://, git://, ssh:// or host:path) without \
+                     credentials, or \"\" for no workflow",
+                    |v| {
+                        if v.is_empty() {
+                            Some(None)
+                        } else {
+                            super::workflow::valid_repository(v).then(|| Some(v.to_owned()))
+                        }
+                    },
+                ),
+            )
+        },
+    },
+    Key {
+        name: "workflow_ref",
+        example: "\"v1.0\"",
+        read: |w, f, s| {
+            set(
+                &mut s.workflow_ref,
+                w.parsed(
+                    f,
+                    "a branch, tag or commit (no spaces, '..', '~^:?*[\\' or leading '-')",
+                    |v| super::workflow::valid_ref(v).then(|| v.to_owned()),
+                ),
+            )
+        },
+    },
+    Key {
+        name: "workflow_path",
+        example: "\"/lab/tree/index.ipynb\"",
+        read: |w, f, s| {
+            set(
+                &mut s.workflow_path,
+                w.parsed(
+                    f,
+                    "a URL path starting with '/' made of segments of letters, digits, '-', \
+                     '.', '_', '~' and '%'",
+                    super::workflow::normalise_path,
+                ),
+            )
+        },
+    },
 ];
 
 /// `python`: an absolute path, or the empty string for "pick automatically".
@@ -168,6 +224,15 @@ impl Section {
                 .map(Duration::from_secs)
                 .unwrap_or(d.start_timeout),
             exosphere_link,
+            workflow: value(&self.workflow_repository).flatten().map(|repository| {
+                super::workflow::WorkflowSettings {
+                    repository,
+                    git_ref: value(&self.workflow_ref)
+                        .unwrap_or_else(|| super::workflow::DEFAULT_REF.to_owned()),
+                    path: value(&self.workflow_path)
+                        .unwrap_or_else(|| super::workflow::DEFAULT_PATH.to_owned()),
+                }
+            }),
         }
     }
 }
