@@ -814,8 +814,14 @@ test('Exosphere\'s notebook link: the token from the agent\'s console, linked as
     const token = exosphereWorkflowToken(fs.readFileSync(path.join(ARTIFACTS, 'agent.log'), 'utf8'));
     assert.match(token || '', /^[0-9a-f]{48}$/, `expected an exoWorkflowToken line in the agent's console output, saw ${token}`);
     const link = buildProxyUrl(S.uapInfo.domain, IP.jupyter, 8888, `/lab/?token=${token}`, false);
-    // No session from the passphrase tests: only the token can log this browser in.
-    await S.context.clearCookies();
+    // No session from the passphrase tests: only the token can log this browser in. Pages are
+    // closed before cookies are cleared: a live JupyterLab page keeps calling the API with the
+    // token, and Jupyter Server answers a token-authenticated request with a fresh login cookie.
+    const fresh = async () => {
+        for (const open of S.context.pages()) await open.close();
+        await S.context.clearCookies();
+    };
+    await fresh();
     const page = await newPage('exosphere-link');
     try {
         await page.goto(link);
@@ -824,13 +830,16 @@ test('Exosphere\'s notebook link: the token from the agent\'s console, linked as
         const api = await page.evaluate(async () => (await fetch('/api/status')).status);
         assert.equal(api, 200, `expected the session the token opened to reach the API, saw ${api}`);
         note(t, `${link.replace(token, '<token>')} → ${new URL(page.url()).pathname}, logged in`);
-        // A wrong token gets the login page, not the lab.
-        await S.context.clearCookies();
-        await page.goto(buildProxyUrl(S.uapInfo.domain, IP.jupyter, 8888, `/lab/?token=${'0'.repeat(48)}`, false));
-        await page.waitForURL(/\/login/, { timeout: 30000 });
     } finally {
-        await page.close();
-        await S.context.clearCookies();
+        await fresh();
+    }
+    // A wrong token gets the login page, not the lab.
+    const wrong = await newPage('exosphere-link-wrong');
+    try {
+        await wrong.goto(buildProxyUrl(S.uapInfo.domain, IP.jupyter, 8888, `/lab/?token=${'0'.repeat(48)}`, false));
+        await wrong.waitForURL(/\/login/, { timeout: 30000 });
+    } finally {
+        await fresh();
     }
 });
 
