@@ -13,8 +13,9 @@ The workflow is one repository served on loopback by `git daemon`: `requirements
 - exoagent, warm: the same sandbox after `exoagent down`: the environment built for that commit
   is reused, so this is the agent's start plus JupyterLab's.
 - Exosphere's recipe (ansible/roles/workflow/tasks/main.yml), the steps that run here: a venv
-  with `six jupyter-repo2docker` from a fresh pip cache, then `jupyter-repo2docker --no-build
-  --debug --no-run <repo>` (clone, detect the buildpacks, render the Dockerfile).
+  with `six jupyter-repo2docker` from a fresh pip cache ("install"), then the clone its role
+  makes and `jupyter-repo2docker --no-build --debug --no-run <checkout>` (detect the buildpacks,
+  render the Dockerfile) ("render").
 - Not measured: repo2docker's `docker build` and running the image. It pulls its base image from
   Docker Hub and its environment from conda-forge, neither reachable here; on a real instance
   that is where most of its time goes, plus installing Docker itself (Exosphere's docker role).
@@ -155,10 +156,15 @@ def repo2docker_sample(url, work):
     run([str(venv / "bin/pip"), "install", "-q", "six", "jupyter-repo2docker"], env=env,
         stdout=subprocess.DEVNULL)
     install = time.monotonic() - started
+    # Exosphere's role clones first (`workflow_local_download`: the Ansible git module into
+    # /opt/workflow), then hands repo2docker the checkout. (Given the URL, repo2docker first
+    # asks iqss.github.io for Dataverse installations, which is unreachable here.)
     started = time.monotonic()
+    checkout = work / "workflow"
+    run(["git", "clone", "-q", "--branch", "main", url, str(checkout)], env=env)
     rendered = subprocess.run(
         [str(venv / "bin/jupyter-repo2docker"), "--no-build", "--debug", "--no-run",
-         "--image-name", "exosphere-workflow", url],
+         "--image-name", "exosphere-workflow", str(checkout)],
         env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
     render = time.monotonic() - started
     ok = rendered.returncode == 0 and "FROM" in (rendered.stdout + rendered.stderr)
