@@ -12,6 +12,9 @@ use crate::platform::passphrase::Passphrase;
 const BODY_EXCERPT: usize = 200;
 /// Nova stores at most 4 × 255 characters.
 const MAX_PASSWORD_LEN: usize = 1020;
+/// The largest document read from the metadata service (Nova's user data is at most 64 KiB;
+/// the agent re-reads `meta_data.json` while a volume waits for its name).
+const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
 
 /// Why the metadata service could not answer.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +51,12 @@ pub enum MetadataError {
     /// The passphrase does not fit the password endpoint.
     #[error("the passphrase is longer than the {MAX_PASSWORD_LEN} characters Nova stores")]
     TooLong,
+    /// A document larger than any the metadata service serves.
+    #[error("metadata service document '{url}' is larger than {MAX_DOCUMENT_BYTES} bytes")]
+    TooLarge {
+        /// The URL requested.
+        url: String,
+    },
 }
 
 impl MetadataError {
@@ -58,6 +67,7 @@ impl MetadataError {
             Self::Status { .. } => "metadata-error",
             Self::Parse { .. } => "metadata-invalid",
             Self::TooLong => "password-too-long",
+            Self::TooLarge { .. } => "metadata-too-large",
         }
     }
 
@@ -66,7 +76,7 @@ impl MetadataError {
         match self {
             Self::Unreachable { .. } => true,
             Self::Status { status, .. } => *status >= 500 || *status == 429,
-            Self::Parse { .. } | Self::TooLong => false,
+            Self::Parse { .. } | Self::TooLong | Self::TooLarge { .. } => false,
         }
     }
 }
@@ -127,12 +137,26 @@ impl MetadataService {
             url: url.clone(),
             source,
         };
-        let response = self.client.get(&url).send().await.map_err(unreachable)?;
+        let mut response = self.client.get(&url).send().await.map_err(unreachable)?;
         let status = response.status();
         if status == StatusCode::NOT_FOUND {
             return Ok(None);
         }
-        let body = response.bytes().await.map_err(unreachable)?;
+        // Read at most the cap: a misbehaving endpoint cannot make the agent hold more.
+        let too_large = || MetadataError::TooLarge { url: url.clone() };
+        if response
+            .content_length()
+            .is_some_and(|n| n > MAX_DOCUMENT_BYTES as u64)
+        {
+            return Err(too_large());
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(unreachable)? {
+            if body.len() + chunk.len() > MAX_DOCUMENT_BYTES {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
         if !status.is_success() {
             return Err(MetadataError::Status {
                 url,
@@ -140,7 +164,7 @@ impl MetadataService {
                 body: excerpt(&body),
             });
         }
-        Ok(Some(body.to_vec()))
+        Ok(Some(body))
     }
 
     /// `meta_data.json`: who this instance is.
@@ -254,8 +278,9 @@ mod tests {
     /// returns its base URL and the request targets it saw.
     async fn serve(
         status: &'static str,
-        body: &'static str,
+        body: &str,
     ) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+        let body = body.to_owned();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -326,6 +351,14 @@ mod tests {
         assert_eq!(
             service.meta_data().await.unwrap_err().reason(),
             "metadata-invalid"
+        );
+        // A document beyond the cap is refused, not held.
+        let huge = format!("{{\"uuid\":\"{}\"}}", "x".repeat(MAX_DOCUMENT_BYTES));
+        let (base, _) = serve("200 OK", &huge).await;
+        let service = MetadataService::new(&base, MetadataService::default_client().unwrap());
+        assert_eq!(
+            service.meta_data().await.unwrap_err().reason(),
+            "metadata-too-large"
         );
     }
 }

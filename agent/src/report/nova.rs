@@ -16,6 +16,7 @@ use crate::state::{
     NovaReporting, NovaReportingState, Reason, ServiceState, SetupState, Snapshot, StateHub,
     VolumeState,
 };
+use crate::volumes::LeaveReason;
 
 /// Every tag the agent owns starts with this; others (Exosphere's `exoPw:`, the user's) are
 /// never touched.
@@ -64,8 +65,9 @@ impl Wanted {
 }
 
 /// Volume counts for the summary: `{"m":2,"l":1,"f":0}` (mounted, left alone, failed), plus
-/// `"w"` while some wait for their name; `None` without volumes. The root disk, always left
-/// alone, is not counted: `"l"` above 0 means an attached volume was not mounted.
+/// `"w"` while some wait for their name; `None` without volumes. The root disk and partitioned
+/// disks (whose partitions have entries of their own) are not counted: `"l"` above 0 means an
+/// attached volume or partition was not mounted.
 fn volume_counts(snapshot: &Snapshot) -> Option<serde_json::Value> {
     if snapshot.volumes.is_empty() {
         return None;
@@ -74,7 +76,13 @@ fn volume_counts(snapshot: &Snapshot) -> Option<serde_json::Value> {
         snapshot
             .volumes
             .iter()
-            .filter(|v| v.state == state && v.reason.as_deref() != Some("root-disk"))
+            .filter(|v| {
+                v.state == state
+                    && !v.reason.as_deref().is_some_and(|r| {
+                        r == LeaveReason::RootDisk.as_str()
+                            || r == LeaveReason::PartitionTable.as_str()
+                    })
+            })
             .count()
     };
     let mut counts = json!({
@@ -469,8 +477,13 @@ mod tests {
             reason: Some("root-disk".into()),
             ..volume(VolumeState::LeftAlone)
         };
+        let partitioned = crate::state::VolumeStatus {
+            reason: Some("partition-table".into()),
+            ..volume(VolumeState::LeftAlone)
+        };
         hub.set_volumes(vec![
             root_disk,
+            partitioned,
             volume(VolumeState::Mounted),
             volume(VolumeState::Mounted),
             volume(VolumeState::LeftAlone),

@@ -132,7 +132,13 @@ pub async fn run(
         return Err(ActError::Failed {
             command,
             status: output.status.to_string(),
-            output: crate::text::last_lines(&text, 3).join(" | "),
+            // Tool output can echo on-disk text (a label): bounded and escaped for the logs.
+            output: crate::model::truncate_chars(
+                &crate::text::last_lines(&text, 3).join(" | "),
+                300,
+            )
+            .escape_debug()
+            .to_string(),
         });
     }
     Ok(Output {
@@ -161,7 +167,13 @@ pub fn parse_wipefs(text: &str) -> Result<Vec<String>, String> {
         .ok_or("no \"signatures\" list")?;
     Ok(list
         .iter()
-        .filter_map(|s| s.get("type").and_then(|t| t.as_str()).map(str::to_owned))
+        // Every listed signature counts, named or not.
+        .map(|s| {
+            s.get("type")
+                .and_then(|t| t.as_str())
+                .unwrap_or("unknown")
+                .to_owned()
+        })
         .collect())
 }
 
@@ -178,6 +190,11 @@ pub async fn probe(device: &Path) -> Result<Probe, ActError> {
     };
     if blkid.code == Some(0) {
         for (key, value) in parse_export(&blkid.stdout) {
+            // DEVNAME names the device and PART_ENTRY_* its entry in its disk's table (an
+            // empty partition has only those); any other key describes something found.
+            if key != "DEVNAME" && !key.starts_with("PART_ENTRY_") {
+                probe.blkid_found = true;
+            }
             match key.as_str() {
                 "TYPE" => probe.fs_type = Some(value),
                 "USAGE" => probe.usage = Some(value),

@@ -28,6 +28,9 @@ pub struct Probe {
     pub wipefs: Vec<String>,
     /// `blkid -p` found several signatures that contradict each other (exit status 8).
     pub ambivalent: bool,
+    /// `blkid -p` reported something about the contents (a key other than `PART_ENTRY_*`),
+    /// whether or not it named a `TYPE` or `PTTYPE`.
+    pub blkid_found: bool,
 }
 
 impl Probe {
@@ -37,6 +40,7 @@ impl Probe {
             && self.pt_type.is_none()
             && self.wipefs.is_empty()
             && !self.ambivalent
+            && !self.blkid_found
     }
 
     /// What was found, for people: `TYPE=LVM2_member, wipefs: LVM2_member`.
@@ -53,6 +57,9 @@ impl Probe {
         }
         if self.ambivalent {
             parts.push("blkid: ambivalent (several signatures)".into());
+        }
+        if self.blkid_found && self.fs_type.is_none() && self.pt_type.is_none() {
+            parts.push("blkid: a signature without TYPE or PTTYPE".into());
         }
         if !self.wipefs.is_empty() {
             parts.push(format!("wipefs: {}", self.wipefs.join(" ")));
@@ -271,6 +278,15 @@ mod tests {
             ..blank()
         };
         assert_eq!(reason(&ambivalent), "signature");
+        // blkid saying "found" is enough, even when it names no TYPE or PTTYPE.
+        let found_unnamed = Facts {
+            probe: Probe {
+                blkid_found: true,
+                ..Default::default()
+            },
+            ..blank()
+        };
+        assert_eq!(reason(&found_unnamed), "signature");
         let only_partitions = Facts {
             has_partitions: true,
             ..blank()
