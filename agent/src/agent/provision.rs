@@ -313,11 +313,13 @@ pub(super) fn exosphere_link(plan: &Plan) -> Option<(LinkToken, String)> {
     })?;
     match link::prepare(settings, &plan.paths) {
         Ok(token) => token.map(|token| {
-            let version = link::pinned_version(crate::services::jupyterlab::REQUIREMENTS)
-                .unwrap_or("unknown");
             let value = match &settings.workflow {
                 Some(workflow) => link::workflow_value(workflow, &settings.base_url),
-                None => link::custom_workflow_value(version, &settings.base_url),
+                None => link::custom_workflow_value(
+                    link::pinned_version(crate::services::jupyterlab::REQUIREMENTS)
+                        .unwrap_or("unknown"),
+                    &settings.base_url,
+                ),
             };
             (token, value)
         }),

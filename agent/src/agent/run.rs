@@ -121,9 +121,9 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
                 account,
                 exe: options.shim.exe.clone(),
             };
+            apply_host_touches(&plan).await;
             // Vendor packages are downloaded and verified before the batch: a service refused
             // here keeps its packages out of it, so nothing of it is installed.
-            apply_host_touches(&plan).await;
             let mut fetched = fetch_all(&plan.services, &ctx).await;
             fetched.host_packages = host::base_packages(&plan.settings.host, &plan.os);
             if install_packages(&plan, &hub, &fetched).await {

@@ -262,7 +262,8 @@ fn render_volumes(volumes: &[crate::state::VolumeStatus], out: &mut String) {
             .map(|n| format!(" {:?}", truncate_chars(n, 64)))
             .unwrap_or_default();
         let what = match (v.state, &v.mount_point, &v.reason) {
-            (VolumeState::Mounted, Some(at), _) => format!("mounted at {at}"),
+            // Mount points come from mountinfo, whose escapes decode to any byte.
+            (VolumeState::Mounted, Some(at), _) => format!("mounted at {}", at.escape_debug()),
             (_, _, Some(reason)) => format!(
                 "{}: {reason}: {}",
                 v.state.as_str(),

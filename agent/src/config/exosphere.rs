@@ -93,7 +93,7 @@ pub(crate) fn layer(path: &Path, text: &str) -> Result<String, Vec<ConfigError>>
                     } else {
                         v.clone()
                     };
-                    workflow_toml.push_str(&format!("{toml_key} = {}\n", toml_string(&v)));
+                    workflow_toml.push_str(&format!("{toml_key} = {}\n", toml::Value::String(v)));
                 }
                 Value::String(_) => {}
                 other => errors.push(error(
@@ -120,22 +120,6 @@ pub(crate) fn layer(path: &Path, text: &str) -> Result<String, Vec<ConfigError>>
     } else {
         Err(errors)
     }
-}
-
-/// `s` as a TOML basic string (quotes, backslashes and control characters escaped).
-fn toml_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }
 
 /// A refused JSON value for a one-line message: strings quoted, shortened and with URL

@@ -8,6 +8,18 @@ use tokio::io::AsyncWriteExt;
 
 use crate::text;
 
+/// The executable `name` in a directory of `PATH`, if there is one (what a command would run).
+pub(crate) fn find_on_path(name: &str) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| {
+            std::fs::metadata(candidate)
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
 /// What a finished command left behind.
 #[derive(Debug)]
 pub(crate) struct Finished {

@@ -175,6 +175,19 @@ pub enum GroupJoin {
     NoSuchGroup,
 }
 
+/// Whether `name` is listed in `group` in the `etc/group` text `groups`; `None` when there is
+/// no such group.
+fn membership(groups: &str, name: &str, group: &str) -> Option<bool> {
+    groups.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(':').collect();
+        (fields.first() == Some(&group)).then(|| {
+            fields
+                .get(3)
+                .is_some_and(|members| members.split(',').any(|m| m == name))
+        })
+    })
+}
+
 /// Manages accounts under a root directory (`/` on an instance; a prepared tree in tests).
 #[derive(Debug, Clone)]
 pub struct UserManager {
@@ -240,11 +253,10 @@ impl UserManager {
         Ok(None)
     }
 
-    /// Groups from `etc/group` that exist, and whether `name` is already in each.
     /// Add `name` to the existing group `group` (`usermod --append`), unless it is a member.
     pub async fn join_group(&self, name: &str, group: &str) -> Result<GroupJoin, UserError> {
         validate_name(name)?;
-        let Some(member) = self.group_membership(name, group)? else {
+        let Some(member) = membership(&self.group_file()?, name, group) else {
             return Ok(GroupJoin::NoSuchGroup);
         };
         if member {
@@ -261,33 +273,26 @@ impl UserManager {
         Ok(GroupJoin::Joined)
     }
 
-    /// Whether `name` is listed in `group` in `<root>/etc/group`; `None` when there is no such
-    /// group.
-    fn group_membership(&self, name: &str, group: &str) -> Result<Option<bool>, UserError> {
+    /// `<root>/etc/group`.
+    fn group_file(&self) -> Result<String, UserError> {
         let path = self.root.join("etc/group");
-        let text = std::fs::read_to_string(&path).map_err(|source| UserError::Io {
+        std::fs::read_to_string(&path).map_err(|source| UserError::Io {
             action: "read",
             path,
             source,
-        })?;
-        Ok(text.lines().find_map(|line| {
-            let fields: Vec<&str> = line.split(':').collect();
-            (fields.first() == Some(&group)).then(|| {
-                fields
-                    .get(3)
-                    .is_some_and(|members| members.split(',').any(|m| m == name))
-            })
-        }))
+        })
     }
 
+    /// Groups from `etc/group` that exist, and whether `name` is already in each.
     fn admin_groups(&self, name: &str, family: Family) -> Result<Vec<(String, bool)>, UserError> {
-        let mut found = Vec::new();
-        for wanted in family.admin_groups() {
-            if let Some(member) = self.group_membership(name, wanted)? {
-                found.push(((*wanted).to_owned(), member));
-            }
-        }
-        Ok(found)
+        let groups = self.group_file()?;
+        Ok(family
+            .admin_groups()
+            .iter()
+            .filter_map(|wanted| {
+                membership(&groups, name, wanted).map(|member| ((*wanted).to_owned(), member))
+            })
+            .collect())
     }
 
     async fn tool(

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use sysinfo::{CpuRefreshKind, MemoryRefreshKind, RefreshKind, System};
 
+use crate::platform::exec::find_on_path;
+
 /// How long `nvidia-smi` may take before the GPU figure is reported as unknown.
 const GPU_QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -142,13 +144,6 @@ async fn query_gpus(exe: &Path) -> Option<Vec<u8>> {
         return None;
     }
     parse_gpu_utilisation(&String::from_utf8_lossy(&output.stdout))
-}
-
-fn find_on_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|candidate| candidate.is_file())
 }
 
 #[cfg(test)]

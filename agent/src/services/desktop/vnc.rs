@@ -176,12 +176,7 @@ pub async fn write_vnc_password(
 /// `tigervnc-tools`), else TurboVNC's `/opt/TurboVNC/bin/vncpasswd`. Both write the same
 /// 8-byte format, which both servers read.
 pub fn default_vncpasswd() -> PathBuf {
-    let on_path = std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path)
-            .map(|dir| dir.join("vncpasswd"))
-            .find(|candidate| candidate.is_file())
-    });
-    on_path
+    crate::platform::exec::find_on_path("vncpasswd")
         .or_else(|| {
             let turbo = VncServer::TurboVnc { virtualgl: false }.vncpasswd_program();
             turbo.is_file().then(|| turbo.to_path_buf())

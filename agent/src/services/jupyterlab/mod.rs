@@ -19,6 +19,7 @@ use crate::schema::{Checker, Key, Located};
 pub use settings::{JupyterLabSettings, PythonInstaller};
 use crate::fsutil;
 use crate::model::ServiceKind;
+use crate::platform::exec::find_on_path;
 use crate::platform::os::{Family, Os};
 use crate::platform::passphrase::{argon2_hash, argon2_verify, Passphrase};
 use link::LinkToken;
@@ -557,17 +558,6 @@ fn lock_fingerprint() -> String {
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
     format!("fnv1a64:{hash:016x}")
-}
-
-fn find_on_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|candidate| {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::metadata(candidate)
-                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
 }
 
 #[cfg(test)]

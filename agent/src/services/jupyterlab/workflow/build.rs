@@ -18,6 +18,7 @@ use super::{build_key, checkout_name, current_link, workflows_dir, WorkflowError
 use crate::fsutil;
 use crate::platform::os::Family;
 use crate::platform::packages::{PackageInstaller, PackageItem, PackageSettings};
+use crate::platform::exec::find_on_path;
 use crate::platform::privileges::DropTo;
 use crate::services::jupyterlab::PythonInstaller;
 use crate::services::ServiceContext;
@@ -29,9 +30,10 @@ const POSTBUILD_LIMIT: Duration = Duration::from_secs(1800);
 /// The largest configuration file read.
 const MAX_FILE: u64 = 1024 * 1024;
 
-/// Variables of the agent's environment passed to build commands (proxies, index and
-/// certificate settings); nothing else of the agent's environment reaches the repository's
-/// code.
+/// Variables of the agent's environment passed to build commands (proxies and certificate
+/// settings; with `UV_*`/`PIP_*`, the package index settings, which the repository's code — its
+/// `setup.py`, its `postBuild` — therefore sees, as it would under repo2docker); nothing else of
+/// the agent's environment reaches the repository's code.
 const PASSED: [&str; 9] = [
     "http_proxy",
     "https_proxy",
@@ -247,15 +249,6 @@ async fn usable_uv(inputs: &Inputs<'_>, who: &RunAs) -> Result<Option<String>, W
     }
 }
 
-/// `python3.X` on `PATH`, if there is one.
-fn system_python(version: (u32, u32)) -> Option<PathBuf> {
-    let name = format!("python{}.{}", version.0, version.1);
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(&name))
-        .find(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
-}
-
 /// `apt.txt`'s packages through the package layer, in one transaction (on Debian and Ubuntu;
 /// in the sandbox nothing is installed, so missing ones are an error naming them).
 async fn apt(inputs: &Inputs<'_>, packages: &[String]) -> Result<(), WorkflowError> {
@@ -342,7 +335,7 @@ pub fn remove_unfinished(opt: &Path, keep: &str) {
     }
 }
 
-/// The build's directory and marker for `key`.
+/// The build's directory for `key` (its `venv` and `built` marker live in it).
 pub fn build_dir(opt: &Path, key: &str) -> PathBuf {
     workflows_dir(opt).join(key)
 }
@@ -364,30 +357,14 @@ pub async fn build(inputs: &Inputs<'_>) -> Result<Built, WorkflowError> {
     let recipe = recipe::plan(&files(&checkout.dir)?)?;
     tracing::info!(target: "exoagent::services", service = "jupyterlab", commit = %checkout.commit, recipe = ?recipe, "workflow recipe");
 
-    let uv = usable_uv(inputs, &home).await?;
-    let python = match recipe.python {
-        Some(version) => match system_python(version) {
-            Some(path) => path.to_string_lossy().into_owned(),
-            None if uv.is_some() => format!("{}.{}", version.0, version.1),
-            None => {
-                return Err(WorkflowError::Python {
-                    detail: format!(
-                        "runtime.txt asks for Python {}.{}: no python{}.{} on this system, and \
-                         pip cannot provide one (uv can, when installed and allowed to \
-                         download interpreters)",
-                        version.0, version.1, version.0, version.1
-                    ),
-                })
-            }
-        },
+    // The key needs only what was asked for: a reused environment costs no uv or interpreter
+    // probe.
+    let python_id = match recipe.python {
+        Some(version) => format!("{}.{}", version.0, version.1),
         None => inputs
             .default_python
             .clone()
             .map_err(|detail| WorkflowError::Python { detail })?,
-    };
-    let python_id = match recipe.python {
-        Some(version) => format!("{}.{}", version.0, version.1),
-        None => python.clone(),
     };
     let opt = &ctx.paths.opt_dir;
     let key = build_key(&workflow.repository, &checkout.commit, &python_id, inputs.lock_id);
@@ -405,6 +382,25 @@ pub async fn build(inputs: &Inputs<'_>) -> Result<Built, WorkflowError> {
         point_current(opt, &key)?;
         return Ok(built(false));
     }
+
+    let uv = usable_uv(inputs, &home).await?;
+    let python = match recipe.python {
+        Some(version) => match find_on_path(&format!("python{}.{}", version.0, version.1)) {
+            Some(path) => path.to_string_lossy().into_owned(),
+            None if uv.is_some() => format!("{}.{}", version.0, version.1),
+            None => {
+                return Err(WorkflowError::Python {
+                    detail: format!(
+                        "runtime.txt asks for Python {}.{}: no python{}.{} on this system, and \
+                         pip cannot provide one (uv can, when installed and allowed to \
+                         download interpreters)",
+                        version.0, version.1, version.0, version.1
+                    ),
+                })
+            }
+        },
+        None => python_id.clone(),
+    };
 
     apt(inputs, &recipe.apt).await?;
 

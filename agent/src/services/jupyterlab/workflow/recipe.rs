@@ -47,8 +47,6 @@ pub struct Recipe {
     pub project: bool,
     /// Run `postBuild` from the configuration directory.
     pub post_build: bool,
-    /// Wrap JupyterLab in the configuration directory's `start`.
-    pub start: bool,
 }
 
 /// Files that mean something exoagent cannot do, and why.
@@ -127,7 +125,7 @@ pub fn plan(files: &Files) -> Result<Recipe, WorkflowError> {
     }
     recipe.project = files.root.contains("setup.py") || files.root.contains("pyproject.toml");
     recipe.post_build = files.config.contains("postBuild");
-    recipe.start = files.config.contains("start");
+    // `start` is looked for when JupyterLab launches (`START_SCRIPT`), not planned here.
     Ok(recipe)
 }
 
@@ -377,7 +375,6 @@ mod tests {
                 python: Some((3, 11)),
                 requirements: true,
                 post_build: true,
-                start: true,
                 ..Recipe::default()
             }
         );

@@ -188,7 +188,7 @@ mod tests {
         )
         .await
         .unwrap();
-        assert!(ran.output.len() <= 2 * KEEP_BYTES, "{}", ran.output.len());
+        assert!(ran.output.len() <= KEEP_BYTES, "{}", ran.output.len());
         let failure = ran.failure("python3 -c ...");
         assert!(failure.ends_with("the end"), "{failure}");
         assert!(failure.len() < TAIL_LINES * (LINE_CHARS + 10) + 400, "{}", failure.len());

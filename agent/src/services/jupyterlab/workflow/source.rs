@@ -36,8 +36,8 @@ async fn git(dir: &Path, args: &[&str], who: &RunAs, limit: Duration) -> Result<
         s(dir),
     ];
     argv.extend(args.iter().map(|a| a.to_string()));
-    run(&argv, who, limit).await.map_err(|e| WorkflowError::Clone {
-        repository: String::new(),
+    run(&argv, who, limit).await.map_err(|e| WorkflowError::Checkout {
+        dir: dir.to_path_buf(),
         detail: format!("failed to run git: {e}"),
     })
 }
