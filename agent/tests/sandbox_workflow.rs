@@ -200,7 +200,7 @@ fn a_workflow_is_cloned_built_without_docker_run_and_reused() {
             ("apt.txt", "# tools\ncoreutils\n\n", false),
             (
                 "postBuild",
-                "#!/bin/sh\nset -e\npython -c 'import six, sys; print(sys.prefix)' > postbuild-marker\n",
+                "#!/bin/sh\nset -e\npython -c 'import six, sys; print(sys.prefix)' > postbuild-marker\ncommand -v pip > pip-marker\n",
                 true,
             ),
             (
@@ -315,6 +315,13 @@ fn a_workflow_is_cloned_built_without_docker_run_and_reused() {
     assert_eq!(
         fs::read_to_string(&marker).unwrap().trim(),
         venv.to_string_lossy()
+    );
+    // `pip install` in a postBuild (binder's usual line) reaches the environment's own pip.
+    assert_eq!(
+        fs::read_to_string(checkout.join("pip-marker"))
+            .unwrap()
+            .trim(),
+        venv.join("bin/pip").to_string_lossy()
     );
     // JupyterLab started through the repository's `start`, in the environment.
     assert_eq!(

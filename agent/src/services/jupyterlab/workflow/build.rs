@@ -447,7 +447,9 @@ pub async fn build(inputs: &Inputs<'_>) -> Result<Built, WorkflowError> {
     match &uv {
         Some(uv) => {
             let ran = run(
-                &strings(&[uv, "venv", "--quiet", "--python", &python, &venv_s]),
+                // --seed: pip in the environment, as repo2docker's has, for postBuild's
+                // `pip install` (else the system's pip would be found on PATH).
+                &strings(&[uv, "venv", "--quiet", "--seed", "--python", &python, &venv_s]),
                 &who,
                 INSTALL_LIMIT,
             )
