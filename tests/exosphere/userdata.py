@@ -8,7 +8,7 @@ and cloud-config part handler, which split the MIME parts and merge them as on a
 instance.
 
     userdata.py render TEMPLATE [--ssh-key KEY] [--no-os-updates] [--guac] [--gui]
-                       [--credentials CLOUDS_YAML] [--workflow REPO]
+                       [--credentials CLOUDS_YAML] [--workflow REPO [--workflow-ref REF]]
     userdata.py merged USERDATA     # the merged cloud-config cloud-init would act on, as JSON
     userdata.py parts USERDATA DIR  # every cloud-config part to DIR/N.yaml (for `cloud-init schema`)
 
@@ -21,15 +21,61 @@ import argparse
 import json
 import sys
 import tempfile
+import uuid
 from pathlib import Path
 
 
-def extra_vars(guac, gui, workflow=None):
-    """Exosphere's `ansibleExtraVars`: JSON with every `"` written as `\\"`."""
+def extra_vars(guac, gui, workflow=None, workflow_ref=""):
+    """Exosphere's `ansibleExtraVars`: JSON with every `"` written as `\\"`; the workflow's
+    repository pasted in as typed, its ref only when not empty (the path never: it goes to
+    the server's `exoCustomWorkflow` metadata only)."""
     text = '{"guac_enabled":%s,"gui_enabled":%s' % (str(guac).lower(), str(gui).lower())
     if workflow:
         text += ',"workflow_source_repository":"%s"' % workflow
+        if workflow_ref:
+            text += ',"workflow_repo_version":"%s"' % workflow_ref
     return (text + "}").replace('"', '\\"')
+
+
+def server_metadata(creator, guac=False, gui=False, workflow=None, version="5"):
+    """Exosphere's `newServerMetadata` (src/Helpers/Helpers.elm) for a server it launches,
+    without the floating-IP choice: `workflow` is (repository, ref, path) or None; `version`
+    5 is the Exosphere that names volumes by `exoVolumes::` server metadata (6 tags devices
+    instead). Values are strings; the JSON ones are encoded compactly as Elm's
+    `Json.Encode.encode 0` does."""
+    meta = {}
+    if guac:
+        meta["exoGuac"] = json.dumps({"v": 1, "ssh": True, "vnc": gui}, separators=(",", ":"))
+    meta.update({"exoServerVersion": version, "exoClientUuid": str(uuid.uuid4()),
+                 "exoCreatorUsername": creator, "exoSetup": "waiting"})
+    if workflow:
+        repo, ref, path = workflow
+        meta["exoCustomWorkflow"] = json.dumps({"v": 1, "repo": repo, "ref": ref, "path": path},
+                                               separators=(",", ":"))
+    return meta
+
+
+def workflow_token(console_log):
+    """Exosphere's `parseConsoleLogForWorkflowToken`: every line from its first `{` (the whole
+    line when it has none) decoded as JSON with a string field `exoWorkflowToken`; the last
+    one that decodes wins; None when none does."""
+    found = None
+    for line in console_log.split("\n"):
+        start = line.find("{")
+        candidate = line[start:] if start >= 0 else line
+        try:
+            value = json.loads(candidate)
+        except ValueError:
+            continue
+        if isinstance(value, dict) and isinstance(value.get("exoWorkflowToken"), str):
+            found = value["exoWorkflowToken"]
+    return found
+
+
+def workflow_link(proxy_base, path, token):
+    """Exosphere's custom-workflow link: `buildProxyUrl proxy ip 8888 (path ++ "/?token=" ++
+    token)`; `proxy_base` stands for `https://http-<ip>-8888.<uap host>`."""
+    return proxy_base + path + "/?token=" + token
 
 
 def credential_write_files(clouds_yaml, keystone_url, region, credential_id, secret):
@@ -55,11 +101,11 @@ def credential_write_files(clouds_yaml, keystone_url, region, credential_id, sec
 
 
 def render(template, ssh_key=None, os_updates=True, guac=False, gui=False,
-           credentials="", workflow=None):
+           credentials="", workflow=None, workflow_ref=""):
     keys = f"\n    ssh-authorized-keys:\n      - {ssh_key}\n" if ssh_key else "\n"
     for placeholder, value in [
         ("{ssh-authorized-keys}\n", keys),
-        ("{ansible-extra-vars}", extra_vars(guac, gui, workflow)),
+        ("{ansible-extra-vars}", extra_vars(guac, gui, workflow, workflow_ref)),
         ("{install-os-updates}", "true" if os_updates else "false"),
         ("{instance-config-mgt-repo-url}", "https://gitlab.com/exosphere/exosphere.git"),
         ("{instance-config-mgt-repo-checkout}", "master"),
@@ -107,6 +153,7 @@ def main():
     r.add_argument("--gui", action="store_true")
     r.add_argument("--credentials", help="a clouds.yaml to inject as Exosphere does")
     r.add_argument("--workflow")
+    r.add_argument("--workflow-ref", default="")
     m = sub.add_parser("merged")
     m.add_argument("userdata")
     p = sub.add_parser("parts")
@@ -121,7 +168,7 @@ def main():
                 "RegionOne", "0123abcd", "example-secret")
         sys.stdout.write(render(Path(args.template).read_text(), args.ssh_key,
                                 not args.no_os_updates, args.guac, args.gui, credentials,
-                                args.workflow))
+                                args.workflow, args.workflow_ref))
     elif args.command == "merged":
         print(json.dumps(merged(Path(args.userdata).read_text()), indent=1, default=str))
     else:

@@ -28,6 +28,8 @@ packages+=,locales,passwd,procps
 # Exosphere's base-setup packages, which the agent installs for Exosphere's template only when
 # missing: baked so the VM test's Exosphere scenario has no slow apt run under TCG.
 packages+=,haveged,gnupg,cron,zip
+# git, which the agent installs for a workflow when missing: baked for the same reason.
+packages+=,git
 mmdebstrap --mode=root --variant=minbase --include="$packages" \
   --customize-hook='install -m 0644 /etc/ssl/certs/ca-certificates.crt "$1/usr/local/share/ca-certificates/build-host-bundle.crt"' \
   --customize-hook='chroot "$1" update-ca-certificates >/dev/null' \

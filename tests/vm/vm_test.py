@@ -25,7 +25,9 @@ its serial console and a forwarded port.
 6. A third server boots with userdata from the drop-in for Exosphere's template (the bootstrap
    variant, whose download URL leads nowhere, so the baked agent must be used), rendered as
    Exosphere renders it (tests/exosphere/userdata.py) with an SSH key, no OS updates, neither
-   Guacamole nor desktop, and the credential files: the console ends in `complete`, the
+   Guacamole nor desktop, a workflow (repository and ref in the choices, `exoCustomWorkflow`
+   in the server's metadata, as Exosphere's launcher sets them) and the credential files:
+   the console ends in `complete`, the
    passphrase is published, and over SSH as exouser with that key: the choices file holds
    plain JSON and the agent read it, the credential files are exouser's and 0400, nothing was
    downloaded; Exosphere's host touches: tty1 autologin of exouser (getty@tty1 drop-in, byte
@@ -40,6 +42,13 @@ its serial console and a forwarded port.
    (ACPI PCI hot-plug) it is unmounted and its mount point removed; a fourth disk, named
    first, is hot-plugged and mounted. After power-off the LVM and partitioned images hash as
    before (their first MiB, and the whole image: the partition starts at 1 MiB).
+   The workflow: a repository with requirements.txt, runtime.txt, postBuild and a notebook,
+   served by a real `git daemon` on the host (the guest reaches it through QEMU's gateway,
+   169.254.169.2), is cloned as exouser and built into an environment (postBuild ran in it,
+   /data is exouser's); the token line decoded with Exosphere's own rules and the path from
+   `exoCustomWorkflow` (never overwritten) make Exosphere's link, which opens JupyterLab
+   logged in; the notebook is served and its kernel imports the required package. After the
+   reboot the environment is reused, not rebuilt, and the same link works.
 
 Prints timings (QEMU start → Nova shows complete; for the volumes, QEMU start → seen
 mounted, and monitor command → seen unmounted or mounted) for bench/. Exits non-zero on any
@@ -58,6 +67,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
@@ -261,6 +272,15 @@ def wait(what, check, budget, vm, interval=5):
 
 
 
+def jupyter_answers_any(port):
+    """JupyterLab answers on the port, with or without a login (403 without a token)."""
+    try:
+        status, _, _ = open_like_a_browser(f"http://127.0.0.1:{port}/api")
+        return status in (200, 403)
+    except OSError:
+        return False
+
+
 def jupyter_answers(port):
     try:
         status, _, body = harness.http("GET", f"http://127.0.0.1:{port}/api", timeout=10)
@@ -278,16 +298,20 @@ def server_password(token, server):
 class Scenario:
     """One server of the harness and the VM that boots as it."""
 
-    def __init__(self, name, env, token, userdata):
+    def __init__(self, name, env, token, userdata, metadata=None):
         self.env, self.token = env, token
         self.run_dir = Path(tempfile.mkdtemp(prefix=f"exoagent-vm-{name}-"))
-        status, _, body = harness.http("POST", f"{harness.COMPUTE}/servers", token, {"server": {
-            "name": f"exoagent-vm-{name}", "imageRef": env["image_id"],
-            "flavorRef": env["flavor_id"], "networks": [{"uuid": env["network_id"]}],
-            "user_data": base64.b64encode(userdata).decode()}})
+        server = {"name": f"exoagent-vm-{name}", "imageRef": env["image_id"],
+                  "flavorRef": env["flavor_id"], "networks": [{"uuid": env["network_id"]}],
+                  "user_data": base64.b64encode(userdata).decode()}
+        if metadata:
+            server["metadata"] = metadata
+        status, _, body = harness.http("POST", f"{harness.COMPUTE}/servers", token,
+                                       {"server": server})
         if status != 202:
             raise Failure(f"server create: {status} {body}")
         self.server = body["server"]["id"]
+        self.metadata = metadata or {}
         self.relay = self.vm = None
         for _ in range(120):
             _, _, shown = harness.http("GET", f"{harness.COMPUTE}/servers/{self.server}", token)
@@ -500,6 +524,88 @@ class Volume:
         return (self.id, self.path, self.serial)
 
 
+# The workflow picked in Exosphere's launcher for the Exosphere scenario: a repository with
+# repo2docker's files (requirements.txt, runtime.txt, postBuild) and a notebook, served by a
+# real `git daemon` on the host's loopback, which the guest reaches through QEMU's user-mode
+# gateway (169.254.169.2 is forwarded to the host's 127.0.0.1).
+WORKFLOW_REF = "main"
+WORKFLOW_NOTEBOOK = "demo.ipynb"
+# The path a researcher types into Exosphere's workflow form; the link leads there.
+WORKFLOW_PATH = f"/lab/tree/{WORKFLOW_NOTEBOOK}"
+SIX = "1.16.0"
+WORKFLOW_FILES = [
+    ("requirements.txt", f"six=={SIX}\n", False),
+    ("runtime.txt", "python-3.11\n", False),
+    # Runs as exouser in the checkout, the environment first on PATH (repo2docker's contract).
+    ("postBuild", "#!/bin/sh\nset -e\n"
+                  "python -c 'import six, sys; print(six.__version__, sys.prefix)' > built-by\n",
+     True),
+    (WORKFLOW_NOTEBOOK, json.dumps({
+        "cells": [{"cell_type": "code", "execution_count": None, "id": "c1", "metadata": {},
+                   "outputs": [], "source": ["import six, sys\n",
+                                             "print('six', six.__version__, 'in', sys.prefix)"]}],
+        "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python",
+                                    "name": "python3"}},
+        "nbformat": 4, "nbformat_minor": 5}), False),
+]
+
+
+class WorkflowRepository:
+    """A bare repository `demo.git` with WORKFLOW_FILES on `main`, served by `git daemon` on
+    127.0.0.1; `url` is how the guest names it."""
+
+    def __init__(self, work):
+        base = work / "git"
+        source = work / "workflow-source"
+        source.mkdir(parents=True)
+
+        def git(*args, cwd=source):
+            subprocess.run(["git", "-c", "user.name=exosphere-test", "-c",
+                            "user.email=test@example.invalid", *args], cwd=cwd, check=True,
+                           capture_output=True)
+
+        git("init", "-q", "-b", WORKFLOW_REF)
+        for name, content, executable in WORKFLOW_FILES:
+            (source / name).write_text(content)
+            if executable:
+                (source / name).chmod(0o755)
+        git("add", "-A")
+        git("commit", "-q", "-m", "workflow")
+        base.mkdir()
+        git("clone", "-q", "--bare", str(source), str(base / "demo.git"), cwd=work)
+        self.port = free_port()
+        self.daemon = subprocess.Popen(
+            ["git", "daemon", "--export-all", "--reuseaddr", "--listen=127.0.0.1",
+             f"--port={self.port}", f"--base-path={base}", str(base)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=open(work / "git-daemon.log", "wb"))
+        for _ in range(100):
+            if harness.port_in_use(self.port):
+                break
+            time.sleep(0.1)
+        else:
+            raise Failure("git daemon did not listen")
+        self.url = f"git://169.254.169.2:{self.port}/demo.git"
+
+    def close(self):
+        self.daemon.kill()
+        self.daemon.wait()
+
+
+def open_like_a_browser(url):
+    """GET following redirects with a cookie jar, as a browser opens a link: (status, final
+    URL, body)."""
+    import http.cookiejar
+    opener = urllib.request.build_opener(
+        urllib.request.ProxyHandler({}),
+        urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+    try:
+        with opener.open(url, timeout=60) as response:
+            return response.status, response.geturl(), response.read().decode(errors="replace")
+    except urllib.error.HTTPError as error:
+        return error.code, error.geturl(), error.read().decode(errors="replace")
+
+
 def console_complete(vm):
     lines = status_lines(vm.serial_text())
     if lines and lines[-1] == "error":
@@ -507,11 +613,12 @@ def console_complete(vm):
     return bool(lines) and lines[-1] == "complete"
 
 
-def with_exosphere_template(scenario, key_file):
+def with_exosphere_template(scenario, key_file, workflow):
     """Exosphere's drop-in, rendered as Exosphere does; checked from inside over SSH. The
     server has three extra disks named through `exoVolumes::` metadata: a blank one the agent
     must format and mount (kept across a reboot, then hot-unplugged), an LVM physical volume
-    and a partitioned disk it must leave alone; a fourth is hot-plugged later."""
+    and a partitioned disk it must leave alone; a fourth is hot-plugged later. A workflow was
+    picked: its notebook opens through Exosphere's link, before and after the reboot."""
     volumes = {disk_id: Volume(scenario.run_dir, disk_id, name, content)
                for disk_id, name, content in VOLUMES}
     data, lvm, parts, more = (volumes[i] for i in ["data", "lvm", "parts", "more"])
@@ -570,7 +677,9 @@ def with_exosphere_template(scenario, key_file):
                     lambda out: out.split("\n") == ["640"] * len(CLOUD_INIT_LOGS))
     checks = [
         ("cat /etc/exoagent/exosphere-choices.json",
-         lambda out: json.loads(out) == {"guac_enabled": False, "gui_enabled": False}),
+         lambda out: json.loads(out) == {"guac_enabled": False, "gui_enabled": False,
+                                         "workflow_source_repository": workflow.url,
+                                         "workflow_repo_version": WORKFLOW_REF}),
         ("stat -c '%a %U:%G' /home/exouser/openrc.sh /home/exouser/.config/openstack/clouds.yaml",
          lambda out: out.split("\n") == ["400 exouser:exouser"] * 2),
         ("sudo -n exoagent validate",
@@ -592,6 +701,51 @@ def with_exosphere_template(scenario, key_file):
     check(f"cat {AUTOLOGIN_DROPIN}", lambda out: out == AUTOLOGIN, strip=False)
     check("systemctl cat getty@tty1", lambda out: f"# {AUTOLOGIN_DROPIN}\n{AUTOLOGIN}" in out,
           strip=False)
+
+    # The workflow: cloned as exouser, built from its repo2docker files into an environment
+    # under /opt/exoagent/workflows (postBuild ran in it), /data made for exouser as
+    # Exosphere's role does; JupyterLab in that environment on 8888, opened by the link the
+    # unmodified Exosphere UI builds from the server's metadata and the console's token line.
+    environment = "/opt/exoagent/workflows/current/venv"
+    prefix = check(f"readlink -f {environment}", lambda out: out.startswith(
+        "/opt/exoagent/workflows/") and out.endswith("/venv"))
+    check("cat ~/demo/built-by && stat -c %U ~/demo/built-by",
+          lambda out: out.split("\n") == [f"{SIX} {prefix}", "exouser"])
+    check("stat -c '%U %F' /data", lambda out: out == "exouser directory")
+    built_at = check(f"stat -c %Y {environment}/../built", lambda out: out.isdigit())
+
+    def open_workflow(when):
+        """Exosphere's link, opened: JupyterLab in the workflow's environment, logged in by
+        the link's token, the notebook there; its kernel imports the required package."""
+        token = exosphere.workflow_token(vm.serial_text())
+        if not token or len(token) != 48:
+            raise Failure(f"{when}: no exoWorkflowToken line Exosphere can read: {token!r}")
+        # Exosphere set exoCustomWorkflow at launch: the agent must never overwrite it.
+        _, _, shown = harness.http(
+            "GET", f"{harness.COMPUTE}/servers/{scenario.server}/metadata", scenario.token)
+        if shown["metadata"].get("exoCustomWorkflow") != scenario.metadata["exoCustomWorkflow"]:
+            raise Failure(f"{when}: exoCustomWorkflow is {shown['metadata']}")
+        # `https://http-<floating ip>-8888.<uap host>` stands for the forwarded port.
+        link = exosphere.workflow_link(f"http://127.0.0.1:{vm.jupyter_port}", WORKFLOW_PATH,
+                                       token)
+        status, landed, body = open_like_a_browser(link)
+        if (status != 200 or "/login" in landed or "JupyterLab" not in body
+                or not urllib.parse.urlsplit(landed).path.startswith(WORKFLOW_PATH)):
+            raise Failure(f"{when}: Exosphere's link {link} led to {status} {landed}")
+        base = f"http://127.0.0.1:{vm.jupyter_port}/api/contents/{WORKFLOW_NOTEBOOK}"
+        status, _, body = open_like_a_browser(f"{base}?token={token}")
+        if status != 200 or json.loads(body).get("type") != "notebook":
+            raise Failure(f"{when}: the notebook through the API: {status} {body[:300]}")
+        status, _, _ = open_like_a_browser(base)
+        if status != 403:
+            raise Failure(f"{when}: the notebook without the token: {status}")
+        check(f"cd ~/demo && {environment}/bin/jupyter nbconvert --to notebook --execute "
+              f"--stdout {WORKFLOW_NOTEBOOK} 2>/dev/null",
+              lambda out: f"six {SIX} in {prefix}" in out)
+        return token
+
+    token = open_workflow("first boot")
+    say(f"workflow notebook opened through Exosphere's link (environment {prefix})")
 
     def reported(volume):
         """The agent's entries for the volume (a partitioned disk has one per partition too);
@@ -660,6 +814,13 @@ def with_exosphere_template(scenario, key_file):
     check(f"cat {probe_file}", lambda out: out == content)
     check(*logs_private)
     say(f"after the reboot the volume was back {remounted_s:.0f} s after QEMU started")
+    # The workflow's environment is reused, not rebuilt; the link still works, same token.
+    wait("JupyterLab back after the reboot", lambda: jupyter_answers_any(vm.jupyter_port), 600,
+         vm)
+    check(f"readlink -f {environment}", lambda out: out == prefix)
+    check(f"stat -c %Y {environment}/../built", lambda out: out == built_at)
+    if open_workflow("after the reboot") != token:
+        raise Failure("the workflow token changed across a reboot")
 
     # Hot-unplug: unmounted and the mount point removed.
     q = shlex.quote(data.mount_point)
@@ -702,9 +863,9 @@ def with_exosphere_template(scenario, key_file):
             "exosphere_hotplug_mounted_s": round(plug_s)}
 
 
-def exosphere_userdata(exoagent, work):
+def exosphere_userdata(exoagent, work, workflow):
     """The bootstrap drop-in (its URL unreachable: the baked agent must be preferred),
-    rendered as Exosphere renders it."""
+    rendered as Exosphere renders it, with the workflow picked in the launcher."""
     key_file = work / "id_ed25519"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key_file)],
                    check=True)
@@ -719,7 +880,8 @@ def exosphere_userdata(exoagent, work):
     credentials = exosphere.credential_write_files(
         clouds, "https://keystone.example.org:5000/v3", "RegionOne", "example", "example")
     userdata = exosphere.render(template, ssh_key=(work / "id_ed25519.pub").read_text().strip(),
-                                os_updates=False, credentials=credentials)
+                                os_updates=False, credentials=credentials,
+                                workflow=workflow.url, workflow_ref=WORKFLOW_REF)
     return userdata.encode(), key_file
 
 
@@ -750,15 +912,20 @@ def main():
         [str(exoagent), "userdata", "--clouds-yaml", str(clouds), "--cloud-name", "openstack",
          "--no-os-updates"], check=True, stdout=subprocess.PIPE).stdout
     clouds.unlink()
-    exosphere_data, key_file = exosphere_userdata(exoagent, work)
+    workflow = WorkflowRepository(work)
+    exosphere_data, key_file = exosphere_userdata(exoagent, work, workflow)
+    # What Exosphere's launcher sets on the server it creates, the workflow included.
+    exosphere_meta = exosphere.server_metadata(
+        "demo", workflow=(workflow.url, WORKFLOW_REF, WORKFLOW_PATH))
     results = {}
-    for name, run, data in [
-            ("metadata", with_metadata_service_and_reboot, userdata),
-            ("config-drive", with_config_drive_only, userdata),
-            ("exosphere", lambda s: with_exosphere_template(s, key_file), exosphere_data)]:
+    for name, run, data, meta in [
+            ("metadata", with_metadata_service_and_reboot, userdata, None),
+            ("config-drive", with_config_drive_only, userdata, None),
+            ("exosphere", lambda s: with_exosphere_template(s, key_file, workflow),
+             exosphere_data, exosphere_meta)]:
         if args.only and name != args.only:
             continue
-        scenario = Scenario(name, env, token, data)
+        scenario = Scenario(name, env, token, data, meta)
         try:
             results.update(run(scenario))
         except Failure:
@@ -768,6 +935,7 @@ def main():
             raise
         finally:
             scenario.close(args.keep)
+    workflow.close()
     subprocess.run(["rm", "-rf", str(work)], check=False)
     print(json.dumps(results))
     say("VM test passed")
