@@ -12,5 +12,6 @@ pub mod privileges;
 pub mod process_group;
 pub mod signals;
 pub mod users;
+pub mod uv;
 
 pub(crate) mod exec;

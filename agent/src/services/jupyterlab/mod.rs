@@ -23,7 +23,8 @@ use crate::platform::exec::find_on_path;
 use crate::platform::os::{Family, Os};
 use crate::platform::passphrase::{argon2_hash, argon2_verify, Passphrase};
 use link::LinkToken;
-use crate::services::command::run_logged;
+use crate::platform::uv::{self, UvSource, UV_VERSION};
+use crate::services::command::{run_logged, run_logged_with_env};
 use crate::supervise::{Probe, RunSpec};
 
 /// The pinned, hash-locked requirements, generated from `requirements.in` with
@@ -48,6 +49,8 @@ pub struct JupyterLab {
     settings: JupyterLabSettings,
     endpoint: Endpoint,
     family: Family,
+    /// Where uv comes from when the machine has none on `PATH`.
+    uv_source: UvSource,
 }
 
 impl JupyterLab {
@@ -58,7 +61,14 @@ impl JupyterLab {
             settings,
             endpoint,
             family: Family::Debian,
+            uv_source: UvSource::from_environment(),
         }
+    }
+
+    /// The same, fetching uv (when none is on `PATH`) from `source`.
+    pub fn with_uv_source(mut self, source: UvSource) -> Self {
+        self.uv_source = source;
+        self
     }
 
     /// The same, reached at `endpoint` (behind the TLS front).
@@ -179,19 +189,29 @@ impl JupyterLab {
 }
 
 impl JupyterLab {
-    /// The uv executable the settings allow, or an error when `installer = "uv"` has none.
-    fn uv(&self) -> Result<Option<PathBuf>, ServiceError> {
-        let uv = match self.settings.installer {
-            PythonInstaller::Pip => None,
-            PythonInstaller::Uv | PythonInstaller::Auto => find_on_path("uv"),
-        };
-        if self.settings.installer == PythonInstaller::Uv && uv.is_none() {
-            return Err(ServiceError::Install {
-                service: ServiceKind::JupyterLab,
-                detail: "installer = \"uv\" but no uv executable was found on PATH".into(),
-            });
+    /// The uv executable the settings allow: the one on `PATH`, else the pinned release fetched
+    /// from the package index into `<opt>/tools`. With `installer = "auto"` pip takes over when
+    /// neither can be had (the reason logged); with `installer = "uv"` that is an error.
+    async fn uv(&self, ctx: &ServiceContext) -> Result<Option<PathBuf>, ServiceError> {
+        if self.settings.installer == PythonInstaller::Pip {
+            return Ok(None);
         }
-        Ok(uv)
+        if let Some(uv) = find_on_path("uv") {
+            return Ok(Some(uv));
+        }
+        match self.uv_source.ensure(&ctx.paths.opt_dir.join("tools")).await {
+            Ok(uv) => Ok(Some(uv)),
+            Err(e) if self.settings.installer == PythonInstaller::Auto => {
+                tracing::warn!(target: "exoagent::services", service = "jupyterlab", reason = e.reason(), "no uv on PATH and the pinned uv could not be fetched ({e}); installing with pip");
+                Ok(None)
+            }
+            Err(e) => Err(ServiceError::Install {
+                service: ServiceKind::JupyterLab,
+                detail: format!(
+                    "installer = \"uv\" but no uv is on PATH and uv {UV_VERSION} could not be fetched: {e}"
+                ),
+            }),
+        }
     }
 
     /// Build (or reuse) the workflow's environment; see [`workflow::build`].
@@ -206,7 +226,7 @@ impl JupyterLab {
             ctx,
             family: self.family,
             installer: self.settings.installer,
-            uv: self.uv()?,
+            uv: self.uv(ctx).await?,
             // Needed only when the repository names no Python (runtime.txt may ask uv for one).
             default_python: self.find_python().await.map_err(|e| e.to_string()),
             lock: REQUIREMENTS,
@@ -380,19 +400,34 @@ impl ServiceImpl for JupyterLab {
                 source,
             },
         )?;
-        let uv = self.uv()?;
+        let uv = self.uv(ctx).await?;
         let venv_s = venv.to_string_lossy().into_owned();
         let req_s = requirements.to_string_lossy().into_owned();
         let venv_python = venv.join("bin/python").to_string_lossy().into_owned();
         match uv {
             Some(uv) => {
                 let uv = uv.to_string_lossy().into_owned();
-                run_logged(
-                    ServiceKind::JupyterLab,
-                    &[&python, "-m", "venv", "--without-pip", &venv_s],
-                )
-                .await?;
-                run_logged(
+                let env = uv::tls_env();
+                let env: Vec<(&str, &str)> =
+                    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                // uv makes the venv itself: no python3-venv (ensurepip) needed. A venv already
+                // there (a new lock) is installed into in place: JupyterLab may be running
+                // from it; a directory without an interpreter is what an interrupted start left.
+                if !venv.join("bin/python").exists() {
+                    if venv.exists() {
+                        std::fs::remove_dir_all(&venv)
+                            .map_err(io_error(ServiceKind::JupyterLab, "remove", &venv))?;
+                    }
+                    run_logged_with_env(
+                        ServiceKind::JupyterLab,
+                        &[&uv, "venv", "--quiet", "--python", &python, &venv_s],
+                        &env,
+                    )
+                    .await?;
+                }
+                // Compiled once here, as root: the venv is not writable by the user JupyterLab
+                // runs as, so uncompiled modules would be compiled again at every start.
+                run_logged_with_env(
                     ServiceKind::JupyterLab,
                     &[
                         &uv,
@@ -401,9 +436,11 @@ impl ServiceImpl for JupyterLab {
                         "--python",
                         &venv_python,
                         "--require-hashes",
+                        "--compile-bytecode",
                         "-r",
                         &req_s,
                     ],
+                    &env,
                 )
                 .await?;
             }

@@ -424,14 +424,25 @@ pub async fn build(inputs: &Inputs<'_>) -> Result<Built, WorkflowError> {
     fsutil::write_if_changed(&lock, inputs.lock.as_bytes(), 0o644, None).map_err(io("write", &lock))?;
 
     let bin = venv.join("bin");
-    let who = as_user(ctx, &checkout.dir, Some(&bin))?;
+    let mut who = as_user(ctx, &checkout.dir, Some(&bin))?;
+    if uv.is_some() {
+        who.env.extend(crate::platform::uv::tls_env());
+    }
+    let who = who;
     let venv_s = venv.to_string_lossy().into_owned();
     let venv_python = bin.join("python").to_string_lossy().into_owned();
     let lock_s = lock.to_string_lossy().into_owned();
     // One install: `-r <file>` or `.`, with uv or the venv's pip.
     let install = |what: Vec<String>| -> Vec<String> {
         let mut argv = match &uv {
-            Some(uv) => strings(&[uv, "pip", "install", "--python", &venv_python]),
+            Some(uv) => strings(&[
+                uv,
+                "pip",
+                "install",
+                "--compile-bytecode",
+                "--python",
+                &venv_python,
+            ]),
             None => strings(&[
                 &venv_python,
                 "-m",
