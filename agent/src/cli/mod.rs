@@ -2,6 +2,7 @@
 
 pub mod bake;
 pub mod down;
+pub mod generate;
 pub mod install;
 pub mod logs;
 pub mod rotate_token;
@@ -17,6 +18,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::model::ServiceKind;
 use crate::paths::Paths;
 
 /// exoagent: installs, supervises and reports a research instance's services.
@@ -69,6 +71,63 @@ pub enum Command {
     /// Internal: the per-service process shim.
     #[command(hide = true)]
     Shim,
+    /// Internal: man pages and shell completions from these definitions (for packaging).
+    #[command(hide = true)]
+    Generate(generate::GenerateArgs),
+}
+
+/// Service names as arguments: parsed by `ServiceKind`'s own `FromStr` (whose error names the
+/// known services) and offered as possible values, so `--help` and the shell completions list
+/// them.
+#[derive(Debug, Clone, Copy)]
+pub struct ServiceParser;
+
+/// A service name passed on as written (the agent judges it: `exoagent logs` exits 1 for an
+/// unknown one, per docs/contracts.md), with the known names offered like [`ServiceParser`].
+#[derive(Debug, Clone, Copy)]
+pub struct ServiceNameParser;
+
+impl clap::builder::TypedValueParser for ServiceNameParser {
+    type Value = String;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<String, clap::Error> {
+        clap::builder::StringValueParser::new().parse_ref(cmd, arg, value)
+    }
+
+    fn possible_values(
+        &self,
+    ) -> Option<Box<dyn Iterator<Item = clap::builder::PossibleValue> + '_>> {
+        ServiceParser.possible_values()
+    }
+}
+
+impl clap::builder::TypedValueParser for ServiceParser {
+    type Value = ServiceKind;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<ServiceKind, clap::Error> {
+        let text = value.to_string_lossy();
+        text.parse().map_err(|e: crate::model::UnknownService| {
+            clap::Error::raw(clap::error::ErrorKind::InvalidValue, format!("{e}\n")).with_cmd(cmd)
+        })
+    }
+
+    fn possible_values(
+        &self,
+    ) -> Option<Box<dyn Iterator<Item = clap::builder::PossibleValue> + '_>> {
+        Some(Box::new(ServiceKind::ALL.into_iter().map(|kind| {
+            clap::builder::PossibleValue::new(kind.as_str())
+        })))
+    }
 }
 
 impl Cli {
@@ -131,6 +190,7 @@ pub fn dispatch(cli: Cli) -> ExitCode {
             Command::DesktopSession(args) => crate::services::desktop::cli::run(args).await,
             Command::GuacamoleWeb(args) => crate::services::guacamole::cli::run(args).await,
             Command::Front(args) => crate::front::cli::run(args).await,
+            Command::Generate(args) => generate::run(args).await,
             Command::Shim => Ok(ExitCode::SUCCESS),
         }
     });
