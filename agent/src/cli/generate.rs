@@ -81,9 +81,23 @@ pub fn completion_file_name(shell: Shell) -> String {
     }
 }
 
+/// The command line without its internal subcommands: clap_complete offers hidden subcommands
+/// too, and `exoagent shim` or `front` typed by hand would only wait for a spec on stdin.
+fn without_internal_subcommands(cmd: clap::Command) -> clap::Command {
+    // Static strings: clap is built without its `string` feature.
+    let mut visible = clap::Command::new(BIN).version(env!("CARGO_PKG_VERSION"));
+    if let Some(about) = cmd.get_about() {
+        visible = visible.about(about.clone());
+    }
+    for arg in cmd.get_arguments() {
+        visible = visible.arg(arg.clone());
+    }
+    visible.subcommands(cmd.get_subcommands().filter(|s| !s.is_hide_set()).cloned())
+}
+
 /// The completion script for `shell`.
 pub fn completions(shell: Shell) -> Vec<u8> {
-    let mut cmd = Cli::command();
+    let mut cmd = without_internal_subcommands(Cli::command());
     let mut script = Vec::new();
     clap_complete::generate(shell, &mut cmd, BIN, &mut script);
     script
@@ -229,6 +243,9 @@ mod tests {
             assert_eq!(written, vec![dir.path().join(name)]);
             let text = std::fs::read_to_string(&written[0]).unwrap();
             assert!(text.contains("jupyterlab"), "{shell}: services offered");
+            for internal in ["shim", "desktop-session", "guacamole-web", "generate"] {
+                assert!(!text.contains(internal), "{shell} offers '{internal}'");
+            }
         }
     }
 }

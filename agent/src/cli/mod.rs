@@ -220,6 +220,34 @@ mod tests {
     }
 
     #[test]
+    fn service_arguments_offer_the_service_names() {
+        let names: Vec<&str> = ServiceKind::ALL.iter().map(|k| k.as_str()).collect();
+        let cmd = Cli::command();
+        let logs = cmd.find_subcommand("logs").unwrap();
+        let service = logs
+            .get_arguments()
+            .find(|a| a.get_id() == "service")
+            .unwrap();
+        let offered: Vec<String> = service
+            .get_possible_values()
+            .iter()
+            .map(|v| v.get_name().to_owned())
+            .collect();
+        assert_eq!(offered, names);
+        // `logs` leaves an unknown name to the agent (exit 1 per docs/contracts.md) ...
+        let cli = Cli::try_parse_from(["exoagent", "logs", "nope"]).unwrap();
+        assert!(matches!(cli.command, Command::Logs(args) if args.service == "nope"));
+        // ... `--service` refuses it as a usage error naming the known ones.
+        let err = Cli::try_parse_from(["exoagent", "bake", "--service", "nope"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("unknown service 'nope'"), "{err}");
+        let cli = Cli::try_parse_from(["exoagent", "bake", "--service", "rstudio"]).unwrap();
+        assert!(
+            matches!(cli.command, Command::Bake(args) if args.services == [ServiceKind::RStudio])
+        );
+    }
+
+    #[test]
     fn no_flag_can_carry_a_secret() {
         let mut names = Vec::new();
         let cmd = Cli::command();

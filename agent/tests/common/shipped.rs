@@ -63,6 +63,18 @@ pub fn assert_bash_completes_subcommands_and_services(script: &Path) {
     ] {
         assert!(offered.iter().any(|w| w == sub), "{sub}: {offered:?}");
     }
+    for internal in [
+        "shim",
+        "front",
+        "desktop-session",
+        "guacamole-web",
+        "generate",
+    ] {
+        assert!(
+            !offered.iter().any(|w| w == internal),
+            "{internal}: {offered:?}"
+        );
+    }
     let services = ["jupyterlab", "rstudio", "desktop", "guacamole"];
     for words in [
         &["exoagent", "logs", ""][..],
