@@ -1,7 +1,8 @@
 //! The .deb and .rpm from `installer/package/build.sh` (the release binary, the unit, the
 //! tmpfiles entry, man pages, completions, the vendor config directory), inspected with the
-//! real tools: `dpkg-deb` (files, control, maintainer scripts) and `rpm` (file list,
-//! scriptlets, requirements, an install into a scratch root). Both hold the same paths. The
+//! real tools: `dpkg-deb` (files, control, maintainer scripts), `dpkg --root … --unpack` into a
+//! scratch root, and `rpm` (file list, scriptlets, requirements, an install into a scratch
+//! root). Both hold the same paths. The
 //! maintainer scripts and scriptlets are run for real with the system tools they call replaced
 //! by recorders, in a mount namespace where `/run/systemd/system` exists (systemd is not PID 1
 //! here, and the host must not change): install enables without starting, an upgrade
@@ -180,6 +181,43 @@ fn the_deb_holds_the_agent_unit_pages_and_completions() {
             .path()
             .join("usr/share/bash-completion/completions/exoagent"),
     );
+}
+
+#[test]
+#[ignore = "builds the release binary and both packages; run by tests/run-all.sh"]
+fn the_deb_unpacks_into_a_scratch_root() {
+    // `--unpack` runs only a preinst (there is none): nothing runs on or changes the host.
+    let root = tempfile::tempdir().unwrap();
+    let dpkg_dir = root.path().join("var/lib/dpkg");
+    for dir in ["info", "updates"] {
+        fs::create_dir_all(dpkg_dir.join(dir)).unwrap();
+    }
+    for file in ["status", "available"] {
+        fs::write(dpkg_dir.join(file), "").unwrap();
+    }
+    let root_arg = format!("--root={}", root.path().display());
+    run_ok(
+        tool("dpkg")
+            .args([root_arg.as_str(), "--force-depends", "--unpack"])
+            .arg(&packages().deb),
+        "dpkg --root --unpack",
+    );
+    let owned = stdout(
+        tool("dpkg").args([root_arg.as_str(), "-L", "exoagent"]),
+        "dpkg -L",
+    );
+    for path in EXPECTED {
+        assert!(owned.lines().any(|l| l == *path), "{path}: {owned}");
+        assert!(
+            root.path().join(path.trim_start_matches('/')).is_file(),
+            "{path} did not land"
+        );
+    }
+    let mode = fs::metadata(root.path().join("usr/bin/exoagent"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o755);
 }
 
 #[test]
