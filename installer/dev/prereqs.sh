@@ -33,6 +33,7 @@ have pvcreate || need_apt+=(lvm2)
 have man || need_apt+=(man-db)
 have strip || need_apt+=(binutils)
 have unshare || need_apt+=(util-linux)
+have dpkg-shlibdeps || need_apt+=(dpkg-dev)   # cargo-deb works out the .deb's Depends with it
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "prereqs: please install as root: apt-get install -y ${need_apt[*]}" >&2
