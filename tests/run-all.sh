@@ -25,6 +25,12 @@ bash tests/openstack/up.sh
 # TigerVNC, Xfce, an sshd binary and the venv of the guacd test double (guacd itself cannot be
 # installed here), Chromium for the browser tests, nginx for the UAP (tests/uap/setup.sh).
 bash tests/browser/setup.sh
+# The .deb and .rpm from the release binary (the VM test below reuses that build); the pinned
+# packaging tools are built into ~/.cargo/bin the first time. agent/tests/packages.rs inspects
+# these very files during the cargo test below (without the variable it builds them itself).
+packages=$(bash installer/package/build.sh)
+EXOAGENT_PACKAGES_DIR=$(dirname "$(head -n 1 <<<"$packages")")
+export EXOAGENT_PACKAGES_DIR
 # --include-ignored: the suites that need the OpenStack harness are ignored by a plain
 # `cargo test` (docs/testing.md, "Fast loop"); here every test runs, none is skipped.
 cargo test --workspace --all-targets -- --test-threads=2 --include-ignored

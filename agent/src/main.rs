@@ -23,6 +23,7 @@ fn init_tracing(cli: &Cli) {
             | Command::Down(_)
             | Command::Userdata(_)
             | Command::Install(_)
+            | Command::Generate(_)
     );
     let default = match (cli.verbose, quiet_by_default) {
         (0, true) => "warn",

@@ -6,7 +6,8 @@
 //! After a good download the bootstrap runs the binary's `install` and asks systemd to start
 //! the unit; here the served binary is a stand-in script and `systemctl` a recorder (systemd
 //! is not PID 1 on this machine, and the host must not change). The real thing happens in the
-//! VM test.
+//! VM test. The package bootstrap is run the same way, with `apt-get` a recorder too (the
+//! packages themselves are inspected by `packages.rs`).
 
 mod common;
 
@@ -48,6 +49,17 @@ fn examples(clouds_yaml: &str) -> Vec<(&'static str, Vec<String>)> {
                 "--ssh-public-key",
                 "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExampleExampleExampleExampleExampleExample researcher@laptop",
                 "--no-os-updates",
+            ]),
+        ),
+        (
+            "bootstrap-package-jupyterlab.yaml",
+            owned(&[
+                "--delivery",
+                "bootstrap",
+                "--package-url",
+                "https://downloads.example.org/exoagent/0.1.0/exoagent_0.1.0-1_amd64.deb",
+                "--package-sha256",
+                SHA,
             ]),
         ),
         (
@@ -126,6 +138,21 @@ fn bad_choices_exit_2_naming_the_option() {
             "--binary-sha256",
         ),
         (vec!["--service", "notaservice"], "unknown service"),
+        (
+            vec![
+                "--delivery",
+                "bootstrap",
+                "--package-url",
+                "https://x/exoagent",
+                "--package-sha256",
+                SHA,
+            ],
+            "--package-format",
+        ),
+        (
+            vec!["--package-url", "https://x/a.deb"],
+            "only with --delivery bootstrap",
+        ),
         (
             vec!["--clouds-yaml", "/nonexistent/clouds.yaml"],
             "--clouds-yaml",
@@ -253,4 +280,155 @@ fn the_bootstrap_installs_only_a_binary_with_the_right_checksum() {
     assert_eq!(mode & 0o777, 0o755);
     let served_bytes = fs::read(served.path().join("exoagent")).unwrap();
     assert_eq!(fs::read(&target).unwrap(), served_bytes);
+}
+
+/// The package bootstrap from the rendered userdata, run for real against a loopback HTTP
+/// server with `apt-get` and `systemctl` recorders: a wrong checksum runs no package tool and
+/// leaves no download behind; the right one hands apt-get the file byte for byte, then starts
+/// the unit.
+#[test]
+fn the_package_bootstrap_installs_only_a_package_with_the_right_checksum() {
+    use std::os::unix::fs::PermissionsExt;
+    let served = tempfile::tempdir().unwrap();
+    let package_bytes = b"!<arch>\nnot really a deb, apt-get is a recorder here\n";
+    fs::write(
+        served.path().join("exoagent_0.1.0-1_amd64.deb"),
+        package_bytes,
+    )
+    .unwrap();
+    let port = common::free_port();
+    let mut server = Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            "--bind",
+            "127.0.0.1",
+            &port.to_string(),
+        ])
+        .current_dir(served.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}/exoagent_0.1.0-1_amd64.deb");
+    let rendered = userdata(&[
+        "--delivery",
+        "bootstrap",
+        "--package-url",
+        &url,
+        "--package-sha256",
+        SHA,
+    ]);
+    let doc: serde_yaml::Value = serde_yaml::from_str(&rendered).unwrap();
+    let argv: Vec<String> = doc["runcmd"][0]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(argv[6], "deb", "the format comes from the URL");
+    for _ in 0..50 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // Recorders for the package tool and systemd; apt-get keeps a copy of what it was given.
+    let bin = tempfile::tempdir().unwrap();
+    let calls = bin.path().join("calls");
+    let got = bin.path().join("got.deb");
+    for tool in ["apt-get", "dnf", "rpm", "systemctl"] {
+        let stub = bin.path().join(tool);
+        fs::write(
+            &stub,
+            format!(
+                "#!/bin/sh\necho \"{tool} $*\" >> '{calls}'\n\
+                 if [ {tool} = apt-get ]; then for last; do :; done; cp \"$last\" '{got}'; fi\n",
+                calls = calls.display(),
+                got = got.display()
+            ),
+        )
+        .unwrap();
+        fs::set_permissions(&stub, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let path = format!(
+        "{}:{}",
+        bin.path().display(),
+        std::env::var("PATH").unwrap()
+    );
+    let work = tempfile::tempdir().unwrap();
+    let bootstrap = |sum: &str| {
+        // The rendered argv with the checksum and the work directory replaced.
+        let mut args = argv[1..].to_vec();
+        args[4] = sum.to_owned();
+        args[6] = work.path().to_str().unwrap().to_owned();
+        Command::new(&argv[0])
+            .args(&args)
+            .env("no_proxy", "127.0.0.1")
+            .env("PATH", &path)
+            .output()
+            .unwrap()
+    };
+    let out = bootstrap(SHA);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("did NOT match"),
+        "refused for the checksum: {stderr}"
+    );
+    assert!(
+        !calls.exists(),
+        "a package tool or systemctl ran on an unverified download"
+    );
+    assert_eq!(
+        fs::read_dir(work.path()).unwrap().count(),
+        0,
+        "download left behind"
+    );
+
+    let listed = Command::new("sha256sum")
+        .arg(served.path().join("exoagent_0.1.0-1_amd64.deb"))
+        .output()
+        .unwrap()
+        .stdout;
+    let listed = String::from_utf8(listed).unwrap();
+    let real_sum = listed.split_whitespace().next().unwrap();
+    let out = bootstrap(real_sum);
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let recorded = fs::read_to_string(&calls).unwrap();
+    let lines: Vec<&str> = recorded.lines().collect();
+    assert_eq!(lines.len(), 3, "{recorded}");
+    assert!(
+        lines[0].starts_with(
+            "apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends /"
+        ),
+        "{recorded}"
+    );
+    assert!(
+        lines[0].ends_with("/exoagent.deb"),
+        "an absolute path to a .deb: {recorded}"
+    );
+    assert_eq!(
+        lines[1..],
+        [
+            "systemctl daemon-reload",
+            "systemctl enable --now exoagent.service"
+        ]
+    );
+    assert_eq!(
+        fs::read(&got).unwrap(),
+        package_bytes,
+        "apt-get got the verified bytes"
+    );
+    assert_eq!(
+        fs::read_dir(work.path()).unwrap().count(),
+        0,
+        "the download is removed after the install"
+    );
 }

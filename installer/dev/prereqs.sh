@@ -28,6 +28,12 @@ have blkid || need_apt+=(util-linux)     # blkid, wipefs, losetup, partx, mount
 have sfdisk || need_apt+=(fdisk)
 have mkfs.ext4 || need_apt+=(e2fsprogs)
 have pvcreate || need_apt+=(lvm2)
+# The packages (installer/package/build.sh, agent/tests/packages.rs): man renders the generated
+# pages, strip the shipped binary, rpm (above) inspects and installs the .rpm into a scratch root.
+have man || need_apt+=(man-db)
+have strip || need_apt+=(binutils)
+have unshare || need_apt+=(util-linux)
+have dpkg-shlibdeps || need_apt+=(dpkg-dev)   # cargo-deb works out the .deb's Depends with it
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "prereqs: please install as root: apt-get install -y ${need_apt[*]}" >&2

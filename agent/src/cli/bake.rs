@@ -14,7 +14,7 @@ use crate::paths::Paths;
 #[derive(Debug, Args)]
 pub struct BakeArgs {
     /// A service to bake (repeatable); default: those enabled in the configuration.
-    #[arg(long = "service", value_name = "NAME")]
+    #[arg(long = "service", value_name = "NAME", value_parser = crate::cli::ServiceParser)]
     pub services: Vec<ServiceKind>,
 }
 

@@ -13,6 +13,7 @@ use crate::cli::status::{EXIT_ERROR, EXIT_UNREACHABLE};
 #[derive(Debug, Args)]
 pub struct LogsArgs {
     /// The service, e.g. jupyterlab.
+    #[arg(value_parser = crate::cli::ServiceNameParser)]
     pub service: String,
     /// How many lines from the end (1 to 10000).
     #[arg(short = 'n', long, default_value_t = 100,

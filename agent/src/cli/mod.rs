@@ -2,6 +2,7 @@
 
 pub mod bake;
 pub mod down;
+pub mod generate;
 pub mod install;
 pub mod logs;
 pub mod rotate_token;
@@ -17,6 +18,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::model::ServiceKind;
 use crate::paths::Paths;
 
 /// exoagent: installs, supervises and reports a research instance's services.
@@ -69,6 +71,63 @@ pub enum Command {
     /// Internal: the per-service process shim.
     #[command(hide = true)]
     Shim,
+    /// Internal: man pages and shell completions from these definitions (for packaging).
+    #[command(hide = true)]
+    Generate(generate::GenerateArgs),
+}
+
+/// Service names as arguments: parsed by `ServiceKind`'s own `FromStr` (whose error names the
+/// known services) and offered as possible values, so `--help` and the shell completions list
+/// them.
+#[derive(Debug, Clone, Copy)]
+pub struct ServiceParser;
+
+/// A service name passed on as written (the agent judges it: `exoagent logs` exits 1 for an
+/// unknown one, per docs/contracts.md), with the known names offered like [`ServiceParser`].
+#[derive(Debug, Clone, Copy)]
+pub struct ServiceNameParser;
+
+impl clap::builder::TypedValueParser for ServiceNameParser {
+    type Value = String;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<String, clap::Error> {
+        clap::builder::StringValueParser::new().parse_ref(cmd, arg, value)
+    }
+
+    fn possible_values(
+        &self,
+    ) -> Option<Box<dyn Iterator<Item = clap::builder::PossibleValue> + '_>> {
+        ServiceParser.possible_values()
+    }
+}
+
+impl clap::builder::TypedValueParser for ServiceParser {
+    type Value = ServiceKind;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<ServiceKind, clap::Error> {
+        let text = value.to_string_lossy();
+        text.parse().map_err(|e: crate::model::UnknownService| {
+            clap::Error::raw(clap::error::ErrorKind::InvalidValue, format!("{e}\n")).with_cmd(cmd)
+        })
+    }
+
+    fn possible_values(
+        &self,
+    ) -> Option<Box<dyn Iterator<Item = clap::builder::PossibleValue> + '_>> {
+        Some(Box::new(ServiceKind::ALL.into_iter().map(|kind| {
+            clap::builder::PossibleValue::new(kind.as_str())
+        })))
+    }
 }
 
 impl Cli {
@@ -131,6 +190,7 @@ pub fn dispatch(cli: Cli) -> ExitCode {
             Command::DesktopSession(args) => crate::services::desktop::cli::run(args).await,
             Command::GuacamoleWeb(args) => crate::services::guacamole::cli::run(args).await,
             Command::Front(args) => crate::front::cli::run(args).await,
+            Command::Generate(args) => generate::run(args).await,
             Command::Shim => Ok(ExitCode::SUCCESS),
         }
     });
@@ -157,6 +217,34 @@ mod tests {
     #[test]
     fn parser_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn service_arguments_offer_the_service_names() {
+        let names: Vec<&str> = ServiceKind::ALL.iter().map(|k| k.as_str()).collect();
+        let cmd = Cli::command();
+        let logs = cmd.find_subcommand("logs").unwrap();
+        let service = logs
+            .get_arguments()
+            .find(|a| a.get_id() == "service")
+            .unwrap();
+        let offered: Vec<String> = service
+            .get_possible_values()
+            .iter()
+            .map(|v| v.get_name().to_owned())
+            .collect();
+        assert_eq!(offered, names);
+        // `logs` leaves an unknown name to the agent (exit 1 per docs/contracts.md) ...
+        let cli = Cli::try_parse_from(["exoagent", "logs", "nope"]).unwrap();
+        assert!(matches!(cli.command, Command::Logs(args) if args.service == "nope"));
+        // ... `--service` refuses it as a usage error naming the known ones.
+        let err = Cli::try_parse_from(["exoagent", "bake", "--service", "nope"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("unknown service 'nope'"), "{err}");
+        let cli = Cli::try_parse_from(["exoagent", "bake", "--service", "rstudio"]).unwrap();
+        assert!(
+            matches!(cli.command, Command::Bake(args) if args.services == [ServiceKind::RStudio])
+        );
     }
 
     #[test]

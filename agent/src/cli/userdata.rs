@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Args, ValueEnum};
 
 use crate::delivery::exosphere;
-use crate::delivery::userdata::{render, Choices, Delivery};
+use crate::delivery::userdata::{render, Choices, Delivery, PackageFormat};
 use crate::model::ServiceKind;
 
 /// How the agent reaches the instance.
@@ -15,8 +15,18 @@ use crate::model::ServiceKind;
 pub enum DeliveryArg {
     /// The image already has exoagent and its unit.
     Baked,
-    /// A stock image: download the binary at boot and check its SHA-256.
+    /// A stock image: download the binary (or a .deb/.rpm package) at boot and check its
+    /// SHA-256.
     Bootstrap,
+}
+
+/// Which package tool installs a bootstrap's package.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum PackageFormatArg {
+    /// A .deb, installed with apt-get.
+    Deb,
+    /// An .rpm, installed with dnf (rpm without it).
+    Rpm,
 }
 
 /// Arguments of `exoagent userdata`.
@@ -31,8 +41,19 @@ pub struct UserdataArgs {
     /// With `--delivery bootstrap`: the binary's SHA-256.
     #[arg(long, value_name = "HEX")]
     pub binary_sha256: Option<String>,
+    /// With `--delivery bootstrap`, instead of a binary: where to download exoagent's .deb or
+    /// .rpm, installed with the distribution's package tool.
+    #[arg(long, value_name = "URL", conflicts_with = "binary_url")]
+    pub package_url: Option<String>,
+    /// With `--package-url`: the package's SHA-256.
+    #[arg(long, value_name = "HEX", conflicts_with = "binary_sha256")]
+    pub package_sha256: Option<String>,
+    /// With `--package-url`: deb or rpm (default: from the URL's extension).
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub package_format: Option<PackageFormatArg>,
     /// A service to enable (repeatable).
-    #[arg(long = "service", value_name = "NAME", default_value = "jupyterlab")]
+    #[arg(long = "service", value_name = "NAME", default_value = "jupyterlab",
+          value_parser = crate::cli::ServiceParser)]
     pub services: Vec<ServiceKind>,
     /// A clouds.yaml to install, so the agent reports to Nova (keep it restricted: see
     /// docs/openstack.md).
@@ -58,15 +79,9 @@ pub struct UserdataArgs {
 
 /// Render and print; exit 2 with the offending option on bad input.
 pub async fn run(args: UserdataArgs) -> anyhow::Result<ExitCode> {
-    let delivery = match (args.delivery, args.binary_url, args.binary_sha256) {
-        (DeliveryArg::Baked, None, None) => Delivery::Baked,
-        (DeliveryArg::Baked, _, _) => {
-            return usage("--binary-url/--binary-sha256: only with --delivery bootstrap")
-        }
-        (DeliveryArg::Bootstrap, Some(url), Some(sha256)) => Delivery::Bootstrap { url, sha256 },
-        (DeliveryArg::Bootstrap, _, _) => {
-            return usage("--delivery bootstrap needs --binary-url and --binary-sha256")
-        }
+    let delivery = match delivery(&args) {
+        Ok(delivery) => delivery,
+        Err(message) => return usage(&message),
     };
     if args.exosphere_template {
         return match exosphere::template(&delivery) {
@@ -97,6 +112,44 @@ pub async fn run(args: UserdataArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => usage(&e.to_string()),
+    }
+}
+
+/// The delivery the options describe, or what is wrong with them.
+fn delivery(args: &UserdataArgs) -> Result<Delivery, String> {
+    let binary = (args.binary_url.clone(), args.binary_sha256.clone());
+    let package = (args.package_url.clone(), args.package_sha256.clone());
+    match (args.delivery, binary, package) {
+        (DeliveryArg::Baked, (None, None), (None, None)) if args.package_format.is_none() => {
+            Ok(Delivery::Baked)
+        }
+        (DeliveryArg::Baked, _, _) => Err(
+            "--binary-url/--binary-sha256/--package-url/--package-sha256/--package-format: \
+             only with --delivery bootstrap"
+                .into(),
+        ),
+        (DeliveryArg::Bootstrap, (Some(url), Some(sha256)), (None, None))
+            if args.package_format.is_none() =>
+        {
+            Ok(Delivery::Bootstrap { url, sha256 })
+        }
+        (DeliveryArg::Bootstrap, (None, None), (Some(url), Some(sha256))) => {
+            let format = match args.package_format {
+                Some(PackageFormatArg::Deb) => PackageFormat::Deb,
+                Some(PackageFormatArg::Rpm) => PackageFormat::Rpm,
+                None => PackageFormat::from_url(&url).ok_or_else(|| {
+                    format!("--package-format: '{url}' ends in neither .deb nor .rpm; say which")
+                })?,
+            };
+            Ok(Delivery::Package {
+                url,
+                sha256,
+                format,
+            })
+        }
+        (DeliveryArg::Bootstrap, _, _) => Err("--delivery bootstrap needs --binary-url and \
+             --binary-sha256, or --package-url and --package-sha256"
+            .into()),
     }
 }
 

@@ -103,6 +103,11 @@ mod tests {
                 url: "https://example.org/exoagent".into(),
                 sha256: "ab".repeat(32),
             },
+            Delivery::Package {
+                url: "https://example.org/exoagent_0.1.0-1_amd64.deb".into(),
+                sha256: "ab".repeat(32),
+                format: super::super::userdata::PackageFormat::Deb,
+            },
         ] {
             let text = template(&delivery).unwrap();
             for placeholder in PLACEHOLDERS {

@@ -41,6 +41,67 @@ trap - EXIT
 systemctl daemon-reload && systemctl enable --now exoagent.service || fail bootstrap-start
 "#;
 
+/// Where the package bootstrap downloads to (a private directory made by `mktemp -d` inside).
+pub const BOOTSTRAP_WORK_DIR: &str = "/var/tmp";
+
+/// The package bootstrap, run as `sh -c SCRIPT exoagent-bootstrap-package URL SHA256 FORMAT
+/// WORKDIR`: like [`BOOTSTRAP_SCRIPT`] every value is an argument, and the package is checked
+/// against its SHA-256 before any package tool sees it. apt-get (waiting for the lock that
+/// cloud-init or unattended-upgrades may hold) or dnf install it with its dependencies; the
+/// package enables the unit without starting it (installer/package/), so this starts it.
+const PACKAGE_BOOTSTRAP_SCRIPT: &str = r#"set -u
+url="$1"; sum="$2"; format="$3"; work="$4"
+if [ -x /usr/bin/exoagent ]; then
+  exec systemctl start --no-block exoagent.service
+fi
+fail() {
+  printf '{"status":"error","epoch":%s000,"step":"bootstrap","reason":"%s"}\n' "$(date +%s)" "$1" >/dev/console 2>/dev/null || true
+  exit 1
+}
+dir="$(mktemp -d "$work/exoagent-bootstrap.XXXXXX")" || fail bootstrap-tempfile
+trap 'rm -rf "$dir"' EXIT
+pkg="$dir/exoagent.$format"
+curl -fsSL --retry 5 --retry-delay 3 --retry-connrefused -o "$pkg" "$url" || fail bootstrap-download
+printf '%s  %s\n' "$sum" "$pkg" | sha256sum -c --quiet - || fail bootstrap-checksum
+case "$format" in
+  deb) DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends "$pkg" ;;
+  rpm) if command -v dnf >/dev/null 2>&1; then dnf install -y -q "$pkg"; else rpm -U "$pkg"; fi ;;
+  *) false ;;
+esac || fail bootstrap-install
+systemctl daemon-reload && systemctl enable --now exoagent.service || fail bootstrap-start
+"#;
+
+/// The kind of package a bootstrap installs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PackageFormat {
+    /// A `.deb`, installed with apt-get (Debian, Ubuntu).
+    Deb,
+    /// An `.rpm`, installed with dnf, else rpm (Rocky, Alma).
+    Rpm,
+}
+
+impl PackageFormat {
+    /// The file extension and the script's format argument.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Deb => "deb",
+            Self::Rpm => "rpm",
+        }
+    }
+
+    /// The format a URL's path ends in (`….deb`, `….rpm`; query and fragment ignored).
+    pub fn from_url(url: &str) -> Option<Self> {
+        let path = url.split(['?', '#']).next().unwrap_or(url);
+        if path.ends_with(".deb") {
+            Some(Self::Deb)
+        } else if path.ends_with(".rpm") {
+            Some(Self::Rpm)
+        } else {
+            None
+        }
+    }
+}
+
 /// How the agent gets onto the instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Delivery {
@@ -52,6 +113,16 @@ pub enum Delivery {
         url: String,
         /// Its SHA-256, 64 hex digits.
         sha256: String,
+    },
+    /// A stock image: download the `.deb` or `.rpm` from `url`, check `sha256`, install it with
+    /// the distribution's package tool, start the unit.
+    Package {
+        /// Where the package is (https, or http: the checksum protects it either way).
+        url: String,
+        /// Its SHA-256, 64 hex digits.
+        sha256: String,
+        /// Which package tool installs it.
+        format: PackageFormat,
     },
 }
 
@@ -133,23 +204,26 @@ pub fn config_drop_in(choices: &Choices) -> Result<String, UserdataError> {
 
 /// Check a bootstrap's URL and checksum.
 pub(crate) fn check_delivery(delivery: &Delivery) -> Result<(), UserdataError> {
-    if let Delivery::Bootstrap { url, sha256 } = delivery {
-        let scheme_ok = url.starts_with("https://") || url.starts_with("http://");
-        if !scheme_ok || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(invalid(
-                "--binary-url",
-                format!("'{url}' is not an http(s) URL without spaces"),
-            ));
-        }
-        if sha256.len() != 64 || !sha256.chars().all(|c| c.is_ascii_hexdigit()) {
-            return Err(invalid("--binary-sha256", "must be 64 hexadecimal digits"));
-        }
+    let (url, sha256, url_option, sha_option) = match delivery {
+        Delivery::Baked => return Ok(()),
+        Delivery::Bootstrap { url, sha256 } => (url, sha256, "--binary-url", "--binary-sha256"),
+        Delivery::Package { url, sha256, .. } => (url, sha256, "--package-url", "--package-sha256"),
+    };
+    let scheme_ok = url.starts_with("https://") || url.starts_with("http://");
+    if !scheme_ok || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(invalid(
+            url_option,
+            format!("'{url}' is not an http(s) URL without spaces"),
+        ));
+    }
+    if sha256.len() != 64 || !sha256.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(invalid(sha_option, "must be 64 hexadecimal digits"));
     }
     Ok(())
 }
 
-/// The `runcmd` entry that starts the agent: baked, ask systemd; bootstrap, the checked
-/// download with URL and checksum as arguments.
+/// The `runcmd` entry that starts the agent: baked, ask systemd; bootstrap and package, the
+/// checked download with URL and checksum as arguments.
 pub(crate) fn bootstrap_command(delivery: &Delivery) -> Value {
     match delivery {
         // The unit is enabled in the image and ordered after cloud-init's config stage; starting
@@ -163,6 +237,20 @@ pub(crate) fn bootstrap_command(delivery: &Delivery) -> Value {
             url,
             sha256,
             BOOTSTRAP_BINARY,
+        ]),
+        Delivery::Package {
+            url,
+            sha256,
+            format,
+        } => argv(&[
+            "sh",
+            "-c",
+            PACKAGE_BOOTSTRAP_SCRIPT,
+            "exoagent-bootstrap-package",
+            url,
+            sha256,
+            format.as_str(),
+            BOOTSTRAP_WORK_DIR,
         ]),
     }
 }
@@ -302,6 +390,90 @@ mod tests {
             .unwrap_err()
             .to_string()
             .starts_with("--cloud-name:"));
+    }
+
+    fn package(url: &str, format: PackageFormat) -> Delivery {
+        Delivery::Package {
+            url: url.into(),
+            sha256: "cd".repeat(32),
+            format,
+        }
+    }
+
+    #[test]
+    fn package_bootstrap_passes_every_value_as_an_argument() {
+        let url = "https://example.org/exoagent_0.1.0-1_amd64.deb?x=$(reboot)'";
+        let text = render(&choices(package(url, PackageFormat::Deb))).unwrap();
+        assert!(text.starts_with("#cloud-config\n"));
+        let doc: Value = serde_yaml::from_str(&text).unwrap();
+        let cmd: Vec<&str> = doc["runcmd"][0]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert_eq!(cmd[..2], ["sh", "-c"]);
+        assert_eq!(cmd[2], PACKAGE_BOOTSTRAP_SCRIPT);
+        assert_eq!(
+            cmd[3..],
+            [
+                "exoagent-bootstrap-package",
+                url,
+                "cd".repeat(32).as_str(),
+                "deb",
+                BOOTSTRAP_WORK_DIR
+            ]
+        );
+        assert!(!cmd[2].contains("example.org"));
+        // The drop-in and the rest are the same as for the other deliveries.
+        assert_eq!(doc["write_files"][0]["path"], CONFIG_DROP_IN);
+    }
+
+    #[test]
+    fn the_package_is_checked_before_any_package_tool_sees_it() {
+        let script = PACKAGE_BOOTSTRAP_SCRIPT;
+        let checked = script.find("sha256sum -c").unwrap();
+        for tool in ["apt-get", "dnf", "rpm -U", "systemctl daemon-reload"] {
+            let at = script.find(tool).unwrap();
+            assert!(checked < at, "{tool} before the checksum");
+        }
+        assert!(script.contains("|| fail bootstrap-checksum"));
+        // Inside double quotes wherever used: no word splitting or globbing of outside values.
+        for line in script.lines() {
+            for var in ["$url", "$sum", "$pkg", "$format"] {
+                for (at, _) in line.match_indices(var) {
+                    let quotes = line[..at].matches('"').count();
+                    assert!(quotes % 2 == 1, "{var} unquoted in: {line}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_format_comes_from_the_url() {
+        assert_eq!(
+            PackageFormat::from_url("https://x/exoagent_0.1.0-1_amd64.deb"),
+            Some(PackageFormat::Deb)
+        );
+        assert_eq!(
+            PackageFormat::from_url("https://x/exoagent-0.1.0-1.x86_64.rpm?sig=1#f"),
+            Some(PackageFormat::Rpm)
+        );
+        assert_eq!(PackageFormat::from_url("https://x/exoagent"), None);
+        assert_eq!(PackageFormat::from_url("https://x/a.deb/b"), None);
+    }
+
+    #[test]
+    fn bad_package_choices_name_the_package_options() {
+        let err = render(&choices(package("ftp://x/a.deb", PackageFormat::Deb))).unwrap_err();
+        assert!(err.to_string().starts_with("--package-url:"), "{err}");
+        let err = render(&choices(Delivery::Package {
+            url: "https://x/a.rpm".into(),
+            sha256: "nothex".into(),
+            format: PackageFormat::Rpm,
+        }))
+        .unwrap_err();
+        assert!(err.to_string().starts_with("--package-sha256:"), "{err}");
     }
 
     #[test]

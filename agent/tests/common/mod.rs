@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test crate uses a different part
 
 pub mod hostile;
+pub mod shipped;
 
 use std::fs;
 use std::net::TcpListener;
