@@ -17,6 +17,17 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// "12s ago", "3m ago", "2h ago", "4d ago": how long ago `since_ms` was at `now_ms`.
+pub fn relative(since_ms: u64, now_ms: u64) -> String {
+    let secs = now_ms.saturating_sub(since_ms) / 1000;
+    match secs {
+        0..=59 => format!("{secs}s ago"),
+        60..=3599 => format!("{}m ago", secs / 60),
+        3600..=86_399 => format!("{}h ago", secs / 3600),
+        _ => format!("{}d ago", secs / 86_400),
+    }
+}
+
 /// Why something failed or degraded: a short stable `code` (fits a 60-character tag) and a
 /// human-readable `detail` (already free of secrets).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -416,6 +416,7 @@ mod tests {
             private_cloud_init_logs: true,
             default_user_group: true,
             base_packages: true,
+            login_banner: true,
         };
         assert_eq!(loaded.settings.host, all_on);
         // ...and an operator's drop-in still turns any of it off.
@@ -624,6 +625,7 @@ mount_root = "/mnt/vols"
                     private_cloud_init_logs: false,
                     default_user_group: false,
                     base_packages: true,
+                    login_banner: true,
                 },
                 volumes: VolumeSettings {
                     automount: true,

@@ -1,0 +1,127 @@
+//! The login banner (`exoagent motd`), the real binary: against a sandbox agent whose service
+//! failed (the state, the reason, the command to see more), against no agent, a stale socket
+//! and an agent that accepts but never answers (one line each, in time), always exit 0 and
+//! nothing on stderr. How long it takes is measured by `bench/login-banner.sh`, not here.
+
+mod common;
+
+use std::os::unix::net::UnixListener;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{exe, Sandbox};
+
+/// A service that fails at once in the sandbox: no usable Python.
+const FAILING: &str = r#"
+[services.jupyterlab]
+enabled = true
+bind = "127.0.0.1"
+port = @PORT@
+python = "/bin/false"
+"#;
+
+fn motd(sandbox_dir: &std::path::Path) -> (Output, Duration) {
+    let started = Instant::now();
+    let out = Command::new(exe())
+        .arg("--sandbox-dir")
+        .arg(sandbox_dir)
+        .arg("motd")
+        // A user's own log settings must not leak log lines into the banner.
+        .env("EXOAGENT_LOG", "trace")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (out, started.elapsed())
+}
+
+fn assert_clean(out: &Output) -> String {
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        out.stderr.is_empty(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout.clone()).unwrap();
+    assert!(
+        !text.chars().any(|c| c.is_control() && c != '\n'),
+        "{text:?}"
+    );
+    text
+}
+
+#[test]
+fn a_running_agent_shows_the_state_the_failure_and_the_command() {
+    let mut sandbox = Sandbox::new(FAILING);
+    sandbox.start_agent();
+    let out = sandbox.cli(&["status", "--wait", "--timeout", "60s"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "setup did not end in error: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        sandbox.agent_output()
+    );
+    let (out, _) = motd(sandbox.root());
+    let text = assert_clean(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines[0].starts_with("exoagent setup: error (since "),
+        "{text}"
+    );
+    assert_eq!(lines[1], "  failed step: jupyterlab", "{text}");
+    assert_eq!(
+        lines[2],
+        format!(
+            "  jupyterlab  failed      http://127.0.0.1:{}/",
+            sandbox.port
+        ),
+        "{text}"
+    );
+    assert!(
+        lines[3]
+            .trim_start()
+            .starts_with("service-install-failed: "),
+        "{text}"
+    );
+    assert_eq!(lines[4], "  more: exoagent status", "{text}");
+    assert_eq!(lines.len(), 5, "{text}");
+    // No secret: the passphrase is nowhere in it.
+    assert!(!text.contains(&sandbox.passphrase()), "{text}");
+}
+
+#[test]
+fn no_agent_is_one_line_and_no_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, _) = motd(dir.path());
+    assert_eq!(
+        assert_clean(&out),
+        "exoagent is not running (sudo systemctl status exoagent)\n"
+    );
+
+    // A socket left behind by an agent that died (/run/exoagent is preserved across restarts).
+    let run = dir.path().join("run/exoagent");
+    std::fs::create_dir_all(&run).unwrap();
+    drop(UnixListener::bind(run.join("exoagent.sock")).unwrap());
+    assert!(run.join("exoagent.sock").exists());
+    let (out, _) = motd(dir.path());
+    assert_eq!(
+        assert_clean(&out),
+        "exoagent is not running (sudo systemctl status exoagent)\n"
+    );
+}
+
+#[test]
+fn an_agent_that_never_answers_does_not_hold_the_login() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run/exoagent");
+    std::fs::create_dir_all(&run).unwrap();
+    // Accepts (the kernel does, into the backlog) and never answers.
+    let _listener = UnixListener::bind(run.join("exoagent.sock")).unwrap();
+    let (out, took) = motd(dir.path());
+    assert_eq!(
+        assert_clean(&out),
+        "exoagent did not answer in time (exoagent status shows the setup state)\n"
+    );
+    // Not a timing benchmark: only that the deadline, not the API client's 10 s, applies.
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+}
