@@ -91,7 +91,9 @@ pub async fn run_with(
     let client = ApiClient::new(socket);
     let started = Instant::now();
     let deadline = args.timeout.map(|t| started + t);
-    let mut unit_checked: Option<Instant> = None;
+    // First asked 2 s in: a start job queued just before (`systemctl start --no-block`) still
+    // shows the unit's previous `failed` until systemd runs it.
+    let mut unit_checked = started;
     loop {
         let answer = client.status().await;
         let timed_out = deadline.is_some_and(|d| Instant::now() >= d);
@@ -119,8 +121,8 @@ pub async fn run_with(
                     return Ok(ExitCode::from(EXIT_UNREACHABLE));
                 }
                 if let Some(systemctl) = systemctl {
-                    if !unit_checked.is_some_and(|at| at.elapsed() < UNIT_CHECK_INTERVAL) {
-                        unit_checked = Some(Instant::now());
+                    if unit_checked.elapsed() >= UNIT_CHECK_INTERVAL {
+                        unit_checked = Instant::now();
                         let why = match unit_state(systemctl).await {
                             UnitState::Pending => None,
                             UnitState::Failed => Some("has failed and will not be restarted"),
