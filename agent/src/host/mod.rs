@@ -39,7 +39,8 @@ pub const MOTD_HOOK: &str = "etc/update-motd.d/60-exoagent";
 /// user who logs in.
 pub const PROFILE_HOOK: &str = "etc/profile.d/exoagent.sh";
 
-/// The first line of both hooks: what marks a file as exoagent's to replace or remove.
+/// The header line of both hooks (the first, or the second after `#!`): what marks a file as
+/// exoagent's to replace or remove.
 const HOOK_HEADER: &str = "# Written by exoagent ([host] login_banner";
 
 /// The hook for `family` calling `exe`: its path under the root, contents and mode. `exe` must
@@ -66,11 +67,20 @@ pub fn login_hook(family: Family, exe: &Path) -> Option<(&'static str, String, u
             PROFILE_HOOK,
             format!(
                 "{HOOK_HEADER}; false removes it.)\n\
-                 # The setup state at login. Interactive shells only: scp, rsync and scripts see\n\
-                 # nothing. `exoagent motd` answers within 100 ms and exits 0.\n\
+                 # The setup state at login. Interactive login shells only: scp, rsync and\n\
+                 # scripts see nothing, and neither does every new terminal (EL's bashrc sources\n\
+                 # profile.d in non-login shells too). `exoagent motd` answers within 100 ms.\n\
                  case $- in\n\
-                 \x20 *i*) [ -x {exe} ] && {exe} motd ;;\n\
-                 esac\n"
+                 \x20 *i*)\n\
+                 \x20   if [ -x {exe} ]; then\n\
+                 \x20     if [ -n \"${{BASH_VERSION-}}\" ]; then\n\
+                 \x20       if shopt -q login_shell; then {exe} motd; fi\n\
+                 \x20     else\n\
+                 \x20       case $0 in -*) {exe} motd ;; esac\n\
+                 \x20     fi\n\
+                 \x20   fi ;;\n\
+                 esac\n\
+                 :\n"
             ),
             0o644,
         ),

@@ -264,7 +264,7 @@ fn the_debian_hook_is_an_executable_update_motd_script_that_runs_the_banner() {
 }
 
 #[test]
-fn the_el_hook_speaks_to_interactive_shells_only() {
+fn the_el_hook_speaks_to_interactive_login_shells_only() {
     let root = tempfile::tempdir().unwrap();
     let host = Host::new(root.path());
     let exe = stub_exe(&root.path().join("usr/bin"), "exoagent");
@@ -277,15 +277,25 @@ fn the_el_hook_speaks_to_interactive_shells_only() {
     assert_eq!(mode(&hook), 0o644, "sourced, not run");
     assert!(!root.path().join(MOTD_HOOK).exists());
     let source = format!(". '{}'", hook.display());
-    let (out, ok) = shell(&["sh", "-c", &source]);
-    assert!(ok);
-    assert_eq!(
-        out, "",
-        "a non-interactive shell (scp, scripts) sees nothing"
-    );
-    let (out, ok) = shell(&["sh", "-i", "-c", &source]);
-    assert!(ok);
-    assert_eq!(out, "banner: motd\n");
+    for (argv, shown) in [
+        // Non-interactive (scp, rsync, `ssh host command`, scripts): nothing.
+        (vec!["sh", "-c", &source], false),
+        (vec!["bash", "--login", "--noprofile", "-c", &source], false),
+        // Interactive but not a login (a new terminal; EL's bashrc sources profile.d): nothing.
+        (vec!["sh", "-i", "-c", &source], false),
+        (vec!["bash", "--norc", "-i", "-c", &source], false),
+        // A login: bash knows; sh's login shells are named "-sh".
+        (
+            vec!["bash", "--login", "--noprofile", "-i", "-c", &source],
+            true,
+        ),
+        (vec!["sh", "-i", "-c", &source, "-sh"], true),
+    ] {
+        let (out, ok) = shell(&argv);
+        assert!(ok, "{argv:?}: the sourced hook must end with status 0");
+        let expected = if shown { "banner: motd\n" } else { "" };
+        assert_eq!(out, expected, "{argv:?}");
+    }
 }
 
 #[test]
