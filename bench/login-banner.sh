@@ -29,9 +29,14 @@ python = "/bin/false"
 TOML
 "$bin" sandbox "$up" >"$up/agent.stdout" 2>"$up/agent.stderr" &
 agent=$!
-# Accepts connections (into the backlog) and never answers.
-python3 -c 'import socket,sys,time; s=socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(64); time.sleep(3600)' \
-  "$hung/run/exoagent/exoagent.sock" &
+# Accepts every connection, holds it, and never answers (a hung agent).
+python3 -c '
+import socket, sys
+s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(64)
+held = []
+while True:
+    held.append(s.accept()[0])
+' "$hung/run/exoagent/exoagent.sock" &
 silent=$!
 hogs=()
 cleanup() {
@@ -44,13 +49,16 @@ trap cleanup EXIT
 "$bin" --sandbox-dir "$up" status --wait --timeout 60s >/dev/null || true   # ends in error
 "$bin" --sandbox-dir "$up" motd
 
-hyperfine -N --warmup 10 --runs "$runs" --export-markdown /dev/stdout --style none \
+table() { hyperfine -N --warmup 10 --runs "$runs" --style none --export-markdown "$1" "${@:2}" >/dev/null 2>&1; }
+table "$up/idle.md" \
   -n "agent up" "$bin --sandbox-dir $up motd" \
   -n "agent down" "$bin --sandbox-dir $down motd" \
-  -n "agent never answers" "$bin --sandbox-dir $hung motd" | sed -n '/^|/p'
-
+  -n "agent never answers" "$bin --sandbox-dir $hung motd"
 # Both cores busy, as while packages install during setup.
 for _ in 1 2; do (while :; do :; done) & hogs+=($!); done
-hyperfine -N --warmup 10 --runs "$runs" --export-markdown /dev/stdout --style none \
+table "$up/busy.md" \
   -n "agent up, 2 busy loops" "$bin --sandbox-dir $up motd" \
-  -n "agent down, 2 busy loops" "$bin --sandbox-dir $down motd" | sed -n '/^|/p' | tail -n +3
+  -n "agent down, 2 busy loops" "$bin --sandbox-dir $down motd" \
+  -n "agent never answers, 2 busy loops" "$bin --sandbox-dir $hung motd"
+cat "$up/idle.md"
+tail -n +3 "$up/busy.md"
