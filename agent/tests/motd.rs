@@ -1,15 +1,19 @@
 //! The login banner (`exoagent motd`), the real binary: against a sandbox agent whose service
 //! failed (the state, the reason, the command to see more), against no agent, a stale socket
 //! and an agent that accepts but never answers (one line each, in time), always exit 0 and
-//! nothing on stderr. How long it takes is measured by `bench/login-banner.sh`, not here.
+//! nothing on stderr; and the Debian hook as written, run by `run-parts` as pam_motd runs it. How long it takes is measured by `bench/login-banner.sh`, not here.
 
 mod common;
 
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{exe, Sandbox};
+use exoagent::host::login_hook;
+use exoagent::platform::os::Family;
 
 /// A service that fails at once in the sandbox: no usable Python.
 const FAILING: &str = r#"
@@ -87,6 +91,27 @@ fn a_running_agent_shows_the_state_the_failure_and_the_command() {
     assert_eq!(lines.len(), 5, "{text}");
     // No secret: the passphrase is nowhere in it.
     assert!(!text.contains(&sandbox.passphrase()), "{text}");
+
+    // The Debian hook exactly as the agent writes it, run the way pam_motd runs
+    // /etc/update-motd.d (run-parts --lsbsysinit), prints the same block.
+    let motd_d = tempfile::tempdir().unwrap();
+    let (name, contents, mode) = login_hook(Family::Debian, Path::new(exe())).unwrap();
+    let hook = motd_d.path().join(Path::new(name).file_name().unwrap());
+    std::fs::write(&hook, contents).unwrap();
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(mode)).unwrap();
+    let out = Command::new("run-parts")
+        .arg("--lsbsysinit")
+        .arg(motd_d.path())
+        .env("EXOAGENT_SANDBOX", sandbox.root())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let through_hook = assert_clean(&out);
+    assert_eq!(
+        through_hook.lines().skip(1).collect::<Vec<_>>(),
+        lines[1..],
+        "{through_hook}"
+    );
 }
 
 #[test]
