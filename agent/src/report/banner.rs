@@ -1,5 +1,6 @@
 //! The login banner (`exoagent motd`, DESIGN §4.6): one short block with the setup state, each
-//! service's state and URL, the reason of anything failed and the command that shows more.
+//! service's state and URL, the reason of anything failed (steps, services, TLS fronts, volumes,
+//! Nova reporting) and the command that shows more.
 //! Pure rendering; `cli::motd` asks the agent within a hard deadline and `host` installs the
 //! login hook (docs/status-api.md, "The login banner").
 //!
@@ -9,7 +10,9 @@
 //! the screen or set the terminal title of whoever logs in.
 
 use crate::model::truncate_chars;
-use crate::state::{relative, Reason, ServiceState, SetupState, Snapshot};
+use crate::state::{
+    relative, NovaReportingState, Reason, ServiceState, SetupState, Snapshot, VolumeState,
+};
 
 /// What the banner could learn from the agent.
 #[derive(Debug, Clone, PartialEq)]
@@ -88,6 +91,38 @@ fn render_snapshot(snapshot: &Snapshot, now: u64) -> String {
                 reason(&front.reason)
             ));
         }
+    }
+    // Other failures a researcher meets: a volume that did not mount, reporting that stopped.
+    for v in snapshot
+        .volumes
+        .iter()
+        .filter(|v| v.state == VolumeState::Failed)
+    {
+        let name = v
+            .name
+            .as_deref()
+            .map(|n| format!(" \"{}\"", clean(n, 64)))
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "  volume {}{name} failed: {}{}\n",
+            clean(&v.device, 64),
+            clean(v.reason.as_deref().unwrap_or("?"), VALUE_MAX),
+            if v.detail.trim().is_empty() {
+                String::new()
+            } else {
+                format!(": {}", clean(&v.detail, DETAIL_MAX))
+            }
+        ));
+    }
+    if let Some(nova) = snapshot
+        .nova
+        .as_ref()
+        .filter(|n| n.state == NovaReportingState::Failed)
+    {
+        out.push_str(&format!(
+            "  reporting to Nova failed{}\n",
+            reason(&nova.reason)
+        ));
     }
     out.push_str(&format!("  more: {MORE}\n"));
     out
@@ -335,6 +370,48 @@ mod tests {
             ),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_failed_volume_and_failed_reporting_are_shown_the_rest_is_not() {
+        use crate::state::{NovaReporting, VolumeStatus};
+        let volume = |device: &str, state, reason: Option<&str>| VolumeStatus {
+            device: device.into(),
+            volume_id: None,
+            name: Some("data".into()),
+            state,
+            mount_point: None,
+            reason: reason.map(Into::into),
+            detail: "mount: wrong fs type\n".into(),
+        };
+        let mut snap = snapshot(
+            SetupState::Complete,
+            vec![service(ServiceKind::JupyterLab, ServiceState::Ready, None)],
+        );
+        snap.volumes = vec![
+            volume("/dev/vdb", VolumeState::Failed, Some("mount-failed")),
+            volume("/dev/vdc", VolumeState::LeftAlone, Some("signature")),
+            volume("/dev/vdd", VolumeState::Mounted, None),
+        ];
+        snap.nova = Some(NovaReporting {
+            state: NovaReportingState::Failed,
+            reason: Some(Reason::new("credential-rejected", "HTTP 401")),
+        });
+        let text = banner(snap.clone());
+        assert!(
+            text.ends_with(
+                "  volume /dev/vdb \"data\" failed: mount-failed: mount: wrong fs type\n\
+                 \x20 reporting to Nova failed: credential-rejected: HTTP 401\n\
+                 \x20 more: exoagent status\n"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("vdc") && !text.contains("vdd"), "{text}");
+        snap.nova = Some(NovaReporting {
+            state: NovaReportingState::Pending,
+            reason: None,
+        });
+        assert!(!banner(snap).contains("Nova"));
     }
 
     #[test]
