@@ -115,6 +115,10 @@ pub struct ServiceStatus {
     pub port: u16,
     /// Where a person on the instance can reach it.
     pub url: String,
+    /// Where a browser reaches it through the cloud's User Application Proxy, when the UAP's
+    /// host name is configured and the floating address known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uap_url: Option<String>,
     /// How often the process was restarted since the agent started supervising it.
     pub restarts: u32,
     /// The service's main process, when one runs.
@@ -533,6 +537,7 @@ impl StateHub {
                         since_ms: now,
                         port,
                         url,
+                        uap_url: None,
                         restarts: 0,
                         pid: None,
                         reason: None,
@@ -625,6 +630,15 @@ impl StateHub {
     /// Record which instance this is (or that there is none to know).
     pub fn set_instance(&self, instance: InstanceStatus) {
         self.with_model(|m| m.instance = Some(instance));
+    }
+
+    /// Set every service's UAP URL from its public port and local URL (`None`: unknown).
+    pub fn set_uap_urls(&self, build: impl Fn(u16, &str) -> Option<String>) {
+        self.with_model(|m| {
+            for status in m.services.values_mut() {
+                status.uap_url = build(status.port, &status.url);
+            }
+        });
     }
 
     /// Record the certificate the fronts serve.

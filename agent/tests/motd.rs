@@ -150,3 +150,51 @@ fn an_agent_that_never_answers_does_not_hold_the_login() {
     // Not a timing benchmark: only that the deadline, not the API client's 10 s, applies.
     assert!(took < Duration::from_secs(2), "took {took:?}");
 }
+
+/// With `[cloud] uap_hostname` and a floating address from the metadata service (here Python's
+/// http.server serving `latest/meta-data/public-ipv4`), the banner and `exoagent status` show
+/// the URL a browser uses through the UAP, in Exosphere's form.
+#[test]
+fn the_uap_url_is_shown_when_the_proxy_and_the_floating_address_are_known() {
+    let served = tempfile::tempdir().unwrap();
+    let meta = served.path().join("latest/meta-data");
+    std::fs::create_dir_all(&meta).unwrap();
+    std::fs::write(meta.join("public-ipv4"), "203.0.113.7\n").unwrap();
+    let http_port = common::free_port();
+    let mut server = Command::new("python3")
+        .args(["-m", "http.server", "--bind", "127.0.0.1"])
+        .arg(http_port.to_string())
+        .current_dir(served.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Serving before the agent asks (it asks again only a minute later).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", http_port)).is_err() {
+        assert!(Instant::now() < deadline, "http.server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let config = format!(
+        "{FAILING}\n[cloud]\nmetadata_url = \"http://127.0.0.1:{http_port}\"\n\
+         publish_password = false\nuap_hostname = \"uap.example.org\"\n"
+    );
+    let mut sandbox = Sandbox::new(&config);
+    sandbox.start_agent();
+    let expected = format!("https://http-203-0-113-7-{}.uap.example.org/", sandbox.port);
+    let status = sandbox.wait_for("the UAP URL", Duration::from_secs(60), |s| {
+        s["services"][0]["uap_url"].as_str() == Some(expected.as_str())
+    });
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(
+        status["services"][0]["url"],
+        format!("http://127.0.0.1:{}/", sandbox.port)
+    );
+    let (out, _) = motd(sandbox.root());
+    let text = assert_clean(&out);
+    assert!(
+        text.contains(&format!("  jupyterlab  failed      {expected}\n")),
+        "{text}"
+    );
+}

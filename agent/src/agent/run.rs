@@ -106,6 +106,15 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
     }
 
     install_login_banner(&plan, &options.shim.exe);
+    // The URLs a browser uses, for the banner and `exoagent status` (docs/configuration.md).
+    if let (Some(host), Some(metadata)) = (&plan.settings.cloud.uap_hostname, &metadata) {
+        tasks.spawn(crate::cloud::uap::watch(
+            metadata.clone(),
+            host.clone(),
+            hub.clone(),
+            cancel.clone(),
+        ));
+    }
     let account = provision_account(&plan).await;
     // After the account exists (mounted volumes are given to it), whatever became of it.
     if let Some(watcher) = volume_watcher(&plan, metadata.as_ref(), identity_source) {

@@ -257,7 +257,7 @@ pub fn render_table(snapshot: &Snapshot, now: u64) -> String {
             relative(s.since_ms, now),
             s.restarts.to_string(),
             pid(s.pid),
-            s.url.clone(),
+            s.uap_url.clone().unwrap_or_else(|| s.url.clone()),
             last_error(&s.reason),
         ]);
         // The TLS front on the service's public port, right under it.
@@ -364,6 +364,7 @@ mod tests {
                 since_ms: 10_000,
                 port: 8888,
                 url: "http://127.0.0.1:8888/".into(),
+                uap_url: None,
                 restarts: 5,
                 pid: None,
                 reason: Some(Reason::new("crash-loop", "exit status 1\nboom")),
@@ -449,6 +450,7 @@ mod tests {
                 since_ms: 10_000,
                 port: 8888,
                 url: "https://127.0.0.1:8888/".into(),
+                uap_url: None,
                 restarts: 0,
                 pid: Some(40),
                 reason: None,

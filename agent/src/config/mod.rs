@@ -612,6 +612,7 @@ mount_root = "/mnt/vols"
                     publish_password: false,
                     clouds_yaml: Some("/etc/openstack/clouds.yaml".into()),
                     cloud_name: "exo".into(),
+                    uap_hostname: None,
                 },
                 tls: TlsSettings {
                     enabled: true,

@@ -78,7 +78,8 @@ fn render_snapshot(snapshot: &Snapshot, now: u64) -> String {
             "  {:<width$}  {:<10}  {}\n",
             s.service.as_str(),
             s.state.as_str(),
-            clean(&s.url, VALUE_MAX)
+            // Through the cloud's proxy when that is known: where a browser goes.
+            clean(s.uap_url.as_deref().unwrap_or(&s.url), VALUE_MAX)
         ));
         if shows_reason(s.state) && s.reason.is_some() {
             out.push_str(&format!("  {:<width$}  {}\n", "", reason_text(&s.reason)));
@@ -199,6 +200,7 @@ mod tests {
             since_ms: 1_000,
             port: kind.default_port(),
             url: format!("http://127.0.0.1:{}/", kind.default_port()),
+            uap_url: None,
             restarts: 0,
             pid: None,
             reason,
@@ -242,6 +244,23 @@ mod tests {
              \x20 jupyterlab  ready       http://127.0.0.1:8888/\n\
              \x20 guacamole   ready       http://127.0.0.1:49528/\n\
              \x20 more: exoagent status\n"
+        );
+    }
+
+    #[test]
+    fn the_uap_url_is_shown_when_known() {
+        let mut jl = service(ServiceKind::JupyterLab, ServiceState::Ready, None);
+        jl.uap_url = Some("https://http-149-165-1-23-8888.uap.example.org/".into());
+        let text = banner(snapshot(
+            SetupState::Complete,
+            vec![jl, service(ServiceKind::RStudio, ServiceState::Ready, None)],
+        ));
+        assert!(
+            text.contains(
+                "  jupyterlab  ready       https://http-149-165-1-23-8888.uap.example.org/\n\
+                 \x20 rstudio     ready       http://127.0.0.1:8787/\n"
+            ),
+            "{text}"
         );
     }
 
