@@ -6,7 +6,8 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Shim) {
+    // The shim's stderr is a service's log; the login banner prints its block and nothing else.
+    if !matches!(cli.command, Command::Shim | Command::Motd(_)) {
         init_tracing(&cli);
     }
     exoagent::cli::dispatch(cli)

@@ -17,6 +17,17 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// "12s ago", "3m ago", "2h ago", "4d ago": how long ago `since_ms` was at `now_ms`.
+pub fn relative(since_ms: u64, now_ms: u64) -> String {
+    let secs = now_ms.saturating_sub(since_ms) / 1000;
+    match secs {
+        0..=59 => format!("{secs}s ago"),
+        60..=3599 => format!("{}m ago", secs / 60),
+        3600..=86_399 => format!("{}h ago", secs / 3600),
+        _ => format!("{}d ago", secs / 86_400),
+    }
+}
+
 /// Why something failed or degraded: a short stable `code` (fits a 60-character tag) and a
 /// human-readable `detail` (already free of secrets).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,6 +115,10 @@ pub struct ServiceStatus {
     pub port: u16,
     /// Where a person on the instance can reach it.
     pub url: String,
+    /// Where a browser reaches it through the cloud's User Application Proxy, when the UAP's
+    /// host name is configured and the floating address known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uap_url: Option<String>,
     /// How often the process was restarted since the agent started supervising it.
     pub restarts: u32,
     /// The service's main process, when one runs.
@@ -522,6 +537,7 @@ impl StateHub {
                         since_ms: now,
                         port,
                         url,
+                        uap_url: None,
                         restarts: 0,
                         pid: None,
                         reason: None,
@@ -614,6 +630,15 @@ impl StateHub {
     /// Record which instance this is (or that there is none to know).
     pub fn set_instance(&self, instance: InstanceStatus) {
         self.with_model(|m| m.instance = Some(instance));
+    }
+
+    /// Set every service's UAP URL from its public port and local URL (`None`: unknown).
+    pub fn set_uap_urls(&self, build: impl Fn(u16, &str) -> Option<String>) {
+        self.with_model(|m| {
+            for status in m.services.values_mut() {
+                status.uap_url = build(status.port, &status.url);
+            }
+        });
     }
 
     /// Record the certificate the fronts serve.

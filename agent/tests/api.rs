@@ -374,3 +374,48 @@ async fn slow_idle_and_oversized_clients_are_cut_off_and_connections_capped() {
         .expect("the server stops on cancel")
         .unwrap();
 }
+
+/// A `--wait` whose agent never answers gives up once systemd (here a stand-in `systemctl`
+/// that answers like `systemctl show` does) says the unit failed for good or does not exist,
+/// long before its timeout; while the unit is merely starting it keeps waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_stops_when_the_unit_has_failed_or_is_missing() {
+    let f = fixture();
+    let socket = f.paths.api_socket();
+    let bin = tempfile::tempdir().unwrap();
+    for (answer, expected) in [
+        (
+            "LoadState=loaded\nActiveState=failed\n",
+            Some(status::EXIT_UNREACHABLE),
+        ),
+        (
+            "LoadState=not-found\nActiveState=inactive\n",
+            Some(status::EXIT_UNREACHABLE),
+        ),
+        ("LoadState=loaded\nActiveState=activating\n", None),
+    ] {
+        let systemctl = bin.path().join("systemctl");
+        std::fs::write(&systemctl, format!("#!/bin/sh\nprintf '{answer}'\n")).unwrap();
+        std::fs::set_permissions(&systemctl, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let started = std::time::Instant::now();
+        let code = status::run_with(
+            args(false, true, Some(Duration::from_secs(6))),
+            &socket,
+            Some(&systemctl),
+        )
+        .await
+        .unwrap();
+        let took = started.elapsed();
+        match expected {
+            Some(code_expected) => {
+                assert_eq!(code, ExitCode::from(code_expected), "{answer}");
+                assert!(took < Duration::from_secs(5), "{answer}: {took:?}");
+            }
+            // Waited to the timeout: unreachable then.
+            None => {
+                assert_eq!(code, ExitCode::from(status::EXIT_UNREACHABLE));
+                assert!(took >= Duration::from_secs(6), "{took:?}");
+            }
+        }
+    }
+}

@@ -1,7 +1,9 @@
 //! The userdata `exoagent userdata` renders, checked by the real cloud-init (`cloud-init
 //! schema`, from Debian's package); the committed examples in `cloud-init/examples/` are
 //! exactly what the renderer prints (set `EXOAGENT_UPDATE_EXAMPLES=1` to rewrite them); and
-//! the bootstrap refuses a download whose SHA-256 does not match, leaving nothing behind.
+//! the bootstrap refuses a download whose SHA-256 does not match, leaving nothing behind; and
+//! with `--cloud-init-waits`, the runcmd script cloud-init itself writes and runs (its own
+//! `shellify` and `runparts`) fails when setup ends in error, with the reason on stderr.
 //!
 //! After a good download the bootstrap runs the binary's `install` and asks systemd to start
 //! the unit; here the served binary is a stand-in script and `systemctl` a recorder (systemd
@@ -61,6 +63,10 @@ fn examples(clouds_yaml: &str) -> Vec<(&'static str, Vec<String>)> {
                 "--package-sha256",
                 SHA,
             ]),
+        ),
+        (
+            "baked-jupyterlab-cloud-init-waits.yaml",
+            owned(&["--cloud-init-waits", "--wait-timeout", "30m"]),
         ),
         (
             "bootstrap-jupyterlab.yaml",
@@ -431,4 +437,100 @@ fn the_package_bootstrap_installs_only_a_package_with_the_right_checksum() {
         0,
         "the download is removed after the install"
     );
+}
+
+/// The userdata's runcmd, turned into the script and run the way cloud-init's `cc_runcmd` and
+/// `scripts_user` do (the installed cloud-init's own `util.shellify` and `subp.runparts`), with
+/// `exoagent` on `PATH` asking the sandbox in `sandbox_dir` and `systemctl` a stand-in. Returns
+/// what cloud-init records for the module (`str((module, exception))` is how its `main` stores
+/// a failed module in `status.json`, which `cloud-init status --long` prints under `detail:`),
+/// or "ok", and the script's stderr (which cloud-init's output setting appends to
+/// /var/log/cloud-init-output.log).
+fn run_runcmd_like_cloud_init(args: &[&str], sandbox_dir: &Path) -> (String, String) {
+    let doc: serde_yaml::Value = serde_yaml::from_str(&userdata(args)).unwrap();
+    let runcmd = serde_json::to_string(&doc["runcmd"]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    fs::create_dir_all(&bin).unwrap();
+    std::os::unix::fs::symlink(exe(), bin.join("exoagent")).unwrap();
+    fs::write(bin.join("systemctl"), "#!/bin/sh\nexit 0\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(bin.join("systemctl"), fs::Permissions::from_mode(0o755)).unwrap();
+    let harness = r#"
+import json, os, sys
+from cloudinit import subp, util
+scripts = os.path.join(sys.argv[2], "scripts")
+util.write_file(os.path.join(scripts, "runcmd"), util.shellify(json.loads(sys.argv[1])), 0o700)
+try:
+    subp.runparts(scripts)
+    print("ok")
+except RuntimeError as e:
+    print(str(("scripts-user", e)))
+"#;
+    let out = Command::new("/usr/bin/python3")
+        .args(["-c", harness, &runcmd])
+        .arg(dir.path())
+        .env(
+            "PATH",
+            format!("{}:{}", bin.display(), std::env::var("PATH").unwrap()),
+        )
+        .env("EXOAGENT_SANDBOX", sandbox_dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        // The script's own stdout (the status table) comes first.
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .to_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_setup_error_fails_cloud_inits_runcmd_with_the_reason_on_stderr() {
+    let mut sandbox = common::Sandbox::new(
+        "[services.jupyterlab]\nenabled = true\nbind = \"127.0.0.1\"\nport = @PORT@\npython = \"/bin/false\"\n",
+    );
+    sandbox.start_agent();
+    let (recorded, stderr) = run_runcmd_like_cloud_init(
+        &["--cloud-init-waits", "--wait-timeout", "60s"],
+        sandbox.root(),
+    );
+    assert_eq!(
+        recorded,
+        "('scripts-user', RuntimeError('Runparts: 1 failures (runcmd) in 1 attempted commands'))",
+        "{stderr}"
+    );
+    let reason = stderr
+        .lines()
+        .find(|l| l.starts_with("exoagent: setup error: "))
+        .unwrap_or_else(|| panic!("no reason line: {stderr}"));
+    assert!(
+        reason.starts_with("exoagent: setup error: jupyterlab: service-install-failed: "),
+        "{reason}"
+    );
+    // Never mistaken for a status line by Exosphere (it reaches the console through cloud-final).
+    assert!(!reason.contains('{'), "{reason}");
+}
+
+#[test]
+fn no_agent_fails_cloud_inits_runcmd_at_the_timeout() {
+    let nothing = tempfile::tempdir().unwrap();
+    let started = std::time::Instant::now();
+    let (recorded, stderr) = run_runcmd_like_cloud_init(
+        &["--cloud-init-waits", "--wait-timeout", "2s"],
+        nothing.path(),
+    );
+    assert!(
+        recorded.contains("Runparts: 1 failures (runcmd)"),
+        "{recorded}"
+    );
+    assert!(
+        stderr.contains("exoagent: cannot reach exoagent"),
+        "{stderr}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
 }

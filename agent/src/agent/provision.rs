@@ -216,6 +216,35 @@ pub(super) async fn apply_host_touches(plan: &Plan) {
     }
 }
 
+/// The login banner's hook (`[host] login_banner`, system mode only), written as soon as the
+/// status API answers so that a login during setup already shows its progress; `exe` is the
+/// running binary (a bootstrap installs it outside `/usr/bin`). Logged; a failure stops nothing.
+pub(super) fn install_login_banner(plan: &Plan, exe: &std::path::Path) {
+    if plan.mode == Mode::Sandbox {
+        return;
+    }
+    // After an upgrade replaced the binary, /proc/self/exe names the old inode "(deleted)".
+    let exe = exe
+        .to_str()
+        .and_then(|e| e.strip_suffix(" (deleted)"))
+        .map_or_else(|| exe.to_path_buf(), std::path::PathBuf::from);
+    let touch = crate::host::Touch::LoginBanner.key();
+    match Host::new(&plan.paths.system_root).login_banner(
+        plan.settings.host.login_banner,
+        &plan.os,
+        &exe,
+    ) {
+        Ok(Outcome::Changed) => tracing::info!(target: "exoagent::host", touch, "applied"),
+        Ok(Outcome::Unchanged) => tracing::debug!(target: "exoagent::host", touch, "already so"),
+        Ok(Outcome::Skipped(why)) => {
+            tracing::warn!(target: "exoagent::host", touch, why = %why, "skipped")
+        }
+        Err(e) => {
+            tracing::error!(target: "exoagent::host", touch, reason = e.reason(), error = %e, "failed")
+        }
+    }
+}
+
 /// Publish the passphrase once (DESIGN §4.4), when configured and the instance is known. A
 /// failure is logged and does not stop the services.
 pub(super) async fn publish_passphrase(

@@ -30,8 +30,9 @@ use crate::supervise::{jittered, retry_delay, ServicePaths, ShimCommand, Supervi
 
 use super::plan::packages_for;
 use super::provision::{
-    apply_host_touches, exosphere_link, fetch_all, forget_previous_instance, install_packages,
-    installer, metadata_service, nova_reporter, provision_account, publish_passphrase, Fetched,
+    apply_host_touches, exosphere_link, fetch_all, forget_previous_instance, install_login_banner,
+    install_packages, installer, metadata_service, nova_reporter, provision_account,
+    publish_passphrase, Fetched,
 };
 use super::{plan, AgentError, AgentOptions, Mode, Plan};
 
@@ -104,6 +105,16 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
         tasks.spawn(reporter.run(hub.clone(), cancel.clone()));
     }
 
+    install_login_banner(&plan, &options.shim.exe);
+    // The URLs a browser uses, for the banner and `exoagent status` (docs/configuration.md).
+    if let (Some(host), Some(metadata)) = (&plan.settings.cloud.uap_hostname, &metadata) {
+        tasks.spawn(crate::cloud::uap::watch(
+            metadata.clone(),
+            host.clone(),
+            hub.clone(),
+            cancel.clone(),
+        ));
+    }
     let account = provision_account(&plan).await;
     // After the account exists (mounted volumes are given to it), whatever became of it.
     if let Some(watcher) = volume_watcher(&plan, metadata.as_ref(), identity_source) {

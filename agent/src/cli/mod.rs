@@ -5,6 +5,7 @@ pub mod down;
 pub mod generate;
 pub mod install;
 pub mod logs;
+pub mod motd;
 pub mod rotate_token;
 pub mod run;
 pub mod sandbox;
@@ -49,6 +50,8 @@ pub enum Command {
     Status(status::StatusArgs),
     /// Show a service's log.
     Logs(logs::LogsArgs),
+    /// Print the login banner: setup state, services, what failed (run by the login hooks).
+    Motd(motd::MotdArgs),
     /// Stop every service the agent started (they otherwise outlive the agent).
     Down(down::DownArgs),
     /// Replace the token of Exosphere's notebook link to JupyterLab (restarts JupyterLab).
@@ -153,18 +156,24 @@ pub fn dispatch(cli: Cli) -> ExitCode {
     if let Command::Shim = cli.command {
         return shim::run();
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    let mut builder = match cli.command {
+        // The login banner asks once: no worker threads to start on a login's clock.
+        Command::Motd(_) => tokio::runtime::Builder::new_current_thread(),
         // The TLS front is one worker: it used less CPU per request than two (work stealing
         // between them costs more than it gains for one service's traffic), matching nginx
         // with two workers on this machine (bench/results/tls-front.md).
-        .worker_threads(if matches!(cli.command, Command::Front(_)) {
-            1
-        } else {
-            2
-        })
-        .enable_all()
-        .build()
-    {
+        Command::Front(_) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(1);
+            b
+        }
+        _ => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(2);
+            b
+        }
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("exoagent: failed to start the async runtime: {e}");
@@ -178,8 +187,15 @@ pub fn dispatch(cli: Cli) -> ExitCode {
             Command::Run(args) => run::run(args, mode, paths).await,
             Command::Sandbox(args) => sandbox::run(args).await,
             Command::Validate(args) => validate::run(args, mode, paths).await,
-            Command::Status(args) => status::run(args, &paths.api_socket()).await,
+            Command::Status(args) => {
+                // On an instance, a waiter that cannot reach the agent also asks systemd.
+                let systemd = mode == crate::agent::Mode::System
+                    && std::path::Path::new("/run/systemd/system").is_dir();
+                let systemctl = systemd.then(|| std::path::Path::new("systemctl"));
+                status::run_with(args, &paths.api_socket(), systemctl).await
+            }
             Command::Logs(args) => logs::run(args, &paths.api_socket()).await,
+            Command::Motd(args) => motd::run(args, &paths.api_socket()).await,
             Command::RotateToken(args) => {
                 rotate_token::run(args, &paths, mode == crate::agent::Mode::System).await
             }

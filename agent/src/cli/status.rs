@@ -8,7 +8,10 @@ use std::time::{Duration, Instant};
 use clap::Args;
 
 use crate::api::client::{ApiClient, ClientError};
+use crate::delivery::install::{unit_state, UnitState, UNIT_NAME};
 use crate::model::truncate_chars;
+use crate::report::banner::clean;
+pub use crate::state::relative;
 use crate::state::{now_ms, SetupState, Snapshot};
 
 /// Exit status: setup complete (every service ready or degraded).
@@ -67,10 +70,30 @@ pub fn exit_status(snapshot: &Snapshot) -> u8 {
     }
 }
 
+/// How often `--wait` asks systemd about the unit while the agent does not answer.
+const UNIT_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+
 /// Ask once, or poll with `--wait`; print; exit with a stable status.
 pub async fn run(args: StatusArgs, socket: &Path) -> anyhow::Result<ExitCode> {
+    run_with(args, socket, None).await
+}
+
+/// [`run`]; with `systemctl`, a `--wait` that cannot reach the agent also asks systemd about
+/// the unit and stops waiting once it has failed for good or does not exist (an agent that
+/// exited on an invalid configuration would otherwise be waited for until the timeout).
+/// With `--wait`, an ending other than `complete` is also one line on stderr: what cloud-init
+/// keeps in `/var/log/cloud-init-output.log` (docs/contracts.md, "cloud-init waits").
+pub async fn run_with(
+    args: StatusArgs,
+    socket: &Path,
+    systemctl: Option<&Path>,
+) -> anyhow::Result<ExitCode> {
     let client = ApiClient::new(socket);
-    let deadline = args.timeout.map(|t| Instant::now() + t);
+    let started = Instant::now();
+    let deadline = args.timeout.map(|t| started + t);
+    // First asked 2 s in: a start job queued just before (`systemctl start --no-block`) still
+    // shows the unit's previous `failed` until systemd runs it.
+    let mut unit_checked = started;
     loop {
         let answer = client.status().await;
         let timed_out = deadline.is_some_and(|d| Instant::now() >= d);
@@ -79,8 +102,15 @@ pub async fn run(args: StatusArgs, socket: &Path) -> anyhow::Result<ExitCode> {
                 let code = exit_status(&snapshot);
                 if !args.wait || code != EXIT_IN_PROGRESS || timed_out {
                     print_snapshot(&snapshot, args.json)?;
+                    if args.wait && code == EXIT_ERROR {
+                        eprintln!("exoagent: {}", error_line(&snapshot));
+                    }
                     if timed_out && code == EXIT_IN_PROGRESS {
-                        eprintln!("exoagent: setup still in progress after the timeout");
+                        eprintln!(
+                            "exoagent: setup still {} after the timeout of {}s (exoagent status shows more)",
+                            snapshot.setup.state.as_str(),
+                            started.elapsed().as_secs()
+                        );
                     }
                     return Ok(ExitCode::from(code));
                 }
@@ -90,6 +120,22 @@ pub async fn run(args: StatusArgs, socket: &Path) -> anyhow::Result<ExitCode> {
                     eprintln!("exoagent: {e}");
                     return Ok(ExitCode::from(EXIT_UNREACHABLE));
                 }
+                if let Some(systemctl) = systemctl {
+                    if unit_checked.elapsed() >= UNIT_CHECK_INTERVAL {
+                        unit_checked = Instant::now();
+                        let why = match unit_state(systemctl).await {
+                            UnitState::Pending => None,
+                            UnitState::Failed => Some("has failed and will not be restarted"),
+                            UnitState::Missing => Some("is not installed"),
+                        };
+                        if let Some(why) = why {
+                            eprintln!(
+                                "exoagent: the agent does not answer and {UNIT_NAME} {why} (journalctl -u {UNIT_NAME} says why)"
+                            );
+                            return Ok(ExitCode::from(EXIT_UNREACHABLE));
+                        }
+                    }
+                }
             }
             Err(e) => {
                 eprintln!("exoagent: {e}");
@@ -98,6 +144,23 @@ pub async fn run(args: StatusArgs, socket: &Path) -> anyhow::Result<ExitCode> {
         }
         tokio::time::sleep(POLL_INTERVAL).await;
     }
+}
+
+/// "setup error: <step>: <code>: <detail>", on one line without control characters (it ends
+/// up in cloud-init's log and on the console).
+pub fn error_line(snapshot: &Snapshot) -> String {
+    let setup = &snapshot.setup;
+    let mut line = format!(
+        "setup error: {}",
+        clean(setup.step.as_deref().unwrap_or("?"), 60)
+    );
+    if let Some(reason) = &setup.reason {
+        line.push_str(&format!(": {}", clean(&reason.code, 60)));
+        if !reason.detail.trim().is_empty() {
+            line.push_str(&format!(": {}", clean(&reason.detail, 300)));
+        }
+    }
+    line
 }
 
 fn print_snapshot(snapshot: &Snapshot, json: bool) -> anyhow::Result<()> {
@@ -113,17 +176,6 @@ fn print_snapshot(snapshot: &Snapshot, json: bool) -> anyhow::Result<()> {
     out.write_all(text.as_bytes())?;
     out.flush()?;
     Ok(())
-}
-
-/// "12s ago", "3m ago", "2h ago", "4d ago".
-pub fn relative(since_ms: u64, now_ms: u64) -> String {
-    let secs = now_ms.saturating_sub(since_ms) / 1000;
-    match secs {
-        0..=59 => format!("{secs}s ago"),
-        60..=3599 => format!("{}m ago", secs / 60),
-        3600..=86_399 => format!("{}h ago", secs / 3600),
-        _ => format!("{}d ago", secs / 86_400),
-    }
 }
 
 /// The human-readable table.
@@ -205,7 +257,7 @@ pub fn render_table(snapshot: &Snapshot, now: u64) -> String {
             relative(s.since_ms, now),
             s.restarts.to_string(),
             pid(s.pid),
-            s.url.clone(),
+            s.uap_url.clone().unwrap_or_else(|| s.url.clone()),
             last_error(&s.reason),
         ]);
         // The TLS front on the service's public port, right under it.
@@ -312,6 +364,7 @@ mod tests {
                 since_ms: 10_000,
                 port: 8888,
                 url: "http://127.0.0.1:8888/".into(),
+                uap_url: None,
                 restarts: 5,
                 pid: None,
                 reason: Some(Reason::new("crash-loop", "exit status 1\nboom")),
@@ -375,6 +428,10 @@ mod tests {
         assert!(row.starts_with("jupyterlab  failed  1m ago"), "{row}");
         assert!(row.ends_with("crash-loop: exit status 1 boom"), "{row}");
         assert_eq!(exit_status(&snapshot), EXIT_ERROR);
+        assert_eq!(
+            error_line(&snapshot),
+            "setup error: jupyterlab: crash-loop: exit status 1 boom"
+        );
     }
 
     #[test]
@@ -393,6 +450,7 @@ mod tests {
                 since_ms: 10_000,
                 port: 8888,
                 url: "https://127.0.0.1:8888/".into(),
+                uap_url: None,
                 restarts: 0,
                 pid: Some(40),
                 reason: None,

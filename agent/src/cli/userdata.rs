@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Args, ValueEnum};
 
 use crate::delivery::exosphere;
-use crate::delivery::userdata::{render, Choices, Delivery, PackageFormat};
+use crate::delivery::userdata::{render, Choices, Delivery, PackageFormat, DEFAULT_WAIT};
 use crate::model::ServiceKind;
 
 /// How the agent reaches the instance.
@@ -68,6 +68,14 @@ pub struct UserdataArgs {
     /// Do not update and upgrade OS packages at first boot.
     #[arg(long)]
     pub no_os_updates: bool,
+    /// Make `cloud-init status --wait` return only once exoagent's setup is complete or has
+    /// failed (cloud-init then reports the failure); `--cloud-init-waits=false` turns it off.
+    /// Default: off, on with --exosphere-template.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub cloud_init_waits: Option<bool>,
+    /// How long cloud-init waits at most ("1800", "30m", "1h").
+    #[arg(long, value_name = "DURATION", value_parser = crate::cli::status::parse_duration)]
+    pub wait_timeout: Option<std::time::Duration>,
     /// Print the drop-in for Exosphere's user-data template instead, with Exosphere's
     /// placeholders for the key, OS updates, its choices and credentials (docs/exosphere.md).
     #[arg(
@@ -83,8 +91,17 @@ pub async fn run(args: UserdataArgs) -> anyhow::Result<ExitCode> {
         Ok(delivery) => delivery,
         Err(message) => return usage(&message),
     };
+    let waits = args.cloud_init_waits.unwrap_or(args.exosphere_template);
+    let cloud_init_waits = match (waits, args.wait_timeout) {
+        (true, timeout) => Some(timeout.unwrap_or(DEFAULT_WAIT)),
+        (false, None) => None,
+        (false, Some(_)) => return usage("--wait-timeout: only when cloud-init waits"),
+    };
+    if cloud_init_waits.is_some_and(|t| t.is_zero()) {
+        return usage("--wait-timeout: must be longer than 0s");
+    }
     if args.exosphere_template {
-        return match exosphere::template(&delivery) {
+        return match exosphere::template(&delivery, cloud_init_waits) {
             Ok(text) => {
                 print!("{text}");
                 Ok(ExitCode::SUCCESS)
@@ -105,6 +122,7 @@ pub async fn run(args: UserdataArgs) -> anyhow::Result<ExitCode> {
         clouds_yaml,
         ssh_authorized_keys: args.ssh_public_keys,
         install_os_updates: !args.no_os_updates,
+        cloud_init_waits,
     };
     match render(&choices) {
         Ok(text) => {

@@ -9,11 +9,12 @@ pub mod keystone;
 pub mod metadata;
 pub mod nova;
 mod settings;
+pub mod uap;
 
 pub use discover::{discover_identity, Discovery, IdentitySource};
 pub use identity::{ConfigDrive, IdentityError, InstanceIdentity, NetworkData, VendorData};
 pub use metadata::{MetadataError, MetadataService, PasswordOutcome};
-pub use settings::{CloudSettings, DEFAULT_METADATA_URL};
+pub use settings::{uap_hostname, CloudSettings, DEFAULT_METADATA_URL};
 
 /// An error and its causes, `outer: inner: innermost` (an HTTP client's own message alone, such
 /// as "error sending request", hides why: refused, timed out, untrusted certificate).

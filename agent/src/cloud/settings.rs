@@ -20,6 +20,24 @@ pub struct CloudSettings {
     pub clouds_yaml: Option<PathBuf>,
     /// Which cloud in it.
     pub cloud_name: String,
+    /// The host name of the cloud's User Application Proxy (Exosphere's `userAppProxy` for the
+    /// region), so the banner and `exoagent status` can show the URLs a browser uses; `None`:
+    /// unknown, local URLs only.
+    pub uap_hostname: Option<String>,
+}
+
+/// A host name the UAP's URLs can be built on: lowercase DNS labels (letters, digits, `-`)
+/// separated by dots, at most 253 characters; `None` otherwise.
+pub fn uap_hostname(text: &str) -> Option<String> {
+    let host = text.trim().trim_end_matches('.').to_ascii_lowercase();
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    (host.len() <= 253 && host.contains('.') && host.split('.').all(label_ok)).then_some(host)
 }
 
 impl Default for CloudSettings {
@@ -30,6 +48,7 @@ impl Default for CloudSettings {
             publish_password: true,
             clouds_yaml: None,
             cloud_name: "openstack".to_owned(),
+            uap_hostname: None,
         }
     }
 }

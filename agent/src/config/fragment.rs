@@ -73,6 +73,7 @@ pub(crate) struct CloudFragment {
     pub publish_password: Option<Located<bool>>,
     pub clouds_yaml: Option<Located<PathBuf>>,
     pub cloud_name: Option<Located<String>>,
+    pub uap_hostname: Option<Located<Option<String>>>,
 }
 
 /// Everything the files say, merged in load order.
@@ -264,6 +265,23 @@ const CLOUD_KEYS: &[Key<CloudFragment>] = &[
                 w.parsed(f, "a non-empty cloud name", |v| {
                     (!v.trim().is_empty()).then(|| v.to_owned())
                 }),
+            )
+        },
+    },
+    Key {
+        name: "uap_hostname",
+        example: "\"proxy-js2-iu.exosphere.app\"",
+        read: |w, f, s| {
+            set(
+                &mut s.uap_hostname,
+                w.parsed(
+                    f,
+                    "a host name such as proxy.example.org, or \"\" for none",
+                    |v| match v.trim() {
+                        "" => Some(None),
+                        host => crate::cloud::uap_hostname(host).map(Some),
+                    },
+                ),
             )
         },
     },

@@ -416,6 +416,7 @@ mod tests {
             private_cloud_init_logs: true,
             default_user_group: true,
             base_packages: true,
+            login_banner: true,
         };
         assert_eq!(loaded.settings.host, all_on);
         // ...and an operator's drop-in still turns any of it off.
@@ -611,6 +612,7 @@ mount_root = "/mnt/vols"
                     publish_password: false,
                     clouds_yaml: Some("/etc/openstack/clouds.yaml".into()),
                     cloud_name: "exo".into(),
+                    uap_hostname: None,
                 },
                 tls: TlsSettings {
                     enabled: true,
@@ -624,6 +626,7 @@ mount_root = "/mnt/vols"
                     private_cloud_init_logs: false,
                     default_user_group: false,
                     base_packages: true,
+                    login_banner: true,
                 },
                 volumes: VolumeSettings {
                     automount: true,

@@ -109,6 +109,7 @@ pub(crate) fn settings(merged: &Fragment, files: &[PathBuf]) -> (Settings, Vec<C
         publish_password: value(&c.publish_password).unwrap_or(d.publish_password),
         clouds_yaml: value(&c.clouds_yaml),
         cloud_name: value(&c.cloud_name).unwrap_or(d.cloud_name),
+        uap_hostname: value(&c.uap_hostname).unwrap_or(d.uap_hostname),
     };
 
     let host = merged.host.settings();

@@ -64,6 +64,7 @@ fn services_for(kinds: &[ServiceKind], plan: &agent::Plan) -> Result<Vec<Service
         clouds_yaml: None,
         ssh_authorized_keys: Vec::new(),
         install_os_updates: false,
+        cloud_init_waits: None,
     };
     let text = config_drop_in(&choices).map_err(|e| BakeError::Choice(e.to_string()))?;
     let loaded = config::load_layers(&[(PathBuf::from("--service"), text)])

@@ -18,9 +18,11 @@
 //!   cloud-config part of its own, merged with list append: the two parts' `write_files`
 //!   would otherwise replace each other.
 
+use std::time::Duration;
+
 use serde_yaml::{Mapping, Value};
 
-use super::userdata::{bootstrap_command, check_delivery, Delivery, UserdataError};
+use super::userdata::{check_delivery, runcmd, Delivery, UserdataError};
 
 /// Where the template writes Exosphere's choices (the agent's `Paths::exosphere_choices_file`).
 pub const CHOICES_FILE: &str = "/etc/exoagent/exosphere-choices.json";
@@ -73,14 +75,13 @@ fn part(filename: &str, body: &str) -> String {
     )
 }
 
-/// The template text for `delivery`, placeholders intact.
-pub fn template(delivery: &Delivery) -> Result<String, UserdataError> {
+/// The template text for `delivery`, placeholders intact; with `wait`, cloud-init waits that
+/// long at most for the setup (on by default: `exoagent userdata --exosphere-template`).
+pub fn template(delivery: &Delivery, wait: Option<Duration>) -> Result<String, UserdataError> {
     check_delivery(delivery)?;
-    let mut runcmd = Mapping::new();
-    runcmd.insert(
-        "runcmd".into(),
-        Value::Sequence(vec![bootstrap_command(delivery)]),
-    );
+    let mut entries = Mapping::new();
+    entries.insert("runcmd".into(), runcmd(delivery, wait));
+    let runcmd = entries;
     let runcmd = serde_yaml::to_string(&Value::Mapping(runcmd))
         .map_err(|e| UserdataError::Config(e.to_string()))?;
     let main = format!("{MAIN_PART_HEAD}{runcmd}");
@@ -109,7 +110,7 @@ mod tests {
                 format: super::super::userdata::PackageFormat::Deb,
             },
         ] {
-            let text = template(&delivery).unwrap();
+            let text = template(&delivery, Some(super::super::userdata::DEFAULT_WAIT)).unwrap();
             for placeholder in PLACEHOLDERS {
                 assert_eq!(text.matches(placeholder).count(), 1, "{placeholder}");
             }
@@ -129,7 +130,7 @@ mod tests {
 
     #[test]
     fn the_choices_file_is_where_the_agent_reads_it() {
-        let text = template(&Delivery::Baked).unwrap();
+        let text = template(&Delivery::Baked, None).unwrap();
         assert!(text.contains(&format!("  - path: {CHOICES_FILE}\n")));
         assert_eq!(
             crate::paths::Paths::system().exosphere_choices_file,
@@ -139,10 +140,13 @@ mod tests {
 
     #[test]
     fn a_bad_download_is_refused() {
-        let err = template(&Delivery::Bootstrap {
-            url: "file:///x".into(),
-            sha256: "ab".repeat(32),
-        })
+        let err = template(
+            &Delivery::Bootstrap {
+                url: "file:///x".into(),
+                sha256: "ab".repeat(32),
+            },
+            None,
+        )
         .unwrap_err();
         assert!(err.to_string().starts_with("--binary-url"), "{err}");
     }

@@ -1,6 +1,7 @@
 //! `exoagent install`: puts the systemd unit, the tmpfiles entry and the configuration
 //! directory into a root (`/` on an instance, an image's root when baking), pointing the unit
-//! at the binary's installed path, and optionally enables the unit without a running systemd.
+//! at the binary's installed path, and optionally enables the unit without a running systemd;
+//! and what systemd says about the unit, for a waiter that cannot reach the agent.
 
 use std::path::{Path, PathBuf};
 
@@ -98,6 +99,51 @@ pub fn install(root: &Path, exec: &Path, enable: bool) -> Result<Vec<PathBuf>, I
     Ok(written)
 }
 
+/// The unit's name, as systemd knows it.
+pub const UNIT_NAME: &str = "exoagent.service";
+
+/// What systemd says about the unit when the agent does not answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnitState {
+    /// Starting, restarting, queued or running: the agent may still answer.
+    Pending,
+    /// Ended and not to be restarted (exit 77/78, or the restart limit): it will not answer.
+    Failed,
+    /// No such unit: nothing will start the agent.
+    Missing,
+}
+
+impl UnitState {
+    /// From `systemctl show --property=LoadState,ActiveState` output; anything unexpected is
+    /// `Pending` (keep waiting rather than give up on a misread).
+    pub fn from_show(text: &str) -> Self {
+        let value = |key: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+                .map(str::trim)
+        };
+        match (value("LoadState"), value("ActiveState")) {
+            (Some("not-found"), _) => Self::Missing,
+            (_, Some("failed")) => Self::Failed,
+            _ => Self::Pending,
+        }
+    }
+}
+
+/// Ask `systemctl` (argv, no shell) about the unit; `Pending` when it cannot be asked.
+pub async fn unit_state(systemctl: &Path) -> UnitState {
+    let args = ["show", "--property=LoadState,ActiveState", UNIT_NAME];
+    let asked = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        crate::platform::exec::run(systemctl, &args, &[], None),
+    )
+    .await;
+    match asked {
+        Ok(Ok(finished)) if finished.status.success() => UnitState::from_show(&finished.stdout),
+        _ => UnitState::Pending,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,5 +184,29 @@ mod tests {
             assert_eq!(err.exit_code(), 2, "a usage error");
         }
         assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn unit_states_read_from_systemctl_show() {
+        assert_eq!(
+            UnitState::from_show("LoadState=loaded\nActiveState=failed\n"),
+            UnitState::Failed
+        );
+        assert_eq!(
+            UnitState::from_show("LoadState=not-found\nActiveState=inactive\n"),
+            UnitState::Missing
+        );
+        for pending in [
+            "LoadState=loaded\nActiveState=activating\n",
+            "LoadState=loaded\nActiveState=inactive\n",
+            "LoadState=loaded\nActiveState=active\n",
+            "",
+        ] {
+            assert_eq!(
+                UnitState::from_show(pending),
+                UnitState::Pending,
+                "{pending}"
+            );
+        }
     }
 }

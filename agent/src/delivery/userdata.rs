@@ -1,9 +1,11 @@
 //! Renders cloud-init userdata (`#cloud-config`) for a set of choices: the services, how the
 //! agent arrives (baked into the image, or downloaded and checked at boot), an optional
-//! clouds.yaml for Nova reporting. Built as a YAML tree, never by pasting text, and the agent
-//! configuration it carries is checked by the agent's own validator first.
+//! clouds.yaml for Nova reporting, whether cloud-init waits for the setup. Built as a YAML tree,
+//! never by pasting text, and the agent configuration it carries is checked by the agent's own
+//! validator first.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde_yaml::{Mapping, Value};
 
@@ -16,6 +18,8 @@ pub const CONFIG_DROP_IN: &str = "/etc/exoagent/config.d/50-userdata.toml";
 pub const CLOUDS_YAML: &str = "/etc/exoagent/clouds.yaml";
 /// Where the bootstrap installs the downloaded binary.
 pub const BOOTSTRAP_BINARY: &str = "/usr/local/bin/exoagent";
+/// How long cloud-init waits for the setup by default (`--wait-timeout`).
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(30 * 60);
 
 /// The bootstrap, run by cloud-init as `sh -c SCRIPT exoagent-bootstrap URL SHA256`: the URL and
 /// checksum arrive as arguments, never inside the script text. On failure it writes an
@@ -139,6 +143,9 @@ pub struct Choices {
     pub ssh_authorized_keys: Vec<String>,
     /// Update and upgrade the OS packages at first boot.
     pub install_os_updates: bool,
+    /// Make `cloud-init status --wait` return only once setup is `complete` or `error`, or this
+    /// long has passed (then cloud-init reports an error).
+    pub cloud_init_waits: Option<Duration>,
 }
 
 /// Why userdata could not be rendered.
@@ -255,6 +262,24 @@ pub(crate) fn bootstrap_command(delivery: &Delivery) -> Value {
     }
 }
 
+/// The `runcmd` entry, after the one that starts the agent, that makes cloud-init wait: the
+/// last entry, so its exit status is the runcmd script's (cloud-init joins the entries into
+/// one script without `set -e`). `exoagent` is looked up on `PATH`: `/usr/bin` when baked,
+/// `/usr/local/bin` after a bootstrap, and a failed bootstrap leaves none (status 127, at once).
+/// Non-zero, with one line on stderr, when setup ends in `error`, the timeout passes, or the
+/// unit has failed for good (docs/contracts.md, "cloud-init waits").
+pub(crate) fn wait_command(timeout: Duration) -> Value {
+    let timeout = format!("{}s", timeout.as_secs().max(1));
+    argv(&["exoagent", "status", "--wait", "--timeout", &timeout])
+}
+
+/// Every `runcmd` entry for `delivery`, waiting or not.
+pub(crate) fn runcmd(delivery: &Delivery, wait: Option<Duration>) -> Value {
+    let mut entries = vec![bootstrap_command(delivery)];
+    entries.extend(wait.map(wait_command));
+    Value::Sequence(entries)
+}
+
 fn check(choices: &Choices) -> Result<(), UserdataError> {
     check_delivery(&choices.delivery)?;
     if choices.services.is_empty() {
@@ -320,7 +345,7 @@ pub fn render(choices: &Choices) -> Result<String, UserdataError> {
     doc.insert("write_files".into(), Value::Sequence(files));
     doc.insert(
         "runcmd".into(),
-        Value::Sequence(vec![bootstrap_command(&choices.delivery)]),
+        runcmd(&choices.delivery, choices.cloud_init_waits),
     );
     let body = serde_yaml::to_string(&Value::Mapping(doc))
         .map_err(|e| UserdataError::Config(e.to_string()))?;
@@ -338,6 +363,7 @@ mod tests {
             clouds_yaml: None,
             ssh_authorized_keys: vec![],
             install_os_updates: true,
+            cloud_init_waits: None,
         }
     }
 
@@ -352,6 +378,25 @@ mod tests {
             "{drop_in}"
         );
         assert_eq!(doc["runcmd"][0][0], "systemctl");
+    }
+
+    #[test]
+    fn waiting_is_the_last_runcmd_entry() {
+        let mut waits = choices(Delivery::Baked);
+        waits.cloud_init_waits = Some(Duration::from_secs(600));
+        let doc: Value = serde_yaml::from_str(&render(&waits).unwrap()).unwrap();
+        let runcmd = doc["runcmd"].as_sequence().unwrap();
+        assert_eq!(runcmd.len(), 2);
+        assert_eq!(runcmd[0][0], "systemctl");
+        let wait: Vec<&str> = runcmd[1]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert_eq!(wait, ["exoagent", "status", "--wait", "--timeout", "600s"]);
+        let doc: Value = serde_yaml::from_str(&render(&choices(Delivery::Baked)).unwrap()).unwrap();
+        assert_eq!(doc["runcmd"].as_sequence().unwrap().len(), 1);
     }
 
     #[test]

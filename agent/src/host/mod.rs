@@ -1,7 +1,8 @@
 //! The instance-wide touches outside any service that Exosphere's playbook makes on every
 //! instance (its `console-setup`, `cloud-init-tweaks` and `base-setup` roles): exouser's
 //! autologin on tty1, cloud-init's logs kept private, exouser in the distribution's default
-//! user's group, and the base packages (which join the one package transaction).
+//! user's group, and the base packages (which join the one package transaction); and the hook
+//! that shows exoagent's login banner (`exoagent motd`), the distribution's way.
 
 pub mod settings;
 
@@ -29,6 +30,75 @@ pub const CLOUD_INIT_LOGS_UNIT: &str = "etc/systemd/system/exoagent-cloud-init-l
 
 /// `u=rw,g=r,o=`.
 pub const PRIVATE_LOG_MODE: u32 = 0o640;
+
+/// The login banner's hook on Debian and Ubuntu: pam_motd runs `/etc/update-motd.d/*` (through
+/// run-parts, so executable files only) as root at every SSH and console login.
+pub const MOTD_HOOK: &str = "etc/update-motd.d/60-exoagent";
+
+/// The login banner's hook on EL (no update-motd there): sourced by every login shell, as the
+/// user who logs in.
+pub const PROFILE_HOOK: &str = "etc/profile.d/exoagent.sh";
+
+/// The header line of both hooks (the first, or the second after `#!`): what marks a file as
+/// exoagent's to replace or remove.
+const HOOK_HEADER: &str = "# Written by exoagent ([host] login_banner";
+
+/// The hook for `family` calling `exe`: its path under the root, contents and mode. `exe` must
+/// be an absolute path of printable characters (it is written into a shell script, quoted).
+pub fn login_hook(family: Family, exe: &Path) -> Option<(&'static str, String, u32)> {
+    let exe = exe.to_str()?;
+    if !exe.starts_with('/') || exe.chars().any(char::is_control) {
+        return None;
+    }
+    let exe = sh_quote(exe);
+    Some(match family {
+        Family::Debian => (
+            MOTD_HOOK,
+            format!(
+                "#!/bin/sh\n\
+                 {HOOK_HEADER}; false removes it, chmod -x silences it.)\n\
+                 # The setup state at login. `exoagent motd` answers within 100 ms and exits 0.\n\
+                 [ -x {exe} ] || exit 0\n\
+                 exec {exe} motd\n"
+            ),
+            0o755,
+        ),
+        Family::RedHat => (
+            PROFILE_HOOK,
+            format!(
+                "{HOOK_HEADER}; false removes it.)\n\
+                 # The setup state at login. Interactive login shells only: scp, rsync and\n\
+                 # scripts see nothing, and neither does every new terminal (EL's bashrc sources\n\
+                 # profile.d in non-login shells too). `exoagent motd` answers within 100 ms.\n\
+                 case $- in\n\
+                 \x20 *i*)\n\
+                 \x20   if [ -x {exe} ]; then\n\
+                 \x20     if [ -n \"${{BASH_VERSION-}}\" ]; then\n\
+                 \x20       if shopt -q login_shell; then {exe} motd; fi\n\
+                 \x20     else\n\
+                 \x20       case $0 in -*) {exe} motd ;; esac\n\
+                 \x20     fi\n\
+                 \x20   fi ;;\n\
+                 esac\n\
+                 :\n"
+            ),
+            0o644,
+        ),
+    })
+}
+
+/// Whether a hook file's text is exoagent's (the header is the first line, or the second after
+/// a `#!` line).
+fn is_own_hook(text: &str) -> bool {
+    text.lines()
+        .take(2)
+        .any(|line| line.starts_with(HOOK_HEADER))
+}
+
+/// `text` as one single-quoted shell word.
+fn sh_quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "'\\''"))
+}
 
 /// The getty drop-in that logs `user` in on tty1 (Exosphere's `autologin.conf`, the user
 /// substituted; the doubled backslash is systemd's escape for agetty's `\u`).
@@ -91,6 +161,8 @@ pub enum Touch {
     PrivateCloudInitLogs,
     /// The default user's group.
     DefaultUserGroup,
+    /// The login banner's hook.
+    LoginBanner,
 }
 
 impl Touch {
@@ -100,6 +172,7 @@ impl Touch {
             Self::ConsoleAutologin => "console_autologin",
             Self::PrivateCloudInitLogs => "private_cloud_init_logs",
             Self::DefaultUserGroup => "default_user_group",
+            Self::LoginBanner => "login_banner",
         }
     }
 }
@@ -212,11 +285,63 @@ impl Host {
         done
     }
 
+    /// The login banner's hook for `os` calling `exe` when `on`; when off, any hook exoagent
+    /// wrote is removed (a file of the same name that is not exoagent's is never touched). An
+    /// unchanged hook is left as it is, mode included: `chmod -x` is Debian's way to silence an
+    /// update-motd script.
+    pub fn login_banner(&self, on: bool, os: &Os, exe: &Path) -> Result<Outcome, HostError> {
+        if !on {
+            let mut removed = false;
+            for hook in [MOTD_HOOK, PROFILE_HOOK] {
+                removed |= self.remove_own_hook(&self.root.join(hook))?;
+            }
+            return Ok(if removed {
+                Outcome::Changed
+            } else {
+                Outcome::Unchanged
+            });
+        }
+        let Some((hook, contents, mode)) = login_hook(os.family, exe) else {
+            return Ok(Outcome::Skipped(format!(
+                "the executable's path {:?} cannot be written into a login script",
+                exe.display().to_string()
+            )));
+        };
+        let path = self.root.join(hook);
+        if let Ok(existing) = std::fs::read_to_string(&path) {
+            if !is_own_hook(&existing) {
+                return Ok(Outcome::Skipped(format!(
+                    "'{}' exists and is not exoagent's",
+                    path.display()
+                )));
+            }
+        }
+        Ok(if self.write_if_changed(&path, &contents, mode)? {
+            Outcome::Changed
+        } else {
+            Outcome::Unchanged
+        })
+    }
+
+    /// Remove `path` if exoagent wrote it; whether it did.
+    fn remove_own_hook(&self, path: &Path) -> Result<bool, HostError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) if is_own_hook(&text) => {}
+            _ => return Ok(false),
+        }
+        std::fs::remove_file(path).map_err(|source| HostError::Io {
+            action: "remove",
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(true)
+    }
+
     /// Exosphere's tty1 drop-in; getty is restarted to pick it up unless someone is logged in
     /// on tty1 (their session is never cut; the drop-in then applies from their next logout).
     async fn console_autologin(&self, user: &str) -> Result<Outcome, HostError> {
         let path = self.root.join(AUTOLOGIN_DROPIN);
-        if !self.write_if_changed(&path, &autologin_dropin(user))? {
+        if !self.write_if_changed(&path, &autologin_dropin(user), 0o644)? {
             return Ok(Outcome::Unchanged);
         }
         if self.systemctl.is_some() {
@@ -257,7 +382,7 @@ impl Host {
             }
         }
         let unit = self.root.join(CLOUD_INIT_LOGS_UNIT);
-        if self.write_if_changed(&unit, &cloud_init_logs_unit())? {
+        if self.write_if_changed(&unit, &cloud_init_logs_unit(), 0o644)? {
             changed = true;
             if self.systemctl.is_some() {
                 self.systemctl(&["daemon-reload"]).await?;
@@ -272,8 +397,9 @@ impl Host {
         })
     }
 
-    /// Write `contents` to `path` (0644) unless it already holds exactly that; whether it wrote.
-    fn write_if_changed(&self, path: &Path, contents: &str) -> Result<bool, HostError> {
+    /// Write `contents` to `path` (with `mode`) unless it already holds exactly that; whether
+    /// it wrote.
+    fn write_if_changed(&self, path: &Path, contents: &str, mode: u32) -> Result<bool, HostError> {
         if std::fs::read_to_string(path).ok().as_deref() == Some(contents) {
             return Ok(false);
         }
@@ -284,7 +410,7 @@ impl Host {
                 source,
             })?;
         }
-        fsutil::write_atomic(path, contents.as_bytes(), 0o644, None).map_err(|source| {
+        fsutil::write_atomic(path, contents.as_bytes(), mode, None).map_err(|source| {
             HostError::Io {
                 action: "write",
                 path: path.to_path_buf(),

@@ -1,10 +1,11 @@
 //! `[host]`: which of Exosphere's instance-wide touches (its `console-setup`, `cloud-init-tweaks`
-//! and `base-setup` roles) exoagent makes; all off unless configured, on in Exosphere's template.
+//! and `base-setup` roles) exoagent makes, all off unless configured and on in Exosphere's
+//! template; and exoagent's own login banner, on unless turned off.
 
 use crate::schema::{set, value, Key, Located};
 
 /// `[host]`, validated.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HostSettings {
     /// The instance user logs in on tty1 without a password (the web console opens a shell).
     pub console_autologin: bool,
@@ -14,6 +15,22 @@ pub struct HostSettings {
     pub default_user_group: bool,
     /// The small set of packages Exosphere's playbook puts on every instance.
     pub base_packages: bool,
+    /// The setup state at login (`exoagent motd` from the distribution's login hook).
+    pub login_banner: bool,
+}
+
+impl Default for HostSettings {
+    /// Exosphere's touches off; the banner on: it only adds a few lines at login, and it is
+    /// where a researcher who logs in during setup learns what is going on.
+    fn default() -> Self {
+        Self {
+            console_autologin: false,
+            private_cloud_init_logs: false,
+            default_user_group: false,
+            base_packages: false,
+            login_banner: true,
+        }
+    }
 }
 
 /// What the files say about `[host]`.
@@ -23,6 +40,7 @@ pub struct Section {
     private_cloud_init_logs: Option<Located<bool>>,
     default_user_group: Option<Located<bool>>,
     base_packages: Option<Located<bool>>,
+    login_banner: Option<Located<bool>>,
 }
 
 /// The keys of `[host]`.
@@ -47,6 +65,11 @@ pub const KEYS: &[Key<Section>] = &[
         example: "true",
         read: |w, f, s| set(&mut s.base_packages, w.boolean(f)),
     },
+    Key {
+        name: "login_banner",
+        example: "false",
+        read: |w, f, s| set(&mut s.login_banner, w.boolean(f)),
+    },
 ];
 
 impl Section {
@@ -59,6 +82,7 @@ impl Section {
                 .unwrap_or(d.private_cloud_init_logs),
             default_user_group: value(&self.default_user_group).unwrap_or(d.default_user_group),
             base_packages: value(&self.base_packages).unwrap_or(d.base_packages),
+            login_banner: value(&self.login_banner).unwrap_or(d.login_banner),
         }
     }
 }

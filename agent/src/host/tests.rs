@@ -19,6 +19,7 @@ fn all_on() -> HostSettings {
         private_cloud_init_logs: true,
         default_user_group: true,
         base_packages: true,
+        login_banner: true,
     }
 }
 
@@ -191,4 +192,146 @@ async fn nothing_is_touched_when_nothing_is_asked() {
         .await;
     assert!(done.is_empty());
     assert!(!root.path().join("etc/systemd").exists());
+}
+
+/// A stand-in for the exoagent binary at `dir/name` that prints its arguments.
+fn stub_exe(dir: &Path, name: &str) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let exe = dir.join(name);
+    std::fs::write(&exe, "#!/bin/sh\necho \"banner: $*\"\n").unwrap();
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    exe
+}
+
+fn shell(args: &[&str]) -> (String, bool) {
+    let out = std::process::Command::new(args[0])
+        .args(&args[1..])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        out.status.success(),
+    )
+}
+
+#[test]
+fn the_debian_hook_is_an_executable_update_motd_script_that_runs_the_banner() {
+    let root = tempfile::tempdir().unwrap();
+    let host = Host::new(root.path());
+    // A quote in the path must stay inside the shell word.
+    let exe = stub_exe(&root.path().join("opt/it's here"), "exoagent");
+    let debian = os("debian", Family::Debian);
+    assert_eq!(
+        host.login_banner(true, &debian, &exe).unwrap(),
+        Outcome::Changed
+    );
+    let hook = root.path().join(MOTD_HOOK);
+    assert_eq!(mode(&hook), 0o755);
+    assert!(!root.path().join(PROFILE_HOOK).exists());
+    let (out, ok) = shell(&[hook.to_str().unwrap()]);
+    assert!(ok);
+    assert_eq!(out, "banner: motd\n");
+    assert_eq!(
+        host.login_banner(true, &debian, &exe).unwrap(),
+        Outcome::Unchanged,
+        "{:?}",
+        std::fs::read_to_string(&hook)
+    );
+    // Silenced the Debian way: left so.
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert_eq!(
+        host.login_banner(true, &debian, &exe).unwrap(),
+        Outcome::Unchanged
+    );
+    assert_eq!(mode(&hook), 0o644);
+    // The binary gone (uninstalled): a login sees nothing, and no error.
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::remove_file(&exe).unwrap();
+    let out = std::process::Command::new(&hook).output().unwrap();
+    assert!(out.status.success());
+    assert!(out.stdout.is_empty() && out.stderr.is_empty(), "{out:?}");
+    // Turned off: removed.
+    assert_eq!(
+        host.login_banner(false, &debian, &exe).unwrap(),
+        Outcome::Changed
+    );
+    assert!(!hook.exists());
+    assert_eq!(
+        host.login_banner(false, &debian, &exe).unwrap(),
+        Outcome::Unchanged
+    );
+}
+
+#[test]
+fn the_el_hook_speaks_to_interactive_login_shells_only() {
+    let root = tempfile::tempdir().unwrap();
+    let host = Host::new(root.path());
+    let exe = stub_exe(&root.path().join("usr/bin"), "exoagent");
+    let rocky = os("rocky", Family::RedHat);
+    assert_eq!(
+        host.login_banner(true, &rocky, &exe).unwrap(),
+        Outcome::Changed
+    );
+    let hook = root.path().join(PROFILE_HOOK);
+    assert_eq!(mode(&hook), 0o644, "sourced, not run");
+    assert!(!root.path().join(MOTD_HOOK).exists());
+    let source = format!(". '{}'", hook.display());
+    for (argv, shown) in [
+        // Non-interactive (scp, rsync, `ssh host command`, scripts): nothing.
+        (vec!["sh", "-c", &source], false),
+        (vec!["bash", "--login", "--noprofile", "-c", &source], false),
+        // Interactive but not a login (a new terminal; EL's bashrc sources profile.d): nothing.
+        (vec!["sh", "-i", "-c", &source], false),
+        (vec!["bash", "--norc", "-i", "-c", &source], false),
+        // A login: bash knows; sh's login shells are named "-sh".
+        (
+            vec!["bash", "--login", "--noprofile", "-i", "-c", &source],
+            true,
+        ),
+        (vec!["sh", "-i", "-c", &source, "-sh"], true),
+    ] {
+        let (out, ok) = shell(&argv);
+        assert!(ok, "{argv:?}: the sourced hook must end with status 0");
+        let expected = if shown { "banner: motd\n" } else { "" };
+        assert_eq!(out, expected, "{argv:?}");
+    }
+}
+
+#[test]
+fn someone_elses_file_is_never_replaced_or_removed() {
+    let root = tempfile::tempdir().unwrap();
+    let host = Host::new(root.path());
+    let exe = stub_exe(&root.path().join("usr/bin"), "exoagent");
+    let hook = root.path().join(MOTD_HOOK);
+    std::fs::create_dir_all(hook.parent().unwrap()).unwrap();
+    std::fs::write(&hook, "#!/bin/sh\necho mine\n").unwrap();
+    let debian = os("ubuntu", Family::Debian);
+    assert!(matches!(
+        host.login_banner(true, &debian, &exe).unwrap(),
+        Outcome::Skipped(why) if why.contains("is not exoagent's")
+    ));
+    assert_eq!(
+        host.login_banner(false, &debian, &exe).unwrap(),
+        Outcome::Unchanged
+    );
+    assert_eq!(
+        std::fs::read_to_string(&hook).unwrap(),
+        "#!/bin/sh\necho mine\n"
+    );
+    // A path a script cannot hold safely is refused, not written.
+    let odd = root.path().join("usr/bin/exo\nagent");
+    std::fs::remove_file(&hook).unwrap();
+    assert!(matches!(
+        host.login_banner(true, &debian, &odd).unwrap(),
+        Outcome::Skipped(_)
+    ));
+    assert!(!hook.exists());
+}
+
+#[test]
+fn the_banner_is_on_by_default_and_the_other_touches_off() {
+    let d = HostSettings::default();
+    assert!(d.login_banner);
+    assert!(!(d.console_autologin || d.private_cloud_init_logs || d.default_user_group));
 }
