@@ -88,8 +88,8 @@ def main():
     args = parser.parse_args()
     if harness.main(["up"]) != 0:
         raise SystemExit("the OpenStack harness did not come up")
-    exoagent = vm_test.binary()
-    vm_test.ensure_image(exoagent)
+    exoagent, deb = vm_test.binary()
+    vm_test.ensure_image(exoagent, deb)
     ensure_stock_image()
     env = json.loads(harness.ENV_FILE.read_text())
     config = json.loads(harness.SECRETS_FILE.read_text())

@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
 # Build the VM test image: Debian 12 (mmdebstrap, minbase) with systemd, cloud-init and
-# exoagent installed (`exoagent install --enable`) and JupyterLab baked (`exoagent bake`), the
+# exoagent installed from its .deb (installer/package/build.sh; apt-get installs it, its
+# postinst enables the unit without starting it) and JupyterLab baked (`exoagent bake`), the
 # host's CA bundle trusted (HTTPS here goes through an intercepting proxy). Writes
 # OUT/root.raw (ext4, no partition table), OUT/vmlinuz, OUT/initrd.img.
 #
-#   bash tests/vm/build-image.sh OUT EXOAGENT_BINARY
+#   bash tests/vm/build-image.sh OUT EXOAGENT_DEB
 #   bash tests/vm/build-image.sh OUT --stock     # the same image without exoagent (benchmarks)
 set -euo pipefail
-out=${1:?usage: build-image.sh OUT EXOAGENT_BINARY|--stock}
+out=${1:?usage: build-image.sh OUT EXOAGENT_DEB|--stock}
 agent_hooks=()
-if [ "${2:?usage: build-image.sh OUT EXOAGENT_BINARY|--stock}" != "--stock" ]; then
-  binary=$(realpath "$2")
-  export EXOAGENT_BINARY="$binary"
+if [ "${2:?usage: build-image.sh OUT EXOAGENT_DEB|--stock}" != "--stock" ]; then
+  EXOAGENT_DEB=$(realpath "$2")
+  export EXOAGENT_DEB
+  # No systemd runs in the chroot: postinst creates the tmpfiles directories and the
+  # multi-user.target.wants link, and starts nothing. Its dependencies are in the image already.
   agent_hooks=(
-    --customize-hook='install -m 0755 "$EXOAGENT_BINARY" "$1/usr/bin/exoagent"'
-    --customize-hook='chroot "$1" /usr/bin/exoagent install --enable --exec /usr/bin/exoagent'
+    --customize-hook='cp "$EXOAGENT_DEB" "$1/tmp/exoagent.deb"'
+    --customize-hook='chroot "$1" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends /tmp/exoagent.deb'
+    --customize-hook='rm -f "$1/tmp/exoagent.deb"'
     --customize-hook='chroot "$1" /usr/bin/exoagent bake --service jupyterlab'
   )
 fi

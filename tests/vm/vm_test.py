@@ -5,8 +5,9 @@ its serial console and a forwarded port.
 
     python3 tests/vm/vm_test.py [--keep]
 
-1. Brings up the OpenStack harness; builds the image (tests/vm/build-image.sh) unless one for
-   this exoagent binary exists.
+1. Brings up the OpenStack harness; builds the .deb (installer/package/build.sh) and the image
+   (tests/vm/build-image.sh: exoagent installed from that .deb) unless one for this exoagent
+   binary exists.
 2. Boots a Nova server (fake virt driver) with userdata from `exoagent userdata` asking for
    JupyterLab and Nova reporting through the access-rule-restricted credential; the VM takes
    that server's identity: DMI says OpenStack Nova with the server's UUID, and
@@ -30,7 +31,11 @@ its serial console and a forwarded port.
    the console ends in `complete`, the
    passphrase is published, and over SSH as exouser with that key: the choices file holds
    plain JSON and the agent read it, the credential files are exouser's and 0400, nothing was
-   downloaded; Exosphere's host touches: tty1 autologin of exouser (getty@tty1 drop-in, byte
+   downloaded; cloud-init's runcmd ended with the wait for the agent's setup, whose
+   `complete` is in cloud-init's output log; the login banner's hook is in /etc/update-motd.d,
+   pam_motd ran it at the SSH logins, `exoagent motd` shows the finished setup and JupyterLab
+   ready, and, the agent stopped, the one line saying so; Exosphere's host touches: tty1
+   autologin of exouser (getty@tty1 drop-in, byte
    for byte Exosphere's), cloud-init's logs 0640, exouser in group `debian`, the base packages
    present. Volumes as Exosphere's auto-mount-volumes role handles them: the server has three
    extra raw disks whose virtio serial is a made-up volume UUID, each named before boot by
@@ -99,22 +104,27 @@ def free_port():
 
 
 def binary():
-    subprocess.run(["cargo", "build", "--release", "-q", "-p", "exoagent"], cwd=ROOT,
-                   check=True)
+    """The release binary and the .deb made from it (installer/package/build.sh builds both)."""
+    packages = subprocess.run(["bash", "installer/package/build.sh"], cwd=ROOT, check=True,
+                              stdout=subprocess.PIPE, text=True).stdout.split()
+    deb = next(Path(p) for p in packages if p.endswith(".deb"))
     target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
-    return (ROOT / target / "release" / "exoagent").resolve()
+    return (ROOT / target / "release" / "exoagent").resolve(), deb.resolve()
 
 
-def ensure_image(exoagent):
+def ensure_image(exoagent, deb):
+    # The binary, not the .deb's bytes (which carry build times), plus what shapes the package.
     digest = hashlib.sha256()
     digest.update(exoagent.read_bytes())
-    digest.update((ROOT / "tests/vm/build-image.sh").read_bytes())
+    for script in [ROOT / "tests/vm/build-image.sh", *sorted((ROOT / "installer").rglob("*"))]:
+        if script.is_file():
+            digest.update(script.read_bytes())
     stamp = digest.hexdigest()
     stamp_file = VM_DIR / "image.stamp"
     if stamp_file.exists() and stamp_file.read_text() == stamp and (VM_DIR / "root.raw").exists():
         return
-    say("building the image (mmdebstrap, JupyterLab baked)")
-    subprocess.run(["bash", str(ROOT / "tests/vm/build-image.sh"), str(VM_DIR), str(exoagent)],
+    say("building the image (mmdebstrap, exoagent from its .deb, JupyterLab baked)")
+    subprocess.run(["bash", str(ROOT / "tests/vm/build-image.sh"), str(VM_DIR), str(deb)],
                    check=True)
     stamp_file.write_text(stamp)
 
@@ -698,6 +708,31 @@ def with_exosphere_template(scenario, key_file, workflow):
     ]
     for command, good in checks:
         check(command, good, about_cloud_init=True)
+
+    # cloud-init waited for the agent (on in Exosphere's template): its runcmd ends with the
+    # wait, which printed the finished setup into cloud-init's output log before `done`.
+    # (cloud-init's `shellify` writes each argv word single-quoted, one command per line.)
+    check("sudo -n tail -n 1 /var/lib/cloud/instance/scripts/runcmd",
+          lambda out: out == "'exoagent' 'status' '--wait' '--timeout' '1800s'",
+          about_cloud_init=True)
+    check("sudo -n grep -c '^setup: complete' /var/log/cloud-init-output.log",
+          lambda out: int(out) >= 1, about_cloud_init=True)
+    # The login banner: the hook exoagent wrote, run by pam_motd at these SSH logins, and
+    # `exoagent motd` itself (under TCG the agent may miss the banner's 60 ms limit: retried).
+    check("stat -c '%a %U' /etc/update-motd.d/60-exoagent && tail -n 1 /etc/update-motd.d/60-exoagent",
+          lambda out: out.split("\n") == ["755 root", "exec '/usr/bin/exoagent' motd"])
+    check("grep -cE '^exoagent (setup: |did not answer)' /run/motd.dynamic",
+          lambda out: out == "1")
+
+    def banner_complete():
+        lines = ssh("exoagent motd; echo rc=$?").stdout.strip().split("\n")
+        return (re.fullmatch(r"exoagent setup: complete \(since [0-9]+[smhd] ago\)", lines[0])
+                and any(re.match(r"\s+jupyterlab\s+ready\s", line) for line in lines)
+                and lines[-2:] == ["  more: exoagent status", "rc=0"]) and lines
+
+    banner = wait("the login banner to show the finished setup", banner_complete, 60, vm,
+                  interval=2)
+    say("login banner: " + " | ".join(banner[:-1]))
     check(f"cat {AUTOLOGIN_DROPIN}", lambda out: out == AUTOLOGIN, strip=False)
     check("systemctl cat getty@tty1", lambda out: f"# {AUTOLOGIN_DROPIN}\n{AUTOLOGIN}" in out,
           strip=False)
@@ -849,6 +884,12 @@ def with_exosphere_template(scenario, key_file, workflow):
     check(f"touch {shlex.quote(more.mount_point + '/probe')}", lambda out: True)
     say(f"hot-plugged volume mounted at {more.mount_point} after {plug_s:.0f} s")
 
+    # With the agent stopped the banner is one line and the login is not held up.
+    check("sudo -n systemctl stop exoagent; exoagent motd; echo rc=$?; "
+          "sudo -n systemctl start exoagent",
+          lambda out: out.split("\n") == ["exoagent is not running (sudo systemctl status exoagent)",
+                                          "rc=0"])
+
     vm.power_off()
     for volume in [lvm, parts]:
         if first_mib_sha256(volume.path) != volume.sha256:
@@ -893,8 +934,8 @@ def main():
     args = parser.parse_args()
     if harness.main(["up"]) != 0:
         raise Failure("the OpenStack harness did not come up")
-    exoagent = binary()
-    ensure_image(exoagent)
+    exoagent, deb = binary()
+    ensure_image(exoagent, deb)
     env = json.loads(harness.ENV_FILE.read_text())
     config = json.loads(harness.SECRETS_FILE.read_text())
     token, _ = harness.token_for(harness.password_auth("demo", config["passwords"]["demo"]),
