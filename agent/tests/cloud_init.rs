@@ -172,7 +172,7 @@ fn the_bootstrap_installs_only_a_binary_with_the_right_checksum() {
         "--binary-sha256",
         SHA,
     ]);
-    let doc: serde_yaml::Value = serde_yaml::from_str(&rendered).unwrap();
+    let doc: serde_norway::Value = serde_norway::from_str(&rendered).unwrap();
     let script = doc["runcmd"][0][2].as_str().unwrap().to_owned();
     let target_dir = tempfile::tempdir().unwrap();
     let target = target_dir.path().join("exoagent");

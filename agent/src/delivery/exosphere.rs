@@ -18,7 +18,7 @@
 //!   cloud-config part of its own, merged with list append: the two parts' `write_files`
 //!   would otherwise replace each other.
 
-use serde_yaml::{Mapping, Value};
+use serde_norway::{Mapping, Value};
 
 use super::userdata::{bootstrap_command, check_delivery, Delivery, UserdataError};
 
@@ -81,7 +81,7 @@ pub fn template(delivery: &Delivery) -> Result<String, UserdataError> {
         "runcmd".into(),
         Value::Sequence(vec![bootstrap_command(delivery)]),
     );
-    let runcmd = serde_yaml::to_string(&Value::Mapping(runcmd))
+    let runcmd = serde_norway::to_string(&Value::Mapping(runcmd))
         .map_err(|e| UserdataError::Config(e.to_string()))?;
     let main = format!("{MAIN_PART_HEAD}{runcmd}");
     Ok(format!(

@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use serde_yaml::{Mapping, Value};
+use serde_norway::{Mapping, Value};
 
 use crate::config;
 use crate::model::ServiceKind;
@@ -181,7 +181,7 @@ fn check(choices: &Choices) -> Result<(), UserdataError> {
         }
     }
     if let Some((yaml, name)) = &choices.clouds_yaml {
-        let parsed: serde_yaml::Value = serde_yaml::from_str(yaml)
+        let parsed: serde_norway::Value = serde_norway::from_str(yaml)
             .map_err(|e| invalid("--clouds-yaml", format!("not YAML: {e}")))?;
         if parsed["clouds"][name.as_str()].is_null() {
             return Err(invalid(
@@ -234,7 +234,7 @@ pub fn render(choices: &Choices) -> Result<String, UserdataError> {
         "runcmd".into(),
         Value::Sequence(vec![bootstrap_command(&choices.delivery)]),
     );
-    let body = serde_yaml::to_string(&Value::Mapping(doc))
+    let body = serde_norway::to_string(&Value::Mapping(doc))
         .map_err(|e| UserdataError::Config(e.to_string()))?;
     Ok(format!("#cloud-config\n{body}"))
 }
@@ -257,7 +257,7 @@ mod tests {
     fn baked_userdata_configures_and_starts() {
         let text = render(&choices(Delivery::Baked)).unwrap();
         assert!(text.starts_with("#cloud-config\n"));
-        let doc: Value = serde_yaml::from_str(&text).unwrap();
+        let doc: Value = serde_norway::from_str(&text).unwrap();
         let drop_in = doc["write_files"][0]["content"].as_str().unwrap();
         assert!(
             drop_in.contains("[services.jupyterlab]\nenabled = true"),
@@ -274,7 +274,7 @@ mod tests {
             sha256: "ab".repeat(32),
         }))
         .unwrap();
-        let doc: Value = serde_yaml::from_str(&text).unwrap();
+        let doc: Value = serde_norway::from_str(&text).unwrap();
         let cmd = doc["runcmd"][0].as_sequence().unwrap();
         assert_eq!(cmd[0], "sh");
         assert!(!cmd[2].as_str().unwrap().contains("example.org"));
@@ -311,7 +311,7 @@ mod tests {
             "clouds:\n  mine: {auth_type: password}\n".into(),
             "mine".into(),
         ));
-        let doc: Value = serde_yaml::from_str(&render(&with_cloud).unwrap()).unwrap();
+        let doc: Value = serde_norway::from_str(&render(&with_cloud).unwrap()).unwrap();
         assert_eq!(doc["write_files"][1]["path"], CLOUDS_YAML);
         assert_eq!(doc["write_files"][1]["permissions"], "0600");
         let drop_in = doc["write_files"][0]["content"].as_str().unwrap();
