@@ -168,7 +168,8 @@ impl DriveFinder {
             Err(last)
         })
         .await
-        .unwrap_or(Err(nix::Error::EINTR));
+        // Only a panic in the closure (or shutdown) fails the join: count it as a failed mount.
+        .unwrap_or(Err(nix::Error::EIO));
         if let Err(source) = mounted {
             return Err(DriveError::Mount {
                 device,
