@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The README's test command and exactly what CI runs: prerequisites, formatting, lints, real
-# OpenStack on loopback, and every test (unit, integration with real processes, real JupyterLab
-# and real OpenStack end to end, the Guacamole page in Chromium against a real desktop, and a
-# real VM booting the baked image).
+# The README's test command and exactly what CI runs: prerequisites, formatting, lints, the
+# dependency policy (cargo-deny), real OpenStack on loopback, and every test (unit, integration
+# with real processes, real JupyterLab and real OpenStack end to end, the Guacamole page in
+# Chromium against a real desktop, and a real VM booting the baked image).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash installer/dev/prereqs.sh
@@ -12,6 +12,9 @@ export EXOAGENT_REAL_APT=1
 export EXOAGENT_REQUIRE_CLIENT_PAGE=1
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
+# Licences, banned crates and sources (deny.toml). Offline: the advisory database lives on
+# GitHub, which CI cannot reach, and these three checks need nothing from the network.
+cargo deny --offline check --hide-inclusion-graph licenses bans sources
 # Real Keystone, Nova, Neutron, Glance and Placement (idempotent; ~1–2 min from nothing). A
 # stack this run started is stopped again at the end; one already running is left alone.
 started_openstack=0

@@ -17,7 +17,8 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// "12s ago", "3m ago", "2h ago", "4d ago": how long ago `since_ms` was at `now_ms`.
+/// "12s ago", "3m ago", "2h ago", "4d ago": how long ago `since_ms` was at `now_ms`, in one
+/// coarse unit (humantime would print "2h 1m 40s").
 pub fn relative(since_ms: u64, now_ms: u64) -> String {
     let secs = now_ms.saturating_sub(since_ms) / 1000;
     match secs {

@@ -205,7 +205,7 @@ fn the_bootstrap_installs_only_a_binary_with_the_right_checksum() {
         "--binary-sha256",
         SHA,
     ]);
-    let doc: serde_yaml::Value = serde_yaml::from_str(&rendered).unwrap();
+    let doc: serde_norway::Value = serde_norway::from_str(&rendered).unwrap();
     let script = doc["runcmd"][0][2].as_str().unwrap().to_owned();
     let target_dir = tempfile::tempdir().unwrap();
     let target = target_dir.path().join("exoagent");
@@ -325,7 +325,7 @@ fn the_package_bootstrap_installs_only_a_package_with_the_right_checksum() {
         "--package-sha256",
         SHA,
     ]);
-    let doc: serde_yaml::Value = serde_yaml::from_str(&rendered).unwrap();
+    let doc: serde_norway::Value = serde_norway::from_str(&rendered).unwrap();
     let argv: Vec<String> = doc["runcmd"][0]
         .as_sequence()
         .unwrap()
@@ -447,7 +447,7 @@ fn the_package_bootstrap_installs_only_a_package_with_the_right_checksum() {
 /// or "ok", and the script's stderr (which cloud-init's output setting appends to
 /// /var/log/cloud-init-output.log).
 fn run_runcmd_like_cloud_init(args: &[&str], sandbox_dir: &Path) -> (String, String) {
-    let doc: serde_yaml::Value = serde_yaml::from_str(&userdata(args)).unwrap();
+    let doc: serde_norway::Value = serde_norway::from_str(&userdata(args)).unwrap();
     let runcmd = serde_json::to_string(&doc["runcmd"]).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let bin = dir.path().join("bin");

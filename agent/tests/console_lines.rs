@@ -14,7 +14,7 @@ use std::time::Duration;
 use exoagent::config::settings::ConsoleSettings;
 use exoagent::model::ServiceKind;
 use exoagent::report::console::{ConsoleReporter, ConsoleSink};
-use exoagent::report::load::LoadSampler;
+use exoagent::report::load::{GpuQuery, LoadSampler};
 use exoagent::state::{Reason, ServiceState, ServiceUpdate, SetupPhase, StateHub};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -83,7 +83,7 @@ fn reporter(console: &std::path::Path) -> ConsoleReporter {
     ConsoleReporter::new(
         ConsoleSink::Devices(vec![console.to_path_buf()]),
         &settings(console),
-        LoadSampler::with_gpu_query(std::path::Path::new("/"), None),
+        LoadSampler::with_gpu_query(std::path::Path::new("/"), GpuQuery::None),
     )
 }
 
@@ -355,4 +355,18 @@ async fn the_workflow_token_line_appears_once_jupyterlab_is_ready_and_stays_in_t
         tail.iter().any(|l| l.contains("exoWorkflowToken")),
         "{tail:?}"
     );
+}
+
+/// NVML is dlopened when the load sampler starts: the binary must start on a host without the
+/// NVIDIA driver, so libnvidia-ml is never a link-time dependency.
+#[test]
+fn the_binary_does_not_link_against_nvml() {
+    let out = std::process::Command::new("ldd")
+        .arg(env!("CARGO_BIN_EXE_exoagent"))
+        .output()
+        .expect("ldd (libc-bin) is installed");
+    let libraries = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{libraries}");
+    assert!(libraries.contains("libc.so"), "{libraries}");
+    assert!(!libraries.contains("nvidia"), "{libraries}");
 }

@@ -200,19 +200,19 @@ impl Stack {
         &self,
         dir: &Path,
         name: &str,
-        edit: impl FnOnce(&mut serde_yaml::Value),
+        edit: impl FnOnce(&mut serde_norway::Value),
     ) -> PathBuf {
         let text = fs::read_to_string(self.str("clouds_yaml")).unwrap();
-        let all: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+        let all: serde_norway::Value = serde_norway::from_str(&text).unwrap();
         let mut cloud = all["clouds"][name].clone();
         edit(&mut cloud);
-        let mut clouds = serde_yaml::Mapping::new();
+        let mut clouds = serde_norway::Mapping::new();
         clouds.insert("agent".into(), cloud);
-        let mut file = serde_yaml::Mapping::new();
-        file.insert("clouds".into(), serde_yaml::Value::Mapping(clouds));
+        let mut file = serde_norway::Mapping::new();
+        file.insert("clouds".into(), serde_norway::Value::Mapping(clouds));
         fs::create_dir_all(dir).unwrap();
         let path = dir.join("clouds.yaml");
-        fs::write(&path, serde_yaml::to_string(&file).unwrap()).unwrap();
+        fs::write(&path, serde_norway::to_string(&file).unwrap()).unwrap();
         path
     }
 }
@@ -1024,7 +1024,7 @@ fn keystone_over_tls_trusts_the_ca_bundle_named_in_clouds_yaml() {
     let tls_url = stack.str("keystone_tls_url").to_owned();
     let ca = stack.str("tls_ca").to_owned();
     let runtime = runtime();
-    let tags_through = |dir: &str, edit: &dyn Fn(&mut serde_yaml::Value)| {
+    let tags_through = |dir: &str, edit: &dyn Fn(&mut serde_norway::Value)| {
         let path = stack.clouds_yaml(&scratch.path().join(dir), "agent-full", |cloud| {
             cloud["auth"]["auth_url"] = tls_url.as_str().into();
             edit(cloud);

@@ -44,6 +44,13 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends "${need_apt[@]}"
 fi
 
+# cargo-deny for the licence, ban and source checks (deny.toml), pinned; built from crates.io
+# only when missing (~11 min on 2 cores), so a second run installs nothing.
+CARGO_DENY_VERSION=0.20.2
+if ! cargo deny --version 2>/dev/null | grep -qx "cargo-deny $CARGO_DENY_VERSION"; then
+  cargo install --locked --version "$CARGO_DENY_VERSION" cargo-deny
+fi
+
 # The Guacamole client page, embedded into the binary at compile time.
 bash "$(dirname "$0")/build-web.sh"
 

@@ -84,7 +84,7 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
     let token_line = link.as_ref().map(|(token, _)| link::token_line(token));
     let notify = start_local_reporters(&plan, &hub, token_line, &mut tasks, &cancel);
     if let Some(notify) = &notify {
-        if let Err(e) = notify.notify("READY=1") {
+        if let Err(e) = notify.ready() {
             tracing::debug!(target: "exoagent::agent", error = %e, "sd_notify READY failed");
         }
     }

@@ -42,23 +42,15 @@ pub struct StatusArgs {
     pub timeout: Option<Duration>,
 }
 
-/// Parse "120", "120s", "5m" or "2h".
+/// Parse "120" (seconds), or anything `humantime` reads: "120s", "5m", "2h", "1h 30m".
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => text.split_at(i),
-        None => (text, "s"),
-    };
-    let value: u64 = number
-        .parse()
-        .map_err(|_| format!("'{text}' is not a duration such as 90s, 5m or 1h"))?;
-    let seconds = match unit {
-        "s" => value,
-        "m" => value.saturating_mul(60),
-        "h" => value.saturating_mul(3600),
-        _ => return Err(format!("'{text}': the unit must be s, m or h")),
-    };
-    Ok(Duration::from_secs(seconds))
+    // A bare number is seconds; humantime insists on a unit.
+    if let Ok(seconds) = text.parse::<u64>() {
+        return Ok(Duration::from_secs(seconds));
+    }
+    humantime::parse_duration(text)
+        .map_err(|e| format!("'{text}' is not a duration such as 90s, 5m or 1h: {e}"))
 }
 
 /// The exit status a snapshot stands for.
@@ -343,6 +335,8 @@ mod tests {
         assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        assert!(parse_duration("").is_err());
         assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_duration("").is_err());
         assert!(parse_duration("-3s").is_err());

@@ -217,7 +217,7 @@ pub fn load(path: &Path, name: &str) -> Result<CloudConfig, CloudsError> {
 
 /// Parse clouds.yaml `text` (read from `path`, for messages) and pick cloud `name`.
 pub fn parse(path: &Path, text: &str, name: &str) -> Result<CloudConfig, CloudsError> {
-    let file: File = serde_yaml::from_str(text).map_err(|e| CloudsError::Parse {
+    let file: File = serde_norway::from_str(text).map_err(|e| CloudsError::Parse {
         path: path.to_path_buf(),
         message: e.to_string(),
     })?;

@@ -1,15 +1,24 @@
 //! Finds the config drive by its filesystem label (`config-2`) and mounts it read-only where
-//! the identity reader looks for it; nothing to do when the documents are already there.
+//! the identity reader looks for it (mount(2) through `nix`, no `mount` process); nothing to do
+//! when the documents are already there.
 
 use std::path::{Path, PathBuf};
+
+use nix::mount::MsFlags;
 
 use crate::platform::exec;
 
 /// The labels Nova gives config drives: iso9660 keeps `config-2`, vfat upper-cases it.
 pub const LABELS: [&str; 2] = ["config-2", "CONFIG-2"];
 
-/// Mount options: the drive is data, never code.
-const MOUNT_OPTIONS: &str = "ro,nosuid,nodev,noexec";
+/// The filesystems Nova writes config drives in, tried in turn when `blkid` cannot name the
+/// drive's own type (mount(2), unlike mount(8), does not guess).
+const NOVA_TYPES: [&str; 2] = ["iso9660", "vfat"];
+
+/// Mount flags: the drive is data, never code (`ro,nosuid,nodev,noexec`).
+fn mount_flags() -> MsFlags {
+    MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC
+}
 
 /// Why the config drive could not be mounted.
 #[derive(Debug, thiserror::Error)]
@@ -22,13 +31,17 @@ pub enum DriveError {
         /// The OS error.
         source: std::io::Error,
     },
-    /// `mount` failed or could not be run.
-    #[error("'{command}' failed: {detail}")]
+    /// mount(2) refused the drive under every filesystem type tried.
+    #[error("failed to mount '{device}' read-only on '{target}' as {types}: {source}")]
     Mount {
-        /// The command as run.
-        command: String,
-        /// Exit status and the tail of its output.
-        detail: String,
+        /// The block device.
+        device: PathBuf,
+        /// The mount point.
+        target: PathBuf,
+        /// The filesystem types tried, e.g. `iso9660, vfat`.
+        types: String,
+        /// The error of the last attempt.
+        source: nix::Error,
     },
 }
 
@@ -57,31 +70,25 @@ pub enum DriveMount {
     NotFound,
 }
 
-/// Where to look for labelled devices and which tools to use; injected so tests can point it
+/// Where to look for labelled devices and which probe to use; injected so tests can point it
 /// elsewhere.
 #[derive(Debug, Clone)]
 pub struct DriveFinder {
     by_label: PathBuf,
     blkid: PathBuf,
-    mount: PathBuf,
 }
 
 impl DriveFinder {
-    /// The host's udev links, `blkid` and `mount`.
+    /// The host's udev links and `blkid`.
     pub fn system() -> Self {
-        Self::new("/dev/disk/by-label", "blkid", "mount")
+        Self::new("/dev/disk/by-label", "blkid")
     }
 
-    /// A finder using `by_label` (udev's label links), and the given `blkid` and `mount`.
-    pub fn new(
-        by_label: impl Into<PathBuf>,
-        blkid: impl Into<PathBuf>,
-        mount: impl Into<PathBuf>,
-    ) -> Self {
+    /// A finder using `by_label` (udev's label links) and the given `blkid`.
+    pub fn new(by_label: impl Into<PathBuf>, blkid: impl Into<PathBuf>) -> Self {
         Self {
             by_label: by_label.into(),
             blkid: blkid.into(),
-            mount: mount.into(),
         }
     }
 
@@ -110,6 +117,20 @@ impl DriveFinder {
         None
     }
 
+    /// The filesystem type `blkid` reads on `device` (`iso9660`, `vfat`), if it can tell.
+    async fn filesystem_type(&self, device: &Path) -> Option<String> {
+        let args = [
+            Path::new("-o").as_os_str(),
+            Path::new("value").as_os_str(),
+            Path::new("-s").as_os_str(),
+            Path::new("TYPE").as_os_str(),
+            device.as_os_str(),
+        ];
+        let found = exec::run(&self.blkid, &args, &[], None).await.ok()?;
+        let fstype = found.stdout.trim();
+        (found.status.success() && !fstype.is_empty()).then(|| fstype.to_owned())
+    }
+
     /// Make the drive's documents readable at `target`: leave it alone when they already are,
     /// otherwise mount the labelled device there read-only.
     pub async fn ensure_mounted(&self, target: &Path) -> Result<DriveMount, DriveError> {
@@ -123,23 +144,38 @@ impl DriveFinder {
             path: target.to_path_buf(),
             source,
         })?;
-        let args = [
-            Path::new("-o").as_os_str(),
-            Path::new(MOUNT_OPTIONS).as_os_str(),
-            device.as_os_str(),
-            target.as_os_str(),
-        ];
-        let command = exec::shown(&self.mount, &args);
-        let finished = exec::run(&self.mount, &args, &[], None)
-            .await
-            .map_err(|e| DriveError::Mount {
-                command: command.clone(),
-                detail: e.to_string(),
-            })?;
-        if !finished.status.success() {
+        let types = match self.filesystem_type(&device).await {
+            Some(found) => vec![found],
+            None => NOVA_TYPES.map(str::to_owned).to_vec(),
+        };
+        let tried = types.join(", ");
+        let (source, mount_point) = (device.clone(), target.to_path_buf());
+        // mount(2) may wait on the device; keep it off the runtime's threads.
+        let mounted = tokio::task::spawn_blocking(move || {
+            let mut last = nix::Error::EINVAL;
+            for fstype in &types {
+                match nix::mount::mount(
+                    Some(&source),
+                    &mount_point,
+                    Some(fstype.as_str()),
+                    mount_flags(),
+                    None::<&str>,
+                ) {
+                    Ok(()) => return Ok(()),
+                    Err(e) => last = e,
+                }
+            }
+            Err(last)
+        })
+        .await
+        // Only a panic in the closure (or shutdown) fails the join: count it as a failed mount.
+        .unwrap_or(Err(nix::Error::EIO));
+        if let Err(source) = mounted {
             return Err(DriveError::Mount {
-                command,
-                detail: format!("{}: {}", finished.status, finished.tail(5)),
+                device,
+                target: target.to_path_buf(),
+                types: tried,
+                source,
             });
         }
         Ok(DriveMount::Mounted { device })
@@ -165,14 +201,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (by_label, device) = labelled(dir.path(), "CONFIG-2");
         // `false` as blkid: had it been asked, nothing would be found.
-        let finder = DriveFinder::new(&by_label, "false", "false");
+        let finder = DriveFinder::new(&by_label, "false");
         assert_eq!(finder.device().await, Some(device.canonicalize().unwrap()));
     }
 
     #[tokio::test]
     async fn no_label_and_no_blkid_match_is_not_found() {
         let dir = tempfile::tempdir().unwrap();
-        let finder = DriveFinder::new(dir.path().join("absent"), "false", "false");
+        let finder = DriveFinder::new(dir.path().join("absent"), "false");
         let target = dir.path().join("mnt");
         assert_eq!(
             finder.ensure_mounted(&target).await.unwrap(),
@@ -190,7 +226,7 @@ mod tests {
         let latest = dir.path().join("openstack/latest");
         std::fs::create_dir_all(&latest).unwrap();
         std::fs::write(latest.join("meta_data.json"), r#"{"uuid":"u"}"#).unwrap();
-        let finder = DriveFinder::new("/nonexistent", "false", "false");
+        let finder = DriveFinder::new("/nonexistent", "false");
         assert_eq!(
             finder.ensure_mounted(dir.path()).await.unwrap(),
             DriveMount::AlreadyPresent
@@ -198,18 +234,20 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_failing_mount_names_the_command() {
+    async fn a_failing_mount_names_the_device_and_the_types_tried() {
         let dir = tempfile::tempdir().unwrap();
         let (by_label, _) = labelled(dir.path(), "config-2");
-        let finder = DriveFinder::new(&by_label, "false", "false");
+        let finder = DriveFinder::new(&by_label, "false");
         let err = finder
             .ensure_mounted(&dir.path().join("mnt"))
             .await
             .unwrap_err();
+        // A regular file is no block device (and as non-root mount(2) is refused anyway).
         assert_eq!(err.reason(), "config-drive-mount-failed");
+        let text = err.to_string();
         assert!(
-            err.to_string().contains("false -o ro,nosuid,nodev,noexec"),
-            "{err}"
+            text.contains("sr0") && text.contains("as iso9660, vfat"),
+            "{text}"
         );
     }
 }

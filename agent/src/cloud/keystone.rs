@@ -1,7 +1,7 @@
 //! Keystone v3: a token from the clouds.yaml credential, cached and renewed before it
 //! expires, and endpoints from its catalog (interface and region honoured).
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -355,50 +355,14 @@ fn auth_body(credential: &Credential) -> Value {
 
 /// `2026-11-24T03:00:00.000000Z` (or with a `+hh:mm` offset) as a time.
 pub fn parse_rfc3339(text: &str) -> Option<SystemTime> {
-    let (date, rest) = text.split_once('T')?;
-    let mut d = date.split('-');
-    let (year, month, day): (i64, i64, i64) = (
-        d.next()?.parse().ok()?,
-        d.next()?.parse().ok()?,
-        d.next()?.parse().ok()?,
-    );
-    let (time, offset_s) = if let Some(t) = rest.strip_suffix('Z') {
-        (t, 0)
-    } else {
-        let at = rest.rfind(['+', '-'])?;
-        let (t, off) = rest.split_at(at);
-        let sign = if off.starts_with('-') { -1 } else { 1 };
-        let (h, m) = off[1..].split_once(':')?;
-        (
-            t,
-            sign * (h.parse::<i64>().ok()? * 3600 + m.parse::<i64>().ok()? * 60),
-        )
-    };
-    let mut t = time.split(':');
-    let (hour, minute): (i64, i64) = (t.next()?.parse().ok()?, t.next()?.parse().ok()?);
-    let second: f64 = t.next()?.parse().ok()?;
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) {
-        return None;
-    }
-    // Days from the civil date (Howard Hinnant's algorithm).
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let secs = days * 86_400 + hour * 3600 + minute * 60 - offset_s;
-    let secs = u64::try_from(secs).ok()?;
-    Some(
-        UNIX_EPOCH
-            + Duration::from_secs(secs)
-            + Duration::from_secs_f64(second.fract() + second.trunc()),
-    )
+    let at = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339);
+    at.ok().map(SystemTime::from)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::UNIX_EPOCH;
+
     use super::*;
 
     #[test]
@@ -412,6 +376,7 @@ mod tests {
         assert_eq!(t, UNIX_EPOCH);
         assert!(parse_rfc3339("yesterday").is_none());
         assert!(parse_rfc3339("2026-13-01T00:00:00Z").is_none());
+        assert!(parse_rfc3339("2026-02-30T00:00:00Z").is_none());
     }
 
     #[test]

@@ -20,7 +20,7 @@
 
 use std::time::Duration;
 
-use serde_yaml::{Mapping, Value};
+use serde_norway::{Mapping, Value};
 
 use super::userdata::{check_delivery, runcmd, Delivery, UserdataError};
 
@@ -82,7 +82,7 @@ pub fn template(delivery: &Delivery, wait: Option<Duration>) -> Result<String, U
     let mut entries = Mapping::new();
     entries.insert("runcmd".into(), runcmd(delivery, wait));
     let runcmd = entries;
-    let runcmd = serde_yaml::to_string(&Value::Mapping(runcmd))
+    let runcmd = serde_norway::to_string(&Value::Mapping(runcmd))
         .map_err(|e| UserdataError::Config(e.to_string()))?;
     let main = format!("{MAIN_PART_HEAD}{runcmd}");
     Ok(format!(

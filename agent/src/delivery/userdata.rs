@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde_yaml::{Mapping, Value};
+use serde_norway::{Mapping, Value};
 
 use crate::config;
 use crate::model::ServiceKind;
@@ -294,7 +294,7 @@ fn check(choices: &Choices) -> Result<(), UserdataError> {
         }
     }
     if let Some((yaml, name)) = &choices.clouds_yaml {
-        let parsed: serde_yaml::Value = serde_yaml::from_str(yaml)
+        let parsed: serde_norway::Value = serde_norway::from_str(yaml)
             .map_err(|e| invalid("--clouds-yaml", format!("not YAML: {e}")))?;
         if parsed["clouds"][name.as_str()].is_null() {
             return Err(invalid(
@@ -347,7 +347,7 @@ pub fn render(choices: &Choices) -> Result<String, UserdataError> {
         "runcmd".into(),
         runcmd(&choices.delivery, choices.cloud_init_waits),
     );
-    let body = serde_yaml::to_string(&Value::Mapping(doc))
+    let body = serde_norway::to_string(&Value::Mapping(doc))
         .map_err(|e| UserdataError::Config(e.to_string()))?;
     Ok(format!("#cloud-config\n{body}"))
 }
@@ -371,7 +371,7 @@ mod tests {
     fn baked_userdata_configures_and_starts() {
         let text = render(&choices(Delivery::Baked)).unwrap();
         assert!(text.starts_with("#cloud-config\n"));
-        let doc: Value = serde_yaml::from_str(&text).unwrap();
+        let doc: Value = serde_norway::from_str(&text).unwrap();
         let drop_in = doc["write_files"][0]["content"].as_str().unwrap();
         assert!(
             drop_in.contains("[services.jupyterlab]\nenabled = true"),
@@ -384,7 +384,7 @@ mod tests {
     fn waiting_is_the_last_runcmd_entry() {
         let mut waits = choices(Delivery::Baked);
         waits.cloud_init_waits = Some(Duration::from_secs(600));
-        let doc: Value = serde_yaml::from_str(&render(&waits).unwrap()).unwrap();
+        let doc: Value = serde_norway::from_str(&render(&waits).unwrap()).unwrap();
         let runcmd = doc["runcmd"].as_sequence().unwrap();
         assert_eq!(runcmd.len(), 2);
         assert_eq!(runcmd[0][0], "systemctl");
@@ -395,7 +395,8 @@ mod tests {
             .map(|v| v.as_str().unwrap())
             .collect();
         assert_eq!(wait, ["exoagent", "status", "--wait", "--timeout", "600s"]);
-        let doc: Value = serde_yaml::from_str(&render(&choices(Delivery::Baked)).unwrap()).unwrap();
+        let doc: Value =
+            serde_norway::from_str(&render(&choices(Delivery::Baked)).unwrap()).unwrap();
         assert_eq!(doc["runcmd"].as_sequence().unwrap().len(), 1);
     }
 
@@ -407,7 +408,7 @@ mod tests {
             sha256: "ab".repeat(32),
         }))
         .unwrap();
-        let doc: Value = serde_yaml::from_str(&text).unwrap();
+        let doc: Value = serde_norway::from_str(&text).unwrap();
         let cmd = doc["runcmd"][0].as_sequence().unwrap();
         assert_eq!(cmd[0], "sh");
         assert!(!cmd[2].as_str().unwrap().contains("example.org"));
@@ -450,7 +451,7 @@ mod tests {
         let url = "https://example.org/exoagent_0.1.0-1_amd64.deb?x=$(reboot)'";
         let text = render(&choices(package(url, PackageFormat::Deb))).unwrap();
         assert!(text.starts_with("#cloud-config\n"));
-        let doc: Value = serde_yaml::from_str(&text).unwrap();
+        let doc: Value = serde_norway::from_str(&text).unwrap();
         let cmd: Vec<&str> = doc["runcmd"][0]
             .as_sequence()
             .unwrap()
@@ -528,7 +529,7 @@ mod tests {
             "clouds:\n  mine: {auth_type: password}\n".into(),
             "mine".into(),
         ));
-        let doc: Value = serde_yaml::from_str(&render(&with_cloud).unwrap()).unwrap();
+        let doc: Value = serde_norway::from_str(&render(&with_cloud).unwrap()).unwrap();
         assert_eq!(doc["write_files"][1]["path"], CLOUDS_YAML);
         assert_eq!(doc["write_files"][1]["permissions"], "0600");
         let drop_in = doc["write_files"][0]["content"].as_str().unwrap();

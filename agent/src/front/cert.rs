@@ -2,7 +2,6 @@
 //! generated on first boot (rcgen, ECDSA P-256) for the instance's addresses and hostname, kept
 //! across reboots and renewed before it expires. Its SHA-256 fingerprint is what a UAP pins.
 
-use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -206,12 +205,7 @@ fn facts_of(der: &CertificateDer<'_>, path: &Path) -> Result<LeafFacts, CertErro
 
 /// SHA-256 of `der`, lowercase hex.
 pub fn fingerprint(der: &[u8]) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, der);
-    let mut hex = String::with_capacity(64);
-    for byte in digest.as_ref() {
-        let _ = write!(hex, "{byte:02x}");
-    }
-    hex
+    data_encoding::HEXLOWER.encode(ring::digest::digest(&ring::digest::SHA256, der).as_ref())
 }
 
 /// `fingerprint` as OpenSSL prints it (`AB:CD:…`), for people comparing by eye.

@@ -1,15 +1,86 @@
 //! Load sampling for Exosphere's resource charts: CPU, memory and root filesystem use, and GPU
-//! utilisation when `nvidia-smi` is present.
+//! utilisation through NVML where the NVIDIA driver is installed, else `nvidia-smi` when it is
+//! present.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
+use nvml_wrapper::Nvml;
 use sysinfo::{CpuRefreshKind, MemoryRefreshKind, RefreshKind, System};
 
 use crate::platform::exec::find_on_path;
 
 /// How long `nvidia-smi` may take before the GPU figure is reported as unknown.
 const GPU_QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The NVML library the driver installs (the unversioned `.so` comes only with development
+/// packages). It is dlopened at run time: the binary has no link-time dependency on it.
+pub const NVML_LIBRARY: &str = "libnvidia-ml.so.1";
+
+/// Where GPU figures come from.
+#[derive(Clone)]
+pub enum GpuQuery {
+    /// NVML, loaded from the driver's library.
+    Nvml(Arc<Nvml>),
+    /// An `nvidia-smi`-compatible executable.
+    Smi(PathBuf),
+    /// No GPU figures (reported as `null`).
+    None,
+}
+
+impl std::fmt::Debug for GpuQuery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Nvml(_) => f.write_str("Nvml"),
+            Self::Smi(path) => f.debug_tuple("Smi").field(path).finish(),
+            Self::None => f.write_str("None"),
+        }
+    }
+}
+
+impl GpuQuery {
+    /// NVML from `library` when it loads and initialises (the driver is present), else `smi`
+    /// (`nvidia-smi`), else nothing.
+    pub fn detect(library: &OsStr, smi: Option<PathBuf>) -> Self {
+        match Nvml::builder().lib_path(library).init() {
+            Ok(nvml) => Self::Nvml(Arc::new(nvml)),
+            Err(e) => {
+                tracing::debug!(target: "exoagent::report", error = %e, "NVML not available; nvidia-smi is used if present");
+                smi.map_or(Self::None, Self::Smi)
+            }
+        }
+    }
+
+    /// Per-GPU utilisation, `None` when unknown.
+    async fn utilisation(&self) -> Option<Vec<u8>> {
+        match self {
+            Self::Nvml(nvml) => {
+                let nvml = Arc::clone(nvml);
+                // NVML calls are blocking ioctls into the driver.
+                tokio::task::spawn_blocking(move || nvml_utilisation(&nvml))
+                    .await
+                    .ok()
+                    .flatten()
+            }
+            Self::Smi(exe) => query_gpus(exe).await,
+            Self::None => None,
+        }
+    }
+}
+
+/// Every device's utilisation as NVML reports it; `None` if any device cannot be read.
+fn nvml_utilisation(nvml: &Nvml) -> Option<Vec<u8>> {
+    let count = nvml.device_count().ok()?;
+    let values: Option<Vec<u8>> = (0..count)
+        .map(|i| {
+            let rates = nvml.device_by_index(i).ok()?.utilization_rates().ok()?;
+            Some(percent(f64::from(rates.gpu)))
+        })
+        .collect();
+    values.filter(|v| !v.is_empty())
+}
 
 /// One load sample, already rounded to the integers Exosphere requires.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,7 +103,7 @@ pub struct LoadSample {
 pub struct LoadSampler {
     root: PathBuf,
     system: System,
-    gpu_query: Option<PathBuf>,
+    gpu_query: GpuQuery,
 }
 
 impl std::fmt::Debug for LoadSampler {
@@ -45,14 +116,15 @@ impl std::fmt::Debug for LoadSampler {
 }
 
 impl LoadSampler {
-    /// A sampler for the filesystem at `root`, with `nvidia-smi` looked up on `PATH`.
+    /// A sampler for the filesystem at `root`, with NVML from the driver, else `nvidia-smi`
+    /// looked up on `PATH`.
     pub fn new(root: &Path) -> Self {
-        Self::with_gpu_query(root, find_on_path("nvidia-smi"))
+        let gpu_query = GpuQuery::detect(OsStr::new(NVML_LIBRARY), find_on_path("nvidia-smi"));
+        Self::with_gpu_query(root, gpu_query)
     }
 
-    /// A sampler using `gpu_query` (an `nvidia-smi`-compatible executable) for GPU figures;
-    /// `None` reports no GPU.
-    pub fn with_gpu_query(root: &Path, gpu_query: Option<PathBuf>) -> Self {
+    /// A sampler using `gpu_query` for GPU figures.
+    pub fn with_gpu_query(root: &Path, gpu_query: GpuQuery) -> Self {
         let system = System::new_with_specifics(
             RefreshKind::nothing()
                 .with_cpu(CpuRefreshKind::nothing().with_cpu_usage())
@@ -79,10 +151,7 @@ impl LoadSampler {
             percent(100.0 * (total.saturating_sub(available)) as f64 / total as f64)
         };
         let rootfs_pct = rootfs_percent(&self.root).unwrap_or(0);
-        let gpu_pct = match &self.gpu_query {
-            Some(exe) => query_gpus(exe).await,
-            None => None,
-        };
+        let gpu_pct = self.gpu_query.utilisation().await;
         LoadSample {
             epoch_s: crate::state::now_ms() / 1000,
             cpu_pct,
@@ -168,7 +237,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_sample_of_this_machine_is_in_range_and_has_no_gpu_without_a_query() {
-        let mut sampler = LoadSampler::with_gpu_query(Path::new("/"), None);
+        let mut sampler = LoadSampler::with_gpu_query(Path::new("/"), GpuQuery::None);
         let sample = sampler.sample().await;
         assert!(sample.cpu_pct <= 100 && sample.mem_pct <= 100);
         assert!(sample.mem_pct > 0, "some memory is always in use");
@@ -184,7 +253,47 @@ mod tests {
         let exe = dir.path().join("nvidia-smi");
         std::fs::write(&exe, "#!/bin/sh\necho 7\necho 93\n").unwrap();
         std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let mut sampler = LoadSampler::with_gpu_query(Path::new("/"), Some(exe));
+        let mut sampler = LoadSampler::with_gpu_query(Path::new("/"), GpuQuery::Smi(exe));
         assert_eq!(sampler.sample().await.gpu_pct, Some(vec![7, 93]));
+    }
+
+    /// A fake `nvidia-smi` printing `lines`, in `dir`.
+    fn fake_smi(dir: &Path, lines: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let exe = dir.join("nvidia-smi");
+        std::fs::write(&exe, format!("#!/bin/sh\nprintf '{lines}'\n")).unwrap();
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        exe
+    }
+
+    #[tokio::test]
+    async fn without_nvml_nvidia_smi_is_the_fallback() {
+        let dir = tempfile::tempdir().unwrap();
+        let smi = fake_smi(dir.path(), "41\\n");
+        // No NVIDIA driver here: neither the driver's library nor a missing path loads.
+        for library in [NVML_LIBRARY, "/nonexistent/libnvidia-ml.so.1"] {
+            let query = GpuQuery::detect(OsStr::new(library), Some(smi.clone()));
+            assert!(matches!(&query, GpuQuery::Smi(p) if *p == smi), "{query:?}");
+            let mut sampler = LoadSampler::with_gpu_query(Path::new("/"), query);
+            assert_eq!(sampler.sample().await.gpu_pct, Some(vec![41]));
+        }
+    }
+
+    #[tokio::test]
+    async fn without_nvml_and_nvidia_smi_there_is_no_gpu_figure() {
+        // A library that exists but is not NVML (no nvmlInit_v2) is refused the same way.
+        let libc = [
+            "/lib/x86_64-linux-gnu/libc.so.6",
+            "/lib/aarch64-linux-gnu/libc.so.6",
+        ]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .unwrap_or("libc.so.6");
+        for library in [NVML_LIBRARY, libc] {
+            let query = GpuQuery::detect(OsStr::new(library), None);
+            assert!(matches!(query, GpuQuery::None), "{library}: {query:?}");
+            let mut sampler = LoadSampler::with_gpu_query(Path::new("/"), query);
+            assert_eq!(sampler.sample().await.gpu_pct, None);
+        }
     }
 }

@@ -55,6 +55,7 @@ pub struct Sandbox {
     agent: Option<Child>,
     runs: u32,
     start_args: Vec<String>,
+    start_env: Vec<(String, String)>,
 }
 
 impl Sandbox {
@@ -78,6 +79,7 @@ impl Sandbox {
             agent: None,
             runs: 0,
             start_args: Vec::new(),
+            start_env: Vec::new(),
         }
     }
 
@@ -115,6 +117,12 @@ impl Sandbox {
         self
     }
 
+    /// An extra environment variable for the agent (e.g. `NOTIFY_SOCKET`).
+    pub fn with_env(mut self, name: &str, value: &str) -> Self {
+        self.start_env.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
     pub fn root(&self) -> &Path {
         self.dir.path()
     }
@@ -139,6 +147,7 @@ impl Sandbox {
             .arg("sandbox")
             .args(&self.start_args)
             .arg(self.root())
+            .envs(self.start_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)

@@ -40,7 +40,7 @@ impl LinkToken {
         use rand::RngCore;
         let mut bytes = [0u8; TOKEN_HEX_LEN / 2];
         rand::rngs::OsRng.fill_bytes(&mut bytes);
-        Self(bytes.iter().map(|b| format!("{b:02x}")).collect())
+        Self(data_encoding::HEXLOWER.encode(&bytes))
     }
 
     /// The token, for the places that must hold it: JupyterLab's 0600 configuration and the
@@ -53,10 +53,7 @@ impl LinkToken {
     /// spec, so a rotated token restarts JupyterLab with it.
     pub fn fingerprint(&self) -> String {
         let digest = ring::digest::digest(&ring::digest::SHA256, self.0.as_bytes());
-        digest.as_ref()[..8]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        data_encoding::HEXLOWER.encode(&digest.as_ref()[..8])
     }
 
     /// The token stored at `path`, if there is one (a file others can read is refused).

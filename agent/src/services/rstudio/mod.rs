@@ -63,7 +63,7 @@ impl RStudio {
     #[cfg(test)]
     pub(crate) fn pinned_to(mut self, content: &[u8]) -> Self {
         let digest = ring::digest::digest(&ring::digest::SHA256, content);
-        let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        let hex = data_encoding::HEXLOWER.encode(digest.as_ref());
         self.pin.sha256 = Some(Box::leak(hex.into_boxed_str()));
         self
     }

@@ -249,11 +249,7 @@ async fn file_sha256(path: &Path) -> Option<String> {
             n => digest.update(&buf[..n]),
         }
     }
-    Some(hex(digest.finish().as_ref()))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    Some(data_encoding::HEXLOWER.encode(digest.finish().as_ref()))
 }
 
 /// Check that `package` carries a good signature by the key at `key_url`, whose only primary
@@ -308,5 +304,5 @@ async fn fetch(url: &str, part: &Path, max: u64) -> Result<String, ServiceError>
     file.sync_all()
         .await
         .map_err(crate::services::io_error(KIND, "write", part))?;
-    Ok(hex(digest.finish().as_ref()))
+    Ok(data_encoding::HEXLOWER.encode(digest.finish().as_ref()))
 }

@@ -373,7 +373,7 @@ async fn the_right_checksum_keeps_the_file() {
     // SHA-256 of "not a .deb!".
     let sum = {
         let d = ring::digest::digest(&ring::digest::SHA256, b"not a .deb!");
-        d.as_ref().iter().map(|b| format!("{b:02x}")).collect::<String>()
+        data_encoding::HEXLOWER.encode(d.as_ref())
     };
     package::download_verified(&format!("http://{addr}/x.deb"), Some(&sum), &to)
         .await

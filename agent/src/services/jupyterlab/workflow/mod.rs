@@ -158,10 +158,7 @@ pub fn build_key(repository: &str, commit: &str, python: &str, lock: &str) -> St
         input.push(0);
     }
     let digest = ring::digest::digest(&ring::digest::SHA256, &input);
-    digest.as_ref()[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    data_encoding::HEXLOWER.encode(&digest.as_ref()[..8])
 }
 
 /// How JupyterLab is launched for a workflow: `sh -c START_SCRIPT _ <checkout> <argv…>` runs

@@ -203,9 +203,9 @@ pub fn valid_debian_name(name: &str) -> bool {
 #[derive(Deserialize)]
 struct Environment {
     #[serde(default)]
-    channels: Vec<serde_yaml::Value>,
+    channels: Vec<serde_norway::Value>,
     #[serde(default)]
-    dependencies: Vec<serde_yaml::Value>,
+    dependencies: Vec<serde_norway::Value>,
 }
 
 /// Conda packages that are the toolchain itself, not a dependency to install.
@@ -228,7 +228,7 @@ pub fn environment_requirements(
         why,
     };
     let env: Environment =
-        serde_yaml::from_str(text).map_err(|e| invalid(format!("not a conda environment file: {e}")))?;
+        serde_norway::from_str(text).map_err(|e| invalid(format!("not a conda environment file: {e}")))?;
     for channel in &env.channels {
         match channel.as_str() {
             Some("conda-forge" | "defaults") => {}
@@ -244,7 +244,7 @@ pub fn environment_requirements(
     let mut pip = Vec::new();
     for dep in &env.dependencies {
         match dep {
-            serde_yaml::Value::String(spec) => {
+            serde_norway::Value::String(spec) => {
                 let spec = spec.trim();
                 let name_end = spec
                     .find(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
@@ -268,7 +268,7 @@ pub fn environment_requirements(
                     ))
                 })?);
             }
-            serde_yaml::Value::Mapping(map) => {
+            serde_norway::Value::Mapping(map) => {
                 for (key, value) in map {
                     if key.as_str() != Some("pip") {
                         return Err(unsupported(format!(
