@@ -116,7 +116,9 @@ def ensure_image(exoagent, deb):
     # The binary, not the .deb's bytes (which carry build times), plus what shapes the package.
     digest = hashlib.sha256()
     digest.update(exoagent.read_bytes())
-    for script in [ROOT / "tests/vm/build-image.sh", *sorted((ROOT / "installer").rglob("*"))]:
+    shaping = [*sorted((ROOT / "installer/package").rglob("*")),
+               *sorted((ROOT / "installer/systemd").rglob("*"))]
+    for script in [ROOT / "tests/vm/build-image.sh", *shaping]:
         if script.is_file():
             digest.update(script.read_bytes())
     stamp = digest.hexdigest()
