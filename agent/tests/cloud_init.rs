@@ -176,14 +176,10 @@ fn bad_choices_exit_2_naming_the_option() {
     }
 }
 
-/// The bootstrap script from the rendered userdata, run for real against a loopback HTTP
-/// server: a wrong checksum installs nothing and leaves no temporary file.
-#[test]
-fn the_bootstrap_installs_only_a_binary_with_the_right_checksum() {
-    let served = tempfile::tempdir().unwrap();
-    fs::write(served.path().join("exoagent"), b"#!/bin/sh\necho pretend\n").unwrap();
+/// Python's `http.server` serving `dir` on 127.0.0.1, listening when this returns.
+fn serve_directory(dir: &Path) -> (std::process::Child, u16) {
     let port = common::free_port();
-    let mut server = Command::new("python3")
+    let server = Command::new("python3")
         .args([
             "-m",
             "http.server",
@@ -191,11 +187,27 @@ fn the_bootstrap_installs_only_a_binary_with_the_right_checksum() {
             "127.0.0.1",
             &port.to_string(),
         ])
-        .current_dir(served.path())
+        .current_dir(dir)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    for _ in 0..50 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    (server, port)
+}
+
+/// The bootstrap script from the rendered userdata, run for real against a loopback HTTP
+/// server: a wrong checksum installs nothing and leaves no temporary file.
+#[test]
+fn the_bootstrap_installs_only_a_binary_with_the_right_checksum() {
+    let served = tempfile::tempdir().unwrap();
+    fs::write(served.path().join("exoagent"), b"#!/bin/sh\necho pretend\n").unwrap();
+    let (mut server, port) = serve_directory(served.path());
     let url = format!("http://127.0.0.1:{port}/exoagent");
     let rendered = userdata(&[
         "--delivery",
@@ -210,12 +222,6 @@ fn the_bootstrap_installs_only_a_binary_with_the_right_checksum() {
     let target_dir = tempfile::tempdir().unwrap();
     let target = target_dir.path().join("exoagent");
     // Wait for the server.
-    for _ in 0..50 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
     // systemd is not PID 1 here (and must not be touched on a developer's machine): a
     // `systemctl` stand-in records what the bootstrap asks of it.
     let bin = tempfile::tempdir().unwrap();
@@ -302,20 +308,7 @@ fn the_package_bootstrap_installs_only_a_package_with_the_right_checksum() {
         package_bytes,
     )
     .unwrap();
-    let port = common::free_port();
-    let mut server = Command::new("python3")
-        .args([
-            "-m",
-            "http.server",
-            "--bind",
-            "127.0.0.1",
-            &port.to_string(),
-        ])
-        .current_dir(served.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let (mut server, port) = serve_directory(served.path());
     let url = format!("http://127.0.0.1:{port}/exoagent_0.1.0-1_amd64.deb");
     let rendered = userdata(&[
         "--delivery",
@@ -333,12 +326,6 @@ fn the_package_bootstrap_installs_only_a_package_with_the_right_checksum() {
         .map(|v| v.as_str().unwrap().to_owned())
         .collect();
     assert_eq!(argv[6], "deb", "the format comes from the URL");
-    for _ in 0..50 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
     // Recorders for the package tool and systemd; apt-get keeps a copy of what it was given.
     let bin = tempfile::tempdir().unwrap();
     let calls = bin.path().join("calls");
