@@ -176,6 +176,14 @@ fn bad_choices_exit_2_naming_the_option() {
     }
 }
 
+/// The SHA-256 of `file` as the bootstrap's own checker (`sha256sum`) computes it.
+fn sha256sum(file: &Path) -> String {
+    let out = Command::new("sha256sum").arg(file).output().unwrap();
+    assert!(out.status.success(), "sha256sum {}", file.display());
+    let listed = String::from_utf8(out.stdout).unwrap();
+    listed.split_whitespace().next().unwrap().to_owned()
+}
+
 /// Python's `http.server` serving `dir` on 127.0.0.1, listening when this returns.
 fn serve_directory(dir: &Path) -> (std::process::Child, u16) {
     let port = common::free_port();
@@ -264,14 +272,7 @@ fn the_bootstrap_installs_only_a_binary_with_the_right_checksum() {
 
     // The right checksum: the binary is installed, executable, byte for byte. (The stand-in
     // binary's `install` only echoes; starting the unit is the VM test's business.)
-    let listed = Command::new("sha256sum")
-        .arg(served.path().join("exoagent"))
-        .output()
-        .unwrap()
-        .stdout;
-    let real_sum = String::from_utf8(listed).unwrap();
-    let real_sum = real_sum.split_whitespace().next().unwrap();
-    let out = bootstrap(real_sum);
+    let out = bootstrap(&sha256sum(&served.path().join("exoagent")));
     let _ = server.kill();
     let _ = server.wait();
     assert!(
@@ -379,14 +380,9 @@ fn the_package_bootstrap_installs_only_a_package_with_the_right_checksum() {
         "download left behind"
     );
 
-    let listed = Command::new("sha256sum")
-        .arg(served.path().join("exoagent_0.1.0-1_amd64.deb"))
-        .output()
-        .unwrap()
-        .stdout;
-    let listed = String::from_utf8(listed).unwrap();
-    let real_sum = listed.split_whitespace().next().unwrap();
-    let out = bootstrap(real_sum);
+    let out = bootstrap(&sha256sum(
+        &served.path().join("exoagent_0.1.0-1_amd64.deb"),
+    ));
     let _ = server.kill();
     let _ = server.wait();
     assert!(

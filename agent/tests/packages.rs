@@ -208,12 +208,19 @@ fn the_deb_unpacks_into_a_scratch_root() {
     );
     for path in EXPECTED {
         assert!(owned.lines().any(|l| l == *path), "{path}: {owned}");
+    }
+    assert_landed(root.path());
+}
+
+/// Every expected file is under `root`, and the binary is 0755.
+fn assert_landed(root: &Path) {
+    for path in EXPECTED {
         assert!(
-            root.path().join(path.trim_start_matches('/')).is_file(),
+            root.join(path.trim_start_matches('/')).is_file(),
             "{path} did not land"
         );
     }
-    let mode = fs::metadata(root.path().join("usr/bin/exoagent"))
+    let mode = fs::metadata(root.join("usr/bin/exoagent"))
         .unwrap()
         .permissions()
         .mode();
@@ -256,17 +263,7 @@ fn the_rpm_holds_the_same_paths_and_installs_into_a_scratch_root() {
             .arg(rpm),
         "rpm --root -i",
     );
-    for path in EXPECTED {
-        assert!(
-            root.path().join(path.trim_start_matches('/')).is_file(),
-            "{path} did not land"
-        );
-    }
-    let mode = fs::metadata(root.path().join("usr/bin/exoagent"))
-        .unwrap()
-        .permissions()
-        .mode();
-    assert_eq!(mode & 0o777, 0o755);
+    assert_landed(root.path());
     // The scratch root's database knows the package and its files.
     let owned = stdout(
         tool("rpm")

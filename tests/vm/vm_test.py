@@ -63,6 +63,7 @@ failure, with the serial log's tail.
 import argparse
 import base64
 import hashlib
+import http.cookiejar
 import json
 import os
 import re
@@ -607,7 +608,6 @@ class WorkflowRepository:
 def open_like_a_browser(url):
     """GET following redirects with a cookie jar, as a browser opens a link: (status, final
     URL, body)."""
-    import http.cookiejar
     opener = urllib.request.build_opener(
         urllib.request.ProxyHandler({}),
         urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
