@@ -391,7 +391,7 @@ fn deb_scripts_enable_on_install_and_try_restart_on_upgrade() {
     let postrm = script("postrm");
     let purge = postrm.find("if [ \"$1\" = purge ]").unwrap();
     let rm = postrm
-        .find("rm -rf /etc/exoagent /var/lib/exoagent /var/log/exoagent")
+        .find(r#"rm -rf "$DPKG_ROOT/etc/exoagent" "$DPKG_ROOT/var/lib/exoagent" "$DPKG_ROOT/var/log/exoagent""#)
         .unwrap();
     assert!(purge < rm, "{postrm}");
     assert_eq!(postrm.matches("rm -").count(), 1, "{postrm}");
