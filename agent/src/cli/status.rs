@@ -10,9 +10,9 @@ use clap::Args;
 use crate::api::client::{ApiClient, ClientError};
 use crate::delivery::install::{unit_state, UnitState, UNIT_NAME};
 use crate::model::truncate_chars;
-use crate::report::banner::clean;
-pub use crate::state::relative;
+use crate::state::relative;
 use crate::state::{now_ms, SetupState, Snapshot};
+use crate::text::clean;
 
 /// Exit status: setup complete (every service ready or degraded).
 pub const EXIT_COMPLETE: u8 = 0;
@@ -182,11 +182,13 @@ pub fn render_table(snapshot: &Snapshot, now: u64) -> String {
         let step = setup.step.as_deref().unwrap_or("?");
         match &setup.reason {
             Some(reason) => out.push_str(&format!(
-                "failed step: {step}: {}: {}\n",
-                reason.code,
-                truncate_chars(&reason.detail, 200).replace('\n', " | ")
+                "failed step: {}: {}: {}\n",
+                clean(step, 60),
+                clean(&reason.code, 60),
+                // Its lines kept apart by " | ", as before.
+                clean(&reason.detail.replace('\n', " | "), 200)
             )),
-            None => out.push_str(&format!("failed step: {step}\n")),
+            None => out.push_str(&format!("failed step: {}\n", clean(step, 60))),
         }
     }
     if let Some(instance) = &snapshot.instance {
@@ -195,10 +197,9 @@ pub fn render_table(snapshot: &Snapshot, now: u64) -> String {
                 "instance: {uuid} (from the {})\n",
                 instance.source.as_str().replace('-', " ")
             )),
-            (None, Some(why)) => out.push_str(&format!(
-                "instance: local-only: {}\n",
-                truncate_chars(why, 200).replace('\n', " ")
-            )),
+            (None, Some(why)) => {
+                out.push_str(&format!("instance: local-only: {}\n", clean(why, 200)))
+            }
             (None, None) => out.push_str(&format!("instance: {}\n", instance.source)),
         }
     }
@@ -207,8 +208,8 @@ pub fn render_table(snapshot: &Snapshot, now: u64) -> String {
             Some(reason) => out.push_str(&format!(
                 "nova reporting: {}: {}: {}\n",
                 nova.state,
-                reason.code,
-                truncate_chars(&reason.detail, 200).replace('\n', " ")
+                clean(&reason.code, 60),
+                clean(&reason.detail, 200)
             )),
             None => out.push_str(&format!("nova reporting: {}\n", nova.state)),
         }
@@ -237,7 +238,7 @@ pub fn render_table(snapshot: &Snapshot, now: u64) -> String {
     let last_error = |reason: &Option<crate::state::Reason>| {
         reason.as_ref().map_or_else(
             || "-".to_owned(),
-            |r| truncate_chars(&format!("{}: {}", r.code, r.detail), 60).replace('\n', " "),
+            |r| clean(&format!("{}: {}", r.code, r.detail), 60),
         )
     };
     let pid = |pid: Option<u32>| pid.map_or_else(|| "-".to_owned(), |p| p.to_string());
@@ -249,7 +250,7 @@ pub fn render_table(snapshot: &Snapshot, now: u64) -> String {
             relative(s.since_ms, now),
             s.restarts.to_string(),
             pid(s.pid),
-            s.uap_url.clone().unwrap_or_else(|| s.url.clone()),
+            clean(s.uap_url.as_deref().unwrap_or(&s.url), 200),
             last_error(&s.reason),
         ]);
         // The TLS front on the service's public port, right under it.
@@ -338,7 +339,6 @@ mod tests {
         assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
         assert!(parse_duration("").is_err());
         assert!(parse_duration("5 parsecs").is_err());
-        assert!(parse_duration("").is_err());
         assert!(parse_duration("-3s").is_err());
     }
 
@@ -422,6 +422,19 @@ mod tests {
         assert!(row.starts_with("jupyterlab  failed  1m ago"), "{row}");
         assert!(row.ends_with("crash-loop: exit status 1 boom"), "{row}");
         assert_eq!(exit_status(&snapshot), EXIT_ERROR);
+        // A service's output may hold terminal sequences: none reaches the table.
+        let mut hostile = snapshot.clone();
+        hostile.setup.reason = Some(Reason::new("crash-loop", "\x1b[2J\u{9b}31mred\x07"));
+        hostile.services[0].reason = Some(Reason::new("crash-loop", "\x1b]0;title\x07x"));
+        let table = render_table(&hostile, 75_000);
+        assert!(
+            !table.chars().any(|c| c.is_control() && c != '\n'),
+            "{table:?}"
+        );
+        assert!(
+            table.contains("failed step: jupyterlab: crash-loop: [2J31mred\n"),
+            "{table:?}"
+        );
         assert_eq!(
             error_line(&snapshot),
             "setup error: jupyterlab: crash-loop: exit status 1 boom"

@@ -9,10 +9,10 @@
 //! with every control character removed, so a service's stderr cannot move the cursor, clear
 //! the screen or set the terminal title of whoever logs in.
 
-use crate::model::truncate_chars;
 use crate::state::{
     relative, NovaReportingState, Reason, ServiceState, SetupState, Snapshot, VolumeState,
 };
+use crate::text::clean;
 
 /// What the banner could learn from the agent.
 #[derive(Debug, Clone, PartialEq)]
@@ -165,26 +165,6 @@ fn reason_text(reason: &Option<Reason>) -> String {
         ),
         None => String::new(),
     }
-}
-
-/// `text` on one line, at most `max` characters: line breaks and tabs become spaces (runs of
-/// them one), every other control character (C0, DEL, C1: ESC starts terminal sequences, CSI
-/// is U+009B) is dropped.
-pub fn clean(text: &str, max: usize) -> String {
-    let mut out = String::with_capacity(text.len().min(max * 4));
-    let mut space = false;
-    for c in text.trim().chars() {
-        if matches!(c, '\n' | '\r' | '\t') || c == ' ' {
-            space = true;
-        } else if !c.is_control() {
-            if space && !out.is_empty() {
-                out.push(' ');
-            }
-            space = false;
-            out.push(c);
-        }
-    }
-    truncate_chars(&out, max)
 }
 
 #[cfg(test)]
