@@ -286,9 +286,9 @@ impl Host {
     }
 
     /// The login banner's hook for `os` calling `exe` when `on`; when off, any hook exoagent
-    /// wrote is removed (a file of the same name that is not exoagent's is never touched). An
-    /// unchanged hook is left as it is, mode included: `chmod -x` is Debian's way to silence an
-    /// update-motd script.
+    /// wrote is removed (a file of the same name that is not exoagent's is never touched). The
+    /// hook's mode is the operator's once it exists, also when its text is rewritten (a new
+    /// executable path): `chmod -x` is Debian's way to silence an update-motd script.
     pub fn login_banner(&self, on: bool, os: &Os, exe: &Path) -> Result<Outcome, HostError> {
         if !on {
             let mut removed = false;
@@ -308,7 +308,11 @@ impl Host {
             )));
         };
         let path = self.root.join(hook);
+        let mut mode = mode;
         if let Ok(existing) = std::fs::read_to_string(&path) {
+            if let Ok(meta) = std::fs::metadata(&path) {
+                mode = meta.permissions().mode() & 0o7777;
+            }
             if !is_own_hook(&existing) {
                 return Ok(Outcome::Skipped(format!(
                     "'{}' exists and is not exoagent's",

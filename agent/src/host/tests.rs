@@ -245,9 +245,19 @@ fn the_debian_hook_is_an_executable_update_motd_script_that_runs_the_banner() {
         Outcome::Unchanged
     );
     assert_eq!(mode(&hook), 0o644);
+    // Rewritten for a moved executable: still silenced.
+    let moved = stub_exe(&root.path().join("usr/bin"), "exoagent");
+    assert_eq!(
+        host.login_banner(true, &debian, &moved).unwrap(),
+        Outcome::Changed
+    );
+    assert_eq!(mode(&hook), 0o644);
+    assert!(std::fs::read_to_string(&hook)
+        .unwrap()
+        .contains("usr/bin/exoagent"));
     // The binary gone (uninstalled): a login sees nothing, and no error.
     std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::remove_file(&exe).unwrap();
+    std::fs::remove_file(&moved).unwrap();
     let out = std::process::Command::new(&hook).output().unwrap();
     assert!(out.status.success());
     assert!(out.stdout.is_empty() && out.stderr.is_empty(), "{out:?}");
