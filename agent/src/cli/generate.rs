@@ -67,16 +67,12 @@ impl GenerateError {
     }
 }
 
-/// The file name a shell's completion loader looks for (bash-completion loads a command's
-/// completion from a file named like the command).
+/// The file name a shell's completion loader looks for: clap_complete's own, except bash's
+/// (bash-completion loads a command's completion from a file named like the command, not
+/// `exoagent.bash`).
 pub fn completion_file_name(shell: Shell) -> String {
     match shell {
         Shell::Bash => BIN.to_owned(),
-        Shell::Zsh => format!("_{BIN}"),
-        Shell::Fish => format!("{BIN}.fish"),
-        Shell::PowerShell => format!("_{BIN}.ps1"),
-        Shell::Elvish => format!("{BIN}.elv"),
-        // `Shell` is non-exhaustive; a new shell gets clap_complete's own name for it.
         _ => clap_complete::Generator::file_name(&shell, BIN),
     }
 }
@@ -112,13 +108,14 @@ pub fn man_pages() -> Result<Vec<(String, Vec<u8>)>, GenerateError> {
     let mut pages = Vec::new();
     let mut render = |cmd: clap::Command| -> Result<(), GenerateError> {
         let man = clap_mangen::Man::new(cmd);
+        let name = man.get_filename();
         let mut text = Vec::new();
         man.render(&mut text)
             .map_err(|source| GenerateError::Write {
-                path: PathBuf::from(man.get_filename()),
+                path: PathBuf::from(&name),
                 source,
             })?;
-        pages.push((man.get_filename(), text));
+        pages.push((name, text));
         Ok(())
     };
     for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
@@ -205,7 +202,8 @@ mod tests {
 
     #[test]
     fn a_page_for_the_command_and_each_visible_subcommand_only() {
-        let names: Vec<String> = man_pages().unwrap().into_iter().map(|(n, _)| n).collect();
+        let pages = man_pages().unwrap();
+        let names: Vec<String> = pages.iter().map(|(n, _)| n.clone()).collect();
         for name in ["exoagent.1", "exoagent-run.1", "exoagent-logs.1"] {
             assert!(names.contains(&name.to_owned()), "{names:?}");
         }
@@ -221,8 +219,7 @@ mod tests {
                 "internal subcommand '{hidden}' has no page: {names:?}"
             );
         }
-        let top = man_pages().unwrap();
-        let (_, text) = top.iter().find(|(n, _)| n == "exoagent.1").unwrap();
+        let (_, text) = pages.iter().find(|(n, _)| n == "exoagent.1").unwrap();
         let text = String::from_utf8_lossy(text);
         assert!(text.contains("exoagent\\-logs(1)"), "{text}");
     }

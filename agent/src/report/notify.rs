@@ -117,7 +117,11 @@ mod tests {
             .iter()
             .any(|s: &String| s.contains("jupyterlab installing"))
         {
-            seen.push(sent.recv().await.unwrap());
+            // Bounded: a status that never comes fails the test instead of hanging it.
+            let next = tokio::time::timeout(std::time::Duration::from_secs(10), sent.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no \"jupyterlab installing\" status; saw {seen:?}"));
+            seen.push(next.unwrap());
         }
         cancel.cancel();
         task.await.unwrap();
