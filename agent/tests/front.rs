@@ -183,6 +183,19 @@ impl FrontProcess {
             assert!(Instant::now() < deadline, "the front never served:\n{text}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        // Every front here runs confined (platform/confine.rs; `tests/confine.rs` shows what
+        // that denies): what every test below proves, it proves through the confinement.
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(
+            text.contains("confined (full, Landlock ABI")
+                && text.contains(&format!("TCP connect only to port {}", backend.port())),
+            "the front did not confine itself:\n{text}"
+        );
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+        assert!(
+            status.lines().any(|l| l == "NoNewPrivs:\t1"),
+            "the front may gain privileges:\n{status}"
+        );
         Self {
             child,
             addr,

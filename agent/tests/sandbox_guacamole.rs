@@ -568,3 +568,135 @@ fn a_restarted_agent_adopts_the_running_web_side_on_a_full_disk() {
     );
     std::fs::remove_file(&filler).unwrap();
 }
+
+/// The web side as the agent runs it (`exoagent guacamole-web`, guacd from `guacd_command`):
+/// guacd (the test double; the real guacd cannot be installed here) runs under a keeper process
+/// outside the web side's confinement, is restarted when it dies, and dies with the web side;
+/// the web side itself has no new privileges and logs what its confinement holds.
+#[test]
+fn the_web_side_runs_guacd_outside_its_confinement_and_takes_it_down_with_it() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let venv = std::env::var("EXOAGENT_GUAC_VENV")
+        .unwrap_or_else(|_| "/var/tmp/exoagent-guac-venv".to_owned());
+    let guacd_port = free_port();
+    let web_port = free_port();
+    let password = dir.path().join("passphrase");
+    std::fs::write(&password, "right words\n").unwrap();
+    std::fs::set_permissions(&password, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let config = dir.path().join("web.json");
+    std::fs::write(
+        &config,
+        serde_json::to_vec(&serde_json::json!({
+            "listen": format!("127.0.0.1:{web_port}"),
+            "guacd": format!("127.0.0.1:{guacd_port}"),
+            "guacd_command": [
+                format!("{venv}/bin/python"),
+                common::repo_root().join("tests/guacamole/guacd_peer.py").display().to_string(),
+                "--listen", format!("127.0.0.1:{guacd_port}"),
+            ],
+            "username": "exouser",
+            "password_file": password,
+            "session_timeout_s": 3600,
+            "connections": {},
+        }))
+        .unwrap(),
+    )
+    .unwrap();
+    let log = dir.path().join("web.log");
+    let mut web = Command::new(common::exe())
+        .args(["guacamole-web", "--config"])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let web_pid = web.id();
+    let children = |pid: u32| -> Vec<u32> {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/stat"))
+                    .ok()
+                    .and_then(|s| {
+                        s.rsplit_once(") ")
+                            .and_then(|(_, rest)| rest.split(' ').nth(1)?.parse::<u32>().ok())
+                    })
+                    == Some(pid)
+            })
+            .collect()
+    };
+    let no_new_privs = |pid: u32| -> String {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("NoNewPrivs:").map(|v| v.trim().to_owned()))
+            .unwrap()
+    };
+    let healthy = || {
+        reqwest::blocking::Client::new()
+            .get(format!(
+                "http://127.0.0.1:{web_port}/guacamole/api/exoagent/health"
+            ))
+            .send()
+            .is_ok_and(|r| r.status().is_success())
+    };
+    let wait = |what: &str, check: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !check() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}; web side log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait("the web side to find guacd", &healthy);
+    let keeper = children(web_pid);
+    assert_eq!(keeper.len(), 1, "one keeper: {keeper:?}");
+    let keeper = keeper[0];
+    let guacd = children(keeper);
+    assert_eq!(guacd.len(), 1, "guacd under the keeper: {guacd:?}");
+    assert_eq!(
+        no_new_privs(web_pid),
+        "1",
+        "the web side takes no new privileges"
+    );
+    assert_eq!(
+        no_new_privs(guacd[0]),
+        "0",
+        "guacd runs outside the web side's confinement"
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("confined (full, Landlock ABI")
+            && text.contains(&format!(
+                "no new privileges, no files, no programs, TCP connect only to port {guacd_port}, no bind"
+            )),
+        "{text}"
+    );
+
+    // guacd dies: the keeper starts another.
+    unsafe { libc::kill(guacd[0] as i32, libc::SIGKILL) };
+    wait("guacd to be restarted", &|| {
+        let now = children(keeper);
+        now.len() == 1 && now[0] != guacd[0] && healthy()
+    });
+    let guacd = children(keeper)[0];
+
+    // The web side dies: the keeper and guacd go with it.
+    web.kill().unwrap();
+    web.wait().unwrap();
+    let gone = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z')))
+            .unwrap_or(true)
+    };
+    wait("the keeper and guacd to end with the web side", &|| {
+        gone(keeper) && gone(guacd)
+    });
+}

@@ -153,20 +153,16 @@ impl Cli {
 
 /// Dispatch a parsed command line.
 pub fn dispatch(cli: Cli) -> ExitCode {
-    if let Command::Shim = cli.command {
-        return shim::run();
-    }
+    // These confine themselves before any thread starts, so they build their own runtime.
+    let cli = match cli.command {
+        Command::Shim => return shim::run(),
+        Command::GuacamoleWeb(args) => return crate::services::guacamole::cli::run(args),
+        Command::Front(args) => return crate::front::cli::run(args),
+        _ => cli,
+    };
     let mut builder = match cli.command {
         // The login banner asks once: no worker threads to start on a login's clock.
         Command::Motd(_) => tokio::runtime::Builder::new_current_thread(),
-        // The TLS front is one worker: it used less CPU per request than two (work stealing
-        // between them costs more than it gains for one service's traffic), matching nginx
-        // with two workers on this machine (bench/results/tls-front.md).
-        Command::Front(_) => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(1);
-            b
-        }
         _ => {
             let mut b = tokio::runtime::Builder::new_multi_thread();
             b.worker_threads(2);
@@ -204,10 +200,9 @@ pub fn dispatch(cli: Cli) -> ExitCode {
             Command::Install(args) => install::run(args).await,
             Command::Bake(args) => bake::run(args, mode, paths).await,
             Command::DesktopSession(args) => crate::services::desktop::cli::run(args).await,
-            Command::GuacamoleWeb(args) => crate::services::guacamole::cli::run(args).await,
-            Command::Front(args) => crate::front::cli::run(args).await,
             Command::Generate(args) => generate::run(args).await,
-            Command::Shim => Ok(ExitCode::SUCCESS),
+            // Dispatched above.
+            Command::Shim | Command::GuacamoleWeb(_) | Command::Front(_) => Ok(ExitCode::SUCCESS),
         }
     });
     // Abandon, rather than wait for, a blocking read still stuck (a hung mount) after the

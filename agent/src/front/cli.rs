@@ -10,6 +10,7 @@ use clap::Args;
 use super::proxy::{serve, Front, FrontLimits};
 use super::tls::{TlsFiles, TlsSetup};
 use crate::model::Cidr;
+use crate::platform::confine;
 
 /// Arguments of `exoagent front`.
 #[derive(Debug, Args)]
@@ -51,8 +52,10 @@ fn parse_cidr(text: &str) -> Result<Cidr, String> {
 }
 
 /// Serve until SIGTERM or SIGINT. Exit 78 on unusable TLS files (restarting cannot help), 71
-/// when the port cannot be bound.
-pub async fn run(args: FrontArgs) -> anyhow::Result<ExitCode> {
+/// when the port cannot be bound or the process cannot be confined, 70 without a runtime. The
+/// files are read and the port bound first; then the process confines itself
+/// (platform/confine.rs) before its one worker thread starts.
+pub fn run(args: FrontArgs) -> ExitCode {
     let files = TlsFiles {
         cert: args.cert_file,
         key: args.key_file,
@@ -62,38 +65,88 @@ pub async fn run(args: FrontArgs) -> anyhow::Result<ExitCode> {
         Ok(tls) => tls,
         Err(e) => {
             eprintln!("exoagent front: {e} [{}]", e.reason());
-            return Ok(ExitCode::from(78));
+            return ExitCode::from(78);
         }
     };
     // A client certificate required on TLS means nothing if plain HTTP on the same port
     // reaches the service without one.
     let require_tls = args.require_tls || files.client_ca.is_some();
-    let listener = match tokio::net::TcpListener::bind(args.listen).await {
+    let listener = match confine::bind_listener(args.listen) {
         Ok(listener) => listener,
         Err(e) => {
             eprintln!("exoagent front: failed to listen on {}: {e}", args.listen);
-            return Ok(ExitCode::from(71));
+            return ExitCode::from(71);
         }
     };
-    tracing::info!(
-        target: "exoagent::front",
-        listen = %args.listen,
-        backend = %args.backend,
-        mutual = files.client_ca.is_some(),
-        require_tls,
-        "TLS front serving"
-    );
-    let shutdown = crate::platform::signals::stop_requested()?;
-    let front = Front {
-        backend: args.backend,
-        tls: Some(tls),
-        require_tls,
-        trusted_proxies: args.trusted_proxies,
-        limits: FrontLimits {
-            max_connections: args.max_connections.max(1),
-            ..FrontLimits::DEFAULT
-        },
+    // The certificate and key are re-read when renewed (a new file renamed into place), so
+    // their directories stay readable; the client CA is read once, now.
+    let mut read_beneath: Vec<std::path::PathBuf> = [&files.cert, &files.key]
+        .iter()
+        .map(|f| match f.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+            _ => ".".into(),
+        })
+        .collect();
+    read_beneath.dedup();
+    let allowed = confine::Allowed {
+        read_beneath,
+        connect_ports: vec![args.backend.port()],
     };
-    serve(listener, front, shutdown).await;
-    Ok(ExitCode::SUCCESS)
+    match confine::confine(&allowed) {
+        Ok(confined) => tracing::info!(
+            target: "exoagent::front",
+            "{}",
+            confine::describe(&confined, &allowed)
+        ),
+        Err(e) => {
+            eprintln!("exoagent front: {e} [{}]", e.reason());
+            return ExitCode::from(71);
+        }
+    }
+    // One worker: it used less CPU per request than two (work stealing between them costs more
+    // than it gains for one service's traffic), matching nginx with two workers on this
+    // machine (bench/results/tls-front.md).
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("exoagent front: failed to start the async runtime: {e}");
+            return ExitCode::from(70);
+        }
+    };
+    let served = runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        tracing::info!(
+            target: "exoagent::front",
+            listen = %args.listen,
+            backend = %args.backend,
+            mutual = files.client_ca.is_some(),
+            require_tls,
+            "TLS front serving"
+        );
+        let shutdown = crate::platform::signals::stop_requested()?;
+        let front = Front {
+            backend: args.backend,
+            tls: Some(tls),
+            require_tls,
+            trusted_proxies: args.trusted_proxies,
+            limits: FrontLimits {
+                max_connections: args.max_connections.max(1),
+                ..FrontLimits::DEFAULT
+            },
+        };
+        serve(listener, front, shutdown).await;
+        std::io::Result::Ok(())
+    });
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("exoagent front: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -122,52 +122,16 @@ pub fn router(state: Arc<WebState>) -> Router {
         .with_state(state)
 }
 
-/// Serve until `shutdown` resolves.
+/// Serve until `shutdown` resolves. guacd, when the web side runs it, is kept by a process of
+/// its own (`cli.rs`): this one is confined and cannot start programs.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<WebState>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let _guacd = state
-        .config
-        .guacd_command
-        .clone()
-        .map(|argv| tokio::spawn(run_guacd(argv)));
     tokio::spawn(state.clone().check_guacd_until_ready());
     httpserve::serve(listener, router(state), LIMITS, shutdown).await;
     Ok(())
-}
-
-/// Run guacd in the foreground and restart it when it exits (1 s, doubling to 30 s; reset after
-/// a minute up). It dies with the web side: `kill_on_drop`, and the shim ends the process group.
-async fn run_guacd(argv: Vec<String>) {
-    let mut delay = Duration::from_secs(1);
-    loop {
-        let Some((program, args)) = argv.split_first() else {
-            return;
-        };
-        let started = std::time::Instant::now();
-        let child = tokio::process::Command::new(program)
-            .args(args)
-            .stdin(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn();
-        match child {
-            Ok(mut child) => {
-                tracing::info!(command = %argv.join(" "), pid = child.id(), "guacd started");
-                match child.wait().await {
-                    Ok(status) => tracing::warn!(%status, "guacd exited"),
-                    Err(e) => tracing::warn!("waiting for guacd failed: {e}"),
-                }
-            }
-            Err(e) => tracing::warn!(command = %argv.join(" "), "failed to start guacd: {e}"),
-        }
-        if started.elapsed() > Duration::from_secs(60) {
-            delay = Duration::from_secs(1);
-        }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(30));
-    }
 }
 
 fn no_store(mut response: Response) -> Response {
