@@ -355,6 +355,7 @@ exit 0
     PackageTools {
         apt_get: script,
         apt_lists: lists,
+        cloud_init_status: None,
         ..PackageTools::default()
     }
 }
@@ -665,4 +666,88 @@ async fn rstudio_pam_accepts_the_passphrase_and_refuses_a_wrong_one() {
         !pamtester(&user.0, "not the passphrase"),
         "a wrong one is refused"
     );
+}
+
+/// cloud-init's `status.json` for a boot whose config stage has `finished` (a time) or not
+/// (`null`): the shape cloud-init writes (`cmd/main.py`, `status_wrapper`).
+fn cloud_init_status(config_finished: Option<f64>) -> String {
+    let stage = |finished: Option<f64>| serde_json::json!({"errors": [], "recoverable_errors": {}, "start": finished.map(|f| f - 5.0), "finished": finished});
+    serde_json::json!({"v1": {
+        "datasource": "DataSourceOpenStackLocal [net,ver=2]",
+        "init-local": stage(Some(1_765_000_000.0)),
+        "init": stage(Some(1_765_000_010.0)),
+        "modules-config": stage(config_finished),
+        "modules-final": stage(None),
+        "stage": if config_finished.is_some() { serde_json::Value::Null } else { "modules-config".into() },
+    }})
+    .to_string()
+}
+
+/// The agent starts right after cloud-init's network stage; a package transaction waits until
+/// cloud-init's config stage (apt sources, proxy) has finished, and not at all without
+/// cloud-init. Nothing to install: no wait either (a baked image never waits).
+#[tokio::test]
+async fn packages_wait_for_cloud_inits_config_stage() {
+    use exoagent::platform::packages::CloudConfigStage;
+    if which("dpkg-query").is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let status = dir.path().join("status.json");
+    assert_eq!(
+        CloudConfigStage::read(&status),
+        CloudConfigStage::NotRunning
+    );
+    std::fs::write(&status, cloud_init_status(None)).unwrap();
+    assert_eq!(CloudConfigStage::read(&status), CloudConfigStage::Pending);
+    std::fs::write(&status, "{\"v1\": {").unwrap();
+    assert_eq!(
+        CloudConfigStage::read(&status),
+        CloudConfigStage::Pending,
+        "half written"
+    );
+    std::fs::write(&status, cloud_init_status(None)).unwrap();
+
+    let installer = PackageInstaller::with_tools(
+        PackageManager::Apt,
+        &settings(1),
+        PackageTools {
+            cloud_init_status: Some(status.clone()),
+            ..fake_apt(dir.path(), 0, "")
+        },
+        Duration::from_millis(10),
+    );
+    assert_eq!(
+        installer.install(&["coreutils".into()]).await.unwrap(),
+        InstallOutcome::AlreadyInstalled,
+        "nothing missing: no wait"
+    );
+    let task = tokio::spawn({
+        let installer = installer.clone();
+        async move { installer.install(&[MISSING[0].into()]).await }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !task.is_finished(),
+        "installed before the config stage finished"
+    );
+    assert!(calls(dir.path()).is_empty(), "{:?}", calls(dir.path()));
+    std::fs::write(&status, cloud_init_status(Some(1_765_000_030.0))).unwrap();
+    assert_eq!(CloudConfigStage::read(&status), CloudConfigStage::Finished);
+    let outcome = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("the transaction goes ahead once the stage has finished")
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(outcome, InstallOutcome::Installed { .. }),
+        "{outcome:?}"
+    );
+    assert_eq!(calls(dir.path()).len(), 1);
+
+    // Without a status file (no cloud-init this boot) nothing waits.
+    std::fs::remove_file(&status).unwrap();
+    let started = std::time::Instant::now();
+    installer.install(&[MISSING[1].into()]).await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5));
 }

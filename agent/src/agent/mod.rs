@@ -204,6 +204,7 @@ case "$2" in *Version*) echo "install ok installed ${{line#* }}";; *) echo "inst
                 ),
                 apt_get: script("apt-get", "exit 0"),
                 apt_lists: lists,
+                cloud_init_status: None,
                 ..PackageTools::default()
             },
             Duration::from_millis(10),

@@ -389,7 +389,7 @@ impl Host {
         if self.write_if_changed(&unit, &cloud_init_logs_unit(), 0o644)? {
             changed = true;
             if self.systemctl.is_some() {
-                self.systemctl(&["daemon-reload"]).await?;
+                // `enable` reloads systemd itself: no separate daemon-reload.
                 self.systemctl(&["enable", "exoagent-cloud-init-logs.service"])
                     .await?;
             }

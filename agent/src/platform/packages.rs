@@ -29,6 +29,11 @@ pub struct PackageTools {
     pub rpm: PathBuf,
     /// apt's downloaded package lists (their age decides whether to run `apt-get update`).
     pub apt_lists: PathBuf,
+    /// cloud-init's status file for this boot. While it exists and cloud-init's config stage
+    /// (which writes the apt sources and proxy the cloud asked for) has not finished, the first
+    /// transaction waits for it: the agent starts right after cloud-init's network stage.
+    /// `None`: never wait.
+    pub cloud_init_status: Option<PathBuf>,
 }
 
 impl Default for PackageTools {
@@ -39,6 +44,43 @@ impl Default for PackageTools {
             dnf: "dnf".into(),
             rpm: "rpm".into(),
             apt_lists: "/var/lib/apt/lists".into(),
+            cloud_init_status: Some(CLOUD_INIT_STATUS.into()),
+        }
+    }
+}
+
+/// cloud-init's status file (on `/run`, so it describes this boot).
+pub const CLOUD_INIT_STATUS: &str = "/run/cloud-init/status.json";
+
+/// Longest wait for cloud-init's config stage before installing anyway (with a warning).
+const CLOUD_CONFIG_WAIT: Duration = Duration::from_secs(600);
+
+/// Where cloud-init is in this boot, as far as package installs care.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloudConfigStage {
+    /// No status file: cloud-init is not running this boot (or not installed).
+    NotRunning,
+    /// The config stage has not finished (or the file is being rewritten).
+    Pending,
+    /// The config stage has finished: apt's sources and proxy are as the cloud wants them.
+    Finished,
+}
+
+impl CloudConfigStage {
+    /// Read from cloud-init's `status.json` (`v1."modules-config".finished`, a time once the
+    /// stage has run; `null` before).
+    pub fn read(path: &Path) -> Self {
+        let text = match std::fs::read(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Self::NotRunning,
+            Err(_) => return Self::Pending,
+        };
+        let Ok(status) = serde_json::from_slice::<serde_json::Value>(&text) else {
+            return Self::Pending;
+        };
+        match status.pointer("/v1/modules-config/finished") {
+            Some(finished) if finished.is_number() => Self::Finished,
+            _ => Self::Pending,
         }
     }
 }
@@ -341,6 +383,37 @@ impl PackageInstaller {
         })
     }
 
+    /// Wait (at most [`CLOUD_CONFIG_WAIT`]) while cloud-init runs and its config stage has not
+    /// finished; nothing to wait for without cloud-init.
+    async fn wait_for_cloud_config(&self) {
+        let Some(path) = &self.tools.cloud_init_status else {
+            return;
+        };
+        let started = std::time::Instant::now();
+        let mut said = false;
+        loop {
+            match CloudConfigStage::read(path) {
+                CloudConfigStage::NotRunning => return,
+                CloudConfigStage::Finished => {
+                    if said {
+                        tracing::info!(target: "exoagent::packages", waited = ?started.elapsed(), "cloud-init's config stage finished");
+                    }
+                    return;
+                }
+                CloudConfigStage::Pending => {}
+            }
+            if started.elapsed() >= CLOUD_CONFIG_WAIT {
+                tracing::warn!(target: "exoagent::packages", waited = ?started.elapsed(), "cloud-init's config stage has not finished; installing without waiting longer");
+                return;
+            }
+            if !said {
+                tracing::info!(target: "exoagent::packages", "waiting for cloud-init's config stage (apt sources and proxy) before installing packages");
+                said = true;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
     /// Install every missing item of `items` (named packages and verified local files) in one
     /// transaction; nothing runs when none is missing.
     pub async fn install(&self, items: &[PackageItem]) -> Result<InstallOutcome, PackageError> {
@@ -348,6 +421,7 @@ impl PackageInstaller {
         if missing.is_empty() {
             return Ok(InstallOutcome::AlreadyInstalled);
         }
+        self.wait_for_cloud_config().await;
         let (program, args, env) = self.install_command(&missing);
         let mut refreshed = false;
         if self.manager == PackageManager::Apt && self.lists_are_stale() {
@@ -691,6 +765,7 @@ case "$2" in *Version*) echo "install ok installed ${{line#* }}";; *) echo "inst
                 apt_get,
                 dpkg_query,
                 apt_lists: lists,
+                cloud_init_status: None,
                 ..PackageTools::default()
             },
             Duration::from_millis(10),
