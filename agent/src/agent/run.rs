@@ -123,19 +123,26 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
     match account {
         Ok((account, passphrase)) => {
             set_socket_group(&api_socket, account.gid)?;
-            // Before `running` is reported (DESIGN §4.4): Exosphere shows the passphrase once
-            // setup runs.
-            publish_passphrase(&plan, metadata.as_ref(), &passphrase, identity_source).await;
-            hub.set_phase(SetupPhase::Provisioning);
             let ctx = ServiceContext {
                 paths: plan.paths.clone(),
                 account,
                 exe: options.shim.exe.clone(),
             };
-            apply_host_touches(&plan).await;
-            // Vendor packages are downloaded and verified before the batch: a service refused
-            // here keeps its packages out of it, so nothing of it is installed.
-            let mut fetched = fetch_all(&plan.services, &ctx).await;
+            // Independent of each other, so side by side: the passphrase's publication (a Nova
+            // call), the host touches (a getty restart; the user's group, before any service
+            // runs as the user) and the services' fetches (vendor packages downloaded and
+            // verified before the batch: a service refused here keeps its packages out of it).
+            // `running` follows the publication (DESIGN §4.4: Exosphere shows the passphrase
+            // once setup runs), not the others.
+            let publish_then_run = async {
+                publish_passphrase(&plan, metadata.as_ref(), &passphrase, identity_source).await;
+                hub.set_phase(SetupPhase::Provisioning);
+            };
+            let ((), (), mut fetched) = tokio::join!(
+                publish_then_run,
+                apply_host_touches(&plan),
+                fetch_all(&plan.services, &ctx),
+            );
             fetched.host_packages = host::base_packages(&plan.settings.host, &plan.os);
             if install_packages(&plan, &hub, &fetched).await {
                 let fronts = Fronts {
