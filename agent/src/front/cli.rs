@@ -92,32 +92,10 @@ pub fn run(args: FrontArgs) -> ExitCode {
         read_beneath,
         connect_ports: vec![args.backend.port()],
     };
-    match confine::confine(&allowed) {
-        Ok(confined) => tracing::info!(
-            target: "exoagent::front",
-            "{}",
-            confine::describe(&confined, &allowed)
-        ),
-        Err(e) => {
-            eprintln!("exoagent front: {e} [{}]", e.reason());
-            return ExitCode::from(71);
-        }
-    }
     // One worker: it used less CPU per request than two (work stealing between them costs more
     // than it gains for one service's traffic), matching nginx with two workers on this
     // machine (bench/results/tls-front.md).
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("exoagent front: failed to start the async runtime: {e}");
-            return ExitCode::from(70);
-        }
-    };
-    let served = runtime.block_on(async move {
+    confine::confine_then_run("front", &allowed, 1, || async move {
         let listener = tokio::net::TcpListener::from_std(listener)?;
         tracing::info!(
             target: "exoagent::front",
@@ -139,14 +117,6 @@ pub fn run(args: FrontArgs) -> ExitCode {
             },
         };
         serve(listener, front, shutdown).await;
-        std::io::Result::Ok(())
-    });
-    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
-    match served {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("exoagent front: {e}");
-            ExitCode::FAILURE
-        }
-    }
+        Ok(())
+    })
 }

@@ -141,6 +141,52 @@ pub fn confine(allowed: &Allowed) -> Result<Confined, ConfineError> {
     })
 }
 
+/// Confine the process (exit 71 if that fails), then run `job` on a new multi-threaded runtime
+/// with `workers` worker threads (exit 70 without one): the order the network-facing
+/// subcommands need, their files read and their port bound beforehand. `program` names them in
+/// messages.
+pub fn confine_then_run<F, Fut>(
+    program: &str,
+    allowed: &Allowed,
+    workers: usize,
+    job: F,
+) -> std::process::ExitCode
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<()>>,
+{
+    use std::process::ExitCode;
+    match confine(allowed) {
+        Ok(confined) => {
+            tracing::info!(target: "exoagent::confine", program, "{}", describe(&confined, allowed))
+        }
+        Err(e) => {
+            eprintln!("exoagent {program}: {e} [{}]", e.reason());
+            return ExitCode::from(71);
+        }
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("exoagent {program}: failed to start the async runtime: {e}");
+            return ExitCode::from(70);
+        }
+    };
+    let result = runtime.block_on(job());
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("exoagent {program}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Threads of this process (1 when `/proc` cannot tell: the count is a guard, not a need).
 fn thread_count() -> usize {
     std::fs::read_dir("/proc/self/task")

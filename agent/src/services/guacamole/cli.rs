@@ -52,38 +52,12 @@ pub fn run(args: GuacamoleWebArgs) -> ExitCode {
         read_beneath: Vec::new(),
         connect_ports: vec![config.guacd.port()],
     };
-    match confine::confine(&allowed) {
-        Ok(confined) => tracing::info!("{}", confine::describe(&confined, &allowed)),
-        Err(e) => {
-            eprintln!("exoagent guacamole-web: {e} [{}]", e.reason());
-            return ExitCode::from(71);
-        }
-    }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("exoagent guacamole-web: failed to start the async runtime: {e}");
-            return ExitCode::from(70);
-        }
-    };
-    let served = runtime.block_on(async move {
+    confine::confine_then_run("guacamole-web", &allowed, 2, || async move {
         let listener = tokio::net::TcpListener::from_std(listener)?;
         tracing::info!(listen = %config.listen, guacd = %config.guacd, "guacamole web side serving");
         let shutdown = crate::platform::signals::stop_requested()?;
         serve(listener, WebState::new(config, password), shutdown).await
-    });
-    runtime.shutdown_timeout(Duration::from_secs(2));
-    match served {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("exoagent guacamole-web: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    })
 }
 
 /// Fork the keeper: it runs guacd in the foreground and restarts it when it exits, outside the
