@@ -222,6 +222,20 @@ fn the_agent_runs_the_web_side_and_the_tunnel_relays_to_guacd() {
         lines[0].contains("tunnel refused") && lines[0].contains(r"x\nFORGED line"),
         "{logs}"
     );
+    // guacd's own `error` (the closed SSH port: 519, upstream not found) is in the web side's
+    // log with its status, and the tunnel's end says guacd aborted it, not that the browser
+    // left.
+    let aborted: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("guacd ended the session with an error"))
+        .collect();
+    assert_eq!(aborted.len(), 1, "{logs}");
+    assert!(aborted[0].contains("status=519"), "{logs}");
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("tunnel closed") && l.contains("ended=Aborted(519)")),
+        "{logs}"
+    );
 }
 
 /// guacd without the ssh plugin reads `select` and then says nothing and keeps the connection

@@ -88,6 +88,10 @@ pub enum Ended {
     ByBrowser,
     /// One side broke the protocol or the connection failed; the status sent.
     Failed(u16),
+    /// guacd aborted the session with an `error` instruction carrying this status (logged when
+    /// it arrived), whichever side then closed first. The page got the instruction itself, so
+    /// the WebSocket closes as Apache Guacamole's tunnel does after it: normally.
+    Aborted(u16),
 }
 
 /// Relay until either side ends. `token` is renewed while traffic flows.
@@ -106,6 +110,7 @@ pub async fn relay(
     let mut from_browser = Decoder::with_limits(Limits::FROM_BROWSER).counting(BROWSER_LENGTHS);
     let mut read_buffer = vec![0u8; 16 * 1024];
     let mut last_touch = Instant::now();
+    let mut aborted = None;
 
     if socket
         .send(Message::Text(
@@ -117,8 +122,8 @@ pub async fn relay(
         return Ended::ByBrowser;
     }
     // Instructions guacd sent right after `ready` are already in the decoder.
-    if let Err(ended) = forward_to_browser(&mut from_guacd, &mut socket).await {
-        return finish(socket, ended).await;
+    if let Err(ended) = forward_to_browser(&mut from_guacd, &mut socket, &mut aborted).await {
+        return finish(socket, ended, aborted).await;
     }
 
     let ended = loop {
@@ -127,7 +132,9 @@ pub async fn relay(
                 Ok(0) | Err(_) => break Ended::ByGuacd,
                 Ok(n) => {
                     from_guacd.push(&read_buffer[..n]);
-                    if let Err(ended) = forward_to_browser(&mut from_guacd, &mut socket).await {
+                    if let Err(ended) =
+                        forward_to_browser(&mut from_guacd, &mut socket, &mut aborted).await
+                    {
                         break ended;
                     }
                 }
@@ -180,21 +187,42 @@ pub async fn relay(
             }
         }
     };
-    finish(socket, ended).await
+    finish(socket, ended, aborted).await
 }
 
-async fn finish(mut socket: WebSocket, ended: Ended) -> Ended {
+async fn finish(mut socket: WebSocket, ended: Ended, aborted: Option<u16>) -> Ended {
+    let ended = match (ended, aborted) {
+        (Ended::ByGuacd | Ended::ByBrowser, Some(code)) => Ended::Aborted(code),
+        (ended, _) => ended,
+    };
     match ended {
-        Ended::ByGuacd => close(&mut socket, status::SUCCESS).await,
+        Ended::ByGuacd | Ended::Aborted(_) => close(&mut socket, status::SUCCESS).await,
         Ended::Failed(code) => close(&mut socket, code).await,
         Ended::ByBrowser => {}
     }
     ended
 }
 
+/// guacd's `error` instruction (`error,<message>,<status>`): logged as it passes, the message
+/// escaped and shortened, and remembered for the tunnel's end.
+fn note_guacd_error(frame: &Frame<'_>, aborted: &mut Option<u16>) {
+    let message = frame.arg(0).unwrap_or("");
+    let code = frame.arg(1).and_then(|c| c.parse::<u16>().ok());
+    tracing::warn!(
+        status = code,
+        detail = %super::web::shown(message),
+        "guacd ended the session with an error"
+    );
+    aborted.get_or_insert(code.unwrap_or(status::UPSTREAM_ERROR));
+}
+
 /// Send every whole instruction the decoder holds, batched into messages of about
 /// [`MESSAGE_TARGET_BYTES`].
-async fn forward_to_browser(decoder: &mut Decoder, socket: &mut WebSocket) -> Result<(), Ended> {
+async fn forward_to_browser(
+    decoder: &mut Decoder,
+    socket: &mut WebSocket,
+    aborted: &mut Option<u16>,
+) -> Result<(), Ended> {
     let mut batch = String::new();
     loop {
         match decoder.next_frame() {
@@ -206,6 +234,9 @@ async fn forward_to_browser(decoder: &mut Decoder, socket: &mut WebSocket) -> Re
                 return Err(Ended::Failed(status::UPSTREAM_ERROR));
             }
             Some(Ok(frame)) => {
+                if frame.opcode() == "error" {
+                    note_guacd_error(&frame, aborted);
+                }
                 let text = for_browser(&frame);
                 if !batch.is_empty() && batch.len() + text.len() > MESSAGE_TARGET_BYTES {
                     let full = std::mem::take(&mut batch);
