@@ -978,6 +978,65 @@ async fn large_bodies_stream_through_tls_in_bounded_memory() {
 // ---------------------------------------------------------------------------------------------
 // 7. Certificate renewal
 
+/// certbot's layout: `live/` holds symbolic links into `archive/`, and a renewal writes new
+/// files there and moves the links. The confined front may read beneath both directories, so
+/// the renewal is served (its first load happened before the confinement, the re-read after).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_through_certbot_style_links_is_served_by_the_confined_front() {
+    use std::os::unix::fs::symlink;
+    const RELOAD_CHECK: Duration = Duration::from_secs(10);
+    let served = Served::new();
+    let root = served.dir.path();
+    let (archive, live) = (root.join("archive"), root.join("live"));
+    std::fs::create_dir_all(&archive).unwrap();
+    std::fs::create_dir_all(&live).unwrap();
+    std::fs::copy(&served.cert, archive.join("cert1.pem")).unwrap();
+    std::fs::copy(&served.key, archive.join("privkey1.pem")).unwrap();
+    symlink("../archive/cert1.pem", live.join("cert.pem")).unwrap();
+    symlink("../archive/privkey1.pem", live.join("privkey.pem")).unwrap();
+    let backend = http_backend(Payload::new(7)).await;
+    let front = FrontProcess::start(
+        backend,
+        &live.join("cert.pem"),
+        &live.join("privkey.pem"),
+        &[],
+    )
+    .await;
+    let mut fresh = served.client().as_ref().clone();
+    fresh.resumption = rustls::client::Resumption::disabled();
+    let fresh = Arc::new(fresh);
+    assert!(served_leaf(&tls_connect(front.addr, &fresh).await.unwrap()) == served.pair.der);
+
+    // As certbot renews: new files in archive/, then the links replaced (key first).
+    let renewed = served.ca.server();
+    std::fs::write(archive.join("privkey2.pem"), &renewed.key_pem).unwrap();
+    std::fs::write(archive.join("cert2.pem"), &renewed.cert_pem).unwrap();
+    for (link, target) in [("privkey.pem", "privkey2.pem"), ("cert.pem", "cert2.pem")] {
+        let staged = live.join(format!("{link}.new"));
+        symlink(format!("../archive/{target}"), &staged).unwrap();
+        std::fs::rename(&staged, live.join(link)).unwrap();
+    }
+    let written = Instant::now();
+    loop {
+        let leaf = served_leaf(&tls_connect(front.addr, &fresh).await.unwrap());
+        if leaf == renewed.der {
+            break;
+        }
+        assert!(
+            written.elapsed() < RELOAD_CHECK + Duration::from_secs(3),
+            "still the old certificate {:?} after the renewal\n{}",
+            written.elapsed(),
+            front.log()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        front.log().contains("serving the renewed certificate"),
+        "{}",
+        front.log()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_renewed_certificate_is_served_without_a_restart_and_old_connections_live_on() {
     // The front looks at the files' times at most every 10 s (tls.rs `RELOAD_CHECK`).

@@ -79,15 +79,21 @@ pub fn run(args: FrontArgs) -> ExitCode {
         }
     };
     // The certificate and key are re-read when renewed (a new file renamed into place), so
-    // their directories stay readable; the client CA is read once, now.
-    let mut read_beneath: Vec<std::path::PathBuf> = [&files.cert, &files.key]
-        .iter()
-        .map(|f| match f.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
-            _ => ".".into(),
-        })
-        .collect();
-    read_beneath.dedup();
+    // their directories stay readable, also the ones their symbolic links lead to (certbot's
+    // `live/` links into `archive/`, where renewals land); the client CA is read once, now.
+    let mut read_beneath: Vec<std::path::PathBuf> = Vec::new();
+    for file in [&files.cert, &files.key] {
+        let resolved = std::fs::canonicalize(file).ok();
+        for path in std::iter::once(file.as_path()).chain(resolved.as_deref()) {
+            let dir = match path.parent() {
+                Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+                _ => ".".into(),
+            };
+            if !read_beneath.contains(&dir) {
+                read_beneath.push(dir);
+            }
+        }
+    }
     let allowed = confine::Allowed {
         read_beneath,
         connect_ports: vec![args.backend.port()],
