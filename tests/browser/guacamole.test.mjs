@@ -16,6 +16,17 @@
 // mouse buttons and transfers) are skipped then, each saying so. The guacd must reach the
 // rig's sshd and Xvnc on 127.0.0.1: run it on this host (e.g. `guacd -f -b 127.0.0.1 -l 4823`,
 // or the guacamole/guacd image with --network host).
+//
+// EXOAGENT_GUACD=bullseye starts a real guacd 1.3.0 itself (tests/guacamole/guacd-bullseye.sh:
+// Debian 11's packages in a cached root, the version Ubuntu 22.04/24.04 instances get) on a free
+// loopback port, and stops it at the end. Its libssh2 (a libgcrypt build) offers only ssh-rsa
+// host keys, so the rig's sshd is then started with an RSA host key and `HostKeyAlgorithms
+// +ssh-rsa` (rig.py --ssh-rsa); Ubuntu's libssh2 is an OpenSSL build that needs no such thing, so
+// this is said, not hidden: it is a property of the test's guacd build, not of exoagent.
+//
+// What guacd can do is read from guacd itself, as the web side sees it: the test sends `select`
+// for vnc and reads `args` (the protocol version, and whether `disable-display-resize` exists,
+// i.e. whether the VNC plugin can resize the remote display: 1.6's can, 1.3.0's cannot).
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
@@ -44,9 +55,14 @@ const SHELL_ID = Buffer.from('shell\0c\0default').toString('base64url'); // unpa
 const EXPIRED_MESSAGE = 'This session has expired. Reopen the connection from Exosphere.';
 // A 2-byte character, an emoji and a CJK extension-B ideograph (both outside the BMP: 4 bytes in
 // UTF-8, a surrogate pair in JavaScript).
-const EXTERNAL_GUACD = process.env.EXOAGENT_GUACD || null;
+const GUACD_ENV = process.env.EXOAGENT_GUACD || null;
+/** guacd 1.3.0 from the bullseye root, started by this file. */
+const BULLSEYE = GUACD_ENV === 'bullseye';
+const GUACD_SCRIPT = path.join(REPO, 'tests/guacamole/guacd-bullseye.sh');
+/** HOST:PORT of a real guacd (set in before() for the bullseye one); null for the double. */
+let EXTERNAL_GUACD = BULLSEYE ? null : GUACD_ENV;
 /** The double serves (and its event log can be read). */
-const DOUBLE = !EXTERNAL_GUACD;
+const DOUBLE = !GUACD_ENV;
 const UNICODE_SAMPLE = 'é😀\u{20000}';
 
 const T0 = Date.now();
@@ -54,6 +70,7 @@ const timings = {};
 const S = {
     rig: null, rigExit: null, info: null, web: null, webExit: null, port: 0, base: '',
     tmp: null, context: null, udd: null, pages: new Set(), tornDown: false, createdFiles: [],
+    guacd: null, guacdExit: null, guacdArgs: null,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -331,11 +348,72 @@ function exited(exitPromise, ms) {
 // ---------------------------------------------------------------------------------------------
 // Set-up and tear-down
 
+/**
+ * What guacd answers to `select,<protocol>`: the elements of its `args` instruction (the first
+ * is the protocol version, e.g. VERSION_1_3_0). The connection is then closed unused.
+ */
+function guacdArgs(address, protocol) {
+    const [host, port] = [address.slice(0, address.lastIndexOf(':')), Number(address.slice(address.lastIndexOf(':') + 1))];
+    return new Promise((resolve, reject) => {
+        const sock = net.connect({ host, port });
+        let buf = '';
+        const timer = setTimeout(() => { sock.destroy(); reject(new Error(`no args from guacd at ${address} within 5 s: ${JSON.stringify(buf)}`)); }, 5000);
+        sock.once('error', (e) => { clearTimeout(timer); reject(e); });
+        sock.on('connect', () => sock.write(`6.select,${protocol.length}.${protocol};`));
+        sock.on('data', (d) => {
+            buf += d.toString('utf8');
+            const end = buf.indexOf(';');
+            if (end < 0) return;
+            clearTimeout(timer);
+            sock.destroy();
+            // ASCII only here (parameter names), so lengths in characters are lengths in code points.
+            const elements = [];
+            let i = 0;
+            while (i < end) {
+                const dot = buf.indexOf('.', i);
+                const len = Number(buf.slice(i, dot));
+                elements.push(buf.slice(dot + 1, dot + 1 + len));
+                i = dot + 1 + len + 1;
+            }
+            if (elements[0] !== 'args') reject(new Error(`expected args from guacd, saw ${JSON.stringify(buf.slice(0, 200))}`));
+            else resolve(elements.slice(1));
+        });
+    });
+}
+
+/** Starts guacd 1.3.0 from the bullseye root (tests/guacamole/guacd-bullseye.sh) on a free port. */
+async function startBullseyeGuacd() {
+    const port = await freePort();
+    const log = fs.openSync(path.join(ARTIFACTS, 'guacd.log'), 'w');
+    const started = Date.now();
+    const guacd = spawn('bash', [GUACD_SCRIPT, 'run', String(port)], { stdio: ['ignore', log, log] });
+    fs.closeSync(log);
+    S.guacd = guacd;
+    S.guacdExit = new Promise((resolve) => guacd.once('exit', (code, signal) => resolve({ code, signal })));
+    let ended = null;
+    S.guacdExit.then((x) => { ended = x; });
+    EXTERNAL_GUACD = `127.0.0.1:${port}`;
+    let last = '';
+    // Up to 3 min: the first run builds the root (~40 s).
+    await waitFor(async () => {
+        if (ended) throw new Error(`guacd-bullseye.sh exited ${JSON.stringify(ended)}:\n${tail(path.join(ARTIFACTS, 'guacd.log'))}`);
+        try {
+            return await guacdArgs(EXTERNAL_GUACD, 'ssh');
+        } catch (e) {
+            last = e.message;
+            return null;
+        }
+    }, { timeout: 180000, interval: 250, expected: `guacd 1.3.0 answering select on ${EXTERNAL_GUACD}`, seen: () => last });
+    timings['guacd 1.3.0 up'] = Date.now() - started;
+}
+
 async function startRig() {
     fs.mkdirSync(path.join(ARTIFACTS, 'rig'), { recursive: true });
     const errLog = fs.createWriteStream(path.join(ARTIFACTS, 'rig.stderr.log'));
     const started = Date.now();
-    const rig = spawn(PYTHON, DOUBLE ? [RIG] : [RIG, '--no-peer'], {
+    const rigArgs = DOUBLE ? [RIG] : [RIG, '--no-peer'];
+    if (BULLSEYE) rigArgs.push('--ssh-rsa'); // see the top of this file
+    const rig = spawn(PYTHON, rigArgs, {
         stdio: ['pipe', 'pipe', 'pipe'],
         env: { ...process.env, EXOGUAC_ARTIFACTS: path.join(ARTIFACTS, 'rig') },
     });
@@ -477,13 +555,22 @@ async function teardown() {
         }
         if (x && x.code !== 0) report.problems.push(`rig.py exited ${JSON.stringify(x)} (3 = processes left; see rig.stderr.log)`);
     }
+    if (S.guacd && S.guacd.exitCode === null && S.guacd.signalCode === null) {
+        // SIGTERM: the script kills guacd's PID namespace (guacd and every connection's process).
+        S.guacd.kill('SIGTERM');
+        if (!await exited(S.guacdExit, 10000)) {
+            report.problems.push('guacd-bullseye.sh did not exit within 10 s of SIGTERM (killed)');
+            S.guacd.kill('SIGKILL');
+            await exited(S.guacdExit, 5000);
+        }
+    }
     if (S.tmp) fs.rmSync(S.tmp, { recursive: true, force: true });
     // Chromium's helpers may take a moment to go.
     let left = [];
     for (let i = 0; i < 50; i++) {
         left = [];
         if (S.udd) left.push(...processes({ needle: S.udd }));
-        for (const [name, child] of [['exoagent', S.web], ['rig.py', S.rig]]) {
+        for (const [name, child] of [['exoagent', S.web], ['rig.py', S.rig], ['guacd-bullseye.sh', S.guacd]]) {
             if (child && alive(child.pid)) left.push(`${child.pid} ${name}`);
         }
         if (S.info) {
@@ -507,6 +594,7 @@ async function teardown() {
 // tears itself down when its stdin closes).
 process.on('exit', () => {
     if (S.web && S.web.exitCode === null && S.web.signalCode === null) S.web.kill('SIGKILL');
+    if (S.guacd && S.guacd.exitCode === null && S.guacd.signalCode === null) S.guacd.kill('SIGKILL');
     // The password file must not outlive the run.
     if (S.tmp) fs.rmSync(S.tmp, { recursive: true, force: true });
 });
@@ -516,6 +604,7 @@ process.on('exit', () => {
 process.once('SIGTERM', () => {
     if (S.web && S.web.exitCode === null && S.web.signalCode === null) S.web.kill('SIGTERM');
     if (S.rig && S.rig.stdin) S.rig.stdin.end();
+    if (S.guacd && S.guacd.exitCode === null && S.guacd.signalCode === null) S.guacd.kill('SIGTERM');
     if (S.udd) fs.rmSync(S.udd, { recursive: true, force: true });
     process.exit(143);
 });
@@ -527,7 +616,14 @@ before(async () => {
         assert.ok(fs.existsSync(file), `expected ${what} at ${file}; it is missing — run bash tests/browser/setup.sh`);
     }
     fs.mkdirSync(ARTIFACTS, { recursive: true });
+    if (BULLSEYE) {
+        await startBullseyeGuacd();
+        note(null, `guacd 1.3.0 (bullseye root) on ${EXTERNAL_GUACD} after ${secs(timings['guacd 1.3.0 up'])}`);
+    }
     await startRig();
+    S.guacdArgs = await guacdArgs(EXTERNAL_GUACD || `127.0.0.1:${S.info.peer_port}`, 'vnc');
+    note(null, `guacd says ${S.guacdArgs[0]}; its VNC plugin ${S.guacdArgs.includes('disable-display-resize') ? 'can' : 'cannot'} resize the remote display`);
+    if (BULLSEYE) assert.equal(S.guacdArgs[0], 'VERSION_1_3_0', `expected the bullseye guacd to speak VERSION_1_3_0, saw ${S.guacdArgs[0]}`);
     note(null, `rig up in ${secs(timings['rig up'])}: ssh :${S.info.ssh_port}, vnc :${S.info.vnc_port}, ${DOUBLE ? `peer :${S.info.peer_port}` : `external guacd ${EXTERNAL_GUACD}`}, display ${S.info.display}`);
     await startWeb();
     note(null, `exoagent guacamole-web healthy on :${S.port} after ${secs(timings['web side healthy'])}`);

@@ -22,6 +22,11 @@ stderr), 3 when a process of the run was still alive after the teardown.
 ``--no-peer`` leaves the double out (a real guacd elsewhere serves the tests): ``peer_port``
 and ``events`` are then ``null``.
 
+``--ssh-rsa`` gives the sshd an RSA host key and ``HostKeyAlgorithms +ssh-rsa``: only for guacd
+1.3.0 from Debian 11, whose libssh2 (libgcrypt build) offers no other host-key algorithm that
+OpenSSH >= 8.8 accepts by default (see ``Rig.sshd``). Ubuntu's guacd 1.3.0 links a libssh2 built
+against OpenSSL and needs no such thing: the tests pass it only for the bullseye guacd.
+
 ``EXOGUAC_ARTIFACTS=DIR`` keeps the servers' logs and the peer's events log there (test_peer's
 behaviour). Diagnostics go to stderr; stdout carries the JSON line only.
 """
@@ -84,8 +89,8 @@ def on_signal(signum, _frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if any(a != "--no-peer" for a in args):
-        err(f"unknown arguments {args!r} (only --no-peer)")
+    if any(a not in ("--no-peer", "--ssh-rsa") for a in args):
+        err(f"unknown arguments {args!r} (only --no-peer, --ssh-rsa)")
         return 1
     with_peer = "--no-peer" not in args
     if os.geteuid() != 0:
@@ -102,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rig = Rig()
     rig.password = passphrase()
+    rig.ssh_rsa = "--ssh-rsa" in args
     status = 0
     try:
         try:
