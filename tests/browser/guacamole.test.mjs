@@ -111,6 +111,29 @@ function xPointer() {
     return { x, y };
 }
 
+/** The X screen's size on the rig's display, as X itself says (XDisplayWidth/Height). */
+function xScreen() {
+    const code = [
+        'import ctypes, ctypes.util',
+        'x = ctypes.CDLL(ctypes.util.find_library("X11"))',
+        'x.XOpenDisplay.restype = ctypes.c_void_p',
+        'x.XDisplayWidth.argtypes = [ctypes.c_void_p, ctypes.c_int]',
+        'x.XDisplayHeight.argtypes = [ctypes.c_void_p, ctypes.c_int]',
+        'd = x.XOpenDisplay(None)',
+        'assert d, "no display"',
+        'print(x.XDisplayWidth(d, 0), x.XDisplayHeight(d, 0))',
+    ].join('\n');
+    const r = runAsUser(['python3', '-c', code]);
+    if (r.status !== 0) return { error: `python3 exit ${r.status}: ${r.stderr}` };
+    const [width, height] = r.stdout.trim().split(' ').map(Number);
+    return { width, height };
+}
+
+/** Whether guacd's VNC plugin can resize the remote display: its args list
+ * `disable-display-resize` (guacd 1.6, and the double which follows it); 1.3.0's has no display
+ * resize at all. */
+const vncResizes = () => S.guacdArgs.includes('disable-display-resize');
+
 const codePoints = (text) => Array.from(text || '', (c) => `U+${c.codePointAt(0).toString(16).toUpperCase().padStart(4, '0')}`).join(' ');
 
 function note(t, msg) {
@@ -1035,6 +1058,106 @@ test('clipboard (desktop): the page\'s clipboard panel reaches the X clipboard a
         timings['clipboard: X clipboard to page'] = Date.now() - backStart;
         note(t, `desktop → browser clipboard in ${secs(Date.now() - backStart)}`);
         await page.screenshot({ path: path.join(ARTIFACTS, 'guacamole-clipboard.png') });
+    } finally {
+        await closePage(page);
+    }
+});
+
+test('resize (shell): a smaller window gives the real shell fewer columns and rows (stty size)', { timeout: 90000 }, async (t) => {
+    const tok = await token();
+    const page = await openClient(t, SHELL_ID, tok, 'resize-shell');
+    const tag = crypto.randomBytes(4).toString('hex');
+    const sizeIn = async (which) => {
+        const name = `exo browser stty ${which} ${tag}`;
+        const file = path.join(S.info.home, name);
+        S.createdFiles.push(file);
+        await page.keyboard.type(`stty size > '${name}'`, { delay: 10 });
+        await page.keyboard.press('Enter');
+        let text = null;
+        await waitFor(() => {
+            text = fs.existsSync(file) ? fs.readFileSync(file, 'utf8') : null;
+            return text && /^\d+ \d+\n$/.test(text);
+        }, { timeout: 10000, expected: `"rows cols" from stty in ${JSON.stringify(file)}`, seen: () => JSON.stringify(text) });
+        const [rows, cols] = text.trim().split(' ').map(Number);
+        return { rows, cols };
+    };
+    try {
+        await waitFor(async () => (await displayStats(page)).colours > 4, {
+            timeout: 15000, expected: 'a shell prompt on the display (> 4 colours)',
+            seen: async () => JSON.stringify(await displayStats(page)),
+        });
+        await settle(page, 500, 3000);
+        const before1 = await sizeIn('before');
+        const display1 = await displayStats(page);
+        const small = { width: 800, height: 480 };
+        const started = Date.now();
+        await page.setViewportSize(small);
+        // guacd resizes its terminal to the new display size and tells sshd (window-change).
+        await waitFor(async () => (await displayStats(page)).width === small.width, {
+            timeout: 10000, expected: `the terminal display ${small.width} px wide after the window became ${small.width}x${small.height}`,
+            seen: async () => JSON.stringify(await displayStats(page)),
+        });
+        await settle(page, 300, 3000);
+        const after1 = await sizeIn('after');
+        timings['resize (shell): window to stty'] = Date.now() - started;
+        assert.ok(after1.cols < before1.cols && after1.rows < before1.rows,
+            `expected fewer columns and rows after shrinking the window from ${display1.width}x${display1.height} to ${small.width}x${small.height}, saw ${JSON.stringify({ before: before1, after: after1 })}`);
+        const ratio = after1.cols / before1.cols;
+        assert.ok(Math.abs(ratio - small.width / display1.width) < 0.05,
+            `expected the columns to shrink with the width (${(small.width / display1.width).toFixed(3)}), saw ${ratio.toFixed(3)} (${JSON.stringify({ before: before1, after: after1 })})`);
+        note(t, `stty size ${before1.rows}x${before1.cols} → ${after1.rows}x${after1.cols} after the window went ${display1.width}x${display1.height} → ${small.width}x${small.height}`);
+    } finally {
+        await closePage(page);
+    }
+});
+
+test('resize (desktop): the remote screen follows the window when guacd can resize it; otherwise it keeps its geometry and the page scales it to fit', { timeout: 120000 }, async (t) => {
+    const tok = await token();
+    const page = await openClient(t, DESKTOP_ID, tok, 'resize-desktop');
+    try {
+        await waitFor(async () => (await displayStats(page)).colours > 64, {
+            timeout: 30000, interval: 300, expected: 'the Xfce desktop drawn (> 64 distinct colours)',
+            seen: async () => JSON.stringify(await displayStats(page)),
+        });
+        const small = { width: 1000, height: 600 };
+        const started = Date.now();
+        await page.setViewportSize(small);
+        const layout = () => page.evaluate(() => {
+            const d = window.exoGuac.client.getDisplay();
+            const r = d.getElement().getBoundingClientRect();
+            return { width: d.getWidth(), height: d.getHeight(), scale: d.getScale(), left: r.left, top: r.top, right: r.right, bottom: r.bottom };
+        });
+        if (vncResizes()) {
+            // guacd 1.6 (and the double): SetDesktopSize; TigerVNC resizes the X screen.
+            let x = null;
+            await waitFor(async () => {
+                x = xScreen();
+                const l = await layout();
+                return x.width === small.width && x.height === small.height && l.width === small.width && l.height === small.height;
+            }, {
+                timeout: 15000, interval: 250, expected: `the X screen and the display at ${small.width}x${small.height}`,
+                seen: async () => JSON.stringify({ x, display: await layout() }),
+            });
+            timings['resize (desktop): window to X screen'] = Date.now() - started;
+            note(t, `guacd ${S.guacdArgs[0]} resized the X screen to ${x.width}x${x.height} in ${secs(Date.now() - started)}`);
+        } else {
+            // guacd 1.3.0: its VNC plugin has no display resize. The X screen keeps the
+            // geometry the server started with (the rig's Xtigervnc -geometry 1280x800, like
+            // [services.desktop] geometry), and the page scales the whole screen into the window.
+            const x0 = xScreen();
+            assert.deepEqual(x0, { width: 1280, height: 800 }, `expected the rig's X screen at its 1280x800 geometry, saw ${JSON.stringify(x0)}`);
+            await sleep(3000); // well past the page's 250 ms resize debounce and guacd's answer
+            const x = xScreen();
+            const l = await layout();
+            assert.deepEqual(x, x0, `expected guacd ${S.guacdArgs[0]} to leave the X screen at ${x0.width}x${x0.height}, saw ${JSON.stringify(x)}`);
+            assert.equal(`${l.width}x${l.height}`, `${x0.width}x${x0.height}`, `expected the display to stay ${x0.width}x${x0.height}, saw ${JSON.stringify(l)}`);
+            const fit = Math.min(small.width / x0.width, small.height / x0.height);
+            assert.ok(Math.abs(l.scale - fit) < 0.01, `expected the page to scale the screen to fit the window (${fit.toFixed(3)}), saw ${JSON.stringify(l)}`);
+            assert.ok(l.left >= -1 && l.top >= -1 && l.right <= small.width + 1 && l.bottom <= small.height + 1,
+                `expected the whole remote screen inside the ${small.width}x${small.height} window, saw ${JSON.stringify(l)}`);
+            note(t, `guacd ${S.guacdArgs[0]} cannot resize: X screen stays ${x.width}x${x.height}, the page scales it by ${l.scale.toFixed(3)} into ${small.width}x${small.height}`);
+        }
+        await page.screenshot({ path: path.join(ARTIFACTS, 'guacamole-resize-desktop.png') });
     } finally {
         await closePage(page);
     }
