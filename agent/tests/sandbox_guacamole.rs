@@ -5,9 +5,11 @@
 //! subprotocol required, tunnel UUID first, pings echoed, whole instructions per message, the
 //! handshake done server-side with the connection's parameters, close reasons as status codes.
 //!
-//! guacd cannot be installed here: `tests/guacamole/guacd_peer.py` (a test double speaking
-//! guacd's side of the protocol) stands in, started by this test from the venv that
-//! `tests/guacamole/setup.sh` makes. The SSH target is a closed port, so the session ends
+//! Two guacds: the real guacd 1.3.0 (Debian 11's packages, the version Ubuntu instances get;
+//! `common::RealGuacd`, as root) for what a real guacd must answer, and
+//! `tests/guacamole/guacd_peer.py` (a test double speaking guacd's side of the protocol, from
+//! the venv that `tests/guacamole/setup.sh` makes) for what 1.3.0 cannot show (guacd 1.5/1.6
+//! behaviour) and for faults (a missing plugin). Each test says which it needs and why. The SSH target is a closed port, so the session ends
 //! with the peer's upstream error; the real sshd, VNC desktop and a browser are exercised by
 //! `tests/browser/`.
 
@@ -15,7 +17,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{free_port, GuacdPeer, Sandbox};
+use common::{free_port, GuacdPeer, RealGuacd, Sandbox};
 use exoagent::services::guacamole::protocol::Decoder;
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -236,6 +238,136 @@ fn the_agent_runs_the_web_side_and_the_tunnel_relays_to_guacd() {
             .any(|l| l.contains("tunnel closed") && l.contains("ended=Aborted(519)")),
         "{logs}"
     );
+}
+
+/// Needs the real guacd 1.3.0 (the double's answers are only as good as its reading of
+/// guacd's source): the agent's readiness waits for the real guacd's `args`, the web side's
+/// handshake is accepted by it (protocol VERSION_1_3_0: no `name` instruction), the tunnel
+/// carries its instructions whole, and its own abort (the SSH port closed: guacd 1.3.0 sends
+/// `error` with 519, upstream not found) is logged with the status and ends the tunnel as
+/// `Aborted(519)`, not as the browser's doing.
+#[test]
+fn the_agent_runs_the_web_side_against_the_real_guacd_1_3_0() {
+    let guacd = RealGuacd::start();
+    let closed_ssh_port = free_port();
+    let mut sandbox = Sandbox::new(&format!(
+        "[services.guacamole]\nenabled = true\nport = @PORT@\nbind = \"127.0.0.1\"\n\
+         guacd = \"external\"\nguacd_address = \"127.0.0.1:{}\"\nssh_port = {closed_ssh_port}\n",
+        guacd.port
+    ))
+    .with_start_args(&["--no-fixture-identity"]);
+    let started = std::time::Instant::now();
+    sandbox.start_agent();
+    let status = sandbox.wait_complete(120);
+    assert_eq!(status["services"][0]["state"], "ready", "{status}");
+    eprintln!(
+        "guacamole ready against guacd 1.3.0 after {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let base = sandbox.base();
+    let passphrase = sandbox.passphrase();
+    let state = sandbox.root().join("var/lib/exoagent/services/guacamole");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(state.join("web.json")).unwrap()).unwrap();
+    let user = config["username"].as_str().unwrap().to_owned();
+    let (code, body) = post_form(&base, format!("username={user}&password={passphrase}"));
+    assert_eq!(code, 200, "{body}");
+    let token = body["authToken"].as_str().unwrap().to_owned();
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let ws_base = base.replace("http://", "ws://");
+    let opened = std::time::Instant::now();
+    let (messages, reason) = runtime.block_on(async {
+        let url = format!("{ws_base}/guacamole/websocket-tunnel?token={token}&GUAC_ID=shell&GUAC_TYPE=c&GUAC_DATA_SOURCE=default&GUAC_WIDTH=800&GUAC_HEIGHT=600&GUAC_DPI=96&GUAC_IMAGE=image%2Fpng&GUAC_TIMEZONE=UTC");
+        let mut request = url.into_client_request().unwrap();
+        request
+            .headers_mut()
+            .insert("sec-websocket-protocol", "guacamole".parse().unwrap());
+        let mut socket = tokio_tungstenite::connect_async(request).await.unwrap().0;
+        let first = match socket.next().await {
+            Some(Ok(Message::Text(text))) => text.to_string(),
+            other => panic!("expected the tunnel UUID, got {other:?}"),
+        };
+        assert!(first.starts_with("0.,36.") && first.len() == 43, "{first}");
+        let ping = "0.,4.ping,13.1700000000000;";
+        socket.send(Message::Text(ping.into())).await.unwrap();
+        let mut messages = Vec::new();
+        let reason = loop {
+            match tokio::time::timeout(Duration::from_secs(30), socket.next()).await {
+                Ok(Some(Ok(Message::Text(text)))) => messages.push(text.to_string()),
+                Ok(Some(Ok(Message::Close(frame)))) => {
+                    break frame.map(|f| f.reason.to_string()).unwrap_or_default()
+                }
+                Ok(Some(Ok(_))) => {}
+                other => panic!(
+                    "tunnel ended without a close: {other:?}; messages {messages:?}\nguacd:\n{}\nweb side:\n{}",
+                    guacd.log(),
+                    String::from_utf8_lossy(&sandbox.cli(&["logs", "guacamole", "-n", "100"]).stdout)
+                ),
+            }
+        };
+        (messages, reason)
+    });
+    // This client, unlike a browser, does not disconnect on `error`: guacd 1.3.0 would keep the
+    // session until its 15 s "User is not responding" and then send a second error (776). The
+    // web side ends the tunnel right after guacd's first `error`.
+    let took = opened.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "the tunnel outlived guacd's error by {took:?}: {messages:?}"
+    );
+    assert!(
+        messages.iter().any(|m| m == "0.,4.ping,13.1700000000000;"),
+        "the ping was not echoed: {messages:?}"
+    );
+    for message in &messages {
+        let mut decoder = Decoder::new();
+        decoder.push(message.as_bytes());
+        while let Some(frame) = decoder.next_frame() {
+            frame.unwrap();
+        }
+        decoder
+            .finish()
+            .unwrap_or_else(|e| panic!("split instruction in {message:?}: {e}"));
+    }
+    let all = messages.join("");
+    // guacd 1.3.0's own words: it could not reach the SSH server.
+    assert!(all.contains("5.error,") && all.contains(",3.519;"), "{all}");
+    assert_eq!(reason, "0", "{all}");
+    let log = guacd.log();
+    assert!(log.contains("version 1.3.0 started"), "{log}");
+    assert!(
+        !log.contains("Handshake failed"),
+        "guacd 1.3.0 refused the web side's handshake:\n{log}"
+    );
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let logs = loop {
+        let out = sandbox.cli(&["logs", "guacamole", "-n", "1000"]);
+        let logs = String::from_utf8_lossy(&out.stdout).into_owned();
+        if logs.contains("tunnel closed") || std::time::Instant::now() > deadline {
+            break logs;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let errors: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("guacd ended the session with an error"))
+        .collect();
+    assert!(
+        errors.len() == 1 && errors[0].contains("status=519"),
+        "{logs}"
+    );
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("tunnel closed") && l.contains("ended=Aborted(519)")),
+        "{logs}"
+    );
+    assert!(!logs.contains(&passphrase), "passphrase in the log");
 }
 
 /// guacd without the ssh plugin reads `select` and then says nothing and keeps the connection
