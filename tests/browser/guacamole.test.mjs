@@ -496,6 +496,14 @@ async function startWeb() {
             },
         },
     };
+    if (S.info.ssh_port_no_rsa) {
+        // The abort test's connection: an sshd as OpenSSH ships (no ssh-rsa), which guacd 1.3.0
+        // from bullseye cannot do its SSH handshake with.
+        config.connections['shell-no-rsa'] = {
+            protocol: 'ssh',
+            parameters: { ...config.connections.shell.parameters, port: String(S.info.ssh_port_no_rsa) },
+        };
+    }
     const configFile = path.join(S.tmp, 'guacamole-web.json');
     fs.writeFileSync(configFile, `${JSON.stringify(config, null, 2)}\n`);
     const log = fs.openSync(path.join(ARTIFACTS, 'guacamole-web.log'), 'w');
@@ -1158,6 +1166,48 @@ test('resize (desktop): the remote screen follows the window when guacd can resi
             note(t, `guacd ${S.guacdArgs[0]} cannot resize: X screen stays ${x.width}x${x.height}, the page scales it by ${l.scale.toFixed(3)} into ${small.width}x${small.height}`);
         }
         await page.screenshot({ path: path.join(ARTIFACTS, 'guacamole-resize-desktop.png') });
+    } finally {
+        await closePage(page);
+    }
+});
+
+test('abort (guacd 1.3.0): an sshd that refuses its host-key algorithms ends the session with guacd\'s error, logged with its status and shown on the page', {
+    timeout: 60000,
+    skip: BULLSEYE ? false : 'needs guacd 1.3.0 from bullseye (EXOAGENT_GUACD=bullseye): its libssh2 offers only ssh-rsa, which a stock OpenSSH refuses; the double (asyncssh) and guacd 1.6 do not fail there',
+}, async (t) => {
+    const tok = await token();
+    const page = await newPage('abort');
+    try {
+        const id = Buffer.from('shell-no-rsa\0c\0default').toString('base64url');
+        const started = Date.now();
+        await page.goto(`${S.base}/guacamole/#/client/${id}?token=${tok}`);
+        await waitFor(() => page.evaluate(() => window.exoGuac && window.exoGuac.state === 'error'), {
+            timeout: 30000, expected: "exoGuac.state === 'error' after guacd aborted the SSH session",
+            seen: () => pageState(page).then(JSON.stringify),
+        });
+        timings['abort: page to error'] = Date.now() - started;
+        const st = await pageState(page);
+        // guacd 1.3.0 logs "SSH handshake failed." and sends `error,Aborted. See logs.,515`
+        // (UPSTREAM_ERROR): the page's error comes from the remote side, not the tunnel.
+        assert.equal(st.lastError && st.lastError.code, 515, `expected lastError.code 515 from guacd's error, saw ${JSON.stringify(st)}`);
+        assert.equal(st.lastError.source, 'remote', `expected the error to come from guacd's error instruction, saw ${JSON.stringify(st.lastError)}`);
+        const shown = await page.locator('#status-text').innerText();
+        assert.equal(shown, 'The remote session reported an error and closed the connection.', `expected the page to show the upstream-error message, saw ${JSON.stringify(shown)} (${JSON.stringify(st)})`);
+        assert.ok(await page.locator('#status-text').isVisible(), 'expected the status message to be visible');
+        const detail = await page.locator('#status-detail').innerText();
+        assert.equal(detail, 'Guacamole status 515 — Aborted. See logs.', `expected the status and guacd's own message in the detail line, saw ${JSON.stringify(detail)}`);
+        await page.screenshot({ path: path.join(ARTIFACTS, 'guacamole-abort.png') });
+        const guacdLog = fs.readFileSync(path.join(ARTIFACTS, 'guacd.log'), 'utf8');
+        assert.match(guacdLog, /SSH handshake failed/, `expected guacd 1.3.0 to log "SSH handshake failed", saw:\n${guacdLog.slice(-2000)}`);
+        const logPath = path.join(ARTIFACTS, 'guacamole-web.log');
+        let lines = [];
+        await waitFor(() => {
+            lines = fs.readFileSync(logPath, 'utf8').split('\n').filter((l) => l.includes('connection=shell-no-rsa') || l.includes('guacd ended the session'));
+            return lines.some((l) => l.includes('tunnel closed') && l.includes('ended=Aborted(515)'));
+        }, { timeout: 10000, expected: 'the web side\'s "tunnel closed … ended=Aborted(515)" for shell-no-rsa', seen: () => JSON.stringify(lines) });
+        assert.ok(lines.some((l) => l.includes('guacd ended the session with an error') && l.includes('status=515') && l.includes('detail=Aborted. See logs.')),
+            `expected the web side to log guacd's error with status 515 and its message, saw ${JSON.stringify(lines)}`);
+        note(t, `guacd 1.3.0 aborted in ${secs(Date.now() - started)}: page "${shown}"; log: ${lines.filter((l) => l.includes('guacd ended')).map((l) => l.slice(l.indexOf('guacd ended'))).join(' | ')}`);
     } finally {
         await closePage(page);
     }

@@ -211,14 +211,17 @@ class Rig:
         return proc
 
     # -- sshd
-    def sshd(self) -> None:
+    def sshd(self, name: str = "sshd", ssh_rsa: bool | None = None) -> int:
+        """Starts a private sshd (``name``: its directory, log and process name) and returns its
+        port; the first one's is ``self.ssh_port``. ``ssh_rsa`` defaults to ``self.ssh_rsa``."""
         t = time.monotonic()
-        d = os.path.join(self.tmp, "sshd")
+        ssh_rsa = self.ssh_rsa if ssh_rsa is None else ssh_rsa
+        d = os.path.join(self.tmp, name)
         os.makedirs(d, mode=0o700)
         key = os.path.join(d, "ssh_host_ed25519_key")
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key], check=True)
         host_keys = f"HostKey {key}\n"
-        if self.ssh_rsa:
+        if ssh_rsa:
             # guacd 1.3.0 from Debian 11 links libssh2 1.9.0 built against libgcrypt, which
             # offers only ssh-rsa and ssh-dss host keys; OpenSSH >= 8.8 refuses ssh-rsa (SHA-1
             # signatures) by default, so guacd's SSH and SFTP handshakes fail. Only for that
@@ -230,11 +233,13 @@ class Rig:
             subprocess.run(["ssh-keygen", "-q", "-t", "rsa", "-b", "3072", "-N", "", "-f", rsa],
                            check=True)
             host_keys += f"HostKey {rsa}\nHostKeyAlgorithms +ssh-rsa\n"
-        self.ssh_port = free_port()
+        port = free_port()
+        if name == "sshd":
+            self.ssh_port = port
         cfg = os.path.join(d, "sshd_config")
         with open(cfg, "w") as f:
             f.write(f"""# exoagent guacd_peer self-test: a private sshd, loopback only
-ListenAddress 127.0.0.1:{self.ssh_port}
+ListenAddress 127.0.0.1:{port}
 {host_keys.rstrip()}
 PidFile {d}/sshd.pid
 PasswordAuthentication yes
@@ -251,9 +256,10 @@ Subsystem sftp internal-sftp
 """)
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation dir
         subprocess.run(["/usr/sbin/sshd", "-t", "-f", cfg], check=True)
-        self.spawn("sshd", ["/usr/sbin/sshd", "-D", "-e", "-f", cfg])
-        wait_tcp(self.ssh_port, 10, b"SSH-2.0-")
-        self.timings["sshd ready"] = time.monotonic() - t
+        self.spawn(name, ["/usr/sbin/sshd", "-D", "-e", "-f", cfg])
+        wait_tcp(port, 10, b"SSH-2.0-")
+        self.timings[f"{name} ready"] = time.monotonic() - t
+        return port
 
     # -- TigerVNC + Xfce
     def desktop(self) -> None:
