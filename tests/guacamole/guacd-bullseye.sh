@@ -41,6 +41,9 @@ build() {
     echo "$root"
     return
   fi
+  if ! command -v mmdebstrap >/dev/null; then
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends mmdebstrap >&2
+  fi
   local new="$root.new" started=$SECONDS
   rm -rf "$new"
   mmdebstrap --mode=root --variant=apt --include="$packages" \
