@@ -370,6 +370,203 @@ fn the_agent_runs_the_web_side_against_the_real_guacd_1_3_0() {
     assert!(!logs.contains(&passphrase), "passphrase in the log");
 }
 
+/// Needs the real guacd 1.3.0 and real servers: `exoagent guacamole-web` (confined, as the
+/// agent runs it) in front of guacd 1.3.0, whose SSH plugin logs in to a real sshd (the rig of
+/// `tests/guacamole/rig.py`: user, passphrase with spaces, sshd with `ssh-rsa` for this guacd's
+/// libssh2) and runs what the tunnel types: keys sent as a browser sends them reach a real
+/// shell, whose output lands in a file. The double's own SSH client would prove nothing here.
+#[test]
+fn a_shell_through_the_real_guacd_1_3_0_runs_what_is_typed() {
+    use std::io::BufRead;
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::{Command, Stdio};
+    let guacd = RealGuacd::start();
+    let venv = std::env::var("EXOAGENT_GUAC_VENV")
+        .unwrap_or_else(|_| "/var/tmp/exoagent-guac-venv".to_owned());
+    // The rig tears itself down when its stdin closes (when `rig` is dropped).
+    let mut rig = Command::new(format!("{venv}/bin/python"))
+        .arg(common::repo_root().join("tests/guacamole/rig.py"))
+        .args(["--no-peer", "--ssh-rsa"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(rig.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_str(&line)
+        .unwrap_or_else(|e| panic!("rig.py did not start ({e}): {line:?}"));
+    struct Rig(std::process::Child);
+    impl Drop for Rig {
+        fn drop(&mut self) {
+            drop(self.0.stdin.take());
+            let _ = self.0.wait();
+        }
+    }
+    let _rig = Rig(rig);
+    let user = info["user"].as_str().unwrap().to_owned();
+    let home = std::path::PathBuf::from(info["home"].as_str().unwrap());
+
+    let dir = tempfile::tempdir().unwrap();
+    let password = dir.path().join("passphrase");
+    std::fs::write(
+        &password,
+        format!("{}\n", info["password"].as_str().unwrap()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&password, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let web_port = free_port();
+    let config = dir.path().join("web.json");
+    std::fs::write(
+        &config,
+        serde_json::to_vec(&serde_json::json!({
+            "listen": format!("127.0.0.1:{web_port}"),
+            "guacd": format!("127.0.0.1:{}", guacd.port),
+            "username": user,
+            "password_file": password,
+            "session_timeout_s": 3600,
+            "connections": {"shell": {"protocol": "ssh", "parameters": {
+                "hostname": "127.0.0.1",
+                "port": info["ssh_port"].to_string(),
+                "username": user,
+                "password": "${GUAC_PASSWORD}",
+            }}},
+        }))
+        .unwrap(),
+    )
+    .unwrap();
+    let log = dir.path().join("web.log");
+    struct Web(std::process::Child);
+    impl Drop for Web {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _web = Web(Command::new(common::exe())
+        .args(["guacamole-web", "--config"])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap());
+    let base = format!("http://127.0.0.1:{web_port}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !reqwest::blocking::get(format!("{base}/guacamole/api/exoagent/health"))
+        .is_ok_and(|r| r.status().is_success())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the web side never found guacd 1.3.0:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (code, body) = post_form(
+        &base,
+        format!(
+            "username={user}&password={}",
+            info["password"].as_str().unwrap()
+        ),
+    );
+    assert_eq!(code, 200, "{body}");
+    let token = body["authToken"].as_str().unwrap().to_owned();
+
+    // The rig removes files named "exo browser …" from the home at start and end.
+    let name = format!("exo browser rust {}", free_port());
+    let target = home.join(&name);
+    let command = format!("echo hello-from-rust | tee '{name}'");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let seen = runtime.block_on(async {
+        let url = format!("ws://127.0.0.1:{web_port}/guacamole/websocket-tunnel?token={token}&GUAC_ID=shell&GUAC_TYPE=c&GUAC_DATA_SOURCE=default&GUAC_WIDTH=1024&GUAC_HEIGHT=768&GUAC_DPI=96&GUAC_IMAGE=image%2Fpng&GUAC_TIMEZONE=UTC");
+        let mut request = url.into_client_request().unwrap();
+        request
+            .headers_mut()
+            .insert("sec-websocket-protocol", "guacamole".parse().unwrap());
+        let mut socket = tokio_tungstenite::connect_async(request).await.unwrap().0;
+        let mut decoder = Decoder::new();
+        let mut seen = Vec::new();
+        let mut typed = false;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if std::fs::read_to_string(&target).is_ok_and(|t| t == "hello-from-rust\n") {
+                break seen;
+            }
+            let message = match tokio::time::timeout_at(
+                deadline.min(tokio::time::Instant::now() + Duration::from_millis(200)),
+                socket.next(),
+            )
+            .await
+            {
+                Ok(Some(Ok(Message::Text(text)))) => text.to_string(),
+                Ok(Some(Ok(_))) => continue,
+                Ok(other) => panic!("the tunnel ended: {other:?}; seen {seen:?}\nguacd:\n{}", guacd.log()),
+                Err(_) if tokio::time::Instant::now() < deadline => String::new(),
+                Err(_) => panic!(
+                    "{target:?} never held the shell's output; opcodes seen {seen:?}\nguacd:\n{}",
+                    guacd.log()
+                ),
+            };
+            decoder.push(message.as_bytes());
+            let mut replies = String::new();
+            while let Some(frame) = decoder.next_frame() {
+                let frame = frame.unwrap();
+                if !seen.iter().any(|o| o == frame.opcode()) {
+                    seen.push(frame.opcode().to_owned());
+                }
+                match frame.opcode() {
+                    // Acknowledge frames as a browser does (guacd 1.3.0 drops a silent user).
+                    "sync" => replies.push_str(frame.as_str()),
+                    "error" => panic!("guacd aborted: {}\nguacd:\n{}", frame.as_str(), guacd.log()),
+                    _ => {}
+                }
+            }
+            // guacd drops keys until its SSH session is up (seen: typed at its first frame,
+            // they never reached the shell); it logs when it is, and keys typed before the
+            // prompt then wait in the pty like any typeahead.
+            if !typed && guacd.log().contains("SSH connection successful") {
+                // Type as a browser does: a press and a release per key (keysym = code point
+                // for ASCII).
+                for c in command.chars() {
+                    let keysym = c as u32;
+                    replies.push_str(&format!("3.key,{}.{keysym},1.1;", keysym.to_string().len()));
+                    replies.push_str(&format!("3.key,{}.{keysym},1.0;", keysym.to_string().len()));
+                }
+                // Return.
+                replies.push_str("3.key,5.65293,1.1;3.key,5.65293,1.0;");
+                typed = true;
+            }
+            if !replies.is_empty() {
+                socket.send(Message::Text(replies.into())).await.unwrap();
+            }
+        }
+    });
+    eprintln!(
+        "typed through guacd 1.3.0 to a real shell in {:.2} s (opcodes {seen:?})",
+        started.elapsed().as_secs_f64()
+    );
+    let meta = std::fs::metadata(&target).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        meta.uid(),
+        std::fs::metadata(&home).unwrap().uid(),
+        "the file was not written by the user's shell"
+    );
+    let _ = std::fs::remove_file(&target);
+    let web_log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !web_log.contains(info["password"].as_str().unwrap()),
+        "the passphrase is in the web side's log"
+    );
+}
+
 /// guacd without the ssh plugin reads `select` and then says nothing and keeps the connection
 /// open (the double's `--without-plugin ssh` does what guacd 1.6 does). The service must not
 /// wait out its 120 s start timeout: `failed` within seconds, the reason naming the protocol.
