@@ -42,7 +42,9 @@ build() {
     return
   fi
   if ! command -v mmdebstrap >/dev/null; then
-    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends mmdebstrap >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get -o DPkg::Lock::Timeout=600 update -q >&2
+    apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends mmdebstrap >&2
   fi
   local new="$root.new" started=$SECONDS
   rm -rf "$new"
