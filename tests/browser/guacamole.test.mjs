@@ -53,6 +53,7 @@ const ARTIFACTS = path.resolve(REPO, process.env.EXOAGENT_TEST_ARTIFACTS || 'tar
 const DESKTOP_ID = 'ZGVza3RvcABjAGRlZmF1bHQ='; // padded standard base64, as Exosphere sends
 const SHELL_ID = Buffer.from('shell\0c\0default').toString('base64url'); // unpadded base64url
 const EXPIRED_MESSAGE = 'This session has expired. Reopen the connection from Exosphere.';
+const FIXED_SIZE_MESSAGE = 'This desktop keeps its own screen size (the Guacamole server cannot resize it); the page scales it to fit the window.';
 // A 2-byte character, an emoji and a CJK extension-B ideograph (both outside the BMP: 4 bytes in
 // UTF-8, a surrogate pair in JavaScript).
 const GUACD_ENV = process.env.EXOAGENT_GUACD || null;
@@ -1118,6 +1119,9 @@ test('resize (shell): a smaller window gives the real shell fewer columns and ro
         const ratio = after1.cols / before1.cols;
         assert.ok(Math.abs(ratio - small.width / display1.width) < 0.05,
             `expected the columns to shrink with the width (${(small.width / display1.width).toFixed(3)}), saw ${ratio.toFixed(3)} (${JSON.stringify({ before: before1, after: after1 })})`);
+        await sleep(Math.max(0, 3000 - (Date.now() - started))); // past the page's follow check
+        const fixed = await page.evaluate(() => window.exoGuac.fixedSize);
+        assert.equal(fixed, false, 'expected no "keeps its size" notice for a terminal, which follows the window');
         note(t, `stty size ${before1.rows}x${before1.cols} → ${after1.rows}x${after1.cols} after the window went ${display1.width}x${display1.height} → ${small.width}x${small.height}`);
     } finally {
         await closePage(page);
@@ -1152,7 +1156,10 @@ test('resize (desktop): the remote screen follows the window when guacd can resi
                 seen: async () => JSON.stringify({ x, display: await layout() }),
             });
             timings['resize (desktop): window to X screen'] = Date.now() - started;
-            note(t, `guacd ${S.guacdArgs[0]} resized the X screen to ${x.width}x${x.height} in ${secs(Date.now() - started)}`);
+            await sleep(3000); // past the page's follow check
+            const st = await page.evaluate(() => ({ fixedSize: window.exoGuac.fixedSize, notice: document.getElementById('notice').hidden ? null : document.getElementById('notice').textContent }));
+            assert.deepEqual(st, { fixedSize: false, notice: null }, `expected no "keeps its size" notice when the screen followed, saw ${JSON.stringify(st)}`);
+            note(t, `guacd ${S.guacdArgs[0]} resized the X screen to ${x.width}x${x.height} in ${secs(timings['resize (desktop): window to X screen'])}; no notice`);
         } else {
             // guacd 1.3.0: its VNC plugin has no display resize. The X screen keeps the
             // geometry the server started with (the rig's Xtigervnc -geometry 1280x800, like
@@ -1168,6 +1175,9 @@ test('resize (desktop): the remote screen follows the window when guacd can resi
             assert.ok(Math.abs(l.scale - fit) < 0.01, `expected the page to scale the screen to fit the window (${fit.toFixed(3)}), saw ${JSON.stringify(l)}`);
             assert.ok(l.left >= -1 && l.top >= -1 && l.right <= small.width + 1 && l.bottom <= small.height + 1,
                 `expected the whole remote screen inside the ${small.width}x${small.height} window, saw ${JSON.stringify(l)}`);
+            // The page says so, once.
+            const st = await page.evaluate(() => ({ fixedSize: window.exoGuac.fixedSize, notice: document.getElementById('notice').hidden ? null : document.getElementById('notice').textContent }));
+            assert.deepEqual(st, { fixedSize: true, notice: FIXED_SIZE_MESSAGE }, `expected the page to say once that the screen keeps its size, saw ${JSON.stringify(st)}`);
             note(t, `guacd ${S.guacdArgs[0]} cannot resize: X screen stays ${x.width}x${x.height}, the page scales it by ${l.scale.toFixed(3)} into ${small.width}x${small.height}`);
         }
         await page.screenshot({ path: path.join(ARTIFACTS, 'guacamole-resize-desktop.png') });
