@@ -913,9 +913,9 @@ fn a_restarted_agent_adopts_the_running_web_side_on_a_full_disk() {
 }
 
 /// The web side as the agent runs it (`exoagent guacamole-web`, guacd from `guacd_command`):
-/// guacd (the test double; the real guacd cannot be installed here) runs under a keeper process
-/// outside the web side's confinement, is restarted when it dies, and dies with the web side;
-/// the web side itself has no new privileges and logs what its confinement holds.
+/// guacd (the test double: what is checked is the keeper's job, not guacd's) runs under a
+/// keeper process outside the web side's confinement, is restarted when it dies, and dies with
+/// the web side; the web side itself has no new privileges and logs what its confinement holds.
 #[test]
 fn the_web_side_runs_guacd_outside_its_confinement_and_takes_it_down_with_it() {
     use std::os::unix::fs::PermissionsExt;

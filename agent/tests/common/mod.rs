@@ -243,8 +243,9 @@ impl Drop for Sandbox {
     }
 }
 
-/// `tests/guacamole/guacd_peer.py`, the guacd test double (guacd cannot be installed here), on
-/// a free loopback port; killed on drop. Needs the venv `tests/guacamole/setup.sh` makes.
+/// `tests/guacamole/guacd_peer.py`, the guacd test double (for guacd 1.5/1.6 behaviour and
+/// faults; [`RealGuacd`] is the real guacd 1.3.0), on a free loopback port; killed on drop.
+/// Needs the venv `tests/guacamole/setup.sh` makes.
 pub struct GuacdPeer {
     child: Child,
     /// Its port on 127.0.0.1.
