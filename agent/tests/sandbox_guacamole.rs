@@ -9,9 +9,10 @@
 //! `common::RealGuacd`, as root) for what a real guacd must answer, and
 //! `tests/guacamole/guacd_peer.py` (a test double speaking guacd's side of the protocol, from
 //! the venv that `tests/guacamole/setup.sh` makes) for what 1.3.0 cannot show (guacd 1.5/1.6
-//! behaviour) and for faults (a missing plugin). Each test says which it needs and why. The SSH target is a closed port, so the session ends
-//! with the peer's upstream error; the real sshd, VNC desktop and a browser are exercised by
-//! `tests/browser/`.
+//! behaviour) and for faults (a missing plugin). Each test says which it needs and why. Mostly
+//! the SSH target is a closed port, so the session ends with guacd's upstream error; one test
+//! logs in to a real sshd through the real guacd, and the VNC desktop and a browser are
+//! exercised by `tests/browser/`.
 
 mod common;
 
@@ -303,11 +304,15 @@ fn the_agent_runs_the_web_side_against_the_real_guacd_1_3_0() {
                     break frame.map(|f| f.reason.to_string()).unwrap_or_default()
                 }
                 Ok(Some(Ok(_))) => {}
-                other => panic!(
-                    "tunnel ended without a close: {other:?}; messages {messages:?}\nguacd:\n{}\nweb side:\n{}",
-                    guacd.log(),
-                    String::from_utf8_lossy(&sandbox.cli(&["logs", "guacamole", "-n", "100"]).stdout)
-                ),
+                other => {
+                    let web = sandbox.cli(&["logs", "guacamole", "-n", "100"]).stdout;
+                    panic!(
+                        "tunnel ended without a close: {other:?}; messages {messages:?}\n\
+                         guacd:\n{}\nweb side:\n{}",
+                        guacd.log(),
+                        String::from_utf8_lossy(&web)
+                    )
+                }
             }
         };
         (messages, reason)
@@ -507,7 +512,9 @@ fn a_shell_through_the_real_guacd_1_3_0_runs_what_is_typed() {
             {
                 Ok(Some(Ok(Message::Text(text)))) => text.to_string(),
                 Ok(Some(Ok(_))) => continue,
-                Ok(other) => panic!("the tunnel ended: {other:?}; seen {seen:?}\nguacd:\n{}", guacd.log()),
+                Ok(other) => {
+                    panic!("the tunnel ended: {other:?}; {seen:?}\nguacd:\n{}", guacd.log())
+                }
                 Err(_) if tokio::time::Instant::now() < deadline => String::new(),
                 Err(_) => panic!(
                     "{target:?} never held the shell's output; opcodes seen {seen:?}\nguacd:\n{}",
