@@ -25,9 +25,13 @@ if [ "$started_openstack" = 1 ]; then
   trap 'python3 tests/openstack/harness.py down >/dev/null 2>&1 || true' EXIT
 fi
 bash tests/openstack/up.sh
-# TigerVNC, Xfce, an sshd binary and the venv of the guacd test double (guacd itself cannot be
-# installed here), Chromium for the browser tests, nginx for the UAP (tests/uap/setup.sh).
+# TigerVNC, Xfce, an sshd binary and the venv of the guacd test double, Chromium for the
+# browser tests, nginx for the UAP (tests/uap/setup.sh).
 bash tests/browser/setup.sh
+# A real guacd 1.3.0 (Debian 11's packages, what Ubuntu instances get) in a bullseye root, built
+# once and cached under /var/tmp (~40 s the first time, nothing after): sandbox_guacamole's
+# RealGuacd tests and the second browser run below use it.
+bash tests/guacamole/guacd-bullseye.sh build
 # The .deb and .rpm from the release binary (the VM test below reuses that build); the pinned
 # packaging tools are built into ~/.cargo/bin the first time. agent/tests/packages.rs inspects
 # these very files during the cargo test below (without the variable it builds them itself).
@@ -45,6 +49,10 @@ cargo test --workspace --all-targets -- --test-threads=2 --include-ignored
 (cd web/guacamole && npm test --silent)
 "${EXOAGENT_GUAC_VENV:-/var/tmp/exoagent-guac-venv}/bin/python" tests/guacamole/test_peer.py
 node --test --test-concurrency=1 tests/browser/
+# The Guacamole browser tests again, against the real guacd 1.3.0 instead of the double (~40 s):
+# the same page, web side, sshd and desktop; the abort test needs this guacd and runs only here.
+EXOAGENT_GUACD=bullseye EXOAGENT_TEST_ARTIFACTS=target/test-artifacts/guacd-1.3.0 \
+  node --test --test-concurrency=1 tests/browser/guacamole.test.mjs
 # A real VM (QEMU, software emulation) with real systemd and cloud-init booting the baked image
 # as a server of the OpenStack harness (~5 min with the image build).
 bash tests/vm/prereqs.sh

@@ -4,8 +4,10 @@
 //! gives Guacamole a `desktop` connection to it. A tunnel to `desktop` then carries frames drawn
 //! from that real desktop.
 //!
-//! guacd is `tests/guacamole/guacd_peer.py` (a test double: guacd cannot be installed here),
-//! which draws from the VNC server with its own RFB client. Needs `bash tests/guacamole/setup.sh`.
+//! guacd is `tests/guacamole/guacd_peer.py` (the test double), which draws from the VNC server
+//! with its own RFB client: the agent's wiring is the point here. The real guacd 1.3.0 drawing
+//! the real desktop is `tests/browser/` with `EXOAGENT_GUACD=bullseye` (CI runs both).
+//! Needs `bash tests/guacamole/setup.sh`.
 
 mod common;
 

@@ -5,17 +5,20 @@
 //! subprotocol required, tunnel UUID first, pings echoed, whole instructions per message, the
 //! handshake done server-side with the connection's parameters, close reasons as status codes.
 //!
-//! guacd cannot be installed here: `tests/guacamole/guacd_peer.py` (a test double speaking
-//! guacd's side of the protocol) stands in, started by this test from the venv that
-//! `tests/guacamole/setup.sh` makes. The SSH target is a closed port, so the session ends
-//! with the peer's upstream error; the real sshd, VNC desktop and a browser are exercised by
-//! `tests/browser/`.
+//! Two guacds: the real guacd 1.3.0 (Debian 11's packages, the version Ubuntu instances get;
+//! `common::RealGuacd`, as root) for what a real guacd must answer, and
+//! `tests/guacamole/guacd_peer.py` (a test double speaking guacd's side of the protocol, from
+//! the venv that `tests/guacamole/setup.sh` makes) for what 1.3.0 cannot show (guacd 1.5/1.6
+//! behaviour) and for faults (a missing plugin). Each test says which it needs and why. Mostly
+//! the SSH target is a closed port, so the session ends with guacd's upstream error; one test
+//! logs in to a real sshd through the real guacd, and the VNC desktop and a browser are
+//! exercised by `tests/browser/`.
 
 mod common;
 
 use std::time::Duration;
 
-use common::{free_port, GuacdPeer, Sandbox};
+use common::{free_port, GuacdPeer, RealGuacd, Sandbox};
 use exoagent::services::guacamole::protocol::Decoder;
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -235,6 +238,339 @@ fn the_agent_runs_the_web_side_and_the_tunnel_relays_to_guacd() {
         logs.lines()
             .any(|l| l.contains("tunnel closed") && l.contains("ended=Aborted(519)")),
         "{logs}"
+    );
+}
+
+/// Needs the real guacd 1.3.0 (the double's answers are only as good as its reading of
+/// guacd's source): the agent's readiness waits for the real guacd's `args`, the web side's
+/// handshake is accepted by it (protocol VERSION_1_3_0: no `name` instruction), the tunnel
+/// carries its instructions whole, and its own abort (the SSH port closed: guacd 1.3.0 sends
+/// `error` with 519, upstream not found) is logged with the status and ends the tunnel as
+/// `Aborted(519)`, not as the browser's doing.
+#[test]
+fn the_agent_runs_the_web_side_against_the_real_guacd_1_3_0() {
+    let guacd = RealGuacd::start();
+    let closed_ssh_port = free_port();
+    let mut sandbox = Sandbox::new(&format!(
+        "[services.guacamole]\nenabled = true\nport = @PORT@\nbind = \"127.0.0.1\"\n\
+         guacd = \"external\"\nguacd_address = \"127.0.0.1:{}\"\nssh_port = {closed_ssh_port}\n",
+        guacd.port
+    ))
+    .with_start_args(&["--no-fixture-identity"]);
+    let started = std::time::Instant::now();
+    sandbox.start_agent();
+    let status = sandbox.wait_complete(120);
+    assert_eq!(status["services"][0]["state"], "ready", "{status}");
+    eprintln!(
+        "guacamole ready against guacd 1.3.0 after {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let base = sandbox.base();
+    let passphrase = sandbox.passphrase();
+    let state = sandbox.root().join("var/lib/exoagent/services/guacamole");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(state.join("web.json")).unwrap()).unwrap();
+    let user = config["username"].as_str().unwrap().to_owned();
+    let (code, body) = post_form(&base, format!("username={user}&password={passphrase}"));
+    assert_eq!(code, 200, "{body}");
+    let token = body["authToken"].as_str().unwrap().to_owned();
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let ws_base = base.replace("http://", "ws://");
+    let opened = std::time::Instant::now();
+    let (messages, reason) = runtime.block_on(async {
+        let url = format!("{ws_base}/guacamole/websocket-tunnel?token={token}&GUAC_ID=shell&GUAC_TYPE=c&GUAC_DATA_SOURCE=default&GUAC_WIDTH=800&GUAC_HEIGHT=600&GUAC_DPI=96&GUAC_IMAGE=image%2Fpng&GUAC_TIMEZONE=UTC");
+        let mut request = url.into_client_request().unwrap();
+        request
+            .headers_mut()
+            .insert("sec-websocket-protocol", "guacamole".parse().unwrap());
+        let mut socket = tokio_tungstenite::connect_async(request).await.unwrap().0;
+        let first = match socket.next().await {
+            Some(Ok(Message::Text(text))) => text.to_string(),
+            other => panic!("expected the tunnel UUID, got {other:?}"),
+        };
+        assert!(first.starts_with("0.,36.") && first.len() == 43, "{first}");
+        let ping = "0.,4.ping,13.1700000000000;";
+        socket.send(Message::Text(ping.into())).await.unwrap();
+        let mut messages = Vec::new();
+        let reason = loop {
+            match tokio::time::timeout(Duration::from_secs(30), socket.next()).await {
+                Ok(Some(Ok(Message::Text(text)))) => messages.push(text.to_string()),
+                Ok(Some(Ok(Message::Close(frame)))) => {
+                    break frame.map(|f| f.reason.to_string()).unwrap_or_default()
+                }
+                Ok(Some(Ok(_))) => {}
+                other => {
+                    let web = sandbox.cli(&["logs", "guacamole", "-n", "100"]).stdout;
+                    panic!(
+                        "tunnel ended without a close: {other:?}; messages {messages:?}\n\
+                         guacd:\n{}\nweb side:\n{}",
+                        guacd.log(),
+                        String::from_utf8_lossy(&web)
+                    )
+                }
+            }
+        };
+        (messages, reason)
+    });
+    // This client, unlike a browser, does not disconnect on `error`: guacd 1.3.0 would keep the
+    // session until its 15 s "User is not responding" and then send a second error (776). The
+    // web side ends the tunnel right after guacd's first `error`.
+    let took = opened.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "the tunnel outlived guacd's error by {took:?}: {messages:?}"
+    );
+    assert!(
+        messages.iter().any(|m| m == "0.,4.ping,13.1700000000000;"),
+        "the ping was not echoed: {messages:?}"
+    );
+    for message in &messages {
+        let mut decoder = Decoder::new();
+        decoder.push(message.as_bytes());
+        while let Some(frame) = decoder.next_frame() {
+            frame.unwrap();
+        }
+        decoder
+            .finish()
+            .unwrap_or_else(|e| panic!("split instruction in {message:?}: {e}"));
+    }
+    let all = messages.join("");
+    // guacd 1.3.0's own words: it could not reach the SSH server.
+    assert!(all.contains("5.error,") && all.contains(",3.519;"), "{all}");
+    assert_eq!(reason, "0", "{all}");
+    let log = guacd.log();
+    assert!(log.contains("version 1.3.0 started"), "{log}");
+    assert!(
+        !log.contains("Handshake failed"),
+        "guacd 1.3.0 refused the web side's handshake:\n{log}"
+    );
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let logs = loop {
+        let out = sandbox.cli(&["logs", "guacamole", "-n", "1000"]);
+        let logs = String::from_utf8_lossy(&out.stdout).into_owned();
+        if logs.contains("tunnel closed") || std::time::Instant::now() > deadline {
+            break logs;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let errors: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("guacd ended the session with an error"))
+        .collect();
+    assert!(
+        errors.len() == 1 && errors[0].contains("status=519"),
+        "{logs}"
+    );
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("tunnel closed") && l.contains("ended=Aborted(519)")),
+        "{logs}"
+    );
+    assert!(!logs.contains(&passphrase), "passphrase in the log");
+}
+
+/// Needs the real guacd 1.3.0 and real servers: `exoagent guacamole-web` (confined, as the
+/// agent runs it) in front of guacd 1.3.0, whose SSH plugin logs in to a real sshd (the rig of
+/// `tests/guacamole/rig.py`: user, passphrase with spaces, sshd with `ssh-rsa` for this guacd's
+/// libssh2) and runs what the tunnel types: keys sent as a browser sends them reach a real
+/// shell, whose output lands in a file. The double's own SSH client would prove nothing here.
+#[test]
+fn a_shell_through_the_real_guacd_1_3_0_runs_what_is_typed() {
+    use std::io::BufRead;
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::{Command, Stdio};
+    let guacd = RealGuacd::start();
+    let venv = std::env::var("EXOAGENT_GUAC_VENV")
+        .unwrap_or_else(|_| "/var/tmp/exoagent-guac-venv".to_owned());
+    // The rig tears itself down when its stdin closes (when `rig` is dropped).
+    let mut rig = Command::new(format!("{venv}/bin/python"))
+        .arg(common::repo_root().join("tests/guacamole/rig.py"))
+        .args(["--no-peer", "--ssh-rsa"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(rig.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_str(&line)
+        .unwrap_or_else(|e| panic!("rig.py did not start ({e}): {line:?}"));
+    struct Rig(std::process::Child);
+    impl Drop for Rig {
+        fn drop(&mut self) {
+            drop(self.0.stdin.take());
+            let _ = self.0.wait();
+        }
+    }
+    let _rig = Rig(rig);
+    let user = info["user"].as_str().unwrap().to_owned();
+    let home = std::path::PathBuf::from(info["home"].as_str().unwrap());
+
+    let dir = tempfile::tempdir().unwrap();
+    let password = dir.path().join("passphrase");
+    std::fs::write(
+        &password,
+        format!("{}\n", info["password"].as_str().unwrap()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&password, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let web_port = free_port();
+    let config = dir.path().join("web.json");
+    std::fs::write(
+        &config,
+        serde_json::to_vec(&serde_json::json!({
+            "listen": format!("127.0.0.1:{web_port}"),
+            "guacd": format!("127.0.0.1:{}", guacd.port),
+            "username": user,
+            "password_file": password,
+            "session_timeout_s": 3600,
+            "connections": {"shell": {"protocol": "ssh", "parameters": {
+                "hostname": "127.0.0.1",
+                "port": info["ssh_port"].to_string(),
+                "username": user,
+                "password": "${GUAC_PASSWORD}",
+            }}},
+        }))
+        .unwrap(),
+    )
+    .unwrap();
+    let log = dir.path().join("web.log");
+    struct Web(std::process::Child);
+    impl Drop for Web {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _web = Web(Command::new(common::exe())
+        .args(["guacamole-web", "--config"])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap());
+    let base = format!("http://127.0.0.1:{web_port}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !reqwest::blocking::get(format!("{base}/guacamole/api/exoagent/health"))
+        .is_ok_and(|r| r.status().is_success())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the web side never found guacd 1.3.0:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (code, body) = post_form(
+        &base,
+        format!(
+            "username={user}&password={}",
+            info["password"].as_str().unwrap()
+        ),
+    );
+    assert_eq!(code, 200, "{body}");
+    let token = body["authToken"].as_str().unwrap().to_owned();
+
+    // The rig removes files named "exo browser …" from the home at start and end.
+    let name = format!("exo browser rust {}", free_port());
+    let target = home.join(&name);
+    let command = format!("echo hello-from-rust | tee '{name}'");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let seen = runtime.block_on(async {
+        let url = format!("ws://127.0.0.1:{web_port}/guacamole/websocket-tunnel?token={token}&GUAC_ID=shell&GUAC_TYPE=c&GUAC_DATA_SOURCE=default&GUAC_WIDTH=1024&GUAC_HEIGHT=768&GUAC_DPI=96&GUAC_IMAGE=image%2Fpng&GUAC_TIMEZONE=UTC");
+        let mut request = url.into_client_request().unwrap();
+        request
+            .headers_mut()
+            .insert("sec-websocket-protocol", "guacamole".parse().unwrap());
+        let mut socket = tokio_tungstenite::connect_async(request).await.unwrap().0;
+        let mut decoder = Decoder::new();
+        let mut seen = Vec::new();
+        let mut typed = false;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if std::fs::read_to_string(&target).is_ok_and(|t| t == "hello-from-rust\n") {
+                break seen;
+            }
+            let message = match tokio::time::timeout_at(
+                deadline.min(tokio::time::Instant::now() + Duration::from_millis(200)),
+                socket.next(),
+            )
+            .await
+            {
+                Ok(Some(Ok(Message::Text(text)))) => text.to_string(),
+                Ok(Some(Ok(_))) => continue,
+                Ok(other) => {
+                    panic!("the tunnel ended: {other:?}; {seen:?}\nguacd:\n{}", guacd.log())
+                }
+                Err(_) if tokio::time::Instant::now() < deadline => String::new(),
+                Err(_) => panic!(
+                    "{target:?} never held the shell's output; opcodes seen {seen:?}\nguacd:\n{}",
+                    guacd.log()
+                ),
+            };
+            decoder.push(message.as_bytes());
+            let mut replies = String::new();
+            while let Some(frame) = decoder.next_frame() {
+                let frame = frame.unwrap();
+                if !seen.iter().any(|o| o == frame.opcode()) {
+                    seen.push(frame.opcode().to_owned());
+                }
+                match frame.opcode() {
+                    // Acknowledge frames as a browser does (guacd 1.3.0 drops a silent user).
+                    "sync" => replies.push_str(frame.as_str()),
+                    "error" => panic!("guacd aborted: {}\nguacd:\n{}", frame.as_str(), guacd.log()),
+                    _ => {}
+                }
+            }
+            // guacd drops keys until its SSH session is up (seen: typed at its first frame,
+            // they never reached the shell); it logs when it is, and keys typed before the
+            // prompt then wait in the pty like any typeahead.
+            if !typed && guacd.log().contains("SSH connection successful") {
+                // Type as a browser does: a press and a release per key (keysym = code point
+                // for ASCII).
+                for c in command.chars() {
+                    let keysym = c as u32;
+                    replies.push_str(&format!("3.key,{}.{keysym},1.1;", keysym.to_string().len()));
+                    replies.push_str(&format!("3.key,{}.{keysym},1.0;", keysym.to_string().len()));
+                }
+                // Return.
+                replies.push_str("3.key,5.65293,1.1;3.key,5.65293,1.0;");
+                typed = true;
+            }
+            if !replies.is_empty() {
+                socket.send(Message::Text(replies.into())).await.unwrap();
+            }
+        }
+    });
+    eprintln!(
+        "typed through guacd 1.3.0 to a real shell in {:.2} s (opcodes {seen:?})",
+        started.elapsed().as_secs_f64()
+    );
+    let meta = std::fs::metadata(&target).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        meta.uid(),
+        std::fs::metadata(&home).unwrap().uid(),
+        "the file was not written by the user's shell"
+    );
+    let _ = std::fs::remove_file(&target);
+    let web_log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !web_log.contains(info["password"].as_str().unwrap()),
+        "the passphrase is in the web side's log"
     );
 }
 
@@ -584,9 +920,9 @@ fn a_restarted_agent_adopts_the_running_web_side_on_a_full_disk() {
 }
 
 /// The web side as the agent runs it (`exoagent guacamole-web`, guacd from `guacd_command`):
-/// guacd (the test double; the real guacd cannot be installed here) runs under a keeper process
-/// outside the web side's confinement, is restarted when it dies, and dies with the web side;
-/// the web side itself has no new privileges and logs what its confinement holds.
+/// guacd (the test double: what is checked is the keeper's job, not guacd's) runs under a
+/// keeper process outside the web side's confinement, is restarted when it dies, and dies with
+/// the web side; the web side itself has no new privileges and logs what its confinement holds.
 #[test]
 fn the_web_side_runs_guacd_outside_its_confinement_and_takes_it_down_with_it() {
     use std::os::unix::fs::PermissionsExt;

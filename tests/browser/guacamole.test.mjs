@@ -16,6 +16,17 @@
 // mouse buttons and transfers) are skipped then, each saying so. The guacd must reach the
 // rig's sshd and Xvnc on 127.0.0.1: run it on this host (e.g. `guacd -f -b 127.0.0.1 -l 4823`,
 // or the guacamole/guacd image with --network host).
+//
+// EXOAGENT_GUACD=bullseye starts a real guacd 1.3.0 itself (tests/guacamole/guacd-bullseye.sh:
+// Debian 11's packages in a cached root, the version Ubuntu 22.04/24.04 instances get) on a free
+// loopback port, and stops it at the end. Its libssh2 (a libgcrypt build) offers only ssh-rsa
+// host keys, so the rig's sshd is then started with an RSA host key and `HostKeyAlgorithms
+// +ssh-rsa` (rig.py --ssh-rsa); Ubuntu's libssh2 is an OpenSSL build that needs no such thing, so
+// this is said, not hidden: it is a property of the test's guacd build, not of exoagent.
+//
+// What guacd can do is read from guacd itself, as the web side sees it: the test sends `select`
+// for vnc and reads `args` (the protocol version, and whether `disable-display-resize` exists,
+// i.e. whether the VNC plugin can resize the remote display: 1.6's can, 1.3.0's cannot).
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
@@ -42,11 +53,17 @@ const ARTIFACTS = path.resolve(REPO, process.env.EXOAGENT_TEST_ARTIFACTS || 'tar
 const DESKTOP_ID = 'ZGVza3RvcABjAGRlZmF1bHQ='; // padded standard base64, as Exosphere sends
 const SHELL_ID = Buffer.from('shell\0c\0default').toString('base64url'); // unpadded base64url
 const EXPIRED_MESSAGE = 'This session has expired. Reopen the connection from Exosphere.';
+const FIXED_SIZE_MESSAGE = 'This desktop keeps its own screen size (the Guacamole server cannot resize it); the page scales it to fit the window.';
 // A 2-byte character, an emoji and a CJK extension-B ideograph (both outside the BMP: 4 bytes in
 // UTF-8, a surrogate pair in JavaScript).
-const EXTERNAL_GUACD = process.env.EXOAGENT_GUACD || null;
+const GUACD_ENV = process.env.EXOAGENT_GUACD || null;
+/** guacd 1.3.0 from the bullseye root, started by this file. */
+const BULLSEYE = GUACD_ENV === 'bullseye';
+const GUACD_SCRIPT = path.join(REPO, 'tests/guacamole/guacd-bullseye.sh');
+/** HOST:PORT of a real guacd (set in before() for the bullseye one); null for the double. */
+let EXTERNAL_GUACD = BULLSEYE ? null : GUACD_ENV;
 /** The double serves (and its event log can be read). */
-const DOUBLE = !EXTERNAL_GUACD;
+const DOUBLE = !GUACD_ENV;
 const UNICODE_SAMPLE = 'é😀\u{20000}';
 
 const T0 = Date.now();
@@ -54,6 +71,7 @@ const timings = {};
 const S = {
     rig: null, rigExit: null, info: null, web: null, webExit: null, port: 0, base: '',
     tmp: null, context: null, udd: null, pages: new Set(), tornDown: false, createdFiles: [],
+    guacd: null, guacdExit: null, guacdArgs: null,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -93,6 +111,29 @@ function xPointer() {
     const [x, y] = r.stdout.trim().split(' ').map(Number);
     return { x, y };
 }
+
+/** The X screen's size on the rig's display, as X itself says (XDisplayWidth/Height). */
+function xScreen() {
+    const code = [
+        'import ctypes, ctypes.util',
+        'x = ctypes.CDLL(ctypes.util.find_library("X11"))',
+        'x.XOpenDisplay.restype = ctypes.c_void_p',
+        'x.XDisplayWidth.argtypes = [ctypes.c_void_p, ctypes.c_int]',
+        'x.XDisplayHeight.argtypes = [ctypes.c_void_p, ctypes.c_int]',
+        'd = x.XOpenDisplay(None)',
+        'assert d, "no display"',
+        'print(x.XDisplayWidth(d, 0), x.XDisplayHeight(d, 0))',
+    ].join('\n');
+    const r = runAsUser(['python3', '-c', code]);
+    if (r.status !== 0) return { error: `python3 exit ${r.status}: ${r.stderr}` };
+    const [width, height] = r.stdout.trim().split(' ').map(Number);
+    return { width, height };
+}
+
+/** Whether guacd's VNC plugin can resize the remote display: its args list
+ * `disable-display-resize` (guacd 1.6, and the double which follows it); 1.3.0's has no display
+ * resize at all. */
+const vncResizes = () => S.guacdArgs.includes('disable-display-resize');
 
 const codePoints = (text) => Array.from(text || '', (c) => `U+${c.codePointAt(0).toString(16).toUpperCase().padStart(4, '0')}`).join(' ');
 
@@ -331,11 +372,72 @@ function exited(exitPromise, ms) {
 // ---------------------------------------------------------------------------------------------
 // Set-up and tear-down
 
+/**
+ * What guacd answers to `select,<protocol>`: the elements of its `args` instruction (the first
+ * is the protocol version, e.g. VERSION_1_3_0). The connection is then closed unused.
+ */
+function guacdArgs(address, protocol) {
+    const [host, port] = [address.slice(0, address.lastIndexOf(':')), Number(address.slice(address.lastIndexOf(':') + 1))];
+    return new Promise((resolve, reject) => {
+        const sock = net.connect({ host, port });
+        let buf = '';
+        const timer = setTimeout(() => { sock.destroy(); reject(new Error(`no args from guacd at ${address} within 5 s: ${JSON.stringify(buf)}`)); }, 5000);
+        sock.once('error', (e) => { clearTimeout(timer); reject(e); });
+        sock.on('connect', () => sock.write(`6.select,${protocol.length}.${protocol};`));
+        sock.on('data', (d) => {
+            buf += d.toString('utf8');
+            const end = buf.indexOf(';');
+            if (end < 0) return;
+            clearTimeout(timer);
+            sock.destroy();
+            // ASCII only here (parameter names), so lengths in characters are lengths in code points.
+            const elements = [];
+            let i = 0;
+            while (i < end) {
+                const dot = buf.indexOf('.', i);
+                const len = Number(buf.slice(i, dot));
+                elements.push(buf.slice(dot + 1, dot + 1 + len));
+                i = dot + 1 + len + 1;
+            }
+            if (elements[0] !== 'args') reject(new Error(`expected args from guacd, saw ${JSON.stringify(buf.slice(0, 200))}`));
+            else resolve(elements.slice(1));
+        });
+    });
+}
+
+/** Starts guacd 1.3.0 from the bullseye root (tests/guacamole/guacd-bullseye.sh) on a free port. */
+async function startBullseyeGuacd() {
+    const port = await freePort();
+    const log = fs.openSync(path.join(ARTIFACTS, 'guacd.log'), 'w');
+    const started = Date.now();
+    const guacd = spawn('bash', [GUACD_SCRIPT, 'run', String(port)], { stdio: ['ignore', log, log] });
+    fs.closeSync(log);
+    S.guacd = guacd;
+    S.guacdExit = new Promise((resolve) => guacd.once('exit', (code, signal) => resolve({ code, signal })));
+    let ended = null;
+    S.guacdExit.then((x) => { ended = x; });
+    EXTERNAL_GUACD = `127.0.0.1:${port}`;
+    let last = '';
+    // Up to 3 min: the first run builds the root (~40 s).
+    await waitFor(async () => {
+        if (ended) throw new Error(`guacd-bullseye.sh exited ${JSON.stringify(ended)}:\n${tail(path.join(ARTIFACTS, 'guacd.log'))}`);
+        try {
+            return await guacdArgs(EXTERNAL_GUACD, 'ssh');
+        } catch (e) {
+            last = e.message;
+            return null;
+        }
+    }, { timeout: 180000, interval: 250, expected: `guacd 1.3.0 answering select on ${EXTERNAL_GUACD}`, seen: () => last });
+    timings['guacd 1.3.0 up'] = Date.now() - started;
+}
+
 async function startRig() {
     fs.mkdirSync(path.join(ARTIFACTS, 'rig'), { recursive: true });
     const errLog = fs.createWriteStream(path.join(ARTIFACTS, 'rig.stderr.log'));
     const started = Date.now();
-    const rig = spawn(PYTHON, DOUBLE ? [RIG] : [RIG, '--no-peer'], {
+    const rigArgs = DOUBLE ? [RIG] : [RIG, '--no-peer'];
+    if (BULLSEYE) rigArgs.push('--ssh-rsa'); // see the top of this file
+    const rig = spawn(PYTHON, rigArgs, {
         stdio: ['pipe', 'pipe', 'pipe'],
         env: { ...process.env, EXOGUAC_ARTIFACTS: path.join(ARTIFACTS, 'rig') },
     });
@@ -395,6 +497,19 @@ async function startWeb() {
             },
         },
     };
+    if (S.info.ssh_port_no_rsa) {
+        // The abort test's connection: an sshd as OpenSSH ships (no ssh-rsa), which guacd 1.3.0
+        // from bullseye cannot do its SSH handshake with.
+        config.connections['shell-no-rsa'] = {
+            protocol: 'ssh',
+            parameters: { ...config.connections.shell.parameters, port: String(S.info.ssh_port_no_rsa) },
+        };
+        // The desktop with its SFTP through that sshd (the VNC server itself is fine).
+        config.connections['desktop-no-rsa'] = {
+            protocol: 'vnc',
+            parameters: { ...config.connections.desktop.parameters, 'sftp-port': String(S.info.ssh_port_no_rsa) },
+        };
+    }
     const configFile = path.join(S.tmp, 'guacamole-web.json');
     fs.writeFileSync(configFile, `${JSON.stringify(config, null, 2)}\n`);
     const log = fs.openSync(path.join(ARTIFACTS, 'guacamole-web.log'), 'w');
@@ -477,13 +592,22 @@ async function teardown() {
         }
         if (x && x.code !== 0) report.problems.push(`rig.py exited ${JSON.stringify(x)} (3 = processes left; see rig.stderr.log)`);
     }
+    if (S.guacd && S.guacd.exitCode === null && S.guacd.signalCode === null) {
+        // SIGTERM: the script kills guacd's PID namespace (guacd and every connection's process).
+        S.guacd.kill('SIGTERM');
+        if (!await exited(S.guacdExit, 10000)) {
+            report.problems.push('guacd-bullseye.sh did not exit within 10 s of SIGTERM (killed)');
+            S.guacd.kill('SIGKILL');
+            await exited(S.guacdExit, 5000);
+        }
+    }
     if (S.tmp) fs.rmSync(S.tmp, { recursive: true, force: true });
     // Chromium's helpers may take a moment to go.
     let left = [];
     for (let i = 0; i < 50; i++) {
         left = [];
         if (S.udd) left.push(...processes({ needle: S.udd }));
-        for (const [name, child] of [['exoagent', S.web], ['rig.py', S.rig]]) {
+        for (const [name, child] of [['exoagent', S.web], ['rig.py', S.rig], ['guacd-bullseye.sh', S.guacd]]) {
             if (child && alive(child.pid)) left.push(`${child.pid} ${name}`);
         }
         if (S.info) {
@@ -507,6 +631,7 @@ async function teardown() {
 // tears itself down when its stdin closes).
 process.on('exit', () => {
     if (S.web && S.web.exitCode === null && S.web.signalCode === null) S.web.kill('SIGKILL');
+    if (S.guacd && S.guacd.exitCode === null && S.guacd.signalCode === null) S.guacd.kill('SIGKILL');
     // The password file must not outlive the run.
     if (S.tmp) fs.rmSync(S.tmp, { recursive: true, force: true });
 });
@@ -516,6 +641,7 @@ process.on('exit', () => {
 process.once('SIGTERM', () => {
     if (S.web && S.web.exitCode === null && S.web.signalCode === null) S.web.kill('SIGTERM');
     if (S.rig && S.rig.stdin) S.rig.stdin.end();
+    if (S.guacd && S.guacd.exitCode === null && S.guacd.signalCode === null) S.guacd.kill('SIGTERM');
     if (S.udd) fs.rmSync(S.udd, { recursive: true, force: true });
     process.exit(143);
 });
@@ -527,7 +653,14 @@ before(async () => {
         assert.ok(fs.existsSync(file), `expected ${what} at ${file}; it is missing — run bash tests/browser/setup.sh`);
     }
     fs.mkdirSync(ARTIFACTS, { recursive: true });
+    if (BULLSEYE) {
+        await startBullseyeGuacd();
+        note(null, `guacd 1.3.0 (bullseye root) on ${EXTERNAL_GUACD} after ${secs(timings['guacd 1.3.0 up'])}`);
+    }
     await startRig();
+    S.guacdArgs = await guacdArgs(EXTERNAL_GUACD || `127.0.0.1:${S.info.peer_port}`, 'vnc');
+    note(null, `guacd says ${S.guacdArgs[0]}; its VNC plugin ${S.guacdArgs.includes('disable-display-resize') ? 'can' : 'cannot'} resize the remote display`);
+    if (BULLSEYE) assert.equal(S.guacdArgs[0], 'VERSION_1_3_0', `expected the bullseye guacd to speak VERSION_1_3_0, saw ${S.guacdArgs[0]}`);
     note(null, `rig up in ${secs(timings['rig up'])}: ssh :${S.info.ssh_port}, vnc :${S.info.vnc_port}, ${DOUBLE ? `peer :${S.info.peer_port}` : `external guacd ${EXTERNAL_GUACD}`}, display ${S.info.display}`);
     await startWeb();
     note(null, `exoagent guacamole-web healthy on :${S.port} after ${secs(timings['web side healthy'])}`);
@@ -939,6 +1072,183 @@ test('clipboard (desktop): the page\'s clipboard panel reaches the X clipboard a
         timings['clipboard: X clipboard to page'] = Date.now() - backStart;
         note(t, `desktop → browser clipboard in ${secs(Date.now() - backStart)}`);
         await page.screenshot({ path: path.join(ARTIFACTS, 'guacamole-clipboard.png') });
+    } finally {
+        await closePage(page);
+    }
+});
+
+test('resize (shell): a smaller window gives the real shell fewer columns and rows (stty size)', { timeout: 90000 }, async (t) => {
+    const tok = await token();
+    const page = await openClient(t, SHELL_ID, tok, 'resize-shell');
+    const tag = crypto.randomBytes(4).toString('hex');
+    const sizeIn = async (which) => {
+        const name = `exo browser stty ${which} ${tag}`;
+        const file = path.join(S.info.home, name);
+        S.createdFiles.push(file);
+        await page.keyboard.type(`stty size > '${name}'`, { delay: 10 });
+        await page.keyboard.press('Enter');
+        let text = null;
+        await waitFor(() => {
+            text = fs.existsSync(file) ? fs.readFileSync(file, 'utf8') : null;
+            return text && /^\d+ \d+\n$/.test(text);
+        }, { timeout: 10000, expected: `"rows cols" from stty in ${JSON.stringify(file)}`, seen: () => JSON.stringify(text) });
+        const [rows, cols] = text.trim().split(' ').map(Number);
+        return { rows, cols };
+    };
+    try {
+        await waitFor(async () => (await displayStats(page)).colours > 4, {
+            timeout: 15000, expected: 'a shell prompt on the display (> 4 colours)',
+            seen: async () => JSON.stringify(await displayStats(page)),
+        });
+        await settle(page, 500, 3000);
+        const before1 = await sizeIn('before');
+        const display1 = await displayStats(page);
+        const small = { width: 800, height: 480 };
+        const started = Date.now();
+        await page.setViewportSize(small);
+        // guacd resizes its terminal to the new display size and tells sshd (window-change).
+        await waitFor(async () => (await displayStats(page)).width === small.width, {
+            timeout: 10000, expected: `the terminal display ${small.width} px wide after the window became ${small.width}x${small.height}`,
+            seen: async () => JSON.stringify(await displayStats(page)),
+        });
+        await settle(page, 300, 3000);
+        const after1 = await sizeIn('after');
+        timings['resize (shell): window to stty'] = Date.now() - started;
+        assert.ok(after1.cols < before1.cols && after1.rows < before1.rows,
+            `expected fewer columns and rows after shrinking the window from ${display1.width}x${display1.height} to ${small.width}x${small.height}, saw ${JSON.stringify({ before: before1, after: after1 })}`);
+        const ratio = after1.cols / before1.cols;
+        assert.ok(Math.abs(ratio - small.width / display1.width) < 0.05,
+            `expected the columns to shrink with the width (${(small.width / display1.width).toFixed(3)}), saw ${ratio.toFixed(3)} (${JSON.stringify({ before: before1, after: after1 })})`);
+        await sleep(Math.max(0, 3000 - (Date.now() - started))); // past the page's follow check
+        const fixed = await page.evaluate(() => window.exoGuac.fixedSize);
+        assert.equal(fixed, false, 'expected no "keeps its size" notice for a terminal, which follows the window');
+        note(t, `stty size ${before1.rows}x${before1.cols} → ${after1.rows}x${after1.cols} after the window went ${display1.width}x${display1.height} → ${small.width}x${small.height}`);
+    } finally {
+        await closePage(page);
+    }
+});
+
+test('resize (desktop): the remote screen follows the window when guacd can resize it; otherwise it keeps its geometry and the page scales it to fit', { timeout: 120000 }, async (t) => {
+    const tok = await token();
+    const page = await openClient(t, DESKTOP_ID, tok, 'resize-desktop');
+    try {
+        await waitFor(async () => (await displayStats(page)).colours > 64, {
+            timeout: 30000, interval: 300, expected: 'the Xfce desktop drawn (> 64 distinct colours)',
+            seen: async () => JSON.stringify(await displayStats(page)),
+        });
+        const small = { width: 1000, height: 600 };
+        const started = Date.now();
+        await page.setViewportSize(small);
+        const layout = () => page.evaluate(() => {
+            const d = window.exoGuac.client.getDisplay();
+            const r = d.getElement().getBoundingClientRect();
+            return { width: d.getWidth(), height: d.getHeight(), scale: d.getScale(), left: r.left, top: r.top, right: r.right, bottom: r.bottom };
+        });
+        if (vncResizes()) {
+            // guacd 1.6 (and the double): SetDesktopSize; TigerVNC resizes the X screen.
+            let x = null;
+            await waitFor(async () => {
+                x = xScreen();
+                const l = await layout();
+                return x.width === small.width && x.height === small.height && l.width === small.width && l.height === small.height;
+            }, {
+                timeout: 15000, interval: 250, expected: `the X screen and the display at ${small.width}x${small.height}`,
+                seen: async () => JSON.stringify({ x, display: await layout() }),
+            });
+            timings['resize (desktop): window to X screen'] = Date.now() - started;
+            await sleep(3000); // past the page's follow check
+            const st = await page.evaluate(() => ({ fixedSize: window.exoGuac.fixedSize, notice: document.getElementById('notice').hidden ? null : document.getElementById('notice').textContent }));
+            assert.deepEqual(st, { fixedSize: false, notice: null }, `expected no "keeps its size" notice when the screen followed, saw ${JSON.stringify(st)}`);
+            note(t, `guacd ${S.guacdArgs[0]} resized the X screen to ${x.width}x${x.height} in ${secs(timings['resize (desktop): window to X screen'])}; no notice`);
+        } else {
+            // guacd 1.3.0: its VNC plugin has no display resize. The X screen keeps the
+            // geometry the server started with (the rig's Xtigervnc -geometry 1280x800, like
+            // [services.desktop] geometry), and the page scales the whole screen into the window.
+            const x0 = xScreen();
+            assert.deepEqual(x0, { width: 1280, height: 800 }, `expected the rig's X screen at its 1280x800 geometry, saw ${JSON.stringify(x0)}`);
+            await sleep(3000); // well past the page's 250 ms resize debounce and guacd's answer
+            const x = xScreen();
+            const l = await layout();
+            assert.deepEqual(x, x0, `expected guacd ${S.guacdArgs[0]} to leave the X screen at ${x0.width}x${x0.height}, saw ${JSON.stringify(x)}`);
+            assert.equal(`${l.width}x${l.height}`, `${x0.width}x${x0.height}`, `expected the display to stay ${x0.width}x${x0.height}, saw ${JSON.stringify(l)}`);
+            const fit = Math.min(small.width / x0.width, small.height / x0.height);
+            assert.ok(Math.abs(l.scale - fit) < 0.01, `expected the page to scale the screen to fit the window (${fit.toFixed(3)}), saw ${JSON.stringify(l)}`);
+            assert.ok(l.left >= -1 && l.top >= -1 && l.right <= small.width + 1 && l.bottom <= small.height + 1,
+                `expected the whole remote screen inside the ${small.width}x${small.height} window, saw ${JSON.stringify(l)}`);
+            // The page says so, once.
+            const st = await page.evaluate(() => ({ fixedSize: window.exoGuac.fixedSize, notice: document.getElementById('notice').hidden ? null : document.getElementById('notice').textContent }));
+            assert.deepEqual(st, { fixedSize: true, notice: FIXED_SIZE_MESSAGE }, `expected the page to say once that the screen keeps its size, saw ${JSON.stringify(st)}`);
+            note(t, `guacd ${S.guacdArgs[0]} cannot resize: X screen stays ${x.width}x${x.height}, the page scales it by ${l.scale.toFixed(3)} into ${small.width}x${small.height}`);
+        }
+        await page.screenshot({ path: path.join(ARTIFACTS, 'guacamole-resize-desktop.png') });
+    } finally {
+        await closePage(page);
+    }
+});
+
+test('abort (guacd 1.3.0): an sshd that refuses its host-key algorithms ends the session with guacd\'s error, logged with its status and shown on the page', {
+    timeout: 60000,
+    skip: BULLSEYE ? false : 'needs guacd 1.3.0 from bullseye (EXOAGENT_GUACD=bullseye): its libssh2 offers only ssh-rsa, which a stock OpenSSH refuses; the double (asyncssh) and guacd 1.6 do not fail there',
+}, async (t) => {
+    const tok = await token();
+    const page = await newPage('abort');
+    try {
+        const id = Buffer.from('shell-no-rsa\0c\0default').toString('base64url');
+        const started = Date.now();
+        await page.goto(`${S.base}/guacamole/#/client/${id}?token=${tok}`);
+        await waitFor(() => page.evaluate(() => window.exoGuac && window.exoGuac.state === 'error'), {
+            timeout: 30000, expected: "exoGuac.state === 'error' after guacd aborted the SSH session",
+            seen: () => pageState(page).then(JSON.stringify),
+        });
+        timings['abort: page to error'] = Date.now() - started;
+        const st = await pageState(page);
+        // guacd 1.3.0 logs "SSH handshake failed." and sends `error,Aborted. See logs.,515`
+        // (UPSTREAM_ERROR): the page's error comes from the remote side, not the tunnel.
+        assert.equal(st.lastError && st.lastError.code, 515, `expected lastError.code 515 from guacd's error, saw ${JSON.stringify(st)}`);
+        assert.equal(st.lastError.source, 'remote', `expected the error to come from guacd's error instruction, saw ${JSON.stringify(st.lastError)}`);
+        const shown = await page.locator('#status-text').innerText();
+        assert.equal(shown, 'The remote session reported an error and closed the connection.', `expected the page to show the upstream-error message, saw ${JSON.stringify(shown)} (${JSON.stringify(st)})`);
+        assert.ok(await page.locator('#status-text').isVisible(), 'expected the status message to be visible');
+        const detail = await page.locator('#status-detail').innerText();
+        assert.equal(detail, 'Guacamole status 515 — Aborted. See logs.', `expected the status and guacd's own message in the detail line, saw ${JSON.stringify(detail)}`);
+        await page.screenshot({ path: path.join(ARTIFACTS, 'guacamole-abort.png') });
+        const guacdLog = fs.readFileSync(path.join(ARTIFACTS, 'guacd.log'), 'utf8');
+        assert.match(guacdLog, /SSH handshake failed/, `expected guacd 1.3.0 to log "SSH handshake failed", saw:\n${guacdLog.slice(-2000)}`);
+        const logPath = path.join(ARTIFACTS, 'guacamole-web.log');
+        let lines = [];
+        await waitFor(() => {
+            lines = fs.readFileSync(logPath, 'utf8').split('\n').filter((l) => l.includes('connection=shell-no-rsa') || l.includes('guacd ended the session'));
+            return lines.some((l) => l.includes('tunnel closed') && l.includes('ended=Aborted(515)'));
+        }, { timeout: 10000, expected: 'the web side\'s "tunnel closed … ended=Aborted(515)" for shell-no-rsa', seen: () => JSON.stringify(lines) });
+        assert.ok(lines.some((l) => l.includes('guacd ended the session with an error') && l.includes('status=515') && l.includes('detail=Aborted. See logs.')),
+            `expected the web side to log guacd's error with status 515 and its message, saw ${JSON.stringify(lines)}`);
+        note(t, `guacd 1.3.0 aborted in ${secs(Date.now() - started)}: page "${shown}"; log: ${lines.filter((l) => l.includes('guacd ended')).map((l) => l.slice(l.indexOf('guacd ended'))).join(' | ')}`);
+    } finally {
+        await closePage(page);
+    }
+});
+
+test('abort (guacd 1.3.0, desktop): SFTP failing takes the whole desktop session with it (known limitation)', {
+    timeout: 60000,
+    skip: BULLSEYE ? false : 'needs guacd 1.3.0 from bullseye (EXOAGENT_GUACD=bullseye): see the abort test',
+}, async (t) => {
+    // The desktop connection always enables SFTP through the instance's sshd. With guacd 1.3.0
+    // a failed SFTP handshake aborts the whole VNC session, although the VNC server is fine.
+    // This asserts what happens today (docs/guacamole.md, "What differs between guacd
+    // versions"); a fix (offering SFTP only when it works) must change this test.
+    const tok = await token();
+    const page = await newPage('abort-desktop');
+    try {
+        const id = Buffer.from('desktop-no-rsa\0c\0default').toString('base64url');
+        await page.goto(`${S.base}/guacamole/#/client/${id}?token=${tok}`);
+        await waitFor(() => page.evaluate(() => window.exoGuac && window.exoGuac.state === 'error'), {
+            timeout: 30000, expected: "exoGuac.state === 'error': guacd 1.3.0 aborts the desktop when its SFTP handshake fails",
+            seen: () => pageState(page).then(JSON.stringify),
+        });
+        const st = await pageState(page);
+        assert.equal(st.lastError && st.lastError.code, 515, `expected guacd's 515, saw ${JSON.stringify(st)}`);
+        assert.equal(st.lastError.source, 'remote', `expected guacd's error instruction, saw ${JSON.stringify(st.lastError)}`);
+        note(t, `desktop with SFTP to an sshd without ssh-rsa: ${st.status} (${st.detail})`);
     } finally {
         await closePage(page);
     }

@@ -10,8 +10,8 @@ that contains spaces, as Exosphere's are), a private OpenSSH sshd on a free loop
 TigerVNC ``Xtigervnc`` + an Xfce session as that user, and ``guacd_peer.py`` (the guacd test
 double). Once everything listens it prints ONE JSON line on stdout:
 
-    {"user", "home", "password", "ssh_port", "vnc_port", "vnc_password", "peer_port",
-     "events", "display", "tmp"}
+    {"user", "home", "password", "ssh_port", "ssh_port_no_rsa", "vnc_port", "vnc_password",
+     "peer_port", "events", "display", "tmp"}
 
 then waits until its stdin is closed (or SIGTERM/SIGINT/SIGHUP) and tears everything down
 (``Rig.teardown``: every process of the run ended, the account locked again). Files in the
@@ -21,6 +21,13 @@ stderr), 3 when a process of the run was still alive after the teardown.
 
 ``--no-peer`` leaves the double out (a real guacd elsewhere serves the tests): ``peer_port``
 and ``events`` are then ``null``.
+
+``--ssh-rsa`` gives the sshd an RSA host key and ``HostKeyAlgorithms +ssh-rsa``: only for guacd
+1.3.0 from Debian 11, whose libssh2 (libgcrypt build) offers no other host-key algorithm that
+OpenSSH >= 8.8 accepts by default (see ``Rig.sshd``). Ubuntu's guacd 1.3.0 links a libssh2 built
+against OpenSSL and needs no such thing: the tests pass it only for the bullseye guacd. It also
+starts a second sshd without ssh-rsa, as OpenSSH ships, whose port is ``ssh_port_no_rsa``
+(``null`` otherwise): that guacd's SSH handshake fails there.
 
 ``EXOGUAC_ARTIFACTS=DIR`` keeps the servers' logs and the peer's events log there (test_peer's
 behaviour). Diagnostics go to stderr; stdout carries the JSON line only.
@@ -84,8 +91,8 @@ def on_signal(signum, _frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if any(a != "--no-peer" for a in args):
-        err(f"unknown arguments {args!r} (only --no-peer)")
+    if any(a not in ("--no-peer", "--ssh-rsa") for a in args):
+        err(f"unknown arguments {args!r} (only --no-peer, --ssh-rsa)")
         return 1
     with_peer = "--no-peer" not in args
     if os.geteuid() != 0:
@@ -102,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rig = Rig()
     rig.password = passphrase()
+    rig.ssh_rsa = "--ssh-rsa" in args
     status = 0
     try:
         try:
@@ -109,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
             rig.user()
             remove_leftovers(rig.home)
             rig.sshd()
+            # With --ssh-rsa, a second sshd as OpenSSH ships (no ssh-rsa): guacd 1.3.0 from
+            # bullseye cannot do its SSH handshake there and aborts the session (the abort test).
+            ssh_port_no_rsa = rig.sshd("sshd-no-rsa", ssh_rsa=False) if rig.ssh_rsa else None
             rig.desktop()
             if with_peer:
                 rig.peer()
@@ -130,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             "home": rig.home,
             "password": rig.password,
             "ssh_port": rig.ssh_port,
+            "ssh_port_no_rsa": ssh_port_no_rsa,
             "vnc_port": rig.vnc_port,
             "vnc_password": rig.vnc_password,
             "peer_port": rig.peer_port if with_peer else None,

@@ -168,6 +168,8 @@ class Rig:
         self.pw = None
         self.home = ""
         self.created_files: list[str] = []
+        # For guacd 1.3.0 (Debian 11's, Ubuntu 22.04/24.04's): see sshd().
+        self.ssh_rsa = False
 
     # -- user
     def user(self) -> None:
@@ -209,18 +211,36 @@ class Rig:
         return proc
 
     # -- sshd
-    def sshd(self) -> None:
+    def sshd(self, name: str = "sshd", ssh_rsa: bool | None = None) -> int:
+        """Starts a private sshd (``name``: its directory, log and process name) and returns its
+        port; the first one's is ``self.ssh_port``. ``ssh_rsa`` defaults to ``self.ssh_rsa``."""
         t = time.monotonic()
-        d = os.path.join(self.tmp, "sshd")
+        ssh_rsa = self.ssh_rsa if ssh_rsa is None else ssh_rsa
+        d = os.path.join(self.tmp, name)
         os.makedirs(d, mode=0o700)
         key = os.path.join(d, "ssh_host_ed25519_key")
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key], check=True)
-        self.ssh_port = free_port()
+        host_keys = f"HostKey {key}\n"
+        if ssh_rsa:
+            # guacd 1.3.0 from Debian 11 links libssh2 1.9.0 built against libgcrypt, which
+            # offers only ssh-rsa and ssh-dss host keys; OpenSSH >= 8.8 refuses ssh-rsa (SHA-1
+            # signatures) by default, so guacd's SSH and SFTP handshakes fail. Only for that
+            # guacd: an RSA host key and ssh-rsa allowed again. Ubuntu's libssh2 is built
+            # against OpenSSL and offers modern host keys, so Ubuntu instances need no such
+            # thing; this is a difference of the test's guacd build, not something exoagent
+            # must configure on instances.
+            rsa = os.path.join(d, "ssh_host_rsa_key")
+            subprocess.run(["ssh-keygen", "-q", "-t", "rsa", "-b", "3072", "-N", "", "-f", rsa],
+                           check=True)
+            host_keys += f"HostKey {rsa}\nHostKeyAlgorithms +ssh-rsa\n"
+        port = free_port()
+        if name == "sshd":
+            self.ssh_port = port
         cfg = os.path.join(d, "sshd_config")
         with open(cfg, "w") as f:
             f.write(f"""# exoagent guacd_peer self-test: a private sshd, loopback only
-ListenAddress 127.0.0.1:{self.ssh_port}
-HostKey {key}
+ListenAddress 127.0.0.1:{port}
+{host_keys.rstrip()}
 PidFile {d}/sshd.pid
 PasswordAuthentication yes
 KbdInteractiveAuthentication no
@@ -236,9 +256,10 @@ Subsystem sftp internal-sftp
 """)
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation dir
         subprocess.run(["/usr/sbin/sshd", "-t", "-f", cfg], check=True)
-        self.spawn("sshd", ["/usr/sbin/sshd", "-D", "-e", "-f", cfg])
-        wait_tcp(self.ssh_port, 10, b"SSH-2.0-")
-        self.timings["sshd ready"] = time.monotonic() - t
+        self.spawn(name, ["/usr/sbin/sshd", "-D", "-e", "-f", cfg])
+        wait_tcp(port, 10, b"SSH-2.0-")
+        self.timings[f"{name} ready"] = time.monotonic() - t
+        return port
 
     # -- TigerVNC + Xfce
     def desktop(self) -> None:

@@ -243,8 +243,9 @@ impl Drop for Sandbox {
     }
 }
 
-/// `tests/guacamole/guacd_peer.py`, the guacd test double (guacd cannot be installed here), on
-/// a free loopback port; killed on drop. Needs the venv `tests/guacamole/setup.sh` makes.
+/// `tests/guacamole/guacd_peer.py`, the guacd test double (for guacd 1.5/1.6 behaviour and
+/// faults; [`RealGuacd`] is the real guacd 1.3.0), on a free loopback port; killed on drop.
+/// Needs the venv `tests/guacamole/setup.sh` makes.
 pub struct GuacdPeer {
     child: Child,
     /// Its port on 127.0.0.1.
@@ -303,6 +304,83 @@ impl GuacdPeer {
 
 impl Drop for GuacdPeer {
     fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A real guacd 1.3.0 (Debian 11's packages, the version Ubuntu 22.04/24.04 instances get) on a
+/// free loopback port, run by `tests/guacamole/guacd-bullseye.sh` from its cached bullseye root
+/// (built on first use, ~40 s; as root) in its own PID and mount namespaces. Killed on drop,
+/// with every per-connection process it forked (the namespace ends with it).
+pub struct RealGuacd {
+    child: Child,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl RealGuacd {
+    /// Starts it and waits until it answers `select,ssh` with `args` (at most 3 minutes, for a
+    /// first build of the root); panics with its log otherwise.
+    pub fn start() -> Self {
+        use std::io::{Read, Write};
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("guacd.log");
+        let port = free_port();
+        let child = Command::new("bash")
+            .arg(repo_root().join("tests/guacamole/guacd-bullseye.sh"))
+            .arg("run")
+            .arg(port.to_string())
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&log).unwrap())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut guacd = Self {
+            child,
+            port,
+            log,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            if let Ok(Some(status)) = guacd.child.try_wait() {
+                panic!("guacd-bullseye.sh exited {status}:\n{}", guacd.log());
+            }
+            let answer = std::net::TcpStream::connect(("127.0.0.1", port)).and_then(|mut s| {
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                s.write_all(b"6.select,3.ssh;")?;
+                // "4.args,13.VERSION_1_3_0," is 24 bytes.
+                let mut buf = [0u8; 24];
+                s.read_exact(&mut buf)?;
+                Ok(String::from_utf8_lossy(&buf).into_owned())
+            });
+            match answer {
+                Ok(args) if args == "4.args,13.VERSION_1_3_0," => return guacd,
+                Ok(other) => panic!("expected guacd 1.3.0's args, saw {other:?}"),
+                Err(_) => {}
+            }
+            assert!(
+                Instant::now() < deadline,
+                "guacd 1.3.0 did not answer on 127.0.0.1:{port}:\n{}",
+                guacd.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// What guacd logged so far (it logs to stderr).
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for RealGuacd {
+    fn drop(&mut self) {
+        // SIGKILL to the script: setpriv's parent-death signal ends unshare, whose
+        // --kill-child ends guacd's PID namespace.
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

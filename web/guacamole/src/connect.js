@@ -70,3 +70,19 @@ export function optimalSize(cssWidth, cssHeight, pixelRatio = 1) {
         dpi: Math.floor(96 * ratio),
     };
 }
+
+/** Shown once per page when the remote screen does not follow the window (guacd 1.3.0's VNC). */
+export const FIXED_SIZE_MESSAGE = 'This desktop keeps its own screen size (the Guacamole server cannot resize it); the page scales it to fit the window.';
+
+/**
+ * Whether the remote display kept its size after the page asked for another one: guacd whose
+ * VNC plugin cannot resize the remote screen (guacd 1.3.0) leaves it as it was. 1 px of slack
+ * for rounding.
+ * @param {{ width: number, height: number }} requested
+ * @param {{ width: number, height: number }} actual
+ */
+export function keptItsSize(requested, actual) {
+    if (!actual.width || !actual.height)
+        return false;
+    return Math.abs(requested.width - actual.width) > 1 || Math.abs(requested.height - actual.height) > 1;
+}

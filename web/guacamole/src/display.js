@@ -1,9 +1,12 @@
 // Owns the remote display: mounting it, fitting it to the window, sending resizes, mouse and touch input.
 import Guacamole from 'guacamole-common-js';
-import { optimalSize } from './connect.js';
-import { releaseFocus } from './ui.js';
+import { FIXED_SIZE_MESSAGE, keptItsSize, optimalSize } from './connect.js';
+import { exo } from './state.js';
+import { releaseFocus, showNotice } from './ui.js';
 
 const RESIZE_DEBOUNCE_MS = 250;
+/** How long the remote side gets to follow a resize before the page says it did not. */
+const RESIZE_FOLLOW_MS = 2500;
 
 /**
  * @param {object} p
@@ -71,14 +74,26 @@ export function setupDisplay({ viewport, container, getClient }) {
     container.addEventListener('touchstart', releaseFocus, { passive: true });
 
     let resizeTimer = null;
+    let followTimer = null;
     window.addEventListener('resize', () => {
         fit();
         clearTimeout(resizeTimer);
+        clearTimeout(followTimer);
         resizeTimer = setTimeout(() => {
             const client = getClient();
             if (client) {
-                const { width, height } = currentSize();
-                client.sendSize(width, height);
+                const requested = currentSize();
+                client.sendSize(requested.width, requested.height);
+                // A remote screen that cannot follow (guacd 1.3.0's VNC plugin has no display
+                // resize) stays as it is and is scaled to fit: say so, once per page.
+                followTimer = setTimeout(() => {
+                    if (exo.fixedSize || getClient() !== client || !display)
+                        return;
+                    if (keptItsSize(requested, { width: display.getWidth(), height: display.getHeight() })) {
+                        exo.fixedSize = true;
+                        showNotice(FIXED_SIZE_MESSAGE, 10000);
+                    }
+                }, RESIZE_FOLLOW_MS);
             }
         }, RESIZE_DEBOUNCE_MS);
     });

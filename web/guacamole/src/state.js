@@ -30,6 +30,8 @@ export const exo = {
     filesystems: [],
     /** @type {Array<{ id: number, direction: 'upload' | 'download', name: string, state: 'pending' | 'active' | 'done' | 'error', bytes: number, size: number | null, error: string | null }>} */
     transfers: [],
+    /** true once the page said the remote screen keeps its size (it does not follow the window) */
+    fixedSize: false,
     /** the guacamole-common-js namespace, for tests */
     Guacamole,
 };

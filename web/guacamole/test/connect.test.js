@@ -1,7 +1,7 @@
 // Tests the tunnel URL and the connect data sent to the server.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { buildConnectString, optimalSize, tunnelUrlFor } from '../src/connect.js';
+import { buildConnectString, keptItsSize, optimalSize, tunnelUrlFor } from '../src/connect.js';
 
 test('tunnel URL sits next to the page and follows http/https', () => {
     assert.equal(
@@ -49,4 +49,15 @@ test('optimal size uses device pixels and scales the DPI', () => {
     assert.deepEqual(optimalSize(1000, 700), { width: 1000, height: 700, dpi: 96 });
     assert.deepEqual(optimalSize(1000.5, 700, 2), { width: 2001, height: 1400, dpi: 192 });
     assert.deepEqual(optimalSize(0, 0, 0), { width: 1, height: 1, dpi: 96 });
+});
+
+test('a remote screen that kept its size after a resize is told apart from one that followed', () => {
+    // guacd 1.3.0: the X screen stays at its geometry.
+    assert.equal(keptItsSize({ width: 1000, height: 600 }, { width: 1280, height: 800 }), true);
+    assert.equal(keptItsSize({ width: 1000, height: 600 }, { width: 1000, height: 800 }), true);
+    // guacd 1.6 or a terminal: it followed (1 px of rounding allowed).
+    assert.equal(keptItsSize({ width: 1000, height: 600 }, { width: 1000, height: 600 }), false);
+    assert.equal(keptItsSize({ width: 1001, height: 600 }, { width: 1000, height: 599 }), false);
+    // Nothing drawn yet: no verdict.
+    assert.equal(keptItsSize({ width: 1000, height: 600 }, { width: 0, height: 0 }), false);
 });

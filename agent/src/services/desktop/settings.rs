@@ -28,7 +28,7 @@ pub struct DesktopSettings {
     pub port: u16,
     /// Xfce or GNOME.
     pub environment: DesktopEnvironment,
-    /// Initial screen size; the browser resizes it.
+    /// Screen size at start; guacd 1.6 resizes it to the browser window, guacd 1.3.0 cannot.
     pub geometry: (u16, u16),
     /// Which VNC server.
     pub vnc_server: VncServerChoice,

@@ -125,6 +125,10 @@ pub async fn relay(
     if let Err(ended) = forward_to_browser(&mut from_guacd, &mut socket, &mut aborted).await {
         return finish(socket, ended, aborted).await;
     }
+    if aborted.is_some() {
+        let _ = guacd_write.write_all(b"10.disconnect;").await;
+        return finish(socket, Ended::ByGuacd, aborted).await;
+    }
 
     let ended = loop {
         tokio::select! {
@@ -136,6 +140,14 @@ pub async fn relay(
                         forward_to_browser(&mut from_guacd, &mut socket, &mut aborted).await
                     {
                         break ended;
+                    }
+                    // guacd's `error` means the session is over. guacd 1.3.0 still keeps the
+                    // connection (sending `nop`s) until the client disconnects or its 15 s
+                    // "User is not responding" timeout, then sends a second error (776): end
+                    // it now, as the stock client does on `error`.
+                    if aborted.is_some() {
+                        let _ = guacd_write.write_all(b"10.disconnect;").await;
+                        break Ended::ByGuacd;
                     }
                 }
             },
