@@ -35,18 +35,38 @@ fn post_form(base: &str, body: String) -> (u16, serde_json::Value) {
     (status, response.json().unwrap_or(serde_json::Value::Null))
 }
 
-#[test]
-fn the_agent_runs_the_web_side_and_the_tunnel_relays_to_guacd() {
-    let peer = GuacdPeer::start();
-    let closed_ssh_port = free_port();
+/// A sandbox agent running Guacamole (the `shell` connection only) against the guacd at
+/// `guacd_port` and the sshd at `ssh_port`, started and `complete`; with its final status.
+fn shell_sandbox(guacd_port: u16, ssh_port: u16) -> (Sandbox, serde_json::Value) {
     let mut sandbox = Sandbox::new(&format!(
         "[services.guacamole]\nenabled = true\nport = @PORT@\nbind = \"127.0.0.1\"\n\
-         guacd = \"external\"\nguacd_address = \"127.0.0.1:{}\"\nssh_port = {closed_ssh_port}\n",
-        peer.port
+         guacd = \"external\"\nguacd_address = \"127.0.0.1:{guacd_port}\"\nssh_port = {ssh_port}\n"
     ))
     .with_start_args(&["--no-fixture-identity"]);
     sandbox.start_agent();
     let status = sandbox.wait_complete(120);
+    (sandbox, status)
+}
+
+/// `exoagent logs guacamole` once it contains `text` (or after 10 s, for the assertion to
+/// show what it holds).
+fn web_side_log_once_it_holds(sandbox: &Sandbox, text: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = sandbox.cli(&["logs", "guacamole", "-n", "1000"]);
+        let logs = String::from_utf8_lossy(&out.stdout).into_owned();
+        if logs.contains(text) || std::time::Instant::now() > deadline {
+            return logs;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn the_agent_runs_the_web_side_and_the_tunnel_relays_to_guacd() {
+    let peer = GuacdPeer::start();
+    let closed_ssh_port = free_port();
+    let (sandbox, status) = shell_sandbox(peer.port, closed_ssh_port);
     assert_eq!(status["services"][0]["service"], "guacamole", "{status}");
     assert_eq!(status["services"][0]["state"], "ready", "{status}");
 
@@ -210,15 +230,7 @@ fn the_agent_runs_the_web_side_and_the_tunnel_relays_to_guacd() {
     }
 
     // `exoagent logs guacamole` shows the forged name escaped, on the refusal's own line.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let logs = loop {
-        let out = sandbox.cli(&["logs", "guacamole", "-n", "1000"]);
-        let logs = String::from_utf8_lossy(&out.stdout).into_owned();
-        if logs.contains("FORGED") || std::time::Instant::now() > deadline {
-            break logs;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let logs = web_side_log_once_it_holds(&sandbox, "FORGED");
     let lines: Vec<&str> = logs.lines().filter(|l| l.contains("FORGED")).collect();
     assert_eq!(lines.len(), 1, "{logs}");
     assert!(
@@ -251,15 +263,8 @@ fn the_agent_runs_the_web_side_and_the_tunnel_relays_to_guacd() {
 fn the_agent_runs_the_web_side_against_the_real_guacd_1_3_0() {
     let guacd = RealGuacd::start();
     let closed_ssh_port = free_port();
-    let mut sandbox = Sandbox::new(&format!(
-        "[services.guacamole]\nenabled = true\nport = @PORT@\nbind = \"127.0.0.1\"\n\
-         guacd = \"external\"\nguacd_address = \"127.0.0.1:{}\"\nssh_port = {closed_ssh_port}\n",
-        guacd.port
-    ))
-    .with_start_args(&["--no-fixture-identity"]);
     let started = std::time::Instant::now();
-    sandbox.start_agent();
-    let status = sandbox.wait_complete(120);
+    let (sandbox, status) = shell_sandbox(guacd.port, closed_ssh_port);
     assert_eq!(status["services"][0]["state"], "ready", "{status}");
     eprintln!(
         "guacamole ready against guacd 1.3.0 after {:.2} s",
@@ -350,15 +355,7 @@ fn the_agent_runs_the_web_side_against_the_real_guacd_1_3_0() {
         "guacd 1.3.0 refused the web side's handshake:\n{log}"
     );
 
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let logs = loop {
-        let out = sandbox.cli(&["logs", "guacamole", "-n", "1000"]);
-        let logs = String::from_utf8_lossy(&out.stdout).into_owned();
-        if logs.contains("tunnel closed") || std::time::Instant::now() > deadline {
-            break logs;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let logs = web_side_log_once_it_holds(&sandbox, "tunnel closed");
     let errors: Vec<&str> = logs
         .lines()
         .filter(|l| l.contains("guacd ended the session with an error"))
