@@ -412,6 +412,10 @@ def one_run(variant, userdata, image_dir, key_name, key_file, env, round_no):
                     nova = time.monotonic() - started
             if answering is not None and (not exo or (complete is not None and nova is not None)):
                 break
+            # Reporting that never comes must not cost the whole budget: 120 s after answering.
+            if exo and answering is not None and now - started > answering + 120:
+                vm_test.say(f"{variant}: no console complete or Nova tags 120 s after answering")
+                break
             if now > deadline:
                 raise vm_test.Failure(f"{variant}: not ready after {BUDGET[variant]} s "
                                       f"(answering {answering}, complete {complete}, "
@@ -446,6 +450,10 @@ def one_run(variant, userdata, image_dir, key_name, key_file, env, round_no):
             record.update({f"agent_{k}": v for k, v in notes.items()})
             if offset is not None:
                 phases.update({k: round(offset + v, 1) for k, v in guest.items()})
+                # The agent's whole log, seconds from QEMU's start (for reading the gaps).
+                record["agent_log"] = [
+                    f"{offset + guest_seconds(e):.2f} {message(e).strip()}" for e in entries
+                    if e.get("_SYSTEMD_UNIT") == "exoagent.service"][:300]
         except vm_test.Failure as error:
             record["journal_error"] = str(error)
         for seen, text in list(watcher.lines):
