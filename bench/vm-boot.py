@@ -47,6 +47,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -500,7 +501,7 @@ def phase_row(run):
     return {k: v for k, v in row.items() if v is not None}
 
 
-def report(runs, args, wanted_runs, notes):
+def report(runs, args, wanted_runs, notes, when=None):
     by = {v: [r for r in runs if r["variant"] == v and "answering_s" in r] for v in VARIANTS}
     med = {v: (stats([r["answering_s"] for r in rs]) or (None,))[0] for v, rs in by.items()}
     lines = [
@@ -508,7 +509,7 @@ def report(runs, args, wanted_runs, notes):
         "",
         f"Run: `python3 bench/vm-boot.py --runs {wanted_runs} --variants "
         f"{','.join(args.variants)}{' --record' if args.record else ''}`, "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. QEMU under software emulation "
+        f"{when or time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. QEMU under software emulation "
         "(TCG, 2 vCPUs, 2 GiB; this machine's nested KVM is unusable) on a "
         f"{os.cpu_count()}-CPU host, Debian 12 images from tests/vm/build-image.sh, real "
         "cloud-init with the OpenStack datasource from the harness's nova-metadata. Runs "
@@ -609,11 +610,22 @@ def main():
     parser.add_argument("--record", action="store_true",
                         help="write bench/results/vm-boot.md and vm-boot-runs.json")
     parser.add_argument("--out", help="also write the runs as JSON here, after every run")
+    parser.add_argument("--from-json", metavar="FILE",
+                        help="boot nothing: report the runs saved in FILE (--out, or "
+                             "vm-boot-runs.json); --runs and --variants say what was asked")
     args = parser.parse_args()
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown or not args.variants:
         parser.error(f"unknown variants {unknown}; choose from {VARIANTS}")
+    if args.from_json:
+        runs = json.loads(Path(args.from_json).read_text())
+        dates = sorted(r["date"] for r in runs if r.get("date"))
+        when = (f"{dates[0][:16].replace('T', ' ')}–{dates[-1][11:16]} UTC" if dates else None)
+        finish(runs, args, [], when)
+        return
+    # SIGTERM stops like Ctrl-C: the run in progress is cleaned up, the rest reported.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     if harness.main(["up"]) != 0:
         raise SystemExit("the OpenStack harness did not come up")
     exoagent, deb = vm_test.binary()
@@ -693,6 +705,11 @@ def main():
         harness.http("DELETE", f"{harness.COMPUTE}/os-keypairs/{key_name}", demo_token())
         shutil.rmtree(work, ignore_errors=True)
 
+    finish(runs, args, notes)
+
+
+def finish(runs, args, notes, when=None):
+    """Notes from the runs, the report printed, and with --record written."""
     done = {v: sum(1 for r in runs if r["variant"] == v and "answering_s" in r)
             for v in args.variants}
     missing = {v: args.runs - n for v, n in done.items() if n < args.runs}
@@ -717,7 +734,7 @@ def main():
         "Times under software emulation are several times those on real hardware; the "
         "outside-load columns say how busy the rest of the machine was.",
     ]
-    text = report(runs, args, args.runs, notes)
+    text = report(runs, args, args.runs, notes, when)
     print(text)
     if args.record:
         previous = ("Previous record (2026-11-29, one sample each, fixed order, 5 s polling, "
