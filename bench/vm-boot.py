@@ -566,6 +566,36 @@ def report(runs, args, wanted_runs, notes, when=None):
             f"{', '.join('–' if o[3] is None else f'{o[3]:+.1f}' for o in overheads)} s "
             "(answering is polled every 1 s, so these differences carry ±1 s).",
             ""]
+        steps = ["cloud-init network stage done", "agent started", "agent configuration valid",
+                 "installed", "configured", "spawned"]
+        gaps = []
+        for a, b in zip(steps, steps[1:]):
+            values = [phase_row(r)[b] - phase_row(r)[a] for r in baked
+                      if a in phase_row(r) and b in phase_row(r)]
+            if values:
+                gaps.append(f"→ {b} +{statistics.median(values):.1f}")
+        if gaps:
+            lines += ["Where that time goes (medians, from the journal): network stage done "
+                      + ", ".join(gaps) + " s.", ""]
+    columns = [("kernel start", ["kernel start"]),
+               ("cloud-init network stage done", ["cloud-init network stage done"]),
+               ("agent / script start", ["agent started", "start"]),
+               ("apt done", ["apt-done"]), ("uv fetched", ["uv fetched", "uv-fetched"]),
+               ("install done", ["installed"]), ("JupyterLab spawned", ["spawned"]),
+               ("answering", ["answering"]), ("console complete", ["complete"]),
+               ("Nova tags", ["Nova"])]
+    lines += ["Median phase times, seconds from QEMU's start (per-run values below):", "",
+              "| variant | " + " | ".join(c for c, _ in columns) + " |",
+              "|---|" + "---|" * len(columns)]
+    for v in args.variants:
+        rows = [phase_row(r) for r in by[v]]
+        cells = []
+        for _, keys in columns:
+            values = [next((row[k] for k in keys if k in row), None) for row in rows]
+            stat = stats(values)
+            cells.append("–" if stat is None else f"{stat[0]:.1f}")
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    lines.append("")
     lines += ["## Per run", "",
               "Outside load: share of all CPUs busy with anything but this run's QEMU over the "
               "run (/proc/stat minus QEMU's utime+stime); loadavg (1-min) before → after "
