@@ -289,13 +289,16 @@ def fetch_journal(key_file, port, vm):
     while True:
         result = ssh(key_file, port,
                      "sudo -n journalctl -b -o json --no-pager --output-fields="
-                     + JOURNAL_FIELDS + "; echo; echo '----analyze'; systemd-analyze || true")
+                     + JOURNAL_FIELDS + "; echo; echo '----analyze'; systemd-analyze || true;"
+                     " echo '----ps'; ps -eo pid,etime,time,args --sort=-time | head -12")
         if result.returncode == 0:
             break
         if time.monotonic() > deadline or vm.process.poll() is not None:
             raise vm_test.Failure(f"no journal over SSH: {result.stderr.strip()[-300:]}")
         time.sleep(3)
     text, _, analyze = result.stdout.partition("----analyze")
+    # The guest's biggest CPU users over the boot (who competed with the install).
+    analyze = analyze.replace("----ps", "").strip()
     entries = []
     for line in text.splitlines():
         if line.startswith("{"):
