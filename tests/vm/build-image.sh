@@ -6,7 +6,13 @@
 # OUT/root.raw (ext4, no partition table), OUT/vmlinuz, OUT/initrd.img.
 #
 #   bash tests/vm/build-image.sh OUT EXOAGENT_DEB
-#   bash tests/vm/build-image.sh OUT --stock     # the same image without exoagent (benchmarks)
+#   bash tests/vm/build-image.sh OUT --stock     # a plain Debian cloud image (benchmarks)
+#
+# --stock mirrors Debian's genericcloud image: no exoagent, and none of what is baked below for
+# the tests (python3-venv, python3-pip, the Exosphere base packages, git); python3 (cloud-init
+# depends on it), curl, ca-certificates, sudo and cron are there, as in Debian's image. Like
+# that image it has no apt lists (mmdebstrap's cleanup removes them): an apt step at boot
+# starts with `apt-get update`. The host's CA bundle and pip.conf stay (the site's CA).
 set -euo pipefail
 out=${1:?usage: build-image.sh OUT EXOAGENT_DEB|--stock}
 agent_hooks=()
@@ -27,6 +33,10 @@ out=$(realpath "$out")
 rootfs="$out/rootfs"
 rm -rf "$rootfs" "$out/root.raw"
 packages=linux-image-cloud-amd64,systemd-sysv,udev,dbus,initramfs-tools,cloud-init,openssh-server
+if [ "$2" = "--stock" ]; then
+  packages+=,ifupdown,isc-dhcp-client,iproute2,ca-certificates,curl,sudo,python3
+  packages+=,locales,passwd,procps,cron
+else
 packages+=,ifupdown,isc-dhcp-client,iproute2,ca-certificates,curl,sudo,python3-venv,python3-pip
 packages+=,locales,passwd,procps
 # Exosphere's base-setup packages, which the agent installs for Exosphere's template only when
@@ -34,6 +44,7 @@ packages+=,locales,passwd,procps
 packages+=,haveged,gnupg,cron,zip
 # git, which the agent installs for a workflow when missing: baked for the same reason.
 packages+=,git
+fi
 mmdebstrap --mode=root --variant=minbase --include="$packages" \
   --customize-hook='install -m 0644 /etc/ssl/certs/ca-certificates.crt "$1/usr/local/share/ca-certificates/build-host-bundle.crt"' \
   --customize-hook='chroot "$1" update-ca-certificates >/dev/null' \

@@ -325,7 +325,8 @@ def server_password(token, server):
 class Scenario:
     """One server of the harness and the VM that boots as it."""
 
-    def __init__(self, name, env, token, userdata, metadata=None):
+    def __init__(self, name, env, token, userdata, metadata=None, server_fields=None):
+        """server_fields: more of the create request (a `key_name`, say)."""
         self.env, self.token = env, token
         self.run_dir = Path(tempfile.mkdtemp(prefix=f"exoagent-vm-{name}-"))
         server = {"name": f"exoagent-vm-{name}", "imageRef": env["image_id"],
@@ -333,6 +334,7 @@ class Scenario:
                   "user_data": base64.b64encode(userdata).decode()}
         if metadata:
             server["metadata"] = metadata
+        server.update(server_fields or {})
         status, _, body = harness.http("POST", f"{harness.COMPUTE}/servers", token,
                                        {"server": server})
         if status != 202:

@@ -444,12 +444,11 @@ mod tests {
         assert_eq!(fetched.ready.len(), 1);
         assert_eq!(fetched.refused.len(), 1);
         let batch = install_batch(&installer, &fetched, &os).await.unwrap();
-        assert_eq!(batch, ["python3".into(), "python3-venv".into()]);
+        // python3-venv only for pip: uv (the default, `auto`) makes the venv without it.
+        assert_eq!(batch, ["python3".into()]);
         let log = std::fs::read_to_string(&calls).unwrap();
-        assert!(
-            log.contains("apt-get") && log.contains("python3-venv"),
-            "{log}"
-        );
+        assert!(log.contains("apt-get") && log.contains("python3"), "{log}");
+        assert!(!log.contains("python3-venv"), "{log}");
         assert!(!log.contains("r-base"), "R went into the batch:\n{log}");
         assert!(
             !log.contains(".deb"),
@@ -519,7 +518,6 @@ mod tests {
             batch.iter().map(ToString::to_string).collect::<Vec<_>>(),
             [
                 "python3".to_owned(),
-                "python3-venv".into(),
                 "r-base".into(),
                 deb.display().to_string()
             ]
@@ -534,7 +532,7 @@ mod tests {
         assert_eq!(
             installs,
             [format!(
-                "apt-get -y -q -o DPkg::Lock::Timeout=600 install --no-install-recommends -- python3 python3-venv r-base {}",
+                "apt-get -y -q -o DPkg::Lock::Timeout=600 install --no-install-recommends -- python3 r-base {}",
                 deb.display()
             )],
             "{log}"

@@ -695,7 +695,10 @@ async fn prepare_service(
         }
     }
     service.install(ctx).await?;
-    service.configure(ctx, passphrase).await
+    tracing::info!(target: "exoagent::agent", service = service.kind().as_str(), "installed");
+    service.configure(ctx, passphrase).await?;
+    tracing::info!(target: "exoagent::agent", service = service.kind().as_str(), "configured");
+    Ok(())
 }
 
 /// Move `kind` to `next`. A refused transition means the steps ran out of order (a bug, not a

@@ -21,6 +21,7 @@ use crate::fsutil;
 use crate::model::ServiceKind;
 use crate::platform::exec::find_on_path;
 use crate::platform::os::{Family, Os};
+use crate::platform::packages::{PackageInstaller, PackageItem, PackageSettings};
 use crate::platform::passphrase::{argon2_hash, argon2_verify, Passphrase};
 use link::LinkToken;
 use crate::platform::uv::{self, UvSource, UV_VERSION};
@@ -214,6 +215,28 @@ impl JupyterLab {
         }
     }
 
+    /// On Debian and Ubuntu, python3-venv (ensurepip, which `python -m venv` needs) when pip
+    /// took over from uv: left out of the batch then ([`ServiceImpl::system_packages`]), so
+    /// installed here, only when missing. The sandbox installs nothing.
+    async fn ensure_python_venv(&self, ctx: &ServiceContext) -> Result<(), ServiceError> {
+        if self.family != Family::Debian
+            || self.settings.installer == PythonInstaller::Pip
+            || ctx.paths.system_root != Path::new("/")
+        {
+            return Ok(());
+        }
+        let installer = PackageInstaller::new(self.family.package_manager(), &PackageSettings::default());
+        installer
+            .install(&[PackageItem::Named("python3-venv".into())])
+            .await
+            .map(drop)
+            .map_err(|e| ServiceError::Refused {
+                service: ServiceKind::JupyterLab,
+                reason: e.reason(),
+                detail: e.to_string(),
+            })
+    }
+
     /// Build (or reuse) the workflow's environment; see [`workflow::build`].
     async fn install_workflow(
         &self,
@@ -317,10 +340,17 @@ impl ServiceImpl for JupyterLab {
         lab
     }
 
-    /// System packages the venv needs, batched with every other service's.
+    /// System packages the venv needs, batched with every other service's. On Debian and
+    /// Ubuntu python3-venv (ensurepip) only when pip makes the venv: uv makes it without, so a
+    /// stock cloud image needs no package transaction for JupyterLab (a fallback to pip
+    /// installs it then, see [`Self::ensure_python_venv`]). A workflow's builds may fall back
+    /// to pip as the instance user, so they keep it in the batch.
     fn system_packages(&self, os: &Os) -> Vec<String> {
+        let needs_venv_module =
+            self.settings.installer == PythonInstaller::Pip || self.settings.workflow.is_some();
         let mut packages: Vec<String> = match os.family {
-            Family::Debian => vec!["python3".into(), "python3-venv".into()],
+            Family::Debian if needs_venv_module => vec!["python3".into(), "python3-venv".into()],
+            Family::Debian => vec!["python3".into()],
             // EL 8/9 ship 3.6/3.9 as python3; JupyterLab needs 3.10+, AppStream has 3.11.
             Family::RedHat => vec!["python3.11".into()],
         };
@@ -445,6 +475,7 @@ impl ServiceImpl for JupyterLab {
                 .await?;
             }
             None => {
+                self.ensure_python_venv(ctx).await?;
                 run_logged(ServiceKind::JupyterLab, &[&python, "-m", "venv", &venv_s]).await?;
                 run_logged(
                     ServiceKind::JupyterLab,
@@ -631,6 +662,18 @@ mod tests {
             cfg["PasswordIdentityProvider"]["hashed_password"],
             "argon2:$argon2id$x"
         );
+    }
+
+    #[test]
+    fn python3_venv_is_asked_for_only_when_pip_makes_the_venv() {
+        let os = crate::agent::fixtures::debian12();
+        let auto = JupyterLab::new(JupyterLabSettings::default());
+        assert_eq!(auto.system_packages(&os), ["python3"]);
+        let pip = JupyterLab::new(JupyterLabSettings {
+            installer: PythonInstaller::Pip,
+            ..JupyterLabSettings::default()
+        });
+        assert_eq!(pip.system_packages(&os), ["python3", "python3-venv"]);
     }
 
     #[test]
