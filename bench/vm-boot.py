@@ -680,14 +680,7 @@ def main():
     sha256 = hashlib.sha256((served / "exoagent").read_bytes()).hexdigest()
 
     # Nova reporting through the access-rule-restricted credential, as the VM test does.
-    credential = env["app_credentials"]["agent-tags"]
-    clouds = work / "clouds.yaml"
-    clouds.write_text(
-        "clouds:\n  openstack:\n    auth_type: v3applicationcredential\n    auth:\n"
-        f"      auth_url: {env['keystone_url_from_vm']}\n"
-        f"      application_credential_id: {credential['id']}\n"
-        f"      application_credential_secret: {credential['secret']}\n"
-        "    region_name: RegionOne\n    interface: admin\n")
+    clouds = vm_test.write_agent_clouds_yaml(env, work / "clouds.yaml")
     common = ["userdata", "--no-os-updates", "--clouds-yaml", str(clouds),
               "--cloud-name", "openstack"]
     version, wheel, wheel_sha = uv_pin()

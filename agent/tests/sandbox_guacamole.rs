@@ -48,6 +48,17 @@ fn shell_sandbox(guacd_port: u16, ssh_port: u16) -> (Sandbox, serde_json::Value)
     (sandbox, status)
 }
 
+/// A WebSocket to the tunnel at `url`, with the `guacamole` subprotocol as the page asks.
+async fn open_tunnel(
+    url: String,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    let mut request = url.into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("sec-websocket-protocol", "guacamole".parse().unwrap());
+    tokio_tungstenite::connect_async(request).await.unwrap().0
+}
+
 /// `exoagent logs guacamole` once it contains `text` (or after 10 s, for the assertion to
 /// show what it holds).
 fn web_side_log_once_it_holds(sandbox: &Sandbox, text: &str) -> String {
@@ -111,16 +122,10 @@ fn the_agent_runs_the_web_side_and_the_tunnel_relays_to_guacd() {
         let plain = tokio_tungstenite::connect_async(url.clone()).await;
         assert!(plain.is_err(), "a tunnel without the guacamole subprotocol was accepted");
 
-        let open = |url: String| async move {
-            let mut request = url.into_client_request().unwrap();
-            request
-                .headers_mut()
-                .insert("sec-websocket-protocol", "guacamole".parse().unwrap());
-            tokio_tungstenite::connect_async(request).await.unwrap().0
-        };
+
 
         // An unknown token: closed with 769 (CLIENT_UNAUTHORIZED) as the reason.
-        let mut socket = open(url.replace(&token, "nope")).await;
+        let mut socket = open_tunnel(url.replace(&token, "nope")).await;
         let reason = loop {
             match socket.next().await {
                 Some(Ok(Message::Close(Some(frame)))) => break frame.reason.to_string(),
@@ -132,7 +137,7 @@ fn the_agent_runs_the_web_side_and_the_tunnel_relays_to_guacd() {
 
         // A forged log line in the connection name: the refusal is logged on one line.
         let forged = format!("{ws_base}/guacamole/websocket-tunnel?token=nope&GUAC_ID=x%0AFORGED%20line&GUAC_TYPE=c&GUAC_DATA_SOURCE=default");
-        let mut socket = open(forged).await;
+        let mut socket = open_tunnel(forged).await;
         while let Some(Ok(message)) = socket.next().await {
             if message.is_close() {
                 break;
@@ -140,7 +145,7 @@ fn the_agent_runs_the_web_side_and_the_tunnel_relays_to_guacd() {
         }
 
         // The real thing.
-        let mut socket = open(format!("{url}&GUAC_WIDTH=800&GUAC_HEIGHT=600&GUAC_DPI=96&GUAC_IMAGE=image%2Fpng&GUAC_TIMEZONE=UTC")).await;
+        let mut socket = open_tunnel(format!("{url}&GUAC_WIDTH=800&GUAC_HEIGHT=600&GUAC_DPI=96&GUAC_IMAGE=image%2Fpng&GUAC_TIMEZONE=UTC")).await;
         let first = match socket.next().await {
             Some(Ok(Message::Text(text))) => text.to_string(),
             other => panic!("expected the tunnel UUID, got {other:?}"),
@@ -289,11 +294,7 @@ fn the_agent_runs_the_web_side_against_the_real_guacd_1_3_0() {
     let opened = std::time::Instant::now();
     let (messages, reason) = runtime.block_on(async {
         let url = format!("{ws_base}/guacamole/websocket-tunnel?token={token}&GUAC_ID=shell&GUAC_TYPE=c&GUAC_DATA_SOURCE=default&GUAC_WIDTH=800&GUAC_HEIGHT=600&GUAC_DPI=96&GUAC_IMAGE=image%2Fpng&GUAC_TIMEZONE=UTC");
-        let mut request = url.into_client_request().unwrap();
-        request
-            .headers_mut()
-            .insert("sec-websocket-protocol", "guacamole".parse().unwrap());
-        let mut socket = tokio_tungstenite::connect_async(request).await.unwrap().0;
+        let mut socket = open_tunnel(url).await;
         let first = match socket.next().await {
             Some(Ok(Message::Text(text))) => text.to_string(),
             other => panic!("expected the tunnel UUID, got {other:?}"),
@@ -488,11 +489,7 @@ fn a_shell_through_the_real_guacd_1_3_0_runs_what_is_typed() {
     let started = std::time::Instant::now();
     let seen = runtime.block_on(async {
         let url = format!("ws://127.0.0.1:{web_port}/guacamole/websocket-tunnel?token={token}&GUAC_ID=shell&GUAC_TYPE=c&GUAC_DATA_SOURCE=default&GUAC_WIDTH=1024&GUAC_HEIGHT=768&GUAC_DPI=96&GUAC_IMAGE=image%2Fpng&GUAC_TIMEZONE=UTC");
-        let mut request = url.into_client_request().unwrap();
-        request
-            .headers_mut()
-            .insert("sec-websocket-protocol", "guacamole".parse().unwrap());
-        let mut socket = tokio_tungstenite::connect_async(request).await.unwrap().0;
+        let mut socket = open_tunnel(url).await;
         let mut decoder = Decoder::new();
         let mut seen = Vec::new();
         let mut typed = false;

@@ -1190,6 +1190,19 @@ def exosphere_userdata(exoagent, key_file, workflow_url):
     return userdata.encode()
 
 
+def write_agent_clouds_yaml(env, path):
+    """A clouds.yaml (cloud `openstack`) with the harness's access-rule-restricted application
+    credential, as the guest reaches Keystone; returns `path`."""
+    credential = env["app_credentials"]["agent-tags"]
+    path.write_text(
+        "clouds:\n  openstack:\n    auth_type: v3applicationcredential\n    auth:\n"
+        f"      auth_url: {env['keystone_url_from_vm']}\n"
+        f"      application_credential_id: {credential['id']}\n"
+        f"      application_credential_secret: {credential['secret']}\n"
+        "    region_name: RegionOne\n    interface: admin\n")
+    return path
+
+
 def main():
     parser = argparse.ArgumentParser(description="exoagent in a real VM")
     parser.add_argument("--keep", action="store_true", help="leave the run directories")
@@ -1205,15 +1218,8 @@ def main():
     config = json.loads(harness.SECRETS_FILE.read_text())
     token, _ = harness.token_for(harness.password_auth("demo", config["passwords"]["demo"]),
                                  harness.project_scope("demo"))
-    credential = env["app_credentials"]["agent-tags"]
     work = Path(tempfile.mkdtemp(prefix="exoagent-vm-userdata-"))
-    clouds = work / "clouds.yaml"
-    clouds.write_text(
-        "clouds:\n  openstack:\n    auth_type: v3applicationcredential\n    auth:\n"
-        f"      auth_url: {env['keystone_url_from_vm']}\n"
-        f"      application_credential_id: {credential['id']}\n"
-        f"      application_credential_secret: {credential['secret']}\n"
-        "    region_name: RegionOne\n    interface: admin\n")
+    clouds = write_agent_clouds_yaml(env, work / "clouds.yaml")
     userdata = subprocess.run(
         [str(exoagent), "userdata", "--clouds-yaml", str(clouds), "--cloud-name", "openstack",
          "--no-os-updates"], check=True, stdout=subprocess.PIPE).stdout
