@@ -13,7 +13,10 @@ export EXOAGENT_REQUIRE_CLIENT_PAGE=1
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 # Licences, banned crates and sources (deny.toml). Offline: the advisory database lives on
-# GitHub, which CI cannot reach, and these three checks need nothing from the network.
+# GitHub, which CI cannot reach. cargo-deny reads the metadata of every crate in the lock file,
+# those of other platforms too (windows-sys, …), which the build never downloads: fetch them
+# first from crates.io (a second or two), or a machine with a cold registry fails here.
+cargo fetch --locked
 cargo deny --offline check --hide-inclusion-graph licenses bans sources
 # Real Keystone, Nova, Neutron, Glance and Placement (idempotent; ~1–2 min from nothing). A
 # stack this run started is stopped again at the end; one already running is left alone.
