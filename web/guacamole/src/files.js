@@ -1,5 +1,6 @@
 // Owns the small SFTP file browser: lists folders of a filesystem object, downloads and uploads files.
 import Guacamole from 'guacamole-common-js';
+import { filesUnavailableMessage } from './connect.js';
 import { exo } from './state.js';
 import { readJson } from './text-stream.js';
 
@@ -151,6 +152,8 @@ export function setupFiles({ panel, transfers }) {
         opened() {
             if (current)
                 list(path);
+            else if (exo.filesUnavailable)
+                message(filesUnavailableMessage(exo.filesUnavailable.status, exo.filesUnavailable.message));
             else
                 message('No filesystem is available on this connection.');
         },
