@@ -1274,6 +1274,8 @@ test('desktop with failing SFTP: the session is reopened without file transfer, 
         await waitFor(() => page.locator('#menu').isVisible(), { timeout: 5000, expected: 'the menu open' });
         const panel = await page.locator('#menu').innerText();
         assert.ok(panel.includes('File transfer is off for this session'), `expected the files panel to say why there are no files, saw ${JSON.stringify(panel)}`);
+        const enabled = await page.evaluate(() => Array.from(document.querySelectorAll('#files-panel button')).filter((b) => !b.disabled).map((b) => b.textContent));
+        assert.deepEqual(enabled, [], `expected no upload or browse button to be offered without file transfer, saw ${JSON.stringify(enabled)}`);
         await page.screenshot({ path: path.join(ARTIFACTS, 'guacamole-desktop-sftp-fails.png') });
         const logPath = path.join(ARTIFACTS, 'guacamole-web.log');
         let lines = [];

@@ -29,6 +29,12 @@ export function setupFiles({ panel, transfers }) {
         select.replaceChildren(...filesystems.map((fs, i) => new Option(fs.name, String(i), false, fs === current)));
     }
 
+    /** Enables or disables every button of the panel (off while file transfer is). */
+    function setButtons(enabled) {
+        for (const button of panel.querySelectorAll('button'))
+            button.disabled = !enabled;
+    }
+
     function message(text) {
         const li = document.createElement('li');
         li.className = 'fs-message';
@@ -127,6 +133,7 @@ export function setupFiles({ panel, transfers }) {
         attach(client) {
             filesystems = [];
             current = null;
+            setButtons(true);
             publish();
             message('No filesystem offered yet.');
             client.onfilesystem = (object, name) => {
@@ -152,8 +159,11 @@ export function setupFiles({ panel, transfers }) {
         opened() {
             if (current)
                 list(path);
-            else if (exo.filesUnavailable)
+            else if (exo.filesUnavailable) {
+                // Nothing to browse or upload into for this session: say why, offer nothing.
+                setButtons(false);
                 message(filesUnavailableMessage(exo.filesUnavailable.status, exo.filesUnavailable.message));
+            }
             else
                 message('No filesystem is available on this connection.');
         },
