@@ -185,6 +185,8 @@ fn the_agent_runs_the_web_side_and_the_tunnel_relays_to_guacd() {
         let all = messages.join("");
         assert!(all.contains("5.error,"), "{all}");
         assert_eq!(reason, "0", "{all}");
+        // A terminal follows the window: the page is told so.
+        assert_eq!(messages.first().map(String::as_str), Some("8.exoagent,7.display,7.resizes;"), "{all}");
     });
 
     // The handshake was done server-side with the connection's parameters.
@@ -346,6 +348,8 @@ fn the_agent_runs_the_web_side_against_the_real_guacd_1_3_0() {
             .unwrap_or_else(|e| panic!("split instruction in {message:?}: {e}"));
     }
     let all = messages.join("");
+    // guacd 1.3.0 names no `disable-display-resize` for ssh, and needs none: a terminal follows.
+    assert!(all.contains("8.exoagent,7.display,7.resizes;"), "{all}");
     // guacd 1.3.0's own words: it could not reach the SSH server.
     assert!(all.contains("5.error,") && all.contains(",3.519;"), "{all}");
     assert_eq!(reason, "0", "{all}");
@@ -765,6 +769,240 @@ async fn silent_guacd() -> u16 {
         }
     });
     port
+}
+
+/// What a scripted guacd saw of one session: the `connect` arguments by `args` name, and
+/// whether the tunnel sent `disconnect`.
+#[derive(Debug, Default, Clone)]
+struct ScriptedSession {
+    connect: std::collections::BTreeMap<String, String>,
+    disconnected: bool,
+}
+
+/// A guacd stand-in that plays guacd 1.3.0's VNC plugin for the desktop's SFTP: `args` as
+/// 1.3.0 names them (no `disable-display-resize`), `ready`, then — when `enable-sftp` is
+/// `true` — `error,Aborted. See logs.,<abort_status>` and the connection kept open (as 1.3.0
+/// does until the client disconnects), else the first drawing (`size`) and the session held.
+/// `abort_message` replaces 1.3.0's generic message (1.5+ send guacd's own words). Returns its
+/// port and what it saw, session by session.
+async fn sftp_aborting_guacd(
+    abort_message: &'static str,
+    abort_status: u16,
+) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<ScriptedSession>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const NAMES: [&str; 8] = [
+        "hostname",
+        "port",
+        "read-only",
+        "password",
+        "enable-sftp",
+        "sftp-hostname",
+        "sftp-port",
+        "sftp-password",
+    ];
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let sessions = std::sync::Arc::new(std::sync::Mutex::new(Vec::<ScriptedSession>::new()));
+    let seen_by_all = sessions.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let sessions = seen_by_all.clone();
+            tokio::spawn(async move {
+                let mut decoder = Decoder::new();
+                let mut buffer = [0u8; 4096];
+                let mut index = None;
+                loop {
+                    let Ok(n) = stream.read(&mut buffer).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    decoder.push(&buffer[..n]);
+                    while let Some(Ok(instruction)) = decoder.next_instruction() {
+                        match instruction.opcode.as_str() {
+                            "select" => {
+                                let args =
+                                    exoagent::services::guacamole::protocol::Instruction::new(
+                                        "args",
+                                        std::iter::once("VERSION_1_3_0").chain(NAMES),
+                                    );
+                                stream.write_all(args.encode().as_bytes()).await.unwrap();
+                            }
+                            "connect" => {
+                                let connect: std::collections::BTreeMap<_, _> = NAMES
+                                    .iter()
+                                    .map(|n| (*n).to_owned())
+                                    .zip(instruction.args.iter().skip(1).cloned())
+                                    .collect();
+                                let sftp =
+                                    connect.get("enable-sftp").map(String::as_str) == Some("true");
+                                index = Some({
+                                    let mut all = sessions.lock().unwrap();
+                                    all.push(ScriptedSession {
+                                        connect,
+                                        disconnected: false,
+                                    });
+                                    all.len() - 1
+                                });
+                                let mut out = String::from(
+                                    "5.ready,37.$aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee;3.nop;",
+                                );
+                                if sftp {
+                                    let status = abort_status.to_string();
+                                    out.push_str(
+                                        &exoagent::services::guacamole::protocol::Instruction::new(
+                                            "error",
+                                            [abort_message, status.as_str()],
+                                        )
+                                        .encode(),
+                                    );
+                                } else {
+                                    out.push_str("4.size,1.0,4.1280,3.800;");
+                                }
+                                stream.write_all(out.as_bytes()).await.unwrap();
+                            }
+                            "disconnect" => {
+                                if let Some(i) = index {
+                                    sessions.lock().unwrap()[i].disconnected = true;
+                                }
+                                return;
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (port, sessions)
+}
+
+/// The in-process web side with one `desktop` connection (VNC with SFTP beside it, as the
+/// agent writes it) against the guacd at `guacd`; its address and a token.
+async fn desktop_web_side(guacd: u16) -> (std::net::SocketAddr, String, tempfile::TempDir) {
+    use exoagent::services::guacamole::web::{serve, WebState};
+    use exoagent::services::guacamole::web_config::WebConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let config: WebConfig = serde_json::from_value(serde_json::json!({
+        "listen": "127.0.0.1:0",
+        "guacd": format!("127.0.0.1:{guacd}"),
+        "username": "exouser",
+        "password_file": dir.path().join("passphrase"),
+        "session_timeout_s": 3600,
+        "connections": {"desktop": {"protocol": "vnc", "parameters": {
+            "hostname": "127.0.0.1", "port": "5901", "password": "${GUAC_PASSWORD}",
+            "enable-sftp": "true", "sftp-hostname": "127.0.0.1", "sftp-port": "22",
+            "sftp-username": "exouser", "sftp-password": "${GUAC_PASSWORD}"}}},
+        "trusted_proxies": [],
+    }))
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(serve(
+        listener,
+        WebState::new(config, "right words".to_owned()),
+        std::future::pending::<()>(),
+    ));
+    let token: serde_json::Value = reqwest::Client::new()
+        .post(format!("http://{addr}/guacamole/api/tokens"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("username=exouser&password=right words")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    (addr, token["authToken"].as_str().unwrap().to_owned(), dir)
+}
+
+/// Every text message of a desktop tunnel until `until` is among them, the tunnel closes, or
+/// 10 s pass; with the close reason if it closed.
+async fn desktop_messages(
+    addr: std::net::SocketAddr,
+    token: &str,
+    until: &str,
+) -> (Vec<String>, Option<String>) {
+    let mut socket = open_tunnel(format!(
+        "ws://{addr}/guacamole/websocket-tunnel?token={token}&GUAC_ID=desktop&GUAC_TYPE=c&GUAC_DATA_SOURCE=default&GUAC_WIDTH=800&GUAC_HEIGHT=600"
+    ))
+    .await;
+    let mut messages = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), socket.next()).await {
+            Ok(Some(Ok(Message::Text(text)))) => {
+                let done = text.contains(until);
+                messages.push(text.to_string());
+                if done {
+                    return (messages, None);
+                }
+            }
+            Ok(Some(Ok(Message::Close(frame)))) => {
+                return (
+                    messages,
+                    Some(frame.map(|f| f.reason.to_string()).unwrap_or_default()),
+                )
+            }
+            Ok(Some(Ok(_))) => {}
+            _ => return (messages, None),
+        }
+    }
+}
+
+/// guacd (every version from 1.3.0 to 1.6.0) aborts a whole VNC session when the SFTP beside it
+/// fails, before drawing anything. The web side then reopens the session once without SFTP
+/// and tells the page that file transfer is off; the page never sees the abort. Scripted
+/// guacd (the sequence of 1.3.0's VNC plugin), because the decision is the web side's: the
+/// same happens against the real guacd 1.3.0 in `tests/browser/guacamole.test.mjs`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_desktop_whose_sftp_fails_is_reopened_without_file_transfer() {
+    let (guacd, sessions) = sftp_aborting_guacd("Aborted. See logs.", 515).await;
+    let (addr, token, _dir) = desktop_web_side(guacd).await;
+    let (messages, closed) = desktop_messages(addr, &token, "4.size,").await;
+    let all = messages.join("");
+    assert_eq!(closed, None, "the tunnel closed: {all}");
+    assert!(messages[0].starts_with("0.,36."), "{all}");
+    // guacd 1.3.0's VNC plugin cannot resize the remote screen: the page is told.
+    assert_eq!(messages[1], "8.exoagent,7.display,5.fixed;", "{all}");
+    assert!(
+        all.contains("8.exoagent,5.files,11.unavailable,3.515,18.Aborted. See logs.;"),
+        "{all}"
+    );
+    assert!(!all.contains("5.error,"), "the page saw the abort: {all}");
+    assert!(all.ends_with("4.size,1.0,4.1280,3.800;"), "{all}");
+    let sessions = sessions.lock().unwrap().clone();
+    assert_eq!(sessions.len(), 2, "{sessions:?}");
+    assert_eq!(sessions[0].connect["enable-sftp"], "true");
+    assert_eq!(sessions[0].connect["sftp-password"], "right words");
+    assert!(
+        sessions[0].disconnected,
+        "the aborted session was not disconnected: {sessions:?}"
+    );
+    assert_eq!(sessions[1].connect["enable-sftp"], "false");
+    assert_eq!(
+        sessions[1].connect["sftp-password"], "",
+        "SFTP settings dropped"
+    );
+    assert_eq!(sessions[1].connect["password"], "right words");
+}
+
+/// The VNC server itself unreachable (guacd's own "Unable to connect to VNC server.") is not
+/// SFTP's fault: no second attempt, the page gets guacd's error. And a session that fails the
+/// second time too ends with that second error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_an_abort_before_drawing_that_may_be_sftp_is_retried_and_only_once() {
+    let (guacd, sessions) = sftp_aborting_guacd("Unable to connect to VNC server.", 519).await;
+    let (addr, token, _dir) = desktop_web_side(guacd).await;
+    let (messages, closed) = desktop_messages(addr, &token, "4.size,").await;
+    let all = messages.join("");
+    assert_eq!(closed.as_deref(), Some("0"), "{all}");
+    assert!(
+        all.contains("5.error,32.Unable to connect to VNC server.,3.519;"),
+        "{all}"
+    );
+    assert!(!all.contains("5.files"), "{all}");
+    assert_eq!(sessions.lock().unwrap().len(), 1);
 }
 
 /// A text frame that is not UTF-8 ends the tunnel with a WebSocket close carrying

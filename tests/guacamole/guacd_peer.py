@@ -36,7 +36,9 @@ What it implements
     mouse -> PointerEvent, key -> KeyEvent (Guacamole keysyms are X11 keysyms);
     ServerCutText -> ``clipboard`` stream, ``clipboard`` stream -> ClientCutText (Latin-1, as
     RFB defines). With ``enable-sftp``: SFTP (asyncssh) to sftp-hostname/port/username/password
-    (or sftp-private-key) exposed as a ``filesystem`` object.
+    (or sftp-private-key) exposed as a ``filesystem`` object, connected after the VNC server and
+    before the display is sized, as guacd does; if it fails the whole session is aborted
+    (``error`` before any drawing), as every guacd from 1.3.0 to 1.6.0 does.
   * ``ssh``: password or private-key auth (optional ``host-key`` check), a PTY sized from the
     display size, dpi and ``font-size`` (default 12 pt), the login shell or ``command``;
     ``terminal-type`` (default ``linux``), ``backspace``, ``color-scheme`` (gray-black,
@@ -1172,8 +1174,9 @@ class VncSession(Session):
         self.rfb_ready = True
         self.conn.event("upstream_connected", protocol="vnc", host=host, port=port,
                         width=self.width, height=self.height, desktop=self.name)
-        self.display.set_size(self.width, self.height)
         if truthy(p.get("enable-sftp")):
+            # As guac_vnc_client_thread (src/protocols/vnc/vnc.c, 1.3.0 to 1.6.0): SFTP after
+            # the VNC server, before the display exists; any failure aborts the whole session.
             try:
                 sftp_conn = await ssh_connect(
                     p.get("sftp-hostname") or host, int_or(p.get("sftp-port"), 22),
@@ -1181,13 +1184,19 @@ class VncSession(Session):
                     p.get("sftp-private-key"), p.get("sftp-passphrase"),
                     p.get("sftp-host-key"), float(int_or(p.get("sftp-timeout"), 10) or 10),
                     int_or(p.get("sftp-server-alive-interval"), 0))
-                self._sftp_conn = sftp_conn
+            except UpstreamError as e:
+                self.conn.event("sftp_failed", error=str(e))
+                raise
+            self._sftp_conn = sftp_conn
+            try:
                 self.fs = await SftpFilesystem.open(
                     self.conn, sftp_conn, p.get("sftp-root-directory") or "/",
                     p.get("sftp-directory") or p.get("sftp-root-directory") or None,
                     truthy(p.get("sftp-disable-download")), truthy(p.get("sftp-disable-upload")))
-            except Exception as e:  # noqa: BLE001 - guacd keeps the desktop without SFTP
+            except Exception as e:  # noqa: BLE001 - guacd: "SFTP connection failed."
                 self.conn.event("sftp_failed", error=str(e))
+                raise UpstreamError("SFTP connection failed.", UPSTREAM_ERROR) from None
+        self.display.set_size(self.width, self.height)
         self.spawn(self._run())
 
     async def _rfb_handshake(self, password: str) -> None:

@@ -897,6 +897,25 @@ async def run_checks(rig: Rig) -> None:
                                       "password": "wrongpw1"})
         await expect_error("bad-vnc", wrong_vnc, "769")
 
+    async with check("vnc: SFTP that fails aborts the whole session before drawing (as guacd)"):
+        # guac_vnc_client_thread connects SFTP after the VNC server and before the display
+        # exists, and aborts on failure: ready, then error (no size, no img), then disconnect.
+        holder = {}
+
+        async def sftp_refused(b):
+            holder["client"] = b
+            await b.handshake("vnc", {
+                "hostname": "127.0.0.1", "port": str(rig.vnc_port), "password": rig.vnc_password,
+                "enable-sftp": "true", "sftp-hostname": "127.0.0.1", "sftp-port": str(free_port()),
+                "sftp-username": USER, "sftp-password": rig.password})
+            await b.wait(lambda: b.find("ready"), 5, "ready")
+        err = await expect_error("vnc-sftp-refused", sftp_refused, "519")
+        ops = [i[0] for i in holder["client"].log]
+        assert "size" not in ops[:ops.index("error")] and "img" not in ops, ops
+        events = [e for e in rig.read_events() if e["event"] == "sftp_failed"]
+        assert events, "no sftp_failed event"
+        log(f"vnc with SFTP to a closed port: {err}")
+
     async with check("no password is ever written to the events log"):
         with open(rig.events) as f:
             text = f.read()

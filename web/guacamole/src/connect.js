@@ -86,3 +86,34 @@ export function keptItsSize(requested, actual) {
         return false;
     return Math.abs(requested.width - actual.width) > 1 || Math.abs(requested.height - actual.height) > 1;
 }
+
+/** Opcode of the web side's own instruction to this page (what a session can do); a stock
+ * guacamole-common-js client ignores it. */
+export const NOTICE_OPCODE = 'exoagent';
+
+/**
+ * Reads the web side's instruction: `display,resizes|fixed` (whether the remote screen follows
+ * the window, from guacd's `args`) or `files,unavailable,<status>,<message>` (guacd could not
+ * open SFTP beside the desktop; the web side reopened the session without it).
+ * @param {string[]} args
+ * @returns {{ kind: 'display', resizes: boolean } | { kind: 'files-unavailable', status: number | null, message: string } | null}
+ */
+export function parseNotice(args) {
+    if (args[0] === 'display' && (args[1] === 'resizes' || args[1] === 'fixed'))
+        return { kind: 'display', resizes: args[1] === 'resizes' };
+    if (args[0] === 'files' && args[1] === 'unavailable') {
+        const status = /^\d+$/.test(args[2] || '') ? Number(args[2]) : null;
+        return { kind: 'files-unavailable', status, message: args[3] || '' };
+    }
+    return null;
+}
+
+/**
+ * What the page says when file transfer is off for the session.
+ * @param {number | null} status guacd's status code
+ * @param {string} message guacd's message
+ */
+export function filesUnavailableMessage(status, message) {
+    const why = [status !== null ? `status ${status}` : '', message].filter(Boolean).join(': ');
+    return `File transfer is off for this session: the Guacamole server could not open SFTP to this machine's SSH server${why ? ` (${why})` : ''}. The desktop works without it.`;
+}

@@ -84,6 +84,14 @@ export function setupDisplay({ viewport, container, getClient }) {
             if (client) {
                 const requested = currentSize();
                 client.sendSize(requested.width, requested.height);
+                // The web side said this guacd cannot resize the remote screen: no need to wait.
+                if (exo.displayResizes === false) {
+                    if (!exo.fixedSize) {
+                        exo.fixedSize = true;
+                        showNotice(FIXED_SIZE_MESSAGE, 10000);
+                    }
+                    return;
+                }
                 // A remote screen that cannot follow (guacd 1.3.0's VNC plugin has no display
                 // resize) stays as it is and is scaled to fit: say so, once per page.
                 followTimer = setTimeout(() => {

@@ -1,5 +1,6 @@
 // Owns the small SFTP file browser: lists folders of a filesystem object, downloads and uploads files.
 import Guacamole from 'guacamole-common-js';
+import { filesUnavailableMessage } from './connect.js';
 import { exo } from './state.js';
 import { readJson } from './text-stream.js';
 
@@ -26,6 +27,12 @@ export function setupFiles({ panel, transfers }) {
         panel.dataset.filesystems = String(filesystems.length);
         select.hidden = filesystems.length < 2;
         select.replaceChildren(...filesystems.map((fs, i) => new Option(fs.name, String(i), false, fs === current)));
+    }
+
+    /** Enables or disables every button of the panel (off while file transfer is). */
+    function setButtons(enabled) {
+        for (const button of panel.querySelectorAll('button'))
+            button.disabled = !enabled;
     }
 
     function message(text) {
@@ -126,6 +133,7 @@ export function setupFiles({ panel, transfers }) {
         attach(client) {
             filesystems = [];
             current = null;
+            setButtons(true);
             publish();
             message('No filesystem offered yet.');
             client.onfilesystem = (object, name) => {
@@ -151,6 +159,11 @@ export function setupFiles({ panel, transfers }) {
         opened() {
             if (current)
                 list(path);
+            else if (exo.filesUnavailable) {
+                // Nothing to browse or upload into for this session: say why, offer nothing.
+                setButtons(false);
+                message(filesUnavailableMessage(exo.filesUnavailable.status, exo.filesUnavailable.message));
+            }
             else
                 message('No filesystem is available on this connection.');
         },

@@ -1,9 +1,9 @@
 // Entry point: reads the link, then wires the session, display, keyboard, clipboard, files and the menu.
-import { tunnelUrlFor } from './connect.js';
+import { filesUnavailableMessage, tunnelUrlFor } from './connect.js';
 import { parseClientLocation } from './route.js';
 import { BAD_LINK_MESSAGE, NO_TOKEN_MESSAGE } from './status.js';
 import { exo, setLastError, setState } from './state.js';
-import { releaseFocus, showStatus, toggleMenu } from './ui.js';
+import { releaseFocus, showNotice, showStatus, toggleMenu } from './ui.js';
 import { setupDisplay } from './display.js';
 import { setupKeyboard } from './keyboard.js';
 import { setupClipboard } from './clipboard.js';
@@ -127,6 +127,10 @@ function start() {
         e.preventDefault();
         dragDepth = 0;
         $('drop-hint').hidden = true;
+        if (exo.filesUnavailable) {
+            showNotice(filesUnavailableMessage(exo.filesUnavailable.status, exo.filesUnavailable.message), 15000);
+            return;
+        }
         for (const file of e.dataTransfer.files)
             transfers.upload(file);
     });

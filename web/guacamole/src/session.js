@@ -1,6 +1,6 @@
 // Owns the tunnel/client lifecycle: connecting, classifying closes, status updates and reconnects.
 import Guacamole from 'guacamole-common-js';
-import { buildConnectString } from './connect.js';
+import { buildConnectString, filesUnavailableMessage, NOTICE_OPCODE, parseNotice } from './connect.js';
 import { supportedAudioTypes, supportedImageTypes, supportedVideoTypes } from './media.js';
 import { createReconnectPolicy } from './reconnect-policy.js';
 import { describeStatus, SESSION_ENDED_MESSAGE } from './status.js';
@@ -113,6 +113,17 @@ export function createSession({ token, identifier, tunnelUrl, getSize, onClient,
         s.tunnel = tunnel;
         s.client = client;
         exo.client = client;
+        exo.displayResizes = null;
+        exo.filesUnavailable = null;
+
+        // The web side's own instruction: read here, then handed on like every other (the
+        // client ignores its opcode but counts the traffic for its keep-alive).
+        const handleInstruction = tunnel.oninstruction;
+        tunnel.oninstruction = (opcode, parameters) => {
+            if (opcode === NOTICE_OPCODE && s === current)
+                notice(parseNotice(parameters));
+            handleInstruction(opcode, parameters);
+        };
 
         tunnel.onuuid = (uuid) => { exo.tunnelUuid = uuid; };
         tunnel.onerror = (st) => { s.error = s.error || { status: st, source: 'tunnel' }; };
@@ -149,6 +160,18 @@ export function createSession({ token, identifier, tunnelUrl, getSize, onClient,
                 source: 'tunnel',
             };
             finish(s);
+        }
+    }
+
+    /** What the web side said about the current session. */
+    function notice(n) {
+        if (!n)
+            return;
+        if (n.kind === 'display') {
+            exo.displayResizes = n.resizes;
+        } else if (n.kind === 'files-unavailable') {
+            exo.filesUnavailable = { status: n.status, message: n.message };
+            showNotice(filesUnavailableMessage(n.status, n.message), 15000);
         }
     }
 

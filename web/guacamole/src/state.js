@@ -32,6 +32,12 @@ export const exo = {
     transfers: [],
     /** true once the page said the remote screen keeps its size (it does not follow the window) */
     fixedSize: false,
+    /** @type {boolean | null} whether the remote screen follows the window, as the web side
+     * read it from guacd's `args` for the current session (null: not told) */
+    displayResizes: null,
+    /** @type {{ status: number | null, message: string } | null} set when guacd could not open
+     * SFTP beside the desktop and the session runs without file transfer */
+    filesUnavailable: null,
     /** the guacamole-common-js namespace, for tests */
     Guacamole,
 };

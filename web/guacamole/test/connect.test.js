@@ -1,7 +1,7 @@
 // Tests the tunnel URL and the connect data sent to the server.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { buildConnectString, keptItsSize, optimalSize, tunnelUrlFor } from '../src/connect.js';
+import { buildConnectString, filesUnavailableMessage, keptItsSize, optimalSize, parseNotice, tunnelUrlFor } from '../src/connect.js';
 
 test('tunnel URL sits next to the page and follows http/https', () => {
     assert.equal(
@@ -60,4 +60,20 @@ test('a remote screen that kept its size after a resize is told apart from one t
     assert.equal(keptItsSize({ width: 1001, height: 600 }, { width: 1000, height: 599 }), false);
     // Nothing drawn yet: no verdict.
     assert.equal(keptItsSize({ width: 1000, height: 600 }, { width: 0, height: 0 }), false);
+});
+
+test('parseNotice reads the web side\'s display and files notices, nothing else', () => {
+    assert.deepEqual(parseNotice(['display', 'fixed']), { kind: 'display', resizes: false });
+    assert.deepEqual(parseNotice(['display', 'resizes']), { kind: 'display', resizes: true });
+    assert.deepEqual(parseNotice(['files', 'unavailable', '515', 'Aborted. See logs.']),
+        { kind: 'files-unavailable', status: 515, message: 'Aborted. See logs.' });
+    assert.deepEqual(parseNotice(['files', 'unavailable']), { kind: 'files-unavailable', status: null, message: '' });
+    assert.equal(parseNotice(['display', 'maybe']), null);
+    assert.equal(parseNotice(['something-newer', 'x']), null);
+    assert.equal(parseNotice([]), null);
+});
+
+test('filesUnavailableMessage names guacd\'s status and message when there are any', () => {
+    assert.match(filesUnavailableMessage(515, 'Aborted. See logs.'), /\(status 515: Aborted\. See logs\.\)\. The desktop works without it\.$/);
+    assert.doesNotMatch(filesUnavailableMessage(null, ''), /\(/);
 });

@@ -144,6 +144,26 @@ impl HandshakeError {
     }
 }
 
+/// What the guacd at the other end can do for one session, read from its `args`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Whether the remote display follows the browser's `size`. Terminals (ssh, telnet, k8s)
+    /// and RDP always do; VNC only where guacd's VNC plugin takes `disable-display-resize`
+    /// (guacd 1.6.0 and later); guacd 1.3.0–1.5.x keep the VNC server's own screen size.
+    pub display_resizes: bool,
+}
+
+impl Capabilities {
+    /// The capabilities of a `protocol` session whose `args` named `names`.
+    pub fn from_args(protocol: &str, names: &[String]) -> Self {
+        let display_resizes = match protocol {
+            "vnc" => names.iter().any(|n| n == "disable-display-resize"),
+            _ => true,
+        };
+        Self { display_resizes }
+    }
+}
+
 /// A guacd connection after `ready`: the stream, the decoder holding whatever guacd already
 /// sent after `ready`, and guacd's id for the connection.
 pub struct Connected {
@@ -155,6 +175,8 @@ pub struct Connected {
     pub connection_id: String,
     /// The protocol version agreed.
     pub version: String,
+    /// What this guacd can do for the session.
+    pub capabilities: Capabilities,
 }
 
 /// Read the next whole instruction from guacd.
@@ -272,6 +294,7 @@ async fn connect_unbounded(
     let mut decoder = Decoder::new();
     let (offered, names) = select(&mut stream, &mut decoder, protocol).await?;
     let version = agreed_version(&offered).to_owned();
+    let capabilities = Capabilities::from_args(protocol, &names);
     let mut out = String::new();
     Instruction::new(
         "size",
@@ -311,6 +334,7 @@ async fn connect_unbounded(
             decoder,
             connection_id: ready.args.into_iter().next().unwrap_or_default(),
             version,
+            capabilities,
         }),
         "error" => Err(refused(&ready)),
         other => Err(HandshakeError::Unexpected {
@@ -412,6 +436,7 @@ mod tests {
             "$aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"
         );
         assert_eq!(connected.version, "VERSION_1_5_0");
+        assert!(connected.capabilities.display_resizes, "a terminal follows the size");
         let early = connected.decoder.next_instruction().unwrap().unwrap();
         assert_eq!(early, Instruction::new("sync", ["1"]));
         drop(connected);
@@ -438,9 +463,10 @@ mod tests {
             timezone: Some("UTC".into()),
             ..ClientInfo::default()
         };
-        connect(addr, "vnc", &BTreeMap::new(), &client)
+        let connected = connect(addr, "vnc", &BTreeMap::new(), &client)
             .await
             .unwrap();
+        assert!(!connected.capabilities.display_resizes);
         let seen = guacd.await.unwrap();
         assert!(!seen.iter().any(|i| i.opcode == "timezone"));
         assert_eq!(seen.last().unwrap().args, [""]);
@@ -485,6 +511,19 @@ mod tests {
         assert!(e.to_string().contains("libguac-client-rdp"), "{e}");
         assert!(took >= ARGS_WAIT && took < ARGS_WAIT + Duration::from_secs(2), "{took:?}");
         silent.abort();
+    }
+
+    #[test]
+    fn a_vnc_display_resizes_only_where_guacd_takes_disable_display_resize() {
+        let names = |list: &str| list.split(',').map(str::to_owned).collect::<Vec<_>>();
+        // The head of guacd 1.3.0's GUAC_VNC_CLIENT_ARGS (src/protocols/vnc/settings.c) and of
+        // 1.6.0's, which added display resizing for VNC.
+        let v1_3 = names("hostname,port,read-only,encodings,password,swap-red-blue,color-depth");
+        let v1_6 = names("hostname,port,read-only,disable-display-resize,encodings,username");
+        assert!(!Capabilities::from_args("vnc", &v1_3).display_resizes);
+        assert!(Capabilities::from_args("vnc", &v1_6).display_resizes);
+        assert!(Capabilities::from_args("ssh", &v1_3).display_resizes);
+        assert!(Capabilities::from_args("rdp", &[]).display_resizes);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::auth::Authenticator;
-use super::handshake::Connected;
+use super::handshake::{Connected, HandshakeError};
 use super::protocol::{has_astral, Decoder, Frame, Instruction, LengthUnit, Limits};
 
 /// How the browser's library counts lengths: guacamole-common-js 1.5 (the page's) counts UTF-16
@@ -94,112 +94,272 @@ pub enum Ended {
     Aborted(u16),
 }
 
-/// Relay until either side ends. `token` is renewed while traffic flows.
+/// The web side's own instruction to its page (opcode [`NOTICE_OPCODE`]): what this session can
+/// do, beside guacd's instructions. guacamole-common-js's client ignores opcodes it has no
+/// handler for, so a stock client is unaffected; exoagent's page reads it.
+pub const NOTICE_OPCODE: &str = "exoagent";
+
+/// What the page is told about a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// Whether the remote display follows the window (from guacd's `args`).
+    Display {
+        /// `true`: `size` resizes the remote display; `false`: it keeps its own size.
+        resizes: bool,
+    },
+    /// File transfer is off for this session: guacd could not open SFTP (its status and
+    /// message), and the session was reopened without it.
+    FilesUnavailable {
+        /// guacd's status code.
+        status: u16,
+        /// guacd's message.
+        message: String,
+    },
+}
+
+impl Notice {
+    /// The instruction carrying it.
+    pub fn instruction(&self) -> Instruction {
+        match self {
+            Self::Display { resizes } => Instruction::new(
+                NOTICE_OPCODE,
+                ["display", if *resizes { "resizes" } else { "fixed" }],
+            ),
+            Self::FilesUnavailable { status, message } => Instruction::new(
+                NOTICE_OPCODE,
+                [
+                    "files",
+                    "unavailable",
+                    status.to_string().as_str(),
+                    message.as_str(),
+                ],
+            ),
+        }
+    }
+}
+
+/// guacd's message when the VNC server itself cannot be reached (every version from 1.0.0
+/// on sends it with UPSTREAM_NOT_FOUND; 1.3.0 sends "Aborted. See logs." for everything).
+const VNC_UNREACHABLE: &str = "Unable to connect to VNC server.";
+
+/// Why the relay loop stopped.
+enum Stop {
+    /// The tunnel is over.
+    Ended(Ended),
+    /// guacd aborted the session before drawing anything while SFTP was on: every guacd
+    /// (1.3.0 to 1.6.0, `guac_vnc_client_thread`) connects SFTP after the VNC server and before
+    /// the display exists, and aborts the whole session when SFTP fails.
+    EarlyAbort {
+        /// guacd's status code.
+        status: u16,
+        /// guacd's message.
+        message: String,
+    },
+}
+
+/// One guacd connection being relayed.
+struct Upstream {
+    read: tokio::net::tcp::OwnedReadHalf,
+    write: tokio::net::tcp::OwnedWriteHalf,
+    decoder: Decoder,
+    /// Until guacd draws something, an abort may be SFTP's (see [`Stop::EarlyAbort`]).
+    before_first_drawing: bool,
+}
+
+impl Upstream {
+    fn new(connected: Connected, watch_early_abort: bool) -> Self {
+        let (read, write) = connected.stream.into_split();
+        Self {
+            read,
+            write,
+            decoder: connected.decoder,
+            before_first_drawing: watch_early_abort,
+        }
+    }
+}
+
+/// Reopens a session without SFTP after guacd aborted it because SFTP failed.
+pub type ReopenWithoutSftp =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Connected, HandshakeError>> + Send>>;
+
+/// Relay until either side ends. `token` is renewed while traffic flows. With
+/// `without_sftp`, a session guacd aborts before drawing anything (SFTP failed) is reopened
+/// by that future once, and the page told that file transfer is off.
 pub async fn relay(
     mut socket: WebSocket,
     guacd: Connected,
     auth: Arc<Authenticator>,
     token: String,
+    without_sftp: Option<ReopenWithoutSftp>,
 ) -> Ended {
-    let Connected {
-        stream,
-        decoder: mut from_guacd,
-        ..
-    } = guacd;
-    let (mut guacd_read, mut guacd_write) = stream.into_split();
-    let mut from_browser = Decoder::with_limits(Limits::FROM_BROWSER).counting(BROWSER_LENGTHS);
-    let mut read_buffer = vec![0u8; 16 * 1024];
-    let mut last_touch = Instant::now();
-    let mut aborted = None;
-
-    if socket
-        .send(Message::Text(
-            Instruction::tunnel_uuid(new_uuid()).encode().into(),
-        ))
-        .await
-        .is_err()
-    {
-        return Ended::ByBrowser;
+    let display = Notice::Display {
+        resizes: guacd.capabilities.display_resizes,
+    };
+    let mut upstream = Upstream::new(guacd, without_sftp.is_some());
+    let mut session = Session {
+        from_browser: Decoder::with_limits(Limits::FROM_BROWSER).counting(BROWSER_LENGTHS),
+        last_touch: Instant::now(),
+        aborted: None,
+        auth,
+        token,
+    };
+    // The tunnel's UUID alone first, as Apache's tunnel sends it; then what the page may know.
+    for opening in [
+        Instruction::tunnel_uuid(new_uuid()).encode(),
+        display.instruction().encode(),
+    ] {
+        if socket.send(Message::Text(opening.into())).await.is_err() {
+            return Ended::ByBrowser;
+        }
     }
-    // Instructions guacd sent right after `ready` are already in the decoder.
-    if let Err(ended) = forward_to_browser(&mut from_guacd, &mut socket, &mut aborted).await {
-        return finish(socket, ended, aborted).await;
-    }
-    if aborted.is_some() {
-        let _ = guacd_write.write_all(b"10.disconnect;").await;
-        return finish(socket, Ended::ByGuacd, aborted).await;
-    }
-
-    let ended = loop {
-        tokio::select! {
-            read = guacd_read.read(&mut read_buffer) => match read {
-                Ok(0) | Err(_) => break Ended::ByGuacd,
-                Ok(n) => {
-                    from_guacd.push(&read_buffer[..n]);
-                    if let Err(ended) =
-                        forward_to_browser(&mut from_guacd, &mut socket, &mut aborted).await
-                    {
-                        break ended;
-                    }
-                    // guacd's `error` means the session is over. guacd 1.3.0 still keeps the
-                    // connection (sending `nop`s) until the client disconnects or its 15 s
-                    // "User is not responding" timeout, then sends a second error (776): end
-                    // it now, as the stock client does on `error`.
-                    if aborted.is_some() {
-                        let _ = guacd_write.write_all(b"10.disconnect;").await;
-                        break Ended::ByGuacd;
-                    }
+    let ended = match session.run(&mut socket, &mut upstream).await {
+        Stop::Ended(ended) => ended,
+        Stop::EarlyAbort { status, message } => {
+            let _ = upstream.write.write_all(b"10.disconnect;").await;
+            drop(upstream);
+            match without_sftp {
+                Some(reopen) => {
+                    session
+                        .reopen_without_sftp(&mut socket, reopen, status, message)
+                        .await
                 }
-            },
-            message = socket.recv() => {
-                let text = match message {
-                    None | Some(Ok(Message::Close(_))) => break Ended::ByBrowser,
-                    // A frame the library refused (a text frame that is not UTF-8, say): a
-                    // close with the status, like other bad input; on a dead connection the
-                    // close just fails.
-                    Some(Err(_)) => break Ended::Failed(status::CLIENT_BAD_REQUEST),
-                    Some(Ok(Message::Text(text))) => text,
-                    // Guacamole speaks text; WebSocket pings are answered by the library.
-                    Some(Ok(Message::Binary(_))) => break Ended::Failed(status::CLIENT_BAD_REQUEST),
-                    Some(Ok(_)) => continue,
-                };
-                if last_touch.elapsed() >= TOUCH_EVERY {
-                    if auth.touch(&token).is_none() {
-                        break Ended::Failed(status::CLIENT_UNAUTHORIZED);
-                    }
-                    last_touch = Instant::now();
-                }
-                from_browser.push(text.as_bytes());
-                let mut to_guacd = String::new();
-                let mut echoes = Vec::new();
-                let mut bad = false;
-                while let Some(frame) = from_browser.next_frame() {
-                    match frame {
-                        Ok(frame) if frame.is_ping() => echoes.push(frame.as_str().to_owned()),
-                        // Other internal instructions are for the tunnel, never for guacd.
-                        Ok(frame) if frame.is_internal() => {}
-                        Ok(frame) => to_guacd.push_str(&for_guacd(&frame)),
-                        Err(_) => {
-                            bad = true;
-                            break;
-                        }
-                    }
-                }
-                if bad {
-                    break Ended::Failed(status::CLIENT_BAD_REQUEST);
-                }
-                for echo in echoes {
-                    if socket.send(Message::Text(echo.into())).await.is_err() {
-                        break;
-                    }
-                }
-                if !to_guacd.is_empty() && guacd_write.write_all(to_guacd.as_bytes()).await.is_err() {
-                    break Ended::ByGuacd;
-                }
+                // Not watched without a way to reopen: run() never stops this way then.
+                None => Ended::Aborted(status),
             }
         }
     };
-    finish(socket, ended, aborted).await
+    finish(socket, ended, session.aborted).await
+}
+
+/// The browser's side of a tunnel, kept across a reopened guacd session.
+struct Session {
+    from_browser: Decoder,
+    last_touch: Instant,
+    aborted: Option<u16>,
+    auth: Arc<Authenticator>,
+    token: String,
+}
+
+impl Session {
+    /// After an early abort: log guacd's error, reopen without SFTP, tell the page, relay on.
+    async fn reopen_without_sftp(
+        &mut self,
+        socket: &mut WebSocket,
+        reopen: ReopenWithoutSftp,
+        status: u16,
+        message: String,
+    ) -> Ended {
+        tracing::warn!(
+            status,
+            detail = %super::web::shown(&message),
+            "guacd aborted the session before drawing (its SFTP connection failed); reopening it without file transfer"
+        );
+        let connected = match reopen.await {
+            Ok(connected) => connected,
+            Err(e) => {
+                tracing::warn!(reason = e.reason(), "reopening without SFTP failed: {}", super::web::shown(&e.to_string()));
+                return Ended::Failed(e.status());
+            }
+        };
+        tracing::info!(guacd_id = %super::web::shown(&connected.connection_id), "session reopened without SFTP: file transfer is off for it");
+        let notice = Notice::FilesUnavailable { status, message }.instruction();
+        let text = notice.encode_counting(BROWSER_LENGTHS);
+        if socket.send(Message::Text(text.into())).await.is_err() {
+            return Ended::ByBrowser;
+        }
+        let mut upstream = Upstream::new(connected, false);
+        match self.run(socket, &mut upstream).await {
+            Stop::Ended(ended) => ended,
+            // Not watched the second time.
+            Stop::EarlyAbort { status, .. } => Ended::Aborted(status),
+        }
+    }
+
+    /// Relay between the browser and one guacd connection until either side ends.
+    async fn run(&mut self, socket: &mut WebSocket, upstream: &mut Upstream) -> Stop {
+        let mut read_buffer = vec![0u8; 16 * 1024];
+        // Instructions guacd sent right after `ready` are already in the decoder.
+        if let Err(stop) = forward_to_browser(upstream, socket, &mut self.aborted).await {
+            return stop;
+        }
+        if self.aborted.is_some() {
+            let _ = upstream.write.write_all(b"10.disconnect;").await;
+            return Stop::Ended(Ended::ByGuacd);
+        }
+        loop {
+            tokio::select! {
+                read = upstream.read.read(&mut read_buffer) => match read {
+                    Ok(0) | Err(_) => return Stop::Ended(Ended::ByGuacd),
+                    Ok(n) => {
+                        upstream.decoder.push(&read_buffer[..n]);
+                        if let Err(stop) =
+                            forward_to_browser(upstream, socket, &mut self.aborted).await
+                        {
+                            return stop;
+                        }
+                        // guacd's `error` means the session is over. guacd 1.3.0 still keeps the
+                        // connection (sending `nop`s) until the client disconnects or its 15 s
+                        // "User is not responding" timeout, then sends a second error (776): end
+                        // it now, as the stock client does on `error`.
+                        if self.aborted.is_some() {
+                            let _ = upstream.write.write_all(b"10.disconnect;").await;
+                            return Stop::Ended(Ended::ByGuacd);
+                        }
+                    }
+                },
+                message = socket.recv() => {
+                    let text = match message {
+                        None | Some(Ok(Message::Close(_))) => return Stop::Ended(Ended::ByBrowser),
+                        // A frame the library refused (a text frame that is not UTF-8, say): a
+                        // close with the status, like other bad input; on a dead connection the
+                        // close just fails.
+                        Some(Err(_)) => return Stop::Ended(Ended::Failed(status::CLIENT_BAD_REQUEST)),
+                        Some(Ok(Message::Text(text))) => text,
+                        // Guacamole speaks text; WebSocket pings are answered by the library.
+                        Some(Ok(Message::Binary(_))) => {
+                            return Stop::Ended(Ended::Failed(status::CLIENT_BAD_REQUEST))
+                        }
+                        Some(Ok(_)) => continue,
+                    };
+                    if self.last_touch.elapsed() >= TOUCH_EVERY {
+                        if self.auth.touch(&self.token).is_none() {
+                            return Stop::Ended(Ended::Failed(status::CLIENT_UNAUTHORIZED));
+                        }
+                        self.last_touch = Instant::now();
+                    }
+                    self.from_browser.push(text.as_bytes());
+                    let mut to_guacd = String::new();
+                    let mut echoes = Vec::new();
+                    let mut bad = false;
+                    while let Some(frame) = self.from_browser.next_frame() {
+                        match frame {
+                            Ok(frame) if frame.is_ping() => echoes.push(frame.as_str().to_owned()),
+                            // Other internal instructions are for the tunnel, never for guacd.
+                            Ok(frame) if frame.is_internal() => {}
+                            Ok(frame) => to_guacd.push_str(&for_guacd(&frame)),
+                            Err(_) => {
+                                bad = true;
+                                break;
+                            }
+                        }
+                    }
+                    if bad {
+                        return Stop::Ended(Ended::Failed(status::CLIENT_BAD_REQUEST));
+                    }
+                    for echo in echoes {
+                        if socket.send(Message::Text(echo.into())).await.is_err() {
+                            break;
+                        }
+                    }
+                    if !to_guacd.is_empty()
+                        && upstream.write.write_all(to_guacd.as_bytes()).await.is_err()
+                    {
+                        return Stop::Ended(Ended::ByGuacd);
+                    }
+                }
+            }
+        }
+    }
 }
 
 async fn finish(mut socket: WebSocket, ended: Ended, aborted: Option<u16>) -> Ended {
@@ -215,39 +375,84 @@ async fn finish(mut socket: WebSocket, ended: Ended, aborted: Option<u16>) -> En
     ended
 }
 
-/// guacd's `error` instruction (`error,<message>,<status>`): logged as it passes, the message
-/// escaped and shortened, and remembered for the tunnel's end.
-fn note_guacd_error(frame: &Frame<'_>, aborted: &mut Option<u16>) {
-    let message = frame.arg(0).unwrap_or("");
-    let code = frame.arg(1).and_then(|c| c.parse::<u16>().ok());
+/// guacd's `error` instruction (`error,<message>,<status>`): its message and status.
+fn guacd_error(frame: &Frame<'_>) -> (String, u16) {
+    let message = frame.arg(0).unwrap_or("").to_owned();
+    let code = frame
+        .arg(1)
+        .and_then(|c| c.parse::<u16>().ok())
+        .unwrap_or(status::UPSTREAM_ERROR);
+    (message, code)
+}
+
+/// guacd's `error`: logged as it passes, the message escaped and shortened, and remembered
+/// for the tunnel's end.
+fn note_guacd_error(message: &str, code: u16, aborted: &mut Option<u16>) {
     tracing::warn!(
         status = code,
         detail = %super::web::shown(message),
         "guacd ended the session with an error"
     );
-    aborted.get_or_insert(code.unwrap_or(status::UPSTREAM_ERROR));
+    aborted.get_or_insert(code);
+}
+
+/// Where an instruction from guacd leaves a session still watched for an early abort.
+enum Early {
+    /// Not an abort, nothing drawn yet: still watching.
+    Waiting,
+    /// The session has begun drawing (or the abort is the VNC server's own): stop watching.
+    Drawing,
+    /// guacd aborted before drawing.
+    Abort(String, u16),
+}
+
+fn early(frame: &Frame<'_>) -> Early {
+    match frame.opcode() {
+        // guacd's keep-alive while it connects, and the desktop's name (sent before the display
+        // by some versions): nothing drawn yet.
+        "nop" | "name" => Early::Waiting,
+        "error" => {
+            let (message, code) = guacd_error(frame);
+            if message == VNC_UNREACHABLE {
+                Early::Drawing
+            } else {
+                Early::Abort(message, code)
+            }
+        }
+        _ => Early::Drawing,
+    }
 }
 
 /// Send every whole instruction the decoder holds, batched into messages of about
 /// [`MESSAGE_TARGET_BYTES`].
 async fn forward_to_browser(
-    decoder: &mut Decoder,
+    upstream: &mut Upstream,
     socket: &mut WebSocket,
     aborted: &mut Option<u16>,
-) -> Result<(), Ended> {
+) -> Result<(), Stop> {
     let mut batch = String::new();
+    let mut stop = None;
     loop {
-        match decoder.next_frame() {
+        match upstream.decoder.next_frame() {
             None => break,
             Some(Err(_)) => {
-                if !batch.is_empty() {
-                    let _ = socket.send(Message::Text(batch.into())).await;
-                }
-                return Err(Ended::Failed(status::UPSTREAM_ERROR));
+                stop = Some(Stop::Ended(Ended::Failed(status::UPSTREAM_ERROR)));
+                break;
             }
             Some(Ok(frame)) => {
+                if upstream.before_first_drawing {
+                    match early(&frame) {
+                        Early::Waiting => {}
+                        Early::Drawing => upstream.before_first_drawing = false,
+                        Early::Abort(message, status) => {
+                            stop = Some(Stop::EarlyAbort { status, message });
+                            break;
+                        }
+                    }
+                }
                 if frame.opcode() == "error" {
-                    note_guacd_error(&frame, aborted);
+                    let (message, code) = guacd_error(&frame);
+                    note_guacd_error(&message, code, aborted);
                 }
                 let text = for_browser(&frame);
                 if !batch.is_empty() && batch.len() + text.len() > MESSAGE_TARGET_BYTES {
@@ -255,19 +460,19 @@ async fn forward_to_browser(
                     socket
                         .send(Message::Text(full.into()))
                         .await
-                        .map_err(|_| Ended::ByBrowser)?;
+                        .map_err(|_| Stop::Ended(Ended::ByBrowser))?;
                 }
                 batch.push_str(&text);
             }
         }
     }
     if !batch.is_empty() {
-        socket
-            .send(Message::Text(batch.into()))
-            .await
-            .map_err(|_| Ended::ByBrowser)?;
+        let sent = socket.send(Message::Text(batch.into())).await;
+        if sent.is_err() && stop.is_none() {
+            return Err(Stop::Ended(Ended::ByBrowser));
+        }
     }
-    Ok(())
+    stop.map_or(Ok(()), Err)
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ use super::auth::{Authenticator, Credentials, LoginError};
 use super::forwarded;
 use super::handshake::{self, ClientInfo};
 use super::tunnel::{self, status};
-use super::web_config::{WebConfig, DATA_SOURCE};
+use super::web_config::{Connection, WebConfig, DATA_SOURCE};
 
 /// At most this many tunnels at once; more are refused with CLIENT_TOO_MANY.
 pub const MAX_TUNNELS: usize = 32;
@@ -439,7 +439,17 @@ async fn websocket(
         {
             Ok(connected) => {
                 tracing::info!(connection = %shown(&request.id), guacd_id = %shown(&connected.connection_id), "tunnel open");
-                let ended = tunnel::relay(socket, connected, state.auth.clone(), request.token.clone()).await;
+                let without_sftp = connection.has_side_sftp().then(|| {
+                    let guacd = state.config.guacd;
+                    let protocol = connection.protocol.clone();
+                    let parameters = Connection::without_sftp(&parameters);
+                    let client = client.clone();
+                    let reopen: tunnel::ReopenWithoutSftp = Box::pin(async move {
+                        handshake::connect(guacd, &protocol, &parameters, &client).await
+                    });
+                    reopen
+                });
+                let ended = tunnel::relay(socket, connected, state.auth.clone(), request.token.clone(), without_sftp).await;
                 tracing::info!(connection = %shown(&request.id), ?ended, seconds = started.elapsed().as_secs(), "tunnel closed");
             }
             Err(e) => {

@@ -147,6 +147,24 @@ impl Connection {
             .map(|(k, v)| (k.clone(), v.replace(PASSWORD_TOKEN, password)))
             .collect()
     }
+
+    /// Whether SFTP rides beside another protocol (a desktop's file transfer): guacd aborts
+    /// such a session when its SFTP part fails, so the web side may reopen it without.
+    pub fn has_side_sftp(&self) -> bool {
+        self.protocol != "ssh"
+            && self.parameters.get("enable-sftp").map(String::as_str) == Some("true")
+    }
+
+    /// `parameters` (resolved) with SFTP turned off and its settings dropped.
+    pub fn without_sftp(parameters: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+        let mut parameters: BTreeMap<String, String> = parameters
+            .iter()
+            .filter(|(k, _)| !k.starts_with("sftp-"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        parameters.insert("enable-sftp".into(), "false".into());
+        parameters
+    }
 }
 
 /// The connection name in a Guacamole client id: base64 of `name\0c\0default`, padded standard
