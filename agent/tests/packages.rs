@@ -183,6 +183,100 @@ fn the_deb_holds_the_agent_unit_pages_and_completions() {
     );
 }
 
+/// The newest `GLIBC_x.y` symbol version an ELF file needs (`objdump -T`), as (x, y).
+fn newest_glibc_needed(binary: &Path) -> (u32, u32) {
+    let symbols = stdout(tool("objdump").arg("-T").arg(binary), "objdump -T");
+    symbols
+        .split("GLIBC_")
+        .skip(1)
+        .filter_map(|rest| {
+            let version: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_digit() || *c == '.')
+                .collect();
+            let mut parts = version.split('.').map(|p| p.parse::<u32>().ok());
+            Some((parts.next()??, parts.next().flatten().unwrap_or(0)))
+        })
+        .max()
+        .unwrap_or_else(|| panic!("no GLIBC_ symbol versions in {}", binary.display()))
+}
+
+/// Debian 11's root (glibc 2.31), which `tests/guacamole/guacd-bullseye.sh build` makes and
+/// `tests/run-all.sh` builds before this suite.
+const BULLSEYE_ROOT: &str = "/var/tmp/exoagent-guacd-bullseye";
+
+#[test]
+#[ignore = "builds the release binary and both packages; run by tests/run-all.sh"]
+fn the_packaged_binary_runs_on_the_oldest_glibc_it_claims() {
+    // exoagent claims Debian 11 and Ubuntu 20.04 (glibc 2.31) and EL 8 (2.28). A binary
+    // linked against this machine's glibc 2.36 needs 2.34 and fails there at once
+    // ("version `GLIBC_2.34' not found").
+    let root = tempfile::tempdir().unwrap();
+    run_ok(
+        tool("dpkg-deb")
+            .arg("-x")
+            .arg(&packages().deb)
+            .arg(root.path()),
+        "dpkg-deb -x",
+    );
+    let binary = root.path().join("usr/bin/exoagent");
+    let newest = newest_glibc_needed(&binary);
+    assert!(
+        newest <= (2, 28),
+        "the packaged binary needs GLIBC_{}.{}; EL 8 has 2.28",
+        newest.0,
+        newest.1
+    );
+    // And it runs on a real Debian 11 userland (its glibc 2.31), not only on paper.
+    let bullseye = Path::new(BULLSEYE_ROOT);
+    assert!(
+        bullseye.join("usr/sbin/guacd").is_file(),
+        "{BULLSEYE_ROOT} is missing: bash tests/guacamole/guacd-bullseye.sh build"
+    );
+    let inside = format!("/tmp/exoagent-packaged-{}", std::process::id());
+    fs::copy(&binary, bullseye.join(inside.trim_start_matches('/'))).unwrap();
+    let ran = Command::new("chroot")
+        .arg(bullseye)
+        .arg(&inside)
+        .arg("--version")
+        .output();
+    let _ = fs::remove_file(bullseye.join(inside.trim_start_matches('/')));
+    let ran = ran.expect("chroot runs (as root)");
+    let libc = stdout(
+        Command::new("chroot").arg(bullseye).args(["ldd", "--version"]),
+        "ldd --version in the bullseye root",
+    );
+    assert!(libc.lines().next().unwrap_or("").ends_with(" 2.31"), "{libc}");
+    assert!(
+        ran.status.success() && String::from_utf8_lossy(&ran.stdout).starts_with("exoagent "),
+        "the packaged binary did not run on Debian 11's glibc: {:?} {} {}",
+        ran.status,
+        String::from_utf8_lossy(&ran.stdout),
+        String::from_utf8_lossy(&ran.stderr)
+    );
+    // The .deb says what it needs: libc6 no newer than the floor.
+    let info = stdout(tool("dpkg-deb").arg("-I").arg(&packages().deb), "dpkg-deb -I");
+    let depends = info
+        .lines()
+        .find(|l| l.trim_start().starts_with("Depends:"))
+        .unwrap_or_else(|| panic!("no Depends: {info}"));
+    assert!(depends.contains("libc6 (>= 2.28)"), "{depends}");
+    let needed = stdout(tool("readelf").arg("-d").arg(&binary), "readelf -d");
+    let libraries: BTreeSet<&str> = needed
+        .lines()
+        .filter(|l| l.contains("(NEEDED)"))
+        .filter_map(|l| l.split('[').nth(1)?.split(']').next())
+        .collect();
+    // All of glibc's own: nothing else for the .deb to depend on.
+    for library in &libraries {
+        assert!(
+            ["libc.so.6", "libm.so.6", "libpthread.so.0", "libdl.so.2", "ld-linux-x86-64.so.2"]
+                .contains(library),
+            "the binary needs {library}, which libc6 does not provide: {libraries:?}"
+        );
+    }
+}
+
 #[test]
 #[ignore = "builds the release binary and both packages; run by tests/run-all.sh"]
 fn the_deb_unpacks_into_a_scratch_root() {

@@ -119,12 +119,14 @@ def free_port():
 
 
 def binary():
-    """The release binary and the .deb made from it (installer/package/build.sh builds both)."""
+    """The release binary and the .deb made from it (installer/package/build.sh builds both;
+    the binary for glibc 2.28 and later, under target/x86_64-unknown-linux-gnu/)."""
     packages = subprocess.run(["bash", "installer/package/build.sh"], cwd=ROOT, check=True,
                               stdout=subprocess.PIPE, text=True).stdout.split()
     deb = next(Path(p) for p in packages if p.endswith(".deb"))
     target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
-    return (ROOT / target / "release" / "exoagent").resolve(), deb.resolve()
+    return (ROOT / target / "x86_64-unknown-linux-gnu" / "release" / "exoagent").resolve(), \
+        deb.resolve()
 
 
 def ensure_image(exoagent, deb):
@@ -683,8 +685,8 @@ def upgrade_package(deb, out_dir):
     out_dir.mkdir(parents=True, exist_ok=True)
     version = deb_version(deb)
     upstream, _, revision = version.rpartition("-")
-    subprocess.run(["cargo", "deb", "-p", "exoagent", "--no-build", "--no-strip",
-                    "--deb-version", f"{upstream}+upgrade1-{revision}", "--output",
+    subprocess.run(["cargo", "deb", "-p", "exoagent", "--target", "x86_64-unknown-linux-gnu",
+                    "--no-build", "--no-strip", "--deb-version", f"{upstream}+upgrade1-{revision}", "--output",
                     f"{out_dir}/"],
                    cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     upgrade = next(out_dir.glob("*.deb"))
