@@ -34,7 +34,7 @@ use tower::ServiceExt;
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 
 /// What one server allows each client.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub struct Limits {
     /// From waiting for a request (a new connection, or the next request on a kept-alive one)
     /// to its whole head: slower clients are disconnected.
@@ -48,6 +48,10 @@ pub struct Limits {
     pub max_connections: usize,
     /// Request bodies at most; a larger `Content-Length` is answered 413 without reading.
     pub max_body_bytes: u64,
+    /// Paths whose request bodies are streamed files (the Guacamole stream endpoints, issue
+    /// 20): no size limit, and `body` bounds the wait for the *next* byte rather than the
+    /// whole body, so a slow but progressing upload is never cut while a stalled one is.
+    pub streamed_bodies: Option<fn(&str) -> bool>,
 }
 
 impl Limits {
@@ -58,6 +62,7 @@ impl Limits {
         idle: Duration::from_secs(60),
         max_connections: 64,
         max_body_bytes: 64 * 1024,
+        streamed_bodies: None,
     };
 }
 
@@ -186,12 +191,20 @@ async fn handle<A>(
 where
     A: Clone + Send + Sync + 'static,
 {
+    let streamed = limits
+        .streamed_bodies
+        .is_some_and(|is_streamed| is_streamed(request.uri().path()));
+    let max = if streamed {
+        u64::MAX
+    } else {
+        limits.max_body_bytes
+    };
     let announced = request
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if announced.is_some_and(|n| n > limits.max_body_bytes) {
+    if announced.is_some_and(|n| n > max) {
         // Unread, the body cannot be skipped: answer and close.
         let mut response = Response::new(Body::from("request body too large\n"));
         *response.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
@@ -207,7 +220,8 @@ where
         deadline: Box::pin(tokio::time::sleep(limits.body)),
         limit: limits.body,
         read: 0,
-        max: limits.max_body_bytes,
+        max,
+        per_read: streamed,
     });
     match router.oneshot(Request::from_parts(parts, body)).await {
         Ok(response) => response,
@@ -218,7 +232,7 @@ where
 /// Why a request body was cut off.
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
-    /// The body did not arrive within the limit.
+    /// The body did not arrive within the limit (for a streamed body: no byte of it did).
     #[error("the request body did not arrive within {0:?}")]
     TimedOut(Duration),
     /// The body is larger than the limit (sent chunked, or longer than announced).
@@ -247,6 +261,8 @@ struct LimitedBody {
     limit: Duration,
     read: u64,
     max: u64,
+    /// The deadline moves on with every piece of data (a streamed body).
+    per_read: bool,
 }
 
 impl HttpBody for LimitedBody {
@@ -261,9 +277,12 @@ impl HttpBody for LimitedBody {
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
-                    this.read += data.len() as u64;
+                    this.read = this.read.saturating_add(data.len() as u64);
                     if this.read > this.max {
                         return Poll::Ready(Some(Err(BodyError::TooLarge(this.max))));
+                    }
+                    if this.per_read && !data.is_empty() {
+                        this.deadline.as_mut().reset(Instant::now() + this.limit);
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))
@@ -382,5 +401,121 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::post;
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// The bytes of a request body, or the error that cut it.
+    async fn count(body: Body) -> String {
+        let mut body = body;
+        let mut n = 0;
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(frame) => n += frame.data_ref().map_or(0, |d| d.len()),
+                Err(e) => return format!("error: {e}"),
+            }
+        }
+        n.to_string()
+    }
+
+    /// A server with a 1 s body limit and 1 KiB bodies, except under `/stream/`.
+    async fn server() -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let router = Router::new()
+            .route("/stream/{name}", post(count))
+            .route("/small", post(count));
+        let limits = Limits {
+            body: Duration::from_secs(1),
+            max_body_bytes: 1024,
+            streamed_bodies: Some(|path| path.starts_with("/stream/")),
+            ..Limits::DEFAULT
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(serve(listener, router, limits, async move {
+            let _ = stopped.await;
+        }));
+        (addr, stop)
+    }
+
+    /// POSTs `chunks` (chunked encoding), waiting `gap` before each after the first; returns
+    /// the response body, or what went wrong. Write errors are ignored: the server may answer
+    /// and close before the body is done.
+    async fn post_chunks(
+        addr: std::net::SocketAddr,
+        path: &str,
+        chunks: &[Vec<u8>],
+        gap: Duration,
+    ) -> String {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let head = format!("POST {path} HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n");
+        let _ = stream.write_all(head.as_bytes()).await;
+        for (i, chunk) in chunks.iter().enumerate() {
+            if i > 0 {
+                tokio::time::sleep(gap).await;
+            }
+            let mut piece = format!("{:x}\r\n", chunk.len()).into_bytes();
+            piece.extend_from_slice(chunk);
+            piece.extend_from_slice(b"\r\n");
+            if stream.write_all(&piece).await.is_err() {
+                break;
+            }
+        }
+        let _ = stream.write_all(b"0\r\n\r\n").await;
+        let mut response = Vec::new();
+        if let Err(e) = stream.read_to_end(&mut response).await {
+            return format!("read failed: {e}");
+        }
+        let text = String::from_utf8_lossy(&response).into_owned();
+        text.split_once("\r\n\r\n")
+            .map_or(text.clone(), |(_, body)| body.to_owned())
+    }
+
+    #[tokio::test]
+    async fn a_streamed_body_has_no_size_limit() {
+        let (addr, _stop) = server().await;
+        let chunks = vec![vec![7u8; 8192]; 8];
+        assert_eq!(
+            post_chunks(addr, "/stream/a", &chunks, Duration::ZERO).await,
+            "65536"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_slow_but_progressing_streamed_body_is_not_cut_and_a_plain_one_is() {
+        let (addr, _stop) = server().await;
+        // 5 pieces 400 ms apart: 1.6 s in all, beyond the 1 s body limit, never 1 s idle.
+        let chunks = vec![vec![1u8; 10]; 5];
+        let gap = Duration::from_millis(400);
+        let (streamed, plain) = tokio::join!(
+            post_chunks(addr, "/stream/a", &chunks, gap),
+            post_chunks(addr, "/small", &chunks, gap),
+        );
+        assert_eq!(streamed, "50");
+        assert_ne!(
+            plain, "50",
+            "the plain route must cut a body slower than its limit"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stalled_streamed_body_is_cut() {
+        let (addr, _stop) = server().await;
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"POST /stream/a HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n")
+            .await
+            .unwrap();
+        // Nothing more is sent: the server answers once no byte came for its 1 s limit.
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.unwrap();
+        let text = String::from_utf8_lossy(&response);
+        assert!(text.contains("did not arrive within"), "{text}");
     }
 }

@@ -26,10 +26,20 @@ What it implements
     after 5 s without output (guacd's keep-alive); ``filesystem`` objects; ``body`` streams
     answering ``get``; ``clipboard`` streams (VNC); ``ack``; ``error``; ``disconnect``.
   * Interactive phase, client -> peer: ``sync``, ``mouse``, ``key``, ``size``, ``clipboard`` +
-    ``blob``/``end``, ``file`` uploads (acked per blob with ``ack,<stream>,OK,0``), ``put``
-    and ``get`` on the filesystem object, ``ack`` (drives downloads, one blob per ack, as
-    guacd's SFTP code does), ``nop``, ``disconnect``. A client silent for 15 s is dropped
-    (guacd's user timeout).
+    ``blob``/``end``, ``file`` uploads, ``put`` and ``get`` on the filesystem object, ``ack``
+    (drives downloads), ``nop``, ``disconnect``. A client silent for 15 s is dropped (guacd's
+    user timeout).
+  * File streams paced as guacd's SFTP code paces them (src/common-ssh/sftp.c), since that
+    pacing sets how fast a transfer can go: an upload (``file`` or ``put``) is acked once
+    the file is open (``SFTP: File opened``), then each ``blob`` once it is written
+    (``SFTP: OK``, or ``SFTP: Write failed``/512 and the next blobs are still written and
+    acked, as guac_common_ssh_sftp_blob_handler does), then ``end`` once the file is closed
+    (``SFTP: OK`` or ``SFTP: Close failed``/512). A download (``get`` of a file) answers
+    ``body`` and sends nothing until the client acks it; then each successful client ``ack``
+    gets exactly one ``blob`` of at most 4096 bytes (guac_common_ssh_sftp_ack_handler's
+    buffer), ``end`` at the end of the file (also after a read error, as guacd does), and an
+    error ``ack`` ends the stream without ``end``. So at most one blob is in flight per
+    stream in either direction: one blob per round trip.
   * ``vnc``: RFB 3.3/3.7/3.8, security None or VNC authentication (DES), encodings Raw and
     CopyRect, pseudo-encodings DesktopSize and ExtendedDesktopSize (client ``size`` becomes an
     RFB SetDesktopSize unless ``disable-display-resize`` is true); at most 10 frames per second;
@@ -90,6 +100,12 @@ What it does NOT implement (differences from guacd)
     ignored for SSH (VNC forwards every keysym).
   * One user per connection; no session sharing, no ``argv`` streams, no ``required``
     instruction, no ``msg``.
+  * ``put`` of a name that escapes the root, or ``file`` with an illegal name: guacd's put
+    handler sends no ack at all for an untranslatable name (the client waits); the double
+    answers ``SFTP: Invalid path``/768. A failed open answers ``SFTP: Open failed`` with the
+    status mapped from the SFTP error, as guacd does, but guacd then still writes the
+    stream's blobs to a null handle (acking each ``SFTP: Write failed``) while the double
+    forgets the stream (later blobs get ``No such stream``, RESOURCE_NOT_FOUND).
   * Text streams: guacd's listing ack handler reads the next directory entry before noticing
     that a blob went out, so it drops one entry at every blob boundary of a listing larger
     than 4096 bytes; the double lists every entry. Names longer than guacd's path limit
@@ -728,15 +744,15 @@ class SftpFilesystem:
             handle = await self.sftp.open(
                 path, "wb", attrs=asyncssh.SFTPAttrs(permissions=0o600))
         except asyncssh.SFTPError as e:
-            conn.send("ack", stream, f"SFTP: {e.reason}", sftp_status(e))
+            conn.send("ack", stream, "SFTP: Open failed", sftp_status(e))
             conn.event("upload_failed", path=path, error=str(e))
             return
         conn.in_streams[stream] = Upload(path, handle, via)
-        conn.send("ack", stream, "OK", SUCCESS)
+        conn.send("ack", stream, "SFTP: File opened", SUCCESS)
 
     async def file(self, stream: int, mimetype: str, filename: str) -> None:
-        if not filename or "/" in filename or filename in (".", ".."):
-            self.conn.send("ack", stream, "SFTP: Invalid filename", CLIENT_BAD_REQUEST)
+        if not filename or "/" in filename or "\\" in filename or filename in (".", ".."):
+            self.conn.send("ack", stream, "SFTP: Illegal filename", CLIENT_BAD_REQUEST)
             self.conn.event("upload_failed", filename=filename, error="invalid filename")
             return
         await self.begin_upload(stream, mimetype, posixpath.join(self.upload_dir, filename),
@@ -1726,16 +1742,18 @@ class Connection:
         if isinstance(target, ClipboardIn):
             target.data += data
         elif isinstance(target, Upload):
-            if target.failed:
-                return
+            # guacd (guac_common_ssh_sftp_blob_handler) writes each blob before it acks it,
+            # one ack per blob, and after a failed write goes on writing and acking the next
+            # blobs (guacamole-common-js stops sending at the first error ack).
             try:
                 await target.handle.write(data, target.size)
                 target.size += len(data)
-                self.send("ack", index, "OK", SUCCESS)
+                self.send("ack", index, "SFTP: OK", SUCCESS)
             except Exception as e:  # noqa: BLE001
+                if not target.failed:
+                    self.event("upload_failed", path=target.path, error=str(e))
                 target.failed = True
-                self.send("ack", index, f"SFTP: write failed: {e}", SERVER_ERROR)
-                self.event("upload_failed", path=target.path, error=str(e))
+                self.send("ack", index, "SFTP: Write failed", SERVER_ERROR)
         else:
             self.send("ack", index, "No such stream", RESOURCE_NOT_FOUND)
 
@@ -1744,11 +1762,20 @@ class Connection:
         if isinstance(target, ClipboardIn):
             await self.session.clipboard(target.mimetype, bytes(target.data))
         elif isinstance(target, Upload):
-            with contextlib.suppress(Exception):
+            # guacd (guac_common_ssh_sftp_end_handler) acks the end with the close's result,
+            # whatever happened to the writes before.
+            try:
                 await target.handle.close()
-            if not target.failed:
+                closed = True
+            except Exception as e:  # noqa: BLE001
+                closed = False
+                self.event("upload_failed", path=target.path, error=f"close: {e}")
+            if closed and not target.failed:
                 self.event("upload", path=target.path, size=target.size, via=target.via)
-                self.send("ack", index, "OK", SUCCESS)
+            if closed:
+                self.send("ack", index, "SFTP: OK", SUCCESS)
+            else:
+                self.send("ack", index, "SFTP: Close failed", SERVER_ERROR)
 
     async def abort(self, message: str, status: int) -> None:
         if self.closed:

@@ -381,6 +381,9 @@ class Client:
         self.clipboards: list[str] = []
         self.closed = False
         self.answer_sync = True
+        # Ack each body and blob at once, as guacamole-common-js's readers do; off to step a
+        # download by hand.
+        self.auto_ack = True
         self.keepalive = True
         self.nops = 0
         self.opened = time.monotonic()
@@ -454,13 +457,15 @@ class Client:
         elif op == "body":
             self.bodies[a[1]] = {"object": a[0], "mimetype": a[2], "name": a[3],
                                  "data": bytearray(), "done": False}
-            self.send("ack", a[1], "OK", 0)
+            if self.auto_ack:
+                self.send("ack", a[1], "OK", 0)
         elif op == "blob":
             if a[0] in self.img_streams:
                 self.img_streams[a[0]][3] += base64.b64decode(a[1])
             elif a[0] in self.bodies:
                 self.bodies[a[0]]["data"] += base64.b64decode(a[1])
-                self.send("ack", a[0], "OK", 0)
+                if self.auto_ack:
+                    self.send("ack", a[0], "OK", 0)
             elif a[0] in self.clip_streams:
                 self.clip_streams[a[0]] += base64.b64decode(a[1])
         elif op == "end":
@@ -550,18 +555,22 @@ class Client:
             self.send("file", stream, "application/octet-stream", filename)
         else:
             self.send("put", put_object, stream, "text/plain", filename)
+        # guacd's messages (src/common-ssh/sftp.c): one ack for the open, one per blob once
+        # written, one for the end once closed; never more (checked after each step).
         await self.wait(lambda: len(self.acks.get(key, [])) >= 1, timeout, "file ack")
-        assert self.acks[key][0][1] == 0, self.acks[key]
+        assert self.acks[key] == [("SFTP: File opened", 0)], self.acks[key]
         n = 1
         for i in range(0, len(data), 6048):
             self.send("blob", stream, base64.b64encode(data[i:i + 6048]).decode())
             n += 1
             await self.wait(lambda: len(self.acks.get(key, [])) >= n, timeout, f"blob ack {n}")
-            assert self.acks[key][-1][1] == 0, self.acks[key][-1]
+            assert len(self.acks[key]) == n, self.acks[key][-3:]
+            assert self.acks[key][-1] == ("SFTP: OK", 0), self.acks[key][-1]
         self.send("end", stream)
         n += 1
         await self.wait(lambda: len(self.acks.get(key, [])) >= n, timeout, "end ack")
-        assert self.acks[key][-1][1] == 0, self.acks[key][-1]
+        assert len(self.acks[key]) == n, self.acks[key][-3:]
+        assert self.acks[key][-1] == ("SFTP: OK", 0), self.acks[key][-1]
 
     async def get(self, obj: str, name: str, timeout: float = 30) -> dict:
         self.send("get", obj, name)
@@ -720,6 +729,49 @@ async def run_checks(rig: Rig) -> None:
         await asyncio.sleep(0.2)
         downs = [e for e in rig.read_events() if e["event"] == "download"]
         assert downs and downs[-1]["size"] == len(payload) and downs[-1]["complete"], downs
+
+    async with check("ssh: download paced as guacd's SFTP: no blob before the first ack, then "
+                     "one blob of 4096 bytes per ack, an error ack ends it without end"):
+        name = f"{rig.home}/guac-upload.bin"
+
+        async def fence() -> None:
+            """A directory get: the double handles one instruction at a time, so its body
+            comes after everything the double sent for the instructions before it."""
+            mark = len(c.log)
+            c.send("get", "0", rig.home)
+            listing = await c.wait(lambda: next((i for i in c.log[mark:] if i[0] == "body"
+                                                 and i[4] == rig.home), None), 10, "fence body")
+            c.send("ack", listing[2], "Done", 0x0300)  # frees the listing stream
+
+        c.auto_ack = False
+        try:
+            start = len(c.log)
+            c.send("get", "0", name)
+            body = await c.wait(lambda: next((i for i in c.log[start:] if i[0] == "body"
+                                              and i[4] == name), None), 10, "body")
+            stream = body[2]
+
+            def blobs() -> list[list[str]]:
+                return [i for i in c.log[start:] if i[0] == "blob" and i[1] == stream]
+
+            await fence()
+            assert not blobs(), f"{len(blobs())} blobs before the first ack"
+            for k in range(1, 4):
+                c.send("ack", stream, "OK", 0)
+                await fence()
+                got = blobs()
+                assert len(got) == k, f"{len(got)} blobs after {k} acks"
+                assert len(base64.b64decode(got[-1][2])) == 4096, len(base64.b64decode(got[-1][2]))
+            c.send("ack", stream, "Cancelled", 0x0300)
+            await fence()
+            assert len(blobs()) == 3, len(blobs())
+            assert not [i for i in c.log[start:] if i[0] == "end" and i[1] == stream], "end sent"
+            downs = [e for e in rig.read_events() if e["event"] == "download" and e["path"] == name]
+            assert downs and downs[-1]["size"] == 3 * 4096 and not downs[-1]["complete"], downs
+        finally:
+            c.auto_ack = True
+            # Bodies stored while acks were off are not waited for by anything.
+            c.bodies.clear()
 
     async with check("ssh: put of a path through the filesystem object"):
         data = b"put through the filesystem object\n"

@@ -22,6 +22,7 @@ pub mod forwarded;
 pub mod handshake;
 pub mod protocol;
 pub mod settings;
+pub mod streams;
 pub mod tunnel;
 pub mod web;
 pub mod web_config;
