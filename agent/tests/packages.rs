@@ -243,10 +243,15 @@ fn the_packaged_binary_runs_on_the_oldest_glibc_it_claims() {
     let _ = fs::remove_file(bullseye.join(inside.trim_start_matches('/')));
     let ran = ran.expect("chroot runs (as root)");
     let libc = stdout(
-        Command::new("chroot").arg(bullseye).args(["ldd", "--version"]),
+        Command::new("chroot")
+            .arg(bullseye)
+            .args(["ldd", "--version"]),
         "ldd --version in the bullseye root",
     );
-    assert!(libc.lines().next().unwrap_or("").ends_with(" 2.31"), "{libc}");
+    assert!(
+        libc.lines().next().unwrap_or("").ends_with(" 2.31"),
+        "{libc}"
+    );
     assert!(
         ran.status.success() && String::from_utf8_lossy(&ran.stdout).starts_with("exoagent "),
         "the packaged binary did not run on Debian 11's glibc: {:?} {} {}",
@@ -255,7 +260,10 @@ fn the_packaged_binary_runs_on_the_oldest_glibc_it_claims() {
         String::from_utf8_lossy(&ran.stderr)
     );
     // The .deb says what it needs: libc6 no newer than the floor.
-    let info = stdout(tool("dpkg-deb").arg("-I").arg(&packages().deb), "dpkg-deb -I");
+    let info = stdout(
+        tool("dpkg-deb").arg("-I").arg(&packages().deb),
+        "dpkg-deb -I",
+    );
     let depends = info
         .lines()
         .find(|l| l.trim_start().starts_with("Depends:"))
@@ -270,8 +278,14 @@ fn the_packaged_binary_runs_on_the_oldest_glibc_it_claims() {
     // All of glibc's own: nothing else for the .deb to depend on.
     for library in &libraries {
         assert!(
-            ["libc.so.6", "libm.so.6", "libpthread.so.0", "libdl.so.2", "ld-linux-x86-64.so.2"]
-                .contains(library),
+            [
+                "libc.so.6",
+                "libm.so.6",
+                "libpthread.so.0",
+                "libdl.so.2",
+                "ld-linux-x86-64.so.2"
+            ]
+            .contains(library),
             "the binary needs {library}, which libc6 does not provide: {libraries:?}"
         );
     }

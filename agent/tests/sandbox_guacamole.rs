@@ -19,7 +19,7 @@ mod common;
 use std::time::Duration;
 
 use common::{free_port, GuacdPeer, RealGuacd, Sandbox};
-use exoagent::services::guacamole::protocol::Decoder;
+use exoagent::services::guacamole::protocol::{Decoder, Instruction};
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
@@ -611,8 +611,12 @@ fn a_guacd_without_the_protocols_plugin_fails_the_service_within_seconds() {
     );
 }
 
-/// The web side in-process on loopback, with `trusted_proxies`.
-async fn web_side(
+/// The web side in-process on loopback with `connections` (as the agent writes them) against
+/// the guacd on port `guacd`, trusting `trusted_proxies`; its address, the handle that stops
+/// it and the directory it reads. Its passphrase is "right words".
+async fn web_side_with(
+    guacd: u16,
+    connections: serde_json::Value,
     trusted_proxies: &[&str],
 ) -> (
     std::net::SocketAddr,
@@ -624,11 +628,11 @@ async fn web_side(
     let dir = tempfile::tempdir().unwrap();
     let config: WebConfig = serde_json::from_value(serde_json::json!({
         "listen": "127.0.0.1:0",
-        "guacd": format!("127.0.0.1:{}", free_port()),
+        "guacd": format!("127.0.0.1:{guacd}"),
         "username": "exouser",
         "password_file": dir.path().join("passphrase"),
         "session_timeout_s": 3600,
-        "connections": {},
+        "connections": connections,
         "trusted_proxies": trusted_proxies,
     }))
     .unwrap();
@@ -640,6 +644,32 @@ async fn web_side(
         let _ = stopped.await;
     }));
     (addr, stop, dir)
+}
+
+/// The web side in-process on loopback, no connections, with `trusted_proxies`.
+async fn web_side(
+    trusted_proxies: &[&str],
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    tempfile::TempDir,
+) {
+    web_side_with(free_port(), serde_json::json!({}), trusted_proxies).await
+}
+
+/// A token from the in-process web side at `addr`, logged in as Exosphere does.
+async fn token_from(addr: std::net::SocketAddr) -> String {
+    let token: serde_json::Value = reqwest::Client::new()
+        .post(format!("http://{addr}/guacamole/api/tokens"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("username=exouser&password=right words")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    token["authToken"].as_str().unwrap().to_owned()
 }
 
 async fn login_status(addr: std::net::SocketAddr, forwarded: &str, password: &str) -> u16 {
@@ -730,45 +760,55 @@ async fn slow_idle_and_oversized_clients_are_cut_off_and_connections_capped() {
     let _ = stop.send(());
 }
 
-/// A guacd stand-in for one session that never ends on its own: answers `select` with `args`,
-/// `connect` with `ready`, then holds the connection open silently (so whatever ends the
-/// tunnel is the browser side). Returns its port.
-async fn silent_guacd() -> u16 {
+/// A guacd stand-in on a free loopback port for tests of the web side's own decisions: each
+/// whole instruction the web side sends on connection `n` (counted from 0) goes to
+/// `answer(n, instruction)`, whose reply, if any, is written back; a connection stays open until
+/// the web side closes it. Returns the port.
+async fn scripted_guacd<F>(answer: F) -> u16
+where
+    F: Fn(usize, &Instruction) -> Option<String> + Send + Sync + 'static,
+{
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
+    let answer = std::sync::Arc::new(answer);
     tokio::spawn(async move {
+        let mut connections = 0..;
         while let Ok((mut stream, _)) = listener.accept().await {
+            let connection = connections.next().unwrap();
+            let answer = answer.clone();
             tokio::spawn(async move {
-                let mut seen = Vec::new();
+                let mut decoder = Decoder::new();
                 let mut buffer = [0u8; 4096];
-                let mut answered_select = false;
-                loop {
-                    let Ok(n) = stream.read(&mut buffer).await else {
-                        return;
-                    };
-                    if n == 0 {
-                        return;
-                    }
-                    seen.extend_from_slice(&buffer[..n]);
-                    let text = String::from_utf8_lossy(&seen).into_owned();
-                    if !answered_select && text.contains("6.select,") && text.contains(';') {
-                        answered_select = true;
-                        let args = "4.args,13.VERSION_1_5_0,8.hostname;";
-                        stream.write_all(args.as_bytes()).await.unwrap();
-                    }
-                    if text.contains("7.connect,") && text.ends_with(';') {
-                        let ready = "5.ready,37.$aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee;";
-                        stream.write_all(ready.as_bytes()).await.unwrap();
-                        // Hold the session open until the tunnel closes it.
-                        while matches!(stream.read(&mut buffer).await, Ok(n) if n > 0) {}
-                        return;
+                while let Ok(n @ 1..) = stream.read(&mut buffer).await {
+                    decoder.push(&buffer[..n]);
+                    while let Some(Ok(instruction)) = decoder.next_instruction() {
+                        if let Some(reply) = answer(connection, &instruction) {
+                            if stream.write_all(reply.as_bytes()).await.is_err() {
+                                return;
+                            }
+                        }
                     }
                 }
             });
         }
     });
     port
+}
+
+/// guacd's `ready` with a fixed connection id.
+const READY: &str = "5.ready,37.$aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee;";
+
+/// A guacd stand-in for sessions that never end on their own: answers `select` with `args`,
+/// `connect` with `ready`, then stays silent (so whatever ends the tunnel is the browser side).
+/// Returns its port.
+async fn silent_guacd() -> u16 {
+    scripted_guacd(|_, instruction| match instruction.opcode.as_str() {
+        "select" => Some("4.args,13.VERSION_1_5_0,8.hostname;".to_owned()),
+        "connect" => Some(READY.to_owned()),
+        _ => None,
+    })
+    .await
 }
 
 /// What a scripted guacd saw of one session: the `connect` arguments by `args` name, and
@@ -784,12 +824,11 @@ struct ScriptedSession {
 /// `true` — `error,Aborted. See logs.,<abort_status>` and the connection kept open (as 1.3.0
 /// does until the client disconnects), else the first drawing (`size`) and the session held.
 /// `abort_message` replaces 1.3.0's generic message (1.5+ send guacd's own words). Returns its
-/// port and what it saw, session by session.
+/// port and what it saw, connection by connection.
 async fn sftp_aborting_guacd(
     abort_message: &'static str,
     abort_status: u16,
 ) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<ScriptedSession>>>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const NAMES: [&str; 8] = [
         "hostname",
         "port",
@@ -800,121 +839,77 @@ async fn sftp_aborting_guacd(
         "sftp-port",
         "sftp-password",
     ];
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
     let sessions = std::sync::Arc::new(std::sync::Mutex::new(Vec::<ScriptedSession>::new()));
-    let seen_by_all = sessions.clone();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let sessions = seen_by_all.clone();
-            tokio::spawn(async move {
-                let mut decoder = Decoder::new();
-                let mut buffer = [0u8; 4096];
-                let mut index = None;
-                loop {
-                    let Ok(n) = stream.read(&mut buffer).await else {
-                        return;
-                    };
-                    if n == 0 {
-                        return;
-                    }
-                    decoder.push(&buffer[..n]);
-                    while let Some(Ok(instruction)) = decoder.next_instruction() {
-                        match instruction.opcode.as_str() {
-                            "select" => {
-                                let args =
-                                    exoagent::services::guacamole::protocol::Instruction::new(
-                                        "args",
-                                        std::iter::once("VERSION_1_3_0").chain(NAMES),
-                                    );
-                                stream.write_all(args.encode().as_bytes()).await.unwrap();
-                            }
-                            "connect" => {
-                                let connect: std::collections::BTreeMap<_, _> = NAMES
-                                    .iter()
-                                    .map(|n| (*n).to_owned())
-                                    .zip(instruction.args.iter().skip(1).cloned())
-                                    .collect();
-                                let sftp =
-                                    connect.get("enable-sftp").map(String::as_str) == Some("true");
-                                index = Some({
-                                    let mut all = sessions.lock().unwrap();
-                                    all.push(ScriptedSession {
-                                        connect,
-                                        disconnected: false,
-                                    });
-                                    all.len() - 1
-                                });
-                                let mut out = String::from(
-                                    "5.ready,37.$aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee;3.nop;",
-                                );
-                                if sftp {
-                                    let status = abort_status.to_string();
-                                    out.push_str(
-                                        &exoagent::services::guacamole::protocol::Instruction::new(
-                                            "error",
-                                            [abort_message, status.as_str()],
-                                        )
-                                        .encode(),
-                                    );
-                                } else {
-                                    out.push_str("4.size,1.0,4.1280,3.800;");
-                                }
-                                stream.write_all(out.as_bytes()).await.unwrap();
-                            }
-                            "disconnect" => {
-                                if let Some(i) = index {
-                                    sessions.lock().unwrap()[i].disconnected = true;
-                                }
-                                return;
-                            }
-                            _ => {}
-                        }
-                    }
-                }
-            });
+    let seen = sessions.clone();
+    let port = scripted_guacd(move |connection, instruction| {
+        let mut sessions = seen.lock().unwrap();
+        if sessions.len() <= connection {
+            sessions.resize(connection + 1, ScriptedSession::default());
         }
-    });
+        let session = &mut sessions[connection];
+        match instruction.opcode.as_str() {
+            "select" => Some(
+                Instruction::new("args", std::iter::once("VERSION_1_3_0").chain(NAMES)).encode(),
+            ),
+            "connect" => {
+                session.connect = NAMES
+                    .iter()
+                    .map(|n| (*n).to_owned())
+                    .zip(instruction.args.iter().skip(1).cloned())
+                    .collect();
+                let mut out = format!("{READY}3.nop;");
+                if session.connect.get("enable-sftp").map(String::as_str) == Some("true") {
+                    let status = abort_status.to_string();
+                    out.push_str(
+                        &Instruction::new("error", [abort_message, status.as_str()]).encode(),
+                    );
+                } else {
+                    out.push_str("4.size,1.0,4.1280,3.800;");
+                }
+                Some(out)
+            }
+            "disconnect" => {
+                session.disconnected = true;
+                None
+            }
+            _ => None,
+        }
+    })
+    .await;
     (port, sessions)
 }
 
+/// The sessions a scripted guacd opened (`connect`), leaving out the web side's readiness
+/// checks (`select`, then hang up).
+fn opened(sessions: &std::sync::Mutex<Vec<ScriptedSession>>) -> Vec<ScriptedSession> {
+    let sessions = sessions.lock().unwrap();
+    sessions
+        .iter()
+        .filter(|s| !s.connect.is_empty())
+        .cloned()
+        .collect()
+}
+
 /// The in-process web side with one `desktop` connection (VNC with SFTP beside it, as the
-/// agent writes it) against the guacd at `guacd`; its address and a token.
-async fn desktop_web_side(guacd: u16) -> (std::net::SocketAddr, String, tempfile::TempDir) {
-    use exoagent::services::guacamole::web::{serve, WebState};
-    use exoagent::services::guacamole::web_config::WebConfig;
-    let dir = tempfile::tempdir().unwrap();
-    let config: WebConfig = serde_json::from_value(serde_json::json!({
-        "listen": "127.0.0.1:0",
-        "guacd": format!("127.0.0.1:{guacd}"),
-        "username": "exouser",
-        "password_file": dir.path().join("passphrase"),
-        "session_timeout_s": 3600,
-        "connections": {"desktop": {"protocol": "vnc", "parameters": {
+/// agent writes it) against the guacd at `guacd`; its address, a token, its stop handle and
+/// directory.
+async fn desktop_web_side(
+    guacd: u16,
+) -> (
+    std::net::SocketAddr,
+    String,
+    (tokio::sync::oneshot::Sender<()>, tempfile::TempDir),
+) {
+    let (addr, stop, dir) = web_side_with(
+        guacd,
+        serde_json::json!({"desktop": {"protocol": "vnc", "parameters": {
             "hostname": "127.0.0.1", "port": "5901", "password": "${GUAC_PASSWORD}",
             "enable-sftp": "true", "sftp-hostname": "127.0.0.1", "sftp-port": "22",
-            "sftp-username": "exouser", "sftp-password": "${GUAC_PASSWORD}"}}},
-        "trusted_proxies": [],
-    }))
-    .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(serve(
-        listener,
-        WebState::new(config, "right words".to_owned()),
-        std::future::pending::<()>(),
-    ));
-    let token: serde_json::Value = reqwest::Client::new()
-        .post(format!("http://{addr}/guacamole/api/tokens"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body("username=exouser&password=right words")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    (addr, token["authToken"].as_str().unwrap().to_owned(), dir)
+            "sftp-username": "exouser", "sftp-password": "${GUAC_PASSWORD}"}}}),
+        &[],
+    )
+    .await;
+    (addr, token_from(addr).await, (stop, dir))
 }
 
 /// Every text message of a desktop tunnel until `until` is among them, the tunnel closes, or
@@ -971,7 +966,7 @@ async fn a_desktop_whose_sftp_fails_is_reopened_without_file_transfer() {
     );
     assert!(!all.contains("5.error,"), "the page saw the abort: {all}");
     assert!(all.ends_with("4.size,1.0,4.1280,3.800;"), "{all}");
-    let sessions = sessions.lock().unwrap().clone();
+    let sessions = opened(&sessions);
     assert_eq!(sessions.len(), 2, "{sessions:?}");
     assert_eq!(sessions[0].connect["enable-sftp"], "true");
     assert_eq!(sessions[0].connect["sftp-password"], "right words");
@@ -1002,60 +997,28 @@ async fn only_an_abort_before_drawing_that_may_be_sftp_is_retried_and_only_once(
         "{all}"
     );
     assert!(!all.contains("5.files"), "{all}");
-    assert_eq!(sessions.lock().unwrap().len(), 1);
+    assert_eq!(opened(&sessions).len(), 1);
 }
 
 /// A text frame that is not UTF-8 ends the tunnel with a WebSocket close carrying
 /// CLIENT_BAD_REQUEST (768), like other bad input, not with a dropped TCP connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_text_frame_that_is_not_utf8_is_refused_with_a_close_code() {
-    use exoagent::services::guacamole::web::{serve, WebState};
-    use exoagent::services::guacamole::web_config::WebConfig;
     use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
     use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 
     let guacd = silent_guacd().await;
-    let dir = tempfile::tempdir().unwrap();
-    let config: WebConfig = serde_json::from_value(serde_json::json!({
-        "listen": "127.0.0.1:0",
-        "guacd": format!("127.0.0.1:{guacd}"),
-        "username": "exouser",
-        "password_file": dir.path().join("passphrase"),
-        "session_timeout_s": 3600,
-        "connections": {"shell": {"protocol": "ssh", "parameters": {"hostname": "127.0.0.1"}}},
-        "trusted_proxies": [],
-    }))
-    .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(serve(
-        listener,
-        WebState::new(config, "right words".to_owned()),
-        async move {
-            let _ = stopped.await;
-        },
-    ));
-    let token: serde_json::Value = reqwest::Client::new()
-        .post(format!("http://{addr}/guacamole/api/tokens"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body("username=exouser&password=right words")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let token = token["authToken"].as_str().unwrap().to_owned();
-    let mut request = format!(
-        "ws://{addr}/guacamole/websocket-tunnel?token={token}&GUAC_ID=shell&GUAC_TYPE=c&GUAC_DATA_SOURCE=default"
+    let (addr, _stop, _dir) = web_side_with(
+        guacd,
+        serde_json::json!({"shell": {"protocol": "ssh", "parameters": {"hostname": "127.0.0.1"}}}),
+        &[],
     )
-    .into_client_request()
-    .unwrap();
-    request
-        .headers_mut()
-        .insert("sec-websocket-protocol", "guacamole".parse().unwrap());
-    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    .await;
+    let token = token_from(addr).await;
+    let mut socket = open_tunnel(format!(
+        "ws://{addr}/guacamole/websocket-tunnel?token={token}&GUAC_ID=shell&GUAC_TYPE=c&GUAC_DATA_SOURCE=default"
+    ))
+    .await;
     match tokio::time::timeout(Duration::from_secs(10), socket.next()).await {
         Ok(Some(Ok(Message::Text(text)))) => assert!(text.starts_with("0.,36."), "{text}"),
         other => panic!("expected the tunnel UUID, got {other:?}"),
