@@ -47,14 +47,24 @@ pub(crate) fn invoking_account(paths: &Paths) -> Result<Account, AgentError> {
     })
 }
 
-/// The user, its passphrase, and the password set once (only when the passphrase is new, so a
-/// researcher's own password change is never undone by an agent restart).
-pub(super) async fn provision_account(plan: &Plan) -> Result<(Account, Passphrase), Reason> {
-    let paths = &plan.paths;
-    let passphrase_file = paths.passphrase_file();
+/// The passphrase, made on the first run; `true` when it was made now (nothing has its hash or
+/// the password yet).
+pub(super) fn load_passphrase(plan: &Plan) -> Result<(Passphrase, bool), Reason> {
+    let passphrase_file = plan.paths.passphrase_file();
     let fresh = !passphrase_file.exists();
     let passphrase = passphrase::load_or_create(&passphrase_file)
         .map_err(|e| Reason::new(e.reason(), e.to_string()))?;
+    Ok((passphrase, fresh))
+}
+
+/// The user, and its password set once (only when the passphrase is `fresh`, or the marker is
+/// missing, so a researcher's own password change is never undone by an agent restart).
+pub(super) async fn provision_account(
+    plan: &Plan,
+    passphrase: &Passphrase,
+    fresh: bool,
+) -> Result<Account, Reason> {
+    let paths = &plan.paths;
     let account = match plan.mode {
         Mode::Sandbox => {
             invoking_account(paths).map_err(|e| Reason::new(e.reason(), e.to_string()))?
@@ -81,7 +91,7 @@ pub(super) async fn provision_account(plan: &Plan) -> Result<(Account, Passphras
             let marker = paths.password_set_marker();
             if fresh || !marker.exists() {
                 users
-                    .set_password(name, &passphrase)
+                    .set_password(name, passphrase)
                     .await
                     .map_err(|e| Reason::new(e.reason(), e.to_string()))?;
                 fsutil::write_atomic(&marker, b"", 0o600, None)
@@ -90,7 +100,7 @@ pub(super) async fn provision_account(plan: &Plan) -> Result<(Account, Passphras
             info.into()
         }
     };
-    Ok((account, passphrase))
+    Ok(account)
 }
 
 /// The services after every one's downloads were fetched and verified ([`Service::fetch`]),
@@ -643,7 +653,9 @@ mod tests {
     async fn sandbox_provisioning_creates_a_private_passphrase_for_the_invoking_user() {
         let (_dir, paths) = fixtures::sandbox();
         let plan = plan(Mode::Sandbox, paths.clone()).unwrap();
-        let (account, passphrase) = provision_account(&plan).await.unwrap();
+        let (passphrase, fresh) = load_passphrase(&plan).unwrap();
+        assert!(fresh);
+        let account = provision_account(&plan, &passphrase, fresh).await.unwrap();
         assert_eq!(account.uid, nix::unistd::geteuid().as_raw());
         assert_eq!(account.gid, nix::unistd::getegid().as_raw());
         assert!(account.home.starts_with(paths.system_root.join("home")));
@@ -657,7 +669,8 @@ mod tests {
         // The sandbox never sets a system password.
         assert!(!paths.password_set_marker().exists());
         // A second run keeps the passphrase.
-        let (_, again) = provision_account(&plan).await.unwrap();
+        let (again, fresh) = load_passphrase(&plan).unwrap();
+        assert!(!fresh);
         assert_eq!(again.expose(), passphrase.expose());
     }
 
