@@ -9,7 +9,7 @@ use crate::cloud::clouds;
 use crate::cloud::discover::{publish_password_once, IdentitySource};
 use crate::cloud::keystone::Keystone;
 use crate::cloud::nova::Nova;
-use crate::cloud::MetadataService;
+use crate::cloud::{CloudSettings, InstanceIdentity, MetadataService};
 use crate::config::DEFAULT_METADATA_URL;
 use crate::fsutil;
 use crate::host::{Host, Outcome};
@@ -309,8 +309,11 @@ pub(super) fn metadata_service(plan: &Plan) -> Option<MetadataService> {
 
 /// The Nova reporter, when a clouds.yaml is configured and the server is known. A credential
 /// that cannot even be loaded is shown in `exoagent status`; services go on regardless.
-pub(super) fn nova_reporter(plan: &Plan, hub: &StateHub) -> Option<NovaReporter> {
-    let cloud = &plan.settings.cloud;
+pub(super) fn nova_reporter(
+    cloud: &CloudSettings,
+    identity: Option<&InstanceIdentity>,
+    hub: &StateHub,
+) -> Option<NovaReporter> {
     let path = cloud.clouds_yaml.as_ref()?;
     let failed = |code: &str, detail: String| {
         tracing::error!(target: "exoagent::agent", reason = code, "not reporting to Nova: {detail}");
@@ -320,7 +323,7 @@ pub(super) fn nova_reporter(plan: &Plan, hub: &StateHub) -> Option<NovaReporter>
         });
         None
     };
-    let Some(identity) = &plan.identity else {
+    let Some(identity) = identity else {
         return failed(
             "identity-unknown",
             "no instance identity (no config drive, no metadata service): cannot tell which server to report on".into(),
@@ -705,7 +708,7 @@ mod tests {
         );
         let plan = plan(Mode::Sandbox, paths).unwrap();
         let hub = StateHub::new([]);
-        assert!(nova_reporter(&plan, &hub).is_none());
+        assert!(nova_reporter(&plan.settings.cloud, plan.identity.as_ref(), &hub).is_none());
         let nova = hub.snapshot().nova.unwrap();
         assert_eq!(nova.state, NovaReportingState::Failed);
         assert_eq!(nova.reason.unwrap().code, "identity-unknown");

@@ -92,17 +92,39 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
     let metadata = metadata_service(&plan);
     let identity_source = resolve_identity(&mut plan, metadata.as_ref(), &hub).await?;
     forget_previous_instance(&plan)?;
-    if let Some(mut reporter) = nova_reporter(&plan, &hub) {
+    if plan.settings.cloud.clouds_yaml.is_some() {
         // Exosphere shows the notebook link only with `exoCustomWorkflow`; one Exosphere set
         // (a workflow it launched) is never overwritten.
         let set_by_exosphere = plan
             .identity
             .as_ref()
             .is_some_and(|i| i.meta.contains_key(link::CUSTOM_WORKFLOW_KEY));
-        if let (Some((_, value)), false) = (&link, set_by_exosphere) {
-            reporter = reporter.with_fixed_metadata(link::CUSTOM_WORKFLOW_KEY, value.clone());
-        }
-        tasks.spawn(reporter.run(hub.clone(), cancel.clone()));
+        let fixed = match (&link, set_by_exosphere) {
+            (Some((_, value)), false) => Some(value.clone()),
+            _ => None,
+        };
+        let (cloud, identity) = (plan.settings.cloud.clone(), plan.identity.clone());
+        let (hub, cancel) = (hub.clone(), cancel.clone());
+        // Reading the credential and building its TLS client (the system's root certificates)
+        // is blocking work the services need not wait for: done on its own task.
+        tasks.spawn(async move {
+            let building = hub.clone();
+            let built = tokio::task::spawn_blocking(move || {
+                nova_reporter(&cloud, identity.as_ref(), &building)
+            })
+            .await;
+            let reporter = match built {
+                Ok(Some(reporter)) => reporter,
+                Ok(None) => return,
+                // Only a panic ends a blocking task early: pass it on.
+                Err(e) => std::panic::resume_unwind(e.into_panic()),
+            };
+            let reporter = match fixed {
+                Some(value) => reporter.with_fixed_metadata(link::CUSTOM_WORKFLOW_KEY, value),
+                None => reporter,
+            };
+            reporter.run(hub, cancel).await;
+        });
     }
 
     install_login_banner(&plan, &options.shim.exe);

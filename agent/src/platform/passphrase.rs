@@ -282,6 +282,24 @@ mod tests {
     use super::*;
     use argon2::password_hash::{PasswordHash, PasswordVerifier};
 
+    #[tokio::test]
+    async fn clones_share_one_argon2_hash_started_early() {
+        let passphrase = Passphrase::generate();
+        let clone = passphrase.clone();
+        passphrase.start_argon2();
+        // Asked for while (or after) the blocking task computes it: one hash, the same for every
+        // clone, and a hash of this passphrase.
+        let asked = tokio::task::spawn_blocking(move || clone.argon2_once())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(passphrase.argon2_once().unwrap(), asked);
+        assert!(argon2_verify(&passphrase, &asked));
+        assert!(!argon2_verify(&Passphrase::generate(), &asked));
+        // A fresh salt per passphrase, not per process.
+        assert_ne!(Passphrase::generate().argon2_once().unwrap(), asked);
+    }
+
     #[test]
     fn the_dictionary_is_rfc1751s() {
         let words = dictionary();
