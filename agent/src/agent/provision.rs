@@ -57,17 +57,13 @@ pub(super) fn load_passphrase(plan: &Plan) -> Result<(Passphrase, bool), Reason>
     Ok((passphrase, fresh))
 }
 
-/// The user, and its password set once (only when the passphrase is `fresh`, or the marker is
-/// missing, so a researcher's own password change is never undone by an agent restart).
-pub(super) async fn provision_account(
-    plan: &Plan,
-    passphrase: &Passphrase,
-    fresh: bool,
-) -> Result<Account, Reason> {
+/// The account services run as: in system mode the instance user, created when asked for (its
+/// password is [`set_password_once`]'s, apart: no service needs it to start).
+pub(super) async fn provision_account(plan: &Plan) -> Result<Account, Reason> {
     let paths = &plan.paths;
-    let account = match plan.mode {
+    match plan.mode {
         Mode::Sandbox => {
-            invoking_account(paths).map_err(|e| Reason::new(e.reason(), e.to_string()))?
+            invoking_account(paths).map_err(|e| Reason::new(e.reason(), e.to_string()))
         }
         Mode::System => {
             let users = UserManager::new(&paths.system_root);
@@ -88,19 +84,32 @@ pub(super) async fn provision_account(
                         )
                     })?
             };
-            let marker = paths.password_set_marker();
-            if fresh || !marker.exists() {
-                users
-                    .set_password(name, passphrase)
-                    .await
-                    .map_err(|e| Reason::new(e.reason(), e.to_string()))?;
-                fsutil::write_atomic(&marker, b"", 0o600, None)
-                    .map_err(|e| Reason::new("state-dir-failed", e.to_string()))?;
-            }
-            info.into()
+            Ok(info.into())
         }
-    };
-    Ok(account)
+    }
+}
+
+/// The instance user's password set to the passphrase once: only when the passphrase is
+/// `fresh` or the marker is missing, so a researcher's own password change is never undone by
+/// an agent restart. System mode only (the sandbox never sets a system password).
+pub(super) async fn set_password_once(
+    plan: &Plan,
+    passphrase: &Passphrase,
+    fresh: bool,
+) -> Result<(), Reason> {
+    if plan.mode == Mode::Sandbox {
+        return Ok(());
+    }
+    let marker = plan.paths.password_set_marker();
+    if !fresh && marker.exists() {
+        return Ok(());
+    }
+    UserManager::new(&plan.paths.system_root)
+        .set_password(&plan.settings.instance.user, passphrase)
+        .await
+        .map_err(|e| Reason::new(e.reason(), e.to_string()))?;
+    fsutil::write_atomic(&marker, b"", 0o600, None)
+        .map_err(|e| Reason::new("state-dir-failed", e.to_string()))
 }
 
 /// The services after every one's downloads were fetched and verified ([`Service::fetch`]),
@@ -658,7 +667,8 @@ mod tests {
         let plan = plan(Mode::Sandbox, paths.clone()).unwrap();
         let (passphrase, fresh) = load_passphrase(&plan).unwrap();
         assert!(fresh);
-        let account = provision_account(&plan, &passphrase, fresh).await.unwrap();
+        let account = provision_account(&plan).await.unwrap();
+        set_password_once(&plan, &passphrase, fresh).await.unwrap();
         assert_eq!(account.uid, nix::unistd::geteuid().as_raw());
         assert_eq!(account.gid, nix::unistd::getegid().as_raw());
         assert!(account.home.starts_with(paths.system_root.join("home")));

@@ -32,7 +32,7 @@ use super::plan::packages_for;
 use super::provision::{
     apply_host_touches, exosphere_link, fetch_all, forget_previous_instance, install_login_banner,
     install_packages, installer, load_passphrase, metadata_service, nova_reporter,
-    provision_account, publish_passphrase, Fetched,
+    provision_account, publish_passphrase, set_password_once, Fetched,
 };
 use super::{plan, AgentError, AgentOptions, Mode, Plan};
 
@@ -188,8 +188,9 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
     Ok(())
 }
 
-/// What the services' side of the set-up needs: the account, the host touches, the batch, the
-/// fronts, then every service installed, configured and handed to its supervisor.
+/// What the services' side of the set-up needs: the account, then beside each other its
+/// password and the host touches, the batch, the fronts and every service installed, configured
+/// and handed to its supervisor.
 struct SetUp<'a> {
     plan: &'a Plan,
     hub: &'a StateHub,
@@ -217,7 +218,7 @@ impl SetUp<'_> {
             shim,
             api_socket,
         } = self;
-        let account = provision_account(plan, &passphrase, fresh).await;
+        let account = provision_account(plan).await;
         // After the account exists (mounted volumes are given to it), whatever became of it.
         if let Some(watcher) = volume_watcher(plan, metadata, identity_source) {
             tasks.spawn(watcher.watch(hub.clone(), cancel.clone()));
@@ -235,37 +236,58 @@ impl SetUp<'_> {
             account,
             exe: shim.exe.clone(),
         };
-        // Independent of each other, so side by side: the host touches (a getty restart; the
-        // user's group, before any service runs as the user) and the services' fetches (vendor
-        // packages downloaded and verified before the batch: a service refused here keeps its
-        // packages out of it).
-        let ((), mut fetched) =
-            tokio::join!(apply_host_touches(plan), fetch_all(&plan.services, &ctx),);
-        fetched.host_packages = host::base_packages(&plan.settings.host, &plan.os);
-        if !install_packages(plan, hub, &fetched).await {
-            for (service, e) in fetched.refused {
-                record_transition(
-                    hub,
-                    service.kind(),
-                    ServiceState::Failed,
-                    ServiceUpdate {
-                        reason: Some(Reason::new(e.reason(), e.to_string())),
-                        ..Default::default()
-                    },
-                );
+        // The password (chpasswd) is for logins (SSH, Guacamole, RStudio's PAM); no service
+        // needs it to start, so it runs beside them, and provisioning is over only with it.
+        let password = set_password_once(plan, &passphrase, fresh);
+        let services = async {
+            // Independent of each other, so side by side: the host touches (a getty restart;
+            // the user's group, before any service runs as the user) and the services' fetches
+            // (vendor packages downloaded and verified before the batch: a service refused here
+            // keeps its packages out of it).
+            let ((), mut fetched) =
+                tokio::join!(apply_host_touches(plan), fetch_all(&plan.services, &ctx),);
+            fetched.host_packages = host::base_packages(&plan.settings.host, &plan.os);
+            if !install_packages(plan, hub, &fetched).await {
+                for (service, e) in fetched.refused {
+                    record_transition(
+                        hub,
+                        service.kind(),
+                        ServiceState::Failed,
+                        ServiceUpdate {
+                            reason: Some(Reason::new(e.reason(), e.to_string())),
+                            ..Default::default()
+                        },
+                    );
+                }
+                return false;
             }
+            let fronts = Fronts {
+                plan,
+                ctx: &ctx,
+                metadata,
+                shim,
+                hub,
+            };
+            fronts.start(tasks, cancel).await;
+            start_services(
+                plan,
+                ctx.clone(),
+                passphrase.clone(),
+                fetched,
+                shim,
+                hub,
+                tasks,
+                cancel,
+            )
+            .await;
+            true
+        };
+        let (password, started) = tokio::join!(password, services);
+        if let Err(reason) = password {
+            hub.fail_step(SetupStep::User, reason);
             return Ok(false);
         }
-        let fronts = Fronts {
-            plan,
-            ctx: &ctx,
-            metadata,
-            shim,
-            hub,
-        };
-        fronts.start(tasks, cancel).await;
-        start_services(plan, ctx, passphrase, fetched, shim, hub, tasks, cancel).await;
-        Ok(true)
+        Ok(started)
     }
 }
 
