@@ -47,12 +47,34 @@ pub(crate) fn invoking_account(paths: &Paths) -> Result<Account, AgentError> {
     })
 }
 
-/// The passphrase, made on the first run; `true` when it was made now (nothing has its hash or
-/// the password yet).
-pub(super) fn load_passphrase(plan: &Plan) -> Result<(Passphrase, bool), Reason> {
+/// A passphrase made before the instance is known, when none is stored (a first boot): its
+/// argon2 hash for JupyterLab starts at once, while the identity is looked up, instead of after.
+/// [`load_passphrase`] stores it only if there is still none once a previous instance's state
+/// is forgotten; `None` on a restart (one is stored).
+pub(super) fn early_passphrase(plan: &Plan) -> Option<Passphrase> {
+    if plan.paths.passphrase_file().exists() {
+        return None;
+    }
+    let made = Passphrase::generate();
+    if plan
+        .services
+        .iter()
+        .any(|s| s.kind() == crate::model::ServiceKind::JupyterLab)
+    {
+        made.start_argon2();
+    }
+    Some(made)
+}
+
+/// The passphrase, made on the first run (`early`, when made before); `true` when it was made
+/// now (nothing has its hash or the password yet).
+pub(super) fn load_passphrase(
+    plan: &Plan,
+    early: Option<Passphrase>,
+) -> Result<(Passphrase, bool), Reason> {
     let passphrase_file = plan.paths.passphrase_file();
     let fresh = !passphrase_file.exists();
-    let passphrase = passphrase::load_or_create(&passphrase_file)
+    let passphrase = passphrase::load_or_store(&passphrase_file, early)
         .map_err(|e| Reason::new(e.reason(), e.to_string()))?;
     Ok((passphrase, fresh))
 }
@@ -646,6 +668,33 @@ mod tests {
     }
 
     #[test]
+    fn an_early_passphrase_is_stored_on_a_first_run_only() {
+        let (_dir, plan) = sandbox_plan_with_drive(fixtures::fixture_meta_data());
+        let early = early_passphrase(&plan).expect("nothing is stored yet");
+        let text = early.expose().to_owned();
+        forget_previous_instance(&plan).unwrap();
+        let (stored, fresh) = load_passphrase(&plan, Some(early)).unwrap();
+        assert!(fresh);
+        assert_eq!(stored.expose(), text);
+        let file = std::fs::read_to_string(plan.paths.passphrase_file()).unwrap();
+        assert_eq!(file.trim(), text);
+        // A restart makes none and keeps the stored one.
+        assert!(early_passphrase(&plan).is_none());
+        let (again, fresh) = load_passphrase(&plan, None).unwrap();
+        assert!(!fresh);
+        assert_eq!(again.expose(), text);
+        // Another instance's state: none is made early (one is stored), the stored one is
+        // forgotten, and a new one replaces it.
+        leave_previous_state(&plan.paths, "11111111-2222-3333-4444-555555555555");
+        assert!(early_passphrase(&plan).is_none());
+        forget_previous_instance(&plan).unwrap();
+        let (new, fresh) = load_passphrase(&plan, None).unwrap();
+        assert!(fresh);
+        assert_ne!(new.expose(), text);
+        assert_eq!(new.expose().split(' ').count(), passphrase::WORDS);
+    }
+
+    #[test]
     fn first_run_records_the_instance() {
         let (_dir, plan) = sandbox_plan_with_drive(fixtures::fixture_meta_data());
         forget_previous_instance(&plan).unwrap();
@@ -665,7 +714,7 @@ mod tests {
     async fn sandbox_provisioning_creates_a_private_passphrase_for_the_invoking_user() {
         let (_dir, paths) = fixtures::sandbox();
         let plan = plan(Mode::Sandbox, paths.clone()).unwrap();
-        let (passphrase, fresh) = load_passphrase(&plan).unwrap();
+        let (passphrase, fresh) = load_passphrase(&plan, None).unwrap();
         assert!(fresh);
         let account = provision_account(&plan).await.unwrap();
         set_password_once(&plan, &passphrase, fresh).await.unwrap();
@@ -682,7 +731,7 @@ mod tests {
         // The sandbox never sets a system password.
         assert!(!paths.password_set_marker().exists());
         // A second run keeps the passphrase.
-        let (again, fresh) = load_passphrase(&plan).unwrap();
+        let (again, fresh) = load_passphrase(&plan, early_passphrase(&plan)).unwrap();
         assert!(!fresh);
         assert_eq!(again.expose(), passphrase.expose());
     }

@@ -30,9 +30,9 @@ use crate::supervise::{jittered, retry_delay, ServicePaths, ShimCommand, Supervi
 
 use super::plan::packages_for;
 use super::provision::{
-    apply_host_touches, exosphere_link, fetch_all, forget_previous_instance, install_login_banner,
-    install_packages, installer, load_passphrase, metadata_service, nova_reporter,
-    provision_account, publish_passphrase, set_password_once, Fetched,
+    apply_host_touches, early_passphrase, exosphere_link, fetch_all, forget_previous_instance,
+    install_login_banner, install_packages, installer, load_passphrase, metadata_service,
+    nova_reporter, provision_account, publish_passphrase, set_password_once, Fetched,
 };
 use super::{plan, AgentError, AgentOptions, Mode, Plan};
 
@@ -60,6 +60,9 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
     };
     let mut plan = planned?;
     tracing::info!(target: "exoagent::agent", os = %plan.os.pretty_name, services = plan.services.len(), "configuration valid");
+    // On a first boot the passphrase's argon2 hash (seconds under emulation) is the longest step
+    // before JupyterLab can start: begun now, it runs while the instance is looked up.
+    let early = early_passphrase(&plan);
     prepare_dirs(&plan.paths)?;
 
     let hub = StateHub::new(plan.services.iter().map(|s| (s.kind(), s.port(), s.url())));
@@ -137,10 +140,11 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
             cancel.clone(),
         ));
     }
-    match load_passphrase(&plan) {
+    match load_passphrase(&plan, early) {
         Ok((passphrase, fresh)) => {
             // A new passphrase has no hash yet: JupyterLab's is worked out on a blocking thread
-            // while the account is made, instead of after it.
+            // while the account is made, instead of after it (already under way when it was
+            // made early).
             let hashed = plan
                 .services
                 .iter()

@@ -3,6 +3,7 @@
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use argon2::password_hash::{PasswordHasher, SaltString};
@@ -27,6 +28,8 @@ struct Secret {
     text: String,
     /// The argon2 hash once computed, or why it could not be (not secret: a salted hash).
     argon2: OnceLock<Result<String, String>>,
+    /// Whether [`Passphrase::start_argon2`] was called (one blocking task is enough).
+    argon2_started: AtomicBool,
 }
 
 impl std::fmt::Debug for Passphrase {
@@ -48,6 +51,7 @@ impl Passphrase {
         Self(Arc::new(Secret {
             text,
             argon2: OnceLock::new(),
+            argon2_started: AtomicBool::new(false),
         }))
     }
 
@@ -78,9 +82,13 @@ impl Passphrase {
             .map_err(SecretError::Hash)
     }
 
-    /// Start [`Self::argon2_once`] on a blocking thread now, so that the hash is ready when
-    /// it is asked for. Its outcome is kept, not returned: an error reaches whoever asks.
+    /// Start [`Self::argon2_once`] on a blocking thread now (once per passphrase), so that the
+    /// hash is ready when it is asked for. Its outcome is kept, not returned: an error reaches
+    /// whoever asks.
     pub fn start_argon2(&self) {
+        if self.0.argon2_started.swap(true, Ordering::Relaxed) {
+            return;
+        }
         let passphrase = self.clone();
         // Detached on purpose: the result lives in the shared cell; a panic leaves the cell
         // empty and the next caller computes again.
@@ -177,6 +185,12 @@ impl SecretError {
 /// Load the passphrase from `path`, or generate one and store it there (0600, in a 0700
 /// directory, written to a temporary file and renamed). Refuses a file others can read.
 pub fn load_or_create(path: &Path) -> Result<Passphrase, SecretError> {
+    load_or_store(path, None)
+}
+
+/// [`load_or_create`], storing `made` (a passphrase generated earlier, whose hash may already be
+/// under way) instead of a new one when `path` holds none; `made` is dropped when it does.
+pub fn load_or_store(path: &Path, made: Option<Passphrase>) -> Result<Passphrase, SecretError> {
     match read_private_file(path)? {
         Some(text) => {
             let passphrase = Passphrase::new(text.trim().to_owned());
@@ -189,7 +203,7 @@ pub fn load_or_create(path: &Path) -> Result<Passphrase, SecretError> {
             Ok(passphrase)
         }
         None => {
-            let passphrase = Passphrase::generate();
+            let passphrase = made.unwrap_or_else(Passphrase::generate);
             store(path, &passphrase)?;
             Ok(passphrase)
         }
