@@ -9,7 +9,7 @@ use crate::cloud::clouds;
 use crate::cloud::discover::{publish_password_once, IdentitySource};
 use crate::cloud::keystone::Keystone;
 use crate::cloud::nova::Nova;
-use crate::cloud::MetadataService;
+use crate::cloud::{CloudSettings, InstanceIdentity, MetadataService};
 use crate::config::DEFAULT_METADATA_URL;
 use crate::fsutil;
 use crate::host::{Host, Outcome};
@@ -47,17 +47,45 @@ pub(crate) fn invoking_account(paths: &Paths) -> Result<Account, AgentError> {
     })
 }
 
-/// The user, its passphrase, and the password set once (only when the passphrase is new, so a
-/// researcher's own password change is never undone by an agent restart).
-pub(super) async fn provision_account(plan: &Plan) -> Result<(Account, Passphrase), Reason> {
-    let paths = &plan.paths;
-    let passphrase_file = paths.passphrase_file();
+/// A passphrase made before the instance is known, when none is stored (a first boot): its
+/// argon2 hash for JupyterLab starts at once, while the identity is looked up, instead of after.
+/// [`load_passphrase`] stores it only if there is still none once a previous instance's state
+/// is forgotten; `None` on a restart (one is stored).
+pub(super) fn early_passphrase(plan: &Plan) -> Option<Passphrase> {
+    if plan.paths.passphrase_file().exists() {
+        return None;
+    }
+    let made = Passphrase::generate();
+    if plan
+        .services
+        .iter()
+        .any(|s| s.kind() == crate::model::ServiceKind::JupyterLab)
+    {
+        made.start_argon2();
+    }
+    Some(made)
+}
+
+/// The passphrase, made on the first run (`early`, when made before); `true` when it was made
+/// now (nothing has its hash or the password yet).
+pub(super) fn load_passphrase(
+    plan: &Plan,
+    early: Option<Passphrase>,
+) -> Result<(Passphrase, bool), Reason> {
+    let passphrase_file = plan.paths.passphrase_file();
     let fresh = !passphrase_file.exists();
-    let passphrase = passphrase::load_or_create(&passphrase_file)
+    let passphrase = passphrase::load_or_store(&passphrase_file, early)
         .map_err(|e| Reason::new(e.reason(), e.to_string()))?;
-    let account = match plan.mode {
+    Ok((passphrase, fresh))
+}
+
+/// The account services run as: in system mode the instance user, created when asked for (its
+/// password is [`set_password_once`]'s, apart: no service needs it to start).
+pub(super) async fn provision_account(plan: &Plan) -> Result<Account, Reason> {
+    let paths = &plan.paths;
+    match plan.mode {
         Mode::Sandbox => {
-            invoking_account(paths).map_err(|e| Reason::new(e.reason(), e.to_string()))?
+            invoking_account(paths).map_err(|e| Reason::new(e.reason(), e.to_string()))
         }
         Mode::System => {
             let users = UserManager::new(&paths.system_root);
@@ -78,19 +106,32 @@ pub(super) async fn provision_account(plan: &Plan) -> Result<(Account, Passphras
                         )
                     })?
             };
-            let marker = paths.password_set_marker();
-            if fresh || !marker.exists() {
-                users
-                    .set_password(name, &passphrase)
-                    .await
-                    .map_err(|e| Reason::new(e.reason(), e.to_string()))?;
-                fsutil::write_atomic(&marker, b"", 0o600, None)
-                    .map_err(|e| Reason::new("state-dir-failed", e.to_string()))?;
-            }
-            info.into()
+            Ok(info.into())
         }
-    };
-    Ok((account, passphrase))
+    }
+}
+
+/// The instance user's password set to the passphrase once: only when the passphrase is
+/// `fresh` or the marker is missing, so a researcher's own password change is never undone by
+/// an agent restart. System mode only (the sandbox never sets a system password).
+pub(super) async fn set_password_once(
+    plan: &Plan,
+    passphrase: &Passphrase,
+    fresh: bool,
+) -> Result<(), Reason> {
+    if plan.mode == Mode::Sandbox {
+        return Ok(());
+    }
+    let marker = plan.paths.password_set_marker();
+    if !fresh && marker.exists() {
+        return Ok(());
+    }
+    UserManager::new(&plan.paths.system_root)
+        .set_password(&plan.settings.instance.user, passphrase)
+        .await
+        .map_err(|e| Reason::new(e.reason(), e.to_string()))?;
+    fsutil::write_atomic(&marker, b"", 0o600, None)
+        .map_err(|e| Reason::new("state-dir-failed", e.to_string()))
 }
 
 /// The services after every one's downloads were fetched and verified ([`Service::fetch`]),
@@ -299,8 +340,11 @@ pub(super) fn metadata_service(plan: &Plan) -> Option<MetadataService> {
 
 /// The Nova reporter, when a clouds.yaml is configured and the server is known. A credential
 /// that cannot even be loaded is shown in `exoagent status`; services go on regardless.
-pub(super) fn nova_reporter(plan: &Plan, hub: &StateHub) -> Option<NovaReporter> {
-    let cloud = &plan.settings.cloud;
+pub(super) fn nova_reporter(
+    cloud: &CloudSettings,
+    identity: Option<&InstanceIdentity>,
+    hub: &StateHub,
+) -> Option<NovaReporter> {
     let path = cloud.clouds_yaml.as_ref()?;
     let failed = |code: &str, detail: String| {
         tracing::error!(target: "exoagent::agent", reason = code, "not reporting to Nova: {detail}");
@@ -310,7 +354,7 @@ pub(super) fn nova_reporter(plan: &Plan, hub: &StateHub) -> Option<NovaReporter>
         });
         None
     };
-    let Some(identity) = &plan.identity else {
+    let Some(identity) = identity else {
         return failed(
             "identity-unknown",
             "no instance identity (no config drive, no metadata service): cannot tell which server to report on".into(),
@@ -624,6 +668,33 @@ mod tests {
     }
 
     #[test]
+    fn an_early_passphrase_is_stored_on_a_first_run_only() {
+        let (_dir, plan) = sandbox_plan_with_drive(fixtures::fixture_meta_data());
+        let early = early_passphrase(&plan).expect("nothing is stored yet");
+        let text = early.expose().to_owned();
+        forget_previous_instance(&plan).unwrap();
+        let (stored, fresh) = load_passphrase(&plan, Some(early)).unwrap();
+        assert!(fresh);
+        assert_eq!(stored.expose(), text);
+        let file = std::fs::read_to_string(plan.paths.passphrase_file()).unwrap();
+        assert_eq!(file.trim(), text);
+        // A restart makes none and keeps the stored one.
+        assert!(early_passphrase(&plan).is_none());
+        let (again, fresh) = load_passphrase(&plan, None).unwrap();
+        assert!(!fresh);
+        assert_eq!(again.expose(), text);
+        // Another instance's state: none is made early (one is stored), the stored one is
+        // forgotten, and a new one replaces it.
+        leave_previous_state(&plan.paths, "11111111-2222-3333-4444-555555555555");
+        assert!(early_passphrase(&plan).is_none());
+        forget_previous_instance(&plan).unwrap();
+        let (new, fresh) = load_passphrase(&plan, None).unwrap();
+        assert!(fresh);
+        assert_ne!(new.expose(), text);
+        assert_eq!(new.expose().split(' ').count(), passphrase::WORDS);
+    }
+
+    #[test]
     fn first_run_records_the_instance() {
         let (_dir, plan) = sandbox_plan_with_drive(fixtures::fixture_meta_data());
         forget_previous_instance(&plan).unwrap();
@@ -643,7 +714,10 @@ mod tests {
     async fn sandbox_provisioning_creates_a_private_passphrase_for_the_invoking_user() {
         let (_dir, paths) = fixtures::sandbox();
         let plan = plan(Mode::Sandbox, paths.clone()).unwrap();
-        let (account, passphrase) = provision_account(&plan).await.unwrap();
+        let (passphrase, fresh) = load_passphrase(&plan, None).unwrap();
+        assert!(fresh);
+        let account = provision_account(&plan).await.unwrap();
+        set_password_once(&plan, &passphrase, fresh).await.unwrap();
         assert_eq!(account.uid, nix::unistd::geteuid().as_raw());
         assert_eq!(account.gid, nix::unistd::getegid().as_raw());
         assert!(account.home.starts_with(paths.system_root.join("home")));
@@ -657,7 +731,8 @@ mod tests {
         // The sandbox never sets a system password.
         assert!(!paths.password_set_marker().exists());
         // A second run keeps the passphrase.
-        let (_, again) = provision_account(&plan).await.unwrap();
+        let (again, fresh) = load_passphrase(&plan, early_passphrase(&plan)).unwrap();
+        assert!(!fresh);
         assert_eq!(again.expose(), passphrase.expose());
     }
 
@@ -692,7 +767,7 @@ mod tests {
         );
         let plan = plan(Mode::Sandbox, paths).unwrap();
         let hub = StateHub::new([]);
-        assert!(nova_reporter(&plan, &hub).is_none());
+        assert!(nova_reporter(&plan.settings.cloud, plan.identity.as_ref(), &hub).is_none());
         let nova = hub.snapshot().nova.unwrap();
         assert_eq!(nova.state, NovaReportingState::Failed);
         assert_eq!(nova.reason.unwrap().code, "identity-unknown");

@@ -30,9 +30,9 @@ use crate::supervise::{jittered, retry_delay, ServicePaths, ShimCommand, Supervi
 
 use super::plan::packages_for;
 use super::provision::{
-    apply_host_touches, exosphere_link, fetch_all, forget_previous_instance, install_login_banner,
-    install_packages, installer, metadata_service, nova_reporter, provision_account,
-    publish_passphrase, Fetched,
+    apply_host_touches, early_passphrase, exosphere_link, fetch_all, forget_previous_instance,
+    install_login_banner, install_packages, installer, load_passphrase, metadata_service,
+    nova_reporter, provision_account, publish_passphrase, set_password_once, Fetched,
 };
 use super::{plan, AgentError, AgentOptions, Mode, Plan};
 
@@ -60,6 +60,9 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
     };
     let mut plan = planned?;
     tracing::info!(target: "exoagent::agent", os = %plan.os.pretty_name, services = plan.services.len(), "configuration valid");
+    // On a first boot the passphrase's argon2 hash (seconds under emulation) is the longest step
+    // before JupyterLab can start: begun now, it runs while the instance is looked up.
+    let early = early_passphrase(&plan);
     prepare_dirs(&plan.paths)?;
 
     let hub = StateHub::new(plan.services.iter().map(|s| (s.kind(), s.port(), s.url())));
@@ -92,17 +95,39 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
     let metadata = metadata_service(&plan);
     let identity_source = resolve_identity(&mut plan, metadata.as_ref(), &hub).await?;
     forget_previous_instance(&plan)?;
-    if let Some(mut reporter) = nova_reporter(&plan, &hub) {
+    if plan.settings.cloud.clouds_yaml.is_some() {
         // Exosphere shows the notebook link only with `exoCustomWorkflow`; one Exosphere set
         // (a workflow it launched) is never overwritten.
         let set_by_exosphere = plan
             .identity
             .as_ref()
             .is_some_and(|i| i.meta.contains_key(link::CUSTOM_WORKFLOW_KEY));
-        if let (Some((_, value)), false) = (&link, set_by_exosphere) {
-            reporter = reporter.with_fixed_metadata(link::CUSTOM_WORKFLOW_KEY, value.clone());
-        }
-        tasks.spawn(reporter.run(hub.clone(), cancel.clone()));
+        let fixed = match (&link, set_by_exosphere) {
+            (Some((_, value)), false) => Some(value.clone()),
+            _ => None,
+        };
+        let (cloud, identity) = (plan.settings.cloud.clone(), plan.identity.clone());
+        let (hub, cancel) = (hub.clone(), cancel.clone());
+        // Reading the credential and building its TLS client (the system's root certificates)
+        // is blocking work the services need not wait for: done on its own task.
+        tasks.spawn(async move {
+            let building = hub.clone();
+            let built = tokio::task::spawn_blocking(move || {
+                nova_reporter(&cloud, identity.as_ref(), &building)
+            })
+            .await;
+            let reporter = match built {
+                Ok(Some(reporter)) => reporter,
+                Ok(None) => return,
+                // Only a panic ends a blocking task early: pass it on.
+                Err(e) => std::panic::resume_unwind(e.into_panic()),
+            };
+            let reporter = match fixed {
+                Some(value) => reporter.with_fixed_metadata(link::CUSTOM_WORKFLOW_KEY, value),
+                None => reporter,
+            };
+            reporter.run(hub, cancel).await;
+        });
     }
 
     install_login_banner(&plan, &options.shim.exe);
@@ -115,71 +140,46 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
             cancel.clone(),
         ));
     }
-    let account = provision_account(&plan).await;
-    // After the account exists (mounted volumes are given to it), whatever became of it.
-    if let Some(watcher) = volume_watcher(&plan, metadata.as_ref(), identity_source) {
-        tasks.spawn(watcher.watch(hub.clone(), cancel.clone()));
-    }
-    match account {
-        Ok((account, passphrase)) => {
-            set_socket_group(&api_socket, account.gid)?;
-            let ctx = ServiceContext {
-                paths: plan.paths.clone(),
-                account,
-                exe: options.shim.exe.clone(),
-            };
-            // Independent of each other, so side by side: the passphrase's publication (a Nova
-            // call), the host touches (a getty restart; the user's group, before any service
-            // runs as the user) and the services' fetches (vendor packages downloaded and
-            // verified before the batch: a service refused here keeps its packages out of it).
-            // `running` follows the publication (DESIGN §4.4: Exosphere shows the passphrase
-            // once setup runs), not the others.
+    match load_passphrase(&plan, early) {
+        Ok((passphrase, fresh)) => {
+            // A new passphrase has no hash yet: JupyterLab's is worked out on a blocking thread
+            // while the account is made, instead of after it (already under way when it was
+            // made early).
+            let hashed = plan
+                .services
+                .iter()
+                .any(|s| s.kind() == ServiceKind::JupyterLab);
+            if fresh && hashed {
+                passphrase.start_argon2();
+            }
+            // The publication (a metadata-service call that may take its time) is off the
+            // services' path: they start as soon as their own inputs exist. What is *reported*
+            // keeps DESIGN §4.4's order: `running` only after the publication, `complete` only
+            // after `running` (Supervising is set once both sides are done).
             let publish_then_run = async {
                 publish_passphrase(&plan, metadata.as_ref(), &passphrase, identity_source).await;
                 hub.set_phase(SetupPhase::Provisioning);
             };
-            let ((), (), mut fetched) = tokio::join!(
-                publish_then_run,
-                apply_host_touches(&plan),
-                fetch_all(&plan.services, &ctx),
-            );
-            fetched.host_packages = host::base_packages(&plan.settings.host, &plan.os);
-            if install_packages(&plan, &hub, &fetched).await {
-                let fronts = Fronts {
-                    plan: &plan,
-                    ctx: &ctx,
-                    metadata: metadata.as_ref(),
-                    shim: &options.shim,
-                    hub: &hub,
-                };
-                fronts.start(&mut tasks, &cancel).await;
-                start_services(
-                    &plan,
-                    ctx,
-                    passphrase,
-                    fetched,
-                    &options.shim,
-                    &hub,
-                    &mut tasks,
-                    &cancel,
-                )
-                .await;
+            let services = SetUp {
+                plan: &plan,
+                hub: &hub,
+                metadata: metadata.as_ref(),
+                identity_source,
+                shim: &options.shim,
+                api_socket: &api_socket,
+            }
+            .run(passphrase.clone(), fresh, &mut tasks, &cancel);
+            let ((), started) = tokio::join!(publish_then_run, services);
+            if started? {
                 hub.set_phase(SetupPhase::Supervising);
-            } else {
-                for (service, e) in fetched.refused {
-                    record_transition(
-                        &hub,
-                        service.kind(),
-                        ServiceState::Failed,
-                        ServiceUpdate {
-                            reason: Some(Reason::new(e.reason(), e.to_string())),
-                            ..Default::default()
-                        },
-                    );
-                }
             }
         }
-        Err(reason) => hub.fail_step(SetupStep::User, reason),
+        Err(reason) => {
+            hub.fail_step(SetupStep::User, reason);
+            if let Some(watcher) = volume_watcher(&plan, metadata.as_ref(), identity_source) {
+                tasks.spawn(watcher.watch(hub.clone(), cancel.clone()));
+            }
+        }
     }
 
     cancel.cancelled().await;
@@ -190,6 +190,109 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
     }
     remove_socket(&plan.paths.api_socket());
     Ok(())
+}
+
+/// What the services' side of the set-up needs: the account, then beside each other its
+/// password and the host touches, the batch, the fronts and every service installed, configured
+/// and handed to its supervisor.
+struct SetUp<'a> {
+    plan: &'a Plan,
+    hub: &'a StateHub,
+    metadata: Option<&'a MetadataService>,
+    identity_source: Option<IdentitySource>,
+    shim: &'a ShimCommand,
+    api_socket: &'a Path,
+}
+
+impl SetUp<'_> {
+    /// Run the services' side; `Ok(true)` when the services were started (their supervisors
+    /// are in `tasks`), `Ok(false)` when a set-up step failed (reported on the hub).
+    async fn run(
+        self,
+        passphrase: Passphrase,
+        fresh: bool,
+        tasks: &mut Tasks,
+        cancel: &CancellationToken,
+    ) -> Result<bool, AgentError> {
+        let SetUp {
+            plan,
+            hub,
+            metadata,
+            identity_source,
+            shim,
+            api_socket,
+        } = self;
+        let account = provision_account(plan).await;
+        // After the account exists (mounted volumes are given to it), whatever became of it.
+        if let Some(watcher) = volume_watcher(plan, metadata, identity_source) {
+            tasks.spawn(watcher.watch(hub.clone(), cancel.clone()));
+        }
+        let account = match account {
+            Ok(account) => account,
+            Err(reason) => {
+                hub.fail_step(SetupStep::User, reason);
+                return Ok(false);
+            }
+        };
+        set_socket_group(api_socket, account.gid)?;
+        let ctx = ServiceContext {
+            paths: plan.paths.clone(),
+            account,
+            exe: shim.exe.clone(),
+        };
+        // The password (chpasswd) is for logins (SSH, Guacamole, RStudio's PAM); no service
+        // needs it to start, so it runs beside them, and provisioning is over only with it.
+        let password = set_password_once(plan, &passphrase, fresh);
+        let services = async {
+            // Independent of each other, so side by side: the host touches (a getty restart;
+            // the user's group, before any service runs as the user) and the services' fetches
+            // (vendor packages downloaded and verified before the batch: a service refused here
+            // keeps its packages out of it).
+            let ((), mut fetched) =
+                tokio::join!(apply_host_touches(plan), fetch_all(&plan.services, &ctx),);
+            fetched.host_packages = host::base_packages(&plan.settings.host, &plan.os);
+            if !install_packages(plan, hub, &fetched).await {
+                for (service, e) in fetched.refused {
+                    record_transition(
+                        hub,
+                        service.kind(),
+                        ServiceState::Failed,
+                        ServiceUpdate {
+                            reason: Some(Reason::new(e.reason(), e.to_string())),
+                            ..Default::default()
+                        },
+                    );
+                }
+                return false;
+            }
+            let fronts = Fronts {
+                plan,
+                ctx: &ctx,
+                metadata,
+                shim,
+                hub,
+            };
+            fronts.start(tasks, cancel).await;
+            start_services(
+                plan,
+                ctx.clone(),
+                passphrase.clone(),
+                fetched,
+                shim,
+                hub,
+                tasks,
+                cancel,
+            )
+            .await;
+            true
+        };
+        let (password, started) = tokio::join!(password, services);
+        if let Err(reason) = password {
+            hub.fail_step(SetupStep::User, reason);
+            return Ok(false);
+        }
+        Ok(started)
+    }
 }
 
 /// The volume watcher, with `[volumes] automount = true` on a real instance only: the sandbox

@@ -3,7 +3,8 @@
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use argon2::password_hash::{PasswordHasher, SaltString};
 use rand::rngs::OsRng;
@@ -16,8 +17,20 @@ pub const WORDS: usize = 11;
 pub const MAX_LEN: usize = WORDS * 4 + WORDS - 1;
 
 /// A secret passphrase. Never printed: `Debug` is redacted, there is no `Display`, and the
-/// buffer is zeroed when dropped.
-pub struct Passphrase(String);
+/// buffer is zeroed when the last clone is dropped. Clones share the buffer and the argon2 hash
+/// ([`Passphrase::argon2_once`]), so the hash can be worked out on a blocking thread while the
+/// account is created, and JupyterLab's configuration picks it up.
+#[derive(Clone)]
+pub struct Passphrase(Arc<Secret>);
+
+/// The shared part of a [`Passphrase`].
+struct Secret {
+    text: String,
+    /// The argon2 hash once computed, or why it could not be (not secret: a salted hash).
+    argon2: OnceLock<Result<String, String>>,
+    /// Whether [`Passphrase::start_argon2`] was called (one blocking task is enough).
+    argon2_started: AtomicBool,
+}
 
 impl std::fmt::Debug for Passphrase {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -25,17 +38,21 @@ impl std::fmt::Debug for Passphrase {
     }
 }
 
-impl Drop for Passphrase {
+impl Drop for Secret {
     fn drop(&mut self) {
         // SAFETY: writing zero bytes keeps the string valid UTF-8.
-        unsafe { self.0.as_bytes_mut() }.fill(0);
+        unsafe { self.text.as_bytes_mut() }.fill(0);
     }
 }
 
 impl Passphrase {
     /// Wrap an existing passphrase.
     pub fn new(text: String) -> Self {
-        Self(text)
+        Self(Arc::new(Secret {
+            text,
+            argon2: OnceLock::new(),
+            argon2_started: AtomicBool::new(false),
+        }))
     }
 
     /// A fresh passphrase: 11 words drawn uniformly from the 2048-word dictionary with the OS
@@ -46,17 +63,48 @@ impl Passphrase {
         let chosen: Vec<&str> = (0..WORDS)
             .map(|_| words[rng.gen_range(0..words.len())])
             .collect();
-        Self(chosen.join(" "))
+        Self::new(chosen.join(" "))
+    }
+
+    /// [`argon2_hash`] of this passphrase, computed once and shared by every clone; a second
+    /// caller while the first computes waits for its result. Blocking (argon2 is meant to be
+    /// slow: tens of milliseconds here, seconds under emulation): call it off the runtime.
+    pub fn argon2_once(&self) -> Result<String, SecretError> {
+        self.0
+            .argon2
+            .get_or_init(|| {
+                argon2_hash(self).map_err(|e| match e {
+                    SecretError::Hash(detail) => detail,
+                    other => other.to_string(),
+                })
+            })
+            .clone()
+            .map_err(SecretError::Hash)
+    }
+
+    /// Start [`Self::argon2_once`] on a blocking thread now (once per passphrase), so that the
+    /// hash is ready when it is asked for. Its outcome is kept, not returned: an error reaches
+    /// whoever asks.
+    pub fn start_argon2(&self) {
+        if self.0.argon2_started.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let passphrase = self.clone();
+        // Detached on purpose: the result lives in the shared cell; a panic leaves the cell
+        // empty and the next caller computes again.
+        drop(tokio::task::spawn_blocking(move || {
+            let _ = passphrase.argon2_once();
+        }));
     }
 
     /// The secret itself, for the few places that must hand it on (stdin of chpasswd, hashing).
     pub fn expose(&self) -> &str {
-        &self.0
+        &self.0.text
     }
 
     /// Constant-time comparison with `candidate`.
     pub fn matches(&self, candidate: &str) -> bool {
-        self.0.as_bytes().ct_eq(candidate.as_bytes()).into()
+        self.0.text.as_bytes().ct_eq(candidate.as_bytes()).into()
     }
 }
 
@@ -137,6 +185,12 @@ impl SecretError {
 /// Load the passphrase from `path`, or generate one and store it there (0600, in a 0700
 /// directory, written to a temporary file and renamed). Refuses a file others can read.
 pub fn load_or_create(path: &Path) -> Result<Passphrase, SecretError> {
+    load_or_store(path, None)
+}
+
+/// [`load_or_create`], storing `made` (a passphrase generated earlier, whose hash may already be
+/// under way) instead of a new one when `path` holds none; `made` is dropped when it does.
+pub fn load_or_store(path: &Path, made: Option<Passphrase>) -> Result<Passphrase, SecretError> {
     match read_private_file(path)? {
         Some(text) => {
             let passphrase = Passphrase::new(text.trim().to_owned());
@@ -149,7 +203,7 @@ pub fn load_or_create(path: &Path) -> Result<Passphrase, SecretError> {
             Ok(passphrase)
         }
         None => {
-            let passphrase = Passphrase::generate();
+            let passphrase = made.unwrap_or_else(Passphrase::generate);
             store(path, &passphrase)?;
             Ok(passphrase)
         }
@@ -241,6 +295,24 @@ pub fn argon2_verify(passphrase: &Passphrase, hashed: &str) -> bool {
 mod tests {
     use super::*;
     use argon2::password_hash::{PasswordHash, PasswordVerifier};
+
+    #[tokio::test]
+    async fn clones_share_one_argon2_hash_started_early() {
+        let passphrase = Passphrase::generate();
+        let clone = passphrase.clone();
+        passphrase.start_argon2();
+        // Asked for while (or after) the blocking task computes it: one hash, the same for every
+        // clone, and a hash of this passphrase.
+        let asked = tokio::task::spawn_blocking(move || clone.argon2_once())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(passphrase.argon2_once().unwrap(), asked);
+        assert!(argon2_verify(&passphrase, &asked));
+        assert!(!argon2_verify(&Passphrase::generate(), &asked));
+        // A fresh salt per passphrase, not per process.
+        assert_ne!(Passphrase::generate().argon2_once().unwrap(), asked);
+    }
 
     #[test]
     fn the_dictionary_is_rfc1751s() {

@@ -1,11 +1,15 @@
 //! Reports setup and service state to Nova (DESIGN §4.3): one `exoagent:` tag per subject,
 //! Exosphere's `exoSetup` metadata and a compact `exoAgent` summary. Writes happen only when the
-//! wanted state differs from what was last written; failures back off with jitter and honour
-//! `Retry-After`; a refused credential is reported locally and not retried until the state
-//! changes again. Runs on its own task: services never wait for it.
+//! wanted state differs from what was last written; intermediate states settle before they are
+//! written, readiness and final states go out at once (DESIGN §7: ready on every channel within
+//! 1 s); failures back off with jitter and honour `Retry-After`; a refused credential is reported
+//! locally and not retried until the state changes again. Runs on its own task: services never
+//! wait for it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use serde_json::json;
 use tokio::sync::watch;
@@ -171,12 +175,55 @@ struct Written {
     metadata: BTreeMap<String, String>,
 }
 
+/// Whether Nova should show `state` of the setup at once: the final states Exosphere waits for.
+fn setup_is_prompt(state: SetupState) -> bool {
+    match state {
+        SetupState::Complete | SetupState::Error => true,
+        SetupState::Starting | SetupState::Running => false,
+    }
+}
+
+/// Whether Nova should show `state` of a service at once: readiness is what users wait for
+/// (a failed service is prompt through the setup's `error`).
+fn service_is_prompt(state: ServiceState) -> bool {
+    match state {
+        ServiceState::Ready => true,
+        ServiceState::Pending
+        | ServiceState::Installing
+        | ServiceState::Starting
+        | ServiceState::Degraded
+        | ServiceState::Failed => false,
+    }
+}
+
+/// Whether `snapshot` holds a readiness or final state that Nova does not show yet.
+fn has_prompt_news(snapshot: &Snapshot, written: &Written) -> bool {
+    let shown = |tag: String| written.tags.as_ref().is_some_and(|t| t.contains(&tag));
+    let setup = &snapshot.setup.state;
+    if setup_is_prompt(*setup) && !shown(format!("{TAG_PREFIX}setup:{}", setup.as_str())) {
+        return true;
+    }
+    snapshot.services.iter().any(|s| {
+        service_is_prompt(s.state)
+            && !shown(format!(
+                "{TAG_PREFIX}{}:{}",
+                s.service.as_str(),
+                s.state.as_str()
+            ))
+    })
+}
+
 /// When the reporter writes: after changes settle, and how it backs off after failures.
 #[derive(Debug, Clone, Copy)]
 pub struct Pacing {
     /// How long to let a burst of changes settle before writing, so that states passed
-    /// through in a moment (`installing → starting → ready`) cost no calls.
+    /// through in a moment (`installing → starting`) cost no calls.
     pub settle: Duration,
+    /// How long a readiness or final state (a service `ready`, setup `complete` or `error`)
+    /// waits instead, counted from when it appeared: long enough to take the states that come
+    /// with it in the same moment (the last service ready and setup complete; a service and its
+    /// front) into one write, short enough to keep Nova within 1 s of the service answering.
+    pub prompt: Duration,
     /// First delay after a failed write.
     pub retry_initial: Duration,
     /// Longest delay after failed writes.
@@ -187,6 +234,7 @@ impl Default for Pacing {
     fn default() -> Self {
         Self {
             settle: Duration::from_secs(2),
+            prompt: Duration::from_millis(100),
             retry_initial: Duration::from_secs(2),
             retry_max: Duration::from_secs(300),
         }
@@ -270,10 +318,41 @@ impl NovaReporter {
                 _ = cancel.cancelled() => return,
                 changed = rx.changed() => if changed.is_err() { return },
             }
-            // Let the burst settle; the newest state is read at the top of the loop.
+            // Let the burst settle, or only briefly once it reaches a state users wait for; the
+            // newest state is read at the top of the loop.
+            if !self.settle(&mut rx, &written, &cancel).await {
+                return;
+            }
+        }
+    }
+
+    /// Wait until the changes that started a moment ago are worth writing: `settle` after the
+    /// first of them, cut short to `prompt` after a readiness or final state shows up. Coalesces
+    /// whatever arrives meanwhile; `false` when the reporter should stop.
+    async fn settle(
+        &self,
+        rx: &mut watch::Receiver<Snapshot>,
+        written: &Written,
+        cancel: &CancellationToken,
+    ) -> bool {
+        let settled = Instant::now() + self.pacing.settle;
+        let mut prompt: Option<Instant> = None;
+        loop {
+            if prompt.is_none() && has_prompt_news(&rx.borrow(), written) {
+                prompt = Some(Instant::now() + self.pacing.prompt);
+            }
+            let until = prompt.map_or(settled, |p| p.min(settled));
             tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(self.pacing.settle) => {}
+                _ = cancel.cancelled() => return false,
+                _ = tokio::time::sleep_until(until) => {
+                    // A readiness state already left again (ready → degraded) is no reason to
+                    // write before the burst has settled.
+                    if until == settled || has_prompt_news(&rx.borrow(), written) {
+                        return true;
+                    }
+                    prompt = None;
+                }
+                changed = rx.changed() => if changed.is_err() { return false },
             }
         }
     }
@@ -324,7 +403,7 @@ fn jittered(delay: Duration) -> Duration {
 mod tests {
     use super::*;
     use crate::model::ServiceKind;
-    use crate::state::{ServiceUpdate, SetupPhase};
+    use crate::state::{ServiceUpdate, SetupPhase, SetupStep};
 
     fn hub() -> StateHub {
         StateHub::new([(ServiceKind::JupyterLab, 8888, "http://x/".to_owned())])
@@ -417,6 +496,160 @@ mod tests {
         // Idle: no calls at all.
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(calls.lock().unwrap().is_empty());
+        cancel.cancel();
+        task.await.unwrap();
+    }
+
+    /// The calls Nova received until they stop for a moment, drained.
+    async fn calls_until_quiet(calls: &crate::cloud::nova::stand_in::Calls) -> Vec<String> {
+        let mut last = usize::MAX;
+        loop {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let now = calls.lock().unwrap().len();
+            if now == last {
+                return calls.lock().unwrap().drain(..).collect();
+            }
+            last = now;
+        }
+    }
+
+    /// Waits (bounded only against a hang) until Nova has received `call`.
+    async fn wait_for_call(calls: &crate::cloud::nova::stand_in::Calls, call: &str) {
+        let waited = tokio::time::timeout(Duration::from_secs(60), async {
+            while !calls.lock().unwrap().iter().any(|c| c == call) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(
+            waited.is_ok(),
+            "{call} never came: {:?}",
+            calls.lock().unwrap()
+        );
+    }
+
+    /// A settle window far longer than the test may run: whatever is written during the test
+    /// was written without waiting for it.
+    const AN_HOUR: Duration = Duration::from_secs(3600);
+
+    #[tokio::test]
+    async fn readiness_is_written_without_waiting_for_the_settle() {
+        let (nova, calls) = crate::cloud::nova::stand_in::nova(201, None).await;
+        let hub = hub();
+        let pacing = Pacing {
+            settle: AN_HOUR,
+            ..Pacing::default()
+        };
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(
+            NovaReporter::new(nova, "srv".into(), pacing).run(hub.clone(), cancel.clone()),
+        );
+        let first = calls_until_quiet(&calls).await;
+        assert!(first.contains(&"PUT /v2.1/servers/srv/tags/exoagent:setup:starting".into()));
+
+        // Intermediate states wait for the settle: nothing is written for them.
+        hub.set_phase(SetupPhase::Supervising);
+        for state in [ServiceState::Installing, ServiceState::Starting] {
+            hub.transition(ServiceKind::JupyterLab, state, ServiceUpdate::default())
+                .unwrap();
+        }
+        assert_eq!(calls_until_quiet(&calls).await, Vec::<String>::new());
+
+        // Ready (and with it setup complete) goes out long before the hour is up, and only the
+        // final state is written: the intermediate ones never reach Nova.
+        hub.transition(
+            ServiceKind::JupyterLab,
+            ServiceState::Ready,
+            ServiceUpdate::default(),
+        )
+        .unwrap();
+        wait_for_call(&calls, "PUT /v2.1/servers/srv/tags/exoagent:setup:complete").await;
+        let burst = calls_until_quiet(&calls).await;
+        assert_eq!(
+            burst,
+            [
+                "PUT /v2.1/servers/srv/tags/exoagent:jupyterlab:ready",
+                "PUT /v2.1/servers/srv/tags/exoagent:setup:complete",
+                "DELETE /v2.1/servers/srv/tags/exoagent:setup:starting",
+                "PUT /v2.1/servers/srv/metadata/exoAgent",
+                "PUT /v2.1/servers/srv/metadata/exoSetup",
+            ],
+            "one write of the final state"
+        );
+
+        // Leaving ready is not prompt: it waits for the settle again.
+        hub.transition(
+            ServiceKind::JupyterLab,
+            ServiceState::Degraded,
+            ServiceUpdate::default(),
+        )
+        .unwrap();
+        assert_eq!(calls_until_quiet(&calls).await, Vec::<String>::new());
+        cancel.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_error_is_written_without_waiting_for_the_settle() {
+        let (nova, calls) = crate::cloud::nova::stand_in::nova(201, None).await;
+        let hub = hub();
+        let pacing = Pacing {
+            settle: AN_HOUR,
+            ..Pacing::default()
+        };
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(
+            NovaReporter::new(nova, "srv".into(), pacing).run(hub.clone(), cancel.clone()),
+        );
+        calls_until_quiet(&calls).await;
+        hub.fail_step(
+            SetupStep::User,
+            Reason::new("user-failed", "useradd exited 1"),
+        );
+        wait_for_call(&calls, "PUT /v2.1/servers/srv/tags/exoagent:setup:error").await;
+        cancel.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn readiness_arriving_together_is_one_write() {
+        let (nova, calls) = crate::cloud::nova::stand_in::nova(201, None).await;
+        let hub = StateHub::new([
+            (ServiceKind::JupyterLab, 8888, "http://x/".to_owned()),
+            (ServiceKind::RStudio, 8787, "http://y/".to_owned()),
+        ]);
+        // A wide prompt window, so that the second service's readiness surely falls inside it.
+        let pacing = Pacing {
+            settle: AN_HOUR,
+            prompt: Duration::from_secs(2),
+            ..Pacing::default()
+        };
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(
+            NovaReporter::new(nova, "srv".into(), pacing).run(hub.clone(), cancel.clone()),
+        );
+        calls_until_quiet(&calls).await;
+        hub.set_phase(SetupPhase::Supervising);
+        for kind in [ServiceKind::JupyterLab, ServiceKind::RStudio] {
+            // The second one a moment later: the first one's prompt write must wait for it.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            for state in [
+                ServiceState::Installing,
+                ServiceState::Starting,
+                ServiceState::Ready,
+            ] {
+                hub.transition(kind, state, ServiceUpdate::default())
+                    .unwrap();
+            }
+        }
+        wait_for_call(&calls, "PUT /v2.1/servers/srv/tags/exoagent:setup:complete").await;
+        let burst = calls_until_quiet(&calls).await;
+        let summaries = burst
+            .iter()
+            .filter(|c| *c == "PUT /v2.1/servers/srv/metadata/exoAgent")
+            .count();
+        assert_eq!(summaries, 1, "two writes where one would do: {burst:?}");
+        assert_eq!(burst.len(), 6, "{burst:?}");
         cancel.cancel();
         task.await.unwrap();
     }

@@ -22,7 +22,7 @@ use crate::model::ServiceKind;
 use crate::platform::exec::find_on_path;
 use crate::platform::os::{Family, Os};
 use crate::platform::packages::{PackageInstaller, PackageItem, PackageSettings};
-use crate::platform::passphrase::{argon2_hash, argon2_verify, Passphrase};
+use crate::platform::passphrase::{argon2_verify, Passphrase};
 use link::LinkToken;
 use crate::platform::uv::{self, UvSource, UV_VERSION};
 use crate::services::command::{run_logged, run_logged_with_env};
@@ -513,13 +513,24 @@ impl ServiceImpl for JupyterLab {
         passphrase: &Passphrase,
     ) -> Result<(), ServiceError> {
         let path = Self::config_file(ctx);
-        let hashed = match current_hash(&path).filter(|h| argon2_verify(passphrase, h)) {
-            Some(hashed) => hashed,
-            None => argon2_hash(passphrase).map_err(|e| ServiceError::Configure {
-                service: ServiceKind::JupyterLab,
-                detail: format!("failed to hash the passphrase: {e}"),
-            })?,
-        };
+        // argon2 is slow on purpose: off the runtime. The hash the agent started when it made
+        // the passphrase is picked up here (waited for when still being computed).
+        let (current, hashing) = (path.clone(), passphrase.clone());
+        let hashed = tokio::task::spawn_blocking(move || {
+            match current_hash(&current).filter(|h| argon2_verify(&hashing, h)) {
+                Some(hashed) => Ok(hashed),
+                None => hashing.argon2_once(),
+            }
+        })
+        .await
+        .map_err(|e| ServiceError::Configure {
+            service: ServiceKind::JupyterLab,
+            detail: format!("hashing the passphrase stopped: {e}"),
+        })?
+        .map_err(|e| ServiceError::Configure {
+            service: ServiceKind::JupyterLab,
+            detail: e.to_string(),
+        })?;
         let token = self.link_token(ctx).map_err(|e| ServiceError::Configure {
             service: ServiceKind::JupyterLab,
             detail: format!("Exosphere's notebook link: {e}"),
