@@ -972,6 +972,10 @@ for (const [label, id, protocol] of [['shell', SHELL_ID, 'ssh'], ['desktop', DES
             assert.equal(onDisk.length, data.length, `expected ${target} to hold ${data.length} bytes, saw ${onDisk.length}`);
             assert.ok(onDisk.equals(data), `expected ${target} to hold the uploaded bytes (sha256 ${crypto.createHash('sha256').update(data).digest('hex')}), saw sha256 ${crypto.createHash('sha256').update(onDisk).digest('hex')}`);
             note(t, `uploaded ${data.length} B as ${JSON.stringify(name)} in ${secs(Date.now() - upStart)}; bytes on disk identical`);
+            // The bytes crossed as an HTTP body (Apache's stream endpoint), not as blobs over the
+            // WebSocket: the web side took the stream over.
+            assert.equal(await page.evaluate(() => window.exoGuac.lastTransferPath), 'http', 'expected the upload to go over the HTTP stream endpoint');
+            assert.match(fs.readFileSync(path.join(ARTIFACTS, 'guacamole-web.log'), 'utf8'), /upload taken over by HTTP/, 'expected the web side to log the upload taken over by HTTP');
 
             // Download: the file browser (SFTP filesystem object, root "/"), folder by folder.
             const downStart = Date.now();
@@ -1001,6 +1005,7 @@ for (const [label, id, protocol] of [['shell', SHELL_ID, 'ssh'], ['desktop', DES
             ]);
             const failure = await download.failure();
             assert.equal(failure, null, `expected the browser download to succeed, saw ${failure}`);
+            assert.match(download.url(), /\/guacamole\/api\/session\/tunnels\/[0-9a-f-]{36}\/streams\/\d+\//, 'expected the browser to download from the HTTP stream endpoint');
             const got = fs.readFileSync(await download.path());
             timings[`files-${label}: download ${got.length} B`] = Date.now() - downStart;
             assert.equal(download.suggestedFilename(), name, `expected the download to be named ${JSON.stringify(name)}, saw ${JSON.stringify(download.suggestedFilename())}`);

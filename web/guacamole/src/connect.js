@@ -101,11 +101,29 @@ export const NOTICE_OPCODE = 'exoagent';
 export function parseNotice(args) {
     if (args[0] === 'display' && (args[1] === 'resizes' || args[1] === 'fixed'))
         return { kind: 'display', resizes: args[1] === 'resizes' };
+    if (args[0] === 'files' && args[1] === 'streams')
+        return { kind: 'files-streams' };
     if (args[0] === 'files' && args[1] === 'unavailable') {
         const status = /^\d+$/.test(args[2] || '') ? Number(args[2]) : null;
         return { kind: 'files-unavailable', status, message: args[3] || '' };
     }
     return null;
+}
+
+/**
+ * The HTTP URL of one file stream of a tunnel, as Apache's web app builds it
+ * (tunnelService.js): `api/session/tunnels/<tunnel>/streams/<index>/<filename>?token=`.
+ * @param {string} pageUrl the page's base URL (document.baseURI)
+ * @param {string} tunnel the tunnel's UUID
+ * @param {number} index the stream's index
+ * @param {string} filename shown in the browser's save dialog only
+ * @param {string} token
+ */
+export function streamUrl(pageUrl, tunnel, index, filename, token) {
+    const url = new URL(`api/session/tunnels/${encodeURIComponent(tunnel)}/streams/${encodeURIComponent(String(index))}/${encodeURIComponent(filename)}`, pageUrl);
+    url.search = `?token=${encodeURIComponent(token)}`;
+    url.hash = '';
+    return url.href;
 }
 
 /**

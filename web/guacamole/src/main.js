@@ -41,7 +41,7 @@ function start() {
 
     const display = setupDisplay({ viewport: $('viewport'), container: $('display'), getClient });
     const clipboard = setupClipboard({ textarea: $('clipboard-text'), getClient });
-    const transfers = setupTransfers({ list: $('transfers'), getClient });
+    const transfers = setupTransfers({ list: $('transfers'), getClient, token });
     const files = setupFiles({ panel: $('files-panel'), transfers });
 
     /** Opens/closes the one menu; opening (re)loads the file browser's folder. */

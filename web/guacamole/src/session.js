@@ -115,6 +115,7 @@ export function createSession({ token, identifier, tunnelUrl, getSize, onClient,
         exo.client = client;
         exo.displayResizes = null;
         exo.filesUnavailable = null;
+        exo.httpStreams = false;
 
         // The web side's own instruction: read here, then handed on like every other (the
         // client ignores its opcode but counts the traffic for its keep-alive).
@@ -169,6 +170,8 @@ export function createSession({ token, identifier, tunnelUrl, getSize, onClient,
             return;
         if (n.kind === 'display') {
             exo.displayResizes = n.resizes;
+        } else if (n.kind === 'files-streams') {
+            exo.httpStreams = true;
         } else if (n.kind === 'files-unavailable') {
             exo.filesUnavailable = { status: n.status, message: n.message };
             showNotice(filesUnavailableMessage(n.status, n.message), 15000);

@@ -32,6 +32,10 @@ export const exo = {
     transfers: [],
     /** true once the page said the remote screen keeps its size (it does not follow the window) */
     fixedSize: false,
+    /** true when the web side serves this tunnel's file streams over HTTP (`exoagent,files,streams`) */
+    httpStreams: false,
+    /** @type {'http' | 'blobs' | null} how the last transfer moved its bytes (for tests) */
+    lastTransferPath: null,
     /** @type {boolean | null} whether the remote screen follows the window, as the web side
      * read it from guacd's `args` for the current session (null: not told) */
     displayResizes: null,

@@ -1,5 +1,6 @@
 // Owns file uploads (file streams) and downloads (file/body streams → browser download), with progress.
 import Guacamole from 'guacamole-common-js';
+import { streamUrl } from './connect.js';
 import { exo } from './state.js';
 import { describeTransferStatus } from './status.js';
 import { showNotice } from './ui.js';
@@ -10,8 +11,9 @@ let nextId = 1;
  * @param {object} p
  * @param {HTMLElement} p.list element that lists transfers
  * @param {() => (Guacamole.Client | null)} p.getClient
+ * @param {string} p.token the session token (the HTTP stream endpoints check it)
  */
-export function setupTransfers({ list, getClient }) {
+export function setupTransfers({ list, getClient, token }) {
     /** @type {Map<number, HTMLElement>} */
     const rows = new Map();
 
@@ -84,37 +86,94 @@ export function setupTransfers({ list, getClient }) {
         const stream = target
             ? target.object.createOutputStream(mimetype, joinPath(target.path, file.name))
             : client.createFileStream(mimetype, file.name);
-        const writer = new Guacamole.BlobWriter(stream);
-        let started = false;
-
-        // The first ack answers the "file"/"put" instruction; later acks answer each blob.
-        writer.onack = (status) => {
+        // The first ack answers the "file"/"put" instruction. Then the bytes go over HTTP
+        // when the web side serves the stream endpoints, else as blobs over the WebSocket
+        // (each later ack answers one blob).
+        stream.onack = (status) => {
+            stream.onack = null;
             if (status.isError()) {
-                if (t.state !== 'error')
-                    fail(t, describeTransferStatus(status.code, status.message));
+                fail(t, describeTransferStatus(status.code, status.message));
                 return;
             }
-            if (!started) {
-                started = true;
-                t.state = 'active';
-                render(t);
-                writer.sendBlob(file);
-            }
+            t.state = 'active';
+            render(t);
+            const tunnel = exo.tunnelUuid;
+            if (exo.httpStreams && tunnel)
+                uploadOverHttp(t, file, stream, tunnel);
+            else
+                uploadAsBlobs(t, file, stream);
         };
+    }
+
+    /**
+     * POSTs the file to the stream's endpoint (Apache's contract); the web side feeds guacd.
+     * Falls back to blobs when the endpoint is not there and nothing was sent yet.
+     */
+    function uploadOverHttp(t, file, stream, tunnel) {
+        const xhr = new XMLHttpRequest();
+        xhr.open('POST', streamUrl(document.baseURI, tunnel, stream.index, file.name, token), true);
+        xhr.upload.onprogress = (e) => {
+            t.bytes = Math.min(e.loaded, file.size);
+            render(t);
+        };
+        xhr.onload = () => {
+            if (xhr.status >= 200 && xhr.status < 300) {
+                exo.lastTransferPath = 'http';
+                // guacd acked every blob; `end` closes the file (guacamole-common-js frees the
+                // stream on sending it, so guacd's ack of the end is not seen here, as with blobs).
+                stream.sendEnd();
+                finishUpload(t, file);
+                return;
+            }
+            if ((xhr.status === 404 || xhr.status === 405) && !t.bytes) {
+                uploadAsBlobs(t, file, stream);
+                return;
+            }
+            let error = null;
+            try {
+                error = JSON.parse(xhr.responseText);
+            } catch {
+                // not JSON: described by the HTTP status below
+            }
+            stream.sendEnd();
+            fail(t, error && error.statusCode
+                ? describeTransferStatus(error.statusCode, error.message)
+                : `the server answered HTTP ${xhr.status}`);
+        };
+        xhr.onerror = () => {
+            stream.sendEnd();
+            fail(t, 'the upload was interrupted');
+        };
+        xhr.send(file);
+    }
+
+    function finishUpload(t, file) {
+        t.bytes = file.size;
+        t.state = 'done';
+        render(t);
+    }
+
+    /** Sends the file as blobs over the WebSocket, one per ack (guacamole-common-js). */
+    function uploadAsBlobs(t, file, stream) {
+        const writer = new Guacamole.BlobWriter(stream);
+        exo.lastTransferPath = 'blobs';
         writer.onprogress = (blob, offset) => {
             t.bytes = Math.min(offset, file.size);
             render(t);
         };
+        writer.onack = (status) => {
+            if (status.isError() && t.state !== 'error')
+                fail(t, describeTransferStatus(status.code, status.message));
+        };
         writer.oncomplete = () => {
             writer.sendEnd();
-            t.bytes = file.size;
-            t.state = 'done';
-            render(t);
+            finishUpload(t, file);
         };
         writer.onerror = (blob, offset, error) => {
             writer.sendEnd();
             fail(t, `could not read the local file (${error && error.name ? error.name : 'error'})`);
         };
+        writer.sendBlob(file);
     }
 
     /**
@@ -129,6 +188,26 @@ export function setupTransfers({ list, getClient }) {
         t.name = filename;
         t.state = 'active';
         render(t);
+        const tunnel = exo.tunnelUuid;
+        if (exo.httpStreams && tunnel) {
+            // The browser's own download manager fetches it from the stream's endpoint (no
+            // copy in page memory); the web side acks guacd. guacd's `end` still reaches
+            // the stream here.
+            exo.lastTransferPath = 'http';
+            stream.onend = () => {
+                t.state = 'done';
+                render(t);
+            };
+            const link = document.createElement('a');
+            link.href = streamUrl(document.baseURI, tunnel, stream.index, filename, token);
+            link.download = filename;
+            link.hidden = true;
+            document.body.append(link);
+            link.click();
+            link.remove();
+            return;
+        }
+        exo.lastTransferPath = 'blobs';
         const reader = new Guacamole.BlobReader(stream, mimetype);
         reader.onprogress = () => {
             t.bytes = reader.getLength();

@@ -23,6 +23,7 @@ pub mod handshake;
 pub mod protocol;
 pub mod settings;
 pub mod streams;
+pub mod transfer;
 pub mod tunnel;
 pub mod web;
 pub mod web_config;

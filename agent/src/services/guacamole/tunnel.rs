@@ -11,6 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::auth::Authenticator;
 use super::handshake::{Connected, HandshakeError};
+use super::transfer::{Control, Transfers};
 use super::protocol::{has_astral, Decoder, Frame, Instruction, LengthUnit, Limits};
 
 /// How the browser's library counts lengths: guacamole-common-js 1.5 (the page's) counts UTF-16
@@ -107,6 +108,8 @@ pub enum Notice {
         /// `true`: `size` resizes the remote display; `false`: it keeps its own size.
         resizes: bool,
     },
+    /// The web side serves this tunnel's file streams over HTTP (`transfer.rs`).
+    FileStreams,
     /// File transfer is off for this session: guacd could not open SFTP (its status and
     /// message), and the session was reopened without it.
     FilesUnavailable {
@@ -125,6 +128,7 @@ impl Notice {
                 NOTICE_OPCODE,
                 ["display", if *resizes { "resizes" } else { "fixed" }],
             ),
+            Self::FileStreams => Instruction::new(NOTICE_OPCODE, ["files", "streams"]),
             Self::FilesUnavailable { status, message } => Instruction::new(
                 NOTICE_OPCODE,
                 [
@@ -182,16 +186,34 @@ impl Upstream {
 pub type ReopenWithoutSftp =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<Connected, HandshakeError>> + Send>>;
 
-/// Relay until either side ends. `token` is renewed while traffic flows. With
-/// `without_sftp`, a session guacd aborts before drawing anything (SFTP failed) is reopened
-/// by that future once, and the page told that file transfer is off.
+/// One tunnel: the page's WebSocket, its UUID, the token that opened it and the channel on
+/// which the HTTP file-stream handlers reach its relay.
+pub struct Tunnel {
+    /// The page's WebSocket.
+    pub socket: WebSocket,
+    /// The tunnel's UUID (sent first; names it in the stream endpoints).
+    pub uuid: String,
+    /// The token, renewed while traffic flows.
+    pub token: String,
+    /// Requests of the HTTP file-stream handlers.
+    pub control: tokio::sync::mpsc::Receiver<Control>,
+}
+
+/// Relay until either side ends. With `without_sftp`, a session guacd aborts before drawing
+/// anything (SFTP failed) is reopened by that future once, and the page told that file
+/// transfer is off.
 pub async fn relay(
-    mut socket: WebSocket,
+    tunnel: Tunnel,
     guacd: Connected,
     auth: Arc<Authenticator>,
-    token: String,
     without_sftp: Option<ReopenWithoutSftp>,
 ) -> Ended {
+    let Tunnel {
+        mut socket,
+        uuid,
+        token,
+        control,
+    } = tunnel;
     let display = Notice::Display {
         resizes: guacd.capabilities.display_resizes,
     };
@@ -202,11 +224,14 @@ pub async fn relay(
         aborted: None,
         auth,
         token,
+        transfers: Transfers::default(),
+        control: Some(control),
     };
     // The tunnel's UUID alone first, as Apache's tunnel sends it; then what the page may know.
     for opening in [
-        Instruction::tunnel_uuid(new_uuid()).encode(),
+        Instruction::tunnel_uuid(uuid).encode(),
         display.instruction().encode(),
+        Notice::FileStreams.instruction().encode(),
     ] {
         if socket.send(Message::Text(opening.into())).await.is_err() {
             return Ended::ByBrowser;
@@ -238,6 +263,10 @@ struct Session {
     aborted: Option<u16>,
     auth: Arc<Authenticator>,
     token: String,
+    /// File streams of the current guacd session, some taken over by HTTP handlers.
+    transfers: Transfers,
+    /// The HTTP handlers' requests (`None` once every sender is gone).
+    control: Option<tokio::sync::mpsc::Receiver<Control>>,
 }
 
 impl Session {
@@ -268,6 +297,8 @@ impl Session {
             return Ended::ByBrowser;
         }
         let mut upstream = Upstream::new(connected, false);
+        // A new guacd session: none of the old one's streams exist any more.
+        self.transfers = Transfers::default();
         match self.run(socket, &mut upstream).await {
             Stop::Ended(ended) => ended,
             // Not watched the second time.
@@ -275,11 +306,23 @@ impl Session {
         }
     }
 
+    /// Passes on what guacd sent (less what HTTP transfers take) and answers guacd for them.
+    async fn pass_on_from_guacd(&mut self, upstream: &mut Upstream, socket: &mut WebSocket) -> Result<(), Stop> {
+        let mut to_guacd = String::new();
+        let result =
+            forward_to_browser(upstream, socket, &mut self.aborted, &mut self.transfers, &mut to_guacd)
+                .await;
+        if !to_guacd.is_empty() && upstream.write.write_all(to_guacd.as_bytes()).await.is_err() {
+            return Err(Stop::Ended(Ended::ByGuacd));
+        }
+        result
+    }
+
     /// Relay between the browser and one guacd connection until either side ends.
     async fn run(&mut self, socket: &mut WebSocket, upstream: &mut Upstream) -> Stop {
         let mut read_buffer = vec![0u8; 16 * 1024];
         // Instructions guacd sent right after `ready` are already in the decoder.
-        if let Err(stop) = forward_to_browser(upstream, socket, &mut self.aborted).await {
+        if let Err(stop) = self.pass_on_from_guacd(upstream, socket).await {
             return stop;
         }
         if self.aborted.is_some() {
@@ -292,9 +335,7 @@ impl Session {
                     Ok(0) | Err(_) => return Stop::Ended(Ended::ByGuacd),
                     Ok(n) => {
                         upstream.decoder.push(&read_buffer[..n]);
-                        if let Err(stop) =
-                            forward_to_browser(upstream, socket, &mut self.aborted).await
-                        {
+                        if let Err(stop) = self.pass_on_from_guacd(upstream, socket).await {
                             return stop;
                         }
                         // guacd's `error` means the session is over. guacd 1.3.0 still keeps the
@@ -307,6 +348,14 @@ impl Session {
                         }
                     }
                 },
+                control = next_control(&mut self.control) => {
+                    let Some(instruction) = self.transfers.control(control) else {
+                        continue;
+                    };
+                    if upstream.write.write_all(instruction.as_bytes()).await.is_err() {
+                        return Stop::Ended(Ended::ByGuacd);
+                    }
+                }
                 message = socket.recv() => {
                     let text = match message {
                         None | Some(Ok(Message::Close(_))) => return Stop::Ended(Ended::ByBrowser),
@@ -336,7 +385,11 @@ impl Session {
                             Ok(frame) if frame.is_ping() => echoes.push(frame.as_str().to_owned()),
                             // Other internal instructions are for the tunnel, never for guacd.
                             Ok(frame) if frame.is_internal() => {}
-                            Ok(frame) => to_guacd.push_str(&for_guacd(&frame)),
+                            Ok(frame) => {
+                                if self.transfers.from_browser(&frame) {
+                                    to_guacd.push_str(&for_guacd(&frame));
+                                }
+                            }
                             Err(_) => {
                                 bad = true;
                                 break;
@@ -360,6 +413,17 @@ impl Session {
             }
         }
     }
+}
+
+/// The next request of an HTTP handler; pends forever once none can come.
+async fn next_control(control: &mut Option<tokio::sync::mpsc::Receiver<Control>>) -> Control {
+    if let Some(receiver) = control {
+        if let Some(request) = receiver.recv().await {
+            return request;
+        }
+        *control = None;
+    }
+    std::future::pending().await
 }
 
 async fn finish(mut socket: WebSocket, ended: Ended, aborted: Option<u16>) -> Ended {
@@ -429,6 +493,8 @@ async fn forward_to_browser(
     upstream: &mut Upstream,
     socket: &mut WebSocket,
     aborted: &mut Option<u16>,
+    transfers: &mut Transfers,
+    to_guacd: &mut String,
 ) -> Result<(), Stop> {
     let mut batch = String::new();
     let mut stop = None;
@@ -453,6 +519,13 @@ async fn forward_to_browser(
                 if frame.opcode() == "error" {
                     let (message, code) = guacd_error(&frame);
                     note_guacd_error(&message, code, aborted);
+                }
+                let routing = transfers.from_guacd(&frame);
+                if let Some(answer) = routing.to_guacd {
+                    to_guacd.push_str(&answer);
+                }
+                if !routing.forward {
+                    continue;
                 }
                 let text = for_browser(&frame);
                 if !batch.is_empty() && batch.len() + text.len() > MESSAGE_TARGET_BYTES {

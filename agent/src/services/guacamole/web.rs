@@ -23,6 +23,7 @@ use super::assets;
 use super::auth::{Authenticator, Credentials, LoginError};
 use super::forwarded;
 use super::handshake::{self, ClientInfo};
+use super::transfer;
 use super::tunnel::{self, status};
 use super::web_config::{Connection, WebConfig, DATA_SOURCE};
 
@@ -32,8 +33,14 @@ pub const MAX_TUNNELS: usize = 32;
 /// port is open to the cloud's proxy and beyond. Tunnels count only until they are upgraded.
 pub const LIMITS: Limits = Limits {
     max_connections: 256,
+    streamed_bodies: Some(is_file_stream),
     ..Limits::DEFAULT
 };
+
+/// The file-stream endpoints' paths, whose bodies are files of any size (`transfer.rs`).
+fn is_file_stream(path: &str) -> bool {
+    path.starts_with("/guacamole/api/session/tunnels/") && path.contains("/streams/")
+}
 /// How often the start-up check asks guacd again until it answers.
 const GUACD_RETRY: Duration = Duration::from_secs(2);
 
@@ -46,6 +53,8 @@ pub struct WebState {
     /// endpoint, which then tells the supervisor not to wait.
     guacd_missing: OnceLock<(&'static str, String)>,
     tunnels: AtomicUsize,
+    /// Open tunnels for the HTTP file-stream endpoints.
+    registry: transfer::Registry,
 }
 
 impl WebState {
@@ -59,7 +68,18 @@ impl WebState {
             guacd_answered: AtomicBool::new(false),
             guacd_missing: OnceLock::new(),
             tunnels: AtomicUsize::new(0),
+            registry: transfer::Registry::default(),
         })
+    }
+
+    /// Logins and tokens.
+    pub(super) fn auth(&self) -> &Authenticator {
+        &self.auth
+    }
+
+    /// The open tunnels, for the file-stream endpoints.
+    pub(super) fn registry(&self) -> &transfer::Registry {
+        &self.registry
     }
 
     /// Ask guacd for every configured protocol's `args` until all answer (a `select` costs
@@ -120,6 +140,10 @@ pub fn router(state: Arc<WebState>) -> Router {
         )
         .route("/guacamole/api/exoagent/health", get(health))
         .route("/guacamole/websocket-tunnel", get(websocket))
+        .route(
+            "/guacamole/api/session/tunnels/{tunnel}/streams/{index}/{filename}",
+            get(transfer::download).post(transfer::upload),
+        )
         .with_state(state)
 }
 
@@ -465,7 +489,11 @@ async fn websocket(
                     });
                     reopen
                 });
-                let ended = tunnel::relay(socket, connected, state.auth.clone(), request.token.clone(), without_sftp).await;
+                let uuid = tunnel::new_uuid();
+                let (control, requests) = tokio::sync::mpsc::channel(16);
+                let _registered = state.registry.register(&uuid, &request.token, control);
+                let tunnel = tunnel::Tunnel { socket, uuid, token: request.token.clone(), control: requests };
+                let ended = tunnel::relay(tunnel, connected, state.auth.clone(), without_sftp).await;
                 tracing::info!(connection = %shown(&request.id), ?ended, seconds = started.elapsed().as_secs(), "tunnel closed");
             }
             Err(e) => {

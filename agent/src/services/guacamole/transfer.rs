@@ -1,0 +1,619 @@
+//! File transfer over HTTP, as Apache's web application does it (docs/guacamole.md, "File
+//! transfer over HTTP streams"): `GET`/`POST api/session/tunnels/<tunnel>/streams/<index>/<name>`
+//! take over one file stream of a tunnel, so the file's bytes cross the browser's link as a
+//! plain HTTP body while the blob/ack exchange, one blob per round trip, stays on loopback
+//! between the web side and guacd. This module owns the tunnel registry, what the relay does
+//! with a taken-over stream, and the two handlers.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use axum::body::Body;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use bytes::Bytes;
+use http_body_util::BodyExt as _;
+use serde_json::json;
+use subtle::ConstantTimeEq as _;
+use tokio::sync::{mpsc, oneshot};
+
+use super::protocol::{Frame, Instruction};
+use super::streams::StreamTable;
+use super::web::WebState;
+
+/// Transfers one token may run at once (more get 429).
+pub const MAX_TRANSFERS_PER_TOKEN: usize = 4;
+/// Bytes per upload blob, as guacamole-common-js and Apache's `InputStreamInterceptingFilter`.
+pub const UPLOAD_BLOB_BYTES: usize = 6048;
+/// Guacamole statuses the web side acks guacd with.
+const SERVER_ERROR: u16 = 0x0200;
+
+/// What an HTTP handler asks of the relay of its tunnel.
+#[derive(Debug)]
+pub enum Control {
+    /// Take over guacd's stream `index` (a download): its blobs go to `chunks`, not the page.
+    TakeDownload {
+        /// The stream.
+        index: u32,
+        /// Where its bytes go.
+        chunks: mpsc::Sender<Chunk>,
+        /// The stream's type, or why it cannot be taken.
+        reply: oneshot::Sender<Result<String, Refusal>>,
+    },
+    /// Take over the page's stream `index` (an upload guacd accepted): guacd's acks on it go
+    /// to `acks` instead of the page, until released.
+    TakeUpload {
+        /// The stream.
+        index: u32,
+        /// guacd's acks: (status, message).
+        acks: mpsc::Sender<(u16, String)>,
+        /// Whether it could be taken.
+        reply: oneshot::Sender<Result<(), Refusal>>,
+    },
+    /// An instruction for guacd (a blob, an ack), written between whole instructions.
+    Send(String),
+    /// The handler is done with upload `index`.
+    ReleaseUpload(u32),
+}
+
+/// Why a stream cannot be taken over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// No such stream open in that direction (or, for an upload, not accepted by guacd yet).
+    #[error("no such stream")]
+    NotOpen,
+    /// Another request has it.
+    #[error("the stream is already being transferred")]
+    Taken,
+}
+
+/// Why a stream request is refused before any byte moves.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamRequestError {
+    /// No live token, or the tunnel is not one of this token's (the answer does not say
+    /// whether it exists elsewhere).
+    #[error("Permission denied.")]
+    Forbidden,
+    /// The token runs [`MAX_TRANSFERS_PER_TOKEN`] transfers already.
+    #[error("Too many file transfers at once.")]
+    TooMany,
+    /// The index is not a number.
+    #[error("No such stream.")]
+    NoSuchStream,
+    /// The relay would not hand the stream over.
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+}
+
+impl StreamRequestError {
+    /// Short stable reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Forbidden => "stream-forbidden",
+            Self::TooMany => "stream-too-many",
+            Self::NoSuchStream | Self::Refused(Refusal::NotOpen) => "stream-not-open",
+            Self::Refused(Refusal::Taken) => "stream-taken",
+        }
+    }
+}
+
+impl IntoResponse for StreamRequestError {
+    fn into_response(self) -> Response {
+        let (status, kind) = match &self {
+            Self::Forbidden => (StatusCode::FORBIDDEN, "PERMISSION_DENIED"),
+            Self::TooMany => (StatusCode::TOO_MANY_REQUESTS, "TOO_MANY_REQUESTS"),
+            Self::NoSuchStream | Self::Refused(Refusal::NotOpen) => {
+                (StatusCode::NOT_FOUND, "NOT_FOUND")
+            }
+            Self::Refused(Refusal::Taken) => (StatusCode::CONFLICT, "STREAM_ERROR"),
+        };
+        tracing::info!(reason = self.reason(), "file stream request refused");
+        api_error(status, kind, &self.to_string(), None)
+    }
+}
+
+/// A piece of a download for its HTTP body.
+#[derive(Debug)]
+pub enum Chunk {
+    /// File bytes.
+    Data(Bytes),
+    /// guacd ended the stream: the file is complete.
+    End,
+}
+
+/// The relay's side: which streams are open, which are taken over and by whom.
+#[derive(Debug, Default)]
+pub struct Transfers {
+    streams: StreamTable,
+    downloads: HashMap<u32, mpsc::Sender<Chunk>>,
+    uploads: HashMap<u32, mpsc::Sender<(u16, String)>>,
+}
+
+/// What the relay does with one instruction.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Routing {
+    /// Pass it on to the other side.
+    pub forward: bool,
+    /// Send guacd this (an error ack for a download whose reader went away).
+    pub to_guacd: Option<String>,
+}
+
+impl Transfers {
+    /// An instruction from guacd, on its way to the page.
+    pub fn from_guacd(&mut self, frame: &Frame<'_>) -> Routing {
+        let index = frame.arg(0).and_then(|i| i.parse::<u32>().ok());
+        let routing = match (frame.opcode(), index) {
+            ("blob", Some(index)) if self.downloads.contains_key(&index) => {
+                let data = frame
+                    .arg(1)
+                    .and_then(|d| base64::engine::general_purpose::STANDARD.decode(d).ok());
+                let sent = data.map(|data| {
+                    self.downloads[&index].try_send(Chunk::Data(Bytes::from(data)))
+                });
+                match sent {
+                    Some(Ok(())) => Routing::default(),
+                    // The reader went away, guacd sent more than one blob per ack, or the
+                    // blob was not base64: end the stream at guacd, as Apache's filter does
+                    // when it cannot write.
+                    _ => {
+                        self.downloads.remove(&index);
+                        Routing {
+                            forward: false,
+                            to_guacd: Some(
+                                Instruction::new(
+                                    "ack",
+                                    [
+                                        index.to_string().as_str(),
+                                        "FAIL",
+                                        SERVER_ERROR.to_string().as_str(),
+                                    ],
+                                )
+                                .encode(),
+                            ),
+                        }
+                    }
+                }
+            }
+            ("end", Some(index)) => {
+                if let Some(chunks) = self.downloads.remove(&index) {
+                    let _ = chunks.try_send(Chunk::End);
+                }
+                // The page learns the stream ended too, as with Apache's filter.
+                Routing {
+                    forward: true,
+                    to_guacd: None,
+                }
+            }
+            // guacd's acks of the blobs the web side sends go to it alone (Apache passes them
+            // on too, but then the page cannot tell them from the ack of its own `end`).
+            ("ack", Some(index)) if self.uploads.contains_key(&index) => {
+                let status = frame
+                    .arg(2)
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(SERVER_ERROR);
+                let message = frame.arg(1).unwrap_or("").to_owned();
+                let _ = self.uploads[&index].try_send((status, message));
+                Routing::default()
+            }
+            _ => Routing {
+                forward: true,
+                to_guacd: None,
+            },
+        };
+        self.streams.from_guacd(frame);
+        routing
+    }
+
+    /// An instruction from the page, on its way to guacd: whether to pass it on. The page's
+    /// own acks for a download the web side has taken over are dropped (two acks would put
+    /// two blobs in flight).
+    pub fn from_browser(&mut self, frame: &Frame<'_>) -> bool {
+        let index = frame.arg(0).and_then(|i| i.parse::<u32>().ok());
+        let forward = !matches!((frame.opcode(), index), ("ack", Some(i)) if self.downloads.contains_key(&i));
+        if frame.opcode() == "end" {
+            if let Some(index) = index {
+                self.uploads.remove(&index);
+            }
+        }
+        self.streams.from_browser(frame);
+        forward
+    }
+
+    /// A handler's request; returns what to send guacd, if anything.
+    pub fn control(&mut self, control: Control) -> Option<String> {
+        match control {
+            Control::TakeDownload {
+                index,
+                chunks,
+                reply,
+            } => {
+                let answer = if self.downloads.contains_key(&index) {
+                    Err(Refusal::Taken)
+                } else if let Some(download) = self.streams.download(index) {
+                    self.downloads.insert(index, chunks);
+                    Ok(download.mimetype.clone())
+                } else {
+                    Err(Refusal::NotOpen)
+                };
+                let _ = reply.send(answer);
+                None
+            }
+            Control::TakeUpload { index, acks, reply } => {
+                let answer = if self.uploads.contains_key(&index) {
+                    Err(Refusal::Taken)
+                } else if self.streams.upload(index).is_some_and(|u| u.accepted) {
+                    self.uploads.insert(index, acks);
+                    Ok(())
+                } else {
+                    Err(Refusal::NotOpen)
+                };
+                let _ = reply.send(answer);
+                None
+            }
+            Control::Send(instruction) => Some(instruction),
+            Control::ReleaseUpload(index) => {
+                self.uploads.remove(&index);
+                None
+            }
+        }
+    }
+}
+
+/// A tunnel open for HTTP transfers: the token that opened it and its relay's control channel.
+struct Registered {
+    token: String,
+    control: mpsc::Sender<Control>,
+}
+
+/// The open tunnels by UUID, and the transfers running per token.
+#[derive(Default)]
+pub struct Registry {
+    tunnels: Mutex<HashMap<String, Registered>>,
+    running: Mutex<HashMap<String, Arc<AtomicUsize>>>,
+}
+
+/// Removes a tunnel from the registry when its relay ends.
+pub struct Registration<'a> {
+    registry: &'a Registry,
+    uuid: String,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        lock(&self.registry.tunnels).remove(&self.uuid);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Registry {
+    /// Registers tunnel `uuid`, opened with `token`, whose relay reads `control`.
+    pub fn register(
+        &self,
+        uuid: &str,
+        token: &str,
+        control: mpsc::Sender<Control>,
+    ) -> Registration<'_> {
+        lock(&self.tunnels).insert(
+            uuid.to_owned(),
+            Registered {
+                token: token.to_owned(),
+                control,
+            },
+        );
+        Registration {
+            registry: self,
+            uuid: uuid.to_owned(),
+        }
+    }
+
+    /// The control channel of tunnel `uuid` if `token` opened it.
+    fn control(&self, uuid: &str, token: &str) -> Option<mpsc::Sender<Control>> {
+        let tunnels = lock(&self.tunnels);
+        let registered = tunnels.get(uuid)?;
+        let same: bool = registered.token.as_bytes().ct_eq(token.as_bytes()).into();
+        same.then(|| registered.control.clone())
+    }
+
+    /// A transfer slot for `token`, or `None` when it runs [`MAX_TRANSFERS_PER_TOKEN`].
+    fn slot(&self, token: &str) -> Option<Slot> {
+        let counter = {
+            let mut running = lock(&self.running);
+            // Tokens with no transfer left hold no entry (the map stays as small as the
+            // transfers running).
+            running.retain(|_, counter| Arc::strong_count(counter) > 1);
+            running.entry(token.to_owned()).or_default().clone()
+        };
+        let before = counter.fetch_add(1, Ordering::SeqCst);
+        let slot = Slot(counter);
+        (before < MAX_TRANSFERS_PER_TOKEN).then_some(slot)
+    }
+}
+
+/// One running transfer; gives its place back when dropped.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// An error as Apache's REST API writes it.
+fn api_error(status: StatusCode, kind: &str, message: &str, code: Option<u16>) -> Response {
+    let mut body = json!({"message": message, "translatableMessage": {"key": message, "variables": null}, "type": kind});
+    if let Some(code) = code {
+        body["statusCode"] = json!(code);
+    }
+    (status, axum::Json(body)).into_response()
+}
+
+/// The token of a stream request: the `token` query parameter, else `Guacamole-Token`.
+fn request_token(query: Option<&str>, headers: &HeaderMap) -> Option<String> {
+    query
+        .and_then(|q| {
+            form_urlencoded::parse(q.as_bytes())
+                .find(|(k, _)| k == "token")
+                .map(|(_, v)| v.into_owned())
+        })
+        .or_else(|| {
+            headers
+                .get("guacamole-token")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        })
+}
+
+/// Authorises a stream request: a live token, a tunnel of that token's, a free slot.
+fn authorise(
+    state: &WebState,
+    tunnel: &str,
+    query: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<(mpsc::Sender<Control>, Slot), StreamRequestError> {
+    let token = request_token(query, headers).ok_or(StreamRequestError::Forbidden)?;
+    state
+        .auth()
+        .touch(&token)
+        .ok_or(StreamRequestError::Forbidden)?;
+    let control = state
+        .registry()
+        .control(tunnel, &token)
+        .ok_or(StreamRequestError::Forbidden)?;
+    let slot = state
+        .registry()
+        .slot(&token)
+        .ok_or(StreamRequestError::TooMany)?;
+    Ok((control, slot))
+}
+
+fn stream_index(index: &str) -> Result<u32, StreamRequestError> {
+    index
+        .parse::<u32>()
+        .map_err(|_| StreamRequestError::NoSuchStream)
+}
+
+/// An HTTP body fed by a channel; an `Err` item cuts the response (the browser sees a failed
+/// download, not a short file).
+struct ChannelBody(mpsc::Receiver<std::io::Result<Bytes>>);
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|item| item.map(|r| r.map(http_body::Frame::data)))
+    }
+}
+
+/// `GET …/tunnels/<tunnel>/streams/<index>/<filename>`: the file guacd sends on `index`.
+pub async fn download(
+    State(state): State<Arc<WebState>>,
+    Path((tunnel, index, filename)): Path<(String, String, String)>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let (control, slot, index) = match authorise(&state, &tunnel, query.as_deref(), &headers)
+        .and_then(|(control, slot)| Ok((control, slot, stream_index(&index)?)))
+    {
+        Ok(ok) => ok,
+        Err(refused) => return refused.into_response(),
+    };
+    // One blob in flight (guacd sends the next only after an ack).
+    let (chunks_tx, mut chunks) = mpsc::channel(2);
+    let (reply, answer) = oneshot::channel();
+    let asked = control
+        .send(Control::TakeDownload {
+            index,
+            chunks: chunks_tx,
+            reply,
+        })
+        .await;
+    let mimetype = match (asked, answer.await) {
+        (Ok(()), Ok(Ok(mimetype))) => mimetype,
+        (Ok(()), Ok(Err(refusal))) => return StreamRequestError::from(refusal).into_response(),
+        _ => return StreamRequestError::from(Refusal::NotOpen).into_response(),
+    };
+    tracing::info!(stream = index, "download taken over by HTTP");
+    let (body_tx, body_rx) = mpsc::channel::<std::io::Result<Bytes>>(1);
+    tokio::spawn(async move {
+        let _slot = slot;
+        let ack = Instruction::new("ack", [index.to_string().as_str(), "OK", "0"]).encode();
+        loop {
+            // Ask for the next blob only once the body has taken the last one (the channel
+            // holds one): a slow browser slows guacd, and memory stays a few KiB.
+            if control.send(Control::Send(ack.clone())).await.is_err() {
+                let _ = body_tx.send(Err(cut("the session ended"))).await;
+                return;
+            }
+            match chunks.recv().await {
+                Some(Chunk::Data(data)) => {
+                    if body_tx.send(Ok(data)).await.is_err() {
+                        // The browser went away: end the stream at guacd.
+                        let fail = Instruction::new(
+                            "ack",
+                            [index.to_string().as_str(), "FAIL", SERVER_ERROR.to_string().as_str()],
+                        )
+                        .encode();
+                        let _ = control.send(Control::Send(fail)).await;
+                        return;
+                    }
+                }
+                Some(Chunk::End) => return,
+                None => {
+                    let _ = body_tx.send(Err(cut("the stream ended without its end"))).await;
+                    return;
+                }
+            }
+        }
+    });
+    let mut response = Response::new(Body::new(ChannelBody(body_rx)));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_str(&mimetype)
+            .unwrap_or(HeaderValue::from_static("application/octet-stream")),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(header::CONTENT_DISPOSITION, attachment(&filename));
+    response
+}
+
+fn cut(why: &str) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::UnexpectedEof, why.to_owned())
+}
+
+/// `Content-Disposition: attachment` naming `filename` (RFC 6266 `filename*`, UTF-8).
+fn attachment(filename: &str) -> HeaderValue {
+    let encoded: String = filename
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    HeaderValue::from_str(&format!("attachment; filename*=UTF-8''{encoded}"))
+        .unwrap_or(HeaderValue::from_static("attachment"))
+}
+
+/// `POST …/tunnels/<tunnel>/streams/<index>/<filename>`: the body goes to guacd on `index`,
+/// 6,048 bytes per blob, each after guacd acked the previous one.
+pub async fn upload(
+    State(state): State<Arc<WebState>>,
+    Path((tunnel, index, _filename)): Path<(String, String, String)>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let (control, _slot, index) = match authorise(&state, &tunnel, query.as_deref(), &headers)
+        .and_then(|(control, slot)| Ok((control, slot, stream_index(&index)?)))
+    {
+        Ok(ok) => ok,
+        Err(refused) => return refused.into_response(),
+    };
+    let (acks_tx, mut acks) = mpsc::channel(2);
+    let (reply, answer) = oneshot::channel();
+    let asked = control
+        .send(Control::TakeUpload {
+            index,
+            acks: acks_tx,
+            reply,
+        })
+        .await;
+    match (asked, answer.await) {
+        (Ok(()), Ok(Ok(()))) => {}
+        (Ok(()), Ok(Err(refusal))) => return StreamRequestError::from(refusal).into_response(),
+        _ => return StreamRequestError::from(Refusal::NotOpen).into_response(),
+    }
+    tracing::info!(stream = index, "upload taken over by HTTP");
+    let result = pump_upload(index, body, &control, &mut acks).await;
+    let _ = control.send(Control::ReleaseUpload(index)).await;
+    match result {
+        Ok(bytes) => {
+            tracing::info!(stream = index, bytes, "upload done");
+            StatusCode::OK.into_response()
+        }
+        Err(UploadFailure::Guacd(status, message)) => {
+            api_error(StatusCode::INTERNAL_SERVER_ERROR, "STREAM_ERROR", &message, Some(status))
+        }
+        Err(UploadFailure::Body) => api_error(
+            StatusCode::BAD_REQUEST,
+            "BAD_REQUEST",
+            "The upload's body could not be read.",
+            None,
+        ),
+        Err(UploadFailure::Closed) => api_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "STREAM_ERROR",
+            "The session ended during the upload.",
+            Some(SERVER_ERROR),
+        ),
+    }
+}
+
+enum UploadFailure {
+    Guacd(u16, String),
+    Body,
+    Closed,
+}
+
+/// Sends `body` to guacd as blobs, one in flight; the bytes sent.
+async fn pump_upload(
+    index: u32,
+    mut body: Body,
+    control: &mpsc::Sender<Control>,
+    acks: &mut mpsc::Receiver<(u16, String)>,
+) -> Result<u64, UploadFailure> {
+    let mut pending = bytes::BytesMut::new();
+    let mut sent = 0u64;
+    let mut ended = false;
+    loop {
+        while !ended && pending.len() < UPLOAD_BLOB_BYTES {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        pending.extend_from_slice(&data);
+                    }
+                }
+                Some(Err(_)) => return Err(UploadFailure::Body),
+                None => ended = true,
+            }
+        }
+        if pending.is_empty() {
+            return Ok(sent);
+        }
+        let piece = pending.split_to(pending.len().min(UPLOAD_BLOB_BYTES));
+        let blob = Instruction::new(
+            "blob",
+            [
+                index.to_string(),
+                base64::engine::general_purpose::STANDARD.encode(&piece),
+            ],
+        )
+        .encode();
+        control
+            .send(Control::Send(blob))
+            .await
+            .map_err(|_| UploadFailure::Closed)?;
+        match acks.recv().await {
+            Some((0, _)) => sent += piece.len() as u64,
+            Some((status, message)) => return Err(UploadFailure::Guacd(status, message)),
+            None => return Err(UploadFailure::Closed),
+        }
+    }
+}
