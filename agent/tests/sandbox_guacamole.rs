@@ -657,6 +657,24 @@ async fn web_side(
     web_side_with(free_port(), serde_json::json!({}), trusted_proxies).await
 }
 
+/// The in-process web side with one `shell` connection against the guacd at `guacd`; its
+/// address, a token, its stop handle and directory.
+async fn shell_web_side(
+    guacd: u16,
+) -> (
+    std::net::SocketAddr,
+    String,
+    (tokio::sync::oneshot::Sender<()>, tempfile::TempDir),
+) {
+    let (addr, stop, dir) = web_side_with(
+        guacd,
+        serde_json::json!({"shell": {"protocol": "ssh", "parameters": {"hostname": "127.0.0.1"}}}),
+        &[],
+    )
+    .await;
+    (addr, token_from(addr).await, (stop, dir))
+}
+
 /// A token from the in-process web side at `addr`, logged in as Exosphere does.
 async fn token_from(addr: std::net::SocketAddr) -> String {
     let token: serde_json::Value = reqwest::Client::new()
@@ -1008,13 +1026,7 @@ async fn a_text_frame_that_is_not_utf8_is_refused_with_a_close_code() {
     use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 
     let guacd = silent_guacd().await;
-    let (addr, _stop, _dir) = web_side_with(
-        guacd,
-        serde_json::json!({"shell": {"protocol": "ssh", "parameters": {"hostname": "127.0.0.1"}}}),
-        &[],
-    )
-    .await;
-    let token = token_from(addr).await;
+    let (addr, token, _web) = shell_web_side(guacd).await;
     let mut socket = open_tunnel(format!(
         "ws://{addr}/guacamole/websocket-tunnel?token={token}&GUAC_ID=shell&GUAC_TYPE=c&GUAC_DATA_SOURCE=default"
     ))
@@ -1323,13 +1335,7 @@ async fn message_with(
 async fn files_cross_as_http_bodies_only_for_the_token_that_opened_the_tunnel() {
     let content: Vec<u8> = (0..20_000u32).map(|i| (i * 7 % 251) as u8).collect();
     let (guacd, uploaded) = file_streams_guacd(content.clone()).await;
-    let (addr, _stop, _dir) = web_side_with(
-        guacd,
-        serde_json::json!({"shell": {"protocol": "ssh", "parameters": {"hostname": "127.0.0.1"}}}),
-        &[],
-    )
-    .await;
-    let token = token_from(addr).await;
+    let (addr, token, _web) = shell_web_side(guacd).await;
     let other = token_from(addr).await;
     let mut socket = open_tunnel(format!(
         "ws://{addr}/guacamole/websocket-tunnel?token={token}&GUAC_ID=shell&GUAC_TYPE=c&GUAC_DATA_SOURCE=default"

@@ -21,6 +21,8 @@ use common::{free_port, run_ok, Sandbox};
 use serde_json::Value;
 
 /// `git daemon` serving every repository under its base path on 127.0.0.1; killed on drop.
+/// Started as `git-daemon` itself (from `git --exec-path`): `git daemon` runs it as a child,
+/// which killing `git` would leave running, listening, after the test.
 struct GitDaemon {
     child: Child,
     port: u16,
@@ -29,8 +31,9 @@ struct GitDaemon {
 impl GitDaemon {
     fn start(base: &Path) -> Self {
         let port = free_port();
-        let child = Command::new("git")
-            .arg("daemon")
+        let exec_path = run_ok(Command::new("git").arg("--exec-path"), "git --exec-path");
+        let exec_path = String::from_utf8(exec_path.stdout).unwrap();
+        let child = Command::new(Path::new(exec_path.trim()).join("git-daemon"))
             .arg("--export-all")
             .arg("--reuseaddr")
             .arg("--listen=127.0.0.1")

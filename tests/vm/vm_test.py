@@ -605,8 +605,13 @@ class WorkflowRepository:
         base.mkdir()
         git("clone", "-q", "--bare", str(source), str(base / "demo.git"), cwd=work)
         self.port = free_port()
+        # git-daemon itself: `git daemon` runs it as a child that killing `git` would leave
+        # running (and holding whatever this process holds open) after the test.
+        exec_path = subprocess.run(["git", "--exec-path"], check=True, capture_output=True,
+                                   text=True).stdout.strip()
         self.daemon = subprocess.Popen(
-            ["git", "daemon", "--export-all", "--reuseaddr", "--listen=127.0.0.1",
+            [str(Path(exec_path) / "git-daemon"), "--export-all", "--reuseaddr",
+             "--listen=127.0.0.1",
              f"--port={self.port}", f"--base-path={base}", str(base)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=open(work / "git-daemon.log", "wb"))

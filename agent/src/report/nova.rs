@@ -532,18 +532,35 @@ mod tests {
     /// was written without waiting for it.
     const AN_HOUR: Duration = Duration::from_secs(3600);
 
-    #[tokio::test]
-    async fn readiness_is_written_without_waiting_for_the_settle() {
+    /// A reporter for `hub` with `pacing`, writing to a stand-in Nova: its calls, the token
+    /// that stops it and its task.
+    async fn reporting(
+        hub: &StateHub,
+        pacing: Pacing,
+    ) -> (
+        crate::cloud::nova::stand_in::Calls,
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+    ) {
         let (nova, calls) = crate::cloud::nova::stand_in::nova(201, None).await;
-        let hub = hub();
-        let pacing = Pacing {
-            settle: AN_HOUR,
-            ..Pacing::default()
-        };
         let cancel = CancellationToken::new();
         let task = tokio::spawn(
             NovaReporter::new(nova, "srv".into(), pacing).run(hub.clone(), cancel.clone()),
         );
+        (calls, cancel, task)
+    }
+
+    #[tokio::test]
+    async fn readiness_is_written_without_waiting_for_the_settle() {
+        let hub = hub();
+        let (calls, cancel, task) = reporting(
+            &hub,
+            Pacing {
+                settle: AN_HOUR,
+                ..Pacing::default()
+            },
+        )
+        .await;
         let first = calls_until_quiet(&calls).await;
         assert!(first.contains(&"PUT /v2.1/servers/srv/tags/exoagent:setup:starting".into()));
 
@@ -591,16 +608,15 @@ mod tests {
 
     #[tokio::test]
     async fn an_error_is_written_without_waiting_for_the_settle() {
-        let (nova, calls) = crate::cloud::nova::stand_in::nova(201, None).await;
         let hub = hub();
-        let pacing = Pacing {
-            settle: AN_HOUR,
-            ..Pacing::default()
-        };
-        let cancel = CancellationToken::new();
-        let task = tokio::spawn(
-            NovaReporter::new(nova, "srv".into(), pacing).run(hub.clone(), cancel.clone()),
-        );
+        let (calls, cancel, task) = reporting(
+            &hub,
+            Pacing {
+                settle: AN_HOUR,
+                ..Pacing::default()
+            },
+        )
+        .await;
         calls_until_quiet(&calls).await;
         hub.fail_step(
             SetupStep::User,
@@ -613,21 +629,20 @@ mod tests {
 
     #[tokio::test]
     async fn readiness_arriving_together_is_one_write() {
-        let (nova, calls) = crate::cloud::nova::stand_in::nova(201, None).await;
         let hub = StateHub::new([
             (ServiceKind::JupyterLab, 8888, "http://x/".to_owned()),
             (ServiceKind::RStudio, 8787, "http://y/".to_owned()),
         ]);
         // A wide prompt window, so that the second service's readiness surely falls inside it.
-        let pacing = Pacing {
-            settle: AN_HOUR,
-            prompt: Duration::from_secs(2),
-            ..Pacing::default()
-        };
-        let cancel = CancellationToken::new();
-        let task = tokio::spawn(
-            NovaReporter::new(nova, "srv".into(), pacing).run(hub.clone(), cancel.clone()),
-        );
+        let (calls, cancel, task) = reporting(
+            &hub,
+            Pacing {
+                settle: AN_HOUR,
+                prompt: Duration::from_secs(2),
+                ..Pacing::default()
+            },
+        )
+        .await;
         calls_until_quiet(&calls).await;
         hub.set_phase(SetupPhase::Supervising);
         for kind in [ServiceKind::JupyterLab, ServiceKind::RStudio] {
