@@ -154,11 +154,7 @@ fn the_deb_holds_the_agent_unit_pages_and_completions() {
     }
 
     // The unit as shipped points at the packaged binary.
-    let root = tempfile::tempdir().unwrap();
-    run_ok(
-        tool("dpkg-deb").arg("-x").arg(deb).arg(root.path()),
-        "dpkg-deb -x",
-    );
+    let root = unpacked_deb();
     let unit =
         fs::read_to_string(root.path().join("usr/lib/systemd/system/exoagent.service")).unwrap();
     assert!(
@@ -181,6 +177,19 @@ fn the_deb_holds_the_agent_unit_pages_and_completions() {
             .path()
             .join("usr/share/bash-completion/completions/exoagent"),
     );
+}
+
+/// The .deb's files extracted (`dpkg-deb -x`, no scripts) into a scratch directory.
+fn unpacked_deb() -> tempfile::TempDir {
+    let root = tempfile::tempdir().unwrap();
+    run_ok(
+        tool("dpkg-deb")
+            .arg("-x")
+            .arg(&packages().deb)
+            .arg(root.path()),
+        "dpkg-deb -x",
+    );
+    root
 }
 
 /// The newest `GLIBC_x.y` symbol version an ELF file needs (`objdump -T`), as (x, y).
@@ -211,14 +220,7 @@ fn the_packaged_binary_runs_on_the_oldest_glibc_it_claims() {
     // exoagent claims Debian 11 and Ubuntu 20.04 (glibc 2.31) and EL 8 (2.28). A binary
     // linked against this machine's glibc 2.36 needs 2.34 and fails there at once
     // ("version `GLIBC_2.34' not found").
-    let root = tempfile::tempdir().unwrap();
-    run_ok(
-        tool("dpkg-deb")
-            .arg("-x")
-            .arg(&packages().deb)
-            .arg(root.path()),
-        "dpkg-deb -x",
-    );
+    let root = unpacked_deb();
     let binary = root.path().join("usr/bin/exoagent");
     let newest = newest_glibc_needed(&binary);
     assert!(

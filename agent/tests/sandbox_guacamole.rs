@@ -657,22 +657,22 @@ async fn web_side(
     web_side_with(free_port(), serde_json::json!({}), trusted_proxies).await
 }
 
-/// The in-process web side with one `shell` connection against the guacd at `guacd`; its
-/// address, a token, its stop handle and directory.
-async fn shell_web_side(
+/// An in-process web side's stop handle and directory: it runs while they live.
+type WebSideGuard = (tokio::sync::oneshot::Sender<()>, tempfile::TempDir);
+
+/// The in-process web side with `connections` against the guacd at `guacd`, and a token from
+/// it; its address, the token and what keeps it running.
+async fn logged_in_web_side(
     guacd: u16,
-) -> (
-    std::net::SocketAddr,
-    String,
-    (tokio::sync::oneshot::Sender<()>, tempfile::TempDir),
-) {
-    let (addr, stop, dir) = web_side_with(
-        guacd,
-        serde_json::json!({"shell": {"protocol": "ssh", "parameters": {"hostname": "127.0.0.1"}}}),
-        &[],
-    )
-    .await;
+    connections: serde_json::Value,
+) -> (std::net::SocketAddr, String, WebSideGuard) {
+    let (addr, stop, dir) = web_side_with(guacd, connections, &[]).await;
     (addr, token_from(addr).await, (stop, dir))
+}
+
+/// One `shell` connection (SSH to 127.0.0.1), as the web side's configuration names it.
+fn shell_connection() -> serde_json::Value {
+    serde_json::json!({"shell": {"protocol": "ssh", "parameters": {"hostname": "127.0.0.1"}}})
 }
 
 /// A token from the in-process web side at `addr`, logged in as Exosphere does.
@@ -908,26 +908,12 @@ fn opened(sessions: &std::sync::Mutex<Vec<ScriptedSession>>) -> Vec<ScriptedSess
         .collect()
 }
 
-/// The in-process web side with one `desktop` connection (VNC with SFTP beside it, as the
-/// agent writes it) against the guacd at `guacd`; its address, a token, its stop handle and
-/// directory.
-async fn desktop_web_side(
-    guacd: u16,
-) -> (
-    std::net::SocketAddr,
-    String,
-    (tokio::sync::oneshot::Sender<()>, tempfile::TempDir),
-) {
-    let (addr, stop, dir) = web_side_with(
-        guacd,
-        serde_json::json!({"desktop": {"protocol": "vnc", "parameters": {
-            "hostname": "127.0.0.1", "port": "5901", "password": "${GUAC_PASSWORD}",
-            "enable-sftp": "true", "sftp-hostname": "127.0.0.1", "sftp-port": "22",
-            "sftp-username": "exouser", "sftp-password": "${GUAC_PASSWORD}"}}}),
-        &[],
-    )
-    .await;
-    (addr, token_from(addr).await, (stop, dir))
+/// One `desktop` connection (VNC with SFTP beside it), as the agent writes it.
+fn desktop_connection() -> serde_json::Value {
+    serde_json::json!({"desktop": {"protocol": "vnc", "parameters": {
+        "hostname": "127.0.0.1", "port": "5901", "password": "${GUAC_PASSWORD}",
+        "enable-sftp": "true", "sftp-hostname": "127.0.0.1", "sftp-port": "22",
+        "sftp-username": "exouser", "sftp-password": "${GUAC_PASSWORD}"}}})
 }
 
 /// Every text message of a desktop tunnel until `until` is among them, the tunnel closes, or
@@ -971,7 +957,7 @@ async fn desktop_messages(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_desktop_whose_sftp_fails_is_reopened_without_file_transfer() {
     let (guacd, sessions) = sftp_aborting_guacd("Aborted. See logs.", 515).await;
-    let (addr, token, _dir) = desktop_web_side(guacd).await;
+    let (addr, token, _dir) = logged_in_web_side(guacd, desktop_connection()).await;
     let (messages, closed) = desktop_messages(addr, &token, "4.size,").await;
     let all = messages.join("");
     assert_eq!(closed, None, "the tunnel closed: {all}");
@@ -1006,7 +992,7 @@ async fn a_desktop_whose_sftp_fails_is_reopened_without_file_transfer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_an_abort_before_drawing_that_may_be_sftp_is_retried_and_only_once() {
     let (guacd, sessions) = sftp_aborting_guacd("Unable to connect to VNC server.", 519).await;
-    let (addr, token, _dir) = desktop_web_side(guacd).await;
+    let (addr, token, _dir) = logged_in_web_side(guacd, desktop_connection()).await;
     let (messages, closed) = desktop_messages(addr, &token, "4.size,").await;
     let all = messages.join("");
     assert_eq!(closed.as_deref(), Some("0"), "{all}");
@@ -1026,7 +1012,7 @@ async fn a_text_frame_that_is_not_utf8_is_refused_with_a_close_code() {
     use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 
     let guacd = silent_guacd().await;
-    let (addr, token, _web) = shell_web_side(guacd).await;
+    let (addr, token, _web) = logged_in_web_side(guacd, shell_connection()).await;
     let mut socket = open_tunnel(format!(
         "ws://{addr}/guacamole/websocket-tunnel?token={token}&GUAC_ID=shell&GUAC_TYPE=c&GUAC_DATA_SOURCE=default"
     ))
@@ -1335,7 +1321,7 @@ async fn message_with(
 async fn files_cross_as_http_bodies_only_for_the_token_that_opened_the_tunnel() {
     let content: Vec<u8> = (0..20_000u32).map(|i| (i * 7 % 251) as u8).collect();
     let (guacd, uploaded) = file_streams_guacd(content.clone()).await;
-    let (addr, token, _web) = shell_web_side(guacd).await;
+    let (addr, token, _web) = logged_in_web_side(guacd, shell_connection()).await;
     let other = token_from(addr).await;
     let mut socket = open_tunnel(format!(
         "ws://{addr}/guacamole/websocket-tunnel?token={token}&GUAC_ID=shell&GUAC_TYPE=c&GUAC_DATA_SOURCE=default"

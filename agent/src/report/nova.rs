@@ -532,6 +532,14 @@ mod tests {
     /// was written without waiting for it.
     const AN_HOUR: Duration = Duration::from_secs(3600);
 
+    /// The default pacing with [`AN_HOUR`] to settle.
+    fn an_hour_settle() -> Pacing {
+        Pacing {
+            settle: AN_HOUR,
+            ..Pacing::default()
+        }
+    }
+
     /// A reporter for `hub` with `pacing`, writing to a stand-in Nova: its calls, the token
     /// that stops it and its task.
     async fn reporting(
@@ -553,14 +561,7 @@ mod tests {
     #[tokio::test]
     async fn readiness_is_written_without_waiting_for_the_settle() {
         let hub = hub();
-        let (calls, cancel, task) = reporting(
-            &hub,
-            Pacing {
-                settle: AN_HOUR,
-                ..Pacing::default()
-            },
-        )
-        .await;
+        let (calls, cancel, task) = reporting(&hub, an_hour_settle()).await;
         let first = calls_until_quiet(&calls).await;
         assert!(first.contains(&"PUT /v2.1/servers/srv/tags/exoagent:setup:starting".into()));
 
@@ -609,14 +610,7 @@ mod tests {
     #[tokio::test]
     async fn an_error_is_written_without_waiting_for_the_settle() {
         let hub = hub();
-        let (calls, cancel, task) = reporting(
-            &hub,
-            Pacing {
-                settle: AN_HOUR,
-                ..Pacing::default()
-            },
-        )
-        .await;
+        let (calls, cancel, task) = reporting(&hub, an_hour_settle()).await;
         calls_until_quiet(&calls).await;
         hub.fail_step(
             SetupStep::User,

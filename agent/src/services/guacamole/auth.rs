@@ -229,7 +229,7 @@ fn source_key(ip: IpAddr) -> IpAddr {
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(super) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding the lock cannot leave these maps inconsistent.
     mutex
         .lock()

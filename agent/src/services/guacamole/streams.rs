@@ -106,30 +106,29 @@ impl StreamTable {
     }
 
     fn open_download(&mut self, stream: Option<&str>, mimetype: Option<&str>) {
-        let Some(index) = index(stream) else {
-            return;
-        };
-        if self.downloads.len() >= MAX_TRACKED && !self.downloads.contains_key(&index) {
-            return;
-        }
         let mimetype = mimetype.unwrap_or("application/octet-stream").to_owned();
-        self.downloads.insert(index, Download { mimetype });
+        open(&mut self.downloads, stream, Download { mimetype });
     }
 
     fn open_upload(&mut self, stream: Option<&str>) {
-        let Some(index) = index(stream) else {
-            return;
-        };
-        if self.uploads.len() >= MAX_TRACKED && !self.uploads.contains_key(&index) {
-            return;
-        }
         // A reused index is a new stream: not accepted until guacd acks it again.
-        self.uploads.insert(index, Upload { accepted: false });
+        open(&mut self.uploads, stream, Upload { accepted: false });
     }
 }
 
+/// Notes stream `stream` as open in `table` with `value`, unless the table is full.
+fn open<T>(table: &mut HashMap<u32, T>, stream: Option<&str>, value: T) {
+    let Some(index) = index(stream) else {
+        return;
+    };
+    if table.len() >= MAX_TRACKED && !table.contains_key(&index) {
+        return;
+    }
+    table.insert(index, value);
+}
+
 /// A stream index as the protocol writes it (a decimal integer); anything else is not one.
-fn index(value: Option<&str>) -> Option<u32> {
+pub(super) fn index(value: Option<&str>) -> Option<u32> {
     let value = value?;
     if value.is_empty() || value.len() > 10 || !value.bytes().all(|b| b.is_ascii_digit()) {
         return None;

@@ -23,7 +23,8 @@ use subtle::ConstantTimeEq as _;
 use tokio::sync::{mpsc, oneshot};
 
 use super::protocol::{Frame, Instruction};
-use super::streams::StreamTable;
+use super::auth::lock;
+use super::streams::{self, StreamTable};
 use super::web::WebState;
 
 /// Transfers one token may run at once (more get 429).
@@ -70,6 +71,20 @@ pub enum Refusal {
     /// Another request has it.
     #[error("the stream is already being transferred")]
     Taken,
+}
+
+/// guacd's stream `index` ended from this side, as Apache's filter ends one it cannot write:
+/// an error `ack`.
+fn failed(index: u32) -> String {
+    Instruction::new(
+        "ack",
+        [
+            index.to_string().as_str(),
+            "FAIL",
+            SERVER_ERROR.to_string().as_str(),
+        ],
+    )
+    .encode()
 }
 
 /// Why a stream request is refused before any byte moves.
@@ -146,7 +161,12 @@ pub struct Routing {
 impl Transfers {
     /// An instruction from guacd, on its way to the page.
     pub fn from_guacd(&mut self, frame: &Frame<'_>) -> Routing {
-        let index = frame.arg(0).and_then(|i| i.parse::<u32>().ok());
+        // Only stream instructions name an index; drawing ones (most of the traffic) are not
+        // parsed.
+        let index = match frame.opcode() {
+            "blob" | "end" | "ack" => streams::index(frame.arg(0)),
+            _ => None,
+        };
         let routing = match (frame.opcode(), index) {
             ("blob", Some(index)) if self.downloads.contains_key(&index) => {
                 let data = frame
@@ -164,17 +184,7 @@ impl Transfers {
                         self.downloads.remove(&index);
                         Routing {
                             forward: false,
-                            to_guacd: Some(
-                                Instruction::new(
-                                    "ack",
-                                    [
-                                        index.to_string().as_str(),
-                                        "FAIL",
-                                        SERVER_ERROR.to_string().as_str(),
-                                    ],
-                                )
-                                .encode(),
-                            ),
+                            to_guacd: Some(failed(index)),
                         }
                     }
                 }
@@ -213,13 +223,16 @@ impl Transfers {
     /// own acks for a download the web side has taken over are dropped (two acks would put
     /// two blobs in flight).
     pub fn from_browser(&mut self, frame: &Frame<'_>) -> bool {
-        let index = frame.arg(0).and_then(|i| i.parse::<u32>().ok());
-        let forward = !matches!((frame.opcode(), index), ("ack", Some(i)) if self.downloads.contains_key(&i));
-        if frame.opcode() == "end" {
-            if let Some(index) = index {
-                self.uploads.remove(&index);
+        let forward = match frame.opcode() {
+            "ack" => !streams::index(frame.arg(0)).is_some_and(|i| self.downloads.contains_key(&i)),
+            "end" => {
+                if let Some(index) = streams::index(frame.arg(0)) {
+                    self.uploads.remove(&index);
+                }
+                true
             }
-        }
+            _ => true,
+        };
         self.streams.from_browser(frame);
         forward
     }
@@ -289,9 +302,6 @@ impl Drop for Registration<'_> {
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 impl Registry {
     /// Registers tunnel `uuid`, opened with `token`, whose relay reads `control`.
@@ -371,13 +381,15 @@ fn request_token(query: Option<&str>, headers: &HeaderMap) -> Option<String> {
         })
 }
 
-/// Authorises a stream request: a live token, a tunnel of that token's, a free slot.
+/// Authorises a stream request: a live token, a tunnel of that token's, a free slot, a
+/// stream index; the relay's control channel, the slot and the index.
 fn authorise(
     state: &WebState,
     tunnel: &str,
+    index: &str,
     query: Option<&str>,
     headers: &HeaderMap,
-) -> Result<(mpsc::Sender<Control>, Slot), StreamRequestError> {
+) -> Result<(mpsc::Sender<Control>, Slot, u32), StreamRequestError> {
     let token = request_token(query, headers).ok_or(StreamRequestError::Forbidden)?;
     state
         .auth()
@@ -391,13 +403,23 @@ fn authorise(
         .registry()
         .slot(&token)
         .ok_or(StreamRequestError::TooMany)?;
-    Ok((control, slot))
+    let index = streams::index(Some(index)).ok_or(StreamRequestError::NoSuchStream)?;
+    Ok((control, slot, index))
 }
 
-fn stream_index(index: &str) -> Result<u32, StreamRequestError> {
-    index
-        .parse::<u32>()
-        .map_err(|_| StreamRequestError::NoSuchStream)
+/// Asks the relay behind `control` to hand a stream over (`request` is given the reply
+/// channel); what it answers.
+async fn take<T>(
+    control: &mpsc::Sender<Control>,
+    request: impl FnOnce(oneshot::Sender<Result<T, Refusal>>) -> Control,
+) -> Result<T, StreamRequestError> {
+    let (reply, answer) = oneshot::channel();
+    control
+        .send(request(reply))
+        .await
+        .map_err(|_| Refusal::NotOpen)?;
+    // A relay that ended meanwhile has no such stream any more.
+    Ok(answer.await.map_err(|_| Refusal::NotOpen)??)
 }
 
 /// An HTTP body fed by a channel; an `Err` item cuts the response (the browser sees a failed
@@ -425,26 +447,22 @@ pub async fn download(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
-    let (control, slot, index) = match authorise(&state, &tunnel, query.as_deref(), &headers)
-        .and_then(|(control, slot)| Ok((control, slot, stream_index(&index)?)))
-    {
-        Ok(ok) => ok,
-        Err(refused) => return refused.into_response(),
-    };
+    let (control, slot, index) =
+        match authorise(&state, &tunnel, &index, query.as_deref(), &headers) {
+            Ok(ok) => ok,
+            Err(refused) => return refused.into_response(),
+        };
     // One blob in flight (guacd sends the next only after an ack).
     let (chunks_tx, mut chunks) = mpsc::channel(2);
-    let (reply, answer) = oneshot::channel();
-    let asked = control
-        .send(Control::TakeDownload {
-            index,
-            chunks: chunks_tx,
-            reply,
-        })
-        .await;
-    let mimetype = match (asked, answer.await) {
-        (Ok(()), Ok(Ok(mimetype))) => mimetype,
-        (Ok(()), Ok(Err(refusal))) => return StreamRequestError::from(refusal).into_response(),
-        _ => return StreamRequestError::from(Refusal::NotOpen).into_response(),
+    let taken = take(&control, |reply| Control::TakeDownload {
+        index,
+        chunks: chunks_tx,
+        reply,
+    })
+    .await;
+    let mimetype = match taken {
+        Ok(mimetype) => mimetype,
+        Err(refused) => return refused.into_response(),
     };
     tracing::info!(stream = index, "download taken over by HTTP");
     let (body_tx, body_rx) = mpsc::channel::<std::io::Result<Bytes>>(1);
@@ -458,16 +476,19 @@ pub async fn download(
                 let _ = body_tx.send(Err(cut("the session ended"))).await;
                 return;
             }
-            match chunks.recv().await {
+            // A browser that goes away while guacd is slow to send frees the slot too.
+            let chunk = tokio::select! {
+                chunk = chunks.recv() => chunk,
+                () = body_tx.closed() => {
+                    let _ = control.send(Control::Send(failed(index))).await;
+                    return;
+                }
+            };
+            match chunk {
                 Some(Chunk::Data(data)) => {
                     if body_tx.send(Ok(data)).await.is_err() {
                         // The browser went away: end the stream at guacd.
-                        let fail = Instruction::new(
-                            "ack",
-                            [index.to_string().as_str(), "FAIL", SERVER_ERROR.to_string().as_str()],
-                        )
-                        .encode();
-                        let _ = control.send(Control::Send(fail)).await;
+                        let _ = control.send(Control::Send(failed(index))).await;
                         return;
                     }
                 }
@@ -520,25 +541,20 @@ pub async fn upload(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let (control, _slot, index) = match authorise(&state, &tunnel, query.as_deref(), &headers)
-        .and_then(|(control, slot)| Ok((control, slot, stream_index(&index)?)))
-    {
-        Ok(ok) => ok,
-        Err(refused) => return refused.into_response(),
-    };
+    let (control, _slot, index) =
+        match authorise(&state, &tunnel, &index, query.as_deref(), &headers) {
+            Ok(ok) => ok,
+            Err(refused) => return refused.into_response(),
+        };
     let (acks_tx, mut acks) = mpsc::channel(2);
-    let (reply, answer) = oneshot::channel();
-    let asked = control
-        .send(Control::TakeUpload {
-            index,
-            acks: acks_tx,
-            reply,
-        })
-        .await;
-    match (asked, answer.await) {
-        (Ok(()), Ok(Ok(()))) => {}
-        (Ok(()), Ok(Err(refusal))) => return StreamRequestError::from(refusal).into_response(),
-        _ => return StreamRequestError::from(Refusal::NotOpen).into_response(),
+    let taken = take(&control, |reply| Control::TakeUpload {
+        index,
+        acks: acks_tx,
+        reply,
+    })
+    .await;
+    if let Err(refused) = taken {
+        return refused.into_response();
     }
     tracing::info!(stream = index, "upload taken over by HTTP");
     let result = pump_upload(index, body, &control, &mut acks).await;
