@@ -1312,7 +1312,7 @@ async fn message_with(
 }
 
 /// Files cross as HTTP bodies through Apache's stream endpoints: a download's blobs are taken
-/// from the tunnel (the page never sees them) and acked by the web side one at a time; an
+/// from the tunnel (the page never sees them) and acked by the web side as it queues them; an
 /// upload's body reaches guacd as blobs, each after guacd acked the one before. Only the token
 /// that opened a tunnel may use its streams (403 for another, also for none), a stream not
 /// open is 404. Scripted guacd (the pacing of guacd's `sftp.c`): the page and real guacds are

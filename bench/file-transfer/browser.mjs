@@ -4,7 +4,8 @@
 // file browser. Prints one JSON line: {"upload_s", "download_s", "download_sha256"}.
 //
 // Environment: FT_BASE (http://HOST:PORT of the web side), FT_USER, FT_PASSWORD, FT_HOME (the
-// user's home, where uploads land), FT_FILE, FT_NAME, FT_SIZE.
+// user's home, where uploads land), FT_FILE, FT_NAME, FT_SIZE; FT_PATH=blobs makes the page use
+// the WebSocket blob path even where the HTTP stream endpoints are offered.
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import { createRequire } from 'node:module';
@@ -70,6 +71,11 @@ async function main() {
         await until(() => page.evaluate(() => window.exoGuac && window.exoGuac.state === 'connected'
             && window.exoGuac.filesystems.length > 0), 'the page connected with a filesystem', 60_000, 100);
 
+        if (process.env.FT_PATH === 'blobs') {
+            // The old path for comparison: the page moves files as blobs over the WebSocket, as
+            // it does when the web side does not offer the HTTP stream endpoints.
+            await page.evaluate(() => { window.exoGuac.httpStreams = false; });
+        }
         const upStart = performance.now();
         await page.setInputFiles('#file-input', local);
         const up = await until(async () => {

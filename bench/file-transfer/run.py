@@ -5,7 +5,8 @@ Run as root from the repository, after ``bash tests/browser/setup.sh`` (Chromium
 double's venv) and ``cargo build -p exoagent``; ``ethtool`` and ``ping`` must be installed:
 
     python3 bench/file-transfer/run.py [--size-mib 4] [--delays 0,25] [--runs 1]
-        [--bin target/debug/exoagent [--bin OTHER ...]] [--net-only] [--record]
+        [--bin target/debug/exoagent [--bin OTHER ...] | --release] [--guacd double|real]
+        [--path streams|blobs] [--net-only] [--record]
 
 What it builds (all torn down at exit, also on Ctrl-C):
 
@@ -31,7 +32,14 @@ What it builds (all torn down at exit, also on Ctrl-C):
   (VmHWM) after each transfer.
 
 With several ``--bin``, each binary serves the same runs (e.g. with and without TCP_NODELAY).
-``--record`` writes the table into bench/results/file-transfer.md between its markers.
+``--release`` is ``--bin target/release/exoagent`` (``cargo build --release -p exoagent``).
+``--guacd real`` puts the real guacd 1.3.0 (Debian 11's packages, the root of
+tests/guacamole/guacd-bullseye.sh, as the browser tests run it with EXOAGENT_GUACD=bullseye) in
+the instance namespace instead of the double: rig.py then runs with ``--no-peer --ssh-rsa``
+(that guacd's libssh2 needs an ssh-rsa host key). ``--path blobs`` makes the page move files as
+blobs over the WebSocket even where the web side offers the HTTP stream endpoints (the old
+path, for comparison). ``--record`` writes the table into bench/results/file-transfer.md
+between its markers, with the load average before and after each transfer.
 """
 
 from __future__ import annotations
@@ -62,6 +70,8 @@ NS_B, NS_M, NS_I = "exo-ft-b", "exo-ft-m", "exo-ft-i"
 ADDR_B, ADDR_I = "10.231.0.1", "10.231.0.2"
 RATE = "100mbit"
 WEB_PORT = 49528
+GUACD_PORT = 49529
+GUACD_SCRIPT = os.path.join(REPO, "tests/guacamole/guacd-bullseye.sh")
 IPERF_PORT = 5201
 
 PROCS: list[subprocess.Popen] = []
@@ -226,9 +236,9 @@ def tcp_rate(direction: str, total: int) -> float:
 
 
 class Rig:
-    def __init__(self) -> None:
+    def __init__(self, *extra: str) -> None:
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", NS_I, os.path.join(VENV, "bin/python"), RIG],
+            ["ip", "netns", "exec", NS_I, os.path.join(VENV, "bin/python"), RIG, *extra],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         PROCS.append(self.proc)
         line = self.proc.stdout.readline()
@@ -246,15 +256,47 @@ class Rig:
                 self.proc.wait()
 
 
+class RealGuacd:
+    """guacd 1.3.0 from the bullseye root, in the instance namespace on GUACD_PORT."""
+
+    def __init__(self, tmp: str) -> None:
+        self.log_path = os.path.join(tmp, "guacd.log")
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", NS_I, "bash", GUACD_SCRIPT, "run", str(GUACD_PORT)],
+            stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT)
+        PROCS.append(self.proc)
+        deadline = time.monotonic() + 180  # the first run builds the root
+        probe = ("import socket; s = socket.create_connection(('127.0.0.1', %d), timeout=2); "
+                 "s.sendall(b'6.select,3.ssh;'); assert b'4.args,' in s.recv(4096)" % GUACD_PORT)
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"guacd-bullseye.sh exited: {open(self.log_path).read()[-2000:]}")
+            if subprocess.run(["ip", "netns", "exec", NS_I, "python3", "-c", probe],
+                              capture_output=True).returncode == 0:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError("guacd 1.3.0 not answering within 180 s")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
 class Web:
-    def __init__(self, binary: str, info: dict, tmp: str) -> None:
+    def __init__(self, binary: str, info: dict, tmp: str, guacd: str) -> None:
         pw = os.path.join(tmp, "guacamole-password")
         with open(pw, "w") as f:
             f.write(info["password"] + "\n")
         os.chmod(pw, 0o600)
         config = {
             "listen": f"{ADDR_I}:{WEB_PORT}",
-            "guacd": f"127.0.0.1:{info['peer_port']}",
+            "guacd": guacd,
             "username": info["user"],
             "password_file": pw,
             "session_timeout_s": 3600,
@@ -306,11 +348,11 @@ class Web:
                 self.proc.wait()
 
 
-def browser_run(info: dict, src: str, name: str, size: int) -> dict:
+def browser_run(info: dict, src: str, name: str, size: int, path: str) -> dict:
     """One upload and one download through the page, by browser.mjs in the browser namespace."""
     env = dict(os.environ, FT_BASE=f"http://{ADDR_I}:{WEB_PORT}", FT_USER=info["user"],
                FT_PASSWORD=info["password"], FT_HOME=info["home"], FT_FILE=src, FT_NAME=name,
-               FT_SIZE=str(size))
+               FT_SIZE=str(size), FT_PATH=path)
     r = subprocess.run(["ip", "netns", "exec", NS_B, "node", DRIVER], env=env,
                        capture_output=True, text=True, timeout=2 * 900 + 120)
     sys.stderr.write(r.stderr)
@@ -349,6 +391,11 @@ def main() -> int:
     ap.add_argument("--delays", default="0,25", help="one-way delays in ms (25 = 50 ms round trip)")
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--bin", action="append", help="exoagent binaries to compare")
+    ap.add_argument("--release", action="store_true", help="use target/release/exoagent")
+    ap.add_argument("--guacd", choices=("double", "real"), default="double",
+                    help="the guacd double (default) or the real guacd 1.3.0 from bullseye")
+    ap.add_argument("--path", choices=("streams", "blobs"), default="streams",
+                    help="the page's file path: HTTP streams when offered (default), or blobs")
     ap.add_argument("--net-only", action="store_true", help="only build and check the link")
     ap.add_argument("--record", action="store_true")
     args = ap.parse_args()
@@ -357,18 +404,25 @@ def main() -> int:
     for tool in ("ethtool", "ping", "tc", "node"):
         if not shutil.which(tool):
             sys.exit(f"{tool} is missing")
-    binaries = args.bin or [os.path.join(REPO, "target/debug/exoagent")]
+    if args.bin and args.release:
+        sys.exit("--bin and --release: choose one")
+    binaries = args.bin or [os.path.join(REPO, "target/release/exoagent" if args.release
+                                         else "target/debug/exoagent")]
+    for binary in binaries:
+        if not os.access(binary, os.X_OK):
+            sys.exit(f"{binary} is not an executable (build it first)")
     delays = [float(d) for d in args.delays.split(",")]
     size = int(args.size_mib * 1024 * 1024)
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda *_: sys.exit(143))
     net_down()  # leftovers of an interrupted run
-    report: dict = {"size": size, "netem": check_no_netem(), "link": [], "transfers": []}
+    report: dict = {"size": size, "netem": check_no_netem(), "link": [], "transfers": [],
+                    "guacd": args.guacd, "path": args.path, "load_start": os.getloadavg()}
     log(report["netem"])
     tmp = tempfile.mkdtemp(prefix="exo-ft-")
     forwarder = Forwarder()
-    rig = web = None
+    rig = web = guacd = None
     try:
         net_up()
         for d in delays:
@@ -385,27 +439,33 @@ def main() -> int:
             print(json.dumps(report))
             return 0
 
-        rig = Rig()
+        rig = Rig("--no-peer", "--ssh-rsa") if args.guacd == "real" else Rig()
         info = rig.info
+        if args.guacd == "real":
+            guacd = RealGuacd(tmp)
+            guacd_addr = f"127.0.0.1:{GUACD_PORT}"
+        else:
+            guacd_addr = f"127.0.0.1:{info['peer_port']}"
         src = os.path.join(tmp, "payload.bin")
         with open(src, "wb") as f:
             f.write(os.urandom(size))
         digest = sha256(src)
         for binary in binaries:
-            web = Web(binary, info, tmp)
+            web = Web(binary, info, tmp, guacd_addr)
             base_kib = web.hwm_kib()
             for d in delays:
                 forwarder.set(d)
                 for run in range(args.runs):
                     name = f"exo browser ft {int(d)}ms {run} {os.urandom(3).hex()}.bin"
-                    r = browser_run(info, src, name, size)
+                    load_before = os.getloadavg()[0]
+                    r = browser_run(info, src, name, size, args.path)
                     target = os.path.join(info["home"], name)
                     ok = os.path.getsize(target) == size and sha256(target) == digest
                     os.remove(target)
                     if not ok or r["download_sha256"] != digest:
                         raise RuntimeError(f"bytes differ after the run: {r}")
                     r.update(binary=binary, delay_ms=d, run=run, rss_base_kib=base_kib,
-                             rss_peak_kib=web.hwm_kib())
+                             rss_peak_kib=web.hwm_kib(), load=(load_before, os.getloadavg()[0]))
                     report["transfers"].append(r)
                     log(f"{os.path.basename(binary)} {d} ms: upload {r['upload_s']:.2f} s "
                         f"({size / 1024 / r['upload_s']:.0f} KiB/s), download {r['download_s']:.2f} s "
@@ -420,6 +480,8 @@ def main() -> int:
     finally:
         if web:
             web.stop()
+        if guacd:
+            guacd.stop()
         if rig:
             rig.stop()
         forwarder.stop()
@@ -429,17 +491,23 @@ def main() -> int:
 
 def record(report: dict, argv: list[str]) -> None:
     lines = [f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: `python3 bench/file-transfer/run.py "
-             f"{' '.join(argv)}`; file {report['size'] / 1048576:g} MiB; {report['netem'].rstrip('.')}.", "",
+             f"{' '.join(argv)}`; file {report['size'] / 1048576:g} MiB; guacd: "
+             f"{'the real guacd 1.3.0 (bullseye)' if report['guacd'] == 'real' else 'the double'}; "
+             f"page path: {'blobs over the WebSocket' if report['path'] == 'blobs' else 'HTTP streams'}; "
+             f"load average at start {report['load_start'][0]:.2f} (1 min), {report['load_start'][1]:.2f} (5 min); "
+             f"{report['netem'].rstrip('.')}.", "",
              "| one-way delay | ping RTT | plain TCP up | plain TCP down |", "|---|---|---|---|"]
     for l in report["link"]:
         lines.append(f"| {l['delay_ms']:g} ms | {l['ping_rtt_ms']:.1f} ms | {l['tcp_up_mbit']:.1f} Mbit/s "
                      f"| {l['tcp_down_mbit']:.1f} Mbit/s |")
-    lines += ["", "| binary | RTT | upload | download | web side RSS at start → peak |", "|---|---|---|---|---|"]
+    lines += ["", "| binary | RTT | upload | download | web side RSS at start → peak | load before → after |",
+              "|---|---|---|---|---|---|"]
     for r in report["transfers"]:
         s = report["size"] / 1024
         lines.append(f"| `{os.path.basename(r['binary'])}` | {2 * r['delay_ms']:g} ms | {r['upload_s']:.2f} s, "
                      f"{s / r['upload_s']:.0f} KiB/s | {r['download_s']:.2f} s, {s / r['download_s']:.0f} KiB/s "
-                     f"| {r['rss_base_kib'] / 1024:.1f} → {r['rss_peak_kib'] / 1024:.1f} MiB |")
+                     f"| {r['rss_base_kib'] / 1024:.1f} → {r['rss_peak_kib'] / 1024:.1f} MiB "
+                     f"| {r['load'][0]:.1f} → {r['load'][1]:.1f} |")
     text = open(RESULTS).read() if os.path.exists(RESULTS) else "<!-- run.py -->\n<!-- /run.py -->\n"
     start, end = text.index("<!-- run.py -->"), text.index("<!-- /run.py -->")
     text = text[: start] + "<!-- run.py -->\n" + "\n".join(lines) + "\n" + text[end:]

@@ -39,7 +39,15 @@ What it implements
     gets exactly one ``blob`` of at most 4096 bytes (guac_common_ssh_sftp_ack_handler's
     buffer), ``end`` at the end of the file (also after a read error, as guacd does), and an
     error ``ack`` ends the stream without ``end``. So at most one blob is in flight per
-    stream in either direction: one blob per round trip.
+    stream in either direction: one blob per round trip. The SFTP side paces as guacd
+    1.3.0's libssh2 (Debian 11: 1.9.0, src/sftp.c) does on guacd's blocking SFTP session: a
+    download reads ahead 16 KiB (``buffer_size*4``) in one ``FXP_READ`` whenever its buffer is
+    empty, so three acks in four are answered from memory (``SftpFileStream``); an upload's
+    blob is one ``libssh2_sftp_write`` of the blob's length, which builds one ``FXP_WRITE``
+    (blobs are under ``MAX_SFTP_OUTGOING_SIZE``, 30,000 bytes) and, the session blocking,
+    returns only once sshd's ``FXP_STATUS`` for it came back: libssh2 pipelines a write only
+    across the chunks of one call, and guacd's calls are one chunk each, so the double writes
+    each blob, waits for its status, then acks, as guacd does.
   * ``vnc``: RFB 3.3/3.7/3.8, security None or VNC authentication (DES), encodings Raw and
     CopyRect, pseudo-encodings DesktopSize and ExtendedDesktopSize (client ``size`` becomes an
     RFB SetDesktopSize unless ``disable-display-resize`` is true); at most 10 frames per second;
@@ -77,6 +85,13 @@ What it implements
     written before the client can see its effect (e.g. ``upload`` before the last ``ack``).
 
 What it does NOT implement (differences from guacd)
+  * SFTP pacing, what remains different: asyncssh (Python, an event loop) stands where
+    libssh2 (C) does, so each SFTP round trip and each blob costs more CPU here than in guacd;
+    libssh2's receive-window adjustments and its requests cut at ``MAX_SFTP_READ_SIZE`` are
+    not reproduced (asyncssh manages its own window; 16 KiB requests are below both limits).
+    guacd handles one user's instructions on one thread, so a blob written to SFTP holds up
+    that user's other instructions; the double awaits the write in the same per-connection
+    loop, which has the same effect.
   * No RDP, telnet or kubernetes. A protocol without a plugin (any but ssh and vnc, or one
     named by ``--without-plugin``) is what guacd 1.6 does when it cannot load
     ``libguac-client-<protocol>``: ``select`` gets no answer at all, and the connection stays
@@ -198,6 +213,7 @@ BLOB_MAX = 6048                  # GUAC_PROTOCOL_BLOB_MAX_LENGTH (bytes before b
 JSON_BUFFER = 4096               # guac_common_json_state.buffer (src/common/common/json.h)
 CLIPBOARD_BLOCK = 4096           # GUAC_COMMON_CLIPBOARD_BLOCK_SIZE (src/common/common/clipboard.h)
 SFTP_BLOCK = 4096                # guacd's SFTP transfer block
+SFTP_READ_AHEAD = 4 * SFTP_BLOCK  # libssh2 1.9.0 sftp_read: max_read_ahead = buffer_size*4
 KEEPALIVE_INTERVAL = 5.0         # GUAC_SOCKET_KEEP_ALIVE_INTERVAL
 STREAM_INDEX_MIMETYPE = "application/vnd.glyptodon.guacamole.stream-index+json"
 FONT_DIR = "/usr/share/fonts/truetype/dejavu"
@@ -629,12 +645,25 @@ def guacd_json_blobs(listing: dict[str, str]) -> list[bytes]:
 
 
 class SftpFileStream(OutboundStream):
+    """A file downloaded through SFTP, read as guacd reads it: one ``libssh2_sftp_read`` of
+    4096 bytes per client ack, with libssh2 1.9.0's read-ahead (``sftp_read`` in its
+    src/sftp.c): a call that finds nothing buffered asks for ``buffer_size*4`` bytes in one
+    ``FXP_READ`` (16 KiB here: ``size = count``, at least ``buffer_size``, at most
+    ``MAX_SFTP_READ_SIZE``), waits for that answer (guacd's SFTP session is blocking), returns
+    the first 4096 bytes and keeps the rest (``data_left``) for the next three calls, which
+    return at once. So one SFTP round trip per four blobs, not per blob; a short read is kept
+    as it came, an empty one is the end of the file (``FX_EOF``)."""
+
     def __init__(self, conn, index, handle, on_done=None) -> None:
         super().__init__(conn, index, on_done)
         self.handle = handle
+        self.ahead = b""  # libssh2's data_left
 
     async def next_block(self) -> bytes:
-        return await self.handle.read(SFTP_BLOCK)
+        if not self.ahead:
+            self.ahead = await self.handle.read(SFTP_READ_AHEAD)
+        block, self.ahead = self.ahead[:SFTP_BLOCK], self.ahead[SFTP_BLOCK:]
+        return block
 
     async def close_source(self) -> None:
         with contextlib.suppress(Exception):

@@ -2,14 +2,20 @@
 //! transfer over HTTP streams"): `GET`/`POST api/session/tunnels/<tunnel>/streams/<index>/<name>`
 //! take over one file stream of a tunnel, so the file's bytes cross the browser's link as a
 //! plain HTTP body while the blob/ack exchange, one blob per round trip, stays on loopback
-//! between the web side and guacd. This module owns the tunnel registry, what the relay does
-//! with a taken-over stream, and the two handlers.
+//! between the web side and guacd. A download's blobs are acked as soon as they are queued in
+//! a small per-download buffer ([`DOWNLOAD_BUFFER_BLOBS`]), not when the browser has taken
+//! them, as Apache's `OutputStreamInterceptingFilter` acks once the blob is written into the
+//! servlet's (buffered) output stream; a full buffer withholds the ack until the body takes a
+//! blob, so a slow browser slows guacd and memory stays bounded. This module owns the tunnel
+//! registry, what the relay does with a taken-over stream, and the two handlers.
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+#[cfg(test)]
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
@@ -22,8 +28,8 @@ use serde_json::json;
 use subtle::ConstantTimeEq as _;
 use tokio::sync::{mpsc, oneshot};
 
-use super::protocol::{Frame, Instruction};
 use super::auth::lock;
+use super::protocol::{Frame, Instruction};
 use super::streams::{self, StreamTable};
 use super::web::WebState;
 
@@ -31,18 +37,27 @@ use super::web::WebState;
 pub const MAX_TRANSFERS_PER_TOKEN: usize = 4;
 /// Bytes per upload blob, as guacamole-common-js and Apache's `InputStreamInterceptingFilter`.
 pub const UPLOAD_BLOB_BYTES: usize = 6048;
+/// Blobs of a download the web side queues for its HTTP body, acked to guacd as they are
+/// queued (4,096 bytes each from guacd's SFTP code: 64 KiB). Besides these, the body's writer
+/// holds at most two (one taken from the queue, one handed to the body): a download holds at
+/// most `DOWNLOAD_BUFFER_BLOBS + 2` blobs however slow its browser.
+pub const DOWNLOAD_BUFFER_BLOBS: usize = 16;
 /// Guacamole statuses the web side acks guacd with.
 const SERVER_ERROR: u16 = 0x0200;
 
 /// What an HTTP handler asks of the relay of its tunnel.
 #[derive(Debug)]
 pub enum Control {
-    /// Take over guacd's stream `index` (a download): its blobs go to `chunks`, not the page.
+    /// Take over guacd's stream `index` (a download): its blobs go to `chunks`, not the page;
+    /// the relay acks guacd while `chunks` has room, else sets `withheld` and waits for
+    /// [`Control::Drained`].
     TakeDownload {
         /// The stream.
         index: u32,
-        /// Where its bytes go.
+        /// Where its bytes go (a channel of [`DOWNLOAD_BUFFER_BLOBS`]).
         chunks: mpsc::Sender<Chunk>,
+        /// Set by the relay when it withheld an ack because `chunks` was full.
+        withheld: Arc<AtomicBool>,
         /// The stream's type, or why it cannot be taken.
         reply: oneshot::Sender<Result<String, Refusal>>,
     },
@@ -60,6 +75,10 @@ pub enum Control {
     Send(String),
     /// The handler is done with upload `index`.
     ReleaseUpload(u32),
+    /// Download `index`'s body took a blob out of a full buffer: ack guacd if it was withheld.
+    Drained(u32),
+    /// Download `index`'s browser went away: end the stream at guacd (an error ack).
+    AbortDownload(u32),
 }
 
 /// Why a stream cannot be taken over.
@@ -141,11 +160,29 @@ pub enum Chunk {
     End,
 }
 
+/// A download taken over by HTTP, as the relay keeps it.
+#[derive(Debug)]
+struct Download {
+    /// The buffer its body reads.
+    chunks: mpsc::Sender<Chunk>,
+    /// An ack is out at guacd: one blob (or its `end`) may come, no more.
+    awaiting: bool,
+    /// The buffer was full when the last blob came; its ack waits for [`Control::Drained`].
+    owed: bool,
+    /// Tells the body's writer that an ack is owed (it then sends [`Control::Drained`]).
+    withheld: Arc<AtomicBool>,
+}
+
+/// An `ack` of stream `index` that asks guacd for its next blob.
+fn next_please(index: u32) -> String {
+    Instruction::new("ack", [index.to_string().as_str(), "OK", "0"]).encode()
+}
+
 /// The relay's side: which streams are open, which are taken over and by whom.
 #[derive(Debug, Default)]
 pub struct Transfers {
     streams: StreamTable,
-    downloads: HashMap<u32, mpsc::Sender<Chunk>>,
+    downloads: HashMap<u32, Download>,
     uploads: HashMap<u32, mpsc::Sender<(u16, String)>>,
 }
 
@@ -169,29 +206,13 @@ impl Transfers {
         };
         let routing = match (frame.opcode(), index) {
             ("blob", Some(index)) if self.downloads.contains_key(&index) => {
-                let data = frame
-                    .arg(1)
-                    .and_then(|d| base64::engine::general_purpose::STANDARD.decode(d).ok());
-                let sent = data.map(|data| {
-                    self.downloads[&index].try_send(Chunk::Data(Bytes::from(data)))
-                });
-                match sent {
-                    Some(Ok(())) => Routing::default(),
-                    // The reader went away, guacd sent more than one blob per ack, or the
-                    // blob was not base64: end the stream at guacd, as Apache's filter does
-                    // when it cannot write.
-                    _ => {
-                        self.downloads.remove(&index);
-                        Routing {
-                            forward: false,
-                            to_guacd: Some(failed(index)),
-                        }
-                    }
-                }
+                self.download_blob(index, frame.arg(1))
             }
             ("end", Some(index)) => {
-                if let Some(chunks) = self.downloads.remove(&index) {
-                    let _ = chunks.try_send(Chunk::End);
+                // guacd ends a download in answer to an ack, so the buffer has room for it; a
+                // `end` that finds it full drops the buffer instead and the body is cut.
+                if let Some(download) = self.downloads.remove(&index) {
+                    let _ = download.chunks.try_send(Chunk::End);
                 }
                 // The page learns the stream ended too, as with Apache's filter.
                 Routing {
@@ -219,6 +240,43 @@ impl Transfers {
         routing
     }
 
+    /// Blob `data` of download `index`: queued for the body, and guacd acked if the buffer has
+    /// room left.
+    fn download_blob(&mut self, index: u32, data: Option<&str>) -> Routing {
+        let Some(download) = self.downloads.get_mut(&index) else {
+            return Routing::default();
+        };
+        let data = data.and_then(|d| base64::engine::general_purpose::STANDARD.decode(d).ok());
+        // More blobs than acks (guacd sends one per ack), a blob that is not base64, or a
+        // reader that went away: end the stream at guacd, as Apache's filter does when it
+        // cannot write.
+        let queued = match data {
+            Some(data) if download.awaiting => {
+                download.chunks.try_send(Chunk::Data(Bytes::from(data))).is_ok()
+            }
+            _ => false,
+        };
+        if !queued {
+            self.downloads.remove(&index);
+            return Routing {
+                forward: false,
+                to_guacd: Some(failed(index)),
+            };
+        }
+        download.awaiting = false;
+        if download.chunks.capacity() > 0 {
+            download.awaiting = true;
+            Routing {
+                forward: false,
+                to_guacd: Some(next_please(index)),
+            }
+        } else {
+            download.owed = true;
+            download.withheld.store(true, Ordering::SeqCst);
+            Routing::default()
+        }
+    }
+
     /// An instruction from the page, on its way to guacd: whether to pass it on. The page's
     /// own acks for a download the web side has taken over are dropped (two acks would put
     /// two blobs in flight).
@@ -243,18 +301,31 @@ impl Transfers {
             Control::TakeDownload {
                 index,
                 chunks,
+                withheld,
                 reply,
             } => {
                 let answer = if self.downloads.contains_key(&index) {
                     Err(Refusal::Taken)
                 } else if let Some(download) = self.streams.download(index) {
-                    self.downloads.insert(index, chunks);
                     Ok(download.mimetype.clone())
                 } else {
                     Err(Refusal::NotOpen)
                 };
-                let _ = reply.send(answer);
-                None
+                let taken = answer.is_ok();
+                if reply.send(answer).is_err() || !taken {
+                    return None;
+                }
+                self.downloads.insert(
+                    index,
+                    Download {
+                        chunks,
+                        awaiting: true,
+                        owed: false,
+                        withheld,
+                    },
+                );
+                // The stream is ready for its blobs (Apache's filter acks on interception).
+                Some(next_please(index))
             }
             Control::TakeUpload { index, acks, reply } => {
                 let answer = if self.uploads.contains_key(&index) {
@@ -272,6 +343,23 @@ impl Transfers {
             Control::ReleaseUpload(index) => {
                 self.uploads.remove(&index);
                 None
+            }
+            Control::Drained(index) => {
+                let download = self.downloads.get_mut(&index)?;
+                if !download.owed {
+                    return None;
+                }
+                if download.chunks.capacity() == 0 {
+                    // Not drained after all: ask again after the next blob the body takes.
+                    download.withheld.store(true, Ordering::SeqCst);
+                    return None;
+                }
+                download.owed = false;
+                download.awaiting = true;
+                Some(next_please(index))
+            }
+            Control::AbortDownload(index) => {
+                self.downloads.remove(&index).map(|_| failed(index))
             }
         }
     }
@@ -452,11 +540,12 @@ pub async fn download(
             Ok(ok) => ok,
             Err(refused) => return refused.into_response(),
         };
-    // One blob in flight (guacd sends the next only after an ack).
-    let (chunks_tx, mut chunks) = mpsc::channel(2);
+    let (chunks_tx, chunks) = mpsc::channel(DOWNLOAD_BUFFER_BLOBS);
+    let withheld = Arc::new(AtomicBool::new(false));
     let taken = take(&control, |reply| Control::TakeDownload {
         index,
         chunks: chunks_tx,
+        withheld: withheld.clone(),
         reply,
     })
     .await;
@@ -468,37 +557,7 @@ pub async fn download(
     let (body_tx, body_rx) = mpsc::channel::<std::io::Result<Bytes>>(1);
     tokio::spawn(async move {
         let _slot = slot;
-        let ack = Instruction::new("ack", [index.to_string().as_str(), "OK", "0"]).encode();
-        loop {
-            // Ask for the next blob only once the body has taken the last one (the channel
-            // holds one): a slow browser slows guacd, and memory stays a few KiB.
-            if control.send(Control::Send(ack.clone())).await.is_err() {
-                let _ = body_tx.send(Err(cut("the session ended"))).await;
-                return;
-            }
-            // A browser that goes away while guacd is slow to send frees the slot too.
-            let chunk = tokio::select! {
-                chunk = chunks.recv() => chunk,
-                () = body_tx.closed() => {
-                    let _ = control.send(Control::Send(failed(index))).await;
-                    return;
-                }
-            };
-            match chunk {
-                Some(Chunk::Data(data)) => {
-                    if body_tx.send(Ok(data)).await.is_err() {
-                        // The browser went away: end the stream at guacd.
-                        let _ = control.send(Control::Send(failed(index))).await;
-                        return;
-                    }
-                }
-                Some(Chunk::End) => return,
-                None => {
-                    let _ = body_tx.send(Err(cut("the stream ended without its end"))).await;
-                    return;
-                }
-            }
-        }
+        feed_body(index, chunks, &withheld, &control, &body_tx).await;
     });
     let mut response = Response::new(Body::new(ChannelBody(body_rx)));
     let headers = response.headers_mut();
@@ -510,6 +569,48 @@ pub async fn download(
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     headers.insert(header::CONTENT_DISPOSITION, attachment(&filename));
     response
+}
+
+/// Moves download `index`'s queued blobs into its HTTP body until guacd ends the stream;
+/// tells the relay when it took a blob out of a full buffer (`withheld`), so guacd gets the
+/// ack it was owed. A browser that goes away, even while guacd is silent, ends the stream at
+/// guacd.
+async fn feed_body(
+    index: u32,
+    mut chunks: mpsc::Receiver<Chunk>,
+    withheld: &AtomicBool,
+    control: &mpsc::Sender<Control>,
+    body: &mpsc::Sender<std::io::Result<Bytes>>,
+) {
+    loop {
+        let chunk = tokio::select! {
+            chunk = chunks.recv() => chunk,
+            () = body.closed() => {
+                let _ = control.send(Control::AbortDownload(index)).await;
+                return;
+            }
+        };
+        if withheld.swap(false, Ordering::SeqCst)
+            && control.send(Control::Drained(index)).await.is_err()
+        {
+            let _ = body.send(Err(cut("the session ended"))).await;
+            return;
+        }
+        match chunk {
+            Some(Chunk::Data(data)) => {
+                if body.send(Ok(data)).await.is_err() {
+                    let _ = control.send(Control::AbortDownload(index)).await;
+                    return;
+                }
+            }
+            Some(Chunk::End) => return,
+            // The relay dropped the buffer: the session ended, or the stream failed.
+            None => {
+                let _ = body.send(Err(cut("the stream ended without its end"))).await;
+                return;
+            }
+        }
+    }
 }
 
 fn cut(why: &str) -> std::io::Error {
@@ -631,5 +732,216 @@ async fn pump_upload(
             Some((status, message)) => return Err(UploadFailure::Guacd(status, message)),
             None => return Err(UploadFailure::Closed),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::services::guacamole::protocol::Decoder;
+
+    /// What the relay does with `wire` (instructions guacd sent): the routings.
+    fn from_guacd(transfers: &mut Transfers, wire: &str) -> Vec<Routing> {
+        let mut decoder = Decoder::new();
+        decoder.push(wire.as_bytes());
+        let mut routings = Vec::new();
+        while let Some(frame) = decoder.next_frame() {
+            routings.push(transfers.from_guacd(&frame.unwrap()));
+        }
+        routings
+    }
+
+    fn blob(index: u32, data: &[u8]) -> String {
+        let data = base64::engine::general_purpose::STANDARD.encode(data);
+        Instruction::new("blob", [index.to_string(), data]).encode()
+    }
+
+    /// A relay with download 5 announced by guacd and taken over: the relay, the buffer's
+    /// reading end, the flag and the relay's first instruction to guacd.
+    fn taken_download() -> (Transfers, mpsc::Receiver<Chunk>, Arc<AtomicBool>, Option<String>) {
+        let mut transfers = Transfers::default();
+        from_guacd(
+            &mut transfers,
+            "4.body,1.0,1.5,24.application/octet-stream,6./a.bin;",
+        );
+        let (chunks_tx, chunks) = mpsc::channel(DOWNLOAD_BUFFER_BLOBS);
+        let withheld = Arc::new(AtomicBool::new(false));
+        let (reply, mut answer) = oneshot::channel();
+        let first = transfers.control(Control::TakeDownload {
+            index: 5,
+            chunks: chunks_tx,
+            withheld: withheld.clone(),
+            reply,
+        });
+        assert_eq!(
+            answer.try_recv().unwrap(),
+            Ok("application/octet-stream".to_owned())
+        );
+        (transfers, chunks, withheld, first)
+    }
+
+    const ACK: &str = "3.ack,1.5,2.OK,1.0;";
+    const FAIL: &str = "3.ack,1.5,4.FAIL,3.512;";
+
+    #[test]
+    fn download_blobs_are_acked_as_queued_until_the_buffer_is_full() {
+        let (mut transfers, mut chunks, withheld, first) = taken_download();
+        // Taking the stream over asks guacd for its first blob.
+        assert_eq!(first.as_deref(), Some(ACK));
+        // Nobody reads: every blob but the one that fills the buffer is acked at once.
+        for n in 1..=DOWNLOAD_BUFFER_BLOBS {
+            let routing = from_guacd(&mut transfers, &blob(5, &[n as u8; 4096])).remove(0);
+            assert!(!routing.forward, "blob {n} reached the page");
+            if n < DOWNLOAD_BUFFER_BLOBS {
+                assert_eq!(routing.to_guacd.as_deref(), Some(ACK), "blob {n}");
+            } else {
+                assert_eq!(routing.to_guacd, None, "blob {n} acked with a full buffer");
+            }
+        }
+        assert!(withheld.load(Ordering::SeqCst));
+        // A drain signal without a drained buffer asks nothing of guacd.
+        assert_eq!(transfers.control(Control::Drained(5)), None);
+        // The body takes one: the withheld ack goes out, once.
+        assert!(matches!(chunks.try_recv(), Ok(Chunk::Data(d)) if d[..] == [1u8; 4096][..]));
+        assert_eq!(transfers.control(Control::Drained(5)).as_deref(), Some(ACK));
+        assert_eq!(transfers.control(Control::Drained(5)), None);
+        // guacd's answer refills the buffer: no ack again.
+        let routing = from_guacd(&mut transfers, &blob(5, b"x")).remove(0);
+        assert_eq!(routing.to_guacd, None);
+    }
+
+    #[test]
+    fn a_blob_guacd_was_not_asked_for_fails_the_stream() {
+        let (mut transfers, _chunks, _withheld, _) = taken_download();
+        for _ in 0..DOWNLOAD_BUFFER_BLOBS {
+            from_guacd(&mut transfers, &blob(5, b"abc"));
+        }
+        // The buffer is full and no ack is out: one more blob is more than guacd was asked.
+        let routing = from_guacd(&mut transfers, &blob(5, b"abc")).remove(0);
+        assert_eq!(routing.to_guacd.as_deref(), Some(FAIL));
+        assert!(!routing.forward);
+        // The stream is no longer taken over: the page's own acks pass again.
+        let mut decoder = Decoder::new();
+        decoder.push(ACK.as_bytes());
+        assert!(transfers.from_browser(&decoder.next_frame().unwrap().unwrap()));
+    }
+
+    #[test]
+    fn a_blob_that_is_not_base64_fails_the_stream() {
+        let (mut transfers, _chunks, _withheld, _) = taken_download();
+        let routing = from_guacd(&mut transfers, "4.blob,1.5,2.!!;").remove(0);
+        assert_eq!(routing.to_guacd.as_deref(), Some(FAIL));
+        assert!(!routing.forward);
+    }
+
+    #[test]
+    fn guacd_s_end_reaches_the_body_and_the_page() {
+        let (mut transfers, mut chunks, _withheld, _) = taken_download();
+        from_guacd(&mut transfers, &blob(5, b"last"));
+        let routing = from_guacd(&mut transfers, "3.end,1.5;").remove(0);
+        assert!(routing.forward);
+        assert!(matches!(chunks.try_recv(), Ok(Chunk::Data(_))));
+        assert!(matches!(chunks.try_recv(), Ok(Chunk::End)));
+        // The buffer's sender is gone with the stream.
+        assert!(matches!(
+            chunks.try_recv(),
+            Err(mpsc::error::TryRecvError::Disconnected)
+        ));
+    }
+
+    /// A relay and a guacd that answers each ack with one 4096-byte blob of `blobs`, then
+    /// `end`; the number of acks guacd got, as it changes.
+    fn relay_with_guacd(
+        mut transfers: Transfers,
+        first: Option<String>,
+        mut control: mpsc::Receiver<Control>,
+        blobs: usize,
+    ) -> (tokio::sync::watch::Receiver<usize>, tokio::sync::watch::Receiver<Vec<String>>) {
+        let (acks_tx, acks) = tokio::sync::watch::channel(0usize);
+        let (other_tx, other) = tokio::sync::watch::channel(Vec::new());
+        tokio::spawn(async move {
+            let mut to_guacd: std::collections::VecDeque<String> = first.into_iter().collect();
+            let mut sent = 0usize;
+            loop {
+                while let Some(instruction) = to_guacd.pop_front() {
+                    if instruction != ACK {
+                        other_tx.send_modify(|o| o.push(instruction));
+                        continue;
+                    }
+                    acks_tx.send_modify(|n| *n += 1);
+                    let wire = if sent < blobs {
+                        sent += 1;
+                        blob(5, &[sent as u8; 4096])
+                    } else {
+                        "3.end,1.5;".to_owned()
+                    };
+                    for routing in from_guacd(&mut transfers, &wire) {
+                        to_guacd.extend(routing.to_guacd);
+                    }
+                }
+                let Some(request) = control.recv().await else { return };
+                to_guacd.extend(transfers.control(request));
+            }
+        });
+        (acks, other)
+    }
+
+    #[tokio::test]
+    async fn a_body_that_is_not_read_holds_the_download_at_a_bounded_number_of_blobs() {
+        let (transfers, chunks, withheld, first) = taken_download();
+        let (control_tx, control_rx) = mpsc::channel(8);
+        let blobs = 100;
+        let (mut acks, _other) = relay_with_guacd(transfers, first, control_rx, blobs);
+        let (body_tx, mut body) = mpsc::channel(1);
+        let feeder = tokio::spawn(async move {
+            feed_body(5, chunks, &withheld, &control_tx, &body_tx).await;
+        });
+        // Nobody reads the body: guacd is asked for the buffer, plus the blob the feeder
+        // holds and the one in the body's slot, and then for nothing more.
+        let held = DOWNLOAD_BUFFER_BLOBS + 2;
+        acks.wait_for(|n| *n >= held).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(*acks.borrow(), held, "guacd was asked for more than the buffer holds");
+        // The body reads: the rest follows, in order, and the body ends after guacd's end.
+        let mut got = Vec::new();
+        while let Some(item) = body.recv().await {
+            got.push(item.unwrap());
+        }
+        feeder.await.unwrap();
+        assert_eq!(got.len(), blobs);
+        assert!(got.iter().enumerate().all(|(i, d)| d[..] == [(i + 1) as u8; 4096][..]));
+        // One ack per blob and one that got the end.
+        assert_eq!(*acks.borrow(), blobs + 1);
+    }
+
+    #[tokio::test]
+    async fn a_browser_that_goes_away_ends_the_stream_at_guacd() {
+        let (transfers, chunks, withheld, first) = taken_download();
+        let (control_tx, control_rx) = mpsc::channel(8);
+        let (mut acks, mut other) = relay_with_guacd(transfers, first, control_rx, 1000);
+        let (body_tx, mut body) = mpsc::channel(1);
+        let feeder = tokio::spawn(async move {
+            feed_body(5, chunks, &withheld, &control_tx, &body_tx).await;
+        });
+        assert!(body.recv().await.unwrap().is_ok());
+        acks.wait_for(|n| *n >= DOWNLOAD_BUFFER_BLOBS + 2).await.unwrap();
+        drop(body);
+        feeder.await.unwrap();
+        other.wait_for(|o| !o.is_empty()).await.unwrap();
+        assert_eq!(*other.borrow(), [FAIL.to_owned()]);
+    }
+
+    #[tokio::test]
+    async fn a_session_that_ends_cuts_the_body() {
+        let (transfers, chunks, withheld, _first) = taken_download();
+        let (control_tx, _control_rx) = mpsc::channel(8);
+        let (body_tx, mut body) = mpsc::channel(1);
+        let feeder = tokio::spawn(async move {
+            feed_body(5, chunks, &withheld, &control_tx, &body_tx).await;
+        });
+        // The relay ends: the buffer's sender goes with it.
+        drop(transfers);
+        assert!(body.recv().await.unwrap().is_err(), "a cut body looked complete");
+        feeder.await.unwrap();
     }
 }
