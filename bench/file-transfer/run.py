@@ -39,7 +39,8 @@ the instance namespace instead of the double: rig.py then runs with ``--no-peer 
 (that guacd's libssh2 needs an ssh-rsa host key). ``--path blobs`` makes the page move files as
 blobs over the WebSocket even where the web side offers the HTTP stream endpoints (the old
 path, for comparison). ``--record`` writes the table into bench/results/file-transfer.md
-between its markers, with the load average before and after each transfer.
+between its markers (``--record-section NAME``: between ``<!-- run.py NAME -->`` markers,
+a new section at the end of the file the first time), with the load average before and after each transfer.
 """
 
 from __future__ import annotations
@@ -398,6 +399,9 @@ def main() -> int:
                     help="the page's file path: HTTP streams when offered (default), or blobs")
     ap.add_argument("--net-only", action="store_true", help="only build and check the link")
     ap.add_argument("--record", action="store_true")
+    ap.add_argument("--record-section", metavar="NAME",
+                    help="record between <!-- run.py NAME --> markers (appended to the file when "
+                         "absent) instead of the first section's")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root (network namespaces, tc, the rig)")
@@ -475,7 +479,7 @@ def main() -> int:
             web = None
         print(json.dumps(report))
         if args.record:
-            record(report, sys.argv[1:])
+            record(report, sys.argv[1:], args.record_section)
         return 0
     finally:
         if web:
@@ -489,7 +493,7 @@ def main() -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def record(report: dict, argv: list[str]) -> None:
+def record(report: dict, argv: list[str], section: str | None) -> None:
     lines = [f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: `python3 bench/file-transfer/run.py "
              f"{' '.join(argv)}`; file {report['size'] / 1048576:g} MiB; guacd: "
              f"{'the real guacd 1.3.0 (bullseye)' if report['guacd'] == 'real' else 'the double'}; "
@@ -508,9 +512,14 @@ def record(report: dict, argv: list[str]) -> None:
                      f"{s / r['upload_s']:.0f} KiB/s | {r['download_s']:.2f} s, {s / r['download_s']:.0f} KiB/s "
                      f"| {r['rss_base_kib'] / 1024:.1f} → {r['rss_peak_kib'] / 1024:.1f} MiB "
                      f"| {r['load'][0]:.1f} → {r['load'][1]:.1f} |")
-    text = open(RESULTS).read() if os.path.exists(RESULTS) else "<!-- run.py -->\n<!-- /run.py -->\n"
-    start, end = text.index("<!-- run.py -->"), text.index("<!-- /run.py -->")
-    text = text[: start] + "<!-- run.py -->\n" + "\n".join(lines) + "\n" + text[end:]
+    begin, finish = (f"<!-- run.py {section} -->", f"<!-- /run.py {section} -->") if section else (
+        "<!-- run.py -->", "<!-- /run.py -->")
+    text = open(RESULTS).read() if os.path.exists(RESULTS) else ""
+    if begin not in text:
+        # A new section goes at the end of the file.
+        text = text.rstrip("\n") + ("\n\n" if text else "") + f"{begin}\n{finish}\n"
+    start, end = text.index(begin), text.index(finish)
+    text = text[: start] + begin + "\n" + "\n".join(lines) + "\n" + text[end:]
     with open(RESULTS, "w") as f:
         f.write(text)
 
