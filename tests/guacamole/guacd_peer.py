@@ -86,7 +86,13 @@ What it implements
 
 What it does NOT implement (differences from guacd)
   * SFTP pacing, what remains different: asyncssh (Python, an event loop) stands where
-    libssh2 (C) does, so each SFTP round trip and each blob costs more CPU here than in guacd;
+    libssh2 (C) does, so each SFTP round trip and each blob costs more CPU here than in guacd:
+    measured through the web side at link speed (bench/results/file-transfer.md, release
+    build, 256 MiB), the double moves uploads at ~0.8 ms per blob (guacd 1.3.0: ~0.5 ms) and
+    downloads at ~0.4 ms per blob (guacd: ~0.6 ms; three blobs in four come from the
+    read-ahead, where Python is cheap), so it is slower than guacd on uploads and faster on
+    downloads there; at rates far below that (one blob per browser round trip) it paces as
+    guacd does;
     libssh2's receive-window adjustments and its requests cut at ``MAX_SFTP_READ_SIZE`` are
     not reproduced (asyncssh manages its own window; 16 KiB requests are below both limits).
     guacd handles one user's instructions on one thread, so a blob written to SFTP holds up
