@@ -1067,16 +1067,16 @@ const BIG_FILE = process.env.EXOAGENT_BIG_FILE === '1';
 // Files past 4 GiB (issue 20): 5 GiB up through the page's upload control and back through its
 // file browser, over the HTTP stream endpoints. Not in CI (run-all.sh): every byte still crosses
 // guacd's blob/ack exchange on loopback, one blob per round trip (6,048 B up, 4,096 B down), so
-// on the 2-vCPU CI machine it takes ~26 min against the real guacd 1.3.0 and ~49 min against
-// the double (measured, bench/results/file-transfer.md, "Files past 4 GiB"), against a CI budget
-// of well under 60 min in all. Run it by hand with EXOAGENT_BIG_FILE=1 and --test-name-pattern
+// on a 2-vCPU machine it takes ~25 min against the real guacd 1.3.0 (measured at 5 GiB) and
+// ~49 min against the double (from its 256 MiB rates; bench/results/file-transfer.md, "Files
+// past 4 GiB"), against a CI budget of well under 60 min in all. Run it by hand with EXOAGENT_BIG_FILE=1 and --test-name-pattern
 // 'big file' (as root, ~12 GiB free). What exoagent itself could break past 4 GiB (a 32-bit
 // length) is tested in CI where it lives: httpserve.rs (an upload announced past 4 GiB reaches
 // the stream handler) and tests/front.rs (such a length keeps through the TLS front both ways);
 // its counters are u64 and its download bodies carry no length.
 test(`big file (shell): ${BIG_FILE_BYTES / 1024 / MiB} GiB up through the upload control and back through the file browser, size and first and last MiB intact`, {
     timeout: 60 * 60000,
-    skip: !BIG_FILE && 'takes ~26 min (real guacd 1.3.0) to ~49 min (double): run it with EXOAGENT_BIG_FILE=1 (see the comment above the test)',
+    skip: !BIG_FILE && 'takes ~25 min (real guacd 1.3.0) to ~49 min (double): run it with EXOAGENT_BIG_FILE=1 (see the comment above the test)',
 }, async (t) => {
     // Where the bytes land: the uploaded copy in the rig user's home, the download in
     // Playwright's artifacts folder under the temp dir. A disk too small is a failure that says
