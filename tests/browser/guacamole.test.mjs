@@ -930,6 +930,32 @@ test('shell: typed text runs in the real shell (echo hello-from-chromium)', { ti
     note(t, `shell screen at disconnect: ${JSON.stringify(screen)}`);
 });
 
+/**
+ * Opens the menu's file browser (SFTP filesystem object, root "/"), walks folder by folder to
+ * `dir` and waits for `name` there: the files panel and the file's button.
+ */
+async function fileInBrowser(page, dir, name) {
+    await page.click('#menu-handle');
+    const panel = page.locator('#files-panel');
+    await panel.waitFor({ state: 'visible', timeout: 5000 });
+    for (const part of dir.split('/').filter(Boolean)) {
+        const folder = panel.locator('button.fs-folder', { hasText: new RegExp(`^${part.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}/$`) });
+        await folder.waitFor({ timeout: 15000 }).catch(async () => {
+            throw new assert.AssertionError({ message: `expected the folder "${part}/" in the file browser, saw ${JSON.stringify(await panel.locator('.fs-list').innerText())} at ${await panel.locator('.fs-path').innerText()}` });
+        });
+        await folder.click();
+        await waitFor(async () => (await panel.locator('.fs-path').innerText()).endsWith(`/${part}`), {
+            timeout: 10000, expected: `the file browser to show .../${part}`,
+            seen: () => panel.locator('.fs-path').innerText(),
+        });
+    }
+    const file = panel.locator('button.fs-file', { hasText: name });
+    await file.waitFor({ timeout: 15000 }).catch(async () => {
+        throw new assert.AssertionError({ message: `expected ${JSON.stringify(name)} in the file browser, saw ${JSON.stringify(await panel.locator('.fs-list').innerText())}` });
+    });
+    return { panel, file };
+}
+
 for (const [label, id, protocol] of [['shell', SHELL_ID, 'ssh'], ['desktop', DESKTOP_ID, 'vnc']]) {
     test(`files (${label}): upload through the page's upload control, download through its file browser`, { timeout: 120000 }, async (t) => {
         const tok = await token();
@@ -979,24 +1005,7 @@ for (const [label, id, protocol] of [['shell', SHELL_ID, 'ssh'], ['desktop', DES
 
             // Download: the file browser (SFTP filesystem object, root "/"), folder by folder.
             const downStart = Date.now();
-            await page.click('#menu-handle');
-            const panel = page.locator('#files-panel');
-            await panel.waitFor({ state: 'visible', timeout: 5000 });
-            for (const part of S.info.home.split('/').filter(Boolean)) {
-                const folder = panel.locator('button.fs-folder', { hasText: new RegExp(`^${part.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}/$`) });
-                await folder.waitFor({ timeout: 15000 }).catch(async () => {
-                    throw new assert.AssertionError({ message: `expected the folder "${part}/" in the file browser, saw ${JSON.stringify(await panel.locator('.fs-list').innerText())} at ${await panel.locator('.fs-path').innerText()}` });
-                });
-                await folder.click();
-                await waitFor(async () => (await panel.locator('.fs-path').innerText()).endsWith(`/${part}`), {
-                    timeout: 10000, expected: `the file browser to show .../${part}`,
-                    seen: () => panel.locator('.fs-path').innerText(),
-                });
-            }
-            const file = panel.locator('button.fs-file', { hasText: name });
-            await file.waitFor({ timeout: 15000 }).catch(async () => {
-                throw new assert.AssertionError({ message: `expected ${JSON.stringify(name)} in the file browser, saw ${JSON.stringify(await panel.locator('.fs-list').innerText())}` });
-            });
+            const { file } = await fileInBrowser(page, S.info.home, name);
             const shown = await file.textContent();
             assert.equal(shown, name, `expected the file browser to list the name exactly (code points ${codePoints(name)}), saw code points ${codePoints(shown)}`);
             const [download] = await Promise.all([
@@ -1022,6 +1031,137 @@ for (const [label, id, protocol] of [['shell', SHELL_ID, 'ssh'], ['desktop', DES
         }
     });
 }
+
+const MiB = 1024 * 1024;
+/** The big file: past 4 GiB, so any 32-bit size, offset or counter on the way wraps. */
+const BIG_FILE_BYTES = 5 * 1024 * MiB;
+/** Free space the big-file test needs: the uploaded copy and the downloaded one (sparse
+ * nowhere: SFTP writes the zeros) and 2 GiB to spare. */
+const BIG_FILE_DISK = 2 * BIG_FILE_BYTES + 2048 * MiB;
+
+/** SHA-256 of the first and of the last MiB of `file`, and its size. */
+function edges(file) {
+    const size = fs.statSync(file).size;
+    const fd = fs.openSync(file, 'r');
+    try {
+        const hash = (position) => {
+            const buf = Buffer.alloc(Math.min(MiB, size));
+            const n = fs.readSync(fd, buf, 0, buf.length, position);
+            return crypto.createHash('sha256').update(buf.subarray(0, n)).digest('hex');
+        };
+        return { size, first: hash(0), last: hash(Math.max(0, size - MiB)) };
+    } finally {
+        fs.closeSync(fd);
+    }
+}
+
+/** Bytes free to an unprivileged writer on the filesystem of `dir`. */
+function freeBytes(dir) {
+    const st = fs.statfsSync(dir);
+    return st.bavail * st.bsize;
+}
+
+/** Whether to run the big-file test (see its comment): `EXOAGENT_BIG_FILE=1`. */
+const BIG_FILE = process.env.EXOAGENT_BIG_FILE === '1';
+
+// Files past 4 GiB (issue 20): 5 GiB up through the page's upload control and back through its
+// file browser, over the HTTP stream endpoints. Not in CI (run-all.sh): every byte still crosses
+// guacd's blob/ack exchange on loopback, one blob per round trip (6,048 B up, 4,096 B down), so
+// on a 2-vCPU machine it takes ~25 min against the real guacd 1.3.0 (measured at 5 GiB) and
+// ~49 min against the double (from its 256 MiB rates; bench/results/file-transfer.md, "Files
+// past 4 GiB"), against a CI budget of well under 60 min in all. Run it by hand with EXOAGENT_BIG_FILE=1 and --test-name-pattern
+// 'big file' (as root, ~12 GiB free). What exoagent itself could break past 4 GiB (a 32-bit
+// length) is tested in CI where it lives: httpserve.rs (an upload announced past 4 GiB reaches
+// the stream handler) and tests/front.rs (such a length keeps through the TLS front both ways);
+// its counters are u64 and its download bodies carry no length.
+test(`big file (shell): ${BIG_FILE_BYTES / 1024 / MiB} GiB up through the upload control and back through the file browser, size and first and last MiB intact`, {
+    timeout: 60 * 60000,
+    skip: !BIG_FILE && 'takes ~25 min (real guacd 1.3.0) to ~49 min (double): run it with EXOAGENT_BIG_FILE=1 (see the comment above the test)',
+}, async (t) => {
+    // Where the bytes land: the uploaded copy in the rig user's home, the download in
+    // Playwright's artifacts folder under the temp dir. A disk too small is a failure that says
+    // so, not a pass.
+    const dirs = [...new Set([S.info.home, os.tmpdir()])];
+    const devices = new Set(dirs.map((d) => fs.statSync(d).dev));
+    const need = devices.size === 1 ? BIG_FILE_DISK : BIG_FILE_DISK / 2;
+    for (const dir of dirs) {
+        const free = freeBytes(dir);
+        assert.ok(free >= need, `FAIL, not run: the ${BIG_FILE_BYTES / 1024 / MiB} GiB file test needs ${(need / 1024 / MiB).toFixed(1)} GiB free on the filesystem of ${dir}, which has ${(free / 1024 / MiB).toFixed(1)} GiB`);
+    }
+    const name = `exo big ${crypto.randomBytes(4).toString('hex')}.bin`;
+    // A sparse file: random first and last MiB, a hole between (no disk, no time to write).
+    const source = path.join(S.tmp, name);
+    const target = path.join(S.info.home, name);
+    S.createdFiles.push(target);
+    let download = null;
+    const tok = await token();
+    const page = await openClient(t, SHELL_ID, tok, 'big-file');
+    try {
+        const fd = fs.openSync(source, 'w', 0o600);
+        try {
+            fs.writeSync(fd, crypto.randomBytes(MiB), 0, MiB, 0);
+            fs.ftruncateSync(fd, BIG_FILE_BYTES);
+            fs.writeSync(fd, crypto.randomBytes(MiB), 0, MiB, BIG_FILE_BYTES - MiB);
+        } finally {
+            fs.closeSync(fd);
+        }
+        const want = edges(source);
+        assert.equal(want.size, BIG_FILE_BYTES, `expected the sparse source to be ${BIG_FILE_BYTES} bytes, saw ${want.size}`);
+        await waitFor(() => page.evaluate(() => window.exoGuac.filesystems.length > 0), {
+            timeout: 20000, expected: 'a filesystem object (SFTP) offered to the page (exoGuac.filesystems)',
+            seen: async () => JSON.stringify(await pageState(page)),
+        });
+
+        // Upload through the page's file input; Chromium reads the file from disk as it sends.
+        const upStart = Date.now();
+        await page.setInputFiles('#file-input', source);
+        const transfer = await waitFor(() => page.evaluate((n) => window.exoGuac.transfers.find((x) => x.name === n && x.state !== 'active' && x.state !== 'pending'), name), {
+            timeout: 40 * 60000, interval: 1000, expected: `the page's upload of ${name} to finish`,
+            seen: async () => JSON.stringify({ transfers: (await pageState(page)).transfers, onDisk: fs.existsSync(target) ? fs.statSync(target).size : null }),
+        });
+        assert.equal(transfer.state, 'done', `expected the page's upload to be done, saw ${JSON.stringify(transfer)}`);
+        assert.equal(await page.evaluate(() => window.exoGuac.lastTransferPath), 'http', 'expected the upload to go over the HTTP stream endpoint');
+        // guacd closes the file once the page's `end` reaches it.
+        let got = null;
+        await waitFor(() => {
+            got = fs.existsSync(target) ? edges(target) : null;
+            return got && got.size === BIG_FILE_BYTES;
+        }, { timeout: 30000, interval: 500, expected: `${target} on disk with ${BIG_FILE_BYTES} bytes`, seen: () => JSON.stringify(got) });
+        const upMs = Date.now() - upStart;
+        timings[`big-file: upload ${BIG_FILE_BYTES} B`] = upMs;
+        assert.deepEqual(got, want, `expected the uploaded file's size and the SHA-256 of its first and last MiB to be the source's`);
+        note(t, `uploaded ${BIG_FILE_BYTES} B in ${secs(upMs)} (${(BIG_FILE_BYTES / MiB / (upMs / 1000)).toFixed(1)} MiB/s); size and both ends identical`);
+
+        // Download through the file browser; the browser's download manager saves it.
+        const downStart = Date.now();
+        const { file } = await fileInBrowser(page, S.info.home, name);
+        [download] = await Promise.all([
+            page.waitForEvent('download', { timeout: 60000 }),
+            file.click(),
+        ]);
+        const saved = await download.path(); // waits for the download to end
+        const failure = await download.failure();
+        assert.equal(failure, null, `expected the browser download to succeed, saw ${failure}`);
+        const down = edges(saved);
+        const downMs = Date.now() - downStart;
+        timings[`big-file: download ${BIG_FILE_BYTES} B`] = downMs;
+        assert.deepEqual(down, want, `expected the downloaded file's size and the SHA-256 of its first and last MiB to be the source's`);
+        note(t, `downloaded ${BIG_FILE_BYTES} B in ${secs(downMs)} (${(BIG_FILE_BYTES / MiB / (downMs / 1000)).toFixed(1)} MiB/s); size and both ends identical`);
+        await waitFor(() => page.evaluate((n) => window.exoGuac.transfers.some((x) => x.name === n && x.direction === 'download' && x.state === 'done'), name), {
+            timeout: 10000, expected: `the page's download of ${name} marked done (guacd's end reached it)`,
+            seen: async () => JSON.stringify((await pageState(page)).transfers),
+        });
+    } finally {
+        // The big files go whatever happened.
+        await closePage(page);
+        if (download) {
+            await download.cancel().catch(() => {});
+            await download.delete().catch(() => {});
+        }
+        fs.rmSync(target, { force: true });
+        fs.rmSync(source, { force: true });
+    }
+});
 
 test('clipboard (desktop): the page\'s clipboard panel reaches the X clipboard and back', { timeout: 90000 }, async (t) => {
     const tok = await token();
