@@ -341,6 +341,8 @@ def journal_phases(entries, variant):
     first("cloud-init final stage done", job_done("cloud-final.service"))
     if variant not in EXOAGENT_VARIANTS:
         return phases, notes
+    # The early bootstrap (a transient unit queued from bootcmd; simple, so only "Started").
+    first("bootstrap started", job_done("exoagent-bootstrap.service"))
     agent = [e for e in entries if e.get("_SYSTEMD_UNIT") == "exoagent.service"]
     first("agent started", lambda e: e.get("MESSAGE_ID") == UNIT_STARTING
           and e.get("UNIT") == "exoagent.service")
@@ -488,7 +490,8 @@ def fmt(stat, digits=0):
     return f"{med:.{digits}f} ({lo:.{digits}f}–{hi:.{digits}f})"
 
 
-PHASE_ORDER = ["kernel start", "cloud-init network stage done", "start", "agent started",
+PHASE_ORDER = ["kernel start", "cloud-init network stage done", "bootstrap started", "start",
+               "agent started",
                "agent configuration valid", "apt-done", "uv fetched", "uv-fetched", "venv",
                "install command", "installed", "configured", "spawned", "agent saw ready",
                "answering", "complete", "Nova", "cloud-init config stage done",
@@ -582,6 +585,7 @@ def report(runs, args, wanted_runs, notes, when=None):
                       + ", ".join(gaps) + " s.", ""]
     columns = [("kernel start", ["kernel start"]),
                ("cloud-init network stage done", ["cloud-init network stage done"]),
+               ("bootstrap start", ["bootstrap started"]),
                ("agent / script start", ["agent started", "start"]),
                ("apt done", ["apt-done"]), ("uv fetched", ["uv fetched", "uv-fetched"]),
                ("install done", ["installed"]), ("JupyterLab spawned", ["spawned"]),
