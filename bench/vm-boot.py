@@ -341,6 +341,8 @@ def journal_phases(entries, variant):
     first("cloud-init final stage done", job_done("cloud-final.service"))
     if variant not in EXOAGENT_VARIANTS:
         return phases, notes
+    # The early bootstrap (a transient unit queued from bootcmd; simple, so only "Started").
+    first("bootstrap started", job_done("exoagent-bootstrap.service"))
     agent = [e for e in entries if e.get("_SYSTEMD_UNIT") == "exoagent.service"]
     first("agent started", lambda e: e.get("MESSAGE_ID") == UNIT_STARTING
           and e.get("UNIT") == "exoagent.service")
@@ -488,7 +490,8 @@ def fmt(stat, digits=0):
     return f"{med:.{digits}f} ({lo:.{digits}f}–{hi:.{digits}f})"
 
 
-PHASE_ORDER = ["kernel start", "cloud-init network stage done", "start", "agent started",
+PHASE_ORDER = ["kernel start", "cloud-init network stage done", "bootstrap started", "start",
+               "agent started",
                "agent configuration valid", "apt-done", "uv fetched", "uv-fetched", "venv",
                "install command", "installed", "configured", "spawned", "agent saw ready",
                "answering", "complete", "Nova", "cloud-init config stage done",
@@ -582,6 +585,7 @@ def report(runs, args, wanted_runs, notes, when=None):
                       + ", ".join(gaps) + " s.", ""]
     columns = [("kernel start", ["kernel start"]),
                ("cloud-init network stage done", ["cloud-init network stage done"]),
+               ("bootstrap start", ["bootstrap started"]),
                ("agent / script start", ["agent started", "start"]),
                ("apt done", ["apt-done"]), ("uv fetched", ["uv fetched", "uv-fetched"]),
                ("install done", ["installed"]), ("JupyterLab spawned", ["spawned"]),
@@ -763,16 +767,19 @@ def finish(runs, args, notes, when=None):
     text = report(runs, args, args.runs, notes, when)
     print(text)
     if args.record:
-        previous = ("Previous record (2026-12-06 04:53–05:35 UTC, 3 interleaved runs of four "
-                    "variants, before the Nova prompt write and the early spawn): answering "
-                    "medians baked 100 s (78–100), stock + bootstrap 185 s (181–217), plain pip "
-                    "script 398 s (384–452), plain uv script 169 s (159–206); bootstrap ÷ pip "
-                    "0.46, ÷ uv 1.09; baked: the agent's time from cloud-init's network stage to "
-                    "JupyterLab's spawn 9.3 s median (5.9, 9.3, 12.1); Nova tags +3.0–3.1 s "
-                    "after answering, console `complete` within 0.3 s; outside CPU load "
-                    "23–52 %.\n\nBefore it (2026-11-29, one sample each, fixed order, 5 s "
-                    "polling, a \"stock\" image with python3-venv and pip preinstalled): baked "
-                    "66 s, stock + bootstrap 320 s, stock + plain pip script 331 s (0.97×).")
+        previous = ("Previous record (2026-12-06 07:55–08:20 UTC, agent at a2d0390, 3 "
+                    "interleaved runs of baked, bootstrap and peer-uv; bootstrap still from "
+                    "runcmd, the config drive looked for with two blkid calls, argon2id at 19 MiB "
+                    "× 2): answering medians baked 73 s (53–105), stock + bootstrap 183 s "
+                    "(152–217), plain uv script 203 s (175–224); bootstrap ÷ uv 0.90; baked: the "
+                    "agent's time from cloud-init's network stage to JupyterLab's spawn 8.4 s "
+                    "median (4.3, 8.4, 8.6); Nova tags +1.0–1.2 s after answering; outside CPU "
+                    "load 12–56 %.\n\nBefore it (2026-12-06 04:53–05:35 UTC, four variants): "
+                    "answering medians baked 100 s, stock + bootstrap 185 s, plain pip script "
+                    "398 s, plain uv script 169 s; bootstrap ÷ pip 0.46, ÷ uv 1.09; baked agent "
+                    "time 9.3 s median. And on 2026-11-29 (one sample each, 5 s polling, a "
+                    "\"stock\" image with python3-venv and pip): baked 66 s, stock + bootstrap "
+                    "320 s, plain pip script 331 s (0.97×).")
         (ROOT / "bench/results/vm-boot.md").write_text(
             text.rstrip("\n") + "\n\n## Previous\n\n" + previous + "\n")
         (ROOT / "bench/results/vm-boot-runs.json").write_text(json.dumps(runs, indent=1) + "\n")

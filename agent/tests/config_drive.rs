@@ -1,11 +1,12 @@
 //! The config drive found by its label and mounted for real: a filesystem image labelled
 //! `config-2` holding `openstack/latest/*` is attached to a loop device; the finder locates it
-//! with the real `blkid` (no udev here, so no /dev/disk/by-label) and mounts it read-only with
-//! mount(2), as the type blkid reads; the identity reader then reads it.
+//! by reading the label off the real device (no udev here, so no /dev/disk/by-label; the
+//! kernel's /sys/class/block and /dev) and mounts it read-only with mount(2), as the type it
+//! read; the identity reader then reads it.
 //!
 //! The image is ext4 because this machine's kernel has neither iso9660 nor vfat (Nova makes
-//! config drives in one of those); the finder mounts whatever type blkid names, and tries
-//! iso9660 then vfat only when blkid names none (a unit test in `cloud::drive`).
+//! config drives in one of those; their labels are read from real and spec-built images in the
+//! unit tests of `cloud::drive`).
 //! Needs root (loop devices, mount); skipped with a message otherwise (CI runs as root).
 
 use std::path::{Path, PathBuf};
@@ -84,8 +85,8 @@ async fn a_labelled_drive_is_found_mounted_read_only_and_read() {
     let mut drive = attach_drive("config-2");
     let target = tempfile::tempdir().unwrap();
     let mount_point = target.path().join("config-drive");
-    // No udev links here: the finder falls back to blkid.
-    let finder = DriveFinder::new(target.path().join("no-udev"), "blkid");
+    // No udev links here: the finder reads the labels of the kernel's block devices.
+    let finder = DriveFinder::new(target.path().join("no-udev"), "/sys/class/block", "/dev");
     let found = finder.ensure_mounted(&mount_point).await.unwrap();
     drive.mounted_at = Some(mount_point.clone());
     assert_eq!(

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use serde_norway::{Mapping, Value};
 
-use super::userdata::{check_delivery, runcmd, Delivery, UserdataError};
+use super::userdata::{bootcmd, check_delivery, runcmd, Delivery, UserdataError};
 
 /// Where the template writes Exosphere's choices (the agent's `Paths::exosphere_choices_file`).
 pub const CHOICES_FILE: &str = "/etc/exoagent/exosphere-choices.json";
@@ -80,6 +80,9 @@ fn part(filename: &str, body: &str) -> String {
 pub fn template(delivery: &Delivery, wait: Option<Duration>) -> Result<String, UserdataError> {
     check_delivery(delivery)?;
     let mut entries = Mapping::new();
+    if let Some(early) = bootcmd(delivery) {
+        entries.insert("bootcmd".into(), early);
+    }
     entries.insert("runcmd".into(), runcmd(delivery, wait));
     let runcmd = entries;
     let runcmd = serde_norway::to_string(&Value::Mapping(runcmd))

@@ -21,11 +21,17 @@ pub const BOOTSTRAP_BINARY: &str = "/usr/local/bin/exoagent";
 /// How long cloud-init waits for the setup by default (`--wait-timeout`).
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(30 * 60);
 
-/// The bootstrap, run by cloud-init as `sh -c SCRIPT exoagent-bootstrap URL SHA256`: the URL and
-/// checksum arrive as arguments, never inside the script text. On failure it writes an
-/// Exosphere `error` status line, so the launcher does not wait for a timeout. An image that
-/// already has exoagent baked in (`/usr/bin/exoagent`) keeps it: the operator chose that build
-/// deliberately, and one template then serves baked and stock images alike.
+/// The bootstrap, run as `sh -c SCRIPT exoagent-bootstrap URL SHA256 TARGET`: the URL and
+/// checksum arrive as arguments, never inside the script text. It runs twice: early, from
+/// `bootcmd` as a transient unit queued behind cloud-init's network stage ([`bootcmd`]), and
+/// from `runcmd`, where it waits for the early run (a lock) and finds the work done (the binary
+/// at TARGET has the checksum and the unit is enabled), or does it when the early run could
+/// not. On failure it writes an Exosphere `error` status line, so the launcher does not wait
+/// for a timeout. An image that already has exoagent baked in (`/usr/bin/exoagent`) keeps it:
+/// the operator chose that build deliberately, and one template then serves baked and stock
+/// images alike. The unit is written and enabled by `exoagent install --enable` (files only)
+/// and started without a `daemon-reload`: systemd 242 and later load a unit file that appeared
+/// since the last look on demand; an older one that cannot find it is reloaded once.
 const BOOTSTRAP_SCRIPT: &str = r#"set -u
 url="$1"; sum="$2"; target="$3"
 if [ -x /usr/bin/exoagent ]; then
@@ -35,15 +41,22 @@ fail() {
   printf '{"status":"error","epoch":%s000,"step":"bootstrap","reason":"%s"}\n' "$(date +%s)" "$1" >/dev/console 2>/dev/null || true
   exit 1
 }
+exec 9>>/run/exoagent-bootstrap.lock && flock 9 || fail bootstrap-lock
+if [ -x "$target" ] && printf '%s  %s\n' "$sum" "$target" | sha256sum -c --status - 2>/dev/null && systemctl is-enabled --quiet exoagent.service; then
+  exec systemctl start --no-block exoagent.service 9>&-
+fi
 tmp="$(mktemp "$target.XXXXXX")" || fail bootstrap-tempfile
 trap 'rm -f "$tmp"' EXIT
 curl -fsSL --retry 5 --retry-delay 3 --retry-connrefused -o "$tmp" "$url" || fail bootstrap-download
 printf '%s  %s\n' "$sum" "$tmp" | sha256sum -c --quiet - || fail bootstrap-checksum
 chmod 0755 "$tmp" && mv -f "$tmp" "$target" || fail bootstrap-install
 trap - EXIT
-"$target" install --exec "$target" || fail bootstrap-install
-systemctl enable --now exoagent.service || fail bootstrap-start
+"$target" install --enable --exec "$target" 9>&- || fail bootstrap-install
+systemctl start --no-block exoagent.service 9>&- || { systemctl daemon-reload && systemctl start --no-block exoagent.service; } 9>&- || fail bootstrap-start
 "#;
+
+/// Where the early bootstrap's transient unit is named and what `cloud-init-per` remembers.
+pub const EARLY_BOOTSTRAP_UNIT: &str = "exoagent-bootstrap";
 
 /// Where the package bootstrap downloads to (a private directory made by `mktemp -d` inside).
 pub const BOOTSTRAP_WORK_DIR: &str = "/var/tmp";
@@ -263,6 +276,39 @@ pub(crate) fn bootstrap_command(delivery: &Delivery) -> Value {
     }
 }
 
+/// The `bootcmd` entries for `delivery`: with a downloaded binary, the bootstrap queued as a
+/// transient unit ordered after cloud-init's network stage (`cloud-init.service`, which runs
+/// `bootcmd` and then `write_files`), so it starts as soon as the configuration is written
+/// instead of in cloud-init's final stage; once per instance (`cloud-init-per`). `--no-block`:
+/// cloud-init does not wait for it (it could not: the unit waits for cloud-init). The
+/// package bootstrap stays in `runcmd` alone: its package transaction waits for cloud-init's
+/// own apt work anyway.
+pub(crate) fn bootcmd(delivery: &Delivery) -> Option<Value> {
+    let Delivery::Bootstrap { url, sha256 } = delivery else {
+        return None;
+    };
+    let unit = format!("--unit={EARLY_BOOTSTRAP_UNIT}");
+    Some(Value::Sequence(vec![argv(&[
+        "cloud-init-per",
+        "instance",
+        EARLY_BOOTSTRAP_UNIT,
+        "systemd-run",
+        "--no-block",
+        &unit,
+        "--description=exoagent bootstrap, early",
+        "--property=After=cloud-init.service",
+        "--property=Wants=network-online.target",
+        "--property=After=network-online.target",
+        "sh",
+        "-c",
+        BOOTSTRAP_SCRIPT,
+        "exoagent-bootstrap",
+        url,
+        sha256,
+        BOOTSTRAP_BINARY,
+    ])]))
+}
+
 /// The `runcmd` entry, after the one that starts the agent, that makes cloud-init wait: the
 /// last entry, so its exit status is the runcmd script's (cloud-init joins the entries into
 /// one script without `set -e`). `exoagent` is looked up on `PATH`: `/usr/bin` when baked,
@@ -344,6 +390,9 @@ pub fn render(choices: &Choices) -> Result<String, UserdataError> {
         files.push(file(CLOUDS_YAML, "0600", yaml));
     }
     doc.insert("write_files".into(), Value::Sequence(files));
+    if let Some(entries) = bootcmd(&choices.delivery) {
+        doc.insert("bootcmd".into(), entries);
+    }
     doc.insert(
         "runcmd".into(),
         runcmd(&choices.delivery, choices.cloud_init_waits),
@@ -415,6 +464,34 @@ mod tests {
         assert!(!cmd[2].as_str().unwrap().contains("example.org"));
         assert_eq!(cmd[4], url, "the URL is an argument, not script text");
         assert_eq!(cmd[5], "ab".repeat(32).as_str());
+        // The same script, with the same arguments, queued early from bootcmd, once per
+        // instance, behind cloud-init's network stage.
+        let early = doc["bootcmd"].as_sequence().unwrap();
+        assert_eq!(early.len(), 1);
+        let early: Vec<&str> = early[0]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert_eq!(
+            early[..4],
+            [
+                "cloud-init-per",
+                "instance",
+                EARLY_BOOTSTRAP_UNIT,
+                "systemd-run"
+            ]
+        );
+        assert!(early.contains(&"--no-block"));
+        assert!(early.contains(&"--property=After=cloud-init.service"));
+        let at = early.iter().position(|a| *a == "sh").unwrap();
+        let late: Vec<&str> = cmd.iter().map(|v| v.as_str().unwrap()).collect();
+        assert_eq!(early[at..], late[..]);
+        // Baked and package deliveries have nothing to queue early.
+        let baked: Value =
+            serde_norway::from_str(&render(&choices(Delivery::Baked)).unwrap()).unwrap();
+        assert!(baked.get("bootcmd").is_none());
     }
 
     #[test]
