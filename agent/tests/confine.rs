@@ -114,6 +114,7 @@ fn child(args: &[String]) {
         "confined" => {
             let allowed = Allowed {
                 read_beneath: vec![allowed_dir.to_path_buf()],
+                rename_beneath: Vec::new(),
                 connect_ports: vec![backend],
             };
             let confined = confine(&allowed).unwrap();

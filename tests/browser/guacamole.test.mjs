@@ -969,8 +969,9 @@ for (const [label, id, protocol] of [['shell', SHELL_ID, 'ssh'], ['desktop', DES
             timings[`files-${label}: upload ${data.length} B`] = Date.now() - upStart;
             assert.equal(transfer.state, 'done', `expected the page's upload transfer to be done, saw ${JSON.stringify(transfer)}`);
             if (doubleOnly(t, 'the peer\'s "upload" event')) {
-                const upload = eventsOf(conn, 'upload').find((e) => e.path === target);
-                assert.equal(upload && upload.size, data.length, `expected the peer's "upload" event for ${target} with ${data.length} bytes, saw ${JSON.stringify(eventsOf(conn))}`);
+                // guacd wrote the temporary name; the web side renamed it.
+                const upload = eventsOf(conn, 'upload').find((e) => e.path === target + INCOMPLETE_SUFFIX);
+                assert.equal(upload && upload.size, data.length, `expected the peer's "upload" event for ${target}${INCOMPLETE_SUFFIX} with ${data.length} bytes, saw ${JSON.stringify(eventsOf(conn))}`);
             }
             let onDisk = Buffer.alloc(0);
             await waitFor(() => {

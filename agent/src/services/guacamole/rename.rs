@@ -13,7 +13,8 @@
 //! it nothing new. Paths are worked out exactly as guacd 1.3.0 does (`src/common-ssh/sftp.c`,
 //! `src/protocols/ssh/ssh.c`, `src/protocols/vnc/vnc.c`): `put` names are normalised and
 //! appended to `sftp-root-directory` (default `/`); `file` uploads go to `sftp-directory` (VNC)
-//! or the SFTP server's starting folder, the user's home.
+//! or the SFTP server's starting folder, the user's home. The web side's confinement lets it
+//! rename beneath that home folder only (`cli.rs`); elsewhere the rename fails and says so.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -99,13 +100,18 @@ pub struct OwnUser {
 }
 
 impl OwnUser {
-    /// The user this process runs as, if the password database knows it.
+    /// The user this process runs as, if the password database knows it; looked up once (the
+    /// web side does so before its confinement forbids reading `/etc/passwd`).
     pub fn current() -> Option<Self> {
-        let user = nix::unistd::User::from_uid(nix::unistd::geteuid()).ok()??;
-        Some(Self {
-            name: user.name,
-            home: user.dir,
+        static OWN: std::sync::OnceLock<Option<OwnUser>> = std::sync::OnceLock::new();
+        OWN.get_or_init(|| {
+            let user = nix::unistd::User::from_uid(nix::unistd::geteuid()).ok()??;
+            Some(Self {
+                name: user.name,
+                home: user.dir,
+            })
         })
+        .clone()
     }
 }
 
