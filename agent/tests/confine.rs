@@ -38,6 +38,20 @@ fn confinement_denies_what_it_promises_and_nothing_else() {
     std::fs::create_dir(&other_dir).unwrap();
     std::fs::write(allowed_dir.join("cert.pem"), "certificate").unwrap();
     std::fs::write(other_dir.join("passphrase"), "secret").unwrap();
+    // Renamed by each child (unconfined, then confined) in each directory: the confined one
+    // may rename beneath `rename_beneath` (the web side's home folder) only.
+    for mode in ["unconfined", "confined"] {
+        std::fs::write(
+            other_dir.join(format!("upload-{mode}.incomplete-upload")),
+            "x",
+        )
+        .unwrap();
+        std::fs::write(
+            allowed_dir.join(format!("upload-{mode}.incomplete-upload")),
+            "x",
+        )
+        .unwrap();
+    }
     let backend = TcpListener::bind("127.0.0.1:0").unwrap();
     let elsewhere = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = |l: &TcpListener| l.local_addr().unwrap().port().to_string();
@@ -75,6 +89,8 @@ fn confinement_denies_what_it_promises_and_nothing_else() {
         "bind",
         "signal_parent",
         "thread_reads_system_file",
+        "rename_in_renamable",
+        "rename_elsewhere",
     ] {
         assert_eq!(free[check], "ok", "unconfined, {check}: {free:?}");
     }
@@ -96,6 +112,10 @@ fn confinement_denies_what_it_promises_and_nothing_else() {
         ("bind", "denied"),
         ("signal_parent", "denied"),
         ("thread_reads_system_file", "denied"),
+        // Renaming beneath the renamable directory, nothing else there (its files stay
+        // unreadable, `read_other`) and no rename elsewhere.
+        ("rename_in_renamable", "ok"),
+        ("rename_elsewhere", "denied"),
         ("no_new_privs", "1"),
     ] {
         assert_eq!(confined[check], expected, "confined, {check}: {confined:?}");
@@ -114,6 +134,7 @@ fn child(args: &[String]) {
         "confined" => {
             let allowed = Allowed {
                 read_beneath: vec![allowed_dir.to_path_buf()],
+                rename_beneath: vec![other_dir.to_path_buf()],
                 connect_ports: vec![backend],
             };
             let confined = confine(&allowed).unwrap();
@@ -179,6 +200,14 @@ fn child(args: &[String]) {
         .join()
         .unwrap();
     println!("thread_reads_system_file={}", outcome(from_thread));
+    let rename = |dir: &Path| {
+        std::fs::rename(
+            dir.join(format!("upload-{mode}.incomplete-upload")),
+            dir.join(format!("upload-{mode}")),
+        )
+    };
+    println!("rename_in_renamable={}", outcome(rename(other_dir)));
+    println!("rename_elsewhere={}", outcome(rename(allowed_dir)));
     let nnp = nix::sys::prctl::get_no_new_privs().unwrap();
     println!("no_new_privs={}", u8::from(nnp));
 }

@@ -50,6 +50,7 @@ import contextlib
 import hashlib
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -310,8 +311,14 @@ class Web:
         with open(cfg, "w") as f:
             json.dump(config, f)
         self.log_path = os.path.join(tmp, "guacamole-web.log")
+        # As the instance user, as on an instance: the user guacd's SFTP logs in as, whose
+        # completed uploads the web side renames from <name>.incomplete-upload into place.
+        user = pwd.getpwnam(info["user"])
+        for path in (tmp, pw, cfg):
+            os.chown(path, user.pw_uid, user.pw_gid)
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", NS_I, binary, "guacamole-web", "--config", cfg],
+            ["ip", "netns", "exec", NS_I, "setpriv", f"--reuid={user.pw_uid}",
+             f"--regid={user.pw_gid}", "--init-groups", binary, "guacamole-web", "--config", cfg],
             stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT)
         PROCS.append(self.proc)
         deadline = time.monotonic() + 30
@@ -329,7 +336,7 @@ class Web:
             time.sleep(0.3)
 
     def pid(self) -> int:
-        # `ip netns exec` execs the binary: the child is the web side itself.
+        # `ip netns exec` and `setpriv` exec the binary: the child is the web side itself.
         return self.proc.pid
 
     def hwm_kib(self) -> int:

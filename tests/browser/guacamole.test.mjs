@@ -65,6 +65,8 @@ let EXTERNAL_GUACD = BULLSEYE ? null : GUACD_ENV;
 /** The double serves (and its event log can be read). */
 const DOUBLE = !GUACD_ENV;
 const UNICODE_SAMPLE = 'é😀\u{20000}';
+/** What the page names an upload over HTTP until the web side renames it (docs/guacamole.md). */
+const INCOMPLETE_SUFFIX = '.incomplete-upload';
 
 const T0 = Date.now();
 const timings = {};
@@ -517,9 +519,15 @@ async function startWeb() {
     }
     const configFile = path.join(S.tmp, 'guacamole-web.json');
     fs.writeFileSync(configFile, `${JSON.stringify(config, null, 2)}\n`);
+    // The web side runs as the instance user, as on an instance (the agent's unit runs it so):
+    // the user guacd's SFTP logs in as, whose uploads it renames into place.
+    const { uid, gid } = fs.statSync(S.info.home);
+    for (const file of [S.tmp, passwordFile, configFile]) fs.chownSync(file, uid, gid);
     const log = fs.openSync(path.join(ARTIFACTS, 'guacamole-web.log'), 'w');
     const started = Date.now();
-    const web = spawn(BIN, ['guacamole-web', '--config', configFile], { stdio: ['ignore', log, log] });
+    const web = spawn(BIN, ['guacamole-web', '--config', configFile], {
+        stdio: ['ignore', log, log], uid, gid, cwd: S.tmp, env: { ...process.env, HOME: S.info.home },
+    });
     fs.closeSync(log);
     S.web = web;
     S.webExit = new Promise((resolve) => web.once('exit', (code, signal) => resolve({ code, signal })));
@@ -987,8 +995,9 @@ for (const [label, id, protocol] of [['shell', SHELL_ID, 'ssh'], ['desktop', DES
             timings[`files-${label}: upload ${data.length} B`] = Date.now() - upStart;
             assert.equal(transfer.state, 'done', `expected the page's upload transfer to be done, saw ${JSON.stringify(transfer)}`);
             if (doubleOnly(t, 'the peer\'s "upload" event')) {
-                const upload = eventsOf(conn, 'upload').find((e) => e.path === target);
-                assert.equal(upload && upload.size, data.length, `expected the peer's "upload" event for ${target} with ${data.length} bytes, saw ${JSON.stringify(eventsOf(conn))}`);
+                // guacd wrote the temporary name; the web side renamed it.
+                const upload = eventsOf(conn, 'upload').find((e) => e.path === target + INCOMPLETE_SUFFIX);
+                assert.equal(upload && upload.size, data.length, `expected the peer's "upload" event for ${target}${INCOMPLETE_SUFFIX} with ${data.length} bytes, saw ${JSON.stringify(eventsOf(conn))}`);
             }
             let onDisk = Buffer.alloc(0);
             await waitFor(() => {
@@ -997,6 +1006,9 @@ for (const [label, id, protocol] of [['shell', SHELL_ID, 'ssh'], ['desktop', DES
             }, { timeout: 10000, expected: `${target} on disk with ${data.length} bytes`, seen: () => `${onDisk.length} bytes` });
             assert.equal(onDisk.length, data.length, `expected ${target} to hold ${data.length} bytes, saw ${onDisk.length}`);
             assert.ok(onDisk.equals(data), `expected ${target} to hold the uploaded bytes (sha256 ${crypto.createHash('sha256').update(data).digest('hex')}), saw sha256 ${crypto.createHash('sha256').update(onDisk).digest('hex')}`);
+            // Uploaded under the temporary name and renamed by the web side: none is left.
+            assert.equal(fs.existsSync(target + INCOMPLETE_SUFFIX), false, `expected no ${target}${INCOMPLETE_SUFFIX} left after a complete upload`);
+            S.createdFiles.push(target + INCOMPLETE_SUFFIX);
             note(t, `uploaded ${data.length} B as ${JSON.stringify(name)} in ${secs(Date.now() - upStart)}; bytes on disk identical`);
             // The bytes crossed as an HTTP body (Apache's stream endpoint), not as blobs over the
             // WebSocket: the web side took the stream over.
@@ -1160,6 +1172,104 @@ test(`big file (shell): ${BIG_FILE_BYTES / 1024 / MiB} GiB up through the upload
         }
         fs.rmSync(target, { force: true });
         fs.rmSync(source, { force: true });
+    }
+});
+
+test('files (shell): a cancelled upload leaves the old file as it was and the partial one under its temporary name, which the page names', { timeout: 120000 }, async (t) => {
+    const tok = await token();
+    const page = await openClient(t, SHELL_ID, tok, 'files-cancel');
+    try {
+        await waitFor(() => page.evaluate(() => window.exoGuac.httpStreams === true && Boolean(window.exoGuac.tunnelUuid)), {
+            timeout: 20000, expected: 'the web side to offer the HTTP stream endpoints (exoGuac.httpStreams)',
+            seen: async () => JSON.stringify(await pageState(page)),
+        });
+        const name = `exo cancel ${crypto.randomBytes(4).toString('hex')}.bin`;
+        const target = path.join(S.info.home, name);
+        const temporary = target + INCOMPLETE_SUFFIX;
+        S.createdFiles.push(target, temporary);
+        // A file of that name exists already: a cancelled upload must leave it as it was.
+        const old = Buffer.from('the old content\n');
+        fs.writeFileSync(target, old, { mode: 0o600 });
+        const { uid, gid } = fs.statSync(S.info.home);
+        fs.chownSync(target, uid, gid);
+        // Chromium's own network throttling (1 MB/s up) so the cancel lands mid-upload.
+        const cdp = await page.context().newCDPSession(page);
+        await cdp.send('Network.enable');
+        await cdp.send('Network.emulateNetworkConditions', { offline: false, latency: 0, downloadThroughput: -1, uploadThroughput: 1_000_000 });
+        const data = crypto.randomBytes(24 * 1024 * 1024);
+        await page.setInputFiles('#file-input', { name, mimeType: 'application/octet-stream', buffer: data });
+        // Wait for part of the file to reach guacd (the temporary file grows), then cancel.
+        let size = -1;
+        await waitFor(() => {
+            size = fs.existsSync(temporary) ? fs.statSync(temporary).size : -1;
+            return size >= 256 * 1024;
+        }, { timeout: 60000, expected: `${temporary} to grow past 256 KiB`, seen: () => `${size} bytes` });
+        const row = page.locator('#transfers li', { hasText: name });
+        await row.locator('button.cancel').click();
+        const transfer = await waitFor(() => page.evaluate((n) => window.exoGuac.transfers.find((x) => x.name === n && x.state !== 'active' && x.state !== 'pending'), name), {
+            timeout: 20000, expected: `the page's transfer of ${name} to end`,
+            seen: async () => JSON.stringify((await pageState(page)).transfers),
+        });
+        assert.equal(transfer.state, 'cancelled', `expected the transfer to be cancelled, saw ${JSON.stringify(transfer)}`);
+        assert.equal(transfer.leftover, name + INCOMPLETE_SUFFIX, `expected the page to name the partial file, saw ${JSON.stringify(transfer)}`);
+        const shown = await row.locator('.progress').innerText();
+        assert.ok(shown.includes(`partial file left as ${name}${INCOMPLETE_SUFFIX}`), `expected the transfer list to name the partial file, saw ${JSON.stringify(shown)}`);
+        // guacd closes the temporary file (the web side ended the stream); it stays, named as
+        // incomplete, shorter than the file; the old file is untouched.
+        await sleep(1000);
+        const left = fs.statSync(temporary).size;
+        assert.ok(left > 0 && left < data.length, `expected a partial ${temporary} (0 < size < ${data.length}), saw ${left} bytes`);
+        assert.ok(fs.readFileSync(target).equals(old), `expected ${target} to keep its old content after the cancel, saw ${fs.statSync(target).size} bytes`);
+        await sleep(1500);
+        assert.equal(fs.statSync(temporary).size, left, 'expected the partial file to stop growing after the cancel');
+        const log = fs.readFileSync(path.join(ARTIFACTS, 'guacamole-web.log'), 'utf8');
+        assert.match(log, /upload cut short \(cancelled\)/, 'expected the web side to log the cut upload');
+        note(t, `cancelled after ${left} of ${data.length} B; ${name}${INCOMPLETE_SUFFIX} left, the old ${name} untouched`);
+        // The session goes on: a second, small upload of the same name completes and replaces
+        // the old file (renamed over it, as guacd's truncating open would have).
+        await cdp.send('Network.emulateNetworkConditions', { offline: false, latency: 0, downloadThroughput: -1, uploadThroughput: -1 });
+        const small = crypto.randomBytes(70 * 1024 + 3);
+        await page.evaluate(() => { window.exoGuac.transfers.length = 0; });
+        await page.setInputFiles('#file-input', { name, mimeType: 'application/octet-stream', buffer: small });
+        const done = await waitFor(() => page.evaluate((n) => window.exoGuac.transfers.find((x) => x.name === n && x.state !== 'active' && x.state !== 'pending'), name), {
+            timeout: 30000, expected: `the second upload of ${name} to end`,
+            seen: async () => JSON.stringify((await pageState(page)).transfers),
+        });
+        assert.equal(done.state, 'done', `expected the second upload to be done, saw ${JSON.stringify(done)}`);
+        const got = fs.readFileSync(target);
+        const sha = (b) => crypto.createHash('sha256').update(b).digest('hex');
+        assert.equal(sha(got), sha(small), `expected ${target} to hold the second upload (sha256)`);
+        assert.equal(fs.existsSync(temporary), false, `expected the temporary file to be renamed away, saw ${temporary}`);
+    } finally {
+        await closePage(page);
+    }
+});
+
+test('stream endpoints: another session\'s token, or none, gets 403 for a tunnel\'s stream', { timeout: 60000 }, async (t) => {
+    const tokA = await token();
+    const tokB = await token();
+    const page = await openClient(t, SHELL_ID, tokA, 'streams-403');
+    try {
+        const uuid = await waitFor(() => page.evaluate(() => window.exoGuac.tunnelUuid), {
+            timeout: 10000, expected: 'the tunnel UUID (exoGuac.tunnelUuid)', seen: async () => JSON.stringify(await pageState(page)),
+        });
+        const statuses = await page.evaluate(async ({ uuid, tokA, tokB }) => {
+            const url = (q) => new URL(`api/session/tunnels/${uuid}/streams/0/x.bin${q}`, document.baseURI).href;
+            const get = async (q) => (await fetch(url(q))).status;
+            const post = async (q) => (await fetch(url(q), { method: 'POST', body: 'data' })).status;
+            return {
+                otherGet: await get(`?token=${encodeURIComponent(tokB)}`),
+                otherPost: await post(`?token=${encodeURIComponent(tokB)}`),
+                noneGet: await get(''),
+                nonePost: await post(''),
+                // The owner reaches the endpoint (no stream 0 is open, so 404, not 403).
+                ownerGet: await get(`?token=${encodeURIComponent(tokA)}`),
+            };
+        }, { uuid, tokA, tokB });
+        assert.deepEqual(statuses, { otherGet: 403, otherPost: 403, noneGet: 403, nonePost: 403, ownerGet: 404 }, `expected 403 for another session's token and for none, 404 for the owner's (no such stream), saw ${JSON.stringify(statuses)}`);
+        note(t, `stream endpoint statuses: ${JSON.stringify(statuses)}`);
+    } finally {
+        await closePage(page);
     }
 });
 

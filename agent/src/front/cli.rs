@@ -96,6 +96,7 @@ pub fn run(args: FrontArgs) -> ExitCode {
     }
     let allowed = confine::Allowed {
         read_beneath,
+        rename_beneath: Vec::new(),
         connect_ports: vec![args.backend.port()],
     };
     // One worker: it used less CPU per request than two (work stealing between them costs more

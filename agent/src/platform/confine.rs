@@ -45,6 +45,10 @@ pub struct Allowed {
     /// Files beneath these directories may be read (the front re-reads its renewed certificate,
     /// which arrives as a new file renamed into place).
     pub read_beneath: Vec<PathBuf>,
+    /// Directories beneath which files may be renamed (removing and making a regular file
+    /// name, within one directory; no reading or writing of content): the Guacamole web side
+    /// renames a completed upload into place (services/guacamole/rename.rs).
+    pub rename_beneath: Vec<PathBuf>,
     /// TCP ports it may connect to (its backend; guacd).
     pub connect_ports: Vec<u16>,
 }
@@ -116,6 +120,16 @@ pub fn confine(allowed: &Allowed) -> Result<Confined, ConfineError> {
             source,
         })?;
         ruleset = ruleset.add_rule(PathBeneath::new(fd, AccessFs::ReadFile))?;
+    }
+    for dir in &allowed.rename_beneath {
+        let fd = PathFd::new(dir).map_err(|source| ConfineError::Path {
+            path: dir.clone(),
+            source,
+        })?;
+        ruleset = ruleset.add_rule(PathBeneath::new(
+            fd,
+            AccessFs::RemoveFile | AccessFs::MakeReg,
+        ))?;
     }
     for port in &allowed.connect_ports {
         ruleset = ruleset.add_rule(NetPort::new(*port, AccessNet::ConnectTcp))?;
@@ -218,6 +232,16 @@ pub fn describe(confined: &Confined, allowed: &Allowed) -> String {
             .map(|d| format!("{:?}", d.display().to_string()))
             .collect();
         format!("no files but reading beneath {}", dirs.join(", "))
+    };
+    let readable = if allowed.rename_beneath.is_empty() {
+        readable
+    } else {
+        let dirs: Vec<String> = allowed
+            .rename_beneath
+            .iter()
+            .map(|d| format!("{:?}", d.display().to_string()))
+            .collect();
+        format!("{readable}, renaming beneath {}", dirs.join(", "))
     };
     match confined.enforcement {
         Enforcement::NoLandlock => format!(

@@ -7,6 +7,10 @@ import { showNotice } from './ui.js';
 
 let nextId = 1;
 
+/** What an upload over HTTP is named while it runs; the web side renames it when complete
+ * (docs/guacamole.md, "Cancel and partial files"). */
+export const INCOMPLETE_SUFFIX = '.incomplete-upload';
+
 /**
  * @param {object} p
  * @param {HTMLElement} p.list element that lists transfers
@@ -21,8 +25,12 @@ export function setupTransfers({ list, getClient, token }) {
         let row = rows.get(t.id);
         if (!row) {
             row = document.createElement('li');
-            row.innerHTML = '<span class="arrow"></span><span class="name"></span><span class="progress"></span><a class="save" hidden>Save</a><button class="dismiss" title="Dismiss">×</button>';
+            row.innerHTML = '<span class="arrow"></span><span class="name"></span><span class="progress"></span><a class="save" hidden>Save</a><button class="cancel" title="Cancel" hidden>Cancel</button><button class="dismiss" title="Dismiss">×</button>';
             row.querySelector('.dismiss').addEventListener('click', () => remove(t));
+            row.querySelector('.cancel').addEventListener('click', () => {
+                if (t.cancel)
+                    t.cancel();
+            });
             rows.set(t.id, row);
             list.append(row);
         }
@@ -32,6 +40,8 @@ export function setupTransfers({ list, getClient, token }) {
         let progress;
         if (t.state === 'error')
             progress = t.error;
+        else if (t.state === 'cancelled')
+            progress = t.leftover ? `cancelled; partial file left as ${t.leftover}` : 'cancelled';
         else if (t.state === 'done')
             progress = 'done';
         else if (t.size)
@@ -39,6 +49,7 @@ export function setupTransfers({ list, getClient, token }) {
         else
             progress = t.bytes ? formatBytes(t.bytes) : '…';
         row.querySelector('.progress').textContent = progress;
+        row.querySelector('.cancel').hidden = !(t.cancel && (t.state === 'pending' || t.state === 'active'));
         list.hidden = rows.size === 0;
     }
 
@@ -56,13 +67,14 @@ export function setupTransfers({ list, getClient, token }) {
     }
 
     function add(direction, name, size) {
-        const t = { id: nextId++, direction, name, state: 'pending', bytes: 0, size, error: null };
+        const t = { id: nextId++, direction, name, state: 'pending', bytes: 0, size, error: null, leftover: null, cancel: null };
         exo.transfers.push(t);
         render(t);
         return t;
     }
 
     function fail(t, message) {
+        t.cancel = null;
         t.state = 'error';
         t.error = message;
         render(t);
@@ -83,35 +95,70 @@ export function setupTransfers({ list, getClient, token }) {
             return;
         }
         const mimetype = file.type || 'application/octet-stream';
+        // Over HTTP the file is written under a temporary name the web side renames once
+        // guacd has it all: a cancelled or cut upload never looks complete.
+        const http = Boolean(exo.httpStreams && exo.tunnelUuid);
+        const streamName = http ? file.name + INCOMPLETE_SUFFIX : file.name;
         const stream = target
-            ? target.object.createOutputStream(mimetype, joinPath(target.path, file.name))
-            : client.createFileStream(mimetype, file.name);
+            ? target.object.createOutputStream(mimetype, joinPath(target.path, streamName))
+            : client.createFileStream(mimetype, streamName);
+        let cancelledEarly = false;
+        t.cancel = () => {
+            // Before guacd opened the file: end the stream when it answers.
+            cancelledEarly = true;
+            cancelled(t, null);
+        };
+        render(t);
         // The first ack answers the "file"/"put" instruction. Then the bytes go over HTTP
         // when the web side serves the stream endpoints, else as blobs over the WebSocket
         // (each later ack answers one blob).
         stream.onack = (status) => {
             stream.onack = null;
+            if (cancelledEarly) {
+                if (!status.isError()) {
+                    stream.sendEnd();
+                    t.leftover = streamName;
+                    render(t);
+                }
+                return;
+            }
             if (status.isError()) {
                 fail(t, describeTransferStatus(status.code, status.message));
                 return;
             }
             t.state = 'active';
             render(t);
-            const tunnel = exo.tunnelUuid;
-            if (exo.httpStreams && tunnel)
-                uploadOverHttp(t, file, stream, tunnel);
+            if (http)
+                uploadOverHttp(t, file, stream, exo.tunnelUuid, streamName);
             else
                 uploadAsBlobs(t, file, stream);
         };
     }
 
+    /** Marks an upload cancelled; `leftover` names the partial file it left, if any. */
+    function cancelled(t, leftover) {
+        t.cancel = null;
+        t.state = 'cancelled';
+        t.leftover = leftover;
+        render(t);
+    }
+
     /**
-     * POSTs the file to the stream's endpoint (Apache's contract); the web side feeds guacd.
-     * Falls back to blobs when the endpoint is not there and nothing was sent yet.
+     * POSTs the file to the stream's endpoint (Apache's contract; the URL names the final
+     * name); the web side feeds guacd, ends the stream and renames `streamName` to it.
      */
-    function uploadOverHttp(t, file, stream, tunnel) {
+    function uploadOverHttp(t, file, stream, tunnel, streamName) {
         const xhr = new XMLHttpRequest();
         xhr.open('POST', streamUrl(document.baseURI, tunnel, stream.index, file.name, token), true);
+        t.cancel = () => {
+            // The web side sees the body cut, ends guacd's stream and does not rename; the
+            // page's own `end` is not passed on twice.
+            xhr.abort();
+        };
+        xhr.onabort = () => {
+            stream.sendEnd();
+            cancelled(t, streamName);
+        };
         xhr.upload.onprogress = (e) => {
             t.bytes = Math.min(e.loaded, file.size);
             render(t);
@@ -119,14 +166,10 @@ export function setupTransfers({ list, getClient, token }) {
         xhr.onload = () => {
             if (xhr.status >= 200 && xhr.status < 300) {
                 exo.lastTransferPath = 'http';
-                // guacd acked every blob; `end` closes the file (guacamole-common-js frees the
-                // stream on sending it, so guacd's ack of the end is not seen here, as with blobs).
+                // The web side ended the stream (guacd closed the file) and renamed it; this
+                // `end` only frees the stream here (the web side does not pass it on).
                 stream.sendEnd();
                 finishUpload(t, file);
-                return;
-            }
-            if ((xhr.status === 404 || xhr.status === 405) && !t.bytes) {
-                uploadAsBlobs(t, file, stream);
                 return;
             }
             let error = null;
@@ -136,18 +179,19 @@ export function setupTransfers({ list, getClient, token }) {
                 // not JSON: described by the HTTP status below
             }
             stream.sendEnd();
-            fail(t, error && error.statusCode
-                ? describeTransferStatus(error.statusCode, error.message)
-                : `the server answered HTTP ${xhr.status}`);
+            fail(t, error && error.message
+                ? (error.statusCode ? describeTransferStatus(error.statusCode, error.message) : error.message)
+                : `the server answered HTTP ${xhr.status}; a partial file may be left as ${streamName}`);
         };
         xhr.onerror = () => {
             stream.sendEnd();
-            fail(t, 'the upload was interrupted');
+            fail(t, `the upload was interrupted; a partial file may be left as ${streamName}`);
         };
         xhr.send(file);
     }
 
     function finishUpload(t, file) {
+        t.cancel = null;
         t.bytes = file.size;
         t.state = 'done';
         render(t);
@@ -169,6 +213,16 @@ export function setupTransfers({ list, getClient, token }) {
             writer.sendEnd();
             finishUpload(t, file);
         };
+        // Cancel: no further blob (not the one the writer may be reading now), then `end`, so
+        // guacd closes the file. It keeps what arrived under the final name (guacd opens it
+        // with O_TRUNC and the protocol has no rename).
+        t.cancel = () => {
+            stream.onack = null;
+            stream.sendBlob = () => {};
+            writer.sendEnd();
+            cancelled(t, file.name);
+        };
+        render(t);
         writer.onerror = (blob, offset, error) => {
             writer.sendEnd();
             fail(t, `could not read the local file (${error && error.name ? error.name : 'error'})`);

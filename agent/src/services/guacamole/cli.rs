@@ -48,8 +48,16 @@ pub fn run(args: GuacamoleWebArgs) -> ExitCode {
             return ExitCode::from(71);
         }
     }
+    // Who this process runs as, read before the confinement forbids reading the password
+    // database; completed HTTP uploads are renamed into place beneath that user's home only.
+    let rename_beneath = super::rename::OwnUser::current()
+        .map(|own| own.home)
+        .filter(|home| home.is_dir())
+        .into_iter()
+        .collect();
     let allowed = confine::Allowed {
         read_beneath: Vec::new(),
+        rename_beneath,
         connect_ports: vec![config.guacd.port()],
     };
     confine::confine_then_run("guacamole-web", &allowed, 2, || async move {

@@ -21,6 +21,7 @@ pub mod cli;
 pub mod forwarded;
 pub mod handshake;
 pub mod protocol;
+pub mod rename;
 pub mod settings;
 pub mod streams;
 pub mod transfer;

@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 
 use super::protocol::Frame;
+use super::rename::Opened;
 
 /// Open streams tracked per direction at most. guacd allows 64 streams per user
 /// (`GUAC_USER_MAX_STREAMS`); a browser opening more gets them relayed as before, only not
@@ -22,10 +23,12 @@ pub struct Download {
 }
 
 /// A stream the browser sends: a file being uploaded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upload {
     /// guacd acked the `file`/`put` with success: it has the file open and takes blobs.
     pub accepted: bool,
+    /// The name the page opened it with (what guacd writes to).
+    pub opened: Opened,
 }
 
 /// The file streams open on one tunnel.
@@ -75,8 +78,14 @@ impl StreamTable {
     pub fn from_browser(&mut self, frame: &Frame<'_>) {
         match frame.opcode() {
             // file,<stream>,<mimetype>,<filename>; put,<object>,<stream>,<mimetype>,<name>.
-            "file" => self.open_upload(frame.arg(0)),
-            "put" => self.open_upload(frame.arg(1)),
+            "file" => self.open_upload(
+                frame.arg(0),
+                Opened::File(frame.arg(2).unwrap_or("").to_owned()),
+            ),
+            "put" => self.open_upload(
+                frame.arg(1),
+                Opened::Put(frame.arg(3).unwrap_or("").to_owned()),
+            ),
             "end" => {
                 if let Some(index) = index(frame.arg(0)) {
                     self.uploads.remove(&index);
@@ -101,8 +110,13 @@ impl StreamTable {
     }
 
     /// The upload open at `index`, if any.
-    pub fn upload(&self, index: u32) -> Option<Upload> {
-        self.uploads.get(&index).copied()
+    pub fn upload(&self, index: u32) -> Option<&Upload> {
+        self.uploads.get(&index)
+    }
+
+    /// Upload `index` was ended by the web side (the page's `end` will not pass).
+    pub fn end_upload(&mut self, index: u32) {
+        self.uploads.remove(&index);
     }
 
     fn open_download(&mut self, stream: Option<&str>, mimetype: Option<&str>) {
@@ -110,9 +124,16 @@ impl StreamTable {
         open(&mut self.downloads, stream, Download { mimetype });
     }
 
-    fn open_upload(&mut self, stream: Option<&str>) {
+    fn open_upload(&mut self, stream: Option<&str>, opened: Opened) {
         // A reused index is a new stream: not accepted until guacd acks it again.
-        open(&mut self.uploads, stream, Upload { accepted: false });
+        open(
+            &mut self.uploads,
+            stream,
+            Upload {
+                accepted: false,
+                opened,
+            },
+        );
     }
 }
 
@@ -188,9 +209,10 @@ mod tests {
     fn an_upload_is_accepted_once_guacd_acks_it_and_ends_with_end() {
         let mut t = StreamTable::new();
         feed(&mut t, false, "4.file,1.2,24.application/octet-stream,5.a.bin;");
-        assert_eq!(t.upload(2), Some(Upload { accepted: false }));
+        let opened = Opened::File("a.bin".into());
+        assert_eq!(t.upload(2), Some(&Upload { accepted: false, opened: opened.clone() }));
         feed(&mut t, true, "3.ack,1.2,17.SFTP: File opened,1.0;");
-        assert_eq!(t.upload(2), Some(Upload { accepted: true }));
+        assert_eq!(t.upload(2), Some(&Upload { accepted: true, opened }));
         feed(&mut t, false, "3.end,1.2;");
         assert_eq!(t.upload(2), None);
     }
@@ -199,7 +221,8 @@ mod tests {
     fn a_put_opens_an_upload_and_an_error_ack_refuses_it() {
         let mut t = StreamTable::new();
         feed(&mut t, false, "3.put,1.0,1.4,10.text/plain,6./a/b.c;");
-        assert_eq!(t.upload(4), Some(Upload { accepted: false }));
+        let opened = Opened::Put("/a/b.c".into());
+        assert_eq!(t.upload(4), Some(&Upload { accepted: false, opened }));
         feed(&mut t, true, "3.ack,1.4,17.SFTP: Open failed,3.769;");
         assert_eq!(t.upload(4), None);
     }

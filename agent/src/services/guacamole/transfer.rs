@@ -9,7 +9,7 @@
 //! blob, so a slow browser slows guacd and memory stays bounded. This module owns the tunnel
 //! registry, what the relay does with a taken-over stream, and the two handlers.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::auth::lock;
 use super::protocol::{Frame, Instruction};
+use super::rename::{self, Opened, RenameError, SftpPlace};
 use super::streams::{self, StreamTable};
 use super::web::WebState;
 
@@ -68,11 +69,21 @@ pub enum Control {
         index: u32,
         /// guacd's acks: (status, message).
         acks: mpsc::Sender<(u16, String)>,
-        /// Whether it could be taken.
-        reply: oneshot::Sender<Result<(), Refusal>>,
+        /// How the page opened it, or why it cannot be taken.
+        reply: oneshot::Sender<Result<Opened, Refusal>>,
     },
-    /// An instruction for guacd (a blob, an ack), written between whole instructions.
+    /// An instruction for guacd (an ack), written between whole instructions.
     Send(String),
+    /// A blob for upload `index`, sent only while the handler still holds it.
+    UploadBlob {
+        /// The stream.
+        index: u32,
+        /// The `blob` instruction.
+        blob: String,
+    },
+    /// Ends upload `index` at guacd (its `end`; guacd closes the file and acks). The page's
+    /// own `end` for it, before or after, is then not passed on: guacd sees one.
+    EndUpload(u32),
     /// The handler is done with upload `index`.
     ReleaseUpload(u32),
     /// Download `index`'s body took a blob out of a full buffer: ack guacd if it was withheld.
@@ -184,6 +195,10 @@ pub struct Transfers {
     streams: StreamTable,
     downloads: HashMap<u32, Download>,
     uploads: HashMap<u32, mpsc::Sender<(u16, String)>>,
+    /// Uploads held by a handler whose `end` the page sent already (dropped).
+    page_ended: HashSet<u32>,
+    /// Uploads the web side ended whose `end` the page has yet to send (to be dropped).
+    web_ended: HashSet<u32>,
 }
 
 /// What the relay does with one instruction.
@@ -283,9 +298,20 @@ impl Transfers {
     pub fn from_browser(&mut self, frame: &Frame<'_>) -> bool {
         let forward = match frame.opcode() {
             "ack" => !streams::index(frame.arg(0)).is_some_and(|i| self.downloads.contains_key(&i)),
-            "end" => {
-                if let Some(index) = streams::index(frame.arg(0)) {
-                    self.uploads.remove(&index);
+            "end" => match streams::index(frame.arg(0)) {
+                // A handler holds it: it sends the one `end` when the body is in (or cut).
+                Some(index) if self.uploads.contains_key(&index) => {
+                    self.page_ended.insert(index);
+                    false
+                }
+                Some(index) => !self.web_ended.remove(&index),
+                None => true,
+            },
+            "file" | "put" => {
+                // A new stream at an index the web side ended: the page has freed it.
+                let at = if frame.opcode() == "file" { 0 } else { 1 };
+                if let Some(index) = streams::index(frame.arg(at)) {
+                    self.web_ended.remove(&index);
                 }
                 true
             }
@@ -330,19 +356,37 @@ impl Transfers {
             Control::TakeUpload { index, acks, reply } => {
                 let answer = if self.uploads.contains_key(&index) {
                     Err(Refusal::Taken)
-                } else if self.streams.upload(index).is_some_and(|u| u.accepted) {
-                    self.uploads.insert(index, acks);
-                    Ok(())
                 } else {
-                    Err(Refusal::NotOpen)
+                    match self.streams.upload(index) {
+                        Some(upload) if upload.accepted => {
+                            self.uploads.insert(index, acks);
+                            Ok(upload.opened.clone())
+                        }
+                        _ => Err(Refusal::NotOpen),
+                    }
                 };
                 let _ = reply.send(answer);
                 None
             }
             Control::Send(instruction) => Some(instruction),
+            Control::UploadBlob { index, blob } => self.uploads.contains_key(&index).then_some(blob),
+            Control::EndUpload(index) => {
+                if !self.uploads.contains_key(&index) {
+                    return None;
+                }
+                // Bounded: guacd takes stream indexes below 64 only.
+                if !self.page_ended.remove(&index) && self.web_ended.len() < streams::MAX_TRACKED {
+                    self.web_ended.insert(index);
+                }
+                self.streams.end_upload(index);
+                Some(Instruction::new("end", [index.to_string()]).encode())
+            }
             Control::ReleaseUpload(index) => {
                 self.uploads.remove(&index);
-                None
+                // The page's `end` was held back and the handler did not end it: pass it on.
+                self.page_ended
+                    .remove(&index)
+                    .then(|| Instruction::new("end", [index.to_string()]).encode())
             }
             Control::Drained(index) => {
                 let download = self.downloads.get_mut(&index)?;
@@ -369,6 +413,7 @@ impl Transfers {
 struct Registered {
     token: String,
     control: mpsc::Sender<Control>,
+    place: Arc<Result<SftpPlace, RenameError>>,
 }
 
 /// The open tunnels by UUID, and the transfers running per token.
@@ -392,18 +437,21 @@ impl Drop for Registration<'_> {
 
 
 impl Registry {
-    /// Registers tunnel `uuid`, opened with `token`, whose relay reads `control`.
+    /// Registers tunnel `uuid`, opened with `token`, whose relay reads `control`; `place` is
+    /// where its uploads land on this machine (or why the web side cannot rename them).
     pub fn register(
         &self,
         uuid: &str,
         token: &str,
         control: mpsc::Sender<Control>,
+        place: Result<SftpPlace, RenameError>,
     ) -> Registration<'_> {
         lock(&self.tunnels).insert(
             uuid.to_owned(),
             Registered {
                 token: token.to_owned(),
                 control,
+                place: Arc::new(place),
             },
         );
         Registration {
@@ -412,12 +460,17 @@ impl Registry {
         }
     }
 
-    /// The control channel of tunnel `uuid` if `token` opened it.
-    fn control(&self, uuid: &str, token: &str) -> Option<mpsc::Sender<Control>> {
+    /// The control channel of tunnel `uuid` and where its uploads land, if `token` opened it.
+    #[allow(clippy::type_complexity)]
+    fn control(
+        &self,
+        uuid: &str,
+        token: &str,
+    ) -> Option<(mpsc::Sender<Control>, Arc<Result<SftpPlace, RenameError>>)> {
         let tunnels = lock(&self.tunnels);
         let registered = tunnels.get(uuid)?;
         let same: bool = registered.token.as_bytes().ct_eq(token.as_bytes()).into();
-        same.then(|| registered.control.clone())
+        same.then(|| (registered.control.clone(), registered.place.clone()))
     }
 
     /// A transfer slot for `token`, or `None` when it runs [`MAX_TRANSFERS_PER_TOKEN`].
@@ -469,21 +522,29 @@ fn request_token(query: Option<&str>, headers: &HeaderMap) -> Option<String> {
         })
 }
 
+/// An authorised stream request.
+struct Authorised {
+    control: mpsc::Sender<Control>,
+    place: Arc<Result<SftpPlace, RenameError>>,
+    slot: Slot,
+    index: u32,
+}
+
 /// Authorises a stream request: a live token, a tunnel of that token's, a free slot, a
-/// stream index; the relay's control channel, the slot and the index.
+/// stream index.
 fn authorise(
     state: &WebState,
     tunnel: &str,
     index: &str,
     query: Option<&str>,
     headers: &HeaderMap,
-) -> Result<(mpsc::Sender<Control>, Slot, u32), StreamRequestError> {
+) -> Result<Authorised, StreamRequestError> {
     let token = request_token(query, headers).ok_or(StreamRequestError::Forbidden)?;
     state
         .auth()
         .touch(&token)
         .ok_or(StreamRequestError::Forbidden)?;
-    let control = state
+    let (control, place) = state
         .registry()
         .control(tunnel, &token)
         .ok_or(StreamRequestError::Forbidden)?;
@@ -492,7 +553,12 @@ fn authorise(
         .slot(&token)
         .ok_or(StreamRequestError::TooMany)?;
     let index = streams::index(Some(index)).ok_or(StreamRequestError::NoSuchStream)?;
-    Ok((control, slot, index))
+    Ok(Authorised {
+        control,
+        place,
+        slot,
+        index,
+    })
 }
 
 /// Asks the relay behind `control` to hand a stream over (`request` is given the reply
@@ -535,11 +601,15 @@ pub async fn download(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
-    let (control, slot, index) =
-        match authorise(&state, &tunnel, &index, query.as_deref(), &headers) {
-            Ok(ok) => ok,
-            Err(refused) => return refused.into_response(),
-        };
+    let Authorised {
+        control,
+        slot,
+        index,
+        ..
+    } = match authorise(&state, &tunnel, &index, query.as_deref(), &headers) {
+        Ok(ok) => ok,
+        Err(refused) => return refused.into_response(),
+    };
     let (chunks_tx, chunks) = mpsc::channel(DOWNLOAD_BUFFER_BLOBS);
     let withheld = Arc::new(AtomicBool::new(false));
     let taken = take(&control, |reply| Control::TakeDownload {
@@ -634,19 +704,26 @@ fn attachment(filename: &str) -> HeaderValue {
 }
 
 /// `POST …/tunnels/<tunnel>/streams/<index>/<filename>`: the body goes to guacd on `index`,
-/// 6,048 bytes per blob, each after guacd acked the previous one.
+/// 6,048 bytes per blob, each after guacd acked the previous one; then the web side ends the
+/// stream and, when the page opened it as `<filename>.incomplete-upload`, renames the file to
+/// `<filename>` (module [`rename`]). A body cut short (the page cancelled) ends the stream
+/// without renaming: the partial file keeps its temporary name.
 pub async fn upload(
     State(state): State<Arc<WebState>>,
-    Path((tunnel, index, _filename)): Path<(String, String, String)>,
+    Path((tunnel, index, filename)): Path<(String, String, String)>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let (control, _slot, index) =
-        match authorise(&state, &tunnel, &index, query.as_deref(), &headers) {
-            Ok(ok) => ok,
-            Err(refused) => return refused.into_response(),
-        };
+    let Authorised {
+        control,
+        place,
+        slot: _slot,
+        index,
+    } = match authorise(&state, &tunnel, &index, query.as_deref(), &headers) {
+        Ok(ok) => ok,
+        Err(refused) => return refused.into_response(),
+    };
     let (acks_tx, mut acks) = mpsc::channel(2);
     let taken = take(&control, |reply| Control::TakeUpload {
         index,
@@ -654,32 +731,136 @@ pub async fn upload(
         reply,
     })
     .await;
-    if let Err(refused) = taken {
-        return refused.into_response();
-    }
+    let opened = match taken {
+        Ok(opened) => opened,
+        Err(refused) => return refused.into_response(),
+    };
     tracing::info!(stream = index, "upload taken over by HTTP");
-    let result = pump_upload(index, body, &control, &mut acks).await;
+    // In a task of its own, so that a request dropped with its connection (a cancelled
+    // upload) still ends the stream at guacd and gives it back.
+    let finished = tokio::spawn(async move {
+        let _slot = _slot;
+        finish_upload(index, body, &control, &mut acks, &place, &opened, &filename).await
+    });
+    finished.await.unwrap_or_else(|_| {
+        api_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "STREAM_ERROR",
+            "The upload failed inside the web side.",
+            Some(SERVER_ERROR),
+        )
+    })
+}
+
+/// Sends the body, ends the stream, renames; the answer for the page.
+async fn finish_upload(
+    index: u32,
+    body: Body,
+    control: &mpsc::Sender<Control>,
+    acks: &mut mpsc::Receiver<(u16, String)>,
+    place: &Result<SftpPlace, RenameError>,
+    opened: &Opened,
+    filename: &str,
+) -> Response {
+    let result = pump_upload(index, body, control, acks).await;
+    let result = match result {
+        // guacd has every byte; its ack of the end says the file is closed.
+        Ok(bytes) => end_upload(index, control, acks).await.map(|()| bytes),
+        Err(UploadFailure::Body) => {
+            let _ = end_upload(index, control, acks).await;
+            Err(UploadFailure::Body)
+        }
+        Err(other) => Err(other),
+    };
     let _ = control.send(Control::ReleaseUpload(index)).await;
-    match result {
-        Ok(bytes) => {
-            tracing::info!(stream = index, bytes, "upload done");
+    let bytes = match result {
+        Ok(bytes) => bytes,
+        Err(failure) => return upload_failed(index, opened, failure),
+    };
+    // Only a stream opened under the URL's name with the suffix is renamed; one opened under
+    // its final name (a page that does not use the temporary name) is already in place.
+    let renamed = match opened {
+        Opened::File(name) | Opened::Put(name) if !name.ends_with(rename::SUFFIX) => Ok(None),
+        _ => place
+            .as_ref()
+            .map_err(|e| e.to_string())
+            .and_then(|place| place.paths(opened, filename).map_err(|e| e.to_string()))
+            .and_then(|(temporary, target)| {
+                rename::complete(&temporary, &target, bytes)
+                    .map(|()| Some(target))
+                    .map_err(|e| e.to_string())
+            }),
+    };
+    match renamed {
+        Ok(target) => {
+            tracing::info!(stream = index, bytes, renamed = target.is_some(), "upload done");
             StatusCode::OK.into_response()
         }
-        Err(UploadFailure::Guacd(status, message)) => {
+        Err(why) => {
+            tracing::warn!(stream = index, bytes, "upload done but not renamed: {why}");
+            api_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "STREAM_ERROR",
+                &format!(
+                    "The file was uploaded but keeps its temporary name {:?}: {why}",
+                    temporary_name(opened)
+                ),
+                Some(SERVER_ERROR),
+            )
+        }
+    }
+}
+
+/// The file name part of the name a stream was opened with.
+fn temporary_name(opened: &Opened) -> &str {
+    let (Opened::File(name) | Opened::Put(name)) = opened;
+    name.rsplit(['/', '\\']).next().unwrap_or(name)
+}
+
+/// The answer for an upload that did not complete.
+fn upload_failed(index: u32, opened: &Opened, failure: UploadFailure) -> Response {
+    match failure {
+        UploadFailure::Guacd(status, message) => {
             api_error(StatusCode::INTERNAL_SERVER_ERROR, "STREAM_ERROR", &message, Some(status))
         }
-        Err(UploadFailure::Body) => api_error(
-            StatusCode::BAD_REQUEST,
-            "BAD_REQUEST",
-            "The upload's body could not be read.",
-            None,
-        ),
-        Err(UploadFailure::Closed) => api_error(
+        UploadFailure::Body => {
+            tracing::info!(stream = index, "upload cut short (cancelled); the partial file keeps its name");
+            api_error(
+                StatusCode::BAD_REQUEST,
+                "BAD_REQUEST",
+                &format!(
+                    "The upload's body was cut short; what arrived is in {:?}.",
+                    temporary_name(opened)
+                ),
+                None,
+            )
+        }
+        UploadFailure::Closed => api_error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "STREAM_ERROR",
             "The session ended during the upload.",
             Some(SERVER_ERROR),
         ),
+    }
+}
+
+/// How long the web side waits for guacd to ack the end of an upload (close the file).
+const END_ACK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Ends upload `index` at guacd and waits for its ack (the file written and closed).
+async fn end_upload(
+    index: u32,
+    control: &mpsc::Sender<Control>,
+    acks: &mut mpsc::Receiver<(u16, String)>,
+) -> Result<(), UploadFailure> {
+    control
+        .send(Control::EndUpload(index))
+        .await
+        .map_err(|_| UploadFailure::Closed)?;
+    match tokio::time::timeout(END_ACK_WAIT, acks.recv()).await {
+        Ok(Some((0, _))) => Ok(()),
+        Ok(Some((status, message))) => Err(UploadFailure::Guacd(status, message)),
+        Ok(None) | Err(_) => Err(UploadFailure::Closed),
     }
 }
 
@@ -724,7 +905,7 @@ async fn pump_upload(
         )
         .encode();
         control
-            .send(Control::Send(blob))
+            .send(Control::UploadBlob { index, blob })
             .await
             .map_err(|_| UploadFailure::Closed)?;
         match acks.recv().await {
@@ -943,5 +1124,67 @@ mod tests {
         drop(transfers);
         assert!(body.recv().await.unwrap().is_err(), "a cut body looked complete");
         feeder.await.unwrap();
+    }
+
+    /// Feeds one instruction to `t` from guacd or the browser; whether it is passed on.
+    fn feed(t: &mut Transfers, from_guacd: bool, wire: &str) -> bool {
+        let mut decoder = Decoder::new();
+        decoder.push(wire.as_bytes());
+        let frame = decoder.next_frame().unwrap().unwrap();
+        if from_guacd {
+            t.from_guacd(&frame).forward
+        } else {
+            t.from_browser(&frame)
+        }
+    }
+
+    /// Takes upload `index` over; how the page opened it.
+    fn take_upload(t: &mut Transfers, index: u32) -> (Opened, mpsc::Receiver<(u16, String)>) {
+        let (acks, acks_rx) = mpsc::channel(2);
+        let (reply, mut answer) = oneshot::channel();
+        assert_eq!(t.control(Control::TakeUpload { index, acks, reply }), None);
+        (answer.try_recv().unwrap().unwrap(), acks_rx)
+    }
+
+    #[test]
+    fn guacd_sees_one_end_whether_the_page_sends_its_own_before_or_after_the_web_side() {
+        let mut t = Transfers::default();
+        assert!(feed(&mut t, false, "4.file,1.2,24.application/octet-stream,23.a.bin.incomplete-upload;"));
+        assert!(feed(&mut t, true, "3.ack,1.2,17.SFTP: File opened,1.0;"));
+        let (opened, mut acks) = take_upload(&mut t, 2);
+        assert_eq!(opened, Opened::File("a.bin.incomplete-upload".into()));
+        // Blobs go while the handler holds the stream; guacd's acks go to it, not the page.
+        let blob = t.control(Control::UploadBlob { index: 2, blob: "4.blob,1.2,4.AAAA;".into() });
+        assert_eq!(blob.as_deref(), Some("4.blob,1.2,4.AAAA;"));
+        assert!(!feed(&mut t, true, "3.ack,1.2,8.SFTP: OK,1.0;"));
+        assert_eq!(acks.try_recv().unwrap(), (0, "SFTP: OK".into()));
+        // The web side ends it; the page's later `end` is not passed on.
+        assert_eq!(t.control(Control::EndUpload(2)).as_deref(), Some("3.end,1.2;"));
+        assert!(!feed(&mut t, true, "3.ack,1.2,8.SFTP: OK,1.0;"));
+        assert_eq!(t.control(Control::ReleaseUpload(2)), None);
+        assert!(!feed(&mut t, false, "3.end,1.2;"));
+        // Released and ended: no second POST, and a new stream at the index is the page's.
+        assert!(t.streams.upload(2).is_none());
+        assert!(feed(&mut t, false, "4.file,1.2,24.application/octet-stream,5.b.bin;"));
+        assert!(feed(&mut t, false, "3.end,1.2;"));
+
+        // The page ends first (it cancelled) while the handler holds the stream: its `end` is
+        // held back, the handler's is the one guacd gets, and no blob follows it.
+        assert!(feed(&mut t, false, "4.file,1.3,24.application/octet-stream,5.c.bin;"));
+        assert!(feed(&mut t, true, "3.ack,1.3,17.SFTP: File opened,1.0;"));
+        let (_, _acks) = take_upload(&mut t, 3);
+        assert!(!feed(&mut t, false, "3.end,1.3;"));
+        assert_eq!(t.control(Control::EndUpload(3)).as_deref(), Some("3.end,1.3;"));
+        assert_eq!(t.control(Control::ReleaseUpload(3)), None);
+        let late = t.control(Control::UploadBlob { index: 3, blob: "4.blob,1.3,4.AAAA;".into() });
+        assert_eq!(late, None);
+        assert!(t.web_ended.is_empty());
+
+        // The handler gives up without ending (guacd refused a blob): the held `end` goes then.
+        assert!(feed(&mut t, false, "4.file,1.4,24.application/octet-stream,5.d.bin;"));
+        assert!(feed(&mut t, true, "3.ack,1.4,17.SFTP: File opened,1.0;"));
+        let (_, _acks) = take_upload(&mut t, 4);
+        assert!(!feed(&mut t, false, "3.end,1.4;"));
+        assert_eq!(t.control(Control::ReleaseUpload(4)).as_deref(), Some("3.end,1.4;"));
     }
 }

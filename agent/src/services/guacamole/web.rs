@@ -23,6 +23,7 @@ use super::assets;
 use super::auth::{Authenticator, Credentials, LoginError};
 use super::forwarded;
 use super::handshake::{self, ClientInfo};
+use super::rename;
 use super::transfer;
 use super::tunnel::{self, status};
 use super::web_config::{Connection, WebConfig, DATA_SOURCE};
@@ -491,7 +492,13 @@ async fn websocket(
                 });
                 let uuid = tunnel::new_uuid();
                 let (control, requests) = tokio::sync::mpsc::channel(16);
-                let _registered = state.registry.register(&uuid, &request.token, control);
+                // Where its uploads land on this machine, for the rename after an HTTP upload.
+                let place = rename::OwnUser::current()
+                    .ok_or(rename::RenameError::NotLocal)
+                    .and_then(|own| {
+                        rename::SftpPlace::for_connection(&connection.protocol, &connection.parameters, &own)
+                    });
+                let _registered = state.registry.register(&uuid, &request.token, control, place);
                 let tunnel = tunnel::Tunnel { socket, uuid, token: request.token.clone(), control: requests };
                 let ended = tunnel::relay(tunnel, connected, state.auth.clone(), without_sftp).await;
                 tracing::info!(connection = %shown(&request.id), ?ended, seconds = started.elapsed().as_secs(), "tunnel closed");
