@@ -250,15 +250,7 @@ pub(crate) fn bootstrap_command(delivery: &Delivery) -> Value {
         // The unit is enabled in the image and ordered after cloud-init's config stage; starting
         // it here as well is harmless and covers images where it is not enabled.
         Delivery::Baked => argv(&["systemctl", "start", "--no-block", "exoagent.service"]),
-        Delivery::Bootstrap { url, sha256 } => argv(&[
-            "sh",
-            "-c",
-            BOOTSTRAP_SCRIPT,
-            "exoagent-bootstrap",
-            url,
-            sha256,
-            BOOTSTRAP_BINARY,
-        ]),
+        Delivery::Bootstrap { url, sha256 } => argv(&bootstrap_script(url, sha256)),
         Delivery::Package {
             url,
             sha256,
@@ -288,7 +280,7 @@ pub(crate) fn bootcmd(delivery: &Delivery) -> Option<Value> {
         return None;
     };
     let unit = format!("--unit={EARLY_BOOTSTRAP_UNIT}");
-    Some(Value::Sequence(vec![argv(&[
+    let mut command = vec![
         "cloud-init-per",
         "instance",
         EARLY_BOOTSTRAP_UNIT,
@@ -299,6 +291,15 @@ pub(crate) fn bootcmd(delivery: &Delivery) -> Option<Value> {
         "--property=After=cloud-init.service",
         "--property=Wants=network-online.target",
         "--property=After=network-online.target",
+    ];
+    command.extend(bootstrap_script(url, sha256));
+    Some(Value::Sequence(vec![argv(&command)]))
+}
+
+/// The binary bootstrap's command: the script with the URL and checksum as arguments (never
+/// interpolated into it); the same from `bootcmd` and `runcmd`.
+fn bootstrap_script<'a>(url: &'a str, sha256: &'a str) -> [&'a str; 7] {
+    [
         "sh",
         "-c",
         BOOTSTRAP_SCRIPT,
@@ -306,7 +307,7 @@ pub(crate) fn bootcmd(delivery: &Delivery) -> Option<Value> {
         url,
         sha256,
         BOOTSTRAP_BINARY,
-    ])]))
+    ]
 }
 
 /// The `runcmd` entry, after the one that starts the agent, that makes cloud-init wait: the
