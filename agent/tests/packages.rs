@@ -181,15 +181,21 @@ fn the_deb_holds_the_agent_unit_pages_and_completions() {
 
 /// The .deb's files extracted (`dpkg-deb -x`, no scripts) into a scratch directory.
 fn unpacked_deb() -> tempfile::TempDir {
-    let root = tempfile::tempdir().unwrap();
+    deb_part("-x")
+}
+
+/// One part of the .deb extracted by `dpkg-deb <flag>` (`-x` its files, `-e` its control
+/// scripts) into a scratch directory.
+fn deb_part(flag: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
     run_ok(
         tool("dpkg-deb")
-            .arg("-x")
+            .arg(flag)
             .arg(&packages().deb)
-            .arg(root.path()),
-        "dpkg-deb -x",
+            .arg(dir.path()),
+        &format!("dpkg-deb {flag}"),
     );
-    root
+    dir
 }
 
 /// The newest `GLIBC_x.y` symbol version an ELF file needs (`objdump -T`), as (x, y).
@@ -452,14 +458,7 @@ fn assert_never_starts_or_stops_on_upgrade(calls: &[String], what: &str) {
 #[test]
 #[ignore = "builds the release binary and both packages; run by tests/run-all.sh"]
 fn deb_scripts_enable_on_install_and_try_restart_on_upgrade() {
-    let dir = tempfile::tempdir().unwrap();
-    run_ok(
-        tool("dpkg-deb")
-            .arg("-e")
-            .arg(&packages().deb)
-            .arg(dir.path()),
-        "dpkg-deb -e",
-    );
+    let dir = deb_part("-e");
     let script = |name: &str| fs::read_to_string(dir.path().join(name)).unwrap();
 
     let install = run_recorded(&script("postinst"), &["configure", ""]);

@@ -28,6 +28,7 @@ have blkid || need_apt+=(util-linux)     # blkid, wipefs, losetup, partx, mount
 have sfdisk || need_apt+=(fdisk)
 have mkfs.ext4 || need_apt+=(e2fsprogs)
 have pvcreate || need_apt+=(lvm2)
+have genisoimage || need_apt+=(genisoimage)  # a real iso9660 config drive for the label reader's tests
 # The packages (installer/package/build.sh, agent/tests/packages.rs): man renders the generated
 # pages, strip the shipped binary, rpm (above) inspects and installs the .rpm into a scratch root.
 have man || need_apt+=(man-db)

@@ -267,8 +267,8 @@ mod tests {
     }
 
     /// A real iso9660 image with volume identifier `label`, made by genisoimage (what Nova
-    /// itself runs for a config drive, `-V config-2`); `None` when the tool is missing.
-    fn iso_image(dir: &Path, label: &str) -> Option<Vec<u8>> {
+    /// itself runs for a config drive, `-V config-2`; installed by installer/dev/prereqs.sh).
+    fn iso_image(dir: &Path, label: &str) -> Vec<u8> {
         let contents = dir.join("iso-contents/openstack/latest");
         std::fs::create_dir_all(&contents).unwrap();
         std::fs::write(contents.join("meta_data.json"), r#"{"uuid":"u"}"#).unwrap();
@@ -278,9 +278,9 @@ mod tests {
             .arg(&image)
             .arg(dir.join("iso-contents"))
             .status()
-            .ok()?;
+            .expect("genisoimage (installer/dev/prereqs.sh installs it)");
         assert!(made.success(), "genisoimage failed");
-        Some(std::fs::read(image).unwrap())
+        std::fs::read(image).unwrap()
     }
 
     /// A FAT boot sector as mkfs.vfat writes it (Microsoft's FAT specification, "BPB"):
@@ -322,13 +322,11 @@ mod tests {
     #[test]
     fn labels_are_read_from_iso9660_fat_and_ext() {
         let dir = tempfile::tempdir().unwrap();
-        match iso_image(dir.path(), "config-2") {
-            Some(iso) => assert_eq!(
-                probe_label(&iso[..PROBE_LEN]),
-                Some(("iso9660", "config-2".to_owned()))
-            ),
-            None => eprintln!("genisoimage missing: the iso9660 case is not checked"),
-        }
+        let iso = iso_image(dir.path(), "config-2");
+        assert_eq!(
+            probe_label(&iso[..PROBE_LEN]),
+            Some(("iso9660", "config-2".to_owned()))
+        );
         for fat32 in [false, true] {
             let boot = fat_boot_sector(b"CONFIG-2   ", fat32);
             assert_eq!(
@@ -375,13 +373,8 @@ mod tests {
     #[test]
     fn a_real_iso_drive_is_found_by_its_label() {
         let dir = tempfile::tempdir().unwrap();
-        let (Some(iso), Some(wrong)) = (
-            iso_image(dir.path(), "config-2"),
-            iso_image(dir.path(), "cidata"),
-        ) else {
-            eprintln!("skipped: genisoimage missing");
-            return;
-        };
+        let iso = iso_image(dir.path(), "config-2");
+        let wrong = iso_image(dir.path(), "cidata");
         // Another cloud's seed drive (NoCloud's `cidata`) is not a config drive.
         let (sys, dev) = block_devices(dir.path(), &[("sr0", 1000, &wrong), ("sr1", 1000, &iso)]);
         let finder = DriveFinder::new(dir.path().join("no-udev"), &sys, &dev);

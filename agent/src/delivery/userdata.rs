@@ -407,6 +407,16 @@ pub fn render(choices: &Choices) -> Result<String, UserdataError> {
 mod tests {
     use super::*;
 
+    /// A YAML sequence of strings (an argv), as strings.
+    fn strings(value: &Value) -> Vec<&str> {
+        value
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect()
+    }
+
     fn choices(delivery: Delivery) -> Choices {
         Choices {
             delivery,
@@ -439,12 +449,7 @@ mod tests {
         let runcmd = doc["runcmd"].as_sequence().unwrap();
         assert_eq!(runcmd.len(), 2);
         assert_eq!(runcmd[0][0], "systemctl");
-        let wait: Vec<&str> = runcmd[1]
-            .as_sequence()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_str().unwrap())
-            .collect();
+        let wait: Vec<&str> = strings(&runcmd[1]);
         assert_eq!(wait, ["exoagent", "status", "--wait", "--timeout", "600s"]);
         let doc: Value =
             serde_norway::from_str(&render(&choices(Delivery::Baked)).unwrap()).unwrap();
@@ -469,12 +474,7 @@ mod tests {
         // instance, behind cloud-init's network stage.
         let early = doc["bootcmd"].as_sequence().unwrap();
         assert_eq!(early.len(), 1);
-        let early: Vec<&str> = early[0]
-            .as_sequence()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_str().unwrap())
-            .collect();
+        let early: Vec<&str> = strings(&early[0]);
         assert_eq!(
             early[..4],
             [
@@ -487,7 +487,7 @@ mod tests {
         assert!(early.contains(&"--no-block"));
         assert!(early.contains(&"--property=After=cloud-init.service"));
         let at = early.iter().position(|a| *a == "sh").unwrap();
-        let late: Vec<&str> = cmd.iter().map(|v| v.as_str().unwrap()).collect();
+        let late: Vec<&str> = strings(&doc["runcmd"][0]);
         assert_eq!(early[at..], late[..]);
         // Baked and package deliveries have nothing to queue early.
         let baked: Value =
@@ -531,12 +531,7 @@ mod tests {
         let text = render(&choices(package(url, PackageFormat::Deb))).unwrap();
         assert!(text.starts_with("#cloud-config\n"));
         let doc: Value = serde_norway::from_str(&text).unwrap();
-        let cmd: Vec<&str> = doc["runcmd"][0]
-            .as_sequence()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_str().unwrap())
-            .collect();
+        let cmd: Vec<&str> = strings(&doc["runcmd"][0]);
         assert_eq!(cmd[..2], ["sh", "-c"]);
         assert_eq!(cmd[2], PACKAGE_BOOTSTRAP_SCRIPT);
         assert_eq!(

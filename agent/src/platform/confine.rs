@@ -220,28 +220,33 @@ pub fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
     Ok(socket.into())
 }
 
+/// Directories for the log, each quoted (escaped).
+fn quoted(dirs: &[PathBuf]) -> String {
+    let dirs: Vec<String> = dirs
+        .iter()
+        .map(|d| format!("{:?}", d.display().to_string()))
+        .collect();
+    dirs.join(", ")
+}
+
 /// One line for the log: what holds.
 pub fn describe(confined: &Confined, allowed: &Allowed) -> String {
     let ports: Vec<String> = allowed.connect_ports.iter().map(u16::to_string).collect();
     let readable = if allowed.read_beneath.is_empty() {
         "no files".to_owned()
     } else {
-        let dirs: Vec<String> = allowed
-            .read_beneath
-            .iter()
-            .map(|d| format!("{:?}", d.display().to_string()))
-            .collect();
-        format!("no files but reading beneath {}", dirs.join(", "))
+        format!(
+            "no files but reading beneath {}",
+            quoted(&allowed.read_beneath)
+        )
     };
     let readable = if allowed.rename_beneath.is_empty() {
         readable
     } else {
-        let dirs: Vec<String> = allowed
-            .rename_beneath
-            .iter()
-            .map(|d| format!("{:?}", d.display().to_string()))
-            .collect();
-        format!("{readable}, renaming beneath {}", dirs.join(", "))
+        format!(
+            "{readable}, renaming beneath {}",
+            quoted(&allowed.rename_beneath)
+        )
     };
     match confined.enforcement {
         Enforcement::NoLandlock => format!(

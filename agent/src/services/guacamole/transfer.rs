@@ -14,8 +14,6 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-#[cfg(test)]
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
@@ -797,7 +795,8 @@ async fn finish_upload(
             StatusCode::OK.into_response()
         }
         Err(why) => {
-            tracing::warn!(stream = index, bytes, "upload done but not renamed: {why}");
+            // `why` names the file from the URL: as a Debug field its control characters are escaped.
+            tracing::warn!(stream = index, bytes, why = ?why, "upload done but not renamed");
             api_error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "STREAM_ERROR",
@@ -918,6 +917,8 @@ async fn pump_upload(
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::services::guacamole::protocol::Decoder;
 
