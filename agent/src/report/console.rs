@@ -275,6 +275,7 @@ fn write_record(device: &Path, record: &[u8], failing: &mut HashSet<PathBuf>) {
         .and_then(|mut file| {
             let written = file.write(record)?;
             if written == record.len() {
+                wait_until_sent(&file);
                 Ok(())
             } else {
                 Err(std::io::Error::new(
@@ -294,6 +295,34 @@ fn write_record(device: &Path, record: &[u8], failing: &mut HashSet<PathBuf>) {
                 tracing::warn!(target: "exoagent::report", device = %device.display(), error = %e, "cannot write console line; skipping this device");
             }
         }
+    }
+}
+
+/// Longest wait for a terminal to send a line on before the next device gets it.
+const SEND_WAIT: Duration = Duration::from_millis(250);
+
+/// On a terminal, wait (at most [`SEND_WAIT`]) until the line has left its output queue. The
+/// same line goes to `/dev/kmsg` next, and the kernel prints that copy straight to the serial
+/// port, past the terminal's queue: without the wait it can land inside the first copy, and
+/// then neither is a line Exosphere can read (seen in the VM test: `{"exoWorkflowToken":"…1909[
+/// 160.829921] {"exoWorkflowToken":…}`). The kernel's own console writer waits for the UART's
+/// FIFO, so an empty queue is enough. Not a terminal (a file, `/dev/kmsg`): no wait.
+fn wait_until_sent(file: &std::fs::File) {
+    use std::io::IsTerminal as _;
+    use std::os::fd::AsRawFd as _;
+    if !file.is_terminal() {
+        return;
+    }
+    let fd = file.as_raw_fd();
+    let deadline = std::time::Instant::now() + SEND_WAIT;
+    loop {
+        let mut queued: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ writes one int through the pointer, which outlives the call.
+        let asked = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut queued) };
+        if asked != 0 || queued <= 0 || std::time::Instant::now() >= deadline {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(2));
     }
 }
 
@@ -330,6 +359,37 @@ mod tests {
             step: reason.as_ref().map(|_| "jupyterlab".to_owned()),
             reason,
         }
+    }
+
+    /// A line goes whole to a terminal and then to the next device, and a terminal nobody reads
+    /// does not hold the writer beyond [`SEND_WAIT`]. A pseudo-terminal reports an empty output
+    /// queue at once, so the wait for a serial port's queue (the race it prevents) is shown
+    /// only by the VM test's real serial console, where it cannot be forced.
+    #[test]
+    fn a_terminal_then_a_file_each_get_the_whole_line_without_the_writer_stalling() {
+        use std::io::Read as _;
+        let pty = nix::pty::openpty(None, None).unwrap();
+        let terminal = nix::unistd::ttyname(&pty.slave).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("kmsg");
+        std::fs::write(&file, "").unwrap();
+        let sink = ConsoleSink::Devices(vec![terminal, file.clone()]);
+        let (done_tx, done) = mpsc::channel();
+        std::thread::spawn(move || {
+            write_now(&sink, r#"{"exoWorkflowToken":"abc"}"#);
+            let _ = done_tx.send(());
+        });
+        done.recv_timeout(Duration::from_secs(5))
+            .expect("the writer stalled on a terminal nobody reads");
+        let mut master = std::fs::File::from(pty.master);
+        let mut got = [0u8; 64];
+        let n = master.read(&mut got).unwrap();
+        // The terminal's line discipline turns the newline into CR LF.
+        assert_eq!(&got[..n], b"{\"exoWorkflowToken\":\"abc\"}\r\n");
+        assert_eq!(
+            std::fs::read_to_string(&file).unwrap(),
+            "{\"exoWorkflowToken\":\"abc\"}\n"
+        );
     }
 
     #[test]
