@@ -1,5 +1,6 @@
 //! The order of a baked start (issue 18): a service whose payload is in place is spawned as
-//! soon as its own inputs exist (the account, the argon2 hash, its configuration), not after
+//! soon as its own inputs exist (the account and its venv: the argon2 hash and the server
+//! configuration follow, JupyterLab's loader waits for them), not after
 //! the passphrase's publication; what is reported keeps DESIGN §4.4's order (`running` only
 //! once the publication is done). The metadata service is a real HTTP server on loopback that
 //! holds the publication's POST until the test lets it answer; the agent is the real binary in
@@ -122,7 +123,7 @@ fn lock_fingerprint() -> String {
 }
 
 /// A baked JupyterLab: the venv marked up to date, and a `jupyter-lab` that records its start
-/// in `spawned` and then idles (it never answers, so the service stays `starting`).
+/// (pid and arguments) in `spawned` and then idles (it never answers, so the service stays `starting`).
 fn bake_stand_in(root: &Path) -> std::path::PathBuf {
     let venv = root.join("opt/exoagent/jupyterlab/venv");
     fs::create_dir_all(venv.join("bin")).unwrap();
@@ -132,7 +133,7 @@ fn bake_stand_in(root: &Path) -> std::path::PathBuf {
     fs::write(
         &script,
         format!(
-            "#!/bin/sh\necho \"$$\" > '{}'\nexec sleep 600\n",
+            "#!/bin/sh\necho \"$$ $*\" > '{}.tmp' && mv '{0}.tmp' '{0}'\nexec sleep 600\n",
             spawned.display()
         ),
     )
@@ -179,6 +180,31 @@ fn a_baked_service_is_spawned_while_the_publication_is_still_held() {
     sandbox.start_agent();
 
     wait_until("JupyterLab's spawn", &sandbox, || spawned.exists());
+    // Started with the loader, which waits for the server config the agent writes once the
+    // passphrase's hash is ready: that file follows, 0600, with the hash.
+    let state = sandbox.root().join("var/lib/exoagent/services/jupyterlab");
+    let args = fs::read_to_string(&spawned).unwrap();
+    assert!(
+        args.trim_end().ends_with(&format!(
+            "--config={}",
+            state.join("exoagent_config.py").display()
+        )),
+        "{args}"
+    );
+    let server_config = state.join("jupyter_server_config.json");
+    wait_until("the server config", &sandbox, || server_config.exists());
+    assert_eq!(
+        fs::metadata(&server_config).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let written: serde_json::Value =
+        serde_json::from_slice(&fs::read(&server_config).unwrap()).unwrap();
+    assert!(
+        written["PasswordIdentityProvider"]["hashed_password"]
+            .as_str()
+            .is_some_and(|h| h.starts_with("argon2:$argon2id$")),
+        "no hash in the server config"
+    );
     let (posts, answered) = metadata.posts();
     assert_eq!(answered, 0, "the publication was answered before the spawn");
     assert!(

@@ -310,7 +310,50 @@ fn sandbox_brings_up_jupyterlab_supervises_and_survives_agent_restarts() {
     assert_eq!(processes_mentioning(&passphrase), Vec::<String>::new());
     assert_eq!(world_readable_secrets(sb.root()), Vec::<PathBuf>::new());
 
-    // 9. `down` is refused while the agent would restart the service; once the agent is
+    // 9. Fail closed: the loader JupyterLab starts with (which waits for the agent's JSON on a
+    // first boot) makes the real JupyterLab exit when the JSON holds no password hash, instead
+    // of starting with a token nobody knows.
+    let loader_dir = tempfile::tempdir().unwrap();
+    fs::copy(
+        sb.root()
+            .join("var/lib/exoagent/services/jupyterlab/exoagent_config.py"),
+        loader_dir.path().join("exoagent_config.py"),
+    )
+    .expect("the agent wrote the loader beside the server config");
+    let free_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    fs::write(
+        loader_dir.path().join("jupyter_server_config.json"),
+        serde_json::json!({"ServerApp": {"port": free_port, "ip": "127.0.0.1", "allow_root": true}})
+            .to_string(),
+    )
+    .unwrap();
+    let refused = std::process::Command::new(
+        sb.root()
+            .join("opt/exoagent/jupyterlab/venv/bin/jupyter-lab"),
+    )
+    .arg(format!(
+        "--config={}",
+        loader_dir.path().join("exoagent_config.py").display()
+    ))
+    .env("HOME", loader_dir.path())
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(78), "{stderr}");
+    assert!(
+        stderr.contains("holds no PasswordIdentityProvider.hashed_password"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("Jupyter Server") && !stderr.contains("token="),
+        "{stderr}"
+    );
+
+    // 10. `down` is refused while the agent would restart the service; once the agent is
     // stopped, it stops the service for real.
     let refused = sb.cli(&["down", "--grace", "10"]);
     assert_eq!(refused.status.code(), Some(1));

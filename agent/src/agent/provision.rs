@@ -420,6 +420,9 @@ pub(super) fn forget_previous_instance(plan: &Plan) -> Result<(), AgentError> {
             plan.paths.passphrase_file(),
             plan.paths.password_set_marker(),
             plan.paths.password_published_marker(),
+            // Holds the old passphrase's hash; gone, JupyterLab's configuration is the first
+            // boot's (written once the new hash is ready, not waited for before the spawn).
+            crate::services::jupyterlab::JupyterLab::server_config_path(&plan.paths),
         ] {
             // Absent is as good as removed; anything else would leak the old passphrase.
             if let Err(e) = std::fs::remove_file(&stale) {
@@ -630,13 +633,15 @@ mod tests {
         (dir, plan)
     }
 
-    /// The previous instance's run-once state: passphrase and both markers.
-    fn leave_previous_state(paths: &Paths, uuid: &str) -> [std::path::PathBuf; 3] {
+    /// The previous instance's run-once state: passphrase, both markers and JupyterLab's server
+    /// config (its passphrase's hash).
+    fn leave_previous_state(paths: &Paths, uuid: &str) -> [std::path::PathBuf; 4] {
         std::fs::write(paths.instance_id_file(), format!("{uuid}\n")).unwrap();
         let stale = [
             paths.passphrase_file(),
             paths.password_set_marker(),
             paths.password_published_marker(),
+            JupyterLab::server_config_path(paths),
         ];
         for path in &stale {
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();

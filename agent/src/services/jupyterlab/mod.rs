@@ -28,6 +28,10 @@ use crate::platform::uv::{self, UvSource, UV_VERSION};
 use crate::services::command::{run_logged, run_logged_with_env};
 use crate::supervise::{Probe, RunSpec};
 
+/// The Python configuration JupyterLab is started with: it loads the agent's JSON configuration
+/// beside it, waiting (bounded) for it on a first boot, and makes JupyterLab exit without it.
+pub const CONFIG_LOADER: &str = include_str!("exoagent_config.py");
+
 /// The pinned, hash-locked requirements, generated from `requirements.in` with
 /// `uv pip compile --universal --python-version 3.10 --generate-hashes requirements.in -o requirements.txt`.
 pub const REQUIREMENTS: &str = include_str!("requirements.txt");
@@ -84,9 +88,22 @@ impl JupyterLab {
     }
 
     fn config_file(ctx: &ServiceContext) -> PathBuf {
-        ctx.paths
+        Self::server_config_path(&ctx.paths)
+    }
+
+    /// The server configuration JupyterLab runs with (it holds the passphrase's hash).
+    pub fn server_config_path(paths: &crate::paths::Paths) -> PathBuf {
+        paths
             .service_state_dir(ServiceKind::JupyterLab)
             .join("jupyter_server_config.json")
+    }
+
+    /// [`CONFIG_LOADER`]'s file, in the same directory as [`Self::config_file`] (it finds the
+    /// JSON there).
+    fn loader_file(ctx: &ServiceContext) -> PathBuf {
+        ctx.paths
+            .service_state_dir(ServiceKind::JupyterLab)
+            .join("exoagent_config.py")
     }
 
     fn lock_marker(venv: &Path) -> PathBuf {
@@ -279,7 +296,7 @@ impl JupyterLab {
             "exoagent-workflow-start".to_owned(),
             checkout.to_string_lossy().into_owned(),
             venv.join("bin/jupyter-lab").to_string_lossy().into_owned(),
-            format!("--config={}", Self::config_file(ctx).to_string_lossy()),
+            format!("--config={}", Self::loader_file(ctx).to_string_lossy()),
         ];
         let path = format!(
             "{}:/usr/local/bin:/usr/bin:/bin",
@@ -306,6 +323,51 @@ impl JupyterLab {
             cwd: checkout,
             run_as: ctx.run_as(),
         }
+    }
+}
+
+impl JupyterLab {
+    /// Hash the passphrase (or keep the config's hash while it matches) and write the server
+    /// config, 0600, owned by the service account, when it changed.
+    async fn write_config(
+        &self,
+        ctx: &ServiceContext,
+        passphrase: &Passphrase,
+        token: Option<&LinkToken>,
+    ) -> Result<(), ServiceError> {
+        let path = Self::config_file(ctx);
+        // argon2 is slow on purpose: off the runtime. The hash the agent started when it made
+        // the passphrase is picked up here (waited for when still being computed).
+        let (current, hashing) = (path.clone(), passphrase.clone());
+        let hashed = tokio::task::spawn_blocking(move || {
+            match current_hash(&current).filter(|h| argon2_verify(&hashing, h)) {
+                Some(hashed) => Ok(hashed),
+                None => hashing.argon2_once(),
+            }
+        })
+        .await
+        .map_err(|e| ServiceError::Configure {
+            service: ServiceKind::JupyterLab,
+            detail: format!("hashing the passphrase stopped: {e}"),
+        })?
+        .map_err(|e| ServiceError::Configure {
+            service: ServiceKind::JupyterLab,
+            detail: e.to_string(),
+        })?;
+        let config = serde_json::to_vec_pretty(&self.server_config(ctx, &hashed, token)).map_err(
+            |e| ServiceError::Configure {
+                service: ServiceKind::JupyterLab,
+                detail: e.to_string(),
+            },
+        )?;
+        fsutil::write_if_changed(
+            &path,
+            &config,
+            0o600,
+            Some((ctx.account.uid, ctx.account.gid)),
+        )
+        .map(drop)
+        .map_err(io_error(ServiceKind::JupyterLab, "write", &path))
     }
 }
 
@@ -385,9 +447,10 @@ impl ServiceImpl for JupyterLab {
                 }
             ),
             format!(
-                "write {} (0600, owner {}): ip {}, port {}, base_url {}, remote access, trusted forwarded headers, passphrase hash, no token",
+                "write {} (0600, owner {}; JupyterLab starts with {}, which waits for it): ip {}, port {}, base_url {}, remote access, trusted forwarded headers, passphrase hash, no token",
                 Self::config_file(ctx).display(),
                 ctx.account.name,
+                Self::loader_file(ctx).display(),
                 self.endpoint.listen.ip(),
                 self.endpoint.listen.port(),
                 self.settings.base_url
@@ -505,53 +568,56 @@ impl ServiceImpl for JupyterLab {
     }
 
     /// Write the server config (0600, owned by the service account) when it changed, so a changed
-    /// port or base URL takes effect. The existing hash is kept while it matches the passphrase:
-    /// a fresh salt would rewrite an unchanged file, and fail on a full disk.
+    /// port or base URL takes effect, and the loader JupyterLab starts with. The existing hash is
+    /// kept while it matches the passphrase: a fresh salt would rewrite an unchanged file, and
+    /// fail on a full disk.
+    ///
+    /// With no server config yet (a first boot), the argon2 hash (seconds under emulation) is
+    /// not waited for: the config is written by a task of its own once the hash is ready, and
+    /// JupyterLab, started meanwhile, waits for it in its loader ([`CONFIG_LOADER`]) while its
+    /// imports take longer than the hash. A config that exists is checked and rewritten before
+    /// this returns, as the running or next JupyterLab would otherwise read the old one.
     async fn configure(
         &self,
         ctx: &ServiceContext,
         passphrase: &Passphrase,
     ) -> Result<(), ServiceError> {
         let path = Self::config_file(ctx);
-        // argon2 is slow on purpose: off the runtime. The hash the agent started when it made
-        // the passphrase is picked up here (waited for when still being computed).
-        let (current, hashing) = (path.clone(), passphrase.clone());
-        let hashed = tokio::task::spawn_blocking(move || {
-            match current_hash(&current).filter(|h| argon2_verify(&hashing, h)) {
-                Some(hashed) => Ok(hashed),
-                None => hashing.argon2_once(),
-            }
-        })
-        .await
-        .map_err(|e| ServiceError::Configure {
-            service: ServiceKind::JupyterLab,
-            detail: format!("hashing the passphrase stopped: {e}"),
-        })?
-        .map_err(|e| ServiceError::Configure {
-            service: ServiceKind::JupyterLab,
-            detail: e.to_string(),
-        })?;
         let token = self.link_token(ctx).map_err(|e| ServiceError::Configure {
             service: ServiceKind::JupyterLab,
             detail: format!("Exosphere's notebook link: {e}"),
         })?;
-        let config = serde_json::to_vec_pretty(&self.server_config(ctx, &hashed, token.as_ref())).map_err(|e| {
-            ServiceError::Configure {
-                service: ServiceKind::JupyterLab,
-                detail: e.to_string(),
-            }
-        })?;
         let dir = path.parent().unwrap_or(Path::new("/"));
         let io_err = |action, path| io_error(ServiceKind::JupyterLab, action, path);
         fsutil::ensure_dir(dir, 0o711).map_err(io_err("create", dir))?;
-        fsutil::write_if_changed(
-            &path,
-            &config,
-            0o600,
-            Some((ctx.account.uid, ctx.account.gid)),
-        )
-        .map_err(io_err("write", &path))?;
-        ctx.ensure_home(ServiceKind::JupyterLab)
+        let loader = Self::loader_file(ctx);
+        fsutil::write_if_changed(&loader, CONFIG_LOADER.as_bytes(), 0o644, None)
+            .map_err(io_err("write", &loader))?;
+        ctx.ensure_home(ServiceKind::JupyterLab)?;
+        if std::fs::symlink_metadata(&path).is_ok() {
+            return self.write_config(ctx, passphrase, token.as_ref()).await;
+        }
+        tracing::info!(target: "exoagent::services", service = "jupyterlab", "no server configuration yet: JupyterLab may start, its loader waits for the configuration");
+        let (lab, ctx, passphrase) = (self.clone(), ctx.clone(), passphrase.clone());
+        // Detached: it ends once the file is written. A failure (a full disk) is retried, so a
+        // JupyterLab restarted by its supervisor finds the file once the cause is gone.
+        drop(tokio::spawn(async move {
+            let mut delay = Duration::from_secs(2);
+            loop {
+                match lab.write_config(&ctx, &passphrase, token.as_ref()).await {
+                    Ok(()) => {
+                        tracing::info!(target: "exoagent::services", service = "jupyterlab", "server configuration written");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::error!(target: "exoagent::services", service = "jupyterlab", reason = e.reason(), delay_s = delay.as_secs(), "server configuration not written ({e}); JupyterLab does not start without it; trying again");
+                    }
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(60));
+            }
+        }));
+        Ok(())
     }
 
     /// How the supervisor starts it: the venv's `jupyter-lab` with our config, a clean
@@ -569,7 +635,7 @@ impl ServiceImpl for JupyterLab {
         RunSpec {
             argv: vec![
                 venv.join("bin/jupyter-lab").to_string_lossy().into_owned(),
-                format!("--config={}", Self::config_file(ctx).to_string_lossy()),
+                format!("--config={}", Self::loader_file(ctx).to_string_lossy()),
             ],
             env: vec![
                 ("HOME".into(), account.home.to_string_lossy().into_owned()),
@@ -711,7 +777,10 @@ mod tests {
         let lab = JupyterLab::new(JupyterLabSettings::default());
         let spec = lab.run_spec(&ctx(1000));
         assert!(spec.argv[0].ends_with("venv/bin/jupyter-lab"));
-        assert!(spec.argv[1].starts_with("--config="));
+        assert_eq!(
+            spec.argv[1],
+            "--config=/sb/var/lib/exoagent/services/jupyterlab/exoagent_config.py"
+        );
         assert!(spec.env.iter().all(|(k, _)| k != "JUPYTER_TOKEN"));
         assert_eq!(spec.cwd, PathBuf::from("/home/exouser"));
     }
