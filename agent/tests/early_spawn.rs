@@ -26,6 +26,8 @@ struct Held {
     /// POSTs answered.
     answered: usize,
     released: bool,
+    /// Whether `meta_data.json` (the identity) is held too, until [`MetadataService::release_identity`].
+    identity_held: bool,
 }
 
 /// A metadata service on loopback: `meta_data.json` (the sandbox fixture's identity) at once,
@@ -37,9 +39,20 @@ struct MetadataService {
 
 impl MetadataService {
     fn start() -> Self {
+        Self::start_holding_identity(false)
+    }
+
+    /// As [`Self::start`], `meta_data.json` held as well when `identity_held`.
+    fn start_holding_identity(identity_held: bool) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let held: Arc<(Mutex<Held>, Condvar)> = Arc::default();
+        let held: Arc<(Mutex<Held>, Condvar)> = Arc::new((
+            Mutex::new(Held {
+                identity_held,
+                ..Held::default()
+            }),
+            Condvar::new(),
+        ));
         let meta_data =
             fs::read_to_string(repo_root().join("agent/src/cli/sandbox_meta_data.json")).unwrap();
         let shared = held.clone();
@@ -55,6 +68,12 @@ impl MetadataService {
     fn release(&self) {
         let (lock, wake) = &*self.held;
         lock.lock().unwrap().released = true;
+        wake.notify_all();
+    }
+
+    fn release_identity(&self) {
+        let (lock, wake) = &*self.held;
+        lock.lock().unwrap().identity_held = false;
         wake.notify_all();
     }
 
@@ -88,7 +107,14 @@ fn answer(mut stream: TcpStream, held: &(Mutex<Held>, Condvar), meta_data: &str)
         return;
     }
     let (status, text) = match request_line.split_whitespace().take(2).collect::<Vec<_>>()[..] {
-        ["GET", "/openstack/latest/meta_data.json"] => ("200 OK", meta_data.to_owned()),
+        ["GET", "/openstack/latest/meta_data.json"] => {
+            let (lock, wake) = held;
+            let mut state = lock.lock().unwrap();
+            while state.identity_held {
+                state = wake.wait(state).unwrap();
+            }
+            ("200 OK", meta_data.to_owned())
+        }
         ["POST", "/openstack/latest/password"] => {
             let (lock, wake) = held;
             let mut state = lock.lock().unwrap();
@@ -234,4 +260,43 @@ fn a_baked_service_is_spawned_while_the_publication_is_still_held() {
     assert_eq!(posts, [sandbox.passphrase()]);
     let status = sandbox.status();
     assert_eq!(status["setup"]["state"], "running", "{status}");
+}
+
+#[test]
+fn the_services_side_runs_while_the_identity_is_looked_up() {
+    let metadata = MetadataService::start_holding_identity(true);
+    let config = format!(
+        "[services.jupyterlab]\nenabled = true\nbind = \"127.0.0.1\"\nport = @PORT@\n\n[cloud]\nmetadata_url = \"http://127.0.0.1:{}\"\n\
+         metadata_timeout_s = 600\n",
+        metadata.port
+    );
+    let mut sandbox = Sandbox::new(&config).with_start_args(&["--no-fixture-identity"]);
+    let spawned = bake_stand_in(sandbox.root());
+    sandbox.start_agent();
+
+    // The account is there and the venv checked while `meta_data.json` is still unanswered.
+    wait_until("the venv checked", &sandbox, || {
+        sandbox
+            .agent_output()
+            .lines()
+            .any(|l| l.contains("installed") && l.contains("jupyterlab"))
+    });
+    // The configuration and the spawn wait for the passphrase, made once the instance is
+    // known (a previous instance's state is forgotten first).
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!spawned.exists(), "spawned before the identity was known");
+    assert!(!sandbox
+        .root()
+        .join("var/lib/exoagent/secrets/passphrase")
+        .exists());
+    assert_eq!(sandbox.status()["services"][0]["state"], "installing");
+
+    metadata.release_identity();
+    wait_until("JupyterLab's spawn", &sandbox, || spawned.exists());
+    metadata.release();
+    wait_until("`running` on the console", &sandbox, || {
+        console_statuses(&sandbox).iter().any(|s| s == "running")
+    });
+    let (posts, _) = metadata.posts();
+    assert_eq!(posts, [sandbox.passphrase()]);
 }

@@ -80,6 +80,21 @@ pub fn plan(mode: Mode, paths: Paths) -> Result<Plan, AgentError> {
 }
 
 impl Plan {
+    /// A copy for the services' side of the set-up, which runs beside the identity lookup:
+    /// everything but the identity (that side's, not needed to install or start a service).
+    pub(crate) fn services_side(&self) -> Plan {
+        Plan {
+            mode: self.mode.clone(),
+            paths: self.paths.clone(),
+            settings: self.settings.clone(),
+            config_files: self.config_files.clone(),
+            os: self.os.clone(),
+            identity: None,
+            services: self.services.clone(),
+            packages: self.packages.clone(),
+        }
+    }
+
     fn account_for_display(&self) -> Account {
         match self.mode {
             Mode::System => Account {

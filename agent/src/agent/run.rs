@@ -3,7 +3,6 @@
 //! change. Services outlive the agent: stopping the agent leaves them running under their shims.
 
 use std::path::Path;
-use std::sync::Arc;
 
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -93,98 +92,115 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
     }
 
     let metadata = metadata_service(&plan);
-    let identity_source = resolve_identity(&mut plan, metadata.as_ref(), &hub).await?;
-    forget_previous_instance(&plan)?;
-    if plan.settings.cloud.clouds_yaml.is_some() {
-        // Exosphere shows the notebook link only with `exoCustomWorkflow`; one Exosphere set
-        // (a workflow it launched) is never overwritten.
-        let set_by_exosphere = plan
-            .identity
-            .as_ref()
-            .is_some_and(|i| i.meta.contains_key(link::CUSTOM_WORKFLOW_KEY));
-        let fixed = match (&link, set_by_exosphere) {
-            (Some((_, value)), false) => Some(value.clone()),
-            _ => None,
-        };
-        let (cloud, identity) = (plan.settings.cloud.clone(), plan.identity.clone());
-        let (hub, cancel) = (hub.clone(), cancel.clone());
-        // Reading the credential and building its TLS client (the system's root certificates)
-        // is blocking work the services need not wait for: done on its own task.
-        tasks.spawn(async move {
-            let building = hub.clone();
-            let built = tokio::task::spawn_blocking(move || {
-                nova_reporter(&cloud, identity.as_ref(), &building)
-            })
-            .await;
-            let reporter = match built {
-                Ok(Some(reporter)) => reporter,
-                Ok(None) => return,
-                // Only a panic ends a blocking task early: pass it on.
-                Err(e) => std::panic::resume_unwind(e.into_panic()),
+    // The services' side (account, host touches, fetches, batch, installs) needs neither the
+    // instance's identity nor the passphrase until a service is configured: it runs beside the
+    // identity lookup and waits for the passphrase there (a previous instance's state is
+    // forgotten before the passphrase is handed over, so nothing reads it).
+    let services_plan = plan.services_side();
+    let (passphrase_tx, passphrase_rx) = tokio::sync::watch::channel(None);
+    // The identity side's background work (Nova reporter, UAP watch), joined at the stop.
+    let mut identity_tasks = Tasks::new();
+    let identity_side = async {
+        let identity_source = resolve_identity(&mut plan, metadata.as_ref(), &hub).await?;
+        forget_previous_instance(&plan)?;
+        if plan.settings.cloud.clouds_yaml.is_some() {
+            // Exosphere shows the notebook link only with `exoCustomWorkflow`; one Exosphere set
+            // (a workflow it launched) is never overwritten.
+            let set_by_exosphere = plan
+                .identity
+                .as_ref()
+                .is_some_and(|i| i.meta.contains_key(link::CUSTOM_WORKFLOW_KEY));
+            let fixed = match (&link, set_by_exosphere) {
+                (Some((_, value)), false) => Some(value.clone()),
+                _ => None,
             };
-            let reporter = match fixed {
-                Some(value) => reporter.with_fixed_metadata(link::CUSTOM_WORKFLOW_KEY, value),
-                None => reporter,
-            };
-            reporter.run(hub, cancel).await;
-        });
-    }
+            let (cloud, identity) = (plan.settings.cloud.clone(), plan.identity.clone());
+            let (hub, cancel) = (hub.clone(), cancel.clone());
+            // Reading the credential and building its TLS client (the system's root
+            // certificates) is blocking work the services need not wait for: its own task.
+            identity_tasks.spawn(async move {
+                let building = hub.clone();
+                let built = tokio::task::spawn_blocking(move || {
+                    nova_reporter(&cloud, identity.as_ref(), &building)
+                })
+                .await;
+                let reporter = match built {
+                    Ok(Some(reporter)) => reporter,
+                    Ok(None) => return,
+                    // Only a panic ends a blocking task early: pass it on.
+                    Err(e) => std::panic::resume_unwind(e.into_panic()),
+                };
+                let reporter = match fixed {
+                    Some(value) => reporter.with_fixed_metadata(link::CUSTOM_WORKFLOW_KEY, value),
+                    None => reporter,
+                };
+                reporter.run(hub, cancel).await;
+            });
+        }
 
-    install_login_banner(&plan, &options.shim.exe);
-    // The URLs a browser uses, for the banner and `exoagent status` (docs/configuration.md).
-    if let (Some(host), Some(metadata)) = (&plan.settings.cloud.uap_hostname, &metadata) {
-        tasks.spawn(crate::cloud::uap::watch(
-            metadata.clone(),
-            host.clone(),
-            hub.clone(),
-            cancel.clone(),
-        ));
-    }
-    match load_passphrase(&plan, early) {
-        Ok((passphrase, fresh)) => {
-            // A new passphrase has no hash yet: JupyterLab's is worked out on a blocking thread
-            // while the account is made, instead of after it (already under way when it was
-            // made early).
-            let hashed = plan
-                .services
-                .iter()
-                .any(|s| s.kind() == ServiceKind::JupyterLab);
-            if fresh && hashed {
-                passphrase.start_argon2();
-            }
-            // The publication (a metadata-service call that may take its time) is off the
-            // services' path: they start as soon as their own inputs exist. What is *reported*
-            // keeps DESIGN §4.4's order: `running` only after the publication, `complete` only
-            // after `running` (Supervising is set once both sides are done).
-            let publish_then_run = async {
+        install_login_banner(&plan, &options.shim.exe);
+        // The URLs a browser uses, for the banner and `exoagent status` (docs/configuration.md).
+        if let (Some(host), Some(metadata)) = (&plan.settings.cloud.uap_hostname, &metadata) {
+            identity_tasks.spawn(crate::cloud::uap::watch(
+                metadata.clone(),
+                host.clone(),
+                hub.clone(),
+                cancel.clone(),
+            ));
+        }
+        let published = match load_passphrase(&plan, early) {
+            Ok((passphrase, fresh)) => {
+                // A new passphrase has no hash yet: JupyterLab's is worked out on a blocking
+                // thread now (already under way when it was made early).
+                let hashed = plan
+                    .services
+                    .iter()
+                    .any(|s| s.kind() == ServiceKind::JupyterLab);
+                if fresh && hashed {
+                    passphrase.start_argon2();
+                }
+                passphrase_tx.send_replace(Some((passphrase.clone(), fresh)));
+                // The publication (a metadata-service call that may take its time) is off the
+                // services' path: they start as soon as their own inputs exist. What is
+                // *reported* keeps DESIGN §4.4's order: `running` only after the publication,
+                // `complete` only after `running` (Supervising is set once both sides are
+                // done).
                 publish_passphrase(&plan, metadata.as_ref(), &passphrase, identity_source).await;
                 hub.set_phase(SetupPhase::Provisioning);
-            };
-            let services = SetUp {
-                plan: &plan,
-                hub: &hub,
-                metadata: metadata.as_ref(),
-                identity_source,
-                shim: &options.shim,
-                api_socket: &api_socket,
+                true
             }
-            .run(passphrase.clone(), fresh, &mut tasks, &cancel);
-            let ((), started) = tokio::join!(publish_then_run, services);
-            if started? {
-                hub.set_phase(SetupPhase::Supervising);
+            Err(reason) => {
+                hub.fail_step(SetupStep::User, reason);
+                // Closed without a value: services waiting for it fail their configuration.
+                drop(passphrase_tx);
+                false
             }
-        }
-        Err(reason) => {
-            hub.fail_step(SetupStep::User, reason);
-            if let Some(watcher) = volume_watcher(&plan, metadata.as_ref(), identity_source) {
-                tasks.spawn(watcher.watch(hub.clone(), cancel.clone()));
-            }
-        }
+        };
+        Ok::<_, AgentError>((identity_source, published))
+    };
+    let services = SetUp {
+        plan: &services_plan,
+        hub: &hub,
+        metadata: metadata.as_ref(),
+        shim: &options.shim,
+        api_socket: &api_socket,
+    }
+    .run(passphrase_rx, &mut tasks, &cancel);
+    // An identity that cannot be read ends the run as before (the services' side is dropped
+    // before any service is configured: that waits for the passphrase, made after it).
+    let ((identity_source, published), started) = tokio::try_join!(identity_side, services)?;
+    // After the account exists (mounted volumes are given to it), whatever became of it.
+    if let Some(watcher) = volume_watcher(&plan, metadata.as_ref(), identity_source) {
+        tasks.spawn(watcher.watch(hub.clone(), cancel.clone()));
+    }
+    if published && started {
+        hub.set_phase(SetupPhase::Supervising);
     }
 
     cancel.cancelled().await;
     tracing::info!(target: "exoagent::agent", "stopping; services keep running");
     while tasks.join_next().await.is_some() {}
+    while identity_tasks.join_next().await.is_some() {}
     if let Err(e) = api.await {
         tracing::debug!(target: "exoagent::agent", error = %e, "status API task ended abnormally");
     }
@@ -192,14 +208,24 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
     Ok(())
 }
 
+/// The passphrase once the identity side has it (with whether it is new), `None` until then;
+/// closed without one when it could not be had.
+type PassphraseWatch = tokio::sync::watch::Receiver<Option<(Passphrase, bool)>>;
+
+/// The passphrase from `watch`, waited for; `None` when it could not be had.
+async fn passphrase_from(watch: &PassphraseWatch) -> Option<(Passphrase, bool)> {
+    let mut watch = watch.clone();
+    let got = watch.wait_for(Option::is_some).await.ok()?;
+    got.clone()
+}
+
 /// What the services' side of the set-up needs: the account, then beside each other its
 /// password and the host touches, the batch, the fronts and every service installed, configured
-/// and handed to its supervisor.
+/// (once the passphrase is there) and handed to its supervisor.
 struct SetUp<'a> {
     plan: &'a Plan,
     hub: &'a StateHub,
     metadata: Option<&'a MetadataService>,
-    identity_source: Option<IdentitySource>,
     shim: &'a ShimCommand,
     api_socket: &'a Path,
 }
@@ -209,8 +235,7 @@ impl SetUp<'_> {
     /// are in `tasks`), `Ok(false)` when a set-up step failed (reported on the hub).
     async fn run(
         self,
-        passphrase: Passphrase,
-        fresh: bool,
+        passphrase: PassphraseWatch,
         tasks: &mut Tasks,
         cancel: &CancellationToken,
     ) -> Result<bool, AgentError> {
@@ -218,16 +243,10 @@ impl SetUp<'_> {
             plan,
             hub,
             metadata,
-            identity_source,
             shim,
             api_socket,
         } = self;
-        let account = provision_account(plan).await;
-        // After the account exists (mounted volumes are given to it), whatever became of it.
-        if let Some(watcher) = volume_watcher(plan, metadata, identity_source) {
-            tasks.spawn(watcher.watch(hub.clone(), cancel.clone()));
-        }
-        let account = match account {
+        let account = match provision_account(plan).await {
             Ok(account) => account,
             Err(reason) => {
                 hub.fail_step(SetupStep::User, reason);
@@ -242,7 +261,13 @@ impl SetUp<'_> {
         };
         // The password (chpasswd) is for logins (SSH, Guacamole, RStudio's PAM); no service
         // needs it to start, so it runs beside them, and provisioning is over only with it.
-        let password = set_password_once(plan, &passphrase, fresh);
+        let password = async {
+            match passphrase_from(&passphrase).await {
+                Some((passphrase, fresh)) => set_password_once(plan, &passphrase, fresh).await,
+                // The user step has failed already (the passphrase could not be had).
+                None => Ok(()),
+            }
+        };
         let services = async {
             // Independent of each other, so side by side: the host touches (a getty restart;
             // the user's group, before any service runs as the user) and the services' fetches
@@ -463,14 +488,13 @@ struct Held {
 async fn start_services(
     plan: &Plan,
     ctx: ServiceContext,
-    passphrase: Passphrase,
+    passphrase: PassphraseWatch,
     fetched: Fetched,
     shim: &ShimCommand,
     hub: &StateHub,
     tasks: &mut Tasks,
     cancel: &CancellationToken,
 ) {
-    let passphrase = Arc::new(passphrase);
     let mut starts = JoinSet::new();
     let ready = fetched.ready.into_iter().map(|s| (s, None));
     let refused = fetched.refused.into_iter().map(|(service, refusal)| {
@@ -696,7 +720,7 @@ async fn start_service(
     held: Option<Held>,
     ctx: ServiceContext,
     hub: StateHub,
-    passphrase: Arc<Passphrase>,
+    passphrase: PassphraseWatch,
     policy: crate::config::SupervisePolicy,
     shim: ShimCommand,
     cancel: CancellationToken,
@@ -775,7 +799,7 @@ async fn start_service(
 async fn prepare_service(
     service: &Service,
     ctx: &ServiceContext,
-    passphrase: &Passphrase,
+    passphrase: &PassphraseWatch,
     held: Option<&(PackageInstaller, Vec<String>)>,
 ) -> Result<(), ServiceError> {
     if let Some((installer, packages)) = held {
@@ -799,7 +823,14 @@ async fn prepare_service(
     }
     service.install(ctx).await?;
     tracing::info!(target: "exoagent::agent", service = service.kind().as_str(), "installed");
-    service.configure(ctx, passphrase).await?;
+    // Made (or read) once the instance is known, beside the install.
+    let Some((passphrase, _)) = passphrase_from(passphrase).await else {
+        return Err(ServiceError::Configure {
+            service: service.kind(),
+            detail: "no passphrase: the user step failed".into(),
+        });
+    };
+    service.configure(ctx, &passphrase).await?;
     tracing::info!(target: "exoagent::agent", service = service.kind().as_str(), "configured");
     Ok(())
 }
