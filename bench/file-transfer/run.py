@@ -110,6 +110,16 @@ def check_no_netem() -> str:
         sh("ip", "netns", "del", ns, check=False)
 
 
+def loopback_quickack() -> None:
+    """No delayed ACKs on the instance namespace's loopback (route metric `quickack`, Linux
+    3.11+): guacd's SSH connection to sshd (neither sets TCP_NODELAY on it: libssh2's socket is
+    guacd's own, sshd sets it for interactive sessions only) otherwise stalls ≈ 40 ms now and
+    then, a small segment held by Nagle until the other side's delayed ACK."""
+    for dst in ("127.0.0.0/8", "127.0.0.1"):
+        sh("ip", "route", "change", "local", dst, "dev", "lo", "table", "local", "proto", "kernel",
+           "scope", "host", "src", "127.0.0.1", "quickack", "1", ns=NS_I)
+
+
 def net_up() -> None:
     for ns in (NS_B, NS_M, NS_I):
         sh("ip", "netns", "add", ns)
@@ -404,6 +414,8 @@ def main() -> int:
     ap.add_argument("--path", choices=("streams", "blobs"), default="streams",
                     help="the page's file path: HTTP streams when offered (default), or blobs")
     ap.add_argument("--net-only", action="store_true", help="only build and check the link")
+    ap.add_argument("--loopback-quickack", action="store_true",
+                    help="no delayed ACKs on the instance namespace's loopback (guacd ↔ sshd)")
     ap.add_argument("--record", action="store_true")
     ap.add_argument("--record-section", metavar="NAME",
                     help="record between <!-- run.py NAME --> markers (appended to the file when "
@@ -428,13 +440,16 @@ def main() -> int:
         signal.signal(sig, lambda *_: sys.exit(143))
     net_down()  # leftovers of an interrupted run
     report: dict = {"size": size, "netem": check_no_netem(), "link": [], "transfers": [],
-                    "guacd": args.guacd, "path": args.path, "load_start": os.getloadavg()}
+                    "guacd": args.guacd, "path": args.path, "load_start": os.getloadavg(),
+                    "loopback_quickack": args.loopback_quickack}
     log(report["netem"])
     tmp = tempfile.mkdtemp(prefix="exo-ft-")
     forwarder = Forwarder()
     rig = web = guacd = None
     try:
         net_up()
+        if args.loopback_quickack:
+            loopback_quickack()
         for d in delays:
             forwarder.set(d)
             rtt = ping_rtt()
