@@ -191,14 +191,19 @@ fn wait_until(what: &str, sandbox: &Sandbox, done: impl Fn() -> bool) {
     }
 }
 
+/// JupyterLab enabled, the identity from the metadata service on `port` (no config drive), so
+/// the publication's budget is the long `metadata_timeout_s`.
+fn jupyterlab_with_metadata_at(port: u16) -> String {
+    format!(
+        "[services.jupyterlab]\nenabled = true\nbind = \"127.0.0.1\"\nport = @PORT@\n\n[cloud]\nmetadata_url = \"http://127.0.0.1:{port}\"\n\
+         metadata_timeout_s = 600\n"
+    )
+}
+
 #[test]
 fn a_baked_service_is_spawned_while_the_publication_is_still_held() {
     let metadata = MetadataService::start();
-    let config = format!(
-        "[services.jupyterlab]\nenabled = true\nbind = \"127.0.0.1\"\nport = @PORT@\n\n[cloud]\nmetadata_url = \"http://127.0.0.1:{}\"\n\
-         metadata_timeout_s = 600\n",
-        metadata.port
-    );
+    let config = jupyterlab_with_metadata_at(metadata.port);
     // The identity comes from the metadata service, as on a cloud without a config drive: the
     // publication's budget is then the long `metadata_timeout_s`, not the config drive's 15 s.
     let mut sandbox = Sandbox::new(&config).with_start_args(&["--no-fixture-identity"]);
@@ -265,11 +270,7 @@ fn a_baked_service_is_spawned_while_the_publication_is_still_held() {
 #[test]
 fn the_services_side_runs_while_the_identity_is_looked_up() {
     let metadata = MetadataService::start_holding_identity(true);
-    let config = format!(
-        "[services.jupyterlab]\nenabled = true\nbind = \"127.0.0.1\"\nport = @PORT@\n\n[cloud]\nmetadata_url = \"http://127.0.0.1:{}\"\n\
-         metadata_timeout_s = 600\n",
-        metadata.port
-    );
+    let config = jupyterlab_with_metadata_at(metadata.port);
     let mut sandbox = Sandbox::new(&config).with_start_args(&["--no-fixture-identity"]);
     let spawned = bake_stand_in(sandbox.root());
     sandbox.start_agent();

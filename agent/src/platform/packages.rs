@@ -378,12 +378,7 @@ impl PackageInstaller {
             vec!["-W".into(), "-f=${Package} ${Status}\n".into(), "--".into()];
         args.extend(names.iter().map(|n| (*n).to_owned()));
         let program = &self.tools.dpkg_query;
-        let finished = exec::run(program, &args, &[("LC_ALL", "C")], None)
-            .await
-            .map_err(|e| PackageError::Query {
-                command: exec::shown(program, &args),
-                detail: e.to_string(),
-            })?;
+        let finished = query(program, &args).await?;
         if !(finished.status.success() || finished.status.code() == Some(1)) {
             return Ok(std::collections::HashSet::new());
         }
@@ -417,12 +412,7 @@ impl PackageInstaller {
             PackageManager::Dnf => "-q",
         };
         let args: Vec<String> = vec![first.into(), format.into(), "--".into(), package.into()];
-        let finished = exec::run(program, &args, &[("LC_ALL", "C")], None)
-            .await
-            .map_err(|e| PackageError::Query {
-                command: exec::shown(program, &args),
-                detail: e.to_string(),
-            })?;
+        let finished = query(program, &args).await?;
         if !finished.status.success() {
             return Ok(false);
         }
@@ -682,6 +672,16 @@ impl Default for PackageSettings {
             attempts: 3,
         }
     }
+}
+
+/// Run a package database query (`dpkg-query`, `rpm`) in the C locale.
+async fn query(program: &Path, args: &[String]) -> Result<exec::Finished, PackageError> {
+    exec::run(program, args, &[("LC_ALL", "C")], None)
+        .await
+        .map_err(|e| PackageError::Query {
+            command: exec::shown(program, args),
+            detail: e.to_string(),
+        })
 }
 
 #[cfg(test)]

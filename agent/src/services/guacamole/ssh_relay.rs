@@ -249,6 +249,15 @@ mod tests {
         assert_eq!(got, want);
     }
 
+    /// `stream` is closed by the relay soon, not left hanging.
+    async fn assert_closed(stream: &mut TcpStream) {
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut byte))
+            .await
+            .expect("closed, not left hanging");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    }
+
     #[tokio::test]
     async fn connections_past_the_limit_are_closed_at_once() {
         let target = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -258,11 +267,7 @@ mod tests {
         let _first = TcpStream::connect(addr).await.unwrap();
         let (_held, _) = target.accept().await.unwrap();
         let mut second = TcpStream::connect(addr).await.unwrap();
-        let mut byte = [0u8; 1];
-        let read = tokio::time::timeout(Duration::from_secs(5), second.read(&mut byte))
-            .await
-            .expect("closed, not left hanging");
-        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        assert_closed(&mut second).await;
     }
 
     #[tokio::test]
@@ -272,11 +277,7 @@ mod tests {
         let addr = relay.local_addr().unwrap();
         tokio::spawn(relay.serve(MAX_RELAYED));
         let mut client = TcpStream::connect(addr).await.unwrap();
-        let mut byte = [0u8; 1];
-        let read = tokio::time::timeout(Duration::from_secs(5), client.read(&mut byte))
-            .await
-            .expect("closed, not left hanging");
-        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        assert_closed(&mut client).await;
     }
 
     #[tokio::test]
