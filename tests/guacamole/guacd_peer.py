@@ -150,6 +150,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import socket
 import base64
 import codecs
 import contextlib
@@ -829,20 +830,48 @@ async def ssh_connect(host: str, port: int, username: str, password: str | None,
             client_keys = [asyncssh.import_private_key(private_key, passphrase or None)]
         except (asyncssh.KeyImportError, ValueError) as e:
             raise UpstreamError(f"Auth key import failed: {e}", CLIENT_UNAUTHORIZED) from None
+    # Two steps, as guacd 1.3.0's guac_common_ssh_create_session (src/common-ssh/ssh.c): a TCP
+    # connect that fails is an unreachable server (UPSTREAM_NOT_FOUND); once connected, a
+    # handshake that fails (the server closes, or is not SSH) is "SSH handshake failed."
+    # (UPSTREAM_ERROR).
+    try:
+        sock = await wait_for(tcp_connect(host, port), timeout)
+    except asyncio.TimeoutError:
+        raise UpstreamError("Timed out connecting to SSH server.", UPSTREAM_TIMEOUT) from None
+    except OSError as e:
+        raise UpstreamError(f"Unable to connect to SSH server: {e}", UPSTREAM_NOT_FOUND) from None
     try:
         return await wait_for(asyncssh.connect(
-            host, port, username=username, password=password or None,
+            host, port, sock=sock, username=username, password=password or None,
             client_keys=client_keys, known_hosts=known_hosts, agent_path=None,
             config=None, keepalive_interval=keepalive or 0,
         ), timeout)
     except asyncio.TimeoutError:
+        sock.close()
         raise UpstreamError("Timed out connecting to SSH server.", UPSTREAM_TIMEOUT) from None
     except asyncssh.PermissionDenied:
         raise UpstreamError("SSH authentication failed.", CLIENT_UNAUTHORIZED) from None
     except asyncssh.HostKeyNotVerifiable:
         raise UpstreamError("Host key did not match.", UPSTREAM_ERROR) from None
-    except (OSError, asyncssh.Error) as e:
-        raise UpstreamError(f"Unable to connect to SSH server: {e}", UPSTREAM_NOT_FOUND) from None
+    except (OSError, asyncssh.Error):
+        sock.close()
+        raise UpstreamError("SSH handshake failed.", UPSTREAM_ERROR) from None
+
+
+async def tcp_connect(host: str, port: int) -> socket.socket:
+    """A connected socket to the first of `host`'s addresses that accepts, as guacd tries them."""
+    loop = asyncio.get_running_loop()
+    last: OSError | None = None
+    for family, kind, proto, _, address in await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, address)
+            return sock
+        except OSError as e:
+            sock.close()
+            last = e
+    raise last or OSError(f"no address for {host}")
 
 
 class UpstreamError(Exception):

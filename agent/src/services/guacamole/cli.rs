@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 
-use super::ssh_relay;
 use super::web::{serve, WebState};
 use super::web_config::WebConfig;
 use crate::platform::confine;
@@ -26,7 +25,7 @@ pub struct GuacamoleWebArgs {
 /// when the port cannot be bound or the process cannot be confined, 70 without a runtime.
 pub fn run(args: GuacamoleWebArgs) -> ExitCode {
     let loaded = WebConfig::load(&args.config).and_then(|c| c.password().map(|p| (c, p)));
-    let (mut config, password) = match loaded {
+    let (config, password) = match loaded {
         Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("exoagent guacamole-web: {e} [{}]", e.reason());
@@ -40,14 +39,6 @@ pub fn run(args: GuacamoleWebArgs) -> ExitCode {
                 "exoagent guacamole-web: failed to listen on {}: {e}",
                 config.listen
             );
-            return ExitCode::from(71);
-        }
-    };
-    // Bound now: the confinement forbids binding.
-    let relays = match ssh_relay::relay_loopback_ssh(&mut config.connections) {
-        Ok(relays) => relays,
-        Err(e) => {
-            eprintln!("exoagent guacamole-web: failed to listen for the SSH relay: {e}");
             return ExitCode::from(71);
         }
     };
@@ -67,16 +58,10 @@ pub fn run(args: GuacamoleWebArgs) -> ExitCode {
     let allowed = confine::Allowed {
         read_beneath: Vec::new(),
         rename_beneath,
-        connect_ports: std::iter::once(config.guacd.port())
-            .chain(relays.iter().map(|r| r.target().port()))
-            .collect(),
+        connect_ports: vec![config.guacd.port()],
     };
     confine::confine_then_run("guacamole-web", &allowed, 2, || async move {
         let listener = tokio::net::TcpListener::from_std(listener)?;
-        for relay in relays {
-            tracing::info!(listen = %relay.local_addr()?, sshd = %relay.target(), "ssh relay for guacd");
-            tokio::spawn(relay.serve(ssh_relay::MAX_RELAYED));
-        }
         tracing::info!(listen = %config.listen, guacd = %config.guacd, "guacamole web side serving");
         let shutdown = crate::platform::signals::stop_requested()?;
         serve(listener, WebState::new(config, password), shutdown).await

@@ -23,7 +23,6 @@ pub mod handshake;
 pub mod protocol;
 pub mod rename;
 pub mod settings;
-pub mod ssh_relay;
 pub mod streams;
 pub mod transfer;
 pub mod tunnel;
