@@ -211,16 +211,22 @@ fn a_baked_service_is_spawned_while_the_publication_is_still_held() {
     sandbox.start_agent();
 
     wait_until("JupyterLab's spawn", &sandbox, || spawned.exists());
-    // Started with the loader, which waits for the server config the agent writes once the
-    // passphrase's hash is ready: that file follows, 0600, with the hash.
+    // Started with the server config's path, as before the loader existed (so an upgraded
+    // agent adopts a running JupyterLab); the loader beside it, which traitlets runs first,
+    // waits for that file, which the agent writes once the passphrase's hash is ready: it
+    // follows, 0600, with the hash.
     let state = sandbox.root().join("var/lib/exoagent/services/jupyterlab");
     let args = fs::read_to_string(&spawned).unwrap();
     assert!(
         args.trim_end().ends_with(&format!(
             "--config={}",
-            state.join("exoagent_config.py").display()
+            state.join("jupyter_server_config.json").display()
         )),
         "{args}"
+    );
+    assert!(
+        state.join("jupyter_server_config.py").exists(),
+        "no loader beside the config"
     );
     let server_config = state.join("jupyter_server_config.json");
     wait_until("the server config", &sandbox, || server_config.exists());

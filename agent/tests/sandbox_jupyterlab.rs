@@ -310,14 +310,15 @@ fn sandbox_brings_up_jupyterlab_supervises_and_survives_agent_restarts() {
     assert_eq!(processes_mentioning(&passphrase), Vec::<String>::new());
     assert_eq!(world_readable_secrets(sb.root()), Vec::<PathBuf>::new());
 
-    // 9. Fail closed: the loader JupyterLab starts with (which waits for the agent's JSON on a
-    // first boot) makes the real JupyterLab exit when the JSON holds no password hash, instead
-    // of starting with a token nobody knows.
+    // 9. Fail closed: the loader beside the server config (traitlets runs it before the JSON
+    // named by `--config`; it waits for the agent's JSON on a first boot) makes the real
+    // JupyterLab exit when the JSON holds no password hash, instead of starting with a token
+    // nobody knows.
     let loader_dir = tempfile::tempdir().unwrap();
     fs::copy(
         sb.root()
-            .join("var/lib/exoagent/services/jupyterlab/exoagent_config.py"),
-        loader_dir.path().join("exoagent_config.py"),
+            .join("var/lib/exoagent/services/jupyterlab/jupyter_server_config.py"),
+        loader_dir.path().join("jupyter_server_config.py"),
     )
     .expect("the agent wrote the loader beside the server config");
     let free_port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -337,7 +338,10 @@ fn sandbox_brings_up_jupyterlab_supervises_and_survives_agent_restarts() {
     )
     .arg(format!(
         "--config={}",
-        loader_dir.path().join("exoagent_config.py").display()
+        loader_dir
+            .path()
+            .join("jupyter_server_config.json")
+            .display()
     ))
     .env("HOME", loader_dir.path())
     .output()

@@ -30,7 +30,7 @@ use crate::supervise::{Probe, RunSpec};
 
 /// The Python configuration JupyterLab is started with: it loads the agent's JSON configuration
 /// beside it, waiting (bounded) for it on a first boot, and makes JupyterLab exit without it.
-pub const CONFIG_LOADER: &str = include_str!("exoagent_config.py");
+pub const CONFIG_LOADER: &str = include_str!("jupyter_server_config.py");
 
 /// The pinned, hash-locked requirements, generated from `requirements.in` with
 /// `uv pip compile --universal --python-version 3.10 --generate-hashes requirements.in -o requirements.txt`.
@@ -98,12 +98,14 @@ impl JupyterLab {
             .join("jupyter_server_config.json")
     }
 
-    /// [`CONFIG_LOADER`]'s file, in the same directory as [`Self::config_file`] (it finds the
-    /// JSON there).
+    /// [`CONFIG_LOADER`]'s file, beside [`Self::config_file`] with the same base name: traitlets
+    /// loads `<base>.py` then `<base>.json` for `--config=<base>.json`, so JupyterLab's argv
+    /// stays what it was before the loader existed, and a JupyterLab started by an older agent
+    /// is adopted across an upgrade instead of restarted (its kernels kept).
     fn loader_file(ctx: &ServiceContext) -> PathBuf {
         ctx.paths
             .service_state_dir(ServiceKind::JupyterLab)
-            .join("exoagent_config.py")
+            .join("jupyter_server_config.py")
     }
 
     fn lock_marker(venv: &Path) -> PathBuf {
@@ -296,7 +298,7 @@ impl JupyterLab {
             "exoagent-workflow-start".to_owned(),
             checkout.to_string_lossy().into_owned(),
             venv.join("bin/jupyter-lab").to_string_lossy().into_owned(),
-            format!("--config={}", Self::loader_file(ctx).to_string_lossy()),
+            format!("--config={}", Self::config_file(ctx).to_string_lossy()),
         ];
         let path = format!(
             "{}:/usr/local/bin:/usr/bin:/bin",
@@ -447,7 +449,7 @@ impl ServiceImpl for JupyterLab {
                 }
             ),
             format!(
-                "write {} (0600, owner {}; JupyterLab starts with {}, which waits for it): ip {}, port {}, base_url {}, remote access, trusted forwarded headers, passphrase hash, no token",
+                "write {} (0600, owner {}; {} beside it waits for it when JupyterLab starts first): ip {}, port {}, base_url {}, remote access, trusted forwarded headers, passphrase hash, no token",
                 Self::config_file(ctx).display(),
                 ctx.account.name,
                 Self::loader_file(ctx).display(),
@@ -635,7 +637,7 @@ impl ServiceImpl for JupyterLab {
         RunSpec {
             argv: vec![
                 venv.join("bin/jupyter-lab").to_string_lossy().into_owned(),
-                format!("--config={}", Self::loader_file(ctx).to_string_lossy()),
+                format!("--config={}", Self::config_file(ctx).to_string_lossy()),
             ],
             env: vec![
                 ("HOME".into(), account.home.to_string_lossy().into_owned()),
@@ -779,7 +781,7 @@ mod tests {
         assert!(spec.argv[0].ends_with("venv/bin/jupyter-lab"));
         assert_eq!(
             spec.argv[1],
-            "--config=/sb/var/lib/exoagent/services/jupyterlab/exoagent_config.py"
+            "--config=/sb/var/lib/exoagent/services/jupyterlab/jupyter_server_config.json"
         );
         assert!(spec.env.iter().all(|(k, _)| k != "JUPYTER_TOKEN"));
         assert_eq!(spec.cwd, PathBuf::from("/home/exouser"));

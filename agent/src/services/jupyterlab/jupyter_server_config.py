@@ -1,10 +1,11 @@
 # Written by exoagent; rewritten at every agent start (changes here do not last).
 #
-# JupyterLab is started with `--config=` this file. Its configuration is the JSON file beside it,
-# jupyter_server_config.json (0600, owned by the instance user), written by the agent. On a first
-# boot the agent starts JupyterLab before that file exists: the passphrase's argon2 hash is still
-# being computed (seconds under emulation), and JupyterLab's own imports take longer than that, so
-# this waits for the file, at most WAIT seconds, then loads it.
+# JupyterLab is started with `--config=jupyter_server_config.json` (the JSON beside this file,
+# 0600, owned by the instance user, written by the agent). For that argument traitlets loads
+# jupyter_server_config.py (this file) first, then the JSON. On a first boot the agent starts
+# JupyterLab before the JSON exists: the passphrase's argon2 hash is still being computed
+# (seconds under emulation), and JupyterLab's own imports take longer than that, so this waits
+# for the JSON, at most WAIT seconds, and checks it; traitlets then loads it.
 #
 # Fail closed: without the file, or with one that holds no password hash, JupyterLab exits here
 # (SystemExit, which traitlets' config loading does not catch) instead of starting with its
@@ -13,8 +14,6 @@ import json as _json
 import os as _os
 import sys as _sys
 import time as _time
-
-from traitlets.config import Config as _Config
 
 WAIT = 120.0
 _path = _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "jupyter_server_config.json")
@@ -50,4 +49,3 @@ if not isinstance(_hashed, str) or not _hashed.startswith("argon2:"):
 _waited = _time.monotonic() - _start
 if _waited >= 0.05:
     _sys.stderr.write("exoagent: waited %.1f s for %s\n" % (_waited, _path))
-c.merge(_Config(_loaded))  # noqa: F821 (`c` is the config traitlets hands to this file)
