@@ -153,6 +153,20 @@ def _alive(pid: int) -> bool:
         return False
 
 
+
+def remove_stale_ice_sockets(uid: int, directory: str = "/tmp/.ICE-unix") -> None:
+    """Remove `uid`'s ICE sockets whose process is gone. xfce4-session listens on
+    /tmp/.ICE-unix/<its pid> and leaves the socket behind when it is killed; a later session
+    that gets the same pid then cannot listen ("server already running") and exits, and the
+    desktop stays blank. A machine that runs the rig many times collects hundreds."""
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(directory):
+            path = os.path.join(directory, name)
+            with contextlib.suppress(OSError):
+                if os.lstat(path).st_uid == uid and not (name.isdigit() and os.path.exists(f"/proc/{name}")):
+                    os.unlink(path)
+
+
 class Rig:
     """The real servers and the peer."""
 
@@ -298,6 +312,7 @@ Subsystem sftp internal-sftp
                 raise TimeoutError(f"{sock} did not appear")
             time.sleep(0.05)
         self.desktop_env = env
+        remove_stale_ice_sockets(pwd.getpwnam(USER).pw_uid)
         self.spawn("xfce", ["dbus-launch", "--exit-with-session", "startxfce4"], as_user=True,
                    env=env)
         self.timings["desktop started"] = time.monotonic() - t
