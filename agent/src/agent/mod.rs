@@ -196,17 +196,7 @@ pub(crate) mod fixtures {
             PackageTools {
                 dpkg_query: script(
                     "dpkg-query",
-                    &format!(
-                        // As the real one: a line per package found (sorted), "no packages
-                        // found matching" and exit 1 for a name it does not know.
-                        r#"fmt="$2"; shift 3; rc=0
-for p in $(printf '%s\n' "$@" | sort); do
-  line=$(grep "^$p " '{}' 2>/dev/null) || {{ echo "dpkg-query: no packages found matching $p" >&2; rc=1; continue; }}
-  case "$fmt" in *Package*) echo "$p install ok installed";; *Version*) echo "install ok installed ${{line#* }}";; *) echo "install ok installed";; esac
-done
-exit $rc"#,
-                        dir.join("installed").display()
-                    ),
+                    &crate::platform::packages::dpkg_query_double(&dir.join("installed")),
                 ),
                 apt_get: script("apt-get", "exit 0"),
                 apt_lists: lists,

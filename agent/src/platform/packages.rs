@@ -684,6 +684,23 @@ async fn query(program: &Path, args: &[String]) -> Result<exec::Finished, Packag
         })
 }
 
+/// The body of a `dpkg-query -W -f=FORMAT -- NAME…` double answering from `installed` (lines
+/// `name version`), as the real one does: a line per package found, sorted (`${Package}`
+/// first when the format asks for it), "no packages found matching" and exit 1 for a name it
+/// does not know. `installed_names_come_from_the_real_dpkg_query` checks the real one.
+#[cfg(test)]
+pub(crate) fn dpkg_query_double(installed: &Path) -> String {
+    format!(
+        r#"fmt="$2"; shift 3; rc=0
+for p in $(printf '%s\n' "$@" | sort); do
+  line=$(grep "^$p " '{}' 2>/dev/null) || {{ echo "dpkg-query: no packages found matching $p" >&2; rc=1; continue; }}
+  case "$fmt" in *Package*) echo "$p install ok installed";; *Version*) echo "install ok installed ${{line#* }}";; *) echo "install ok installed";; esac
+done
+exit $rc"#,
+        installed.display()
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -797,20 +814,7 @@ mod tests {
         };
         let installed = dir.join("installed");
         std::fs::write(&installed, "").unwrap();
-        let dpkg_query = script(
-            "dpkg-query",
-            &format!(
-                // As the real one: a line per package found (sorted; `${{Package}}` first when
-                // asked), "no packages found matching" and exit 1 for a name it does not know.
-                r#"fmt="$2"; shift 3; rc=0
-for p in $(printf '%s\n' "$@" | sort); do
-  line=$(grep "^$p " '{}') || {{ echo "dpkg-query: no packages found matching $p" >&2; rc=1; continue; }}
-  case "$fmt" in *Package*) echo "$p install ok installed";; *Version*) echo "install ok installed ${{line#* }}";; *) echo "install ok installed";; esac
-done
-exit $rc"#,
-                installed.display()
-            ),
-        );
+        let dpkg_query = script("dpkg-query", &dpkg_query_double(&installed));
         let apt_get = script(
             "apt-get",
             &format!("echo \"$*\" >> '{}'", dir.join("calls").display()),
@@ -888,6 +892,26 @@ exit $rc"#,
         assert_eq!(
             installer.missing(&items).await.unwrap(),
             [items[1].clone(), items[3].clone()]
+        );
+    }
+
+    /// The one-query path against the real `dpkg-query` (this is a Debian machine): packages
+    /// that are surely installed are found, an unknown name is missing, the order asked does
+    /// not matter. The double above is written from this output.
+    #[tokio::test]
+    async fn installed_names_come_from_the_real_dpkg_query() {
+        assert!(
+            exec::find_on_path("dpkg-query").is_some(),
+            "FAIL, not run: no dpkg-query on this machine"
+        );
+        let installer = PackageInstaller::new(PackageManager::Apt, &PackageSettings::default());
+        let found = installer
+            .installed_apt_names(&["dpkg", "exoagent-no-such-package", "bash"])
+            .await
+            .unwrap();
+        assert_eq!(
+            found,
+            ["bash", "dpkg"].map(str::to_owned).into_iter().collect()
         );
     }
 }

@@ -103,9 +103,7 @@ impl JupyterLab {
     /// stays what it was before the loader existed, and a JupyterLab started by an older agent
     /// is adopted across an upgrade instead of restarted (its kernels kept).
     fn loader_file(ctx: &ServiceContext) -> PathBuf {
-        ctx.paths
-            .service_state_dir(ServiceKind::JupyterLab)
-            .join("jupyter_server_config.py")
+        Self::config_file(ctx).with_extension("py")
     }
 
     fn lock_marker(venv: &Path) -> PathBuf {
