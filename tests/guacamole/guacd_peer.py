@@ -78,7 +78,8 @@ What it implements
     with mode 0600. ``sftp-disable-upload`` / ``sftp-disable-download`` are honoured.
   * Upstream failures, as guacd does after ``ready``: ``error,<message>,<status>`` then
     ``disconnect`` (unreachable 519, authentication 769, timeout 514, server gone 520, other
-    515; the statuses are this double's choice, close to guacd's). A shell that exits ends the
+    515; the statuses are this double's choice, close to guacd's). SSH connects in guacd
+    1.3.0's two steps: a refused TCP connect is 519, a handshake that fails after it 515. A shell that exits ends the
     connection with ``disconnect``.
   * A record for the tests (``--events FILE``): one JSON object per line per notable event,
     never containing a password, passphrase or private key (see ``EventLog``). An event is
