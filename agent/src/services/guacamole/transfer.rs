@@ -653,7 +653,7 @@ pub async fn download(
 async fn expected_size(place: &Result<SftpPlace, RenameError>, name: Option<&str>) -> Option<u64> {
     let path = place.as_ref().ok()?.download_path(name?)?;
     let meta = tokio::fs::metadata(&path).await.ok()?;
-    meta.is_file().then(|| meta.len())
+    meta.is_file().then_some(meta.len())
 }
 
 /// Moves download `index`'s queued blobs into its HTTP body until guacd ends the stream;
