@@ -1247,8 +1247,10 @@ fn the_web_side_runs_guacd_outside_its_confinement_and_takes_it_down_with_it() {
 }
 
 /// A guacd stand-in for file streams, as guacd's SFTP code paces them: a `get` is answered by
-/// `body` on stream 7 and then one blob per `ack` from the client (`content` in 4096-byte
-/// blobs, then `end`); a `file` from the client is accepted with an ack, each `blob` on it is
+/// `body` on stream 7 naming what was asked for, as guacd's get handler does, and then one
+/// blob per `ack` from the client (`content` in 4096-byte blobs, then `end`, whatever the file
+/// holds: guacd 1.3.0 ends a stream whose read failed so); a `file` from the client is
+/// accepted with an ack, each `blob` on it is
 /// acked, and `end` acked. What was uploaded is kept, connection by connection.
 async fn file_streams_guacd(content: Vec<u8>) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
     use base64::Engine as _;
@@ -1260,10 +1262,10 @@ async fn file_streams_guacd(content: Vec<u8>) -> (u16, std::sync::Arc<std::sync:
         match (instruction.opcode.as_str(), args.as_slice()) {
             ("select", _) => Some("4.args,13.VERSION_1_5_0,8.hostname;".to_owned()),
             ("connect", _) => Some(format!("{READY}4.size,1.0,3.800,3.600;")),
-            ("get", _) => {
+            ("get", [_, name]) => {
                 *sent.lock().unwrap() = 0;
                 Some(
-                    Instruction::new("body", ["0", "7", "application/octet-stream", "/x.bin"])
+                    Instruction::new("body", ["0", "7", "application/octet-stream", *name])
                         .encode(),
                 )
             }
@@ -1310,6 +1312,57 @@ async fn message_with(
             Ok(Some(Ok(_))) => {}
             other => panic!("no message with {text:?}: {other:?}"),
         }
+    }
+}
+
+/// guacd 1.3.0 sends the same `end` after a failed SFTP read as at the end of the file: a
+/// download over HTTP whose `end` comes before the file's size (the web side `stat`s the file
+/// the `get` named, the connection's SFTP being this machine as this user) is cut, so the
+/// browser sees a failed download rather than a short file; one that reaches it ends cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_guacd_ends_short_of_the_file_s_size_fails_over_http() {
+    let content: Vec<u8> = (0..20_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let files = tempfile::tempdir().unwrap();
+    let whole = files.path().join("whole.bin");
+    let bigger = files.path().join("bigger.bin");
+    std::fs::write(&whole, &content).unwrap();
+    std::fs::write(&bigger, vec![0u8; content.len() + 1]).unwrap();
+    let (guacd, _uploaded) = file_streams_guacd(content.clone()).await;
+    let me = exoagent::services::guacamole::rename::OwnUser::current().unwrap();
+    let connection = serde_json::json!({"shell": {"protocol": "ssh", "parameters": {
+        "hostname": "127.0.0.1", "username": me.name, "enable-sftp": "true"}}});
+    let (addr, token, _web) = logged_in_web_side(guacd, connection).await;
+    let mut socket = open_tunnel(format!(
+        "ws://{addr}/guacamole/websocket-tunnel?token={token}&GUAC_ID=shell&GUAC_TYPE=c&GUAC_DATA_SOURCE=default"
+    ))
+    .await;
+    let first = message_with(&mut socket, "0.,36.").await;
+    let uuid = first["0.,36.".len()..first.len() - 1].to_owned();
+    message_with(&mut socket, "8.exoagent,5.files,7.streams;").await;
+    message_with(&mut socket, "4.size,").await;
+    let url =
+        format!("http://{addr}/guacamole/api/session/tunnels/{uuid}/streams/7/f.bin?token={token}");
+    let http = reqwest::Client::new();
+    for (path, complete) in [(&bigger, false), (&whole, true)] {
+        let name = path.to_str().unwrap();
+        let get = Instruction::new("get", ["0", name]).encode();
+        socket.send(Message::Text(get.into())).await.unwrap();
+        message_with(&mut socket, "4.body,1.0,1.7,").await;
+        let response = http.get(&url).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        let body = response.bytes().await;
+        if complete {
+            assert!(
+                body.unwrap()[..] == content[..],
+                "{name}: the downloaded bytes differ"
+            );
+        } else {
+            assert!(
+                body.is_err(),
+                "{name}: a download ended short looked complete"
+            );
+        }
+        message_with(&mut socket, "3.end,1.7;").await;
     }
 }
 

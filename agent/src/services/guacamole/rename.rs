@@ -202,12 +202,33 @@ impl SftpPlace {
                 if last != temporary {
                     return Err(not_temporary());
                 }
-                // guac_ssh_append_path: the root, one slash, the normalised name.
-                PathBuf::from(format!("{}/{}", self.root.trim_end_matches('/'), parent.trim_start_matches('/')))
+                under_root(&self.root, parent)
             }
         };
         Ok((folder.join(&temporary), folder.join(final_name)))
     }
+
+    /// The file on this machine that guacd reads for a download answering a `get` of stream
+    /// name `name` (the `body`'s name), worked out as guacd's `guac_common_ssh_sftp_get_handler`
+    /// does: normalised, then appended to the root. `None` when guacd would refuse the name
+    /// (not absolute, too long, too deep) or when the result is not beneath the root.
+    pub fn download_path(&self, name: &str) -> Option<PathBuf> {
+        let path = under_root(&self.root, &normalize(name)?);
+        // guac_ssh_append_path refuses a result of MAX_PATH bytes or more.
+        if path.as_os_str().len() >= MAX_PATH || !path.starts_with(&self.root) {
+            return None;
+        }
+        Some(path)
+    }
+}
+
+/// guacd's `guac_ssh_append_path`: the (normalised) root, one slash, the normalised name.
+fn under_root(root: &str, normalized: &str) -> PathBuf {
+    PathBuf::from(format!(
+        "{}/{}",
+        root.trim_end_matches('/'),
+        normalized.trim_start_matches('/')
+    ))
 }
 
 /// `name` if it is a plain file name that takes the suffix: not empty, `.` or `..`, without
@@ -344,6 +365,38 @@ mod tests {
                 .paths(&Opened::File("f.incomplete-upload".into()), "f")
                 .unwrap();
             assert_eq!(target, Path::new(want));
+        }
+    }
+
+    #[test]
+    fn a_download_path_is_mapped_as_guacd_opens_it_and_never_leaves_the_root() {
+        let place = SftpPlace::for_connection("ssh", &shell(), &own()).unwrap();
+        assert_eq!(
+            place.download_path("/home/exouser/big.iso"),
+            Some(PathBuf::from("/home/exouser/big.iso"))
+        );
+        assert_eq!(
+            place.download_path("/../tmp/./x\\y//d.txt"),
+            Some(PathBuf::from("/tmp/x/y/d.txt"))
+        );
+        let mut p = shell();
+        p.insert("sftp-root-directory".into(), "/srv//data/".into());
+        let place = SftpPlace::for_connection("ssh", &p, &own()).unwrap();
+        assert_eq!(
+            place.download_path("/in/f.bin"),
+            Some(PathBuf::from("/srv/data/in/f.bin"))
+        );
+        // `..` climbs no higher than the root, as guacd's normalisation.
+        for escape in ["/../../etc/passwd", "/in/../../../etc/passwd", "\\..\\..\\etc\\passwd"] {
+            let path = place.download_path(escape).unwrap();
+            assert!(path.starts_with("/srv/data"), "{escape:?} → {path:?}");
+            assert_eq!(path, Path::new("/srv/data/etc/passwd"));
+        }
+        // What guacd refuses is not mapped: not absolute, too long, too deep.
+        let long = format!("/{}", "x".repeat(MAX_PATH));
+        let deep = "/d".repeat(MAX_DEPTH + 1);
+        for bad in ["", "etc/passwd", "../etc/passwd", long.as_str(), deep.as_str()] {
+            assert_eq!(place.download_path(bad), None, "{bad:?}");
         }
     }
 

@@ -15,11 +15,19 @@ use super::rename::Opened;
 /// offered to the HTTP endpoints.
 pub const MAX_TRACKED: usize = 64;
 
+/// The longest download path kept (bytes): guacd's `GUAC_COMMON_SSH_SFTP_MAX_PATH`; guacd
+/// refuses longer names, so a longer one is not a file it opened.
+pub const MAX_PATH_KEPT: usize = 2048;
+
 /// A stream guacd sends: a file the browser may download.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Download {
     /// The type guacd announced (`application/octet-stream` for files).
     pub mimetype: String,
+    /// The filesystem object's stream name it answers (`body`'s `<name>`, what the page's
+    /// `get` asked for); `None` for a download guacd started itself with `file` (only a base
+    /// name) or a name longer than [`MAX_PATH_KEPT`].
+    pub path: Option<String>,
 }
 
 /// A stream the browser sends: a file being uploaded.
@@ -49,8 +57,8 @@ impl StreamTable {
         match frame.opcode() {
             // body,<object>,<stream>,<mimetype>,<name> answers a `get`; file,<stream>,
             // <mimetype>,<filename> is a download guacd starts itself.
-            "body" => self.open_download(frame.arg(1), frame.arg(2)),
-            "file" => self.open_download(frame.arg(0), frame.arg(1)),
+            "body" => self.open_download(frame.arg(1), frame.arg(2), frame.arg(3)),
+            "file" => self.open_download(frame.arg(0), frame.arg(1), None),
             "end" => {
                 if let Some(index) = index(frame.arg(0)) {
                     self.downloads.remove(&index);
@@ -119,9 +127,12 @@ impl StreamTable {
         self.uploads.remove(&index);
     }
 
-    fn open_download(&mut self, stream: Option<&str>, mimetype: Option<&str>) {
+    fn open_download(&mut self, stream: Option<&str>, mimetype: Option<&str>, path: Option<&str>) {
         let mimetype = mimetype.unwrap_or("application/octet-stream").to_owned();
-        open(&mut self.downloads, stream, Download { mimetype });
+        let path = path
+            .filter(|p| !p.is_empty() && p.len() < MAX_PATH_KEPT)
+            .map(str::to_owned);
+        open(&mut self.downloads, stream, Download { mimetype, path });
     }
 
     fn open_upload(&mut self, stream: Option<&str>, opened: Opened) {
@@ -182,6 +193,8 @@ mod tests {
         assert!(t.download(3).is_none());
         feed(&mut t, true, "4.body,1.0,1.3,24.application/octet-stream,8./tmp/a.b;");
         assert_eq!(t.download(3).unwrap().mimetype, "application/octet-stream");
+        // The path the page's `get` asked for is kept: the web side checks the size by it.
+        assert_eq!(t.download(3).unwrap().path.as_deref(), Some("/tmp/a.b"));
         // The browser's acks and guacd's blobs keep it open.
         feed(&mut t, false, "3.ack,1.3,2.OK,1.0;");
         feed(&mut t, true, "4.blob,1.3,4.AAAA;");
@@ -195,6 +208,19 @@ mod tests {
         let mut t = StreamTable::new();
         feed(&mut t, true, "4.file,1.5,10.text/plain,5.a.txt;");
         assert_eq!(t.download(5).unwrap().mimetype, "text/plain");
+        // `file` names the file, not where it is: no path.
+        assert_eq!(t.download(5).unwrap().path, None);
+    }
+
+    #[test]
+    fn a_download_path_is_bounded() {
+        let mut t = StreamTable::new();
+        let long = format!("/{}", "x".repeat(MAX_PATH_KEPT));
+        feed(&mut t, true, &format!("4.body,1.0,1.3,24.application/octet-stream,{}.{long};", long.len()));
+        assert!(t.download(3).is_some());
+        assert_eq!(t.download(3).unwrap().path, None);
+        feed(&mut t, true, "4.body,1.0,1.4,24.application/octet-stream,0.;");
+        assert_eq!(t.download(4).unwrap().path, None);
     }
 
     #[test]

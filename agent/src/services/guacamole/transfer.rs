@@ -57,8 +57,9 @@ pub enum Control {
         chunks: mpsc::Sender<Chunk>,
         /// Set by the relay when it withheld an ack because `chunks` was full.
         withheld: Arc<AtomicBool>,
-        /// The stream's type, or why it cannot be taken.
-        reply: oneshot::Sender<Result<String, Refusal>>,
+        /// The stream as announced (its type, the path a `get` asked for), or why it cannot
+        /// be taken.
+        reply: oneshot::Sender<Result<streams::Download, Refusal>>,
     },
     /// Take over the page's stream `index` (an upload guacd accepted): guacd's acks on it go
     /// to `acks` instead of the page, until released.
@@ -165,7 +166,9 @@ impl IntoResponse for StreamRequestError {
 pub enum Chunk {
     /// File bytes.
     Data(Bytes),
-    /// guacd ended the stream: the file is complete.
+    /// guacd ended the stream. guacd 1.3.0 sends the same `end` when reading the file failed
+    /// as at its end, so the body compares the bytes with the file's size before ending
+    /// cleanly ([`feed_body`]).
     End,
 }
 
@@ -331,7 +334,7 @@ impl Transfers {
                 let answer = if self.downloads.contains_key(&index) {
                     Err(Refusal::Taken)
                 } else if let Some(download) = self.streams.download(index) {
-                    Ok(download.mimetype.clone())
+                    Ok(download.clone())
                 } else {
                     Err(Refusal::NotOpen)
                 };
@@ -601,9 +604,9 @@ pub async fn download(
 ) -> Response {
     let Authorised {
         control,
+        place,
         slot,
         index,
-        ..
     } = match authorise(&state, &tunnel, &index, query.as_deref(), &headers) {
         Ok(ok) => ok,
         Err(refused) => return refused.into_response(),
@@ -617,15 +620,18 @@ pub async fn download(
         reply,
     })
     .await;
-    let mimetype = match taken {
-        Ok(mimetype) => mimetype,
+    let announced = match taken {
+        Ok(announced) => announced,
         Err(refused) => return refused.into_response(),
     };
-    tracing::info!(stream = index, "download taken over by HTTP");
+    // guacd has the file open already; its size now is what a complete download reaches.
+    let expected = expected_size(&place, announced.path.as_deref()).await;
+    tracing::info!(stream = index, expected, "download taken over by HTTP");
+    let mimetype = announced.mimetype;
     let (body_tx, body_rx) = mpsc::channel::<std::io::Result<Bytes>>(1);
     tokio::spawn(async move {
         let _slot = slot;
-        feed_body(index, chunks, &withheld, &control, &body_tx).await;
+        feed_body(index, expected, chunks, &withheld, &control, &body_tx).await;
     });
     let mut response = Response::new(Body::new(ChannelBody(body_rx)));
     let headers = response.headers_mut();
@@ -639,17 +645,33 @@ pub async fn download(
     response
 }
 
+/// The size of the file a download reads, when the web side can see it: the download answers
+/// a `get` (it has a path), the connection's SFTP is this machine as this user ([`SftpPlace`]),
+/// and the path is a regular file (after symlinks, as guacd's SFTP opens it). `None` otherwise.
+/// Only `stat`: the confinement (`platform/confine.rs`) does not govern it, the file is not
+/// opened.
+async fn expected_size(place: &Result<SftpPlace, RenameError>, name: Option<&str>) -> Option<u64> {
+    let path = place.as_ref().ok()?.download_path(name?)?;
+    let meta = tokio::fs::metadata(&path).await.ok()?;
+    meta.is_file().then_some(meta.len())
+}
+
 /// Moves download `index`'s queued blobs into its HTTP body until guacd ends the stream;
 /// tells the relay when it took a blob out of a full buffer (`withheld`), so guacd gets the
 /// ack it was owed. A browser that goes away, even while guacd is silent, ends the stream at
-/// guacd.
+/// guacd. guacd's `end` short of `expected` bytes (the file's size when the download was
+/// taken) cuts the body: guacd 1.3.0 ends a stream whose read failed as if the file had
+/// ended, and a clean end would let the browser keep a short file as complete. More bytes
+/// than `expected` (the file grew) end cleanly; so does any end of unknown size.
 async fn feed_body(
     index: u32,
+    expected: Option<u64>,
     mut chunks: mpsc::Receiver<Chunk>,
     withheld: &AtomicBool,
     control: &mpsc::Sender<Control>,
     body: &mpsc::Sender<std::io::Result<Bytes>>,
 ) {
+    let mut sent = 0u64;
     loop {
         let chunk = tokio::select! {
             chunk = chunks.recv() => chunk,
@@ -666,12 +688,26 @@ async fn feed_body(
         }
         match chunk {
             Some(Chunk::Data(data)) => {
+                sent += data.len() as u64;
                 if body.send(Ok(data)).await.is_err() {
                     let _ = control.send(Control::AbortDownload(index)).await;
                     return;
                 }
             }
-            Some(Chunk::End) => return,
+            Some(Chunk::End) => {
+                if let Some(expected) = expected.filter(|&e| sent < e) {
+                    tracing::warn!(
+                        stream = index,
+                        bytes = sent,
+                        expected,
+                        "guacd ended a download short of the file's size (a failed read); the body is cut"
+                    );
+                    let _ = body
+                        .send(Err(cut("guacd ended the download short of the file's size")))
+                        .await;
+                }
+                return;
+            }
             // The relay dropped the buffer: the session ended, or the stream failed.
             None => {
                 let _ = body.send(Err(cut("the stream ended without its end"))).await;
@@ -955,10 +991,9 @@ mod tests {
             withheld: withheld.clone(),
             reply,
         });
-        assert_eq!(
-            answer.try_recv().unwrap(),
-            Ok("application/octet-stream".to_owned())
-        );
+        let announced = answer.try_recv().unwrap().unwrap();
+        assert_eq!(announced.mimetype, "application/octet-stream");
+        assert_eq!(announced.path.as_deref(), Some("/a.bin"));
         (transfers, chunks, withheld, first)
     }
 
@@ -1076,7 +1111,7 @@ mod tests {
         let (mut acks, _other) = relay_with_guacd(transfers, first, control_rx, blobs);
         let (body_tx, mut body) = mpsc::channel(1);
         let feeder = tokio::spawn(async move {
-            feed_body(5, chunks, &withheld, &control_tx, &body_tx).await;
+            feed_body(5, None, chunks, &withheld, &control_tx, &body_tx).await;
         });
         // Nobody reads the body: guacd is asked for the buffer, plus the blob the feeder
         // holds and the one in the body's slot, and then for nothing more.
@@ -1103,7 +1138,7 @@ mod tests {
         let (mut acks, mut other) = relay_with_guacd(transfers, first, control_rx, 1000);
         let (body_tx, mut body) = mpsc::channel(1);
         let feeder = tokio::spawn(async move {
-            feed_body(5, chunks, &withheld, &control_tx, &body_tx).await;
+            feed_body(5, None, chunks, &withheld, &control_tx, &body_tx).await;
         });
         assert!(body.recv().await.unwrap().is_ok());
         acks.wait_for(|n| *n >= DOWNLOAD_BUFFER_BLOBS + 2).await.unwrap();
@@ -1119,12 +1154,86 @@ mod tests {
         let (control_tx, _control_rx) = mpsc::channel(8);
         let (body_tx, mut body) = mpsc::channel(1);
         let feeder = tokio::spawn(async move {
-            feed_body(5, chunks, &withheld, &control_tx, &body_tx).await;
+            feed_body(5, None, chunks, &withheld, &control_tx, &body_tx).await;
         });
         // The relay ends: the buffer's sender goes with it.
         drop(transfers);
         assert!(body.recv().await.unwrap().is_err(), "a cut body looked complete");
         feeder.await.unwrap();
+    }
+
+    /// Download 5 through a relay whose guacd sends `blobs` blobs of 4096 bytes then `end`,
+    /// its body fed with `expected` as the file's size: the body's items, read to the end.
+    async fn download_through(blobs: usize, expected: Option<u64>) -> Vec<std::io::Result<Bytes>> {
+        let (transfers, chunks, withheld, first) = taken_download();
+        let (control_tx, control_rx) = mpsc::channel(8);
+        let (_acks, _other) = relay_with_guacd(transfers, first, control_rx, blobs);
+        let (body_tx, mut body) = mpsc::channel(1);
+        let feeder = tokio::spawn(async move {
+            feed_body(5, expected, chunks, &withheld, &control_tx, &body_tx).await;
+        });
+        let mut items = Vec::new();
+        while let Some(item) = body.recv().await {
+            items.push(item);
+        }
+        feeder.await.unwrap();
+        items
+    }
+
+    #[tokio::test]
+    async fn an_end_short_of_the_file_s_size_cuts_the_body() {
+        // guacd 1.3.0's failed read: `end` after 3 blobs of a file of 5.
+        let items = download_through(3, Some(5 * 4096)).await;
+        assert_eq!(items.len(), 4);
+        assert!(items[..3].iter().all(|i| i.as_ref().is_ok_and(|d| d.len() == 4096)));
+        let err = items[3].as_ref().unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
+        // One byte short is short too.
+        let items = download_through(3, Some(3 * 4096 + 1)).await;
+        assert!(items.last().unwrap().is_err(), "a download one byte short looked complete");
+    }
+
+    #[tokio::test]
+    async fn an_end_at_or_past_the_file_s_size_or_of_unknown_size_ends_cleanly() {
+        // Exactly the size; more (the file grew while it was read); an empty file; unknown.
+        for (blobs, expected) in [(5, Some(5 * 4096)), (5, Some(4 * 4096)), (0, Some(0)), (3, None)] {
+            let items = download_through(blobs, expected).await;
+            assert_eq!(items.len(), blobs, "{blobs} blobs, expected {expected:?}");
+            assert!(items.iter().all(Result::is_ok), "{blobs} blobs, expected {expected:?} was cut");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_size_is_known_only_for_a_regular_file_the_web_side_sees() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f.bin");
+        std::fs::write(&file, [7u8; 1234]).unwrap();
+        std::os::unix::fs::symlink(&file, dir.path().join("link")).unwrap();
+        let own = rename::OwnUser {
+            name: "exouser".into(),
+            home: dir.path().to_owned(),
+        };
+        let params: std::collections::BTreeMap<String, String> = [
+            ("hostname", "127.0.0.1"),
+            ("username", "exouser"),
+            ("enable-sftp", "true"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        let place = SftpPlace::for_connection("ssh", &params, &own);
+        let name = |leaf: &str| dir.path().join(leaf).to_str().unwrap().to_owned();
+        assert_eq!(expected_size(&place, Some(&name("f.bin"))).await, Some(1234));
+        // A symlink is followed, as guacd's SFTP open follows it.
+        assert_eq!(expected_size(&place, Some(&name("link"))).await, Some(1234));
+        // Not a regular file, missing, no path (`file`), a name guacd refuses: unknown.
+        assert_eq!(expected_size(&place, Some(dir.path().to_str().unwrap())).await, None);
+        assert_eq!(expected_size(&place, Some(&name("missing"))).await, None);
+        assert_eq!(expected_size(&place, None).await, None);
+        assert_eq!(expected_size(&place, Some("f.bin")).await, None);
+        // A connection whose SFTP is not this machine as this user: unknown.
+        let elsewhere = Err(RenameError::NotLocal);
+        assert_eq!(expected_size(&elsewhere, Some(&name("f.bin"))).await, None);
     }
 
     /// Feeds one instruction to `t` from guacd or the browser; whether it is passed on.
