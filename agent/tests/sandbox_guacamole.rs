@@ -1318,7 +1318,8 @@ async fn message_with(
 /// guacd 1.3.0 sends the same `end` after a failed SFTP read as at the end of the file: a
 /// download over HTTP whose `end` comes before the file's size (the web side `stat`s the file
 /// the `get` named, the connection's SFTP being this machine as this user) is cut, so the
-/// browser sees a failed download rather than a short file; one that reaches it ends cleanly.
+/// browser sees a failed download rather than a short file, and the page is told before guacd's
+/// `end`; one that reaches it ends cleanly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_download_guacd_ends_short_of_the_file_s_size_fails_over_http() {
     let content: Vec<u8> = (0..20_000u32).map(|i| (i * 7 % 251) as u8).collect();
@@ -1362,7 +1363,23 @@ async fn a_download_guacd_ends_short_of_the_file_s_size_fails_over_http() {
                 "{name}: a download ended short looked complete"
             );
         }
-        message_with(&mut socket, "3.end,1.7;").await;
+        // The page gets guacd's `end` either way; when the body was cut it is told so first
+        // (it cannot see the browser's download fail).
+        let ended = message_with(&mut socket, "3.end,1.7;").await;
+        let notice = ended.find("8.exoagent,8.download,1.7,6.failed,");
+        if complete {
+            assert_eq!(
+                notice, None,
+                "{name}: a complete download was said to fail: {ended}"
+            );
+        } else {
+            let notice = notice.unwrap_or_else(|| panic!("{name}: the page was not told: {ended}"));
+            assert!(notice < ended.find("3.end,1.7;").unwrap(), "{ended}");
+            assert!(
+                ended.contains(&format!("of {} bytes", content.len() + 1)),
+                "{ended}"
+            );
+        }
     }
 }
 

@@ -64,6 +64,10 @@ const GUACD_SCRIPT = path.join(REPO, 'tests/guacamole/guacd-bullseye.sh');
 let EXTERNAL_GUACD = BULLSEYE ? null : GUACD_ENV;
 /** The double serves (and its event log can be read). */
 const DOUBLE = !GUACD_ENV;
+/** The file whose download the double fails (tests/guacamole/guacd_peer.py, "Test knobs"), and
+ * after how many bytes: 20 blobs of 4096, past the web side's 16-blob buffer. */
+const SHORT_READ_NAME = 'exo-short-read.bin';
+const SHORT_READ_AFTER = 20 * 4096;
 const UNICODE_SAMPLE = 'é😀\u{20000}';
 /** What the page names an upload over HTTP until the web side renames it (docs/guacamole.md). */
 const INCOMPLETE_SUFFIX = '.incomplete-upload';
@@ -441,7 +445,14 @@ async function startRig() {
     if (BULLSEYE) rigArgs.push('--ssh-rsa'); // see the top of this file
     const rig = spawn(PYTHON, rigArgs, {
         stdio: ['pipe', 'pipe', 'pipe'],
-        env: { ...process.env, EXOGUAC_ARTIFACTS: path.join(ARTIFACTS, 'rig') },
+        env: {
+            ...process.env,
+            EXOGUAC_ARTIFACTS: path.join(ARTIFACTS, 'rig'),
+            // The double's knob: downloads of this one file fail a read (the short-download
+            // test); every other file downloads normally.
+            GUACD_PEER_FAIL_READ_AFTER: String(SHORT_READ_AFTER),
+            GUACD_PEER_FAIL_READ_NAME: SHORT_READ_NAME,
+        },
     });
     S.rig = rig;
     S.rigExit = new Promise((resolve) => rig.once('exit', (code, signal) => resolve({ code, signal })));
@@ -1240,6 +1251,65 @@ test('files (shell): a cancelled upload leaves the old file as it was and the pa
         const sha = (b) => crypto.createHash('sha256').update(b).digest('hex');
         assert.equal(sha(got), sha(small), `expected ${target} to hold the second upload (sha256)`);
         assert.equal(fs.existsSync(temporary), false, `expected the temporary file to be renamed away, saw ${temporary}`);
+    } finally {
+        await closePage(page);
+    }
+});
+
+// guacd 1.3.0 ends a download whose SFTP read failed with the same `end` as a complete one
+// (guac_common_ssh_sftp_ack_handler). The web side, which knows the file's size, cuts the HTTP
+// body so the browser does not keep a short file as complete, and tells the page, whose
+// transfer list says failed instead of done. Only the double can fail a read on demand.
+test('files (shell): a download guacd ends short of the file\'s size (a failed read) fails in the browser and in the page\'s transfer list', {
+    timeout: 120000,
+    skip: !DOUBLE && 'needs the double\'s knob GUACD_PEER_FAIL_READ_AFTER to fail an SFTP read; a real guacd cannot be made to',
+}, async (t) => {
+    const tok = await token();
+    const mark = readEvents().length;
+    const page = await openClient(t, SHELL_ID, tok, 'files-short-read');
+    try {
+        const conn = await waitFor(() => connAfter(mark, 'ssh'), { expected: 'an ssh handshake at the peer', seen: () => JSON.stringify(readEvents().slice(mark).slice(-5)) });
+        await waitFor(() => page.evaluate(() => window.exoGuac.httpStreams === true && window.exoGuac.filesystems.length > 0), {
+            timeout: 20000, expected: 'the HTTP stream endpoints and a filesystem object offered to the page',
+            seen: async () => JSON.stringify(await pageState(page)),
+        });
+        const target = path.join(S.info.home, SHORT_READ_NAME);
+        S.createdFiles.push(target);
+        const data = crypto.randomBytes(200 * 1024 + 77);
+        fs.writeFileSync(target, data, { mode: 0o600 });
+        const { uid, gid } = fs.statSync(S.info.home);
+        fs.chownSync(target, uid, gid);
+
+        const { file } = await fileInBrowser(page, S.info.home, SHORT_READ_NAME);
+        const [download] = await Promise.all([
+            page.waitForEvent('download', { timeout: 60000 }),
+            file.click(),
+        ]);
+        // Chromium's download manager: failed, not a complete file of the short size.
+        const failure = await download.failure();
+        if (failure === null) {
+            const got = fs.readFileSync(await download.path());
+            assert.fail(`expected the browser download to fail, but it completed with ${got.length} of ${data.length} bytes`);
+        }
+        // The double failed the read where it was told to and ended the stream as guacd does.
+        const dlError = await waitFor(() => eventsOf(conn, 'download_error')[0], {
+            timeout: 10000, expected: `the peer's "download_error" event for ${target}`, seen: () => JSON.stringify(eventsOf(conn).slice(-5)),
+        });
+        assert.equal(dlError.sent, SHORT_READ_AFTER, `expected the peer to fail the read after ${SHORT_READ_AFTER} bytes, saw ${JSON.stringify(dlError)}`);
+        // The page's transfer list: failed, with the web side's reason.
+        const transfer = await waitFor(() => page.evaluate((n) => window.exoGuac.transfers.find((x) => x.name === n && x.state !== 'active' && x.state !== 'pending'), SHORT_READ_NAME), {
+            timeout: 20000, expected: `the page's transfer of ${SHORT_READ_NAME} to end`,
+            seen: async () => JSON.stringify((await pageState(page)).transfers),
+        });
+        assert.equal(transfer.state, 'error', `expected the page's download to be failed, saw ${JSON.stringify(transfer)}`);
+        const why = `after ${SHORT_READ_AFTER} of ${data.length} bytes`;
+        assert.ok(transfer.error.includes(why), `expected the page's reason to say "${why}", saw ${JSON.stringify(transfer.error)}`);
+        const shown = await page.locator('#transfers li', { hasText: SHORT_READ_NAME }).locator('.progress').innerText();
+        assert.ok(shown.includes(why), `expected the transfer list to show the failure (${why}), saw ${JSON.stringify(shown)}`);
+        const log = fs.readFileSync(path.join(ARTIFACTS, 'guacamole-web.log'), 'utf8');
+        assert.match(log, /guacd ended a download short of the file's size/, 'expected the web side to log the short download');
+        note(t, `download cut after ${SHORT_READ_AFTER} of ${data.length} B: Chromium says ${JSON.stringify(failure)}, the page says ${JSON.stringify(shown)}`);
+        await page.screenshot({ path: path.join(ARTIFACTS, 'guacamole-files-short-read.png') });
     } finally {
         await closePage(page);
     }

@@ -85,6 +85,20 @@ What it implements
     never containing a password, passphrase or private key (see ``EventLog``). An event is
     written before the client can see its effect (e.g. ``upload`` before the last ``ack``).
 
+Test knobs (environment; guacd has none of them)
+  * ``GUACD_PEER_FAIL_READ_AFTER=<bytes>``: an SFTP download (``get`` of a file) fails its
+    next read once it has sent at least ``<bytes>`` bytes (reads are 4096-byte blocks, so it
+    ends at the first multiple of 4096 at or past ``<bytes>``, or at the file's end if that
+    comes first; ``0`` fails the first read). The double then does what guacd 1.3.0 does
+    when ``libssh2_sftp_read`` fails (guac_common_ssh_sftp_ack_handler,
+    src/common-ssh/sftp.c): the same ``end`` as at the end of the file, the stream freed and
+    the file closed; guacd's INFO log line "Error reading file" becomes the event
+    ``download_error`` (``guacd_log``, ``error``, ``sent``), and the ``download`` event says
+    ``complete: false``. ``GUACD_PEER_FAIL_READ_NAME=<base name>`` limits it to downloads of
+    files of that base name (so one suite can run normal downloads beside it). A value that
+    is not a number, or a name with ``/``, stops the double at start with a message naming
+    the variable.
+
 What it does NOT implement (differences from guacd)
   * SFTP pacing, what remains different: asyncssh (Python, an event loop) stands where
     libssh2 (C) does, so each SFTP round trip and each blob costs more CPU here than in guacd:
@@ -551,9 +565,14 @@ class OutboundStream:
             return
         try:
             data = await self.next_block()
-        except Exception as e:  # noqa: BLE001 - report any read failure as the end
-            self.conn.event("download_error", error=str(e))
-            data = b""
+        except Exception as e:  # noqa: BLE001 - any read failure ends the stream
+            # guac_common_ssh_sftp_ack_handler (guacd 1.3.0) on a failed
+            # libssh2_sftp_read: logs "Error reading file" at INFO and sends the same `end` as at
+            # the end of the file; the client cannot tell the two apart.
+            self.conn.event("download_error", error=str(e), guacd_log="Error reading file",
+                            sent=self.sent)
+            await self.finish(False, send_end=True)
+            return
         if data:
             self.sent += len(data)
             self.conn.send("blob", self.index, base64.b64encode(data).decode("ascii"))
@@ -662,12 +681,16 @@ class SftpFileStream(OutboundStream):
     return at once. So one SFTP round trip per four blobs, not per blob; a short read is kept
     as it came, an empty one is the end of the file (``FX_EOF``)."""
 
-    def __init__(self, conn, index, handle, on_done=None) -> None:
+    def __init__(self, conn, index, handle, on_done=None, fail_after: int | None = None) -> None:
         super().__init__(conn, index, on_done)
         self.handle = handle
         self.ahead = b""  # libssh2's data_left
+        self.fail_after = fail_after  # FAIL_READ (the test knob), None for this file
 
     async def next_block(self) -> bytes:
+        if self.fail_after is not None and self.sent >= self.fail_after:
+            raise OSError(f"read failed on purpose after {self.sent} bytes "
+                          f"({FAIL_READ_AFTER_ENV})")
         if not self.ahead:
             self.ahead = await self.handle.read(SFTP_READ_AHEAD)
         block, self.ahead = self.ahead[:SFTP_BLOCK], self.ahead[SFTP_BLOCK:]
@@ -764,7 +787,8 @@ class SftpFilesystem:
                 conn.out_streams[index] = SftpFileStream(
                     conn, index, handle,
                     on_done=lambda ok, n: conn.event("download", name=name, path=path,
-                                                     size=n, complete=ok))
+                                                     size=n, complete=ok),
+                    fail_after=FAIL_READ.after_for(path) if FAIL_READ else None)
                 conn.send("body", self.index, index, "application/octet-stream", name)
         except asyncssh.SFTPError as e:
             conn.event("get_failed", name=name, path=path, error=str(e))
@@ -1957,7 +1981,48 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+FAIL_READ_AFTER_ENV = "GUACD_PEER_FAIL_READ_AFTER"
+FAIL_READ_NAME_ENV = "GUACD_PEER_FAIL_READ_NAME"
+
+
+class FailRead:
+    """The test knob that makes SFTP downloads fail a read (see the docstring's "Test knobs")."""
+
+    def __init__(self, after: int, name: str | None) -> None:
+        self.after = after
+        self.name = name
+
+    @classmethod
+    def from_env(cls, env) -> "FailRead | None":
+        raw = env.get(FAIL_READ_AFTER_ENV)
+        name = env.get(FAIL_READ_NAME_ENV)
+        if raw is None:
+            if name is not None:
+                raise ValueError(f"{FAIL_READ_NAME_ENV} is set without {FAIL_READ_AFTER_ENV}")
+            return None
+        if not raw.isascii() or not raw.isdigit():
+            raise ValueError(f"{FAIL_READ_AFTER_ENV} must be a number of bytes, got {raw!r}")
+        if name is not None and (not name or "/" in name):
+            raise ValueError(f"{FAIL_READ_NAME_ENV} must be a file's base name, got {name!r}")
+        return cls(int(raw), name)
+
+    def after_for(self, path: str) -> int | None:
+        """Bytes after which a download of ``path`` fails its next read, or None."""
+        if self.name is not None and posixpath.basename(path) != self.name:
+            return None
+        return self.after
+
+
+FAIL_READ: FailRead | None = None
+
+
 def main(argv: list[str] | None = None) -> int:
+    global FAIL_READ
+    try:
+        FAIL_READ = FailRead.from_env(os.environ)
+    except ValueError as e:
+        print(f"guacd_peer: {e}", file=sys.stderr)
+        return 2
     ap = argparse.ArgumentParser(description="guacd test double (NOT guacd); see the docstring")
     ap.add_argument("--listen", type=parse_listen, default=("127.0.0.1", 4822),
                     help="HOST:PORT to listen on (default 127.0.0.1:4822; port 0 = any free)")

@@ -93,10 +93,12 @@ export const NOTICE_OPCODE = 'exoagent';
 
 /**
  * Reads the web side's instruction: `display,resizes|fixed` (whether the remote screen follows
- * the window, from guacd's `args`) or `files,unavailable,<status>,<message>` (guacd could not
- * open SFTP beside the desktop; the web side reopened the session without it).
+ * the window, from guacd's `args`), `files,unavailable,<status>,<message>` (guacd could not
+ * open SFTP beside the desktop; the web side reopened the session without it), or
+ * `download,<index>,failed,<reason>` (the web side cut the HTTP body of download stream
+ * `<index>`; sent just before guacd's `end` of it, which alone looks like success).
  * @param {string[]} args
- * @returns {{ kind: 'display', resizes: boolean } | { kind: 'files-unavailable', status: number | null, message: string } | null}
+ * @returns {{ kind: 'display', resizes: boolean } | { kind: 'files-streams' } | { kind: 'files-unavailable', status: number | null, message: string } | { kind: 'download-failed', index: number, reason: string } | null}
  */
 export function parseNotice(args) {
     if (args[0] === 'display' && (args[1] === 'resizes' || args[1] === 'fixed'))
@@ -107,6 +109,8 @@ export function parseNotice(args) {
         const status = /^\d+$/.test(args[2] || '') ? Number(args[2]) : null;
         return { kind: 'files-unavailable', status, message: args[3] || '' };
     }
+    if (args[0] === 'download' && /^\d{1,9}$/.test(args[1] || '') && args[2] === 'failed')
+        return { kind: 'download-failed', index: Number(args[1]), reason: args[3] || 'the download failed' };
     return null;
 }
 

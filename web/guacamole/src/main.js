@@ -74,6 +74,7 @@ function start() {
             display.fit();
             clipboard.connected();
         },
+        onDownloadFailed: (index, reason) => transfers.downloadFailed(index, reason),
     });
 
     // The menu and its handle.

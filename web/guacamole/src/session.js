@@ -18,7 +18,7 @@ const AUTO_RECONNECT_DELAY_MS = 1000;
  * @param {(client: Guacamole.Client) => void} p.onClient wire a new client (display, clipboard, files)
  * @param {(client: Guacamole.Client) => void} p.onConnected a client reached "connected"
  */
-export function createSession({ token, identifier, tunnelUrl, getSize, onClient, onConnected }) {
+export function createSession({ token, identifier, tunnelUrl, getSize, onClient, onConnected, onDownloadFailed }) {
     const policy = createReconnectPolicy();
     let current = null;
     let reconnectTimer = null;
@@ -172,6 +172,9 @@ export function createSession({ token, identifier, tunnelUrl, getSize, onClient,
             exo.displayResizes = n.resizes;
         } else if (n.kind === 'files-streams') {
             exo.httpStreams = true;
+        } else if (n.kind === 'download-failed') {
+            if (onDownloadFailed)
+                onDownloadFailed(n.index, n.reason);
         } else if (n.kind === 'files-unavailable') {
             exo.filesUnavailable = { status: n.status, message: n.message };
             showNotice(filesUnavailableMessage(n.status, n.message), 15000);

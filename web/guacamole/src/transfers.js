@@ -20,6 +20,8 @@ export const INCOMPLETE_SUFFIX = '.incomplete-upload';
 export function setupTransfers({ list, getClient, token }) {
     /** @type {Map<number, HTMLElement>} */
     const rows = new Map();
+    /** Downloads the browser fetches over HTTP, by stream index, until guacd's `end`. */
+    const httpDownloads = new Map();
 
     function render(t) {
         let row = rows.get(t.id);
@@ -246,9 +248,16 @@ export function setupTransfers({ list, getClient, token }) {
         if (exo.httpStreams && tunnel) {
             // The browser's own download manager fetches it from the stream's endpoint (no
             // copy in page memory); the web side acks guacd. guacd's `end` still reaches
-            // the stream here.
+            // the stream here; when the web side cut the body (guacd ended short of the
+            // file's size) it says so just before (`downloadFailed`), and the download stays
+            // failed.
             exo.lastTransferPath = 'http';
+            httpDownloads.set(stream.index, t);
             stream.onend = () => {
+                if (httpDownloads.get(stream.index) === t)
+                    httpDownloads.delete(stream.index);
+                if (t.state === 'error')
+                    return;
                 t.state = 'done';
                 render(t);
             };
@@ -309,8 +318,23 @@ export function setupTransfers({ list, getClient, token }) {
     return {
         upload,
         requestDownload,
+        /**
+         * The web side cut the HTTP body of download stream `index` (its notice, just before
+         * guacd's `end`): the browser's download failed; so does the transfer here.
+         * @param {number} index
+         * @param {string} reason
+         */
+        downloadFailed(index, reason) {
+            const t = httpDownloads.get(index);
+            if (!t)
+                return;
+            httpDownloads.delete(index);
+            fail(t, reason);
+        },
         /** Wires a new client: remote-initiated downloads (e.g. `guacctl -d` in SSH). */
         attach(client) {
+            // A new session: none of the old one's streams exist any more.
+            httpDownloads.clear();
             client.onfile = (stream, mimetype, filename) => download(stream, mimetype, filename);
         },
     };

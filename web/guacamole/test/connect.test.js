@@ -62,12 +62,19 @@ test('a remote screen that kept its size after a resize is told apart from one t
     assert.equal(keptItsSize({ width: 1000, height: 600 }, { width: 0, height: 0 }), false);
 });
 
-test('parseNotice reads the web side\'s display and files notices, nothing else', () => {
+test('parseNotice reads the web side\'s display, files and download notices, nothing else', () => {
     assert.deepEqual(parseNotice(['display', 'fixed']), { kind: 'display', resizes: false });
     assert.deepEqual(parseNotice(['display', 'resizes']), { kind: 'display', resizes: true });
     assert.deepEqual(parseNotice(['files', 'unavailable', '515', 'Aborted. See logs.']),
         { kind: 'files-unavailable', status: 515, message: 'Aborted. See logs.' });
     assert.deepEqual(parseNotice(['files', 'unavailable']), { kind: 'files-unavailable', status: null, message: '' });
+    assert.deepEqual(parseNotice(['download', '3', 'failed', 'cut short']),
+        { kind: 'download-failed', index: 3, reason: 'cut short' });
+    assert.deepEqual(parseNotice(['download', '0', 'failed']),
+        { kind: 'download-failed', index: 0, reason: 'the download failed' });
+    assert.equal(parseNotice(['download', '-1', 'failed', 'x']), null);
+    assert.equal(parseNotice(['download', 'x', 'failed', 'x']), null);
+    assert.equal(parseNotice(['download', '3', 'done']), null);
     assert.equal(parseNotice(['display', 'maybe']), null);
     assert.equal(parseNotice(['something-newer', 'x']), null);
     assert.equal(parseNotice([]), null);

@@ -30,6 +30,7 @@ use super::auth::lock;
 use super::protocol::{Frame, Instruction};
 use super::rename::{self, Opened, RenameError, SftpPlace};
 use super::streams::{self, StreamTable};
+use super::tunnel::NOTICE_OPCODE;
 use super::web::WebState;
 
 /// Transfers one token may run at once (more get 429).
@@ -47,6 +48,14 @@ const SERVER_ERROR: u16 = 0x0200;
 /// What an HTTP handler asks of the relay of its tunnel.
 #[derive(Debug)]
 pub enum Control {
+    /// How guacd's stream `index` (a download) was announced, without taking it over (the
+    /// handler `stat`s the file it reads before [`Control::TakeDownload`]).
+    Announced {
+        /// The stream.
+        index: u32,
+        /// The stream as announced, or why it cannot be taken.
+        reply: oneshot::Sender<Result<streams::Download, Refusal>>,
+    },
     /// Take over guacd's stream `index` (a download): its blobs go to `chunks`, not the page;
     /// the relay acks guacd while `chunks` has room, else sets `withheld` and waits for
     /// [`Control::Drained`].
@@ -57,6 +66,9 @@ pub enum Control {
         chunks: mpsc::Sender<Chunk>,
         /// Set by the relay when it withheld an ack because `chunks` was full.
         withheld: Arc<AtomicBool>,
+        /// The size of the file the stream reads, when the web side could `stat` it, and the
+        /// path it was found for (used only while the stream still names that path).
+        expected: Option<Expected>,
         /// The stream as announced (its type, the path a `get` asked for), or why it cannot
         /// be taken.
         reply: oneshot::Sender<Result<streams::Download, Refusal>>,
@@ -166,10 +178,25 @@ impl IntoResponse for StreamRequestError {
 pub enum Chunk {
     /// File bytes.
     Data(Bytes),
-    /// guacd ended the stream. guacd 1.3.0 sends the same `end` when reading the file failed
-    /// as at its end, so the body compares the bytes with the file's size before ending
-    /// cleanly ([`feed_body`]).
+    /// guacd ended the stream with every byte of the file (or of a file of unknown size).
     End,
+    /// guacd ended the stream short of the file's size: guacd 1.3.0 sends the same `end` when
+    /// reading the file failed as at its end. The body is cut ([`feed_body`]).
+    Short {
+        /// Bytes guacd sent.
+        bytes: u64,
+        /// The file's size.
+        expected: u64,
+    },
+}
+
+/// The size a download should reach: the file's size when the web side took it over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expected {
+    /// The path the stream named when the file was `stat`ed.
+    pub path: String,
+    /// The file's size then.
+    pub bytes: u64,
 }
 
 /// A download taken over by HTTP, as the relay keeps it.
@@ -183,11 +210,52 @@ struct Download {
     owed: bool,
     /// Tells the body's writer that an ack is owed (it then sends [`Control::Drained`]).
     withheld: Arc<AtomicBool>,
+    /// The file's size, when known.
+    expected: Option<u64>,
+    /// Bytes queued for the body so far.
+    queued: u64,
 }
 
 /// An `ack` of stream `index` that asks guacd for its next blob.
 fn next_please(index: u32) -> String {
     Instruction::new("ack", [index.to_string().as_str(), "OK", "0"]).encode()
+}
+
+impl Download {
+    /// guacd ended download `index`: tells the body how it ended; what the page is told first
+    /// when the body is cut. guacd ends a download in answer to an ack, so the buffer has room
+    /// for the end; one that finds it full (or a body gone) cuts the body instead.
+    fn end(self, index: u32) -> Option<Instruction> {
+        let (chunk, reason) = match self.expected {
+            Some(expected) if self.queued < expected => {
+                tracing::warn!(
+                    stream = index,
+                    bytes = self.queued,
+                    expected,
+                    "guacd ended a download short of the file's size (a failed read); the body is cut"
+                );
+                (
+                    Chunk::Short {
+                        bytes: self.queued,
+                        expected,
+                    },
+                    Some(format!(
+                        "the server stopped after {} of {expected} bytes (a read error on the remote side); the browser's download is incomplete",
+                        self.queued
+                    )),
+                )
+            }
+            _ => (Chunk::End, None),
+        };
+        match (self.chunks.try_send(chunk), reason) {
+            (Ok(()), None) => None,
+            (Ok(()), Some(reason)) => Some(download_failed(index, &reason)),
+            (Err(_), _) => Some(download_failed(
+                index,
+                "the web side could not finish the download; the browser's download is incomplete",
+            )),
+        }
+    }
 }
 
 /// The relay's side: which streams are open, which are taken over and by whom.
@@ -209,6 +277,18 @@ pub struct Routing {
     pub forward: bool,
     /// Send guacd this (an error ack for a download whose reader went away).
     pub to_guacd: Option<String>,
+    /// Send the page this first (the web side's notice that a download failed, before
+    /// guacd's `end` of it).
+    pub to_page: Option<Instruction>,
+}
+
+/// What the page is told, before guacd's `end`, about a download the web side cut (opcode
+/// [`NOTICE_OPCODE`]): `exoagent,download,<index>,failed,<reason>`.
+fn download_failed(index: u32, reason: &str) -> Instruction {
+    Instruction::new(
+        NOTICE_OPCODE,
+        ["download", index.to_string().as_str(), "failed", reason],
+    )
 }
 
 impl Transfers {
@@ -225,15 +305,16 @@ impl Transfers {
                 self.download_blob(index, frame.arg(1))
             }
             ("end", Some(index)) => {
-                // guacd ends a download in answer to an ack, so the buffer has room for it; a
-                // `end` that finds it full drops the buffer instead and the body is cut.
-                if let Some(download) = self.downloads.remove(&index) {
-                    let _ = download.chunks.try_send(Chunk::End);
-                }
-                // The page learns the stream ended too, as with Apache's filter.
+                // The page learns the stream ended too, as with Apache's filter; when the web
+                // side cuts the body it is told first (the browser's download manager shows
+                // the failure, the page cannot see it otherwise).
                 Routing {
                     forward: true,
                     to_guacd: None,
+                    to_page: self
+                        .downloads
+                        .remove(&index)
+                        .and_then(|download| download.end(index)),
                 }
             }
             // guacd's acks of the blobs the web side sends go to it alone (Apache passes them
@@ -250,6 +331,7 @@ impl Transfers {
             _ => Routing {
                 forward: true,
                 to_guacd: None,
+                to_page: None,
             },
         };
         self.streams.from_guacd(frame);
@@ -268,7 +350,10 @@ impl Transfers {
         // cannot write.
         let queued = match data {
             Some(data) if download.awaiting => {
-                download.chunks.try_send(Chunk::Data(Bytes::from(data))).is_ok()
+                let len = data.len() as u64;
+                let queued = download.chunks.try_send(Chunk::Data(Bytes::from(data))).is_ok();
+                download.queued += len;
+                queued
             }
             _ => false,
         };
@@ -277,6 +362,7 @@ impl Transfers {
             return Routing {
                 forward: false,
                 to_guacd: Some(failed(index)),
+                to_page: None,
             };
         }
         download.awaiting = false;
@@ -285,6 +371,7 @@ impl Transfers {
             Routing {
                 forward: false,
                 to_guacd: Some(next_please(index)),
+                to_page: None,
             }
         } else {
             download.owed = true;
@@ -325,10 +412,20 @@ impl Transfers {
     /// A handler's request; returns what to send guacd, if anything.
     pub fn control(&mut self, control: Control) -> Option<String> {
         match control {
+            Control::Announced { index, reply } => {
+                let answer = if self.downloads.contains_key(&index) {
+                    Err(Refusal::Taken)
+                } else {
+                    self.streams.download(index).cloned().ok_or(Refusal::NotOpen)
+                };
+                let _ = reply.send(answer);
+                None
+            }
             Control::TakeDownload {
                 index,
                 chunks,
                 withheld,
+                expected,
                 reply,
             } => {
                 let answer = if self.downloads.contains_key(&index) {
@@ -337,6 +434,14 @@ impl Transfers {
                     Ok(download.clone())
                 } else {
                     Err(Refusal::NotOpen)
+                };
+                // The size counts only for the file it was found for (the stream may have ended
+                // and another opened at the same index since).
+                let expected = match (&answer, expected) {
+                    (Ok(announced), Some(e)) if announced.path.as_deref() == Some(&*e.path) => {
+                        Some(e.bytes)
+                    }
+                    _ => None,
                 };
                 let taken = answer.is_ok();
                 if reply.send(answer).is_err() || !taken {
@@ -349,6 +454,8 @@ impl Transfers {
                         awaiting: true,
                         owed: false,
                         withheld,
+                        expected,
+                        queued: 0,
                     },
                 );
                 // The stream is ready for its blobs (Apache's filter acks on interception).
@@ -611,12 +718,24 @@ pub async fn download(
         Ok(ok) => ok,
         Err(refused) => return refused.into_response(),
     };
+    let announced = match take(&control, |reply| Control::Announced { index, reply }).await {
+        Ok(announced) => announced,
+        Err(refused) => return refused.into_response(),
+    };
+    // guacd has the file open already; its size now is what a complete download reaches. The
+    // relay learns it before the first blob, so it knows at guacd's `end` whether to tell the
+    // page the download failed.
+    let expected = match (expected_size(&place, announced.path.as_deref()).await, announced.path) {
+        (Some(bytes), Some(path)) => Some(Expected { path, bytes }),
+        _ => None,
+    };
     let (chunks_tx, chunks) = mpsc::channel(DOWNLOAD_BUFFER_BLOBS);
     let withheld = Arc::new(AtomicBool::new(false));
     let taken = take(&control, |reply| Control::TakeDownload {
         index,
         chunks: chunks_tx,
         withheld: withheld.clone(),
+        expected: expected.clone(),
         reply,
     })
     .await;
@@ -624,14 +743,13 @@ pub async fn download(
         Ok(announced) => announced,
         Err(refused) => return refused.into_response(),
     };
-    // guacd has the file open already; its size now is what a complete download reaches.
-    let expected = expected_size(&place, announced.path.as_deref()).await;
+    let expected = expected.map(|e| e.bytes);
     tracing::info!(stream = index, expected, "download taken over by HTTP");
     let mimetype = announced.mimetype;
     let (body_tx, body_rx) = mpsc::channel::<std::io::Result<Bytes>>(1);
     tokio::spawn(async move {
         let _slot = slot;
-        feed_body(index, expected, chunks, &withheld, &control, &body_tx).await;
+        feed_body(index, chunks, &withheld, &control, &body_tx).await;
     });
     let mut response = Response::new(Body::new(ChannelBody(body_rx)));
     let headers = response.headers_mut();
@@ -659,13 +777,11 @@ async fn expected_size(place: &Result<SftpPlace, RenameError>, name: Option<&str
 /// Moves download `index`'s queued blobs into its HTTP body until guacd ends the stream;
 /// tells the relay when it took a blob out of a full buffer (`withheld`), so guacd gets the
 /// ack it was owed. A browser that goes away, even while guacd is silent, ends the stream at
-/// guacd. guacd's `end` short of `expected` bytes (the file's size when the download was
-/// taken) cuts the body: guacd 1.3.0 ends a stream whose read failed as if the file had
-/// ended, and a clean end would let the browser keep a short file as complete. More bytes
-/// than `expected` (the file grew) end cleanly; so does any end of unknown size.
+/// guacd. guacd's `end` short of the file's size (the relay compares, [`Chunk::Short`]) cuts
+/// the body: guacd 1.3.0 ends a stream whose read failed as if the file had ended, and a clean
+/// end would let the browser keep a short file as complete.
 async fn feed_body(
     index: u32,
-    expected: Option<u64>,
     mut chunks: mpsc::Receiver<Chunk>,
     withheld: &AtomicBool,
     control: &mpsc::Sender<Control>,
@@ -694,18 +810,14 @@ async fn feed_body(
                     return;
                 }
             }
-            Some(Chunk::End) => {
-                if let Some(expected) = expected.filter(|&e| sent < e) {
-                    tracing::warn!(
-                        stream = index,
-                        bytes = sent,
-                        expected,
-                        "guacd ended a download short of the file's size (a failed read); the body is cut"
-                    );
-                    let _ = body
-                        .send(Err(cut("guacd ended the download short of the file's size")))
-                        .await;
-                }
+            Some(Chunk::End) => return,
+            Some(Chunk::Short { bytes, expected }) => {
+                debug_assert_eq!(bytes, sent);
+                let _ = body
+                    .send(Err(cut(&format!(
+                        "guacd ended the download at {bytes} of {expected} bytes"
+                    ))))
+                    .await;
                 return;
             }
             // The relay dropped the buffer: the session ended, or the stream failed.
@@ -977,6 +1089,13 @@ mod tests {
     /// A relay with download 5 announced by guacd and taken over: the relay, the buffer's
     /// reading end, the flag and the relay's first instruction to guacd.
     fn taken_download() -> (Transfers, mpsc::Receiver<Chunk>, Arc<AtomicBool>, Option<String>) {
+        taken_download_of(None)
+    }
+
+    /// As [`taken_download`], the web side having found `/a.bin` to be `expected` bytes.
+    fn taken_download_of(
+        expected: Option<u64>,
+    ) -> (Transfers, mpsc::Receiver<Chunk>, Arc<AtomicBool>, Option<String>) {
         let mut transfers = Transfers::default();
         from_guacd(
             &mut transfers,
@@ -989,6 +1108,10 @@ mod tests {
             index: 5,
             chunks: chunks_tx,
             withheld: withheld.clone(),
+            expected: expected.map(|bytes| Expected {
+                path: "/a.bin".into(),
+                bytes,
+            }),
             reply,
         });
         let announced = answer.try_recv().unwrap().unwrap();
@@ -1066,6 +1189,79 @@ mod tests {
         ));
     }
 
+    /// The notice the page gets with guacd's `end` of download 5 after `blobs` blobs of 4096
+    /// bytes, the file being `expected` bytes; and what the body got last.
+    fn page_told_at_end(blobs: usize, expected: Option<u64>) -> (Option<String>, Option<Chunk>) {
+        let (mut transfers, mut chunks, _withheld, _) = taken_download_of(expected);
+        for n in 0..blobs {
+            from_guacd(&mut transfers, &blob(5, &[n as u8; 4096]));
+        }
+        let routing = from_guacd(&mut transfers, "3.end,1.5;").remove(0);
+        assert!(routing.forward, "guacd's end did not reach the page");
+        let mut last = None;
+        while let Ok(chunk) = chunks.try_recv() {
+            last = Some(chunk);
+        }
+        (routing.to_page.map(|i| i.encode()), last)
+    }
+
+    #[test]
+    fn the_page_is_told_before_guacd_s_end_when_the_body_is_cut() {
+        // guacd 1.3.0's failed read: `end` after 3 blobs of a file of 5.
+        let (told, last) = page_told_at_end(3, Some(5 * 4096));
+        let told = told.expect("the page was not told");
+        assert!(
+            told.starts_with("8.exoagent,8.download,1.5,6.failed,"),
+            "{told}"
+        );
+        assert!(told.contains("after 12288 of 20480 bytes"), "{told}");
+        assert!(matches!(
+            last,
+            Some(Chunk::Short {
+                bytes: 12288,
+                expected: 20480
+            })
+        ));
+        // A complete file, more (it grew), an empty file, an unknown size: nothing to tell.
+        for (blobs, expected) in [(5, Some(5 * 4096)), (5, Some(4 * 4096)), (0, Some(0)), (3, None)] {
+            let (told, last) = page_told_at_end(blobs, expected);
+            assert_eq!(told, None, "{blobs} blobs, expected {expected:?}");
+            assert!(matches!(last, Some(Chunk::End)), "{blobs} blobs, expected {expected:?}");
+        }
+    }
+
+    #[test]
+    fn a_size_found_for_another_path_is_not_used() {
+        let mut transfers = Transfers::default();
+        from_guacd(
+            &mut transfers,
+            "4.body,1.0,1.5,24.application/octet-stream,6./b.bin;",
+        );
+        // The handler looks first: the stream as announced, not taken yet.
+        let (reply, mut answer) = oneshot::channel();
+        assert_eq!(transfers.control(Control::Announced { index: 5, reply }), None);
+        assert_eq!(answer.try_recv().unwrap().unwrap().path.as_deref(), Some("/b.bin"));
+        let (chunks_tx, mut chunks) = mpsc::channel(DOWNLOAD_BUFFER_BLOBS);
+        let (reply, _answer) = oneshot::channel();
+        transfers.control(Control::TakeDownload {
+            index: 5,
+            chunks: chunks_tx,
+            withheld: Arc::new(AtomicBool::new(false)),
+            expected: Some(Expected {
+                path: "/a.bin".into(),
+                bytes: 4096,
+            }),
+            reply,
+        });
+        let routing = from_guacd(&mut transfers, "3.end,1.5;").remove(0);
+        assert_eq!(routing.to_page.map(|i| i.encode()), None);
+        assert!(matches!(chunks.try_recv(), Ok(Chunk::End)));
+        // Taken, it is no longer offered; unknown, it never was.
+        let (reply, mut answer) = oneshot::channel();
+        transfers.control(Control::Announced { index: 7, reply });
+        assert_eq!(answer.try_recv().unwrap().unwrap_err(), Refusal::NotOpen);
+    }
+
     /// A relay and a guacd that answers each ack with one 4096-byte blob of `blobs`, then
     /// `end`; the number of acks guacd got, as it changes.
     fn relay_with_guacd(
@@ -1111,7 +1307,7 @@ mod tests {
         let (mut acks, _other) = relay_with_guacd(transfers, first, control_rx, blobs);
         let (body_tx, mut body) = mpsc::channel(1);
         let feeder = tokio::spawn(async move {
-            feed_body(5, None, chunks, &withheld, &control_tx, &body_tx).await;
+            feed_body(5, chunks, &withheld, &control_tx, &body_tx).await;
         });
         // Nobody reads the body: guacd is asked for the buffer, plus the blob the feeder
         // holds and the one in the body's slot, and then for nothing more.
@@ -1138,7 +1334,7 @@ mod tests {
         let (mut acks, mut other) = relay_with_guacd(transfers, first, control_rx, 1000);
         let (body_tx, mut body) = mpsc::channel(1);
         let feeder = tokio::spawn(async move {
-            feed_body(5, None, chunks, &withheld, &control_tx, &body_tx).await;
+            feed_body(5, chunks, &withheld, &control_tx, &body_tx).await;
         });
         assert!(body.recv().await.unwrap().is_ok());
         acks.wait_for(|n| *n >= DOWNLOAD_BUFFER_BLOBS + 2).await.unwrap();
@@ -1154,7 +1350,7 @@ mod tests {
         let (control_tx, _control_rx) = mpsc::channel(8);
         let (body_tx, mut body) = mpsc::channel(1);
         let feeder = tokio::spawn(async move {
-            feed_body(5, None, chunks, &withheld, &control_tx, &body_tx).await;
+            feed_body(5, chunks, &withheld, &control_tx, &body_tx).await;
         });
         // The relay ends: the buffer's sender goes with it.
         drop(transfers);
@@ -1165,12 +1361,12 @@ mod tests {
     /// Download 5 through a relay whose guacd sends `blobs` blobs of 4096 bytes then `end`,
     /// its body fed with `expected` as the file's size: the body's items, read to the end.
     async fn download_through(blobs: usize, expected: Option<u64>) -> Vec<std::io::Result<Bytes>> {
-        let (transfers, chunks, withheld, first) = taken_download();
+        let (transfers, chunks, withheld, first) = taken_download_of(expected);
         let (control_tx, control_rx) = mpsc::channel(8);
         let (_acks, _other) = relay_with_guacd(transfers, first, control_rx, blobs);
         let (body_tx, mut body) = mpsc::channel(1);
         let feeder = tokio::spawn(async move {
-            feed_body(5, expected, chunks, &withheld, &control_tx, &body_tx).await;
+            feed_body(5, chunks, &withheld, &control_tx, &body_tx).await;
         });
         let mut items = Vec::new();
         while let Some(item) = body.recv().await {

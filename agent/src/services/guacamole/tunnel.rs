@@ -100,7 +100,8 @@ pub enum Ended {
 /// handler for, so a stock client is unaffected; exoagent's page reads it.
 pub const NOTICE_OPCODE: &str = "exoagent";
 
-/// What the page is told about a session.
+/// What the page is told about a session. Besides these, `transfer.rs` tells it, just before
+/// guacd's `end` of a download the web side cut, `exoagent,download,<index>,failed,<reason>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Notice {
     /// Whether the remote display follows the window (from guacd's `args`).
@@ -527,7 +528,14 @@ async fn forward_to_browser(
                 if !routing.forward {
                     continue;
                 }
-                let text = for_browser(&frame);
+                let text = match routing.to_page {
+                    Some(first) => {
+                        let mut text = first.encode_counting(BROWSER_LENGTHS);
+                        text.push_str(&for_browser(&frame));
+                        std::borrow::Cow::Owned(text)
+                    }
+                    None => for_browser(&frame),
+                };
                 if !batch.is_empty() && batch.len() + text.len() > MESSAGE_TARGET_BYTES {
                     let full = std::mem::take(&mut batch);
                     socket
