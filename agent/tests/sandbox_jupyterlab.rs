@@ -4,8 +4,10 @@
 //! (even SIGKILL) leaves the server and its kernels running and re-adopts them; invalid
 //! configuration changes nothing.
 //!
-//! Needs python3 (>= 3.10, with venv) and network access to PyPI (or a warm uv/pip cache);
-//! `.ci/run` provides both.
+//! Needs python3 (>= 3.9, with venv) and network access to PyPI (or a warm uv/pip cache);
+//! `.ci/run` provides both. `EXOAGENT_TEST_JUPYTERLAB_PYTHON=/path/to/python3.9` makes the agent
+//! use that interpreter (`services.jupyterlab.python`), to run the same test on Debian 11's
+//! Python (the lock's JupyterLab 4.5 pins) on a machine whose python3 is newer.
 
 mod common;
 
@@ -172,9 +174,21 @@ status_interval_s = 1
 load_interval_s = 2
 "#;
 
+/// [`CONFIG`], with the interpreter `EXOAGENT_TEST_JUPYTERLAB_PYTHON` names, if any.
+fn config() -> String {
+    match std::env::var("EXOAGENT_TEST_JUPYTERLAB_PYTHON") {
+        Ok(python) if !python.is_empty() => CONFIG.replacen(
+            "[services.jupyterlab]\n",
+            &format!("[services.jupyterlab]\npython = {}\n", Value::from(python)),
+            1,
+        ),
+        _ => CONFIG.to_owned(),
+    }
+}
+
 #[test]
 fn sandbox_brings_up_jupyterlab_supervises_and_survives_agent_restarts() {
-    let mut sb = Sandbox::new(CONFIG);
+    let mut sb = Sandbox::new(&config());
     sb.start_agent();
 
     // 1. Ready on the local API.
@@ -186,6 +200,27 @@ fn sandbox_brings_up_jupyterlab_supervises_and_survives_agent_restarts() {
     assert_eq!(jl["port"], sb.port);
     let first_pid = jl["pid"].as_i64().expect("a pid");
     assert!(pid_alive(first_pid));
+    if let Ok(python) = std::env::var("EXOAGENT_TEST_JUPYTERLAB_PYTHON") {
+        // The venv runs the interpreter asked for, not the machine's python3.
+        let version = |exe: &Path| {
+            let out = std::process::Command::new(exe)
+                .arg("--version")
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        };
+        let venv = sb.root().join("opt/exoagent/jupyterlab/venv");
+        let wanted = version(Path::new(&python));
+        assert!(
+            wanted.starts_with("Python 3."),
+            "{python} --version: {wanted:?}"
+        );
+        assert_eq!(version(&venv.join("bin/python")), wanted);
+        eprintln!(
+            "JupyterLab {} on {wanted}",
+            version(&venv.join("bin/jupyter-lab"))
+        );
+    }
 
     // 2. The human table says the same.
     let table = sb.cli(&["status"]);

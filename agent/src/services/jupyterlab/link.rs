@@ -143,11 +143,16 @@ pub fn workflow_value(workflow: &super::workflow::WorkflowSettings, base_url: &s
     )
 }
 
-/// The JupyterLab version pinned in the lock `requirements` (`jupyterlab==X \`).
+/// The JupyterLab version the lock `requirements` pins for the newest Pythons: the
+/// `jupyterlab==X \` line with no environment marker, or whose marker puts no upper bound on
+/// the Python (`jupyterlab==X ; python_full_version >= '3.10' \`, not the `< '3.10'` one).
 pub fn pinned_version(requirements: &str) -> Option<&str> {
     requirements.lines().find_map(|line| {
-        line.strip_prefix("jupyterlab==")
-            .map(|rest| rest.trim_end_matches(['\\', ' ']).trim())
+        let rest = line.strip_prefix("jupyterlab==")?.trim_end_matches(['\\', ' ']);
+        match rest.split_once(';') {
+            None => Some(rest.trim()),
+            Some((version, marker)) => (!marker.contains('<')).then_some(version.trim()),
+        }
     })
 }
 
@@ -230,7 +235,12 @@ mod tests {
             pinned_version("anyio==4 \\\n    --hash=sha256:00\njupyterlab==4.6.6 \\\n    --hash=sha256:11\n"),
             Some("4.6.6")
         );
-        assert!(pinned_version(super::super::REQUIREMENTS).is_some());
+        // One lock for every Python: the newest Pythons' pin, whatever the line order.
+        let forked = "jupyterlab==4.5.11 ; python_full_version < '3.10' \\\n    --hash=sha256:22\n\
+                      jupyterlab==4.6.6 ; python_full_version >= '3.10' \\\n    --hash=sha256:11\n";
+        assert_eq!(pinned_version(forked), Some("4.6.6"));
+        assert_eq!(pinned_version("jupyterlab==4.5.11 ; python_full_version < '3.10' \\\n"), None);
+        assert_eq!(pinned_version(super::super::REQUIREMENTS), Some("4.6.6"));
     }
 
     #[test]

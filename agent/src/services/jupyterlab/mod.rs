@@ -33,20 +33,39 @@ use crate::supervise::{Probe, RunSpec};
 pub const CONFIG_LOADER: &str = include_str!("jupyter_server_config.py");
 
 /// The pinned, hash-locked requirements, generated from `requirements.in` with
-/// `uv pip compile --universal --python-version 3.10 --generate-hashes requirements.in -o requirements.txt`.
+/// `uv pip compile --universal --python-version 3.9 --generate-hashes requirements.in -o requirements.txt`
+/// (the previous lock given as `-o`, so uv keeps its pins where they still fit). One lock for
+/// every Python the agent accepts: its lines carry environment markers, so Python 3.10 and
+/// newer install JupyterLab 4.6 and Python 3.9 (Debian 11) JupyterLab 4.5, the newest that
+/// supports it. pip and uv pick the lines whose markers match the venv's interpreter.
 pub const REQUIREMENTS: &str = include_str!("requirements.txt");
 
-/// The lowest Python the pinned JupyterLab supports.
-const MIN_PYTHON: (u32, u32) = (3, 10);
+/// The lowest Python the lock has pins for (its `--python-version`): Debian 11's python3.
+const MIN_PYTHON: (u32, u32) = (3, 9);
 
-/// Interpreters tried, newest first, when none is configured.
-const PYTHON_CANDIDATES: [&str; 5] = [
+/// Interpreters tried, newest first, when none is configured. `python3.9` before `python3`:
+/// on EL 8 python3 is 3.6 while the `python39` package adds `python3.9`.
+const PYTHON_CANDIDATES: [&str; 6] = [
     "python3.13",
     "python3.12",
     "python3.11",
     "python3.10",
+    "python3.9",
     "python3",
 ];
+
+/// Whether `candidate`, which reported `major.minor`, can run the lock's JupyterLab; if not,
+/// why (naming the interpreter and its version), for the install error.
+fn python_supported(candidate: &str, (major, minor): (u32, u32)) -> Result<(), String> {
+    if (major, minor) >= MIN_PYTHON {
+        Ok(())
+    } else {
+        Err(format!(
+            "{candidate} is Python {major}.{minor}, older than {}.{} (the oldest the JupyterLab lock has pins for)",
+            MIN_PYTHON.0, MIN_PYTHON.1
+        ))
+    }
+}
 
 /// JupyterLab as configured.
 #[derive(Debug, Clone)]
@@ -133,10 +152,10 @@ impl JupyterLab {
             if let (true, Some(major), Some(minor)) =
                 (output.status.success(), parts.next(), parts.next())
             {
-                if (major, minor) >= MIN_PYTHON {
-                    return Ok(candidate.clone());
+                match python_supported(candidate, (major, minor)) {
+                    Ok(()) => return Ok(candidate.clone()),
+                    Err(why) => seen.push(why),
                 }
-                seen.push(format!("{candidate} is {major}.{minor}"));
             } else if !output.status.success() {
                 seen.push(format!("{candidate} has no venv module"));
             }
@@ -413,7 +432,8 @@ impl ServiceImpl for JupyterLab {
         let mut packages: Vec<String> = match os.family {
             Family::Debian if needs_venv_module => vec!["python3".into(), "python3-venv".into()],
             Family::Debian => vec!["python3".into()],
-            // EL 8/9 ship 3.6/3.9 as python3; JupyterLab needs 3.10+, AppStream has 3.11.
+            // EL 8/9 ship 3.6/3.9 as python3; AppStream's 3.11 gets the lock's JupyterLab 4.6
+            // (3.9 would get 4.5, the newest for it).
             Family::RedHat => vec!["python3.11".into()],
         };
         if self.settings.workflow.is_some() {
@@ -810,6 +830,65 @@ mod tests {
         // Without a workflow, JupyterLab's own defaults.
         let plain = JupyterLab::new(JupyterLabSettings::default()).server_config(&ctx(1000), "h", None);
         assert!(plain.get("LabApp").is_none());
+    }
+
+    /// The `jupyterlab==` pin the lock's markers select for Python `major.minor` (the lock's
+    /// markers on it are `python_full_version < 'X.Y'` / `>= 'X.Y'`, or none).
+    fn jupyterlab_pin_for(python: (u32, u32)) -> Vec<String> {
+        let version_of = |v: &str| -> (u32, u32) {
+            let mut parts = v.trim_matches('\'').split('.').map(|p| p.parse::<u32>().unwrap());
+            (parts.next().unwrap(), parts.next().unwrap())
+        };
+        REQUIREMENTS
+            .lines()
+            .filter_map(|line| line.strip_prefix("jupyterlab=="))
+            .filter_map(|rest| {
+                let rest = rest.trim_end_matches(['\\', ' ']);
+                let Some((version, marker)) = rest.split_once(';') else {
+                    return Some(rest.trim().to_owned());
+                };
+                let words: Vec<&str> = marker.split_whitespace().collect();
+                let applies = match words.as_slice() {
+                    ["python_full_version", "<", bound] => python < version_of(bound),
+                    ["python_full_version", ">=", bound] => python >= version_of(bound),
+                    other => panic!("a marker this test does not read: {other:?}"),
+                };
+                applies.then(|| version.trim().to_owned())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn each_accepted_python_gets_one_jupyterlab_from_the_lock() {
+        // Debian 11's python3 gets JupyterLab 4.5, the newest that supports it.
+        assert_eq!(jupyterlab_pin_for((3, 9)), ["4.5.11"]);
+        for minor in 10..=14 {
+            assert_eq!(jupyterlab_pin_for((3, minor)), ["4.6.6"], "Python 3.{minor}");
+        }
+        // The lock was compiled for the oldest Python the agent accepts.
+        assert!(
+            REQUIREMENTS.contains(&format!("--python-version {}.{} ", MIN_PYTHON.0, MIN_PYTHON.1)),
+            "the lock's header names --python-version {}.{}",
+            MIN_PYTHON.0,
+            MIN_PYTHON.1
+        );
+    }
+
+    #[test]
+    fn python_selection_accepts_3_9_and_newer_and_names_what_it_refuses() {
+        assert_eq!(python_supported("python3", (3, 9)), Ok(()));
+        for minor in 10..=13 {
+            assert_eq!(python_supported(&format!("python3.{minor}"), (3, minor)), Ok(()));
+        }
+        let refused = python_supported("/usr/bin/python3", (3, 8)).unwrap_err();
+        assert_eq!(
+            refused,
+            "/usr/bin/python3 is Python 3.8, older than 3.9 (the oldest the JupyterLab lock has pins for)"
+        );
+        assert!(python_supported("python2", (2, 7)).is_err());
+        // 3.9 is tried by name before python3 (EL 8: python3 is 3.6, python39 adds python3.9).
+        let at = |name: &str| PYTHON_CANDIDATES.iter().position(|c| *c == name).unwrap();
+        assert!(at("python3.10") < at("python3.9") && at("python3.9") < at("python3"));
     }
 
     #[test]

@@ -16,8 +16,9 @@ use super::WorkflowError;
 /// A Python `(major, minor)`.
 pub type PythonVersion = (u32, u32);
 
-/// The lowest Python the pinned JupyterLab runs on.
-pub const MIN_PYTHON: (u32, u32) = (3, 10);
+/// The lowest Python the pinned JupyterLab runs on: the JupyterLab lock's (3.9, which gets
+/// JupyterLab 4.5; 3.10 and newer get 4.6).
+pub const MIN_PYTHON: (u32, u32) = super::super::MIN_PYTHON;
 
 /// What the recipe reads: the names in the configuration directory and in the repository's
 /// root, and the contents of the files whose content decides.
@@ -422,6 +423,9 @@ mod tests {
         let e = plan(&files(&["runtime.txt"], &[("runtime.txt", "python-3.8")])).unwrap_err();
         assert_eq!(e.reason(), "workflow-unsupported");
         assert!(e.to_string().contains("3.8"), "{e}");
+        // Debian 11's 3.9 is not: the lock has pins for it.
+        let recipe = plan(&files(&["runtime.txt"], &[("runtime.txt", "python-3.9")])).unwrap();
+        assert_eq!(recipe.python, Some((3, 9)));
     }
 
     #[test]
