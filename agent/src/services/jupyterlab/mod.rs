@@ -454,7 +454,7 @@ impl ServiceImpl for JupyterLab {
         };
         lines.extend([
             format!(
-                "create venv {} and install the hash-pinned JupyterLab lock ({} packages) with {}",
+                "create venv {} and install the hash-pinned JupyterLab lock ({} pins; each line's marker picks those for the venv's Python, 3.9 or newer) with {}",
                 venv.display(),
                 REQUIREMENTS
                     .lines()
