@@ -1297,6 +1297,27 @@ async fn file_streams_guacd(content: Vec<u8>) -> (u16, std::sync::Arc<std::sync:
     (port, uploaded)
 }
 
+/// The `shell` connection's tunnel for `token`, once the web side has said it serves file
+/// streams over HTTP and guacd has sized the display; with the tunnel's UUID (the first
+/// message, Apache's `0.,36.<uuid>;`), which the stream endpoints' paths carry.
+async fn open_shell_tunnel_with_streams(
+    addr: std::net::SocketAddr,
+    token: &str,
+) -> (
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    String,
+) {
+    let mut socket = open_tunnel(format!(
+        "ws://{addr}/guacamole/websocket-tunnel?token={token}&GUAC_ID=shell&GUAC_TYPE=c&GUAC_DATA_SOURCE=default"
+    ))
+    .await;
+    let first = message_with(&mut socket, "0.,36.").await;
+    let uuid = first["0.,36.".len()..first.len() - 1].to_owned();
+    message_with(&mut socket, "8.exoagent,5.files,7.streams;").await;
+    message_with(&mut socket, "4.size,").await;
+    (socket, uuid)
+}
+
 /// The next message of `socket` that holds `text`, within 10 s.
 async fn message_with(
     socket: &mut tokio_tungstenite::WebSocketStream<
@@ -1333,14 +1354,7 @@ async fn a_download_guacd_ends_short_of_the_file_s_size_fails_over_http() {
     let connection = serde_json::json!({"shell": {"protocol": "ssh", "parameters": {
         "hostname": "127.0.0.1", "username": me.name, "enable-sftp": "true"}}});
     let (addr, token, _web) = logged_in_web_side(guacd, connection).await;
-    let mut socket = open_tunnel(format!(
-        "ws://{addr}/guacamole/websocket-tunnel?token={token}&GUAC_ID=shell&GUAC_TYPE=c&GUAC_DATA_SOURCE=default"
-    ))
-    .await;
-    let first = message_with(&mut socket, "0.,36.").await;
-    let uuid = first["0.,36.".len()..first.len() - 1].to_owned();
-    message_with(&mut socket, "8.exoagent,5.files,7.streams;").await;
-    message_with(&mut socket, "4.size,").await;
+    let (mut socket, uuid) = open_shell_tunnel_with_streams(addr, &token).await;
     let url =
         format!("http://{addr}/guacamole/api/session/tunnels/{uuid}/streams/7/f.bin?token={token}");
     let http = reqwest::Client::new();
@@ -1395,14 +1409,7 @@ async fn files_cross_as_http_bodies_only_for_the_token_that_opened_the_tunnel() 
     let (guacd, uploaded) = file_streams_guacd(content.clone()).await;
     let (addr, token, _web) = logged_in_web_side(guacd, shell_connection()).await;
     let other = token_from(addr).await;
-    let mut socket = open_tunnel(format!(
-        "ws://{addr}/guacamole/websocket-tunnel?token={token}&GUAC_ID=shell&GUAC_TYPE=c&GUAC_DATA_SOURCE=default"
-    ))
-    .await;
-    let first = message_with(&mut socket, "0.,36.").await;
-    let uuid = first["0.,36.".len()..first.len() - 1].to_owned();
-    message_with(&mut socket, "8.exoagent,5.files,7.streams;").await;
-    message_with(&mut socket, "4.size,").await;
+    let (mut socket, uuid) = open_shell_tunnel_with_streams(addr, &token).await;
 
     let http = reqwest::Client::new();
     let url = |index: u32, token: &str| {

@@ -18,9 +18,23 @@ typedef struct S S; typedef struct F F; typedef struct H H;
 #define MAXH 256
 static H* hs[MAXH]; static F* hf[MAXH];
 static F* fsv[MAXH]; static S* fss[MAXH];
-static unsigned long long total[MAXH];
+static unsigned long long total[MAXH], wtotal[MAXH];
 static void* lib(void) { static void* h; if (!h) h = dlopen("libssh2.so.1", RTLD_NOW | RTLD_NOLOAD); if (!h) h = dlopen("libssh2.so.1", RTLD_NOW); return h; }
 static void say(const char* m) { syscall(SYS_write, 2, m, strlen(m)); }
+/* A failed call: libssh2's own last error for the handle's session, and the SFTP status. */
+static void report(const char* what, H* h, int i, size_t n, ssize_t r, unsigned long long done) {
+    static int (*last)(S*, char**, int*, int); if (!last) last = dlsym(lib(), "libssh2_session_last_error");
+    static unsigned long (*flast)(F*); if (!flast) flast = dlsym(lib(), "libssh2_sftp_last_error");
+    F* f = i < MAXH ? hf[i] : 0; S* s = 0;
+    for (int j = 0; f && j < MAXH; j++) if (fsv[j] == f) s = fss[j];
+    char* msg = "(no session)"; int code = 0, ml = 0;
+    if (s) code = last(s, &msg, &ml, 0);
+    char line[600];
+    snprintf(line, sizeof line, "readspy: libssh2_sftp_%s(%zu) -> %zd after %llu B; session last error %d: %s; sftp status %lu\n",
+             what, n, r, done, code, msg, f ? flast(f) : 0UL);
+    say(line);
+    (void) h;
+}
 F* libssh2_sftp_init(S* s) {
     static F* (*real)(S*); if (!real) real = dlsym(lib(), "libssh2_sftp_init");
     F* f = real(s);
@@ -36,21 +50,10 @@ H* libssh2_sftp_open_ex(F* f, const char* p, unsigned int l, unsigned long fl, l
 }
 ssize_t libssh2_sftp_read(H* h, char* b, size_t n) {
     static ssize_t (*real)(H*, char*, size_t); if (!real) real = dlsym(lib(), "libssh2_sftp_read");
-    static int (*last)(S*, char**, int*, int); if (!last) last = dlsym(lib(), "libssh2_session_last_error");
-    static unsigned long (*flast)(F*); if (!flast) flast = dlsym(lib(), "libssh2_sftp_last_error");
     ssize_t r = real(h, b, n);
     int i; for (i = 0; i < MAXH && hs[i] != h; i++);
     if (i < MAXH && r > 0) total[i] += r;
-    if (r < 0) {
-        F* f = i < MAXH ? hf[i] : 0; S* s = 0;
-        for (int j = 0; f && j < MAXH; j++) if (fsv[j] == f) s = fss[j];
-        char* msg = "(no session)"; int code = 0, ml = 0;
-        if (s) code = last(s, &msg, &ml, 0);
-        char line[600];
-        snprintf(line, sizeof line, "readspy: libssh2_sftp_read -> %zd after %llu B; session last error %d: %s; sftp status %lu\n",
-                 r, i < MAXH ? total[i] : 0ULL, code, msg, f ? flast(f) : 0UL);
-        say(line);
-    }
+    if (r < 0) report("read", h, i, n, r, i < MAXH ? total[i] : 0ULL);
     return r;
 }
 static int nodelay_on(void) { const char* v = getenv("SPY_NODELAY"); return v && v[0] == '1'; }
@@ -60,23 +63,11 @@ int connect(int fd, const struct sockaddr* a, socklen_t l) {
     if (r == 0 && nodelay_on() && a && (a->sa_family == AF_INET || a->sa_family == AF_INET6)) nodelay(fd);
     return (int) r;
 }
-static unsigned long long wtotal[MAXH];
 ssize_t libssh2_sftp_write(H* h, const char* b, size_t n) {
     static ssize_t (*real)(H*, const char*, size_t); if (!real) real = dlsym(lib(), "libssh2_sftp_write");
-    static int (*last)(S*, char**, int*, int); if (!last) last = dlsym(lib(), "libssh2_session_last_error");
-    static unsigned long (*flast)(F*); if (!flast) flast = dlsym(lib(), "libssh2_sftp_last_error");
     ssize_t r = real(h, b, n);
     int i; for (i = 0; i < MAXH && hs[i] != h; i++);
     if (i < MAXH && r > 0) wtotal[i] += r;
-    if (r != (ssize_t) n) {
-        F* f = i < MAXH ? hf[i] : 0; S* s = 0;
-        for (int j = 0; f && j < MAXH; j++) if (fsv[j] == f) s = fss[j];
-        char* msg = "(no session)"; int code = 0, ml = 0;
-        if (s) code = last(s, &msg, &ml, 0);
-        char line[600];
-        snprintf(line, sizeof line, "readspy: libssh2_sftp_write(%zu) -> %zd after %llu B; session last error %d: %s; sftp status %lu\n",
-                 n, r, i < MAXH ? wtotal[i] : 0ULL, code, msg, f ? flast(f) : 0UL);
-        say(line);
-    }
+    if (r != (ssize_t) n) report("write", h, i, n, r, i < MAXH ? wtotal[i] : 0ULL);
     return r;
 }

@@ -52,7 +52,7 @@ sleep 1
 if [ -n "${STALL:-}" ]; then
   ( sleep ${STALL_AT:-4}; p=$(pgrep -u "$user" -f "sftp-server|@notty" | head -1); echo "stalling sftp-server $p for $STALL s"; kill -STOP $p; sleep $STALL; kill -CONT $p; echo "resumed" ) &
 fi
-setsid python3 "$here/sftp_stress.py" $gport 127.0.0.1 $target_port "$user" "$pw" "$f" "$size"
+setsid /var/tmp/exoagent-guac-venv/bin/python "$here/sftp_stress.py" $gport 127.0.0.1 $target_port "$user" "$pw" "$f" "$size"
 rc=$?
 kill $gpid ${rpid:-} 2>/dev/null
 rm -f "$f"
