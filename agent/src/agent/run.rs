@@ -47,24 +47,20 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
     if options.mode == Mode::System {
         require_root()?;
     }
-    // The config drive is looked for (and mounted) while the configuration is read and
-    // validated: neither waits for the other's reads at boot. The plan's identity is read again
-    // once the drive is there, when the plan looked before it was.
-    let drive = async { options.mode == Mode::System && mount_config_drive(&options.paths).await };
+    // The config drive is looked for (and mounted) from the start, beside the configuration's
+    // reading and validation and the services' side: only the identity side waits for it (the
+    // plan's identity is read again once the drive is there, when the plan looked before).
+    let drive = {
+        let (system, paths) = (options.mode == Mode::System, options.paths.clone());
+        tokio::spawn(async move { system && mount_config_drive(&paths).await })
+    };
     // Validate fully before anything is created or changed; a stop asked for meanwhile is
     // answered at once, even if a read hangs.
-    let Some((mounted, planned)) = unless_cancelled(&cancel, async {
-        tokio::join!(drive, plan_blocking(&options))
-    })
-    .await
-    else {
+    let Some(planned) = unless_cancelled(&cancel, plan_blocking(&options)).await else {
         tracing::info!(target: "exoagent::agent", "stopped while reading the configuration");
         return Ok(());
     };
     let mut plan = planned?;
-    if mounted && plan.identity.is_none() {
-        plan.identity = drive_identity(&plan.paths)?;
-    }
     tracing::info!(target: "exoagent::agent", os = %plan.os.pretty_name, services = plan.services.len(), "configuration valid");
     let early = early_passphrase(&plan);
     prepare_dirs(&plan.paths)?;
@@ -106,6 +102,19 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
     // The identity side's background work (Nova reporter, UAP watch), joined at the stop.
     let mut identity_tasks = Tasks::new();
     let identity_side = async {
+        // A stop asked for while a mount hangs is answered: the drive counts as absent.
+        let mounted = tokio::select! {
+            biased;
+            () = cancel.cancelled() => false,
+            done = drive => match done {
+                Ok(mounted) => mounted,
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(_) => false,
+            },
+        };
+        if mounted && plan.identity.is_none() {
+            plan.identity = drive_identity(&plan.paths)?;
+        }
         let identity_source = resolve_identity(&mut plan, metadata.as_ref(), &hub).await?;
         forget_previous_instance(&plan)?;
         if plan.settings.cloud.clouds_yaml.is_some() {
