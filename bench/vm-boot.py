@@ -610,8 +610,9 @@ def report(runs, args, wanted_runs, notes, when=None):
             f"{', '.join('–' if o[3] is None else f'{o[3]:+.1f}' for o in overheads)} s "
             "(answering is polled every 1 s, so these differences carry ±1 s).",
             ""]
+        # The config drive is looked for beside the configuration (not in this chain).
         steps = ["cloud-init network stage done", "agent started", "agent process started",
-                 "agent main entered", "agent first line", "agent config drive looked for",
+                 "agent main entered", "agent first line",
                  "agent configuration valid", "agent account ready", "agent packages checked",
                  "installed", "configured", "JupyterLab process started", "spawned"]
         gaps = []
