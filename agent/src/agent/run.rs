@@ -83,6 +83,14 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
         cancel.clone(),
     )
     .await?;
+    // The account (`useradd`: a process and its files' syncs, the longest step before a baked
+    // service can start) and the batch's package query begin now, beside the local set-up that
+    // follows (the link token's file, the reporters); not before the socket is bound, which
+    // keeps a second agent from changing anything.
+    let first_steps = {
+        let plan = plan.services_side();
+        tokio::spawn(async move { tokio::join!(provision_account(&plan), installed_early(&plan)) })
+    };
     let link = exosphere_link(&plan);
     let token_line = link.as_ref().map(|(token, _)| link::token_line(token));
     let notify = start_local_reporters(&plan, &hub, token_line, &mut tasks, &cancel);
@@ -188,6 +196,7 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
     };
     let services = SetUp {
         plan: &services_plan,
+        first_steps,
         hub: &hub,
         metadata: metadata.as_ref(),
         shim: &options.shim,
@@ -220,6 +229,14 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
 /// closed without one when it could not be had.
 type PassphraseWatch = tokio::sync::watch::Receiver<Option<(Passphrase, bool)>>;
 
+/// The account services run as (or why not) and the batch's packages found installed
+/// ([`installed_early`]): the package query (a process, a noticeable part of a second at boot
+/// under emulation) runs beside `useradd`, and on a baked image it is all the batch does.
+type FirstSteps = tokio::task::JoinHandle<(
+    Result<crate::platform::users::Account, Reason>,
+    Option<std::collections::HashSet<String>>,
+)>;
+
 /// The passphrase from `watch`, waited for; `None` when it could not be had.
 async fn passphrase_from(watch: &PassphraseWatch) -> Option<(Passphrase, bool)> {
     let mut watch = watch.clone();
@@ -232,6 +249,8 @@ async fn passphrase_from(watch: &PassphraseWatch) -> Option<(Passphrase, bool)> 
 /// (once the passphrase is there) and handed to its supervisor.
 struct SetUp<'a> {
     plan: &'a Plan,
+    /// The account and the package query, begun early ([`FirstSteps`]).
+    first_steps: FirstSteps,
     hub: &'a StateHub,
     metadata: Option<&'a MetadataService>,
     shim: &'a ShimCommand,
@@ -249,15 +268,18 @@ impl SetUp<'_> {
     ) -> Result<bool, AgentError> {
         let SetUp {
             plan,
+            first_steps,
             hub,
             metadata,
             shim,
             api_socket,
         } = self;
-        // The batch's package query (a process, a noticeable part of a second at boot under
-        // emulation) runs beside the account's creation: on a baked image it is all the batch
-        // does.
-        let (account, installed) = tokio::join!(provision_account(plan), installed_early(plan));
+        let (account, installed) = match first_steps.await {
+            Ok(done) => done,
+            // Only a panic ends the task early (or the runtime's end): pass a panic on.
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => (Err(Reason::new("account-unknown", e.to_string())), None),
+        };
         let account = match account {
             Ok(account) => account,
             Err(reason) => {
