@@ -281,6 +281,8 @@ def ssh(key_file, port, command, timeout=180):
 
 JOURNAL_FIELDS = "MESSAGE,MESSAGE_ID,UNIT,JOB_TYPE,JOB_RESULT,_SYSTEMD_UNIT,_PID,SYSLOG_IDENTIFIER"
 JOB_DONE = "39f53479d3a045ac8e11786248231fbf"
+# The agent's own stamp on its journal lines: seconds since boot, to the millisecond.
+AGENT_STAMP = re.compile(r"^\s*(\d+\.\d{3}) ")
 UNIT_STARTING = "7d4958e842da4a758f6c1cdc7b36dcc5"
 
 
@@ -359,8 +361,35 @@ def journal_phases(entries, variant):
             return text in m and (not service or re.search(r'service="?jupyterlab', m))
         return check
 
+    # The agent stamps its lines with the seconds since boot it wrote them at (journald stamps
+    # them when it reads them, later when it is busy): the agent's own stamp when there is one.
+    def written(entry):
+        m = AGENT_STAMP.match(message(entry))
+        return float(m.group(1)) if m else guest_seconds(entry)
+
+    lags = [guest_seconds(e) - written(e) for e in agent if AGENT_STAMP.match(message(e))]
+    if lags:
+        notes["journal_lag_s"] = [round(statistics.median(lags), 3), round(max(lags), 3)]
+    # The agent's first line says when its process started (fork) and entered main (exec done).
+    for entry in agent:
+        for name, field in [("agent process started", "process_started"),
+                            ("agent main entered", "main_entered")]:
+            m = re.search(field + r"=(\d+\.\d+)", message(entry))
+            if m and "agent starting" in message(entry):
+                phases.setdefault(name, float(m.group(1)))
+        # The service's process start (fork by the shim), before the shim reports it.
+        m = re.search(r'service spawned.*service="?jupyterlab.*started_at=(\d+\.\d+)',
+                      message(entry))
+        if m:
+            phases.setdefault("JupyterLab process started", float(m.group(1)))
     for name, text, service in [
+            ("agent first line", "agent starting", False),
+            ("agent config drive looked for", "config drive", False),
             ("agent configuration valid", "configuration valid", False),
+            ("agent identity", "instance identity", False),
+            ("agent passphrase ready", "passphrase ready", False),
+            ("agent account ready", "account ready", False),
+            ("agent packages checked", "system packages checked", False),
             ("uv fetched", "uv fetched and verified", False),
             ("install command", "running", True),
             ("installed", "installed", True),
@@ -369,7 +398,7 @@ def journal_phases(entries, variant):
             ("agent saw ready", "service ready", True)]:
         for entry in agent:
             if says(text, service)(entry):
-                phases.setdefault(name, guest_seconds(entry))
+                phases.setdefault(name, written(entry))
                 break
     commands = [re.sub(r"^.*command=", "", message(e)) for e in agent
                 if "running" in message(e) and "command=" in message(e)]
@@ -461,7 +490,7 @@ def one_run(variant, userdata, image_dir, key_name, key_file, env, round_no):
             record["systemd_analyze"] = analyze
             record.update({f"agent_{k}": v for k, v in notes.items()})
             if offset is not None:
-                phases.update({k: round(offset + v, 1) for k, v in guest.items()})
+                phases.update({k: round(offset + v, 2) for k, v in guest.items()})
                 # The agent's whole log, seconds from QEMU's start (for reading the gaps).
                 record["agent_log"] = [
                     f"{offset + guest_seconds(e):.2f} {message(e).strip()}" for e in entries
@@ -497,9 +526,12 @@ def fmt(stat, digits=0):
 
 
 PHASE_ORDER = ["kernel start", "cloud-init network stage done", "bootstrap started", "start",
-               "agent started",
-               "agent configuration valid", "apt-done", "uv fetched", "uv-fetched", "venv",
-               "install command", "installed", "configured", "spawned", "agent saw ready",
+               "agent started", "agent process started", "agent main entered",
+               "agent first line",
+               "agent config drive looked for", "agent configuration valid", "agent identity",
+               "agent passphrase ready", "agent account ready", "agent packages checked", "apt-done", "uv fetched", "uv-fetched", "venv",
+               "install command", "installed", "configured", "JupyterLab process started",
+               "spawned", "agent saw ready",
                "answering", "complete", "Nova", "cloud-init config stage done",
                "cloud-init final stage done"]
 
@@ -578,14 +610,17 @@ def report(runs, args, wanted_runs, notes, when=None):
             f"{', '.join('–' if o[3] is None else f'{o[3]:+.1f}' for o in overheads)} s "
             "(answering is polled every 1 s, so these differences carry ±1 s).",
             ""]
-        steps = ["cloud-init network stage done", "agent started", "agent configuration valid",
-                 "installed", "configured", "spawned"]
+        # The config drive is looked for beside the configuration (not in this chain).
+        steps = ["cloud-init network stage done", "agent started", "agent process started",
+                 "agent main entered", "agent first line",
+                 "agent configuration valid", "agent account ready", "agent packages checked",
+                 "installed", "configured", "JupyterLab process started", "spawned"]
         gaps = []
         for a, b in zip(steps, steps[1:]):
             values = [phase_row(r)[b] - phase_row(r)[a] for r in baked
                       if a in phase_row(r) and b in phase_row(r)]
             if values:
-                gaps.append(f"→ {b} +{statistics.median(values):.1f}")
+                gaps.append(f"→ {b} +{statistics.median(values):.2f}")
         if gaps:
             lines += ["Where that time goes (medians, from the journal): network stage done "
                       + ", ".join(gaps) + " s.", ""]

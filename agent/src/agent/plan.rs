@@ -55,11 +55,7 @@ pub fn plan(mode: Mode, paths: Paths) -> Result<Plan, AgentError> {
         // The sandbox runs on any Linux: the OS is reported, never refused.
         Mode::Sandbox => os::detect_lenient(std::path::Path::new("/"))?,
     };
-    let identity = match ConfigDrive::new(&paths.config_drive).identity() {
-        Ok(identity) => Some(identity),
-        Err(crate::cloud::IdentityError::Missing { .. }) => None,
-        Err(e) => return Err(e.into()),
-    };
+    let identity = drive_identity(&paths)?;
     let services: Vec<Service> = loaded
         .settings
         .services
@@ -77,6 +73,15 @@ pub fn plan(mode: Mode, paths: Paths) -> Result<Plan, AgentError> {
         services,
         packages,
     })
+}
+
+/// The instance identity from the config drive's documents, `None` when there are none.
+pub(crate) fn drive_identity(paths: &Paths) -> Result<Option<InstanceIdentity>, AgentError> {
+    match ConfigDrive::new(&paths.config_drive).identity() {
+        Ok(identity) => Ok(Some(identity)),
+        Err(crate::cloud::IdentityError::Missing { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 impl Plan {

@@ -47,23 +47,18 @@ pub(crate) fn invoking_account(paths: &Paths) -> Result<Account, AgentError> {
     })
 }
 
-/// A passphrase made before the instance is known, when none is stored (a first boot): its
-/// argon2 hash for JupyterLab starts at once, while the identity is looked up, instead of after.
+/// A passphrase made before the instance is known, when none is stored (a first boot).
 /// [`load_passphrase`] stores it only if there is still none once a previous instance's state
-/// is forgotten; `None` on a restart (one is stored).
+/// is forgotten; `None` on a restart (one is stored). Its argon2 hash for JupyterLab is not
+/// begun here: JupyterLab starts without it (its loader waits for the configuration the hash
+/// goes into, [`crate::services::jupyterlab::CONFIG_LOADER`]), so the hash is worked out when
+/// that configuration is written, after the spawn, instead of taking a CPU from the agent's
+/// path to it (seconds of one under emulation, beside cloud-init's config stage).
 pub(super) fn early_passphrase(plan: &Plan) -> Option<Passphrase> {
     if plan.paths.passphrase_file().exists() {
         return None;
     }
-    let made = Passphrase::generate();
-    if plan
-        .services
-        .iter()
-        .any(|s| s.kind() == crate::model::ServiceKind::JupyterLab)
-    {
-        made.start_argon2();
-    }
-    Some(made)
+    Some(Passphrase::generate())
 }
 
 /// The passphrase, made on the first run (`early`, when made before); `true` when it was made
@@ -80,7 +75,8 @@ pub(super) fn load_passphrase(
 }
 
 /// The account services run as: in system mode the instance user, created when asked for (its
-/// password is [`set_password_once`]'s, apart: no service needs it to start).
+/// password is [`set_password_once`]'s and its sudo drop-in [`provision_sudo`]'s, apart: no
+/// service needs them to start).
 pub(super) async fn provision_account(plan: &Plan) -> Result<Account, Reason> {
     let paths = &plan.paths;
     match plan.mode {
@@ -92,7 +88,7 @@ pub(super) async fn provision_account(plan: &Plan) -> Result<Account, Reason> {
             let name = &plan.settings.instance.user;
             let info = if plan.settings.instance.create_user {
                 users
-                    .ensure_user(name, plan.os.family)
+                    .ensure_account_entry(name, plan.os.family)
                     .await
                     .map_err(|e| Reason::new(e.reason(), e.to_string()))?
             } else {
@@ -109,6 +105,17 @@ pub(super) async fn provision_account(plan: &Plan) -> Result<Account, Reason> {
             Ok(info.into())
         }
     }
+}
+
+/// The instance user's passwordless-sudo drop-in, when the agent creates the user (system mode).
+pub(super) async fn provision_sudo(plan: &Plan) -> Result<(), Reason> {
+    if plan.mode == Mode::Sandbox || !plan.settings.instance.create_user {
+        return Ok(());
+    }
+    UserManager::new(&plan.paths.system_root)
+        .ensure_sudo(&plan.settings.instance.user)
+        .await
+        .map_err(|e| Reason::new(e.reason(), e.to_string()))
 }
 
 /// The instance user's password set to the passphrase once: only when the passphrase is
@@ -206,15 +213,51 @@ pub(super) fn installer(plan: &Plan) -> PackageInstaller {
     PackageInstaller::new(plan.os.family.package_manager(), &plan.settings.packages)
 }
 
+/// Which of the system packages the batch may ask for (every service's and the host's) are
+/// installed already, asked once while the account is made (system mode; `None` in the
+/// sandbox, with none to ask about, or when the query fails: the batch then asks itself).
+pub(super) async fn installed_early(plan: &Plan) -> Option<std::collections::HashSet<String>> {
+    if plan.mode == Mode::Sandbox {
+        return None;
+    }
+    let mut names = plan.packages.clone();
+    names.extend(crate::host::base_packages(&plan.settings.host, &plan.os));
+    names.sort();
+    names.dedup();
+    if names.is_empty() {
+        return None;
+    }
+    match installer(plan).installed_names(&names).await {
+        Ok(found) => Some(found),
+        Err(e) => {
+            tracing::debug!(target: "exoagent::agent", error = %e, "early package query failed; the batch asks again");
+            None
+        }
+    }
+}
+
 /// One batched package transaction for the services `fetched` made ready and the package
 /// files they offered (system mode); in the sandbox nothing is installed and missing packages
-/// surface as install errors of the service that needs them.
-pub(super) async fn install_packages(plan: &Plan, hub: &StateHub, fetched: &Fetched) -> bool {
+/// surface as install errors of the service that needs them. `known` are names found
+/// installed by [`installed_early`]: not asked for again.
+pub(super) async fn install_packages(
+    plan: &Plan,
+    hub: &StateHub,
+    fetched: &Fetched,
+    known: Option<std::collections::HashSet<String>>,
+) -> bool {
     if plan.mode == Mode::Sandbox {
         return true;
     }
-    match install_batch(&installer(plan), fetched, &plan.os).await {
-        Ok(_) => true,
+    let installer = match known {
+        Some(names) => installer(plan).knowing_installed(names),
+        None => installer(plan),
+    };
+    match install_batch(&installer, fetched, &plan.os).await {
+        Ok(items) => {
+            tracing::info!(target: "exoagent::agent", items = items.len(), "system packages checked");
+            true
+        }
         Err(e) => {
             tracing::error!(target: "exoagent::agent", error = %e, "package installation failed");
             hub.fail_step(SetupStep::Packages, Reason::new(e.reason(), e.to_string()));
@@ -329,7 +372,7 @@ pub(super) fn metadata_service(plan: &Plan) -> Option<MetadataService> {
         (None, Mode::System) => DEFAULT_METADATA_URL.to_owned(),
         (None, Mode::Sandbox) => return None,
     };
-    match MetadataService::default_client() {
+    match MetadataService::client_for(&url) {
         Ok(client) => Some(MetadataService::new(&url, client)),
         Err(e) => {
             tracing::warn!(target: "exoagent::agent", error = %e, "cannot build an HTTP client; no metadata service");
@@ -752,7 +795,7 @@ mod tests {
             refused: Vec::new(),
             host_packages: vec!["zip".into()],
         };
-        assert!(install_packages(&plan, &hub, &fetched).await);
+        assert!(install_packages(&plan, &hub, &fetched, None).await);
         assert!(hub.snapshot().setup.step.is_none());
     }
 

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::server::{bind_and_serve, ApiState};
 use crate::cloud::discover::IdentitySource;
-use crate::cloud::drive::DriveFinder;
+use crate::cloud::drive::{DriveFinder, DriveMount};
 use crate::cloud::{discover_identity, ConfigDrive, Discovery, MetadataService};
 use crate::fsutil;
 use crate::host;
@@ -27,11 +27,13 @@ use crate::state::{
 };
 use crate::supervise::{jittered, retry_delay, ServicePaths, ShimCommand, Supervisor};
 
+use super::plan::drive_identity;
 use super::plan::packages_for;
 use super::provision::{
     apply_host_touches, early_passphrase, exosphere_link, fetch_all, forget_previous_instance,
-    install_login_banner, install_packages, installer, load_passphrase, metadata_service,
-    nova_reporter, provision_account, publish_passphrase, set_password_once, Fetched,
+    install_login_banner, install_packages, installed_early, installer, load_passphrase,
+    metadata_service, nova_reporter, provision_account, provision_sudo, publish_passphrase,
+    set_password_once, Fetched,
 };
 use super::{plan, AgentError, AgentOptions, Mode, Plan};
 
@@ -44,23 +46,22 @@ type SupervisorTask = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + S
 pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(), AgentError> {
     if options.mode == Mode::System {
         require_root()?;
-        if unless_cancelled(&cancel, mount_config_drive(&options.paths))
-            .await
-            .is_none()
-        {
-            return Ok(());
-        }
     }
+    // The config drive is looked for (and mounted) from the start, beside the configuration's
+    // reading and validation and the services' side: only the identity side waits for it (the
+    // plan's identity is read again once the drive is there, when the plan looked before).
+    let drive = {
+        let (system, paths) = (options.mode == Mode::System, options.paths.clone());
+        tokio::spawn(async move { system && mount_config_drive(&paths).await })
+    };
     // Validate fully before anything is created or changed; a stop asked for meanwhile is
     // answered at once, even if a read hangs.
-    let Some(planned) = plan_unless_cancelled(&options, &cancel).await else {
+    let Some(planned) = unless_cancelled(&cancel, plan_blocking(&options)).await else {
         tracing::info!(target: "exoagent::agent", "stopped while reading the configuration");
         return Ok(());
     };
     let mut plan = planned?;
     tracing::info!(target: "exoagent::agent", os = %plan.os.pretty_name, services = plan.services.len(), "configuration valid");
-    // On a first boot the passphrase's argon2 hash (seconds under emulation) is the longest step
-    // before JupyterLab can start: begun now, it runs while the instance is looked up.
     let early = early_passphrase(&plan);
     prepare_dirs(&plan.paths)?;
 
@@ -82,6 +83,14 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
         cancel.clone(),
     )
     .await?;
+    // The account (`useradd`: a process and its files' syncs, the longest step before a baked
+    // service can start) and the batch's package query begin now, beside the local set-up that
+    // follows (the link token's file, the reporters); not before the socket is bound, which
+    // keeps a second agent from changing anything.
+    let first_steps = {
+        let plan = plan.services_side();
+        tokio::spawn(async move { tokio::join!(provision_account(&plan), installed_early(&plan)) })
+    };
     let link = exosphere_link(&plan);
     let token_line = link.as_ref().map(|(token, _)| link::token_line(token));
     let notify = start_local_reporters(&plan, &hub, token_line, &mut tasks, &cancel);
@@ -101,6 +110,19 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
     // The identity side's background work (Nova reporter, UAP watch), joined at the stop.
     let mut identity_tasks = Tasks::new();
     let identity_side = async {
+        // A stop asked for while a mount hangs is answered: the drive counts as absent.
+        let mounted = tokio::select! {
+            biased;
+            () = cancel.cancelled() => false,
+            done = drive => match done {
+                Ok(mounted) => mounted,
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(_) => false,
+            },
+        };
+        if mounted && plan.identity.is_none() {
+            plan.identity = drive_identity(&plan.paths)?;
+        }
         let identity_source = resolve_identity(&mut plan, metadata.as_ref(), &hub).await?;
         forget_previous_instance(&plan)?;
         if plan.settings.cloud.clouds_yaml.is_some() {
@@ -150,15 +172,9 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
         }
         let published = match load_passphrase(&plan, early) {
             Ok((passphrase, fresh)) => {
-                // A new passphrase has no hash yet: JupyterLab's is worked out on a blocking
-                // thread now (already under way when it was made early).
-                let hashed = plan
-                    .services
-                    .iter()
-                    .any(|s| s.kind() == ServiceKind::JupyterLab);
-                if fresh && hashed {
-                    passphrase.start_argon2();
-                }
+                tracing::info!(target: "exoagent::agent", fresh, "passphrase ready");
+                // A new passphrase has no hash yet: JupyterLab's is worked out when its
+                // configuration is written (after its spawn on a first boot).
                 passphrase_tx.send_replace(Some((passphrase.clone(), fresh)));
                 // The publication (a metadata-service call that may take its time) is off the
                 // services' path: they start as soon as their own inputs exist. What is
@@ -180,6 +196,7 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
     };
     let services = SetUp {
         plan: &services_plan,
+        first_steps,
         hub: &hub,
         metadata: metadata.as_ref(),
         shim: &options.shim,
@@ -212,6 +229,14 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
 /// closed without one when it could not be had.
 type PassphraseWatch = tokio::sync::watch::Receiver<Option<(Passphrase, bool)>>;
 
+/// The account services run as (or why not) and the batch's packages found installed
+/// ([`installed_early`]): the package query (a process, a noticeable part of a second at boot
+/// under emulation) runs beside `useradd`, and on a baked image it is all the batch does.
+type FirstSteps = tokio::task::JoinHandle<(
+    Result<crate::platform::users::Account, Reason>,
+    Option<std::collections::HashSet<String>>,
+)>;
+
 /// The passphrase from `watch`, waited for; `None` when it could not be had.
 async fn passphrase_from(watch: &PassphraseWatch) -> Option<(Passphrase, bool)> {
     let mut watch = watch.clone();
@@ -224,6 +249,8 @@ async fn passphrase_from(watch: &PassphraseWatch) -> Option<(Passphrase, bool)> 
 /// (once the passphrase is there) and handed to its supervisor.
 struct SetUp<'a> {
     plan: &'a Plan,
+    /// The account and the package query, begun early ([`FirstSteps`]).
+    first_steps: FirstSteps,
     hub: &'a StateHub,
     metadata: Option<&'a MetadataService>,
     shim: &'a ShimCommand,
@@ -241,32 +268,45 @@ impl SetUp<'_> {
     ) -> Result<bool, AgentError> {
         let SetUp {
             plan,
+            first_steps,
             hub,
             metadata,
             shim,
             api_socket,
         } = self;
-        let account = match provision_account(plan).await {
+        let (account, installed) = match first_steps.await {
+            Ok(done) => done,
+            // Only a panic ends the task early (or the runtime's end): pass a panic on.
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => (Err(Reason::new("account-unknown", e.to_string())), None),
+        };
+        let account = match account {
             Ok(account) => account,
             Err(reason) => {
                 hub.fail_step(SetupStep::User, reason);
                 return Ok(false);
             }
         };
+        tracing::info!(target: "exoagent::agent", user = %account.name, "account ready");
         set_socket_group(api_socket, account.gid)?;
         let ctx = ServiceContext {
             paths: plan.paths.clone(),
             account,
             exe: shim.exe.clone(),
         };
-        // The password (chpasswd) is for logins (SSH, Guacamole, RStudio's PAM); no service
-        // needs it to start, so it runs beside them, and provisioning is over only with it.
+        // The password (chpasswd) and the sudo drop-in (its `visudo` check) are for logins
+        // (SSH, Guacamole, RStudio's PAM); no service needs them to start, so they run beside
+        // the services, and provisioning is over only with them.
         let password = async {
-            match passphrase_from(&passphrase).await {
-                Some((passphrase, fresh)) => set_password_once(plan, &passphrase, fresh).await,
-                // The user step has failed already (the passphrase could not be had).
-                None => Ok(()),
-            }
+            let password = async {
+                match passphrase_from(&passphrase).await {
+                    Some((passphrase, fresh)) => set_password_once(plan, &passphrase, fresh).await,
+                    // The user step has failed already (the passphrase could not be had).
+                    None => Ok(()),
+                }
+            };
+            let (sudo, password) = tokio::join!(provision_sudo(plan), password);
+            sudo.and(password)
         };
         let services = async {
             // Independent of each other, so side by side: the host touches (a getty restart;
@@ -276,7 +316,7 @@ impl SetUp<'_> {
             let ((), mut fetched) =
                 tokio::join!(apply_host_touches(plan), fetch_all(&plan.services, &ctx),);
             fetched.host_packages = host::base_packages(&plan.settings.host, &plan.os);
-            if !install_packages(plan, hub, &fetched).await {
+            if !install_packages(plan, hub, &fetched, installed).await {
                 for (service, e) in fetched.refused {
                     record_transition(
                         hub,
@@ -357,16 +397,12 @@ async fn unless_cancelled<T>(
     }
 }
 
-/// [`plan`] on a blocking thread, unless `cancel` fires first. Reading files is blocking I/O;
-/// on the async side it would keep the stop signal from being acted on until the read ends.
-async fn plan_unless_cancelled(
-    options: &AgentOptions,
-    cancel: &CancellationToken,
-) -> Option<Result<Plan, AgentError>> {
+/// [`plan`] on a blocking thread. Reading files is blocking I/O; on the async side it would
+/// keep the stop signal from being acted on until the read ends.
+async fn plan_blocking(options: &AgentOptions) -> Result<Plan, AgentError> {
     let (mode, paths) = (options.mode.clone(), options.paths.clone());
-    let planning = tokio::task::spawn_blocking(move || plan(mode, paths));
-    match unless_cancelled(cancel, planning).await? {
-        Ok(planned) => Some(planned),
+    match tokio::task::spawn_blocking(move || plan(mode, paths)).await {
+        Ok(planned) => planned,
         // Only a panic ends a blocking task early: pass it on.
         Err(e) => std::panic::resume_unwind(e.into_panic()),
     }
@@ -383,16 +419,19 @@ fn require_root() -> Result<(), AgentError> {
 
 /// A config drive is a labelled block device nobody has mounted yet; read-only under /run, so
 /// this changes nothing durable before validation. Without one, the metadata service is tried.
-async fn mount_config_drive(paths: &Paths) {
+/// Whether the drive's documents are there now.
+async fn mount_config_drive(paths: &Paths) -> bool {
     match DriveFinder::system()
         .ensure_mounted(&paths.config_drive)
         .await
     {
         Ok(found) => {
-            tracing::info!(target: "exoagent::agent", drive = ?found, "config drive")
+            tracing::info!(target: "exoagent::agent", drive = ?found, "config drive");
+            found != DriveMount::NotFound
         }
         Err(e) => {
-            tracing::warn!(target: "exoagent::agent", reason = e.reason(), error = %e, "config drive not mounted; the metadata service is tried instead")
+            tracing::warn!(target: "exoagent::agent", reason = e.reason(), error = %e, "config drive not mounted; the metadata service is tried instead");
+            false
         }
     }
 }

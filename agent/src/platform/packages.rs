@@ -297,6 +297,8 @@ pub struct PackageInstaller {
     lock_timeout: Duration,
     attempts: u32,
     retry_base: Duration,
+    /// Names an earlier [`Self::installed_names`] found installed: not asked for again.
+    known_installed: std::collections::HashSet<String>,
 }
 
 impl PackageInstaller {
@@ -323,7 +325,37 @@ impl PackageInstaller {
             lock_timeout: settings.lock_timeout,
             attempts: settings.attempts.max(1),
             retry_base,
+            known_installed: std::collections::HashSet::new(),
         }
+    }
+
+    /// Which of `names` are installed, asked now (apt: one `dpkg-query`): run early, beside
+    /// other work, and handed to [`Self::knowing_installed`], it takes the query off the path
+    /// of a machine that has everything already (a baked image).
+    pub async fn installed_names(
+        &self,
+        names: &[String],
+    ) -> Result<std::collections::HashSet<String>, PackageError> {
+        let items: Vec<PackageItem> = names.iter().cloned().map(PackageItem::Named).collect();
+        let missing: std::collections::HashSet<String> = self
+            .missing(&items)
+            .await?
+            .into_iter()
+            .map(|item| item.name().to_owned())
+            .collect();
+        Ok(names
+            .iter()
+            .filter(|name| !missing.contains(*name))
+            .cloned()
+            .collect())
+    }
+
+    /// This installer, taking `names` (found installed by [`Self::installed_names`]) as
+    /// installed: [`Self::missing`] asks only about the others. A package removed in between
+    /// would be missed by this transaction and fail its service's install, as if removed after.
+    pub fn knowing_installed(mut self, names: std::collections::HashSet<String>) -> Self {
+        self.known_installed = names;
+        self
     }
 
     /// The items among `items` that are not installed. A local file counts as installed when
@@ -333,10 +365,11 @@ impl PackageInstaller {
         validate(self.manager, items)?;
         // apt: every named package in one `dpkg-query` (a process each is ≈ 0.2 s under
         // emulation, on a baked image's critical path).
+        let known = |name: &str| self.known_installed.contains(name);
         let named: Vec<&str> = items
             .iter()
             .filter_map(|item| match item {
-                PackageItem::Named(name) if self.manager == PackageManager::Apt => {
+                PackageItem::Named(name) if self.manager == PackageManager::Apt && !known(name) => {
                     Some(name.as_str())
                 }
                 _ => None,
@@ -350,6 +383,7 @@ impl PackageInstaller {
         let mut missing = Vec::new();
         for item in items {
             let installed = match item {
+                PackageItem::Named(name) if known(name) => true,
                 PackageItem::Named(name) if self.manager == PackageManager::Apt => {
                     installed_named.contains(name.as_str())
                 }
@@ -893,6 +927,44 @@ mod tests {
             installer.missing(&items).await.unwrap(),
             [items[1].clone(), items[3].clone()]
         );
+    }
+
+    #[tokio::test]
+    async fn names_found_installed_early_are_not_asked_for_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let installer = fake_apt(dir.path());
+        std::fs::write(dir.path().join("installed"), "python3 3.11\n").unwrap();
+        // Every call of the double recorded, to count the queries.
+        let calls = dir.path().join("queries");
+        let dpkg_query = dir.path().join("dpkg-query");
+        let body = std::fs::read_to_string(&dpkg_query).unwrap();
+        std::fs::write(
+            &dpkg_query,
+            body.replacen(
+                "#!/bin/sh\n",
+                &format!("#!/bin/sh\necho \"$*\" >> '{}'\n", calls.display()),
+                1,
+            ),
+        )
+        .unwrap();
+        let names = vec!["python3".to_owned(), "python3-venv".to_owned()];
+        let found = installer.installed_names(&names).await.unwrap();
+        assert_eq!(found, ["python3".to_owned()].into_iter().collect());
+        let installer = installer.knowing_installed(found);
+        // The format holds a newline: a query is counted by its `-W`.
+        let read = || std::fs::read_to_string(&calls).unwrap_or_default();
+        let queries = || read().matches("-W ").count();
+        assert_eq!(queries(), 1, "{}", read());
+
+        // All known: nothing is asked, nothing installed.
+        let outcome = installer.install(&["python3".into()]).await.unwrap();
+        assert_eq!(outcome, InstallOutcome::AlreadyInstalled);
+        assert_eq!(queries(), 1, "{}", read());
+        // One not known: asked again alone, and installed.
+        let items: Vec<PackageItem> = names.iter().map(|n| n.as_str().into()).collect();
+        assert_eq!(installer.missing(&items).await.unwrap(), [items[1].clone()]);
+        assert_eq!(queries(), 2, "{}", read());
+        assert!(read().ends_with(" -- python3-venv\n"), "{}", read());
     }
 
     /// The one-query path against the real `dpkg-query` (this is a Debian machine): packages

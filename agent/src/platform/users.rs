@@ -323,17 +323,36 @@ impl UserManager {
     /// Create `name` unless it exists (home, bash), make sure it is in the family's admin groups
     /// and has a passwordless-sudo drop-in. A second call changes nothing.
     pub async fn ensure_user(&self, name: &str, family: Family) -> Result<UserEntry, UserError> {
-        validate_name(name)?;
         // The sudoers entry names the user but needs no account (sudo looks names up when it
         // runs): its `visudo` check runs beside `useradd`, each a process start that costs a
         // noticeable part of a second on a small instance at boot.
-        let (account, sudoers) = tokio::join!(self.ensure_account(name, family), async {
-            self.ensure_sudoers(name).await
+        let (account, sudoers) = tokio::join!(self.ensure_account_entry(name, family), async {
+            self.ensure_sudo(name).await
         });
-        account?;
+        let entry = account?;
         sudoers?;
+        Ok(entry)
+    }
+
+    /// [`Self::ensure_user`]'s account alone (created unless it exists, in the family's admin
+    /// groups), without the sudoers drop-in ([`Self::ensure_sudo`]): what services need to run
+    /// as the user; the drop-in is only for the user's own logins.
+    pub async fn ensure_account_entry(
+        &self,
+        name: &str,
+        family: Family,
+    ) -> Result<UserEntry, UserError> {
+        validate_name(name)?;
+        self.ensure_account(name, family).await?;
         self.lookup(name)?
             .ok_or_else(|| UserError::Vanished(name.to_owned()))
+    }
+
+    /// [`Self::ensure_user`]'s passwordless-sudo drop-in alone (sudo looks the name up when it
+    /// runs, so the account need not exist yet).
+    pub async fn ensure_sudo(&self, name: &str) -> Result<(), UserError> {
+        validate_name(name)?;
+        self.ensure_sudoers(name).await
     }
 
     /// The account with its administrators' groups: a new one in one `useradd` (its groups

@@ -135,7 +135,10 @@ impl UvError {
 #[derive(Clone)]
 pub struct UvSource {
     index: String,
-    client: reqwest::Client,
+    /// Built when first needed: a client trusting the system's store reads and parses every
+    /// root certificate, a noticeable part of a second at boot under emulation, and on a baked
+    /// image (uv there, the venv up to date) nothing is fetched at all.
+    client: std::sync::Arc<std::sync::OnceLock<reqwest::Client>>,
 }
 
 impl std::fmt::Debug for UvSource {
@@ -151,7 +154,7 @@ impl UvSource {
     pub fn new(index: &str, client: reqwest::Client) -> Self {
         Self {
             index: index.trim_end_matches('/').to_owned(),
-            client,
+            client: std::sync::Arc::new(std::sync::OnceLock::from(client)),
         }
     }
 
@@ -163,12 +166,21 @@ impl UvSource {
             .iter()
             .find_map(|k| std::env::var(k).ok().filter(|v| !v.trim().is_empty()))
             .unwrap_or_else(|| PYPI_SIMPLE.to_owned());
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(30))
-            .timeout(Duration::from_secs(600))
-            .build()
-            .unwrap_or_default();
-        Self::new(&index, client)
+        Self {
+            index: index.trim_end_matches('/').to_owned(),
+            client: std::sync::Arc::new(std::sync::OnceLock::new()),
+        }
+    }
+
+    /// The client, built on first use ([`Self::from_environment`]'s time limits).
+    fn client(&self) -> &reqwest::Client {
+        self.client.get_or_init(|| {
+            reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(30))
+                .timeout(Duration::from_secs(600))
+                .build()
+                .unwrap_or_default()
+        })
     }
 
     /// The index this source reads.
@@ -222,7 +234,7 @@ impl UvSource {
             detail,
         };
         let response = self
-            .client
+            .client()
             .get(&page)
             .header(
                 reqwest::header::ACCEPT,
@@ -254,7 +266,7 @@ impl UvSource {
             detail,
         };
         let response = self
-            .client
+            .client()
             .get(url)
             .send()
             .await

@@ -945,10 +945,16 @@ impl Supervisor {
             Some(r) => (r.service_start_ticks, r.started_ms),
             None => (procfs::start_ticks(service_pid).unwrap_or(0), now_ms()),
         };
+        // When the service's process began, in seconds since boot: the shim reports after it
+        // has recorded the run, a moment later.
+        let started_at = procfs::ticks_as_seconds(service_ticks)
+            .filter(|_| service_ticks > 0)
+            .map_or_else(|| "?".to_owned(), |at| format!("{at:.2}"));
         tracing::info!(
             target: "exoagent::supervise",
             service = %self.kind,
             pid = service_pid,
+            started_at = %started_at,
             "service spawned"
         );
         self.set(

@@ -52,6 +52,14 @@ pub fn start_ticks(pid: u32) -> Option<u64> {
     read_stat(pid).map(|s| s.start_ticks)
 }
 
+/// `ticks` (a start time from `/proc/<pid>/stat`) as seconds since boot; `None` when the clock
+/// tick rate is unknown.
+pub fn ticks_as_seconds(ticks: u64) -> Option<f64> {
+    // SAFETY: sysconf only reads a system constant.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (per_second > 0).then(|| ticks as f64 / per_second as f64)
+}
+
 /// Whether the process `pid` that started at `start_ticks` is still running (exists, is the same
 /// process, and is not a zombie waiting to be reaped).
 pub fn is_alive(pid: u32, start_ticks: u64) -> bool {
