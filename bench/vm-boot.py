@@ -814,7 +814,15 @@ def finish(runs, args, notes, when=None):
     text = report(runs, args, args.runs, notes, when)
     print(text)
     if args.record:
-        previous = ("Previous record (2026-12-06 11:16–11:33 UTC, agent at 81da399 of branch "
+        previous = ("Previous record (2026-12-06 18:53–19:21 UTC, agent at 6b051ca of branch "
+                    "`ready3`, 2 interleaved rounds of all four variants, outside CPU load 2–20 %, "
+                    "guests slower than before): answering medians baked 79 s (65–92), stock + "
+                    "bootstrap 174 s (134–214), plain pip script 409 s (386–431), plain uv script "
+                    "136 s (133–140); bootstrap ÷ pip 0.43, ÷ uv 1.28 (the bootstrap runs at 16–20 "
+                    "% outside load, the peers at 2–3 %); baked: the agent's time from "
+                    "cloud-init's network stage to JupyterLab's spawn 2.0 s median (2.2, 1.8), the "
+                    "argon2 hash after the spawn; Nova tags +1.2 s after answering.\n\n"
+                    "Before it (2026-12-06 11:16–11:33 UTC, agent at 81da399 of branch "
                     "`ready`, 3 interleaved runs of baked, bootstrap and peer-uv, outside CPU "
                     "load 2–16 %): answering medians baked 57 s (54–68), stock + bootstrap 103 s "
                     "(100–110), plain uv script 117 s (111–130); bootstrap ÷ uv 0.88; baked: the "
