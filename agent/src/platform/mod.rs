@@ -12,6 +12,7 @@ pub mod passphrase;
 pub mod privileges;
 pub mod process_group;
 pub mod signals;
+pub mod startup;
 pub mod users;
 pub mod uv;
 
