@@ -15,9 +15,10 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use exoagent::platform::procfs;
 use exoagent::services::desktop::session::{self, DesktopUser, SessionSpec};
 use exoagent::services::desktop::vnc::{self, DesktopError};
-use exoagent::supervise::{procfs, Probe};
+use exoagent::supervise::Probe;
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 use tokio::task::JoinHandle;

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use exoagent::config::settings::SupervisePolicy;
 use exoagent::model::ServiceKind;
+use exoagent::platform::procfs;
 use exoagent::state::{ServiceState, ServiceStatus, Snapshot, StateHub};
-use exoagent::supervise::procfs;
 use exoagent::supervise::records::{self, RunRecord};
 use exoagent::supervise::{
     stop_recorded, Probe, RunAs, RunOutcome, RunReport, RunSpec, ServicePaths, ShimCommand,

@@ -11,6 +11,7 @@ pub mod packages;
 pub mod passphrase;
 pub mod privileges;
 pub mod process_group;
+pub mod procfs;
 pub mod signals;
 pub mod startup;
 pub mod users;

@@ -18,7 +18,7 @@ pub fn since_boot() -> Option<f64> {
 /// When this process began, in seconds since boot (`/proc/self/stat`'s start time, in clock
 /// ticks); `None` when procfs cannot tell.
 pub fn process_started() -> Option<f64> {
-    use crate::supervise::procfs;
+    use crate::platform::procfs;
     procfs::ticks_as_seconds(procfs::start_ticks(std::process::id())?)
 }
 

@@ -15,7 +15,6 @@
 pub mod logfile;
 mod policy;
 pub mod probe;
-pub mod procfs;
 pub mod records;
 pub mod shim;
 
@@ -40,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 pub use probe::{Probe, ProbeError};
 
 use crate::model::ServiceKind;
-use crate::platform::process_group;
+use crate::platform::{process_group, procfs};
 use crate::state::{now_ms, Reason, ServiceState, ServiceUpdate, StateHub};
 use records::{ExitRecord, RunRecord};
 use shim::{ShimHello, ShimSpec};

@@ -24,9 +24,10 @@ use serde::{Deserialize, Serialize};
 
 use super::logfile::{RotatingLog, StderrTail};
 use super::records::{self, ExitRecord, RunRecord};
-use super::{procfs, RunSpec};
+use super::RunSpec;
 use crate::platform::privileges::{DropTo, PrivilegeError};
 use crate::platform::process_group;
+use crate::platform::procfs;
 use crate::state::now_ms;
 
 /// How long the shim waits for the rest of the process group after SIGTERM before SIGKILL.

@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use super::vnc::DesktopError;
 use crate::platform::privileges::{DropTo, PrivilegeError};
 use crate::platform::process_group;
-use crate::supervise::procfs;
+use crate::platform::procfs;
 
 /// How long the server gets to accept connections on its RFB port (TigerVNC takes 0.3–0.5 s).
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(20);
