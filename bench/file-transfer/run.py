@@ -6,7 +6,7 @@ double's venv) and ``cargo build -p exoagent``; ``ethtool`` and ``ping`` must be
 
     python3 bench/file-transfer/run.py [--size-mib 4] [--delays 0,25] [--runs 1]
         [--bin target/debug/exoagent [--bin OTHER ...] | --release] [--guacd double|real]
-        [--path streams|blobs] [--net-only] [--record]
+        [--path streams|blobs] [--ssh-quickack] [--net-only] [--record]
 
 What it builds (all torn down at exit, also on Ctrl-C):
 
@@ -36,7 +36,9 @@ With several ``--bin``, each binary serves the same runs (e.g. with and without 
 ``--guacd real`` puts the real guacd 1.3.0 (Debian 11's packages, the root of
 tests/guacamole/guacd-bullseye.sh, as the browser tests run it with EXOAGENT_GUACD=bullseye) in
 the instance namespace instead of the double: rig.py then runs with ``--no-peer --ssh-rsa``
-(that guacd's libssh2 needs an ssh-rsa host key). ``--path blobs`` makes the page move files as
+(that guacd's libssh2 needs an ssh-rsa host key). ``--ssh-quickack`` runs every binary twice: guacd
+reaching sshd at 127.0.0.1, then at 127.0.22.1 with the route the agent adds on an instance
+(delayed ACKs off; services/guacamole/ssh_loopback.rs, docs/guacamole.md). ``--path blobs`` makes the page move files as
 blobs over the WebSocket even where the web side offers the HTTP stream endpoints (the old
 path, for comparison). ``--record`` writes the table into bench/results/file-transfer.md
 between its markers (``--record-section NAME``: between ``<!-- run.py NAME -->`` markers,
@@ -118,6 +120,18 @@ def loopback_quickack() -> None:
     for dst in ("127.0.0.0/8", "127.0.0.1"):
         sh("ip", "route", "change", "local", dst, "dev", "lo", "table", "local", "proto", "kernel",
            "scope", "host", "src", "127.0.0.1", "quickack", "1", ns=NS_I)
+
+
+# What the agent does on an instance (services/guacamole/ssh_loopback.rs, docs/guacamole.md):
+# guacd reaches sshd at a loopback address of its own whose route has delayed ACKs off.
+SSH_QUICKACK_ADDR = "127.0.22.1"
+
+
+def ssh_quickack_route() -> None:
+    """The agent's route for its SSH loopback address, the same argv, in the instance namespace."""
+    sh("ip", "-n", NS_I, "-4", "route", "replace", "local", SSH_QUICKACK_ADDR, "dev", "lo",
+       "table", "local", "proto", "static", "scope", "host", "src", SSH_QUICKACK_ADDR,
+       "quickack", "1")
 
 
 def net_up() -> None:
@@ -306,7 +320,8 @@ class RealGuacd:
 
 
 class Web:
-    def __init__(self, binary: str, info: dict, tmp: str, guacd: str) -> None:
+    def __init__(self, binary: str, info: dict, tmp: str, guacd: str,
+                 ssh_host: str = "127.0.0.1") -> None:
         pw = os.path.join(tmp, "guacamole-password")
         with open(pw, "w") as f:
             f.write(info["password"] + "\n")
@@ -318,7 +333,7 @@ class Web:
             "password_file": pw,
             "session_timeout_s": 3600,
             "connections": {"shell": {"protocol": "ssh", "parameters": {
-                "hostname": "127.0.0.1", "port": str(info["ssh_port"]),
+                "hostname": ssh_host, "port": str(info["ssh_port"]),
                 "username": info["user"], "password": "${GUAC_PASSWORD}",
                 "enable-sftp": "true"}}},
         }
@@ -416,6 +431,9 @@ def main() -> int:
     ap.add_argument("--net-only", action="store_true", help="only build and check the link")
     ap.add_argument("--loopback-quickack", action="store_true",
                     help="no delayed ACKs on the instance namespace's loopback (guacd ↔ sshd)")
+    ap.add_argument("--ssh-quickack", action="store_true",
+                    help="what the agent does on an instance: guacd reaches sshd at 127.0.22.1, "
+                         "whose own route has delayed ACKs off (docs/guacamole.md)")
     ap.add_argument("--record", action="store_true")
     ap.add_argument("--record-section", metavar="NAME",
                     help="record between <!-- run.py NAME --> markers (appended to the file when "
@@ -442,6 +460,9 @@ def main() -> int:
     report: dict = {"size": size, "netem": check_no_netem(), "link": [], "transfers": [],
                     "guacd": args.guacd, "path": args.path, "load_start": os.getloadavg(),
                     "loopback_quickack": args.loopback_quickack}
+    # Each binary once with guacd reaching sshd at 127.0.0.1 and, with --ssh-quickack, once more
+    # at the agent's own address (side by side in one run).
+    ssh_hosts = ["127.0.0.1"] + ([SSH_QUICKACK_ADDR] if args.ssh_quickack else [])
     log(report["netem"])
     tmp = tempfile.mkdtemp(prefix="exo-ft-")
     forwarder = Forwarder()
@@ -450,6 +471,8 @@ def main() -> int:
         net_up()
         if args.loopback_quickack:
             loopback_quickack()
+        if args.ssh_quickack:
+            ssh_quickack_route()
         for d in delays:
             forwarder.set(d)
             rtt = ping_rtt()
@@ -475,8 +498,8 @@ def main() -> int:
         with open(src, "wb") as f:
             f.write(os.urandom(size))
         digest = sha256(src)
-        for binary in binaries:
-            web = Web(binary, info, tmp, guacd_addr)
+        for binary, ssh_host in [(b, h) for b in binaries for h in ssh_hosts]:
+            web = Web(binary, info, tmp, guacd_addr, ssh_host)
             base_kib = web.hwm_kib()
             for d in delays:
                 forwarder.set(d)
@@ -489,10 +512,10 @@ def main() -> int:
                     os.remove(target)
                     if not ok or r["download_sha256"] != digest:
                         raise RuntimeError(f"bytes differ after the run: {r}")
-                    r.update(binary=binary, delay_ms=d, run=run, rss_base_kib=base_kib,
+                    r.update(binary=binary, ssh_host=ssh_host, delay_ms=d, run=run, rss_base_kib=base_kib,
                              rss_peak_kib=web.hwm_kib(), load=(load_before, os.getloadavg()[0]))
                     report["transfers"].append(r)
-                    log(f"{os.path.basename(binary)} {d} ms: upload {r['upload_s']:.2f} s "
+                    log(f"{os.path.basename(binary)} sshd at {ssh_host}, {d} ms: upload {r['upload_s']:.2f} s "
                         f"({size / 1024 / r['upload_s']:.0f} KiB/s), download {r['download_s']:.2f} s "
                         f"({size / 1024 / r['download_s']:.0f} KiB/s), peak RSS {r['rss_peak_kib']} KiB")
                 forwarder.stop()
@@ -525,11 +548,11 @@ def record(report: dict, argv: list[str], section: str | None) -> None:
     for l in report["link"]:
         lines.append(f"| {l['delay_ms']:g} ms | {l['ping_rtt_ms']:.1f} ms | {l['tcp_up_mbit']:.1f} Mbit/s "
                      f"| {l['tcp_down_mbit']:.1f} Mbit/s |")
-    lines += ["", "| binary | RTT | upload | download | web side RSS at start → peak | load before → after |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| binary | guacd → sshd at | RTT | upload | download | web side RSS at start → peak | load before → after |",
+              "|---|---|---|---|---|---|---|"]
     for r in report["transfers"]:
         s = report["size"] / 1024
-        lines.append(f"| `{os.path.basename(r['binary'])}` | {2 * r['delay_ms']:g} ms | {r['upload_s']:.2f} s, "
+        lines.append(f"| `{os.path.basename(r['binary'])}` | {r.get('ssh_host', '127.0.0.1')} | {2 * r['delay_ms']:g} ms | {r['upload_s']:.2f} s, "
                      f"{s / r['upload_s']:.0f} KiB/s | {r['download_s']:.2f} s, {s / r['download_s']:.0f} KiB/s "
                      f"| {r['rss_base_kib'] / 1024:.1f} → {r['rss_peak_kib'] / 1024:.1f} MiB "
                      f"| {r['load'][0]:.1f} → {r['load'][1]:.1f} |")

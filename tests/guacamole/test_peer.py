@@ -251,9 +251,12 @@ class Rig:
         if name == "sshd":
             self.ssh_port = port
         cfg = os.path.join(d, "sshd_config")
+        # 127.0.22.1 as well: the loopback address exoagent gives guacd for sshd when it can
+        # (docs/guacamole.md, "delayed ACKs off"); bench/file-transfer's --ssh-quickack uses it.
         with open(cfg, "w") as f:
             f.write(f"""# exoagent guacd_peer self-test: a private sshd, loopback only
 ListenAddress 127.0.0.1:{port}
+ListenAddress 127.0.22.1:{port}
 {host_keys.rstrip()}
 PidFile {d}/sshd.pid
 PasswordAuthentication yes

@@ -4,7 +4,7 @@
 //! has answered a `select` for every configured protocol.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -23,6 +23,7 @@ pub mod handshake;
 pub mod protocol;
 pub mod rename;
 pub mod settings;
+pub mod ssh_loopback;
 pub mod streams;
 pub mod transfer;
 pub mod tunnel;
@@ -34,6 +35,7 @@ use crate::platform::os::{Family, Os};
 use crate::platform::passphrase::Passphrase;
 use crate::services::command::run_logged;
 use crate::supervise::{Probe, RunSpec};
+use ssh_loopback::SshLoopback;
 use web_config::{Connection, WebConfig, PASSWORD_TOKEN};
 
 /// The official guacd image, pinned by digest: `guacamole/guacd` 1.6.0 as public deployments
@@ -79,6 +81,7 @@ pub struct Guacamole {
     route: GuacdRoute,
     family: Family,
     endpoint: Endpoint,
+    ssh_loopback: SshLoopback,
 }
 
 impl Guacamole {
@@ -91,6 +94,46 @@ impl Guacamole {
             route,
             family: os.family,
             endpoint,
+            ssh_loopback: SshLoopback::system(),
+        }
+    }
+
+    /// The same, deciding guacd's address for sshd with `ssh_loopback`'s commands.
+    pub fn with_ssh_loopback(mut self, ssh_loopback: SshLoopback) -> Self {
+        self.ssh_loopback = ssh_loopback;
+        self
+    }
+
+    /// The address guacd reaches sshd at (see [`ssh_loopback`]): the dedicated one when guacd
+    /// runs on this machine, the agent changes this machine (not a sandbox), `ssh_quickack`
+    /// is on and sshd treats that address as 127.0.0.1; 127.0.0.1 otherwise, with the reason
+    /// logged.
+    pub async fn ssh_host(&self, ctx: &ServiceContext) -> IpAddr {
+        if !self.settings.ssh_quickack
+            || self.route == GuacdRoute::External
+            || ctx.paths.system_root != Path::new("/")
+        {
+            return ssh_loopback::PLAIN;
+        }
+        match self.ssh_loopback.choose(&ctx.account.name, self.settings.ssh_port).await {
+            Ok(host) => {
+                tracing::info!(
+                    target: "exoagent::services",
+                    service = "guacamole",
+                    %host,
+                    "guacd reaches sshd at its own loopback address, delayed ACKs off"
+                );
+                host
+            }
+            Err(e) => {
+                tracing::warn!(
+                    target: "exoagent::services",
+                    service = "guacamole",
+                    reason = e.reason(),
+                    "guacd reaches sshd at 127.0.0.1 (file downloads may be slower): {e}"
+                );
+                ssh_loopback::PLAIN
+            }
         }
     }
 
@@ -161,9 +204,11 @@ impl Guacamole {
 
     /// The connections: `shell` (SSH to this machine, with SFTP) always, `desktop` (VNC, with
     /// SFTP) when the desktop service runs. Both log in as the instance user with the
-    /// passphrase, which is filled in by the web side from its 0600 file.
-    pub fn connections(&self, user: &str) -> BTreeMap<String, Connection> {
+    /// passphrase, which is filled in by the web side from its 0600 file. guacd reaches sshd
+    /// at `ssh_host` ([`Self::ssh_host`]).
+    pub fn connections(&self, user: &str, ssh_host: IpAddr) -> BTreeMap<String, Connection> {
         let ssh_port = self.settings.ssh_port.to_string();
+        let ssh_host = ssh_host.to_string();
         let params = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
             pairs
                 .iter()
@@ -176,7 +221,7 @@ impl Guacamole {
             Connection {
                 protocol: "ssh".into(),
                 parameters: params(&[
-                    ("hostname", "127.0.0.1"),
+                    ("hostname", &ssh_host),
                     ("port", &ssh_port),
                     ("username", user),
                     ("password", PASSWORD_TOKEN),
@@ -196,7 +241,7 @@ impl Guacamole {
                         ("password", PASSWORD_TOKEN),
                         ("autoretry", "5"),
                         ("enable-sftp", "true"),
-                        ("sftp-hostname", "127.0.0.1"),
+                        ("sftp-hostname", &ssh_host),
                         ("sftp-port", &ssh_port),
                         ("sftp-username", user),
                         ("sftp-password", PASSWORD_TOKEN),
@@ -207,8 +252,8 @@ impl Guacamole {
         connections
     }
 
-    /// The web side's configuration for `ctx`.
-    pub fn web_config(&self, ctx: &ServiceContext) -> WebConfig {
+    /// The web side's configuration for `ctx`, guacd reaching sshd at `ssh_host`.
+    pub fn web_config(&self, ctx: &ServiceContext, ssh_host: IpAddr) -> WebConfig {
         WebConfig {
             listen: self.endpoint().listen,
             guacd: self.settings.guacd_address,
@@ -216,7 +261,7 @@ impl Guacamole {
             username: ctx.account.name.clone(),
             password_file: Self::password_file(ctx),
             session_timeout_s: self.settings.session_timeout.as_secs(),
-            connections: self.connections(&ctx.account.name),
+            connections: self.connections(&ctx.account.name, ssh_host),
             trusted_proxies: self.settings.trusted_proxies.clone(),
         }
     }
@@ -299,7 +344,10 @@ impl ServiceImpl for Guacamole {
             GuacdRoute::Container => format!("guacd from {GUACD_IMAGE} under podman"),
             GuacdRoute::External => "guacd already running (external)".to_owned(),
         };
-        let names: Vec<String> = self.connections(&ctx.account.name).into_keys().collect();
+        let names: Vec<String> = self
+            .connections(&ctx.account.name, ssh_loopback::PLAIN)
+            .into_keys()
+            .collect();
         vec![
             format!(
                 "{guacd} on {}, run by the web side",
@@ -350,7 +398,8 @@ impl ServiceImpl for Guacamole {
         // Only what changed is rewritten: a full disk must not fail an unchanged configuration.
         fsutil::write_if_changed(&password, passphrase.expose().as_bytes(), 0o600, owner)
             .map_err(Self::io_err("write", &password))?;
-        let config = self.web_config(ctx);
+        let ssh_host = self.ssh_host(ctx).await;
+        let config = self.web_config(ctx, ssh_host);
         let text = serde_json::to_vec_pretty(&config).map_err(|e| ServiceError::Configure {
             service: ServiceKind::Guacamole,
             detail: e.to_string(),
@@ -477,15 +526,73 @@ mod tests {
     fn the_desktop_connection_exists_only_with_the_desktop() {
         let mut settings = GuacamoleSettings::default();
         let shell_only = Guacamole::new(settings.clone(), &os("debian", "12", Family::Debian))
-            .connections("exouser");
+            .connections("exouser", ssh_loopback::PLAIN);
         assert_eq!(shell_only.keys().collect::<Vec<_>>(), ["shell"]);
         assert_eq!(shell_only["shell"].parameters["password"], PASSWORD_TOKEN);
         settings.desktop_port = Some(5901);
         let both =
-            Guacamole::new(settings, &os("debian", "12", Family::Debian)).connections("exouser");
+            Guacamole::new(settings, &os("debian", "12", Family::Debian)).connections("exouser", ssh_loopback::PLAIN);
         let desktop = &both["desktop"];
         assert_eq!(desktop.protocol, "vnc");
         assert_eq!(desktop.parameters["port"], "5901");
         assert_eq!(desktop.parameters["sftp-username"], "exouser");
+    }
+
+    #[test]
+    fn sshd_is_asked_only_where_guacd_runs_here_and_the_agent_changes_this_machine() {
+        use crate::paths::Paths;
+        use crate::services::Account;
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("asked");
+        // Stands in for `sshd`: leaves a mark when run (and says nothing, so the address
+        // stays 127.0.0.1).
+        let spy = SshLoopback::new(
+            vec!["false".into()],
+            vec!["sh".into(), "-c".into(), "touch \"$0\"".into(), marker.to_string_lossy().into_owned()],
+        );
+        let ctx = |paths: Paths| ServiceContext {
+            paths,
+            account: Account {
+                name: "exouser".into(),
+                uid: 1000,
+                gid: 1000,
+                home: "/home/exouser".into(),
+            },
+            exe: "/usr/bin/exoagent".into(),
+        };
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let on = |settings: GuacamoleSettings| {
+            Guacamole::new(settings, &os("ubuntu", "22.04", Family::Debian)).with_ssh_loopback(spy.clone())
+        };
+        let package = GuacamoleSettings {
+            guacd: GuacdSource::Package,
+            ..GuacamoleSettings::default()
+        };
+        let cases = [
+            ("a sandbox", on(package.clone()), Paths::sandbox(dir.path())),
+            (
+                "guacd elsewhere",
+                on(GuacamoleSettings {
+                    guacd: GuacdSource::External,
+                    ..package.clone()
+                }),
+                Paths::system(),
+            ),
+            (
+                "ssh_quickack off",
+                on(GuacamoleSettings {
+                    ssh_quickack: false,
+                    ..package.clone()
+                }),
+                Paths::system(),
+            ),
+        ];
+        for (what, service, paths) in cases {
+            assert_eq!(rt.block_on(service.ssh_host(&ctx(paths))), ssh_loopback::PLAIN, "{what}");
+            assert!(!marker.exists(), "{what}: sshd was asked");
+        }
+        let host = rt.block_on(on(package).ssh_host(&ctx(Paths::system())));
+        assert!(marker.exists(), "guacd here, this machine: sshd is asked");
+        assert_eq!(host, ssh_loopback::PLAIN, "its empty answer lists no listen address");
     }
 }

@@ -36,6 +36,9 @@ pub struct GuacamoleSettings {
     pub session_timeout: Duration,
     /// sshd's port for the `shell` connection and SFTP.
     pub ssh_port: u16,
+    /// Whether guacd may reach sshd at a loopback address of its own with delayed ACKs off
+    /// (`ssh_loopback.rs`; default on).
+    pub ssh_quickack: bool,
     /// The desktop's RFB port when the desktop service is enabled: the `desktop` connection.
     pub desktop_port: Option<u16>,
     /// How long from launch to the first good probe.
@@ -53,6 +56,7 @@ impl Default for GuacamoleSettings {
             guacd_address: SocketAddr::from(([127, 0, 0, 1], 4822)),
             session_timeout: Duration::from_secs(3600),
             ssh_port: 22,
+            ssh_quickack: true,
             desktop_port: None,
             start_timeout: Duration::from_secs(120),
             trusted_proxies: Vec::new(),
@@ -68,6 +72,7 @@ pub struct Section {
     guacd_address: Option<Located<SocketAddr>>,
     session_timeout_min: Option<Located<u64>>,
     ssh_port: Option<Located<u16>>,
+    ssh_quickack: Option<Located<bool>>,
     start_timeout_s: Option<Located<u64>>,
     trusted_proxies: Option<Located<Vec<Cidr>>>,
 }
@@ -120,6 +125,11 @@ pub const KEYS: &[Key<Section>] = &[
         read: |w, f, s| set(&mut s.ssh_port, w.port(f)),
     },
     Key {
+        name: "ssh_quickack",
+        example: "false",
+        read: |w, f, s| set(&mut s.ssh_quickack, w.boolean(f)),
+    },
+    Key {
         name: "start_timeout_s",
         example: "30",
         read: |w, f, s| set(&mut s.start_timeout_s, w.start_timeout_s(f)),
@@ -159,6 +169,7 @@ impl Section {
                 .map(|m| Duration::from_secs(m * 60))
                 .unwrap_or(d.session_timeout),
             ssh_port: value(&self.ssh_port).unwrap_or(d.ssh_port),
+            ssh_quickack: value(&self.ssh_quickack).unwrap_or(d.ssh_quickack),
             desktop_port: None,
             start_timeout: value(&self.start_timeout_s)
                 .map(Duration::from_secs)
