@@ -13,6 +13,9 @@
 # 20.4 and Python 3.9, trixie's cloud-init 25.1 and Python 3.13), ifupdown + dhclient for the
 # network as in Debian's cloud images up to 12.
 #
+# EXOAGENT_BAKE: the services `exoagent bake` pre-installs (space-separated; default
+# "jupyterlab"), e.g. "jupyterlab desktop guacamole" for a web-desktop image.
+#
 # --stock mirrors Debian's genericcloud image: no exoagent, and none of what is baked below for
 # the tests (python3-venv, python3-pip, the Exosphere base packages, git); python3 (cloud-init
 # depends on it), curl, ca-certificates, sudo and cron are there, as in Debian's image. Like
@@ -28,6 +31,16 @@ case "$release" in
   *) echo "build-image.sh: RELEASE: '$release' is not one of bullseye, bookworm, trixie" >&2
      exit 2 ;;
 esac
+bake=()
+for service in ${EXOAGENT_BAKE:-jupyterlab}; do
+  case "$service" in
+    *[!a-z]*|"") echo "build-image.sh: EXOAGENT_BAKE: '$service' is not a service name" >&2
+                 exit 2 ;;
+  esac
+  bake+=(--service "$service")
+done
+EXOAGENT_BAKE_ARGS=${bake[*]}
+export EXOAGENT_BAKE_ARGS
 agent_hooks=()
 if [ "$variant" != "--stock" ]; then
   EXOAGENT_DEB=$(realpath "$2")
@@ -38,7 +51,8 @@ if [ "$variant" != "--stock" ]; then
     --customize-hook='cp "$EXOAGENT_DEB" "$1/tmp/exoagent.deb"'
     --customize-hook='chroot "$1" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends /tmp/exoagent.deb'
     --customize-hook='rm -f "$1/tmp/exoagent.deb"'
-    --customize-hook='chroot "$1" /usr/bin/exoagent bake --service jupyterlab'
+    # Unquoted on purpose: words checked above (lowercase letters only), one per argument.
+    --customize-hook='chroot "$1" /usr/bin/exoagent bake $EXOAGENT_BAKE_ARGS'
   )
 fi
 mkdir -p "$out"

@@ -164,8 +164,10 @@ def ensure_image(exoagent, deb, release=DEFAULT_RELEASE):
         ".deb, JupyterLab baked)")
     started = time.monotonic()
     stamp_file.unlink(missing_ok=True)
+    # JupyterLab only (the stamp's "variant=baked"), whatever the caller's EXOAGENT_BAKE says.
     subprocess.run(["bash", str(ROOT / "tests/vm/build-image.sh"), str(directory), str(deb),
-                    RELEASES[release]], check=True)
+                    RELEASES[release]], check=True,
+                   env={**os.environ, "EXOAGENT_BAKE": "jupyterlab"})
     stamp_file.write_text(stamp)
     say(f"Debian {release} image built in {time.monotonic() - started:.0f} s")
     return directory
