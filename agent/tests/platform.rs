@@ -37,6 +37,7 @@ fn supported_releases_are_detected_with_their_family() {
         ("ubuntu-24.04", Family::Debian, "24.04"),
         ("debian-11", Family::Debian, "11"),
         ("debian-12", Family::Debian, "12"),
+        ("debian-13", Family::Debian, "13"),
         ("rocky-8", Family::RedHat, "8.10"),
         ("rocky-9", Family::RedHat, "9.4"),
         ("almalinux-8", Family::RedHat, "8.10"),
@@ -68,7 +69,7 @@ fn unsupported_releases_are_refused_by_name() {
         assert!(text.contains(pretty), "{text}");
         assert!(text.contains("etc/os-release"), "{text}");
         assert!(
-            text.contains("Debian 11, 12"),
+            text.contains("Debian 11, 12, 13"),
             "lists what is supported: {text}"
         );
         // The sandbox still runs there.

@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
-"""The VM test: a real Debian 12 VM (QEMU, software emulation) with real systemd and cloud-init
+"""The VM test: a real Debian VM (QEMU, software emulation) with real systemd and cloud-init
 boots the baked image as a server of the real-OpenStack harness and is observed through Nova,
-its serial console and a forwarded port.
+its serial console and a forwarded port. Debian 12 runs every scenario; Debian 13 runs the
+JupyterLab flow (2–4) and the config-drive flow (5) on its own image, through the same code.
 
-    python3 tests/vm/vm_test.py [--keep]
+    python3 tests/vm/vm_test.py [--keep] [--only SCENARIO]...
 
-1. Brings up the OpenStack harness; builds the .deb (installer/package/build.sh) and the image
-   (tests/vm/build-image.sh: exoagent installed from that .deb) unless one for this exoagent
-   binary exists.
+1. Brings up the OpenStack harness; builds the .deb (installer/package/build.sh) and, per
+   Debian release the selected scenarios boot, the image (tests/vm/build-image.sh: exoagent
+   installed from that .deb) unless one for this exoagent binary, release and recipe exists.
 2. Boots a Nova server (fake virt driver) with userdata from `exoagent userdata` asking for
    JupyterLab and Nova reporting through the access-rule-restricted credential; the VM takes
    that server's identity: DMI says OpenStack Nova with the server's UUID, and
@@ -101,6 +102,9 @@ sys.path.insert(0, str(ROOT / "tests" / "exosphere"))
 import userdata as exosphere  # noqa: E402
 
 VM_DIR = Path(os.environ.get("EXOAGENT_VM_DIR", "/var/tmp/exoagent-vm"))
+# The Debian releases the test boots (build-image.sh's RELEASE), by version.
+RELEASES = {"11": "bullseye", "12": "bookworm", "13": "trixie"}
+DEFAULT_RELEASE = "12"
 READY = {"exoagent:setup:complete", "exoagent:jupyterlab:ready"}
 
 
@@ -129,9 +133,22 @@ def binary():
         deb.resolve()
 
 
-def ensure_image(exoagent, deb):
-    # The binary, not the .deb's bytes (which carry build times), plus what shapes the package.
+def image_dir(release=DEFAULT_RELEASE):
+    """Where the baked image of a Debian release lives: VM_DIR for Debian 12 (the image every
+    scenario used before there were others), VM_DIR-debian<N> for the others."""
+    if release not in RELEASES:
+        raise Failure(f"release: {release!r} is not one of {', '.join(RELEASES)}")
+    return VM_DIR if release == DEFAULT_RELEASE else Path(f"{VM_DIR}-debian{release}")
+
+
+def ensure_image(exoagent, deb, release=DEFAULT_RELEASE):
+    """Builds the baked image of `release` unless the cached one was built from the same binary,
+    release and recipe; returns its directory."""
+    directory = image_dir(release)
+    # The binary, not the .deb's bytes (which carry build times), plus what shapes the package,
+    # the release and the variant.
     digest = hashlib.sha256()
+    digest.update(f"release={RELEASES[release]} variant=baked\n".encode())
     digest.update(exoagent.read_bytes())
     shaping = [*sorted((ROOT / "installer/package").rglob("*")),
                *sorted((ROOT / "installer/systemd").rglob("*"))]
@@ -139,13 +156,21 @@ def ensure_image(exoagent, deb):
         if script.is_file():
             digest.update(script.read_bytes())
     stamp = digest.hexdigest()
-    stamp_file = VM_DIR / "image.stamp"
-    if stamp_file.exists() and stamp_file.read_text() == stamp and (VM_DIR / "root.raw").exists():
-        return
-    say("building the image (mmdebstrap, exoagent from its .deb, JupyterLab baked)")
-    subprocess.run(["bash", str(ROOT / "tests/vm/build-image.sh"), str(VM_DIR), str(deb)],
-                   check=True)
+    stamp_file = directory / "image.stamp"
+    if stamp_file.exists() and stamp_file.read_text() == stamp \
+            and (directory / "root.raw").exists():
+        return directory
+    say(f"building the Debian {release} image in {directory} (mmdebstrap, exoagent from its "
+        ".deb, JupyterLab baked)")
+    started = time.monotonic()
+    stamp_file.unlink(missing_ok=True)
+    # JupyterLab only (the stamp's "variant=baked"), whatever the caller's EXOAGENT_BAKE says.
+    subprocess.run(["bash", str(ROOT / "tests/vm/build-image.sh"), str(directory), str(deb),
+                    RELEASES[release]], check=True,
+                   env={**os.environ, "EXOAGENT_BAKE": "jupyterlab"})
     stamp_file.write_text(stamp)
+    say(f"Debian {release} image built in {time.monotonic() - started:.0f} s")
+    return directory
 
 
 def status_lines(serial_text):
@@ -301,6 +326,14 @@ def wait(what, check, budget, vm, interval=5):
 
 
 
+def booted_release(vm, release):
+    """The guest's serial getty shows /etc/issue's `Debian GNU/Linux <release>`: the scenario
+    ran on the release it claims, not on another image."""
+    wanted = f"Debian GNU/Linux {release} "
+    wait(f"the serial console's login prompt to name Debian {release}",
+         lambda: wanted in vm.serial_text(), 120, vm)
+
+
 def jupyter_answers_any(port):
     """JupyterLab answers on the port, with or without a login (403 without a token)."""
     try:
@@ -327,9 +360,12 @@ def server_password(token, server):
 class Scenario:
     """One server of the harness and the VM that boots as it."""
 
-    def __init__(self, name, env, token, userdata, metadata=None, server_fields=None):
-        """server_fields: more of the create request (a `key_name`, say)."""
+    def __init__(self, name, env, token, userdata, metadata=None, server_fields=None,
+                 image_dir=None):
+        """server_fields: more of the create request (a `key_name`, say); image_dir: the image
+        its VM boots (VM_DIR's, Debian 12, when None)."""
         self.env, self.token = env, token
+        self.image_dir = image_dir
         self.run_dir = Path(tempfile.mkdtemp(prefix=f"exoagent-vm-{name}-"))
         server = {"name": f"exoagent-vm-{name}", "imageRef": env["image_id"],
                   "flavorRef": env["flavor_id"], "networks": [{"uuid": env["network_id"]}],
@@ -387,8 +423,8 @@ class Scenario:
         return iso
 
     def boot(self, relay_port, config_drive=None, image_dir=None, disks=()):
-        self.vm = Vm(self.run_dir, self.server, relay_port, self.mac, config_drive, image_dir,
-                     disks)
+        self.vm = Vm(self.run_dir, self.server, relay_port, self.mac, config_drive,
+                     image_dir or self.image_dir, disks)
         say(f"booting server {self.server} (TCG); serial: {self.vm.serial}.1")
         self.vm.start()
         return self.vm
@@ -1210,17 +1246,24 @@ def write_agent_clouds_yaml(env, path):
     return path
 
 
+# Each scenario and the Debian release its VM boots, in the order they run. The Debian 13 ones
+# are the Debian 12 flows on the Debian 13 image (the same functions, another image).
+SCENARIOS = {"metadata": "12", "config-drive": "12", "exosphere": "12", "exosphere-error": "12",
+             "metadata-debian13": "13", "config-drive-debian13": "13"}
+
+
 def main():
     parser = argparse.ArgumentParser(description="exoagent in a real VM")
     parser.add_argument("--keep", action="store_true", help="leave the run directories")
-    parser.add_argument("--only", choices=["metadata", "config-drive", "exosphere",
-                                           "exosphere-error"],
-                        help="run one scenario")
+    parser.add_argument("--only", choices=list(SCENARIOS), action="append",
+                        help="run this scenario (repeatable; in the usual order)")
     args = parser.parse_args()
     if harness.main(["up"]) != 0:
         raise Failure("the OpenStack harness did not come up")
     exoagent, deb = binary()
-    ensure_image(exoagent, deb)
+    selected = [name for name in SCENARIOS if not args.only or name in args.only]
+    images = {release: ensure_image(exoagent, deb, release)
+              for release in dict.fromkeys(SCENARIOS[name] for name in selected)}
     env = json.loads(harness.ENV_FILE.read_text())
     config = json.loads(harness.SECRETS_FILE.read_text())
     token, _ = harness.token_for(harness.password_auth("demo", config["passwords"]["demo"]),
@@ -1242,20 +1285,29 @@ def main():
     error_data = exosphere_userdata(exoagent, key_file, missing)
     error_meta = exosphere.server_metadata("demo", workflow=(missing, WORKFLOW_REF,
                                                              WORKFLOW_PATH))
+    flows = {
+        "metadata": (with_metadata_service_and_reboot, userdata, None),
+        "config-drive": (with_config_drive_only, userdata, None),
+        "exosphere": (lambda s: with_exosphere_template(
+            s, key_file, workflow, upgrade_package(deb, work / "upgrade")),
+            exosphere_data, exosphere_meta),
+        "exosphere-error": (lambda s: with_exosphere_setup_error(s, key_file, missing),
+                            error_data, error_meta)}
     results = {}
-    for name, run, data, meta in [
-            ("metadata", with_metadata_service_and_reboot, userdata, None),
-            ("config-drive", with_config_drive_only, userdata, None),
-            ("exosphere", lambda s: with_exosphere_template(
-                s, key_file, workflow, upgrade_package(deb, work / "upgrade")),
-             exosphere_data, exosphere_meta),
-            ("exosphere-error", lambda s: with_exosphere_setup_error(s, key_file, missing),
-             error_data, error_meta)]:
-        if args.only and name != args.only:
-            continue
-        scenario = Scenario(name, env, token, data, meta)
+    for name in selected:
+        release = SCENARIOS[name]
+        run, data, meta = flows[name.removesuffix(f"-debian{release}")]
+        # Debian 12's keys as before; another release's carry its version.
+        prefix = "" if release == DEFAULT_RELEASE else f"debian{release}_"
+        scenario = Scenario(name, env, token, data, meta, image_dir=images[release])
+        started = time.monotonic()
         try:
-            results.update(run(scenario))
+            results.update({prefix + key: value for key, value in run(scenario).items()})
+            if scenario.vm.process.poll() is None:
+                booted_release(scenario.vm, release)
+            took = time.monotonic() - started
+            say(f"scenario {name} (Debian {release}) passed in {took:.0f} s")
+            results[f"{name}_scenario_s"] = round(took)
         except Failure:
             if scenario.vm:
                 print(f"---- {name}: serial (tail) ----\n" + scenario.vm.serial_text()[-6000:],

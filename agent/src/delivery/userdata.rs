@@ -270,7 +270,8 @@ pub(crate) fn bootstrap_command(delivery: &Delivery) -> Value {
 
 /// The `bootcmd` entries for `delivery`: with a downloaded binary, the bootstrap queued as a
 /// transient unit ordered after cloud-init's network stage (`cloud-init.service`, which runs
-/// `bootcmd` and then `write_files`), so it starts as soon as the configuration is written
+/// `bootcmd` and then `write_files`; `cloud-init-network.service` from cloud-init 24.3, as on
+/// Debian 13: both are named, an ordering on a missing unit is a no-op), so it starts as soon as the configuration is written
 /// instead of in cloud-init's final stage; once per instance (`cloud-init-per`). `--no-block`:
 /// cloud-init does not wait for it (it could not: the unit waits for cloud-init). The
 /// package bootstrap stays in `runcmd` alone: its package transaction waits for cloud-init's
@@ -289,6 +290,7 @@ pub(crate) fn bootcmd(delivery: &Delivery) -> Option<Value> {
         &unit,
         "--description=exoagent bootstrap, early",
         "--property=After=cloud-init.service",
+        "--property=After=cloud-init-network.service",
         "--property=Wants=network-online.target",
         "--property=After=network-online.target",
     ];
@@ -486,6 +488,7 @@ mod tests {
         );
         assert!(early.contains(&"--no-block"));
         assert!(early.contains(&"--property=After=cloud-init.service"));
+        assert!(early.contains(&"--property=After=cloud-init-network.service"));
         let at = early.iter().position(|a| *a == "sh").unwrap();
         let late: Vec<&str> = strings(&doc["runcmd"][0]);
         assert_eq!(early[at..], late[..]);

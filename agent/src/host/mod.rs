@@ -24,7 +24,8 @@ pub const AUTOLOGIN_DROPIN: &str = "etc/systemd/system/getty@tty1.service.d/auto
 pub const CLOUD_INIT_LOGS: [&str; 2] = ["var/log/cloud-init.log", "var/log/cloud-init-output.log"];
 
 /// The unit that makes them private again on every boot (cloud-init may re-create them). It is
-/// ordered after `cloud-init.service` (which opens them) only: `cloud-final.service` comes after
+/// ordered after cloud-init's network stage (which opens them; `cloud-init.service`, named
+/// `cloud-init-network.service` from cloud-init 24.3, Debian 13: both are listed) only: `cloud-final.service` comes after
 /// `multi-user.target`, which pulls this unit in, so ordering after it would be a cycle.
 pub const CLOUD_INIT_LOGS_UNIT: &str = "etc/systemd/system/exoagent-cloud-init-logs.service";
 
@@ -115,7 +116,9 @@ fn cloud_init_logs_unit() -> String {
          [Unit]\n\
          Description=Keep cloud-init's logs readable by root and group only\n\
          After=cloud-init.service\n\
-         PartOf=cloud-init.service\n\n\
+         After=cloud-init-network.service\n\
+         PartOf=cloud-init.service\n\
+         PartOf=cloud-init-network.service\n\n\
          [Service]\n\
          Type=oneshot\n\
          RemainAfterExit=yes\n\

@@ -134,6 +134,15 @@ async fn every_touch_changes_the_tree_once_and_then_nothing() {
         "{unit}"
     );
     assert!(unit.contains("\nAfter=cloud-init.service\n"), "{unit}");
+    // cloud-init 24.3 and later (Debian 13) name the network stage cloud-init-network.service.
+    assert!(
+        unit.contains("\nAfter=cloud-init-network.service\n"),
+        "{unit}"
+    );
+    assert!(
+        unit.contains("\nPartOf=cloud-init-network.service\n"),
+        "{unit}"
+    );
     assert!(
         !unit.contains("cloud-final"),
         "an ordering cycle with multi-user.target: {unit}"

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 /// The supported releases, for messages.
 pub const SUPPORTED: &str =
-    "Ubuntu 20.04, 22.04, 24.04; Debian 11, 12; Rocky Linux 8, 9; AlmaLinux 8, 9";
+    "Ubuntu 20.04, 22.04, 24.04; Debian 11, 12, 13; Rocky Linux 8, 9; AlmaLinux 8, 9";
 
 /// A family of distributions sharing packaging and conventions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,7 +166,7 @@ fn classify(fields: &HashMap<String, String>) -> Os {
     let major = version_id.split('.').next().unwrap_or_default();
     let supported = match id.as_str() {
         "ubuntu" => ["20.04", "22.04", "24.04"].contains(&version_id.as_str()),
-        "debian" => ["11", "12"].contains(&version_id.as_str()),
+        "debian" => ["11", "12", "13"].contains(&version_id.as_str()),
         "rocky" | "almalinux" => ["8", "9"].contains(&major),
         _ => false,
     };

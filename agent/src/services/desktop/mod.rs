@@ -229,6 +229,12 @@ impl ServiceImpl for Desktop {
         let server: &[&str] = match (os.family, self.route) {
             (Family::Debian, VncRoute::TurboVnc { .. }) => &["gnupg", "ca-certificates"],
             (Family::RedHat, VncRoute::TurboVnc { .. }) => &[],
+            // TigerVNC before 1.12 (Debian 11's 1.11, Ubuntu 20.04's 1.10) has no
+            // tigervnc-tools: vncpasswd is tigervnc-common's (an alternative for
+            // tigervncpasswd), which the server depends on.
+            (Family::Debian, VncRoute::TigerVnc) if tigervnc_before_1_12(os) => {
+                &["tigervnc-standalone-server", "tigervnc-common"]
+            }
             (Family::Debian, VncRoute::TigerVnc) => {
                 &["tigervnc-standalone-server", "tigervnc-tools"]
             }
@@ -369,6 +375,15 @@ impl ServiceImpl for Desktop {
     }
 }
 
+/// Whether `os` packages a TigerVNC older than 1.12, which split vncpasswd into
+/// tigervnc-tools: Debian 11 (1.11.0) and Ubuntu 20.04 (1.10.1).
+fn tigervnc_before_1_12(os: &Os) -> bool {
+    matches!(
+        (os.id.as_str(), os.version_id.as_str()),
+        ("debian", "11") | ("ubuntu", "20.04")
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -402,5 +417,32 @@ mod tests {
         let packages = gpu.system_packages(&debian());
         assert!(packages.contains(&"gnupg".to_owned()), "{packages:?}");
         assert!(!packages.contains(&"tigervnc-standalone-server".to_owned()));
+    }
+
+    #[test]
+    fn vncpasswd_comes_from_tigervnc_tools_only_where_that_package_exists() {
+        let root = tempfile::tempdir().unwrap();
+        let on = |id: &str, version: &str| {
+            let os = Os {
+                id: id.into(),
+                version_id: version.into(),
+                pretty_name: format!("{id} {version}"),
+                family: Family::Debian,
+                supported: true,
+            };
+            Desktop::new(DesktopSettings::default(), &os, root.path()).system_packages(&os)
+        };
+        for (id, version) in [("debian", "12"), ("debian", "13"), ("ubuntu", "22.04")] {
+            let packages = on(id, version);
+            assert!(packages.contains(&"tigervnc-tools".to_owned()), "{id} {version}");
+            assert!(!packages.contains(&"tigervnc-common".to_owned()), "{id} {version}");
+        }
+        // Debian 11 and Ubuntu 20.04 have no tigervnc-tools (apt: "Unable to locate package").
+        for (id, version) in [("debian", "11"), ("ubuntu", "20.04")] {
+            let packages = on(id, version);
+            assert!(!packages.contains(&"tigervnc-tools".to_owned()), "{id} {version}");
+            assert!(packages.contains(&"tigervnc-common".to_owned()), "{id} {version}");
+            assert!(packages.contains(&"tigervnc-standalone-server".to_owned()));
+        }
     }
 }

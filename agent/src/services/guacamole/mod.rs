@@ -57,14 +57,16 @@ pub enum GuacdRoute {
 
 impl GuacdRoute {
     /// Where guacd comes from on `os`: a package where the distribution has one (Ubuntu
-    /// universe, EPEL), the container image otherwise (Debian: only bullseye and sid have it).
+    /// universe, EPEL, Debian 11's 1.3.0), the container image otherwise (Debian 12 and 13
+    /// have none).
     pub fn resolve(source: GuacdSource, os: &Os) -> Self {
         match source {
             GuacdSource::Package => Self::Package,
             GuacdSource::Container => Self::Container,
             GuacdSource::External => Self::External,
             GuacdSource::Auto => {
-                if os.id == "ubuntu" || os.family == Family::RedHat {
+                let debian_11 = os.id == "debian" && os.version_id == "11";
+                if os.id == "ubuntu" || os.family == Family::RedHat || debian_11 {
                     Self::Package
                 } else {
                     Self::Container
@@ -484,6 +486,19 @@ mod tests {
         assert_eq!(
             GuacdRoute::resolve(GuacdSource::Auto, &debian),
             GuacdRoute::Container
+        );
+        // Debian 11 packages guacd 1.3.0 (with the SSH and VNC plugins); 12 and 13 do not.
+        assert_eq!(
+            GuacdRoute::resolve(GuacdSource::Auto, &os("debian", "11", Family::Debian)),
+            GuacdRoute::Package
+        );
+        assert_eq!(
+            GuacdRoute::resolve(GuacdSource::Auto, &os("debian", "13", Family::Debian)),
+            GuacdRoute::Container
+        );
+        assert_eq!(
+            guacd_packages(&os("debian", "11", Family::Debian)),
+            ["guacd", "libguac-client-ssh0", "libguac-client-vnc0"]
         );
         assert_eq!(
             GuacdRoute::resolve(GuacdSource::External, &ubuntu),
