@@ -49,6 +49,11 @@ impl Netns {
         )
     }
 
+    /// What `choose` makes of `sshd_config` for exouser on port 22.
+    fn choose(&self, sshd_config: &Path) -> Result<IpAddr, LoopbackError> {
+        runtime().block_on(self.loopback(sshd_config).choose("exouser", 22))
+    }
+
     /// The local table's route for the dedicated address, if any.
     fn dedicated_route(&self) -> String {
         let out = Command::new("ip")
@@ -116,9 +121,7 @@ fn sshd_that_treats_it_as_localhost_gets_the_dedicated_address_and_its_route() {
     let dir = tempfile::tempdir().unwrap();
     let ns = Netns::new("ok");
     let config = sshd_config(dir.path(), "PasswordAuthentication yes\n");
-    let chosen = runtime()
-        .block_on(ns.loopback(&config).choose("exouser", 22))
-        .unwrap();
+    let chosen = ns.choose(&config).unwrap();
     assert_eq!(chosen, IpAddr::V4(DEDICATED));
     let route = ns.dedicated_route();
     assert!(route.contains("quickack 1"), "route: {route:?}");
@@ -127,9 +130,7 @@ fn sshd_that_treats_it_as_localhost_gets_the_dedicated_address_and_its_route() {
         "route: {route:?}"
     );
     // Again: `replace`, so a second start neither fails nor adds a second route.
-    runtime()
-        .block_on(ns.loopback(&config).choose("exouser", 22))
-        .unwrap();
+    ns.choose(&config).unwrap();
     assert_eq!(ns.dedicated_route().lines().count(), 1);
 
     // A connection to the address comes from it: sshd's end has the same route (quick ACKs
@@ -166,9 +167,7 @@ fn a_match_block_for_127_0_0_1_keeps_127_0_0_1_and_adds_no_route() {
         dir.path(),
         "PasswordAuthentication no\nMatch Address 127.0.0.1\n    PasswordAuthentication yes\n",
     );
-    let err = runtime()
-        .block_on(ns.loopback(&config).choose("exouser", 22))
-        .unwrap_err();
+    let err = ns.choose(&config).unwrap_err();
     assert!(
         matches!(&err, LoopbackError::SshdTreatsItDifferently { setting } if setting == "passwordauthentication"),
         "{err:?}"
@@ -185,16 +184,12 @@ fn sshd_listening_on_127_0_0_1_only_keeps_127_0_0_1() {
     let dir = tempfile::tempdir().unwrap();
     let ns = Netns::new("listen");
     let config = sshd_config(dir.path(), "ListenAddress 127.0.0.1\n");
-    let err = runtime()
-        .block_on(ns.loopback(&config).choose("exouser", 22))
-        .unwrap_err();
+    let err = ns.choose(&config).unwrap_err();
     assert_eq!(err.reason(), "sshd_not_listening", "{err}");
     assert!(err.to_string().contains("127.0.0.1:22"), "{err}");
     // Listening there on another port than the SSH port is no better.
     let config = sshd_config(dir.path(), "ListenAddress 0.0.0.0:2222\n");
-    let err = runtime()
-        .block_on(ns.loopback(&config).choose("exouser", 22))
-        .unwrap_err();
+    let err = ns.choose(&config).unwrap_err();
     assert_eq!(err.reason(), "sshd_not_listening", "{err}");
     assert_eq!(ns.dedicated_route(), "");
 }
@@ -207,9 +202,7 @@ fn an_unreadable_sshd_config_or_a_refused_route_keeps_127_0_0_1() {
     let dir = tempfile::tempdir().unwrap();
     let ns = Netns::new("bad");
     let missing = dir.path().join("no-such-config");
-    let err = runtime()
-        .block_on(ns.loopback(&missing).choose("exouser", 22))
-        .unwrap_err();
+    let err = ns.choose(&missing).unwrap_err();
     assert_eq!(err.reason(), "sshd_config_unreadable", "{err}");
     assert!(err.to_string().contains("no-such-config"), "{err}");
 

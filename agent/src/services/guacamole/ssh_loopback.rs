@@ -9,9 +9,12 @@
 //! address, so both sockets' routes carry it) removes the stalls for that connection only,
 //! without touching guacd, sshd or any other loopback traffic.
 
+use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
-use std::process::Stdio;
+use std::path::Path;
 use std::time::Duration;
+
+use crate::platform::exec::{self, Finished};
 
 /// The address guacd connects to sshd at when it can: in 127.0.0.0/8, so local by the kernel's
 /// own /8 route; away from the addresses distributions use (127.0.0.1, Debian's 127.0.1.1 for
@@ -107,14 +110,15 @@ impl SshLoopback {
             return Err(LoopbackError::SshdTreatsItDifferently { setting });
         }
         let argv = self.route_argv();
-        let (ok, detail) = run(&argv).await;
-        if !ok {
-            return Err(LoopbackError::RouteRefused {
-                command: argv.join(" "),
-                detail,
-            });
-        }
-        Ok(IpAddr::V4(DEDICATED))
+        let detail = match run(&argv).await {
+            Ok(done) if done.status.success() => return Ok(IpAddr::V4(DEDICATED)),
+            Ok(done) => failure(&done),
+            Err(e) => e,
+        };
+        Err(LoopbackError::RouteRefused {
+            command: argv.join(" "),
+            detail,
+        })
     }
 
     /// `ip route replace`: a local /32 for [`DEDICATED`], its own source (a connection to it
@@ -141,22 +145,15 @@ impl SshLoopback {
         argv.push(format!(
             "user={user},host=localhost,addr={addr},laddr={addr},lport={ssh_port}"
         ));
-        let output = output(&argv).await;
-        match output {
-            Ok(out) if out.status.success() => Ok(String::from_utf8_lossy(&out.stdout).into_owned()),
-            Ok(out) => Err(LoopbackError::SshdUnreadable {
-                command: argv.join(" "),
-                detail: format!(
-                    "{}: {}",
-                    out.status,
-                    String::from_utf8_lossy(&out.stderr).trim().escape_debug()
-                ),
-            }),
-            Err(detail) => Err(LoopbackError::SshdUnreadable {
-                command: argv.join(" "),
-                detail,
-            }),
-        }
+        let detail = match run(&argv).await {
+            Ok(done) if done.status.success() => return Ok(done.stdout),
+            Ok(done) => failure(&done),
+            Err(e) => e,
+        };
+        Err(LoopbackError::SshdUnreadable {
+            command: argv.join(" "),
+            detail,
+        })
     }
 }
 
@@ -182,47 +179,26 @@ fn listens_on_dedicated(view: &str, port: u16) -> bool {
 /// The first setting whose lines differ between two `sshd -T` outputs, by name; `None` when
 /// they are the same.
 fn first_difference(a: &str, b: &str) -> Option<String> {
-    let (mut a, mut b): (Vec<&str>, Vec<&str>) = (a.lines().collect(), b.lines().collect());
-    a.sort_unstable();
-    b.sort_unstable();
-    if a == b {
-        return None;
-    }
-    let name = |l: &str| l.split_whitespace().next().unwrap_or_default().to_owned();
-    let in_a: std::collections::BTreeSet<&str> = a.iter().copied().collect();
-    let in_b: std::collections::BTreeSet<&str> = b.iter().copied().collect();
-    in_a.symmetric_difference(&in_b).next().map(|l| name(l))
+    let a: BTreeSet<&str> = a.lines().collect();
+    let b: BTreeSet<&str> = b.lines().collect();
+    let line = a.symmetric_difference(&b).next()?;
+    Some(line.split_whitespace().next().unwrap_or_default().to_owned())
 }
 
-/// Run `argv` (stdin closed, killed after [`COMMAND_TIMEOUT`]): the output, or why there is none.
-async fn output(argv: &[String]) -> Result<std::process::Output, String> {
+/// Run `argv` with [`exec::run`] (stdin closed), waiting at most [`COMMAND_TIMEOUT`] (a tool
+/// that does not answer by then is left to finish on its own): what it left, or why nothing.
+async fn run(argv: &[String]) -> Result<Finished, String> {
     let (program, args) = argv.split_first().ok_or("empty command")?;
-    let child = tokio::process::Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    match tokio::time::timeout(COMMAND_TIMEOUT, child).await {
-        Ok(Ok(out)) => Ok(out),
+    match tokio::time::timeout(COMMAND_TIMEOUT, exec::run(Path::new(program), args, &[], None)).await {
+        Ok(Ok(done)) => Ok(done),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!("no answer within {} s", COMMAND_TIMEOUT.as_secs())),
     }
 }
 
-/// Run `argv`: whether it succeeded, and its stderr (escaped) or error when not.
-async fn run(argv: &[String]) -> (bool, String) {
-    match output(argv).await {
-        Ok(out) if out.status.success() => (true, String::new()),
-        Ok(out) => (
-            false,
-            format!(
-                "{}: {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim().escape_debug()
-            ),
-        ),
-        Err(e) => (false, e),
-    }
+/// A failed run for a message: its status and last lines of output, escaped.
+fn failure(done: &Finished) -> String {
+    format!("{}: {}", done.status, done.tail(3).escape_debug())
 }
 
 #[cfg(test)]
