@@ -39,6 +39,9 @@ import readline from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
 import { CHROMIUM, CHROMIUM_ARGS, VIEWPORT } from './chromium.mjs';
+import {
+    DESKTOP_ID, SHELL_ID, displayStats, pageState, postToken, saveDisplay, secs, settle, sleep, waitFor,
+} from './guac-page.mjs';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const REPO = path.resolve(HERE, '../..');
@@ -49,9 +52,6 @@ const BIN = process.env.EXOAGENT_BIN
     || path.join(process.env.CARGO_TARGET_DIR ? path.resolve(REPO, process.env.CARGO_TARGET_DIR) : path.join(REPO, 'target'), 'debug/exoagent');
 const ARTIFACTS = path.resolve(REPO, process.env.EXOAGENT_TEST_ARTIFACTS || 'target/test-artifacts');
 
-// Connection ids as the links carry them: base64 of "<name>\0c\0default".
-const DESKTOP_ID = 'ZGVza3RvcABjAGRlZmF1bHQ='; // padded standard base64, as Exosphere sends
-const SHELL_ID = Buffer.from('shell\0c\0default').toString('base64url'); // unpadded base64url
 const EXPIRED_MESSAGE = 'This session has expired. Reopen the connection from Exosphere.';
 const FIXED_SIZE_MESSAGE = 'This desktop keeps its own screen size (the Guacamole server cannot resize it); the page scales it to fit the window.';
 // A 2-byte character, an emoji and a CJK extension-B ideograph (both outside the BMP: 4 bytes in
@@ -83,10 +83,8 @@ const S = {
 // ---------------------------------------------------------------------------------------------
 // Helpers
 
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 /** A timer that does not keep the process alive (for races against exits and lines). */
 const deadline = (ms, value) => new Promise((r) => setTimeout(() => r(value), ms).unref());
-const secs = (ms) => `${(ms / 1000).toFixed(2)} s`;
 
 /** What a Latin-1 hop (RFB cut text; guacd's ISO8859-1 clipboard) leaves of a text: "?" for
  * every character above U+00FF. */
@@ -149,23 +147,6 @@ function note(t, msg) {
     else process.stderr.write(`# ${line}\n`);
 }
 
-/** Polls `probe` until it returns a truthy value; fails saying what was expected and last seen. */
-async function waitFor(probe, { timeout = 15000, interval = 100, expected, seen } = {}) {
-    const start = Date.now();
-    let last;
-    for (;;) {
-        last = await probe();
-        if (last) return last;
-        if (Date.now() - start > timeout) {
-            const observed = seen ? await seen(last) : JSON.stringify(last);
-            throw new assert.AssertionError({
-                message: `expected ${expected} within ${secs(timeout)}; saw: ${observed}`,
-            });
-        }
-        await sleep(interval);
-    }
-}
-
 function freePort() {
     return new Promise((resolve, reject) => {
         const srv = net.createServer();
@@ -209,12 +190,7 @@ function tail(file, n = 3000) {
 
 async function login(password = S.info.password) {
     // Exactly what Exosphere sends: a form body with the passphrase's spaces left raw.
-    const body = `username=${S.info.user}&password=${password}`;
-    return fetch(`${S.base}/guacamole/api/tokens`, {
-        method: 'POST',
-        headers: { 'Content-Type': 'application/x-www-form-urlencoded' },
-        body,
-    });
+    return postToken(S.base, S.info.user, password);
 }
 
 async function token() {
@@ -222,18 +198,6 @@ async function token() {
     const text = await r.text();
     assert.equal(r.status, 200, `expected 200 from POST /guacamole/api/tokens, saw ${r.status}: ${text}`);
     return JSON.parse(text).authToken;
-}
-
-async function pageState(page) {
-    return page.evaluate(() => {
-        const g = window.exoGuac;
-        return g ? {
-            state: g.state, lastError: g.lastError, filesystems: g.filesystems,
-            transfers: g.transfers, clipboard: g.clipboard,
-            status: document.getElementById('status-text')?.textContent,
-            detail: document.getElementById('status-detail')?.textContent,
-        } : { exoGuac: 'missing', body: document.body?.dataset.state };
-    }).catch((e) => ({ evaluateError: e.message }));
 }
 
 async function newPage(label) {
@@ -260,54 +224,6 @@ async function openClient(t, id, tok, label) {
     timings[`${label}: page to connected`] = Date.now() - started;
     note(t, `${label}: connected after ${secs(Date.now() - started)}`);
     return page;
-}
-
-/**
- * Flattens the Guacamole display and describes it: size, distinct colours (sampled every 4th
- * pixel in both directions) and an FNV-1a hash of every pixel.
- */
-async function displayStats(page) {
-    return page.evaluate(() => {
-        const display = window.exoGuac.client.getDisplay();
-        const canvas = display.flatten();
-        const { width, height } = canvas;
-        if (!width || !height) return { width, height, colours: 0, hash: 0 };
-        const data = canvas.getContext('2d').getImageData(0, 0, width, height).data;
-        const seen = new Set();
-        let hash = 0x811c9dc5;
-        const words = new Uint32Array(data.buffer, data.byteOffset, data.byteLength / 4);
-        for (let i = 0; i < words.length; i++) {
-            hash = Math.imul(hash ^ words[i], 0x01000193) >>> 0;
-        }
-        for (let y = 0; y < height; y += 4) {
-            for (let x = 0; x < width; x += 4) seen.add(words[y * width + x]);
-        }
-        return { width, height, colours: seen.size, hash };
-    });
-}
-
-/** Saves the flattened remote display (native resolution) as a PNG. */
-async function saveDisplay(page, file) {
-    const dataUrl = await page.evaluate(() => window.exoGuac.client.getDisplay().flatten().toDataURL('image/png'));
-    fs.writeFileSync(file, Buffer.from(dataUrl.split(',')[1], 'base64'));
-}
-
-/** Waits until the display has not changed for `quietMs` (at most `timeout`). */
-async function settle(page, quietMs = 700, timeout = 6000) {
-    const start = Date.now();
-    let last = await displayStats(page);
-    let since = Date.now();
-    while (Date.now() - start < timeout) {
-        await sleep(150);
-        const now = await displayStats(page);
-        if (now.hash !== last.hash) {
-            last = now;
-            since = Date.now();
-        } else if (Date.now() - since >= quietMs) {
-            break;
-        }
-    }
-    return last;
 }
 
 /** Ctrl+Alt+Shift, pressed and released as a person does: Guacamole's menu chord. */

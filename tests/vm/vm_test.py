@@ -1,14 +1,18 @@
 #!/usr/bin/env python3
 """The VM test: a real Debian VM (QEMU, software emulation) with real systemd and cloud-init
 boots the baked image as a server of the real-OpenStack harness and is observed through Nova,
-its serial console and a forwarded port. Debian 12 runs every scenario; Debian 13 runs the
-JupyterLab flow (2–4) and the config-drive flow (5) on its own image, through the same code.
+its serial console and forwarded ports. Debian 12 runs scenarios 2–7; Debian 13 runs the
+JupyterLab flow (2–4) and the config-drive flow (5) on its own image, through the same code;
+Debian 11 runs the JupyterLab flow (2–4) and the web desktop (8) on its own image.
 
     python3 tests/vm/vm_test.py [--keep] [--only SCENARIO]...
 
 1. Brings up the OpenStack harness; builds the .deb (installer/package/build.sh) and, per
    Debian release the selected scenarios boot, the image (tests/vm/build-image.sh: exoagent
-   installed from that .deb) unless one for this exoagent binary, release and recipe exists.
+   installed from that .deb; JupyterLab baked, and on Debian 11 also the desktop and
+   Guacamole) unless one for this exoagent binary, release, bake list and recipe exists. With
+   the web-desktop scenario, the Guacamole client page (web/guacamole/dist, embedded by the
+   binary) is built first.
 2. Boots a Nova server (fake virt driver) with userdata from `exoagent userdata` asking for
    JupyterLab and Nova reporting through the access-rule-restricted credential; the VM takes
    that server's identity: DMI says OpenStack Nova with the server's UUID, and
@@ -68,11 +72,28 @@ JupyterLab flow (2–4) and the config-drive flow (5) on its own image, through 
    with `status: error`, `cloud-init status --long` names the failed runcmd, cloud-init's
    output log holds `exoagent: setup error: jupyterlab: workflow-clone-failed: …` before its
    closing line, and the status API says the same. No volumes, no reboot.
+8. `exosphere-desktop-debian11`: Exosphere's template (bootstrap variant, unreachable URL) with
+   Guacamole and the desktop chosen (`guac_enabled`, `gui_enabled`; `exoGuac` in the server's
+   metadata), an SSH key and the credential files, no workflow, on the Debian 11 image with
+   TigerVNC + Xfce and guacd 1.3.0 baked from bullseye's packages (the `package` route). The
+   console's last status line is `complete`; then Chromium on the host
+   (tests/browser/vm-desktop.mjs, the browser tests' set-up) does what Exosphere does through
+   the forwarded Guacamole port (49528): the token POST with the passphrase from
+   os-server-password, the desktop link (connected, the Xfce desktop drawn: > 64 colours,
+   screenshots saved) and the shell link, where `clear; echo exo$((6*7)) | tee ~/<marker>` is
+   typed and the terminal's first row, selected with the mouse, reaches the page's clipboard
+   as `exo42`. Over SSH as exouser: the choices file, the marker file (`exo42`, exouser's),
+   the desktop and Guacamole ready in the status API, /home/exouser exouser's, and
+   ~/openrc.sh and ~/.config/openstack/clouds.yaml `400 exouser:exouser` (cloud-init 20.4
+   has no `write_files` `defer`: the agent completes them). `metadata-debian11` runs
+   2–4 on the same image (JupyterLab on Debian 11's Python 3.9, the lock's 3.9 pins).
 
 Prints timings (QEMU start → Nova shows complete; for the volumes, QEMU start → seen
 mounted, and monitor command → seen unmounted or mounted; apt-get → complete again after the
-upgrade; QEMU start → console error and → cloud-init done) for bench/. Exits non-zero on any
-failure, with the serial log's tail.
+upgrade; QEMU start → console error and → cloud-init done; QEMU start → console complete,
+→ token, → desktop drawn and → shell echoed in Chromium) for bench/. Another release's keys
+carry its version (`debian11_`, `debian13_`). Exits non-zero on any failure, with the serial
+log's tail.
 """
 
 import argparse
@@ -105,6 +126,13 @@ VM_DIR = Path(os.environ.get("EXOAGENT_VM_DIR", "/var/tmp/exoagent-vm"))
 # The Debian releases the test boots (build-image.sh's RELEASE), by version.
 RELEASES = {"11": "bullseye", "12": "bookworm", "13": "trixie"}
 DEFAULT_RELEASE = "12"
+# What `exoagent bake` pre-installs in each release's image (build-image.sh's EXOAGENT_BAKE):
+# JupyterLab everywhere; Debian 11's image also has the web desktop (TigerVNC + Xfce, guacd
+# 1.3.0 from bullseye's packages), so one image serves both its scenarios.
+BAKE = {"11": "jupyterlab desktop guacamole"}
+DEFAULT_BAKE = "jupyterlab"
+# Where the browser scripts put screenshots (as tests/browser's tests do).
+ARTIFACTS = ROOT / os.environ.get("EXOAGENT_TEST_ARTIFACTS", "target/test-artifacts")
 READY = {"exoagent:setup:complete", "exoagent:jupyterlab:ready"}
 
 
@@ -122,9 +150,14 @@ def free_port():
         return s.getsockname()[1]
 
 
-def binary():
+def binary(client_page=False):
     """The release binary and the .deb made from it (installer/package/build.sh builds both;
-    the binary for glibc 2.28 and later, under target/x86_64-unknown-linux-gnu/)."""
+    the binary for glibc 2.28 and later, under target/x86_64-unknown-linux-gnu/). With
+    `client_page`, the Guacamole client page (web/guacamole/dist, which the binary embeds) is
+    built first (installer/dev/build-web.sh: nothing to do when it is current)."""
+    if client_page:
+        subprocess.run(["bash", "installer/dev/build-web.sh"], cwd=ROOT, check=True,
+                       stdout=subprocess.DEVNULL)
     packages = subprocess.run(["bash", "installer/package/build.sh"], cwd=ROOT, check=True,
                               stdout=subprocess.PIPE, text=True).stdout.split()
     deb = next(Path(p) for p in packages if p.endswith(".deb"))
@@ -141,14 +174,15 @@ def image_dir(release=DEFAULT_RELEASE):
     return VM_DIR if release == DEFAULT_RELEASE else Path(f"{VM_DIR}-debian{release}")
 
 
-def ensure_image(exoagent, deb, release=DEFAULT_RELEASE):
-    """Builds the baked image of `release` unless the cached one was built from the same binary,
-    release and recipe; returns its directory."""
+def ensure_image(exoagent, deb, release=DEFAULT_RELEASE, bake=DEFAULT_BAKE):
+    """Builds the baked image of `release`, with `bake` (the services `exoagent bake`
+    pre-installs, space-separated) baked, unless the cached one was built from the same binary,
+    release, bake list and recipe; returns its directory."""
     directory = image_dir(release)
     # The binary, not the .deb's bytes (which carry build times), plus what shapes the package,
-    # the release and the variant.
+    # the release and the variant (the bake list is part of it).
     digest = hashlib.sha256()
-    digest.update(f"release={RELEASES[release]} variant=baked\n".encode())
+    digest.update(f"release={RELEASES[release]} variant=baked bake={bake}\n".encode())
     digest.update(exoagent.read_bytes())
     shaping = [*sorted((ROOT / "installer/package").rglob("*")),
                *sorted((ROOT / "installer/systemd").rglob("*"))]
@@ -161,13 +195,12 @@ def ensure_image(exoagent, deb, release=DEFAULT_RELEASE):
             and (directory / "root.raw").exists():
         return directory
     say(f"building the Debian {release} image in {directory} (mmdebstrap, exoagent from its "
-        ".deb, JupyterLab baked)")
+        f".deb, baked: {bake})")
     started = time.monotonic()
     stamp_file.unlink(missing_ok=True)
-    # JupyterLab only (the stamp's "variant=baked"), whatever the caller's EXOAGENT_BAKE says.
+    # The stamp's bake list, whatever the caller's EXOAGENT_BAKE says.
     subprocess.run(["bash", str(ROOT / "tests/vm/build-image.sh"), str(directory), str(deb),
-                    RELEASES[release]], check=True,
-                   env={**os.environ, "EXOAGENT_BAKE": "jupyterlab"})
+                    RELEASES[release]], check=True, env={**os.environ, "EXOAGENT_BAKE": bake})
     stamp_file.write_text(stamp)
     say(f"Debian {release} image built in {time.monotonic() - started:.0f} s")
     return directory
@@ -204,6 +237,9 @@ class Vm:
         self.relay_port = relay_port
         self.jupyter_port = free_port()
         self.ssh_port = free_port()
+        # Guacamole's web side ([services.guacamole] port), as Exosphere reaches it through
+        # the UAP (`https://http-<ip>-49528.<uap host>`).
+        self.guacamole_port = free_port()
         self.serial = run_dir / "serial.log"
         self.overlay = run_dir / "disk.qcow2"
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
@@ -214,7 +250,8 @@ class Vm:
     def start(self):
         self.boots += 1
         netdev = (f"user,id=n0,net=169.254.169.0/24,hostfwd=tcp:127.0.0.1:{self.jupyter_port}-:8888"
-                  f",hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22")
+                  f",hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22"
+                  f",hostfwd=tcp:127.0.0.1:{self.guacamole_port}-:49528")
         if self.relay_port:
             # http://169.254.169.254 → this server's metadata relay (one socat per connection).
             netdev += f",guestfwd=tcp:169.254.169.254:80-cmd:socat - TCP:127.0.0.1:{self.relay_port}"
@@ -1206,6 +1243,90 @@ def with_exosphere_setup_error(scenario, key_file, missing):
             "exosphere_error_cloud_init_done_s": round(waited_s)}
 
 
+def desktop_in_chromium(vm, passphrase):
+    """tests/browser/vm-desktop.mjs against the VM's forwarded Guacamole port: Exosphere's
+    token POST, the desktop link (Xfce drawn) and the shell link (`exo42` echoed). The
+    passphrase goes in the environment, never in argv. Returns its step times as seconds
+    after QEMU started, and the shell's marker file name."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "EXOAGENT_VM_GUAC_URL": f"http://127.0.0.1:{vm.guacamole_port}",
+           "EXOAGENT_VM_GUAC_PASSPHRASE": passphrase, "EXOAGENT_TEST_ARTIFACTS": str(ARTIFACTS)}
+    wall, mono = time.time(), time.monotonic()
+    try:
+        done = subprocess.run(["node", str(ROOT / "tests/browser/vm-desktop.mjs")], env=env,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
+                              timeout=900)
+    except subprocess.TimeoutExpired:
+        raise Failure("tests/browser/vm-desktop.mjs did not finish within 15 min") from None
+    if done.returncode != 0:
+        raise Failure(f"Chromium through Guacamole failed (tests/browser/vm-desktop.mjs exit "
+                      f"{done.returncode}; screenshots in {ARTIFACTS})")
+    found = json.loads(done.stdout.strip().split("\n")[-1])
+    steps = {step: round(mono + found[step] / 1000 - wall - vm.started)
+             for step in ["token", "desktop_connected", "desktop_drawn", "shell_connected",
+                          "shell_echoed"]}
+    return steps, found
+
+
+def with_exosphere_desktop(scenario, key_file):
+    """Exosphere's template with Guacamole and the desktop chosen and the credential files,
+    on the Debian 11 web-desktop image (TigerVNC + Xfce and guacd 1.3.0 baked from bullseye's
+    packages: the `package` route). The console ends in `complete`; Chromium on the host does
+    what Exosphere does with the forwarded Guacamole port: the desktop is drawn and a command
+    typed in the shell is echoed. Then over SSH as exouser: the choices, the home and the
+    credential files are exouser's (cloud-init 20.4 writes `write_files` before the user
+    exists: it has no `defer`)."""
+    vm = scenario.boot(scenario.start_relay())
+    wait("the console to say complete", lambda: console_complete(vm), 1500, vm)
+    complete = time.monotonic() - vm.started
+    say(f"Exosphere template with the desktop: complete {complete:.0f} s after QEMU started")
+    passphrase = server_password(scenario.token, scenario.server)
+    if len(passphrase.split()) != 11:
+        raise Failure("no passphrase in os-server-password")
+    steps, found = desktop_in_chromium(vm, passphrase)
+    say(f"Chromium: token {steps['token']} s, desktop drawn {steps['desktop_drawn']} s "
+        f"({found['desktop']['width']}x{found['desktop']['height']}, "
+        f"{found['desktop']['colours']} colours), shell echoed exo42 {steps['shell_echoed']} s "
+        f"after QEMU started; screenshots in {ARTIFACTS}")
+
+    def check(command, good):
+        result = ssh_as_exouser(vm, key_file, command)
+        out = result.stdout.strip()
+        try:
+            passed = result.returncode == 0 and good(out)
+        except (ValueError, KeyError, TypeError):
+            passed = False
+        if not passed:
+            more = ssh_as_exouser(vm, key_file, "sudo -n exoagent status; sudo -n grep -iE "
+                                  "'write_files|defer|WARN|Trace' /var/log/cloud-init.log | "
+                                  "tail -20").stdout
+            raise Failure(f"in the VM, `{command}` gave {result.returncode}: {out!r} "
+                          f"{result.stderr.strip()!r}\n{more}")
+        return out
+
+    wait("SSH as exouser", lambda: ssh_as_exouser(vm, key_file, "true").returncode == 0, 300,
+         vm)
+    check("cat /etc/exoagent/exosphere-choices.json",
+          lambda out: json.loads(out) == {"guac_enabled": True, "gui_enabled": True})
+    # What the shell typed in Chromium wrote, as exouser.
+    marker = shlex.quote(found["marker"])
+    check(f"cat ~/{marker} && stat -c %U ~/{marker}",
+          lambda out: out.split("\n") == ["exo42", "exouser"])
+
+    def ready(out):
+        states = {s["service"]: s["state"] for s in json.loads(out)["services"]}
+        return states.get("desktop") == "ready" and states.get("guacamole") == "ready"
+
+    check("sudo -n exoagent status --json", ready)
+    check("stat -c %U:%G /home/exouser", lambda out: out == "exouser:exouser")
+    check("stat -c '%a %U:%G' ~/openrc.sh ~/.config/openstack/clouds.yaml",
+          lambda out: out.split("\n") == ["400 exouser:exouser"] * 2)
+    return {"exosphere_desktop_complete_s": round(complete),
+            "exosphere_desktop_token_s": steps["token"],
+            "exosphere_desktop_drawn_s": steps["desktop_drawn"],
+            "exosphere_desktop_shell_echoed_s": steps["shell_echoed"]}
+
+
 def exosphere_key(work):
     """The SSH key a researcher gives Exosphere (into the template's ssh_authorized_keys)."""
     key_file = work / "id_ed25519"
@@ -1214,9 +1335,10 @@ def exosphere_key(work):
     return key_file
 
 
-def exosphere_userdata(exoagent, key_file, workflow_url):
+def exosphere_userdata(exoagent, key_file, workflow_url=None, desktop=False):
     """The bootstrap drop-in (its URL unreachable: the baked agent must be preferred),
-    rendered as Exosphere renders it, with the workflow picked in the launcher."""
+    rendered as Exosphere renders it, with the workflow picked in the launcher, or none; with
+    `desktop`, Guacamole and the desktop chosen (`guac_enabled`, `gui_enabled`)."""
     template = subprocess.run(
         [str(exoagent), "userdata", "--exosphere-template", "--delivery", "bootstrap",
          "--binary-url", "http://127.0.0.1:9/not-there", "--binary-sha256", "0" * 64],
@@ -1228,8 +1350,9 @@ def exosphere_userdata(exoagent, key_file, workflow_url):
     credentials = exosphere.credential_write_files(
         clouds, "https://keystone.example.org:5000/v3", "RegionOne", "example", "example")
     userdata = exosphere.render(template, ssh_key=Path(f"{key_file}.pub").read_text().strip(),
-                                os_updates=False, credentials=credentials,
-                                workflow=workflow_url, workflow_ref=WORKFLOW_REF)
+                                os_updates=False, guac=desktop, gui=desktop,
+                                credentials=credentials, workflow=workflow_url,
+                                workflow_ref=WORKFLOW_REF if workflow_url else "")
     return userdata.encode()
 
 
@@ -1249,6 +1372,7 @@ def write_agent_clouds_yaml(env, path):
 # Each scenario and the Debian release its VM boots, in the order they run. The Debian 13 ones
 # are the Debian 12 flows on the Debian 13 image (the same functions, another image).
 SCENARIOS = {"metadata": "12", "config-drive": "12", "exosphere": "12", "exosphere-error": "12",
+             "metadata-debian11": "11", "exosphere-desktop-debian11": "11",
              "metadata-debian13": "13", "config-drive-debian13": "13"}
 
 
@@ -1260,9 +1384,9 @@ def main():
     args = parser.parse_args()
     if harness.main(["up"]) != 0:
         raise Failure("the OpenStack harness did not come up")
-    exoagent, deb = binary()
     selected = [name for name in SCENARIOS if not args.only or name in args.only]
-    images = {release: ensure_image(exoagent, deb, release)
+    exoagent, deb = binary(client_page=any("desktop" in name for name in selected))
+    images = {release: ensure_image(exoagent, deb, release, BAKE.get(release, DEFAULT_BAKE))
               for release in dict.fromkeys(SCENARIOS[name] for name in selected)}
     env = json.loads(harness.ENV_FILE.read_text())
     config = json.loads(harness.SECRETS_FILE.read_text())
@@ -1285,6 +1409,9 @@ def main():
     error_data = exosphere_userdata(exoagent, key_file, missing)
     error_meta = exosphere.server_metadata("demo", workflow=(missing, WORKFLOW_REF,
                                                              WORKFLOW_PATH))
+    # Guacamole and the desktop chosen in the launcher, no workflow.
+    desktop_data = exosphere_userdata(exoagent, key_file, desktop=True)
+    desktop_meta = exosphere.server_metadata("demo", guac=True, gui=True)
     flows = {
         "metadata": (with_metadata_service_and_reboot, userdata, None),
         "config-drive": (with_config_drive_only, userdata, None),
@@ -1292,7 +1419,9 @@ def main():
             s, key_file, workflow, upgrade_package(deb, work / "upgrade")),
             exosphere_data, exosphere_meta),
         "exosphere-error": (lambda s: with_exosphere_setup_error(s, key_file, missing),
-                            error_data, error_meta)}
+                            error_data, error_meta),
+        "exosphere-desktop": (lambda s: with_exosphere_desktop(s, key_file), desktop_data,
+                              desktop_meta)}
     results = {}
     for name in selected:
         release = SCENARIOS[name]
