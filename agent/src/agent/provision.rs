@@ -280,6 +280,7 @@ pub(super) async fn apply_host_touches(plan: &Plan) {
             &plan.os,
             &plan.settings.instance.user,
             &users,
+            &plan.paths.deferred_write_files_marker(),
         )
         .await;
     for (touch, result) in touches {

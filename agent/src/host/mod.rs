@@ -1,9 +1,13 @@
 //! The instance-wide touches outside any service that Exosphere's playbook makes on every
 //! instance (its `console-setup`, `cloud-init-tweaks` and `base-setup` roles): exouser's
 //! autologin on tty1, cloud-init's logs kept private, exouser in the distribution's default
-//! user's group, and the base packages (which join the one package transaction); and the hook
-//! that shows exoagent's login banner (`exoagent motd`), the distribution's way.
+//! user's group, and the base packages (which join the one package transaction); cloud-init's
+//! deferred files where its cloud-init cannot defer; and exoagent's own: the hook that shows the
+//! login banner (`exoagent motd`), the distribution's way, and the instance user's home given
+//! back when root owns it.
 
+mod deferred;
+mod home;
 pub mod settings;
 
 use std::os::unix::fs::PermissionsExt;
@@ -166,6 +170,10 @@ pub enum Touch {
     DefaultUserGroup,
     /// The login banner's hook.
     LoginBanner,
+    /// The instance user's home given back.
+    HomeOwnership,
+    /// cloud-init's deferred `write_files`.
+    DeferredWriteFiles,
 }
 
 impl Touch {
@@ -176,6 +184,8 @@ impl Touch {
             Self::PrivateCloudInitLogs => "private_cloud_init_logs",
             Self::DefaultUserGroup => "default_user_group",
             Self::LoginBanner => "login_banner",
+            Self::HomeOwnership => "home_ownership",
+            Self::DeferredWriteFiles => "deferred_write_files",
         }
     }
 }
@@ -217,6 +227,14 @@ pub enum HostError {
     /// The account tools failed.
     #[error(transparent)]
     User(#[from] UserError),
+    /// cloud-init's merged cloud-config cannot be acted on.
+    #[error("'{path}': {message}")]
+    CloudConfig {
+        /// The cloud-config file.
+        path: PathBuf,
+        /// The entry and key, and what is wrong.
+        message: String,
+    },
 }
 
 impl HostError {
@@ -227,6 +245,7 @@ impl HostError {
             Self::Io { .. } => "host-file-failed",
             Self::Command { .. } => "host-command-failed",
             Self::User(e) => e.reason(),
+            Self::CloudConfig { .. } => "cloud-config-invalid",
         }
     }
 }
@@ -250,15 +269,32 @@ impl Host {
     }
 
     /// Make every touch `settings` asks for, for the instance user `user`; each result is
-    /// independent (one failing does not stop the others).
+    /// independent (one failing does not stop the others). `deferred_marker` records the
+    /// cloud-init instance whose deferred files were written. The home comes first: deferred
+    /// files may be written into it.
     pub async fn apply(
         &self,
         settings: &HostSettings,
         os: &Os,
         user: &str,
         users: &UserManager,
+        deferred_marker: &Path,
     ) -> Vec<(Touch, Result<Outcome, HostError>)> {
         let mut done = Vec::new();
+        if settings.home_ownership {
+            let outcome = match users.lookup(user) {
+                Ok(Some(entry)) => home::reclaim_home(&self.root, &entry),
+                Ok(None) => Ok(Outcome::Skipped(format!("user '{user}' does not exist"))),
+                Err(e) => Err(e.into()),
+            };
+            done.push((Touch::HomeOwnership, outcome));
+        }
+        if settings.deferred_write_files {
+            done.push((
+                Touch::DeferredWriteFiles,
+                deferred::complete(&self.root, deferred_marker, users),
+            ));
+        }
         if settings.console_autologin {
             done.push((Touch::ConsoleAutologin, self.console_autologin(user).await));
         }
