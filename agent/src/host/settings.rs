@@ -43,6 +43,21 @@ impl Default for HostSettings {
     }
 }
 
+impl HostSettings {
+    /// Whether `touch` is asked for.
+    pub fn asks(&self, touch: super::Touch) -> bool {
+        use super::Touch;
+        match touch {
+            Touch::ConsoleAutologin => self.console_autologin,
+            Touch::PrivateCloudInitLogs => self.private_cloud_init_logs,
+            Touch::DefaultUserGroup => self.default_user_group,
+            Touch::LoginBanner => self.login_banner,
+            Touch::HomeOwnership => self.home_ownership,
+            Touch::DeferredWriteFiles => self.deferred_write_files,
+        }
+    }
+}
+
 /// What the files say about `[host]`.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Section {

@@ -27,6 +27,38 @@ fn all_on() -> HostSettings {
     }
 }
 
+/// Both stages, as the agent makes them: the ones before the services, then the others.
+trait ApplyAll {
+    async fn apply_all(
+        &self,
+        settings: &HostSettings,
+        os: &Os,
+        user: &str,
+        users: &UserManager,
+        marker: &Path,
+    ) -> Vec<(Touch, Result<Outcome, HostError>)>;
+}
+
+impl ApplyAll for Host {
+    async fn apply_all(
+        &self,
+        settings: &HostSettings,
+        os: &Os,
+        user: &str,
+        users: &UserManager,
+        marker: &Path,
+    ) -> Vec<(Touch, Result<Outcome, HostError>)> {
+        let mut done = self
+            .apply(Stage::BeforeServices, settings, os, user, users, marker)
+            .await;
+        done.extend(
+            self.apply(Stage::BesideServices, settings, os, user, users, marker)
+                .await,
+        );
+        done
+    }
+}
+
 /// Where the touches record the cloud-init instance whose deferred files were written.
 fn marker(root: &Path) -> PathBuf {
     root.join("var/lib/exoagent/deferred-write-files")
@@ -114,7 +146,7 @@ async fn every_touch_changes_the_tree_once_and_then_nothing() {
     let debian = os("debian", Family::Debian);
 
     let first = host
-        .apply(&all_on(), &debian, "exouser", &users, &marker(root.path()))
+        .apply_all(&all_on(), &debian, "exouser", &users, &marker(root.path()))
         .await;
     let outcomes: Vec<_> = first
         .into_iter()
@@ -123,9 +155,9 @@ async fn every_touch_changes_the_tree_once_and_then_nothing() {
     assert_eq!(
         outcomes,
         [
+            (Touch::DefaultUserGroup, Outcome::Changed),
             (Touch::ConsoleAutologin, Outcome::Changed),
             (Touch::PrivateCloudInitLogs, Outcome::Changed),
-            (Touch::DefaultUserGroup, Outcome::Changed),
         ]
     );
     assert_eq!(
@@ -162,7 +194,7 @@ async fn every_touch_changes_the_tree_once_and_then_nothing() {
     assert!(groups.contains("debian:x:1000:exouser"), "{groups}");
 
     let again = host
-        .apply(&all_on(), &debian, "exouser", &users, &marker(root.path()))
+        .apply_all(&all_on(), &debian, "exouser", &users, &marker(root.path()))
         .await;
     assert!(
         again
@@ -184,7 +216,7 @@ async fn a_missing_group_or_log_is_skipped_not_failed() {
         ..HostSettings::default()
     };
     let done = host
-        .apply(
+        .apply_all(
             &settings,
             &os("debian", Family::Debian),
             "exouser",
@@ -193,12 +225,12 @@ async fn a_missing_group_or_log_is_skipped_not_failed() {
         )
         .await;
     assert!(
-        matches!(&done[1], (Touch::DefaultUserGroup, Ok(Outcome::Skipped(why))) if why.contains("'debian' does not exist")),
+        matches!(&done[0], (Touch::DefaultUserGroup, Ok(Outcome::Skipped(why))) if why.contains("'debian' does not exist")),
         "{done:?}"
     );
     // No logs yet: only the unit is written (it is what fixes them on later boots).
     assert!(matches!(
-        &done[0],
+        &done[1],
         (Touch::PrivateCloudInitLogs, Ok(Outcome::Changed))
     ));
     assert!(!root.path().join(CLOUD_INIT_LOGS[0]).exists());
@@ -212,7 +244,7 @@ async fn a_missing_group_or_log_is_skipped_not_failed() {
 async fn nothing_is_touched_when_nothing_is_asked() {
     let root = root_with_groups("root:x:0:\ndebian:x:1000:\n");
     let done = Host::new(root.path())
-        .apply(
+        .apply_all(
             &HostSettings {
                 home_ownership: false,
                 ..HostSettings::default()
@@ -489,7 +521,7 @@ async fn on_debian_11_the_home_is_given_back_and_the_deferred_files_are_written_
     std::fs::write(home.join(".bashrc"), "# the user's own\n").unwrap();
 
     let done = host
-        .apply(&home_and_deferred(), &debian, "exouser", &users, &marker(r))
+        .apply_all(&home_and_deferred(), &debian, "exouser", &users, &marker(r))
         .await;
     let outcomes: Vec<_> = done
         .into_iter()
@@ -545,7 +577,7 @@ async fn on_debian_11_the_home_is_given_back_and_the_deferred_files_are_written_
     std::fs::set_permissions(&clouds, std::fs::Permissions::from_mode(0o600)).unwrap();
     std::fs::write(&clouds, "edited\n").unwrap();
     let again = host
-        .apply(&home_and_deferred(), &debian, "exouser", &users, &marker(r))
+        .apply_all(&home_and_deferred(), &debian, "exouser", &users, &marker(r))
         .await;
     assert!(
         again
@@ -557,7 +589,7 @@ async fn on_debian_11_the_home_is_given_back_and_the_deferred_files_are_written_
     // A new instance (an image made from this one) gets its own files.
     std::fs::write(r.join(deferred::INSTANCE_ID), "iid-second\n").unwrap();
     let next = host
-        .apply(&home_and_deferred(), &debian, "exouser", &users, &marker(r))
+        .apply_all(&home_and_deferred(), &debian, "exouser", &users, &marker(r))
         .await;
     assert!(
         matches!(next[1], (Touch::DeferredWriteFiles, Ok(Outcome::Changed))),
@@ -577,7 +609,7 @@ async fn a_cloud_init_that_defers_is_left_to_do_it() {
     let root = debian11_after_cloud_init(true);
     let r = root.path();
     let done = Host::new(r)
-        .apply(
+        .apply_all(
             &home_and_deferred(),
             &os("debian", Family::Debian),
             "exouser",
@@ -609,7 +641,7 @@ async fn a_bad_entry_is_named_and_nothing_is_written() {
     );
     std::fs::write(&config, text).unwrap();
     let done = Host::new(r)
-        .apply(
+        .apply_all(
             &home_and_deferred(),
             &os("debian", Family::Debian),
             "exouser",
@@ -641,7 +673,7 @@ async fn links_the_user_made_are_not_followed_and_a_home_of_its_own_is_left_alon
     std::os::unix::fs::symlink(r.join("etc"), home.join(".config")).unwrap();
     std::os::unix::fs::lchown(home.join(".config"), Some(1001), Some(1001)).unwrap();
     let done = Host::new(r)
-        .apply(
+        .apply_all(
             &home_and_deferred(),
             &os("debian", Family::Debian),
             "exouser",
@@ -733,4 +765,18 @@ fn deferred_entries_decode_as_cloud_init_does() {
             .unwrap()
             .is_empty()
     );
+}
+
+#[test]
+fn what_a_service_needs_comes_before_the_services_the_systemd_reloads_beside() {
+    for touch in [
+        Touch::HomeOwnership,
+        Touch::DeferredWriteFiles,
+        Touch::DefaultUserGroup,
+    ] {
+        assert_eq!(touch.stage(), Stage::BeforeServices, "{touch:?}");
+    }
+    for touch in [Touch::ConsoleAutologin, Touch::PrivateCloudInitLogs] {
+        assert_eq!(touch.stage(), Stage::BesideServices, "{touch:?}");
+    }
 }
