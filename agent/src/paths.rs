@@ -98,6 +98,11 @@ impl Paths {
         self.state_dir.join("password-published")
     }
 
+    /// The cloud-init instance whose deferred `write_files` entries exoagent wrote.
+    pub fn deferred_write_files_marker(&self) -> PathBuf {
+        self.state_dir.join("deferred-write-files")
+    }
+
     /// The UUID of the instance the durable state belongs to.
     pub fn instance_id_file(&self) -> PathBuf {
         self.state_dir.join("instance-id")

@@ -266,9 +266,9 @@ pub(super) async fn install_packages(
     }
 }
 
-/// Exosphere's instance-wide touches `[host]` asks for (system mode only), each logged; a
-/// failing one is reported in the log and stops nothing (none of them is a service).
-pub(super) async fn apply_host_touches(plan: &Plan) {
+/// The instance-wide touches of `stage` that `[host]` asks for (system mode only), each
+/// logged; a failing one is reported in the log and stops nothing (none of them is a service).
+pub(super) async fn apply_host_touches(plan: &Plan, stage: crate::host::Stage) {
     if plan.mode == Mode::Sandbox {
         return;
     }
@@ -276,10 +276,12 @@ pub(super) async fn apply_host_touches(plan: &Plan) {
     let users = UserManager::new(root);
     let touches = Host::new(root)
         .apply(
+            stage,
             &plan.settings.host,
             &plan.os,
             &plan.settings.instance.user,
             &users,
+            &plan.paths.deferred_write_files_marker(),
         )
         .await;
     for (touch, result) in touches {

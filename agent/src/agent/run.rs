@@ -12,7 +12,7 @@ use crate::cloud::discover::IdentitySource;
 use crate::cloud::drive::{DriveFinder, DriveMount};
 use crate::cloud::{discover_identity, ConfigDrive, Discovery, MetadataService};
 use crate::fsutil;
-use crate::host;
+use crate::host::{self, Stage};
 use crate::model::ServiceKind;
 use crate::paths::Paths;
 use crate::platform::packages::{PackageInstaller, PackageItem};
@@ -309,12 +309,14 @@ impl SetUp<'_> {
             sudo.and(password)
         };
         let services = async {
-            // Independent of each other, so side by side: the host touches (a getty restart;
-            // the user's group, before any service runs as the user) and the services' fetches
-            // (vendor packages downloaded and verified before the batch: a service refused here
-            // keeps its packages out of it).
-            let ((), mut fetched) =
-                tokio::join!(apply_host_touches(plan), fetch_all(&plan.services, &ctx),);
+            // Independent of each other, so side by side: the host touches a service depends
+            // on (the user's home, files and groups, before any service runs as the user) and
+            // the services' fetches (vendor packages downloaded and verified before the batch:
+            // a service refused here keeps its packages out of it).
+            let ((), mut fetched) = tokio::join!(
+                apply_host_touches(plan, Stage::BeforeServices),
+                fetch_all(&plan.services, &ctx),
+            );
             fetched.host_packages = host::base_packages(&plan.settings.host, &plan.os);
             if !install_packages(plan, hub, &fetched, installed).await {
                 for (service, e) in fetched.refused {
@@ -351,7 +353,13 @@ impl SetUp<'_> {
             .await;
             true
         };
-        let (password, started) = tokio::join!(password, services);
+        // The touches no service needs (a getty restart, a unit enabled: systemd reloads) go
+        // beside the services' start, not before it.
+        let (password, started, ()) = tokio::join!(
+            password,
+            services,
+            apply_host_touches(plan, Stage::BesideServices)
+        );
         if let Err(reason) = password {
             hub.fail_step(SetupStep::User, reason);
             return Ok(false);

@@ -23,6 +23,7 @@ const CHOICES: [(&str, &str, &str); 2] = [
 /// drop-in loses none of it; an operator's drop-in can still turn each off.
 const PLAYBOOK: &str = "[host]\nconsole_autologin = true\nprivate_cloud_init_logs = true\n\
                         default_user_group = true\nbase_packages = true\n\
+                        deferred_write_files = true\n\
                         [volumes]\nautomount = true\n";
 
 /// Exosphere's custom-workflow variables and the `[services.jupyterlab]` key each sets: a

@@ -417,6 +417,8 @@ mod tests {
             default_user_group: true,
             base_packages: true,
             login_banner: true,
+            home_ownership: true,
+            deferred_write_files: true,
         };
         assert_eq!(loaded.settings.host, all_on);
         // ...and an operator's drop-in still turns any of it off.
@@ -627,6 +629,8 @@ mount_root = "/mnt/vols"
                     default_user_group: false,
                     base_packages: true,
                     login_banner: true,
+                    home_ownership: true,
+                    deferred_write_files: false,
                 },
                 volumes: VolumeSettings {
                     automount: true,

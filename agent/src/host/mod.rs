@@ -1,9 +1,13 @@
 //! The instance-wide touches outside any service that Exosphere's playbook makes on every
 //! instance (its `console-setup`, `cloud-init-tweaks` and `base-setup` roles): exouser's
 //! autologin on tty1, cloud-init's logs kept private, exouser in the distribution's default
-//! user's group, and the base packages (which join the one package transaction); and the hook
-//! that shows exoagent's login banner (`exoagent motd`), the distribution's way.
+//! user's group, and the base packages (which join the one package transaction); cloud-init's
+//! deferred files where its cloud-init cannot defer; and exoagent's own: the hook that shows the
+//! login banner (`exoagent motd`), the distribution's way, and the instance user's home given
+//! back when root owns it.
 
+mod deferred;
+mod home;
 pub mod settings;
 
 use std::os::unix::fs::PermissionsExt;
@@ -166,6 +170,10 @@ pub enum Touch {
     DefaultUserGroup,
     /// The login banner's hook.
     LoginBanner,
+    /// The instance user's home given back.
+    HomeOwnership,
+    /// cloud-init's deferred `write_files`.
+    DeferredWriteFiles,
 }
 
 impl Touch {
@@ -176,8 +184,45 @@ impl Touch {
             Self::PrivateCloudInitLogs => "private_cloud_init_logs",
             Self::DefaultUserGroup => "default_user_group",
             Self::LoginBanner => "login_banner",
+            Self::HomeOwnership => "home_ownership",
+            Self::DeferredWriteFiles => "deferred_write_files",
         }
     }
+}
+
+impl Touch {
+    /// When it is made: what a service running as the instance user depends on comes before
+    /// any service starts; the rest (a getty restart and a unit enabled, each a systemd reload
+    /// that takes seconds on a small instance at boot) beside the services' start.
+    pub fn stage(self) -> Stage {
+        match self {
+            Self::HomeOwnership | Self::DeferredWriteFiles | Self::DefaultUserGroup => {
+                Stage::BeforeServices
+            }
+            Self::ConsoleAutologin | Self::PrivateCloudInitLogs | Self::LoginBanner => {
+                Stage::BesideServices
+            }
+        }
+    }
+}
+
+/// The touches [`Host::apply`] makes, in order: the home first (deferred files may be written
+/// into it).
+const APPLIED: [Touch; 5] = [
+    Touch::HomeOwnership,
+    Touch::DeferredWriteFiles,
+    Touch::DefaultUserGroup,
+    Touch::ConsoleAutologin,
+    Touch::PrivateCloudInitLogs,
+];
+
+/// When a touch is made, relative to the services' start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Before any service starts (the user's home, files and groups).
+    BeforeServices,
+    /// Beside the services' start (nothing a service needs).
+    BesideServices,
 }
 
 /// What a touch did.
@@ -217,6 +262,14 @@ pub enum HostError {
     /// The account tools failed.
     #[error(transparent)]
     User(#[from] UserError),
+    /// cloud-init's merged cloud-config cannot be acted on.
+    #[error("'{path}': {message}")]
+    CloudConfig {
+        /// The cloud-config file.
+        path: PathBuf,
+        /// The entry and key, and what is wrong.
+        message: String,
+    },
 }
 
 impl HostError {
@@ -227,6 +280,7 @@ impl HostError {
             Self::Io { .. } => "host-file-failed",
             Self::Command { .. } => "host-command-failed",
             Self::User(e) => e.reason(),
+            Self::CloudConfig { .. } => "cloud-config-invalid",
         }
     }
 }
@@ -249,43 +303,61 @@ impl Host {
         }
     }
 
-    /// Make every touch `settings` asks for, for the instance user `user`; each result is
-    /// independent (one failing does not stop the others).
+    /// Make every touch of `stage` that `settings` asks for, for the instance user `user`;
+    /// each result is independent (one failing does not stop the others). `deferred_marker`
+    /// records the cloud-init instance whose deferred files were written.
     pub async fn apply(
         &self,
+        stage: Stage,
         settings: &HostSettings,
         os: &Os,
         user: &str,
         users: &UserManager,
+        deferred_marker: &Path,
     ) -> Vec<(Touch, Result<Outcome, HostError>)> {
         let mut done = Vec::new();
-        if settings.console_autologin {
-            done.push((Touch::ConsoleAutologin, self.console_autologin(user).await));
-        }
-        if settings.private_cloud_init_logs {
-            done.push((
-                Touch::PrivateCloudInitLogs,
-                self.private_cloud_init_logs().await,
-            ));
-        }
-        if settings.default_user_group {
-            let outcome = match default_user_group(os) {
-                None => Ok(Outcome::Skipped(format!(
-                    "no default user group known for {}",
-                    os.id.escape_debug()
-                ))),
-                Some(group) => match users.join_group(user, group).await {
-                    Ok(GroupJoin::Joined) => Ok(Outcome::Changed),
-                    Ok(GroupJoin::AlreadyMember) => Ok(Outcome::Unchanged),
-                    Ok(GroupJoin::NoSuchGroup) => {
-                        Ok(Outcome::Skipped(format!("group '{group}' does not exist")))
-                    }
+        for touch in APPLIED {
+            if touch.stage() != stage || !settings.asks(touch) {
+                continue;
+            }
+            let outcome = match touch {
+                Touch::HomeOwnership => match users.lookup(user) {
+                    Ok(Some(entry)) => home::reclaim_home(&self.root, &entry),
+                    Ok(None) => Ok(Outcome::Skipped(format!("user '{user}' does not exist"))),
                     Err(e) => Err(e.into()),
                 },
+                Touch::DeferredWriteFiles => deferred::complete(&self.root, deferred_marker, users),
+                Touch::DefaultUserGroup => self.default_user_group(os, user, users).await,
+                Touch::ConsoleAutologin => self.console_autologin(user).await,
+                Touch::PrivateCloudInitLogs => self.private_cloud_init_logs().await,
+                // Written when the status API answers (`login_banner`), not here.
+                Touch::LoginBanner => continue,
             };
-            done.push((Touch::DefaultUserGroup, outcome));
+            done.push((touch, outcome));
         }
         done
+    }
+
+    /// The instance user in the distribution's default user's group.
+    async fn default_user_group(
+        &self,
+        os: &Os,
+        user: &str,
+        users: &UserManager,
+    ) -> Result<Outcome, HostError> {
+        let Some(group) = default_user_group(os) else {
+            return Ok(Outcome::Skipped(format!(
+                "no default user group known for {}",
+                os.id.escape_debug()
+            )));
+        };
+        match users.join_group(user, group).await? {
+            GroupJoin::Joined => Ok(Outcome::Changed),
+            GroupJoin::AlreadyMember => Ok(Outcome::Unchanged),
+            GroupJoin::NoSuchGroup => {
+                Ok(Outcome::Skipped(format!("group '{group}' does not exist")))
+            }
+        }
     }
 
     /// The login banner's hook for `os` calling `exe` when `on`; when off, any hook exoagent

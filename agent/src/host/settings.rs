@@ -1,6 +1,8 @@
 //! `[host]`: which of Exosphere's instance-wide touches (its `console-setup`, `cloud-init-tweaks`
 //! and `base-setup` roles) exoagent makes, all off unless configured and on in Exosphere's
-//! template; and exoagent's own login banner, on unless turned off.
+//! template, with cloud-init's deferred files on releases whose cloud-init cannot defer; and
+//! exoagent's own: the login banner and the instance user's home given back, on unless turned
+//! off.
 
 use crate::schema::{set, value, Key, Located};
 
@@ -17,6 +19,12 @@ pub struct HostSettings {
     pub base_packages: bool,
     /// The setup state at login (`exoagent motd` from the distribution's login hook).
     pub login_banner: bool,
+    /// The instance user's home directory given to the user when root owns it (cloud-init
+    /// before 21.3 leaves it so when user data writes a file there).
+    pub home_ownership: bool,
+    /// cloud-init's `write_files` entries marked `defer: true` written by exoagent when the
+    /// installed cloud-init predates `defer` (Exosphere's credential files on Debian 11).
+    pub deferred_write_files: bool,
 }
 
 impl Default for HostSettings {
@@ -29,6 +37,23 @@ impl Default for HostSettings {
             default_user_group: false,
             base_packages: false,
             login_banner: true,
+            home_ownership: true,
+            deferred_write_files: false,
+        }
+    }
+}
+
+impl HostSettings {
+    /// Whether `touch` is asked for.
+    pub fn asks(&self, touch: super::Touch) -> bool {
+        use super::Touch;
+        match touch {
+            Touch::ConsoleAutologin => self.console_autologin,
+            Touch::PrivateCloudInitLogs => self.private_cloud_init_logs,
+            Touch::DefaultUserGroup => self.default_user_group,
+            Touch::LoginBanner => self.login_banner,
+            Touch::HomeOwnership => self.home_ownership,
+            Touch::DeferredWriteFiles => self.deferred_write_files,
         }
     }
 }
@@ -41,6 +66,8 @@ pub struct Section {
     default_user_group: Option<Located<bool>>,
     base_packages: Option<Located<bool>>,
     login_banner: Option<Located<bool>>,
+    home_ownership: Option<Located<bool>>,
+    deferred_write_files: Option<Located<bool>>,
 }
 
 /// The keys of `[host]`.
@@ -70,6 +97,16 @@ pub const KEYS: &[Key<Section>] = &[
         example: "false",
         read: |w, f, s| set(&mut s.login_banner, w.boolean(f)),
     },
+    Key {
+        name: "home_ownership",
+        example: "false",
+        read: |w, f, s| set(&mut s.home_ownership, w.boolean(f)),
+    },
+    Key {
+        name: "deferred_write_files",
+        example: "true",
+        read: |w, f, s| set(&mut s.deferred_write_files, w.boolean(f)),
+    },
 ];
 
 impl Section {
@@ -83,6 +120,9 @@ impl Section {
             default_user_group: value(&self.default_user_group).unwrap_or(d.default_user_group),
             base_packages: value(&self.base_packages).unwrap_or(d.base_packages),
             login_banner: value(&self.login_banner).unwrap_or(d.login_banner),
+            home_ownership: value(&self.home_ownership).unwrap_or(d.home_ownership),
+            deferred_write_files: value(&self.deferred_write_files)
+                .unwrap_or(d.deferred_write_files),
         }
     }
 }

@@ -137,7 +137,7 @@ pub enum UserError {
         /// The OS error.
         source: std::io::Error,
     },
-    /// `/etc/passwd` has a line that cannot be parsed for this user.
+    /// `/etc/passwd` (or `/etc/group`) has a line that cannot be parsed for this name.
     #[error("malformed entry for '{name}' in '{path}'")]
     Malformed {
         /// The user.
@@ -271,6 +271,27 @@ impl UserManager {
         ]);
         self.tool(&self.tools.usermod, &args, None).await?;
         Ok(GroupJoin::Joined)
+    }
+
+    /// The id of the group `name`, if it exists.
+    pub fn group_id(&self, name: &str) -> Result<Option<u32>, UserError> {
+        let path = self.root.join("etc/group");
+        let groups = self.group_file()?;
+        for line in groups.lines() {
+            let fields: Vec<&str> = line.split(':').collect();
+            if fields.first() != Some(&name) {
+                continue;
+            }
+            return fields
+                .get(2)
+                .and_then(|gid| gid.parse().ok())
+                .map(Some)
+                .ok_or(UserError::Malformed {
+                    name: name.to_owned(),
+                    path,
+                });
+        }
+        Ok(None)
     }
 
     /// `<root>/etc/group`.
