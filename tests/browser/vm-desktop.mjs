@@ -5,7 +5,8 @@
 //
 // The URL stands for `https://http-<ip>-49528.<uap host>` (the VM's Guacamole port, forwarded);
 // the passphrase is the one in os-server-password (in the environment, never in argv).
-// EXOAGENT_VM_GUAC_USER (default exouser); EXOAGENT_TEST_ARTIFACTS (default
+// EXOAGENT_VM_GUAC_USER (default exouser); EXOAGENT_VM_GUAC_TOGETHER=1 opens the desktop and
+// the shell links at the same time instead of one after the other; EXOAGENT_TEST_ARTIFACTS (default
 // target/test-artifacts, relative to the repository): screenshots go to its vm-desktop-*.png.
 //
 // 1. POST /guacamole/api/tokens as Exosphere does (raw spaces; retried every 15 s, as Exosphere
@@ -37,6 +38,9 @@ const BASE = (process.env.EXOAGENT_VM_GUAC_URL || '').replace(/\/$/, '');
 const PASSPHRASE = process.env.EXOAGENT_VM_GUAC_PASSPHRASE || '';
 const USER = process.env.EXOAGENT_VM_GUAC_USER || 'exouser';
 const EXPECTED = 'exo42';
+// Both links opened at once (bench/vm-desktop.py: each step timed from the token, neither
+// waiting for the other), rather than the desktop first.
+const TOGETHER = process.env.EXOAGENT_VM_GUAC_TOGETHER === '1';
 
 const T0 = Date.now();
 const out = { marker: `exo-shell-${crypto.randomBytes(4).toString('hex')}` };
@@ -168,8 +172,12 @@ async function main() {
     const tok = await token();
     out.token = Date.now();
     note(`token after ${secs(out.token - T0)} (${out.token_attempts} attempt(s))`);
-    await desktop(tok);
-    await shell(tok);
+    if (TOGETHER) {
+        await Promise.all([desktop(tok), shell(tok)]);
+    } else {
+        await desktop(tok);
+        await shell(tok);
+    }
 }
 
 function cleanup() {
