@@ -83,7 +83,8 @@ Debian 11 runs the JupyterLab flow (2–4) and the web desktop (8) on its own im
    screenshots saved) and the shell link, where `clear; echo exo$((6*7)) | tee ~/<marker>` is
    typed and the terminal's first row, selected with the mouse, reaches the page's clipboard
    as `exo42`. Over SSH as exouser: the choices file, the marker file (`exo42`, exouser's),
-   the desktop and Guacamole ready in the status API, /home/exouser exouser's, and
+   the desktop and Guacamole ready in the status API, Debian's own guacd.service masked (no
+   guacd of the package's user, exoagent's never refused its address), /home/exouser exouser's, and
    ~/openrc.sh and ~/.config/openstack/clouds.yaml `400 exouser:exouser` (cloud-init 20.4
    has no `write_files` `defer`: the agent completes them). `metadata-debian11` runs
    2–4 on the same image (JupyterLab on Debian 11's Python 3.9, the lock's 3.9 pins).
@@ -1318,6 +1319,13 @@ def with_exosphere_desktop(scenario, key_file):
         return states.get("desktop") == "ready" and states.get("guacamole") == "ready"
 
     check("sudo -n exoagent status --json", ready)
+    # Only exoagent's guacd: Debian's guacd.service (enabled by its package, on the same
+    # 127.0.0.1:4822) is masked, no guacd runs as the package's `guacd` user, and exoagent's
+    # never failed to bind (it crash-looped while the package's served the connections).
+    check("systemctl is-enabled guacd.service || true", lambda out: out == "masked")
+    check("ps -o user= -C guacd", lambda out: out and "guacd" not in out.split())
+    check("sudo -n journalctl -b -u exoagent --no-pager | grep -c 'Unable to bind' || true",
+          lambda out: out == "0")
     check("stat -c %U:%G /home/exouser", lambda out: out == "exouser:exouser")
     check("stat -c '%a %U:%G' ~/openrc.sh ~/.config/openstack/clouds.yaml",
           lambda out: out.split("\n") == ["400 exouser:exouser"] * 2)

@@ -370,7 +370,7 @@ impl ServiceImpl for Guacamole {
         ]
     }
 
-    async fn install(&self, _ctx: &ServiceContext) -> Result<(), ServiceError> {
+    async fn install(&self, ctx: &ServiceContext) -> Result<(), ServiceError> {
         if self.route == GuacdRoute::Package && self.family == Family::RedHat {
             run_logged(
                 ServiceKind::Guacamole,
@@ -384,6 +384,12 @@ impl ServiceImpl for Guacamole {
                 ],
             )
             .await?;
+        }
+        if self.route == GuacdRoute::Package {
+            let root = &ctx.paths.system_root;
+            for argv in distro_guacd_retirement(root, root.join("run/systemd/system").is_dir()) {
+                run_logged(ServiceKind::Guacamole, &argv).await?;
+            }
         }
         Ok(())
     }
@@ -456,9 +462,62 @@ impl ServiceImpl for Guacamole {
     }
 }
 
+/// The distribution's own guacd unit: Debian's and Ubuntu's package enable and start it on
+/// install, bound to 127.0.0.1:4822 like exoagent's guacd, which then cannot bind and
+/// crash-loops while the unit's guacd (user `guacd`) serves the connections.
+const DISTRO_GUACD_UNIT: &str = "guacd.service";
+
+/// The commands that stop, disable and mask [`DISTRO_GUACD_UNIT`] under `root`, so only the
+/// guacd exoagent runs is there: none when the unit is not installed or already masked; without
+/// `--now` when systemd is not running the root (an image being baked: `systemctl` then edits
+/// the unit links offline).
+fn distro_guacd_retirement(root: &Path, live: bool) -> Vec<Vec<&'static str>> {
+    let masked = root.join("etc/systemd/system").join(DISTRO_GUACD_UNIT);
+    if std::fs::read_link(&masked).is_ok_and(|target| target == Path::new("/dev/null")) {
+        return Vec::new();
+    }
+    let installed = ["lib/systemd/system", "usr/lib/systemd/system"]
+        .iter()
+        .any(|dir| root.join(dir).join(DISTRO_GUACD_UNIT).exists());
+    if !installed {
+        return Vec::new();
+    }
+    let disable = if live {
+        vec!["systemctl", "disable", "--now", DISTRO_GUACD_UNIT]
+    } else {
+        vec!["systemctl", "disable", DISTRO_GUACD_UNIT]
+    };
+    vec![disable, vec!["systemctl", "mask", DISTRO_GUACD_UNIT]]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_distributions_guacd_unit_is_stopped_and_masked_once() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        assert!(distro_guacd_retirement(r, true).is_empty(), "no unit installed");
+        std::fs::create_dir_all(r.join("lib/systemd/system")).unwrap();
+        std::fs::write(r.join("lib/systemd/system/guacd.service"), "[Unit]\n").unwrap();
+        assert_eq!(
+            distro_guacd_retirement(r, true),
+            [
+                vec!["systemctl", "disable", "--now", "guacd.service"],
+                vec!["systemctl", "mask", "guacd.service"],
+            ]
+        );
+        // Baking an image: no systemd to stop anything in.
+        assert_eq!(
+            distro_guacd_retirement(r, false)[0],
+            ["systemctl", "disable", "guacd.service"]
+        );
+        std::fs::create_dir_all(r.join("etc/systemd/system")).unwrap();
+        std::os::unix::fs::symlink("/dev/null", r.join("etc/systemd/system/guacd.service"))
+            .unwrap();
+        assert!(distro_guacd_retirement(r, true).is_empty(), "already masked");
+    }
 
     fn os(id: &str, version: &str, family: Family) -> Os {
         Os {
