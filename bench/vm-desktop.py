@@ -211,6 +211,14 @@ def one_run(variant, userdata, meta, image_dir, key_name, key_file, env, round_n
         try:
             entries, analyze = vm_boot.fetch_journal(key_file, vm.ssh_port, vm)
             guest, notes = desktop_phases(entries)
+            # cloud-init's stages from systemd itself (the journal's job lines differ between
+            # systemd versions; these are the units' own monotonic stamps, microseconds).
+            stages = vm_boot.ssh(key_file, vm.ssh_port, "systemctl show --value -p "
+                                 "ActiveEnterTimestampMonotonic cloud-init.service "
+                                 "cloud-config.service cloud-final.service")
+            for name, value in zip(["network", "config", "final"], stages.stdout.split()):
+                if value.isdigit() and int(value) > 0:
+                    guest.setdefault(f"cloud-init {name} stage done", int(value) / 1e6)
             record.update({f"agent_{k}": v for k, v in notes.items()})
             record["systemd_analyze"] = analyze
             if offset is not None:
