@@ -211,14 +211,22 @@ def one_run(variant, userdata, meta, image_dir, key_name, key_file, env, round_n
         try:
             entries, analyze = vm_boot.fetch_journal(key_file, vm.ssh_port, vm)
             guest, notes = desktop_phases(entries)
-            # cloud-init's stages from systemd itself (the journal's job lines differ between
-            # systemd versions; these are the units' own monotonic stamps, microseconds).
-            stages = vm_boot.ssh(key_file, vm.ssh_port, "systemctl show --value -p "
-                                 "ActiveEnterTimestampMonotonic cloud-init.service "
+            # cloud-init's stages from systemd itself: when each unit last changed state (to
+            # active, or to failed; microseconds since boot), and its result. The journal's
+            # "started" job line is missing for a stage that failed: Debian 11's network stage
+            # does, with Exosphere's credential files (cloud-init 20.4's write_files cannot
+            # chown to a user that does not exist yet).
+            stages = vm_boot.ssh(key_file, vm.ssh_port, "systemctl show -p Result -p ActiveState "
+                                 "-p StateChangeTimestampMonotonic cloud-init.service "
                                  "cloud-config.service cloud-final.service")
-            for name, value in zip(["network", "config", "final"], stages.stdout.split()):
-                if value.isdigit() and int(value) > 0:
-                    guest.setdefault(f"cloud-init {name} stage done", int(value) / 1e6)
+            blocks = [dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
+                      for block in stages.stdout.strip().split("\n\n")]
+            for name, unit in zip(["network", "config", "final"], blocks):
+                stamp = unit.get("StateChangeTimestampMonotonic", "")
+                if (stamp.isdigit() and int(stamp) > 0
+                        and unit.get("ActiveState") in ("active", "failed")):
+                    guest.setdefault(f"cloud-init {name} stage done", int(stamp) / 1e6)
+                    notes[f"cloud_init_{name}_result"] = unit.get("Result")
             record.update({f"agent_{k}": v for k, v in notes.items()})
             record["systemd_analyze"] = analyze
             if offset is not None:
@@ -394,6 +402,10 @@ def main():
 
 def finish(runs, args, notes):
     for run in runs:
+        if run.get("agent_cloud_init_network_result"):
+            notes.append(f"{run['variant']} round {run['round']}: cloud-init's network stage "
+                         f"(cloud-init.service) ended with result "
+                         f"`{run['agent_cloud_init_network_result']}`")
         if run.get("agent_packages_log") and run["variant"] == "stock":
             notes.append(f"stock round {run['round']}: the agent's package lines: "
                          + " | ".join(f"`{line[-160:]}`" for line in run["agent_packages_log"][:6]))
