@@ -235,32 +235,17 @@ pub(super) fn complete(
     let text = match std::fs::read_to_string(&source) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(source_error) => {
-            return Err(HostError::Io {
-                action: "read",
-                path: source,
-                source: source_error,
-            })
-        }
+        Err(e) => return Err(HostError::io("read", &source)(e)),
     };
     let entries = deferred_entries(&source, &text)?;
     for entry in &entries {
         write_entry(root, entry, users)?;
     }
     if let Some(dir) = marker.parent() {
-        std::fs::create_dir_all(dir).map_err(|source| HostError::Io {
-            action: "create",
-            path: dir.to_path_buf(),
-            source,
-        })?;
+        std::fs::create_dir_all(dir).map_err(HostError::io("create", dir))?;
     }
-    fsutil::write_atomic(marker, instance.as_bytes(), 0o644, None).map_err(|source| {
-        HostError::Io {
-            action: "write",
-            path: marker.to_path_buf(),
-            source,
-        }
-    })?;
+    fsutil::write_atomic(marker, instance.as_bytes(), 0o644, None)
+        .map_err(HostError::io("write", marker))?;
     Ok(if entries.is_empty() {
         Outcome::Unchanged
     } else {
@@ -286,14 +271,7 @@ fn write_entry(root: &Path, entry: &Entry, users: &UserManager) -> Result<(), Ho
             .ok_or_else(|| owner_error(format!("group '{group}' does not exist")))?,
     };
     let target = root.join(entry.path.strip_prefix("/").unwrap_or(&entry.path));
-    let io = |action: &'static str, path: &Path| {
-        let path = path.to_path_buf();
-        move |source| HostError::Io {
-            action,
-            path,
-            source,
-        }
-    };
+    let io = HostError::io;
     // Each ancestor: created when missing, refused when a link not root's.
     let mut dir = root.to_path_buf();
     let relative_parent = entry

@@ -37,13 +37,7 @@ pub(super) fn reclaim_home(root: &Path, user: &UserEntry) -> Result<Outcome, Hos
                 home.display()
             )))
         }
-        Err(source) => {
-            return Err(HostError::Io {
-                action: "inspect",
-                path: home,
-                source,
-            })
-        }
+        Err(e) => return Err(HostError::io("inspect", &home)(e)),
     };
     if !metadata.file_type().is_dir() {
         return Ok(Outcome::Skipped(format!(
@@ -54,13 +48,8 @@ pub(super) fn reclaim_home(root: &Path, user: &UserEntry) -> Result<Outcome, Hos
     if metadata.uid() != 0 {
         return Ok(Outcome::Unchanged);
     }
-    std::os::unix::fs::lchown(&home, Some(user.uid), Some(user.gid)).map_err(|source| {
-        HostError::Io {
-            action: "give to the user",
-            path: home.clone(),
-            source,
-        }
-    })?;
+    std::os::unix::fs::lchown(&home, Some(user.uid), Some(user.gid))
+        .map_err(HostError::io("give to the user", &home))?;
     copy_missing(&root.join("etc/skel"), &home, user)?;
     Ok(Outcome::Changed)
 }
@@ -69,14 +58,7 @@ pub(super) fn reclaim_home(root: &Path, user: &UserEntry) -> Result<Outcome, Hos
 /// never following a link), owned by `user`, keeping their modes. An existing entry of the same
 /// name is never touched.
 fn copy_missing(from: &Path, to: &Path, user: &UserEntry) -> Result<(), HostError> {
-    let io = |action: &'static str, path: &Path| {
-        let path = path.to_path_buf();
-        move |source| HostError::Io {
-            action,
-            path,
-            source,
-        }
-    };
+    let io = HostError::io;
     let entries = match std::fs::read_dir(from) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),

@@ -273,6 +273,16 @@ pub enum HostError {
 }
 
 impl HostError {
+    /// A `map_err` for an I/O failure of `action` on `path`.
+    fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.to_path_buf();
+        move |source| Self::Io {
+            action,
+            path,
+            source,
+        }
+    }
+
     /// Short stable reason.
     pub fn reason(&self) -> &'static str {
         match self {

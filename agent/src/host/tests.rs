@@ -500,12 +500,22 @@ fn debian11_after_cloud_init(defer_module: bool) -> tempfile::TempDir {
     root
 }
 
-fn home_and_deferred() -> HostSettings {
-    HostSettings {
+/// The home and the deferred files (both stages) on the Debian tree at `r`, for exouser.
+async fn home_and_deferred(r: &Path) -> Vec<(Touch, Result<Outcome, HostError>)> {
+    let settings = HostSettings {
         home_ownership: true,
         deferred_write_files: true,
         ..HostSettings::default()
-    }
+    };
+    Host::new(r)
+        .apply_all(
+            &settings,
+            &os("debian", Family::Debian),
+            "exouser",
+            &UserManager::new(r),
+            &marker(r),
+        )
+        .await
 }
 
 #[tokio::test]
@@ -515,14 +525,10 @@ async fn on_debian_11_the_home_is_given_back_and_the_deferred_files_are_written_
     }
     let root = debian11_after_cloud_init(false);
     let r = root.path();
-    let (host, users) = (Host::new(r), UserManager::new(r));
-    let debian = os("debian", Family::Debian);
     let home = r.join("home/exouser");
     std::fs::write(home.join(".bashrc"), "# the user's own\n").unwrap();
 
-    let done = host
-        .apply_all(&home_and_deferred(), &debian, "exouser", &users, &marker(r))
-        .await;
+    let done = home_and_deferred(r).await;
     let outcomes: Vec<_> = done
         .into_iter()
         .map(|(t, r)| (t, r.unwrap_or_else(|e| panic!("{t:?}: {e}"))))
@@ -576,9 +582,7 @@ async fn on_debian_11_the_home_is_given_back_and_the_deferred_files_are_written_
     // A researcher's edit survives the agent's restarts: once per cloud-init instance.
     std::fs::set_permissions(&clouds, std::fs::Permissions::from_mode(0o600)).unwrap();
     std::fs::write(&clouds, "edited\n").unwrap();
-    let again = host
-        .apply_all(&home_and_deferred(), &debian, "exouser", &users, &marker(r))
-        .await;
+    let again = home_and_deferred(r).await;
     assert!(
         again
             .iter()
@@ -588,9 +592,7 @@ async fn on_debian_11_the_home_is_given_back_and_the_deferred_files_are_written_
     assert_eq!(std::fs::read_to_string(&clouds).unwrap(), "edited\n");
     // A new instance (an image made from this one) gets its own files.
     std::fs::write(r.join(deferred::INSTANCE_ID), "iid-second\n").unwrap();
-    let next = host
-        .apply_all(&home_and_deferred(), &debian, "exouser", &users, &marker(r))
-        .await;
+    let next = home_and_deferred(r).await;
     assert!(
         matches!(next[1], (Touch::DeferredWriteFiles, Ok(Outcome::Changed))),
         "{next:?}"
@@ -608,15 +610,7 @@ async fn a_cloud_init_that_defers_is_left_to_do_it() {
     }
     let root = debian11_after_cloud_init(true);
     let r = root.path();
-    let done = Host::new(r)
-        .apply_all(
-            &home_and_deferred(),
-            &os("debian", Family::Debian),
-            "exouser",
-            &UserManager::new(r),
-            &marker(r),
-        )
-        .await;
+    let done = home_and_deferred(r).await;
     assert!(
         matches!(done[1], (Touch::DeferredWriteFiles, Ok(Outcome::Unchanged))),
         "{done:?}"
@@ -640,15 +634,7 @@ async fn a_bad_entry_is_named_and_nothing_is_written() {
         2,
     );
     std::fs::write(&config, text).unwrap();
-    let done = Host::new(r)
-        .apply_all(
-            &home_and_deferred(),
-            &os("debian", Family::Debian),
-            "exouser",
-            &UserManager::new(r),
-            &marker(r),
-        )
-        .await;
+    let done = home_and_deferred(r).await;
     let (Touch::DeferredWriteFiles, Err(e)) = &done[1] else {
         panic!("{done:?}");
     };
@@ -672,15 +658,7 @@ async fn links_the_user_made_are_not_followed_and_a_home_of_its_own_is_left_alon
     std::os::unix::fs::lchown(&home, Some(1001), Some(1001)).unwrap();
     std::os::unix::fs::symlink(r.join("etc"), home.join(".config")).unwrap();
     std::os::unix::fs::lchown(home.join(".config"), Some(1001), Some(1001)).unwrap();
-    let done = Host::new(r)
-        .apply_all(
-            &home_and_deferred(),
-            &os("debian", Family::Debian),
-            "exouser",
-            &UserManager::new(r),
-            &marker(r),
-        )
-        .await;
+    let done = home_and_deferred(r).await;
     assert!(
         matches!(done[0], (Touch::HomeOwnership, Ok(Outcome::Unchanged))),
         "{done:?}"
