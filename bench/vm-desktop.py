@@ -94,24 +94,6 @@ def ensure_stock_image():
     stamp_file.write_text(stamp)
 
 
-def desktop_userdata(exoagent, key_file, url, sha256):
-    """Exosphere's template through the drop-in (bootstrap delivery from `url`), rendered as
-    Exosphere renders it with Guacamole and the desktop chosen and the credential files."""
-    template = subprocess.run(
-        [str(exoagent), "userdata", "--exosphere-template", "--delivery", "bootstrap",
-         "--binary-url", url, "--binary-sha256", sha256],
-        check=True, stdout=subprocess.PIPE, text=True).stdout
-    clouds = ("clouds:\n  demo_RegionOne:\n    auth_type: v3applicationcredential\n"
-              "    auth:\n      auth_url: https://keystone.example.org:5000/v3\n"
-              "      application_credential_id: example\n"
-              "      application_credential_secret: example\n    region_name: RegionOne\n")
-    credentials = exosphere.credential_write_files(
-        clouds, "https://keystone.example.org:5000/v3", "RegionOne", "example", "example")
-    return exosphere.render(template, ssh_key=Path(f"{key_file}.pub").read_text().strip(),
-                            os_updates=False, guac=True, gui=True,
-                            credentials=credentials).encode()
-
-
 def desktop_phases(entries):
     """Guest-clock seconds of each phase in the journal, and the agent's package lines."""
     phases, notes = {}, {}
@@ -122,11 +104,8 @@ def desktop_phases(entries):
                 phases[name] = vm_boot.guest_seconds(entry)
 
     def job_done(unit):
-        # Debian 11's systemd 247 has no JOB_TYPE field: its message says what finished.
         return lambda e: (e.get("MESSAGE_ID") == vm_boot.JOB_DONE and e.get("UNIT") == unit
-                          and (e.get("JOB_TYPE") == "start" or (
-                              "JOB_TYPE" not in e
-                              and vm_boot.message(e).startswith(("Finished ", "Started ")))))
+                          and e.get("JOB_TYPE") == "start")
 
     first("cloud-init network stage done", job_done("cloud-init.service"))
     first("cloud-init config stage done", job_done("cloud-config.service"))
@@ -365,7 +344,10 @@ def main():
     url = f"http://{vm_boot.HOST_FROM_VM}:{server.server_address[1]}/exoagent"
     sha256 = hashlib.sha256((served / "exoagent").read_bytes()).hexdigest()
     key_file = vm_test.exosphere_key(work)
-    userdata = desktop_userdata(exoagent, key_file, url, sha256)
+    # Exosphere's template with Guacamole and the desktop chosen, as the VM test renders it,
+    # the bootstrap downloading from this host.
+    userdata = vm_test.exosphere_userdata(exoagent, key_file, desktop=True,
+                                          binary=(url, sha256))
     meta = exosphere.server_metadata("demo", guac=True, gui=True)
     key_name = f"exoagent-bench-desktop-{os.getpid()}"
     status, _, body = harness.http(

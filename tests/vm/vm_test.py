@@ -1343,13 +1343,16 @@ def exosphere_key(work):
     return key_file
 
 
-def exosphere_userdata(exoagent, key_file, workflow_url=None, desktop=False):
-    """The bootstrap drop-in (its URL unreachable: the baked agent must be preferred),
-    rendered as Exosphere renders it, with the workflow picked in the launcher, or none; with
-    `desktop`, Guacamole and the desktop chosen (`guac_enabled`, `gui_enabled`)."""
+def exosphere_userdata(exoagent, key_file, workflow_url=None, desktop=False,
+                       binary=("http://127.0.0.1:9/not-there", "0" * 64)):
+    """The bootstrap drop-in, rendered as Exosphere renders it, with the workflow picked in the
+    launcher, or none; with `desktop`, Guacamole and the desktop chosen (`guac_enabled`,
+    `gui_enabled`). `binary`: the download URL and SHA-256 (by default a URL that leads
+    nowhere: the baked agent must be preferred)."""
+    url, sha256 = binary
     template = subprocess.run(
         [str(exoagent), "userdata", "--exosphere-template", "--delivery", "bootstrap",
-         "--binary-url", "http://127.0.0.1:9/not-there", "--binary-sha256", "0" * 64],
+         "--binary-url", url, "--binary-sha256", sha256],
         check=True, stdout=subprocess.PIPE, text=True).stdout
     clouds = ("clouds:\n  demo_RegionOne:\n    auth_type: v3applicationcredential\n"
               "    auth:\n      auth_url: https://keystone.example.org:5000/v3\n"
