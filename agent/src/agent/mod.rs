@@ -198,6 +198,8 @@ pub(crate) mod fixtures {
                     "dpkg-query",
                     &crate::platform::packages::dpkg_query_double(&dir.join("installed")),
                 ),
+                // The double answers, not this machine's database.
+                dpkg_admin: None,
                 apt_get: script("apt-get", "exit 0"),
                 apt_lists: lists,
                 cloud_init_status: None,

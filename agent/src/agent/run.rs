@@ -83,14 +83,12 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
         cancel.clone(),
     )
     .await?;
-    // The account (`useradd`: a process and its files' syncs, the longest step before a baked
-    // service can start) and the batch's package query begin now, beside the local set-up that
-    // follows (the link token's file, the reporters); not before the socket is bound, which
-    // keeps a second agent from changing anything.
-    let first_steps = {
-        let plan = plan.services_side();
-        tokio::spawn(async move { tokio::join!(provision_account(&plan), installed_early(&plan)) })
-    };
+    // The account (`useradd`: a process and its files' syncs) and the host touches it allows
+    // (the default group's `usermod`, the longest step before a baked service can start), and
+    // the batch's package query begin now, beside the local set-up that follows (the link
+    // token's file, the reporters); not before the socket is bound, which keeps a second agent
+    // from changing anything.
+    let first_steps = FirstSteps::begin(plan.services_side());
     let link = exosphere_link(&plan);
     let token_line = link.as_ref().map(|(token, _)| link::token_line(token));
     let notify = start_local_reporters(&plan, &hub, token_line, &mut tasks, &cancel);
@@ -107,6 +105,19 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
     // forgotten before the passphrase is handed over, so nothing reads it).
     let services_plan = plan.services_side();
     let (passphrase_tx, passphrase_rx) = tokio::sync::watch::channel(None);
+    // On a first boot with no instance's state on disk (no passphrase, no instance marker: a
+    // fresh image) the identity can make nothing forgotten, so the passphrase is stored and
+    // handed to the services now rather than once the metadata service has answered.
+    let early = match early {
+        Some(passphrase) if !plan.paths.instance_id_file().exists() => {
+            let loaded = load_passphrase(&plan, Some(passphrase));
+            if let Ok(ready) = &loaded {
+                passphrase_tx.send_replace(Some(ready.clone()));
+            }
+            EarlyPassphrase::Loaded(loaded)
+        }
+        made => EarlyPassphrase::Made(made),
+    };
     // The identity side's background work (Nova reporter, UAP watch), joined at the stop.
     let mut identity_tasks = Tasks::new();
     let identity_side = async {
@@ -170,12 +181,18 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
                 cancel.clone(),
             ));
         }
-        let published = match load_passphrase(&plan, early) {
+        let (loaded, handed) = match early {
+            EarlyPassphrase::Loaded(loaded) => (loaded, true),
+            EarlyPassphrase::Made(made) => (load_passphrase(&plan, made), false),
+        };
+        let published = match loaded {
             Ok((passphrase, fresh)) => {
                 tracing::info!(target: "exoagent::agent", fresh, "passphrase ready");
                 // A new passphrase has no hash yet: JupyterLab's is worked out when its
                 // configuration is written (after its spawn on a first boot).
-                passphrase_tx.send_replace(Some((passphrase.clone(), fresh)));
+                if !handed {
+                    passphrase_tx.send_replace(Some((passphrase.clone(), fresh)));
+                }
                 // The publication (a metadata-service call that may take its time) is off the
                 // services' path: they start as soon as their own inputs exist. What is
                 // *reported* keeps DESIGN §4.4's order: `running` only after the publication,
@@ -229,13 +246,81 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
 /// closed without one when it could not be had.
 type PassphraseWatch = tokio::sync::watch::Receiver<Option<(Passphrase, bool)>>;
 
-/// The account services run as (or why not) and the batch's packages found installed
-/// ([`installed_early`]): the package query (a process, a noticeable part of a second at boot
-/// under emulation) runs beside `useradd`, and on a baked image it is all the batch does.
-type FirstSteps = tokio::task::JoinHandle<(
-    Result<crate::platform::users::Account, Reason>,
-    Option<std::collections::HashSet<String>>,
-)>;
+/// The passphrase made before the identity was known: already stored and handed to the
+/// services (with whether it is new, or why it could not be), or still to be stored
+/// ([`load_passphrase`]) once a previous instance's state is forgotten.
+enum EarlyPassphrase {
+    Loaded(Result<(Passphrase, bool), Reason>),
+    Made(Option<Passphrase>),
+}
+
+/// The steps begun as soon as the agent holds its socket: the account services run as, then
+/// the host touches that need it (each stage marked done when made: the home and its files
+/// before any service is installed, the groups before any service process starts); beside
+/// them the batch's packages found installed ([`installed_early`]: on a baked image all the
+/// batch does).
+struct FirstSteps {
+    account: tokio::sync::oneshot::Receiver<Result<crate::platform::users::Account, Reason>>,
+    home_ready: tokio::sync::watch::Receiver<bool>,
+    launch_ready: tokio::sync::watch::Receiver<bool>,
+    touches: tokio::task::JoinHandle<()>,
+    installed: tokio::task::JoinHandle<Option<std::collections::HashSet<String>>>,
+}
+
+impl FirstSteps {
+    fn begin(plan: Plan) -> Self {
+        let plan = std::sync::Arc::new(plan);
+        let (account_tx, account) = tokio::sync::oneshot::channel();
+        let (home_tx, home_ready) = tokio::sync::watch::channel(false);
+        let (launch_tx, launch_ready) = tokio::sync::watch::channel(false);
+        let touches = tokio::spawn({
+            let plan = plan.clone();
+            async move {
+                let account = provision_account(&plan).await;
+                let exists = account.is_ok();
+                let _ = account_tx.send(account);
+                if !exists {
+                    return;
+                }
+                // Side by side: the groups' `usermod` touches neither the home nor its files.
+                tokio::join!(
+                    async {
+                        apply_host_touches(&plan, Stage::BeforeServices).await;
+                        home_tx.send_replace(true);
+                    },
+                    async {
+                        apply_host_touches(&plan, Stage::BeforeLaunch).await;
+                        launch_tx.send_replace(true);
+                    },
+                );
+            }
+        });
+        let installed = tokio::spawn(async move { installed_early(&plan).await });
+        Self {
+            account,
+            home_ready,
+            launch_ready,
+            touches,
+            installed,
+        }
+    }
+}
+
+/// Until `stage` is marked done (or its sender is gone: the task ended without it, and its
+/// end is looked at where it is joined).
+async fn stage_done(stage: &tokio::sync::watch::Receiver<bool>) {
+    let mut stage = stage.clone();
+    let _ = stage.wait_for(|done| *done).await;
+}
+
+/// The output of a task, a panic passed on; `None` when it was cancelled (the runtime's end).
+async fn joined<T>(task: tokio::task::JoinHandle<T>) -> Option<T> {
+    match task.await {
+        Ok(done) => Some(done),
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => None,
+    }
+}
 
 /// The passphrase from `watch`, waited for; `None` when it could not be had.
 async fn passphrase_from(watch: &PassphraseWatch) -> Option<(Passphrase, bool)> {
@@ -249,7 +334,7 @@ async fn passphrase_from(watch: &PassphraseWatch) -> Option<(Passphrase, bool)> 
 /// (once the passphrase is there) and handed to its supervisor.
 struct SetUp<'a> {
     plan: &'a Plan,
-    /// The account and the package query, begun early ([`FirstSteps`]).
+    /// The account, the host touches and the package query, begun early ([`FirstSteps`]).
     first_steps: FirstSteps,
     hub: &'a StateHub,
     metadata: Option<&'a MetadataService>,
@@ -274,11 +359,22 @@ impl SetUp<'_> {
             shim,
             api_socket,
         } = self;
-        let (account, installed) = match first_steps.await {
-            Ok(done) => done,
-            // Only a panic ends the task early (or the runtime's end): pass a panic on.
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(e) => (Err(Reason::new("account-unknown", e.to_string())), None),
+        let FirstSteps {
+            account,
+            home_ready,
+            launch_ready,
+            touches,
+            installed,
+        } = first_steps;
+        let account = match account.await {
+            Ok(account) => account,
+            // The task ended without an answer: a panic (passed on here), or the runtime's end.
+            Err(_) => {
+                joined(touches).await;
+                let reason = Reason::new("account-unknown", "the account step ended early");
+                hub.fail_step(SetupStep::User, reason);
+                return Ok(false);
+            }
         };
         let account = match account {
             Ok(account) => account,
@@ -294,6 +390,9 @@ impl SetUp<'_> {
             account,
             exe: shim.exe.clone(),
         };
+        for service in &plan.services {
+            service.configure_early(&ctx);
+        }
         // The password (chpasswd) and the sudo drop-in (its `visudo` check) are for logins
         // (SSH, Guacamole, RStudio's PAM); no service needs them to start, so they run beside
         // the services, and provisioning is over only with them.
@@ -309,16 +408,17 @@ impl SetUp<'_> {
             sudo.and(password)
         };
         let services = async {
-            // Independent of each other, so side by side: the host touches a service depends
-            // on (the user's home, files and groups, before any service runs as the user) and
-            // the services' fetches (vendor packages downloaded and verified before the batch:
-            // a service refused here keeps its packages out of it).
-            let ((), mut fetched) = tokio::join!(
-                apply_host_touches(plan, Stage::BeforeServices),
+            // Independent of each other, so side by side: the host touches a service's install
+            // depends on (the user's home and its files) and the services' fetches (vendor
+            // packages downloaded and verified before the batch: a service refused here keeps
+            // its packages out of it). The groups are awaited only before a service starts.
+            let ((), mut fetched, installed) = tokio::join!(
+                stage_done(&home_ready),
                 fetch_all(&plan.services, &ctx),
+                joined(installed),
             );
             fetched.host_packages = host::base_packages(&plan.settings.host, &plan.os);
-            if !install_packages(plan, hub, &fetched, installed).await {
+            if !install_packages(plan, hub, &fetched, installed.flatten()).await {
                 for (service, e) in fetched.refused {
                     record_transition(
                         hub,
@@ -344,6 +444,7 @@ impl SetUp<'_> {
                 plan,
                 ctx.clone(),
                 passphrase.clone(),
+                launch_ready,
                 fetched,
                 shim,
                 hub,
@@ -355,10 +456,11 @@ impl SetUp<'_> {
         };
         // The touches no service needs (a getty restart, a unit enabled: systemd reloads) go
         // beside the services' start, not before it.
-        let (password, started, ()) = tokio::join!(
+        let (password, started, (), _) = tokio::join!(
             password,
             services,
-            apply_host_touches(plan, Stage::BesideServices)
+            apply_host_touches(plan, Stage::BesideServices),
+            joined(touches),
         );
         if let Err(reason) = password {
             hub.fail_step(SetupStep::User, reason);
@@ -536,6 +638,7 @@ async fn start_services(
     plan: &Plan,
     ctx: ServiceContext,
     passphrase: PassphraseWatch,
+    launch_ready: tokio::sync::watch::Receiver<bool>,
     fetched: Fetched,
     shim: &ShimCommand,
     hub: &StateHub,
@@ -557,11 +660,16 @@ async fn start_services(
         let ctx = ctx.clone();
         let hub = hub.clone();
         let passphrase = passphrase.clone();
+        let launch_ready = launch_ready.clone();
         let policy = plan.settings.supervise.clone();
         let shim = shim.clone();
         let cancel = cancel.clone();
         starts.spawn(async move {
-            start_service(service, held, ctx, hub, passphrase, policy, shim, cancel).await
+            let inputs = Inputs {
+                passphrase,
+                launch_ready,
+            };
+            start_service(service, held, ctx, hub, inputs, policy, shim, cancel).await
         });
     }
     while let Some(started) = starts.join_next().await {
@@ -757,6 +865,13 @@ fn tls_status(installed: &crate::front::cert::Installed) -> crate::state::TlsSta
     }
 }
 
+/// What a service's start waits for besides its own steps: the passphrase (for its
+/// configuration) and the host's groups (before its process starts).
+struct Inputs {
+    passphrase: PassphraseWatch,
+    launch_ready: tokio::sync::watch::Receiver<bool>,
+}
+
 /// Install and configure one service, then hand back its supervisor to run. A failed install
 /// or configuration is retried inside the returned task on the supervisor's retry schedule, so a
 /// fixed cause (space freed, a mirror back) recovers without an agent restart; a service whose
@@ -767,7 +882,7 @@ async fn start_service(
     held: Option<Held>,
     ctx: ServiceContext,
     hub: StateHub,
-    passphrase: PassphraseWatch,
+    inputs: Inputs,
     policy: crate::config::SupervisePolicy,
     shim: ShimCommand,
     cancel: CancellationToken,
@@ -779,6 +894,10 @@ async fn start_service(
         ServiceState::Installing,
         ServiceUpdate::default(),
     );
+    let Inputs {
+        passphrase,
+        launch_ready,
+    } = inputs;
     let (first, held_packages) = match held {
         Some(Held { refusal, packages }) => (Err(refusal), packages),
         None => (
@@ -835,6 +954,11 @@ async fn start_service(
                 ServiceUpdate::default(),
             );
             prepared = prepare_service(&service, &ctx, &passphrase, held_packages.as_ref()).await;
+        }
+        // A process's groups are fixed when it starts: not before the user has joined them.
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            () = stage_done(&launch_ready) => {}
         }
         supervisor.run_retrying(cancel).await;
     }))

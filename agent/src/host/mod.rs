@@ -191,14 +191,14 @@ impl Touch {
 }
 
 impl Touch {
-    /// When it is made: what a service running as the instance user depends on comes before
-    /// any service starts; the rest (a getty restart and a unit enabled, each a systemd reload
-    /// that takes seconds on a small instance at boot) beside the services' start.
+    /// When it is made: the home and its files before any service is installed (an install
+    /// may write into the home), the groups before any service process starts (its groups are
+    /// fixed then); the rest (a getty restart and a unit enabled, each a systemd reload that
+    /// takes seconds on a small instance at boot) beside the services' start.
     pub fn stage(self) -> Stage {
         match self {
-            Self::HomeOwnership | Self::DeferredWriteFiles | Self::DefaultUserGroup => {
-                Stage::BeforeServices
-            }
+            Self::HomeOwnership | Self::DeferredWriteFiles => Stage::BeforeServices,
+            Self::DefaultUserGroup => Stage::BeforeLaunch,
             Self::ConsoleAutologin | Self::PrivateCloudInitLogs | Self::LoginBanner => {
                 Stage::BesideServices
             }
@@ -219,8 +219,11 @@ const APPLIED: [Touch; 5] = [
 /// When a touch is made, relative to the services' start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
-    /// Before any service starts (the user's home, files and groups).
+    /// Before any service is installed or configured (the user's home and its files).
     BeforeServices,
+    /// Before any service process starts, beside the services' install and configuration
+    /// (the user's groups).
+    BeforeLaunch,
     /// Beside the services' start (nothing a service needs).
     BesideServices,
 }

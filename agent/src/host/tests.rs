@@ -48,13 +48,14 @@ impl ApplyAll for Host {
         users: &UserManager,
         marker: &Path,
     ) -> Vec<(Touch, Result<Outcome, HostError>)> {
-        let mut done = self
-            .apply(Stage::BeforeServices, settings, os, user, users, marker)
-            .await;
-        done.extend(
-            self.apply(Stage::BesideServices, settings, os, user, users, marker)
-                .await,
-        );
+        let mut done = Vec::new();
+        for stage in [
+            Stage::BeforeServices,
+            Stage::BeforeLaunch,
+            Stage::BesideServices,
+        ] {
+            done.extend(self.apply(stage, settings, os, user, users, marker).await);
+        }
         done
     }
 }
@@ -747,13 +748,10 @@ fn deferred_entries_decode_as_cloud_init_does() {
 
 #[test]
 fn what_a_service_needs_comes_before_the_services_the_systemd_reloads_beside() {
-    for touch in [
-        Touch::HomeOwnership,
-        Touch::DeferredWriteFiles,
-        Touch::DefaultUserGroup,
-    ] {
+    for touch in [Touch::HomeOwnership, Touch::DeferredWriteFiles] {
         assert_eq!(touch.stage(), Stage::BeforeServices, "{touch:?}");
     }
+    assert_eq!(Touch::DefaultUserGroup.stage(), Stage::BeforeLaunch);
     for touch in [Touch::ConsoleAutologin, Touch::PrivateCloudInitLogs] {
         assert_eq!(touch.stage(), Stage::BesideServices, "{touch:?}");
     }

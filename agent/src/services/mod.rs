@@ -240,6 +240,11 @@ pub trait ServiceImpl: Sized {
     ) -> impl std::future::Future<Output = Result<Vec<LocalPackage>, ServiceError>> + Send {
         std::future::ready(Ok(Vec::new()))
     }
+    /// Begin, in the background, what [`Self::configure`] needs from this machine and that
+    /// depends on neither the batch nor the passphrase: called as soon as the account is known,
+    /// so the work is done (or under way) when `configure` asks for it. The default begins
+    /// nothing.
+    fn configure_early(&self, _ctx: &ServiceContext) {}
     /// Install the service's payload after the batch (idempotent; it may rely on [`Self::fetch`]
     /// having run, and runs it again when it must).
     fn install(
@@ -430,6 +435,13 @@ macro_rules! services {
             pub async fn fetch(&self, ctx: &ServiceContext) -> Result<Vec<LocalPackage>, ServiceError> {
                 match self {
                     $(Self::$variant(s) => s.fetch(ctx).await,)*
+                }
+            }
+
+            /// Begin what its configuration needs early, in the background.
+            pub fn configure_early(&self, ctx: &ServiceContext) {
+                match self {
+                    $(Self::$variant(s) => s.configure_early(ctx),)*
                 }
             }
 

@@ -84,6 +84,9 @@ pub struct Guacamole {
     family: Family,
     endpoint: Endpoint,
     ssh_loopback: SshLoopback,
+    /// [`Self::ssh_host`]'s answer, worked out once (begun early by
+    /// [`ServiceImpl::configure_early`], awaited by `configure`); shared by the clones.
+    ssh_host: std::sync::Arc<tokio::sync::OnceCell<IpAddr>>,
 }
 
 impl Guacamole {
@@ -97,6 +100,7 @@ impl Guacamole {
             family: os.family,
             endpoint,
             ssh_loopback: SshLoopback::system(),
+            ssh_host: Default::default(),
         }
     }
 
@@ -111,6 +115,13 @@ impl Guacamole {
     /// is on and sshd treats that address as 127.0.0.1; 127.0.0.1 otherwise, with the reason
     /// logged.
     pub async fn ssh_host(&self, ctx: &ServiceContext) -> IpAddr {
+        *self
+            .ssh_host
+            .get_or_init(|| self.choose_ssh_host(ctx))
+            .await
+    }
+
+    async fn choose_ssh_host(&self, ctx: &ServiceContext) -> IpAddr {
         if !self.settings.ssh_quickack
             || self.route == GuacdRoute::External
             || ctx.paths.system_root != Path::new("/")
@@ -392,6 +403,15 @@ impl ServiceImpl for Guacamole {
             }
         }
         Ok(())
+    }
+
+    /// sshd's view of the dedicated loopback address (two `sshd -T` and a route: a second at
+    /// boot under emulation), decided while the batch and the passphrase are awaited.
+    fn configure_early(&self, ctx: &ServiceContext) {
+        let (guacamole, ctx) = (self.clone(), ctx.clone());
+        tokio::spawn(async move {
+            guacamole.ssh_host(&ctx).await;
+        });
     }
 
     async fn configure(

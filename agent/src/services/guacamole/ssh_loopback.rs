@@ -98,8 +98,11 @@ impl SshLoopback {
     /// route added (idempotent: `replace`), when sshd listens there and its configuration for
     /// a connection from there is the one for 127.0.0.1; nothing is changed when it is not.
     pub async fn choose(&self, user: &str, ssh_port: u16) -> Result<IpAddr, LoopbackError> {
-        let plain = self.sshd_view(user, ssh_port, PLAIN).await?;
-        let dedicated = self.sshd_view(user, ssh_port, IpAddr::V4(DEDICATED)).await?;
+        // Side by side: each is an sshd start (a noticeable part of a second at boot).
+        let (plain, dedicated) = tokio::try_join!(
+            self.sshd_view(user, ssh_port, PLAIN),
+            self.sshd_view(user, ssh_port, IpAddr::V4(DEDICATED)),
+        )?;
         if !listens_on_dedicated(&plain, ssh_port) {
             return Err(LoopbackError::SshdNotListening {
                 port: ssh_port,

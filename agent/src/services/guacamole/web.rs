@@ -42,8 +42,13 @@ pub const LIMITS: Limits = Limits {
 fn is_file_stream(path: &str) -> bool {
     path.starts_with("/guacamole/api/session/tunnels/") && path.contains("/streams/")
 }
-/// How often the start-up check asks guacd again until it answers.
+/// How soon the start-up check asks guacd again after it answered but not for every protocol
+/// (a `select` costs guacd a child process).
 const GUACD_RETRY: Duration = Duration::from_secs(2);
+/// How soon it tries again while guacd is not listening yet (a refused connect costs nothing;
+/// guacd is started beside the web side and listens a moment later), doubling up to
+/// [`GUACD_RETRY`].
+const GUACD_LISTEN_RETRY: Duration = Duration::from_millis(50);
 
 /// Shared by every request.
 pub struct WebState {
@@ -94,10 +99,27 @@ impl WebState {
             .collect();
         protocols.sort_unstable();
         protocols.dedup();
+        let mut listen_retry = GUACD_LISTEN_RETRY;
         loop {
-            let mut all = true;
+            // Side by side: each `select` waits for guacd to load that protocol's plugin.
+            let mut asked = tokio::task::JoinSet::new();
             for protocol in &protocols {
-                match handshake::check_protocol(self.config.guacd, protocol).await {
+                let (guacd, protocol) = (self.config.guacd, (*protocol).to_owned());
+                asked.spawn(async move {
+                    let answer = handshake::check_protocol(guacd, &protocol).await;
+                    (protocol, answer)
+                });
+            }
+            let mut all = true;
+            let mut listening = true;
+            while let Some(joined) = asked.join_next().await {
+                let (protocol, answer) = match joined {
+                    Ok(done) => done,
+                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                    Err(_) => return,
+                };
+                let protocol = protocol.as_str();
+                match answer {
                     Ok(_) => {}
                     // Asking again cannot help: the plugin must be installed (and guacd
                     // restarted), which the supervisor's retry schedule will notice.
@@ -105,6 +127,11 @@ impl WebState {
                         tracing::error!(protocol, reason = e.reason(), "{}", shown(&e.to_string()));
                         let _ = self.guacd_missing.set((e.reason(), e.to_string()));
                         return;
+                    }
+                    Err(e @ handshake::HandshakeError::Unreachable { .. }) => {
+                        tracing::debug!(protocol, reason = e.reason(), "guacd not listening yet: {}", shown(&e.to_string()));
+                        all = false;
+                        listening = false;
                     }
                     Err(e) => {
                         tracing::info!(protocol, reason = e.reason(), "guacd not ready: {}", shown(&e.to_string()));
@@ -117,7 +144,12 @@ impl WebState {
                 self.guacd_answered.store(true, Ordering::SeqCst);
                 return;
             }
-            tokio::time::sleep(GUACD_RETRY).await;
+            if listening {
+                tokio::time::sleep(GUACD_RETRY).await;
+            } else {
+                tokio::time::sleep(listen_retry).await;
+                listen_retry = (listen_retry * 2).min(GUACD_RETRY);
+            }
         }
     }
 }
