@@ -162,7 +162,17 @@ def one_run(variant, userdata, meta, image_dir, key_name, key_file, env, round_n
                 complete = seen[0] - started
             failed = watcher.first(lambda t: "error" in vm_test.status_lines(t))
             if failed:
-                raise vm_test.Failure(f"{variant}: setup error: {failed[1][-300:]}")
+                # The agent's log, for reading why (the VM is gone after the run).
+                try:
+                    entries, _ = vm_boot.fetch_journal(key_file, vm.ssh_port, vm)
+                    record["agent_log"] = [
+                        f"{vm_boot.guest_seconds(e):.2f} {vm_boot.message(e).strip()}"
+                        for e in entries if e.get("_SYSTEMD_UNIT") == "exoagent.service"][:300]
+                except vm_test.Failure as error:
+                    record["journal_error"] = str(error)
+                failure = vm_test.Failure(f"{variant}: setup error: {failed[1][-300:]}")
+                failure.agent_log = record.get("agent_log")
+                raise failure
             if time.monotonic() > deadline:
                 raise vm_test.Failure(f"{variant}: no complete after {BUDGET[variant]} s")
             time.sleep(0.2)
@@ -170,7 +180,19 @@ def one_run(variant, userdata, meta, image_dir, key_name, key_file, env, round_n
         passphrase = vm_test.server_password(token, scenario.server)
         # Both links at once: boot → desktop drawn and boot → shell answering, each on its own.
         os.environ["EXOAGENT_VM_GUAC_TOGETHER"] = "1"
-        _, found = vm_test.desktop_in_chromium(vm, passphrase)
+        try:
+            _, found = vm_test.desktop_in_chromium(vm, passphrase)
+        except vm_test.Failure as failure:
+            # What the guest says about it (the VM is gone after the run): the boot's journal
+            # (the agent, guacd, sshd) and the services' logs, kept beside the browser's
+            # screenshots.
+            dump = vm_boot.ssh(key_file, vm.ssh_port,
+                               "sudo -n journalctl -b -o short-monotonic --no-pager; "
+                               "sudo -n sh -c 'tail -n +1 /var/log/exoagent/*.log'")
+            kept = vm_test.ARTIFACTS / f"vm-desktop-{variant}-{round_no}-guest.log"
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            kept.write_text(dump.stdout + dump.stderr)
+            raise vm_test.Failure(f"{failure} (the guest's logs: {kept})") from None
         browser = {step: round(found[step] / 1000 - wall_at_start, 1) for step in BROWSER_STEPS}
         vm_test.say(f"{variant}: desktop drawn {browser['desktop_drawn']} s, shell echoed "
                     f"{browser['shell_echoed']} s after QEMU start")
@@ -369,7 +391,8 @@ def main():
                     vm_test.say(f"{variant}: FAILED: {error}")
                     runs.append({"variant": variant, "round": round_no + 1,
                                  "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                 "error": str(error)})
+                                 "error": str(error),
+                                 "agent_log": getattr(error, "agent_log", None)})
                 if args.out:
                     Path(args.out).write_text(json.dumps(runs, indent=1))
     except KeyboardInterrupt:

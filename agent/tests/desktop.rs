@@ -156,14 +156,13 @@ impl Desktop {
         let mut spec = SessionSpec::new(user, display);
         spec.rfb_port = free_port();
         spec.desktop_name = format!("exoagent test :{display}");
-        // The default vncpasswd: TigerVNC's, found on PATH.
+        // Written by the agent's own encoding; the real Xvnc below reads it.
         vnc::write_vnc_password(
             PASSPHRASE,
             &spec.password_file,
             spec.user.uid,
             spec.user.gid,
         )
-        .await
         .unwrap();
         let file = std::fs::metadata(&spec.password_file).unwrap();
         assert_eq!(file.len(), 8, "vncpasswd -f writes 8 bytes");

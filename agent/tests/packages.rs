@@ -30,6 +30,7 @@ use common::{repo_root, run_ok};
 const EXPECTED: &[&str] = &[
     "/usr/bin/exoagent",
     "/usr/lib/systemd/system/exoagent.service",
+    "/usr/lib/systemd/system/exoagent-warm.service",
     "/usr/lib/tmpfiles.d/exoagent.conf",
     "/usr/lib/exoagent/config.d/README",
     "/usr/share/bash-completion/completions/exoagent",
@@ -164,6 +165,16 @@ fn the_deb_holds_the_agent_unit_pages_and_completions() {
     assert!(
         unit.contains("\nKillMode=process\n"),
         "services outlive the agent"
+    );
+    assert!(unit.contains("\nWants=exoagent-warm.service\n"), "{unit}");
+    let warm = fs::read_to_string(
+        root.path()
+            .join("usr/lib/systemd/system/exoagent-warm.service"),
+    )
+    .unwrap();
+    assert!(
+        warm.contains("\nExecStart=/bin/cat /usr/bin/exoagent\n"),
+        "{warm}"
     );
     // The packaged binary runs, and its shipped pages and completions work.
     let version = stdout(

@@ -40,20 +40,33 @@ fn systemd_analyze_accepts_the_unit() {
     };
     assert!(found.status.success());
     let dir = tempfile::tempdir().unwrap();
-    let unit = dir.path().join("exoagent.service");
-    // Point ExecStart at the binary under test: verify checks that it exists.
-    let text = unit_text().replace("/usr/bin/exoagent", env!("CARGO_BIN_EXE_exoagent"));
-    std::fs::write(&unit, text).unwrap();
+    // The agent's unit and the warm-up unit it wants, side by side (verify finds a unit's
+    // dependencies in its directory), pointing at the binary under test: verify checks that
+    // ExecStart's program exists.
+    let warm = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../installer/systemd/exoagent-warm.service"),
+    )
+    .unwrap();
+    let mut units = Vec::new();
+    for (name, text) in [
+        ("exoagent.service", unit_text()),
+        ("exoagent-warm.service", warm),
+    ] {
+        let unit = dir.path().join(name);
+        let text = text.replace("/usr/bin/exoagent", env!("CARGO_BIN_EXE_exoagent"));
+        std::fs::write(&unit, text).unwrap();
+        units.push(unit);
+    }
     let out = std::process::Command::new("systemd-analyze")
         .arg("verify")
-        .arg(&unit)
+        .args(&units)
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let complaints: Vec<&str> = stderr
         .lines()
-        .filter(|l| l.contains("exoagent.service"))
+        .filter(|l| l.contains("exoagent.service") || l.contains("exoagent-warm.service"))
         .collect();
     assert!(complaints.is_empty(), "{stderr}");
 }

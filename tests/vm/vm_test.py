@@ -84,8 +84,8 @@ Debian 11 runs the JupyterLab flow (2–4) and the web desktop (8) on its own im
    typed and the terminal's first row, selected with the mouse, reaches the page's clipboard
    as `exo42`. Over SSH as exouser: the choices file, the marker file (`exo42`, exouser's),
    the desktop and Guacamole ready in the status API, Debian's own guacd.service masked (no
-   guacd of the package's user, exoagent's never refused its address), /home/exouser exouser's, and
-   ~/openrc.sh and ~/.config/openstack/clouds.yaml `400 exouser:exouser` (cloud-init 20.4
+   guacd of the package's user, exoagent's never refused its address), /home/exouser exouser's,
+   exouser in the `debian` group and the Xfce session started with it, and ~/openrc.sh and ~/.config/openstack/clouds.yaml `400 exouser:exouser` (cloud-init 20.4
    has no `write_files` `defer`: the agent completes them). `metadata-debian11` runs
    2–4 on the same image (JupyterLab on Debian 11's Python 3.9, the lock's 3.9 pins).
 
@@ -1327,6 +1327,10 @@ def with_exosphere_desktop(scenario, key_file):
     check("sudo -n journalctl -b -u exoagent --no-pager | grep -c 'Unable to bind' || true",
           lambda out: out == "0")
     check("stat -c %U:%G /home/exouser", lambda out: out == "exouser:exouser")
+    # exouser joined Debian's default user's group (`[host] default_user_group`) before the
+    # desktop started: its session has the group (a process's groups are fixed at its start).
+    check("id -nG exouser", lambda out: "debian" in out.split())
+    check("ps -o supgrp= -C xfce4-session", lambda out: "debian" in out.split(","))
     check("stat -c '%a %U:%G' ~/openrc.sh ~/.config/openstack/clouds.yaml",
           lambda out: out.split("\n") == ["400 exouser:exouser"] * 2)
     return {"exosphere_desktop_complete_s": round(complete),

@@ -393,6 +393,7 @@ impl SetUp<'_> {
         for service in &plan.services {
             service.configure_early(&ctx);
         }
+        let home_after = home_ready.clone();
         // The password (chpasswd) and the sudo drop-in (its `visudo` check) are for logins
         // (SSH, Guacamole, RStudio's PAM); no service needs them to start, so they run beside
         // the services, and provisioning is over only with them.
@@ -454,14 +455,14 @@ impl SetUp<'_> {
             .await;
             true
         };
-        // The touches no service needs (a getty restart, a unit enabled: systemd reloads) go
-        // beside the services' start, not before it.
-        let (password, started, (), _) = tokio::join!(
-            password,
-            services,
-            apply_host_touches(plan, Stage::BesideServices),
-            joined(touches),
-        );
+        // The touches no service needs (cloud-init's deferred files; a getty restart, a unit
+        // enabled: systemd reloads) go beside the services' start, not before it.
+        let beside = async {
+            // After the home is the user's: deferred files go into it.
+            stage_done(&home_after).await;
+            apply_host_touches(plan, Stage::BesideServices).await;
+        };
+        let (password, started, (), _) = tokio::join!(password, services, beside, joined(touches));
         if let Err(reason) = password {
             hub.fail_step(SetupStep::User, reason);
             return Ok(false);
@@ -898,13 +899,6 @@ async fn start_service(
         passphrase,
         launch_ready,
     } = inputs;
-    let (first, held_packages) = match held {
-        Some(Held { refusal, packages }) => (Err(refusal), packages),
-        None => (
-            prepare_service(&service, &ctx, &passphrase, None).await,
-            None,
-        ),
-    };
     let mut supervisor = Supervisor::new(
         kind,
         service.run_spec(&ctx),
@@ -918,6 +912,17 @@ async fn start_service(
         shim,
         hub.clone(),
     );
+    let (first, held_packages) = match held {
+        Some(Held { refusal, packages }) => (Err(refusal), packages),
+        None => {
+            // Its shim starts while the service is installed and configured.
+            supervisor.start_shim_ahead();
+            (
+                prepare_service(&service, &ctx, &passphrase, None).await,
+                None,
+            )
+        }
+    };
     Some(Box::pin(async move {
         let mut prepared = first;
         let mut retries = 0u32;

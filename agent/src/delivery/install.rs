@@ -9,10 +9,15 @@ use crate::fsutil;
 
 /// The unit as shipped.
 pub const UNIT: &str = include_str!("../../../installer/systemd/exoagent.service");
+/// The unit that reads the executable into memory early in the boot, as shipped (the agent's
+/// unit wants it).
+pub const WARM_UNIT: &str = include_str!("../../../installer/systemd/exoagent-warm.service");
 /// The tmpfiles.d entry as shipped.
 pub const TMPFILES: &str = include_str!("../../../installer/systemd/exoagent.tmpfiles");
 /// The unit's path below the root.
 pub const UNIT_PATH: &str = "etc/systemd/system/exoagent.service";
+/// The warm-up unit's path below the root.
+pub const WARM_UNIT_PATH: &str = "etc/systemd/system/exoagent-warm.service";
 /// The tmpfiles entry's path below the root.
 pub const TMPFILES_PATH: &str = "etc/tmpfiles.d/exoagent.conf";
 /// The enablement link's path below the root.
@@ -20,6 +25,8 @@ pub const WANTS_LINK: &str = "etc/systemd/system/multi-user.target.wants/exoagen
 /// Where packages and baked images put the binary (owned by the layout).
 pub use crate::paths::INSTALLED_EXE;
 const SHIPPED_EXEC: &str = "ExecStart=/usr/bin/exoagent run";
+/// The executable's path in the warm-up unit as shipped (its condition and its command).
+const SHIPPED_PATH: &str = "/usr/bin/exoagent";
 
 /// Why installing failed.
 #[derive(Debug, thiserror::Error)]
@@ -65,14 +72,24 @@ pub fn unit_for(exec: &Path) -> Result<String, InstallError> {
     Ok(UNIT.replace(SHIPPED_EXEC, &format!("ExecStart={text} run")))
 }
 
+/// The warm-up unit's text reading `exec` (checked by [`unit_for`]).
+fn warm_unit_for(exec: &str) -> String {
+    WARM_UNIT.replace(SHIPPED_PATH, exec)
+}
+
 /// Install into `root`; with `enable`, also link the unit into `multi-user.target.wants`.
 /// Returns the paths written.
 pub fn install(root: &Path, exec: &Path, enable: bool) -> Result<Vec<PathBuf>, InstallError> {
     let unit = unit_for(exec)?;
+    let warm = warm_unit_for(&exec.to_string_lossy());
     let at = |relative: &str| root.join(relative);
     let wrote = |path: PathBuf| move |source| InstallError::Write { path, source };
     let mut written = Vec::new();
-    for (relative, text) in [(UNIT_PATH, unit.as_str()), (TMPFILES_PATH, TMPFILES)] {
+    for (relative, text) in [
+        (UNIT_PATH, unit.as_str()),
+        (WARM_UNIT_PATH, warm.as_str()),
+        (TMPFILES_PATH, TMPFILES),
+    ] {
         let path = at(relative);
         if let Some(parent) = path.parent() {
             fsutil::ensure_dir(parent, 0o755).map_err(wrote(parent.to_path_buf()))?;
@@ -152,13 +169,21 @@ mod tests {
     #[test]
     fn the_shipped_unit_has_the_exec_line_we_replace() {
         assert!(UNIT.contains(SHIPPED_EXEC));
+        assert!(UNIT.contains("\nWants=exoagent-warm.service\n"));
+        assert_eq!(WARM_UNIT.matches(SHIPPED_PATH).count(), 2, "{WARM_UNIT}");
     }
 
     #[test]
     fn installs_into_a_root_and_enables() {
         let root = tempfile::tempdir().unwrap();
         let written = install(root.path(), Path::new("/usr/local/bin/exoagent"), true).unwrap();
-        assert_eq!(written.len(), 4);
+        assert_eq!(written.len(), 5);
+        let warm = std::fs::read_to_string(root.path().join(WARM_UNIT_PATH)).unwrap();
+        assert!(
+            warm.contains("\nConditionPathExists=/usr/local/bin/exoagent\n")
+                && warm.contains("\nExecStart=/bin/cat /usr/local/bin/exoagent\n"),
+            "{warm}"
+        );
         let unit = std::fs::read_to_string(root.path().join(UNIT_PATH)).unwrap();
         assert!(
             unit.contains("ExecStart=/usr/local/bin/exoagent run\n"),

@@ -191,23 +191,24 @@ impl Touch {
 }
 
 impl Touch {
-    /// When it is made: the home and its files before any service is installed (an install
-    /// may write into the home), the groups before any service process starts (its groups are
-    /// fixed then); the rest (a getty restart and a unit enabled, each a systemd reload that
-    /// takes seconds on a small instance at boot) beside the services' start.
+    /// When it is made: the home before any service is installed (an install may write into
+    /// it), the groups before any service process starts (its groups are fixed then); the rest
+    /// beside the services' start: cloud-init's deferred files (which cloud-init itself writes
+    /// in its last stage, after everything else) first, then a getty restart and a unit
+    /// enabled (each a systemd reload that takes seconds on a small instance at boot).
     pub fn stage(self) -> Stage {
         match self {
-            Self::HomeOwnership | Self::DeferredWriteFiles => Stage::BeforeServices,
+            Self::HomeOwnership => Stage::BeforeServices,
             Self::DefaultUserGroup => Stage::BeforeLaunch,
-            Self::ConsoleAutologin | Self::PrivateCloudInitLogs | Self::LoginBanner => {
-                Stage::BesideServices
-            }
+            Self::DeferredWriteFiles
+            | Self::ConsoleAutologin
+            | Self::PrivateCloudInitLogs
+            | Self::LoginBanner => Stage::BesideServices,
         }
     }
 }
 
-/// The touches [`Host::apply`] makes, in order: the home first (deferred files may be written
-/// into it).
+/// The touches [`Host::apply`] makes, in order within a stage.
 const APPLIED: [Touch; 5] = [
     Touch::HomeOwnership,
     Touch::DeferredWriteFiles,

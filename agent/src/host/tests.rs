@@ -748,11 +748,13 @@ fn deferred_entries_decode_as_cloud_init_does() {
 
 #[test]
 fn what_a_service_needs_comes_before_the_services_the_systemd_reloads_beside() {
-    for touch in [Touch::HomeOwnership, Touch::DeferredWriteFiles] {
-        assert_eq!(touch.stage(), Stage::BeforeServices, "{touch:?}");
-    }
+    assert_eq!(Touch::HomeOwnership.stage(), Stage::BeforeServices);
     assert_eq!(Touch::DefaultUserGroup.stage(), Stage::BeforeLaunch);
-    for touch in [Touch::ConsoleAutologin, Touch::PrivateCloudInitLogs] {
+    for touch in [
+        Touch::DeferredWriteFiles,
+        Touch::ConsoleAutologin,
+        Touch::PrivateCloudInitLogs,
+    ] {
         assert_eq!(touch.stage(), Stage::BesideServices, "{touch:?}");
     }
 }

@@ -463,6 +463,9 @@ pub struct Supervisor {
     note: Option<Reason>,
     /// Whether this supervises the service or the TLS front before it.
     part: Part,
+    /// A shim started ahead ([`Supervisor::start_shim_ahead`]), waiting for its spec on stdin;
+    /// the first launch uses it.
+    shim_ahead: std::sync::Mutex<Option<tokio::process::Child>>,
 }
 
 /// What a supervisor runs for its service.
@@ -500,6 +503,24 @@ impl Supervisor {
             hub,
             note: None,
             part: Part::Service,
+            shim_ahead: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Start the shim now, while the service is still being installed and configured: it
+    /// waits for its spec on stdin, and the first launch hands it over instead of starting one
+    /// then (a fork of the agent and an exec of its executable: a third of a second at boot
+    /// under emulation, on the path to the service's start). Unused (the service adopted, the
+    /// supervisor dropped), it reads an empty spec and exits without doing anything.
+    pub fn start_shim_ahead(&self) {
+        let mut ahead = self.shim_ahead.lock().unwrap_or_else(|e| e.into_inner());
+        if ahead.is_none() {
+            match self.spawn_shim() {
+                Ok(child) => *ahead = Some(child),
+                Err(e) => {
+                    tracing::debug!(target: "exoagent::supervise", service = %self.kind, "no shim started ahead: {}", e.status)
+                }
+            }
         }
     }
 
@@ -853,6 +874,35 @@ impl Supervisor {
     }
 
     /// Start a shim and wait for its hello.
+    /// `exoagent shim`, detached in its own session, its stdin, stdout and stderr piped.
+    fn spawn_shim(&self) -> Result<tokio::process::Child, Ended> {
+        let exe = self.shim.exe.display().to_string();
+        let mut command = tokio::process::Command::new(&self.shim.exe);
+        command
+            .arg("shim")
+            .env_clear()
+            .current_dir("/")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(false);
+        // SAFETY: setsid is async-signal-safe; it detaches the shim into its own session so it
+        // outlives the agent and receives none of its terminal's or group's signals.
+        unsafe {
+            command.pre_exec(|| {
+                nix::unistd::setsid()
+                    .map(|_| ())
+                    .map_err(std::io::Error::from)
+            });
+        }
+        command.spawn().map_err(|e| {
+            Ended::spawn_failed(
+                "spawn-failed",
+                format!("failed to start the shim '{exe} shim': {e}"),
+            )
+        })
+    }
+
     async fn launch(&self) -> Result<Running, Ended> {
         let run_dir = &self.paths.run_dir;
         for path in [records::run_file(run_dir), records::exit_file(run_dir)] {
@@ -873,31 +923,16 @@ impl Supervisor {
                 format!("failed to encode the shim spec: {e}"),
             )
         })?;
-        let exe = self.shim.exe.display().to_string();
-        let mut command = tokio::process::Command::new(&self.shim.exe);
-        command
-            .arg("shim")
-            .env_clear()
-            .current_dir("/")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(false);
-        // SAFETY: setsid is async-signal-safe; it detaches the shim into its own session so it
-        // outlives the agent and receives none of its terminal's or group's signals.
-        unsafe {
-            command.pre_exec(|| {
-                nix::unistd::setsid()
-                    .map(|_| ())
-                    .map_err(std::io::Error::from)
-            });
-        }
-        let mut child = command.spawn().map_err(|e| {
-            Ended::spawn_failed(
-                "spawn-failed",
-                format!("failed to start the shim '{exe} shim': {e}"),
-            )
-        })?;
+        let ahead = self
+            .shim_ahead
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let mut child = match ahead {
+            Some(child) => child,
+            None => self.spawn_shim()?,
+        };
+        let exe = self.shim.exe.display();
         let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut child, &input)).await;
         let hello = match hello {
             Ok(Ok(hello)) => hello,

@@ -305,7 +305,6 @@ impl ServiceImpl for Desktop {
         fsutil::ensure_dir(&dir, 0o711).map_err(Self::io_err("create", &dir))?;
         let file = Self::password_file(ctx);
         vnc::write_vnc_password(passphrase.expose(), &file, ctx.account.uid, ctx.account.gid)
-            .await
             .map_err(|e| ServiceError::Configure {
                 service: ServiceKind::Desktop,
                 detail: e.to_string(),

@@ -48,8 +48,6 @@ const X_TMP_DIR: &str = "/tmp";
 const SESSION_PATH: &str = "/usr/local/bin:/usr/bin:/bin:/usr/local/games:/usr/games";
 /// TurboVNC's X server (vendor packages install under `/opt/TurboVNC`).
 const TURBOVNC_XVNC: &str = "/opt/TurboVNC/bin/Xvnc";
-/// TurboVNC's vncpasswd.
-const TURBOVNC_VNCPASSWD: &str = "/opt/TurboVNC/bin/vncpasswd";
 /// VirtualGL's launcher.
 const VGLRUN: &str = "/opt/VirtualGL/bin/vglrun";
 
@@ -78,16 +76,6 @@ pub enum VncServer {
         /// Run the session under VirtualGL.
         virtualgl: bool,
     },
-}
-
-impl VncServer {
-    /// The `vncpasswd` that comes with this server (TigerVNC's is in `tigervnc-tools`).
-    pub fn vncpasswd_program(self) -> &'static Path {
-        match self {
-            Self::TigerVnc => Path::new("vncpasswd"),
-            Self::TurboVnc { .. } => Path::new(TURBOVNC_VNCPASSWD),
-        }
-    }
 }
 
 /// Which half of the pair.
@@ -205,7 +193,7 @@ pub struct SessionSpec {
     pub geometry: Geometry,
     /// Bits per pixel of the virtual screen (24 for guacd).
     pub depth: u8,
-    /// The VNC password file (see [`super::write_vnc_password`]).
+    /// The VNC password file (see [`super::vnc::write_vnc_password`]).
     pub password_file: PathBuf,
     /// The desktop name VNC viewers show.
     pub desktop_name: String,
@@ -929,14 +917,6 @@ mod tests {
                 "egl",
                 "startxfce4",
             ])
-        );
-        assert_eq!(
-            VncServer::TurboVnc { virtualgl: true }.vncpasswd_program(),
-            Path::new("/opt/TurboVNC/bin/vncpasswd")
-        );
-        assert_eq!(
-            VncServer::TigerVnc.vncpasswd_program(),
-            Path::new("vncpasswd")
         );
     }
 

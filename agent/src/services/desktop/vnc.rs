@@ -8,13 +8,11 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
-
-use tokio::io::AsyncWriteExt;
+use std::process::ExitStatus;
 
 use crate::fsutil;
 
-use super::session::{Role, VncServer};
+use super::session::Role;
 
 /// Why the desktop could not be set up or kept running.
 #[derive(Debug, thiserror::Error)]
@@ -107,7 +105,7 @@ pub enum DesktopError {
         status: ExitStatus,
     },
     /// The VNC password file the server is to read does not exist.
-    #[error("the VNC password file '{path}' does not exist (write it with `vncpasswd -f`)")]
+    #[error("the VNC password file '{path}' does not exist (`vncpasswd -f` writes one)")]
     PasswordMissing {
         /// The file.
         path: PathBuf,
@@ -117,14 +115,6 @@ pub enum DesktopError {
     PasswordInvalid {
         /// What is wrong (never the passphrase itself).
         detail: &'static str,
-    },
-    /// `vncpasswd -f` failed or printed something that is not a password file.
-    #[error("'{program} -f' failed: {detail}")]
-    PasswordTool {
-        /// The vncpasswd program.
-        program: PathBuf,
-        /// Its exit status and stderr, or what was wrong with its output.
-        detail: String,
     },
     /// The password file (or its directory) could not be written.
     #[error("failed to write the VNC password file '{path}': {source}")]
@@ -152,48 +142,40 @@ impl DesktopError {
             Self::SessionExited { .. } => "desktop-session-exited",
             Self::PasswordMissing { .. } => "desktop-password-missing",
             Self::PasswordInvalid { .. } => "desktop-password-invalid",
-            Self::PasswordTool { .. } => "desktop-vncpasswd-failed",
             Self::PasswordWrite { .. } => "desktop-password-write-failed",
         }
     }
 }
 
-/// Write the VNC password file for `passphrase` to `path` with [`default_vncpasswd`]; see
-/// [`write_vnc_password_with`].
+/// VNC's fixed DES key for password files (TigerVNC `common/rfb/obfuscate.cxx`,
+/// `d3desObfuscationKey`; the same in TurboVNC's `vncauth.c`).
+const VNC_FIXED_KEY: [u8; 8] = [23, 82, 107, 6, 35, 78, 88, 7];
+
+/// The 8 bytes of a VNC password file for `passphrase`, as `vncpasswd -f` writes them: its first
+/// 8 bytes (zero-padded), DES-encrypted under [`VNC_FIXED_KEY`]. VNC's DES (`d3des.c`) reads a
+/// key byte's bits from the lowest, standard DES from the highest: each key byte is reversed.
+/// An obfuscation every VNC server and viewer undoes, not a protection.
+pub fn vnc_password_bytes(passphrase: &str) -> [u8; 8] {
+    use des::cipher::{BlockEncrypt, KeyInit};
+    let mut block = [0u8; 8];
+    for (slot, byte) in block.iter_mut().zip(passphrase.bytes()) {
+        *slot = byte;
+    }
+    let key = VNC_FIXED_KEY.map(u8::reverse_bits);
+    let cipher = des::Des::new(&key.into());
+    let mut block = block.into();
+    cipher.encrypt_block(&mut block);
+    block.into()
+}
+
+/// Write the VNC password file for `passphrase` to `path` ([`vnc_password_bytes`]: no
+/// `vncpasswd` process, and the passphrase never leaves this one), atomically (temporary file +
+/// rename) with mode 0600, owned by `uid`:`gid`, so the VNC server running as that user can read
+/// it. A missing parent directory (typically `~/.vnc`) is created 0700 and owned likewise.
 ///
 /// VNC authentication (RFB security type 2) uses **only the first 8 characters** of the
 /// passphrase: keep the server on loopback and let the agent's login guard the real secret.
-pub async fn write_vnc_password(
-    passphrase: &str,
-    path: &Path,
-    uid: u32,
-    gid: u32,
-) -> Result<(), DesktopError> {
-    write_vnc_password_with(&default_vncpasswd(), passphrase, path, uid, gid).await
-}
-
-/// The `vncpasswd` to use: the one on `PATH` (TigerVNC's, Debian/Ubuntu package
-/// `tigervnc-tools`), else TurboVNC's `/opt/TurboVNC/bin/vncpasswd`. Both write the same
-/// 8-byte format, which both servers read.
-pub fn default_vncpasswd() -> PathBuf {
-    crate::platform::exec::find_on_path("vncpasswd")
-        .or_else(|| {
-            let turbo = VncServer::TurboVnc { virtualgl: false }.vncpasswd_program();
-            turbo.is_file().then(|| turbo.to_path_buf())
-        })
-        .unwrap_or_else(|| PathBuf::from("vncpasswd"))
-}
-
-/// Write the VNC password file for `passphrase` to `path`: runs `<vncpasswd> -f` with the
-/// passphrase on its standard input (never in argv, where any local user could read it), checks
-/// the output is a password file, and writes it atomically (temporary file + rename) with mode
-/// 0600, owned by `uid`:`gid`, so the VNC server running as that user can read it. A missing
-/// parent directory (typically `~/.vnc`) is created 0700 and owned likewise.
-///
-/// `vncpasswd` is, for instance, [`VncServer::vncpasswd_program`]. VNC authentication uses
-/// **only the first 8 characters** of the passphrase.
-pub async fn write_vnc_password_with(
-    vncpasswd: &Path,
+pub fn write_vnc_password(
     passphrase: &str,
     path: &Path,
     uid: u32,
@@ -202,13 +184,13 @@ pub async fn write_vnc_password_with(
     if passphrase.is_empty() {
         return Err(DesktopError::PasswordInvalid { detail: "empty" });
     }
-    // vncpasswd -f reads one line; a line break would silently cut the passphrase.
+    // What `vncpasswd -f` would refuse or cut: one line of text.
     if passphrase.contains(['\n', '\r', '\0']) {
         return Err(DesktopError::PasswordInvalid {
             detail: "contains a line break or NUL",
         });
     }
-    let encoded = run_vncpasswd(vncpasswd, passphrase).await?;
+    let encoded = vnc_password_bytes(passphrase);
     let write_err = |path: &Path| {
         let path = path.to_path_buf();
         move |source| DesktopError::PasswordWrite { path, source }
@@ -228,75 +210,12 @@ pub async fn write_vnc_password_with(
         .map_err(write_err(path))
 }
 
-/// Run `<vncpasswd> -f` with `passphrase` on stdin; its stdout (binary) on success.
-async fn run_vncpasswd(vncpasswd: &Path, passphrase: &str) -> Result<Vec<u8>, DesktopError> {
-    let tool_err = |detail: String| DesktopError::PasswordTool {
-        program: vncpasswd.to_path_buf(),
-        detail,
-    };
-    let mut child = tokio::process::Command::new(vncpasswd)
-        .arg("-f")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| tool_err(format!("failed to start: {e}")))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        let mut line = Vec::with_capacity(passphrase.len() + 1);
-        line.extend_from_slice(passphrase.as_bytes());
-        line.push(b'\n');
-        match stdin.write_all(&line).await {
-            Ok(()) => {}
-            // It ended without reading: its exit status and stderr below say why.
-            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
-            Err(e) => return Err(tool_err(format!("failed to write its stdin: {e}"))),
-        }
-        // Closing stdin is what tells it the input is complete.
-        drop(stdin);
-    }
-    let output = child
-        .wait_with_output()
-        .await
-        .map_err(|e| tool_err(format!("failed to wait for it: {e}")))?;
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    if !output.status.success() {
-        return Err(tool_err(format!("{}: {}", output.status, stderr.trim())));
-    }
-    // The file is the DES-obfuscated password: 8 bytes (TurboVNC appends 8 more for a
-    // view-only password when one is given).
-    if output.stdout.len() < 8 {
-        return Err(tool_err(format!(
-            "printed {} bytes, not a password file: {}",
-            output.stdout.len(),
-            stderr.trim()
-        )));
-    }
-    Ok(output.stdout)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
-
-    /// A stand-in for vncpasswd: a shell script at `dir/name`. The executable is written by a
-    /// `cp` child, never through a descriptor of this process: a descriptor open for writing
-    /// leaks into children that other test threads fork meanwhile, and executing the file then
-    /// fails with ETXTBSY.
-    fn fake_tool(dir: &Path, name: &str, script: &str) -> PathBuf {
-        let source = dir.join(format!("{name}.txt"));
-        fs::write(&source, format!("#!/bin/sh\n{script}\n")).unwrap();
-        let path = dir.join(name);
-        let copied = std::process::Command::new("cp")
-            .arg(&source)
-            .arg(&path)
-            .status()
-            .unwrap();
-        assert!(copied.success());
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
-        path
-    }
+    use std::io::Write;
+    use std::os::unix::fs::MetadataExt;
+    use std::process::{Command, Stdio};
 
     fn me() -> (u32, u32) {
         (
@@ -305,18 +224,58 @@ mod tests {
         )
     }
 
-    #[tokio::test]
-    async fn password_goes_through_stdin_into_a_private_file() {
+    /// What the real `vncpasswd -f` (TigerVNC's, on this machine) prints for `passphrase`.
+    fn real_vncpasswd(passphrase: &[u8]) -> Vec<u8> {
+        let mut child = Command::new("vncpasswd")
+            .arg("-f")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("FAIL, not run: TigerVNC's vncpasswd is not on PATH (tests/browser/setup.sh)");
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(passphrase).unwrap();
+        stdin.write_all(b"\n").unwrap();
+        drop(stdin);
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success());
+        out.stdout
+    }
+
+    #[test]
+    fn the_password_bytes_are_what_the_real_vncpasswd_writes() {
+        for passphrase in [
+            "a",
+            "exouser",
+            "12345678",
+            "correct horse battery staple",
+            "unusual-outfit-exile-gauge-ridge",
+            "ünïcödé!",
+            "\u{7f}~ \t\u{1}",
+        ] {
+            assert_eq!(
+                vnc_password_bytes(passphrase).to_vec(),
+                real_vncpasswd(passphrase.as_bytes()),
+                "{passphrase:?}"
+            );
+        }
+        // Only the first 8 bytes count.
+        assert_eq!(
+            vnc_password_bytes("abcdefgh-one"),
+            vnc_password_bytes("abcdefgh-two")
+        );
+    }
+
+    #[test]
+    fn the_file_is_private_and_its_directory_made() {
         let dir = tempfile::tempdir().unwrap();
-        // Echoes its argv and stdin, so the test sees where the passphrase travelled.
-        let tool = fake_tool(dir.path(), "vncpasswd", r#"printf 'args=%s;' "$*"; cat"#);
         let target = dir.path().join("home/.vnc/passwd");
         fs::create_dir(dir.path().join("home")).unwrap();
         let (uid, gid) = me();
-        write_vnc_password_with(&tool, "correct horse", &target, uid, gid)
-            .await
-            .unwrap();
-        assert_eq!(fs::read(&target).unwrap(), b"args=-f;correct horse\n");
+        write_vnc_password("correct horse", &target, uid, gid).unwrap();
+        assert_eq!(
+            fs::read(&target).unwrap(),
+            vnc_password_bytes("correct horse")
+        );
         let file = fs::metadata(&target).unwrap();
         assert_eq!(file.mode() & 0o777, 0o600);
         assert_eq!((file.uid(), file.gid()), (uid, gid));
@@ -331,37 +290,13 @@ mod tests {
         assert_eq!(names, vec![std::ffi::OsString::from("passwd")]);
     }
 
-    #[tokio::test]
-    async fn failing_or_silent_tool_and_bad_passphrases_are_errors() {
+    #[test]
+    fn passphrases_vncpasswd_would_cut_are_refused_and_nothing_is_written() {
         let dir = tempfile::tempdir().unwrap();
         let target = dir.path().join("passwd");
         let (uid, gid) = me();
-
-        let failing = fake_tool(dir.path(), "failing", "echo 'no way' >&2; exit 3");
-        let err = write_vnc_password_with(&failing, "secret-ish", &target, uid, gid)
-            .await
-            .unwrap_err();
-        assert_eq!(err.reason(), "desktop-vncpasswd-failed");
-        assert!(err.to_string().contains("no way"), "{err}");
-        assert!(!err.to_string().contains("secret-ish"), "{err}");
-
-        let silent = fake_tool(dir.path(), "silent", "cat >/dev/null");
-        let err = write_vnc_password_with(&silent, "secret-ish", &target, uid, gid)
-            .await
-            .unwrap_err();
-        assert_eq!(err.reason(), "desktop-vncpasswd-failed");
-        assert!(err.to_string().contains("0 bytes"), "{err}");
-
-        let missing = dir.path().join("absent");
-        let err = write_vnc_password_with(&missing, "secret-ish", &target, uid, gid)
-            .await
-            .unwrap_err();
-        assert_eq!(err.reason(), "desktop-vncpasswd-failed");
-
-        for bad in ["", "two\nlines", "nul\0byte"] {
-            let err = write_vnc_password_with(&silent, bad, &target, uid, gid)
-                .await
-                .unwrap_err();
+        for bad in ["", "two\nlines", "carriage\rreturn", "nul\0byte"] {
+            let err = write_vnc_password(bad, &target, uid, gid).unwrap_err();
             assert_eq!(err.reason(), "desktop-password-invalid");
         }
         assert!(!target.exists());
