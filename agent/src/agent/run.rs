@@ -914,14 +914,10 @@ async fn start_service(
     );
     let (first, held_packages) = match held {
         Some(Held { refusal, packages }) => (Err(refusal), packages),
-        None => {
-            // Its shim starts while the service is installed and configured.
-            supervisor.start_shim_ahead();
-            (
-                prepare_service(&service, &ctx, &passphrase, None).await,
-                None,
-            )
-        }
+        None => (
+            prepare_service(&service, &ctx, &passphrase, None).await,
+            None,
+        ),
     };
     Some(Box::pin(async move {
         let mut prepared = first;

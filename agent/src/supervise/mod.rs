@@ -463,9 +463,6 @@ pub struct Supervisor {
     note: Option<Reason>,
     /// Whether this supervises the service or the TLS front before it.
     part: Part,
-    /// A shim started ahead ([`Supervisor::start_shim_ahead`]), waiting for its spec on stdin;
-    /// the first launch uses it.
-    shim_ahead: std::sync::Mutex<Option<tokio::process::Child>>,
 }
 
 /// What a supervisor runs for its service.
@@ -503,24 +500,6 @@ impl Supervisor {
             hub,
             note: None,
             part: Part::Service,
-            shim_ahead: std::sync::Mutex::new(None),
-        }
-    }
-
-    /// Start the shim now, while the service is still being installed and configured: it
-    /// waits for its spec on stdin, and the first launch hands it over instead of starting one
-    /// then (a fork of the agent and an exec of its executable: a third of a second at boot
-    /// under emulation, on the path to the service's start). Unused (the service adopted, the
-    /// supervisor dropped), it reads an empty spec and exits without doing anything.
-    pub fn start_shim_ahead(&self) {
-        let mut ahead = self.shim_ahead.lock().unwrap_or_else(|e| e.into_inner());
-        if ahead.is_none() {
-            match self.spawn_shim() {
-                Ok(child) => *ahead = Some(child),
-                Err(e) => {
-                    tracing::debug!(target: "exoagent::supervise", service = %self.kind, "no shim started ahead: {}", e.status)
-                }
-            }
         }
     }
 
@@ -923,15 +902,7 @@ impl Supervisor {
                 format!("failed to encode the shim spec: {e}"),
             )
         })?;
-        let ahead = self
-            .shim_ahead
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        let mut child = match ahead {
-            Some(child) => child,
-            None => self.spawn_shim()?,
-        };
+        let mut child = self.spawn_shim()?;
         let exe = self.shim.exe.display();
         let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut child, &input)).await;
         let hello = match hello {
