@@ -273,37 +273,55 @@ fn a_baked_service_is_spawned_while_the_publication_is_still_held() {
     assert_eq!(status["setup"]["state"], "running", "{status}");
 }
 
+/// The services' side runs while the identity is looked up. With state of another instance
+/// on disk (its instance marker: an image made from a used instance) the configuration and the
+/// spawn wait for the passphrase, made once the instance is known (that instance's state is
+/// forgotten first); on a fresh image nothing could be forgotten, so the passphrase made at the
+/// start is stored and handed over at once, and the service is spawned before the identity is
+/// known.
 #[test]
 fn the_services_side_runs_while_the_identity_is_looked_up() {
-    let metadata = MetadataService::start_holding_identity(true);
-    let config = jupyterlab_with_metadata_at(metadata.port);
-    let mut sandbox = Sandbox::new(&config).with_start_args(&["--no-fixture-identity"]);
-    let spawned = bake_stand_in(sandbox.root());
-    sandbox.start_agent();
+    for fresh in [false, true] {
+        let metadata = MetadataService::start_holding_identity(true);
+        let config = jupyterlab_with_metadata_at(metadata.port);
+        let mut sandbox = Sandbox::new(&config).with_start_args(&["--no-fixture-identity"]);
+        let spawned = bake_stand_in(sandbox.root());
+        let state_dir = sandbox.root().join("var/lib/exoagent");
+        if !fresh {
+            fs::create_dir_all(&state_dir).unwrap();
+            fs::write(state_dir.join("instance-id"), "another-instance").unwrap();
+        }
+        sandbox.start_agent();
 
-    // The account is there and the venv checked while `meta_data.json` is still unanswered.
-    wait_until("the venv checked", &sandbox, || {
-        sandbox
-            .agent_output()
-            .lines()
-            .any(|l| l.contains("installed") && l.contains("jupyterlab"))
-    });
-    // The configuration and the spawn wait for the passphrase, made once the instance is
-    // known (a previous instance's state is forgotten first).
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(!spawned.exists(), "spawned before the identity was known");
-    assert!(!sandbox
-        .root()
-        .join("var/lib/exoagent/secrets/passphrase")
-        .exists());
-    assert_eq!(sandbox.status()["services"][0]["state"], "installing");
+        // The account is there and the venv checked while `meta_data.json` is unanswered.
+        wait_until("the venv checked", &sandbox, || {
+            sandbox
+                .agent_output()
+                .lines()
+                .any(|l| l.contains("installed") && l.contains("jupyterlab"))
+        });
+        let passphrase = state_dir.join("secrets/passphrase");
+        if fresh {
+            wait_until("JupyterLab's spawn", &sandbox, || spawned.exists());
+            assert!(passphrase.exists(), "spawned without a stored passphrase");
+            assert!(
+                !state_dir.join("instance-id").exists(),
+                "the identity was known"
+            );
+        } else {
+            std::thread::sleep(Duration::from_millis(300));
+            assert!(!spawned.exists(), "spawned before the identity was known");
+            assert!(!passphrase.exists());
+            assert_eq!(sandbox.status()["services"][0]["state"], "installing");
+        }
 
-    metadata.release_identity();
-    wait_until("JupyterLab's spawn", &sandbox, || spawned.exists());
-    metadata.release();
-    wait_until("`running` on the console", &sandbox, || {
-        console_statuses(&sandbox).iter().any(|s| s == "running")
-    });
-    let (posts, _) = metadata.posts();
-    assert_eq!(posts, [sandbox.passphrase()]);
+        metadata.release_identity();
+        wait_until("JupyterLab's spawn", &sandbox, || spawned.exists());
+        metadata.release();
+        wait_until("`running` on the console", &sandbox, || {
+            console_statuses(&sandbox).iter().any(|s| s == "running")
+        });
+        let (posts, _) = metadata.posts();
+        assert_eq!(posts, [sandbox.passphrase()], "fresh: {fresh}");
+    }
 }
