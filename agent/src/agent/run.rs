@@ -255,10 +255,10 @@ enum EarlyPassphrase {
 }
 
 /// The steps begun as soon as the agent holds its socket: the account services run as, then
-/// the host touches that need it (each stage marked done when made: the home and its files
-/// before any service is installed, the groups before any service process starts); beside
-/// them the batch's packages found installed ([`installed_early`]: on a baked image all the
-/// batch does).
+/// the host touches that need it (each stage marked done when made: the home before any
+/// service is installed, the groups before any service process starts); beside them the
+/// batch's packages found installed ([`installed_early`]: on a baked image all the batch
+/// does).
 struct FirstSteps {
     account: tokio::sync::oneshot::Receiver<Result<crate::platform::users::Account, Reason>>,
     home_ready: tokio::sync::watch::Receiver<bool>,
@@ -899,6 +899,14 @@ async fn start_service(
         passphrase,
         launch_ready,
     } = inputs;
+    let (first, held_packages) = match held {
+        Some(Held { refusal, packages }) => (Err(refusal), packages),
+        None => (
+            prepare_service(&service, &ctx, &passphrase, None).await,
+            None,
+        ),
+    };
+    // After the install: what it installed shapes the run spec (a workflow's environment).
     let mut supervisor = Supervisor::new(
         kind,
         service.run_spec(&ctx),
@@ -912,13 +920,6 @@ async fn start_service(
         shim,
         hub.clone(),
     );
-    let (first, held_packages) = match held {
-        Some(Held { refusal, packages }) => (Err(refusal), packages),
-        None => (
-            prepare_service(&service, &ctx, &passphrase, None).await,
-            None,
-        ),
-    };
     Some(Box::pin(async move {
         let mut prepared = first;
         let mut retries = 0u32;
