@@ -1042,6 +1042,21 @@ mod tests {
         assert!(read().ends_with(" -- python3-venv\n"), "{}", read());
     }
 
+    /// This machine's apt installer, asking the real `dpkg-query` (not reading dpkg's status
+    /// file).
+    fn asking_dpkg_query() -> PackageInstaller {
+        let tools = PackageTools {
+            dpkg_admin: None,
+            ..PackageTools::default()
+        };
+        PackageInstaller::with_tools(
+            PackageManager::Apt,
+            &PackageSettings::default(),
+            tools,
+            Duration::from_millis(10),
+        )
+    }
+
     /// dpkg's status file read directly says what `dpkg-query` says, for every package this
     /// machine's database knows (installed, removed with its configuration left, …) and for
     /// names it does not know.
@@ -1061,16 +1076,7 @@ mod tests {
         assert!(names.len() > 100, "{} packages", names.len());
         names.extend(["exoagent-no-such-package", "bash:amd64"]);
         let direct = PackageInstaller::new(PackageManager::Apt, &PackageSettings::default());
-        let tools = PackageTools {
-            dpkg_admin: None,
-            ..PackageTools::default()
-        };
-        let asked = PackageInstaller::with_tools(
-            PackageManager::Apt,
-            &PackageSettings::default(),
-            tools,
-            Duration::from_millis(10),
-        );
+        let asked = asking_dpkg_query();
         let from_file = direct.installed_apt_names(&names).await.unwrap();
         let from_query = asked.installed_apt_names(&names).await.unwrap();
         assert!(from_file.contains("dpkg") && !from_file.contains("exoagent-no-such-package"));
@@ -1122,16 +1128,7 @@ mod tests {
             exec::find_on_path("dpkg-query").is_some(),
             "FAIL, not run: no dpkg-query on this machine"
         );
-        let tools = PackageTools {
-            dpkg_admin: None,
-            ..PackageTools::default()
-        };
-        let installer = PackageInstaller::with_tools(
-            PackageManager::Apt,
-            &PackageSettings::default(),
-            tools,
-            Duration::from_millis(10),
-        );
+        let installer = asking_dpkg_query();
         let found = installer
             .installed_apt_names(&["dpkg", "exoagent-no-such-package", "bash"])
             .await
