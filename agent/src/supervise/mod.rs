@@ -853,35 +853,6 @@ impl Supervisor {
     }
 
     /// Start a shim and wait for its hello.
-    /// `exoagent shim`, detached in its own session, its stdin, stdout and stderr piped.
-    fn spawn_shim(&self) -> Result<tokio::process::Child, Ended> {
-        let exe = self.shim.exe.display().to_string();
-        let mut command = tokio::process::Command::new(&self.shim.exe);
-        command
-            .arg("shim")
-            .env_clear()
-            .current_dir("/")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(false);
-        // SAFETY: setsid is async-signal-safe; it detaches the shim into its own session so it
-        // outlives the agent and receives none of its terminal's or group's signals.
-        unsafe {
-            command.pre_exec(|| {
-                nix::unistd::setsid()
-                    .map(|_| ())
-                    .map_err(std::io::Error::from)
-            });
-        }
-        command.spawn().map_err(|e| {
-            Ended::spawn_failed(
-                "spawn-failed",
-                format!("failed to start the shim '{exe} shim': {e}"),
-            )
-        })
-    }
-
     async fn launch(&self) -> Result<Running, Ended> {
         let run_dir = &self.paths.run_dir;
         for path in [records::run_file(run_dir), records::exit_file(run_dir)] {
@@ -902,8 +873,31 @@ impl Supervisor {
                 format!("failed to encode the shim spec: {e}"),
             )
         })?;
-        let mut child = self.spawn_shim()?;
-        let exe = self.shim.exe.display();
+        let exe = self.shim.exe.display().to_string();
+        let mut command = tokio::process::Command::new(&self.shim.exe);
+        command
+            .arg("shim")
+            .env_clear()
+            .current_dir("/")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(false);
+        // SAFETY: setsid is async-signal-safe; it detaches the shim into its own session so it
+        // outlives the agent and receives none of its terminal's or group's signals.
+        unsafe {
+            command.pre_exec(|| {
+                nix::unistd::setsid()
+                    .map(|_| ())
+                    .map_err(std::io::Error::from)
+            });
+        }
+        let mut child = command.spawn().map_err(|e| {
+            Ended::spawn_failed(
+                "spawn-failed",
+                format!("failed to start the shim '{exe} shim': {e}"),
+            )
+        })?;
         let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut child, &input)).await;
         let hello = match hello {
             Ok(Ok(hello)) => hello,
