@@ -137,6 +137,13 @@ def desktop_phases(entries):
     return phases, notes
 
 
+def agent_log(entries, offset):
+    """The agent's journal lines (the first 300), each stamped `offset` + the guest's seconds
+    since boot."""
+    return [f"{offset + vm_boot.guest_seconds(e):.2f} {vm_boot.message(e).strip()}"
+            for e in entries if e.get("_SYSTEMD_UNIT") == "exoagent.service"][:300]
+
+
 def one_run(variant, userdata, meta, image_dir, key_name, key_file, env, round_no):
     token = vm_boot.demo_token()
     scenario = vm_test.Scenario(f"bench-desktop-{variant}", env, token, userdata, meta,
@@ -165,9 +172,7 @@ def one_run(variant, userdata, meta, image_dir, key_name, key_file, env, round_n
                 # The agent's log, for reading why (the VM is gone after the run).
                 try:
                     entries, _ = vm_boot.fetch_journal(key_file, vm.ssh_port, vm)
-                    record["agent_log"] = [
-                        f"{vm_boot.guest_seconds(e):.2f} {vm_boot.message(e).strip()}"
-                        for e in entries if e.get("_SYSTEMD_UNIT") == "exoagent.service"][:300]
+                    record["agent_log"] = agent_log(entries, 0)
                 except vm_test.Failure as error:
                     record["journal_error"] = str(error)
                 failure = vm_test.Failure(f"{variant}: setup error: {failed[1][-300:]}")
@@ -233,9 +238,7 @@ def one_run(variant, userdata, meta, image_dir, key_name, key_file, env, round_n
             if offset is not None:
                 record["phases"] = {k: round(offset + v, 2) for k, v in guest.items()}
                 # The agent's whole log, seconds from QEMU's start (for reading the gaps).
-                record["agent_log"] = [
-                    f"{offset + vm_boot.guest_seconds(e):.2f} {vm_boot.message(e).strip()}"
-                    for e in entries if e.get("_SYSTEMD_UNIT") == "exoagent.service"][:300]
+                record["agent_log"] = agent_log(entries, offset)
         except vm_test.Failure as error:
             record["journal_error"] = str(error)
         return record
