@@ -786,7 +786,12 @@ async fn runs_as_the_given_user_when_root() {
         uid: 65534,
         gid: 65534,
     });
-    let (cancel, task) = start(fx.supervisor(spec, http_probe(port), policy(), &hub));
+    // A group the account is being added to (no group database lists it) is given as well,
+    // once; it is not part of the spec, so an agent that no longer gives it adopts the service.
+    let supervisor = fx
+        .supervisor(spec.clone(), http_probe(port), policy(), &hub)
+        .with_joining_groups(vec![4242, 65534]);
+    let (cancel, task) = start(supervisor);
     let pid = wait_for(&mut rx, "ready", ready).await.pid.unwrap();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     assert!(
@@ -797,8 +802,13 @@ async fn runs_as_the_given_user_when_root() {
     );
     let log = std::fs::read_to_string(&fx.paths.log_file).unwrap();
     assert!(
-        log.contains("ids uid=65534 gid=65534 groups=65534\n"),
+        log.contains("ids uid=65534 gid=65534 groups=65534 4242\n"),
         "{log}"
+    );
+    let later = fx.supervisor(spec, http_probe(port), policy(), &hub);
+    assert!(
+        later.finds_running_service(),
+        "the joining group changed the spec's hash"
     );
     finish(cancel, task).await;
     fx.stop().await;

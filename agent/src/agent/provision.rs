@@ -302,6 +302,25 @@ pub(super) async fn apply_host_touches(plan: &Plan, stage: crate::host::Stage) {
     }
 }
 
+/// The ids of the groups the host touches are to add the account to (system mode only); a
+/// group file that cannot be read gives none (the join then fails and says why).
+pub(super) fn groups_to_join(plan: &Plan) -> Vec<u32> {
+    if plan.mode == Mode::Sandbox {
+        return Vec::new();
+    }
+    let root = &plan.paths.system_root;
+    let joining = Host::new(root).groups_to_join(
+        &plan.settings.host,
+        &plan.os,
+        &plan.settings.instance.user,
+        &UserManager::new(root),
+    );
+    joining.unwrap_or_else(|e| {
+        tracing::warn!(target: "exoagent::host", reason = e.reason(), error = %e, "cannot tell which groups the account joins");
+        Vec::new()
+    })
+}
+
 /// The login banner's hook (`[host] login_banner`, system mode only), written as soon as the
 /// status API answers so that a login during setup already shows its progress; `exe` is the
 /// running binary (a bootstrap installs it outside `/usr/bin`). Logged; a failure stops nothing.

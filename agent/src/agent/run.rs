@@ -31,9 +31,9 @@ use super::plan::drive_identity;
 use super::plan::packages_for;
 use super::provision::{
     apply_host_touches, early_passphrase, exosphere_link, fetch_all, forget_previous_instance,
-    install_login_banner, install_packages, installed_early, installer, load_passphrase,
-    metadata_service, nova_reporter, provision_account, provision_sudo, publish_passphrase,
-    set_password_once, Fetched,
+    groups_to_join, install_login_banner, install_packages, installed_early, installer,
+    load_passphrase, metadata_service, nova_reporter, provision_account, provision_sudo,
+    publish_passphrase, set_password_once, Fetched,
 };
 use super::{plan, AgentError, AgentOptions, Mode, Plan};
 
@@ -89,6 +89,32 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
     // token's file, the reporters); not before the socket is bound, which keeps a second agent
     // from changing anything.
     let first_steps = FirstSteps::begin(plan.services_side());
+    let metadata = metadata_service(&plan);
+    // The services' side (account, host touches, fetches, batch, installs) needs neither the
+    // instance's identity nor the passphrase until a service is configured: it runs beside the
+    // identity lookup and waits for the passphrase there (a previous instance's state is
+    // forgotten before the passphrase is handed over, so nothing reads it). It is a task of its
+    // own, started before the local set-up below: that set-up's blocking steps (files, the
+    // console) would otherwise hold it back on a small instance at boot.
+    let (passphrase_tx, passphrase_rx) = tokio::sync::watch::channel(None);
+    let mut services = JoinSet::new();
+    services.spawn({
+        let (plan, hub, metadata) = (plan.services_side(), hub.clone(), metadata.clone());
+        let (shim, api_socket, cancel) = (options.shim.clone(), api_socket.clone(), cancel.clone());
+        async move {
+            let mut supervisors = Tasks::new();
+            let setup = SetUp {
+                plan: &plan,
+                first_steps,
+                hub: &hub,
+                metadata: metadata.as_ref(),
+                shim: &shim,
+                api_socket: &api_socket,
+            };
+            let started = setup.run(passphrase_rx, &mut supervisors, &cancel).await;
+            (started, supervisors)
+        }
+    });
     let link = exosphere_link(&plan);
     let token_line = link.as_ref().map(|(token, _)| link::token_line(token));
     let notify = start_local_reporters(&plan, &hub, token_line, &mut tasks, &cancel);
@@ -98,13 +124,6 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
         }
     }
 
-    let metadata = metadata_service(&plan);
-    // The services' side (account, host touches, fetches, batch, installs) needs neither the
-    // instance's identity nor the passphrase until a service is configured: it runs beside the
-    // identity lookup and waits for the passphrase there (a previous instance's state is
-    // forgotten before the passphrase is handed over, so nothing reads it).
-    let services_plan = plan.services_side();
-    let (passphrase_tx, passphrase_rx) = tokio::sync::watch::channel(None);
     // On a first boot with no instance's state on disk (no passphrase, no instance marker: a
     // fresh image) the identity can make nothing forgotten, so the passphrase is stored and
     // handed to the services now rather than once the metadata service has answered.
@@ -211,18 +230,18 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
         };
         Ok::<_, AgentError>((identity_source, published))
     };
-    let services = SetUp {
-        plan: &services_plan,
-        first_steps,
-        hub: &hub,
-        metadata: metadata.as_ref(),
-        shim: &options.shim,
-        api_socket: &api_socket,
-    }
-    .run(passphrase_rx, &mut tasks, &cancel);
-    // An identity that cannot be read ends the run as before (the services' side is dropped
+    let services = async {
+        match services.join_next().await {
+            Some(Ok((started, supervisors))) => started.map(|started| (started, supervisors)),
+            Some(Err(e)) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // Cancelled: only the runtime's end does that.
+            Some(Err(_)) | None => Ok((false, Tasks::new())),
+        }
+    };
+    // An identity that cannot be read ends the run as before (the services' side is aborted
     // before any service is configured: that waits for the passphrase, made after it).
-    let ((identity_source, published), started) = tokio::try_join!(identity_side, services)?;
+    let ((identity_source, published), (started, mut supervisors)) =
+        tokio::try_join!(identity_side, services)?;
     // After the account exists (mounted volumes are given to it), whatever became of it.
     if let Some(watcher) = volume_watcher(&plan, metadata.as_ref(), identity_source) {
         tasks.spawn(watcher.watch(hub.clone(), cancel.clone()));
@@ -234,6 +253,7 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
     cancel.cancelled().await;
     tracing::info!(target: "exoagent::agent", "stopping; services keep running");
     while tasks.join_next().await.is_some() {}
+    while supervisors.join_next().await.is_some() {}
     while identity_tasks.join_next().await.is_some() {}
     if let Err(e) = api.await {
         tracing::debug!(target: "exoagent::agent", error = %e, "status API task ended abnormally");
@@ -255,14 +275,14 @@ enum EarlyPassphrase {
 }
 
 /// The steps begun as soon as the agent holds its socket: the account services run as, then
-/// the host touches that need it (each stage marked done when made: the home before any
-/// service is installed, the groups before any service process starts); beside them the
-/// batch's packages found installed ([`installed_early`]: on a baked image all the batch
-/// does).
+/// the host touches that need it (the home, marked done when made: before any service is
+/// installed; beside it the groups, whose ids are known before the join so that no service
+/// process waits for it); beside them the batch's packages found installed
+/// ([`installed_early`]: on a baked image all the batch does).
 struct FirstSteps {
     account: tokio::sync::oneshot::Receiver<Result<crate::platform::users::Account, Reason>>,
     home_ready: tokio::sync::watch::Receiver<bool>,
-    launch_ready: tokio::sync::watch::Receiver<bool>,
+    joining: JoiningGroups,
     touches: tokio::task::JoinHandle<()>,
     installed: tokio::task::JoinHandle<Option<std::collections::HashSet<String>>>,
 }
@@ -272,7 +292,7 @@ impl FirstSteps {
         let plan = std::sync::Arc::new(plan);
         let (account_tx, account) = tokio::sync::oneshot::channel();
         let (home_tx, home_ready) = tokio::sync::watch::channel(false);
-        let (launch_tx, launch_ready) = tokio::sync::watch::channel(false);
+        let (joining_tx, joining) = tokio::sync::watch::channel(None);
         let touches = tokio::spawn({
             let plan = plan.clone();
             async move {
@@ -282,16 +302,16 @@ impl FirstSteps {
                 if !exists {
                     return;
                 }
+                // Read before the join starts: services started while `usermod` runs (≈ 0.5 s
+                // on a small instance at boot) are given these groups themselves.
+                joining_tx.send_replace(Some(groups_to_join(&plan)));
                 // Side by side: the groups' `usermod` touches neither the home nor its files.
                 tokio::join!(
                     async {
                         apply_host_touches(&plan, Stage::BeforeServices).await;
                         home_tx.send_replace(true);
                     },
-                    async {
-                        apply_host_touches(&plan, Stage::BeforeLaunch).await;
-                        launch_tx.send_replace(true);
-                    },
+                    apply_host_touches(&plan, Stage::WithAccount),
                 );
             }
         });
@@ -299,11 +319,24 @@ impl FirstSteps {
         Self {
             account,
             home_ready,
-            launch_ready,
+            joining,
             touches,
             installed,
         }
     }
+}
+
+/// The ids of the groups the account is being added to, once they are known (`None` before).
+type JoiningGroups = tokio::sync::watch::Receiver<Option<Vec<u32>>>;
+
+/// The groups from `joining`, waited for; none when the account step ended without them.
+async fn joining_groups(joining: &JoiningGroups) -> Vec<u32> {
+    let mut joining = joining.clone();
+    let known = joining.wait_for(Option::is_some).await;
+    known
+        .ok()
+        .and_then(|groups| groups.clone())
+        .unwrap_or_default()
 }
 
 /// Until `stage` is marked done (or its sender is gone: the task ended without it, and its
@@ -362,7 +395,7 @@ impl SetUp<'_> {
         let FirstSteps {
             account,
             home_ready,
-            launch_ready,
+            joining,
             touches,
             installed,
         } = first_steps;
@@ -445,7 +478,7 @@ impl SetUp<'_> {
                 plan,
                 ctx.clone(),
                 passphrase.clone(),
-                launch_ready,
+                joining,
                 fetched,
                 shim,
                 hub,
@@ -639,7 +672,7 @@ async fn start_services(
     plan: &Plan,
     ctx: ServiceContext,
     passphrase: PassphraseWatch,
-    launch_ready: tokio::sync::watch::Receiver<bool>,
+    joining: JoiningGroups,
     fetched: Fetched,
     shim: &ShimCommand,
     hub: &StateHub,
@@ -661,14 +694,14 @@ async fn start_services(
         let ctx = ctx.clone();
         let hub = hub.clone();
         let passphrase = passphrase.clone();
-        let launch_ready = launch_ready.clone();
+        let joining = joining.clone();
         let policy = plan.settings.supervise.clone();
         let shim = shim.clone();
         let cancel = cancel.clone();
         starts.spawn(async move {
             let inputs = Inputs {
                 passphrase,
-                launch_ready,
+                joining,
             };
             start_service(service, held, ctx, hub, inputs, policy, shim, cancel).await
         });
@@ -867,10 +900,10 @@ fn tls_status(installed: &crate::front::cert::Installed) -> crate::state::TlsSta
 }
 
 /// What a service's start waits for besides its own steps: the passphrase (for its
-/// configuration) and the host's groups (before its process starts).
+/// configuration) and the groups the account is joining (for its process).
 struct Inputs {
     passphrase: PassphraseWatch,
-    launch_ready: tokio::sync::watch::Receiver<bool>,
+    joining: JoiningGroups,
 }
 
 /// Install and configure one service, then hand back its supervisor to run. A failed install
@@ -897,7 +930,7 @@ async fn start_service(
     );
     let Inputs {
         passphrase,
-        launch_ready,
+        joining,
     } = inputs;
     let (first, held_packages) = match held {
         Some(Held { refusal, packages }) => (Err(refusal), packages),
@@ -957,12 +990,16 @@ async fn start_service(
             );
             prepared = prepare_service(&service, &ctx, &passphrase, held_packages.as_ref()).await;
         }
-        // A process's groups are fixed when it starts: not before the user has joined them.
-        tokio::select! {
+        // A process's groups are fixed when it starts: it is given those being joined (known
+        // as soon as the account is, long before this).
+        let groups = tokio::select! {
             _ = cancel.cancelled() => return,
-            () = stage_done(&launch_ready) => {}
-        }
-        supervisor.run_retrying(cancel).await;
+            groups = joining_groups(&joining) => groups,
+        };
+        supervisor
+            .with_joining_groups(groups)
+            .run_retrying(cancel)
+            .await;
     }))
 }
 

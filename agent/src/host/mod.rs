@@ -192,14 +192,15 @@ impl Touch {
 
 impl Touch {
     /// When it is made: the home before any service is installed (an install may write into
-    /// it), the groups before any service process starts (its groups are fixed then); the rest
+    /// it), the groups as soon as the account exists (a service started meanwhile is given the
+    /// groups being joined: [`Host::groups_to_join`]); the rest
     /// beside the services' start: cloud-init's deferred files (which cloud-init itself writes
     /// in its last stage, after everything else) first, then a getty restart and a unit
     /// enabled (each a systemd reload that takes seconds on a small instance at boot).
     pub fn stage(self) -> Stage {
         match self {
             Self::HomeOwnership => Stage::BeforeServices,
-            Self::DefaultUserGroup => Stage::BeforeLaunch,
+            Self::DefaultUserGroup => Stage::WithAccount,
             Self::DeferredWriteFiles
             | Self::ConsoleAutologin
             | Self::PrivateCloudInitLogs
@@ -222,9 +223,9 @@ const APPLIED: [Touch; 5] = [
 pub enum Stage {
     /// Before any service is installed or configured (the user's home and its files).
     BeforeServices,
-    /// Before any service process starts, beside the services' install and configuration
-    /// (the user's groups).
-    BeforeLaunch,
+    /// As soon as the account exists, beside the services' install, configuration and start
+    /// (the user's groups; each service process is given the groups being joined).
+    WithAccount,
     /// Beside the services' start (nothing a service needs).
     BesideServices,
 }
@@ -350,6 +351,25 @@ impl Host {
             done.push((touch, outcome));
         }
         done
+    }
+
+    /// The ids of the groups [`Stage::WithAccount`]'s touches are to add `user` to (read only:
+    /// the group file; empty when nothing would be joined). A service process started before
+    /// the join is given them, since its groups are fixed when it starts.
+    pub fn groups_to_join(
+        &self,
+        settings: &HostSettings,
+        os: &Os,
+        user: &str,
+        users: &UserManager,
+    ) -> Result<Vec<u32>, HostError> {
+        if !settings.asks(Touch::DefaultUserGroup) {
+            return Ok(Vec::new());
+        }
+        let Some(group) = default_user_group(os) else {
+            return Ok(Vec::new());
+        };
+        Ok(users.group_to_join(user, group)?.into_iter().collect())
     }
 
     /// The instance user in the distribution's default user's group.

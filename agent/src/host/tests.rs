@@ -51,7 +51,7 @@ impl ApplyAll for Host {
         let mut done = Vec::new();
         for stage in [
             Stage::BeforeServices,
-            Stage::BeforeLaunch,
+            Stage::WithAccount,
             Stage::BesideServices,
         ] {
             done.extend(self.apply(stage, settings, os, user, users, marker).await);
@@ -145,6 +145,12 @@ async fn every_touch_changes_the_tree_once_and_then_nothing() {
     let host = Host::new(root.path());
     let users = UserManager::new(root.path());
     let debian = os("debian", Family::Debian);
+    let joining = host.groups_to_join(&all_on(), &debian, "exouser", &users);
+    assert_eq!(
+        joining.unwrap(),
+        [1000],
+        "the gid of 'debian', to be joined"
+    );
 
     let first = host
         .apply_all(&all_on(), &debian, "exouser", &users, &marker(root.path()))
@@ -194,6 +200,28 @@ async fn every_touch_changes_the_tree_once_and_then_nothing() {
     let groups = std::fs::read_to_string(root.path().join("etc/group")).unwrap();
     assert!(groups.contains("debian:x:1000:exouser"), "{groups}");
 
+    let joining = host.groups_to_join(&all_on(), &debian, "exouser", &users);
+    assert!(joining.unwrap().is_empty(), "already a member");
+    let off = HostSettings {
+        default_user_group: false,
+        ..all_on()
+    };
+    let groups_file = root.path().join("etc/group");
+    let before = std::fs::read_to_string(&groups_file).unwrap();
+    std::fs::write(&groups_file, before.replace(":exouser\n", ":\n")).unwrap();
+    assert_eq!(
+        host.groups_to_join(&all_on(), &debian, "exouser", &users)
+            .unwrap(),
+        [1000]
+    );
+    assert!(
+        host.groups_to_join(&off, &debian, "exouser", &users)
+            .unwrap()
+            .is_empty(),
+        "not asked for"
+    );
+    std::fs::write(&groups_file, before).unwrap();
+
     let again = host
         .apply_all(&all_on(), &debian, "exouser", &users, &marker(root.path()))
         .await;
@@ -225,6 +253,8 @@ async fn a_missing_group_or_log_is_skipped_not_failed() {
             &marker(root.path()),
         )
         .await;
+    let joining = host.groups_to_join(&settings, &os("debian", Family::Debian), "exouser", &users);
+    assert!(joining.unwrap().is_empty(), "no 'debian' group to join");
     assert!(
         matches!(&done[0], (Touch::DefaultUserGroup, Ok(Outcome::Skipped(why))) if why.contains("'debian' does not exist")),
         "{done:?}"
@@ -749,7 +779,7 @@ fn deferred_entries_decode_as_cloud_init_does() {
 #[test]
 fn what_a_service_needs_comes_before_the_services_the_systemd_reloads_beside() {
     assert_eq!(Touch::HomeOwnership.stage(), Stage::BeforeServices);
-    assert_eq!(Touch::DefaultUserGroup.stage(), Stage::BeforeLaunch);
+    assert_eq!(Touch::DefaultUserGroup.stage(), Stage::WithAccount);
     for touch in [
         Touch::DeferredWriteFiles,
         Touch::ConsoleAutologin,

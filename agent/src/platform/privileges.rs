@@ -76,6 +76,17 @@ impl DropTo {
         }
     }
 
+    /// Also in `joining` (groups the user is being added to, which the group database may not
+    /// list yet); each group once.
+    pub fn joining(mut self, joining: &[libc::gid_t]) -> Self {
+        for gid in joining {
+            if !self.groups.contains(gid) {
+                self.groups.push(*gid);
+            }
+        }
+        self
+    }
+
     /// The credential changes in order: the uid last, since setting it gives up the right to
     /// change the other two.
     fn steps(&self) -> [Step<'_>; 3] {
@@ -113,6 +124,13 @@ mod tests {
     use super::*;
     use std::os::unix::process::CommandExt;
     use std::process::Command;
+
+    #[test]
+    fn joining_groups_are_added_once() {
+        let drop = DropTo::without_supplementary_groups(1000, 1000).joining(&[27, 1000, 27, 44]);
+        assert_eq!(drop.groups, [1000, 27, 44]);
+        assert_eq!((drop.gid, drop.uid), (1000, 1000));
+    }
 
     #[test]
     fn groups_then_gid_then_uid() {

@@ -273,6 +273,15 @@ impl UserManager {
         Ok(GroupJoin::Joined)
     }
 
+    /// The id of `group` when it exists and `name` is not listed in it yet: the group
+    /// [`UserManager::join_group`] would add `name` to.
+    pub fn group_to_join(&self, name: &str, group: &str) -> Result<Option<u32>, UserError> {
+        if membership(&self.group_file()?, name, group) != Some(false) {
+            return Ok(None);
+        }
+        self.group_id(group)
+    }
+
     /// The id of the group `name`, if it exists.
     pub fn group_id(&self, name: &str) -> Result<Option<u32>, UserError> {
         let path = self.root.join("etc/group");

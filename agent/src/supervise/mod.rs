@@ -463,6 +463,8 @@ pub struct Supervisor {
     note: Option<Reason>,
     /// Whether this supervises the service or the TLS front before it.
     part: Part,
+    /// Groups the account is being added to as the service starts ([`ShimSpec::joining_groups`]).
+    joining_groups: Vec<u32>,
 }
 
 /// What a supervisor runs for its service.
@@ -500,6 +502,7 @@ impl Supervisor {
             hub,
             note: None,
             part: Part::Service,
+            joining_groups: Vec::new(),
         }
     }
 
@@ -507,6 +510,14 @@ impl Supervisor {
     /// service's `front` in the hub.
     pub fn for_front(mut self) -> Self {
         self.part = Part::Front;
+        self
+    }
+
+    /// Start the service also in `groups` (ids), which the account is being added to and the
+    /// group database may not list yet. They are not part of the spec: a service started with
+    /// them is adopted by an agent that no longer needs to give them.
+    pub fn with_joining_groups(mut self, groups: Vec<u32>) -> Self {
+        self.joining_groups = groups;
         self
     }
 
@@ -866,6 +877,7 @@ impl Supervisor {
             log_file: self.paths.log_file.clone(),
             log_max_bytes: self.policy.log_max_bytes,
             spec_hash: self.spec_hash.clone(),
+            joining_groups: self.joining_groups.clone(),
         };
         let input = serde_json::to_vec(&spec).map_err(|e| {
             Ended::spawn_failed(

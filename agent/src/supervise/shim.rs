@@ -53,6 +53,11 @@ pub struct ShimSpec {
     pub log_max_bytes: u64,
     /// The hash recorded in `run.json` (see [`records::spec_hash`]).
     pub spec_hash: String,
+    /// Groups the account is being added to while the service starts (their ids), given to the
+    /// service beside those the group database lists: a process's groups are fixed when it
+    /// starts, and the join (`usermod`) need not finish first. Not part of `spec_hash`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub joining_groups: Vec<u32>,
 }
 
 /// The one line the shim prints on stdout: the service's pid, or why it could not start it.
@@ -161,7 +166,7 @@ fn redirect_to_null(fds: &[i32]) {
 }
 
 /// The identity to switch the service to, if any (`None` when the shim already runs as it).
-fn identity(spec: &RunSpec) -> Result<Option<DropTo>, String> {
+fn identity(spec: &RunSpec, joining_groups: &[u32]) -> Result<Option<DropTo>, String> {
     let Some(run_as) = spec.run_as else {
         return Ok(None);
     };
@@ -174,29 +179,28 @@ fn identity(spec: &RunSpec) -> Result<Option<DropTo>, String> {
             run_as.uid, run_as.gid
         ));
     }
-    match nix::unistd::User::from_uid(Uid::from_raw(run_as.uid)) {
-        Ok(Some(user)) => DropTo::with_groups_of(&user.name, run_as.uid, run_as.gid)
-            .map(Some)
-            .map_err(|e| match e {
+    let identity = match nix::unistd::User::from_uid(Uid::from_raw(run_as.uid)) {
+        Ok(Some(user)) => {
+            DropTo::with_groups_of(&user.name, run_as.uid, run_as.gid).map_err(|e| match e {
                 PrivilegeError::NulInName { .. } => {
                     format!("user name of uid {} contains NUL", run_as.uid)
                 }
                 PrivilegeError::Groups { name, source } => {
                     format!("failed to list the groups of '{name}': {source}")
                 }
-            }),
-        Ok(None) => Ok(Some(DropTo::without_supplementary_groups(
-            run_as.uid, run_as.gid,
-        ))),
+            })
+        }
+        Ok(None) => Ok(DropTo::without_supplementary_groups(run_as.uid, run_as.gid)),
         Err(e) => Err(format!("failed to look up uid {}: {e}", run_as.uid)),
-    }
+    }?;
+    Ok(Some(identity.joining(joining_groups)))
 }
 
-fn spawn_service(spec: &RunSpec) -> Result<Child, String> {
+fn spawn_service(spec: &RunSpec, joining_groups: &[u32]) -> Result<Child, String> {
     let Some((program, args)) = spec.argv.split_first() else {
         return Err("empty argv".to_owned());
     };
-    let identity = identity(spec)?;
+    let identity = identity(spec, joining_groups)?;
     let mut command = Command::new(program);
     command
         .args(args)
@@ -344,7 +348,7 @@ fn run(spec: &ShimSpec) -> Result<Recorded, ShimFailure> {
     })?;
     let exit_path = records::exit_file(&spec.run_dir);
     let run_path = records::run_file(&spec.run_dir);
-    let mut child = match spawn_service(&spec.run) {
+    let mut child = match spawn_service(&spec.run, &spec.joining_groups) {
         Ok(child) => child,
         Err(message) => {
             let record = ExitRecord {
