@@ -970,6 +970,14 @@ async fn a_desktop_whose_sftp_fails_is_reopened_without_file_transfer() {
     );
     assert!(!all.contains("5.error,"), "the page saw the abort: {all}");
     assert!(all.ends_with("4.size,1.0,4.1280,3.800;"), "{all}");
+    // The aborted connection's `disconnect` is read by its own handler, which may come after
+    // the second connection has drawn: waited for, within a bound.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !opened(&sessions).first().is_some_and(|s| s.disconnected)
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let sessions = opened(&sessions);
     assert_eq!(sessions.len(), 2, "{sessions:?}");
     assert_eq!(sessions[0].connect["enable-sftp"], "true");

@@ -89,7 +89,6 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
     // token's file, the reporters); not before the socket is bound, which keeps a second agent
     // from changing anything.
     let first_steps = FirstSteps::begin(plan.services_side());
-    let metadata = metadata_service(&plan);
     // The services' side (account, host touches, fetches, batch, installs) needs neither the
     // instance's identity nor the passphrase until a service is configured: it runs beside the
     // identity lookup and waits for the passphrase there (a previous instance's state is
@@ -97,9 +96,12 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
     // own, started before the local set-up below: that set-up's blocking steps (files, the
     // console) would otherwise hold it back on a small instance at boot.
     let (passphrase_tx, passphrase_rx) = tokio::sync::watch::channel(None);
+    // The metadata service's client (built after the start: a TLS set-up), for the fronts'
+    // certificate.
+    let (metadata_tx, metadata_rx) = tokio::sync::oneshot::channel();
     let mut services = JoinSet::new();
     services.spawn({
-        let (plan, hub, metadata) = (plan.services_side(), hub.clone(), metadata.clone());
+        let (plan, hub) = (plan.services_side(), hub.clone());
         let (shim, api_socket, cancel) = (options.shim.clone(), api_socket.clone(), cancel.clone());
         async move {
             let mut supervisors = Tasks::new();
@@ -107,7 +109,7 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
                 plan: &plan,
                 first_steps,
                 hub: &hub,
-                metadata: metadata.as_ref(),
+                metadata: metadata_rx,
                 shim: &shim,
                 api_socket: &api_socket,
             };
@@ -115,6 +117,8 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
             (started, supervisors)
         }
     });
+    let metadata = metadata_service(&plan);
+    let _ = metadata_tx.send(metadata.clone());
     let link = exosphere_link(&plan);
     let token_line = link.as_ref().map(|(token, _)| link::token_line(token));
     let notify = start_local_reporters(&plan, &hub, token_line, &mut tasks, &cancel);
@@ -370,7 +374,8 @@ struct SetUp<'a> {
     /// The account, the host touches and the package query, begun early ([`FirstSteps`]).
     first_steps: FirstSteps,
     hub: &'a StateHub,
-    metadata: Option<&'a MetadataService>,
+    /// The metadata service's client, once built (for the fronts' certificate).
+    metadata: tokio::sync::oneshot::Receiver<Option<MetadataService>>,
     shim: &'a ShimCommand,
     api_socket: &'a Path,
 }
@@ -466,10 +471,11 @@ impl SetUp<'_> {
                 }
                 return false;
             }
+            let metadata = metadata.await.ok().flatten();
             let fronts = Fronts {
                 plan,
                 ctx: &ctx,
-                metadata,
+                metadata: metadata.as_ref(),
                 shim,
                 hub,
             };
@@ -664,9 +670,10 @@ struct Held {
     packages: Option<(PackageInstaller, Vec<String>)>,
 }
 
-/// Install and configure every service concurrently; each one that succeeds gets its
-/// supervisor spawned into `tasks`. Services refused by their fetch start failed and retry
-/// on the supervisor's schedule (fetch, their own packages, install, configure).
+/// Install and configure every service concurrently, each in a task of `tasks` that goes on
+/// to supervise it; returns once each has been installed and configured once (or failed to
+/// be). Services refused by their fetch start failed and retry on the supervisor's schedule
+/// (fetch, their own packages, install, configure).
 #[allow(clippy::too_many_arguments)]
 async fn start_services(
     plan: &Plan,
@@ -679,7 +686,7 @@ async fn start_services(
     tasks: &mut Tasks,
     cancel: &CancellationToken,
 ) {
-    let mut starts = JoinSet::new();
+    let mut first_attempts = Vec::new();
     let ready = fetched.ready.into_iter().map(|s| (s, None));
     let refused = fetched.refused.into_iter().map(|(service, refusal)| {
         let packages = (plan.mode == Mode::System).then(|| {
@@ -698,18 +705,26 @@ async fn start_services(
         let policy = plan.settings.supervise.clone();
         let shim = shim.clone();
         let cancel = cancel.clone();
-        starts.spawn(async move {
+        let (attempted, first_attempt) = tokio::sync::oneshot::channel::<()>();
+        first_attempts.push(first_attempt);
+        // One task from the install to the supervision: the service's process is started
+        // straight after its configuration, with no hand-over to wait for a worker between.
+        tasks.spawn(async move {
             let inputs = Inputs {
                 passphrase,
                 joining,
             };
-            start_service(service, held, ctx, hub, inputs, policy, shim, cancel).await
+            let supervise = start_service(service, held, ctx, hub, inputs, policy, shim, cancel);
+            let supervise = supervise.await;
+            let _ = attempted.send(());
+            if let Some(supervise) = supervise {
+                supervise.await;
+            }
         });
     }
-    while let Some(started) = starts.join_next().await {
-        if let Ok(Some(supervisor)) = started {
-            tasks.spawn(supervisor);
-        }
+    // Returns once every service has been installed and configured once (or failed to be).
+    for first_attempt in first_attempts {
+        let _ = first_attempt.await;
     }
 }
 

@@ -341,7 +341,20 @@ impl Host {
                     Ok(None) => Ok(Outcome::Skipped(format!("user '{user}' does not exist"))),
                     Err(e) => Err(e.into()),
                 },
-                Touch::DeferredWriteFiles => deferred::complete(&self.root, deferred_marker, users),
+                // Files written and given away one by one: blocking work, off the runtime
+                // (it runs while the services start).
+                Touch::DeferredWriteFiles => {
+                    let (root, marker) = (self.root.clone(), deferred_marker.to_path_buf());
+                    let users = users.clone();
+                    let written = tokio::task::spawn_blocking(move || {
+                        deferred::complete(&root, &marker, &users)
+                    });
+                    match written.await {
+                        Ok(done) => done,
+                        // Only a panic ends a blocking task early: pass it on.
+                        Err(e) => std::panic::resume_unwind(e.into_panic()),
+                    }
+                }
                 Touch::DefaultUserGroup => self.default_user_group(os, user, users).await,
                 Touch::ConsoleAutologin => self.console_autologin(user).await,
                 Touch::PrivateCloudInitLogs => self.private_cloud_init_logs().await,

@@ -50,6 +50,19 @@ pub(crate) fn shown<S: AsRef<OsStr>>(program: &Path, args: &[S]) -> String {
     text
 }
 
+/// How much of the CPU a tool may take from others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Priority {
+    /// As much as the agent.
+    Normal,
+    /// Little while others want it (10 nicer than the agent): for a tool nothing waits for while services
+    /// start, which at boot would otherwise take CPU time from their start on a small instance.
+    Background,
+}
+
+/// The niceness of [`Priority::Background`].
+const BACKGROUND_NICE: libc::c_int = 10;
+
 /// Run `program` with `args`, extra environment `env`, and `stdin` written to its standard
 /// input (then closed); stdin is `/dev/null` when `None`.
 pub(crate) async fn run<S: AsRef<OsStr>>(
@@ -58,7 +71,29 @@ pub(crate) async fn run<S: AsRef<OsStr>>(
     env: &[(&str, &str)],
     stdin: Option<&[u8]>,
 ) -> std::io::Result<Finished> {
+    run_at(Priority::Normal, program, args, env, stdin).await
+}
+
+/// [`run`] at `priority`.
+pub(crate) async fn run_at<S: AsRef<OsStr>>(
+    priority: Priority,
+    program: &Path,
+    args: &[S],
+    env: &[(&str, &str)],
+    stdin: Option<&[u8]>,
+) -> std::io::Result<Finished> {
     let mut command = tokio::process::Command::new(program);
+    if priority == Priority::Background {
+        // SAFETY: getpriority and setpriority are plain system calls, async-signal-safe. A
+        // failure is ignored: the tool then runs at the agent's priority.
+        unsafe {
+            command.pre_exec(|| {
+                let current = libc::getpriority(libc::PRIO_PROCESS, 0);
+                libc::setpriority(libc::PRIO_PROCESS, 0, (current + BACKGROUND_NICE).min(19));
+                Ok(())
+            });
+        }
+    }
     command
         .args(args)
         .envs(env.iter().copied())
@@ -84,4 +119,35 @@ pub(crate) async fn run<S: AsRef<OsStr>>(
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn a_background_tool_runs_at_nice_10_and_a_normal_one_as_we_do() {
+        let ours = std::fs::read_to_string("/proc/self/stat").unwrap();
+        let nice_of = |stat: &str| -> i64 {
+            // Field 19 of proc(5)'s stat, counted after the command's closing parenthesis.
+            let after = &stat[stat.rfind(')').unwrap() + 2..];
+            after.split_whitespace().nth(16).unwrap().parse().unwrap()
+        };
+        let ask = |priority| async move {
+            let done = super::run_at(
+                priority,
+                std::path::Path::new("/bin/cat"),
+                &["/proc/self/stat"],
+                &[],
+                None,
+            )
+            .await
+            .unwrap();
+            assert!(done.status.success(), "{done:?}");
+            nice_of(&done.stdout)
+        };
+        assert_eq!(ask(super::Priority::Normal).await, nice_of(&ours));
+        assert_eq!(
+            ask(super::Priority::Background).await,
+            (nice_of(&ours) + 10).min(19)
+        );
+    }
 }

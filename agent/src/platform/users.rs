@@ -4,7 +4,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::platform::exec;
+use crate::platform::exec::{self, Priority};
 use crate::platform::os::Family;
 use crate::platform::passphrase::Passphrase;
 
@@ -269,7 +269,9 @@ impl UserManager {
             group.to_owned(),
             name.to_owned(),
         ]);
-        self.tool(&self.tools.usermod, &args, None).await?;
+        // Beside the services' start, which does not wait for it.
+        self.tool(Priority::Background, &self.tools.usermod, &args, None)
+            .await?;
         Ok(GroupJoin::Joined)
     }
 
@@ -327,18 +329,18 @@ impl UserManager {
 
     async fn tool(
         &self,
+        priority: Priority,
         program: &Path,
         args: &[String],
         stdin: Option<&[u8]>,
     ) -> Result<(), UserError> {
-        let finished =
-            exec::run(program, args, &[], stdin)
-                .await
-                .map_err(|e| UserError::Command {
-                    command: exec::shown(program, args),
-                    status: "not started".into(),
-                    stderr: e.to_string(),
-                })?;
+        let finished = exec::run_at(priority, program, args, &[], stdin)
+            .await
+            .map_err(|e| UserError::Command {
+                command: exec::shown(program, args),
+                status: "not started".into(),
+                stderr: e.to_string(),
+            })?;
         if finished.status.success() {
             Ok(())
         } else {
@@ -406,14 +408,17 @@ impl UserManager {
                 missing.join(","),
             ]);
             args.push(name.to_owned());
-            return self.tool(&self.tools.usermod, &args, None).await;
+            return self
+                .tool(Priority::Normal, &self.tools.usermod, &args, None)
+                .await;
         }
         args.extend(["--create-home", "--shell", "/bin/bash", "--user-group"].map(String::from));
         if !missing.is_empty() {
             args.extend(["--groups".to_owned(), missing.join(",")]);
         }
         args.push(name.to_owned());
-        self.tool(&self.tools.useradd, &args, None).await
+        self.tool(Priority::Normal, &self.tools.useradd, &args, None)
+            .await
     }
 
     /// `<root>/etc/sudoers.d/90-exoagent-<name>`, 0440, checked with `visudo -cf` before it is
@@ -451,7 +456,10 @@ impl UserManager {
             "-f".to_owned(),
             temporary.display().to_string(),
         ];
-        if let Err(e) = self.tool(&self.tools.visudo, &check, None).await {
+        if let Err(e) = self
+            .tool(Priority::Normal, &self.tools.visudo, &check, None)
+            .await
+        {
             let _ = std::fs::remove_file(&temporary);
             return Err(e);
         }
@@ -467,7 +475,12 @@ impl UserManager {
         validate_name(name)?;
         let mut line = format!("{name}:{}\n", passphrase.expose()).into_bytes();
         let result = self
-            .tool(&self.tools.chpasswd, &self.root_args(), Some(&line))
+            .tool(
+                Priority::Normal,
+                &self.tools.chpasswd,
+                &self.root_args(),
+                Some(&line),
+            )
             .await;
         line.fill(0);
         result
