@@ -1212,6 +1212,28 @@ fn the_web_side_runs_guacd_outside_its_confinement_and_takes_it_down_with_it() {
     let keeper = keeper[0];
     let guacd = children(keeper);
     assert_eq!(guacd.len(), 1, "guacd under the keeper: {guacd:?}");
+    // The web side's listening socket stays the web side's: the keeper (forked after the bind)
+    // holds no copy that would keep the port taken once the web side ends.
+    let listening_inode = std::fs::read_to_string("/proc/net/tcp")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let local = format!("0100007F:{web_port:04X}");
+            (fields.get(1) == Some(&local.as_str()) && fields.get(3) == Some(&"0A"))
+                .then(|| fields[9].to_owned())
+        })
+        .expect("the web side's listener in /proc/net/tcp");
+    let socket = format!("socket:[{listening_inode}]");
+    let holders = |pid: u32| -> bool {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+            .any(|target| target.to_string_lossy() == socket)
+    };
+    assert!(holders(web_pid), "the web side holds {socket}");
+    assert!(!holders(keeper), "the keeper holds the web side's {socket}");
     assert_eq!(
         no_new_privs(web_pid),
         "1",

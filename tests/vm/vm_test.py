@@ -1327,10 +1327,15 @@ def with_exosphere_desktop(scenario, key_file):
     check("sudo -n journalctl -b -u exoagent --no-pager | grep -c 'Unable to bind' || true",
           lambda out: out == "0")
     check("stat -c %U:%G /home/exouser", lambda out: out == "exouser:exouser")
-    # exouser joined Debian's default user's group (`[host] default_user_group`) before the
-    # desktop started: its session has the group (a process's groups are fixed at its start).
+    # exouser joined Debian's default user's group (`[host] default_user_group`) beside the
+    # desktop's start: its session has the group all the same (given at the spawn, since a
+    # process's groups are fixed at its start).
     check("id -nG exouser", lambda out: "debian" in out.split())
     check("ps -o supgrp= -C xfce4-session", lambda out: "debian" in out.split(","))
+    # Guacamole's port (49528, inside Linux's ephemeral range) is kept from outgoing
+    # connections, which could otherwise hold it when the web side binds.
+    check("cat /proc/sys/net/ipv4/ip_local_reserved_ports",
+          lambda out: "49528" in out.split(","))
     check("stat -c '%a %U:%G' ~/openrc.sh ~/.config/openstack/clouds.yaml",
           lambda out: out.split("\n") == ["400 exouser:exouser"] * 2)
     return {"exosphere_desktop_complete_s": round(complete),

@@ -17,6 +17,7 @@ use crate::paths::Paths;
 use crate::platform::os::Os;
 use crate::platform::packages::{LocalPackage, PackageError, PackageInstaller, PackageItem};
 use crate::platform::passphrase::{self, Passphrase};
+use crate::platform::ports::EphemeralPorts;
 use crate::platform::users::{Account, UserManager};
 use crate::report::nova::{NovaReporter, Pacing};
 use crate::services::jupyterlab::link::{self, LinkToken};
@@ -298,6 +299,38 @@ pub(super) async fn apply_host_touches(plan: &Plan, stage: crate::host::Stage) {
             Err(e) => {
                 tracing::error!(target: "exoagent::host", touch = touch.key(), reason = e.reason(), error = %e, "failed")
             }
+        }
+    }
+}
+
+/// The services' ports (where each listens, and its TLS front) kept out of the kernel's
+/// ephemeral range before anything binds or connects (system mode only; under the system root,
+/// so a test's root leaves the host alone): [`crate::platform::ports`]. A failure is logged; the
+/// services start regardless.
+pub(super) fn reserve_service_ports(plan: &Plan) {
+    if plan.mode == Mode::Sandbox {
+        return;
+    }
+    let ports: Vec<u16> = plan
+        .services
+        .iter()
+        .flat_map(|service| {
+            let endpoint = service.endpoint();
+            [
+                Some(endpoint.listen.port()),
+                endpoint.front.map(|f| f.port()),
+            ]
+        })
+        .flatten()
+        .collect();
+    let settings = EphemeralPorts::new(&plan.paths.system_root.join("proc/sys/net/ipv4"));
+    match settings.reserve(&ports) {
+        Ok(added) if added.is_empty() => {}
+        Ok(added) => {
+            tracing::info!(target: "exoagent::agent", ports = ?added, "ports kept out of the ephemeral range")
+        }
+        Err(e) => {
+            tracing::warn!(target: "exoagent::agent", reason = e.reason(), error = %e, "cannot keep the services' ports out of the ephemeral range")
         }
     }
 }

@@ -33,7 +33,7 @@ use super::provision::{
     apply_host_touches, early_passphrase, exosphere_link, fetch_all, forget_previous_instance,
     groups_to_join, install_login_banner, install_packages, installed_early, installer,
     load_passphrase, metadata_service, nova_reporter, provision_account, provision_sudo,
-    publish_passphrase, set_password_once, Fetched,
+    publish_passphrase, reserve_service_ports, set_password_once, Fetched,
 };
 use super::{plan, AgentError, AgentOptions, Mode, Plan};
 
@@ -64,6 +64,8 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
     tracing::info!(target: "exoagent::agent", os = %plan.os.pretty_name, services = plan.services.len(), "configuration valid");
     let early = early_passphrase(&plan);
     prepare_dirs(&plan.paths)?;
+    // Before any service binds, and before the agent's own connections take ephemeral ports.
+    reserve_service_ports(&plan);
 
     let hub = StateHub::new(plan.services.iter().map(|s| (s.kind(), s.port(), s.url())));
     let mut tasks = Tasks::new();

@@ -299,16 +299,29 @@ fn stub_exe(dir: &Path, name: &str) -> PathBuf {
     exe
 }
 
+/// Run a script this test has just written. Another test's thread may fork while the file is
+/// still open for writing, and its child holds that descriptor until it execs: executing the
+/// file meanwhile fails with ETXTBSY (directly, or as `sh`'s exit 126), so that is retried.
 fn shell(args: &[&str]) -> (String, bool) {
-    let out = std::process::Command::new(args[0])
-        .args(&args[1..])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
-    (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        out.status.success(),
-    )
+    for _ in 0..50 {
+        let run = std::process::Command::new(args[0])
+            .args(&args[1..])
+            .stdin(std::process::Stdio::null())
+            .output();
+        match run {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {}
+            Ok(out) if out.status.code() == Some(126) => {}
+            run => {
+                let out = run.unwrap();
+                return (
+                    String::from_utf8_lossy(&out.stdout).into_owned(),
+                    out.status.success(),
+                );
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    panic!("{args:?}: text file busy for a second");
 }
 
 #[test]

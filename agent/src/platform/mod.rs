@@ -9,6 +9,7 @@ pub mod gpu;
 pub mod os;
 pub mod packages;
 pub mod passphrase;
+pub mod ports;
 pub mod privileges;
 pub mod process_group;
 pub mod procfs;

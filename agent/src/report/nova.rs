@@ -358,7 +358,9 @@ impl NovaReporter {
     }
 
     /// Bring Nova to `wanted`: new tags first, then stale ones removed (a subject is never
-    /// without a tag in between), then changed metadata.
+    /// without a tag in between), then changed metadata. The new tags are written side by
+    /// side, then the stale ones removed side by side (a service's readiness and the setup's
+    /// `complete` arrive together: one round trip, not two).
     async fn sync(&self, wanted: &Wanted, written: &mut Written) -> Result<(), NovaError> {
         if written.tags.is_none() {
             let ours: BTreeSet<String> = self
@@ -371,13 +373,13 @@ impl NovaReporter {
             written.tags = Some(ours);
         }
         let current = written.tags.get_or_insert_with(BTreeSet::new);
-        for tag in wanted.tags.difference(&current.clone()) {
-            self.nova.add_tag(&self.server, tag).await?;
-            current.insert(tag.clone());
+        let added: Vec<String> = wanted.tags.difference(current).cloned().collect();
+        for tag in self.side_by_side(added, TagChange::Add).await? {
+            current.insert(tag);
         }
-        for tag in current.clone().difference(&wanted.tags) {
-            self.nova.remove_tag(&self.server, tag).await?;
-            current.remove(tag);
+        let stale: Vec<String> = current.difference(&wanted.tags).cloned().collect();
+        for tag in self.side_by_side(stale, TagChange::Remove).await? {
+            current.remove(&tag);
         }
         for (key, value) in &wanted.metadata {
             if written.metadata.get(key) != Some(value) {
@@ -386,6 +388,49 @@ impl NovaReporter {
             }
         }
         Ok(())
+    }
+}
+
+/// What [`NovaReporter::side_by_side`] does to each tag.
+#[derive(Debug, Clone, Copy)]
+enum TagChange {
+    Add,
+    Remove,
+}
+
+impl NovaReporter {
+    /// Make `change` for every tag at once: the tags changed, or the first error once every
+    /// call has ended (the next sync then works from the recorded tags again; adding or
+    /// removing a tag twice changes nothing).
+    async fn side_by_side(
+        &self,
+        tags: Vec<String>,
+        change: TagChange,
+    ) -> Result<Vec<String>, NovaError> {
+        let mut calls = tokio::task::JoinSet::new();
+        for tag in tags {
+            let (nova, server) = (self.nova.clone(), self.server.clone());
+            calls.spawn(async move {
+                let done = match change {
+                    TagChange::Add => nova.add_tag(&server, &tag).await,
+                    TagChange::Remove => nova.remove_tag(&server, &tag).await,
+                };
+                done.map(|()| tag)
+            });
+        }
+        let (mut changed, mut failed) = (Vec::new(), None);
+        while let Some(joined) = calls.join_next().await {
+            match joined {
+                Ok(Ok(tag)) => changed.push(tag),
+                Ok(Err(e)) => failed = failed.or(Some(e)),
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(_) => {}
+            }
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(changed),
+        }
     }
 }
 

@@ -43,7 +43,7 @@ pub fn run(args: GuacamoleWebArgs) -> ExitCode {
         }
     };
     if let Some(argv) = config.guacd_command.clone() {
-        if let Err(e) = start_guacd_keeper(argv) {
+        if let Err(e) = start_guacd_keeper(argv, &listener) {
             eprintln!("exoagent guacamole-web: cannot start the process that runs guacd: {e}");
             return ExitCode::from(71);
         }
@@ -74,8 +74,8 @@ pub fn run(args: GuacamoleWebArgs) -> ExitCode {
 /// whose only write end the web side keeps, and a parent-death signal cannot do that job here
 /// (the confined web side may not signal a process outside its domain, even by dying). guacd
 /// ends with the keeper (its own parent-death signal); the shim's stop signals the whole
-/// process group.
-fn start_guacd_keeper(argv: Vec<String>) -> nix::Result<()> {
+/// process group. The keeper closes its copy of the web side's `listener`.
+fn start_guacd_keeper(argv: Vec<String>, listener: &std::net::TcpListener) -> nix::Result<()> {
     use std::os::fd::AsRawFd;
     let (alive_read, alive_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     // SAFETY: the process is still single-threaded (no runtime yet; `confine` checks this right
@@ -89,6 +89,10 @@ fn start_guacd_keeper(argv: Vec<String>) -> nix::Result<()> {
         }
         nix::unistd::ForkResult::Child => {
             drop(alive_write);
+            // The web side's listening socket is not the keeper's: held here, it would keep
+            // the port taken after the web side ends, and a restarted web side could not bind
+            // it. (The child leaves through `exit`, so the parent's copy is never closed twice.)
+            let _ = nix::unistd::close(listener.as_raw_fd());
             std::thread::spawn(move || {
                 let mut byte = [0u8; 1];
                 // Blocks until the web side is gone (EOF) — or fails, which ends it too.
