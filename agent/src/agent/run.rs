@@ -244,8 +244,9 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
             Some(Err(_)) | None => Ok((false, Tasks::new())),
         }
     };
-    // An identity that cannot be read ends the run as before (the services' side is aborted
-    // before any service is configured: that waits for the passphrase, made after it).
+    // An identity that cannot be read ends the run as before and aborts the services' task:
+    // before any service is configured (that waits for the passphrase, made after it), except
+    // on a fresh image's first boot, where the passphrase was handed over at once.
     let ((identity_source, published), (started, mut supervisors)) =
         tokio::try_join!(identity_side, services)?;
     // After the account exists (mounted volumes are given to it), whatever became of it.
@@ -716,8 +717,8 @@ async fn start_services(
                 passphrase,
                 joining,
             };
-            let supervise = start_service(service, held, ctx, hub, inputs, policy, shim, cancel);
-            let supervise = supervise.await;
+            let started = start_service(service, held, ctx, hub, inputs, policy, shim, cancel);
+            let supervise = started.await;
             let _ = attempted.send(());
             if let Some(supervise) = supervise {
                 supervise.await;

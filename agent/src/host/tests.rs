@@ -302,7 +302,7 @@ fn stub_exe(dir: &Path, name: &str) -> PathBuf {
 /// Run a script this test has just written. Another test's thread may fork while the file is
 /// still open for writing, and its child holds that descriptor until it execs: executing the
 /// file meanwhile fails with ETXTBSY (directly, or as `sh`'s exit 126), so that is retried.
-fn shell(args: &[&str]) -> (String, bool) {
+fn run_written(args: &[&str]) -> std::process::Output {
     for _ in 0..50 {
         let run = std::process::Command::new(args[0])
             .args(&args[1..])
@@ -311,17 +311,19 @@ fn shell(args: &[&str]) -> (String, bool) {
         match run {
             Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {}
             Ok(out) if out.status.code() == Some(126) => {}
-            run => {
-                let out = run.unwrap();
-                return (
-                    String::from_utf8_lossy(&out.stdout).into_owned(),
-                    out.status.success(),
-                );
-            }
+            run => return run.unwrap(),
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     panic!("{args:?}: text file busy for a second");
+}
+
+fn shell(args: &[&str]) -> (String, bool) {
+    let out = run_written(args);
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        out.status.success(),
+    )
 }
 
 #[test]
@@ -367,7 +369,7 @@ fn the_debian_hook_is_an_executable_update_motd_script_that_runs_the_banner() {
     // The binary gone (uninstalled): a login sees nothing, and no error.
     std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::remove_file(&moved).unwrap();
-    let out = std::process::Command::new(&hook).output().unwrap();
+    let out = run_written(&[hook.to_str().unwrap()]);
     assert!(out.status.success());
     assert!(out.stdout.is_empty() && out.stderr.is_empty(), "{out:?}");
     // Turned off: removed.

@@ -278,16 +278,21 @@ impl UserManager {
     /// The id of `group` when it exists and `name` is not listed in it yet: the group
     /// [`UserManager::join_group`] would add `name` to.
     pub fn group_to_join(&self, name: &str, group: &str) -> Result<Option<u32>, UserError> {
-        if membership(&self.group_file()?, name, group) != Some(false) {
+        let groups = self.group_file()?;
+        if membership(&groups, name, group) != Some(false) {
             return Ok(None);
         }
-        self.group_id(group)
+        self.group_id_in(&groups, group)
     }
 
     /// The id of the group `name`, if it exists.
     pub fn group_id(&self, name: &str) -> Result<Option<u32>, UserError> {
+        self.group_id_in(&self.group_file()?, name)
+    }
+
+    /// The id of the group `name` in `groups` (the text of `<root>/etc/group`).
+    fn group_id_in(&self, groups: &str, name: &str) -> Result<Option<u32>, UserError> {
         let path = self.root.join("etc/group");
-        let groups = self.group_file()?;
         for line in groups.lines() {
             let fields: Vec<&str> = line.split(':').collect();
             if fields.first() != Some(&name) {
