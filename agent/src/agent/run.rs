@@ -62,10 +62,7 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
     };
     let mut plan = planned?;
     tracing::info!(target: "exoagent::agent", os = %plan.os.pretty_name, services = plan.services.len(), "configuration valid");
-    let early = early_passphrase(&plan);
     prepare_dirs(&plan.paths)?;
-    // Before any service binds, and before the agent's own connections take ephemeral ports.
-    reserve_service_ports(&plan);
 
     let hub = StateHub::new(plan.services.iter().map(|s| (s.kind(), s.port(), s.url())));
     let mut tasks = Tasks::new();
@@ -91,6 +88,11 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
     // token's file, the reporters); not before the socket is bound, which keeps a second agent
     // from changing anything.
     let first_steps = FirstSteps::begin(plan.services_side());
+    // After the account's `useradd` has begun (it is the longest step before a service can
+    // start): before any service binds (they start once the account exists), and before the
+    // agent's own connections (the metadata service, below) take ephemeral ports.
+    reserve_service_ports(&plan);
+    let early = early_passphrase(&plan);
     // The services' side (account, host touches, fetches, batch, installs) needs neither the
     // instance's identity nor the passphrase until a service is configured: it runs beside the
     // identity lookup and waits for the passphrase there (a previous instance's state is
@@ -439,6 +441,12 @@ impl SetUp<'_> {
         // (SSH, Guacamole, RStudio's PAM); no service needs them to start, so they run beside
         // the services, and provisioning is over only with them.
         let password = async {
+            // Both are CPU work (a yescrypt hash, a sudoers parse) that no service needs: begun
+            // once the services' processes have started, not beside their start on a small
+            // instance at boot.
+            if plan.mode == Mode::System {
+                services_started(hub, SERVICES_FIRST).await;
+            }
             let password = async {
                 match passphrase_from(&passphrase).await {
                     Some((passphrase, fresh)) => set_password_once(plan, &passphrase, fresh).await,
@@ -511,6 +519,23 @@ impl SetUp<'_> {
         }
         Ok(started)
     }
+}
+
+/// How long the logins' password and sudo steps let the services' start go first, at most.
+const SERVICES_FIRST: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Until every service's process has started, or the service has failed, been adopted or
+/// become ready (at most `limit`: a slow install must not hold anything else back for long).
+async fn services_started(hub: &StateHub, limit: std::time::Duration) {
+    let mut snapshots = hub.subscribe();
+    let started = snapshots.wait_for(|snapshot| {
+        snapshot.services.iter().all(|service| match service.state {
+            ServiceState::Pending | ServiceState::Installing => false,
+            ServiceState::Starting => service.pid.is_some(),
+            ServiceState::Ready | ServiceState::Degraded | ServiceState::Failed => true,
+        })
+    });
+    let _ = tokio::time::timeout(limit, started).await;
 }
 
 /// The volume watcher, with `[volumes] automount = true` on a real instance only: the sandbox

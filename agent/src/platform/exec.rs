@@ -63,6 +63,39 @@ pub(crate) enum Priority {
 /// The niceness of [`Priority::Background`].
 const BACKGROUND_NICE: libc::c_int = 10;
 
+/// `work` on a thread of its own at [`Priority::Background`] (Linux gives each thread its own
+/// niceness), returning what it returns: for CPU work in the agent itself that nothing waits
+/// for at once (an argon2 hash), which would otherwise take the CPU from services starting.
+/// An error means the thread could not be started and `work` did not run.
+pub(crate) fn at_background_priority<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<T> {
+    let thread = std::thread::Builder::new()
+        .name("exoagent-background".into())
+        .spawn(move || {
+            // SAFETY: plain system calls; on Linux PRIO_PROCESS with a thread id changes that
+            // thread alone. A failure leaves the thread at the agent's priority.
+            unsafe {
+                let tid = this_thread();
+                let current = libc::getpriority(libc::PRIO_PROCESS, tid);
+                libc::setpriority(libc::PRIO_PROCESS, tid, (current + BACKGROUND_NICE).min(19));
+            }
+            work()
+        })?;
+    match thread.join() {
+        Ok(done) => Ok(done),
+        // A panic in `work` is the caller's.
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
+
+/// The calling thread's id (the system call: glibc's wrapper is newer than the oldest glibc the
+/// release binary supports).
+fn this_thread() -> libc::id_t {
+    // SAFETY: gettid takes no arguments and cannot fail.
+    unsafe { libc::syscall(libc::SYS_gettid) as libc::id_t }
+}
+
 /// Run `program` with `args`, extra environment `env`, and `stdin` written to its standard
 /// input (then closed); stdin is `/dev/null` when `None`.
 pub(crate) async fn run<S: AsRef<OsStr>>(
@@ -107,6 +140,7 @@ pub(crate) async fn run_at<S: AsRef<OsStr>>(
         // Not killed when the caller is dropped: interrupting apt, useradd or chpasswd midway
         // could leave dpkg or the account files half-changed.
         .kill_on_drop(false);
+    let started = std::time::Instant::now();
     let mut child = command.spawn()?;
     if let (Some(bytes), Some(mut pipe)) = (stdin, child.stdin.take()) {
         pipe.write_all(bytes).await?;
@@ -114,6 +148,8 @@ pub(crate) async fn run_at<S: AsRef<OsStr>>(
         drop(pipe);
     }
     let output = child.wait_with_output().await?;
+    // The program only: arguments may name what is not the journal's business.
+    tracing::debug!(target: "exoagent::exec", program = %program.display(), status = %output.status, elapsed_ms = started.elapsed().as_millis() as u64, "command finished");
     Ok(Finished {
         status: output.status,
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -123,6 +159,30 @@ pub(crate) async fn run_at<S: AsRef<OsStr>>(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn background_work_runs_10_nicer_on_its_own_thread_and_returns_its_result() {
+        // SAFETY: plain system calls.
+        let ours = unsafe { libc::getpriority(libc::PRIO_PROCESS, super::this_thread()) };
+        let caller = std::thread::current().id();
+        let (nice, thread) = super::at_background_priority(|| {
+            // SAFETY: as above.
+            let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, super::this_thread()) };
+            (nice, std::thread::current().id())
+        })
+        .unwrap();
+        assert_eq!(nice, (ours + 10).min(19));
+        assert_ne!(thread, caller);
+        // The caller's own priority is untouched.
+        let after = unsafe { libc::getpriority(libc::PRIO_PROCESS, super::this_thread()) };
+        assert_eq!(after, ours);
+    }
+
+    #[test]
+    #[should_panic(expected = "inside the background work")]
+    fn a_panic_in_background_work_reaches_the_caller() {
+        let _ = super::at_background_priority(|| -> () { panic!("inside the background work") });
+    }
+
     /// coreutils' `nice` without arguments prints its own niceness.
     #[tokio::test]
     async fn a_background_tool_runs_10_nicer_and_a_normal_one_as_we_do() {

@@ -11,6 +11,8 @@ use rand::rngs::OsRng;
 use rand::Rng;
 use subtle::ConstantTimeEq;
 
+use crate::platform::exec;
+
 /// Words in a passphrase.
 pub const WORDS: usize = 11;
 /// The longest passphrase: 11 words of at most 4 letters and 10 spaces.
@@ -73,10 +75,15 @@ impl Passphrase {
         self.0
             .argon2
             .get_or_init(|| {
-                argon2_hash(self).map_err(|e| match e {
-                    SecretError::Hash(detail) => detail,
-                    other => other.to_string(),
-                })
+                // Background work: the services starting meanwhile come first (here, when no
+                // thread can be started).
+                let passphrase = self.clone();
+                exec::at_background_priority(move || argon2_hash(&passphrase))
+                    .unwrap_or_else(|_| argon2_hash(self))
+                    .map_err(|e| match e {
+                        SecretError::Hash(detail) => detail,
+                        other => other.to_string(),
+                    })
             })
             .clone()
             .map_err(SecretError::Hash)

@@ -213,6 +213,13 @@ fn has_prompt_news(snapshot: &Snapshot, written: &Written) -> bool {
     })
 }
 
+/// Whether `snapshot`'s setup has ended (`complete` or `error`) and Nova does not show it yet.
+fn has_setup_end_news(snapshot: &Snapshot, written: &Written) -> bool {
+    let setup = &snapshot.setup.state;
+    let tag = format!("{TAG_PREFIX}setup:{}", setup.as_str());
+    setup_is_prompt(*setup) && !written.tags.as_ref().is_some_and(|t| t.contains(&tag))
+}
+
 /// When the reporter writes: after changes settle, and how it backs off after failures.
 #[derive(Debug, Clone, Copy)]
 pub struct Pacing {
@@ -223,6 +230,7 @@ pub struct Pacing {
     /// waits instead, counted from when it appeared: long enough to take the states that come
     /// with it in the same moment (the last service ready and setup complete; a service and its
     /// front) into one write, short enough to keep Nova within 1 s of the service answering.
+    /// The setup's end (`complete`, `error`) is written at once: nothing comes after it.
     pub prompt: Duration,
     /// First delay after a failed write.
     pub retry_initial: Duration,
@@ -338,7 +346,11 @@ impl NovaReporter {
         let settled = Instant::now() + self.pacing.settle;
         let mut prompt: Option<Instant> = None;
         loop {
-            if prompt.is_none() && has_prompt_news(&rx.borrow(), written) {
+            if has_setup_end_news(&rx.borrow(), written) {
+                // The setup's end comes last (every service has got where it was going):
+                // nothing is left to wait for.
+                prompt = Some(Instant::now());
+            } else if prompt.is_none() && has_prompt_news(&rx.borrow(), written) {
                 prompt = Some(Instant::now() + self.pacing.prompt);
             }
             let until = prompt.map_or(settled, |p| p.min(settled));
@@ -662,6 +674,42 @@ mod tests {
             Reason::new("user-failed", "useradd exited 1"),
         );
         wait_for_call(&calls, "PUT /v2.1/servers/srv/tags/exoagent:setup:error").await;
+        cancel.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_setups_end_is_written_without_the_prompt_window() {
+        let hub = hub();
+        // A prompt window longer than the test may run: a write during the test did not wait.
+        let (calls, cancel, task) = reporting(
+            &hub,
+            Pacing {
+                settle: AN_HOUR,
+                prompt: AN_HOUR,
+                ..Pacing::default()
+            },
+        )
+        .await;
+        calls_until_quiet(&calls).await;
+        hub.set_phase(SetupPhase::Supervising);
+        for state in [ServiceState::Installing, ServiceState::Starting] {
+            hub.transition(ServiceKind::JupyterLab, state, ServiceUpdate::default())
+                .unwrap();
+        }
+        // The service's readiness completes the setup: both go out at once, in one write.
+        hub.transition(
+            ServiceKind::JupyterLab,
+            ServiceState::Ready,
+            ServiceUpdate::default(),
+        )
+        .unwrap();
+        wait_for_call(&calls, "PUT /v2.1/servers/srv/tags/exoagent:setup:complete").await;
+        let burst = calls_until_quiet(&calls).await;
+        assert!(
+            burst.contains(&"PUT /v2.1/servers/srv/tags/exoagent:jupyterlab:ready".to_owned()),
+            "{burst:?}"
+        );
         cancel.cancel();
         task.await.unwrap();
     }
