@@ -911,7 +911,17 @@ def finish(runs, args, notes, when=None):
     text = report(runs, args, args.runs, notes, when)
     print(text)
     if args.record:
-        previous = ("Previous record (2026-12-06 18:53–19:21 UTC, agent at 6b051ca of branch "
+        previous = ("Previous record (2026-12-07 08:13–08:43 UTC, agent at bd458b6, 3 interleaved"
+                    " rounds of all four variants, outside CPU load 1–7 %; answering polled every"
+                    " 0.25 s, Nova polled every 0.25 s by GETs that competed with the agent's "
+                    "writes): answering medians baked 50 s (46–52), stock + bootstrap 96 s "
+                    "(95–97), plain pip script 272 s (265–279), plain uv script 109 s (104–116); "
+                    "bootstrap ÷ pip 0.35, ÷ uv 0.88; baked: the agent's time from cloud-init's "
+                    "network stage to JupyterLab's spawn 1.2 s median (1.2, 1.2, 1.3); console "
+                    "`complete` +0.0 to +0.2 s after answering; Nova tags +0.8, +1.0, +1.4 s (as "
+                    "polled)."
+                    "\n\n"
+                    "Before it (2026-12-06 18:53–19:21 UTC, agent at 6b051ca of branch "
                     "`ready3`, 2 interleaved rounds of all four variants, outside CPU load 2–20 %, "
                     "guests slower than before): answering medians baked 79 s (65–92), stock + "
                     "bootstrap 174 s (134–214), plain pip script 409 s (386–431), plain uv script "
