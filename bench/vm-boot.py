@@ -758,7 +758,8 @@ def report(runs, args, wanted_runs, notes, when=None):
             installer += " + apt"
         lines.append(
             f"| {i} | {r['variant']} | {r['answering_s']:.0f} | {r.get('complete_s') or '–'} | "
-            f"{r.get('nova_s') or '–'} | {r['qemu_busy']:.0%} | {r['outside_busy']:.0%} | "
+            f"{r.get('nova_s') or '–'}{' (polled)' if r.get('nova_s') and r.get('nova_from') == 'poll' else ''} | "
+            f"{r['qemu_busy']:.0%} | {r['outside_busy']:.0%} | "
             f"{r['loadavg_before'][0]} → {r['loadavg_after'][0]} | {installer} |")
     lines += ["", "## Phases", "",
               "Seconds from QEMU's start. Kernel start from the printk times on the console; "

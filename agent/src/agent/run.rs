@@ -1137,6 +1137,51 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn the_logins_wait_for_every_service_process_or_the_limit() {
+        let hub = StateHub::new([(ServiceKind::JupyterLab, 8888, "http://x/".to_owned())]);
+        let waiting = tokio::spawn({
+            let hub = hub.clone();
+            async move { services_started(&hub, std::time::Duration::from_secs(3600)).await }
+        });
+        // Installing, then starting without a process yet: still waiting.
+        for state in [ServiceState::Installing, ServiceState::Starting] {
+            hub.transition(ServiceKind::JupyterLab, state, ServiceUpdate::default())
+                .unwrap();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(
+            !waiting.is_finished(),
+            "went on before the service's process started"
+        );
+        // Its process has started: the wait ends.
+        hub.transition(
+            ServiceKind::JupyterLab,
+            ServiceState::Starting,
+            ServiceUpdate {
+                pid: Some(Some(4242)),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("still waiting once the process had started")
+            .unwrap();
+
+        // A service that never starts holds nothing back longer than the limit.
+        let stuck = StateHub::new([(ServiceKind::JupyterLab, 8888, "http://x/".to_owned())]);
+        let limit = std::time::Duration::from_millis(300);
+        let began = std::time::Instant::now();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            services_started(&stuck, limit),
+        )
+        .await
+        .expect("the limit did not end the wait");
+        assert!(began.elapsed() >= limit);
+    }
+
     /// The sandbox never touches the host's disks, whatever the configuration says.
     #[test]
     fn volumes_are_watched_only_on_an_instance_that_asks() {

@@ -1,4 +1,5 @@
-//! Running a system tool: argv only, optional stdin, output captured, a readable failure.
+//! Running a system tool: argv only, optional stdin, output captured, a readable failure; and
+//! at which CPU priority tools and the agent's own background work run.
 
 use std::ffi::OsStr;
 use std::path::Path;
@@ -73,19 +74,25 @@ pub(crate) fn at_background_priority<T: Send + 'static>(
     let thread = std::thread::Builder::new()
         .name("exoagent-background".into())
         .spawn(move || {
-            // SAFETY: plain system calls; on Linux PRIO_PROCESS with a thread id changes that
-            // thread alone. A failure leaves the thread at the agent's priority.
-            unsafe {
-                let tid = this_thread();
-                let current = libc::getpriority(libc::PRIO_PROCESS, tid);
-                libc::setpriority(libc::PRIO_PROCESS, tid, (current + BACKGROUND_NICE).min(19));
-            }
+            lower_to_background();
             work()
         })?;
     match thread.join() {
         Ok(done) => Ok(done),
         // A panic in `work` is the caller's.
         Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
+
+/// Make the calling thread [`BACKGROUND_NICE`] nicer than it is (Linux: PRIO_PROCESS with a
+/// thread id changes that thread alone). A failure leaves it as it was. Async-signal-safe (two
+/// system calls), so a child may call it between fork and exec.
+fn lower_to_background() {
+    let tid = this_thread();
+    // SAFETY: plain system calls on the calling thread.
+    unsafe {
+        let current = libc::getpriority(libc::PRIO_PROCESS, tid);
+        libc::setpriority(libc::PRIO_PROCESS, tid, (current + BACKGROUND_NICE).min(19));
     }
 }
 
@@ -117,12 +124,11 @@ pub(crate) async fn run_at<S: AsRef<OsStr>>(
 ) -> std::io::Result<Finished> {
     let mut command = tokio::process::Command::new(program);
     if priority == Priority::Background {
-        // SAFETY: getpriority and setpriority are plain system calls, async-signal-safe. A
-        // failure is ignored: the tool then runs at the agent's priority.
+        // SAFETY: `lower_to_background` makes async-signal-safe system calls only. A failure
+        // is ignored: the tool then runs at the agent's priority.
         unsafe {
             command.pre_exec(|| {
-                let current = libc::getpriority(libc::PRIO_PROCESS, 0);
-                libc::setpriority(libc::PRIO_PROCESS, 0, (current + BACKGROUND_NICE).min(19));
+                lower_to_background();
                 Ok(())
             });
         }

@@ -198,11 +198,10 @@ fn service_is_prompt(state: ServiceState) -> bool {
 
 /// Whether `snapshot` holds a readiness or final state that Nova does not show yet.
 fn has_prompt_news(snapshot: &Snapshot, written: &Written) -> bool {
-    let shown = |tag: String| written.tags.as_ref().is_some_and(|t| t.contains(&tag));
-    let setup = &snapshot.setup.state;
-    if setup_is_prompt(*setup) && !shown(format!("{TAG_PREFIX}setup:{}", setup.as_str())) {
+    if has_setup_end_news(snapshot, written) {
         return true;
     }
+    let shown = |tag: String| written.tags.as_ref().is_some_and(|t| t.contains(&tag));
     snapshot.services.iter().any(|s| {
         service_is_prompt(s.state)
             && !shown(format!(
@@ -346,11 +345,18 @@ impl NovaReporter {
         let settled = Instant::now() + self.pacing.settle;
         let mut prompt: Option<Instant> = None;
         loop {
-            if has_setup_end_news(&rx.borrow(), written) {
+            let (setup_end, news) = {
+                let snapshot = rx.borrow();
+                (
+                    has_setup_end_news(&snapshot, written),
+                    has_prompt_news(&snapshot, written),
+                )
+            };
+            if setup_end {
                 // The setup's end comes last (every service has got where it was going):
                 // nothing is left to wait for.
                 prompt = Some(Instant::now());
-            } else if prompt.is_none() && has_prompt_news(&rx.borrow(), written) {
+            } else if prompt.is_none() && news {
                 prompt = Some(Instant::now() + self.pacing.prompt);
             }
             let until = prompt.map_or(settled, |p| p.min(settled));
