@@ -193,6 +193,87 @@ async fn the_instance_user_is_created_once_with_sudo() {
     assert_eq!(err.reason(), "user-invalid-name");
 }
 
+/// The account's line in `<root>/etc/<file>`.
+fn subid_line(root: &Path, file: &str, name: &str) -> Option<String> {
+    std::fs::read_to_string(root.join("etc").join(file))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with(&format!("{name}:")))
+        .map(str::to_owned)
+}
+
+/// The account is created without subordinate ids (a third of useradd's synchronous writes,
+/// while a service waits for it) and given them afterwards: the same ranges the real `useradd`
+/// gives in an identical root, and nothing more on a second call.
+#[tokio::test]
+async fn subordinate_ids_come_after_the_account_and_match_useradds() {
+    if !is_root() {
+        eprintln!("skipped: needs root for useradd --root");
+        return;
+    }
+    let _host = HOST_USERS.lock().await;
+    // Taken ranges with a hole too small (165536..200000) before a large one.
+    let taken = "debian:100000:65536\nother:200000:65536\n";
+    let roots = [shadow_root(), shadow_root()];
+    for root in &roots {
+        for file in ["subuid", "subgid"] {
+            std::fs::write(root.path().join("etc").join(file), taken).unwrap();
+        }
+    }
+    let [by_useradd, by_agent] = &roots;
+    let status = std::process::Command::new("useradd")
+        .args(["--root", &by_useradd.path().display().to_string()])
+        .args([
+            "--create-home",
+            "--shell",
+            "/bin/bash",
+            "--user-group",
+            "exouser",
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let expected: Vec<String> = ["subuid", "subgid"]
+        .iter()
+        .map(|f| subid_line(by_useradd.path(), f, "exouser").expect("useradd gave subordinate ids"))
+        .collect();
+    assert_eq!(expected[0], "exouser:265536:65536");
+
+    let users = UserManager::new(by_agent.path());
+    users.ensure_user("exouser", Family::Debian).await.unwrap();
+    assert_eq!(subid_line(by_agent.path(), "subuid", "exouser"), None);
+    assert_eq!(subid_line(by_agent.path(), "subgid", "exouser"), None);
+    assert!(users.ensure_subordinate_ids("exouser").await.unwrap());
+    let given: Vec<String> = ["subuid", "subgid"]
+        .iter()
+        .map(|f| subid_line(by_agent.path(), f, "exouser").unwrap())
+        .collect();
+    assert_eq!(given, expected);
+    let files = |root: &Path| -> Vec<String> {
+        ["etc/subuid", "etc/subgid", "etc/passwd"]
+            .iter()
+            .map(|f| std::fs::read_to_string(root.join(f)).unwrap())
+            .collect()
+    };
+    let before = files(by_agent.path());
+    assert!(!users.ensure_subordinate_ids("exouser").await.unwrap());
+    assert_eq!(files(by_agent.path()), before);
+
+    // A system account gets none, as from useradd.
+    let status = std::process::Command::new("useradd")
+        .args([
+            "--root",
+            &by_agent.path().display().to_string(),
+            "--system",
+            "svc",
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(!users.ensure_subordinate_ids("svc").await.unwrap());
+    assert_eq!(subid_line(by_agent.path(), "subuid", "svc"), None);
+}
+
 #[tokio::test]
 async fn an_existing_user_gets_groups_without_being_recreated() {
     if !is_root() {

@@ -11,8 +11,8 @@ use exoagent::platform::procfs;
 use exoagent::state::{ServiceState, ServiceStatus, Snapshot, StateHub};
 use exoagent::supervise::records::{self, RunRecord};
 use exoagent::supervise::{
-    stop_recorded, Probe, RunAs, RunOutcome, RunReport, RunSpec, ServicePaths, ShimCommand,
-    Supervisor,
+    has_live_shim, stop_recorded, Probe, RunAs, RunOutcome, RunReport, RunSpec, ServicePaths,
+    ShimCommand, Supervisor,
 };
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
@@ -552,6 +552,63 @@ async fn restarted_agent_adopts_the_running_service_then_restarts_it_after_a_kil
     assert_eq!(report.spawned, 1);
     assert_eq!(report.restart_delays, [Duration::from_millis(50)]);
     fx.stop().await;
+}
+
+fn shim_command() -> ShimCommand {
+    ShimCommand {
+        exe: PathBuf::from(env!("CARGO_BIN_EXE_exoagent")),
+    }
+}
+
+/// Whether `pid` runs and is not a zombie waiting to be reaped.
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+    })
+}
+
+#[tokio::test]
+async fn a_standby_shim_runs_the_first_launch_and_a_dropped_one_exits() {
+    let fx = Fixture::new();
+    let port = free_port();
+    assert!(!has_live_shim(&fx.paths.run_dir));
+    let standby = shim_command().standby().unwrap();
+    let standby_pid = standby.id().unwrap();
+    assert!(
+        cmdline(standby_pid).ends_with("shim "),
+        "{}",
+        cmdline(standby_pid)
+    );
+    let hub = hub();
+    let mut rx = hub.subscribe();
+    let (cancel, task) = start(
+        fx.supervisor(
+            http_server(port, fx.path()),
+            http_probe(port),
+            policy(),
+            &hub,
+        )
+        .with_standby(standby),
+    );
+    wait_for(&mut rx, "ready", ready).await;
+    let report = finish(cancel, task).await;
+    assert_eq!(report.spawned, 1);
+    // The service runs under the shim started ahead.
+    assert_eq!(fx.run_record().unwrap().shim_pid, standby_pid);
+    assert!(has_live_shim(&fx.paths.run_dir));
+    fx.stop().await;
+    wait_until("the shim to end with its service", || !running(standby_pid)).await;
+    assert!(!has_live_shim(&fx.paths.run_dir));
+
+    // Started ahead and never handed a spec: it exits once dropped, recording nothing.
+    let unused = shim_command().standby().unwrap();
+    let unused_pid = unused.id().unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(running(unused_pid), "a standby shim waits for its spec");
+    drop(unused);
+    wait_until("the unused standby shim to exit", || !running(unused_pid)).await;
+    assert!(!has_live_shim(&fx.paths.run_dir));
 }
 
 #[tokio::test]

@@ -108,6 +108,28 @@ pub(super) async fn provision_account(plan: &Plan) -> Result<Account, Reason> {
     }
 }
 
+/// The subordinate ids `useradd` would have given the instance user (rootless containers), when
+/// the agent creates the user (system mode): after the account, off the services' path. Not
+/// having them is no reason to fail the set-up: it is logged.
+pub(super) async fn provision_subids(plan: &Plan) {
+    if plan.mode == Mode::Sandbox || !plan.settings.instance.create_user {
+        return;
+    }
+    let name = &plan.settings.instance.user;
+    match UserManager::new(&plan.paths.system_root)
+        .ensure_subordinate_ids(name)
+        .await
+    {
+        Ok(true) => {
+            tracing::info!(target: "exoagent::agent", user = %name, "subordinate ids given")
+        }
+        Ok(false) => {}
+        Err(e) => {
+            tracing::warn!(target: "exoagent::agent", user = %name, reason = e.reason(), "no subordinate ids: {e}")
+        }
+    }
+}
+
 /// The instance user's passwordless-sudo drop-in, when the agent creates the user (system mode).
 pub(super) async fn provision_sudo(plan: &Plan) -> Result<(), Reason> {
     if plan.mode == Mode::Sandbox || !plan.settings.instance.create_user {

@@ -25,15 +25,17 @@ use crate::services::{Service, ServiceContext, ServiceError};
 use crate::state::{
     InstanceStatus, Reason, ServiceState, ServiceUpdate, SetupPhase, SetupStep, StateHub,
 };
-use crate::supervise::{jittered, retry_delay, ServicePaths, ShimCommand, Supervisor};
+use crate::supervise::{
+    has_live_shim, jittered, retry_delay, ServicePaths, ShimCommand, StandbyShim, Supervisor,
+};
 
 use super::plan::drive_identity;
 use super::plan::packages_for;
 use super::provision::{
     apply_host_touches, early_passphrase, exosphere_link, fetch_all, forget_previous_instance,
     groups_to_join, install_login_banner, install_packages, installed_early, installer,
-    load_passphrase, metadata_service, nova_reporter, provision_account, provision_sudo,
-    publish_passphrase, reserve_service_ports, set_password_once, Fetched,
+    load_passphrase, metadata_service, nova_reporter, provision_account, provision_subids,
+    provision_sudo, publish_passphrase, reserve_service_ports, set_password_once, Fetched,
 };
 use super::{plan, AgentError, AgentOptions, Mode, Plan};
 
@@ -87,7 +89,7 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
     // the batch's package query begin now, beside the local set-up that follows (the link
     // token's file, the reporters); not before the socket is bound, which keeps a second agent
     // from changing anything.
-    let first_steps = FirstSteps::begin(plan.services_side());
+    let first_steps = FirstSteps::begin(plan.services_side(), &options.shim);
     // After the account's `useradd` has begun (it is the longest step before a service can
     // start): before any service binds (they start once the account exists), and before the
     // agent's own connections (the metadata service, below) take ephemeral ports.
@@ -287,17 +289,45 @@ enum EarlyPassphrase {
 /// the host touches that need it (the home, marked done when made: before any service is
 /// installed; beside it the groups, whose ids are known before the join so that no service
 /// process waits for it); beside them the batch's packages found installed
-/// ([`installed_early`]: on a baked image all the batch does).
+/// ([`installed_early`]: on a baked image all the batch does); and a standby shim for each
+/// service, its process start beside the account's.
 struct FirstSteps {
     account: tokio::sync::oneshot::Receiver<Result<crate::platform::users::Account, Reason>>,
     home_ready: tokio::sync::watch::Receiver<bool>,
     joining: JoiningGroups,
     touches: tokio::task::JoinHandle<()>,
     installed: tokio::task::JoinHandle<Option<std::collections::HashSet<String>>>,
+    standby: Standby,
+}
+
+/// The shims started ahead of their services ([`ShimCommand::standby`]), each taken by its
+/// service's first launch; those never taken exit when dropped.
+type Standby = std::collections::HashMap<ServiceKind, StandbyShim>;
+
+/// A standby shim for each service, unless a live shim is recorded for it (an agent started
+/// again adopts or replaces what runs). One that cannot be started is not an error: the
+/// service's launch starts its shim itself, and reports it if that fails too.
+fn standby_shims(plan: &Plan, shim: &ShimCommand) -> Standby {
+    let mut standby = Standby::new();
+    for service in &plan.services {
+        let kind = service.kind();
+        if has_live_shim(&plan.paths.service_run_dir(kind)) {
+            continue;
+        }
+        match shim.standby() {
+            Ok(started) => {
+                standby.insert(kind, started);
+            }
+            Err(e) => {
+                tracing::debug!(target: "exoagent::agent", service = kind.as_str(), error = %e, "no standby shim");
+            }
+        }
+    }
+    standby
 }
 
 impl FirstSteps {
-    fn begin(plan: Plan) -> Self {
+    fn begin(plan: Plan, shim: &ShimCommand) -> Self {
         let plan = std::sync::Arc::new(plan);
         let (account_tx, account) = tokio::sync::oneshot::channel();
         let (home_tx, home_ready) = tokio::sync::watch::channel(false);
@@ -324,6 +354,7 @@ impl FirstSteps {
                 );
             }
         });
+        let standby = standby_shims(&plan, shim);
         let installed = tokio::spawn(async move { installed_early(&plan).await });
         Self {
             account,
@@ -331,6 +362,7 @@ impl FirstSteps {
             joining,
             touches,
             installed,
+            standby,
         }
     }
 }
@@ -408,6 +440,7 @@ impl SetUp<'_> {
             joining,
             touches,
             installed,
+            standby,
         } = first_steps;
         let account = match account.await {
             Ok(account) => account,
@@ -454,7 +487,8 @@ impl SetUp<'_> {
                     None => Ok(()),
                 }
             };
-            let (sudo, password) = tokio::join!(provision_sudo(plan), password);
+            let (sudo, password, ()) =
+                tokio::join!(provision_sudo(plan), password, provision_subids(plan));
             sudo.and(password)
         };
         let services = async {
@@ -497,6 +531,7 @@ impl SetUp<'_> {
                 passphrase.clone(),
                 joining,
                 fetched,
+                standby,
                 shim,
                 hub,
                 tasks,
@@ -709,6 +744,7 @@ async fn start_services(
     passphrase: PassphraseWatch,
     joining: JoiningGroups,
     fetched: Fetched,
+    mut standby: Standby,
     shim: &ShimCommand,
     hub: &StateHub,
     tasks: &mut Tasks,
@@ -733,6 +769,7 @@ async fn start_services(
         let policy = plan.settings.supervise.clone();
         let shim = shim.clone();
         let cancel = cancel.clone();
+        let standby = standby.remove(&service.kind());
         let (attempted, first_attempt) = tokio::sync::oneshot::channel::<()>();
         first_attempts.push(first_attempt);
         // One task from the install to the supervision: the service's process is started
@@ -741,6 +778,7 @@ async fn start_services(
             let inputs = Inputs {
                 passphrase,
                 joining,
+                standby,
             };
             let started = start_service(service, held, ctx, hub, inputs, policy, shim, cancel);
             let supervise = started.await;
@@ -947,6 +985,8 @@ fn tls_status(installed: &crate::front::cert::Installed) -> crate::state::TlsSta
 struct Inputs {
     passphrase: PassphraseWatch,
     joining: JoiningGroups,
+    /// A shim started ahead for the service's first launch.
+    standby: Option<StandbyShim>,
 }
 
 /// Install and configure one service, then hand back its supervisor to run. A failed install
@@ -974,6 +1014,7 @@ async fn start_service(
     let Inputs {
         passphrase,
         joining,
+        standby,
     } = inputs;
     let (first, held_packages) = match held {
         Some(Held { refusal, packages }) => (Err(refusal), packages),
@@ -983,7 +1024,7 @@ async fn start_service(
         ),
     };
     // After the install: what it installed shapes the run spec (a workflow's environment).
-    let mut supervisor = Supervisor::new(
+    let supervisor = Supervisor::new(
         kind,
         service.run_spec(&ctx),
         service.probe(),
@@ -996,6 +1037,10 @@ async fn start_service(
         shim,
         hub.clone(),
     );
+    let mut supervisor = match standby {
+        Some(standby) => supervisor.with_standby(standby),
+        None => supervisor,
+    };
     Some(Box::pin(async move {
         let mut prepared = first;
         let mut retries = 0u32;

@@ -15,6 +15,7 @@ pub mod process_group;
 pub mod procfs;
 pub mod signals;
 pub mod startup;
+pub mod subids;
 pub mod users;
 pub mod uv;
 

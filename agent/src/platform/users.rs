@@ -148,6 +148,16 @@ pub enum UserError {
     /// The user was created but cannot be found afterwards.
     #[error("user '{0}' is missing after useradd")]
     Vanished(String),
+    /// No subordinate ids can be chosen (login.defs' pool is invalid or full).
+    #[error("subordinate ids for '{name}' in '{path}': {problem}")]
+    SubIds {
+        /// The user.
+        name: String,
+        /// The subordinate id file.
+        path: PathBuf,
+        /// What is wrong.
+        problem: crate::platform::subids::RangeError,
+    },
 }
 
 impl UserError {
@@ -157,6 +167,7 @@ impl UserError {
             Self::InvalidName(_) => "user-invalid-name",
             Self::Io { source, .. } if crate::fsutil::is_disk_full(source) => "disk-full",
             Self::Command { command, .. } if command.contains("chpasswd") => "password-set-failed",
+            Self::SubIds { .. } => "subids-failed",
             Self::Command { .. } | Self::Io { .. } | Self::Malformed { .. } | Self::Vanished(_) => {
                 "user-setup-failed"
             }
@@ -418,12 +429,78 @@ impl UserManager {
                 .await;
         }
         args.extend(["--create-home", "--shell", "/bin/bash", "--user-group"].map(String::from));
+        // Subordinate ids (rootless containers) come after, from ensure_subordinate_ids: in
+        // useradd they are a third of its synchronous writes (subuid and subgid, each a lock,
+        // a backup and the file), at the moment a service waits for the account.
+        args.extend(["-K", "SUB_UID_COUNT=0", "-K", "SUB_GID_COUNT=0"].map(String::from));
         if !missing.is_empty() {
             args.extend(["--groups".to_owned(), missing.join(",")]);
         }
         args.push(name.to_owned());
         self.tool(Priority::Normal, &self.tools.useradd, &args, None)
             .await
+    }
+
+    /// Give `name` the subordinate user and group ids `useradd` would have given it (the same
+    /// rule: login.defs' pools, the first free range; only for an account in `UID_MIN..UID_MAX`,
+    /// only where `/etc/subuid` and `/etc/subgid` exist), through `usermod`, unless it has them.
+    /// Returns whether anything was added. [`Self::ensure_user`] creates accounts without them.
+    pub async fn ensure_subordinate_ids(&self, name: &str) -> Result<bool, UserError> {
+        use crate::platform::subids::{free_range, has_range, parse_ranges, SubIdDefs};
+        validate_name(name)?;
+        let Some(user) = self.lookup(name)? else {
+            return Err(UserError::Vanished(name.to_owned()));
+        };
+        let defs = SubIdDefs::read(&self.root).map_err(|source| UserError::Io {
+            action: "read",
+            path: self.root.join("etc/login.defs"),
+            source,
+        })?;
+        if !defs.covers(user.uid) {
+            return Ok(false);
+        }
+        let mut args = self.root_args();
+        for (file, pool, flag) in [
+            ("etc/subuid", defs.uids, "--add-subuids"),
+            ("etc/subgid", defs.gids, "--add-subgids"),
+        ] {
+            let path = self.root.join(file);
+            let text = match std::fs::read_to_string(&path) {
+                Ok(text) => text,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(source) => {
+                    return Err(UserError::Io {
+                        action: "read",
+                        path,
+                        source,
+                    })
+                }
+            };
+            let ranges = parse_ranges(&text);
+            if has_range(&ranges, name, user.uid) {
+                continue;
+            }
+            match free_range(pool, &ranges) {
+                Ok(Some((first, last))) => {
+                    args.extend([flag.to_owned(), format!("{first}-{last}")])
+                }
+                Ok(None) => {}
+                Err(problem) => {
+                    return Err(UserError::SubIds {
+                        name: name.to_owned(),
+                        path,
+                        problem,
+                    })
+                }
+            }
+        }
+        if args.len() == self.root_args().len() {
+            return Ok(false);
+        }
+        args.push(name.to_owned());
+        self.tool(Priority::Background, &self.tools.usermod, &args, None)
+            .await
+            .map(|()| true)
     }
 
     /// `<root>/etc/sudoers.d/90-exoagent-<name>`, 0440, checked with `visudo -cf` before it is

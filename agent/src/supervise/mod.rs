@@ -69,6 +69,61 @@ pub struct ShimCommand {
     pub exe: PathBuf,
 }
 
+impl ShimCommand {
+    /// `<exe> shim`, detached into its own session, with piped stdio and nothing inherited.
+    fn command(&self) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new(&self.exe);
+        command
+            .arg("shim")
+            .env_clear()
+            .current_dir("/")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(false);
+        // SAFETY: setsid is async-signal-safe; it detaches the shim into its own session so it
+        // outlives the agent and receives none of its terminal's or group's signals.
+        unsafe {
+            command.pre_exec(|| {
+                nix::unistd::setsid()
+                    .map(|_| ())
+                    .map_err(std::io::Error::from)
+            });
+        }
+        command
+    }
+
+    /// A shim started now, ahead of its spec: its process start (a fork of the agent and the
+    /// executable's start, a noticeable part of a second on a small instance at boot) runs
+    /// beside whatever the service still waits for (the account), and the supervisor's first
+    /// launch hands it the spec. Dropped unused, it reads an empty stdin and exits.
+    pub fn standby(&self) -> std::io::Result<StandbyShim> {
+        self.command().spawn().map(|child| StandbyShim { child })
+    }
+}
+
+/// A shim waiting on stdin for its spec ([`ShimCommand::standby`]).
+#[derive(Debug)]
+pub struct StandbyShim {
+    child: tokio::process::Child,
+}
+
+impl StandbyShim {
+    /// The shim's process id (`None` once it has been reaped).
+    pub fn id(&self) -> Option<u32> {
+        self.child.id()
+    }
+}
+
+/// Whether `run_dir` records a shim that is still alive (its service runs, or is ending): an
+/// agent started again finds it and adopts or replaces the service, so no standby is needed.
+pub fn has_live_shim(run_dir: &Path) -> bool {
+    matches!(
+        records::read_record::<RunRecord>(&records::run_file(run_dir)),
+        Ok(Some(run)) if procfs::is_alive(run.shim_pid, run.shim_start_ticks)
+    )
+}
+
 /// What to run for a service.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunSpec {
@@ -465,6 +520,8 @@ pub struct Supervisor {
     part: Part,
     /// Groups the account is being added to as the service starts ([`ShimSpec::joining_groups`]).
     joining_groups: Vec<u32>,
+    /// A shim started ahead, for the first launch ([`ShimCommand::standby`]).
+    standby: std::sync::Mutex<Option<StandbyShim>>,
 }
 
 /// What a supervisor runs for its service.
@@ -503,7 +560,17 @@ impl Supervisor {
             note: None,
             part: Part::Service,
             joining_groups: Vec::new(),
+            standby: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Launch the service the first time through `standby` instead of a new shim.
+    pub fn with_standby(self, standby: StandbyShim) -> Self {
+        *self
+            .standby
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(standby);
+        self
     }
 
     /// Supervise the TLS front before the service instead of the service: states go to the
@@ -886,30 +953,15 @@ impl Supervisor {
             )
         })?;
         let exe = self.shim.exe.display().to_string();
-        let mut command = tokio::process::Command::new(&self.shim.exe);
-        command
-            .arg("shim")
-            .env_clear()
-            .current_dir("/")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(false);
-        // SAFETY: setsid is async-signal-safe; it detaches the shim into its own session so it
-        // outlives the agent and receives none of its terminal's or group's signals.
-        unsafe {
-            command.pre_exec(|| {
-                nix::unistd::setsid()
-                    .map(|_| ())
-                    .map_err(std::io::Error::from)
-            });
-        }
-        let mut child = command.spawn().map_err(|e| {
-            Ended::spawn_failed(
-                "spawn-failed",
-                format!("failed to start the shim '{exe} shim': {e}"),
-            )
-        })?;
+        let mut child = match self.take_standby() {
+            Some(standby) => standby.child,
+            None => self.shim.command().spawn().map_err(|e| {
+                Ended::spawn_failed(
+                    "spawn-failed",
+                    format!("failed to start the shim '{exe} shim': {e}"),
+                )
+            })?,
+        };
         let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut child, &input)).await;
         let hello = match hello {
             Ok(Ok(hello)) => hello,
@@ -983,6 +1035,26 @@ impl Supervisor {
             started: Instant::now(),
             started_ms,
         })
+    }
+
+    /// The standby shim, unless there is none or it has already ended (then a new one starts).
+    fn take_standby(&self) -> Option<StandbyShim> {
+        let mut standby = self
+            .standby
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()?;
+        match standby.child.try_wait() {
+            Ok(None) => Some(standby),
+            Ok(Some(status)) => {
+                tracing::warn!(target: "exoagent::supervise", service = %self.kind, %status, "the standby shim had ended; starting another");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(target: "exoagent::supervise", service = %self.kind, error = %e, "the standby shim could not be checked; starting another");
+                None
+            }
+        }
     }
 
     /// Probe and wait until the run ends (or `cancel` fires).

@@ -5,7 +5,8 @@
 //! agent does not interrupt them.
 //!
 //! Protocol: the agent writes one JSON [`ShimSpec`] to the shim's stdin and closes it; the shim
-//! answers one line on stdout, [`ShimHello`], then stops using stdout and stderr.
+//! answers one line on stdout, [`ShimHello`], then stops using stdout and stderr. A shim may be
+//! started before its spec is known (a standby); closed with nothing written, it exits at once.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
@@ -101,6 +102,10 @@ pub fn main_from_stdin() -> ExitCode {
             "spawn-failed",
             format!("failed to read the shim spec from stdin: {e}"),
         ));
+    }
+    // A standby shim the agent did not need (ShimCommand::standby): nothing to start or say.
+    if input.is_empty() {
+        return ExitCode::SUCCESS;
     }
     let spec: ShimSpec = match serde_json::from_slice(&input) {
         Ok(spec) => spec,
