@@ -64,14 +64,22 @@ impl Ran {
     }
 }
 
+/// The pipe a command's stdout and stderr go to, both ends close-on-exec: the agent starts
+/// other processes from other threads meanwhile (a shim, a tool), and one that inherited the
+/// write end would hold the reader's end of the output open for its whole life (the output
+/// then lost to the read's timeout). The command's own copies (its stdout and stderr) are
+/// made by `dup2`, which does not carry the flag.
+fn output_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from)
+}
+
 /// Run `argv` as `who` for at most `limit`; an error only when it could not be started.
 pub async fn run(argv: &[String], who: &RunAs, limit: Duration) -> std::io::Result<Ran> {
     let (program, args) = argv
         .split_first()
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty command"))?;
     tracing::info!(target: "exoagent::services", service = "jupyterlab", command = %super::mask(&argv.join(" ")), "workflow step");
-    let (read, write) = nix::unistd::pipe().map_err(std::io::Error::from)?;
-    let write: OwnedFd = write;
+    let (read, write) = output_pipe()?;
     let mut command = tokio::process::Command::new(program);
     command
         .args(args)
@@ -147,6 +155,19 @@ pub async fn run(argv: &[String], who: &RunAs, limit: Duration) -> std::io::Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_output_pipe_is_not_inherited_by_other_processes() {
+        use std::os::fd::AsRawFd;
+        let (read, write) = output_pipe().unwrap();
+        for fd in [read.as_raw_fd(), write.as_raw_fd()] {
+            let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).unwrap();
+            assert!(
+                nix::fcntl::FdFlag::from_bits_truncate(flags).contains(nix::fcntl::FdFlag::FD_CLOEXEC),
+                "fd {fd} is inherited across exec"
+            );
+        }
+    }
 
     fn here() -> RunAs {
         RunAs {
