@@ -13,7 +13,7 @@ use exoagent::config::settings::PackageSettings;
 use exoagent::platform::os::{self, Family, PackageManager};
 use exoagent::platform::packages::{InstallOutcome, PackageInstaller, PackageItem, PackageTools};
 use exoagent::platform::passphrase::Passphrase;
-use exoagent::platform::users::UserManager;
+use exoagent::platform::users::{UserManager, UserTools};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -272,6 +272,46 @@ async fn subordinate_ids_come_after_the_account_and_match_useradds() {
     assert!(status.success());
     assert!(!users.ensure_subordinate_ids("svc").await.unwrap());
     assert_eq!(subid_line(by_agent.path(), "subuid", "svc"), None);
+}
+
+/// Debian 11's `useradd` (shadow 4.8.1) fails on `SUB_UID_COUNT=0` ("Can't get unique
+/// subordinate UID range", exit 16) before writing anything, as its VM scenario showed; this
+/// host's shadow is newer, so that answer comes from a wrapper around the real `useradd` (a
+/// double of the old one's refusal only: the account itself is the real tool's). The account
+/// is then made by a plain `useradd`, which gives the subordinate ids itself.
+#[tokio::test]
+async fn an_older_useradd_that_refuses_no_subordinate_ids_gives_them_itself() {
+    if !is_root() {
+        eprintln!("skipped: needs root for useradd --root");
+        return;
+    }
+    let _host = HOST_USERS.lock().await;
+    let root = shadow_root();
+    for file in ["subuid", "subgid"] {
+        std::fs::write(root.path().join("etc").join(file), "debian:100000:65536\n").unwrap();
+    }
+    let tools = tempfile::tempdir().unwrap();
+    let old = tools.path().join("useradd");
+    std::fs::write(
+        &old,
+        "#!/bin/sh\ncase \" $* \" in *SUB_UID_COUNT=0*) echo \"useradd: Can't get unique subordinate UID range\" >&2; echo \"useradd: can't create subordinate user IDs\" >&2; exit 16;; esac\nexec useradd \"$@\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let users = UserManager::with_tools(
+        root.path(),
+        UserTools {
+            useradd: old,
+            ..UserTools::default()
+        },
+    );
+    users.ensure_user("exouser", Family::Debian).await.unwrap();
+    assert_eq!(
+        subid_line(root.path(), "subuid", "exouser").as_deref(),
+        Some("exouser:165536:65536")
+    );
+    assert!(subid_line(root.path(), "subgid", "exouser").is_some());
+    assert!(!users.ensure_subordinate_ids("exouser").await.unwrap());
 }
 
 #[tokio::test]

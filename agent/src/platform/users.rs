@@ -429,16 +429,37 @@ impl UserManager {
                 .await;
         }
         args.extend(["--create-home", "--shell", "/bin/bash", "--user-group"].map(String::from));
-        // Subordinate ids (rootless containers) come after, from ensure_subordinate_ids: in
-        // useradd they are a third of its synchronous writes (subuid and subgid, each a lock,
-        // a backup and the file), at the moment a service waits for the account.
-        args.extend(["-K", "SUB_UID_COUNT=0", "-K", "SUB_GID_COUNT=0"].map(String::from));
         if !missing.is_empty() {
             args.extend(["--groups".to_owned(), missing.join(",")]);
         }
         args.push(name.to_owned());
-        self.tool(Priority::Normal, &self.tools.useradd, &args, None)
+        // Subordinate ids (rootless containers) come after, from ensure_subordinate_ids: in
+        // useradd they are a third of its synchronous writes (subuid and subgid, each a lock,
+        // a backup and the file), at the moment a service waits for the account.
+        let mut without_subids = args.clone();
+        let at = without_subids.len() - 1;
+        without_subids.splice(
+            at..at,
+            ["-K", "SUB_UID_COUNT=0", "-K", "SUB_GID_COUNT=0"].map(String::from),
+        );
+        match self
+            .tool(Priority::Normal, &self.tools.useradd, &without_subids, None)
             .await
+        {
+            // An older shadow (4.8.1, Debian 11's, in the VM scenario) looks for a range of 0
+            // ids instead of none and fails before writing anything, with E_SUB_UID_UPDATE
+            // (16) or E_SUB_GID_UPDATE (18): there useradd gives them itself.
+            Err(UserError::Command { status, stderr, .. })
+                if stderr.contains("subordinate")
+                    && (status.contains("16") || status.contains("18"))
+                    && self.lookup(name)?.is_none() =>
+            {
+                tracing::info!(target: "exoagent::agent", "this useradd cannot leave the subordinate ids out; it gives them itself");
+                self.tool(Priority::Normal, &self.tools.useradd, &args, None)
+                    .await
+            }
+            done => done,
+        }
     }
 
     /// Give `name` the subordinate user and group ids `useradd` would have given it (the same
