@@ -451,7 +451,7 @@ impl UserManager {
             // (16) or E_SUB_GID_UPDATE (18): there useradd gives them itself.
             Err(UserError::Command { status, stderr, .. })
                 if stderr.contains("subordinate")
-                    && (status.contains("16") || status.contains("18"))
+                    && (status.ends_with(" 16") || status.ends_with(" 18"))
                     && self.lookup(name)?.is_none() =>
             {
                 tracing::info!(target: "exoagent::agent", "this useradd cannot leave the subordinate ids out; it gives them itself");
@@ -480,7 +480,7 @@ impl UserManager {
         if !defs.covers(user.uid) {
             return Ok(false);
         }
-        let mut args = self.root_args();
+        let mut additions = Vec::new();
         for (file, pool, flag) in [
             ("etc/subuid", defs.uids, "--add-subuids"),
             ("etc/subgid", defs.gids, "--add-subgids"),
@@ -503,7 +503,7 @@ impl UserManager {
             }
             match free_range(pool, &ranges) {
                 Ok(Some((first, last))) => {
-                    args.extend([flag.to_owned(), format!("{first}-{last}")])
+                    additions.extend([flag.to_owned(), format!("{first}-{last}")])
                 }
                 Ok(None) => {}
                 Err(problem) => {
@@ -515,9 +515,11 @@ impl UserManager {
                 }
             }
         }
-        if args.len() == self.root_args().len() {
+        if additions.is_empty() {
             return Ok(false);
         }
+        let mut args = self.root_args();
+        args.extend(additions);
         args.push(name.to_owned());
         self.tool(Priority::Background, &self.tools.usermod, &args, None)
             .await

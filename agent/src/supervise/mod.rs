@@ -118,10 +118,15 @@ impl StandbyShim {
 /// Whether `run_dir` records a shim that is still alive (its service runs, or is ending): an
 /// agent started again finds it and adopts or replaces the service, so no standby is needed.
 pub fn has_live_shim(run_dir: &Path) -> bool {
-    matches!(
-        records::read_record::<RunRecord>(&records::run_file(run_dir)),
-        Ok(Some(run)) if procfs::is_alive(run.shim_pid, run.shim_start_ticks)
-    )
+    live_run(run_dir).is_some()
+}
+
+/// The run recorded in `run_dir` while its shim is alive.
+fn live_run(run_dir: &Path) -> Option<RunRecord> {
+    records::read_record::<RunRecord>(&records::run_file(run_dir))
+        .ok()
+        .flatten()
+        .filter(|run| procfs::is_alive(run.shim_pid, run.shim_start_ticks))
 }
 
 /// What to run for a service.
@@ -596,12 +601,7 @@ impl Supervisor {
 
     /// Whether a live shim runs this very spec: the service will be adopted, not restarted.
     pub fn finds_running_service(&self) -> bool {
-        let run_path = records::run_file(&self.paths.run_dir);
-        matches!(
-            records::read_record::<RunRecord>(&run_path),
-            Ok(Some(run)) if run.spec_hash == self.spec_hash
-                && procfs::is_alive(run.shim_pid, run.shim_start_ticks)
-        )
+        live_run(&self.paths.run_dir).is_some_and(|run| run.spec_hash == self.spec_hash)
     }
 
     /// Like [`Supervisor::run`], but a `failed` service is retried on [`retry_delay`]'s
