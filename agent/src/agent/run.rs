@@ -163,6 +163,13 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
         if mounted && plan.identity.is_none() {
             plan.identity = drive_identity(&plan.paths)?;
         }
+        // On a fresh image's first boot nothing on the services' path waits for the identity:
+        // its CPU and synced writes (the metadata calls, the Nova client's TLS set-up, the
+        // instance marker, the banner, the publication) come once the services' processes
+        // have started (at most SERVICES_FIRST), not beside the account and the spawn.
+        if matches!(early, EarlyPassphrase::Loaded(_)) && plan.mode == Mode::System {
+            services_started(&hub, SERVICES_FIRST).await;
+        }
         let identity_source = resolve_identity(&mut plan, metadata.as_ref(), &hub).await?;
         forget_previous_instance(&plan)?;
         if plan.settings.cloud.clouds_yaml.is_some() {
