@@ -3,6 +3,7 @@
 #![deny(missing_docs)]
 
 pub mod agent;
+pub mod alerts;
 pub mod api;
 pub mod cli;
 pub mod cloud;

@@ -204,6 +204,71 @@ pub struct VolumeStatus {
     pub detail: String,
 }
 
+/// What a resource alert is about (`alerts[].resource` in the status API).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum AlertResource {
+    /// The instance's memory: total minus what the kernel counts as available.
+    Memory,
+    /// A filesystem: the root disk, a mounted volume, or one holding a path in `[alerts] paths`.
+    Filesystem,
+}
+
+impl AlertResource {
+    /// The stable name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Memory => "memory",
+            Self::Filesystem => "filesystem",
+        }
+    }
+
+    /// The alert's stable code (`alerts[].code`, the Nova tag `exoagent:alert:<code>`).
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::Memory => "memory-high",
+            Self::Filesystem => "disk-high",
+        }
+    }
+}
+
+/// One resource used at or above its `[alerts]` threshold (`alerts[]` in the status API). It
+/// stays until use falls a margin below the threshold (`alerts::CLEAR_MARGIN`), so a value
+/// hovering at the line does not raise and clear it every sample.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceAlert {
+    /// What is used up.
+    pub resource: AlertResource,
+    /// The stable code: `memory-high` or `disk-high`.
+    pub code: String,
+    /// The filesystem's mount point (or the watched path on it); absent for memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Use at the latest sample, in percent (filesystems counted like `df`).
+    pub used_percent: u8,
+    /// The threshold it reached.
+    pub threshold_percent: u8,
+    /// When it was raised (ms since the epoch).
+    pub since_ms: u64,
+}
+
+impl ResourceAlert {
+    /// "memory 93% used (alert at 90%, since 3m ago)", "/media/volume/data 95% used (…)" at
+    /// `now_ms`: the path escaped onto one line (mount points decode to any byte).
+    pub fn describe(&self, now_ms: u64) -> String {
+        let what = match &self.path {
+            Some(path) => crate::text::clean(path, 120),
+            None => self.resource.as_str().to_owned(),
+        };
+        format!(
+            "{what} {}% used (alert at {}%, since {})",
+            self.used_percent,
+            self.threshold_percent,
+            relative(self.since_ms, now_ms)
+        )
+    }
+}
+
 /// The overall setup state, in Exosphere's vocabulary (`status` values of console lines).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -312,6 +377,9 @@ pub struct Snapshot {
     /// Attached volumes and what became of them (absent when none were looked at).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<VolumeStatus>,
+    /// Resources at or above their thresholds (absent when none is).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alerts: Vec<ResourceAlert>,
 }
 
 /// Where the agent learnt which instance it runs on (`instance.source` in the status API).
@@ -423,6 +491,7 @@ struct Model {
     instance: Option<InstanceStatus>,
     tls: Option<TlsStatus>,
     volumes: Vec<VolumeStatus>,
+    alerts: Vec<ResourceAlert>,
 }
 
 impl Model {
@@ -487,6 +556,7 @@ impl Model {
             instance: self.instance.clone(),
             tls: self.tls.clone(),
             volumes: self.volumes.clone(),
+            alerts: self.alerts.clone(),
         }
     }
 }
@@ -561,6 +631,7 @@ impl StateHub {
             instance: None,
             tls: None,
             volumes: Vec::new(),
+            alerts: Vec::new(),
         };
         let (state, step, reason) = model.derive_setup();
         model.setup = SetupStatus {
@@ -651,6 +722,12 @@ impl StateHub {
     /// volume left alone is not a failed setup).
     pub fn set_volumes(&self, volumes: Vec<VolumeStatus>) {
         self.with_model(|m| m.volumes = volumes);
+    }
+
+    /// Record the resources now at or above their thresholds (never affects the setup state:
+    /// a full disk is the researcher's to act on, not a failed setup).
+    pub fn set_alerts(&self, alerts: Vec<ResourceAlert>) {
+        self.with_model(|m| m.alerts = alerts);
     }
 
     /// Expect a TLS front before `service` (pending until its supervisor reports).

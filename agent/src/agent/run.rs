@@ -690,6 +690,15 @@ fn start_local_reporters(
     )
     .with_token_line(token_line);
     tasks.spawn(reporter.run(hub.subscribe(), cancel.clone()));
+    if plan.settings.alerts.enabled {
+        tasks.spawn(crate::alerts::watch(
+            plan.settings.alerts.clone(),
+            crate::alerts::MEMINFO.into(),
+            plan.paths.system_root.clone(),
+            hub.clone(),
+            cancel.clone(),
+        ));
+    }
     let notify = SdNotify::from_env();
     if let Some(notify) = notify.clone() {
         tasks.spawn(run_status_notifier(notify, hub.subscribe(), cancel.clone()));

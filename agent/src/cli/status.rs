@@ -289,7 +289,20 @@ pub fn render_table(snapshot: &Snapshot, now: u64) -> String {
         line(row.iter().map(String::as_str).collect());
     }
     render_volumes(&snapshot.volumes, &mut out);
+    render_alerts(&snapshot.alerts, now, &mut out);
     out
+}
+
+/// One line per resource alert under the table: `disk-high: /data 95% used (alert at 90%,
+/// since 3m ago)`.
+fn render_alerts(alerts: &[crate::state::ResourceAlert], now: u64, out: &mut String) {
+    if alerts.is_empty() {
+        return;
+    }
+    out.push_str("alerts:\n");
+    for alert in alerts {
+        out.push_str(&format!("  {}: {}\n", alert.code, alert.describe(now)));
+    }
 }
 
 /// One line per volume under the table: `volume /dev/vdb "data": mounted at /media/volume/data`.
@@ -394,12 +407,32 @@ mod tests {
                     detail: "LVM2_member\nfound".into(),
                 },
             ],
+            alerts: vec![
+                crate::state::ResourceAlert {
+                    resource: crate::state::AlertResource::Memory,
+                    code: "memory-high".into(),
+                    path: None,
+                    used_percent: 93,
+                    threshold_percent: 90,
+                    since_ms: 15_000,
+                },
+                crate::state::ResourceAlert {
+                    resource: crate::state::AlertResource::Filesystem,
+                    code: "disk-high".into(),
+                    path: Some("/media/volume/x\ny".into()),
+                    used_percent: 100,
+                    threshold_percent: 95,
+                    since_ms: 70_000,
+                },
+            ],
         };
         let table = render_table(&snapshot, 75_000);
         assert!(
             table.ends_with(
                 "volumes:\n  /dev/vdb \"data\": mounted at /media/volume/data\n  \
-                 /dev/vdc: left-alone: signature: LVM2_member\\nfound\n"
+                 /dev/vdc: left-alone: signature: LVM2_member\\nfound\n\
+                 alerts:\n  memory-high: memory 93% used (alert at 90%, since 1m ago)\n  \
+                 disk-high: /media/volume/x y 100% used (alert at 95%, since 5s ago)\n"
             ),
             "{table}"
         );
@@ -477,6 +510,7 @@ mod tests {
                 generated: true,
             }),
             volumes: Vec::new(),
+            alerts: Vec::new(),
         };
         let table = render_table(&snapshot, 75_000);
         assert!(

@@ -88,6 +88,7 @@ pub(crate) struct Fragment {
     pub tls: crate::front::settings::Section,
     pub host: crate::host::settings::Section,
     pub volumes: crate::volumes::Section,
+    pub alerts: crate::alerts::Section,
 }
 
 const TOP_KEYS: &[&str] = &[
@@ -100,6 +101,7 @@ const TOP_KEYS: &[&str] = &[
     "tls",
     "host",
     "volumes",
+    "alerts",
 ];
 
 const INSTANCE_KEYS: &[Key<InstanceFragment>] = &[
@@ -414,6 +416,13 @@ pub(crate) fn parse(
                 "unknown key",
                 &mut fragment.volumes,
             ),
+            "alerts" => w.section(
+                "alerts",
+                table,
+                crate::alerts::KEYS,
+                "unknown key",
+                &mut fragment.alerts,
+            ),
             // `entries` returns only names from `TOP_KEYS`; a test checks each has an arm.
             _ => {}
         }
@@ -436,6 +445,7 @@ mod tests {
         problems.extend(key_table_problems("cloud", CLOUD_KEYS));
         problems.extend(key_table_problems("host", crate::host::settings::KEYS));
         problems.extend(key_table_problems("volumes", crate::volumes::KEYS));
+        problems.extend(key_table_problems("alerts", crate::alerts::KEYS));
         assert!(problems.is_empty(), "{problems:#?}");
     }
 

@@ -304,6 +304,11 @@ mod tests {
             "[volumes]",
             "automount",
             "mount_root",
+            "[alerts]",
+            "memory_percent",
+            "disk_percent",
+            "paths",
+            "interval_s",
         ] {
             assert!(EXAMPLE_CONFIG.contains(key), "example lacks {key}");
         }
@@ -565,6 +570,12 @@ base_packages = true
 [volumes]
 automount = true
 mount_root = "/mnt/vols"
+[alerts]
+enabled = false
+memory_percent = 80
+disk_percent = 95
+paths = ["/scratch"]
+interval_s = 5
 "#;
         let s = ok(&[("/a.toml", text)]).settings;
         assert_eq!(
@@ -635,6 +646,13 @@ mount_root = "/mnt/vols"
                 volumes: VolumeSettings {
                     automount: true,
                     mount_root: "/mnt/vols".into(),
+                },
+                alerts: AlertSettings {
+                    enabled: false,
+                    memory_percent: 80,
+                    disk_percent: 95,
+                    paths: vec!["/scratch".into()],
+                    interval: std::time::Duration::from_secs(5),
                 },
             }
         );

@@ -2,6 +2,7 @@
 //! Only `config::load` builds these from files; everything else takes them as given. Each
 //! section's type lives with the module that uses it; `[instance]` is the agent's own.
 
+pub use crate::alerts::AlertSettings;
 pub use crate::cloud::{CloudSettings, DEFAULT_METADATA_URL};
 pub use crate::front::settings::{CertChoice, TlsSettings};
 pub use crate::host::HostSettings;
@@ -35,6 +36,8 @@ pub struct Settings {
     pub host: HostSettings,
     /// Attached volumes.
     pub volumes: VolumeSettings,
+    /// Memory and disk alerts.
+    pub alerts: AlertSettings,
 }
 
 /// `[instance]`: who the researcher logs in as.
@@ -61,6 +64,7 @@ impl Default for Settings {
             tls: TlsSettings::default(),
             host: HostSettings::default(),
             volumes: VolumeSettings::default(),
+            alerts: AlertSettings::default(),
         }
     }
 }

@@ -118,6 +118,7 @@ pub(crate) fn settings(merged: &Fragment, files: &[PathBuf]) -> (Settings, Vec<C
         .tls
         .settings(&mut check, std::time::SystemTime::now());
     let volumes = merged.volumes.settings();
+    let alerts = merged.alerts.settings();
 
     // Enabled services, in report order, with where they were enabled and got their port.
     let mut enabled: Vec<(ServiceKind, u16, Origin)> = Vec::new();
@@ -246,6 +247,7 @@ pub(crate) fn settings(merged: &Fragment, files: &[PathBuf]) -> (Settings, Vec<C
         tls,
         host,
         volumes,
+        alerts,
     };
     (settings, check.finish())
 }

@@ -115,6 +115,10 @@ fn render_snapshot(snapshot: &Snapshot, now: u64) -> String {
             }
         ));
     }
+    // Memory or a disk running out: what kills a notebook without warning.
+    for alert in &snapshot.alerts {
+        out.push_str(&format!("  alert: {}\n", alert.describe(now)));
+    }
     if let Some(nova) = snapshot
         .nova
         .as_ref()
@@ -202,6 +206,7 @@ mod tests {
             instance: None,
             tls: None,
             volumes: Vec::new(),
+            alerts: Vec::new(),
         }
     }
 
@@ -369,6 +374,28 @@ mod tests {
             ),
             "{text}"
         );
+    }
+
+    #[test]
+    fn resource_alerts_are_shown_with_their_use_and_start() {
+        let mut s = snapshot(
+            SetupState::Complete,
+            vec![service(ServiceKind::JupyterLab, ServiceState::Ready, None)],
+        );
+        s.alerts = vec![crate::state::ResourceAlert {
+            resource: crate::state::AlertResource::Filesystem,
+            code: "disk-high".into(),
+            path: Some("/media/volume/\x1b[2Jdata".into()),
+            used_percent: 97,
+            threshold_percent: 90,
+            since_ms: 65_000,
+        }];
+        let text = banner(s);
+        assert!(
+            text.contains("  alert: /media/volume/[2Jdata 97% used (alert at 90%, since 1m ago)\n"),
+            "{text}"
+        );
+        assert!(text.starts_with("exoagent setup: complete"), "{text}");
     }
 
     #[test]

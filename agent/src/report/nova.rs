@@ -56,6 +56,10 @@ impl Wanted {
                 ));
             }
         }
+        // One tag per kind of alert: the tag says "look", exoAgent and the status say where.
+        for alert in &snapshot.alerts {
+            tags.insert(format!("{TAG_PREFIX}alert:{}", alert.resource.code()));
+        }
         tags.retain(|t| t.len() <= MAX_TAG_LEN);
         let mut metadata = BTreeMap::new();
         metadata.insert(
@@ -102,9 +106,11 @@ fn volume_counts(snapshot: &Snapshot) -> Option<serde_json::Value> {
 }
 
 /// `{"v":"0.1.0","setup":"complete","svc":{"jupyterlab":"ready:8888"},"tls":"<sha256>",
-/// "vol":{"m":1,"l":1,"f":0},"err":"…"}`, at most 255 characters: the error text is shortened
-/// first, then services are dropped from the end; the TLS fingerprint (what a UAP pins, present
-/// with `[tls] enabled`) and the volume counts (present with volumes) always stay.
+/// "vol":{"m":1,"l":1,"f":0},"err":"…","alert":"memory,/media/volume/data"}`, at most 255
+/// characters: the error and alert texts are shortened first, then services are dropped from
+/// the end; the TLS fingerprint (what a UAP pins, present with `[tls] enabled`) and the volume
+/// counts (present with volumes) always stay. `alert` names what is used up, not how much: a
+/// percentage moving by one would be a metadata write each time.
 pub fn exo_agent_summary(snapshot: &Snapshot) -> String {
     let services: Vec<(String, String)> = snapshot
         .services
@@ -128,7 +134,15 @@ pub fn exo_agent_summary(snapshot: &Snapshot) -> String {
         )),
         _ => None,
     };
-    let render = |services: &[(String, String)], error: Option<&str>| {
+    let alert = (!snapshot.alerts.is_empty()).then(|| {
+        snapshot
+            .alerts
+            .iter()
+            .map(|a| a.path.as_deref().unwrap_or(a.resource.as_str()))
+            .collect::<Vec<_>>()
+            .join(",")
+    });
+    let render = |services: &[(String, String)], error: Option<&str>, alert: Option<&str>| {
         let svc: serde_json::Map<String, serde_json::Value> = services
             .iter()
             .map(|(k, v)| (k.clone(), serde_json::Value::from(v.as_str())))
@@ -147,18 +161,25 @@ pub fn exo_agent_summary(snapshot: &Snapshot) -> String {
         if let Some(error) = error {
             value["err"] = serde_json::Value::from(error);
         }
+        if let Some(alert) = alert {
+            value["alert"] = serde_json::Value::from(alert);
+        }
         value.to_string()
     };
     let mut kept = services.len();
+    let short =
+        |text: &Option<String>| text.as_deref().map(|t| crate::model::truncate_chars(t, 60));
     loop {
-        let text = render(&services[..kept], error.as_deref());
+        let text = render(&services[..kept], error.as_deref(), alert.as_deref());
         if text.chars().count() <= MAX_META_VALUE_LEN {
             return text;
         }
-        let short_error = error
-            .as_deref()
-            .map(|e| crate::model::truncate_chars(e, 60));
-        let text = render(&services[..kept], short_error.as_deref());
+        let (short_error, short_alert) = (short(&error), short(&alert));
+        let text = render(
+            &services[..kept],
+            short_error.as_deref(),
+            short_alert.as_deref(),
+        );
         if text.chars().count() <= MAX_META_VALUE_LEN || kept == 0 {
             return crate::model::truncate_chars(&text, MAX_META_VALUE_LEN);
         }
@@ -495,6 +516,63 @@ mod tests {
         let setup: serde_json::Value = serde_json::from_str(&w.metadata["exoSetup"]).unwrap();
         assert_eq!(setup["status"], "running");
         assert!(setup["epoch"].as_u64().unwrap() > 1_700_000_000_000);
+    }
+
+    #[test]
+    fn alerts_are_a_tag_per_kind_and_named_in_the_summary_without_their_use() {
+        use crate::state::{AlertResource, ResourceAlert};
+        let alert = |resource: AlertResource, path: Option<&str>, used: u8| ResourceAlert {
+            resource,
+            code: resource.code().to_owned(),
+            path: path.map(str::to_owned),
+            used_percent: used,
+            threshold_percent: 90,
+            since_ms: 1,
+        };
+        let hub = hub();
+        hub.set_alerts(vec![
+            alert(AlertResource::Memory, None, 91),
+            alert(AlertResource::Filesystem, Some("/"), 95),
+            alert(AlertResource::Filesystem, Some("/media/volume/data"), 99),
+        ]);
+        let w = Wanted::of(&hub.snapshot());
+        assert_eq!(
+            w.tags.iter().collect::<Vec<_>>(),
+            [
+                "exoagent:alert:disk-high",
+                "exoagent:alert:memory-high",
+                "exoagent:setup:starting"
+            ]
+        );
+        let summary: serde_json::Value = serde_json::from_str(&w.metadata["exoAgent"]).unwrap();
+        assert_eq!(summary["alert"], "memory,/,/media/volume/data");
+        // Use moving within a standing alert writes nothing new to Nova.
+        hub.set_alerts(vec![
+            alert(AlertResource::Memory, None, 92),
+            alert(AlertResource::Filesystem, Some("/"), 96),
+            alert(AlertResource::Filesystem, Some("/media/volume/data"), 100),
+        ]);
+        assert_eq!(Wanted::of(&hub.snapshot()), w);
+        // Many long mount points are shortened, never past the value's limit.
+        let long: Vec<_> = (0..20)
+            .map(|i| {
+                let path = format!("/media/volume/{}{i}", "v".repeat(40));
+                alert(AlertResource::Filesystem, Some(path.as_str()), 99)
+            })
+            .collect();
+        hub.set_alerts(long);
+        let summary = &Wanted::of(&hub.snapshot()).metadata["exoAgent"];
+        assert!(summary.chars().count() <= MAX_META_VALUE_LEN, "{summary}");
+        let value: serde_json::Value = serde_json::from_str(summary).unwrap();
+        assert!(value["alert"]
+            .as_str()
+            .unwrap()
+            .starts_with("/media/volume/v"));
+        assert_eq!(value["svc"]["jupyterlab"], "pending:8888");
+        hub.set_alerts(Vec::new());
+        let w = Wanted::of(&hub.snapshot());
+        assert!(!w.tags.iter().any(|t| t.contains("alert")), "{:?}", w.tags);
+        assert!(!w.metadata["exoAgent"].contains("alert"));
     }
 
     #[tokio::test]
