@@ -919,7 +919,16 @@ def finish(runs, args, notes, when=None):
     text = report(runs, args, args.runs, notes, when)
     print(text)
     if args.record:
-        previous = ("Previous record (2026-12-07 10:09–10:39 UTC, agent at 080f2ba, 3 interleaved"
+        previous = ("Previous record (2026-12-07 13:44–14:15 UTC, agent at a90c0df, 3 interleaved"
+                    " rounds of all four variants, a slower host: the same peers 7–27 % slower): "
+                    "answering medians baked 60 s (51–61), stock + bootstrap 106 s (106–122), plain pip "
+                    "script 346 s (296–352), plain uv script 123 s (117–141); bootstrap ÷ pip 0.31, ÷ uv "
+                    "0.87; baked: the agent's time from cloud-init's network stage to "
+                    "JupyterLab's process start 0.96, 1.11, 1.07 s (1.12, 1.18, 1.12 s to the "
+                    "shim's report); console `complete` +0.1 to +0.2 s after answering; Nova tags "
+                    "+0.78, +0.71, +0.85 s (from nova-api's log)."
+                    "\n\n"
+                    "Before it (2026-12-07 10:09–10:39 UTC, agent at 080f2ba, 3 interleaved"
                     " rounds of all four variants, outside CPU load 1–8 %): answering medians "
                     "baked 50 s (50–56), stock + bootstrap 99 s (96–105), plain pip script 277 s "
                     "(275–278), plain uv script 106 s (105–111); bootstrap ÷ pip 0.36, ÷ uv 0.93; "
