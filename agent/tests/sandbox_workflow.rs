@@ -638,6 +638,19 @@ async fn the_checkout_is_the_accounts_and_never_forced() {
         fs::read_to_string(dir.join(".git/HEAD")).unwrap(),
         head_before
     );
+
+    // A checkout with no origin is said to be one, not "a checkout of" nothing.
+    run_ok(
+        Command::new("git")
+            .args(["-c", "safe.directory=*", "-C"])
+            .arg(&dir)
+            .args(["remote", "remove", "origin"]),
+        "git remote remove",
+    );
+    let e = source::sync(&url, "main", &dir, &who).await.unwrap_err();
+    assert_eq!(e.reason(), "workflow-checkout-failed", "{e}");
+    assert!(e.to_string().contains("no remote named origin"), "{e}");
+    assert_eq!(fs::read_to_string(dir.join("notes.txt")).unwrap(), "two\n");
 }
 
 /// A whole build as another account (exouser on an instance; `nobody` here, needs root), the

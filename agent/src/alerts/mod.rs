@@ -7,7 +7,6 @@
 pub mod settings;
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -193,20 +192,20 @@ fn percent(used: u64, total: u64) -> u8 {
 
 /// A writable filesystem's use like `df`'s `Use%`: used blocks over used plus those available
 /// to unprivileged users (root's reserve is not space a researcher has), and its device, to
-/// watch one filesystem once. `None` for what cannot be read, a read-only filesystem (nothing
-/// can fill it) or one with no blocks (`proc`, `sysfs`).
-pub fn filesystem_use(path: &Path) -> Option<(u64, u8)> {
-    let stat = nix::sys::statvfs::statvfs(path).ok()?;
-    if stat.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY) || stat.blocks() == 0 {
-        return None;
+/// watch one filesystem once. `Ok(None)` for a read-only filesystem (nothing can fill it) or
+/// one with no blocks (`proc`, `sysfs`); an error when the path cannot be looked at.
+pub fn filesystem_use(path: &Path) -> nix::Result<Option<(u64, u8)>> {
+    let stat = nix::sys::statvfs::statvfs(path)?;
+    let device = nix::sys::stat::stat(path)?.st_dev;
+    if stat.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY) {
+        return Ok(None);
     }
     let used = stat.blocks().saturating_sub(stat.blocks_free());
     let total = used.saturating_add(stat.blocks_available());
     if total == 0 {
-        return None;
+        return Ok(None);
     }
-    let device = std::fs::metadata(path).ok()?.dev();
-    Some((device, percent(used, total)))
+    Ok(Some((device, percent(used, total))))
 }
 
 /// What to sample, and where from.
@@ -220,10 +219,20 @@ pub struct Watched {
     pub filesystems: Vec<PathBuf>,
 }
 
-/// One round of readings: memory, then each filesystem once (the first path naming it wins,
-/// so a configured path on the root disk is not a second subject).
-pub fn sample(watched: &Watched) -> Vec<(Subject, u8)> {
+/// One round of samples.
+#[derive(Debug, Default)]
+pub struct Round {
+    /// Subjects and their use in percent: memory, then each filesystem once (the first path
+    /// naming it wins, so a configured path on the root disk is not a second subject).
+    pub readings: Vec<(Subject, u8)>,
+    /// Paths that could not be looked at (missing, no permission), with why.
+    pub unreadable: Vec<(PathBuf, nix::Error)>,
+}
+
+/// Take one round of samples of `watched`.
+pub fn sample(watched: &Watched) -> Round {
     let mut readings = Vec::new();
+    let mut unreadable = Vec::new();
     if let Some(used) = std::fs::read_to_string(&watched.meminfo)
         .ok()
         .as_deref()
@@ -233,14 +242,19 @@ pub fn sample(watched: &Watched) -> Vec<(Subject, u8)> {
     }
     let mut devices = Vec::new();
     for path in std::iter::once(&watched.root).chain(&watched.filesystems) {
-        if let Some((device, used)) = filesystem_use(path) {
-            if !devices.contains(&device) {
+        match filesystem_use(path) {
+            Ok(Some((device, used))) if !devices.contains(&device) => {
                 devices.push(device);
                 readings.push((Subject::Filesystem(path.clone()), used));
             }
+            Ok(_) => {}
+            Err(e) => unreadable.push((path.clone(), e)),
         }
     }
-    readings
+    Round {
+        readings,
+        unreadable,
+    }
 }
 
 /// Sample every `settings.interval` and publish the alerts standing to `hub`, until `cancel`.
@@ -255,13 +269,16 @@ pub async fn watch(
 ) {
     let mut book = AlertBook::default();
     let mut delay = settings.interval.min(FIRST_SAMPLE);
-    let mut running: Option<tokio::task::JoinHandle<Vec<(Subject, u8)>>> = None;
+    let mut running: Option<tokio::task::JoinHandle<Round>> = None;
+    // Paths said to be unreadable, so that each is said once (again only after it came back).
+    let mut unreadable_said: Vec<PathBuf> = Vec::new();
     loop {
         tokio::select! {
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(delay) => {}
         }
         delay = settings.interval;
+        let still_blocked = running.is_some();
         let mut handle = match running.take() {
             // The previous round is still blocked in the kernel: wait for it, not beside it.
             Some(handle) => handle,
@@ -282,20 +299,28 @@ pub async fn watch(
                 tokio::task::spawn_blocking(move || sample(&watched))
             }
         };
-        let readings = tokio::select! {
+        let round = tokio::select! {
             () = cancel.cancelled() => return,
             done = tokio::time::timeout(SAMPLE_TIMEOUT, &mut handle) => match done {
-                Ok(Ok(readings)) => readings,
+                Ok(Ok(round)) => round,
                 Ok(Err(e)) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
                 Ok(Err(_)) => continue,
                 Err(_) => {
-                    tracing::warn!(target: "exoagent::alerts", "a resource sample took over {SAMPLE_TIMEOUT:?} (a filesystem not answering?); waiting for it");
+                    if !still_blocked {
+                        tracing::warn!(target: "exoagent::alerts", "a resource sample took over {SAMPLE_TIMEOUT:?} (a filesystem not answering?); waiting for it");
+                    }
                     running = Some(handle);
                     continue;
                 }
             },
         };
-        hub.set_alerts(book.observe(&readings, &settings, now_ms()));
+        for (path, e) in &round.unreadable {
+            if !unreadable_said.contains(path) {
+                tracing::warn!(target: "exoagent::alerts", path = ?path, error = %e, "a watched path cannot be looked at; its filesystem is not watched until it can");
+            }
+        }
+        unreadable_said = round.unreadable.into_iter().map(|(path, _)| path).collect();
+        hub.set_alerts(book.observe(&round.readings, &settings, now_ms()));
     }
 }
 
@@ -473,9 +498,13 @@ mod tests {
                 dir.path().join("missing"),
             ],
         };
-        let readings = sample(&watched);
+        let round = sample(&watched);
+        let readings = round.readings;
         assert_eq!(readings.len(), 2, "{readings:?}");
         assert_eq!(readings[0], (Subject::Memory, 60));
         assert_eq!(readings[1].0, Subject::Filesystem(dir.path().to_path_buf()));
+        assert_eq!(round.unreadable.len(), 1);
+        assert_eq!(round.unreadable[0].0, dir.path().join("missing"));
+        assert_eq!(round.unreadable[0].1, nix::Error::ENOENT);
     }
 }

@@ -110,6 +110,24 @@ pub async fn sync(
             });
         }
         let origin = git(dir, &["config", "--get", "remote.origin.url"], who, LOCAL_LIMIT).await?;
+        if !origin.success {
+            // `git config --get` exits 1, saying nothing, when the key is unset; anything else
+            // is git failing to read the checkout at all.
+            let detail = if origin.output.trim().is_empty() {
+                "is a git checkout with no remote named origin; move it away to let exoagent \
+                 clone the workflow there"
+                    .to_owned()
+            } else {
+                format!(
+                    "could not be read as a git checkout: {}",
+                    origin.failure("git config --get remote.origin.url")
+                )
+            };
+            return Err(WorkflowError::Checkout {
+                dir: dir.to_path_buf(),
+                detail,
+            });
+        }
         if origin.output.trim() != repository {
             return Err(WorkflowError::Checkout {
                 dir: dir.to_path_buf(),
