@@ -200,12 +200,18 @@ pub fn filesystem_use(path: &Path) -> nix::Result<Option<(u64, u8)>> {
     if stat.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY) {
         return Ok(None);
     }
-    let used = stat.blocks().saturating_sub(stat.blocks_free());
-    let total = used.saturating_add(stat.blocks_available());
+    let (used, total) = df_blocks(&stat);
     if total == 0 {
         return Ok(None);
     }
     Ok(Some((device, percent(used, total))))
+}
+
+/// Used blocks and the total `df` divides by: used plus those available to unprivileged users
+/// (root's reserve is not space a researcher has). Shared with the console's load line.
+pub fn df_blocks(stat: &nix::sys::statvfs::Statvfs) -> (u64, u64) {
+    let used = stat.blocks().saturating_sub(stat.blocks_free());
+    (used, used.saturating_add(stat.blocks_available()))
 }
 
 /// What to sample, and where from.

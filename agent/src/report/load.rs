@@ -173,15 +173,11 @@ fn percent(value: f64) -> u8 {
 /// Used space like `df`: (blocks - free) / (blocks - free + available to unprivileged users).
 fn rootfs_percent(root: &Path) -> Option<u8> {
     let stat = nix::sys::statvfs::statvfs(root).ok()?;
-    let blocks = stat.blocks() as f64;
-    let free = stat.blocks_free() as f64;
-    let avail = stat.blocks_available() as f64;
-    let used = blocks - free;
-    let denominator = used + avail;
-    if denominator <= 0.0 {
+    let (used, total) = crate::alerts::df_blocks(&stat);
+    if total == 0 {
         return Some(0);
     }
-    Some(percent(100.0 * used / denominator))
+    Some(percent(100.0 * used as f64 / total as f64))
 }
 
 /// Parse `nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits` output.
