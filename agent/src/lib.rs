@@ -13,6 +13,7 @@ pub mod front;
 pub mod fsutil;
 pub mod host;
 pub mod httpserve;
+pub mod idle;
 pub mod input;
 pub mod model;
 pub mod paths;

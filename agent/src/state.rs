@@ -269,6 +269,138 @@ impl ResourceAlert {
     }
 }
 
+/// Where the instance stands on idleness (`idle.state` in the status API, DESIGN §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IdleState {
+    /// Something happened within `[idle] after_s`.
+    Active,
+    /// Nothing happened for `[idle] after_s`; no action is configured (or it failed).
+    Idle,
+    /// Idle, and the instance will be shelved at `action_at_ms` unless something happens.
+    ShelvePending,
+    /// Nova was asked to shelve the instance.
+    Shelving,
+}
+
+impl IdleState {
+    /// The stable name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Idle => "idle",
+            Self::ShelvePending => "shelve-pending",
+            Self::Shelving => "shelving",
+        }
+    }
+
+    /// Idle in any form (reported as idle on every channel).
+    pub fn is_idle(self) -> bool {
+        self != Self::Active
+    }
+}
+
+/// A kind of activity that keeps the instance from being idle (`idle.activity[]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ActivityKind {
+    /// A Guacamole tunnel is open (a connection to guacd), or a VNC client is connected.
+    Desktop,
+    /// JupyterLab saw kernel, terminal or API activity, or a kernel is busy.
+    Jupyterlab,
+    /// An RStudio session process (`rsession`) runs.
+    Rstudio,
+    /// Someone is logged in (SSH or console) and typed within the idle time.
+    Login,
+    /// CPU use at or above `[idle] cpu_percent`.
+    Cpu,
+    /// Disk traffic at or above `[idle] disk_kib_per_s`.
+    Disk,
+    /// Network traffic at or above `[idle] network_kib_per_s`.
+    Network,
+}
+
+impl ActivityKind {
+    /// The stable name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Desktop => "desktop",
+            Self::Jupyterlab => "jupyterlab",
+            Self::Rstudio => "rstudio",
+            Self::Login => "login",
+            Self::Cpu => "cpu",
+            Self::Disk => "disk",
+            Self::Network => "network",
+        }
+    }
+}
+
+/// Idleness as the detector last published it (`idle` in the status API; absent with
+/// `[idle] enabled = false`). It changes with the state and the kinds of activity seen, not
+/// with every sample.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdleStatus {
+    /// Where it stands.
+    pub state: IdleState,
+    /// When the last activity was seen (ms since the epoch): idle since then, when idle.
+    pub last_activity_ms: u64,
+    /// What the latest sample found going on (empty when nothing).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub activity: Vec<ActivityKind>,
+    /// When the instance will be shelved (only `shelve-pending`) or was asked to be
+    /// (`shelving`), ms since the epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action_at_ms: Option<u64>,
+    /// Why the last shelve request failed (cleared by activity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<Reason>,
+}
+
+impl IdleStatus {
+    /// "idle since 1h ago", "idle since 1h ago; shelving in 25m unless there is activity",
+    /// "active (jupyterlab, login)" at `now_ms`.
+    pub fn describe(&self, now_ms: u64) -> String {
+        let mut text = match self.state {
+            IdleState::Active if self.activity.is_empty() => {
+                format!(
+                    "active (last activity {})",
+                    relative(self.last_activity_ms, now_ms)
+                )
+            }
+            IdleState::Active => {
+                let kinds: Vec<&str> = self.activity.iter().map(|k| k.as_str()).collect();
+                format!("active ({})", kinds.join(", "))
+            }
+            _ => format!("idle since {}", relative(self.last_activity_ms, now_ms)),
+        };
+        match (self.state, self.action_at_ms) {
+            (IdleState::ShelvePending, Some(at)) => text.push_str(&format!(
+                "; the instance will be shelved in {} unless there is activity",
+                remaining(now_ms, at)
+            )),
+            (IdleState::Shelving, _) => text.push_str("; shelving the instance"),
+            _ => {}
+        }
+        if let Some(reason) = &self.reason {
+            text.push_str(&format!(
+                "; shelving failed ({}: {})",
+                reason.code, reason.detail
+            ));
+        }
+        text
+    }
+}
+
+/// "25m", "40s", "2h" from `now_ms` until `at_ms` (0s when past).
+pub fn remaining(now_ms: u64, at_ms: u64) -> String {
+    let secs = at_ms.saturating_sub(now_ms).div_ceil(1000);
+    match secs {
+        0..=59 => format!("{secs}s"),
+        60..=3599 => format!("{}m", secs / 60),
+        _ => format!("{}h", secs / 3600),
+    }
+}
+
 /// The overall setup state, in Exosphere's vocabulary (`status` values of console lines).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -380,6 +512,9 @@ pub struct Snapshot {
     /// Resources at or above their thresholds (absent when none is).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub alerts: Vec<ResourceAlert>,
+    /// Idleness (absent when the detector is off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle: Option<IdleStatus>,
 }
 
 /// Where the agent learnt which instance it runs on (`instance.source` in the status API).
@@ -492,6 +627,7 @@ struct Model {
     tls: Option<TlsStatus>,
     volumes: Vec<VolumeStatus>,
     alerts: Vec<ResourceAlert>,
+    idle: Option<IdleStatus>,
 }
 
 impl Model {
@@ -557,6 +693,7 @@ impl Model {
             tls: self.tls.clone(),
             volumes: self.volumes.clone(),
             alerts: self.alerts.clone(),
+            idle: self.idle.clone(),
         }
     }
 }
@@ -632,6 +769,7 @@ impl StateHub {
             tls: None,
             volumes: Vec::new(),
             alerts: Vec::new(),
+            idle: None,
         };
         let (state, step, reason) = model.derive_setup();
         model.setup = SetupStatus {
@@ -728,6 +866,19 @@ impl StateHub {
     /// a full disk is the researcher's to act on, not a failed setup).
     pub fn set_alerts(&self, alerts: Vec<ResourceAlert>) {
         self.with_model(|m| m.alerts = alerts);
+    }
+
+    /// Record idleness (never affects the setup state). Unchanged, nothing is published.
+    pub fn set_idle(&self, idle: IdleStatus) {
+        let model = match self.inner.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if model.idle.as_ref() == Some(&idle) {
+            return;
+        }
+        drop(model);
+        self.with_model(|m| m.idle = Some(idle));
     }
 
     /// Expect a TLS front before `service` (pending until its supervisor reports).

@@ -370,3 +370,93 @@ fn the_binary_does_not_link_against_nvml() {
     assert!(libraries.contains("libc.so"), "{libraries}");
     assert!(!libraries.contains("nvidia"), "{libraries}");
 }
+
+/// Idle lines: written when the instance goes idle, when a shelve is pending (with its time),
+/// and when activity ends idleness; repeated after each status line while idle; never read by
+/// Exosphere's status or load parsers, so the badge stays what the status lines say.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_lines_follow_idleness_and_exosphere_skips_them() {
+    use exoagent::state::{IdleState, IdleStatus};
+    let idle = |state, action_at_ms| IdleStatus {
+        state,
+        last_activity_ms: 1_796_674_503_000,
+        activity: Vec::new(),
+        action_at_ms,
+        reason: None,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let console = dir.path().join("console");
+    // A device exists before anyone writes to it; the reporter never creates one.
+    std::fs::write(&console, "").unwrap();
+    let hub = hub();
+    hub.set_phase(SetupPhase::Provisioning);
+    hub.set_idle(idle(IdleState::Active, None));
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(reporter(&console).run(hub.subscribe(), cancel.clone()));
+    let went_idle = r#"{"idle":"idle","idleSince":1796674503000}"#;
+    let pending = r#"{"idle":"shelve-pending","idleSince":1796674503000,"shelveAt":1796676303000}"#;
+    let back = r#"{"idle":"active"}"#;
+    let wait_for_line = |want: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = std::fs::read_to_string(&console).unwrap_or_default();
+            if text.lines().any(|l| l == want) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no line {want}:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    // Let status lines be re-emitted while active: no idle line follows them.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    hub.set_idle(idle(IdleState::Idle, None));
+    wait_for_line(went_idle);
+    hub.set_idle(idle(IdleState::ShelvePending, Some(1_796_676_303_000)));
+    wait_for_line(pending);
+    // Re-emitted after the next status lines while pending.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    hub.set_idle(idle(IdleState::Active, None));
+    wait_for_line(back);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cancel.cancel();
+    task.await.unwrap();
+    let text = std::fs::read_to_string(&console).unwrap();
+    let status = exosphere_status(&text).expect("a status line");
+    assert_eq!(status.status, "running", "{text}");
+    let idle_lines: Vec<&str> = text.lines().filter(|l| l.contains("\"idle\"")).collect();
+    assert!(
+        idle_lines
+            .iter()
+            .all(|l| exosphere_status_of_line(l).is_none() && exosphere_load_of_line(l).is_none()),
+        "{idle_lines:?}"
+    );
+    let position = |want: &str| text.lines().position(|l| l == want).unwrap();
+    let (first_idle, first_pending, first_back) =
+        (position(went_idle), position(pending), position(back));
+    assert!(
+        first_idle < first_pending && first_pending < first_back,
+        "{text}"
+    );
+    assert!(
+        text.lines().filter(|l| *l == pending).count() >= 2,
+        "repeated after status lines while pending:\n{text}"
+    );
+    assert_eq!(text.lines().filter(|l| *l == back).count(), 1, "{text}");
+    assert!(
+        !text
+            .lines()
+            .take(first_idle)
+            .any(|l| l.contains("\"idle\"")),
+        "nothing said while active before:\n{text}"
+    );
+    assert!(
+        !text
+            .lines()
+            .skip(first_back + 1)
+            .any(|l| l.contains("\"idle\"")),
+        "nothing said while active after:\n{text}"
+    );
+}

@@ -102,6 +102,10 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
     // own, started before the local set-up below: that set-up's blocking steps (files, the
     // console) would otherwise hold it back on a small instance at boot.
     let (passphrase_tx, passphrase_rx) = tokio::sync::watch::channel(None);
+    // The idle detector signs in to JupyterLab with the passphrase, and shelves through the
+    // Nova client once the identity side has built it.
+    let idle_passphrase = passphrase_rx.clone();
+    let (shelver_tx, shelver_rx) = tokio::sync::watch::channel(None);
     // The metadata service's client (built after the start: a TLS set-up), for the fronts'
     // certificate.
     let (metadata_tx, metadata_rx) = tokio::sync::oneshot::channel();
@@ -128,6 +132,17 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
     let link = exosphere_link(&plan);
     let token_line = link.as_ref().map(|(token, _)| link::token_line(token));
     let notify = start_local_reporters(&plan, &hub, token_line, &mut tasks, &cancel);
+    if plan.settings.idle.enabled {
+        let watch = crate::idle::Watch {
+            settings: plan.settings.idle.clone(),
+            reader: crate::idle::signals::HostReader::new(&plan.paths.system_root),
+            signs: plan.services.iter().flat_map(|s| s.activity()).collect(),
+            passphrase: idle_passphrase,
+            shelver: shelver_rx,
+            wall: plan.mode == Mode::System,
+        };
+        tasks.spawn(watch.run(hub.clone(), cancel.clone()));
+    }
     if let Some(notify) = &notify {
         if let Err(e) = notify.ready() {
             tracing::debug!(target: "exoagent::agent", error = %e, "sd_notify READY failed");
@@ -184,6 +199,8 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
                 _ => None,
             };
             let (cloud, identity) = (plan.settings.cloud.clone(), plan.identity.clone());
+            let shelves = plan.settings.idle.enabled
+                && plan.settings.idle.action == crate::idle::IdleAction::Shelve;
             let (hub, cancel) = (hub.clone(), cancel.clone());
             // Reading the credential and building its TLS client (the system's root
             // certificates) is blocking work the services need not wait for: its own task.
@@ -199,6 +216,12 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
                     // Only a panic ends a blocking task early: pass it on.
                     Err(e) => std::panic::resume_unwind(e.into_panic()),
                 };
+                if shelves {
+                    shelver_tx.send_replace(Some(crate::idle::Shelver {
+                        nova: reporter.nova().clone(),
+                        server: reporter.server().to_owned(),
+                    }));
+                }
                 let reporter = match fixed {
                     Some(value) => reporter.with_fixed_metadata(link::CUSTOM_WORKFLOW_KEY, value),
                     None => reporter,

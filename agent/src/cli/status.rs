@@ -290,6 +290,10 @@ pub fn render_table(snapshot: &Snapshot, now: u64) -> String {
     }
     render_volumes(&snapshot.volumes, &mut out);
     render_alerts(&snapshot.alerts, now, &mut out);
+    if let Some(idle) = &snapshot.idle {
+        let text = crate::text::clean(&idle.describe(now), 400);
+        out.push_str(&format!("idle: {text}\n"));
+    }
     out
 }
 
@@ -425,6 +429,13 @@ mod tests {
                     since_ms: 70_000,
                 },
             ],
+            idle: Some(crate::state::IdleStatus {
+                state: crate::state::IdleState::ShelvePending,
+                last_activity_ms: 5_000,
+                activity: Vec::new(),
+                action_at_ms: Some(1_875_000),
+                reason: None,
+            }),
         };
         let table = render_table(&snapshot, 75_000);
         assert!(
@@ -432,7 +443,9 @@ mod tests {
                 "volumes:\n  /dev/vdb \"data\": mounted at /media/volume/data\n  \
                  /dev/vdc: left-alone: signature: LVM2_member\\nfound\n\
                  alerts:\n  memory-high: memory 93% used (alert at 90%, since 1m ago)\n  \
-                 disk-high: /media/volume/x y 100% used (alert at 95%, since 5s ago)\n"
+                 disk-high: /media/volume/x y 100% used (alert at 95%, since 5s ago)\n\
+                 idle: idle since 1m ago; the instance will be shelved in 30m unless there is \
+                 activity\n"
             ),
             "{table}"
         );
@@ -511,6 +524,7 @@ mod tests {
             }),
             volumes: Vec::new(),
             alerts: Vec::new(),
+            idle: None,
         };
         let table = render_table(&snapshot, 75_000);
         assert!(

@@ -282,6 +282,17 @@ impl Nova {
         let path = format!("/servers/{}/metadata/{}", segment(server), segment(key));
         ignore_not_found(self.request(Method::DELETE, &path, None).await)
     }
+
+    /// Ask Nova to shelve the server (`POST /servers/{id}/action` `{"shelve": null}`; 202:
+    /// Nova stops and offloads it in the background). Needs that call in the credential's
+    /// access rules.
+    pub async fn shelve(&self, server: &str) -> Result<(), NovaError> {
+        let path = format!("/servers/{}/action", segment(server));
+        let body = json!({ "shelve": null });
+        self.request(Method::POST, &path, Some(&body))
+            .await
+            .map(|_| ())
+    }
 }
 
 fn ignore_not_found(result: Result<(StatusCode, Value), NovaError>) -> Result<(), NovaError> {

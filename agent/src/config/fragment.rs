@@ -89,6 +89,7 @@ pub(crate) struct Fragment {
     pub host: crate::host::settings::Section,
     pub volumes: crate::volumes::Section,
     pub alerts: crate::alerts::Section,
+    pub idle: crate::idle::Section,
 }
 
 const TOP_KEYS: &[&str] = &[
@@ -102,6 +103,7 @@ const TOP_KEYS: &[&str] = &[
     "host",
     "volumes",
     "alerts",
+    "idle",
 ];
 
 const INSTANCE_KEYS: &[Key<InstanceFragment>] = &[
@@ -423,6 +425,13 @@ pub(crate) fn parse(
                 "unknown key",
                 &mut fragment.alerts,
             ),
+            "idle" => w.section(
+                "idle",
+                table,
+                crate::idle::KEYS,
+                "unknown key",
+                &mut fragment.idle,
+            ),
             // `entries` returns only names from `TOP_KEYS`; a test checks each has an arm.
             _ => {}
         }
@@ -446,6 +455,7 @@ mod tests {
         problems.extend(key_table_problems("host", crate::host::settings::KEYS));
         problems.extend(key_table_problems("volumes", crate::volumes::KEYS));
         problems.extend(key_table_problems("alerts", crate::alerts::KEYS));
+        problems.extend(key_table_problems("idle", crate::idle::KEYS));
         assert!(problems.is_empty(), "{problems:#?}");
     }
 

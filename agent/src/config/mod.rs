@@ -309,6 +309,13 @@ mod tests {
             "disk_percent",
             "paths",
             "interval_s",
+            "[idle]",
+            "after_s",
+            "cpu_percent",
+            "disk_kib_per_s",
+            "network_kib_per_s",
+            "action",
+            "grace_s",
         ] {
             assert!(EXAMPLE_CONFIG.contains(key), "example lacks {key}");
         }
@@ -576,6 +583,14 @@ memory_percent = 80
 disk_percent = 95
 paths = ["/scratch"]
 interval_s = 5
+[idle]
+after_s = 600
+interval_s = 15
+cpu_percent = 20
+disk_kib_per_s = 4096
+network_kib_per_s = 256
+action = "shelve"
+grace_s = 120
 "#;
         let s = ok(&[("/a.toml", text)]).settings;
         assert_eq!(
@@ -653,6 +668,16 @@ interval_s = 5
                     disk_percent: 95,
                     paths: vec!["/scratch".into()],
                     interval: std::time::Duration::from_secs(5),
+                },
+                idle: IdleSettings {
+                    enabled: true,
+                    after: std::time::Duration::from_secs(600),
+                    interval: std::time::Duration::from_secs(15),
+                    cpu_percent: 20,
+                    disk_kib_per_s: 4096,
+                    network_kib_per_s: 256,
+                    action: IdleAction::Shelve,
+                    grace: std::time::Duration::from_secs(120),
                 },
             }
         );

@@ -6,6 +6,7 @@ pub use crate::alerts::AlertSettings;
 pub use crate::cloud::{CloudSettings, DEFAULT_METADATA_URL};
 pub use crate::front::settings::{CertChoice, TlsSettings};
 pub use crate::host::HostSettings;
+pub use crate::idle::{IdleAction, IdleSettings};
 pub use crate::platform::packages::PackageSettings;
 pub use crate::report::console::ConsoleSettings;
 pub use crate::services::desktop::{DesktopSettings, VncServerChoice};
@@ -38,6 +39,8 @@ pub struct Settings {
     pub volumes: VolumeSettings,
     /// Memory and disk alerts.
     pub alerts: AlertSettings,
+    /// Idle detection and its optional action.
+    pub idle: IdleSettings,
 }
 
 /// `[instance]`: who the researcher logs in as.
@@ -65,6 +68,7 @@ impl Default for Settings {
             host: HostSettings::default(),
             volumes: VolumeSettings::default(),
             alerts: AlertSettings::default(),
+            idle: IdleSettings::default(),
         }
     }
 }

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use super::fragment::Fragment;
 use super::{
-    CloudSettings, ConsoleSettings, InstanceSettings, PackageSettings, ServiceSettings, Settings,
-    SupervisePolicy,
+    CloudSettings, ConsoleSettings, IdleAction, InstanceSettings, PackageSettings, ServiceSettings,
+    Settings, SupervisePolicy,
 };
 use crate::model::ServiceKind;
 use crate::schema::{value, Checker, ConfigError, ErrorKind, Located, Origin};
@@ -119,6 +119,33 @@ pub(crate) fn settings(merged: &Fragment, files: &[PathBuf]) -> (Settings, Vec<C
         .settings(&mut check, std::time::SystemTime::now());
     let volumes = merged.volumes.settings();
     let alerts = merged.alerts.settings();
+    let idle = merged.idle.settings();
+    // Shelving acts through Nova: it needs the credential, and detection to act on.
+    if let Some(action) = merged
+        .idle
+        .action
+        .as_ref()
+        .filter(|a| a.value == IdleAction::Shelve)
+    {
+        let problem = if !idle.enabled {
+            Some("idle.action = \"shelve\" needs idle.enabled = true (nothing would be idle)")
+        } else if cloud.clouds_yaml.is_none() {
+            Some(
+                "idle.action = \"shelve\" needs [cloud] clouds_yaml: the instance is shelved \
+                 through that credential",
+            )
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            check.error(
+                action.origin,
+                "idle.action".to_owned(),
+                ErrorKind::Conflict,
+                format!("invalid value \"shelve\": {problem}"),
+            );
+        }
+    }
 
     // Enabled services, in report order, with where they were enabled and got their port.
     let mut enabled: Vec<(ServiceKind, u16, Origin)> = Vec::new();
@@ -248,6 +275,7 @@ pub(crate) fn settings(merged: &Fragment, files: &[PathBuf]) -> (Settings, Vec<C
         host,
         volumes,
         alerts,
+        idle,
     };
     (settings, check.finish())
 }

@@ -119,6 +119,17 @@ fn render_snapshot(snapshot: &Snapshot, now: u64) -> String {
     for alert in &snapshot.alerts {
         out.push_str(&format!("  alert: {}\n", alert.describe(now)));
     }
+    // Idle: said while it lasts; a pending shelve is a warning the owner must see.
+    if let Some(idle) = snapshot.idle.as_ref().filter(|i| i.state.is_idle()) {
+        let label = match idle.state {
+            crate::state::IdleState::ShelvePending => "WARNING",
+            _ => "idle",
+        };
+        out.push_str(&format!(
+            "  {label}: {}\n",
+            clean(&idle.describe(now), DETAIL_MAX)
+        ));
+    }
     if let Some(nova) = snapshot
         .nova
         .as_ref()
@@ -207,6 +218,7 @@ mod tests {
             tls: None,
             volumes: Vec::new(),
             alerts: Vec::new(),
+            idle: None,
         }
     }
 
@@ -396,6 +408,42 @@ mod tests {
             "{text}"
         );
         assert!(text.starts_with("exoagent setup: complete"), "{text}");
+    }
+
+    #[test]
+    fn idleness_is_shown_while_it_lasts_and_a_pending_shelve_is_a_warning() {
+        use crate::state::{IdleState, IdleStatus};
+        let mut s = snapshot(
+            SetupState::Complete,
+            vec![service(ServiceKind::JupyterLab, ServiceState::Ready, None)],
+        );
+        let idle = |state, action_at_ms, reason| IdleStatus {
+            state,
+            last_activity_ms: 5_000,
+            activity: Vec::new(),
+            action_at_ms,
+            reason,
+        };
+        s.idle = Some(idle(IdleState::Active, None, None));
+        assert!(!banner(s.clone()).contains("idle"));
+        s.idle = Some(idle(IdleState::Idle, None, None));
+        assert!(banner(s.clone()).contains("\n  idle: idle since 2m ago\n"));
+        s.idle = Some(idle(IdleState::ShelvePending, Some(425_000), None));
+        let text = banner(s.clone());
+        assert!(
+            text.contains(
+                "\n  WARNING: idle since 2m ago; the instance will be shelved in 5m unless \
+                 there is activity\n"
+            ),
+            "{text}"
+        );
+        let refused = Reason::new("credential-not-permitted", "HTTP 403\x1b[2J");
+        s.idle = Some(idle(IdleState::Idle, None, Some(refused)));
+        let text = banner(s);
+        assert!(
+            text.contains("shelving failed (credential-not-permitted: HTTP 403[2J)"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::model::truncate_chars;
 use crate::report::load::{LoadSample, LoadSampler};
-use crate::state::{SetupState, SetupStatus, Snapshot};
+use crate::state::{IdleState, IdleStatus, SetupState, SetupStatus, Snapshot};
 
 /// Longest `detail` put on an error line, in characters; the console is not a log.
 pub const MAX_DETAIL_CHARS: usize = 300;
@@ -62,6 +62,35 @@ pub fn load_line(sample: &LoadSample) -> String {
         "gpuPctUsed": sample.gpu_pct,
     })
     .to_string()
+}
+
+/// The idle line: `{"idle":"idle","idleSince":<ms>}`, with `"shelveAt":<ms>` while a shelve
+/// is pending or asked for and `"reason"` when one failed; `{"idle":"active"}` once activity
+/// ends an idle period. No `status` key: Exosphere's status parser skips it.
+pub fn idle_line(idle: &IdleStatus) -> String {
+    let mut line = Map::new();
+    line.insert("idle".into(), Value::from(idle.state.as_str()));
+    if idle.state.is_idle() {
+        line.insert("idleSince".into(), Value::from(idle.last_activity_ms));
+        if let Some(at) = idle.action_at_ms {
+            line.insert("shelveAt".into(), Value::from(at));
+        }
+        if let Some(reason) = &idle.reason {
+            line.insert("reason".into(), Value::from(reason.code.as_str()));
+        }
+    }
+    Value::Object(line).to_string()
+}
+
+/// What makes a new idle line worth writing (activity kinds coming and going do not).
+fn idle_key(snapshot: &Snapshot) -> Option<(IdleState, Option<u64>, Option<String>)> {
+    snapshot.idle.as_ref().map(|i| {
+        (
+            i.state,
+            i.action_at_ms,
+            i.reason.as_ref().map(|r| r.code.clone()),
+        )
+    })
 }
 
 /// Write one line to `sink` now, synchronously: for the agent's last words when it cannot start
@@ -143,10 +172,15 @@ impl ConsoleReporter {
     /// and a load line every `load_interval`, until `cancel` fires or the hub goes away.
     pub async fn run(mut self, mut rx: watch::Receiver<Snapshot>, cancel: CancellationToken) {
         let mut writer = spawn_writer(self.sink.clone());
-        let (mut setup, mut linked) = {
+        let (mut setup, mut linked, mut idle) = {
             let snapshot = rx.borrow_and_update();
-            (snapshot.setup.clone(), jupyterlab_ready(&snapshot))
+            (
+                snapshot.setup.clone(),
+                jupyterlab_ready(&snapshot),
+                snapshot.idle.clone(),
+            )
         };
+        let mut idle_seen = idle_key(&rx.borrow());
         let mut key = StatusKey::of(&setup);
         writer.send(status_line(&setup, setup.since_ms));
         let token_line = self.token_line.take();
@@ -156,6 +190,12 @@ impl ConsoleReporter {
             }
         };
         send_token(&mut writer, linked);
+        // While idle, the idle line follows every status line: the console's tail says it.
+        let send_idle = |writer: &mut LineQueue, idle: &Option<IdleStatus>| {
+            if let Some(idle) = idle.as_ref().filter(|i| i.state.is_idle()) {
+                writer.send(idle_line(idle));
+            }
+        };
 
         let mut next_status = after_jittered(self.status_interval);
         let mut next_load = after_jittered(self.load_interval);
@@ -166,25 +206,40 @@ impl ConsoleReporter {
                     if changed.is_err() {
                         break;
                     }
-                    let now_linked;
-                    (setup, now_linked) = {
+                    let (now_linked, now_idle_seen);
+                    (setup, now_linked, idle, now_idle_seen) = {
                         let snapshot = rx.borrow_and_update();
-                        (snapshot.setup.clone(), jupyterlab_ready(&snapshot))
+                        (
+                            snapshot.setup.clone(),
+                            jupyterlab_ready(&snapshot),
+                            snapshot.idle.clone(),
+                            idle_key(&snapshot),
+                        )
                     };
                     let next = StatusKey::of(&setup);
                     if next != key {
                         key = next;
                         writer.send(status_line(&setup, setup.since_ms));
                         send_token(&mut writer, now_linked);
+                        send_idle(&mut writer, &idle);
                         next_status = after_jittered(self.status_interval);
                     } else if now_linked && !linked {
                         send_token(&mut writer, now_linked);
                     }
                     linked = now_linked;
+                    if now_idle_seen != idle_seen {
+                        // Into idleness, a warning, a failure, or back to activity.
+                        let was_idle = idle_seen.as_ref().is_some_and(|k| k.0.is_idle());
+                        if let Some(now) = idle.as_ref().filter(|i| was_idle || i.state.is_idle()) {
+                            writer.send(idle_line(now));
+                        }
+                        idle_seen = now_idle_seen;
+                    }
                 }
                 _ = tokio::time::sleep_until(next_status) => {
                     writer.send(status_line(&setup, setup.since_ms));
                     send_token(&mut writer, linked);
+                    send_idle(&mut writer, &idle);
                     next_status = after_jittered(self.status_interval);
                 }
                 _ = tokio::time::sleep_until(next_load) => {

@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cloud::nova::{Nova, NovaError, MAX_META_VALUE_LEN, MAX_TAG_LEN};
 use crate::state::{
-    NovaReporting, NovaReportingState, Reason, ServiceState, SetupState, Snapshot, StateHub,
-    VolumeState,
+    IdleState, NovaReporting, NovaReportingState, Reason, ServiceState, SetupState, Snapshot,
+    StateHub, VolumeState,
 };
 use crate::volumes::LeaveReason;
 
@@ -59,6 +59,13 @@ impl Wanted {
         // One tag per kind of alert: the tag says "look", exoAgent and the status say where.
         for alert in &snapshot.alerts {
             tags.insert(format!("{TAG_PREFIX}alert:{}", alert.resource.code()));
+        }
+        // Idle: one tag while idle, and one naming a pending or requested shelve.
+        if let Some(idle) = snapshot.idle.as_ref().filter(|i| i.state.is_idle()) {
+            tags.insert(format!("{TAG_PREFIX}idle"));
+            if idle.state != IdleState::Idle {
+                tags.insert(format!("{TAG_PREFIX}idle:{}", idle.state.as_str()));
+            }
         }
         tags.retain(|t| t.len() <= MAX_TAG_LEN);
         let mut metadata = BTreeMap::new();
@@ -106,10 +113,12 @@ fn volume_counts(snapshot: &Snapshot) -> Option<serde_json::Value> {
 }
 
 /// `{"v":"0.1.0","setup":"complete","svc":{"jupyterlab":"ready:8888"},"tls":"<sha256>",
-/// "vol":{"m":1,"l":1,"f":0},"err":"…","alert":"memory,/media/volume/data"}`, at most 255
-/// characters: the error and alert texts are shortened first, then services are dropped from
-/// the end; the TLS fingerprint (what a UAP pins, present with `[tls] enabled`) and the volume
-/// counts (present with volumes) always stay. `alert` names what is used up, not how much: a
+/// "vol":{"m":1,"l":1,"f":0},"err":"…","alert":"memory,/media/volume/data",
+/// "idle":1796674503,"shelveAt":1796676303}`, at most 255 characters: the error and alert
+/// texts are shortened first, then services are dropped from the end; the TLS fingerprint
+/// (what a UAP pins, present with `[tls] enabled`), the volume counts (present with volumes)
+/// and idleness (idle since, and when a shelve is due or was asked for, epoch seconds; only
+/// while idle) always stay. `alert` names what is used up, not how much: a
 /// percentage moving by one would be a metadata write each time.
 pub fn exo_agent_summary(snapshot: &Snapshot) -> String {
     let services: Vec<(String, String)> = snapshot
@@ -163,6 +172,12 @@ pub fn exo_agent_summary(snapshot: &Snapshot) -> String {
         }
         if let Some(alert) = alert {
             value["alert"] = serde_json::Value::from(alert);
+        }
+        if let Some(idle) = snapshot.idle.as_ref().filter(|i| i.state.is_idle()) {
+            value["idle"] = serde_json::Value::from(idle.last_activity_ms / 1000);
+            if let Some(at) = idle.action_at_ms {
+                value["shelveAt"] = serde_json::Value::from(at / 1000);
+            }
         }
         value.to_string()
     };
@@ -287,6 +302,16 @@ impl NovaReporter {
             pacing,
             fixed: BTreeMap::new(),
         }
+    }
+
+    /// The Nova client it reports through (the idle detector shelves through it too).
+    pub fn nova(&self) -> &Nova {
+        &self.nova
+    }
+
+    /// The server it reports on.
+    pub fn server(&self) -> &str {
+        &self.server
     }
 
     /// Also write the metadata item `key` = `value`, which does not follow the state (written
@@ -516,6 +541,50 @@ mod tests {
         let setup: serde_json::Value = serde_json::from_str(&w.metadata["exoSetup"]).unwrap();
         assert_eq!(setup["status"], "running");
         assert!(setup["epoch"].as_u64().unwrap() > 1_700_000_000_000);
+    }
+
+    #[test]
+    fn idleness_is_a_tag_and_its_times_in_the_summary_only_while_idle() {
+        use crate::state::{ActivityKind, IdleStatus};
+        let hub = hub();
+        let idle = |state: IdleState, action_at_ms: Option<u64>| IdleStatus {
+            state,
+            last_activity_ms: 1_796_674_503_123,
+            activity: Vec::new(),
+            action_at_ms,
+            reason: None,
+        };
+        hub.set_idle(IdleStatus {
+            activity: vec![ActivityKind::Jupyterlab],
+            ..idle(IdleState::Active, None)
+        });
+        let w = Wanted::of(&hub.snapshot());
+        assert!(!w.tags.iter().any(|t| t.contains("idle")), "{:?}", w.tags);
+        assert!(!w.metadata["exoAgent"].contains("idle"));
+        hub.set_idle(idle(IdleState::Idle, None));
+        let w = Wanted::of(&hub.snapshot());
+        assert!(w.tags.contains("exoagent:idle"), "{:?}", w.tags);
+        let summary: serde_json::Value = serde_json::from_str(&w.metadata["exoAgent"]).unwrap();
+        assert_eq!(summary["idle"], 1_796_674_503);
+        assert!(summary.get("shelveAt").is_none());
+        hub.set_idle(idle(IdleState::ShelvePending, Some(1_796_676_303_000)));
+        let w = Wanted::of(&hub.snapshot());
+        assert!(w.tags.contains("exoagent:idle"), "{:?}", w.tags);
+        assert!(
+            w.tags.contains("exoagent:idle:shelve-pending"),
+            "{:?}",
+            w.tags
+        );
+        let summary: serde_json::Value = serde_json::from_str(&w.metadata["exoAgent"]).unwrap();
+        assert_eq!(summary["shelveAt"], 1_796_676_303);
+        hub.set_idle(idle(IdleState::Shelving, Some(1_796_676_303_000)));
+        let w = Wanted::of(&hub.snapshot());
+        assert!(w.tags.contains("exoagent:idle:shelving"), "{:?}", w.tags);
+        assert!(
+            !w.tags.contains("exoagent:idle:shelve-pending"),
+            "{:?}",
+            w.tags
+        );
     }
 
     #[test]

@@ -188,6 +188,25 @@ pub struct OccupiedPort {
     pub origin: Option<Origin>,
 }
 
+/// How a person's use of a service shows, for idle detection (`idle`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ActivitySign {
+    /// An established TCP connection on this local port (guacd's: an open Guacamole tunnel;
+    /// the VNC server's: a connected viewer).
+    Connection(u16),
+    /// A process with this name (`/proc/<pid>/comm`) runs: RStudio Server's per-session
+    /// `rsession`, which exits when its session is suspended.
+    Process(&'static str),
+    /// JupyterLab's own account: `last_activity` in `{base_url}api/status` and busy kernels in
+    /// `{base_url}api/kernels`, at `addr`.
+    JupyterLab {
+        /// Where it answers (its probe's address).
+        addr: std::net::SocketAddr,
+        /// Its base URL (ends with `/`).
+        base_url: String,
+    },
+}
+
 /// What each service implements: its configuration section and the small surface the agent
 /// drives. [`Service`] is the closed set of implementations and dispatches to them.
 pub trait ServiceImpl: Sized {
@@ -267,6 +286,10 @@ pub trait ServiceImpl: Sized {
     fn endpoint(&self) -> Endpoint;
     /// Where a person on the instance reaches it.
     fn url(&self) -> String;
+    /// How someone using it shows (idle detection); the default: no sign of its own.
+    fn activity(&self) -> Vec<ActivitySign> {
+        Vec::new()
+    }
 }
 
 /// The closed set of services: one line per service. Generates [`ServiceSettings`],
@@ -505,6 +528,13 @@ macro_rules! services {
             pub fn url(&self) -> String {
                 match self {
                     $(Self::$variant(s) => s.url(),)*
+                }
+            }
+
+            /// How someone using it shows (idle detection).
+            pub fn activity(&self) -> Vec<ActivitySign> {
+                match self {
+                    $(Self::$variant(s) => s.activity(),)*
                 }
             }
         }

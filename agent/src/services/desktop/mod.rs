@@ -372,6 +372,11 @@ impl ServiceImpl for Desktop {
             self.display()
         )
     }
+
+    /// A viewer connected to the VNC server (through Guacamole or an SSH tunnel).
+    fn activity(&self) -> Vec<super::ActivitySign> {
+        vec![super::ActivitySign::Connection(self.endpoint().public_port)]
+    }
 }
 
 /// Whether `os` packages a TigerVNC older than 1.12, which split vncpasswd into

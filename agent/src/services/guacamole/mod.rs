@@ -480,6 +480,13 @@ impl ServiceImpl for Guacamole {
     fn url(&self) -> String {
         self.endpoint.local_url("/guacamole/")
     }
+
+    /// An open tunnel: the web side's connection to guacd lasts exactly as long as it.
+    fn activity(&self) -> Vec<super::ActivitySign> {
+        vec![super::ActivitySign::Connection(
+            self.settings.guacd_address.port(),
+        )]
+    }
 }
 
 /// The distribution's own guacd unit: Debian's and Ubuntu's package enable and start it on

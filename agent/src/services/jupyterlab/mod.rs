@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
+pub mod activity;
 pub mod link;
 pub mod settings;
 pub mod workflow;
@@ -711,6 +712,14 @@ impl ServiceImpl for JupyterLab {
             )),
             None => self.endpoint.local_url(&self.settings.base_url),
         }
+    }
+
+    /// Its own account of kernel, terminal and API activity ([`activity`]).
+    fn activity(&self) -> Vec<super::ActivitySign> {
+        vec![super::ActivitySign::JupyterLab {
+            addr: self.endpoint().probe_addr(),
+            base_url: self.settings.base_url.clone(),
+        }]
     }
 }
 

@@ -452,6 +452,12 @@ impl ServiceImpl for RStudio {
     fn url(&self) -> String {
         self.endpoint.local_url("/")
     }
+
+    /// RStudio Server runs one `rsession` per open session; it exits once the session is
+    /// suspended (`session-timeout-minutes`), so a forgotten tab does not count for ever.
+    fn activity(&self) -> Vec<super::ActivitySign> {
+        vec![super::ActivitySign::Process("rsession")]
+    }
 }
 
 #[cfg(test)]
