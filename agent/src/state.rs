@@ -304,6 +304,8 @@ impl IdleState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ActivityKind {
+    /// exoagent is still setting the instance up (the setup is `starting` or `running`).
+    Setup,
     /// A Guacamole tunnel is open (a connection to guacd), or a VNC client is connected.
     Desktop,
     /// JupyterLab saw kernel, terminal or API activity, or a kernel is busy.
@@ -324,6 +326,7 @@ impl ActivityKind {
     /// The stable name.
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::Setup => "setup",
             Self::Desktop => "desktop",
             Self::Jupyterlab => "jupyterlab",
             Self::Rstudio => "rstudio",

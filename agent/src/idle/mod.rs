@@ -18,9 +18,10 @@ use signals::{Counters, HostReader};
 
 use crate::cloud::nova::Nova;
 use crate::platform::passphrase::Passphrase;
+use crate::report::nova::TAG_PREFIX;
 use crate::services::jupyterlab::activity::ActivityClient;
 use crate::services::ActivitySign;
-use crate::state::{now_ms, ActivityKind, IdleState, IdleStatus, Reason, StateHub};
+use crate::state::{now_ms, ActivityKind, IdleState, IdleStatus, Reason, SetupState, StateHub};
 
 /// How long one round of reading the kernel's files may take (they answer from memory).
 const SAMPLE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -251,6 +252,12 @@ impl Watch {
                     seen.activity.push(ActivityKind::Network);
                 }
             }
+            if matches!(
+                hub.snapshot().setup.state,
+                SetupState::Starting | SetupState::Running
+            ) {
+                seen.activity.push(ActivityKind::Setup);
+            }
             if host.connections > 0 {
                 seen.activity.push(ActivityKind::Desktop);
             }
@@ -285,6 +292,8 @@ impl Watch {
             previous = Some(host);
             let now = now_ms();
             let event = detector.step(&seen, now, &settings);
+            // Published before acting: `shelving` is on every channel before Nova is asked.
+            hub.set_idle(detector.status());
             self.act(event, &mut detector, now).await;
             hub.set_idle(detector.status());
         }
@@ -324,7 +333,14 @@ impl Watch {
                     .await;
             }
             Event::Resumed { cancelled } => {
-                tracing::info!(target: "exoagent::idle", cancelled, "activity again; the instance is no longer idle");
+                let status = detector.status();
+                let kinds: Vec<&str> = status.activity.iter().map(|k| k.as_str()).collect();
+                let activity = if kinds.is_empty() {
+                    "jupyterlab (last_activity)".to_owned()
+                } else {
+                    kinds.join(", ")
+                };
+                tracing::info!(target: "exoagent::idle", cancelled, %activity, "activity again; the instance is no longer idle");
                 if cancelled {
                     self.tell_users(CANCELLED_TEXT).await;
                 }
@@ -333,6 +349,13 @@ impl Watch {
                 let shelver = self.shelver.borrow().clone();
                 let outcome = match shelver {
                     Some(shelver) => {
+                        // Written here, not left to the reporter: Nova refuses tag changes
+                        // (409) once the server is shelving, and a shelved server should say
+                        // why it was shelved.
+                        let tag = format!("{TAG_PREFIX}idle:{}", IdleState::Shelving.as_str());
+                        if let Err(e) = shelver.nova.add_tag(&shelver.server, &tag).await {
+                            tracing::warn!(target: "exoagent::idle", reason = e.reason(), error = %e, "could not tag the server before shelving it");
+                        }
                         tracing::warn!(target: "exoagent::idle", server = %shelver.server, "shelving the idle instance through Nova");
                         shelver.nova.shelve(&shelver.server).await.map_err(|e| {
                             (Reason::new(e.reason(), e.to_string()), e.is_permanent())
