@@ -8,6 +8,11 @@
 //! with its own RFB client: the agent's wiring is the point here. The real guacd 1.3.0 drawing
 //! the real desktop is `tests/browser/` with `EXOAGENT_GUACD=bullseye` (CI runs both).
 //! Needs `bash tests/guacamole/setup.sh`.
+//!
+//! Idle detection rides along: with nothing open the instance goes idle; the open tunnel (the
+//! web side's connection to guacd, the double's to the real VNC server) keeps it active past
+//! the idle time; once the tunnel is closed it goes idle again. (The double stands in for guacd
+//! only as the other end of the connection counted; the VNC side is the real Xvnc.)
 
 mod common;
 
@@ -37,7 +42,9 @@ fn the_agent_runs_the_desktop_and_guacamole_reaches_it() {
     let mut sandbox = Sandbox::new(&format!(
         "[services.desktop]\nenabled = true\nport = {}\ngeometry = \"1024x768\"\n\
          [services.guacamole]\nenabled = true\nport = @PORT@\nbind = \"127.0.0.1\"\n\
-         guacd = \"external\"\nguacd_address = \"127.0.0.1:{}\"\nssh_port = {}\n",
+         guacd = \"external\"\nguacd_address = \"127.0.0.1:{}\"\nssh_port = {}\n\
+         [idle]\nafter_s = 3\ninterval_s = 1\ncpu_percent = 100\n\
+         disk_kib_per_s = 1073741824\nnetwork_kib_per_s = 1073741824\n",
         5900 + display,
         peer.port,
         free_port()
@@ -102,6 +109,12 @@ fn the_agent_runs_the_desktop_and_guacamole_reaches_it() {
         .unwrap()
         .to_owned();
 
+    // Nothing open: idle (the host-load thresholds are out of reach: this shared machine's own
+    // load must not decide; the detector's unit tests cover them).
+    sandbox.wait_for("idle before the tunnel", Duration::from_secs(60), |s| {
+        s["idle"]["state"] == "idle"
+    });
+
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -136,10 +149,42 @@ fn the_agent_runs_the_desktop_and_guacamole_reaches_it() {
                 ),
             }
         }
+        // The tunnel open well past the idle time: active, the desktop seen.
+        let open_until = tokio::time::Instant::now() + Duration::from_secs(7);
+        while tokio::time::Instant::now() < open_until {
+            let _ = tokio::time::timeout(Duration::from_millis(500), async {
+                while let Some(Ok(message)) = socket.next().await {
+                    if let Message::Text(t) = message {
+                        if t.contains("4.sync,") {
+                            let _ = socket.send(Message::Text("4.sync,1.0;".into())).await;
+                        }
+                    }
+                }
+            })
+            .await;
+            let status = sandbox.status();
+            if status["idle"]["state"] == "active" {
+                assert!(
+                    status["idle"]["activity"]
+                        .as_array()
+                        .is_some_and(|a| a.iter().any(|k| k == "desktop")),
+                    "{status}"
+                );
+            } else {
+                // The first sample after the tunnel opened may not have come yet.
+                assert!(
+                    open_until - tokio::time::Instant::now() > Duration::from_secs(5),
+                    "idle with the tunnel open: {status}"
+                );
+            }
+        }
         let _ = socket.close(None).await;
         text.len()
     });
     assert!(drawn > 1000, "only {drawn} bytes of drawing");
+    sandbox.wait_for("idle after the tunnel", Duration::from_secs(30), |s| {
+        s["idle"]["state"] == "idle"
+    });
     assert!(
         !sandbox.agent_output().contains(&passphrase),
         "passphrase in a log"

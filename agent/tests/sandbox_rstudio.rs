@@ -55,3 +55,44 @@ fn rstudio_with_a_stand_in_rserver_becomes_ready_and_is_restarted() {
     assert!(pid_alive(status["services"][0]["pid"].as_i64().unwrap()));
     sb.kill_agent(libc::SIGTERM);
 }
+
+/// Idle detection's RStudio sign: RStudio Server runs one `rsession` process per open session
+/// (it exits when the session is suspended). The double starts no session, so the test starts
+/// the process a session would be: a program named `rsession` (a copy of `sleep`). While it
+/// runs the instance is active with `rstudio` seen; once it ends the instance goes idle. What
+/// is shown is the detector's reading of `/proc`, not RStudio's own session handling.
+#[test]
+fn an_rsession_process_keeps_the_instance_active() {
+    let peer = repo_root().join("tests/rstudio/rserver_peer.py");
+    let mut sb = Sandbox::new(&format!(
+        "[services.rstudio]\nenabled = true\nport = @PORT@\nbind = \"127.0.0.1\"\n\
+         rserver = \"{}\"\n\
+         [idle]\nafter_s = 3\ninterval_s = 1\ncpu_percent = 100\n\
+         disk_kib_per_s = 1073741824\nnetwork_kib_per_s = 1073741824\n",
+        peer.display()
+    ))
+    .with_start_args(&["--no-fixture-identity"]);
+    sb.start_agent();
+    sb.wait_complete(120);
+    sb.wait_for("idle", Duration::from_secs(60), |s| {
+        s["idle"]["state"] == "idle"
+    });
+    let bin = tempfile::tempdir().unwrap();
+    let rsession = bin.path().join("rsession");
+    std::fs::copy("/bin/sleep", &rsession).unwrap();
+    let mut session = std::process::Command::new(&rsession)
+        .arg("8")
+        .spawn()
+        .unwrap();
+    let status = sb.wait_for("active", Duration::from_secs(10), |s| {
+        s["idle"]["state"] == "active"
+    });
+    assert_eq!(status["idle"]["activity"][0], "rstudio", "{status}");
+    // Past the idle time with the session running: still active.
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(sb.status()["idle"]["state"], "active");
+    session.wait().unwrap();
+    sb.wait_for("idle after the session", Duration::from_secs(30), |s| {
+        s["idle"]["state"] == "idle"
+    });
+}

@@ -135,7 +135,9 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
     if plan.settings.idle.enabled {
         let watch = crate::idle::Watch {
             settings: plan.settings.idle.clone(),
-            reader: crate::idle::signals::HostReader::new(&plan.paths.system_root),
+            // The machine's own kernel files, in the sandbox too: its services run on it (the
+            // sandbox's stand-in root holds no /proc).
+            reader: crate::idle::signals::HostReader::new(Path::new("/")),
             signs: plan.services.iter().flat_map(|s| s.activity()).collect(),
             passphrase: idle_passphrase,
             shelver: shelver_rx,
