@@ -103,6 +103,17 @@ impl Paths {
         self.state_dir.join("deferred-write-files")
     }
 
+    /// The cloud's request last accepted (`exoAgentRequest`), applied at start.
+    pub fn cloud_request_file(&self) -> PathBuf {
+        self.state_dir.join("cloud-request.json")
+    }
+
+    /// The drop-in `exoagent enable` and `exoagent disable` write (named to sort after the
+    /// operator's own drop-ins).
+    pub fn enable_dropin(&self) -> PathBuf {
+        self.config_dropin_dir.join("zz-exoagent-enable.toml")
+    }
+
     /// The UUID of the instance the durable state belongs to.
     pub fn instance_id_file(&self) -> PathBuf {
         self.state_dir.join("instance-id")

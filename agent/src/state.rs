@@ -269,6 +269,87 @@ impl ResourceAlert {
     }
 }
 
+/// What started a reload (`reload.trigger` in the status API).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReloadTrigger {
+    /// SIGHUP.
+    Signal,
+    /// `exoagent reload`, `exoagent enable` or `exoagent disable` (the status API's
+    /// `POST /v1/reload`).
+    Command,
+    /// A new or changed request in the instance metadata (`exoAgentRequest`).
+    CloudRequest,
+}
+
+impl ReloadTrigger {
+    /// The stable name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Signal => "signal",
+            Self::Command => "command",
+            Self::CloudRequest => "cloud-request",
+        }
+    }
+}
+
+/// What a reload did (`reload.outcome`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReloadOutcome {
+    /// The configuration changed: applied (the agent started over with it; unchanged services
+    /// were adopted untouched).
+    Applied,
+    /// Valid, and the same as the one running: nothing was done.
+    Unchanged,
+    /// Invalid: nothing was changed; `reason` says why.
+    Rejected,
+}
+
+impl ReloadOutcome {
+    /// The stable name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Applied => "applied",
+            Self::Unchanged => "unchanged",
+            Self::Rejected => "rejected",
+        }
+    }
+}
+
+/// The latest reload (`reload` in the status API; absent until one happened).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadStatus {
+    /// What started it.
+    pub trigger: ReloadTrigger,
+    /// What it did.
+    pub outcome: ReloadOutcome,
+    /// When (ms since the epoch).
+    pub at_ms: u64,
+    /// What changed: `desktop: added`, `jupyterlab: changed`, `rstudio: removed`, `idle:
+    /// changed` (only `applied`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changes: Vec<String>,
+    /// Why it was rejected: code `invalid-config` or `invalid-request`, the errors as detail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<Reason>,
+}
+
+/// The cloud's request as last read (`request` in the status API; absent when the metadata
+/// holds none and none is kept).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestStatus {
+    /// Applied (in effect) or rejected (the previous one stays in effect).
+    pub outcome: ReloadOutcome,
+    /// The first 12 hex digits of the request text's SHA-256: which request this is about.
+    pub digest: String,
+    /// Since when (ms since the epoch).
+    pub since_ms: u64,
+    /// Why it was rejected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<Reason>,
+}
+
 /// Where the instance stands on idleness (`idle.state` in the status API, DESIGN §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -518,6 +599,12 @@ pub struct Snapshot {
     /// Idleness (absent when the detector is off).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle: Option<IdleStatus>,
+    /// The latest reload (absent until one happened).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reload: Option<ReloadStatus>,
+    /// The cloud's request (absent when there is none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<RequestStatus>,
 }
 
 /// Where the agent learnt which instance it runs on (`instance.source` in the status API).
@@ -631,6 +718,8 @@ struct Model {
     volumes: Vec<VolumeStatus>,
     alerts: Vec<ResourceAlert>,
     idle: Option<IdleStatus>,
+    reload: Option<ReloadStatus>,
+    request: Option<RequestStatus>,
 }
 
 impl Model {
@@ -697,6 +786,8 @@ impl Model {
             volumes: self.volumes.clone(),
             alerts: self.alerts.clone(),
             idle: self.idle.clone(),
+            reload: self.reload.clone(),
+            request: self.request.clone(),
         }
     }
 }
@@ -773,6 +864,8 @@ impl StateHub {
             volumes: Vec::new(),
             alerts: Vec::new(),
             idle: None,
+            reload: None,
+            request: None,
         };
         let (state, step, reason) = model.derive_setup();
         model.setup = SetupStatus {
@@ -869,6 +962,16 @@ impl StateHub {
     /// a full disk is the researcher's to act on, not a failed setup).
     pub fn set_alerts(&self, alerts: Vec<ResourceAlert>) {
         self.with_model(|m| m.alerts = alerts);
+    }
+
+    /// Record what the latest reload did.
+    pub fn set_reload(&self, reload: ReloadStatus) {
+        self.with_model(|m| m.reload = Some(reload));
+    }
+
+    /// Record the cloud's request and what became of it (`None`: there is none).
+    pub fn set_request(&self, request: Option<RequestStatus>) {
+        self.with_model(|m| m.request = request);
     }
 
     /// Record idleness (never affects the setup state). Unchanged, nothing is published.

@@ -44,6 +44,7 @@ fn fixture() -> Fixture {
 impl Fixture {
     fn state(&self) -> ApiState {
         ApiState {
+            reloads: None,
             hub: self.hub.clone(),
             paths: self.paths.clone(),
         }

@@ -12,6 +12,7 @@ use crate::supervise::ShimCommand;
 
 mod plan;
 mod provision;
+pub mod reload;
 mod run;
 
 pub use plan::{plan, Plan};
@@ -45,6 +46,8 @@ pub struct AgentOptions {
     pub paths: Paths,
     /// The executable that runs `shim` (normally this very binary).
     pub shim: ShimCommand,
+    /// Notified on SIGHUP: read the configuration again.
+    pub hangup: std::sync::Arc<tokio::sync::Notify>,
 }
 
 /// Why the agent could not do its job. Each variant has a stable [`AgentError::reason`].

@@ -542,6 +542,8 @@ pub(super) fn forget_previous_instance(plan: &Plan) -> Result<(), AgentError> {
             // Holds the old passphrase's hash; gone, JupyterLab's configuration is the first
             // boot's (written once the new hash is ready, not waited for before the spawn).
             crate::services::jupyterlab::JupyterLab::server_config_path(&plan.paths),
+            // The other server's request; this one's is read from the metadata service.
+            plan.paths.cloud_request_file(),
         ] {
             // Absent is as good as removed; anything else would leak the old passphrase.
             if let Err(e) = std::fs::remove_file(&stale) {

@@ -26,7 +26,8 @@ use crate::state::{
     InstanceStatus, Reason, ServiceState, ServiceUpdate, SetupPhase, SetupStep, StateHub,
 };
 use crate::supervise::{
-    has_live_shim, jittered, retry_delay, ServicePaths, ShimCommand, StandbyShim, Supervisor,
+    has_live_shim, jittered, retry_delay, stop_recorded, ServicePaths, ShimCommand, StandbyShim,
+    Supervisor,
 };
 
 use super::plan::drive_identity;
@@ -37,6 +38,7 @@ use super::provision::{
     load_passphrase, metadata_service, nova_reporter, provision_account, provision_subids,
     provision_sudo, publish_passphrase, reserve_service_ports, set_password_once, Fetched,
 };
+use super::reload::{Carried, Controller, RequestSource};
 use super::{plan, AgentError, AgentOptions, Mode, Plan};
 
 /// The agent's background work: reporters, the status API's helpers, supervisors.
@@ -44,11 +46,41 @@ type Tasks = JoinSet<()>;
 
 type SupervisorTask = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
-/// Run the main job until `cancel` fires. Services keep running afterwards.
+/// Run the main job until `cancel` fires, starting over each time a reload changes the
+/// configuration (`reload.rs`). Services keep running afterwards.
 pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(), AgentError> {
     if options.mode == Mode::System {
         require_root()?;
     }
+    let mut carried = Carried::default();
+    loop {
+        match run_once(&options, &cancel, carried).await? {
+            RunEnd::Stopped => return Ok(()),
+            RunEnd::Reload(next) => {
+                tracing::info!(target: "exoagent::agent", "starting over with the new configuration; unchanged services are adopted as they run");
+                carried = *next;
+            }
+        }
+    }
+}
+
+/// How one run ended.
+enum RunEnd {
+    /// Asked to stop.
+    Stopped,
+    /// A reload changed the configuration: start over with it.
+    Reload(Box<Carried>),
+}
+
+/// One run of the main job, until `outer` fires (stop) or a reload asks to start over.
+async fn run_once(
+    options: &AgentOptions,
+    outer: &CancellationToken,
+    carried: Carried,
+) -> Result<RunEnd, AgentError> {
+    // Everything of this run stops with it; `outer` ends the agent.
+    let cancel = outer.child_token();
+    let carry = std::sync::Arc::new(std::sync::Mutex::new(None));
     // The config drive is looked for (and mounted) from the start, beside the configuration's
     // reading and validation and the services' side: only the identity side waits for it (the
     // plan's identity is read again once the drive is there, when the plan looked before).
@@ -58,16 +90,21 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
     };
     // Validate fully before anything is created or changed; a stop asked for meanwhile is
     // answered at once, even if a read hangs.
-    let Some(planned) = unless_cancelled(&cancel, plan_blocking(&options)).await else {
+    let Some(planned) = unless_cancelled(&cancel, plan_blocking(options)).await else {
         tracing::info!(target: "exoagent::agent", "stopped while reading the configuration");
-        return Ok(());
+        return Ok(RunEnd::Stopped);
     };
     let mut plan = planned?;
     tracing::info!(target: "exoagent::agent", os = %plan.os.pretty_name, services = plan.services.len(), "configuration valid");
     prepare_dirs(&plan.paths)?;
 
     let hub = StateHub::new(plan.services.iter().map(|s| (s.kind(), s.port(), s.url())));
+    if let Some(reload) = carried.reload.clone() {
+        hub.set_reload(reload);
+    }
+    hub.set_request(carried.request.clone());
     let mut tasks = Tasks::new();
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
 
     // The socket is bound before anything slow (the metadata service may take its time), so
     // systemd hears READY at once; it is root-only until the account is known. It is bound
@@ -78,6 +115,7 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
         ApiState {
             hub: hub.clone(),
             paths: plan.paths.clone(),
+            reloads: Some(reload_tx),
         },
         &api_socket,
         None,
@@ -89,6 +127,23 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
     // the batch's package query begin now, beside the local set-up that follows (the link
     // token's file, the reporters); not before the socket is bound, which keeps a second agent
     // from changing anything.
+    // Services no longer configured (a reload removed them, or the files changed while the
+    // agent was stopped) are stopped: the configuration is what runs.
+    stop_unplanned(&plan).await;
+    stop_changed(&plan, &carried.restart, carried.restart_fronts).await;
+    let (request_tx, request_rx) = tokio::sync::oneshot::channel();
+    tasks.spawn(
+        Controller {
+            paths: plan.paths.clone(),
+            running: plan.settings.clone(),
+            hub: hub.clone(),
+            hangup: options.hangup.clone(),
+            asks: reload_rx,
+            restart: cancel.clone(),
+            carry: carry.clone(),
+        }
+        .run(request_rx, cancel.clone()),
+    );
     let first_steps = FirstSteps::begin(plan.services_side(), &options.shim);
     // After the account's `useradd` has begun (it is the longest step before a service can
     // start): before any service binds (they start once the account exists), and before the
@@ -189,6 +244,22 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
         }
         let identity_source = resolve_identity(&mut plan, metadata.as_ref(), &hub).await?;
         forget_previous_instance(&plan)?;
+        // The cloud's request: what the metadata held now, then polled (never with a config
+        // drive, which cannot change).
+        if identity_source == Some(IdentitySource::MetadataService) {
+            let at_start = plan
+                .identity
+                .as_ref()
+                .map(|i| i.meta.get(crate::config::request::REQUEST_KEY).cloned());
+            let _ = request_tx.send(RequestSource {
+                metadata: metadata
+                    .clone()
+                    .filter(|_| plan.settings.cloud.watch_request),
+                at_start: at_start.filter(|_| plan.settings.cloud.watch_request),
+            });
+        } else {
+            drop(request_tx);
+        }
         if plan.settings.cloud.clouds_yaml.is_some() {
             // Exosphere shows the notebook link only with `exoCustomWorkflow`; one Exosphere set
             // (a workflow it launched) is never overwritten.
@@ -294,6 +365,10 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
     }
 
     cancel.cancelled().await;
+    let end = match carry.lock().ok().and_then(|mut slot| slot.take()) {
+        Some(next) if !outer.is_cancelled() => RunEnd::Reload(Box::new(next)),
+        _ => RunEnd::Stopped,
+    };
     tracing::info!(target: "exoagent::agent", "stopping; services keep running");
     while tasks.join_next().await.is_some() {}
     while supervisors.join_next().await.is_some() {}
@@ -302,8 +377,60 @@ pub async fn run(options: AgentOptions, cancel: CancellationToken) -> Result<(),
         tracing::debug!(target: "exoagent::agent", error = %e, "status API task ended abnormally");
     }
     remove_socket(&plan.paths.api_socket());
-    Ok(())
+    Ok(end)
 }
+
+/// Stop the services (and TLS fronts) that run under a shim of ours but are not in `plan`.
+async fn stop_unplanned(plan: &Plan) {
+    let planned: Vec<ServiceKind> = plan.services.iter().map(|s| s.kind()).collect();
+    for kind in ServiceKind::ALL {
+        if planned.contains(&kind) {
+            continue;
+        }
+        for (what, run_dir) in [
+            ("service", plan.paths.service_run_dir(kind)),
+            ("tls front", plan.paths.front_run_dir(kind)),
+        ] {
+            match stop_recorded(&run_dir, UNPLANNED_STOP_GRACE).await {
+                Ok(true) => {
+                    tracing::info!(target: "exoagent::agent", service = kind.as_str(), what, "stopped: no longer configured");
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(target: "exoagent::agent", service = kind.as_str(), what, error = %e, "could not stop what is no longer configured");
+                }
+            }
+        }
+    }
+}
+
+/// Stop the services in `restart` (and their fronts; every front with `fronts`) so this run
+/// starts them with their new settings instead of adopting them.
+async fn stop_changed(plan: &Plan, restart: &[ServiceKind], fronts: bool) {
+    for kind in ServiceKind::ALL {
+        let mut dirs = Vec::new();
+        if restart.contains(&kind) {
+            dirs.push(("service", plan.paths.service_run_dir(kind)));
+        }
+        if fronts || restart.contains(&kind) {
+            dirs.push(("tls front", plan.paths.front_run_dir(kind)));
+        }
+        for (what, run_dir) in dirs {
+            match stop_recorded(&run_dir, UNPLANNED_STOP_GRACE).await {
+                Ok(true) => {
+                    tracing::info!(target: "exoagent::agent", service = kind.as_str(), what, "stopped to start again with its new settings");
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(target: "exoagent::agent", service = kind.as_str(), what, error = %e, "could not stop for its new settings");
+                }
+            }
+        }
+    }
+}
+
+/// How long a service no longer configured has between SIGTERM and SIGKILL.
+const UNPLANNED_STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The passphrase once the identity side has it (with whether it is new), `None` until then;
 /// closed without one when it could not be had.
@@ -1220,6 +1347,7 @@ mod tests {
             shim: ShimCommand {
                 exe: "/nonexistent/exoagent".into(),
             },
+            hangup: std::sync::Arc::new(tokio::sync::Notify::new()),
         }
     }
 

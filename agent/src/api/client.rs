@@ -13,6 +13,8 @@ use crate::state::Snapshot;
 
 /// How long one request may take before the agent counts as unresponsive.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a reload may take to be decided (the server waits up to 20 s).
+const RELOAD_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +85,22 @@ impl ApiClient {
         serde_json::from_slice(&body).map_err(|e| self.protocol(format!("bad status JSON: {e}")))
     }
 
+    /// `POST /v1/reload`: the agent reads its configuration again; what it did.
+    pub async fn reload(&self) -> Result<crate::state::ReloadStatus, ClientError> {
+        let asked = self.request(hyper::Method::POST, "/v1/reload");
+        let body = match tokio::time::timeout(RELOAD_TIMEOUT, asked).await {
+            Ok(result) => result?,
+            Err(_) => {
+                return Err(ClientError::Unreachable {
+                    socket: self.socket.clone(),
+                    source: std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer in 30 s"),
+                    hint: "",
+                })
+            }
+        };
+        serde_json::from_slice(&body).map_err(|e| self.protocol(format!("bad reload JSON: {e}")))
+    }
+
     /// `GET /v1/services/{service}/logs?lines=N`.
     pub async fn logs(&self, service: &str, lines: usize) -> Result<String, ClientError> {
         if !service
@@ -120,6 +138,14 @@ impl ApiClient {
     }
 
     async fn get_inner(&self, path_and_query: &str) -> Result<Bytes, ClientError> {
+        self.request(hyper::Method::GET, path_and_query).await
+    }
+
+    async fn request(
+        &self,
+        method: hyper::Method,
+        path_and_query: &str,
+    ) -> Result<Bytes, ClientError> {
         let stream = tokio::net::UnixStream::connect(&self.socket)
             .await
             .map_err(|source| ClientError::Unreachable {
@@ -135,7 +161,9 @@ impl ApiClient {
             .await
             .map_err(|e| self.protocol(e.to_string()))?;
         let driver = tokio::spawn(connection);
-        let request = Request::get(path_and_query)
+        let request = Request::builder()
+            .method(method)
+            .uri(path_and_query)
             .header(hyper::header::HOST, "exoagent")
             .body(Empty::<Bytes>::new())
             .map_err(|e| self.protocol(e.to_string()))?;

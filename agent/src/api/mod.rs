@@ -48,6 +48,15 @@ pub enum ApiError {
     /// A malformed request.
     #[error("{0}")]
     BadRequest(String),
+    /// No reload can be taken now (one is waiting already, or the agent is starting over).
+    #[error("a reload is already waiting; try again in a moment")]
+    ReloadBusy,
+    /// The reload was taken but not decided in time (the setup is still under way).
+    #[error("the reload was taken; it is applied once the setup under way is done (see exoagent status)")]
+    ReloadPending,
+    /// This server takes no reloads.
+    #[error("this agent takes no reloads")]
+    ReloadUnavailable,
     /// A log file exists but could not be read.
     #[error("failed to read '{path}': {source}")]
     LogUnreadable {
@@ -69,6 +78,9 @@ impl ApiError {
             Self::NotConfigured(_) => "not-configured",
             Self::BadRequest(_) => "bad-request",
             Self::LogUnreadable { .. } => "log-unreadable",
+            Self::ReloadBusy => "reload-busy",
+            Self::ReloadPending => "reload-pending",
+            Self::ReloadUnavailable => "reload-unavailable",
         }
     }
 
@@ -76,6 +88,8 @@ impl ApiError {
         match self {
             Self::UnknownService(_) | Self::NotConfigured(_) => StatusCode::NOT_FOUND,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::ReloadBusy | Self::ReloadUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::ReloadPending => StatusCode::ACCEPTED,
             Self::Bind { .. }
             | Self::InUse { .. }
             | Self::Permissions { .. }
@@ -83,6 +97,12 @@ impl ApiError {
         }
     }
 }
+
+/// A reload asked for through `POST /v1/reload`, and where its outcome goes.
+pub type ReloadAsk = (
+    crate::state::ReloadTrigger,
+    tokio::sync::oneshot::Sender<crate::state::ReloadStatus>,
+);
 
 /// The JSON body of every error response.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

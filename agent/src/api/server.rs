@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use tokio_util::sync::CancellationToken;
 
@@ -36,6 +36,8 @@ pub struct ApiState {
     pub hub: StateHub,
     /// Where the logs are.
     pub paths: Paths,
+    /// Where `POST /v1/reload` asks go (`None`: reloads are not offered).
+    pub reloads: Option<tokio::sync::mpsc::Sender<crate::api::ReloadAsk>>,
 }
 
 /// The router (testable without a socket).
@@ -43,11 +45,34 @@ pub fn app(state: ApiState) -> Router {
     Router::new()
         .route("/v1/status", get(status))
         .route("/v1/services/{name}/logs", get(logs))
+        .route("/v1/reload", post(reload))
         .with_state(state)
 }
 
 async fn status(State(state): State<ApiState>) -> Json<Snapshot> {
     Json(state.hub.snapshot())
+}
+
+/// How long `POST /v1/reload` waits for the decision (the agent waits for a setup under way).
+const RELOAD_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Read the configuration again: 200 with the outcome (`applied` ends this run of the agent
+/// just after the answer), 202 when a setup under way holds it back.
+async fn reload(
+    State(state): State<ApiState>,
+) -> Result<Json<crate::state::ReloadStatus>, ApiError> {
+    let Some(reloads) = &state.reloads else {
+        return Err(ApiError::ReloadUnavailable);
+    };
+    let (reply, decided) = tokio::sync::oneshot::channel();
+    reloads
+        .try_send((crate::state::ReloadTrigger::Command, reply))
+        .map_err(|_| ApiError::ReloadBusy)?;
+    match tokio::time::timeout(RELOAD_WAIT, decided).await {
+        Ok(Ok(status)) => Ok(Json(status)),
+        Ok(Err(_)) => Err(ApiError::ReloadBusy),
+        Err(_) => Err(ApiError::ReloadPending),
+    }
 }
 
 async fn logs(

@@ -6,6 +6,7 @@ pub mod generate;
 pub mod install;
 pub mod logs;
 pub mod motd;
+pub mod reload;
 pub mod rotate_token;
 pub mod run;
 pub mod sandbox;
@@ -54,6 +55,13 @@ pub enum Command {
     Motd(motd::MotdArgs),
     /// Stop every service the agent started (they otherwise outlive the agent).
     Down(down::DownArgs),
+    /// Check the configuration and have the running agent apply it (after editing
+    /// /etc/exoagent): added services start, removed ones stop, changed ones restart.
+    Reload(reload::ReloadArgs),
+    /// Turn a service on (written to a drop-in of its own) and have the agent apply it.
+    Enable(reload::EnableArgs),
+    /// Turn a service off (written to a drop-in of its own) and have the agent apply it.
+    Disable(reload::EnableArgs),
     /// Replace the token of Exosphere's notebook link to JupyterLab (restarts JupyterLab).
     RotateToken(rotate_token::RotateTokenArgs),
     /// Print cloud-init userdata that delivers and configures exoagent.
@@ -196,6 +204,9 @@ pub fn dispatch(cli: Cli) -> ExitCode {
                 rotate_token::run(args, &paths, mode == crate::agent::Mode::System).await
             }
             Command::Down(args) => down::run(args, &paths).await,
+            Command::Reload(args) => reload::reload(args, &paths).await,
+            Command::Enable(args) => reload::enable(args, &paths, true).await,
+            Command::Disable(args) => reload::enable(args, &paths, false).await,
             Command::Userdata(args) => userdata::run(args).await,
             Command::Install(args) => install::run(args).await,
             Command::Bake(args) => bake::run(args, mode, paths).await,

@@ -52,7 +52,18 @@ pub async fn run_agent_until(
         exe: std::env::current_exe()?,
     };
     let sink = sink(&mode);
-    match agent::run(AgentOptions { mode, paths, shim }, cancel).await {
+    let hangup = reload_on_hangup()?;
+    match agent::run(
+        AgentOptions {
+            mode,
+            paths,
+            shim,
+            hangup,
+        },
+        cancel,
+    )
+    .await
+    {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(e) => Ok(fail(&sink, &e)),
     }
@@ -87,6 +98,21 @@ fn report_startup_failure(sink: &ConsoleSink, error: &agent::AgentError) {
         reason: Some(Reason::new(error.reason(), error.to_string())),
     };
     console::write_now(sink, &console::status_line(&setup, setup.since_ms));
+}
+
+/// Notified on each SIGHUP (whose default action would end the agent): read the
+/// configuration again.
+fn reload_on_hangup() -> std::io::Result<std::sync::Arc<tokio::sync::Notify>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangups = signal(SignalKind::hangup())?;
+    let notify = std::sync::Arc::new(tokio::sync::Notify::new());
+    let notified = notify.clone();
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            notified.notify_one();
+        }
+    });
+    Ok(notify)
 }
 
 fn spawn_signal_handler(cancel: CancellationToken) -> std::io::Result<()> {

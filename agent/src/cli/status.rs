@@ -294,7 +294,43 @@ pub fn render_table(snapshot: &Snapshot, now: u64) -> String {
         let text = crate::text::clean(&idle.describe(now), 400);
         out.push_str(&format!("idle: {text}\n"));
     }
+    if let Some(request) = &snapshot.request {
+        out.push_str(&format!(
+            "cloud request {}: {} ({}){}\n",
+            request.digest,
+            request.outcome.as_str(),
+            crate::state::relative(request.since_ms, now),
+            reason_suffix(request.reason.as_ref())
+        ));
+    }
+    if let Some(reload) = &snapshot.reload {
+        let changes = if reload.changes.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", reload.changes.join(", "))
+        };
+        out.push_str(&format!(
+            "last reload: {} ({}, {}){changes}{}\n",
+            reload.outcome.as_str(),
+            reload.trigger.as_str(),
+            crate::state::relative(reload.at_ms, now),
+            reason_suffix(reload.reason.as_ref())
+        ));
+    }
     out
+}
+
+/// ` — code: detail` on one line, the detail cut to 300 characters.
+fn reason_suffix(reason: Option<&crate::state::Reason>) -> String {
+    reason
+        .map(|r| {
+            format!(
+                " — {}: {}",
+                r.code,
+                crate::text::clean(&r.detail.replace('\n', "; "), 300)
+            )
+        })
+        .unwrap_or_default()
 }
 
 /// One line per resource alert under the table: `disk-high: /data 95% used (alert at 90%,
@@ -436,6 +472,8 @@ mod tests {
                 action_at_ms: Some(1_875_000),
                 reason: None,
             }),
+            reload: None,
+            request: None,
         };
         let table = render_table(&snapshot, 75_000);
         assert!(
@@ -525,6 +563,8 @@ mod tests {
             volumes: Vec::new(),
             alerts: Vec::new(),
             idle: None,
+            reload: None,
+            request: None,
         };
         let table = render_table(&snapshot, 75_000);
         assert!(

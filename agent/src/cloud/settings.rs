@@ -24,6 +24,11 @@ pub struct CloudSettings {
     /// region), so the banner and `exoagent status` can show the URLs a browser uses; `None`:
     /// unknown, local URLs only.
     pub uap_hostname: Option<String>,
+    /// Watch the metadata service for the cloud's request (`exoAgentRequest`) and apply it
+    /// live (never with a config drive, which cannot change).
+    pub watch_request: bool,
+    /// Time between two looks at the metadata service for the request (jittered).
+    pub request_interval: Duration,
 }
 
 /// A host name the UAP's URLs can be built on: lowercase DNS labels (letters, digits, `-`)
@@ -49,6 +54,8 @@ impl Default for CloudSettings {
             clouds_yaml: None,
             cloud_name: "openstack".to_owned(),
             uap_hostname: None,
+            watch_request: true,
+            request_interval: Duration::from_secs(60),
         }
     }
 }

@@ -74,6 +74,8 @@ pub(crate) struct CloudFragment {
     pub clouds_yaml: Option<Located<PathBuf>>,
     pub cloud_name: Option<Located<String>>,
     pub uap_hostname: Option<Located<Option<String>>>,
+    pub watch_request: Option<Located<bool>>,
+    pub request_interval_s: Option<Located<u64>>,
 }
 
 /// Everything the files say, merged in load order.
@@ -288,6 +290,16 @@ const CLOUD_KEYS: &[Key<CloudFragment>] = &[
                 ),
             )
         },
+    },
+    Key {
+        name: "watch_request",
+        example: "false",
+        read: |w, f, s| set(&mut s.watch_request, w.boolean(f)),
+    },
+    Key {
+        name: "request_interval_s",
+        example: "300",
+        read: |w, f, s| set(&mut s.request_interval_s, w.seconds(f, 1)),
     },
 ];
 

@@ -4,13 +4,15 @@
 //! Files are read in this order, later values winning key by key: every `*.toml` in
 //! [`Paths::vendor_config_dir`] (sorted by name), then [`Paths::config_file`], then Exosphere's
 //! choices in [`Paths::exosphere_choices_file`] (JSON, see `exosphere.rs`), then every
-//! `*.toml` in [`Paths::config_dropin_dir`] (sorted by name). Missing files and directories are
+//! `*.toml` in [`Paths::config_dropin_dir`] (sorted by name), then the cloud's request kept in
+//! [`Paths::cloud_request_file`] (JSON, see `request.rs`). Missing files and directories are
 //! skipped. Every file is checked in full (unknown keys, types, ranges, values) and the merged
 //! result is checked across keys; all problems are returned together, each naming its file,
 //! line and dotted key. See `docs/configuration.md`.
 
 mod exosphere;
 mod fragment;
+pub mod request;
 pub mod settings;
 mod validate;
 
@@ -47,6 +49,30 @@ pub fn load(paths: &Paths) -> Result<Loaded, ConfigErrors> {
 /// As [`load`], with `main` read as [`Paths::config_file`] when there is no such file: what
 /// the configuration will be once a default main file is written, checked before writing it.
 pub fn load_with_main_default(paths: &Paths, main: Option<&str>) -> Result<Loaded, ConfigErrors> {
+    load_with(
+        paths,
+        &Pending {
+            main_default: main,
+            ..Pending::default()
+        },
+    )
+}
+
+/// Texts read in place of files about to change: what the configuration will be once they are
+/// written, checked before anything is written.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Pending<'a> {
+    /// The main file's text, when there is no main file yet.
+    pub main_default: Option<&'a str>,
+    /// The cloud's request in place of the one kept: `Some(None)` for none.
+    pub request: Option<Option<&'a str>>,
+    /// A drop-in's text in place of the file at that path, present or not (`exoagent enable`).
+    pub dropin: Option<(&'a Path, &'a str)>,
+}
+
+/// As [`load`], with `pending` texts in place of their files.
+pub fn load_with(paths: &Paths, pending: &Pending<'_>) -> Result<Loaded, ConfigErrors> {
+    let main = pending.main_default;
     let mut inputs = Vec::new();
     list_dir(&paths.vendor_config_dir, &mut inputs);
     match fs::symlink_metadata(&paths.config_file) {
@@ -62,7 +88,31 @@ pub fn load_with_main_default(paths: &Paths, main: Option<&str>) -> Result<Loade
     if fs::symlink_metadata(choices).is_ok() {
         inputs.push(Input::ExosphereChoices(choices.clone()));
     }
-    list_dir(&paths.config_dropin_dir, &mut inputs);
+    let mut dropins = Vec::new();
+    list_dir(&paths.config_dropin_dir, &mut dropins);
+    if let Some((path, text)) = pending.dropin {
+        dropins.retain(|input| !matches!(input, Input::File(p) if p == path));
+        dropins.push(Input::Text(path.to_path_buf(), text.to_owned()));
+        // Back into name order (list_dir's), the replaced file at its own place.
+        dropins.sort_by_key(Input::sort_name);
+    }
+    inputs.extend(dropins);
+    let request_file = paths.cloud_request_file();
+    match pending.request {
+        Some(Some(text)) => inputs.push(Input::Request(text.to_owned())),
+        Some(None) => {}
+        None => match read_capped(&request_file, MAX_CONFIG_FILE_BYTES) {
+            Ok(text) => inputs.push(Input::Request(text)),
+            Err(e) if e.is_not_found() => {}
+            Err(e) => inputs.push(Input::Error(ConfigError {
+                message: format!("failed to read the kept cloud request: {e}"),
+                file: request_file,
+                line: None,
+                key: None,
+                kind: ErrorKind::Unreadable,
+            })),
+        },
+    }
 
     let mut layers = Vec::new();
     let mut errors = Vec::new();
@@ -105,6 +155,14 @@ pub fn load_with_main_default(paths: &Paths, main: Option<&str>) -> Result<Loade
                 order.push(path.clone());
                 layers.push((path, text));
             }
+            Input::Request(text) => {
+                let path = request::display_name().to_path_buf();
+                order.push(path.clone());
+                match request::layer(&text) {
+                    Ok(toml) => layers.push((path, toml)),
+                    Err(found) => errors.extend(found),
+                }
+            }
             Input::Error(error) => {
                 order.push(error.file.clone());
                 errors.push(error);
@@ -115,6 +173,8 @@ pub fn load_with_main_default(paths: &Paths, main: Option<&str>) -> Result<Loade
         for error in &mut found.errors {
             if error.file == *choices {
                 exosphere::relocate(error);
+            } else if error.file == request::display_name() {
+                request::relocate(error);
             }
         }
         found
@@ -135,7 +195,21 @@ enum Input {
     Text(PathBuf, String),
     /// Exosphere's choices (JSON), translated into a layer.
     ExosphereChoices(PathBuf),
+    /// The cloud's request (JSON), translated into a layer.
+    Request(String),
     Error(ConfigError),
+}
+
+impl Input {
+    /// The file name a drop-in is ordered by.
+    fn sort_name(&self) -> Option<std::ffi::OsString> {
+        match self {
+            Self::File(path) | Self::Text(path, _) | Self::ExosphereChoices(path) => {
+                path.file_name().map(|n| n.to_owned())
+            }
+            Self::Request(_) | Self::Error(_) => None,
+        }
+    }
 }
 
 /// Append the `*.toml` entries of `dir`, sorted by name, to `inputs`. Names starting with `.`
@@ -304,6 +378,8 @@ mod tests {
             "[volumes]",
             "automount",
             "mount_root",
+            "watch_request",
+            "request_interval_s",
             "[alerts]",
             "memory_percent",
             "disk_percent",
@@ -567,6 +643,8 @@ metadata_timeout_s = 5
 publish_password = false
 clouds_yaml = "/etc/openstack/clouds.yaml"
 cloud_name = "exo"
+watch_request = false
+request_interval_s = 300
 [tls]
 enabled = true
 require = true
@@ -641,6 +719,8 @@ grace_s = 120
                     clouds_yaml: Some("/etc/openstack/clouds.yaml".into()),
                     cloud_name: "exo".into(),
                     uap_hostname: None,
+                    watch_request: false,
+                    request_interval: Duration::from_secs(300),
                 },
                 tls: TlsSettings {
                     enabled: true,

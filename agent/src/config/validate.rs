@@ -110,6 +110,8 @@ pub(crate) fn settings(merged: &Fragment, files: &[PathBuf]) -> (Settings, Vec<C
         clouds_yaml: value(&c.clouds_yaml),
         cloud_name: value(&c.cloud_name).unwrap_or(d.cloud_name),
         uap_hostname: value(&c.uap_hostname).unwrap_or(d.uap_hostname),
+        watch_request: value(&c.watch_request).unwrap_or(d.watch_request),
+        request_interval: secs(&c.request_interval_s, d.request_interval),
     };
 
     let host = merged.host.settings();

@@ -119,6 +119,23 @@ fn render_snapshot(snapshot: &Snapshot, now: u64) -> String {
     for alert in &snapshot.alerts {
         out.push_str(&format!("  alert: {}\n", alert.describe(now)));
     }
+    // A change the agent refused: the owner asked for something that did not happen.
+    if let Some(request) = snapshot
+        .request
+        .as_ref()
+        .filter(|r| r.outcome == crate::state::ReloadOutcome::Rejected)
+    {
+        out.push_str(&format!(
+            "  cloud request refused{}\n",
+            reason(&request.reason)
+        ));
+    } else if let Some(reload) = snapshot
+        .reload
+        .as_ref()
+        .filter(|r| r.outcome == crate::state::ReloadOutcome::Rejected)
+    {
+        out.push_str(&format!("  reload refused{}\n", reason(&reload.reason)));
+    }
     // Idle: said while it lasts; a pending shelve is a warning the owner must see.
     if let Some(idle) = snapshot.idle.as_ref().filter(|i| i.state.is_idle()) {
         let label = match idle.state {
@@ -219,6 +236,8 @@ mod tests {
             volumes: Vec::new(),
             alerts: Vec::new(),
             idle: None,
+            reload: None,
+            request: None,
         }
     }
 

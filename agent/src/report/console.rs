@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::model::truncate_chars;
 use crate::report::load::{LoadSample, LoadSampler};
-use crate::state::{IdleState, IdleStatus, SetupState, SetupStatus, Snapshot};
+use crate::state::{IdleState, IdleStatus, ReloadStatus, SetupState, SetupStatus, Snapshot};
 
 /// Longest `detail` put on an error line, in characters; the console is not a log.
 pub const MAX_DETAIL_CHARS: usize = 300;
@@ -78,6 +78,26 @@ pub fn idle_line(idle: &IdleStatus) -> String {
         if let Some(reason) = &idle.reason {
             line.insert("reason".into(), Value::from(reason.code.as_str()));
         }
+    }
+    Value::Object(line).to_string()
+}
+
+/// The reload line: `{"reload":"applied","trigger":"cloud-request","changes":["desktop:
+/// added"]}`, or `"rejected"` with `"reason"` and `"detail"` (at most 300 characters). No
+/// `status` key: Exosphere's status parser skips it.
+pub fn reload_line(reload: &ReloadStatus) -> String {
+    let mut line = Map::new();
+    line.insert("reload".into(), Value::from(reload.outcome.as_str()));
+    line.insert("trigger".into(), Value::from(reload.trigger.as_str()));
+    if !reload.changes.is_empty() {
+        line.insert("changes".into(), Value::from(reload.changes.clone()));
+    }
+    if let Some(reason) = &reload.reason {
+        line.insert("reason".into(), Value::from(reason.code.as_str()));
+        line.insert(
+            "detail".into(),
+            Value::from(truncate_chars(&reason.detail, MAX_DETAIL_CHARS)),
+        );
     }
     Value::Object(line).to_string()
 }
@@ -181,6 +201,12 @@ impl ConsoleReporter {
             )
         };
         let mut idle_seen = idle_key(&rx.borrow());
+        // A reload carried over from the run before is said once more at the start of this
+        // one: the previous run may have ended before its line was written.
+        let mut reload_seen = rx.borrow().reload.as_ref().map(|r| r.at_ms);
+        if let Some(reload) = &rx.borrow().reload {
+            writer.send(reload_line(reload));
+        }
         let mut key = StatusKey::of(&setup);
         writer.send(status_line(&setup, setup.since_ms));
         let token_line = self.token_line.take();
@@ -227,6 +253,13 @@ impl ConsoleReporter {
                         send_token(&mut writer, now_linked);
                     }
                     linked = now_linked;
+                    let reload = rx.borrow().reload.clone();
+                    if reload.as_ref().map(|r| r.at_ms) != reload_seen {
+                        reload_seen = reload.as_ref().map(|r| r.at_ms);
+                        if let Some(reload) = &reload {
+                            writer.send(reload_line(reload));
+                        }
+                    }
                     if now_idle_seen != idle_seen {
                         // Into idleness, a warning, a failure, or back to activity.
                         let was_idle = idle_seen.as_ref().is_some_and(|k| k.0.is_idle());

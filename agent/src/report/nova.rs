@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cloud::nova::{Nova, NovaError, MAX_META_VALUE_LEN, MAX_TAG_LEN};
 use crate::state::{
-    IdleState, NovaReporting, NovaReportingState, Reason, ServiceState, SetupState, Snapshot,
-    StateHub, VolumeState,
+    IdleState, NovaReporting, NovaReportingState, Reason, ReloadOutcome, ServiceState, SetupState,
+    Snapshot, StateHub, VolumeState,
 };
 use crate::volumes::LeaveReason;
 
@@ -59,6 +59,14 @@ impl Wanted {
         // One tag per kind of alert: the tag says "look", exoAgent and the status say where.
         for alert in &snapshot.alerts {
             tags.insert(format!("{TAG_PREFIX}alert:{}", alert.resource.code()));
+        }
+        // A cloud request the agent refused (the previous one stays in effect).
+        if snapshot
+            .request
+            .as_ref()
+            .is_some_and(|r| r.outcome == ReloadOutcome::Rejected)
+        {
+            tags.insert(format!("{TAG_PREFIX}request:rejected"));
         }
         // Idle: one tag while idle, and one naming a pending or requested shelve.
         if let Some(idle) = snapshot.idle.as_ref().filter(|i| i.state.is_idle()) {
@@ -114,10 +122,10 @@ fn volume_counts(snapshot: &Snapshot) -> Option<serde_json::Value> {
 
 /// `{"v":"0.1.0","setup":"complete","svc":{"jupyterlab":"ready:8888"},"tls":"<sha256>",
 /// "vol":{"m":1,"l":1,"f":0},"err":"…","alert":"memory,/media/volume/data",
-/// "idle":1796674503,"shelveAt":1796676303}`, at most 255 characters: the error and alert
+/// "req":"applied:<12 hex>","idle":1796674503,"shelveAt":1796676303}`, at most 255 characters: the error and alert
 /// texts are shortened first, then services are dropped from the end; the TLS fingerprint
-/// (what a UAP pins, present with `[tls] enabled`), the volume counts (present with volumes)
-/// and idleness (idle since, and when a shelve is due or was asked for, epoch seconds; only
+/// (what a UAP pins, present with `[tls] enabled`), the volume counts (present with volumes),
+/// the cloud request's outcome and digest (present with a request) and idleness (idle since, and when a shelve is due or was asked for, epoch seconds; only
 /// while idle) always stay. `alert` names what is used up, not how much: a
 /// percentage moving by one would be a metadata write each time.
 pub fn exo_agent_summary(snapshot: &Snapshot) -> String {
@@ -172,6 +180,10 @@ pub fn exo_agent_summary(snapshot: &Snapshot) -> String {
         }
         if let Some(alert) = alert {
             value["alert"] = serde_json::Value::from(alert);
+        }
+        if let Some(request) = &snapshot.request {
+            value["req"] =
+                serde_json::Value::from(format!("{}:{}", request.outcome.as_str(), request.digest));
         }
         if let Some(idle) = snapshot.idle.as_ref().filter(|i| i.state.is_idle()) {
             value["idle"] = serde_json::Value::from(idle.last_activity_ms / 1000);

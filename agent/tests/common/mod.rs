@@ -217,6 +217,13 @@ impl Sandbox {
             .unwrap()
     }
 
+    /// Send `signal` to the running agent and leave it running (SIGHUP: read the
+    /// configuration again).
+    pub fn signal_agent(&self, signal: i32) {
+        let child = self.agent.as_ref().expect("an agent was started");
+        unsafe { libc::kill(child.id() as i32, signal) };
+    }
+
     pub fn kill_agent(&mut self, signal: i32) {
         if let Some(mut child) = self.agent.take() {
             unsafe { libc::kill(child.id() as i32, signal) };
