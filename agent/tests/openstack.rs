@@ -303,6 +303,10 @@ impl Server<'_> {
         );
     }
 
+    fn delete_metadata(&self, key: &str) {
+        self.call(reqwest::Method::DELETE, &format!("/metadata/{key}"), None);
+    }
+
     /// What Nova holds from the password endpoint.
     fn password(&self) -> String {
         self.call(reqwest::Method::GET, "/os-server-password", None)["password"]
@@ -1584,6 +1588,33 @@ impl Researcher {
             .unwrap();
         socket
     }
+    /// Run `code` in the kernel and wait for its reply: its `status` (`ok`, or `error` with
+    /// the exception's name).
+    fn run_cell_to_the_end(&self, kernel: &str, code: &str) -> String {
+        use tokio_tungstenite::tungstenite::Message;
+        let mut socket = self.run_cell(kernel, code);
+        socket
+            .get_mut()
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        loop {
+            let Message::Text(text) = socket.read().expect("the kernel's reply") else {
+                continue;
+            };
+            let message: Value = serde_json::from_str(text.as_str()).unwrap();
+            if message["msg_type"] == "execute_reply"
+                || message["header"]["msg_type"] == "execute_reply"
+            {
+                let content = &message["content"];
+                return match content["status"].as_str() {
+                    Some("error") => {
+                        format!("error: {}", content["ename"].as_str().unwrap_or("?"))
+                    }
+                    other => other.unwrap_or("?").to_owned(),
+                };
+            }
+        }
+    }
 }
 
 /// Idle detection against real Nova and a real JupyterLab: with nothing going on the instance
@@ -1796,5 +1827,151 @@ fn a_shelve_the_credential_may_not_make_is_reported_once_and_the_server_runs_on(
     assert!(
         banner.contains("shelving failed (credential-not-permitted"),
         "{banner}"
+    );
+}
+
+/// The cloud's request against real Nova and its metadata service: setting `exoAgentRequest`
+/// on a running sandbox's server adds a service (RStudio, with its test double for rserver)
+/// and the tags follow; a kernel the researcher started before keeps its state (the unchanged
+/// JupyterLab is adopted, not restarted); a malformed request is reported (status, tag,
+/// `exoAgent`, banner) once and changes nothing; removing the request stops the service.
+#[test]
+#[ignore = "needs the OpenStack harness: cargo test --test openstack -- --include-ignored (tests/run-all.sh runs it)"]
+fn a_request_in_the_metadata_changes_the_running_sandbox_and_a_bad_one_changes_nothing() {
+    let _one = serial();
+    let stack = Stack::get();
+    let server = stack.boot("exoagent-request");
+    let scratch = tempfile::tempdir().unwrap();
+    let clouds = stack.clouds_yaml(scratch.path(), "agent-tags", |_| {});
+    let mut agent = agent_with(&format!(
+        "{}request_interval_s = 2\n",
+        cloud_table(Some(&server.metadata_url()), Some(&clouds))
+    ));
+    agent.start_agent();
+    let status = agent.wait_complete(300);
+    let jupyterlab = status["services"][0]["pid"].as_i64().unwrap();
+    server.wait_tags(
+        &["exoagent:jupyterlab:ready", "exoagent:setup:complete"],
+        Duration::from_secs(60),
+        &agent,
+    );
+    let researcher = Researcher::sign_in(&agent);
+    let kernel = researcher.start_kernel();
+    assert_eq!(researcher.run_cell_to_the_end(&kernel, "x = 41"), "ok");
+
+    // Add RStudio through the metadata (a request must fit Nova's 255 characters).
+    let rstudio_port = common::free_port();
+    let rserver = repo_root().join("tests/rstudio/rserver_peer.py");
+    let request = format!(
+        r#"{{"v":1,"services":{{"rstudio":{{"enabled":true,"port":{rstudio_port},"bind":"127.0.0.1","rserver":"{}"}}}}}}"#,
+        rserver.display()
+    );
+    assert!(request.len() <= 255, "{request}");
+    server.set_metadata("exoAgentRequest", &request);
+    let rstudio_ready = |s: &Value| {
+        s["services"].as_array().is_some_and(|a| {
+            a.iter()
+                .any(|x| x["service"] == "rstudio" && x["state"] == "ready")
+        }) && s["setup"]["state"] == "complete"
+    };
+    let status = agent.wait_for(
+        "RStudio from the request",
+        Duration::from_secs(90),
+        rstudio_ready,
+    );
+    assert_eq!(status["reload"]["trigger"], "cloud-request", "{status}");
+    assert_eq!(status["reload"]["changes"][0], "rstudio: added");
+    assert_eq!(status["request"]["outcome"], "applied");
+    let digest = status["request"]["digest"].as_str().unwrap().to_owned();
+    let pid_of = |s: &Value, name: &str| {
+        s["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["service"] == name)
+            .and_then(|x| x["pid"].as_i64())
+    };
+    let rserver_pid = pid_of(&status, "rstudio").unwrap();
+    server.wait_tags(
+        &[
+            "exoagent:jupyterlab:ready",
+            "exoagent:rstudio:ready",
+            "exoagent:setup:complete",
+        ],
+        Duration::from_secs(60),
+        &agent,
+    );
+    poll(
+        "exoAgent to name the request",
+        Duration::from_secs(30),
+        || {
+            let summary = json_of(&server.metadata()["exoAgent"]);
+            (summary["req"] == format!("applied:{digest}").as_str()).then_some(())
+        },
+    );
+    assert_eq!(pid_of(&status, "jupyterlab"), Some(jupyterlab));
+    assert_eq!(
+        researcher.run_cell_to_the_end(&kernel, "assert x == 41"),
+        "ok",
+        "the kernel lost its state"
+    );
+
+    // A malformed request: reported everywhere, once; nothing changes.
+    server.set_metadata(
+        "exoAgentRequest",
+        r#"{"v":1,"services":{"rstudio":{"enabled":true,"port":"eighty"}}}"#,
+    );
+    let status = agent.wait_for("the refusal", Duration::from_secs(60), |s| {
+        s["request"]["outcome"] == "rejected"
+    });
+    assert_eq!(status["request"]["reason"]["code"], "invalid-request");
+    let detail = status["request"]["reason"]["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("exoAgentRequest") && detail.contains("services.rstudio.port"),
+        "{detail}"
+    );
+    assert_eq!(status["setup"]["state"], "complete");
+    poll("the rejected tag", Duration::from_secs(30), || {
+        server
+            .agent_tags()
+            .contains("exoagent:request:rejected")
+            .then_some(())
+    });
+    let banner = String::from_utf8_lossy(&agent.cli(&["motd"]).stdout).into_owned();
+    assert!(
+        banner.contains("  cloud request refused: invalid-request"),
+        "{banner}"
+    );
+    std::thread::sleep(Duration::from_secs(5));
+    let status = agent.status();
+    assert_eq!(pid_of(&status, "jupyterlab"), Some(jupyterlab), "{status}");
+    assert_eq!(pid_of(&status, "rstudio"), Some(rserver_pid), "{status}");
+    assert_eq!(
+        agent
+            .agent_output()
+            .matches("new configuration rejected")
+            .count(),
+        1,
+        "reported once, not every poll"
+    );
+
+    // The request removed: RStudio stops, the tags follow, JupyterLab and its kernel stay.
+    server.delete_metadata("exoAgentRequest");
+    let status = agent.wait_for("RStudio stopped", Duration::from_secs(90), |s| {
+        s["services"].as_array().is_some_and(|a| a.len() == 1) && s["setup"]["state"] == "complete"
+    });
+    assert!(status["request"].is_null(), "{status}");
+    server.wait_tags(
+        &["exoagent:jupyterlab:ready", "exoagent:setup:complete"],
+        Duration::from_secs(60),
+        &agent,
+    );
+    poll("rserver to end", Duration::from_secs(15), || {
+        (!Path::new(&format!("/proc/{rserver_pid}")).exists()).then_some(())
+    });
+    assert_eq!(pid_of(&status, "jupyterlab"), Some(jupyterlab));
+    assert_eq!(
+        researcher.run_cell_to_the_end(&kernel, "assert x == 41"),
+        "ok"
     );
 }
