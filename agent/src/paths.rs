@@ -103,6 +103,16 @@ impl Paths {
         self.state_dir.join("deferred-write-files")
     }
 
+    /// Where the agent leaves notices for the services' pages to show (readable by them).
+    pub fn notice_dir(&self) -> PathBuf {
+        self.runtime_dir.join("notice")
+    }
+
+    /// Idleness as the Guacamole page shows it (`{"state","idle_since_ms","action_at_ms"}`).
+    pub fn idle_notice_file(&self) -> PathBuf {
+        self.notice_dir().join("idle.json")
+    }
+
     /// The cloud's request last accepted (`exoAgentRequest`), applied at start.
     pub fn cloud_request_file(&self) -> PathBuf {
         self.state_dir.join("cloud-request.json")

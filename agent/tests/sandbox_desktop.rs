@@ -111,9 +111,38 @@ fn the_agent_runs_the_desktop_and_guacamole_reaches_it() {
 
     // Nothing open: idle (the host-load thresholds are out of reach: this shared machine's own
     // load must not decide; the detector's unit tests cover them).
-    sandbox.wait_for("idle before the tunnel", Duration::from_secs(60), |s| {
+    let idle = sandbox.wait_for("idle before the tunnel", Duration::from_secs(60), |s| {
         s["idle"]["state"] == "idle"
     });
+    // The page's notice, through the confined web side (it may read only the notice's
+    // directory): the agent's idleness, and nothing without a live token.
+    let notice = |token: &str| {
+        let reply = reqwest::blocking::Client::new()
+            .get(format!(
+                "{base}/guacamole/api/exoagent/notice?token={token}"
+            ))
+            .send()
+            .unwrap();
+        let status = reply.status().as_u16();
+        (
+            status,
+            reply.json::<serde_json::Value>().unwrap_or_default(),
+        )
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (code, body) = loop {
+        let (code, body) = notice(&token);
+        if body["state"] == "idle" || std::time::Instant::now() > deadline {
+            break (code, body);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        body,
+        serde_json::json!({"state": "idle", "idle_since_ms": idle["idle"]["last_activity_ms"]})
+    );
+    assert_eq!(notice("nope").0, 403);
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -185,6 +214,7 @@ fn the_agent_runs_the_desktop_and_guacamole_reaches_it() {
     sandbox.wait_for("idle after the tunnel", Duration::from_secs(30), |s| {
         s["idle"]["state"] == "idle"
     });
+    assert_eq!(notice(&token).1["state"], "idle");
     assert!(
         !sandbox.agent_output().contains(&passphrase),
         "passphrase in a log"

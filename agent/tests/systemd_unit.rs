@@ -24,6 +24,7 @@ fn the_unit_keeps_services_alive_and_uses_notify() {
         "KillMode=process",
         "RestartPreventExitStatus=77 78",
         "ExecStart=/usr/bin/exoagent run",
+        "ExecReload=/bin/kill -HUP $MAINPID",
     ] {
         assert!(text.lines().any(|l| l == line), "missing '{line}'");
     }

@@ -1159,6 +1159,8 @@ def with_exosphere_template(scenario, key_file, workflow, upgrade):
     if open_workflow("after the upgrade") != token:
         raise Failure("the workflow token changed across the upgrade")
 
+    idle_and_reload_in_the_guest(vm, key_file, check, ssh)
+
     # With the agent stopped the banner is one line and the login is not held up.
     check("sudo -n systemctl stop exoagent; exoagent motd; echo rc=$?; "
           "sudo -n systemctl start exoagent",
@@ -1178,6 +1180,80 @@ def with_exosphere_template(scenario, key_file, workflow, upgrade):
             "exosphere_unplug_unmounted_s": round(unplug_s),
             "exosphere_hotplug_mounted_s": round(plug_s),
             "exosphere_upgrade_complete_again_s": round(upgrade_s)}
+
+
+IDLE_DROPIN = "/etc/exoagent/config.d/80-idle.toml"
+# Short idle times, the host-load thresholds out of reach (a TCG guest's own CPU must not
+# decide), and a pending shelve whose grace outlasts the test: the warning is what is checked.
+# The credential is the researcher's from Exosphere's template (its Keystone does not exist:
+# the shelve, if ever due, would fail and be reported; it is never due here).
+IDLE_CONFIG = ("[idle]\nafter_s = 15\ninterval_s = 2\ncpu_percent = 100\n"
+               "disk_kib_per_s = 1073741824\nnetwork_kib_per_s = 1073741824\n"
+               "action = \"shelve\"\ngrace_s = 900\n"
+               "[cloud]\nclouds_yaml = \"/home/exouser/.config/openstack/clouds.yaml\"\n"
+               "cloud_name = \"demo_RegionOne\"\n")
+
+
+def idle_and_reload_in_the_guest(vm, key_file, check, ssh):
+    """In the real guest: a drop-in applied by `systemctl reload exoagent` (SIGHUP through the
+    unit's ExecReload; the agent's process stays, the change is applied); an SSH login with a
+    terminal, typed at, is activity (utmp and the terminal's access time); left untyped past the
+    idle time the instance is idle with a shelve pending, and `wall` tells that login so; typing
+    again cancels it, and `wall` says that too."""
+    def status():
+        return json.loads(ssh("sudo -n exoagent status --json").stdout or "{}")
+
+    main_pid = check("systemctl show -p MainPID --value exoagent", lambda out: out.isdigit())
+    check(f"printf %s {shlex.quote(IDLE_CONFIG)} | sudo -n tee {IDLE_DROPIN} >/dev/null && "
+          "sudo -n systemctl reload exoagent && echo reloaded", lambda out: out == "reloaded")
+    wait("the reload applied", lambda: (lambda s: s.get("reload", {}).get("outcome") == "applied"
+                                        and s.get("setup", {}).get("state") == "complete")(status()),
+         300, vm, interval=3)
+    check("systemctl show -p MainPID --value exoagent", lambda out: out == main_pid)
+    # A researcher's terminal session: `cat` reads what is typed (the terminal's access time
+    # moves with each read), its output comes back through the same terminal.
+    session = subprocess.Popen(
+        ["ssh", "-tt", "-i", str(key_file), "-p", str(vm.ssh_port), *SSH_OPTIONS,
+         "exouser@127.0.0.1", "cat >/dev/null"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    os.set_blocking(session.stdout.fileno(), False)
+    received = bytearray()
+
+    def read_session():
+        try:
+            chunk = session.stdout.read()
+        except (BlockingIOError, TypeError):
+            chunk = None
+        if chunk:
+            received.extend(chunk)
+        return received.decode("utf-8", "replace")
+
+    def typed():
+        session.stdin.write(b"x\n")
+        session.stdin.flush()
+        return "login" in status().get("idle", {}).get("activity", [])
+
+    try:
+        wait("the typed-at login seen as activity", typed, 120, vm, interval=2)
+        pending = wait("idle with a shelve pending once nobody types",
+                       lambda: (lambda s: s.get("idle", {}).get("state") == "shelve-pending"
+                                and s)(status()), 180, vm, interval=3)
+        wait("wall's warning on the login's terminal",
+             lambda: "will be SHELVED at" in read_session(), 60, vm, interval=1)
+        banner = ssh("exoagent motd").stdout
+        if "  WARNING: idle since" not in banner:
+            raise Failure(f"no warning in the banner: {banner!r}")
+        wait("typing again cancels it", lambda: typed() and status().get("idle", {}).get(
+            "state") == "active", 60, vm, interval=2)
+        wait("wall's cancellation", lambda: "will not be shelved" in read_session(), 60, vm,
+             interval=1)
+        say(f"idle: pending shelve at {pending['idle'].get('action_at_ms')} warned by wall, "
+            "cancelled by typing")
+    finally:
+        session.kill()
+        session.wait()
+    check(f"sudo -n rm {IDLE_DROPIN} && sudo -n systemctl reload exoagent && echo reloaded",
+          lambda out: out == "reloaded")
 
 
 def with_exosphere_setup_error(scenario, key_file, missing):

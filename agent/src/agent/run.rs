@@ -144,6 +144,7 @@ async fn run_once(
         }
         .run(request_rx, cancel.clone()),
     );
+    tasks.spawn(release_startup_pages(hub.clone(), cancel.clone()));
     let first_steps = FirstSteps::begin(plan.services_side(), &options.shim);
     // After the account's `useradd` has begun (it is the longest step before a service can
     // start): before any service binds (they start once the account exists), and before the
@@ -197,6 +198,7 @@ async fn run_once(
             passphrase: idle_passphrase,
             shelver: shelver_rx,
             wall: plan.mode == Mode::System,
+            notice: Some(plan.paths.idle_notice_file()),
         };
         tasks.spawn(watch.run(hub.clone(), cancel.clone()));
     }
@@ -426,6 +428,40 @@ async fn stop_changed(plan: &Plan, restart: &[ServiceKind], fronts: bool) {
                 }
             }
         }
+    }
+}
+
+/// How long after the setup settles the start-up's pages are released.
+const RELEASE_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Once the setup is complete or failed (and a moment more for its reports), release the
+/// executable's pages only the start-up used from the agent's resident set
+/// (`platform::resident`): the agent then idles on what its steady work touches.
+async fn release_startup_pages(hub: StateHub, cancel: CancellationToken) {
+    let mut snapshots = hub.subscribe();
+    let settled = snapshots.wait_for(|s| {
+        matches!(
+            s.setup.state,
+            crate::state::SetupState::Complete | crate::state::SetupState::Error
+        )
+    });
+    tokio::select! {
+        () = cancel.cancelled() => return,
+        settled = settled => if settled.is_err() { return },
+    }
+    tokio::select! {
+        () = cancel.cancelled() => return,
+        () = tokio::time::sleep(RELEASE_AFTER) => {}
+    }
+    match tokio::task::spawn_blocking(crate::platform::resident::release_executable_pages).await {
+        Ok(Ok(bytes)) => {
+            tracing::debug!(target: "exoagent::agent", mapped_bytes = bytes, "start-up pages released from the resident set");
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(target: "exoagent::agent", error = %e, "start-up pages not released");
+        }
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => {}
     }
 }
 
@@ -808,9 +844,14 @@ async fn mount_config_drive(paths: &Paths) -> bool {
     }
 }
 
-/// The state, runtime and log directories.
+/// The state, runtime, notice and log directories.
 fn prepare_dirs(paths: &Paths) -> Result<(), AgentError> {
-    for dir in [&paths.state_dir, &paths.runtime_dir, &paths.log_dir] {
+    for dir in [
+        &paths.state_dir,
+        &paths.runtime_dir,
+        &paths.notice_dir(),
+        &paths.log_dir,
+    ] {
         fsutil::ensure_dir(dir, 0o755).map_err(|source| AgentError::Io {
             path: dir.clone(),
             source,

@@ -187,6 +187,8 @@ pub struct Watch {
     /// Whether to tell logged-in users with `wall` (the system service only: a sandbox must not
     /// write to its developer's terminals).
     pub wall: bool,
+    /// Where the Guacamole page reads idleness (world-readable, no secret in it).
+    pub notice: Option<std::path::PathBuf>,
 }
 
 /// What the host part of a sample found (read on the blocking pool).
@@ -203,7 +205,8 @@ impl Watch {
     pub async fn run(mut self, hub: StateHub, cancel: CancellationToken) {
         let settings = self.settings.clone();
         let mut detector = Detector::new(now_ms());
-        hub.set_idle(detector.status());
+        let mut noticed = None;
+        self.publish(&hub, &detector, &mut noticed);
         let ports: Vec<u16> = self
             .signs
             .iter()
@@ -293,9 +296,30 @@ impl Watch {
             let now = now_ms();
             let event = detector.step(&seen, now, &settings);
             // Published before acting: `shelving` is on every channel before Nova is asked.
-            hub.set_idle(detector.status());
+            self.publish(&hub, &detector, &mut noticed);
             self.act(event, &mut detector, now).await;
-            hub.set_idle(detector.status());
+            self.publish(&hub, &detector, &mut noticed);
+        }
+    }
+
+    /// Publish to the hub, and to the notice file when the state or the action's time changed
+    /// (`noticed`: what the file last said).
+    fn publish(&self, hub: &StateHub, detector: &Detector, noticed: &mut Option<String>) {
+        let status = detector.status();
+        hub.set_idle(status.clone());
+        let Some(path) = &self.notice else { return };
+        let text = notice_json(&status);
+        if noticed.as_deref() == Some(text.as_str()) {
+            return;
+        }
+        match crate::fsutil::write_atomic(path, text.as_bytes(), 0o644, None) {
+            Ok(()) => *noticed = Some(text),
+            Err(e) => {
+                if noticed.is_some() || !matches!(e.kind(), std::io::ErrorKind::NotFound) {
+                    tracing::warn!(target: "exoagent::idle", path = %path.display(), error = %e, "cannot write the idle notice");
+                }
+                *noticed = Some(text);
+            }
         }
     }
 
@@ -413,6 +437,19 @@ impl Watch {
             Err(_) => tracing::warn!(target: "exoagent::idle", "wall took too long"),
         }
     }
+}
+
+/// The notice the Guacamole page reads: `{"state","idle_since_ms","action_at_ms"}`
+/// (`idle_since_ms` only while idle, `action_at_ms` only with a shelve pending or asked for).
+pub fn notice_json(status: &IdleStatus) -> String {
+    let mut notice = serde_json::json!({ "state": status.state.as_str() });
+    if status.state.is_idle() {
+        notice["idle_since_ms"] = status.last_activity_ms.into();
+        if let Some(at) = status.action_at_ms {
+            notice["action_at_ms"] = at.into();
+        }
+    }
+    notice.to_string()
 }
 
 /// What logged-in users are told when a shelve is pending.

@@ -13,6 +13,7 @@ pub mod ports;
 pub mod privileges;
 pub mod process_group;
 pub mod procfs;
+pub mod resident;
 pub mod signals;
 pub mod startup;
 pub mod subids;

@@ -424,6 +424,9 @@ fn run(spec: &ShimSpec) -> Result<Recorded, ShimFailure> {
         reason: None,
     });
     redirect_to_null(&[1, 2]);
+    // From here the shim only waits, pumps output and records the end: the code that started
+    // the service need not stay in its resident set (platform::resident).
+    let _ = crate::platform::resident::release_executable_pages();
 
     let status = wait_main(main);
     let ended_ms = now_ms();

@@ -11,6 +11,7 @@ import { setupTransfers } from './transfers.js';
 import { setupFiles } from './files.js';
 import { createSession } from './session.js';
 import { resumeAudioOnGesture } from './media.js';
+import { watchIdleNotice } from './idle-notice.js';
 
 const $ = (id) => document.getElementById(id);
 
@@ -138,6 +139,11 @@ function start() {
     // A file dropped anywhere else must not make the browser navigate away from the session.
     document.addEventListener('dragover', (e) => e.preventDefault());
     document.addEventListener('drop', (e) => e.preventDefault());
+
+    // exoagent's warning before it shelves an idle instance.
+    const noticeUrl = new URL('api/exoagent/notice', document.baseURI);
+    noticeUrl.search = `?token=${encodeURIComponent(token)}`;
+    watchIdleNotice($('idle-warning'), noticeUrl.toString());
 
     window.addEventListener('pagehide', () => session.close());
     resumeAudioOnGesture();

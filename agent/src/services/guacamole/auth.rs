@@ -210,6 +210,13 @@ impl Authenticator {
         Some(session.username.clone())
     }
 
+    /// Whether `token` is live, without counting this as its use.
+    pub fn is_live(&self, token: &str) -> bool {
+        let mut sessions = lock(&self.sessions);
+        self.expire(&mut sessions, Instant::now());
+        sessions.contains_key(token)
+    }
+
     /// End a token (`DELETE /api/session`).
     pub fn revoke(&self, token: &str) -> bool {
         lock(&self.sessions).remove(token).is_some()

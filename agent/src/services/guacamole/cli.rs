@@ -55,8 +55,17 @@ pub fn run(args: GuacamoleWebArgs) -> ExitCode {
         .filter(|home| home.is_dir())
         .into_iter()
         .collect();
+    // The agent's notices (the idle warning the page shows), when their directory exists.
+    let read_beneath = config
+        .idle_notice
+        .as_ref()
+        .and_then(|file| file.parent())
+        .filter(|dir| dir.is_dir())
+        .map(|dir| dir.to_path_buf())
+        .into_iter()
+        .collect();
     let allowed = confine::Allowed {
-        read_beneath: Vec::new(),
+        read_beneath,
         rename_beneath,
         connect_ports: vec![config.guacd.port()],
     };

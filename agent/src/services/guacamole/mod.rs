@@ -276,6 +276,7 @@ impl Guacamole {
             session_timeout_s: self.settings.session_timeout.as_secs(),
             connections: self.connections(&ctx.account.name, ssh_host),
             trusted_proxies: self.settings.trusted_proxies.clone(),
+            idle_notice: Some(ctx.paths.idle_notice_file()),
         }
     }
 

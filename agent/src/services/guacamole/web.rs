@@ -172,6 +172,7 @@ pub fn router(state: Arc<WebState>) -> Router {
             get(connections),
         )
         .route("/guacamole/api/exoagent/health", get(health))
+        .route("/guacamole/api/exoagent/notice", get(notice))
         .route("/guacamole/websocket-tunnel", get(websocket))
         .route(
             "/guacamole/api/session/tunnels/{tunnel}/streams/{index}/{filename}",
@@ -370,6 +371,48 @@ async fn connections(
 }
 
 /// 200 once guacd has answered for every configured protocol and still accepts connections.
+/// The agent's idleness notice for the page: 200 with `{"state","idle_since_ms",
+/// "action_at_ms"}` (only those fields, numbers and a known word), 204 when there is none,
+/// 403 without a live token (looking does not keep the token alive: a page left open must not
+/// hold its session for ever).
+async fn notice(State(state): State<Arc<WebState>>, RawQuery(query): RawQuery) -> Response {
+    let token = query_token(query.as_deref());
+    if !state.auth.is_live(&token) {
+        return api_error(
+            StatusCode::FORBIDDEN,
+            "PERMISSION_DENIED",
+            "Permission denied.",
+        );
+    }
+    let Some(path) = state.config.idle_notice.clone() else {
+        return no_store(StatusCode::NO_CONTENT.into_response());
+    };
+    let read = tokio::task::spawn_blocking(move || {
+        crate::input::read_capped(&path, NOTICE_MAX_BYTES).ok()
+    })
+    .await
+    .ok()
+    .flatten();
+    let Some(notice) = read.and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+    else {
+        return no_store(StatusCode::NO_CONTENT.into_response());
+    };
+    let known = ["active", "idle", "shelve-pending", "shelving"];
+    let Some(word) = notice["state"].as_str().filter(|w| known.contains(w)) else {
+        return no_store(StatusCode::NO_CONTENT.into_response());
+    };
+    let mut out = json!({ "state": word });
+    for key in ["idle_since_ms", "action_at_ms"] {
+        if let Some(ms) = notice[key].as_u64() {
+            out[key] = ms.into();
+        }
+    }
+    no_store(Json(out).into_response())
+}
+
+/// The largest notice file read.
+const NOTICE_MAX_BYTES: u64 = 4096;
+
 async fn health(State(state): State<Arc<WebState>>) -> Response {
     if let Some((reason, detail)) = state.guacd_missing.get() {
         return no_store(

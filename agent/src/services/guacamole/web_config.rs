@@ -52,6 +52,10 @@ pub struct WebConfig {
     /// header is ignored, so a client cannot pick the address the login limit counts.
     #[serde(default)]
     pub trusted_proxies: Vec<Cidr>,
+    /// The agent's idleness notice (`/run/exoagent/notice/idle.json`) the page shows; absent:
+    /// none shown.
+    #[serde(default)]
+    pub idle_notice: Option<PathBuf>,
 }
 
 /// Why the configuration could not be used.
