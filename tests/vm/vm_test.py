@@ -1226,7 +1226,8 @@ def idle_and_reload_in_the_guest(vm, key_file, check, ssh):
             chunk = None
         if chunk:
             received.extend(chunk)
-        return received.decode("utf-8", "replace")
+        # wall breaks lines at 79 columns (even inside a word) with CR LF: joined again here.
+        return re.sub(r"\r?\n", "", received.decode("utf-8", "replace"))
 
     def typed():
         session.stdin.write(b"x\n")
@@ -1239,7 +1240,7 @@ def idle_and_reload_in_the_guest(vm, key_file, check, ssh):
                        lambda: (lambda s: s.get("idle", {}).get("state") == "shelve-pending"
                                 and s)(status()), 180, vm, interval=3)
         wait("wall's warning on the login's terminal",
-             lambda: "will be SHELVED at" in read_session(), 60, vm, interval=1)
+             lambda: "and will be SHELVED at" in read_session(), 60, vm, interval=1)
         banner = ssh("exoagent motd").stdout
         if "  WARNING: idle since" not in banner:
             raise Failure(f"no warning in the banner: {banner!r}")
