@@ -1831,8 +1831,8 @@ fn a_shelve_the_credential_may_not_make_is_reported_once_and_the_server_runs_on(
 }
 
 /// The cloud's request against real Nova and its metadata service: setting `exoAgentRequest`
-/// on a running sandbox's server adds a service (RStudio, with its test double for rserver)
-/// and the tags follow; a kernel the researcher started before keeps its state (the unchanged
+/// on a running sandbox's server enables the desktop (real TigerVNC and Xfce) and the tags
+/// follow; a kernel the researcher started before keeps its state (the unchanged
 /// JupyterLab is adopted, not restarted); a malformed request is reported (status, tag,
 /// `exoAgent`, banner) once and changes nothing; removing the request stops the service.
 #[test]
@@ -1859,28 +1859,27 @@ fn a_request_in_the_metadata_changes_the_running_sandbox_and_a_bad_one_changes_n
     let kernel = researcher.start_kernel();
     assert_eq!(researcher.run_cell_to_the_end(&kernel, "x = 41"), "ok");
 
-    // Add RStudio through the metadata (a request must fit Nova's 255 characters).
-    let rstudio_port = common::free_port();
-    let rserver = repo_root().join("tests/rstudio/rserver_peer.py");
+    // The desktop enabled through the metadata (a request must fit Nova's 255 characters).
+    let display = free_display();
     let request = format!(
-        r#"{{"v":1,"services":{{"rstudio":{{"enabled":true,"port":{rstudio_port},"bind":"127.0.0.1","rserver":"{}"}}}}}}"#,
-        rserver.display()
+        r#"{{"v":1,"services":{{"desktop":{{"enabled":true,"port":{},"geometry":"1024x768"}}}}}}"#,
+        5900 + display
     );
     assert!(request.len() <= 255, "{request}");
     server.set_metadata("exoAgentRequest", &request);
-    let rstudio_ready = |s: &Value| {
+    let desktop_ready = |s: &Value| {
         s["services"].as_array().is_some_and(|a| {
             a.iter()
-                .any(|x| x["service"] == "rstudio" && x["state"] == "ready")
+                .any(|x| x["service"] == "desktop" && x["state"] == "ready")
         }) && s["setup"]["state"] == "complete"
     };
     let status = agent.wait_for(
-        "RStudio from the request",
+        "the desktop from the request",
         Duration::from_secs(90),
-        rstudio_ready,
+        desktop_ready,
     );
     assert_eq!(status["reload"]["trigger"], "cloud-request", "{status}");
-    assert_eq!(status["reload"]["changes"][0], "rstudio: added");
+    assert_eq!(status["reload"]["changes"][0], "desktop: added");
     assert_eq!(status["request"]["outcome"], "applied");
     let digest = status["request"]["digest"].as_str().unwrap().to_owned();
     let pid_of = |s: &Value, name: &str| {
@@ -1891,11 +1890,11 @@ fn a_request_in_the_metadata_changes_the_running_sandbox_and_a_bad_one_changes_n
             .find(|x| x["service"] == name)
             .and_then(|x| x["pid"].as_i64())
     };
-    let rserver_pid = pid_of(&status, "rstudio").unwrap();
+    let desktop_pid = pid_of(&status, "desktop").unwrap();
     server.wait_tags(
         &[
             "exoagent:jupyterlab:ready",
-            "exoagent:rstudio:ready",
+            "exoagent:desktop:ready",
             "exoagent:setup:complete",
         ],
         Duration::from_secs(60),
@@ -1919,7 +1918,7 @@ fn a_request_in_the_metadata_changes_the_running_sandbox_and_a_bad_one_changes_n
     // A malformed request: reported everywhere, once; nothing changes.
     server.set_metadata(
         "exoAgentRequest",
-        r#"{"v":1,"services":{"rstudio":{"enabled":true,"port":"eighty"}}}"#,
+        r#"{"v":1,"services":{"desktop":{"enabled":true,"geometry":"huge"}}}"#,
     );
     let status = agent.wait_for("the refusal", Duration::from_secs(60), |s| {
         s["request"]["outcome"] == "rejected"
@@ -1927,7 +1926,7 @@ fn a_request_in_the_metadata_changes_the_running_sandbox_and_a_bad_one_changes_n
     assert_eq!(status["request"]["reason"]["code"], "invalid-request");
     let detail = status["request"]["reason"]["detail"].as_str().unwrap();
     assert!(
-        detail.contains("exoAgentRequest") && detail.contains("services.rstudio.port"),
+        detail.contains("exoAgentRequest") && detail.contains("services.desktop.geometry"),
         "{detail}"
     );
     assert_eq!(status["setup"]["state"], "complete");
@@ -1945,7 +1944,7 @@ fn a_request_in_the_metadata_changes_the_running_sandbox_and_a_bad_one_changes_n
     std::thread::sleep(Duration::from_secs(5));
     let status = agent.status();
     assert_eq!(pid_of(&status, "jupyterlab"), Some(jupyterlab), "{status}");
-    assert_eq!(pid_of(&status, "rstudio"), Some(rserver_pid), "{status}");
+    assert_eq!(pid_of(&status, "desktop"), Some(desktop_pid), "{status}");
     assert_eq!(
         agent
             .agent_output()
@@ -1955,9 +1954,10 @@ fn a_request_in_the_metadata_changes_the_running_sandbox_and_a_bad_one_changes_n
         "reported once, not every poll"
     );
 
-    // The request removed: RStudio stops, the tags follow, JupyterLab and its kernel stay.
+    // The request removed: the desktop stops (its X server gone), the tags follow, JupyterLab
+    // and its kernel stay.
     server.delete_metadata("exoAgentRequest");
-    let status = agent.wait_for("RStudio stopped", Duration::from_secs(90), |s| {
+    let status = agent.wait_for("the desktop stopped", Duration::from_secs(90), |s| {
         s["services"].as_array().is_some_and(|a| a.len() == 1) && s["setup"]["state"] == "complete"
     });
     assert!(status["request"].is_null(), "{status}");
@@ -1966,12 +1966,25 @@ fn a_request_in_the_metadata_changes_the_running_sandbox_and_a_bad_one_changes_n
         Duration::from_secs(60),
         &agent,
     );
-    poll("rserver to end", Duration::from_secs(15), || {
-        (!Path::new(&format!("/proc/{rserver_pid}")).exists()).then_some(())
+    poll("the desktop to end", Duration::from_secs(15), || {
+        (!Path::new(&format!("/proc/{desktop_pid}")).exists()
+            && !Path::new(&format!("/tmp/.X{display}-lock")).exists())
+        .then_some(())
     });
     assert_eq!(pid_of(&status, "jupyterlab"), Some(jupyterlab));
     assert_eq!(
         researcher.run_cell_to_the_end(&kernel, "assert x == 41"),
         "ok"
     );
+}
+
+/// A display number whose lock, socket and RFB port are free.
+fn free_display() -> u16 {
+    (40..99)
+        .find(|n| {
+            !Path::new(&format!("/tmp/.X{n}-lock")).exists()
+                && !Path::new(&format!("/tmp/.X11-unix/X{n}")).exists()
+                && std::net::TcpListener::bind(("127.0.0.1", 5900 + n)).is_ok()
+        })
+        .expect("a free X display")
 }
