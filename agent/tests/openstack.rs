@@ -328,6 +328,21 @@ impl Server<'_> {
         )
     }
 
+    /// Until the metadata has not changed for `quiet` (at most a minute).
+    fn wait_metadata_still(&self, quiet: Duration) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut last = self.metadata();
+        let mut since = Instant::now();
+        while since.elapsed() < quiet && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(300));
+            let now = self.metadata();
+            if now != last {
+                last = now;
+                since = Instant::now();
+            }
+        }
+    }
+
     /// The instance's metadata URL, through the harness's metadata proxy.
     fn metadata_url(&self) -> String {
         format!("{}/{}", self.stack.str("metadata_proxy_url"), self.id)
@@ -1284,7 +1299,11 @@ fn exospheres_notebook_link_is_published_once_and_its_token_logs_in() {
     );
 
     // Written once: a value set afterwards (by Exosphere, or the user) is left alone while the
-    // agent keeps reporting state changes.
+    // agent keeps reporting state changes. Set once the agent's own writes have landed: Nova's
+    // metadata update saves the whole set it read, so a write of ours still in flight (a slow
+    // Nova) could put back the value it read, which is Nova's race, not the agent's doing.
+    server.wait_setup_metadata("complete");
+    server.wait_metadata_still(Duration::from_secs(3));
     server.set_metadata(
         "exoCustomWorkflow",
         r#"{"v":1,"repo":"r","ref":"x","path":"/"}"#,
