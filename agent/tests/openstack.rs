@@ -1879,7 +1879,7 @@ fn a_request_in_the_metadata_changes_the_running_sandbox_and_a_bad_one_changes_n
     assert_eq!(researcher.run_cell_to_the_end(&kernel, "x = 41"), "ok");
 
     // The desktop enabled through the metadata (a request must fit Nova's 255 characters).
-    let display = free_display();
+    let display = common::free_display();
     let request = format!(
         r#"{{"v":1,"services":{{"desktop":{{"enabled":true,"port":{},"geometry":"1024x768"}}}}}}"#,
         5900 + display
@@ -1995,15 +1995,4 @@ fn a_request_in_the_metadata_changes_the_running_sandbox_and_a_bad_one_changes_n
         researcher.run_cell_to_the_end(&kernel, "assert x == 41"),
         "ok"
     );
-}
-
-/// A display number whose lock, socket and RFB port are free.
-fn free_display() -> u16 {
-    (40..99)
-        .find(|n| {
-            !Path::new(&format!("/tmp/.X{n}-lock")).exists()
-                && !Path::new(&format!("/tmp/.X11-unix/X{n}")).exists()
-                && std::net::TcpListener::bind(("127.0.0.1", 5900 + n)).is_ok()
-        })
-        .expect("a free X display")
 }

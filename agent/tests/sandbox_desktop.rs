@@ -19,21 +19,10 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{free_port, GuacdPeer, Sandbox};
+use common::{free_display, free_port, GuacdPeer, Sandbox};
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
-
-/// A display number whose lock, socket and RFB port are free.
-fn free_display() -> u16 {
-    (40..99)
-        .find(|n| {
-            !Path::new(&format!("/tmp/.X{n}-lock")).exists()
-                && !Path::new(&format!("/tmp/.X11-unix/X{n}")).exists()
-                && std::net::TcpListener::bind(("127.0.0.1", 5900 + n)).is_ok()
-        })
-        .expect("a free X display")
-}
 
 #[test]
 fn the_agent_runs_the_desktop_and_guacamole_reaches_it() {

@@ -392,3 +392,14 @@ impl Drop for RealGuacd {
         let _ = self.child.wait();
     }
 }
+
+/// An X display number whose lock, socket and RFB port (5900 + n) are free.
+pub fn free_display() -> u16 {
+    (40..99)
+        .find(|n| {
+            !Path::new(&format!("/tmp/.X{n}-lock")).exists()
+                && !Path::new(&format!("/tmp/.X11-unix/X{n}")).exists()
+                && TcpListener::bind(("127.0.0.1", 5900 + n)).is_ok()
+        })
+        .expect("a free X display")
+}
