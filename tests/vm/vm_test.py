@@ -1226,8 +1226,9 @@ def idle_and_reload_in_the_guest(vm, key_file, check, ssh):
             chunk = None
         if chunk:
             received.extend(chunk)
-        # wall breaks lines at 79 columns (even inside a word) with CR LF: joined again here.
-        return re.sub(r"\r?\n", "", received.decode("utf-8", "replace"))
+        # wall breaks lines at 79 columns (even inside a word) with CR LF, and the terminal adds
+        # a CR before each LF: every CR and LF is dropped to join the text again.
+        return re.sub(r"[\r\n]", "", received.decode("utf-8", "replace"))
 
     def typed():
         session.stdin.write(b"x\n")
