@@ -15,10 +15,11 @@ use std::time::Duration;
 use common::{free_port, repo_root, Sandbox};
 use serde_json::Value;
 
+/// The service's entry; none also while the agent starts over (its socket is away for that
+/// moment, and the status read then is empty).
 fn service<'a>(status: &'a Value, name: &str) -> Option<&'a Value> {
     status["services"]
-        .as_array()
-        .unwrap()
+        .as_array()?
         .iter()
         .find(|s| s["service"] == name)
 }
