@@ -264,12 +264,9 @@ impl Controller {
                         }));
                 }
                 let changes = changes(&self.running, &loaded.settings);
-                let restart = crate::model::ServiceKind::ALL
-                    .into_iter()
-                    .filter(|kind| {
-                        let find = |s: &Settings| s.services.iter().find(|x| x.kind() == *kind).cloned();
-                        matches!((find(&self.running), find(&loaded.settings)), (Some(a), Some(b)) if a != b)
-                    })
+                let restart = service_changes(&self.running, &loaded.settings)
+                    .filter(|(_, change)| *change == "changed")
+                    .map(|(kind, _)| kind)
                     .collect();
                 let restart_fronts = self.running.tls != loaded.settings.tls;
                 let outcome = if changes.is_empty() {
@@ -325,17 +322,9 @@ impl Decided {
 
 /// What differs between two configurations, by service and by section.
 pub fn changes(old: &Settings, new: &Settings) -> Vec<String> {
-    let mut out = Vec::new();
-    for kind in crate::model::ServiceKind::ALL {
-        let before = old.services.iter().find(|s| s.kind() == kind);
-        let after = new.services.iter().find(|s| s.kind() == kind);
-        match (before, after) {
-            (None, Some(_)) => out.push(format!("{kind}: added")),
-            (Some(_), None) => out.push(format!("{kind}: removed")),
-            (Some(a), Some(b)) if a != b => out.push(format!("{kind}: changed")),
-            _ => {}
-        }
-    }
+    let mut out: Vec<String> = service_changes(old, new)
+        .map(|(kind, change)| format!("{kind}: {change}"))
+        .collect();
     let sections: [(&str, bool); 10] = [
         ("instance", old.instance != new.instance),
         ("supervise", old.supervise != new.supervise),
@@ -357,8 +346,27 @@ pub fn changes(old: &Settings, new: &Settings) -> Vec<String> {
     out
 }
 
+/// Each service whose settings differ: `added`, `removed` or `changed`.
+fn service_changes<'a>(
+    old: &'a Settings,
+    new: &'a Settings,
+) -> impl Iterator<Item = (crate::model::ServiceKind, &'static str)> + 'a {
+    crate::model::ServiceKind::ALL
+        .into_iter()
+        .filter_map(|kind| {
+            let before = old.services.iter().find(|s| s.kind() == kind);
+            let after = new.services.iter().find(|s| s.kind() == kind);
+            match (before, after) {
+                (None, Some(_)) => Some((kind, "added")),
+                (Some(_), None) => Some((kind, "removed")),
+                (Some(a), Some(b)) if a != b => Some((kind, "changed")),
+                _ => None,
+            }
+        })
+}
+
 /// Until the setup is complete or failed (`false`: the run ended first).
-async fn settled(hub: &StateHub, cancel: &CancellationToken) -> bool {
+pub(super) async fn settled(hub: &StateHub, cancel: &CancellationToken) -> bool {
     let mut snapshots = hub.subscribe();
     let done =
         snapshots.wait_for(|s| matches!(s.setup.state, SetupState::Complete | SetupState::Error));

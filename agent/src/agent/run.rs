@@ -438,16 +438,8 @@ const RELEASE_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
 /// executable's pages only the start-up used from the agent's resident set
 /// (`platform::resident`): the agent then idles on what its steady work touches.
 async fn release_startup_pages(hub: StateHub, cancel: CancellationToken) {
-    let mut snapshots = hub.subscribe();
-    let settled = snapshots.wait_for(|s| {
-        matches!(
-            s.setup.state,
-            crate::state::SetupState::Complete | crate::state::SetupState::Error
-        )
-    });
-    tokio::select! {
-        () = cancel.cancelled() => return,
-        settled = settled => if settled.is_err() { return },
+    if !super::reload::settled(&hub, &cancel).await {
+        return;
     }
     tokio::select! {
         () = cancel.cancelled() => return,

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 
+use super::validate::print_invalid;
 use crate::api::client::{ApiClient, ClientError};
 use crate::config::{self, request::REQUEST_KEY, Pending};
 use crate::fsutil;
@@ -140,16 +141,6 @@ fn write_dropin(path: &Path, text: &str) -> std::io::Result<()> {
         fsutil::ensure_dir(dir, 0o755)?;
     }
     fsutil::write_atomic(path, text.as_bytes(), 0o644, None)
-}
-
-fn print_invalid(errors: &config::ConfigErrors) {
-    eprintln!("exoagent: the configuration is invalid; nothing was changed:");
-    for error in &errors.errors {
-        eprintln!("  {error}");
-    }
-    if let Some(line) = errors.omitted_line() {
-        eprintln!("  {line}");
-    }
 }
 
 /// Have the running agent read the configuration again and say what it did.

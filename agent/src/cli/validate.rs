@@ -19,13 +19,7 @@ pub async fn run(_args: ValidateArgs, mode: Mode, paths: Paths) -> anyhow::Resul
             Ok(ExitCode::SUCCESS)
         }
         Err(AgentError::Config(errors)) => {
-            eprintln!("exoagent: the configuration is invalid; nothing was changed:");
-            for error in &errors.errors {
-                eprintln!("  {error}");
-            }
-            if let Some(line) = errors.omitted_line() {
-                eprintln!("  {line}");
-            }
+            print_invalid(&errors);
             eprintln!("\nA complete example configuration with every key at its default:\n");
             eprintln!("{}", crate::config::EXAMPLE_CONFIG);
             Ok(ExitCode::FAILURE)
@@ -34,5 +28,16 @@ pub async fn run(_args: ValidateArgs, mode: Mode, paths: Paths) -> anyhow::Resul
             eprintln!("exoagent: {other}");
             Ok(ExitCode::FAILURE)
         }
+    }
+}
+
+/// Every configuration error on stderr, one a line, under what it means.
+pub(crate) fn print_invalid(errors: &crate::config::ConfigErrors) {
+    eprintln!("exoagent: the configuration is invalid; nothing was changed:");
+    for error in &errors.errors {
+        eprintln!("  {error}");
+    }
+    if let Some(line) = errors.omitted_line() {
+        eprintln!("  {line}");
     }
 }
