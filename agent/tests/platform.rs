@@ -810,7 +810,7 @@ fn cloud_init_status(config_finished: Option<f64>) -> String {
 /// cloud-init. Nothing to install: no wait either (a baked image never waits).
 #[tokio::test]
 async fn packages_wait_for_cloud_inits_config_stage() {
-    use exoagent::platform::packages::CloudConfigStage;
+    use exoagent::platform::cloud_init::CloudConfigStage;
     if which("dpkg-query").is_none() {
         return;
     }

@@ -83,7 +83,8 @@ Debian 11 runs the JupyterLab flow (2–4) and the web desktop (8) on its own im
    screenshots saved) and the shell link, where `clear; echo exo$((6*7)) | tee ~/<marker>` is
    typed and the terminal's first row, selected with the mouse, reaches the page's clipboard
    as `exo42`. Over SSH as exouser: the choices file, the marker file (`exo42`, exouser's),
-   the desktop and Guacamole ready in the status API, Debian's own guacd.service masked (no
+   the desktop and Guacamole ready in the status API, cloud-init's restart of sshd
+   (`set-passwords`, for `ssh_pwauth`) done before Guacamole's web side started, Debian's own guacd.service masked (no
    guacd of the package's user, exoagent's never refused its address), /home/exouser exouser's,
    exouser in the `debian` group and the Xfce session started with it, and ~/openrc.sh and ~/.config/openstack/clouds.yaml `400 exouser:exouser` (cloud-init 20.4
    has no `write_files` `defer`: the agent completes them). `metadata-debian11` runs
@@ -1322,7 +1323,7 @@ def with_exosphere_setup_error(scenario, key_file, missing):
             "exosphere_error_cloud_init_done_s": round(waited_s)}
 
 
-def desktop_in_chromium(vm, passphrase):
+def desktop_in_chromium(vm, passphrase, key_file):
     """tests/browser/vm-desktop.mjs against the VM's forwarded Guacamole port: Exosphere's
     token POST, the desktop link (Xfce drawn) and the shell link (`exo42` echoed). The
     passphrase goes in the environment, never in argv. Returns its step times as seconds
@@ -1338,8 +1339,14 @@ def desktop_in_chromium(vm, passphrase):
     except subprocess.TimeoutExpired:
         raise Failure("tests/browser/vm-desktop.mjs did not finish within 15 min") from None
     if done.returncode != 0:
+        # What the VM saw meanwhile: the web side's and guacd's lines (guacd names why it
+        # aborted a connection), sshd's, and cloud-init's restarts of services.
+        seen = ssh_as_exouser(vm, key_file, "sudo -n journalctl -b --no-pager -o short-monotonic "
+                              "-u exoagent -u ssh | tail -n 80; sudo -n grep -nF "
+                              "\"'restart'\" /var/log/cloud-init.log | tail -n 5")
         raise Failure(f"Chromium through Guacamole failed (tests/browser/vm-desktop.mjs exit "
-                      f"{done.returncode}; screenshots in {ARTIFACTS})")
+                      f"{done.returncode}; screenshots in {ARTIFACTS}); in the VM:\n"
+                      f"{seen.stdout}{seen.stderr}")
     found = json.loads(done.stdout.strip().split("\n")[-1])
     steps = {step: round(mono + found[step] / 1000 - wall - vm.started)
              for step in ["token", "desktop_connected", "desktop_drawn", "shell_connected",
@@ -1362,7 +1369,7 @@ def with_exosphere_desktop(scenario, key_file):
     passphrase = server_password(scenario.token, scenario.server)
     if len(passphrase.split()) != 11:
         raise Failure("no passphrase in os-server-password")
-    steps, found = desktop_in_chromium(vm, passphrase)
+    steps, found = desktop_in_chromium(vm, passphrase, key_file)
     say(f"Chromium: token {steps['token']} s, desktop drawn {steps['desktop_drawn']} s "
         f"({found['desktop']['width']}x{found['desktop']['height']}, "
         f"{found['desktop']['colours']} colours), shell echoed exo42 {steps['shell_echoed']} s "
@@ -1373,7 +1380,7 @@ def with_exosphere_desktop(scenario, key_file):
         out = result.stdout.strip()
         try:
             passed = result.returncode == 0 and good(out)
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, IndexError):
             passed = False
         if not passed:
             more = ssh_as_exouser(vm, key_file, "sudo -n exoagent status; sudo -n grep -iE "
@@ -1396,7 +1403,20 @@ def with_exosphere_desktop(scenario, key_file):
         states = {s["service"]: s["state"] for s in json.loads(out)["services"]}
         return states.get("desktop") == "ready" and states.get("guacamole") == "ready"
 
-    check("sudo -n exoagent status --json", ready)
+    status = json.loads(check("sudo -n exoagent status --json", ready))
+    # cloud-init's config stage (set-passwords: the template's ssh_pwauth) restarted sshd this
+    # boot, beside the agent's start; Guacamole's web side was started only after that (a shell
+    # opened in that moment failed: "SSH handshake failed", 519). Both as the kernel counts
+    # since boot: the web side's start time (clock ticks) against sshd's last start (µs).
+    check("sudo -n grep -cF \"'restart', 'ssh'\" /var/log/cloud-init.log",
+          lambda out: int(out) >= 1)
+    web_pid = int(next(s["pid"] for s in status["services"] if s["service"] == "guacamole"))
+    ticks, hertz, sshd_us = check(
+        f"awk '{{print $22}}' /proc/{web_pid}/stat; getconf CLK_TCK; "
+        "systemctl show -p ExecMainStartTimestampMonotonic --value ssh.service",
+        lambda out: int(out.split()[0]) / int(out.split()[1]) * 1e6 > int(out.split()[2])).split()
+    say(f"sshd last started {int(sshd_us) / 1e6:.1f} s after boot (cloud-init's restart), "
+        f"Guacamole's web side at {int(ticks) / int(hertz):.1f} s")
     # Only exoagent's guacd: Debian's guacd.service (enabled by its package, on the same
     # 127.0.0.1:4822) is masked, no guacd runs as the package's `guacd` user, and exoagent's
     # never failed to bind (it crash-looped while the package's served the connections).

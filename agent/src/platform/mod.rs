@@ -4,6 +4,7 @@
 //! Everything here takes its root directory and executables through constructors, so tests run
 //! against a temporary root with the real tools and production uses `/` and the tools by name.
 
+pub mod cloud_init;
 pub mod confine;
 pub mod gpu;
 pub mod os;

@@ -8,6 +8,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use crate::platform::cloud_init;
 use crate::platform::exec;
 use crate::platform::os::PackageManager;
 
@@ -48,43 +49,7 @@ impl Default for PackageTools {
             dnf: "dnf".into(),
             rpm: "rpm".into(),
             apt_lists: "/var/lib/apt/lists".into(),
-            cloud_init_status: Some(CLOUD_INIT_STATUS.into()),
-        }
-    }
-}
-
-/// cloud-init's status file (on `/run`, so it describes this boot).
-pub const CLOUD_INIT_STATUS: &str = "/run/cloud-init/status.json";
-
-/// Longest wait for cloud-init's config stage before installing anyway (with a warning).
-const CLOUD_CONFIG_WAIT: Duration = Duration::from_secs(600);
-
-/// Where cloud-init is in this boot, as far as package installs care.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CloudConfigStage {
-    /// No status file: cloud-init is not running this boot (or not installed).
-    NotRunning,
-    /// The config stage has not finished (or the file is being rewritten).
-    Pending,
-    /// The config stage has finished: apt's sources and proxy are as the cloud wants them.
-    Finished,
-}
-
-impl CloudConfigStage {
-    /// Read from cloud-init's `status.json` (`v1."modules-config".finished`, a time once the
-    /// stage has run; `null` before).
-    pub fn read(path: &Path) -> Self {
-        let text = match std::fs::read(path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Self::NotRunning,
-            Err(_) => return Self::Pending,
-        };
-        let Ok(status) = serde_json::from_slice::<serde_json::Value>(&text) else {
-            return Self::Pending;
-        };
-        match status.pointer("/v1/modules-config/finished") {
-            Some(finished) if finished.is_number() => Self::Finished,
-            _ => Self::Pending,
+            cloud_init_status: Some(Path::new("/").join(cloud_init::STATUS_FILE)),
         }
     }
 }
@@ -481,34 +446,16 @@ impl PackageInstaller {
         })
     }
 
-    /// Wait (at most [`CLOUD_CONFIG_WAIT`]) while cloud-init runs and its config stage has not
-    /// finished; nothing to wait for without cloud-init.
+    /// Wait (at most [`cloud_init::CONFIG_STAGE_WAIT`]) while cloud-init runs and its config
+    /// stage has not finished; nothing to wait for without cloud-init.
     async fn wait_for_cloud_config(&self) {
-        let Some(path) = &self.tools.cloud_init_status else {
-            return;
-        };
-        let started = std::time::Instant::now();
-        let mut said = false;
-        loop {
-            match CloudConfigStage::read(path) {
-                CloudConfigStage::NotRunning => return,
-                CloudConfigStage::Finished => {
-                    if said {
-                        tracing::info!(target: "exoagent::packages", waited = ?started.elapsed(), "cloud-init's config stage finished");
-                    }
-                    return;
-                }
-                CloudConfigStage::Pending => {}
-            }
-            if started.elapsed() >= CLOUD_CONFIG_WAIT {
-                tracing::warn!(target: "exoagent::packages", waited = ?started.elapsed(), "cloud-init's config stage has not finished; installing without waiting longer");
-                return;
-            }
-            if !said {
-                tracing::info!(target: "exoagent::packages", "waiting for cloud-init's config stage (apt sources and proxy) before installing packages");
-                said = true;
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
+        if let Some(path) = &self.tools.cloud_init_status {
+            cloud_init::wait_for_config_stage(
+                path,
+                cloud_init::CONFIG_STAGE_WAIT,
+                "installing packages (apt sources and proxy)",
+            )
+            .await;
         }
     }
 

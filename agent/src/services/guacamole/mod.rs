@@ -31,6 +31,7 @@ pub mod web;
 pub mod web_config;
 
 use crate::model::{Cidr, ServiceKind};
+use crate::platform::cloud_init;
 use crate::platform::os::{Family, Os};
 use crate::platform::passphrase::Passphrase;
 use crate::services::command::run_logged;
@@ -110,7 +111,9 @@ impl Guacamole {
         self
     }
 
-    /// The address guacd reaches sshd at (see [`ssh_loopback`]): the dedicated one when guacd
+    /// The address guacd reaches sshd at (see [`ssh_loopback`]), decided once cloud-init's
+    /// config stage has finished this boot (sshd as the cloud configured it, and restarted):
+    /// the dedicated one when guacd
     /// runs on this machine, the agent changes this machine (not a sandbox), `ssh_quickack`
     /// is on and sshd treats that address as 127.0.0.1; 127.0.0.1 otherwise, with the reason
     /// logged.
@@ -122,6 +125,17 @@ impl Guacamole {
     }
 
     async fn choose_ssh_host(&self, ctx: &ServiceContext) -> IpAddr {
+        // cloud-init's config stage applies `ssh_pwauth` and restarts sshd when that changed
+        // it: a shell opened in that moment fails (guacd 1.3.0: "SSH handshake failed", 519).
+        // So Guacamole is not ready before the stage has run, and sshd's view read below is
+        // the one the stage leaves. Under a sandbox's root there is no such file: no wait.
+        let status = ctx.paths.system_root.join(cloud_init::STATUS_FILE);
+        cloud_init::wait_for_config_stage(
+            &status,
+            cloud_init::CONFIG_STAGE_WAIT,
+            "Guacamole's connections use sshd",
+        )
+        .await;
         if !self.settings.ssh_quickack
             || self.route == GuacdRoute::External
             || ctx.paths.system_root != Path::new("/")
@@ -376,7 +390,8 @@ impl ServiceImpl for Guacamole {
             ),
             format!(
                 "serve the token API, client page and tunnel on {}:{} under /guacamole/ as {}; \
-                 ready when guacd answers for every connection's protocol",
+                 ready when guacd answers for every connection's protocol \
+                 and cloud-init's config stage (which may restart sshd) has finished this boot",
                 self.endpoint.listen.ip(), self.endpoint.listen.port(), ctx.account.name
             ),
         ]
@@ -696,5 +711,48 @@ mod tests {
         let host = rt.block_on(on(package).ssh_host(&ctx(Paths::system())));
         assert!(marker.exists(), "guacd here, this machine: sshd is asked");
         assert_eq!(host, ssh_loopback::PLAIN, "its empty answer lists no listen address");
+    }
+
+    /// cloud-init's config stage restarts sshd (`ssh_pwauth`): guacd's address for sshd, which
+    /// `configure` awaits before the web side starts, is not decided before the stage has
+    /// finished; without cloud-init this boot nothing waits.
+    #[tokio::test]
+    async fn guacamole_waits_for_cloud_inits_config_stage_before_using_sshd() {
+        use crate::paths::Paths;
+        use crate::services::Account;
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = ServiceContext {
+            paths: Paths::sandbox(dir.path()),
+            account: Account {
+                name: "exouser".into(),
+                uid: 1000,
+                gid: 1000,
+                home: "/home/exouser".into(),
+            },
+            exe: "/usr/bin/exoagent".into(),
+        };
+        let service = || Guacamole::new(GuacamoleSettings::default(), &os("debian", "11", Family::Debian));
+        assert_eq!(service().ssh_host(&ctx).await, ssh_loopback::PLAIN, "no cloud-init: no wait");
+
+        let status = dir.path().join(cloud_init::STATUS_FILE);
+        std::fs::create_dir_all(status.parent().unwrap()).unwrap();
+        let stage = |finished: &str| {
+            format!(r#"{{"v1": {{"init": {{"finished": 10.5}}, "modules-config": {{"start": 11.0, "finished": {finished}}}}}}}"#)
+        };
+        std::fs::write(&status, stage("null")).unwrap();
+        let guacamole = service();
+        guacamole.configure_early(&ctx);
+        let deciding = tokio::spawn({
+            let (guacamole, ctx) = (guacamole.clone(), ctx.clone());
+            async move { guacamole.ssh_host(&ctx).await }
+        });
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert!(!deciding.is_finished(), "decided while cloud-init's config stage runs");
+        std::fs::write(&status, stage("42.25")).unwrap();
+        let host = tokio::time::timeout(Duration::from_secs(10), deciding)
+            .await
+            .expect("decided once the stage has finished")
+            .unwrap();
+        assert_eq!(host, ssh_loopback::PLAIN);
     }
 }
