@@ -1342,8 +1342,8 @@ def desktop_in_chromium(vm, passphrase, key_file):
         # What the VM saw meanwhile: the web side's and guacd's lines (guacd names why it
         # aborted a connection), sshd's, and cloud-init's restarts of services.
         seen = ssh_as_exouser(vm, key_file, "sudo -n journalctl -b --no-pager -o short-monotonic "
-                              "-u exoagent -u ssh | tail -n 80; sudo -n grep -nF "
-                              "\"'restart'\" /var/log/cloud-init.log | tail -n 5")
+                              "-u exoagent -u ssh | tail -n 80; sudo -n grep -nE "
+                              "'Restarted|restart' /var/log/cloud-init.log | tail -n 5")
         raise Failure(f"Chromium through Guacamole failed (tests/browser/vm-desktop.mjs exit "
                       f"{done.returncode}; screenshots in {ARTIFACTS}); in the VM:\n"
                       f"{seen.stdout}{seen.stderr}")
@@ -1408,15 +1408,18 @@ def with_exosphere_desktop(scenario, key_file):
     # boot, beside the agent's start; Guacamole's web side was started only after that (a shell
     # opened in that moment failed: "SSH handshake failed", 519). Both as the kernel counts
     # since boot: the web side's start time (clock ticks) against sshd's last start (µs).
-    check("sudo -n grep -cF \"'restart', 'ssh'\" /var/log/cloud-init.log",
+    check("sudo -n grep -cF 'Restarted the SSH daemon.' /var/log/cloud-init.log",
           lambda out: int(out) >= 1)
     web_pid = int(next(s["pid"] for s in status["services"] if s["service"] == "guacamole"))
-    ticks, hertz, sshd_us = check(
+    ticks, hertz, sshd_us, config_done, boot = check(
         f"awk '{{print $22}}' /proc/{web_pid}/stat; getconf CLK_TCK; "
-        "systemctl show -p ExecMainStartTimestampMonotonic --value ssh.service",
+        "systemctl show -p ExecMainStartTimestampMonotonic --value ssh.service; "
+        "python3 -c 'import json; print(json.load(open(\"/run/cloud-init/status.json\"))"
+        "[\"v1\"][\"modules-config\"][\"finished\"])'; awk '/^btime/{print $2}' /proc/stat",
         lambda out: int(out.split()[0]) / int(out.split()[1]) * 1e6 > int(out.split()[2])).split()
-    say(f"sshd last started {int(sshd_us) / 1e6:.1f} s after boot (cloud-init's restart), "
-        f"Guacamole's web side at {int(ticks) / int(hertz):.1f} s")
+    say(f"cloud-init's config stage done {float(config_done) - int(boot):.0f} s after boot, sshd "
+        f"last started at {int(sshd_us) / 1e6:.1f} s (cloud-init's restart), Guacamole's web "
+        f"side at {int(ticks) / int(hertz):.1f} s")
     # Only exoagent's guacd: Debian's guacd.service (enabled by its package, on the same
     # 127.0.0.1:4822) is masked, no guacd runs as the package's `guacd` user, and exoagent's
     # never failed to bind (it crash-looped while the package's served the connections).
