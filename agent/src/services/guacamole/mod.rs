@@ -655,10 +655,23 @@ mod tests {
         assert_eq!(desktop.parameters["sftp-username"], "exouser");
     }
 
+    /// A service context for the instance user `exouser` under `paths`.
+    fn exouser_context(paths: crate::paths::Paths) -> ServiceContext {
+        ServiceContext {
+            paths,
+            account: crate::services::Account {
+                name: "exouser".into(),
+                uid: 1000,
+                gid: 1000,
+                home: "/home/exouser".into(),
+            },
+            exe: "/usr/bin/exoagent".into(),
+        }
+    }
+
     #[test]
     fn sshd_is_asked_only_where_guacd_runs_here_and_the_agent_changes_this_machine() {
         use crate::paths::Paths;
-        use crate::services::Account;
         let dir = tempfile::tempdir().unwrap();
         let marker = dir.path().join("asked");
         // Stands in for `sshd`: leaves a mark when run (and says nothing, so the address
@@ -667,16 +680,7 @@ mod tests {
             vec!["false".into()],
             vec!["sh".into(), "-c".into(), "touch \"$0\"".into(), marker.to_string_lossy().into_owned()],
         );
-        let ctx = |paths: Paths| ServiceContext {
-            paths,
-            account: Account {
-                name: "exouser".into(),
-                uid: 1000,
-                gid: 1000,
-                home: "/home/exouser".into(),
-            },
-            exe: "/usr/bin/exoagent".into(),
-        };
+        let ctx = exouser_context;
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let on = |settings: GuacamoleSettings| {
             Guacamole::new(settings, &os("ubuntu", "22.04", Family::Debian)).with_ssh_loopback(spy.clone())
@@ -718,19 +722,8 @@ mod tests {
     /// finished; without cloud-init this boot nothing waits.
     #[tokio::test]
     async fn guacamole_waits_for_cloud_inits_config_stage_before_using_sshd() {
-        use crate::paths::Paths;
-        use crate::services::Account;
         let dir = tempfile::tempdir().unwrap();
-        let ctx = ServiceContext {
-            paths: Paths::sandbox(dir.path()),
-            account: Account {
-                name: "exouser".into(),
-                uid: 1000,
-                gid: 1000,
-                home: "/home/exouser".into(),
-            },
-            exe: "/usr/bin/exoagent".into(),
-        };
+        let ctx = exouser_context(crate::paths::Paths::sandbox(dir.path()));
         let service = || Guacamole::new(GuacamoleSettings::default(), &os("debian", "11", Family::Debian));
         assert_eq!(service().ssh_host(&ctx).await, ssh_loopback::PLAIN, "no cloud-init: no wait");
 
