@@ -886,6 +886,18 @@ impl StateHub {
         self.tx.subscribe()
     }
 
+    /// Until the setup is complete or failed (`false`: `cancel` came first, or the hub is
+    /// gone).
+    pub async fn settled(&self, cancel: &tokio_util::sync::CancellationToken) -> bool {
+        let mut snapshots = self.subscribe();
+        let done = snapshots
+            .wait_for(|s| matches!(s.setup.state, SetupState::Complete | SetupState::Error));
+        tokio::select! {
+            () = cancel.cancelled() => false,
+            done = done => done.is_ok(),
+        }
+    }
+
     /// The latest snapshot.
     pub fn snapshot(&self) -> Snapshot {
         self.tx.borrow().clone()

@@ -19,7 +19,7 @@ use crate::config::{self, Pending, Settings};
 use crate::fsutil;
 use crate::paths::Paths;
 use crate::state::{
-    now_ms, Reason, ReloadOutcome, ReloadStatus, ReloadTrigger, RequestStatus, SetupState, StateHub,
+    now_ms, Reason, ReloadOutcome, ReloadStatus, ReloadTrigger, RequestStatus, StateHub,
 };
 
 /// Longest wait between two looks at the metadata service after failures.
@@ -165,7 +165,7 @@ impl Controller {
                 }
             }
             // Nothing is applied while the setup is under way (an install is never cut short).
-            if !settled(&self.hub, &cancel).await {
+            if !self.hub.settled(&cancel).await {
                 return;
             }
             let (trigger, request, reply) = match work {
@@ -265,7 +265,7 @@ impl Controller {
                 }
                 let changes = changes(&self.running, &loaded.settings);
                 let restart = service_changes(&self.running, &loaded.settings)
-                    .filter(|(_, change)| *change == "changed")
+                    .filter(|(_, change)| *change == ServiceChange::Changed)
                     .map(|(kind, _)| kind)
                     .collect();
                 let restart_fronts = self.running.tls != loaded.settings.tls;
@@ -323,7 +323,7 @@ impl Decided {
 /// What differs between two configurations, by service and by section.
 pub fn changes(old: &Settings, new: &Settings) -> Vec<String> {
     let mut out: Vec<String> = service_changes(old, new)
-        .map(|(kind, change)| format!("{kind}: {change}"))
+        .map(|(kind, change)| format!("{kind}: {}", change.as_str()))
         .collect();
     let sections: [(&str, bool); 10] = [
         ("instance", old.instance != new.instance),
@@ -346,34 +346,45 @@ pub fn changes(old: &Settings, new: &Settings) -> Vec<String> {
     out
 }
 
-/// Each service whose settings differ: `added`, `removed` or `changed`.
+/// How a service's settings differ between two configurations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ServiceChange {
+    /// Configured now, not before.
+    Added,
+    /// Configured before, not now.
+    Removed,
+    /// Configured in both, with other settings.
+    Changed,
+}
+
+impl ServiceChange {
+    /// The word in a reload's change list (`"desktop: added"`).
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Added => "added",
+            Self::Removed => "removed",
+            Self::Changed => "changed",
+        }
+    }
+}
+
+/// Each service whose settings differ, and how.
 fn service_changes<'a>(
     old: &'a Settings,
     new: &'a Settings,
-) -> impl Iterator<Item = (crate::model::ServiceKind, &'static str)> + 'a {
+) -> impl Iterator<Item = (crate::model::ServiceKind, ServiceChange)> + 'a {
     crate::model::ServiceKind::ALL
         .into_iter()
         .filter_map(|kind| {
             let before = old.services.iter().find(|s| s.kind() == kind);
             let after = new.services.iter().find(|s| s.kind() == kind);
             match (before, after) {
-                (None, Some(_)) => Some((kind, "added")),
-                (Some(_), None) => Some((kind, "removed")),
-                (Some(a), Some(b)) if a != b => Some((kind, "changed")),
+                (None, Some(_)) => Some((kind, ServiceChange::Added)),
+                (Some(_), None) => Some((kind, ServiceChange::Removed)),
+                (Some(a), Some(b)) if a != b => Some((kind, ServiceChange::Changed)),
                 _ => None,
             }
         })
-}
-
-/// Until the setup is complete or failed (`false`: the run ended first).
-pub(super) async fn settled(hub: &StateHub, cancel: &CancellationToken) -> bool {
-    let mut snapshots = hub.subscribe();
-    let done =
-        snapshots.wait_for(|s| matches!(s.setup.state, SetupState::Complete | SetupState::Error));
-    tokio::select! {
-        () = cancel.cancelled() => false,
-        done = done => done.is_ok(),
-    }
 }
 
 /// The request now in the metadata service (`None`: none there).

@@ -438,7 +438,7 @@ const RELEASE_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
 /// executable's pages only the start-up used from the agent's resident set
 /// (`platform::resident`): the agent then idles on what its steady work touches.
 async fn release_startup_pages(hub: StateHub, cancel: CancellationToken) {
-    if !super::reload::settled(&hub, &cancel).await {
+    if !hub.settled(&cancel).await {
         return;
     }
     tokio::select! {

@@ -113,10 +113,9 @@ impl Guacamole {
 
     /// The address guacd reaches sshd at (see [`ssh_loopback`]), decided once cloud-init's
     /// config stage has finished this boot (sshd as the cloud configured it, and restarted):
-    /// the dedicated one when guacd
-    /// runs on this machine, the agent changes this machine (not a sandbox), `ssh_quickack`
-    /// is on and sshd treats that address as 127.0.0.1; 127.0.0.1 otherwise, with the reason
-    /// logged.
+    /// the dedicated one when guacd runs on this machine, the agent changes this machine (not a
+    /// sandbox), `ssh_quickack` is on and sshd treats that address as 127.0.0.1; 127.0.0.1
+    /// otherwise, with the reason logged.
     pub async fn ssh_host(&self, ctx: &ServiceContext) -> IpAddr {
         *self
             .ssh_host
